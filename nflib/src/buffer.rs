@@ -1,0 +1,107 @@
+//! Packet buffers and the descriptors that carry them through rings.
+//!
+//! A buffer is a fixed-size block of the region addressed by index. Its first cache line is
+//! [`BufMeta`], which records the slot that currently owns the buffer; then comes the
+//! headroom, then the packet. Descriptors name a buffer and the packet's offset and length
+//! inside it; they are all that moves between processes (the bytes never do).
+//!
+//! Within a process a buffer is held as a [`Packet`], which is neither `Copy` nor `Clone`:
+//! the type system keeps one owner per buffer inside the process, and the ownership word in
+//! `BufMeta` extends that across processes so that nfmgr can reclaim what a dead process held.
+
+use std::sync::atomic::AtomicU32;
+
+/// Owner value of a buffer that sits in nfmgr's free stack.
+pub const OWNER_FREE: u32 = u32::MAX;
+
+/// First cache line of every buffer.
+#[repr(C, align(64))]
+pub struct BufMeta {
+    /// Slot index of the process holding the buffer, or `OWNER_FREE`.
+    pub owner: AtomicU32,
+}
+
+/// A ring entry: which buffer, where the packet is inside it, and per-packet metadata.
+/// 16 bytes, four to a cache line.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Desc {
+    /// Buffer index in the pool.
+    pub buf: u32,
+    /// Offset of the first packet byte from the start of the buffer.
+    pub off: u16,
+    /// Packet length in bytes.
+    pub len: u16,
+    /// Free for the stage that fills it (flow hash, message type).
+    pub meta: u32,
+    /// Egress port the packet leaves from when it reaches nfmgr.
+    pub port: u16,
+    /// `DESC_*` flags.
+    pub flags: u16,
+}
+
+const _: () = assert!(std::mem::size_of::<Desc>() == 16);
+
+/// An owned packet buffer. Created only by allocation or by a validated dequeue; consumed by
+/// enqueueing or freeing. Dropping one without freeing it leaks the buffer until its process
+/// exits (nfmgr then reclaims it), so code paths hand every packet on explicitly.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Packet {
+    desc: Desc,
+}
+
+impl Packet {
+    /// Wraps a descriptor whose bounds were checked against the region.
+    pub(crate) fn from_valid_desc(desc: Desc) -> Packet {
+        Packet { desc }
+    }
+
+    pub fn desc(&self) -> &Desc {
+        &self.desc
+    }
+
+    /// Gives up the in-process handle, to enqueue the descriptor.
+    pub(crate) fn into_desc(self) -> Desc {
+        self.desc
+    }
+
+    pub fn buf_index(&self) -> u32 {
+        self.desc.buf
+    }
+
+    pub fn len(&self) -> usize {
+        self.desc.len as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.desc.len == 0
+    }
+
+    pub fn egress_port(&self) -> u16 {
+        self.desc.port
+    }
+
+    pub fn set_egress_port(&mut self, port: u16) {
+        self.desc.port = port;
+    }
+
+    pub fn meta(&self) -> u32 {
+        self.desc.meta
+    }
+
+    pub fn set_meta(&mut self, meta: u32) {
+        self.desc.meta = meta;
+    }
+
+    pub fn flags(&self) -> u16 {
+        self.desc.flags
+    }
+
+    pub fn set_flags(&mut self, flags: u16) {
+        self.desc.flags = flags;
+    }
+
+    pub(crate) fn desc_mut(&mut self) -> &mut Desc {
+        &mut self.desc
+    }
+}

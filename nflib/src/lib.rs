@@ -1,0 +1,30 @@
+//! nflib: what every process of the platform links.
+//!
+//! The layers, bottom up:
+//! - [`layout`], [`region`]: the shared region nfmgr creates and every process maps: a header,
+//!   the process directory ([`slot`]), port statistics ([`stats`]), the rings and the packet
+//!   buffers, all addressed by offset or index.
+//! - [`ring`]: single-producer single-consumer rings, one per (producer, consumer, class).
+//! - [`buffer`], [`pool`]: packet buffers, their ownership, allocation and recovery.
+//! - [`doorbell`]: sleeping when idle and waking on work.
+//! - [`endpoint`]: a process's attachment to the data plane (its rings, pool cache, doorbell
+//!   and counters), used by nf-vswitch and nf-runtime.
+//! - [`packet`], [`flow`]: typed views over packet bytes and the flow key.
+//! - [`pcap`]: reading and writing pcap and pcapng files.
+//!
+//! `unsafe` code is confined to `region` (mapping and typed access), `ring` (slot access),
+//! `doorbell` (eventfd system calls) and `sync`.
+
+pub mod buffer;
+pub mod doorbell;
+pub mod layout;
+pub mod pool;
+pub mod region;
+pub mod ring;
+pub mod slot;
+pub mod stats;
+mod sync;
+
+pub use buffer::{Desc, Packet};
+pub use layout::{RegionConfig, RingId, MANAGER_SLOT};
+pub use region::Region;

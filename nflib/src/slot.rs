@@ -1,0 +1,134 @@
+//! The process directory: one record per slot, describing the process that runs in it.
+//!
+//! Slot 0 is nfmgr. nfmgr writes a slot's identity (kind, name, core, doorbell, targets) while
+//! the slot is not running, then the state machine below moves it along. The process in the
+//! slot writes only its own counters, its `sleeping` flag and the `Running` state.
+//!
+//! ```text
+//! Free -> Starting (nfmgr, before spawn) -> Running (the process, once attached)
+//!      -> Dead (nfmgr, after reaping it) -> Starting (restart) | Failed (given up)
+//! Running -> Stopping (nfmgr asks it to exit) -> Dead
+//! ```
+
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
+
+use crate::stats::{Padded, ShmName, PROC_COUNTERS};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotState {
+    Free,
+    Starting,
+    Running,
+    Stopping,
+    Dead,
+    Failed,
+}
+
+impl SlotState {
+    pub fn from_raw(v: u32) -> SlotState {
+        match v {
+            1 => SlotState::Starting,
+            2 => SlotState::Running,
+            3 => SlotState::Stopping,
+            4 => SlotState::Dead,
+            5 => SlotState::Failed,
+            _ => SlotState::Free,
+        }
+    }
+
+    pub fn raw(self) -> u32 {
+        match self {
+            SlotState::Free => 0,
+            SlotState::Starting => 1,
+            SlotState::Running => 2,
+            SlotState::Stopping => 3,
+            SlotState::Dead => 4,
+            SlotState::Failed => 5,
+        }
+    }
+
+    /// Whether a process may be consuming this slot's input rings.
+    pub fn is_alive(self) -> bool {
+        matches!(
+            self,
+            SlotState::Starting | SlotState::Running | SlotState::Stopping
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessKind {
+    None,
+    Manager,
+    Vswitch,
+    Runtime,
+}
+
+impl ProcessKind {
+    pub fn from_raw(v: u32) -> ProcessKind {
+        match v {
+            1 => ProcessKind::Manager,
+            2 => ProcessKind::Vswitch,
+            3 => ProcessKind::Runtime,
+            _ => ProcessKind::None,
+        }
+    }
+
+    pub fn raw(self) -> u32 {
+        match self {
+            ProcessKind::None => 0,
+            ProcessKind::Manager => 1,
+            ProcessKind::Vswitch => 2,
+            ProcessKind::Runtime => 3,
+        }
+    }
+}
+
+/// One entry of the process directory.
+#[repr(C, align(64))]
+pub struct SlotRecord {
+    pub state: AtomicU32,
+    pub kind: AtomicU32,
+    /// Incremented by nfmgr each time a process is started in the slot.
+    pub generation: AtomicU32,
+    pub pid: AtomicU32,
+    /// CPU the process is pinned to, or -1.
+    pub core: AtomicI32,
+    /// The slot's eventfd, as numbered in nfmgr and every process it spawned.
+    pub doorbell_fd: AtomicI32,
+    /// Set by nfmgr to ask the process to exit cleanly.
+    pub stop: AtomicU32,
+    /// 1 when the process busy-polls instead of sleeping.
+    pub busy_poll: AtomicU32,
+    /// Bit mask of the slots this process sends data to (a vswitch's runtimes).
+    pub targets: AtomicU64,
+    /// How many times nfmgr restarted the process in this slot.
+    pub restarts: AtomicU32,
+    /// Last exit: exit code when >= 0, minus the signal number when < 0.
+    pub last_exit: AtomicI32,
+    pub name: ShmName,
+    /// Set by the process before it sleeps on its doorbell; producers check it after
+    /// publishing (see `doorbell`).
+    pub sleeping: Padded<AtomicU32>,
+    pub counters: Padded<[AtomicU64; PROC_COUNTERS]>,
+}
+
+impl SlotRecord {
+    pub fn state(&self) -> SlotState {
+        SlotState::from_raw(self.state.load(Ordering::Acquire))
+    }
+
+    pub fn set_state(&self, s: SlotState) {
+        self.state.store(s.raw(), Ordering::Release);
+    }
+
+    pub fn kind(&self) -> ProcessKind {
+        ProcessKind::from_raw(self.kind.load(Ordering::Acquire))
+    }
+
+    pub fn targets(&self) -> u64 {
+        self.targets.load(Ordering::Acquire)
+    }
+}
