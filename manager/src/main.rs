@@ -1,1 +1,530 @@
-fn main() {}
+//! nfmgr: owns the ports and the shared region, supervises the nf-vswitch and nf-runtime
+//! processes, and reports.
+//!
+//! ```text
+//! nfmgr start --config FILE     run an instance in the foreground until SIGTERM/SIGINT
+//! nfmgr demo                    generator -> vswitch -> 2 runtimes -> sink, no root needed
+//! nfmgr stats [--json]          counters of a running instance, read from its region
+//! ```
+
+mod config;
+mod dataplane;
+mod hugepages;
+mod instance;
+mod live;
+mod ports;
+mod supervisor;
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use nflib::doorbell::Doorbells;
+use nflib::layout::Layout;
+use nflib::pool::ManagerPool;
+use nflib::region::{CreateOptions, Region};
+use nflib::slot::ProcessKind;
+use nflib::snapshot::RegionSnapshot;
+use nflib::stats::LocalCounters;
+use ringbuf::traits::Split;
+use ringbuf::HeapRb;
+
+use crate::config::{parse_cpu_list, Config, PortSpec};
+use crate::dataplane::{Channels, Command, Dataplane, PortSlot};
+use crate::instance::Instance;
+use crate::ports::Port;
+use crate::supervisor::{ProcSpec, Supervisor};
+
+#[derive(Parser)]
+#[command(name = "nfmgr", version, about = "NFActor platform manager")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run an instance in the foreground (stops on SIGTERM or SIGINT).
+    Start {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the built-in demo: generator -> vswitch -> runtimes -> sink, printing live rates.
+    /// Needs no root, no NIC and no huge pages.
+    Demo {
+        #[arg(long, default_value_t = 10)]
+        duration_secs: u64,
+        /// Generated flows.
+        #[arg(long, default_value_t = 256)]
+        flows: u32,
+        /// Packets per second per flow (0 = as fast as possible).
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 2)]
+        runtimes: u32,
+        #[arg(long, default_value_t = 64)]
+        packet_size: u32,
+        #[arg(long, default_value = "demo")]
+        instance: String,
+        /// Also write the final report as JSON here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
+    /// Print the counters of a running instance.
+    Stats {
+        #[arg(long, default_value = "default")]
+        instance: String,
+        /// Where the instance keeps its lock (the config's region.dir).
+        #[arg(long, default_value = "/dev/shm")]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NFMGR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Start { config } => Config::load(&config).and_then(|c| run(c, false)),
+        Cmd::Demo {
+            duration_secs,
+            flows,
+            rate,
+            runtimes,
+            packet_size,
+            instance,
+            report,
+        } => demo_config(
+            duration_secs,
+            flows,
+            rate,
+            runtimes,
+            packet_size,
+            &instance,
+            report,
+        )
+        .and_then(|c| run(c, true)),
+        Cmd::Stats {
+            instance,
+            dir,
+            json,
+        } => stats(&instance, &dir, json),
+    };
+    if let Err(e) = result {
+        eprintln!("nfmgr: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn demo_config(
+    secs: u64,
+    flows: u32,
+    rate: f64,
+    runtimes: u32,
+    size: u32,
+    instance: &str,
+    report: Option<PathBuf>,
+) -> Result<Config> {
+    if runtimes == 0 || runtimes > 16 {
+        bail!("--runtimes: between 1 and 16");
+    }
+    let mut text = format!(
+        "instance = \"{instance}\"\n\
+         [region]\nhugepages = \"off\"\n\
+         [manager]\nexit_when_done = true\nlog_rates = true\n"
+    );
+    if let Some(r) = report {
+        text += &format!("report = {:?}\n", r.display().to_string());
+    }
+    text += "[[vswitch]]\nname = \"vs0\"\n";
+    for i in 0..runtimes {
+        text += &format!("[[runtime]]\nname = \"rt{i}\"\n");
+    }
+    text += &format!(
+        "[[port]]\nname = \"gen0\"\nspec = \"gen:\"\nto = \"sink0\"\nflows = {flows}\n\
+         rate_pps = {rate:?}\npacket_size = {size}\nduration_ms = {}\n\
+         [[port]]\nname = \"sink0\"\nspec = \"sink:\"\n",
+        secs * 1000
+    );
+    Config::parse(&text, Path::new(".")).context("demo configuration")
+}
+
+fn stats(instance: &str, dir: &Path, json: bool) -> Result<()> {
+    let path = instance::find_region(instance, dir)?;
+    let region = Region::attach(&path)?;
+    let snap = RegionSnapshot::read(&region);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&snap)?);
+    } else {
+        print!(
+            "{}",
+            live::summary(&snap, &vec![(String::new(), None); snap.ports.len()])
+        );
+    }
+    Ok(())
+}
+
+fn bin_dir(cfg: &Config) -> Result<PathBuf> {
+    if let Some(d) = &cfg.manager.bin_dir {
+        return Ok(cfg.base_dir.join(d));
+    }
+    let exe = std::env::current_exe().context("cannot locate nfmgr's own executable")?;
+    Ok(exe
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(".")))
+}
+
+fn find_binary(dir: &Path, name: &str) -> Result<PathBuf> {
+    let p = dir.join(name);
+    if p.is_file() {
+        return Ok(p);
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for d in std::env::split_paths(&paths) {
+            let p = d.join(name);
+            if p.is_file() {
+                return Ok(p);
+            }
+        }
+    }
+    bail!(
+        "cannot find {name} next to nfmgr ({}) or on PATH; build the workspace (cargo build --release) or set manager.bin_dir",
+        dir.display()
+    )
+}
+
+fn new_eventfd() -> Result<OwnedFd> {
+    // SAFETY: plain system call; a non-negative result is a new descriptor we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("eventfd");
+    }
+    // SAFETY: fd was just created.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and threads spawned later) and returns a
+/// signalfd that reports them.
+fn termination_signals() -> Result<OwnedFd> {
+    // SAFETY: sigset manipulation on a local set, then signalfd on it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            bail!("cannot block termination signals");
+        }
+        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context("signalfd");
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+fn pin_current_thread(core: usize) {
+    // SAFETY: builds a cpu set and applies it to the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn run(cfg: Config, demo: bool) -> Result<()> {
+    let mut instance = Instance::acquire(&cfg.instance, &cfg.region.dir)?;
+    let result = run_instance(&cfg, &mut instance, demo);
+    instance.release();
+    result
+}
+
+fn build_ports(
+    cfg: &Config,
+    region: &Region,
+    vswitch_slot: &dyn Fn(&str) -> u16,
+) -> Result<Vec<PortSlot>> {
+    let mut ports = Vec::new();
+    let mut flow_base = 0u32;
+    for (i, pc) in cfg.ports.iter().enumerate() {
+        let spec = PortSpec::parse(&pc.spec, &cfg.base_dir).map_err(anyhow::Error::msg)?;
+        let key = format!("port.{}", pc.name);
+        let port: Box<dyn Port> = match &spec {
+            PortSpec::AfPacket(iface) => Box::new(
+                ports::afpacket::AfPacket::open(iface, pc.ring_frames.unwrap_or(4096))
+                    .with_context(|| format!("{key}: cannot open afpacket:{iface}"))?,
+            ),
+            PortSpec::Generator => {
+                let flows = pc.flows.unwrap_or(1);
+                let g = ports::generator::Generator::new(
+                    flow_base,
+                    flows,
+                    pc.rate_pps.unwrap_or(0.0),
+                    pc.packet_size.unwrap_or(64) as usize,
+                    pc.duration_ms.filter(|d| *d > 0).map(Duration::from_millis),
+                );
+                flow_base += flows;
+                Box::new(g)
+            }
+            PortSpec::Sink => Box::new(ports::sink::Sink::new()),
+            PortSpec::Pcap(path) => Box::new(
+                ports::pcap::Replay::open(
+                    path,
+                    pc.speed.unwrap_or_default(),
+                    pc.rate_pps,
+                    pc.loops.unwrap_or(1),
+                )
+                .with_context(|| format!("{key}"))?,
+            ),
+            PortSpec::Null => Box::new(ports::NullPort),
+        };
+        let recorder = match &pc.record {
+            Some(path) => Some(
+                ports::pcap::Recorder::create(&cfg.base_dir.join(path))
+                    .with_context(|| format!("{key}.record"))?,
+            ),
+            None => None,
+        };
+        if let Some(rec) = region.port(i as u16) {
+            rec.kind
+                .store(port.kind().raw(), std::sync::atomic::Ordering::Relaxed);
+            rec.name.set(&pc.name);
+        }
+        let egress = pc
+            .to
+            .as_ref()
+            .and_then(|to| cfg.ports.iter().position(|p| &p.name == to))
+            .map(|x| x as u16);
+        let vswitch = vswitch_slot(pc.vswitch.as_deref().unwrap_or(&cfg.vswitches[0].name));
+        ports.push(PortSlot {
+            name: pc.name.clone(),
+            port,
+            egress,
+            vswitch,
+            recorder,
+            counters: LocalCounters::default(),
+        });
+    }
+    Ok(ports)
+}
+
+fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()> {
+    let started = Instant::now();
+    let region_cfg = cfg.region_config();
+    let layout = Layout::new(region_cfg)?;
+    let placement = hugepages::place(
+        cfg.region.hugepages,
+        &cfg.hugepages_conf_path(),
+        &cfg.region.dir,
+        layout.total_size,
+    )?;
+    let region_path = placement
+        .dir()
+        .join(instance::region_file_name(&cfg.instance));
+    instance.claim_region_path(&region_path)?;
+    let region = Region::create(&CreateOptions {
+        path: region_path.clone(),
+        config: region_cfg,
+        instance: cfg.instance.clone(),
+        page_size: placement.page_size(),
+        hugetlbfs: matches!(placement, hugepages::Placement::Hugetlbfs { .. }),
+    })?;
+    tracing::info!(
+        instance = %cfg.instance,
+        size_mib = layout.total_size >> 20,
+        buffers = region_cfg.buffers,
+        "region in {}",
+        placement.describe()
+    );
+    let bells = Arc::new(Doorbells::create(&region)?);
+
+    // Slots: 1.. for vswitches, then runtimes.
+    let bins = bin_dir(cfg)?;
+    let mut specs = Vec::new();
+    let mut next_slot = 1u16;
+    let slot_of_vswitch = |name: &str| -> u16 {
+        1 + cfg
+            .vswitches
+            .iter()
+            .position(|v| v.name == name)
+            .unwrap_or(0) as u16
+    };
+    let runtime_base = 1 + cfg.vswitches.len() as u16;
+    let slot_of_runtime = |name: &str| -> Option<u16> {
+        cfg.runtimes
+            .iter()
+            .position(|r| r.name == name)
+            .map(|i| runtime_base + i as u16)
+    };
+    let core_pool = cfg
+        .manager
+        .cores
+        .as_deref()
+        .map(parse_cpu_list)
+        .transpose()
+        .map_err(anyhow::Error::msg)?
+        .unwrap_or_default();
+    let mut next_core = 0usize;
+    let mut assign_core = |explicit: Option<usize>| -> Option<usize> {
+        explicit.or_else(|| {
+            if core_pool.is_empty() {
+                return None;
+            }
+            let c = core_pool[next_core % core_pool.len()];
+            next_core += 1;
+            Some(c)
+        })
+    };
+    let idle = cfg.manager.idle_poll_us.to_string();
+    for v in &cfg.vswitches {
+        let targets = match &v.runtimes {
+            Some(list) => list
+                .iter()
+                .filter_map(|n| slot_of_runtime(n))
+                .fold(0u64, |m, s| m | 1 << s),
+            None => (0..cfg.runtimes.len() as u16).fold(0u64, |m, i| m | 1 << (runtime_base + i)),
+        };
+        specs.push(ProcSpec {
+            slot: next_slot,
+            name: v.name.clone(),
+            kind: ProcessKind::Vswitch,
+            binary: find_binary(&bins, "nf-vswitch")?,
+            args: vec![
+                "--region".into(),
+                region_path.display().to_string(),
+                "--slot".into(),
+                next_slot.to_string(),
+                "--non-ip".into(),
+                v.non_ip.as_str().into(),
+                "--flow-timeout-ms".into(),
+                v.flow_timeout_ms.to_string(),
+                "--idle-poll-us".into(),
+                idle.clone(),
+            ],
+            core: assign_core(v.core),
+            busy_poll: v.busy_poll,
+            targets,
+        });
+        next_slot += 1;
+    }
+    for r in &cfg.runtimes {
+        specs.push(ProcSpec {
+            slot: next_slot,
+            name: r.name.clone(),
+            kind: ProcessKind::Runtime,
+            binary: find_binary(&bins, "nf-runtime")?,
+            args: vec![
+                "--region".into(),
+                region_path.display().to_string(),
+                "--slot".into(),
+                next_slot.to_string(),
+                "--idle-poll-us".into(),
+                idle.clone(),
+            ],
+            core: assign_core(r.core),
+            busy_poll: r.busy_poll,
+            targets: 1,
+        });
+        next_slot += 1;
+    }
+    if next_slot as u32 > region_cfg.slots {
+        bail!(
+            "region.slots: {} slots cannot hold nfmgr and {} processes",
+            region_cfg.slots,
+            next_slot - 1
+        );
+    }
+
+    let ports = build_ports(cfg, &region, &slot_of_vswitch)?;
+    let pool = ManagerPool::new(&region, region_cfg.pool_ring_size / 2);
+    let signals = termination_signals()?;
+    let (cmd_tx, cmd_rx) = HeapRb::<Command>::new(256).split();
+    let (ev_tx, ev_rx) = HeapRb::<dataplane::Event>::new(1024).split();
+    let event_bell = Arc::new(new_eventfd()?);
+    region.mark_ready();
+
+    let dp = Dataplane::new(
+        &region,
+        pool,
+        bells.clone(),
+        ports,
+        Channels {
+            commands: cmd_rx,
+            events: ev_tx,
+            event_bell: event_bell.clone(),
+        },
+        Duration::from_micros(cfg.manager.idle_poll_us),
+        cfg.manager.busy_poll,
+        Duration::from_millis(cfg.manager.stats_interval_ms),
+    );
+    let dp_core = cfg.manager.core;
+    let dp_thread = std::thread::Builder::new()
+        .name("dataplane".into())
+        .spawn(move || {
+            if let Some(c) = dp_core {
+                pin_current_thread(c);
+            }
+            dp.run()
+        })
+        .context("cannot start the data-plane thread")?;
+
+    let mut sup = Supervisor::new(
+        cfg.clone(),
+        region.clone(),
+        bells.clone(),
+        specs,
+        cmd_tx,
+        ev_rx,
+        event_bell,
+        signals,
+    );
+    sup.start_all();
+    let mut live = live::LiveRates::new();
+    let print_rates = cfg.manager.log_rates;
+    sup.run(|r| {
+        let line = live.tick(r);
+        if print_rates && !line.is_empty() {
+            println!("{line}");
+        }
+    });
+    sup.stop_all();
+    sup.shutdown_dataplane();
+    let outcome = dp_thread
+        .join()
+        .map_err(|_| anyhow::anyhow!("the data-plane thread panicked"))?;
+
+    let snap = RegionSnapshot::read(&region);
+    let report = serde_json::json!({
+        "instance": cfg.instance,
+        "uptime_s": started.elapsed().as_secs_f64(),
+        "deaths": sup.deaths,
+        "restarts": sup.restarts,
+        "snapshot": snap,
+        "ports": outcome.ports.iter().map(|(n, r)| (n.clone(), r.clone().unwrap_or_default())).collect::<serde_json::Map<_, _>>(),
+        "events": sup.log,
+    });
+    if let Some(path) = &cfg.manager.report {
+        let path = cfg.base_dir.join(path);
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write report {}", path.display()))?;
+    }
+    if demo || print_rates {
+        println!("\n{}", live::summary(&snap, &outcome.ports));
+    }
+    if snap.pool.in_use != 0 {
+        tracing::warn!(in_use = snap.pool.in_use, "buffers still in use at exit");
+    }
+    Ok(())
+}

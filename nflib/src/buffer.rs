@@ -60,8 +60,9 @@ impl Packet {
         &self.desc
     }
 
-    /// Gives up the in-process handle, to enqueue the descriptor.
-    pub(crate) fn into_desc(self) -> Desc {
+    /// Gives up the in-process handle, to enqueue the descriptor (the buffer's ownership
+    /// now travels with it).
+    pub fn into_desc(self) -> Desc {
         self.desc
     }
 

@@ -149,12 +149,7 @@ impl Doorbells {
 
     /// Sleeps until the doorbell rings, one of `extra` is readable, or `timeout` passes.
     /// Returns the `poll` revents of each extra descriptor.
-    pub fn wait(
-        &self,
-        me: u16,
-        timeout: Duration,
-        extra: &[BorrowedFd<'_>],
-    ) -> io::Result<Vec<i16>> {
+    pub fn wait(&self, me: u16, timeout: Duration, extra: &[RawFd]) -> io::Result<Vec<i16>> {
         let mut pfds = Vec::with_capacity(1 + extra.len());
         let bell = self.fd(me).map(|f| f.as_raw_fd()).unwrap_or(-1);
         pfds.push(libc::pollfd {
@@ -162,16 +157,28 @@ impl Doorbells {
             events: libc::POLLIN,
             revents: 0,
         });
-        for f in extra {
+        for &fd in extra {
             pfds.push(libc::pollfd {
-                fd: f.as_raw_fd(),
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
             });
         }
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `pfds` is a valid array of pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(i32::MAX as u64) as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `pfds` is a valid array of pollfd and `ts` a valid timespec for the duration
+        // of the call; a null signal mask leaves the mask unchanged. ppoll rather than poll for
+        // sub-millisecond timeouts (generator pacing).
+        let rc = unsafe {
+            libc::ppoll(
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
+                &ts,
+                std::ptr::null(),
+            )
+        };
         let err = (rc < 0).then(io::Error::last_os_error);
         self.clear(me);
         self.cancel_sleep(me);

@@ -17,11 +17,17 @@
 
 pub mod buffer;
 pub mod doorbell;
+pub mod endpoint;
+pub mod flow;
 pub mod layout;
+pub mod packet;
+pub mod pcap;
 pub mod pool;
+pub mod process;
 pub mod region;
 pub mod ring;
 pub mod slot;
+pub mod snapshot;
 pub mod stats;
 mod sync;
 

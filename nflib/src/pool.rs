@@ -276,7 +276,8 @@ impl ManagerPool {
                 report.owned += 1;
             }
         }
-        self.reclaimed += report.drained_refill + report.owned;
+        // Refill-ring buffers were free all along; only packets and held buffers count.
+        self.reclaimed += report.owned;
         if let Some(slot) = self.region.slot(dead) {
             slot.counters.0[ProcCounter::CachedBufs as usize].store(0, Ordering::Relaxed);
         }

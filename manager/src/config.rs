@@ -1,0 +1,644 @@
+//! nfmgr's configuration file (TOML).
+//!
+//! Every table rejects unknown keys, and every semantic check reports the key at fault
+//! (`port.gen0.rate_pps`, `vswitch.vs0.runtimes`), so a typo is an error at start, not a
+//! silently ignored setting.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use nflib::layout::RegionConfig;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Names the region, the lock and (later) the control socket; one nfmgr per instance.
+    #[serde(default = "default_instance")]
+    pub instance: String,
+    #[serde(default)]
+    pub region: RegionSection,
+    #[serde(default)]
+    pub manager: ManagerSection,
+    #[serde(default)]
+    pub supervisor: SupervisorSection,
+    #[serde(default, rename = "vswitch")]
+    pub vswitches: Vec<VswitchConfig>,
+    #[serde(default, rename = "runtime")]
+    pub runtimes: Vec<RuntimeConfig>,
+    #[serde(default, rename = "port")]
+    pub ports: Vec<PortConfig>,
+    /// Directory the config was read from; relative paths in it are resolved against it.
+    #[serde(skip)]
+    pub base_dir: PathBuf,
+}
+
+fn default_instance() -> String {
+    "default".into()
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HugepageMode {
+    /// Use hugetlbfs when hugepages.conf enables it and the mount has enough free pages.
+    #[default]
+    Auto,
+    /// Require hugetlbfs; fail to start otherwise.
+    On,
+    /// Always use /dev/shm.
+    Off,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionSection {
+    #[serde(default = "d_buffers")]
+    pub buffers: u32,
+    #[serde(default = "d_buffer_size")]
+    pub buffer_size: u32,
+    #[serde(default = "d_headroom")]
+    pub headroom: u32,
+    #[serde(default = "d_data_ring")]
+    pub data_ring_size: u32,
+    #[serde(default = "d_msg_ring")]
+    pub msg_ring_size: u32,
+    #[serde(default = "d_pool_ring")]
+    pub pool_ring_size: u32,
+    /// Process slots; by default the configured processes plus nfmgr plus two spares.
+    pub slots: Option<u32>,
+    #[serde(default)]
+    pub hugepages: HugepageMode,
+    /// Path of hugepages.conf, relative to this file.
+    #[serde(default = "d_hugepages_conf")]
+    pub hugepages_conf: PathBuf,
+    /// Directory for the region when it is not on hugetlbfs, and for the instance lock.
+    #[serde(default = "d_shm_dir")]
+    pub dir: PathBuf,
+}
+
+fn d_buffers() -> u32 {
+    RegionConfig::default().buffers
+}
+fn d_buffer_size() -> u32 {
+    RegionConfig::default().buffer_size
+}
+fn d_headroom() -> u32 {
+    RegionConfig::default().headroom
+}
+fn d_data_ring() -> u32 {
+    RegionConfig::default().data_ring_size
+}
+fn d_msg_ring() -> u32 {
+    RegionConfig::default().msg_ring_size
+}
+fn d_pool_ring() -> u32 {
+    RegionConfig::default().pool_ring_size
+}
+fn d_hugepages_conf() -> PathBuf {
+    "hugepages.conf".into()
+}
+fn d_shm_dir() -> PathBuf {
+    "/dev/shm".into()
+}
+
+impl Default for RegionSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagerSection {
+    /// Pin nfmgr's data-plane thread to this CPU.
+    pub core: Option<usize>,
+    /// Busy-poll in nfmgr's data-plane thread instead of sleeping when idle.
+    #[serde(default)]
+    pub busy_poll: bool,
+    /// CPUs handed out to processes that name none ("0-3,6"); unset means no pinning.
+    pub cores: Option<String>,
+    /// Where nf-runtime and nf-vswitch are; by default next to nfmgr, then $PATH.
+    pub bin_dir: Option<PathBuf>,
+    /// How often statistics are published and, with `log_rates`, printed.
+    #[serde(default = "d_stats_interval")]
+    pub stats_interval_ms: u64,
+    /// Print a line of rates every interval.
+    #[serde(default)]
+    pub log_rates: bool,
+    /// Shut down once every generator and replay port has finished and traffic drained.
+    #[serde(default)]
+    pub exit_when_done: bool,
+    /// Write a final JSON report here at exit.
+    pub report: Option<PathBuf>,
+    /// Microseconds a process keeps polling after its last work before it sleeps.
+    #[serde(default = "d_idle_poll")]
+    pub idle_poll_us: u64,
+}
+
+fn d_stats_interval() -> u64 {
+    1000
+}
+fn d_idle_poll() -> u64 {
+    50
+}
+
+impl Default for ManagerSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartPolicy {
+    /// Replace a process that dies.
+    #[default]
+    Always,
+    /// Report it and leave its slot dead.
+    Never,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisorSection {
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// First delay before restarting a process that failed to start; doubles each time.
+    #[serde(default = "d_backoff")]
+    pub restart_backoff_ms: u64,
+    #[serde(default = "d_max_backoff")]
+    pub max_backoff_ms: u64,
+    /// A process that has not reported running after this long is killed.
+    #[serde(default = "d_start_timeout")]
+    pub start_timeout_ms: u64,
+    /// Grace period for processes to exit at shutdown before SIGKILL.
+    #[serde(default = "d_stop_timeout")]
+    pub stop_timeout_ms: u64,
+}
+
+fn d_backoff() -> u64 {
+    100
+}
+fn d_max_backoff() -> u64 {
+    5000
+}
+fn d_start_timeout() -> u64 {
+    5000
+}
+fn d_stop_timeout() -> u64 {
+    2000
+}
+
+impl Default for SupervisorSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NonIpPolicy {
+    #[default]
+    Pass,
+    Drop,
+}
+
+impl NonIpPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NonIpPolicy::Pass => "pass",
+            NonIpPolicy::Drop => "drop",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VswitchConfig {
+    pub name: String,
+    pub core: Option<usize>,
+    #[serde(default)]
+    pub busy_poll: bool,
+    /// Runtimes this vswitch dispatches to; all runtimes when unset.
+    pub runtimes: Option<Vec<String>>,
+    #[serde(default)]
+    pub non_ip: NonIpPolicy,
+    /// Idle time after which a flow's dispatch entry is forgotten.
+    #[serde(default = "d_flow_timeout")]
+    pub flow_timeout_ms: u64,
+}
+
+fn d_flow_timeout() -> u64 {
+    30_000
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    pub name: String,
+    pub core: Option<usize>,
+    #[serde(default)]
+    pub busy_poll: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplaySpeed {
+    /// As fast as the vswitch accepts frames.
+    #[default]
+    Max,
+    /// Keeping the capture's timing.
+    Realtime,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    pub name: String,
+    /// `afpacket:IFACE`, `gen:`, `sink:`, `pcap:FILE` or `null:`.
+    pub spec: String,
+    /// Port that frames received here leave from.
+    pub to: Option<String>,
+    /// vswitch that frames received here go to (default: the first).
+    pub vswitch: Option<String>,
+    /// Also write every frame sent out of this port to this capture file.
+    pub record: Option<PathBuf>,
+    // gen:
+    pub flows: Option<u32>,
+    /// Packets per second per flow (gen:) or in total (pcap:); 0 = as fast as possible.
+    pub rate_pps: Option<f64>,
+    pub packet_size: Option<u32>,
+    /// How long a generator runs; 0 or unset = until stopped.
+    pub duration_ms: Option<u64>,
+    // pcap:
+    pub speed: Option<ReplaySpeed>,
+    pub loops: Option<u32>,
+    // afpacket:
+    /// Frames per memory-mapped ring (RX and TX each).
+    pub ring_frames: Option<u32>,
+}
+
+/// What a port spec names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortSpec {
+    AfPacket(String),
+    Generator,
+    Sink,
+    Pcap(PathBuf),
+    Null,
+}
+
+impl PortSpec {
+    pub fn parse(s: &str, base: &Path) -> Result<PortSpec, String> {
+        let (kind, arg) = s.split_once(':').ok_or_else(|| {
+            format!("`{s}` is not KIND:ARG (afpacket:IFACE, gen:, sink:, pcap:FILE, null:)")
+        })?;
+        match kind {
+            "afpacket" if !arg.is_empty() && arg.len() < 16 => Ok(PortSpec::AfPacket(arg.into())),
+            "afpacket" => Err(format!(
+                "`{s}`: afpacket needs an interface name (at most 15 characters)"
+            )),
+            "gen" if arg.is_empty() => Ok(PortSpec::Generator),
+            "sink" if arg.is_empty() => Ok(PortSpec::Sink),
+            "null" if arg.is_empty() => Ok(PortSpec::Null),
+            "gen" | "sink" | "null" => Err(format!(
+                "`{s}`: {kind}: takes no argument; set its options as keys of the port"
+            )),
+            "pcap" if !arg.is_empty() => Ok(PortSpec::Pcap(base.join(arg))),
+            "pcap" => Err(format!("`{s}`: pcap needs a file to replay")),
+            "dpdk" => Err(format!(
+                "`{s}`: DPDK ports need nfmgr built with the `dpdk` feature"
+            )),
+            _ => Err(format!("`{s}`: unknown port kind `{kind}`")),
+        }
+    }
+
+    /// Whether frames arrive on this port (so it needs a `to`).
+    pub fn receives(&self) -> bool {
+        matches!(
+            self,
+            PortSpec::AfPacket(_) | PortSpec::Generator | PortSpec::Pcap(_)
+        )
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Config::parse(&text, &base).with_context(|| format!("in config {}", path.display()))
+    }
+
+    pub fn parse(text: &str, base_dir: &Path) -> Result<Config> {
+        let mut cfg: Config = toml::from_str(text)?;
+        cfg.base_dir = base_dir.to_path_buf();
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what the types alone cannot: names, references between sections, values.
+    pub fn validate(&self) -> Result<()> {
+        if self.instance.is_empty()
+            || self.instance.len() > 31
+            || !self
+                .instance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            bail!(
+                "instance: `{}` must be 1-31 characters of letters, digits, '-' and '_'",
+                self.instance
+            );
+        }
+        let mut names = HashSet::new();
+        for (section, name) in self
+            .vswitches
+            .iter()
+            .map(|v| ("vswitch", &v.name))
+            .chain(self.runtimes.iter().map(|r| ("runtime", &r.name)))
+        {
+            if name.is_empty() || name.len() > 31 {
+                bail!("{section}.name: `{name}` must be 1-31 characters");
+            }
+            if !names.insert(name.clone()) {
+                bail!("{section}.{name}: name used twice (vswitch and runtime names share one namespace)");
+            }
+        }
+        if self.vswitches.is_empty() {
+            bail!("vswitch: at least one [[vswitch]] is required");
+        }
+        if self.runtimes.is_empty() {
+            bail!("runtime: at least one [[runtime]] is required");
+        }
+        let runtime_names: HashSet<&str> = self.runtimes.iter().map(|r| r.name.as_str()).collect();
+        for v in &self.vswitches {
+            if let Some(list) = &v.runtimes {
+                if list.is_empty() {
+                    bail!("vswitch.{}.runtimes: the list is empty", v.name);
+                }
+                for r in list {
+                    if !runtime_names.contains(r.as_str()) {
+                        bail!("vswitch.{}.runtimes: no runtime named `{r}`", v.name);
+                    }
+                }
+            }
+            if v.flow_timeout_ms == 0 {
+                bail!("vswitch.{}.flow_timeout_ms: must be above 0", v.name);
+            }
+        }
+        let ncpu = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let check_core = |key: String, core: Option<usize>| -> Result<()> {
+            if let Some(c) = core {
+                if c >= ncpu {
+                    bail!("{key}: CPU {c} does not exist (this machine has {ncpu})");
+                }
+            }
+            Ok(())
+        };
+        check_core("manager.core".into(), self.manager.core)?;
+        for v in &self.vswitches {
+            check_core(format!("vswitch.{}.core", v.name), v.core)?;
+        }
+        for r in &self.runtimes {
+            check_core(format!("runtime.{}.core", r.name), r.core)?;
+        }
+        if let Some(list) = &self.manager.cores {
+            let cores = parse_cpu_list(list).map_err(|e| anyhow::anyhow!("manager.cores: {e}"))?;
+            if let Some(c) = cores.iter().find(|c| **c >= ncpu) {
+                bail!("manager.cores: CPU {c} does not exist (this machine has {ncpu})");
+            }
+        }
+        if self.manager.stats_interval_ms == 0 {
+            bail!("manager.stats_interval_ms: must be above 0");
+        }
+        self.region_config().validate()?;
+
+        let mut port_names = HashSet::new();
+        let vswitch_names: HashSet<&str> = self.vswitches.iter().map(|v| v.name.as_str()).collect();
+        for p in &self.ports {
+            let key = format!("port.{}", p.name);
+            if p.name.is_empty() || p.name.len() > 31 {
+                bail!("port.name: `{}` must be 1-31 characters", p.name);
+            }
+            if !port_names.insert(p.name.as_str()) {
+                bail!("{key}: port name used twice");
+            }
+            let spec = PortSpec::parse(&p.spec, &self.base_dir)
+                .map_err(|e| anyhow::anyhow!("{key}.spec: {e}"))?;
+            let only = |what: &str, set: bool, kinds: &str| -> Result<()> {
+                if set {
+                    bail!("{key}.{what}: only for {kinds} ports");
+                }
+                Ok(())
+            };
+            let is_gen = spec == PortSpec::Generator;
+            let is_pcap = matches!(spec, PortSpec::Pcap(_));
+            let is_af = matches!(spec, PortSpec::AfPacket(_));
+            only("flows", p.flows.is_some() && !is_gen, "gen:")?;
+            only("packet_size", p.packet_size.is_some() && !is_gen, "gen:")?;
+            only("duration_ms", p.duration_ms.is_some() && !is_gen, "gen:")?;
+            only(
+                "rate_pps",
+                p.rate_pps.is_some() && !is_gen && !is_pcap,
+                "gen: and pcap:",
+            )?;
+            only("speed", p.speed.is_some() && !is_pcap, "pcap:")?;
+            only("loops", p.loops.is_some() && !is_pcap, "pcap:")?;
+            only(
+                "ring_frames",
+                p.ring_frames.is_some() && !is_af,
+                "afpacket:",
+            )?;
+            if spec.receives() {
+                if p.to.is_none() {
+                    bail!("{key}.to: frames arrive on this port, so it needs a `to` port");
+                }
+            } else {
+                only("to", p.to.is_some(), "receiving (afpacket:, gen:, pcap:)")?;
+                only(
+                    "vswitch",
+                    p.vswitch.is_some(),
+                    "receiving (afpacket:, gen:, pcap:)",
+                )?;
+            }
+            if let Some(v) = &p.vswitch {
+                if !vswitch_names.contains(v.as_str()) {
+                    bail!("{key}.vswitch: no vswitch named `{v}`");
+                }
+            }
+            if let Some(f) = p.flows {
+                if f == 0 || f > 1 << 24 {
+                    bail!("{key}.flows: must be between 1 and 16777216 (got {f})");
+                }
+            }
+            if let Some(r) = p.rate_pps {
+                if !r.is_finite() || r < 0.0 {
+                    bail!("{key}.rate_pps: must be 0 (as fast as possible) or positive (got {r})");
+                }
+            }
+            if let Some(s) = p.packet_size {
+                let room = self.region_config().data_room();
+                if s < 64 || s > room {
+                    bail!("{key}.packet_size: must be between 64 and {room} (the buffer's data room), got {s}");
+                }
+            }
+            if let Some(n) = p.ring_frames {
+                if !(8..=1 << 20).contains(&n) || !n.is_power_of_two() {
+                    bail!(
+                        "{key}.ring_frames: must be a power of two between 8 and 1048576 (got {n})"
+                    );
+                }
+            }
+            if let PortSpec::Pcap(path) = &spec {
+                if !path.is_file() {
+                    bail!("{key}.spec: capture file {} does not exist", path.display());
+                }
+            }
+        }
+        for p in &self.ports {
+            if let Some(to) = &p.to {
+                if !port_names.contains(to.as_str()) {
+                    bail!("port.{}.to: no port named `{to}`", p.name);
+                }
+            }
+        }
+        if self.ports.len() > nflib::layout::MAX_PORTS as usize {
+            bail!("port: at most {} ports", nflib::layout::MAX_PORTS);
+        }
+        Ok(())
+    }
+
+    /// Number of process slots needed by default: nfmgr, the processes, two spares.
+    fn default_slots(&self) -> u32 {
+        (1 + self.vswitches.len() + self.runtimes.len() + 2).min(64) as u32
+    }
+
+    pub fn region_config(&self) -> RegionConfig {
+        let r = &self.region;
+        RegionConfig {
+            slots: r.slots.unwrap_or_else(|| self.default_slots()),
+            ports: self.ports.len() as u32,
+            buffers: r.buffers,
+            buffer_size: r.buffer_size,
+            headroom: r.headroom,
+            data_ring_size: r.data_ring_size,
+            msg_ring_size: r.msg_ring_size,
+            pool_ring_size: r.pool_ring_size,
+        }
+    }
+
+    pub fn hugepages_conf_path(&self) -> PathBuf {
+        self.base_dir.join(&self.region.hugepages_conf)
+    }
+}
+
+/// Parses a CPU list such as `0-3,6`.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let a: usize = a
+            .parse()
+            .map_err(|_| format!("`{part}` is not a CPU or range"))?;
+        let b: usize = b
+            .parse()
+            .map_err(|_| format!("`{part}` is not a CPU or range"))?;
+        if a > b {
+            return Err(format!("`{part}`: range is reversed"));
+        }
+        out.extend(a..=b);
+    }
+    if out.is_empty() {
+        return Err("empty CPU list".into());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [[vswitch]]
+        name = "vs0"
+        [[runtime]]
+        name = "rt0"
+        [[port]]
+        name = "g"
+        spec = "gen:"
+        to = "s"
+        flows = 10
+        [[port]]
+        name = "s"
+        spec = "sink:"
+    "#;
+
+    fn err(text: &str) -> String {
+        format!("{:#}", Config::parse(text, Path::new(".")).unwrap_err())
+    }
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let c = Config::parse(MINIMAL, Path::new(".")).unwrap();
+        assert_eq!(c.instance, "default");
+        assert_eq!(c.region_config().slots, 5);
+        assert_eq!(c.region_config().ports, 2);
+        assert_eq!(c.supervisor.restart, RestartPolicy::Always);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let e = err(&format!("{MINIMAL}\n[region]\nbufers = 4\n"));
+        assert!(e.contains("bufers"), "{e}");
+        let e = err(&MINIMAL.replace("flows = 10", "flows = 10\nflws = 3"));
+        assert!(e.contains("flws"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        assert!(err(&MINIMAL.replace("to = \"s\"", "to = \"nope\"")).contains("port.g.to"));
+        assert!(
+            err(&MINIMAL.replace("spec = \"gen:\"", "spec = \"tap:x\"")).contains("port.g.spec")
+        );
+        assert!(
+            err(&format!("{MINIMAL}\n[region]\ndata_ring_size = 1000\n"))
+                .contains("region.data_ring_size")
+        );
+        assert!(
+            err(&MINIMAL.replace("flows = 10", "flows = 10\nspeed = \"max\""))
+                .contains("port.g.speed")
+        );
+        assert!(
+            err(&MINIMAL.replace("name = \"rt0\"", "name = \"vs0\"")).contains("name used twice")
+        );
+        assert!(
+            err(&MINIMAL.replace("name = \"vs0\"", "name = \"vs0\"\nruntimes = [\"rt9\"]"))
+                .contains("vswitch.vs0.runtimes")
+        );
+        assert!(
+            err(&MINIMAL.replace("flows = 10", "flows = 10\npacket_size = 20"))
+                .contains("port.g.packet_size")
+        );
+        assert!(
+            err(&MINIMAL.replace("name = \"rt0\"", "name = \"rt0\"\ncore = 4096"))
+                .contains("runtime.rt0.core")
+        );
+    }
+
+    #[test]
+    fn cpu_lists() {
+        assert_eq!(parse_cpu_list("0-2,5").unwrap(), vec![0, 1, 2, 5]);
+        assert!(parse_cpu_list("3-1").is_err());
+        assert!(parse_cpu_list("x").is_err());
+    }
+}

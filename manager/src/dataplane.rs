@@ -1,0 +1,490 @@
+//! nfmgr's data-plane thread: moves frames between ports and process rings, owns the buffer
+//! pool, and carries out recovery when the supervisor reports a death.
+//!
+//! One loop, run to completion:
+//! 1. commands from the supervisor (reclaim a dead slot, hand a slot back for a restart);
+//! 2. receive from each port into the ring of the vswitch it feeds, taking no more than the
+//!    ring can hold right now (backpressure reaches the port, never a silent drop);
+//! 3. claim what processes sent to nfmgr and transmit it on the egress port each descriptor
+//!    names;
+//! 4. service the pool (recycle and refill rings) and keep draining dead slots' inputs;
+//! 5. ring the doorbells of processes it sent to, publish counters now and then, and sleep
+//!    when idle (on its doorbell, the ports' descriptors, and the next port deadline).
+//!
+//! It is the only thread that touches the free stack, so the pool needs no lock.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nflib::buffer::Desc;
+use nflib::doorbell::Doorbells;
+use nflib::endpoint::BURST;
+use nflib::pool::{ManagerPool, ReclaimReport};
+use nflib::ring::{Consumer, Producer};
+use nflib::slot::SlotState;
+use nflib::stats::{LocalCounters, PortCounter, ProcCounter, PORT_COUNTERS, PROC_COUNTERS};
+use nflib::{Packet, Region, RingId, MANAGER_SLOT};
+use ringbuf::traits::{Consumer as _, Producer as _};
+use ringbuf::{HeapCons, HeapProd};
+
+use crate::ports::pcap::Recorder;
+use crate::ports::{wall_ns, Port, PortCtx};
+
+/// Most frames taken from one port per loop iteration (fairness between ports).
+const MAX_RX_PER_PORT: usize = 256;
+
+/// Supervisor -> data plane.
+#[derive(Debug)]
+pub enum Command {
+    /// The process in this slot is dead and reaped: free everything it held.
+    Reclaim(u16),
+    /// A process is about to start in this slot: stop draining its input rings.
+    Revive(u16),
+    Shutdown,
+}
+
+/// Data plane -> supervisor.
+#[derive(Debug)]
+pub enum Event {
+    Reclaimed {
+        slot: u16,
+        report: ReclaimReport,
+    },
+    Revived(u16),
+    /// Every generator and replay port has finished and the pipeline has drained.
+    SourcesDone,
+}
+
+pub struct PortSlot {
+    pub name: String,
+    pub port: Box<dyn Port>,
+    /// Port that frames received here leave from.
+    pub egress: Option<u16>,
+    /// Slot of the vswitch that frames received here go to.
+    pub vswitch: u16,
+    pub recorder: Option<Recorder>,
+    pub counters: LocalCounters<PORT_COUNTERS>,
+}
+
+pub struct Channels {
+    pub commands: HeapCons<Command>,
+    pub events: HeapProd<Event>,
+    /// Rung after pushing an event, to wake the supervisor.
+    pub event_bell: Arc<OwnedFd>,
+}
+
+pub struct Dataplane {
+    region: Region,
+    pool: ManagerPool,
+    bells: Arc<Doorbells>,
+    ports: Vec<PortSlot>,
+    to_proc: Vec<Option<Producer<Desc>>>,
+    from_proc: Vec<Option<Consumer<Desc>>>,
+    msg_from: Vec<Option<Consumer<Desc>>>,
+    chan: Channels,
+    counters: LocalCounters<PROC_COUNTERS>,
+    /// Slots with no process whose input rings nfmgr keeps draining.
+    dead: u64,
+    wake: u64,
+    poll_for: Duration,
+    busy_poll: bool,
+    publish_every: Duration,
+    sources_done_sent: bool,
+    quiet_since: Option<Instant>,
+}
+
+/// What the data plane hands back when it stops.
+pub struct Outcome {
+    pub ports: Vec<(String, Option<serde_json::Value>)>,
+}
+
+impl Dataplane {
+    pub fn new(
+        region: &Region,
+        pool: ManagerPool,
+        bells: Arc<Doorbells>,
+        ports: Vec<PortSlot>,
+        chan: Channels,
+        poll_for: Duration,
+        busy_poll: bool,
+        publish_every: Duration,
+    ) -> Dataplane {
+        let slots = region.slot_count();
+        let mut to_proc = Vec::new();
+        let mut from_proc = Vec::new();
+        let mut msg_from = Vec::new();
+        for s in 0..slots {
+            to_proc.push(
+                region
+                    .ring(RingId::Data {
+                        from: MANAGER_SLOT,
+                        to: s,
+                    })
+                    .map(Producer::new),
+            );
+            from_proc.push(
+                region
+                    .ring(RingId::Data {
+                        from: s,
+                        to: MANAGER_SLOT,
+                    })
+                    .map(Consumer::new),
+            );
+            msg_from.push(
+                region
+                    .ring(RingId::Message {
+                        from: s,
+                        to: MANAGER_SLOT,
+                    })
+                    .map(Consumer::new),
+            );
+        }
+        let counters = region
+            .slot(MANAGER_SLOT)
+            .map(|s| LocalCounters::resume(&s.counters.0))
+            .unwrap_or_default();
+        Dataplane {
+            region: region.clone(),
+            pool,
+            bells,
+            ports,
+            to_proc,
+            from_proc,
+            msg_from,
+            chan,
+            counters,
+            dead: 0,
+            wake: 0,
+            poll_for,
+            busy_poll,
+            publish_every: publish_every.min(Duration::from_millis(250)),
+            sources_done_sent: false,
+            quiet_since: None,
+        }
+    }
+
+    fn alive(&self, slot: u16) -> bool {
+        self.region
+            .slot(slot)
+            .map(|s| s.state().is_alive())
+            .unwrap_or(false)
+    }
+
+    fn emit(&mut self, e: Event) {
+        if self.chan.events.try_push(e).is_err() {
+            tracing::error!("supervisor event queue full; event lost");
+        }
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to an eventfd we hold.
+        unsafe {
+            libc::write(
+                self.chan.event_bell.as_raw_fd(),
+                &one as *const u64 as *const _,
+                8,
+            )
+        };
+    }
+
+    /// Returns false when asked to shut down.
+    fn handle_commands(&mut self) -> bool {
+        while let Some(cmd) = self.chan.commands.try_pop() {
+            match cmd {
+                Command::Reclaim(slot) => {
+                    self.dead |= 1u64 << slot;
+                    let report = self.pool.reclaim(slot);
+                    self.emit(Event::Reclaimed { slot, report });
+                }
+                Command::Revive(slot) => {
+                    // One last drain, then the new process owns the consumer side.
+                    self.pool.drain_inputs(slot);
+                    self.dead &= !(1u64 << slot);
+                    self.emit(Event::Revived(slot));
+                }
+                Command::Shutdown => return false,
+            }
+        }
+        true
+    }
+
+    /// Ports -> vswitch rings. Returns frames moved.
+    fn receive(&mut self, now: Instant, batch: &mut Vec<Packet>) -> usize {
+        let mut moved = 0;
+        for i in 0..self.ports.len() {
+            let (vs, egress) = (self.ports[i].vswitch, self.ports[i].egress);
+            let Some(egress) = egress else { continue };
+            // Frames wait in the device (or the generator's schedule) until the vswitch runs.
+            let running = self
+                .region
+                .slot(vs)
+                .map(|s| s.state() == SlotState::Running)
+                .unwrap_or(false);
+            if !running {
+                continue;
+            }
+            let Some(Some(ring)) = self.to_proc.get_mut(vs as usize) else {
+                continue;
+            };
+            // The port may take as much as the ring can hold now, so a port that must drop
+            // when it cannot deliver (a paced generator) drops only on real backpressure.
+            let room = (ring.free_space() as usize).min(MAX_RX_PER_PORT);
+            let ps = &mut self.ports[i];
+            let mut ctx = PortCtx {
+                region: &self.region,
+                pool: &mut self.pool,
+                counters: &mut ps.counters,
+                now,
+            };
+            batch.clear();
+            ps.port.rx(&mut ctx, batch, room);
+            if batch.is_empty() {
+                continue;
+            }
+            let mut bytes = 0u64;
+            let mut pushed_total = 0;
+            while !batch.is_empty() {
+                let mut descs = [Desc::default(); BURST];
+                let n = batch.len().min(BURST);
+                for (d, mut p) in descs.iter_mut().zip(batch.drain(..n)) {
+                    p.set_egress_port(egress);
+                    bytes += p.len() as u64;
+                    *d = p.into_desc();
+                }
+                let pushed = ring.push_burst(&descs[..n]);
+                pushed_total += pushed;
+                // The port took no more than the ring's free space, so this cannot happen
+                // short of a bug; free rather than leak.
+                for d in &descs[pushed..n] {
+                    bytes -= d.len as u64;
+                    if let Some(p) = self
+                        .region
+                        .claim(*d, MANAGER_SLOT as u32, MANAGER_SLOT as u32)
+                    {
+                        self.pool.free(p);
+                    }
+                    ps.counters.add(PortCounter::RxDropRingFull as usize, 1);
+                }
+            }
+            ps.counters
+                .add(PortCounter::RxPkts as usize, pushed_total as u64);
+            ps.counters.add(PortCounter::RxBytes as usize, bytes);
+            self.counters
+                .add(ProcCounter::TxPkts as usize, pushed_total as u64);
+            self.wake |= 1u64 << vs;
+            moved += pushed_total;
+        }
+        moved
+    }
+
+    /// Process rings -> ports. Returns frames moved.
+    fn transmit(&mut self, tx: &mut [Vec<Packet>]) -> usize {
+        let mut descs = [Desc::default(); BURST];
+        let mut moved = 0;
+        let nports = self.ports.len();
+        for s in 1..self.from_proc.len() {
+            let Some(ring) = self.from_proc[s].as_mut() else {
+                continue;
+            };
+            let n = ring.peek_burst(&mut descs);
+            if n == 0 {
+                continue;
+            }
+            for d in &descs[..n] {
+                match self.region.claim(*d, s as u32, MANAGER_SLOT as u32) {
+                    Some(p) if (p.egress_port() as usize) < nports => {
+                        tx[p.egress_port() as usize].push(p)
+                    }
+                    Some(p) => {
+                        self.counters.add(ProcCounter::DropInvalidDesc as usize, 1);
+                        self.pool.free(p);
+                    }
+                    None => self.counters.add(ProcCounter::DropInvalidDesc as usize, 1),
+                }
+            }
+            ring.release(n);
+            self.counters.add(ProcCounter::RxPkts as usize, n as u64);
+            moved += n;
+        }
+        let now_ns = if moved > 0 { wall_ns() } else { 0 };
+        for (i, pkts) in tx.iter_mut().enumerate() {
+            if pkts.is_empty() {
+                continue;
+            }
+            let ps = &mut self.ports[i];
+            if let Some(rec) = ps.recorder.as_mut() {
+                for p in pkts.iter() {
+                    rec.write(now_ns, self.region.data(p));
+                }
+                ps.counters
+                    .set(PortCounter::Recorded as usize, rec.written());
+            }
+            let mut ctx = PortCtx {
+                region: &self.region,
+                pool: &mut self.pool,
+                counters: &mut ps.counters,
+                now: Instant::now(),
+            };
+            ps.port.tx(&mut ctx, pkts);
+        }
+        // Messages to nfmgr: none are defined yet; claim and free so nothing is held.
+        let mut mdescs = [Desc::default(); BURST];
+        for s in 1..self.msg_from.len() {
+            let Some(ring) = self.msg_from[s].as_mut() else {
+                continue;
+            };
+            let n = ring.peek_burst(&mut mdescs);
+            for d in &mdescs[..n] {
+                if let Some(p) = self.region.claim(*d, s as u32, MANAGER_SLOT as u32) {
+                    self.pool.free(p);
+                }
+            }
+            ring.release(n);
+            self.counters.add(ProcCounter::MsgRx as usize, n as u64);
+            moved += n;
+        }
+        moved
+    }
+
+    fn service_pool(&mut self) {
+        for s in 1..self.region.slot_count() {
+            let alive = self.alive(s);
+            self.pool.service(s, alive);
+            if self.dead & (1u64 << s) != 0 {
+                self.pool.drain_inputs(s);
+            }
+        }
+    }
+
+    fn publish(&mut self, started: Instant) {
+        for (i, ps) in self.ports.iter_mut().enumerate() {
+            ps.port.housekeeping(&mut ps.counters);
+            if let Some(rec) = self.region.port(i as u16) {
+                ps.counters.publish(&rec.counters.0);
+            }
+        }
+        self.counters.set(
+            ProcCounter::HeartbeatMs as usize,
+            started.elapsed().as_millis() as u64,
+        );
+        if let Some(rec) = self.region.slot(MANAGER_SLOT) {
+            self.counters.publish(&rec.counters.0);
+        }
+        self.region.header().manager_heartbeat_ms.store(
+            started.elapsed().as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        self.pool.publish();
+    }
+
+    fn has_input(&mut self) -> bool {
+        self.from_proc
+            .iter_mut()
+            .chain(self.msg_from.iter_mut())
+            .flatten()
+            .any(|c| !c.is_empty())
+    }
+
+    /// Sources finished and nothing moved for a while: the pipeline has drained.
+    fn check_sources_done(&mut self, worked: bool, now: Instant) {
+        if self.sources_done_sent {
+            return;
+        }
+        let sources: Vec<bool> = self
+            .ports
+            .iter()
+            .filter(|p| p.port.is_source())
+            .map(|p| p.port.finished())
+            .collect();
+        if sources.is_empty() || !sources.iter().all(|d| *d) {
+            return;
+        }
+        if worked {
+            self.quiet_since = None;
+            return;
+        }
+        let since = *self.quiet_since.get_or_insert(now);
+        if now.duration_since(since) >= Duration::from_millis(300) {
+            self.sources_done_sent = true;
+            self.emit(Event::SourcesDone);
+        }
+    }
+
+    fn sleep(&mut self, now: Instant) {
+        let mut deadline = now + Duration::from_millis(100);
+        for p in &self.ports {
+            if let Some(t) = p.port.next_wake(now) {
+                deadline = deadline.min(t);
+            }
+        }
+        if deadline <= now {
+            return;
+        }
+        self.bells.prepare_sleep(MANAGER_SLOT);
+        if self.has_input() {
+            self.bells.cancel_sleep(MANAGER_SLOT);
+            return;
+        }
+        let fds: Vec<RawFd> = self.ports.iter().filter_map(|p| p.port.rx_fd()).collect();
+        let _ = self.bells.wait(MANAGER_SLOT, deadline - now, &fds);
+        self.counters.add(ProcCounter::Wakeups as usize, 1);
+    }
+
+    pub fn run(mut self) -> Outcome {
+        let started = Instant::now();
+        let mut last_publish = started;
+        let mut last_work = started;
+        let mut batch = Vec::with_capacity(BURST);
+        let mut tx: Vec<Vec<Packet>> = (0..self.ports.len())
+            .map(|_| Vec::with_capacity(BURST))
+            .collect();
+        loop {
+            if !self.handle_commands() {
+                break;
+            }
+            let now = Instant::now();
+            let mut moved = self.receive(now, &mut batch);
+            moved += self.transmit(&mut tx);
+            self.service_pool();
+            let mut w = std::mem::take(&mut self.wake);
+            while w != 0 {
+                self.bells.notify(w.trailing_zeros() as u16);
+                w &= w - 1;
+            }
+            self.counters.add(ProcCounter::Loops as usize, 1);
+            if now.duration_since(last_publish) >= self.publish_every {
+                self.publish(started);
+                last_publish = now;
+            }
+            let worked = moved > 0;
+            self.check_sources_done(worked, now);
+            if worked {
+                last_work = now;
+            } else if !self.busy_poll && now.duration_since(last_work) >= self.poll_for {
+                self.publish(started);
+                self.sleep(now);
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        // Shutdown: processes are stopped; take back what they sent us, then close ports.
+        let mut tx2: Vec<Vec<Packet>> = (0..self.ports.len()).map(|_| Vec::new()).collect();
+        while self.transmit(&mut tx2) > 0 {}
+        for s in 1..self.region.slot_count() {
+            self.pool.service(s, false);
+        }
+        for ps in &mut self.ports {
+            ps.port.close();
+            if let Some(r) = ps.recorder.as_mut() {
+                r.close();
+            }
+        }
+        self.publish(started);
+        Outcome {
+            ports: self
+                .ports
+                .iter()
+                .map(|p| (p.name.clone(), p.port.report()))
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Live rates printed by `nfmgr start` (with `manager.log_rates`) and `nfmgr demo`, and the
+//! summary printed at exit. Rates are differences between two region snapshots.
+
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use nflib::slot::ProcessKind;
+use nflib::snapshot::RegionSnapshot;
+use nflib::stats::PortKind;
+use nflib::Region;
+
+pub struct LiveRates {
+    start: Instant,
+    prev: Option<(Instant, RegionSnapshot)>,
+}
+
+fn rate(now: u64, before: u64, secs: f64) -> f64 {
+    if secs <= 0.0 {
+        0.0
+    } else {
+        now.saturating_sub(before) as f64 / secs
+    }
+}
+
+/// 1234567.0 -> "1.23M".
+pub fn si(v: f64) -> String {
+    if v >= 1e9 {
+        format!("{:.2}G", v / 1e9)
+    } else if v >= 1e6 {
+        format!("{:.2}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.1}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn drops_of(c: &std::collections::BTreeMap<&'static str, u64>) -> u64 {
+    c.iter()
+        .filter(|(k, _)| k.starts_with("drop_"))
+        .map(|(_, v)| *v)
+        .sum()
+}
+
+impl Default for LiveRates {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LiveRates {
+    pub fn new() -> LiveRates {
+        LiveRates {
+            start: Instant::now(),
+            prev: None,
+        }
+    }
+
+    /// Returns the text to print for this interval (empty on the first call).
+    pub fn tick(&mut self, region: &Region) -> String {
+        let now = Instant::now();
+        let snap = RegionSnapshot::read(region);
+        let mut out = String::new();
+        if let Some((t0, prev)) = &self.prev {
+            let secs = now.duration_since(*t0).as_secs_f64();
+            let _ = write!(out, "[{:>6.1}s] ", self.start.elapsed().as_secs_f64());
+            for p in &snap.processes {
+                if p.kind == ProcessKind::Manager {
+                    continue;
+                }
+                let Some(q) = prev.process(&p.name) else {
+                    continue;
+                };
+                let rx = rate(p.counters["rx_pkts"], q.counters["rx_pkts"], secs);
+                let d = drops_of(&p.counters).saturating_sub(drops_of(&q.counters));
+                let _ = write!(
+                    out,
+                    "{} {}pps{}{}  ",
+                    p.name,
+                    si(rx),
+                    if d > 0 {
+                        format!(" drop {d}")
+                    } else {
+                        String::new()
+                    },
+                    match p.state {
+                        nflib::slot::SlotState::Running => String::new(),
+                        s => format!(" [{s:?}]").to_lowercase(),
+                    }
+                );
+            }
+            out.push_str("| ");
+            for p in &snap.ports {
+                let Some(q) = prev.port(&p.name) else {
+                    continue;
+                };
+                match p.kind {
+                    PortKind::Sink => {
+                        let rx = rate(p.counters["sink_rx"], q.counters["sink_rx"], secs);
+                        let _ = write!(
+                            out,
+                            "{} {}pps lost {} dup {} reord {}  ",
+                            p.name,
+                            si(rx),
+                            p.counters["sink_lost"],
+                            p.counters["sink_duplicates"],
+                            p.counters["sink_reordered"]
+                        );
+                    }
+                    _ => {
+                        let rx = rate(p.counters["rx_pkts"], q.counters["rx_pkts"], secs);
+                        let tx = rate(p.counters["tx_pkts"], q.counters["tx_pkts"], secs);
+                        let _ = write!(out, "{} in {}pps out {}pps  ", p.name, si(rx), si(tx));
+                    }
+                }
+            }
+            let _ = write!(
+                out,
+                "| pool {}/{} in use",
+                snap.pool.in_use, snap.pool.total
+            );
+        }
+        self.prev = Some((now, snap));
+        out
+    }
+}
+
+/// Human summary of a final snapshot and the ports' reports.
+pub fn summary(snap: &RegionSnapshot, ports: &[(String, Option<serde_json::Value>)]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "processes:");
+    for p in &snap.processes {
+        let _ = writeln!(
+            out,
+            "  {:<8} {:<8} rx {:>12} tx {:>12} drops {:>8} restarts {}",
+            p.name,
+            format!("{:?}", p.kind).to_lowercase(),
+            p.counters["rx_pkts"],
+            p.counters["tx_pkts"],
+            drops_of(&p.counters),
+            p.restarts
+        );
+    }
+    let _ = writeln!(out, "ports:");
+    for (p, (_, report)) in snap.ports.iter().zip(ports) {
+        let mut line = format!(
+            "  {:<8} {:<9} in {:>12} out {:>12}",
+            p.name,
+            format!("{:?}", p.kind).to_lowercase(),
+            p.counters["rx_pkts"],
+            p.counters["tx_pkts"]
+        );
+        if p.kind == PortKind::Sink {
+            let lat = report
+                .as_ref()
+                .and_then(|r| r["latency_avg_ns"].as_u64())
+                .unwrap_or(0);
+            let _ = write!(
+                line,
+                "  received {} lost {} duplicates {} reordered {} latency avg {:.1} us",
+                p.counters["sink_rx"],
+                p.counters["sink_lost"],
+                p.counters["sink_duplicates"],
+                p.counters["sink_reordered"],
+                lat as f64 / 1000.0
+            );
+        }
+        if p.kind == PortKind::Generator {
+            let _ = write!(line, "  generated {}", p.counters["gen_sent"]);
+        }
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(
+        out,
+        "pool: {} buffers, {} free, {} cached, {} in use, {} reclaimed from dead processes",
+        snap.pool.total, snap.pool.free, snap.pool.cached, snap.pool.in_use, snap.pool.reclaimed
+    );
+    out
+}

@@ -1,0 +1,114 @@
+//! nfmgr's ports: where frames enter and leave the host.
+//!
+//! Every port kind fills pool buffers on receive and consumes them on transmit; what happens
+//! between ports (vswitch, runtimes) only moves descriptors. A port never blocks the
+//! data-plane thread: receive takes at most what the vswitch's ring can accept right now,
+//! and transmit drops (and counts) what the device cannot take.
+
+pub mod afpacket;
+pub mod generator;
+pub mod pcap;
+pub mod sink;
+
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+use nflib::pool::ManagerPool;
+use nflib::stats::{LocalCounters, PortCounter, PortKind, PORT_COUNTERS};
+use nflib::{Packet, Region};
+
+/// What a port may use while receiving or transmitting.
+pub struct PortCtx<'a> {
+    pub region: &'a Region,
+    pub pool: &'a mut ManagerPool,
+    pub counters: &'a mut LocalCounters<PORT_COUNTERS>,
+    pub now: Instant,
+}
+
+impl PortCtx<'_> {
+    pub fn count(&mut self, c: PortCounter, n: u64) {
+        self.counters.add(c as usize, n);
+    }
+}
+
+pub trait Port: Send {
+    fn kind(&self) -> PortKind;
+
+    /// Receives up to `max` frames into freshly allocated packets appended to `out`.
+    fn rx(&mut self, ctx: &mut PortCtx<'_>, out: &mut Vec<Packet>, max: usize);
+
+    /// Transmits `pkts` (emptying it). Every packet is either sent or dropped and counted;
+    /// either way its buffer goes back to the pool.
+    fn tx(&mut self, ctx: &mut PortCtx<'_>, pkts: &mut Vec<Packet>);
+
+    /// A descriptor that becomes readable when frames arrive (for sleeping).
+    fn rx_fd(&self) -> Option<RawFd> {
+        None
+    }
+
+    /// When this port next has frames to produce by itself (generator pacing, replay timing).
+    fn next_wake(&self, _now: Instant) -> Option<Instant> {
+        None
+    }
+
+    /// A source (generator, replay) that will produce nothing more.
+    fn finished(&self) -> bool {
+        false
+    }
+
+    /// Whether this port produces traffic by itself and eventually finishes.
+    fn is_source(&self) -> bool {
+        false
+    }
+
+    /// Periodic housekeeping off the packet path (device statistics).
+    fn housekeeping(&mut self, _counters: &mut LocalCounters<PORT_COUNTERS>) {}
+
+    /// Details for the final report.
+    fn report(&self) -> Option<serde_json::Value> {
+        None
+    }
+
+    /// Flushes and releases the device at shutdown.
+    fn close(&mut self) {}
+}
+
+/// `null:` swallows what it is sent and receives nothing (benchmarks, pure recorders).
+pub struct NullPort;
+
+impl Port for NullPort {
+    fn kind(&self) -> PortKind {
+        PortKind::Null
+    }
+
+    fn rx(&mut self, _ctx: &mut PortCtx<'_>, _out: &mut Vec<Packet>, _max: usize) {}
+
+    fn tx(&mut self, ctx: &mut PortCtx<'_>, pkts: &mut Vec<Packet>) {
+        let n = pkts.len() as u64;
+        let bytes: u64 = pkts.iter().map(|p| p.len() as u64).sum();
+        for p in pkts.drain(..) {
+            ctx.pool.free(p);
+        }
+        ctx.count(PortCounter::TxPkts, n);
+        ctx.count(PortCounter::TxBytes, bytes);
+    }
+}
+
+/// Monotonic nanoseconds (CLOCK_MONOTONIC), comparable across processes of one host.
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Wall-clock nanoseconds since the Unix epoch (capture timestamps).
+pub fn wall_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,605 @@
+//! Process supervision: spawning nf-vswitch and nf-runtime processes, watching them with
+//! pidfds, recovering after a death, restarting, and shutting everything down cleanly.
+//!
+//! Runs on nfmgr's main thread, which must stay the thread that forks children: the
+//! parent-death signal children set (`PR_SET_PDEATHSIG`) fires when the *thread* that forked
+//! them exits.
+//!
+//! A death is handled in a fixed order, each step waiting for the previous one:
+//! 1. the pidfd becomes readable: reap the process, mark its slot `Dead`;
+//! 2. ask the data plane to reclaim the slot (drain its input rings, free what it held) and
+//!    wait for the report;
+//! 3. if the policy restarts it: ask the data plane to stop draining the slot (`Revive`),
+//!    wait for the acknowledgement, and only then spawn the replacement, so two consumers never
+//!    read one ring.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command as ProcCommand, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nflib::doorbell::Doorbells;
+use nflib::region::RegionState;
+use nflib::slot::{ProcessKind, SlotState};
+use nflib::Region;
+use ringbuf::traits::{Consumer as _, Producer as _};
+use ringbuf::{HeapCons, HeapProd};
+use serde::Serialize;
+
+use crate::config::{Config, RestartPolicy};
+use crate::dataplane::{Command, Event};
+
+/// One supervised process.
+pub struct ProcSpec {
+    pub slot: u16,
+    pub name: String,
+    pub kind: ProcessKind,
+    pub binary: PathBuf,
+    pub args: Vec<String>,
+    pub core: Option<usize>,
+    pub busy_poll: bool,
+    pub targets: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Spawned, not yet reported running.
+    Starting,
+    Running,
+    /// Reaped; waiting for the data plane's reclaim report.
+    Reclaiming,
+    /// Waiting for the data plane to hand the slot back before spawning.
+    Reviving,
+    /// Waiting out a restart delay.
+    Backoff,
+    /// Not restarted (policy, or shutdown).
+    Down,
+}
+
+struct Proc {
+    spec: ProcSpec,
+    phase: Phase,
+    pidfd: Option<OwnedFd>,
+    pid: u32,
+    spawned_at: Instant,
+    /// Consecutive deaths before reaching `Running`.
+    start_failures: u32,
+    restart_at: Option<Instant>,
+    reached_running: bool,
+}
+
+/// Something that happened to a process, for the log and the final report.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcEvent {
+    pub at_ms: u64,
+    pub process: String,
+    pub what: String,
+}
+
+pub struct Supervisor {
+    cfg: Config,
+    region: Region,
+    bells: Arc<Doorbells>,
+    procs: Vec<Proc>,
+    commands: HeapProd<Command>,
+    events: HeapCons<Event>,
+    event_bell: Arc<OwnedFd>,
+    signals: OwnedFd,
+    started: Instant,
+    pub log: Vec<ProcEvent>,
+    pub deaths: u64,
+    pub restarts: u64,
+    stopping: bool,
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain system call; a non-negative result is a new descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just created for us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+fn pidfd_signal(fd: &OwnedFd, sig: libc::c_int) {
+    // SAFETY: sends a signal through a pidfd we own; a dead target yields ESRCH, harmless.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+}
+
+/// Reaps the process behind a pidfd if it has exited: Some(exit code, or -signal).
+fn reap(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: a zeroed siginfo_t is valid for waitid to fill.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on a pidfd we own, with a valid siginfo pointer.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            fd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG,
+        )
+    };
+    // SAFETY: after a successful waitid, si_pid/si_status are initialised (si_pid 0 means
+    // the child has not exited yet).
+    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+    if rc != 0 || pid == 0 {
+        return None;
+    }
+    Some(if info.si_code == libc::CLD_EXITED {
+        status
+    } else {
+        -status
+    })
+}
+
+fn describe_exit(code: i32) -> String {
+    if code >= 0 {
+        format!("exited with status {code}")
+    } else {
+        let sig = -code;
+        let name = match sig {
+            libc::SIGKILL => "SIGKILL",
+            libc::SIGTERM => "SIGTERM",
+            libc::SIGSEGV => "SIGSEGV",
+            libc::SIGABRT => "SIGABRT",
+            libc::SIGBUS => "SIGBUS",
+            libc::SIGINT => "SIGINT",
+            _ => "signal",
+        };
+        format!("killed by {name} ({sig})")
+    }
+}
+
+impl Supervisor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: Config,
+        region: Region,
+        bells: Arc<Doorbells>,
+        specs: Vec<ProcSpec>,
+        commands: HeapProd<Command>,
+        events: HeapCons<Event>,
+        event_bell: Arc<OwnedFd>,
+        signals: OwnedFd,
+    ) -> Supervisor {
+        let now = Instant::now();
+        Supervisor {
+            cfg,
+            region,
+            bells,
+            procs: specs
+                .into_iter()
+                .map(|spec| Proc {
+                    spec,
+                    phase: Phase::Down,
+                    pidfd: None,
+                    pid: 0,
+                    spawned_at: now,
+                    start_failures: 0,
+                    restart_at: None,
+                    reached_running: false,
+                })
+                .collect(),
+            commands,
+            events,
+            event_bell,
+            signals,
+            started: now,
+            log: Vec::new(),
+            deaths: 0,
+            restarts: 0,
+            stopping: false,
+        }
+    }
+
+    fn record(&mut self, process: &str, what: String) {
+        tracing::info!(process, "{what}");
+        self.log.push(ProcEvent {
+            at_ms: self.started.elapsed().as_millis() as u64,
+            process: process.to_string(),
+            what,
+        });
+    }
+
+    fn send(&mut self, cmd: Command) {
+        if self.commands.try_push(cmd).is_err() {
+            tracing::error!("data-plane command queue full");
+        }
+        self.bells.ring(nflib::MANAGER_SLOT);
+    }
+
+    /// Writes a slot's identity before a process starts in it.
+    fn prepare_slot(&self, i: usize) {
+        let spec = &self.procs[i].spec;
+        let Some(rec) = self.region.slot(spec.slot) else {
+            return;
+        };
+        rec.kind.store(spec.kind.raw(), Ordering::Relaxed);
+        rec.name.set(&spec.name);
+        rec.core
+            .store(spec.core.map(|c| c as i32).unwrap_or(-1), Ordering::Relaxed);
+        rec.busy_poll
+            .store(spec.busy_poll as u32, Ordering::Relaxed);
+        rec.targets.store(spec.targets, Ordering::Relaxed);
+        rec.stop.store(0, Ordering::Relaxed);
+        rec.sleeping.0.store(0, Ordering::Relaxed);
+        rec.generation.fetch_add(1, Ordering::Relaxed);
+        rec.set_state(SlotState::Starting);
+    }
+
+    fn spawn(&mut self, i: usize) -> Result<()> {
+        let spec = &self.procs[i].spec;
+        let bell_fds = self.bells.raw_fds();
+        let core = spec.core;
+        let parent = std::process::id() as libc::pid_t;
+        let mut cmd = ProcCommand::new(&spec.binary);
+        cmd.args(&spec.args).stdin(Stdio::null());
+        // SAFETY: the closure runs in the child between fork and exec and only makes
+        // async-signal-safe system calls on values prepared before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // nfmgr may have died between fork and prctl.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                // nfmgr blocks its termination signals; its children must not inherit that.
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                for fd in &bell_fds {
+                    libc::fcntl(*fd, libc::F_SETFD, 0);
+                }
+                if let Some(c) = core {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(c, &mut set);
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", spec.binary.display()))?;
+        let pid = child.id();
+        // The pidfd, not `Child`, is how the process is watched and reaped.
+        drop(child);
+        let pidfd = pidfd_open(pid).context("pidfd_open")?;
+        if let Some(rec) = self.region.slot(spec.slot) {
+            rec.pid.store(pid, Ordering::Relaxed);
+        }
+        let p = &mut self.procs[i];
+        p.pid = pid;
+        p.pidfd = Some(pidfd);
+        p.phase = Phase::Starting;
+        p.spawned_at = Instant::now();
+        p.reached_running = false;
+        Ok(())
+    }
+
+    fn try_spawn(&mut self, i: usize) {
+        if let Err(e) = self.spawn(i) {
+            let name = self.procs[i].spec.name.clone();
+            self.record(&name, format!("failed to start: {e:#}"));
+            if let Some(rec) = self.region.slot(self.procs[i].spec.slot) {
+                rec.set_state(SlotState::Dead);
+            }
+            self.procs[i].start_failures += 1;
+            self.schedule_restart(i);
+        }
+    }
+
+    /// Starts every configured process. All slots are marked starting first, so a vswitch
+    /// that comes up before its runtimes already sees them as targets.
+    pub fn start_all(&mut self) {
+        for i in 0..self.procs.len() {
+            self.prepare_slot(i);
+        }
+        for i in 0..self.procs.len() {
+            self.try_spawn(i);
+        }
+    }
+
+    fn schedule_restart(&mut self, i: usize) {
+        let p = &mut self.procs[i];
+        if self.stopping || self.cfg.supervisor.restart == RestartPolicy::Never {
+            p.phase = Phase::Down;
+            if let Some(rec) = self.region.slot(p.spec.slot) {
+                rec.set_state(SlotState::Failed);
+            }
+            return;
+        }
+        // A process that was running is replaced at once; one that keeps failing to start
+        // backs off exponentially.
+        let delay = if p.start_failures == 0 {
+            Duration::ZERO
+        } else {
+            let base = self.cfg.supervisor.restart_backoff_ms;
+            let exp = base.saturating_mul(1u64 << (p.start_failures - 1).min(16));
+            Duration::from_millis(exp.min(self.cfg.supervisor.max_backoff_ms))
+        };
+        p.phase = Phase::Backoff;
+        p.restart_at = Some(Instant::now() + delay);
+    }
+
+    fn on_exit(&mut self, i: usize, code: i32) {
+        self.deaths += 1;
+        let p = &mut self.procs[i];
+        p.pidfd = None;
+        let was_running = p.reached_running;
+        if !was_running {
+            p.start_failures += 1;
+        }
+        let slot = p.spec.slot;
+        if let Some(rec) = self.region.slot(slot) {
+            rec.last_exit.store(code, Ordering::Relaxed);
+            rec.set_state(SlotState::Dead);
+        }
+        p.phase = Phase::Reclaiming;
+        let name = p.spec.name.clone();
+        let pid = p.pid;
+        let when = if was_running {
+            ""
+        } else {
+            " before it was running"
+        };
+        self.record(&name, format!("pid {pid} {}{when}", describe_exit(code)));
+        self.send(Command::Reclaim(slot));
+    }
+
+    fn handle_event(&mut self, e: Event) -> bool {
+        match e {
+            Event::Reclaimed { slot, report } => {
+                let Some(i) = self.procs.iter().position(|p| p.spec.slot == slot) else {
+                    return true;
+                };
+                let name = self.procs[i].spec.name.clone();
+                self.record(
+                    &name,
+                    format!(
+                        "reclaimed {} buffers ({} queued to it, {} refill, {} held); {} still in flight to others",
+                        report.freed(),
+                        report.drained_inputs,
+                        report.drained_refill,
+                        report.owned,
+                        report.in_flight
+                    ),
+                );
+                self.schedule_restart(i);
+            }
+            Event::Revived(slot) => {
+                if let Some(i) = self.procs.iter().position(|p| p.spec.slot == slot) {
+                    if self.procs[i].phase == Phase::Reviving && !self.stopping {
+                        self.restarts += 1;
+                        if let Some(rec) = self.region.slot(slot) {
+                            rec.restarts.fetch_add(1, Ordering::Relaxed);
+                        }
+                        self.prepare_slot(i);
+                        self.try_spawn(i);
+                    }
+                }
+            }
+            Event::SourcesDone => {
+                if self.cfg.manager.exit_when_done {
+                    tracing::info!("all sources finished and traffic drained; shutting down");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Time-driven work: running detection, start timeouts, due restarts.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let start_timeout = Duration::from_millis(self.cfg.supervisor.start_timeout_ms);
+        for i in 0..self.procs.len() {
+            let slot = self.procs[i].spec.slot;
+            match self.procs[i].phase {
+                Phase::Starting => {
+                    let running = self
+                        .region
+                        .slot(slot)
+                        .map(|r| r.state() == SlotState::Running)
+                        .unwrap_or(false);
+                    if running {
+                        let p = &mut self.procs[i];
+                        p.phase = Phase::Running;
+                        p.reached_running = true;
+                        p.start_failures = 0;
+                        let (name, pid) = (p.spec.name.clone(), p.pid);
+                        self.record(&name, format!("running (pid {pid})"));
+                    } else if now.duration_since(self.procs[i].spawned_at) > start_timeout {
+                        let name = self.procs[i].spec.name.clone();
+                        self.record(&name, "did not start in time; killing it".into());
+                        if let Some(fd) = &self.procs[i].pidfd {
+                            pidfd_signal(fd, libc::SIGKILL);
+                        }
+                        // Its exit is handled like any other death.
+                        self.procs[i].spawned_at = now + Duration::from_secs(3600);
+                    }
+                }
+                Phase::Backoff if self.procs[i].restart_at.is_some_and(|t| t <= now) => {
+                    self.procs[i].restart_at = None;
+                    self.procs[i].phase = Phase::Reviving;
+                    self.send(Command::Revive(slot));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Duration {
+        let now = Instant::now();
+        let mut d = Duration::from_millis(200);
+        for p in &self.procs {
+            if p.phase == Phase::Starting {
+                d = d.min(Duration::from_millis(5));
+            }
+            if let Some(t) = p.restart_at {
+                d = d.min(t.saturating_duration_since(now));
+            }
+        }
+        d
+    }
+
+    /// Runs until a termination signal, or until sources finish with `exit_when_done`.
+    /// `on_tick` is called about once per stats interval (live rates).
+    pub fn run(&mut self, mut on_tick: impl FnMut(&Region)) {
+        let interval = Duration::from_millis(self.cfg.manager.stats_interval_ms);
+        let mut last_tick = Instant::now();
+        loop {
+            let mut fds = vec![
+                libc::pollfd {
+                    fd: self.signals.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.event_bell.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            let watched: Vec<usize> = (0..self.procs.len())
+                .filter(|i| self.procs[*i].pidfd.is_some())
+                .collect();
+            for &i in &watched {
+                fds.push(libc::pollfd {
+                    fd: self.procs[i]
+                        .pidfd
+                        .as_ref()
+                        .map(|f| f.as_raw_fd())
+                        .unwrap_or(-1),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            let timeout = self
+                .next_deadline()
+                .min(interval.saturating_sub(last_tick.elapsed()));
+            // SAFETY: fds is a valid pollfd array for the duration of the call.
+            unsafe {
+                libc::poll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    timeout.as_millis() as libc::c_int,
+                )
+            };
+            if fds[0].revents != 0 && self.take_signal() {
+                tracing::info!("termination signal received; shutting down");
+                return;
+            }
+            for (k, &i) in watched.iter().enumerate() {
+                if fds[2 + k].revents == 0 {
+                    continue;
+                }
+                let code = self.procs[i].pidfd.as_ref().and_then(reap);
+                if let Some(code) = code {
+                    self.on_exit(i, code);
+                }
+            }
+            if fds[1].revents != 0 {
+                let mut v: u64 = 0;
+                // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
+                unsafe { libc::read(self.event_bell.as_raw_fd(), &mut v as *mut u64 as *mut _, 8) };
+            }
+            while let Some(e) = self.events.try_pop() {
+                if !self.handle_event(e) {
+                    return;
+                }
+            }
+            self.tick();
+            if last_tick.elapsed() >= interval {
+                last_tick = Instant::now();
+                on_tick(&self.region);
+            }
+        }
+    }
+
+    /// Reads one pending signal; true if it asks nfmgr to stop.
+    fn take_signal(&self) -> bool {
+        // SAFETY: a zeroed signalfd_siginfo is valid for read to fill.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        // SAFETY: reads at most size_of(info) bytes into `info`.
+        let n = unsafe {
+            libc::read(
+                self.signals.as_raw_fd(),
+                &mut info as *mut libc::signalfd_siginfo as *mut _,
+                std::mem::size_of::<libc::signalfd_siginfo>(),
+            )
+        };
+        n > 0 && matches!(info.ssi_signo as i32, libc::SIGINT | libc::SIGTERM)
+    }
+
+    /// Stops every process: asks nicely (stop flag, doorbell, SIGTERM), waits, then SIGKILLs.
+    /// Returns once all are reaped and their slots reclaimed by the data plane.
+    pub fn stop_all(&mut self) {
+        self.stopping = true;
+        self.region.header().set_state(RegionState::ShuttingDown);
+        for p in &self.procs {
+            if let Some(rec) = self.region.slot(p.spec.slot) {
+                rec.stop.store(1, Ordering::Release);
+                if rec.state().is_alive() {
+                    rec.set_state(SlotState::Stopping);
+                }
+            }
+            self.bells.ring(p.spec.slot);
+            if let Some(fd) = &p.pidfd {
+                pidfd_signal(fd, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.supervisor.stop_timeout_ms);
+        let mut killed = false;
+        loop {
+            for i in 0..self.procs.len() {
+                let code = self.procs[i].pidfd.as_ref().and_then(reap);
+                if let Some(code) = code {
+                    self.procs[i].pidfd = None;
+                    self.procs[i].phase = Phase::Down;
+                    if let Some(rec) = self.region.slot(self.procs[i].spec.slot) {
+                        rec.last_exit.store(code, Ordering::Relaxed);
+                        rec.set_state(SlotState::Dead);
+                    }
+                }
+            }
+            if self.procs.iter().all(|p| p.pidfd.is_none()) {
+                break;
+            }
+            if !killed && Instant::now() >= deadline {
+                for p in &self.procs {
+                    if let Some(fd) = &p.pidfd {
+                        tracing::warn!(process = %p.spec.name, "did not stop in time; SIGKILL");
+                        pidfd_signal(fd, libc::SIGKILL);
+                    }
+                }
+                killed = true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for i in 0..self.procs.len() {
+            let slot = self.procs[i].spec.slot;
+            self.send(Command::Reclaim(slot));
+        }
+    }
+
+    /// Stops the data plane (after `stop_all`: every slot is reclaimed first).
+    pub fn shutdown_dataplane(&mut self) {
+        self.send(Command::Shutdown);
+    }
+}

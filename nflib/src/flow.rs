@@ -1,0 +1,182 @@
+//! The flow key: which connection a packet belongs to, the same for both directions.
+//!
+//! A key holds the two endpoints in a canonical order (the smaller (address, port) first), so
+//! a packet and its reply map to one key; `Direction` tells which endpoint sent the packet.
+//!
+//! Policies, decided here once for the whole platform:
+//! - **Fragments**: every fragment of a datagram (the first included) is keyed by addresses
+//!   and protocol only, with ports 0. Later fragments carry no ports, and keying the first one
+//!   differently would split one datagram across two flows. Such a key is marked `fragment` so
+//!   it can never be mistaken for a real flow whose ports happen to be 0.
+//! - **VLANs**: the outer VLAN id is part of the key; the same addresses in two VLANs are two
+//!   flows.
+//! - **Non-IP frames** are keyed by the two MAC addresses and the EtherType (an "L2 flow"), so
+//!   they stay in order per pair of stations.
+
+use crate::packet::{Fragment, Headers, L3};
+
+/// Kinds of key, stored in `FlowKey::family`.
+pub mod family {
+    pub const L2: u8 = 0;
+    pub const IPV4: u8 = 4;
+    pub const IPV6: u8 = 6;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// Lower endpoint: IPv4 in the first 4 bytes, IPv6 in all 16, a MAC in the first 6 (L2).
+    pub a: [u8; 16],
+    pub b: [u8; 16],
+    pub a_port: u16,
+    pub b_port: u16,
+    pub vlan: u16,
+    pub proto: u8,
+    pub family: u8,
+    /// Set for keys of IP fragments (ports deliberately 0).
+    pub fragment: bool,
+}
+
+/// Which endpoint of the key sent a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// From `a` to `b`.
+    Forward,
+    /// From `b` to `a`.
+    Reverse,
+}
+
+impl FlowKey {
+    /// The key of a parsed packet and the direction it travels in.
+    pub fn of(h: &Headers) -> (FlowKey, Direction) {
+        let (family, src, dst, sport, dport, proto, fragment) = match h.l3 {
+            L3::None => {
+                let mut s = [0u8; 16];
+                let mut d = [0u8; 16];
+                s[..6].copy_from_slice(&h.src_mac);
+                d[..6].copy_from_slice(&h.dst_mac);
+                (family::L2, s, d, h.ethertype, h.ethertype, 0, false)
+            }
+            L3::Ipv4 | L3::Ipv6 => {
+                let fam = if h.l3 == L3::Ipv4 {
+                    family::IPV4
+                } else {
+                    family::IPV6
+                };
+                let frag = h.fragment != Fragment::No;
+                let (sp, dp) = if frag {
+                    (0, 0)
+                } else {
+                    (h.src_port, h.dst_port)
+                };
+                (fam, h.src_ip, h.dst_ip, sp, dp, h.proto, frag)
+            }
+        };
+        let forward = (src, sport) <= (dst, dport);
+        let (a, a_port, b, b_port) = if forward {
+            (src, sport, dst, dport)
+        } else {
+            (dst, dport, src, sport)
+        };
+        let key = FlowKey {
+            a,
+            b,
+            a_port,
+            b_port,
+            vlan: if h.vlans > 0 { h.outer_vlan } else { 0 },
+            proto,
+            family,
+            fragment,
+        };
+        let dir = if forward {
+            Direction::Forward
+        } else {
+            Direction::Reverse
+        };
+        (key, dir)
+    }
+}
+
+impl std::fmt::Display for FlowKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let addr = |x: &[u8; 16]| -> String {
+            match self.family {
+                family::IPV4 => std::net::Ipv4Addr::new(x[0], x[1], x[2], x[3]).to_string(),
+                family::IPV6 => std::net::Ipv6Addr::from(*x).to_string(),
+                _ => x[..6]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            }
+        };
+        match self.family {
+            family::L2 => write!(
+                f,
+                "l2 {} <-> {} type {:#06x}",
+                addr(&self.a),
+                addr(&self.b),
+                self.a_port
+            ),
+            _ => write!(
+                f,
+                "proto {} {}:{} <-> {}:{}{}",
+                self.proto,
+                addr(&self.a),
+                self.a_port,
+                addr(&self.b),
+                self.b_port,
+                if self.fragment { " (fragments)" } else { "" }
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::{build::UdpV4, parse};
+
+    fn frame(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
+        let mut b = vec![0u8; 80];
+        let n = UdpV4 {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src_ip: src,
+            dst_ip: dst,
+            src_port: sp,
+            dst_port: dp,
+            payload_len: 4,
+        }
+        .write(&mut b)
+        .unwrap();
+        b.truncate(n);
+        b
+    }
+
+    #[test]
+    fn both_directions_share_a_key() {
+        let f1 = frame([10, 0, 0, 9], 5000, [10, 0, 0, 1], 80);
+        let f2 = frame([10, 0, 0, 1], 80, [10, 0, 0, 9], 5000);
+        let (k1, d1) = FlowKey::of(&parse(&f1).unwrap());
+        let (k2, d2) = FlowKey::of(&parse(&f2).unwrap());
+        assert_eq!(k1, k2);
+        assert_ne!(d1, d2);
+        assert_eq!(k1.to_string(), "proto 17 10.0.0.1:80 <-> 10.0.0.9:5000");
+    }
+
+    #[test]
+    fn fragments_of_one_datagram_share_a_key_distinct_from_flows() {
+        let whole = frame([10, 0, 0, 9], 5000, [10, 0, 0, 1], 80);
+        let mut first = whole.clone();
+        first[20] = 0x20; // MF
+        let mut later = whole.clone();
+        later[20] = 0x00;
+        later[21] = 0x08;
+        let (kf, _) = FlowKey::of(&parse(&first).unwrap());
+        let (kl, _) = FlowKey::of(&parse(&later).unwrap());
+        let (kw, _) = FlowKey::of(&parse(&whole).unwrap());
+        assert_eq!(kf, kl);
+        assert!(kf.fragment);
+        assert_ne!(kf, kw);
+    }
+}

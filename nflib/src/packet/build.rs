@@ -1,0 +1,50 @@
+//! Writing packets from scratch (the generator and tests).
+
+use super::checksum;
+
+/// An Ethernet + IPv4 + UDP packet with `payload_len` bytes of payload left for the caller.
+#[derive(Clone, Copy, Debug)]
+pub struct UdpV4 {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src_ip: [u8; 4],
+    pub dst_ip: [u8; 4],
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub payload_len: usize,
+}
+
+impl UdpV4 {
+    /// Bytes of headers before the payload.
+    pub const HEADER_LEN: usize = 14 + 20 + 8;
+
+    /// Writes the headers (IPv4 checksum filled, UDP checksum 0 = none) and zeroes the payload.
+    /// Returns the frame length, or `None` if `buf` is too small or the datagram too long.
+    pub fn write(&self, buf: &mut [u8]) -> Option<usize> {
+        let total = Self::HEADER_LEN + self.payload_len;
+        let ip_len = u16::try_from(20 + 8 + self.payload_len).ok()?;
+        if buf.len() < total {
+            return None;
+        }
+        let b = &mut buf[..total];
+        b[0..6].copy_from_slice(&self.dst_mac);
+        b[6..12].copy_from_slice(&self.src_mac);
+        b[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        let ip = &mut b[14..34];
+        ip.copy_from_slice(&[
+            0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        ]);
+        ip[2..4].copy_from_slice(&ip_len.to_be_bytes());
+        ip[12..16].copy_from_slice(&self.src_ip);
+        ip[16..20].copy_from_slice(&self.dst_ip);
+        let c = checksum::checksum(ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        let udp = &mut b[34..42];
+        udp[0..2].copy_from_slice(&self.src_port.to_be_bytes());
+        udp[2..4].copy_from_slice(&self.dst_port.to_be_bytes());
+        udp[4..6].copy_from_slice(&(ip_len - 20).to_be_bytes());
+        udp[6..8].copy_from_slice(&[0, 0]);
+        b[42..].fill(0);
+        Some(total)
+    }
+}
