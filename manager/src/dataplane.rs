@@ -31,6 +31,9 @@ use ringbuf::{HeapCons, HeapProd};
 use crate::ports::pcap::Recorder;
 use crate::ports::{wall_ns, Port, PortCtx};
 
+/// How often the pool's refill and recycle rings are serviced.
+const POOL_SERVICE_EVERY: Duration = Duration::from_millis(1);
+
 /// Most frames taken from one port per loop iteration (fairness between ports).
 const MAX_RX_PER_PORT: usize = 256;
 
@@ -290,6 +293,9 @@ impl Dataplane {
                 continue;
             }
             for d in &descs[..n] {
+                self.region.prefetch(d);
+            }
+            for d in &descs[..n] {
                 match self.region.claim(*d, s as u32, MANAGER_SLOT as u32) {
                     Some(p) if (p.egress_port() as usize) < nports => {
                         tx[p.egress_port() as usize].push(p)
@@ -389,13 +395,8 @@ impl Dataplane {
         if self.sources_done_sent {
             return;
         }
-        let sources: Vec<bool> = self
-            .ports
-            .iter()
-            .filter(|p| p.port.is_source())
-            .map(|p| p.port.finished())
-            .collect();
-        if sources.is_empty() || !sources.iter().all(|d| *d) {
+        let mut sources = self.ports.iter().filter(|p| p.port.is_source()).peekable();
+        if sources.peek().is_none() || !sources.all(|p| p.port.finished()) {
             return;
         }
         if worked {
@@ -432,6 +433,7 @@ impl Dataplane {
     pub fn run(mut self) -> Outcome {
         let started = Instant::now();
         let mut last_publish = started;
+        let mut last_service = started;
         let mut last_work = started;
         let mut batch = Vec::with_capacity(BURST);
         let mut tx: Vec<Vec<Packet>> = (0..self.ports.len())
@@ -444,7 +446,11 @@ impl Dataplane {
             let now = Instant::now();
             let mut moved = self.receive(now, &mut batch);
             moved += self.transmit(&mut tx);
-            self.service_pool();
+            // Processes allocate rarely and recycle in batches; a millisecond is plenty.
+            if now.duration_since(last_service) >= POOL_SERVICE_EVERY {
+                self.service_pool();
+                last_service = now;
+            }
             let mut w = std::mem::take(&mut self.wake);
             while w != 0 {
                 self.bells.notify(w.trailing_zeros() as u16);
@@ -460,10 +466,13 @@ impl Dataplane {
             if worked {
                 last_work = now;
             } else if !self.busy_poll && now.duration_since(last_work) >= self.poll_for {
+                self.service_pool();
                 self.publish(started);
                 self.sleep(now);
-            } else {
+            } else if self.busy_poll {
                 std::hint::spin_loop();
+            } else {
+                nflib::endpoint::yield_cpu();
             }
         }
         // Shutdown: processes are stopped; take back what they sent us, then close ports.

@@ -62,6 +62,9 @@ pub struct Endpoint {
     counters: LocalCounters<PROC_COUNTERS>,
     next_input: usize,
     wake: u64,
+    /// Set when a ring this process sent to is more than half full: on a shared core the
+    /// consumer needs the CPU, so the loop yields (see `Idle::after`).
+    congested: bool,
     started: Instant,
 }
 
@@ -150,6 +153,7 @@ impl Endpoint {
             counters,
             next_input: 0,
             wake: 0,
+            congested: false,
             started: Instant::now(),
         })
     }
@@ -217,6 +221,9 @@ impl Endpoint {
             let n = input.ring.peek_burst(&mut descs[..want]);
             if n == 0 {
                 continue;
+            }
+            for d in &descs[..n] {
+                region.prefetch(d);
             }
             for d in &descs[..n] {
                 match region.claim(*d, input.from as u32, me as u32) {
@@ -297,6 +304,9 @@ impl Endpoint {
                 }
                 let pushed = ring.push_burst(&descs[..n]);
                 sent += pushed;
+                if pushed < n || ring.view().occupancy() > ring.view().capacity() / 2 {
+                    self.congested = true;
+                }
                 for d in &descs[pushed..n] {
                     bytes -= d.len as u64;
                     dropped.push(Packet::from_valid_desc(*d));
@@ -328,6 +338,11 @@ impl Endpoint {
     /// Sends messages to slot `to` (same semantics as `send_burst`).
     pub fn send_messages(&mut self, to: u16, pkts: &mut Vec<Packet>) -> usize {
         self.send_on(to, pkts, true)
+    }
+
+    /// Whether a consumer's ring filled past half since the last call (and clears the flag).
+    pub fn take_congestion(&mut self) -> bool {
+        std::mem::take(&mut self.congested)
     }
 
     /// Free slots in the data ring to `to`.
@@ -425,30 +440,58 @@ impl Default for IdlePolicy {
 }
 
 /// Tracks idleness for a worker loop.
+///
+/// While polling without work the loop calls `sched_yield` rather than spinning: on a core
+/// of its own that returns at once, and on a core shared with other data-plane processes it
+/// hands the CPU to whichever of them has work, instead of burning a scheduler time slice
+/// (milliseconds, long enough for a ring to overflow at millions of packets per second).
 pub struct Idle {
     policy: IdlePolicy,
     last_work: Instant,
+    polls: u32,
 }
+
+/// Idle polls between clock reads.
+const POLLS_PER_CLOCK_READ: u32 = 16;
 
 impl Idle {
     pub fn new(policy: IdlePolicy) -> Idle {
         Idle {
             policy,
             last_work: Instant::now(),
+            polls: 0,
         }
     }
 
     /// Call after each loop iteration with whether it did any work.
     pub fn after(&mut self, ep: &mut Endpoint, worked: bool) {
+        if ep.take_congestion() && !self.policy.busy_poll {
+            yield_cpu();
+        }
         if worked {
-            self.last_work = Instant::now();
+            self.polls = 0;
             return;
         }
-        if self.policy.busy_poll || self.last_work.elapsed() < self.policy.poll_for {
+        if self.polls == 0 {
+            self.last_work = Instant::now();
+        }
+        self.polls += 1;
+        if self.policy.busy_poll {
             std::hint::spin_loop();
             return;
         }
+        if self.polls % POLLS_PER_CLOCK_READ != 0 || self.last_work.elapsed() < self.policy.poll_for
+        {
+            yield_cpu();
+            return;
+        }
+        self.polls = 0;
         ep.publish();
         ep.sleep(self.policy.max_sleep);
     }
+}
+
+/// Gives the CPU to another runnable task on this core, if there is one.
+pub fn yield_cpu() {
+    std::thread::yield_now();
 }

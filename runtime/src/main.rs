@@ -68,9 +68,9 @@ fn main() -> ExitCode {
             ep.counters().add(ProcCounter::BusyNs as usize, busy);
         }
         ep.counters().add(ProcCounter::Loops as usize, 1);
-        if last_publish.elapsed() >= Duration::from_millis(100) {
+        if t0.duration_since(last_publish) >= Duration::from_millis(100) {
             ep.publish();
-            last_publish = Instant::now();
+            last_publish = t0;
         }
         idle.after(&mut ep, n > 0);
     }

@@ -82,13 +82,13 @@ fn main() -> ExitCode {
         }
         ep.flush_wakes();
         ep.counters().add(ProcCounter::Loops as usize, 1);
-        if last_sweep.elapsed() >= Duration::from_secs(1) {
-            dispatch.expire(&mut ep, Instant::now());
-            last_sweep = Instant::now();
+        if t0.duration_since(last_sweep) >= Duration::from_secs(1) {
+            dispatch.expire(&mut ep, t0);
+            last_sweep = t0;
         }
-        if last_publish.elapsed() >= Duration::from_millis(100) {
+        if t0.duration_since(last_publish) >= Duration::from_millis(100) {
             ep.publish();
-            last_publish = Instant::now();
+            last_publish = t0;
         }
         idle.after(&mut ep, n > 0);
     }

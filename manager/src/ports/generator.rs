@@ -109,7 +109,14 @@ impl Generator {
         self.rate * self.flows as f64
     }
 
-    fn build(&mut self, ctx: &mut PortCtx<'_>, p: &mut Packet, f: u32, seq: u64) -> bool {
+    fn build(
+        &mut self,
+        ctx: &mut PortCtx<'_>,
+        p: &mut Packet,
+        f: u32,
+        seq: u64,
+        now_ns: u64,
+    ) -> bool {
         let (src_ip, src_port) = flow_tuple(self.flow_base + f);
         let hdr = UdpV4 {
             src_mac: GEN_SRC_MAC,
@@ -127,7 +134,7 @@ impl Generator {
         Stamp {
             flow: self.flow_base + f,
             seq,
-            sent_ns: mono_ns(),
+            sent_ns: now_ns,
         }
         .write(&mut room[UdpV4::HEADER_LEN..]);
         ctx.region.set_len(p, len)
@@ -161,6 +168,7 @@ impl Port for Generator {
         } else {
             (max.min(MAX_PER_CALL), false)
         };
+        let now_ns = mono_ns();
         for i in 0..due {
             let f = self.next_flow;
             self.next_flow = (self.next_flow + 1) % self.flows;
@@ -186,7 +194,7 @@ impl Port for Generator {
                 self.next_flow = f;
                 break;
             };
-            if !self.build(ctx, &mut p, f, seq) {
+            if !self.build(ctx, &mut p, f, seq, now_ns) {
                 ctx.pool.free(p);
                 break;
             }
