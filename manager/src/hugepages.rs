@@ -111,6 +111,10 @@ impl Placement {
 }
 
 /// Free pages and page size of a hugetlbfs mount, or why it is not one.
+///
+/// A mount without a `size=` limit reports no blocks at all in statfs; its pages come from
+/// the kernel's pool for its page size, whose free count (minus pages reserved by mappings
+/// not yet touched) is in sysfs. With a limit, the smaller of the two applies.
 fn hugetlbfs_free(mount: &Path) -> Result<(u64, usize), String> {
     let st = nix::sys::statfs::statfs(mount)
         .map_err(|e| format!("{} is not mounted: {e}", mount.display()))?;
@@ -120,7 +124,21 @@ fn hugetlbfs_free(mount: &Path) -> Result<(u64, usize), String> {
             mount.display()
         ));
     }
-    Ok((st.blocks_free(), st.block_size() as usize))
+    let page = st.block_size() as usize;
+    let sys = format!("/sys/kernel/mm/hugepages/hugepages-{}kB", page / 1024);
+    let read = |f: &str| -> u64 {
+        std::fs::read_to_string(format!("{sys}/{f}"))
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let pool_free = read("free_hugepages").saturating_sub(read("resv_hugepages"));
+    let free = if st.blocks() == 0 {
+        pool_free
+    } else {
+        pool_free.min(st.blocks_free())
+    };
+    Ok((free, page))
 }
 
 /// Decides where a region of `bytes` goes.

@@ -1,10 +1,13 @@
 //! One nfmgr per instance name: the instance lock, where the region file is, and cleaning up
 //! after an nfmgr that crashed.
 //!
-//! The lock is an `flock` on `<dir>/nfactor-<instance>.lock`, held for nfmgr's lifetime. The
-//! kernel drops it when the process dies however it dies, so "the lock is free" is a reliable
-//! test that any region left behind is stale (no pid file guesswork, no pid reuse problem).
-//! The lock file also records where the region is, for `nfmgr stats` and the dashboard.
+//! The lock is an open-file-description record lock (`F_OFD_SETLK`) on
+//! `<dir>/nfactor-<instance>.lock`, held for nfmgr's lifetime. The kernel drops it when the
+//! process dies however it dies, so "the lock is free" is a reliable test that a region left
+//! behind is stale (no pid-file guesswork, no pid reuse problem). Unlike `flock`, such a lock
+//! can be *tested* without being taken (`F_OFD_GETLK`), so readers such as `nfmgr stats` can
+//! tell a live instance from a stale region without ever blocking a starting nfmgr. The lock
+//! file also records where the region is.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -49,11 +52,10 @@ impl Instance {
             .custom_flags(libc::O_CLOEXEC)
             .open(&path)
             .with_context(|| format!("cannot open instance lock {}", path.display()))?;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        let taken = ofd_lock(&lock, libc::F_OFD_SETLK);
         let mut previous = String::new();
         let _ = lock.read_to_string(&mut previous);
-        if rc != 0 {
+        if !taken {
             let pid = read_field(&previous, "pid").unwrap_or_else(|| "?".into());
             bail!(
                 "instance `{name}` is already running (nfmgr pid {pid}, lock {})",
@@ -109,15 +111,38 @@ impl Instance {
     }
 }
 
-/// The region of a running instance, from its lock file.
+/// Takes (`F_OFD_SETLK`) or tests (`F_OFD_GETLK`) a write lock on the whole file. For a
+/// test, returns true when the lock is free.
+fn ofd_lock(file: &File, cmd: libc::c_int) -> bool {
+    // SAFETY: a zeroed flock is valid; we fill the fields the call reads.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: fcntl on a descriptor we own with a valid flock.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) };
+    match cmd {
+        libc::F_OFD_GETLK => rc == 0 && fl.l_type == libc::F_UNLCK as libc::c_short,
+        _ => rc == 0,
+    }
+}
+
+/// The region of a running instance, from its lock file. Fails if no nfmgr holds the lock.
 pub fn find_region(name: &str, lock_dir: &Path) -> Result<PathBuf> {
     let path = lock_path(lock_dir, name);
-    let text = std::fs::read_to_string(&path).with_context(|| {
+    let missing = || {
         format!(
-            "no nfmgr instance `{name}` here (no {}): is it running?",
-            path.display()
+            "no nfmgr instance `{name}` in {}: is it running?",
+            lock_dir.display()
         )
-    })?;
+    };
+    let file = File::open(&path).with_context(missing)?;
+    let text = std::fs::read_to_string(&path).with_context(missing)?;
+    if ofd_lock(&file, libc::F_OFD_GETLK) {
+        bail!(
+            "instance `{name}` is not running (nfmgr pid {} did not shut down cleanly; the next `nfmgr start` cleans up)",
+            read_field(&text, "pid").unwrap_or_else(|| "?".into())
+        );
+    }
     read_field(&text, "region")
         .map(PathBuf::from)
         .with_context(|| format!("{} does not name a region yet", path.display()))
@@ -143,6 +168,8 @@ mod tests {
         // Simulate a crash: drop the lock without release; the region stays behind.
         drop(a);
         assert!(region.exists());
+        let e = find_region("t", &dir).unwrap_err().to_string();
+        assert!(e.contains("not running"), "{e}");
         let b = Instance::acquire("t", &dir).unwrap();
         assert!(!region.exists(), "the next nfmgr removed the stale region");
         b.release();

@@ -35,7 +35,7 @@ pub fn si(v: f64) -> String {
     }
 }
 
-fn drops_of(c: &std::collections::BTreeMap<&'static str, u64>) -> u64 {
+fn drops_of(c: &std::collections::BTreeMap<String, u64>) -> u64 {
     c.iter()
         .filter(|(k, _)| k.starts_with("drop_"))
         .map(|(_, v)| *v)

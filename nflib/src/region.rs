@@ -31,7 +31,7 @@ use crate::stats::{PortRecord, ShmName};
 use crate::sync::Cell;
 
 /// Lifecycle of the region as a whole.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RegionState {
     Initializing,

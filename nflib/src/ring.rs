@@ -220,6 +220,11 @@ impl<T: Copy> Producer<T> {
     pub fn view(&self) -> &RingView<T> {
         &self.ring
     }
+
+    /// Total entries this ring's producers have published (wrapping).
+    pub fn published(&self) -> u32 {
+        self.head
+    }
 }
 
 /// The single reader of a ring.

@@ -5,13 +5,13 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::region::{Region, RegionState};
 use crate::slot::{ProcessKind, SlotState};
 use crate::stats::{snapshot, PortCounter, PortKind, ProcCounter};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ProcessSnapshot {
     pub slot: u16,
     pub name: String,
@@ -23,18 +23,18 @@ pub struct ProcessSnapshot {
     pub restarts: u32,
     /// Exit code (>= 0) or minus the signal number of the last process in this slot.
     pub last_exit: Option<i32>,
-    pub counters: BTreeMap<&'static str, u64>,
+    pub counters: BTreeMap<String, u64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PortSnapshot {
     pub index: u16,
     pub name: String,
     pub kind: PortKind,
-    pub counters: BTreeMap<&'static str, u64>,
+    pub counters: BTreeMap<String, u64>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PoolSnapshot {
     pub total: u64,
     /// In nfmgr's free stack.
@@ -47,7 +47,7 @@ pub struct PoolSnapshot {
     pub double_frees: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RegionSnapshot {
     pub instance: String,
     pub state: RegionState,
@@ -75,7 +75,7 @@ impl RegionSnapshot {
             let values = snapshot(&s.counters.0);
             let counters = ProcCounter::ALL
                 .iter()
-                .map(|c| (c.label(), values[*c as usize]))
+                .map(|c| (c.label().to_string(), values[*c as usize]))
                 .collect();
             let core = s.core.load(Ordering::Relaxed);
             let exit = s.last_exit.load(Ordering::Relaxed);
@@ -105,7 +105,7 @@ impl RegionSnapshot {
                 kind: PortKind::from_raw(p.kind.load(Ordering::Relaxed)),
                 counters: PortCounter::ALL
                     .iter()
-                    .map(|c| (c.label(), values[*c as usize]))
+                    .map(|c| (c.label().to_string(), values[*c as usize]))
                     .collect(),
             });
         }

@@ -169,7 +169,7 @@ impl ShmName {
 pub struct Padded<T>(pub T);
 
 /// Kinds of port, as recorded for readers of the region.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PortKind {
     Unused,

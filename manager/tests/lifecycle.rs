@@ -1,0 +1,195 @@
+//! nfmgr's life cycle as an operator sees it: clean shutdown on SIGTERM, recovery from a
+//! crashed predecessor's stale region, one nfmgr per instance, clear one-line errors, and an
+//! idle platform that sleeps.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{nfmgr_bin, Instance};
+use nflib::slot::SlotState;
+
+const PIPELINE: &str = r#"
+[[vswitch]]
+name = "vs0"
+[[runtime]]
+name = "rt0"
+[[runtime]]
+name = "rt1"
+[[port]]
+name = "sink0"
+spec = "sink:"
+"#;
+
+fn region_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.ends_with(".region"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+#[test]
+fn sigterm_stops_everything_and_removes_the_region() {
+    let mut inst = Instance::new("term");
+    inst.start(PIPELINE);
+    let region = inst.region(Duration::from_secs(20));
+    let s = inst.wait_for(&region, Duration::from_secs(20), "running", |s| {
+        s.processes
+            .iter()
+            .filter(|p| p.name != "nfmgr")
+            .all(|p| p.state == SlotState::Running)
+    });
+    let pids: Vec<u32> = s.processes.iter().map(|p| p.pid).collect();
+    drop(region);
+    assert_eq!(region_files(&inst.dir).len(), 1);
+    assert!(inst.stop().success(), "{}", inst.log());
+    for pid in pids {
+        assert!(!alive(pid), "pid {pid} survived shutdown");
+    }
+    assert!(region_files(&inst.dir).is_empty(), "region left behind");
+    assert!(!inst
+        .dir
+        .join(format!("nfactor-{}.lock", inst.name))
+        .exists());
+}
+
+#[test]
+fn a_crashed_nfmgr_takes_its_children_and_its_successor_cleans_up() {
+    let mut inst = Instance::new("stale");
+    inst.start(PIPELINE);
+    let region = inst.region(Duration::from_secs(20));
+    let s = inst.wait_for(&region, Duration::from_secs(20), "running", |s| {
+        s.processes.iter().all(|p| p.state == SlotState::Running)
+    });
+    let children: Vec<u32> = s.processes.iter().skip(1).map(|p| p.pid).collect();
+    drop(region);
+    // SAFETY: kills our own child.
+    unsafe { libc::kill(inst.pid() as libc::pid_t, libc::SIGKILL) };
+    inst.wait_exit(Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while children.iter().any(|p| alive(*p)) {
+        assert!(Instant::now() < deadline, "children outlived nfmgr");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        region_files(&inst.dir).len(),
+        1,
+        "the crash leaves a stale region"
+    );
+    // The next nfmgr for the instance removes it and starts normally.
+    inst.start(PIPELINE);
+    let region = inst.region(Duration::from_secs(20));
+    inst.wait_for(&region, Duration::from_secs(20), "running again", |s| {
+        s.processes.iter().all(|p| p.state == SlotState::Running)
+    });
+    assert!(
+        inst.log().contains("did not shut down cleanly"),
+        "{}",
+        inst.log()
+    );
+    drop(region);
+    assert!(inst.stop().success());
+    assert!(region_files(&inst.dir).is_empty());
+}
+
+#[test]
+fn one_nfmgr_per_instance() {
+    let mut inst = Instance::new("twice");
+    inst.start(PIPELINE);
+    let _region = inst.region(Duration::from_secs(20));
+    let out = Command::new(nfmgr_bin())
+        .args(["start", "--config"])
+        .arg(inst.path("nfmgr.toml"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already running"), "{err}");
+    assert!(
+        err.contains(&inst.pid().to_string()),
+        "names the running pid: {err}"
+    );
+    assert!(inst.stop().success());
+}
+
+#[test]
+fn errors_are_one_clear_line_and_a_failure_status() {
+    let dir = Instance::new("errors");
+    // Missing instance.
+    let out = Command::new(nfmgr_bin())
+        .args(["stats", "--instance", "nosuch", "--dir"])
+        .arg(&dir.dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("is it running"), "{err}");
+    // Configuration errors name the key.
+    for (body, key) in [
+        ("[[vswitch]]\nname = \"v\"\n[[runtime]]\nname = \"r\"\nbogus = 1\n", "bogus"),
+        (
+            "[[vswitch]]\nname = \"v\"\n[[runtime]]\nname = \"r\"\n[[port]]\nname = \"p\"\nspec = \"gen:\"\nto = \"q\"\n",
+            "port.p.to",
+        ),
+        ("[[vswitch]]\nname = \"v\"\n[[runtime]]\nname = \"r\"\n[region]\nbuffers = 0\n", "region.buffers"),
+        (
+            "[[vswitch]]\nname = \"v\"\n[[runtime]]\nname = \"r\"\n[[port]]\nname = \"p\"\nspec = \"afpacket:nosuchif0\"\nto = \"p\"\n",
+            "nosuchif0",
+        ),
+    ] {
+        let cfg = dir.config(body);
+        let out = Command::new(nfmgr_bin())
+            .args(["start", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{body}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "error for {key}: {err}");
+        assert!(region_files(&dir.dir).is_empty(), "a failed start leaves no region");
+    }
+}
+
+#[test]
+fn an_idle_platform_sleeps() {
+    let mut inst = Instance::new("idle");
+    inst.start(PIPELINE);
+    let region = inst.region(Duration::from_secs(20));
+    let s = inst.wait_for(&region, Duration::from_secs(20), "running", |s| {
+        s.processes.iter().all(|p| p.state == SlotState::Running)
+    });
+    let pids: Vec<u32> = s.processes.iter().map(|p| p.pid).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = common::total_cpu_ticks(&pids);
+    let wall = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let used = common::total_cpu_ticks(&pids) - t0;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let share = used as f64 / hz / wall.elapsed().as_secs_f64();
+    eprintln!(
+        "idle: {} processes used {:.2}% of one core",
+        pids.len(),
+        share * 100.0
+    );
+    assert!(
+        share < 0.03,
+        "idle platform used {:.1}% of a core",
+        share * 100.0
+    );
+    drop(region);
+    assert!(inst.stop().success());
+}
