@@ -3,17 +3,18 @@
 //!
 //! One loop, run to completion:
 //! 1. commands from the supervisor (reclaim a dead slot, hand a slot back for a restart);
-//! 2. receive from each port into the ring of the vswitch it feeds, taking no more than the
-//!    ring can hold right now (backpressure reaches the port, never a silent drop);
-//! 3. claim what processes sent to nfmgr and transmit it on the egress port each descriptor
+//! 2. claim what processes sent to nfmgr and transmit it on the egress port each descriptor
 //!    names;
+//! 3. unless those rings are backed up, receive from each port into the ring of the vswitch
+//!    it feeds, taking no more than the ring can hold right now (backpressure reaches the
+//!    port, never a silent drop inside the platform);
 //! 4. service the pool (recycle and refill rings) and keep draining dead slots' inputs;
 //! 5. ring the doorbells of processes it sent to, publish counters now and then, and sleep
 //!    when idle (on its doorbell, the ports' descriptors, and the next port deadline).
 //!
 //! It is the only thread that touches the free stack, so the pool needs no lock.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,7 @@ use nflib::ring::{Consumer, Producer};
 use nflib::slot::SlotState;
 use nflib::stats::{LocalCounters, PortCounter, ProcCounter, PORT_COUNTERS, PROC_COUNTERS};
 use nflib::{Packet, Region, RingId, MANAGER_SLOT};
+use nix::sys::eventfd::EventFd;
 use ringbuf::traits::{Consumer as _, Producer as _};
 use ringbuf::{HeapCons, HeapProd};
 
@@ -70,11 +72,20 @@ pub struct PortSlot {
     pub counters: LocalCounters<PORT_COUNTERS>,
 }
 
+/// How the data-plane loop waits and reports.
+pub struct Options {
+    /// Keep polling this long after the last work before sleeping.
+    pub poll_for: Duration,
+    pub busy_poll: bool,
+    /// How often counters are published to the region (capped at 250 ms).
+    pub publish_every: Duration,
+}
+
 pub struct Channels {
     pub commands: HeapCons<Command>,
     pub events: HeapProd<Event>,
     /// Rung after pushing an event, to wake the supervisor.
-    pub event_bell: Arc<OwnedFd>,
+    pub event_bell: Arc<EventFd>,
 }
 
 pub struct Dataplane {
@@ -109,9 +120,7 @@ impl Dataplane {
         bells: Arc<Doorbells>,
         ports: Vec<PortSlot>,
         chan: Channels,
-        poll_for: Duration,
-        busy_poll: bool,
-        publish_every: Duration,
+        opts: Options,
     ) -> Dataplane {
         let slots = region.slot_count();
         let mut to_proc = Vec::new();
@@ -159,9 +168,9 @@ impl Dataplane {
             counters,
             dead: 0,
             wake: 0,
-            poll_for,
-            busy_poll,
-            publish_every: publish_every.min(Duration::from_millis(250)),
+            poll_for: opts.poll_for,
+            busy_poll: opts.busy_poll,
+            publish_every: opts.publish_every.min(Duration::from_millis(250)),
             sources_done_sent: false,
             quiet_since: None,
         }
@@ -178,15 +187,8 @@ impl Dataplane {
         if self.chan.events.try_push(e).is_err() {
             tracing::error!("supervisor event queue full; event lost");
         }
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a valid u64 to an eventfd we hold.
-        unsafe {
-            libc::write(
-                self.chan.event_bell.as_raw_fd(),
-                &one as *const u64 as *const _,
-                8,
-            )
-        };
+        // A full counter means the supervisor has not read it yet: it will wake anyway.
+        let _ = self.chan.event_bell.write(1);
     }
 
     /// Returns false when asked to shut down.
@@ -351,6 +353,14 @@ impl Dataplane {
         moved
     }
 
+    /// Whether some process's ring to nfmgr is more than half full.
+    fn egress_backlogged(&self) -> bool {
+        self.from_proc
+            .iter()
+            .flatten()
+            .any(|c| c.view().occupancy() > c.view().capacity() / 2)
+    }
+
     fn service_pool(&mut self) {
         for s in 1..self.region.slot_count() {
             let alive = self.alive(s);
@@ -444,8 +454,13 @@ impl Dataplane {
                 break;
             }
             let now = Instant::now();
-            let mut moved = self.receive(now, &mut batch);
-            moved += self.transmit(&mut tx);
+            // Drain before admitting: packets the processes already worked on are worth more
+            // than new ones, and under overload the drop belongs at ingress (the device queue,
+            // the generator's schedule), not inside the platform.
+            let mut moved = self.transmit(&mut tx);
+            if !self.egress_backlogged() {
+                moved += self.receive(now, &mut batch);
+            }
             // Processes allocate rarely and recycle in batches; a millisecond is plenty.
             if now.duration_since(last_service) >= POOL_SERVICE_EVERY {
                 self.service_pool();

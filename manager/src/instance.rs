@@ -11,11 +11,11 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use nix::fcntl::{fcntl, FcntlArg};
 
 pub struct Instance {
     lock: File,
@@ -52,7 +52,7 @@ impl Instance {
             .custom_flags(libc::O_CLOEXEC)
             .open(&path)
             .with_context(|| format!("cannot open instance lock {}", path.display()))?;
-        let taken = ofd_lock(&lock, libc::F_OFD_SETLK);
+        let taken = take_lock(&lock);
         let mut previous = String::new();
         let _ = lock.read_to_string(&mut previous);
         if !taken {
@@ -111,19 +111,26 @@ impl Instance {
     }
 }
 
-/// Takes (`F_OFD_SETLK`) or tests (`F_OFD_GETLK`) a write lock on the whole file. For a
-/// test, returns true when the lock is free.
-fn ofd_lock(file: &File, cmd: libc::c_int) -> bool {
-    // SAFETY: a zeroed flock is valid; we fill the fields the call reads.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    // SAFETY: fcntl on a descriptor we own with a valid flock.
-    let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) };
-    match cmd {
-        libc::F_OFD_GETLK => rc == 0 && fl.l_type == libc::F_UNLCK as libc::c_short,
-        _ => rc == 0,
+fn whole_file_write_lock() -> libc::flock {
+    libc::flock {
+        l_type: libc::F_WRLCK as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
     }
+}
+
+/// Takes the instance lock; false if another process holds it.
+fn take_lock(file: &File) -> bool {
+    fcntl(file, FcntlArg::F_OFD_SETLK(&whole_file_write_lock())).is_ok()
+}
+
+/// Whether nobody holds the instance lock (tested without taking it).
+fn lock_is_free(file: &File) -> bool {
+    let mut fl = whole_file_write_lock();
+    fcntl(file, FcntlArg::F_OFD_GETLK(&mut fl)).is_ok()
+        && fl.l_type == libc::F_UNLCK as libc::c_short
 }
 
 /// The region of a running instance, from its lock file. Fails if no nfmgr holds the lock.
@@ -137,7 +144,7 @@ pub fn find_region(name: &str, lock_dir: &Path) -> Result<PathBuf> {
     };
     let file = File::open(&path).with_context(missing)?;
     let text = std::fs::read_to_string(&path).with_context(missing)?;
-    if ofd_lock(&file, libc::F_OFD_GETLK) {
+    if lock_is_free(&file) {
         bail!(
             "instance `{name}` is not running (nfmgr pid {} did not shut down cleanly; the next `nfmgr start` cleans up)",
             read_field(&text, "pid").unwrap_or_else(|| "?".into())

@@ -11,11 +11,10 @@ mod config;
 mod dataplane;
 mod hugepages;
 mod instance;
-mod live;
 mod ports;
 mod supervisor;
+mod sys;
 
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +28,11 @@ use nflib::region::{CreateOptions, Region};
 use nflib::slot::ProcessKind;
 use nflib::snapshot::RegionSnapshot;
 use nflib::stats::LocalCounters;
+use nix::sched::{sched_setaffinity, CpuSet};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::unistd::Pid;
 use ringbuf::traits::Split;
 use ringbuf::HeapRb;
 
@@ -169,7 +173,7 @@ fn stats(instance: &str, dir: &Path, json: bool) -> Result<()> {
     } else {
         print!(
             "{}",
-            live::summary(&snap, &vec![(String::new(), None); snap.ports.len()])
+            nf_tui::summary(&snap, &vec![(String::new(), None); snap.ports.len()])
         );
     }
     Ok(())
@@ -205,42 +209,23 @@ fn find_binary(dir: &Path, name: &str) -> Result<PathBuf> {
     )
 }
 
-fn new_eventfd() -> Result<OwnedFd> {
-    // SAFETY: plain system call; a non-negative result is a new descriptor we own.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("eventfd");
-    }
-    // SAFETY: fd was just created.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
 /// Blocks SIGINT and SIGTERM in this thread (and threads spawned later) and returns a
 /// signalfd that reports them.
-fn termination_signals() -> Result<OwnedFd> {
-    // SAFETY: sigset manipulation on a local set, then signalfd on it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            bail!("cannot block termination signals");
-        }
-        let fd = libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("signalfd");
-        }
-        Ok(OwnedFd::from_raw_fd(fd))
-    }
+fn termination_signals() -> Result<SignalFd> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGTERM);
+    set.thread_block()
+        .context("cannot block termination signals")?;
+    SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).context("signalfd")
 }
 
 fn pin_current_thread(core: usize) {
-    // SAFETY: builds a cpu set and applies it to the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    let mut set = CpuSet::new();
+    if set.set(core).is_ok() {
+        if let Err(e) = sched_setaffinity(Pid::from_raw(0), &set) {
+            tracing::warn!(core, error = %e, "cannot pin the data-plane thread");
+        }
     }
 }
 
@@ -286,7 +271,7 @@ fn build_ports(
                     pc.rate_pps,
                     pc.loops.unwrap_or(1),
                 )
-                .with_context(|| format!("{key}"))?,
+                .with_context(|| key.clone())?,
             ),
             PortSpec::Null => Box::new(ports::NullPort),
         };
@@ -452,7 +437,9 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
     let signals = termination_signals()?;
     let (cmd_tx, cmd_rx) = HeapRb::<Command>::new(256).split();
     let (ev_tx, ev_rx) = HeapRb::<dataplane::Event>::new(1024).split();
-    let event_bell = Arc::new(new_eventfd()?);
+    let event_bell = Arc::new(
+        EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).context("eventfd")?,
+    );
     region.mark_ready();
 
     let dp = Dataplane::new(
@@ -465,9 +452,11 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
             events: ev_tx,
             event_bell: event_bell.clone(),
         },
-        Duration::from_micros(cfg.manager.idle_poll_us),
-        cfg.manager.busy_poll,
-        Duration::from_millis(cfg.manager.stats_interval_ms),
+        dataplane::Options {
+            poll_for: Duration::from_micros(cfg.manager.idle_poll_us),
+            busy_poll: cfg.manager.busy_poll,
+            publish_every: Duration::from_millis(cfg.manager.stats_interval_ms),
+        },
     );
     let dp_core = cfg.manager.core;
     let dp_thread = std::thread::Builder::new()
@@ -491,7 +480,7 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         signals,
     );
     sup.start_all();
-    let mut live = live::LiveRates::new();
+    let mut live = nf_tui::LiveRates::new();
     let print_rates = cfg.manager.log_rates;
     sup.run(|r| {
         let line = live.tick(r);
@@ -521,7 +510,7 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
             .with_context(|| format!("cannot write report {}", path.display()))?;
     }
     if demo || print_rates {
-        println!("\n{}", live::summary(&snap, &outcome.ports));
+        println!("\n{}", nf_tui::summary(&snap, &outcome.ports));
     }
     if snap.pool.in_use != 0 {
         tracing::warn!(in_use = snap.pool.in_use, "buffers still in use at exit");

@@ -13,8 +13,7 @@
 //!    wait for the acknowledgement, and only then spawn the replacement, so two consumers never
 //!    read one ring.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command as ProcCommand, Stdio};
 use std::sync::atomic::Ordering;
@@ -26,12 +25,18 @@ use nflib::doorbell::Doorbells;
 use nflib::region::RegionState;
 use nflib::slot::{ProcessKind, SlotState};
 use nflib::Region;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::EventFd;
+use nix::sys::signal::Signal;
+use nix::sys::signalfd::SignalFd;
+use nix::sys::wait::{waitid, Id, WaitPidFlag, WaitStatus};
 use ringbuf::traits::{Consumer as _, Producer as _};
 use ringbuf::{HeapCons, HeapProd};
 use serde::Serialize;
 
 use crate::config::{Config, RestartPolicy};
 use crate::dataplane::{Command, Event};
+use crate::sys::{pidfd_open, pidfd_signal, prepare_child};
 
 /// One supervised process.
 pub struct ProcSpec {
@@ -87,8 +92,8 @@ pub struct Supervisor {
     procs: Vec<Proc>,
     commands: HeapProd<Command>,
     events: HeapCons<Event>,
-    event_bell: Arc<OwnedFd>,
-    signals: OwnedFd,
+    event_bell: Arc<EventFd>,
+    signals: SignalFd,
     started: Instant,
     pub log: Vec<ProcEvent>,
     pub deaths: u64,
@@ -96,53 +101,16 @@ pub struct Supervisor {
     stopping: bool,
 }
 
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain system call; a non-negative result is a new descriptor we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd was just created for us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-fn pidfd_signal(fd: &OwnedFd, sig: libc::c_int) {
-    // SAFETY: sends a signal through a pidfd we own; a dead target yields ESRCH, harmless.
-    unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            sig,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-}
-
-/// Reaps the process behind a pidfd if it has exited: Some(exit code, or -signal).
+/// Reaps the process behind a pidfd if it has exited: Some(exit code, or minus the signal).
 fn reap(fd: &OwnedFd) -> Option<i32> {
-    // SAFETY: a zeroed siginfo_t is valid for waitid to fill.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: waitid on a pidfd we own, with a valid siginfo pointer.
-    let rc = unsafe {
-        libc::waitid(
-            libc::P_PIDFD,
-            fd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG,
-        )
-    };
-    // SAFETY: after a successful waitid, si_pid/si_status are initialised (si_pid 0 means
-    // the child has not exited yet).
-    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
-    if rc != 0 || pid == 0 {
-        return None;
+    match waitid(
+        Id::PIDFd(fd.as_fd()),
+        WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+    ) {
+        Ok(WaitStatus::Exited(_, code)) => Some(code),
+        Ok(WaitStatus::Signaled(_, sig, _)) => Some(-(sig as i32)),
+        _ => None,
     }
-    Some(if info.si_code == libc::CLD_EXITED {
-        status
-    } else {
-        -status
-    })
 }
 
 fn describe_exit(code: i32) -> String {
@@ -172,8 +140,8 @@ impl Supervisor {
         specs: Vec<ProcSpec>,
         commands: HeapProd<Command>,
         events: HeapCons<Event>,
-        event_bell: Arc<OwnedFd>,
-        signals: OwnedFd,
+        event_bell: Arc<EventFd>,
+        signals: SignalFd,
     ) -> Supervisor {
         let now = Instant::now();
         Supervisor {
@@ -242,37 +210,9 @@ impl Supervisor {
 
     fn spawn(&mut self, i: usize) -> Result<()> {
         let spec = &self.procs[i].spec;
-        let bell_fds = self.bells.raw_fds();
-        let core = spec.core;
-        let parent = std::process::id() as libc::pid_t;
         let mut cmd = ProcCommand::new(&spec.binary);
         cmd.args(&spec.args).stdin(Stdio::null());
-        // SAFETY: the closure runs in the child between fork and exec and only makes
-        // async-signal-safe system calls on values prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // nfmgr may have died between fork and prctl.
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                // nfmgr blocks its termination signals; its children must not inherit that.
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                for fd in &bell_fds {
-                    libc::fcntl(*fd, libc::F_SETFD, 0);
-                }
-                if let Some(c) = core {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(c, &mut set);
-                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-                }
-                Ok(())
-            });
-        }
+        prepare_child(&mut cmd, self.bells.raw_fds(), spec.core);
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {}", spec.binary.display()))?;
@@ -464,60 +404,45 @@ impl Supervisor {
         let interval = Duration::from_millis(self.cfg.manager.stats_interval_ms);
         let mut last_tick = Instant::now();
         loop {
-            let mut fds = vec![
-                libc::pollfd {
-                    fd: self.signals.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-                libc::pollfd {
-                    fd: self.event_bell.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                },
-            ];
             let watched: Vec<usize> = (0..self.procs.len())
                 .filter(|i| self.procs[*i].pidfd.is_some())
                 .collect();
-            for &i in &watched {
-                fds.push(libc::pollfd {
-                    fd: self.procs[i]
-                        .pidfd
-                        .as_ref()
-                        .map(|f| f.as_raw_fd())
-                        .unwrap_or(-1),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-            }
             let timeout = self
                 .next_deadline()
                 .min(interval.saturating_sub(last_tick.elapsed()));
-            // SAFETY: fds is a valid pollfd array for the duration of the call.
-            unsafe {
-                libc::poll(
-                    fds.as_mut_ptr(),
-                    fds.len() as libc::nfds_t,
-                    timeout.as_millis() as libc::c_int,
-                )
+            let (signalled, bell, exited) = {
+                let mut fds = vec![
+                    PollFd::new(self.signals.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(self.event_bell.as_fd(), PollFlags::POLLIN),
+                ];
+                for &i in &watched {
+                    if let Some(fd) = &self.procs[i].pidfd {
+                        fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                    }
+                }
+                let ms = PollTimeout::from(timeout.as_millis().min(60_000) as u16);
+                let _ = poll(&mut fds, ms);
+                let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+                let exited: Vec<usize> = watched
+                    .iter()
+                    .zip(&fds[2..])
+                    .filter(|(_, f)| ready(f))
+                    .map(|(i, _)| *i)
+                    .collect();
+                (ready(&fds[0]), ready(&fds[1]), exited)
             };
-            if fds[0].revents != 0 && self.take_signal() {
+            if signalled && self.take_signal() {
                 tracing::info!("termination signal received; shutting down");
                 return;
             }
-            for (k, &i) in watched.iter().enumerate() {
-                if fds[2 + k].revents == 0 {
-                    continue;
-                }
+            for i in exited {
                 let code = self.procs[i].pidfd.as_ref().and_then(reap);
                 if let Some(code) = code {
                     self.on_exit(i, code);
                 }
             }
-            if fds[1].revents != 0 {
-                let mut v: u64 = 0;
-                // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
-                unsafe { libc::read(self.event_bell.as_raw_fd(), &mut v as *mut u64 as *mut _, 8) };
+            if bell {
+                let _ = self.event_bell.read();
             }
             while let Some(e) = self.events.try_pop() {
                 if !self.handle_event(e) {
@@ -533,18 +458,14 @@ impl Supervisor {
     }
 
     /// Reads one pending signal; true if it asks nfmgr to stop.
-    fn take_signal(&self) -> bool {
-        // SAFETY: a zeroed signalfd_siginfo is valid for read to fill.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        // SAFETY: reads at most size_of(info) bytes into `info`.
-        let n = unsafe {
-            libc::read(
-                self.signals.as_raw_fd(),
-                &mut info as *mut libc::signalfd_siginfo as *mut _,
-                std::mem::size_of::<libc::signalfd_siginfo>(),
-            )
-        };
-        n > 0 && matches!(info.ssi_signo as i32, libc::SIGINT | libc::SIGTERM)
+    fn take_signal(&mut self) -> bool {
+        match self.signals.read_signal() {
+            Ok(Some(info)) => matches!(
+                Signal::try_from(info.ssi_signo as i32),
+                Ok(Signal::SIGINT | Signal::SIGTERM)
+            ),
+            _ => false,
+        }
     }
 
     /// Stops every process: asks nicely (stop flag, doorbell, SIGTERM), waits, then SIGKILLs.

@@ -157,7 +157,9 @@ record = "{}"
 
 #[test]
 fn every_shared_capture_is_forwarded_or_accounted_for() {
-    let dir = common::shared_pcap_dir();
+    let Some(dir) = common::shared_pcap_dir() else {
+        return;
+    };
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .flatten()

@@ -489,10 +489,8 @@ mod tests {
         assert!(out12.push(held.pop().unwrap().into_desc()));
         let mut cache = PoolCache::new(&r, 1, 4).unwrap();
         let extra = cache.alloc().unwrap();
-        // ... and dies here, holding `held`, `extra` and its cache.
-        std::mem::forget(held);
-        std::mem::forget(extra);
-        drop((in1, out12, cache));
+        // ... and dies here, holding `held`, `extra` and its cache (nothing is freed).
+        drop((held, extra, in1, out12, cache));
 
         let report = pool.reclaim(1);
         assert_eq!(report.drained_inputs, 2);

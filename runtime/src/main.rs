@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nflib::endpoint::{Endpoint, Idle, BURST};
+use nflib::endpoint::{Endpoint, Idle, BATCH, BURST};
 use nflib::process::{install_termination_flag, terminate_requested, CommonArgs};
 use nflib::slot::ProcessKind;
 use nflib::stats::ProcCounter;
@@ -45,8 +45,8 @@ fn main() -> ExitCode {
     ep.announce_running();
 
     let mut msgs = Vec::with_capacity(BURST);
-    let mut batch = Vec::with_capacity(BURST);
-    let mut out = Vec::with_capacity(BURST);
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut out = Vec::with_capacity(BATCH);
     let mut last_publish = Instant::now();
     while !ep.stop_requested() && !terminate_requested() {
         let t0 = Instant::now();
@@ -55,7 +55,7 @@ fn main() -> ExitCode {
         for (_, m) in msgs.drain(..) {
             ep.free(m);
         }
-        let n = ep.recv_burst(&mut batch, BURST);
+        let n = ep.recv_burst(&mut batch, BATCH);
         for (_, p) in batch.drain(..) {
             out.push(p);
         }

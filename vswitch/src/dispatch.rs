@@ -18,7 +18,8 @@ pub enum NonIp {
 
 struct Entry {
     runtime: u16,
-    last_seen: Instant,
+    /// Seconds since the dispatcher started, when the flow last had a packet.
+    last_seen: u32,
 }
 
 pub struct Dispatch {
@@ -31,6 +32,7 @@ pub struct Dispatch {
     non_ip: NonIp,
     timeout: Duration,
     stage: Vec<Vec<Packet>>,
+    epoch: Instant,
 }
 
 impl Dispatch {
@@ -43,6 +45,7 @@ impl Dispatch {
             non_ip,
             timeout,
             stage: (0..region.slot_count()).map(|_| Vec::new()).collect(),
+            epoch: Instant::now(),
         };
         d.refresh_targets(region);
         d
@@ -76,6 +79,7 @@ impl Dispatch {
     }
 
     pub fn dispatch(&mut self, ep: &mut Endpoint, batch: &mut Vec<(u16, Packet)>, now: Instant) {
+        let now_s = now.saturating_duration_since(self.epoch).as_secs() as u32;
         for (_, p) in batch.drain(..) {
             let h = match packet::parse(ep.data(&p)) {
                 Ok(h) => h,
@@ -96,39 +100,26 @@ impl Dispatch {
                 continue;
             }
             let (key, _) = FlowKey::of(&h);
-            let known = self
-                .table
-                .get(&key)
-                .map(|e| e.runtime)
-                .filter(|rt| self.live.contains(rt));
-            let runtime = match known {
-                Some(rt) => rt,
-                None => match self.pick() {
-                    Some(rt) => {
-                        if self
-                            .table
-                            .insert(
-                                key,
-                                Entry {
-                                    runtime: rt,
-                                    last_seen: now,
-                                },
-                            )
-                            .is_none()
-                        {
-                            ep.counters().add(ProcCounter::FlowsCreated as usize, 1);
-                        }
-                        rt
-                    }
-                    None => {
-                        ep.counters().add(ProcCounter::DropNoRuntime as usize, 1);
-                        ep.free(p);
-                        continue;
-                    }
-                },
-            };
+            // One lookup for the common case: a known flow on a live runtime.
             if let Some(e) = self.table.get_mut(&key) {
-                e.last_seen = now;
+                if self.live.contains(&e.runtime) {
+                    e.last_seen = now_s;
+                    self.stage[e.runtime as usize].push(p);
+                    continue;
+                }
+            }
+            // New flow, or its runtime died: pick the next live one.
+            let Some(runtime) = self.pick() else {
+                ep.counters().add(ProcCounter::DropNoRuntime as usize, 1);
+                ep.free(p);
+                continue;
+            };
+            let entry = Entry {
+                runtime,
+                last_seen: now_s,
+            };
+            if self.table.insert(key, entry).is_none() {
+                ep.counters().add(ProcCounter::FlowsCreated as usize, 1);
             }
             self.stage[runtime as usize].push(p);
         }
@@ -146,9 +137,11 @@ impl Dispatch {
     /// Forgets flows idle for longer than the timeout.
     pub fn expire(&mut self, ep: &mut Endpoint, now: Instant) {
         let before = self.table.len();
-        let timeout = self.timeout;
+        let now_s = now.saturating_duration_since(self.epoch).as_secs() as u32;
+        // Whole seconds: a flow lives between `timeout` and `timeout` + 1 s after its last packet.
+        let timeout_s = self.timeout.as_secs().max(1) as u32;
         self.table
-            .retain(|_, e| now.saturating_duration_since(e.last_seen) < timeout);
+            .retain(|_, e| now_s.saturating_sub(e.last_seen) < timeout_s);
         let expired = (before - self.table.len()) as u64;
         ep.counters()
             .add(ProcCounter::FlowsExpired as usize, expired);

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nflib::endpoint::{Endpoint, Idle, BURST};
+use nflib::endpoint::{Endpoint, Idle, BATCH, BURST};
 use nflib::process::{install_termination_flag, terminate_requested, CommonArgs};
 use nflib::slot::ProcessKind;
 use nflib::stats::ProcCounter;
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
     ep.announce_running();
 
     let mut msgs = Vec::with_capacity(BURST);
-    let mut batch = Vec::with_capacity(BURST);
+    let mut batch = Vec::with_capacity(BATCH);
     let mut last_publish = Instant::now();
     let mut last_sweep = Instant::now();
     while !ep.stop_requested() && !terminate_requested() {
@@ -73,7 +73,7 @@ fn main() -> ExitCode {
         for (_, m) in msgs.drain(..) {
             ep.free(m);
         }
-        let n = ep.recv_burst(&mut batch, BURST);
+        let n = ep.recv_burst(&mut batch, BATCH);
         if n > 0 {
             dispatch.refresh_targets(ep.region());
             dispatch.dispatch(&mut ep, &mut batch, t0);

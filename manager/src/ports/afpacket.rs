@@ -316,7 +316,7 @@ impl Port for AfPacket {
             let vlan = status & libc::TP_STATUS_VLAN_VALID != 0;
             let total = snap + if vlan { 4 } else { 0 };
             let mut keep_for_later = false;
-            if !sane || pkttype == libc::PACKET_OUTGOING as u8 {
+            if !sane || pkttype == libc::PACKET_OUTGOING {
                 // Not ours to forward (our own transmission, or a corrupt slot).
             } else if (h.tp_len as usize) > snap || total > room || snap < 14 {
                 ctx.count(PortCounter::RxOversize, 1);

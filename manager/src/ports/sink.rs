@@ -153,7 +153,23 @@ impl Port for Sink {
     }
 
     fn report(&self) -> Option<serde_json::Value> {
-        let next_sum: u64 = self.flows().map(|(_, t)| t.next).sum();
+        let affected = |f: fn(&FlowTrack) -> u64| self.flows().filter(|(_, t)| f(t) > 0).count();
+        // The flows that suffered most, for a first look at what went wrong.
+        let mut worst: Vec<(u32, &FlowTrack)> = self
+            .flows()
+            .filter(|(_, t)| t.lost + t.duplicates + t.reordered > 0)
+            .collect();
+        worst.sort_by_key(|(_, t)| std::cmp::Reverse(t.lost + t.duplicates + t.reordered));
+        let worst: Vec<serde_json::Value> = worst
+            .iter()
+            .take(10)
+            .map(|(f, t)| {
+                serde_json::json!({
+                    "flow": f, "received": t.received, "lost": t.lost,
+                    "duplicates": t.duplicates, "reordered": t.reordered,
+                })
+            })
+            .collect();
         Some(serde_json::json!({
             "flows": self.active,
             "received": self.received,
@@ -161,8 +177,11 @@ impl Port for Sink {
             "duplicates": self.duplicates,
             "reordered": self.reordered,
             "foreign": self.foreign,
-            "highest_seq_sum": next_sum,
-            "latency_avg_ns": if self.received > 0 { self.latency_sum / self.received } else { 0 },
+            "flows_with_loss": affected(|t| t.lost),
+            "flows_with_duplicates": affected(|t| t.duplicates),
+            "flows_with_reordering": affected(|t| t.reordered),
+            "worst_flows": worst,
+            "latency_avg_ns": self.latency_sum.checked_div(self.received).unwrap_or(0),
             "latency_max_ns": self.latency_max,
         }))
     }

@@ -177,3 +177,85 @@ pub fn summary(snap: &RegionSnapshot, ports: &[(String, Option<serde_json::Value
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nflib::region::RegionState;
+    use nflib::slot::SlotState;
+    use nflib::snapshot::{PoolSnapshot, PortSnapshot, ProcessSnapshot};
+    use std::collections::BTreeMap;
+
+    fn counters(pairs: &[(&str, u64)]) -> BTreeMap<String, u64> {
+        pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    fn fixed() -> RegionSnapshot {
+        RegionSnapshot {
+            instance: "t".into(),
+            state: RegionState::Ready,
+            region: "/dev/shm/x".into(),
+            hugetlbfs: false,
+            manager_pid: 1,
+            pool: PoolSnapshot {
+                total: 1024,
+                free: 1000,
+                cached: 20,
+                in_use: 4,
+                reclaimed: 7,
+                double_frees: 0,
+            },
+            processes: vec![ProcessSnapshot {
+                slot: 1,
+                name: "rt0".into(),
+                kind: ProcessKind::Runtime,
+                state: SlotState::Running,
+                pid: 42,
+                core: Some(1),
+                generation: 3,
+                restarts: 2,
+                last_exit: Some(-9),
+                counters: counters(&[("rx_pkts", 1000), ("tx_pkts", 990), ("drop_ring_full", 10)]),
+            }],
+            ports: vec![PortSnapshot {
+                index: 0,
+                name: "sink0".into(),
+                kind: PortKind::Sink,
+                counters: counters(&[
+                    ("rx_pkts", 0),
+                    ("tx_pkts", 990),
+                    ("sink_rx", 990),
+                    ("sink_lost", 10),
+                    ("sink_duplicates", 0),
+                    ("sink_reordered", 1),
+                ]),
+            }],
+        }
+    }
+
+    #[test]
+    fn summary_renders_fixed_stats() {
+        let text = summary(
+            &fixed(),
+            &[(
+                "sink0".into(),
+                Some(serde_json::json!({"latency_avg_ns": 12_500})),
+            )],
+        );
+        let expected = "\
+processes:
+  rt0      runtime  rx         1000 tx          990 drops       10 restarts 2
+ports:
+  sink0    sink      in            0 out          990  received 990 lost 10 duplicates 0 reordered 1 latency avg 12.5 us
+pool: 1024 buffers, 1000 free, 20 cached, 4 in use, 7 reclaimed from dead processes
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn si_prefixes() {
+        assert_eq!(si(999.0), "999");
+        assert_eq!(si(1_500.0), "1.5k");
+        assert_eq!(si(14_330_000.0), "14.33M");
+    }
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The test command: everything CI checks, in the order that fails fastest.
+#   formatting and lints -> one debug build of everything -> unit, integration and
+#   cross-process tests (root-only ones run when root; under CI=true a skip is a failure)
+#   -> loom model checks of the ring -> short benchmark smoke runs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy"
+cargo clippy --workspace --all-targets -q -- -D warnings
+
+step "build"
+cargo build --workspace --all-targets -q
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast
+else
+  cargo test --workspace --no-fail-fast
+fi
+
+step "loom model checks"
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+  cargo test -q -p nflib --lib --release loom_tests
+
+step "benchmark smoke"
+python3 scripts/bench/run.py --smoke
+
+printf '\nall checks passed\n'
