@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::endpoint::IdlePolicy;
+use std::time::Instant;
+
+use crate::endpoint::{Endpoint, Idle, IdlePolicy};
+use crate::slot::ProcessKind;
+use crate::stats::ProcCounter;
 
 static TERMINATE: AtomicBool = AtomicBool::new(false);
 
@@ -56,4 +60,54 @@ impl CommonArgs {
             busy_poll,
         }
     }
+}
+
+/// Logs to stderr, filtered by `NF_LOG` (default `info`).
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NF_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Attaches a data-plane process to its slot, or explains why not. nfmgr reports the exit
+/// status (2) and restarts the process as its policy says.
+pub fn attach(args: &CommonArgs, kind: ProcessKind) -> Result<Endpoint, String> {
+    let ep = Endpoint::attach(&args.region, args.slot, kind).map_err(|e| e.to_string())?;
+    install_termination_flag();
+    Ok(ep)
+}
+
+/// The run-to-completion loop every data-plane process shares: until nfmgr asks it to stop,
+/// call `work` (which returns how many packets or messages it handled), account busy time,
+/// publish counters every 100 ms, and poll or sleep when there was nothing to do. Then hand
+/// back cached buffers and publish a last time.
+pub fn run_loop(
+    ep: &mut Endpoint,
+    args: &CommonArgs,
+    mut work: impl FnMut(&mut Endpoint, Instant) -> usize,
+) {
+    let mut idle = Idle::new(args.idle_policy(ep.busy_poll()));
+    ep.announce_running();
+    let mut last_publish = Instant::now();
+    while !ep.stop_requested() && !terminate_requested() {
+        let t0 = Instant::now();
+        let n = work(ep, t0);
+        ep.flush_wakes();
+        if n > 0 {
+            let busy = t0.elapsed().as_nanos() as u64;
+            ep.counters().add(ProcCounter::BusyNs as usize, busy);
+        }
+        ep.counters().add(ProcCounter::Loops as usize, 1);
+        if t0.duration_since(last_publish) >= Duration::from_millis(100) {
+            ep.publish();
+            last_publish = t0;
+        }
+        idle.after(ep, n > 0);
+    }
+    ep.shutdown();
 }

@@ -16,7 +16,7 @@ use nflib::packet::build::UdpV4;
 use nflib::stats::{PortCounter, PortKind};
 use nflib::Packet;
 
-use super::{mono_ns, Port, PortCtx};
+use super::{discard, mono_ns, Port, PortCtx};
 
 pub const STAMP_MAGIC: u8 = 0xa5;
 pub const STAMP_VERSION: u8 = 1;
@@ -210,10 +210,7 @@ impl Port for Generator {
 
     fn tx(&mut self, ctx: &mut PortCtx<'_>, pkts: &mut Vec<Packet>) {
         // A generator is not a destination; count what was sent to it as errors.
-        ctx.count(PortCounter::TxErrors, pkts.len() as u64);
-        for p in pkts.drain(..) {
-            ctx.pool.free(p);
-        }
+        discard(ctx, pkts, PortCounter::TxErrors);
     }
 
     fn next_wake(&self, now: Instant) -> Option<Instant> {

@@ -84,12 +84,20 @@ impl Port for NullPort {
     fn rx(&mut self, _ctx: &mut PortCtx<'_>, _out: &mut Vec<Packet>, _max: usize) {}
 
     fn tx(&mut self, ctx: &mut PortCtx<'_>, pkts: &mut Vec<Packet>) {
-        let n = pkts.len() as u64;
-        let bytes: u64 = pkts.iter().map(|p| p.len() as u64).sum();
-        for p in pkts.drain(..) {
-            ctx.pool.free(p);
-        }
-        ctx.count(PortCounter::TxPkts, n);
+        discard(ctx, pkts, PortCounter::TxPkts);
+    }
+}
+
+/// Frees `pkts`, counting them under `counter` (and their bytes as transmitted when the
+/// counter is `TxPkts`).
+pub fn discard(ctx: &mut PortCtx<'_>, pkts: &mut Vec<Packet>, counter: PortCounter) {
+    let n = pkts.len() as u64;
+    let bytes: u64 = pkts.iter().map(|p| p.len() as u64).sum();
+    for p in pkts.drain(..) {
+        ctx.pool.free(p);
+    }
+    ctx.count(counter, n);
+    if counter == PortCounter::TxPkts {
         ctx.count(PortCounter::TxBytes, bytes);
     }
 }

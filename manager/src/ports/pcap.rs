@@ -17,7 +17,7 @@ use nflib::pcap::{linktype, CaptureFormat, CaptureReader, CaptureWriter, RecordI
 use nflib::stats::{PortCounter, PortKind};
 use nflib::Packet;
 
-use super::{Port, PortCtx};
+use super::{discard, Port, PortCtx};
 use crate::config::ReplaySpeed;
 
 const SYNTH_DST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
@@ -236,13 +236,7 @@ impl Port for Replay {
 
     fn tx(&mut self, ctx: &mut PortCtx<'_>, pkts: &mut Vec<Packet>) {
         // Frames sent to a replay port go nowhere (record them with `record` if wanted).
-        let n = pkts.len() as u64;
-        let bytes: u64 = pkts.iter().map(|p| p.len() as u64).sum();
-        for p in pkts.drain(..) {
-            ctx.pool.free(p);
-        }
-        ctx.count(PortCounter::TxPkts, n);
-        ctx.count(PortCounter::TxBytes, bytes);
+        discard(ctx, pkts, PortCounter::TxPkts);
     }
 
     fn next_wake(&self, now: Instant) -> Option<Instant> {
