@@ -62,24 +62,22 @@ pub fn require_tool(tool: &str, what: &str) -> bool {
     false
 }
 
-/// The shared captures (`../shared/testdata/pcap` beside the project, or `NF_TESTDATA`), or
-/// `None` with a skip message (a failure under CI).
+/// The shared captures: `NF_TESTDATA`, else `../shared/testdata/pcap` beside the project, else
+/// the workplace's copy at `/work/shared/testdata/pcap`; `None` with a skip message when none
+/// exists (a failure under CI).
 pub fn shared_pcap_dir() -> Option<PathBuf> {
-    let dir = std::env::var_os("NF_TESTDATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/pcap")
-        });
-    if dir.is_dir() {
-        return Some(dir);
+    let candidates = [
+        std::env::var_os("NF_TESTDATA").map(PathBuf::from),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata/pcap")),
+        Some(PathBuf::from("/work/shared/testdata/pcap")),
+    ];
+    if let Some(dir) = candidates.iter().flatten().find(|d| d.is_dir()) {
+        return Some(dir.clone());
     }
     if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("shared captures missing at {}, and CI=true", dir.display());
+        panic!("shared captures not found (set NF_TESTDATA), and CI=true");
     }
-    eprintln!(
-        "SKIP: shared captures not found at {} (set NF_TESTDATA)",
-        dir.display()
-    );
+    eprintln!("SKIP: shared captures not found beside the project (set NF_TESTDATA)");
     None
 }
 
