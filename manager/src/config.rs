@@ -375,6 +375,16 @@ impl Config {
         if self.runtimes.is_empty() {
             bail!("runtime: at least one [[runtime]] is required");
         }
+        let processes = self.vswitches.len() + self.runtimes.len();
+        let max = nflib::layout::MAX_SLOTS as usize - 1;
+        if processes > max {
+            bail!("runtime: at most {max} vswitches and runtimes together (got {processes})");
+        }
+        if let Some(slots) = self.region.slots {
+            if (slots as usize) < processes + 1 {
+                bail!("region.slots: {slots} slots cannot hold nfmgr and {processes} processes");
+            }
+        }
         let runtime_names: HashSet<&str> = self.runtimes.iter().map(|r| r.name.as_str()).collect();
         for v in &self.vswitches {
             if let Some(list) = &v.runtimes {

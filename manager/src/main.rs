@@ -424,14 +424,6 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         });
         next_slot += 1;
     }
-    if next_slot as u32 > region_cfg.slots {
-        bail!(
-            "region.slots: {} slots cannot hold nfmgr and {} processes",
-            region_cfg.slots,
-            next_slot - 1
-        );
-    }
-
     let ports = build_ports(cfg, &region, &slot_of_vswitch)?;
     let pool = ManagerPool::new(&region, region_cfg.pool_ring_size / 2);
     let signals = termination_signals()?;
