@@ -65,7 +65,7 @@ pub struct PortSlot {
     pub name: String,
     pub port: Box<dyn Port>,
     /// Port that frames received here leave from.
-    pub egress: Option<u16>,
+    pub egress: Option<u8>,
     /// Slot of the vswitch that frames received here go to.
     pub vswitch: u16,
     pub recorder: Option<Recorder>,
@@ -252,6 +252,7 @@ impl Dataplane {
                 let n = batch.len().min(BURST);
                 for (d, mut p) in descs.iter_mut().zip(batch.drain(..n)) {
                     p.set_egress_port(egress);
+                    p.set_ingress_port(i as u8);
                     bytes += p.len() as u64;
                     *d = p.into_desc();
                 }

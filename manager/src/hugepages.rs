@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use crate::config::HugepageMode;
+use nflib::config::HugepageMode;
 
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 

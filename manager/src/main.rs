@@ -7,7 +7,6 @@
 //! nfmgr stats [--json]          counters of a running instance, read from its region
 //! ```
 
-mod config;
 mod dataplane;
 mod hugepages;
 mod instance;
@@ -36,11 +35,11 @@ use nix::unistd::Pid;
 use ringbuf::traits::Split;
 use ringbuf::HeapRb;
 
-use crate::config::{parse_cpu_list, Config, PortSpec};
 use crate::dataplane::{Channels, Command, Dataplane, PortSlot};
 use crate::instance::Instance;
 use crate::ports::Port;
 use crate::supervisor::{ProcSpec, Supervisor};
+use nflib::config::{parse_cpu_list, Config, PortSpec};
 
 #[derive(Parser)]
 #[command(name = "nfmgr", version, about = "NFActor platform manager")]
@@ -100,7 +99,9 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Start { config } => Config::load(&config).and_then(|c| run(c, false)),
+        Cmd::Start { config } => Config::load(&config)
+            .map_err(anyhow::Error::from)
+            .and_then(|c| run(c, false)),
         Cmd::Demo {
             duration_secs,
             flows,
@@ -229,7 +230,28 @@ fn pin_current_thread(core: usize) {
     }
 }
 
+/// Builds every runtime's chain once, so a bad function setting is an error at start (naming
+/// its key) rather than a runtime that keeps failing to start.
+fn check_chains(cfg: &Config) -> Result<()> {
+    let registry = nfs::registry();
+    for r in &cfg.runtimes {
+        let Some(chain) = cfg.chain_of(r) else {
+            continue;
+        };
+        let peers: Vec<&str> = cfg
+            .runtimes
+            .iter()
+            .filter(|p| cfg.chain_of(p) == Some(chain))
+            .map(|p| p.name.as_str())
+            .collect();
+        let index = peers.iter().position(|n| *n == r.name).unwrap_or(0) as u32;
+        registry.build_chain(cfg, chain, &r.name, index, peers.len() as u32)?;
+    }
+    Ok(())
+}
+
 fn run(cfg: Config, demo: bool) -> Result<()> {
+    check_chains(&cfg)?;
     let mut instance = Instance::acquire(&cfg.instance, &cfg.region.dir)?;
     let result = run_instance(&cfg, &mut instance, demo);
     instance.release();
@@ -291,7 +313,7 @@ fn build_ports(
             .to
             .as_ref()
             .and_then(|to| cfg.ports.iter().position(|p| &p.name == to))
-            .map(|x| x as u16);
+            .map(|x| x as u8);
         let vswitch = vswitch_slot(pc.vswitch.as_deref().unwrap_or(&cfg.vswitches[0].name));
         ports.push(PortSlot {
             name: pc.name.clone(),
@@ -333,6 +355,9 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         "region in {}",
         placement.describe()
     );
+    if !region.write_blob(cfg.frozen().as_bytes()) {
+        bail!("the configuration does not fit the region's configuration area");
+    }
     let bells = Arc::new(Doorbells::create(&region)?);
 
     // Slots: 1.. for vswitches, then runtimes.
@@ -391,10 +416,6 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
                 region_path.display().to_string(),
                 "--slot".into(),
                 next_slot.to_string(),
-                "--non-ip".into(),
-                v.non_ip.as_str().into(),
-                "--flow-timeout-ms".into(),
-                v.flow_timeout_ms.to_string(),
                 "--idle-poll-us".into(),
                 idle.clone(),
             ],

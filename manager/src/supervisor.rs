@@ -34,9 +34,9 @@ use ringbuf::traits::{Consumer as _, Producer as _};
 use ringbuf::{HeapCons, HeapProd};
 use serde::Serialize;
 
-use crate::config::{Config, RestartPolicy};
 use crate::dataplane::{Command, Event};
 use crate::sys::{pidfd_open, pidfd_signal, prepare_child};
+use nflib::config::{Config, RestartPolicy};
 
 /// One supervised process.
 pub struct ProcSpec {

@@ -9,7 +9,7 @@
 //! the type system keeps one owner per buffer inside the process, and the ownership word in
 //! `BufMeta` extends that across processes so that nfmgr can reclaim what a dead process held.
 
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Owner value of a buffer that sits in nfmgr's free stack.
 pub const OWNER_FREE: u32 = u32::MAX;
@@ -19,6 +19,36 @@ pub const OWNER_FREE: u32 = u32::MAX;
 pub struct BufMeta {
     /// Slot index of the process holding the buffer, or `OWNER_FREE`.
     pub owner: AtomicU32,
+    /// The frame's destination MAC before the vswitch addressed it to a runtime (low 48
+    /// bits), with bit 63 set while it is rewritten. Touched only by the buffer's owner.
+    l2: AtomicU64,
+}
+
+const L2_REWRITTEN: u64 = 1 << 63;
+
+impl BufMeta {
+    /// Records the original destination MAC before the frame is readdressed.
+    pub fn save_dst_mac(&self, mac: [u8; 6]) {
+        let mut v = [0u8; 8];
+        v[..6].copy_from_slice(&mac);
+        self.l2
+            .store(u64::from_le_bytes(v) | L2_REWRITTEN, Ordering::Relaxed);
+    }
+
+    /// Takes back the original destination MAC, if the frame was readdressed.
+    pub fn take_dst_mac(&self) -> Option<[u8; 6]> {
+        let v = self.l2.swap(0, Ordering::Relaxed);
+        if v & L2_REWRITTEN == 0 {
+            return None;
+        }
+        let b = v.to_le_bytes();
+        Some([b[0], b[1], b[2], b[3], b[4], b[5]])
+    }
+
+    /// Forgets any saved MAC (a fresh allocation).
+    pub fn clear_l2(&self) {
+        self.l2.store(0, Ordering::Relaxed);
+    }
 }
 
 /// A ring entry: which buffer, where the packet is inside it, and per-packet metadata.
@@ -34,8 +64,10 @@ pub struct Desc {
     pub len: u16,
     /// Free for the stage that fills it (flow hash, message type).
     pub meta: u32,
-    /// Egress port the packet leaves from when it reaches nfmgr.
-    pub port: u16,
+    /// Port the packet leaves from when it reaches nfmgr.
+    pub egress: u8,
+    /// Port the packet arrived on (where a reply is sent back).
+    pub ingress: u8,
     /// `DESC_*` flags.
     pub flags: u16,
 }
@@ -78,12 +110,20 @@ impl Packet {
         self.desc.len == 0
     }
 
-    pub fn egress_port(&self) -> u16 {
-        self.desc.port
+    pub fn egress_port(&self) -> u8 {
+        self.desc.egress
     }
 
-    pub fn set_egress_port(&mut self, port: u16) {
-        self.desc.port = port;
+    pub fn set_egress_port(&mut self, port: u8) {
+        self.desc.egress = port;
+    }
+
+    pub fn ingress_port(&self) -> u8 {
+        self.desc.ingress
+    }
+
+    pub fn set_ingress_port(&mut self, port: u8) {
+        self.desc.ingress = port;
     }
 
     pub fn meta(&self) -> u32 {

@@ -320,6 +320,14 @@ impl Endpoint {
                 }
             }
         }
+        if !dropped.is_empty() {
+            // The consumer's overload signal (several producers may add to it).
+            if let Some(rec) = self.region.slot(to) {
+                rec.input_drops
+                    .0
+                    .fetch_add(dropped.len() as u64, Ordering::Relaxed);
+            }
+        }
         for p in dropped {
             self.pool.free(p);
             self.counters.add(ProcCounter::DropRingFull as usize, 1);

@@ -22,7 +22,9 @@ pub mod family {
     pub const IPV6: u8 = 6;
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct FlowKey {
     /// Lower endpoint: IPv4 in the first 4 bytes, IPv6 in all 16, a MAC in the first 6 (L2).
     pub a: [u8; 16],
@@ -46,6 +48,43 @@ pub enum Direction {
 }
 
 impl FlowKey {
+    /// The key of a packet from `src:sport` to `dst:dport` (IPv4 in the first 4 bytes of the
+    /// addresses), and its direction. Functions that translate addresses use it to name the
+    /// key their translated packets will arrive under.
+    pub fn from_tuple(
+        family: u8,
+        proto: u8,
+        vlan: u16,
+        src: ([u8; 16], u16),
+        dst: ([u8; 16], u16),
+    ) -> (FlowKey, Direction) {
+        let forward = src <= dst;
+        let ((a, a_port), (b, b_port)) = if forward { (src, dst) } else { (dst, src) };
+        let key = FlowKey {
+            a,
+            b,
+            a_port,
+            b_port,
+            vlan,
+            proto,
+            family,
+            fragment: false,
+        };
+        let dir = if forward {
+            Direction::Forward
+        } else {
+            Direction::Reverse
+        };
+        (key, dir)
+    }
+
+    /// An IPv4 address as stored in keys.
+    pub fn v4(ip: [u8; 4]) -> [u8; 16] {
+        let mut a = [0u8; 16];
+        a[..4].copy_from_slice(&ip);
+        a
+    }
+
     /// The key of a parsed packet and the direction it travels in.
     pub fn of(h: &Headers) -> (FlowKey, Direction) {
         let (family, src, dst, sport, dport, proto, fragment) = match h.l3 {

@@ -13,7 +13,7 @@ use thiserror::Error;
 
 /// Identifies the file format. Bumped whenever any shared structure changes shape.
 pub const MAGIC: [u8; 8] = *b"NFACTOR\x01";
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Slot 0 is always nfmgr itself (ports, pool owner, supervisor).
 pub const MANAGER_SLOT: u16 = 0;
@@ -47,6 +47,8 @@ pub struct RegionConfig {
     pub msg_ring_size: u32,
     /// Buffer indices per pool refill / recycle ring (power of two).
     pub pool_ring_size: u32,
+    /// Bytes reserved for the frozen configuration text processes read at start.
+    pub blob_size: u32,
 }
 
 impl Default for RegionConfig {
@@ -60,6 +62,7 @@ impl Default for RegionConfig {
             data_ring_size: 1024,
             msg_ring_size: 256,
             pool_ring_size: 512,
+            blob_size: 0,
         }
     }
 }
@@ -110,6 +113,13 @@ impl RegionConfig {
                 "headroom",
                 "must leave at least 256 data bytes in a buffer",
                 self.headroom,
+            ));
+        }
+        if self.blob_size > 1 << 20 {
+            return Err(invalid(
+                "blob_size",
+                "the configuration text must stay below 1 MiB",
+                self.blob_size,
             ));
         }
         for (key, v) in [
@@ -178,6 +188,10 @@ pub struct Layout {
     pub slot_size: usize,
     pub ports_off: usize,
     pub port_size: usize,
+    /// Per-slot statistics of network functions: `slots * MAX_NFS` records.
+    pub nf_stats_off: usize,
+    pub nf_stats_size: usize,
+    pub blob_off: usize,
     pub data_rings_off: usize,
     pub data_ring_bytes: usize,
     pub msg_rings_off: usize,
@@ -209,9 +223,15 @@ impl Layout {
         let port_size = std::mem::size_of::<crate::stats::PortRecord>();
         let desc = std::mem::size_of::<crate::buffer::Desc>();
 
+        let nf_stats_size = std::mem::size_of::<crate::stats::NfStatsRecord>();
         let slots_off = HEADER_SIZE;
         let ports_off = align_up(slots_off + slots * slot_size, LINE);
-        let data_rings_off = align_up(ports_off + config.ports as usize * port_size, PAGE);
+        let nf_stats_off = align_up(ports_off + config.ports as usize * port_size, LINE);
+        let blob_off = align_up(
+            nf_stats_off + slots * crate::nf::MAX_NFS * nf_stats_size,
+            LINE,
+        );
+        let data_rings_off = align_up(blob_off + config.blob_size as usize, PAGE);
         let data_ring_bytes = ring_bytes(config.data_ring_size, desc);
         let msg_rings_off = data_rings_off + slots * slots * data_ring_bytes;
         let msg_ring_bytes = ring_bytes(config.msg_ring_size, desc);
@@ -229,6 +249,9 @@ impl Layout {
             slot_size,
             ports_off,
             port_size,
+            nf_stats_off,
+            nf_stats_size,
+            blob_off,
             data_rings_off,
             data_ring_bytes,
             msg_rings_off,

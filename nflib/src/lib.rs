@@ -16,10 +16,14 @@
 //! `doorbell` (eventfd system calls) and `sync`.
 
 pub mod buffer;
+pub mod config;
 pub mod doorbell;
 pub mod endpoint;
 pub mod flow;
 pub mod layout;
+pub mod msg;
+pub mod net;
+pub mod nf;
 pub mod packet;
 pub mod pcap;
 pub mod pool;
@@ -29,6 +33,7 @@ pub mod ring;
 pub mod slot;
 pub mod snapshot;
 pub mod stats;
+pub mod stream;
 mod sync;
 
 pub use buffer::{Desc, Packet};

@@ -65,7 +65,7 @@ pub struct RegionHeader {
     header_size: u32,
     total_size: u64,
     config: RegionConfig,
-    offsets: [u64; 8],
+    offsets: [u64; 10],
     state: AtomicU32,
     /// 1 when the file lives on hugetlbfs.
     pub hugetlbfs: AtomicU32,
@@ -82,6 +82,8 @@ pub struct RegionHeader {
     pub pool_double_frees: AtomicU64,
     /// Monotonic milliseconds of nfmgr's data-plane loop, to tell a live manager.
     pub manager_heartbeat_ms: AtomicU64,
+    /// Bytes of frozen configuration text in the blob.
+    blob_len: AtomicU32,
 }
 
 const _: () = assert!(std::mem::size_of::<RegionHeader>() <= HEADER_SIZE);
@@ -452,6 +454,52 @@ impl Region {
         self.inner.layout.config.slots as u16
     }
 
+    /// Statistics of the `nf`-th function of the chain run by `slot`.
+    pub fn nf_stats(&self, slot: u16, nf: usize) -> Option<&crate::stats::NfStatsRecord> {
+        let l = &self.inner.layout;
+        if (slot as u32) < l.config.slots && nf < crate::nf::MAX_NFS {
+            let i = slot as usize * crate::nf::MAX_NFS + nf;
+            // SAFETY: the records lie inside the layout, 64-byte aligned, atomics only.
+            Some(unsafe { self.at(l.nf_stats_off + i * l.nf_stats_size) })
+        } else {
+            None
+        }
+    }
+
+    /// Stores the configuration text processes read at start. Called by the creator before
+    /// the region is marked ready; fails if the text does not fit the reserved space.
+    pub fn write_blob(&self, text: &[u8]) -> bool {
+        let l = &self.inner.layout;
+        if text.len() > l.config.blob_size as usize
+            || self.header().state() != RegionState::Initializing
+        {
+            return false;
+        }
+        // SAFETY: the blob area is inside the mapping (layout) and nobody reads it before the
+        // region is marked ready, after this write.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                text.as_ptr(),
+                self.inner.map.as_mut_ptr().add(l.blob_off),
+                text.len(),
+            );
+        }
+        self.header()
+            .blob_len
+            .store(text.len() as u32, Ordering::Release);
+        true
+    }
+
+    /// The configuration text nfmgr stored.
+    pub fn blob(&self) -> &[u8] {
+        let l = &self.inner.layout;
+        let len = (self.header().blob_len.load(Ordering::Acquire) as usize)
+            .min(l.config.blob_size as usize);
+        // SAFETY: written once before the region became ready, never modified after; inside
+        // the mapping by the layout.
+        unsafe { std::slice::from_raw_parts(self.inner.map.as_ptr().add(l.blob_off), len) }
+    }
+
     pub fn port(&self, index: u16) -> Option<&PortRecord> {
         let l = &self.inner.layout;
         if (index as u32) < l.config.ports {
@@ -489,6 +537,11 @@ impl Region {
         // SAFETY: callers pass index < buffers; each buffer starts 64-byte aligned with its
         // metadata line.
         unsafe { self.at(self.inner.layout.buffer_off(index)) }
+    }
+
+    /// Metadata of the buffer a packet occupies.
+    pub fn meta_of(&self, p: &Packet) -> &BufMeta {
+        self.buf_meta_unchecked(p.buf_index())
     }
 
     /// Metadata of buffer `index`, if it exists.
@@ -548,6 +601,7 @@ impl Region {
     /// A fresh packet handle over buffer `index`, already owned by the caller, with the
     /// default headroom and length 0.
     pub(crate) fn fresh_packet(&self, index: u32) -> Packet {
+        self.buf_meta_unchecked(index).clear_l2();
         Packet::from_valid_desc(Desc {
             buf: index,
             off: self.inner.layout.config.data_offset() as u16,
@@ -631,10 +685,12 @@ unsafe fn prefetch_line(p: *const u8) {
     let _ = p;
 }
 
-fn layout_offsets(l: &Layout) -> [u64; 8] {
+fn layout_offsets(l: &Layout) -> [u64; 10] {
     [
         l.slots_off as u64,
         l.ports_off as u64,
+        l.nf_stats_off as u64,
+        l.blob_off as u64,
         l.data_rings_off as u64,
         l.msg_rings_off as u64,
         l.refill_rings_off as u64,

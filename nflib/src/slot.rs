@@ -86,6 +86,13 @@ impl ProcessKind {
     }
 }
 
+/// The MAC address a vswitch gives frames it sends to the process in `slot` on server
+/// `server` (locally administered, unicast: 02:4e:46 "NF", then server and slot).
+pub fn input_mac(server: u16, slot: u16) -> [u8; 6] {
+    let s = server.to_be_bytes();
+    [0x02, 0x4e, 0x46, s[0], s[1], slot as u8]
+}
+
 /// One entry of the process directory.
 #[repr(C, align(64))]
 pub struct SlotRecord {
@@ -112,6 +119,10 @@ pub struct SlotRecord {
     /// Set by the process before it sleeps on its doorbell; producers check it after
     /// publishing (see `doorbell`).
     pub sleeping: Padded<AtomicU32>,
+    /// Packets producers could not queue to this process because its ring was full. Written
+    /// by the producers (the one counter here with several writers), read as the overload
+    /// signal.
+    pub input_drops: Padded<AtomicU64>,
     pub counters: Padded<[AtomicU64; PROC_COUNTERS]>,
 }
 

@@ -23,6 +23,18 @@ pub struct ProcessSnapshot {
     pub restarts: u32,
     /// Exit code (>= 0) or minus the signal number of the last process in this slot.
     pub last_exit: Option<i32>,
+    /// Packets producers could not queue to it (its input ring was full).
+    pub input_drops: u64,
+    pub counters: BTreeMap<String, u64>,
+    /// The network functions of a runtime's chain, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nfs: Vec<NfSnapshot>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NfSnapshot {
+    pub kind: String,
+    /// `drops` plus the function's own counters.
     pub counters: BTreeMap<String, u64>,
 }
 
@@ -59,6 +71,29 @@ pub struct RegionSnapshot {
     pub ports: Vec<PortSnapshot>,
 }
 
+fn nf_snapshots(region: &Region, slot: u16) -> Vec<NfSnapshot> {
+    let mut out = Vec::new();
+    for i in 0..crate::nf::MAX_NFS {
+        let Some(rec) = region.nf_stats(slot, i) else {
+            break;
+        };
+        let kind = rec.kind.get();
+        if kind.is_empty() {
+            break;
+        }
+        let values = snapshot(&rec.counters.0);
+        let mut counters = BTreeMap::new();
+        counters.insert("drops".to_string(), values[0]);
+        for (j, label) in rec.labels().into_iter().enumerate() {
+            if let Some(v) = values.get(j + 1) {
+                counters.insert(label, *v);
+            }
+        }
+        out.push(NfSnapshot { kind, counters });
+    }
+    out
+}
+
 impl RegionSnapshot {
     pub fn read(region: &Region) -> RegionSnapshot {
         let h = region.header();
@@ -89,6 +124,8 @@ impl RegionSnapshot {
                 core: (core >= 0).then_some(core as u32),
                 generation: s.generation.load(Ordering::Relaxed),
                 restarts,
+                input_drops: s.input_drops.0.load(Ordering::Relaxed),
+                nfs: nf_snapshots(region, i),
                 last_exit: (restarts > 0
                     || matches!(s.state(), SlotState::Dead | SlotState::Failed))
                 .then_some(exit),

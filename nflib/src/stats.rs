@@ -54,7 +54,63 @@ counter_set!(
     FlowsCreated => "flows_created",
     FlowsExpired => "flows_expired",
     HeartbeatMs => "heartbeat_ms",
+    DropFlowTableFull => "drop_flow_table_full",
+    DropNoChain => "drop_no_chain",
+    DropMisaddressed => "drop_misaddressed",
+    EventsDropped => "events_dropped",
 ]);
+
+/// Counters a network function exports: index 0 is the platform's count of packets the
+/// function dropped; the function names the others.
+pub const NF_COUNTERS: usize = 16;
+
+/// Statistics of one network function in one runtime, written by that runtime.
+#[repr(C, align(64))]
+pub struct NfStatsRecord {
+    pub kind: ShmName,
+    /// Names of counters 1.., separated by NUL, as the function declared them.
+    pub labels: [AtomicU64; 32],
+    pub counters: Padded<[AtomicU64; NF_COUNTERS]>,
+}
+
+impl NfStatsRecord {
+    pub fn set_labels(&self, labels: &[&str]) {
+        let mut bytes = [0u8; 256];
+        let mut at = 0;
+        for l in labels.iter().take(NF_COUNTERS - 1) {
+            let l = l.as_bytes();
+            if at + l.len() + 1 > bytes.len() {
+                break;
+            }
+            bytes[at..at + l.len()].copy_from_slice(l);
+            at += l.len() + 1;
+        }
+        for (i, w) in self.labels.iter().enumerate() {
+            let mut v = [0u8; 8];
+            v.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            w.store(u64::from_le_bytes(v), Ordering::Relaxed);
+        }
+    }
+
+    pub fn labels(&self) -> Vec<String> {
+        let mut bytes = Vec::with_capacity(256);
+        for w in &self.labels {
+            bytes.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+        }
+        let end = bytes
+            .iter()
+            .rposition(|b| *b != 0)
+            .map(|p| p + 1)
+            .unwrap_or(0);
+        if end == 0 {
+            return Vec::new();
+        }
+        bytes[..end]
+            .split(|b| *b == 0)
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect()
+    }
+}
 
 counter_set!(
     /// Counters of one of nfmgr's ports.

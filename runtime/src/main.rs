@@ -1,17 +1,16 @@
-//! nf-runtime: hosts flow actors and runs the service chain on them.
+//! nf-runtime: hosts the flow actors of one service chain (see `nf_runtime::engine`).
 //!
-//! At this stage of the platform the runtime forwards every packet it receives to nfmgr
-//! unchanged (descriptors only); flow actors and network functions come next. Its loop is the
-//! one every runtime keeps (`nflib::process::run_loop`): messages first, then a batch of
-//! data, run to completion, and sleep when idle.
+//! Its loop: messages first, then a batch of packets, each run to completion through the
+//! chain; flows whose time is up end; aliases and flow ends go to the vswitch before the
+//! packets go to nfmgr; sleep when idle.
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use nflib::endpoint::{BATCH, BURST};
 use nflib::process::{attach, init_logging, run_loop, CommonArgs};
 use nflib::slot::ProcessKind;
-use nflib::MANAGER_SLOT;
 
 #[derive(Parser)]
 #[command(name = "nf-runtime", about = "NFActor runtime (started by nfmgr)")]
@@ -30,21 +29,39 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut rt = match nf_runtime::from_region(&ep) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nf-runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    rt.label_stats(&ep);
     let mut msgs = Vec::with_capacity(BURST);
     let mut batch = Vec::with_capacity(BATCH);
-    let mut out = Vec::with_capacity(BATCH);
-    run_loop(&mut ep, &args.common, |ep, _now| {
-        // Control before data. No messages are defined for runtimes yet.
+    let mut last_publish = Instant::now();
+    run_loop(&mut ep, &args.common, |ep, now| {
+        // No messages are addressed to runtimes yet (the liaison's requests come with the
+        // coordinator); read them so nothing is held.
         let m = ep.recv_messages(&mut msgs, BURST);
         for (_, msg) in msgs.drain(..) {
             ep.free(msg);
         }
         let n = ep.recv_burst(&mut batch, BATCH);
-        out.extend(batch.drain(..).map(|(_, p)| p));
-        if !out.is_empty() {
-            ep.send_burst(MANAGER_SLOT, &mut out);
+        let now_ms = rt.now_ms();
+        for (from, p) in batch.drain(..) {
+            rt.process(ep, from, p, now_ms);
+        }
+        rt.expire(ep, now_ms);
+        rt.flush(ep);
+        if now.duration_since(last_publish) >= Duration::from_millis(100) {
+            rt.publish(ep);
+            last_publish = now;
         }
         m + n
     });
+    rt.end_all();
+    rt.publish(&mut ep);
+    rt.events.close();
     ExitCode::SUCCESS
 }

@@ -215,6 +215,8 @@ mod tests {
                 generation: 3,
                 restarts: 2,
                 last_exit: Some(-9),
+                input_drops: 0,
+                nfs: Vec::new(),
                 counters: counters(&[("rx_pkts", 1000), ("tx_pkts", 990), ("drop_ring_full", 10)]),
             }],
             ports: vec![PortSnapshot {

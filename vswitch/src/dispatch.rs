@@ -1,16 +1,25 @@
-//! Per-flow dispatch: which runtime each flow goes to.
+//! Per-flow dispatch: which runtime each flow goes to (the paper's vswitch actors).
+//!
+//! A new flow is steered to a service chain by the first `[[steer]]` rule its first packet
+//! matches (NFLambda's match -> tag -> chain), else the vswitch's default chain, and given to
+//! the next live runtime of that chain, round-robin. Every later packet of the flow, either
+//! direction, and packets under aliases the runtime registered, go to the same runtime. The
+//! frame's destination MAC becomes the runtime's input MAC on the way (the original is kept
+//! in the buffer's metadata and restored by the runtime).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use nflib::endpoint::Endpoint;
+use nflib::config::{Config, Match, MatchInput};
+use nflib::endpoint::{Endpoint, BURST};
 use nflib::flow::FlowKey;
-use nflib::packet::{self, ParseError};
-use nflib::slot::SlotState;
+use nflib::msg::{self, Message};
+use nflib::packet::{self, arp, Headers, ParseError, L3};
+use nflib::slot::{input_mac, SlotState};
 use nflib::stats::ProcCounter;
 use nflib::{Packet, Region};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NonIp {
     Pass,
     Drop,
@@ -23,65 +32,182 @@ struct Entry {
 }
 
 pub struct Dispatch {
-    me: u16,
     /// Keyed with a per-process random seed: flow keys come from the wire, and a fixed hash
     /// would let a sender collide them on purpose.
     table: HashMap<FlowKey, Entry, foldhash::fast::RandomState>,
-    live: Vec<u16>,
-    next: usize,
+    steering: Vec<(Match, usize)>,
+    default_chain: Option<usize>,
+    /// Runtime slots of each chain among this vswitch's targets, and those alive now.
+    chain_slots: Vec<Vec<u16>>,
+    live: Vec<Vec<u16>>,
+    next: Vec<usize>,
     non_ip: NonIp,
     timeout: Duration,
     stage: Vec<Vec<Packet>>,
     epoch: Instant,
+    msgs: Vec<(u16, Packet)>,
+}
+
+/// What steering looks at in a flow's first packet.
+fn match_input(h: &Headers, frame: &[u8]) -> MatchInput {
+    if let Some(a) = arp::parse(h, frame) {
+        return MatchInput {
+            arp: true,
+            src: FlowKey::v4(a.spa),
+            dst: FlowKey::v4(a.tpa),
+            ..MatchInput::default()
+        };
+    }
+    MatchInput {
+        ip: h.is_ip(),
+        arp: false,
+        v6: h.l3 == L3::Ipv6,
+        src: h.src_ip,
+        dst: h.dst_ip,
+        proto: h.proto,
+        src_port: h.src_port,
+        dst_port: h.dst_port,
+    }
 }
 
 impl Dispatch {
-    pub fn new(region: &Region, me: u16, non_ip: NonIp, timeout: Duration) -> Dispatch {
-        let mut d = Dispatch {
-            me,
-            table: HashMap::with_hasher(foldhash::fast::RandomState::default()),
-            live: Vec::new(),
-            next: 0,
-            non_ip,
-            timeout,
-            stage: (0..region.slot_count()).map(|_| Vec::new()).collect(),
-            epoch: Instant::now(),
-        };
-        d.refresh_targets(region);
-        d
-    }
-
-    /// Re-reads which of this vswitch's runtimes are alive.
-    pub fn refresh_targets(&mut self, region: &Region) {
-        let mask = region.slot(self.me).map(|s| s.targets()).unwrap_or(0);
-        self.live.clear();
+    /// Builds the dispatcher of the vswitch in slot `me` from the configuration.
+    pub fn new(region: &Region, me: u16, cfg: &Config) -> Result<Dispatch, String> {
+        let name = region.slot(me).map(|s| s.name.get()).unwrap_or_default();
+        let vc = cfg
+            .vswitch(&name)
+            .ok_or_else(|| format!("no vswitch named `{name}` in the configuration"))?;
+        // Chains by index; runtimes without a chain form one more, unnamed group.
+        let mut chains: Vec<Option<String>> =
+            cfg.chains.iter().map(|c| Some(c.name.clone())).collect();
+        chains.push(None);
+        let mut chain_slots = vec![Vec::new(); chains.len()];
+        let targets = region.slot(me).map(|s| s.targets()).unwrap_or(0);
         for s in 0..region.slot_count().min(64) {
-            if mask & (1u64 << s) == 0 {
+            if targets & (1u64 << s) == 0 {
                 continue;
             }
-            let up = region
-                .slot(s)
-                .map(|r| matches!(r.state(), SlotState::Running | SlotState::Starting))
-                .unwrap_or(false);
-            if up {
-                self.live.push(s);
+            let rname = region.slot(s).map(|r| r.name.get()).unwrap_or_default();
+            let Some(rc) = cfg.runtime(&rname) else {
+                continue;
+            };
+            let chain = cfg.chain_of(rc).map(str::to_string);
+            if let Some(i) = chains.iter().position(|c| *c == chain) {
+                chain_slots[i].push(s);
+            }
+        }
+        let index = |n: &str| chains.iter().position(|c| c.as_deref() == Some(n));
+        let steering = cfg
+            .steering
+            .iter()
+            .filter_map(|r| index(&r.chain).map(|i| (r.matches.clone(), i)))
+            .collect();
+        let served: Vec<usize> = (0..chains.len())
+            .filter(|i| !chain_slots[*i].is_empty())
+            .collect();
+        let default_chain = match &vc.default_chain {
+            Some(c) => index(c),
+            None if served.len() == 1 => Some(served[0]),
+            None => None,
+        };
+        let n = chains.len();
+        let mut d = Dispatch {
+            table: HashMap::with_hasher(foldhash::fast::RandomState::default()),
+            steering,
+            default_chain,
+            chain_slots,
+            live: vec![Vec::new(); n],
+            next: vec![0; n],
+            non_ip: match vc.non_ip {
+                nflib::config::NonIpPolicy::Pass => NonIp::Pass,
+                nflib::config::NonIpPolicy::Drop => NonIp::Drop,
+            },
+            timeout: Duration::from_millis(vc.flow_timeout_ms),
+            stage: (0..region.slot_count()).map(|_| Vec::new()).collect(),
+            epoch: Instant::now(),
+            msgs: Vec::with_capacity(BURST),
+        };
+        d.refresh_targets(region);
+        Ok(d)
+    }
+
+    /// Re-reads which runtimes are alive.
+    pub fn refresh_targets(&mut self, region: &Region) {
+        for (c, slots) in self.chain_slots.iter().enumerate() {
+            self.live[c].clear();
+            for &s in slots {
+                let up = region
+                    .slot(s)
+                    .map(|r| matches!(r.state(), SlotState::Running | SlotState::Starting))
+                    .unwrap_or(false);
+                if up {
+                    self.live[c].push(s);
+                }
             }
         }
     }
 
-    fn pick(&mut self) -> Option<u16> {
-        if self.live.is_empty() {
+    /// Reads messages from runtimes: aliases to learn, flows to forget.
+    pub fn handle_messages(&mut self, ep: &mut Endpoint) -> usize {
+        let n = ep.recv_messages(&mut self.msgs, BURST);
+        let now_s = self.epoch.elapsed().as_secs() as u32;
+        for (from, m) in self.msgs.drain(..) {
+            match msg::decode(ep.region(), &m) {
+                Some(Message::AddAlias { key }) => {
+                    self.table.insert(
+                        key,
+                        Entry {
+                            runtime: from,
+                            last_seen: now_s,
+                        },
+                    );
+                }
+                Some(Message::FlowEnded { keys }) => {
+                    for k in keys {
+                        if self.table.get(&k).is_some_and(|e| e.runtime == from) {
+                            self.table.remove(&k);
+                        }
+                    }
+                }
+                None => ep.counters().add(ProcCounter::DropInvalidDesc as usize, 1),
+            }
+            ep.free(m);
+        }
+        n
+    }
+
+    fn chain_for(&self, h: &Headers, frame: &[u8]) -> Option<usize> {
+        if self.steering.is_empty() {
+            return self.default_chain;
+        }
+        let input = match_input(h, frame);
+        self.steering
+            .iter()
+            .find(|(m, _)| m.matches(&input))
+            .map(|(_, c)| *c)
+            .or(self.default_chain)
+    }
+
+    fn pick(&mut self, chain: usize) -> Option<u16> {
+        let live = &self.live[chain];
+        if live.is_empty() {
             return None;
         }
-        let rt = self.live[self.next % self.live.len()];
-        self.next = self.next.wrapping_add(1);
+        let rt = live[self.next[chain] % live.len()];
+        self.next[chain] = self.next[chain].wrapping_add(1);
         Some(rt)
+    }
+
+    fn is_live(&self, rt: u16) -> bool {
+        self.live.iter().any(|l| l.contains(&rt))
     }
 
     pub fn dispatch(&mut self, ep: &mut Endpoint, batch: &mut Vec<(u16, Packet)>, now: Instant) {
         let now_s = now.saturating_duration_since(self.epoch).as_secs() as u32;
-        for (_, p) in batch.drain(..) {
-            let h = match packet::parse(ep.data(&p)) {
+        let region = ep.region().clone();
+        for (_, mut p) in batch.drain(..) {
+            let frame = region.data(&p);
+            let h = match packet::parse(frame) {
                 Ok(h) => h,
                 Err(e) => {
                     let c = match e {
@@ -100,27 +226,42 @@ impl Dispatch {
                 continue;
             }
             let (key, _) = FlowKey::of(&h);
-            // One lookup for the common case: a known flow on a live runtime.
-            if let Some(e) = self.table.get_mut(&key) {
-                if self.live.contains(&e.runtime) {
-                    e.last_seen = now_s;
-                    self.stage[e.runtime as usize].push(p);
-                    continue;
+            let mut runtime = self.known(&key, now_s);
+            if runtime.is_none() {
+                // A runtime may have registered this key (an alias) just before the packet
+                // that made it necessary left: read messages once more before deciding.
+                self.handle_messages(ep);
+                runtime = self.known(&key, now_s);
+            }
+            let runtime = match runtime {
+                Some(rt) => rt,
+                None => {
+                    let Some(chain) = self.chain_for(&h, region.data(&p)) else {
+                        ep.counters().add(ProcCounter::DropNoChain as usize, 1);
+                        ep.free(p);
+                        continue;
+                    };
+                    let Some(rt) = self.pick(chain) else {
+                        ep.counters().add(ProcCounter::DropNoRuntime as usize, 1);
+                        ep.free(p);
+                        continue;
+                    };
+                    let entry = Entry {
+                        runtime: rt,
+                        last_seen: now_s,
+                    };
+                    if self.table.insert(key, entry).is_none() {
+                        ep.counters().add(ProcCounter::FlowsCreated as usize, 1);
+                    }
+                    rt
                 }
-            }
-            // New flow, or its runtime died: pick the next live one.
-            let Some(runtime) = self.pick() else {
-                ep.counters().add(ProcCounter::DropNoRuntime as usize, 1);
-                ep.free(p);
-                continue;
             };
-            let entry = Entry {
-                runtime,
-                last_seen: now_s,
-            };
-            if self.table.insert(key, entry).is_none() {
-                ep.counters().add(ProcCounter::FlowsCreated as usize, 1);
-            }
+            // Address the frame to the runtime, keeping its own destination for later.
+            let data = region.data_mut(&mut p);
+            let mut dst = [0u8; 6];
+            dst.copy_from_slice(&data[..6]);
+            region.meta_of(&p).save_dst_mac(dst);
+            region.data_mut(&mut p)[..6].copy_from_slice(&input_mac(0, runtime));
             self.stage[runtime as usize].push(p);
         }
         for rt in 0..self.stage.len() {
@@ -132,6 +273,14 @@ impl Dispatch {
         }
         ep.counters()
             .set(ProcCounter::FlowsActive as usize, self.table.len() as u64);
+    }
+
+    /// The runtime of a known flow, if it is alive (refreshing the flow's last packet time).
+    fn known(&mut self, key: &FlowKey, now_s: u32) -> Option<u16> {
+        let e = self.table.get_mut(key)?;
+        e.last_seen = now_s;
+        let rt = e.runtime;
+        self.is_live(rt).then_some(rt)
     }
 
     /// Forgets flows idle for longer than the timeout.

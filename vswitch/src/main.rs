@@ -1,10 +1,4 @@
-//! nf-vswitch: dispatches flows to runtimes.
-//!
-//! One dispatch entry per flow (the vswitch actor of the paper): the first packet of a flow
-//! picks the next live runtime round-robin, and every later packet of the flow, in either
-//! direction, goes to the same runtime. Frames that cannot be parsed are dropped and counted
-//! by reason; frames that are not IP are passed (as an L2 flow per pair of stations) or
-//! dropped, by policy.
+//! nf-vswitch: dispatches flows to runtimes (see `dispatch`).
 
 mod dispatch;
 
@@ -12,11 +6,12 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use nflib::endpoint::{BATCH, BURST};
+use nflib::config::Config;
+use nflib::endpoint::BATCH;
 use nflib::process::{attach, init_logging, run_loop, CommonArgs};
 use nflib::slot::ProcessKind;
 
-use dispatch::{Dispatch, NonIp};
+use dispatch::Dispatch;
 
 #[derive(Parser)]
 #[command(
@@ -26,12 +21,6 @@ use dispatch::{Dispatch, NonIp};
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// What to do with frames that are not IP.
-    #[arg(long, value_enum, default_value_t = NonIp::Pass)]
-    non_ip: NonIp,
-    /// Forget a flow's runtime after this long without packets.
-    #[arg(long, default_value_t = 30_000)]
-    flow_timeout_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -44,20 +33,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut dispatch = Dispatch::new(
-        ep.region(),
-        ep.slot(),
-        args.non_ip,
-        Duration::from_millis(args.flow_timeout_ms),
-    );
-    let mut msgs = Vec::with_capacity(BURST);
+    let cfg = std::str::from_utf8(ep.region().blob())
+        .map_err(|_| "the stored configuration is not UTF-8".to_string())
+        .and_then(|t| Config::from_frozen(t).map_err(|e| format!("stored configuration: {e}")));
+    let mut dispatch = match cfg.and_then(|c| Dispatch::new(ep.region(), ep.slot(), &c)) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("nf-vswitch: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let mut batch = Vec::with_capacity(BATCH);
     let mut last_sweep = Instant::now();
     run_loop(&mut ep, &args.common, |ep, now| {
-        let m = ep.recv_messages(&mut msgs, BURST);
-        for (_, msg) in msgs.drain(..) {
-            ep.free(msg);
-        }
+        let m = dispatch.handle_messages(ep);
         let n = ep.recv_burst(&mut batch, BATCH);
         if n > 0 {
             dispatch.refresh_targets(ep.region());

@@ -18,7 +18,7 @@ use nflib::stats::{PortCounter, PortKind};
 use nflib::Packet;
 
 use super::{discard, Port, PortCtx};
-use crate::config::ReplaySpeed;
+use nflib::config::ReplaySpeed;
 
 const SYNTH_DST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 const SYNTH_SRC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];

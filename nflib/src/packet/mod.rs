@@ -7,6 +7,7 @@
 //! panic and never an out-of-bounds read. Frames that are not IP parse successfully with
 //! `l3 == L3::None` (what to do with them is a policy of the caller).
 
+pub mod arp;
 pub mod build;
 pub mod checksum;
 
@@ -111,9 +112,9 @@ pub struct Headers {
     /// The EtherType after VLAN tags (for PPPoE, the session EtherType).
     pub ethertype: u16,
     pub l3: L3,
-    /// Offset of the IP header.
+    /// Offset of the IP header (for other frames, of the payload after the EtherType).
     pub l3_off: u16,
-    /// End of the IP datagram (Ethernet padding excluded).
+    /// End of the IP datagram (Ethernet padding excluded); for other frames the frame's end.
     pub l3_end: u16,
     /// Transport protocol (after IPv6 extension headers).
     pub proto: u8,
@@ -215,7 +216,12 @@ pub fn parse(frame: &[u8]) -> Result<Headers, ParseError> {
     };
     let mut h = Headers::non_ip(dst_mac, src_mac, vlans, outer_vlan, et);
     match l3 {
-        L3::None => Ok(h),
+        L3::None => {
+            // Where the L2 payload starts (ARP, for instance).
+            h.l3_off = off as u16;
+            h.l3_end = frame.len() as u16;
+            Ok(h)
+        }
         L3::Ipv4 => {
             parse_ipv4(frame, off, &mut h)?;
             Ok(h)

@@ -1,15 +1,34 @@
-//! nfmgr's configuration file (TOML).
+//! The platform's configuration file (TOML): ports, processes, service chains and the rules
+//! that steer traffic to them.
+//!
+//! nfmgr reads and validates it, then stores the text in the shared region; nf-vswitch and
+//! nf-runtime parse that frozen copy, so a file edited while the platform runs can never make
+//! a restarted process disagree with nfmgr.
 //!
 //! Every table rejects unknown keys, and every semantic check reports the key at fault
 //! (`port.gen0.rate_pps`, `vswitch.vs0.runtimes`), so a typo is an error at start, not a
-//! silently ignored setting.
+//! silently ignored setting. The settings of each network function are kept as a TOML table
+//! here and checked by that function's own parser (see `nf::NfRegistry`).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
-use nflib::layout::RegionConfig;
 use serde::Deserialize;
+use thiserror::Error;
+
+use crate::layout::RegionConfig;
+use crate::net::{PortRange, Prefix};
+
+/// A configuration error; the message names the key at fault.
+#[derive(Debug, Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+macro_rules! bail {
+    ($($t:tt)*) => { return Err(ConfigError(format!($($t)*))) };
+}
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,9 +48,159 @@ pub struct Config {
     pub runtimes: Vec<RuntimeConfig>,
     #[serde(default, rename = "port")]
     pub ports: Vec<PortConfig>,
+    /// Service chains: named lists of network functions.
+    #[serde(default, rename = "chain")]
+    pub chains: Vec<ChainConfig>,
+    /// Rules that steer new flows to chains, first match wins (match -> tag -> chain).
+    #[serde(default, rename = "steer")]
+    pub steering: Vec<SteerRule>,
     /// Directory the config was read from; relative paths in it are resolved against it.
     #[serde(skip)]
     pub base_dir: PathBuf,
+    /// The text it was parsed from.
+    #[serde(skip)]
+    pub text: String,
+}
+
+/// A service chain: the network functions a flow goes through, in order.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainConfig {
+    pub name: String,
+    /// Each function's settings; `kind` names the function, the rest is its own.
+    #[serde(default, rename = "nf")]
+    pub nfs: Vec<toml::Table>,
+}
+
+impl ChainConfig {
+    /// The `kind` of each function, in order.
+    pub fn kinds(&self) -> Vec<String> {
+        self.nfs
+            .iter()
+            .map(|t| {
+                t.get("kind")
+                    .and_then(|k| k.as_str())
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+/// `[[steer]]`: traffic matching `match` goes to `chain`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SteerRule {
+    pub chain: String,
+    #[serde(default, rename = "match")]
+    pub matches: Match,
+}
+
+/// What a steering rule (or a firewall rule) matches on the first packet of a flow. Unset
+/// fields match anything.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    pub src: Option<Prefix>,
+    pub dst: Option<Prefix>,
+    /// `tcp`, `udp`, `icmp`, `icmpv6`, `sctp` or a protocol number.
+    pub proto: Option<Proto>,
+    pub src_port: Option<PortRange>,
+    pub dst_port: Option<PortRange>,
+}
+
+/// An IP protocol by name or number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "ProtoText")]
+pub struct Proto(pub u8);
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ProtoText {
+    Number(u8),
+    Name(String),
+}
+
+impl TryFrom<ProtoText> for Proto {
+    type Error = String;
+    fn try_from(t: ProtoText) -> std::result::Result<Proto, String> {
+        match t {
+            ProtoText::Number(n) => Ok(Proto(n)),
+            ProtoText::Name(n) => match n.to_ascii_lowercase().as_str() {
+                "tcp" => Ok(Proto(6)),
+                "udp" => Ok(Proto(17)),
+                "icmp" => Ok(Proto(1)),
+                "icmpv6" => Ok(Proto(58)),
+                "sctp" => Ok(Proto(132)),
+                other => Err(format!(
+                    "`{other}` is not tcp, udp, icmp, icmpv6, sctp or a number"
+                )),
+            },
+        }
+    }
+}
+
+impl Match {
+    /// Whether these fields make sense together: ports need a protocol with ports, and source
+    /// and destination prefixes must be of one IP version.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.src_port.is_some() || self.dst_port.is_some() {
+            match self.proto {
+                Some(Proto(6 | 17 | 132 | 136)) => {}
+                _ => return Err("ports need proto = \"tcp\", \"udp\" or \"sctp\"".into()),
+            }
+        }
+        if let (Some(s), Some(d)) = (&self.src, &self.dst) {
+            if s.is_v6() != d.is_v6() {
+                return Err("src and dst are of different IP versions: nothing can match".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the first packet of a flow (`src` to `dst`) matches. Frames that are not IP
+    /// (`ip` is None) match only a rule without fields, except ARP, which is matched on its
+    /// sender and target addresses so that it follows the IP traffic it resolves.
+    pub fn matches(&self, pkt: &MatchInput) -> bool {
+        let addr_ok = |p: &Option<Prefix>, a: &[u8; 16]| {
+            p.as_ref().map(|p| p.contains(a, pkt.v6)).unwrap_or(true)
+        };
+        if !pkt.ip {
+            let l3_fields =
+                self.proto.is_some() || self.src_port.is_some() || self.dst_port.is_some();
+            return !l3_fields
+                && (pkt.arp || (self.src.is_none() && self.dst.is_none()))
+                && addr_ok(&self.src, &pkt.src)
+                && addr_ok(&self.dst, &pkt.dst);
+        }
+        addr_ok(&self.src, &pkt.src)
+            && addr_ok(&self.dst, &pkt.dst)
+            && self.proto.map(|p| p.0 == pkt.proto).unwrap_or(true)
+            && self
+                .src_port
+                .as_ref()
+                .map(|r| r.contains(pkt.src_port))
+                .unwrap_or(true)
+            && self
+                .dst_port
+                .as_ref()
+                .map(|r| r.contains(pkt.dst_port))
+                .unwrap_or(true)
+    }
+}
+
+/// The fields of a flow's first packet that rules look at.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MatchInput {
+    pub ip: bool,
+    /// An ARP frame: `src`/`dst` are its sender and target protocol addresses.
+    pub arp: bool,
+    pub v6: bool,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
 }
 
 fn default_instance() -> String {
@@ -227,10 +396,12 @@ pub struct VswitchConfig {
     /// Idle time after which a flow's dispatch entry is forgotten.
     #[serde(default = "d_flow_timeout")]
     pub flow_timeout_ms: u64,
+    /// Chain for flows no steering rule matches; with a single chain it is that one.
+    pub default_chain: Option<String>,
 }
 
 fn d_flow_timeout() -> u64 {
-    30_000
+    300_000
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -240,6 +411,37 @@ pub struct RuntimeConfig {
     pub core: Option<usize>,
     #[serde(default)]
     pub busy_poll: bool,
+    /// The service chain this runtime runs; with a single chain it is that one, with none
+    /// the runtime forwards packets untouched.
+    pub chain: Option<String>,
+    /// Most flows it holds at once; new flows beyond are dropped (`drop_flow_table_full`).
+    #[serde(default = "d_max_flows")]
+    pub max_flows: u32,
+    /// A flow without packets for this long ends.
+    #[serde(default = "d_idle_timeout")]
+    pub idle_timeout_s: u32,
+    /// A flow that never saw a packet in the reply direction ends after this long.
+    #[serde(default = "d_unreplied_timeout")]
+    pub unreplied_timeout_s: u32,
+    /// A TCP flow ends this long after it closed (FIN both ways, or RST).
+    #[serde(default = "d_closed_linger")]
+    pub closed_linger_ms: u32,
+    /// Where network functions' events (alerts, flow records) go, one JSON object per line;
+    /// `{runtime}` is replaced by the runtime's name. Unset: no event log.
+    pub events: Option<PathBuf>,
+}
+
+fn d_max_flows() -> u32 {
+    1 << 20
+}
+fn d_idle_timeout() -> u32 {
+    120
+}
+fn d_unreplied_timeout() -> u32 {
+    30
+}
+fn d_closed_linger() -> u32 {
+    2000
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -290,7 +492,7 @@ pub enum PortSpec {
 }
 
 impl PortSpec {
-    pub fn parse(s: &str, base: &Path) -> Result<PortSpec, String> {
+    pub fn parse(s: &str, base: &Path) -> std::result::Result<PortSpec, String> {
         let (kind, arg) = s.split_once(':').ok_or_else(|| {
             format!("`{s}` is not KIND:ARG (afpacket:IFACE, gen:, sink:, pcap:FILE, null:)")
         })?;
@@ -326,19 +528,39 @@ impl PortSpec {
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read config {}", path.display()))?;
+            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
         let base = path
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        Config::parse(&text, &base).with_context(|| format!("in config {}", path.display()))
+        Config::parse(&text, &base)
+            .map_err(|e| ConfigError(format!("in config {}: {e}", path.display())))
     }
 
+    /// Parses and validates a configuration; relative paths resolve against `base_dir`.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config> {
-        let mut cfg: Config = toml::from_str(text)?;
+        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
         cfg.base_dir = base_dir.to_path_buf();
+        cfg.text = text.to_string();
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The configuration a process reads from its region (the text nfmgr validated; paths
+    /// inside were already absolute or relative to `base_dir`, which is stored with it).
+    pub fn from_frozen(frozen: &str) -> Result<Config> {
+        let (base, text) = frozen
+            .split_once('\n')
+            .ok_or_else(|| ConfigError("frozen configuration is empty".into()))?;
+        let base = base
+            .strip_prefix("# base_dir = ")
+            .ok_or_else(|| ConfigError("frozen configuration lacks its base directory".into()))?;
+        Config::parse(text, Path::new(base))
+    }
+
+    /// The text to store in the region (see `from_frozen`).
+    pub fn frozen(&self) -> String {
+        format!("# base_dir = {}\n{}", self.base_dir.display(), self.text)
     }
 
     /// Checks what the types alone cannot: names, references between sections, values.
@@ -376,7 +598,7 @@ impl Config {
             bail!("runtime: at least one [[runtime]] is required");
         }
         let processes = self.vswitches.len() + self.runtimes.len();
-        let max = nflib::layout::MAX_SLOTS as usize - 1;
+        let max = crate::layout::MAX_SLOTS as usize - 1;
         if processes > max {
             bail!("runtime: at most {max} vswitches and runtimes together (got {processes})");
         }
@@ -420,7 +642,8 @@ impl Config {
             check_core(format!("runtime.{}.core", r.name), r.core)?;
         }
         if let Some(list) = &self.manager.cores {
-            let cores = parse_cpu_list(list).map_err(|e| anyhow::anyhow!("manager.cores: {e}"))?;
+            let cores =
+                parse_cpu_list(list).map_err(|e| ConfigError(format!("manager.cores: {e}")))?;
             if let Some(c) = cores.iter().find(|c| **c >= ncpu) {
                 bail!("manager.cores: CPU {c} does not exist (this machine has {ncpu})");
             }
@@ -428,7 +651,9 @@ impl Config {
         if self.manager.stats_interval_ms == 0 {
             bail!("manager.stats_interval_ms: must be above 0");
         }
-        self.region_config().validate()?;
+        self.region_config()
+            .validate()
+            .map_err(|e| ConfigError(e.to_string()))?;
 
         let mut port_names = HashSet::new();
         let vswitch_names: HashSet<&str> = self.vswitches.iter().map(|v| v.name.as_str()).collect();
@@ -441,7 +666,7 @@ impl Config {
                 bail!("{key}: port name used twice");
             }
             let spec = PortSpec::parse(&p.spec, &self.base_dir)
-                .map_err(|e| anyhow::anyhow!("{key}.spec: {e}"))?;
+                .map_err(|e| ConfigError(format!("{key}.spec: {e}")))?;
             let only = |what: &str, set: bool, kinds: &str| -> Result<()> {
                 if set {
                     bail!("{key}.{what}: only for {kinds} ports");
@@ -519,10 +744,100 @@ impl Config {
                 }
             }
         }
-        if self.ports.len() > nflib::layout::MAX_PORTS as usize {
-            bail!("port: at most {} ports", nflib::layout::MAX_PORTS);
+        if self.ports.len() > crate::layout::MAX_PORTS as usize {
+            bail!("port: at most {} ports", crate::layout::MAX_PORTS);
+        }
+        self.validate_chains()
+    }
+
+    fn validate_chains(&self) -> Result<()> {
+        let mut names = HashSet::new();
+        for c in &self.chains {
+            if c.name.is_empty() || c.name.len() > 31 {
+                bail!("chain.name: `{}` must be 1-31 characters", c.name);
+            }
+            if !names.insert(c.name.as_str()) {
+                bail!("chain.{}: chain name used twice", c.name);
+            }
+            if c.nfs.len() > crate::nf::MAX_NFS {
+                bail!(
+                    "chain.{}.nf: at most {} functions per chain",
+                    c.name,
+                    crate::nf::MAX_NFS
+                );
+            }
+            for (i, nf) in c.nfs.iter().enumerate() {
+                match nf.get("kind") {
+                    Some(toml::Value::String(_)) => {}
+                    _ => bail!(
+                        "chain.{}.nf[{i}].kind: missing (the function's name, e.g. \"firewall\")",
+                        c.name
+                    ),
+                }
+            }
+        }
+        let known = |n: &str| names.contains(n);
+        for r in &self.runtimes {
+            match &r.chain {
+                Some(c) if !known(c) => bail!("runtime.{}.chain: no chain named `{c}`", r.name),
+                None if self.chains.len() > 1 => bail!(
+                    "runtime.{}.chain: required when more than one chain is defined",
+                    r.name
+                ),
+                _ => {}
+            }
+            if r.max_flows == 0 || r.max_flows > 1 << 26 {
+                bail!(
+                    "runtime.{}.max_flows: must be between 1 and 67108864",
+                    r.name
+                );
+            }
+            if r.idle_timeout_s == 0 || r.unreplied_timeout_s == 0 {
+                bail!("runtime.{}: timeouts must be above 0", r.name);
+            }
+        }
+        for v in &self.vswitches {
+            if let Some(c) = &v.default_chain {
+                if !known(c) {
+                    bail!("vswitch.{}.default_chain: no chain named `{c}`", v.name);
+                }
+            }
+        }
+        for (i, rule) in self.steering.iter().enumerate() {
+            if !known(&rule.chain) {
+                bail!("steer[{i}].chain: no chain named `{}`", rule.chain);
+            }
+            rule.matches
+                .check()
+                .map_err(|e| ConfigError(format!("steer[{i}].match: {e}")))?;
+            if !self
+                .runtimes
+                .iter()
+                .any(|r| self.chain_of(r) == Some(rule.chain.as_str()))
+            {
+                bail!("steer[{i}].chain: no runtime runs chain `{}`", rule.chain);
+            }
         }
         Ok(())
+    }
+
+    /// The chain a runtime runs (`None`: no chain, it forwards untouched).
+    pub fn chain_of<'a>(&'a self, r: &'a RuntimeConfig) -> Option<&'a str> {
+        r.chain
+            .as_deref()
+            .or_else(|| (self.chains.len() == 1).then(|| self.chains[0].name.as_str()))
+    }
+
+    pub fn chain(&self, name: &str) -> Option<&ChainConfig> {
+        self.chains.iter().find(|c| c.name == name)
+    }
+
+    pub fn runtime(&self, name: &str) -> Option<&RuntimeConfig> {
+        self.runtimes.iter().find(|r| r.name == name)
+    }
+
+    pub fn vswitch(&self, name: &str) -> Option<&VswitchConfig> {
+        self.vswitches.iter().find(|v| v.name == name)
     }
 
     /// Number of process slots needed by default: nfmgr, the processes, two spares.
@@ -541,6 +856,7 @@ impl Config {
             data_ring_size: r.data_ring_size,
             msg_ring_size: r.msg_ring_size,
             pool_ring_size: r.pool_ring_size,
+            blob_size: (self.frozen().len() as u32).div_ceil(4096) * 4096,
         }
     }
 
@@ -550,7 +866,7 @@ impl Config {
 }
 
 /// Parses a CPU list such as `0-3,6`.
-pub fn parse_cpu_list(s: &str) -> Result<Vec<usize>, String> {
+pub fn parse_cpu_list(s: &str) -> std::result::Result<Vec<usize>, String> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (a, b) = match part.split_once('-') {

@@ -1,0 +1,639 @@
+//! The network-function API (the NFActor paper's Table 1, in Rust terms).
+//!
+//! An NF is a value holding its shared configuration (rules, pools) plus a per-flow state
+//! type. For every flow the platform:
+//! - creates the state from the flow's first packet ([`NetworkFunction::new_flow`], the
+//!   paper's `allocate_new_fs`),
+//! - passes each packet with `&mut` state ([`NetworkFunction::process`], `process_pkt`),
+//! - hands the state back when the flow ends ([`NetworkFunction::end_flow`],
+//!   `deallocate_fs`).
+//!
+//! The state type serialises with postcard; that is all the platform needs to move a flow to
+//! another runtime or copy it to a replica, and NF code never sees either. An NF author writes
+//! one file against this module and adds one line to the registry (`nfs::registry`).
+//!
+//! The runtime keeps each NF's states in a slab of its own indexed by the flow's slot
+//! ([`TypedStage`]): no allocation per flow and per NF, and the chain runs without dynamic
+//! dispatch per flow.
+
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::config::{Config, ConfigError};
+use crate::flow::FlowKey;
+use crate::packet::{self, checksum, Fragment, Headers, ParseError, L3};
+use crate::stats::NF_COUNTERS;
+
+/// Most functions in one service chain.
+pub const MAX_NFS: usize = 8;
+
+/// What happens to a packet after a function saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// To the next function, then out of the egress port.
+    Forward,
+    /// Dropped (counted as this function's drop).
+    Drop,
+    /// Out of the port it arrived on, skipping the rest of the chain (a function that
+    /// answered the packet itself, such as an ARP reply).
+    SendBack,
+}
+
+/// Direction of a packet relative to the flow's first packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Dir {
+    /// Same direction as the flow's first packet (from its initiator).
+    Original,
+    /// The other way.
+    Reply,
+}
+
+/// Where functions send records that are not packets (alerts, flow records). The runtime
+/// writes them from another thread; emitting never blocks the packet path (when the queue is
+/// full the record is counted as dropped).
+pub trait EventSink {
+    fn emit(&mut self, nf: &'static str, record: serde_json::Value);
+}
+
+/// A sink that discards everything (tests, benchmarks).
+pub struct NoEvents;
+
+impl EventSink for NoEvents {
+    fn emit(&mut self, _nf: &'static str, _record: serde_json::Value) {}
+}
+
+/// What a function may see and do besides the packet and its state.
+pub struct NfContext<'a> {
+    /// Milliseconds on the runtime's monotonic clock.
+    pub now_ms: u64,
+    pub dir: Dir,
+    /// The flow's key (canonical, the same for both directions).
+    pub key: &'a FlowKey,
+    /// A number unique to this flow in this runtime, for records.
+    pub flow_id: u64,
+    counters: &'a mut [u64; NF_COUNTERS],
+    aliases: &'a mut Vec<FlowKey>,
+    events: &'a mut dyn EventSink,
+}
+
+impl<'a> NfContext<'a> {
+    pub fn new(
+        now_ms: u64,
+        dir: Dir,
+        key: &'a FlowKey,
+        flow_id: u64,
+        counters: &'a mut [u64; NF_COUNTERS],
+        aliases: &'a mut Vec<FlowKey>,
+        events: &'a mut dyn EventSink,
+    ) -> Self {
+        NfContext {
+            now_ms,
+            dir,
+            key,
+            flow_id,
+            counters,
+            aliases,
+            events,
+        }
+    }
+
+    /// Adds to the function's counter `index` (1-based: 0 is the platform's drop count; the
+    /// names come from [`NetworkFunction::counters`]).
+    pub fn count(&mut self, index: usize, n: u64) {
+        if let Some(c) = self.counters.get_mut(index) {
+            *c += n;
+        }
+    }
+
+    /// Registers another key under which packets of this flow arrive (a function that
+    /// rewrites addresses: the translated reply key), so they reach this flow's actor. The
+    /// platform tells the vswitch before the packet that caused it leaves.
+    pub fn add_alias(&mut self, key: FlowKey) {
+        self.aliases.push(key);
+    }
+
+    pub fn emit(&mut self, nf: &'static str, record: serde_json::Value) {
+        self.events.emit(nf, record);
+    }
+}
+
+/// A network function.
+pub trait NetworkFunction: Send + 'static {
+    /// Per-flow state. Serialised when a flow moves or is replicated.
+    type State: Serialize + DeserializeOwned + Send + 'static;
+
+    /// The name it is registered under (`"firewall"`).
+    fn kind(&self) -> &'static str;
+
+    /// Names of the function's own counters (at most 15), indices 1.. of `NfContext::count`.
+    fn counters(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// State for a new flow, from its first packet (which `process` then sees as usual).
+    fn new_flow(&mut self, pkt: &PacketMut<'_>, ctx: &mut NfContext<'_>) -> Self::State;
+
+    /// Processes one packet of the flow.
+    fn process(
+        &mut self,
+        pkt: &mut PacketMut<'_>,
+        state: &mut Self::State,
+        ctx: &mut NfContext<'_>,
+    ) -> Verdict;
+
+    /// The flow ended (idle, closed, or the runtime stops): last look at its state.
+    fn end_flow(&mut self, state: Self::State, ctx: &mut NfContext<'_>) {
+        let _ = (state, ctx);
+    }
+}
+
+/// A function in a chain, with the states of all its flows, behind one object-safe
+/// interface. Implemented by [`TypedStage`] for every [`NetworkFunction`].
+pub trait Stage: Send {
+    fn kind(&self) -> &'static str;
+    fn counter_names(&self) -> &'static [&'static str];
+    /// Runs the function on a packet of the flow in `slot` (creating its state first when
+    /// `new`).
+    fn process(
+        &mut self,
+        slot: u32,
+        new: bool,
+        pkt: &mut PacketMut<'_>,
+        ctx: &mut NfContext<'_>,
+    ) -> Verdict;
+    /// Ends the flow in `slot`, if it has state here.
+    fn end_flow(&mut self, slot: u32, ctx: &mut NfContext<'_>);
+    /// The flow's state, serialised (migration and replication).
+    fn save(&self, slot: u32) -> Option<Vec<u8>>;
+    /// Installs a serialised state for the flow in `slot`.
+    fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), postcard::Error>;
+    /// Bytes of memory the per-flow states occupy.
+    fn state_memory(&self) -> usize;
+}
+
+/// A [`NetworkFunction`] with a slab of its flows' states.
+pub struct TypedStage<N: NetworkFunction> {
+    nf: N,
+    states: Vec<Option<N::State>>,
+}
+
+impl<N: NetworkFunction> TypedStage<N> {
+    pub fn new(nf: N) -> TypedStage<N> {
+        TypedStage {
+            nf,
+            states: Vec::new(),
+        }
+    }
+
+    pub fn boxed(nf: N) -> Box<dyn Stage> {
+        Box::new(TypedStage::new(nf))
+    }
+
+    fn slot_mut(&mut self, slot: u32) -> &mut Option<N::State> {
+        let i = slot as usize;
+        if i >= self.states.len() {
+            self.states
+                .resize_with((i + 1).next_power_of_two(), || None);
+        }
+        &mut self.states[i]
+    }
+}
+
+impl<N: NetworkFunction> Stage for TypedStage<N> {
+    fn kind(&self) -> &'static str {
+        self.nf.kind()
+    }
+
+    fn counter_names(&self) -> &'static [&'static str] {
+        self.nf.counters()
+    }
+
+    #[inline]
+    fn process(
+        &mut self,
+        slot: u32,
+        new: bool,
+        pkt: &mut PacketMut<'_>,
+        ctx: &mut NfContext<'_>,
+    ) -> Verdict {
+        if new || self.states.get(slot as usize).is_none_or(|s| s.is_none()) {
+            let st = self.nf.new_flow(pkt, ctx);
+            *self.slot_mut(slot) = Some(st);
+        }
+        let i = slot as usize;
+        match self.states[i].as_mut() {
+            Some(state) => self.nf.process(pkt, state, ctx),
+            None => Verdict::Drop,
+        }
+    }
+
+    fn end_flow(&mut self, slot: u32, ctx: &mut NfContext<'_>) {
+        if let Some(st) = self.states.get_mut(slot as usize).and_then(Option::take) {
+            self.nf.end_flow(st, ctx);
+        }
+    }
+
+    fn save(&self, slot: u32) -> Option<Vec<u8>> {
+        let st = self.states.get(slot as usize)?.as_ref()?;
+        postcard::to_allocvec(st).ok()
+    }
+
+    fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), postcard::Error> {
+        let st: N::State = postcard::from_bytes(bytes)?;
+        *self.slot_mut(slot) = Some(st);
+        Ok(())
+    }
+
+    fn state_memory(&self) -> usize {
+        self.states.capacity() * std::mem::size_of::<Option<N::State>>()
+    }
+}
+
+/// A packet as a function sees it: its bytes, parsed headers, and rewrites that keep the
+/// checksums right.
+pub struct PacketMut<'a> {
+    /// From the packet's first byte to the end of its buffer.
+    room: &'a mut [u8],
+    len: usize,
+    h: Headers,
+}
+
+/// TCP header fields functions commonly need.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpInfo {
+    pub flags: u8,
+    pub seq: u32,
+    pub ack: u32,
+    /// Offset of the payload in the frame.
+    pub payload_off: usize,
+}
+
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+}
+
+impl<'a> PacketMut<'a> {
+    /// Parses the frame in `room[..len]`.
+    pub fn new(room: &'a mut [u8], len: usize) -> Result<PacketMut<'a>, ParseError> {
+        let len = len.min(room.len());
+        let h = packet::parse(&room[..len])?;
+        Ok(PacketMut { room, len, h })
+    }
+
+    pub fn headers(&self) -> &Headers {
+        &self.h
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn frame(&self) -> &[u8] {
+        &self.room[..self.len]
+    }
+
+    pub fn frame_mut(&mut self) -> &mut [u8] {
+        &mut self.room[..self.len]
+    }
+
+    /// Changes the frame's length (a function building a reply in place); the headers must
+    /// be re-read with `reparse` afterwards. False if it does not fit the buffer.
+    pub fn set_len(&mut self, len: usize) -> bool {
+        if len > self.room.len() {
+            return false;
+        }
+        self.len = len;
+        true
+    }
+
+    /// Re-reads the headers after the frame was rewritten by hand.
+    pub fn reparse(&mut self) -> Result<(), ParseError> {
+        self.h = packet::parse(&self.room[..self.len])?;
+        Ok(())
+    }
+
+    pub fn tcp(&self) -> Option<TcpInfo> {
+        if self.h.proto != packet::proto::TCP || self.h.l4_off == 0 {
+            return None;
+        }
+        let t = self.h.l4_off as usize;
+        let b = &self.room[..self.len];
+        if b.len() < t + 20 {
+            return None;
+        }
+        let doff = (b[t + 12] >> 4) as usize * 4;
+        Some(TcpInfo {
+            flags: b[t + 13],
+            seq: u32::from_be_bytes([b[t + 4], b[t + 5], b[t + 6], b[t + 7]]),
+            ack: u32::from_be_bytes([b[t + 8], b[t + 9], b[t + 10], b[t + 11]]),
+            payload_off: (t + doff).min(self.h.l3_end as usize),
+        })
+    }
+
+    /// The transport payload (TCP or UDP), empty for anything else.
+    pub fn payload(&self) -> &[u8] {
+        let end = self.h.l3_end as usize;
+        let start = match self.h.proto {
+            packet::proto::TCP => self.tcp().map(|t| t.payload_off),
+            packet::proto::UDP if self.h.l4_off != 0 => Some(self.h.l4_off as usize + 8),
+            _ => None,
+        };
+        match start {
+            Some(s) if s <= end && end <= self.len => &self.room[s..end],
+            _ => &[],
+        }
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.h.l3 == L3::Ipv4
+    }
+
+    pub fn src_ipv4(&self) -> Option<[u8; 4]> {
+        self.is_ipv4().then(|| {
+            [
+                self.h.src_ip[0],
+                self.h.src_ip[1],
+                self.h.src_ip[2],
+                self.h.src_ip[3],
+            ]
+        })
+    }
+
+    pub fn dst_ipv4(&self) -> Option<[u8; 4]> {
+        self.is_ipv4().then(|| {
+            [
+                self.h.dst_ip[0],
+                self.h.dst_ip[1],
+                self.h.dst_ip[2],
+                self.h.dst_ip[3],
+            ]
+        })
+    }
+
+    pub fn set_eth_src(&mut self, mac: [u8; 6]) {
+        self.room[6..12].copy_from_slice(&mac);
+        self.h.src_mac = mac;
+    }
+
+    pub fn set_eth_dst(&mut self, mac: [u8; 6]) {
+        self.room[0..6].copy_from_slice(&mac);
+        self.h.dst_mac = mac;
+    }
+
+    /// Where the transport checksum lives and whether it is in use; `None` for later
+    /// fragments and protocols without one we update.
+    fn l4_csum_at(&self) -> Option<usize> {
+        if self.h.l4_off == 0 || self.h.fragment == Fragment::Later {
+            return None;
+        }
+        let t = self.h.l4_off as usize;
+        let at = match self.h.proto {
+            packet::proto::TCP => t + 16,
+            packet::proto::UDP => t + 6,
+            _ => return None,
+        };
+        if at + 2 > self.h.l3_end as usize {
+            return None;
+        }
+        // A UDP checksum of zero over IPv4 means "none": leave it so.
+        if self.h.proto == packet::proto::UDP && self.room[at] == 0 && self.room[at + 1] == 0 {
+            return None;
+        }
+        Some(at)
+    }
+
+    fn read16(&self, at: usize) -> u16 {
+        u16::from_be_bytes([self.room[at], self.room[at + 1]])
+    }
+
+    fn write16(&mut self, at: usize, v: u16) {
+        self.room[at..at + 2].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn set_ipv4_addr(&mut self, field: usize, ip: [u8; 4]) -> bool {
+        if !self.is_ipv4() {
+            return false;
+        }
+        let l3 = self.h.l3_off as usize;
+        let at = l3 + field;
+        let old = [
+            self.room[at],
+            self.room[at + 1],
+            self.room[at + 2],
+            self.room[at + 3],
+        ];
+        self.room[at..at + 4].copy_from_slice(&ip);
+        let c = self.read16(l3 + 10);
+        self.write16(l3 + 10, checksum::update32(c, old, ip));
+        // The address is part of the transport pseudo-header.
+        if let Some(cs) = self.l4_csum_at() {
+            let c = self.read16(cs);
+            let mut n = checksum::update32(c, old, ip);
+            if n == 0 && self.h.proto == packet::proto::UDP {
+                n = 0xffff;
+            }
+            self.write16(cs, n);
+        }
+        true
+    }
+
+    /// Rewrites the IPv4 source address (IP and transport checksums updated).
+    pub fn set_src_ipv4(&mut self, ip: [u8; 4]) -> bool {
+        let ok = self.set_ipv4_addr(12, ip);
+        if ok {
+            self.h.src_ip[..4].copy_from_slice(&ip);
+        }
+        ok
+    }
+
+    /// Rewrites the IPv4 destination address (IP and transport checksums updated).
+    pub fn set_dst_ipv4(&mut self, ip: [u8; 4]) -> bool {
+        let ok = self.set_ipv4_addr(16, ip);
+        if ok {
+            self.h.dst_ip[..4].copy_from_slice(&ip);
+        }
+        ok
+    }
+
+    fn set_port(&mut self, off: usize, port: u16) -> bool {
+        if self.h.l4_off == 0 || !matches!(self.h.proto, packet::proto::TCP | packet::proto::UDP) {
+            return false;
+        }
+        let at = self.h.l4_off as usize + off;
+        let old = self.read16(at);
+        self.write16(at, port);
+        if let Some(cs) = self.l4_csum_at() {
+            let c = self.read16(cs);
+            let mut n = checksum::update16(c, old, port);
+            if n == 0 && self.h.proto == packet::proto::UDP {
+                n = 0xffff;
+            }
+            self.write16(cs, n);
+        }
+        true
+    }
+
+    /// Rewrites the TCP/UDP source port (checksum updated).
+    pub fn set_src_port(&mut self, port: u16) -> bool {
+        let ok = self.set_port(0, port);
+        if ok {
+            self.h.src_port = port;
+        }
+        ok
+    }
+
+    /// Rewrites the TCP/UDP destination port (checksum updated).
+    pub fn set_dst_port(&mut self, port: u16) -> bool {
+        let ok = self.set_port(2, port);
+        if ok {
+            self.h.dst_port = port;
+        }
+        ok
+    }
+
+    /// Rewrites the identifier of an ICMP echo request or reply (checksum updated).
+    pub fn set_icmp_echo_id(&mut self, id: u16) -> bool {
+        if self.h.proto != packet::proto::ICMP || self.h.l4_off == 0 {
+            return false;
+        }
+        let t = self.h.l4_off as usize;
+        if !matches!(self.room[t], 0 | 8) {
+            return false;
+        }
+        let old = self.read16(t + 4);
+        self.write16(t + 4, id);
+        let c = self.read16(t + 2);
+        self.write16(t + 2, checksum::update16(c, old, id));
+        self.h.src_port = id;
+        self.h.dst_port = id;
+        true
+    }
+
+    /// If this is an ARP request asking for `ip`, turns it into the reply "`ip` is at `mac`"
+    /// (to be sent back). Functions that own an address (NAT, load balancer) answer this way.
+    pub fn answer_arp(&mut self, ip: [u8; 4], mac: [u8; 6]) -> bool {
+        let Some(arp) = packet::arp::parse(&self.h, self.frame()) else {
+            return false;
+        };
+        if arp.op != 1 || arp.tpa != ip {
+            return false;
+        }
+        let a = arp.offset;
+        let requester_mac = arp.sha;
+        let requester_ip = arp.spa;
+        self.room[a + 6..a + 8].copy_from_slice(&2u16.to_be_bytes());
+        self.room[a + 8..a + 14].copy_from_slice(&mac);
+        self.room[a + 14..a + 18].copy_from_slice(&ip);
+        self.room[a + 18..a + 24].copy_from_slice(&requester_mac);
+        self.room[a + 24..a + 28].copy_from_slice(&requester_ip);
+        self.set_eth_dst(requester_mac);
+        self.set_eth_src(mac);
+        true
+    }
+}
+
+/// What a function's factory gets: its settings and where it runs.
+pub struct NfSpec<'a> {
+    /// The function's table from the configuration, `kind` included.
+    pub settings: &'a toml::Table,
+    /// Where the table is, for error messages (`chain.web.nf[1]`).
+    pub key: String,
+    /// This runtime's position among the runtimes that run the chain, and their number
+    /// (functions that partition a resource, like NAT ports, use them).
+    pub runtime_index: u32,
+    pub runtimes_in_chain: u32,
+    /// Relative paths in settings resolve against this.
+    pub base_dir: &'a Path,
+    /// The runtime's name (for file names).
+    pub runtime: &'a str,
+}
+
+impl NfSpec<'_> {
+    /// The settings without `kind`, as the function's own configuration type. Unknown keys
+    /// and bad values are errors naming the key.
+    pub fn settings<T: DeserializeOwned>(&self) -> Result<T, String> {
+        let mut t = self.settings.clone();
+        t.remove("kind");
+        toml::Value::Table(t)
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("{}: {}", self.key, e.message()))
+    }
+}
+
+pub type NfFactory = fn(&NfSpec<'_>) -> Result<Box<dyn Stage>, String>;
+
+/// A function the platform knows by name.
+pub struct NfEntry {
+    pub kind: &'static str,
+    pub about: &'static str,
+    pub build: NfFactory,
+}
+
+/// The functions that can appear in chains.
+pub struct NfRegistry {
+    entries: Vec<NfEntry>,
+}
+
+impl NfRegistry {
+    pub fn new(entries: Vec<NfEntry>) -> NfRegistry {
+        NfRegistry { entries }
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &NfEntry> {
+        self.entries.iter()
+    }
+
+    /// Builds the stages of `chain` for the `index`-th of `count` runtimes running it.
+    pub fn build_chain(
+        &self,
+        cfg: &Config,
+        chain: &str,
+        runtime: &str,
+        index: u32,
+        count: u32,
+    ) -> Result<Vec<Box<dyn Stage>>, ConfigError> {
+        let c = cfg
+            .chain(chain)
+            .ok_or_else(|| ConfigError(format!("no chain named `{chain}`")))?;
+        let mut stages = Vec::new();
+        for (i, table) in c.nfs.iter().enumerate() {
+            let key = format!("chain.{}.nf[{i}]", c.name);
+            let kind = table.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+            let entry = self
+                .entries
+                .iter()
+                .find(|e| e.kind == kind)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = self.entries.iter().map(|e| e.kind).collect();
+                    ConfigError(format!(
+                        "{key}.kind: no network function `{kind}` (known: {})",
+                        known.join(", ")
+                    ))
+                })?;
+            let spec = NfSpec {
+                settings: table,
+                key: key.clone(),
+                runtime_index: index,
+                runtimes_in_chain: count.max(1),
+                base_dir: &cfg.base_dir,
+                runtime,
+            };
+            let stage = (entry.build)(&spec).map_err(ConfigError)?;
+            if stage.counter_names().len() >= NF_COUNTERS {
+                return Err(ConfigError(format!("{key}: too many counters")));
+            }
+            stages.push(stage);
+        }
+        Ok(stages)
+    }
+}

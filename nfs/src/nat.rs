@@ -1,0 +1,354 @@
+//! Source NAT: flows started from inside leave with the NAT's address and a port (or ICMP
+//! echo identifier) of its own; replies are translated back.
+//!
+//! ```toml
+//! [[chain.nf]]
+//! kind = "nat"
+//! external_ip = "10.77.0.100"
+//! external_mac = "02:4e:41:54:00:01"   # answers ARP for external_ip with this address
+//! internal = "10.77.0.0/24"           # flows started from here are translated (default: all)
+//! ports = "20000-59999"               # split evenly between the runtimes of the chain
+//! ```
+//!
+//! The translated reply key is registered as an alias of the flow, so replies reach the flow
+//! actor that holds the mapping. Each runtime of the chain allocates from its own share of the
+//! port range, so no two runtimes hand out the same port. IPv4 only; IPv6 flows pass untouched.
+
+use nflib::flow::{family, FlowKey};
+use nflib::net::{Mac, PortRange, Prefix};
+use nflib::nf::{Dir, NetworkFunction, NfContext, NfSpec, PacketMut, Stage, TypedStage, Verdict};
+use nflib::packet::proto;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {
+    external_ip: String,
+    external_mac: Mac,
+    internal: Option<Prefix>,
+    ports: Option<PortRange>,
+    #[serde(default = "yes")]
+    answer_arp: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Ports handed out by this runtime: its share of the configured range.
+struct Ports {
+    first: u16,
+    used: Vec<bool>,
+    cursor: usize,
+    free: usize,
+}
+
+impl Ports {
+    fn alloc(&mut self) -> Option<u16> {
+        if self.free == 0 {
+            return None;
+        }
+        for _ in 0..self.used.len() {
+            let i = self.cursor;
+            self.cursor = (self.cursor + 1) % self.used.len();
+            if !self.used[i] {
+                self.used[i] = true;
+                self.free -= 1;
+                return Some(self.first + i as u16);
+            }
+        }
+        None
+    }
+
+    fn release(&mut self, port: u16) {
+        // A port from another runtime's share (a flow that moved here) is not ours to free.
+        if let Some(i) = port.checked_sub(self.first).map(usize::from) {
+            if i < self.used.len() && self.used[i] {
+                self.used[i] = false;
+                self.free += 1;
+            }
+        }
+    }
+}
+
+pub struct Nat {
+    external_ip: [u8; 4],
+    external_mac: [u8; 6],
+    internal: Prefix,
+    answer_arp: bool,
+    ports: Ports,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    pub inside_ip: [u8; 4],
+    /// Port, or ICMP echo identifier.
+    pub inside_port: u16,
+    pub outside_port: u16,
+    /// The inside host's MAC, restored on replies.
+    pub inside_mac: [u8; 6],
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatState {
+    pub mapping: Option<Mapping>,
+    /// The flow needed a mapping and none was free: its packets are dropped.
+    pub refused: bool,
+}
+
+const TRANSLATED: usize = 1;
+const DROP_NO_PORT: usize = 2;
+const ARP_REPLIES: usize = 3;
+
+pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
+    let s: Settings = spec.settings()?;
+    let external_ip = nflib::net::parse_ipv4(&s.external_ip)
+        .map_err(|e| format!("{}.external_ip: {e}", spec.key))?;
+    let range = s.ports.unwrap_or(PortRange(20000..=59999));
+    let total = (*range.0.end() as usize) - (*range.0.start() as usize) + 1;
+    let share = total / spec.runtimes_in_chain as usize;
+    if share == 0 {
+        return Err(format!(
+            "{}.ports: {total} ports cannot be shared by {} runtimes",
+            spec.key, spec.runtimes_in_chain
+        ));
+    }
+    let first = *range.0.start() as usize + share * spec.runtime_index as usize;
+    Ok(TypedStage::boxed(Nat {
+        external_ip,
+        external_mac: s.external_mac.0,
+        internal: s
+            .internal
+            .unwrap_or(Prefix::parse("0.0.0.0/0").expect("valid prefix")),
+        answer_arp: s.answer_arp,
+        ports: Ports {
+            first: first as u16,
+            used: vec![false; share],
+            cursor: 0,
+            free: share,
+        },
+    }))
+}
+
+impl Nat {
+    /// Whether this first packet starts a flow to translate.
+    fn wants_mapping(&self, pkt: &PacketMut<'_>) -> bool {
+        let h = pkt.headers();
+        let Some(src) = pkt.src_ipv4() else {
+            return false;
+        };
+        let translatable = match h.proto {
+            proto::TCP | proto::UDP => h.l4_off != 0,
+            // Echo requests only (identifier in the ports).
+            proto::ICMP => h.l4_off != 0 && pkt.frame().get(h.l4_off as usize) == Some(&8),
+            _ => false,
+        };
+        translatable && src != self.external_ip && self.internal.contains(&FlowKey::v4(src), false)
+    }
+}
+
+impl NetworkFunction for Nat {
+    type State = NatState;
+
+    fn kind(&self) -> &'static str {
+        "nat"
+    }
+
+    fn counters(&self) -> &'static [&'static str] {
+        &["translated_flows", "drop_no_port", "arp_replies"]
+    }
+
+    fn new_flow(&mut self, pkt: &PacketMut<'_>, ctx: &mut NfContext<'_>) -> NatState {
+        if !self.wants_mapping(pkt) {
+            return NatState::default();
+        }
+        let h = pkt.headers();
+        let Some(outside_port) = self.ports.alloc() else {
+            return NatState {
+                mapping: None,
+                refused: true,
+            };
+        };
+        let inside_ip = pkt.src_ipv4().unwrap_or([0; 4]);
+        ctx.count(TRANSLATED, 1);
+        // Replies arrive from the peer to the NAT's address and port.
+        let (peer_port, outside) = if h.proto == proto::ICMP {
+            (outside_port, outside_port)
+        } else {
+            (h.dst_port, outside_port)
+        };
+        let (reply_key, _) = FlowKey::from_tuple(
+            family::IPV4,
+            h.proto,
+            if h.vlans > 0 { h.outer_vlan } else { 0 },
+            (h.dst_ip, peer_port),
+            (FlowKey::v4(self.external_ip), outside),
+        );
+        ctx.add_alias(reply_key);
+        NatState {
+            mapping: Some(Mapping {
+                inside_ip,
+                inside_port: h.src_port,
+                outside_port,
+                inside_mac: h.src_mac,
+            }),
+            refused: false,
+        }
+    }
+
+    fn process(
+        &mut self,
+        pkt: &mut PacketMut<'_>,
+        st: &mut NatState,
+        ctx: &mut NfContext<'_>,
+    ) -> Verdict {
+        if st.refused {
+            ctx.count(DROP_NO_PORT, 1);
+            return Verdict::Drop;
+        }
+        let Some(m) = &st.mapping else {
+            if self.answer_arp && pkt.answer_arp(self.external_ip, self.external_mac) {
+                ctx.count(ARP_REPLIES, 1);
+                return Verdict::SendBack;
+            }
+            return Verdict::Forward;
+        };
+        let icmp = pkt.headers().proto == proto::ICMP;
+        match ctx.dir {
+            Dir::Original => {
+                pkt.set_src_ipv4(self.external_ip);
+                if icmp {
+                    pkt.set_icmp_echo_id(m.outside_port);
+                } else {
+                    pkt.set_src_port(m.outside_port);
+                }
+                pkt.set_eth_src(self.external_mac);
+            }
+            Dir::Reply => {
+                pkt.set_dst_ipv4(m.inside_ip);
+                if icmp {
+                    pkt.set_icmp_echo_id(m.inside_port);
+                } else {
+                    pkt.set_dst_port(m.inside_port);
+                }
+                pkt.set_eth_dst(m.inside_mac);
+            }
+        }
+        Verdict::Forward
+    }
+
+    fn end_flow(&mut self, st: NatState, _ctx: &mut NfContext<'_>) {
+        if let Some(m) = st.mapping {
+            self.ports.release(m.outside_port);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{build_for, checksums_ok, tcp, udp, Harness};
+    use nflib::nf::tcp_flags as F;
+
+    const SETTINGS: &str = r#"
+        kind = "nat"
+        external_ip = "192.0.2.1"
+        external_mac = "02:00:00:00:00:aa"
+        internal = "10.0.0.0/8"
+        ports = "1000-1003"
+    "#;
+
+    fn nat(index: u32, count: u32) -> Harness {
+        build_for(build, SETTINGS, index, count).unwrap()
+    }
+
+    #[test]
+    fn translates_both_directions_with_valid_checksums() {
+        let mut h = nat(0, 1);
+        let c = ([10, 1, 1, 1], 5555);
+        let s = ([198, 51, 100, 7], 80);
+        let (v, out) = h.feed(&tcp(c, s, F::SYN, 1, 0, b""));
+        assert_eq!(v, Verdict::Forward);
+        let hd = nflib::packet::parse(&out).unwrap();
+        assert_eq!(&hd.src_ip[..4], &[192, 0, 2, 1]);
+        assert_eq!(hd.src_port, 1000);
+        assert_eq!(hd.src_mac, [2, 0, 0, 0, 0, 0xaa]);
+        assert!(checksums_ok(&out));
+        assert_eq!(h.aliases.len(), 1);
+        // The reply, to the NAT's address, is translated back to the inside host.
+        let (v, back) = h.feed(&tcp(
+            s,
+            ([192, 0, 2, 1], 1000),
+            F::SYN | F::ACK,
+            9,
+            2,
+            b"hi",
+        ));
+        assert_eq!(v, Verdict::Forward);
+        let hd = nflib::packet::parse(&back).unwrap();
+        assert_eq!(&hd.dst_ip[..4], &[10, 1, 1, 1]);
+        assert_eq!(hd.dst_port, 5555);
+        assert_eq!(hd.dst_mac, [2, 0, 0, 0, 0, 1]);
+        assert!(checksums_ok(&back));
+    }
+
+    #[test]
+    fn ports_run_out_and_come_back() {
+        let mut h = nat(0, 1);
+        for i in 0..4u16 {
+            let (v, _) = h.feed(&udp(([10, 0, 0, 1], 100 + i), ([8, 8, 8, 8], 53), b"q"));
+            assert_eq!(v, Verdict::Forward);
+        }
+        let (v, _) = h.feed(&udp(([10, 0, 0, 1], 200), ([8, 8, 8, 8], 53), b"q"));
+        assert_eq!(v, Verdict::Drop);
+        assert_eq!(h.counter("drop_no_port"), 1);
+        // Flows end, their ports return.
+        h.end_all();
+        let (v, _) = h.feed(&udp(([10, 0, 0, 1], 300), ([8, 8, 8, 8], 53), b"q"));
+        assert_eq!(v, Verdict::Forward);
+    }
+
+    #[test]
+    fn runtimes_get_disjoint_port_shares() {
+        let mut a = nat(0, 2);
+        let mut b = nat(1, 2);
+        let (_, fa) = a.feed(&udp(([10, 0, 0, 1], 1), ([8, 8, 8, 8], 53), b""));
+        let (_, fb) = b.feed(&udp(([10, 0, 0, 1], 1), ([8, 8, 8, 8], 53), b""));
+        let pa = nflib::packet::parse(&fa).unwrap().src_port;
+        let pb = nflib::packet::parse(&fb).unwrap().src_port;
+        assert_eq!((pa, pb), (1000, 1002));
+        assert!(
+            build_for(build, SETTINGS, 0, 5).is_err(),
+            "4 ports cannot serve 5 runtimes"
+        );
+    }
+
+    #[test]
+    fn outside_flows_pass_and_arp_is_answered() {
+        let mut h = nat(0, 1);
+        let (v, out) = h.feed(&udp(([192, 168, 1, 1], 9), ([10, 0, 0, 1], 9), b""));
+        assert_eq!(v, Verdict::Forward);
+        assert_eq!(
+            &nflib::packet::parse(&out).unwrap().src_ip[..4],
+            &[192, 168, 1, 1]
+        );
+        let mut arp = [0u8; 60];
+        let n = nflib::packet::arp::request(
+            &mut arp,
+            [2, 0, 0, 0, 0, 9],
+            [198, 51, 100, 7],
+            [192, 0, 2, 1],
+        )
+        .unwrap();
+        let (v, reply) = h.feed(&arp[..n]);
+        assert_eq!(v, Verdict::SendBack);
+        let hd = nflib::packet::parse(&reply).unwrap();
+        let a = nflib::packet::arp::parse(&hd, &reply).unwrap();
+        assert_eq!(
+            (a.op, a.sha, a.spa),
+            (2, [2, 0, 0, 0, 0, 0xaa], [192, 0, 2, 1])
+        );
+        assert_eq!(hd.dst_mac, [2, 0, 0, 0, 0, 9]);
+        assert_eq!(h.counter("arp_replies"), 1);
+    }
+}

@@ -1,0 +1,397 @@
+//! The runtime engine: one flow actor per flow running the whole service chain, run to
+//! completion, on one thread (the paper's sections 3.2-3.4).
+//!
+//! For each packet: undo the vswitch's addressing (restore the destination MAC it saved),
+//! parse, find the flow actor by key (an alias leads to its flow and means the reply
+//! direction) or create one, run every function of the chain in order on the packet and the
+//! flow's state, then forward, drop or send the packet back. Aliases functions register are
+//! sent to the vswitch that feeds the flow before the packet that caused them leaves, so the
+//! first translated reply already finds its way here.
+//!
+//! Flows end when idle (`idle_timeout_s`), when they never got a reply
+//! (`unreplied_timeout_s`), or `closed_linger_ms` after a TCP close (FIN both ways or RST);
+//! each function then sees `end_flow`, and the vswitch is told to forget the flow's keys.
+
+use std::time::Instant;
+
+use nflib::endpoint::Endpoint;
+use nflib::flow::{Direction, FlowKey};
+use nflib::msg::{self, Message};
+use nflib::nf::{tcp_flags, Dir, NfContext, PacketMut, Stage, Verdict};
+use nflib::packet::ParseError;
+use nflib::stats::{ProcCounter, NF_COUNTERS};
+use nflib::{Packet, MANAGER_SLOT};
+
+use crate::events::EventLog;
+use crate::flows::{flag, FlowActor, FlowTable, Found};
+use crate::timers::{Entry, TimerWheel};
+
+/// When flows end.
+#[derive(Clone, Copy, Debug)]
+pub struct FlowSettings {
+    pub max_flows: usize,
+    pub idle_ms: u32,
+    pub unreplied_ms: u32,
+    pub closed_linger_ms: u32,
+}
+
+/// Most flows ended per call of `expire`, so a mass expiry cannot stall the packet path.
+const EXPIRE_BATCH: usize = 4096;
+
+pub struct Runtime {
+    stages: Vec<Box<dyn Stage>>,
+    nf_counters: Vec<[u64; NF_COUNTERS]>,
+    flows: FlowTable,
+    timers: TimerWheel,
+    fired: Vec<Entry>,
+    pub events: EventLog,
+    settings: FlowSettings,
+    /// The address the vswitch gives frames it sends here.
+    mac: [u8; 6],
+    epoch: Instant,
+    next_id: u64,
+    aliases: Vec<FlowKey>,
+    out: Vec<Packet>,
+    messages: Vec<(u16, Message)>,
+}
+
+impl Runtime {
+    pub fn new(
+        stages: Vec<Box<dyn Stage>>,
+        settings: FlowSettings,
+        events: EventLog,
+        mac: [u8; 6],
+    ) -> Runtime {
+        let n = stages.len();
+        Runtime {
+            stages,
+            nf_counters: vec![[0; NF_COUNTERS]; n],
+            flows: FlowTable::new(settings.max_flows),
+            // 100 ms ticks, a 409.6 s horizon.
+            timers: TimerWheel::new(4096, 100, 0),
+            fired: Vec::new(),
+            events,
+            settings,
+            mac,
+            epoch: Instant::now(),
+            next_id: 1,
+            aliases: Vec::new(),
+            out: Vec::new(),
+            messages: Vec::new(),
+        }
+    }
+
+    /// Milliseconds since the runtime started (the clock flows and functions see).
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn stages(&self) -> &[Box<dyn Stage>] {
+        &self.stages
+    }
+
+    pub fn flows(&self) -> &FlowTable {
+        &self.flows
+    }
+
+    /// Processes one packet received from slot `from`.
+    pub fn process(&mut self, ep: &mut Endpoint, from: u16, mut pkt: Packet, now_ms: u64) {
+        let region = ep.region().clone();
+        // The vswitch addressed the frame to us; put its own destination back.
+        if let Some(orig) = region.meta_of(&pkt).take_dst_mac() {
+            let data = region.data_mut(&mut pkt);
+            if data.len() >= 6 {
+                if data[..6] != self.mac {
+                    ep.counters().add(ProcCounter::DropMisaddressed as usize, 1);
+                }
+                data[..6].copy_from_slice(&orig);
+            }
+        }
+        if self.stages.is_empty() {
+            self.out.push(pkt);
+            return;
+        }
+        let len = pkt.len();
+        let result = {
+            let room = region.room_mut(&mut pkt);
+            match PacketMut::new(room, len) {
+                Ok(mut pm) => Ok(self.run_chain(ep, from, &mut pm, now_ms)),
+                Err(e) => Err(e),
+            }
+        };
+        match result {
+            Err(e) => {
+                let c = match e {
+                    ParseError::Runt => ProcCounter::DropRunt,
+                    ParseError::Truncated(_) => ProcCounter::DropTruncated,
+                    ParseError::Malformed(..) => ProcCounter::DropMalformed,
+                };
+                ep.counters().add(c as usize, 1);
+                ep.free(pkt);
+            }
+            Ok(None) => ep.free(pkt),
+            Ok(Some((verdict, new_len))) => {
+                region.set_len(&mut pkt, new_len);
+                match verdict {
+                    Verdict::Forward => self.out.push(pkt),
+                    Verdict::SendBack => {
+                        let ingress = pkt.ingress_port();
+                        pkt.set_egress_port(ingress);
+                        self.out.push(pkt);
+                    }
+                    Verdict::Drop => ep.free(pkt),
+                }
+            }
+        }
+    }
+
+    /// Finds or creates the flow and runs the chain. `None`: dropped before the chain (table
+    /// full).
+    fn run_chain(
+        &mut self,
+        ep: &mut Endpoint,
+        from: u16,
+        pm: &mut PacketMut<'_>,
+        now_ms: u64,
+    ) -> Option<(Verdict, usize)> {
+        let h = *pm.headers();
+        let (key, kdir) = FlowKey::of(&h);
+        let now = now_ms as u32;
+        let (slot, new, dir) = match self.flows.find(&key) {
+            Some(Found::Key(s)) => {
+                let a = self.flows.get(s)?;
+                let from_a = kdir == Direction::Forward;
+                let dir = if from_a == a.has(flag::INITIATOR_IS_A) {
+                    Dir::Original
+                } else {
+                    Dir::Reply
+                };
+                (s, false, dir)
+            }
+            Some(Found::Alias(s)) => (s, false, Dir::Reply),
+            None => {
+                let mut flags = 0;
+                if kdir == Direction::Forward {
+                    flags |= flag::INITIATOR_IS_A;
+                }
+                let actor = FlowActor {
+                    key,
+                    id: self.next_id,
+                    created_ms: now,
+                    last_ms: now,
+                    vswitch: from,
+                    flags,
+                    timer_gen: 0,
+                    aliases: None,
+                };
+                let Some(s) = self.flows.insert(actor) else {
+                    ep.counters()
+                        .add(ProcCounter::DropFlowTableFull as usize, 1);
+                    return None;
+                };
+                self.next_id += 1;
+                ep.counters().add(ProcCounter::FlowsCreated as usize, 1);
+                let deadline = now_ms + self.settings.unreplied_ms as u64;
+                self.timers.arm(Entry { slot: s, gen: 0 }, deadline);
+                (s, true, Dir::Original)
+            }
+        };
+        // Platform-level flow tracking.
+        let actor = self.flows.get_mut(slot)?;
+        actor.last_ms = now;
+        if dir == Dir::Reply {
+            actor.flags |= flag::REPLIED;
+        }
+        if let Some(t) = pm.tcp() {
+            let was_closed = actor.closed();
+            actor.flags |= flag::TCP;
+            if t.flags & tcp_flags::RST != 0 {
+                actor.flags |= flag::RST;
+            }
+            if t.flags & tcp_flags::FIN != 0 {
+                actor.flags |= if dir == Dir::Original {
+                    flag::FIN_ORIG
+                } else {
+                    flag::FIN_REPLY
+                };
+            }
+            if !was_closed && actor.closed() {
+                actor.timer_gen = actor.timer_gen.wrapping_add(1);
+                let e = Entry {
+                    slot,
+                    gen: actor.timer_gen,
+                };
+                self.timers
+                    .arm(e, now_ms + self.settings.closed_linger_ms as u64);
+            }
+        }
+        let fkey = actor.key;
+        let id = actor.id;
+        let vswitch = actor.vswitch;
+        let mut verdict = Verdict::Forward;
+        for (i, stage) in self.stages.iter_mut().enumerate() {
+            let mut ctx = NfContext::new(
+                now_ms,
+                dir,
+                &fkey,
+                id,
+                &mut self.nf_counters[i],
+                &mut self.aliases,
+                &mut self.events,
+            );
+            match stage.process(slot, new, pm, &mut ctx) {
+                Verdict::Forward => {}
+                Verdict::Drop => {
+                    self.nf_counters[i][0] += 1;
+                    verdict = Verdict::Drop;
+                    break;
+                }
+                Verdict::SendBack => {
+                    verdict = Verdict::SendBack;
+                    break;
+                }
+            }
+        }
+        for alias in self.aliases.drain(..) {
+            if self.flows.add_alias(slot, alias) {
+                self.messages
+                    .push((vswitch, Message::AddAlias { key: alias }));
+            }
+        }
+        Some((verdict, pm.len()))
+    }
+
+    fn deadline(&self, a: &FlowActor) -> u64 {
+        let wait = if a.closed() {
+            self.settings.closed_linger_ms
+        } else if !a.has(flag::REPLIED) {
+            self.settings.unreplied_ms
+        } else {
+            self.settings.idle_ms
+        };
+        a.last_ms as u64 + wait as u64
+    }
+
+    /// Ends the flows whose time has come (at most a batch per call).
+    pub fn expire(&mut self, ep: &mut Endpoint, now_ms: u64) {
+        self.timers.advance(now_ms, &mut self.fired, EXPIRE_BATCH);
+        let fired = std::mem::take(&mut self.fired);
+        for e in &fired {
+            let Some(a) = self.flows.get(e.slot) else {
+                continue;
+            };
+            if a.timer_gen != e.gen {
+                continue; // re-armed since
+            }
+            let deadline = self.deadline(a);
+            if deadline > now_ms {
+                self.timers.arm(*e, deadline);
+                continue;
+            }
+            self.end_flow(e.slot, now_ms, true);
+            ep.counters().add(ProcCounter::FlowsExpired as usize, 1);
+        }
+        self.fired = fired;
+        self.fired.clear();
+    }
+
+    fn end_flow(&mut self, slot: u32, now_ms: u64, notify: bool) {
+        let Some(a) = self.flows.get(slot) else {
+            return;
+        };
+        let key = a.key;
+        let id = a.id;
+        for (i, stage) in self.stages.iter_mut().enumerate() {
+            let mut ctx = NfContext::new(
+                now_ms,
+                Dir::Original,
+                &key,
+                id,
+                &mut self.nf_counters[i],
+                &mut self.aliases,
+                &mut self.events,
+            );
+            stage.end_flow(slot, &mut ctx);
+        }
+        self.aliases.clear();
+        if let Some(a) = self.flows.remove(slot) {
+            if notify {
+                let mut keys = vec![a.key];
+                if let Some(al) = a.aliases {
+                    keys.extend(al.iter().copied());
+                }
+                self.messages.push((a.vswitch, Message::FlowEnded { keys }));
+            }
+        }
+    }
+
+    /// Ends every flow (the runtime is stopping): functions write their last records.
+    pub fn end_all(&mut self) {
+        let now = self.now_ms();
+        for slot in self.flows.slots() {
+            self.end_flow(slot, now, false);
+        }
+        self.messages.clear();
+    }
+
+    /// Sends what processing produced: messages first (so aliases are known before the
+    /// packets that need them), then packets to nfmgr.
+    pub fn flush(&mut self, ep: &mut Endpoint) {
+        let mut pending = Vec::new();
+        for (to, m) in self.messages.drain(..) {
+            let Some(mut buf) = ep.alloc() else {
+                // No buffer right now: keep it for the next round.
+                pending.push((to, m));
+                continue;
+            };
+            if msg::encode(ep.region(), &mut buf, &m) {
+                let mut one = vec![buf];
+                ep.send_messages(to, &mut one);
+            } else {
+                ep.free(buf);
+            }
+        }
+        self.messages = pending;
+        if !self.out.is_empty() {
+            ep.send_burst(MANAGER_SLOT, &mut self.out);
+        }
+    }
+
+    /// Publishes flow counters and the functions' statistics.
+    pub fn publish(&mut self, ep: &mut Endpoint) {
+        let live = self.flows.len() as u64;
+        let dropped = self.events.dropped;
+        let c = ep.counters();
+        c.set(ProcCounter::FlowsActive as usize, live);
+        c.set(ProcCounter::EventsDropped as usize, dropped);
+        let region = ep.region();
+        for (i, counters) in self.nf_counters.iter().enumerate() {
+            if let Some(rec) = region.nf_stats(ep.slot(), i) {
+                for (shared, v) in rec.counters.0.iter().zip(counters) {
+                    shared.store(*v, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Names the functions in the region's statistics (once, at start).
+    pub fn label_stats(&self, ep: &Endpoint) {
+        for (i, s) in self.stages.iter().enumerate() {
+            if let Some(rec) = ep.region().nf_stats(ep.slot(), i) {
+                rec.kind.set(s.kind());
+                rec.set_labels(s.counter_names());
+            }
+        }
+    }
+
+    /// Bytes of platform memory held for flows (table, actors, timers), excluding the
+    /// functions' own state.
+    pub fn platform_memory(&self) -> usize {
+        self.flows.memory() + self.timers.len() * std::mem::size_of::<Entry>()
+    }
+
+    /// Bytes held by the functions' per-flow states.
+    pub fn state_memory(&self) -> usize {
+        self.stages.iter().map(|s| s.state_memory()).sum()
+    }
+}
