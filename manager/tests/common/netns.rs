@@ -83,6 +83,75 @@ impl BumpInTheWire {
         b
     }
 
+    /// The MAC address of `dev` in `ns`.
+    pub fn mac(&self, ns: &str, dev: &str) -> String {
+        let out = sh(&["ip", "-n", ns, "-o", "link", "show", dev]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no MAC for {dev} in {ns}: {text}"))
+            .to_string()
+    }
+
+    /// Adds another address to `dev` in `ns`.
+    pub fn add_addr(&self, ns: &str, dev: &str, cidr: &str) {
+        sh(&["ip", "-n", ns, "addr", "add", cidr, "dev", dev]);
+    }
+
+    /// Runs an HTTP server for `dir` on `ip:port` in `ns` until the returned guard drops.
+    pub fn http_server(&self, ns: &str, ip: &str, port: u16, dir: &std::path::Path) -> Server {
+        let log = std::fs::File::create(dir.join(format!("../http-{ip}-{port}.log")))
+            .expect("server log");
+        let child = self
+            .exec(
+                ns,
+                &[
+                    "python3",
+                    "-m",
+                    "http.server",
+                    &port.to_string(),
+                    "--bind",
+                    ip,
+                ],
+            )
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("http server");
+        Server(child)
+    }
+
+    /// Fetches `url` from the client namespace into `out`, retrying while the server starts.
+    pub fn curl(&self, url: &str, out: &std::path::Path, timeout_s: u32) -> Output {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let o = self
+                .exec(
+                    &self.client,
+                    &[
+                        "curl",
+                        "-sS",
+                        "--max-time",
+                        &timeout_s.to_string(),
+                        "-o",
+                        out.to_str().unwrap(),
+                        "-w",
+                        "%{http_code}",
+                        url,
+                    ],
+                )
+                .output()
+                .expect("curl");
+            // Connection refused while the server is still starting: try again.
+            if o.status.code() != Some(7) || std::time::Instant::now() > deadline {
+                return o;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     pub fn exec(&self, ns: &str, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", ns]).args(args);
@@ -93,6 +162,16 @@ impl BumpInTheWire {
         for ns in [&self.client, &self.mid, &self.server] {
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
+    }
+}
+
+/// A server process that is killed when dropped.
+pub struct Server(pub std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
