@@ -20,6 +20,7 @@ pub mod config;
 pub mod doorbell;
 pub mod endpoint;
 pub mod flow;
+pub mod hint;
 pub mod layout;
 pub mod msg;
 pub mod net;

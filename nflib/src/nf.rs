@@ -171,6 +171,10 @@ pub trait Stage: Send {
     fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), postcard::Error>;
     /// Bytes of memory the per-flow states occupy.
     fn state_memory(&self) -> usize;
+    /// Starts loading the state of the flow in `slot` (batch processing).
+    fn prefetch(&self, slot: u32) {
+        let _ = slot;
+    }
 }
 
 /// A [`NetworkFunction`] with a slab of its flows' states.
@@ -249,6 +253,13 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
     fn state_memory(&self) -> usize {
         self.states.capacity() * std::mem::size_of::<Option<N::State>>()
     }
+
+    #[inline(always)]
+    fn prefetch(&self, slot: u32) {
+        if let Some(s) = self.states.get(slot as usize) {
+            crate::hint::prefetch(s);
+        }
+    }
 }
 
 /// A packet as a function sees it: its bytes, parsed headers, and rewrites that keep the
@@ -284,6 +295,21 @@ impl<'a> PacketMut<'a> {
         let len = len.min(room.len());
         let h = packet::parse(&room[..len])?;
         Ok(PacketMut { room, len, h })
+    }
+
+    /// A packet whose headers were already parsed from these same bytes (a runtime parses a
+    /// batch before running chains). Falls back to parsing if they do not fit the frame.
+    pub fn with_headers(
+        room: &'a mut [u8],
+        len: usize,
+        h: Headers,
+    ) -> Result<PacketMut<'a>, ParseError> {
+        let len = len.min(room.len());
+        if (h.l3_end as usize) <= len && (h.l4_off as usize) <= len && (h.l3_off as usize) <= len {
+            Ok(PacketMut { room, len, h })
+        } else {
+            PacketMut::new(room, len)
+        }
     }
 
     pub fn headers(&self) -> &Headers {

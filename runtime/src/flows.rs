@@ -1,12 +1,16 @@
 //! The flow table: flow keys (and their aliases) to flow actors held in a slab.
 //!
-//! A flow actor is small and fixed-size; the per-flow states of the chain's functions live
-//! in each function's own slab at the same slot index, so the table stores no function state
-//! and creating a flow allocates nothing once the slabs have grown.
-
-use std::collections::HashMap;
+//! Memory matters here (a runtime holds a million flows): the hash index stores only a
+//! 4-byte slot number per key, and equality is checked against the key kept once in the actor
+//! (or in the alias slab), so no key is stored twice. Aliases are chained through their own
+//! slab rather than a vector per flow. The per-flow states of the chain's functions live in
+//! each function's own slab at the same slot index, so creating a flow allocates nothing once
+//! the slabs have grown.
 
 use nflib::flow::FlowKey;
+use nflib::hint::prefetch;
+
+use crate::index::{FlowIndex, KeyHasher};
 
 /// Actor flags.
 pub mod flag {
@@ -18,9 +22,14 @@ pub mod flag {
     pub const FIN_ORIG: u8 = 8;
     pub const FIN_REPLY: u8 = 16;
     pub const RST: u8 = 32;
+    /// The slab slot holds a live flow.
+    pub const LIVE: u8 = 128;
 }
 
-/// What the platform keeps per flow.
+const NONE: u32 = u32::MAX;
+const ALIAS_BIT: u32 = 1 << 31;
+
+/// What the platform keeps per flow (72 bytes).
 #[derive(Clone, Debug)]
 pub struct FlowActor {
     pub key: FlowKey,
@@ -29,16 +38,29 @@ pub struct FlowActor {
     /// Milliseconds since the runtime started.
     pub created_ms: u32,
     pub last_ms: u32,
+    /// Generation of the flow's live timer entry.
+    pub timer_gen: u32,
+    /// First of the flow's aliases in the alias slab.
+    first_alias: u32,
     /// The vswitch that feeds it (alias and end messages go there).
     pub vswitch: u16,
     pub flags: u8,
-    /// Generation of the flow's live timer entry.
-    pub timer_gen: u32,
-    /// Keys registered by functions that lead here too.
-    pub aliases: Option<Box<Vec<FlowKey>>>,
 }
 
 impl FlowActor {
+    pub fn new(key: FlowKey, id: u64, now_ms: u32, vswitch: u16, flags: u8) -> FlowActor {
+        FlowActor {
+            key,
+            id,
+            created_ms: now_ms,
+            last_ms: now_ms,
+            timer_gen: 0,
+            first_alias: NONE,
+            vswitch,
+            flags,
+        }
+    }
+
     pub fn has(&self, f: u8) -> bool {
         self.flags & f != 0
     }
@@ -46,6 +68,12 @@ impl FlowActor {
     pub fn closed(&self) -> bool {
         self.has(flag::RST) || (self.has(flag::FIN_ORIG) && self.has(flag::FIN_REPLY))
     }
+}
+
+struct AliasEntry {
+    key: FlowKey,
+    slot: u32,
+    next: u32,
 }
 
 /// How a packet's key was found.
@@ -58,25 +86,37 @@ pub enum Found {
 }
 
 pub struct FlowTable {
-    /// Keys and aliases to slots; the high bit marks an alias.
-    index: HashMap<FlowKey, u32, foldhash::fast::RandomState>,
-    actors: Vec<Option<FlowActor>>,
+    index: FlowIndex,
+    /// Seeded per process: keys come from the wire, and a fixed hash would let a sender pick
+    /// colliding keys.
+    hasher: KeyHasher,
+    actors: Vec<FlowActor>,
     free: Vec<u32>,
+    aliases: Vec<AliasEntry>,
+    free_aliases: Vec<u32>,
     live: usize,
     capacity: usize,
 }
 
-const ALIAS_BIT: u32 = 1 << 31;
+/// The key an index value stands for.
+fn key_of<'a>(actors: &'a [FlowActor], aliases: &'a [AliasEntry], v: u32) -> &'a FlowKey {
+    if v & ALIAS_BIT != 0 {
+        &aliases[(v & !ALIAS_BIT) as usize].key
+    } else {
+        &actors[v as usize].key
+    }
+}
 
 impl FlowTable {
     /// A table for at most `capacity` flows; memory grows with use, not up front.
     pub fn new(capacity: usize) -> FlowTable {
         FlowTable {
-            // Seeded per process: keys come from the wire, and a fixed hash would let a sender
-            // pick colliding keys.
-            index: HashMap::with_hasher(foldhash::fast::RandomState::default()),
+            index: FlowIndex::new(),
+            hasher: KeyHasher::default(),
             actors: Vec::new(),
             free: Vec::new(),
+            aliases: Vec::new(),
+            free_aliases: Vec::new(),
             live: 0,
             capacity,
         }
@@ -94,73 +134,141 @@ impl FlowTable {
         self.live >= self.capacity
     }
 
-    #[inline]
-    pub fn find(&self, key: &FlowKey) -> Option<Found> {
-        self.index.get(key).map(|&v| {
-            if v & ALIAS_BIT != 0 {
-                Found::Alias(v & !ALIAS_BIT)
-            } else {
-                Found::Key(v)
-            }
-        })
+    /// The hash a key is indexed under (computed once per packet, then reused).
+    #[inline(always)]
+    pub fn hash(&self, key: &FlowKey) -> u64 {
+        self.hasher.hash(key)
     }
 
-    /// Creates a flow actor; `None` when the table is full.
-    pub fn insert(&mut self, actor: FlowActor) -> Option<u32> {
-        if self.is_full() {
+    /// Batch lookups, step 1: start loading the index line a key's probe begins on.
+    #[inline(always)]
+    pub fn prefetch_bucket(&self, hash: u64) {
+        self.index.prefetch(hash);
+    }
+
+    /// Batch lookups, step 2: start loading the actor (or alias) the key probably names.
+    /// Returns that actor's slot, so the functions' states can be prefetched too.
+    #[inline(always)]
+    pub fn prefetch_entry(&self, hash: u64) -> Option<u32> {
+        let v = self.index.peek(hash)?;
+        if v & ALIAS_BIT != 0 {
+            let e = self.aliases.get((v & !ALIAS_BIT) as usize)?;
+            prefetch(e);
+            Some(e.slot)
+        } else {
+            let a = self.actors.get(v as usize)?;
+            prefetch(a);
+            Some(v)
+        }
+    }
+
+    #[inline]
+    pub fn find(&self, key: &FlowKey) -> Option<Found> {
+        self.find_hashed(key, self.hash(key))
+    }
+
+    #[inline]
+    pub fn find_hashed(&self, key: &FlowKey, hash: u64) -> Option<Found> {
+        let (actors, aliases) = (&self.actors, &self.aliases);
+        self.index
+            .find(hash, |v| key_of(actors, aliases, v) == key)
+            .map(|v| {
+                if v & ALIAS_BIT != 0 {
+                    Found::Alias(aliases[(v & !ALIAS_BIT) as usize].slot)
+                } else {
+                    Found::Key(v)
+                }
+            })
+    }
+
+    fn index_insert(&mut self, key: &FlowKey, v: u32) {
+        let hash = self.hasher.hash(key);
+        let (actors, aliases, hasher) = (&self.actors, &self.aliases, &self.hasher);
+        self.index
+            .insert(hash, v, |x| hasher.hash(key_of(actors, aliases, x)));
+    }
+
+    fn index_remove(&mut self, key: &FlowKey, v: u32) {
+        let hash = self.hasher.hash(key);
+        self.index.remove(hash, v);
+    }
+
+    /// Creates a flow actor; `None` when the table is full or the key exists.
+    pub fn insert(&mut self, mut actor: FlowActor) -> Option<u32> {
+        if self.is_full() || self.find(&actor.key).is_some() {
             return None;
         }
+        actor.flags |= flag::LIVE;
+        actor.first_alias = NONE;
         let key = actor.key;
         let slot = match self.free.pop() {
             Some(s) => {
-                self.actors[s as usize] = Some(actor);
+                self.actors[s as usize] = actor;
                 s
             }
             None => {
-                self.actors.push(Some(actor));
+                self.actors.push(actor);
                 (self.actors.len() - 1) as u32
             }
         };
-        self.index.insert(key, slot);
+        self.index_insert(&key, slot);
         self.live += 1;
         Some(slot)
     }
 
-    /// Makes `key` lead to `slot` too. An alias never replaces a flow's own key.
+    /// Makes `key` lead to `slot` too. An alias never replaces a flow's key or another alias.
     pub fn add_alias(&mut self, slot: u32, key: FlowKey) -> bool {
-        if self.index.contains_key(&key) {
+        if self.find(&key).is_some() || self.get(slot).is_none() {
             return false;
         }
-        let Some(Some(a)) = self.actors.get_mut(slot as usize) else {
-            return false;
+        let next = self.actors[slot as usize].first_alias;
+        let entry = AliasEntry { key, slot, next };
+        let i = match self.free_aliases.pop() {
+            Some(i) => {
+                self.aliases[i as usize] = entry;
+                i
+            }
+            None => {
+                self.aliases.push(entry);
+                (self.aliases.len() - 1) as u32
+            }
         };
-        a.aliases.get_or_insert_with(Default::default).push(key);
-        self.index.insert(key, slot | ALIAS_BIT);
+        self.actors[slot as usize].first_alias = i;
+        self.index_insert(&key, i | ALIAS_BIT);
         true
     }
 
     pub fn get(&self, slot: u32) -> Option<&FlowActor> {
-        self.actors.get(slot as usize).and_then(Option::as_ref)
+        self.actors.get(slot as usize).filter(|a| a.has(flag::LIVE))
     }
 
     pub fn get_mut(&mut self, slot: u32) -> Option<&mut FlowActor> {
-        self.actors.get_mut(slot as usize).and_then(Option::as_mut)
+        self.actors
+            .get_mut(slot as usize)
+            .filter(|a| a.has(flag::LIVE))
     }
 
-    /// Removes a flow, its key and its aliases; returns the actor.
-    pub fn remove(&mut self, slot: u32) -> Option<FlowActor> {
-        let actor = self.actors.get_mut(slot as usize)?.take()?;
-        self.index.remove(&actor.key);
-        if let Some(aliases) = &actor.aliases {
-            for a in aliases.iter() {
-                if self.index.get(a) == Some(&(slot | ALIAS_BIT)) {
-                    self.index.remove(a);
-                }
-            }
+    /// Removes a flow with its key and aliases; returns the actor and its alias keys.
+    pub fn remove(&mut self, slot: u32) -> Option<(FlowActor, Vec<FlowKey>)> {
+        let actor = self.get(slot)?.clone();
+        self.index_remove(&actor.key, slot);
+        let mut keys = Vec::new();
+        let mut a = actor.first_alias;
+        while a != NONE {
+            let (key, next) = {
+                let e = &self.aliases[a as usize];
+                (e.key, e.next)
+            };
+            self.index_remove(&key, a | ALIAS_BIT);
+            self.free_aliases.push(a);
+            keys.push(key);
+            a = next;
         }
+        self.actors[slot as usize].flags = 0;
+        self.actors[slot as usize].first_alias = NONE;
         self.free.push(slot);
         self.live -= 1;
-        Some(actor)
+        Some((actor, keys))
     }
 
     /// Slots of every live flow.
@@ -168,26 +276,18 @@ impl FlowTable {
         self.actors
             .iter()
             .enumerate()
-            .filter(|(_, a)| a.is_some())
+            .filter(|(_, a)| a.has(flag::LIVE))
             .map(|(i, _)| i as u32)
             .collect()
     }
 
-    /// Approximate bytes of memory used by the table and the actors (for the per-flow
-    /// overhead figure).
+    /// Bytes of memory allocated for the index, the actors and the aliases (capacity, so
+    /// growth slack included).
     pub fn memory(&self) -> usize {
-        let entry = std::mem::size_of::<(FlowKey, u32)>() + 1;
-        let aliases: usize = self
-            .actors
-            .iter()
-            .flatten()
-            .filter_map(|a| a.aliases.as_ref())
-            .map(|v| v.capacity() * std::mem::size_of::<FlowKey>() + 24)
-            .sum();
-        self.index.capacity() * entry
-            + self.actors.capacity() * std::mem::size_of::<Option<FlowActor>>()
-            + self.free.capacity() * 4
-            + aliases
+        self.index.memory()
+            + self.actors.capacity() * std::mem::size_of::<FlowActor>()
+            + self.aliases.capacity() * std::mem::size_of::<AliasEntry>()
+            + (self.free.capacity() + self.free_aliases.capacity()) * 4
     }
 }
 
@@ -207,16 +307,7 @@ mod tests {
     }
 
     fn actor(k: FlowKey) -> FlowActor {
-        FlowActor {
-            key: k,
-            id: 0,
-            created_ms: 0,
-            last_ms: 0,
-            vswitch: 1,
-            flags: 0,
-            timer_gen: 0,
-            aliases: None,
-        }
+        FlowActor::new(k, 0, 0, 1, 0)
     }
 
     #[test]
@@ -224,25 +315,59 @@ mod tests {
         let mut t = FlowTable::new(2);
         let a = t.insert(actor(key(1))).unwrap();
         assert!(t.add_alias(a, key(100)));
+        assert!(t.add_alias(a, key(101)));
         assert!(!t.add_alias(a, key(1)), "an alias never shadows a key");
         assert_eq!(t.find(&key(1)), Some(Found::Key(a)));
         assert_eq!(t.find(&key(100)), Some(Found::Alias(a)));
         let b = t.insert(actor(key(2))).unwrap();
         assert!(t.insert(actor(key(3))).is_none(), "full");
-        t.remove(a).unwrap();
+        let (_, aliases) = t.remove(a).unwrap();
+        assert_eq!(aliases.len(), 2);
         assert_eq!(t.find(&key(100)), None);
+        assert_eq!(t.find(&key(1)), None);
         let c = t.insert(actor(key(3))).unwrap();
         assert_eq!(c, a, "slots are reused");
+        assert!(t.add_alias(c, key(100)), "alias entries are reused");
         assert_ne!(b, c);
         assert_eq!(t.len(), 2);
+        assert_eq!(t.find(&key(2)), Some(Found::Key(b)));
+    }
+
+    #[test]
+    fn many_flows_survive_growth() {
+        let mut t = FlowTable::new(100_000);
+        for p in 0..50_000u16 {
+            let s = t.insert(actor(key(p))).unwrap();
+            assert!(t.add_alias(
+                s,
+                FlowKey::from_tuple(
+                    4,
+                    17,
+                    0,
+                    (FlowKey::v4([1, 1, 1, 1]), p),
+                    (FlowKey::v4([2, 2, 2, 2]), 9)
+                )
+                .0
+            ));
+        }
+        for p in (0..50_000u16).step_by(2) {
+            let Some(Found::Key(s)) = t.find(&key(p)) else {
+                panic!("lost {p}")
+            };
+            t.remove(s).unwrap();
+        }
+        for p in 0..50_000u16 {
+            assert_eq!(t.find(&key(p)).is_some(), p % 2 == 1, "{p}");
+        }
+        assert_eq!(t.len(), 25_000);
     }
 
     #[test]
     fn actor_is_small() {
         assert!(
-            std::mem::size_of::<Option<FlowActor>>() <= 96,
+            std::mem::size_of::<FlowActor>() <= 72,
             "{}",
-            std::mem::size_of::<Option<FlowActor>>()
+            std::mem::size_of::<FlowActor>()
         );
     }
 }

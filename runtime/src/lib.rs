@@ -4,6 +4,7 @@
 pub mod engine;
 pub mod events;
 pub mod flows;
+pub mod index;
 pub mod timers;
 
 use nflib::config::Config;

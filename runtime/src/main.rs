@@ -49,9 +49,7 @@ fn main() -> ExitCode {
         }
         let n = ep.recv_burst(&mut batch, BATCH);
         let now_ms = rt.now_ms();
-        for (from, p) in batch.drain(..) {
-            rt.process(ep, from, p, now_ms);
-        }
+        rt.process_batch(ep, &mut batch, now_ms);
         rt.expire(ep, now_ms);
         rt.flush(ep);
         if now.duration_since(last_publish) >= Duration::from_millis(100) {
