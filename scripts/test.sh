@@ -2,7 +2,8 @@
 # The test command: everything CI checks, in the order that fails fastest.
 #   formatting and lints -> one debug build of everything -> unit, integration and
 #   cross-process tests (root-only ones run when root; under CI=true a skip is a failure)
-#   -> loom model checks of the ring -> short benchmark smoke runs.
+#   -> loom model checks of the ring -> short fuzzing of the parsers -> short benchmark
+#   smoke runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,8 @@ cargo clippy --workspace --all-targets -q -- -D warnings
 
 step "build"
 cargo build --workspace --all-targets -q
+# The end-to-end tests run these binaries; they are fresh now.
+export NF_BINS_FRESH=1
 
 step "tests"
 if cargo nextest --version >/dev/null 2>&1; then
@@ -27,6 +30,9 @@ fi
 step "loom model checks"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
   cargo test -q -p nflib --lib --release loom_tests
+
+step "fuzz smoke"
+scripts/fuzz.sh --smoke
 
 step "benchmark smoke"
 python3 scripts/bench/run.py --smoke

@@ -193,3 +193,22 @@ fn an_idle_platform_sleeps() {
     drop(region);
     assert!(inst.stop().success());
 }
+
+#[test]
+fn processes_pinned_to_cores_start_and_run() {
+    // Pin to the last CPU: a pinned process sees only that CPU, yet must accept the
+    // configuration that named it.
+    let last = nflib::config::online_cpus() - 1;
+    let mut inst = Instance::new("pinned");
+    inst.start(&format!("[manager]\ncores = \"{last}\"\n{PIPELINE}"));
+    let region = inst.region(Duration::from_secs(20));
+    let s = inst.wait_for(&region, Duration::from_secs(20), "running", |s| {
+        s.processes.iter().all(|p| p.state == SlotState::Running)
+    });
+    for p in s.processes.iter().skip(1) {
+        assert_eq!(p.core, Some(last as u32), "{} pinned", p.name);
+        assert_eq!(p.restarts, 0, "{} restarted: {}", p.name, inst.log());
+    }
+    drop(region);
+    assert!(inst.stop().success());
+}

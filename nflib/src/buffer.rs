@@ -45,7 +45,7 @@ impl BufMeta {
         Some([b[0], b[1], b[2], b[3], b[4], b[5]])
     }
 
-    /// Forgets any saved MAC (a fresh allocation).
+    /// Forgets any saved MAC (done when the buffer is freed).
     pub fn clear_l2(&self) {
         self.l2.store(0, Ordering::Relaxed);
     }

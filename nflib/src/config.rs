@@ -623,9 +623,9 @@ impl Config {
                 bail!("vswitch.{}.flow_timeout_ms: must be above 0", v.name);
             }
         }
-        let ncpu = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        // CPUs of the machine, not those this process may run on: a process pinned to one
+        // CPU re-reads this configuration and must accept the cores it names.
+        let ncpu = online_cpus();
         let check_core = |key: String, core: Option<usize>| -> Result<()> {
             if let Some(c) = core {
                 if c >= ncpu {
@@ -862,6 +862,17 @@ impl Config {
 
     pub fn hugepages_conf_path(&self) -> PathBuf {
         self.base_dir.join(&self.region.hugepages_conf)
+    }
+}
+
+/// CPUs online on the machine (whatever this process's affinity).
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 {
+        n as usize
+    } else {
+        1
     }
 }
 

@@ -129,6 +129,8 @@ impl ManagerPool {
             self.double_frees += 1;
             return false;
         }
+        // A freed buffer forgets any saved address (the line is being written anyway).
+        meta.clear_l2();
         self.free.push(index);
         true
     }
@@ -362,6 +364,9 @@ impl PoolCache {
 
     #[inline]
     pub fn free(&mut self, p: Packet) {
+        // The process owned the buffer, so its metadata line is at hand: forget any saved
+        // address now rather than on every allocation.
+        self.region.meta_of(&p).clear_l2();
         self.cache.push(p.buf_index());
         if self.cache.len() >= 2 * self.batch {
             self.spill(self.batch);

@@ -601,7 +601,6 @@ impl Region {
     /// A fresh packet handle over buffer `index`, already owned by the caller, with the
     /// default headroom and length 0.
     pub(crate) fn fresh_packet(&self, index: u32) -> Packet {
-        self.buf_meta_unchecked(index).clear_l2();
         Packet::from_valid_desc(Desc {
             buf: index,
             off: self.inner.layout.config.data_offset() as u16,

@@ -9,6 +9,9 @@ References (../shared/design/BENCHMARKS.md):
   - DPDK's ring_perf_autotest (rte_ring with 16-byte elements between two cores).
 Ours:
   - ring and pool micro-benchmarks (nflib/benches/ring_pool.rs);
+  - one runtime core (core 1, the core testpmd forwards on) running firewall -> flow monitor
+    -> load balancer on 64-byte packets of 10k, 100k and 1M flows, with the platform's memory
+    per flow (runtime/benches/chain.rs);
   - end to end: generator -> vswitch -> runtime -> sink, 64-byte packets, 1000 flows, nfmgr on
     core 0 and the vswitch and runtime sharing core 1, two figures, each repeated (median and
     spread):
@@ -106,12 +109,12 @@ def cpu_mhz():
     return 0.0
 
 
-def ring_pool(smoke):
+def cargo_bench(package, bench, smoke):
     env = dict(os.environ)
     if smoke:
         env["NF_BENCH_SMOKE"] = "1"
     out = subprocess.run(
-        ["cargo", "bench", "-q", "-p", "nflib", "--bench", "ring_pool"],
+        ["cargo", "bench", "-q", "-p", package, "--bench", bench],
         cwd=ROOT, env=env, capture_output=True, text=True, check=True,
     ).stdout
     return [json.loads(l) for l in out.splitlines() if l.startswith("{")]
@@ -223,7 +226,12 @@ def main():
                   "cycles_per_op": med, "cycles_min": cyc[0], "cycles_max": cyc[-1],
                   "ns_per_op": round(med * 1000 / mhz, 2) if mhz else None})
 
-    for r in ring_pool(smoke):
+    for r in cargo_bench("nflib", "ring_pool", smoke):
+        emit(r)
+
+    for r in cargo_bench("nf-runtime", "chain", smoke):
+        if "macswap" in ref:
+            r["ratio_to_testpmd_macswap"] = round(r["mpps"] * 1e6 / ref["macswap"], 3)
         emit(r)
 
     if smoke:

@@ -13,19 +13,27 @@ use nflib::region::Region;
 use nflib::snapshot::RegionSnapshot;
 
 /// nfmgr, with nf-runtime and nf-vswitch built beside it.
+///
+/// `cargo test -p nf-manager` builds only this package's binaries, which would leave the
+/// children stale, so they are built once per test process (a no-op when fresh).
+/// `scripts/test.sh` builds the whole workspace first and sets `NF_BINS_FRESH=1` to skip it.
 pub fn nfmgr_bin() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let bin = PathBuf::from(env!("CARGO_BIN_EXE_nfmgr"));
     let dir = bin.parent().expect("bin dir").to_path_buf();
-    if !dir.join("nf-runtime").is_file() || !dir.join("nf-vswitch").is_file() {
-        // `cargo test -p nf-manager` builds only this package's binaries.
-        let profile_release = dir.ends_with("release");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.args(["build", "-p", "nf-runtime", "-p", "nf-vswitch"]);
-        if profile_release {
-            cmd.arg("--release");
-        }
-        let st = cmd.status().expect("run cargo build");
-        assert!(st.success(), "building nf-runtime and nf-vswitch failed");
+    let fresh = std::env::var("NF_BINS_FRESH").as_deref() == Ok("1")
+        && dir.join("nf-runtime").is_file()
+        && dir.join("nf-vswitch").is_file();
+    if !fresh {
+        BUILT.call_once(|| {
+            let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+            cmd.args(["build", "-q", "-p", "nf-runtime", "-p", "nf-vswitch"]);
+            if dir.ends_with("release") {
+                cmd.arg("--release");
+            }
+            let st = cmd.status().expect("run cargo build");
+            assert!(st.success(), "building nf-runtime and nf-vswitch failed");
+        });
     }
     bin
 }
