@@ -156,6 +156,11 @@ fn demo_config(
     for i in 0..runtimes {
         text += &format!("[[runtime]]\nname = \"rt{i}\"\n");
     }
+    // Every flow through a stateful firewall and a flow monitor.
+    text += "[[chain]]\nname = \"demo\"\n\
+             [[chain.nf]]\nkind = \"firewall\"\ndefault = \"deny\"\n\
+             rules = [ { action = \"allow\", proto = \"udp\" } ]\n\
+             [[chain.nf]]\nkind = \"flow_monitor\"\n";
     text += &format!(
         "[[port]]\nname = \"gen0\"\nspec = \"gen:\"\nto = \"sink0\"\nflows = {flows}\n\
          rate_pps = {rate:?}\npacket_size = {size}\nduration_ms = {}\n\

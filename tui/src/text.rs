@@ -140,6 +140,15 @@ pub fn summary(snap: &RegionSnapshot, ports: &[(String, Option<serde_json::Value
             drops_of(&p.counters),
             p.restarts
         );
+        for nf in &p.nfs {
+            let counters: Vec<String> = nf
+                .counters
+                .iter()
+                .filter(|(_, v)| **v > 0)
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect();
+            let _ = writeln!(out, "    {:<14} {}", nf.kind, counters.join(", "));
+        }
     }
     let _ = writeln!(out, "ports:");
     for (p, (_, report)) in snap.ports.iter().zip(ports) {
