@@ -1,7 +1,7 @@
 //! Real TCP through stateful service chains, in network namespaces (client -> [nfmgr with
 //! afpacket ports, vswitch, two runtimes] -> server). Needs root; CI runs it.
 //!
-//! - firewall -> NAT -> flow monitor: an iperf3 test completes, the server sees the NAT
+//! - firewall -> NAT -> flow monitor: a 10 s iperf3 test completes, the server sees the NAT
 //!   address, and the monitor's byte counts match iperf3's;
 //! - firewall -> HTTP parser -> load balancer over two backends: 50 curl downloads succeed,
 //!   both backends serve some, the parser recorded exactly the requested URIs;
@@ -129,7 +129,7 @@ kind = "flow_monitor"
         .expect("iperf3 server");
     std::thread::sleep(Duration::from_millis(300));
     let out = net
-        .exec(&net.client, &["iperf3", "-c", SERVER_IP, "-t", "3", "-J"])
+        .exec(&net.client, &["iperf3", "-c", SERVER_IP, "-t", "10", "-J"])
         .output()
         .expect("iperf3 client");
     let server_out = server.wait_with_output().expect("iperf3 server output");

@@ -72,7 +72,9 @@ impl Doorbells {
 
     /// A process started by nfmgr: adopts the inherited doorbells, after checking that each
     /// recorded number really is an eventfd in this process (writing to an unrelated file
-    /// because a number was stale would be far worse than failing to start).
+    /// because a number was stale would be far worse than failing to start). It keeps
+    /// duplicates, so a process that also created the doorbells (tests, benchmarks) never
+    /// has two owners of one descriptor.
     pub fn inherit(region: &Region) -> Result<Doorbells, DoorbellError> {
         let mut fds = Vec::new();
         for slot in 0..region.slot_count() {
@@ -87,9 +89,17 @@ impl Doorbells {
             if !is_eventfd(raw) {
                 return Err(DoorbellError::NotInherited { slot, fd: raw });
             }
-            // SAFETY: the descriptor is open in this process (checked above), was inherited
-            // for this purpose, and nothing else in the process owns it.
-            fds.push(Some(unsafe { OwnedFd::from_raw_fd(raw) }));
+            // SAFETY: duplicates a descriptor open in this process (checked above); the new
+            // number is ours alone.
+            let dup = unsafe { libc::fcntl(raw, libc::F_DUPFD_CLOEXEC, 0) };
+            if dup < 0 {
+                return Err(DoorbellError::Create {
+                    slot,
+                    source: io::Error::last_os_error(),
+                });
+            }
+            // SAFETY: `dup` was just created and is owned by nobody else.
+            fds.push(Some(unsafe { OwnedFd::from_raw_fd(dup) }));
         }
         Ok(Doorbells {
             region: region.clone(),

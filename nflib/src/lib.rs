@@ -22,6 +22,7 @@ pub mod endpoint;
 pub mod flow;
 pub mod hint;
 pub mod layout;
+pub mod local;
 pub mod msg;
 pub mod net;
 pub mod nf;

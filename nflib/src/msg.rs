@@ -18,9 +18,36 @@ pub const MSG_META: u32 = 0x4e46_4d01;
 pub enum Message {
     /// runtime -> vswitch: packets with this key belong to a flow the runtime holds (a
     /// function rewrote its addresses); dispatch them to the sender.
-    AddAlias { key: FlowKey },
+    AddAlias {
+        key: FlowKey,
+    },
     /// runtime -> vswitch: the flow with these keys ended; forget them.
-    FlowEnded { keys: Vec<FlowKey> },
+    FlowEnded {
+        keys: Vec<FlowKey>,
+    },
+    /// -> vswitch: send the flow with these keys to the runtime in slot `runtime` from now
+    /// on (migration, recovery). Answered with `RuntimeSet`.
+    SetRuntime {
+        keys: Vec<FlowKey>,
+        runtime: u16,
+        /// Echoed in the answer.
+        request: u64,
+    },
+    /// vswitch -> requester: the request was carried out for `moved` of its keys (the others
+    /// were unknown).
+    RuntimeSet {
+        request: u64,
+        moved: u32,
+    },
+    /// -> a runtime's liaison: are you there? Answered with `Pong`, carrying the runtime's
+    /// live flow count.
+    Ping {
+        seq: u64,
+    },
+    Pong {
+        seq: u64,
+        flows: u64,
+    },
 }
 
 /// Writes `msg` into a buffer; false if it does not fit.

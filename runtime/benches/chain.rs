@@ -14,14 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nflib::buffer::Desc;
-use nflib::doorbell::Doorbells;
 use nflib::endpoint::{Endpoint, BATCH};
-use nflib::layout::{RegionConfig, RingId};
+use nflib::layout::RingId;
+use nflib::local::LocalRegion;
 use nflib::packet::build::UdpV4;
 use nflib::pool::ManagerPool;
-use nflib::region::{CreateOptions, Region};
 use nflib::ring::{Consumer, Producer};
-use nflib::slot::{input_mac, ProcessKind, SlotState};
+use nflib::slot::{input_mac, ProcessKind};
 
 const CHAIN: &str = r#"
 [[chain]]
@@ -83,38 +82,24 @@ struct Result {
 }
 
 fn run(flows: usize, seconds: f64) -> Result {
-    let path = std::path::PathBuf::from(format!("/dev/shm/nf-chain-bench-{}", std::process::id()));
-    let _ = std::fs::remove_file(&path);
     let cfg_text = format!(
         "instance = \"bench\"\n[[vswitch]]\nname = \"vs\"\n[[runtime]]\nname = \"rt\"\nmax_flows = {}\n{CHAIN}",
         flows * 2
     );
-    let cfg = nflib::config::Config::parse(&cfg_text, std::path::Path::new(".")).expect("config");
-    let region = Region::create(&CreateOptions {
-        path: path.clone(),
-        config: RegionConfig {
-            slots: 3,
-            ports: 1,
-            buffers: 16384,
-            data_ring_size: 2048,
-            msg_ring_size: 4096,
-            ..cfg.region_config()
-        },
-        instance: "bench".into(),
-        page_size: 4096,
-        hugetlbfs: false,
-    })
-    .expect("region");
-    region.write_blob(cfg.frozen().as_bytes());
-    let _bells = Doorbells::create(&region).expect("doorbells");
     let rt_slot = 2u16;
-    let rec = region.slot(rt_slot).unwrap();
-    rec.kind
-        .store(ProcessKind::Runtime.raw(), Ordering::Relaxed);
-    rec.name.set("rt");
-    rec.set_state(SlotState::Starting);
-    region.mark_ready();
-
+    let local = LocalRegion::new(
+        "chain",
+        &cfg_text,
+        &[(rt_slot, ProcessKind::Runtime, "rt")],
+        |rc| {
+            rc.slots = 3;
+            rc.buffers = 16384;
+            rc.data_ring_size = 2048;
+            rc.msg_ring_size = 4096;
+        },
+    )
+    .expect("region");
+    let region = local.region.clone();
     let mut pool = ManagerPool::new(&region, 256);
     let tpl = templates(flows);
     // A shuffled visiting order (xorshift), the same for every round.
@@ -231,7 +216,7 @@ fn run(flows: usize, seconds: f64) -> Result {
                 let mpps = (done - c0) as f64 / t.elapsed().as_secs_f64() / 1e6;
                 stop.store(true, Ordering::Relaxed);
                 let (mem, state, live) = worker.join().expect("runtime thread");
-                let _ = std::fs::remove_file(&path);
+                drop(local);
                 return Result {
                     mpps,
                     platform_bytes_per_flow: mem as f64 / live.max(1) as f64,

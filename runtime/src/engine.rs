@@ -381,6 +381,11 @@ impl Runtime {
         self.messages.clear();
     }
 
+    /// Queues a message for `to` (sent by the next `flush`, before packets).
+    pub fn queue_message(&mut self, to: u16, m: Message) {
+        self.messages.push((to, m));
+    }
+
     /// Sends what processing produced: messages first (so aliases are known before the
     /// packets that need them), then packets to nfmgr.
     pub fn flush(&mut self, ep: &mut Endpoint) {

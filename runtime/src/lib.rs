@@ -5,12 +5,32 @@ pub mod engine;
 pub mod events;
 pub mod flows;
 pub mod index;
+pub mod liaison;
 pub mod timers;
 
 use nflib::config::Config;
 use nflib::endpoint::Endpoint;
 
 pub use engine::{FlowSettings, Runtime};
+
+/// Reads the runtime's message rings and hands each message to the liaison. Returns how many
+/// were read.
+pub fn serve_messages(
+    ep: &mut Endpoint,
+    rt: &mut Runtime,
+    liaison: &mut liaison::Liaison,
+    scratch: &mut Vec<(u16, nflib::Packet)>,
+) -> usize {
+    let n = ep.recv_messages(scratch, nflib::endpoint::BURST);
+    for (from, buf) in scratch.drain(..) {
+        match nflib::msg::decode(ep.region(), &buf) {
+            Some(m) => liaison.handle(rt, from, m),
+            None => liaison.unknown += 1,
+        }
+        ep.free(buf);
+    }
+    n
+}
 
 /// Builds the runtime for the process in `ep`'s slot from the configuration nfmgr stored in
 /// the region: its chain (functions built from their settings), flow settings and event log.

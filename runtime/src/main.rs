@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use nf_runtime::liaison::Liaison;
 use nflib::endpoint::{BATCH, BURST};
 use nflib::process::{attach, init_logging, run_loop, CommonArgs};
 use nflib::slot::ProcessKind;
@@ -37,16 +38,13 @@ fn main() -> ExitCode {
         }
     };
     rt.label_stats(&ep);
+    let mut liaison = Liaison::default();
     let mut msgs = Vec::with_capacity(BURST);
     let mut batch = Vec::with_capacity(BATCH);
     let mut last_publish = Instant::now();
     run_loop(&mut ep, &args.common, |ep, now| {
-        // No messages are addressed to runtimes yet (the liaison's requests come with the
-        // coordinator); read them so nothing is held.
-        let m = ep.recv_messages(&mut msgs, BURST);
-        for (_, msg) in msgs.drain(..) {
-            ep.free(msg);
-        }
+        // Messages first: the liaison answers what concerns the runtime.
+        let m = nf_runtime::serve_messages(ep, &mut rt, &mut liaison, &mut msgs);
         let n = ep.recv_burst(&mut batch, BATCH);
         let now_ms = rt.now_ms();
         rt.process_batch(ep, &mut batch, now_ms);

@@ -151,7 +151,9 @@ impl Dispatch {
     pub fn handle_messages(&mut self, ep: &mut Endpoint) -> usize {
         let n = ep.recv_messages(&mut self.msgs, BURST);
         let now_s = self.epoch.elapsed().as_secs() as u32;
-        for (from, m) in self.msgs.drain(..) {
+        let mut replies = Vec::new();
+        let mut msgs = std::mem::take(&mut self.msgs);
+        for (from, m) in msgs.drain(..) {
             match msg::decode(ep.region(), &m) {
                 Some(Message::AddAlias { key }) => {
                     self.table.insert(
@@ -169,11 +171,45 @@ impl Dispatch {
                         }
                     }
                 }
-                None => ep.counters().add(ProcCounter::DropInvalidDesc as usize, 1),
+                Some(Message::SetRuntime {
+                    keys,
+                    runtime,
+                    request,
+                }) => {
+                    let moved = self.set_runtime(&keys, runtime);
+                    replies.push((from, Message::RuntimeSet { request, moved }));
+                }
+                Some(_) | None => ep.counters().add(ProcCounter::DropInvalidDesc as usize, 1),
             }
             ep.free(m);
         }
+        self.msgs = msgs;
+        for (to, reply) in replies {
+            if let Some(mut buf) = ep.alloc() {
+                if msg::encode(ep.region(), &mut buf, &reply) {
+                    ep.send_messages(to, &mut vec![buf]);
+                } else {
+                    ep.free(buf);
+                }
+            }
+        }
         n
+    }
+
+    /// Points known flows at another runtime (one of this vswitch's targets). Returns how
+    /// many of the keys were known.
+    pub fn set_runtime(&mut self, keys: &[FlowKey], runtime: u16) -> u32 {
+        if !self.chain_slots.iter().any(|c| c.contains(&runtime)) {
+            return 0;
+        }
+        let mut moved = 0;
+        for k in keys {
+            if let Some(e) = self.table.get_mut(k) {
+                e.runtime = runtime;
+                moved += 1;
+            }
+        }
+        moved
     }
 
     fn chain_for(&self, h: &Headers, frame: &[u8]) -> Option<usize> {
@@ -296,5 +332,118 @@ impl Dispatch {
             .add(ProcCounter::FlowsExpired as usize, expired);
         ep.counters()
             .set(ProcCounter::FlowsActive as usize, self.table.len() as u64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nflib::buffer::Desc;
+    use nflib::layout::RingId;
+    use nflib::local::LocalRegion;
+    use nflib::packet::build::UdpV4;
+    use nflib::pool::ManagerPool;
+    use nflib::ring::{Consumer, Producer};
+    use nflib::slot::ProcessKind;
+    use std::sync::atomic::Ordering;
+
+    const CONFIG: &str =
+        "[[vswitch]]\nname = \"vs\"\n[[runtime]]\nname = \"rt0\"\n[[runtime]]\nname = \"rt1\"\n";
+
+    fn frame(port: u16) -> Vec<u8> {
+        let mut b = vec![0u8; 64];
+        UdpV4 {
+            src_mac: [2, 0, 0, 0, 0, 1],
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src_ip: [10, 0, 0, 1],
+            dst_ip: [10, 0, 0, 2],
+            src_port: port,
+            dst_port: 53,
+            payload_len: 22,
+        }
+        .write(&mut b)
+        .unwrap();
+        b
+    }
+
+    #[test]
+    fn a_flow_moves_to_another_runtime_on_request() {
+        let local = LocalRegion::new(
+            "vsmove",
+            CONFIG,
+            &[
+                (1, ProcessKind::Vswitch, "vs"),
+                (2, ProcessKind::Runtime, "rt0"),
+                (3, ProcessKind::Runtime, "rt1"),
+            ],
+            |_| {},
+        )
+        .unwrap();
+        let r = &local.region;
+        r.slot(1).unwrap().targets.store(0b1100, Ordering::Relaxed);
+        let mut pool = ManagerPool::new(r, 64);
+        pool.service(1, true);
+        let mut ep = Endpoint::attach(local.path(), 1, ProcessKind::Vswitch).unwrap();
+        let mut d = Dispatch::new(r, 1, &local.config).unwrap();
+        let mut to_vs = Producer::new(r.ring::<Desc>(RingId::Data { from: 0, to: 1 }).unwrap());
+        let send = |to_vs: &mut Producer<Desc>, pool: &mut ManagerPool| {
+            let mut p = pool.alloc().unwrap();
+            r.fill(&mut p, &frame(1000));
+            assert!(to_vs.push(p.into_desc()));
+        };
+        let mut batch = Vec::new();
+        let occupancy = |rt: u16| {
+            r.ring::<Desc>(RingId::Data { from: 1, to: rt })
+                .unwrap()
+                .occupancy()
+        };
+
+        send(&mut to_vs, &mut pool);
+        ep.recv_burst(&mut batch, 8);
+        d.dispatch(&mut ep, &mut batch, Instant::now());
+        let first = if occupancy(2) == 1 { 2 } else { 3 };
+        let other = 5 - first;
+        assert_eq!(occupancy(first), 1);
+
+        // nfmgr (slot 0) asks for the flow to move.
+        let h = packet::parse(&frame(1000)).unwrap();
+        let (key, _) = FlowKey::of(&h);
+        let mut m = pool.alloc().unwrap();
+        assert!(msg::encode(
+            r,
+            &mut m,
+            &Message::SetRuntime {
+                keys: vec![key],
+                runtime: other,
+                request: 42
+            }
+        ));
+        let mut to_vs_msg =
+            Producer::new(r.ring::<Desc>(RingId::Message { from: 0, to: 1 }).unwrap());
+        assert!(to_vs_msg.push(m.into_desc()));
+        assert_eq!(d.handle_messages(&mut ep), 1);
+        let mut replies =
+            Consumer::new(r.ring::<Desc>(RingId::Message { from: 1, to: 0 }).unwrap());
+        let mut out = [Desc::default(); 2];
+        assert_eq!(replies.peek_burst(&mut out), 1);
+        let reply = r.claim(out[0], 1, 0).unwrap();
+        replies.release(1);
+        assert_eq!(
+            msg::decode(r, &reply),
+            Some(Message::RuntimeSet {
+                request: 42,
+                moved: 1
+            })
+        );
+        pool.free(reply);
+
+        // The flow's next packet goes to the other runtime.
+        send(&mut to_vs, &mut pool);
+        ep.recv_burst(&mut batch, 8);
+        d.dispatch(&mut ep, &mut batch, Instant::now());
+        assert_eq!(occupancy(other), 1);
+        assert_eq!(occupancy(first), 1, "nothing more to the old runtime");
+        // A runtime that is not a target is refused.
+        assert_eq!(d.set_runtime(&[key], 9), 0);
     }
 }

@@ -208,7 +208,7 @@ impl Ids {
         else {
             return false;
         };
-        let start = end - c.bytes.len() as u64;
+        let start = end.saturating_sub(c.bytes.len() as u64);
         let offset = c.offset.unwrap_or(0);
         start >= offset && c.depth.is_none_or(|d| end <= offset + d)
     }
@@ -344,10 +344,17 @@ impl NetworkFunction for Ids {
                         ci,
                         ..Scan::default()
                     };
-                    let bytes = payload.to_vec();
+                    let mut bytes = std::mem::take(&mut self.scratch);
+                    bytes.clear();
+                    bytes.extend_from_slice(payload);
                     self.scan(&mut scan, &bytes);
+                    self.scratch = bytes;
                 }
             }
+        }
+        // Nothing matched and every rule needs a content: the common case, done.
+        if self.hits.is_empty() && self.contentless.is_empty() {
+            return Verdict::Forward;
         }
         // Contents found: record them, then see which rules are now complete.
         let hits = std::mem::take(&mut self.hits);
