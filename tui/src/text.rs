@@ -177,6 +177,18 @@ pub fn summary(snap: &RegionSnapshot, ports: &[(String, Option<serde_json::Value
         if p.kind == PortKind::Generator {
             let _ = write!(line, "  generated {}", p.counters["gen_sent"]);
         }
+        // Every packet a port lost names its reason, so a sink's loss can be traced to the
+        // place it happened (a generator skips a due packet when the vswitch ring is full).
+        let lost_here: Vec<String> = PORT_DROP_COUNTERS
+            .iter()
+            .filter_map(|&(key, what)| {
+                let n = p.counters.get(key).copied().unwrap_or(0);
+                (n > 0).then(|| format!("{what} {n}"))
+            })
+            .collect();
+        if !lost_here.is_empty() {
+            let _ = write!(line, "  dropped: {}", lost_here.join(", "));
+        }
         let _ = writeln!(out, "{line}");
     }
     let _ = writeln!(
@@ -186,6 +198,17 @@ pub fn summary(snap: &RegionSnapshot, ports: &[(String, Option<serde_json::Value
     );
     out
 }
+
+/// A port's drop counters and how the summary names them.
+const PORT_DROP_COUNTERS: [(&str, &str); 7] = [
+    ("rx_drop_ring_full", "vswitch ring full"),
+    ("rx_drop_no_buffer", "no buffer"),
+    ("rx_oversize", "oversize"),
+    ("rx_unsupported", "unsupported"),
+    ("rx_kernel_drops", "kernel"),
+    ("tx_drop_full", "tx queue full"),
+    ("tx_errors", "tx errors"),
+];
 
 #[cfg(test)]
 mod tests {
@@ -228,19 +251,33 @@ mod tests {
                 nfs: Vec::new(),
                 counters: counters(&[("rx_pkts", 1000), ("tx_pkts", 990), ("drop_ring_full", 10)]),
             }],
-            ports: vec![PortSnapshot {
-                index: 0,
-                name: "sink0".into(),
-                kind: PortKind::Sink,
-                counters: counters(&[
-                    ("rx_pkts", 0),
-                    ("tx_pkts", 990),
-                    ("sink_rx", 990),
-                    ("sink_lost", 10),
-                    ("sink_duplicates", 0),
-                    ("sink_reordered", 1),
-                ]),
-            }],
+            ports: vec![
+                PortSnapshot {
+                    index: 0,
+                    name: "sink0".into(),
+                    kind: PortKind::Sink,
+                    counters: counters(&[
+                        ("rx_pkts", 0),
+                        ("tx_pkts", 990),
+                        ("sink_rx", 990),
+                        ("sink_lost", 10),
+                        ("sink_duplicates", 0),
+                        ("sink_reordered", 1),
+                    ]),
+                },
+                PortSnapshot {
+                    index: 1,
+                    name: "gen0".into(),
+                    kind: PortKind::Generator,
+                    counters: counters(&[
+                        ("rx_pkts", 1000),
+                        ("tx_pkts", 0),
+                        ("gen_sent", 1000),
+                        ("rx_drop_ring_full", 3),
+                        ("tx_errors", 0),
+                    ]),
+                },
+            ],
         }
     }
 
@@ -248,16 +285,20 @@ mod tests {
     fn summary_renders_fixed_stats() {
         let text = summary(
             &fixed(),
-            &[(
-                "sink0".into(),
-                Some(serde_json::json!({"latency_avg_ns": 12_500})),
-            )],
+            &[
+                (
+                    "sink0".into(),
+                    Some(serde_json::json!({"latency_avg_ns": 12_500})),
+                ),
+                ("gen0".into(), None),
+            ],
         );
         let expected = "\
 processes:
   rt0      runtime  rx         1000 tx          990 drops       10 restarts 2
 ports:
   sink0    sink      in            0 out          990  received 990 lost 10 duplicates 0 reordered 1 latency avg 12.5 us
+  gen0     generator in         1000 out            0  generated 1000  dropped: vswitch ring full 3
 pool: 1024 buffers, 1000 free, 20 cached, 4 in use, 7 reclaimed from dead processes
 ";
         assert_eq!(text, expected);
