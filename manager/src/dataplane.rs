@@ -3,8 +3,9 @@
 //!
 //! One loop, run to completion:
 //! 1. commands from the supervisor (reclaim a dead slot, hand a slot back for a restart);
-//! 2. claim what processes sent to nfmgr and transmit it on the egress port each descriptor
-//!    names;
+//! 2. claim what processes sent to nfmgr: actor frames (for nfmgr's own endpoint, or signed
+//!    and sent to another server by the relay), then packets, transmitted on the egress port
+//!    each descriptor names or wrapped for the server they must go to (see `relay`);
 //! 3. unless those rings are backed up, receive from each port into the ring of the vswitch
 //!    it feeds, taking no more than the ring can hold right now (backpressure reaches the
 //!    port, never a silent drop inside the platform);
@@ -32,6 +33,7 @@ use ringbuf::{HeapCons, HeapProd};
 
 use crate::ports::pcap::Recorder;
 use crate::ports::{wall_ns, Port, PortCtx};
+use crate::relay::{Inbound, Relay};
 
 /// How often the pool's refill and recycle rings are serviced.
 const POOL_SERVICE_EVERY: Duration = Duration::from_millis(1);
@@ -96,6 +98,12 @@ pub struct Dataplane {
     to_proc: Vec<Option<Producer<Desc>>>,
     from_proc: Vec<Option<Consumer<Desc>>>,
     msg_from: Vec<Option<Consumer<Desc>>>,
+    msg_to: Vec<Option<Producer<Desc>>>,
+    relay: Relay,
+    /// Frames waiting for a port (output of runtimes on other servers).
+    pending_tx: Vec<Vec<Packet>>,
+    /// Counters of the cluster port when there is none (so the relay always has some).
+    spare_counters: LocalCounters<PORT_COUNTERS>,
     chan: Channels,
     counters: LocalCounters<PROC_COUNTERS>,
     /// Slots with no process whose input rings nfmgr keeps draining.
@@ -121,11 +129,13 @@ impl Dataplane {
         ports: Vec<PortSlot>,
         chan: Channels,
         opts: Options,
+        relay: Relay,
     ) -> Dataplane {
         let slots = region.slot_count();
         let mut to_proc = Vec::new();
         let mut from_proc = Vec::new();
         let mut msg_from = Vec::new();
+        let mut msg_to = Vec::new();
         for s in 0..slots {
             to_proc.push(
                 region
@@ -151,7 +161,16 @@ impl Dataplane {
                     })
                     .map(Consumer::new),
             );
+            msg_to.push(
+                region
+                    .ring(RingId::Message {
+                        from: MANAGER_SLOT,
+                        to: s,
+                    })
+                    .map(Producer::new),
+            );
         }
+        let nports = ports.len();
         let counters = region
             .slot(MANAGER_SLOT)
             .map(|s| LocalCounters::resume(&s.counters.0))
@@ -164,6 +183,10 @@ impl Dataplane {
             to_proc,
             from_proc,
             msg_from,
+            msg_to,
+            relay,
+            pending_tx: (0..nports).map(|_| Vec::new()).collect(),
+            spare_counters: LocalCounters::default(),
             chan,
             counters,
             dead: 0,
@@ -216,6 +239,10 @@ impl Dataplane {
     fn receive(&mut self, now: Instant, batch: &mut Vec<Packet>) -> usize {
         let mut moved = 0;
         for i in 0..self.ports.len() {
+            if self.relay.port == Some(i) {
+                moved += self.receive_cluster(i, now, batch);
+                continue;
+            }
             let (vs, egress) = (self.ports[i].vswitch, self.ports[i].egress);
             let Some(egress) = egress else { continue };
             // Frames wait in the device (or the generator's schedule) until the vswitch runs.
@@ -282,11 +309,128 @@ impl Dataplane {
         moved
     }
 
+    /// The cluster port -> message and data rings of local processes, nfmgr's own
+    /// endpoint, or (a remote runtime's output) the port the packet leaves from.
+    fn receive_cluster(&mut self, i: usize, now: Instant, batch: &mut Vec<Packet>) -> usize {
+        let ps = &mut self.ports[i];
+        let mut ctx = PortCtx {
+            region: &self.region,
+            pool: &mut self.pool,
+            counters: &mut ps.counters,
+            now,
+        };
+        batch.clear();
+        ps.port.rx(&mut ctx, batch, MAX_RX_PER_PORT);
+        let n = batch.len();
+        if n == 0 {
+            return 0;
+        }
+        ps.counters.add(PortCounter::RxPkts as usize, n as u64);
+        let now_ns = nflib::time::mono_ns();
+        let region = self.region.clone();
+        let alive = |s: u16| {
+            region
+                .slot(s)
+                .map(|r| r.state() == SlotState::Running)
+                .unwrap_or(false)
+        };
+        for p in batch.drain(..) {
+            let c = &mut self.ports[i].counters;
+            match self
+                .relay
+                .on_cluster_frame(&self.region, &mut self.pool, p, now_ns, &alive, c)
+            {
+                Inbound::Message(slot, p) => {
+                    Self::push_one(&mut self.msg_to, &mut self.pool, &self.region, slot, p);
+                    self.wake |= 1u64 << slot;
+                }
+                Inbound::Data(slot, p) => {
+                    Self::push_one(&mut self.to_proc, &mut self.pool, &self.region, slot, p);
+                    self.wake |= 1u64 << slot;
+                }
+                Inbound::Port(port, p) => match self.pending_tx.get_mut(port as usize) {
+                    Some(q) => q.push(p),
+                    None => self.pool.free(p),
+                },
+                Inbound::Done => {}
+            }
+        }
+        n
+    }
+
+    /// Pushes one packet onto a ring of nfmgr's, freeing it if the ring is full (actor
+    /// frames are sent again by their transport; data is dropped as at any full ring).
+    fn push_one(
+        rings: &mut [Option<Producer<Desc>>],
+        pool: &mut ManagerPool,
+        region: &Region,
+        slot: u16,
+        p: Packet,
+    ) {
+        let Some(Some(ring)) = rings.get_mut(slot as usize) else {
+            pool.free(p);
+            return;
+        };
+        let d = p.into_desc();
+        if !ring.push(d) {
+            if let Some(rec) = region.slot(slot) {
+                rec.input_drops
+                    .0
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            if let Some(p) = region.claim(d, MANAGER_SLOT as u32, MANAGER_SLOT as u32) {
+                pool.free(p);
+            }
+        }
+    }
+
+    /// nfmgr's own endpoint and the relay's commands: frames due now go to local message
+    /// rings or the cluster port. Returns work done.
+    fn service_relay(&mut self) -> usize {
+        let mut work = self.relay.handle_commands();
+        let mut local = Vec::new();
+        let now_ns = nflib::time::mono_ns();
+        let c = match self.relay.port {
+            Some(i) => &mut self.ports[i].counters,
+            None => &mut self.spare_counters,
+        };
+        self.relay
+            .flush(&self.region, &mut self.pool, now_ns, &mut local, c);
+        for (slot, p) in local {
+            Self::push_one(&mut self.msg_to, &mut self.pool, &self.region, slot, p);
+            self.wake |= 1u64 << slot;
+            work += 1;
+        }
+        work
+    }
+
     /// Process rings -> ports. Returns frames moved.
     fn transmit(&mut self, tx: &mut [Vec<Packet>]) -> usize {
         let mut descs = [Desc::default(); BURST];
         let mut moved = 0;
         let nports = self.ports.len();
+        // Messages first: an alias a runtime registers must leave before the packet that
+        // made it (between servers the two share the cluster port, in this order).
+        let now_ns = nflib::time::mono_ns();
+        for s in 1..self.msg_from.len() {
+            let Some(ring) = self.msg_from[s].as_mut() else {
+                continue;
+            };
+            let n = ring.peek_burst(&mut descs);
+            for d in &descs[..n] {
+                if let Some(p) = self.region.claim(*d, s as u32, MANAGER_SLOT as u32) {
+                    let c = match self.relay.port {
+                        Some(i) => &mut self.ports[i].counters,
+                        None => &mut self.spare_counters,
+                    };
+                    self.relay
+                        .on_process_message(&self.region, &mut self.pool, p, now_ns, c);
+                }
+            }
+            ring.release(n);
+            self.counters.add(ProcCounter::MsgRx as usize, n as u64);
+            moved += n;
+        }
         for s in 1..self.from_proc.len() {
             let Some(ring) = self.from_proc[s].as_mut() else {
                 continue;
@@ -301,7 +445,19 @@ impl Dataplane {
             for d in &descs[..n] {
                 match self.region.claim(*d, s as u32, MANAGER_SLOT as u32) {
                     Some(p) if (p.egress_port() as usize) < nports => {
-                        tx[p.egress_port() as usize].push(p)
+                        let c = match self.relay.port {
+                            Some(i) => &mut self.ports[i].counters,
+                            None => &mut self.spare_counters,
+                        };
+                        if let Some(p) = self.relay.on_process_data(
+                            &self.region,
+                            &mut self.pool,
+                            s as u16,
+                            p,
+                            c,
+                        ) {
+                            tx[p.egress_port() as usize].push(p)
+                        }
                     }
                     Some(p) => {
                         self.counters.add(ProcCounter::DropInvalidDesc as usize, 1);
@@ -313,6 +469,13 @@ impl Dataplane {
             ring.release(n);
             self.counters.add(ProcCounter::RxPkts as usize, n as u64);
             moved += n;
+        }
+        for (i, q) in self.pending_tx.iter_mut().enumerate() {
+            moved += q.len();
+            tx[i].append(q);
+        }
+        if let Some(i) = self.relay.port {
+            tx[i].append(&mut self.relay.cluster_tx);
         }
         let now_ns = if moved > 0 { wall_ns() } else { 0 };
         for (i, pkts) in tx.iter_mut().enumerate() {
@@ -334,22 +497,6 @@ impl Dataplane {
                 now: Instant::now(),
             };
             ps.port.tx(&mut ctx, pkts);
-        }
-        // Messages to nfmgr: none are defined yet; claim and free so nothing is held.
-        let mut mdescs = [Desc::default(); BURST];
-        for s in 1..self.msg_from.len() {
-            let Some(ring) = self.msg_from[s].as_mut() else {
-                continue;
-            };
-            let n = ring.peek_burst(&mut mdescs);
-            for d in &mdescs[..n] {
-                if let Some(p) = self.region.claim(*d, s as u32, MANAGER_SLOT as u32) {
-                    self.pool.free(p);
-                }
-            }
-            ring.release(n);
-            self.counters.add(ProcCounter::MsgRx as usize, n as u64);
-            moved += n;
         }
         moved
     }
@@ -423,6 +570,10 @@ impl Dataplane {
 
     fn sleep(&mut self, now: Instant) {
         let mut deadline = now + Duration::from_millis(100);
+        if let Some(t) = self.relay.mailbox.next_timeout() {
+            let mono = nflib::time::mono_ns();
+            deadline = deadline.min(now + Duration::from_nanos(t.saturating_sub(mono)));
+        }
         for p in &self.ports {
             if let Some(t) = p.port.next_wake(now) {
                 deadline = deadline.min(t);
@@ -462,6 +613,7 @@ impl Dataplane {
             if !self.egress_backlogged() {
                 moved += self.receive(now, &mut batch);
             }
+            moved += self.service_relay();
             // Processes allocate rarely and recycle in batches; a millisecond is plenty.
             if now.duration_since(last_service) >= POOL_SERVICE_EVERY {
                 self.service_pool();

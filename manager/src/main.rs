@@ -5,12 +5,17 @@
 //! nfmgr start --config FILE     run an instance in the foreground until SIGTERM/SIGINT
 //! nfmgr demo                    generator -> vswitch -> 2 runtimes -> sink, no root needed
 //! nfmgr stats [--json]          counters of a running instance, read from its region
+//! nfmgr status|runtimes|flows|stop|msgtest [--json]
+//!                               ask a running instance through its control socket
 //! ```
 
+mod cli;
+mod control;
 mod dataplane;
 mod hugepages;
 mod instance;
 mod ports;
+mod relay;
 mod supervisor;
 mod sys;
 
@@ -76,6 +81,50 @@ enum Cmd {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// The instance, its cluster (members, their state) and its processes.
+    Status {
+        #[command(flatten)]
+        target: cli::Target,
+    },
+    /// Every vswitch and runtime of the cluster, with its workload.
+    Runtimes {
+        #[command(flatten)]
+        target: cli::Target,
+    },
+    /// Flows held by the runtimes (or one of them: NAME, NAME@SERVER or SERVER/SLOT).
+    Flows {
+        #[command(flatten)]
+        target: cli::Target,
+        #[arg(long)]
+        runtime: Option<String>,
+        /// Flows listed per runtime at most.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Stop the instance (as SIGTERM does).
+    Stop {
+        #[command(flatten)]
+        target: cli::Target,
+    },
+    /// Send numbered actor messages from one runtime's liaison to another's and check that
+    /// every one arrives exactly once, in order; report rate, latency and retransmissions.
+    Msgtest {
+        #[command(flatten)]
+        target: cli::Target,
+        /// Sending runtime (NAME, NAME@SERVER or SERVER/SLOT).
+        #[arg(long)]
+        from: String,
+        /// Receiving runtime.
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Payload bytes per message.
+        #[arg(long, default_value_t = 64)]
+        size: u32,
+        #[arg(long, default_value_t = 300.0)]
+        timeout_s: f64,
+    },
     /// Print the counters of a running instance.
     Stats {
         #[arg(long, default_value = "default")]
@@ -125,6 +174,22 @@ fn main() {
             dir,
             json,
         } => stats(&instance, &dir, json),
+        Cmd::Status { target } => cli::status(&target),
+        Cmd::Runtimes { target } => cli::runtimes(&target),
+        Cmd::Flows {
+            target,
+            runtime,
+            limit,
+        } => cli::flows(&target, runtime, limit),
+        Cmd::Stop { target } => cli::stop(&target),
+        Cmd::Msgtest {
+            target,
+            from,
+            to,
+            count,
+            size,
+            timeout_s,
+        } => cli::msgtest(&target, &from, &to, count, size, timeout_s),
     };
     if let Err(e) = result {
         eprintln!("nfmgr: {e:#}");
@@ -255,6 +320,44 @@ fn check_chains(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// Reads the cluster key: 64 hex digits are 32 bytes, anything else is taken as raw bytes
+/// (at least 16).
+fn load_cluster_key(cfg: &Config) -> Result<Option<Vec<u8>>> {
+    let Some(path) = &cfg.cluster.key_file else {
+        return Ok(None);
+    };
+    let path = cfg.base_dir.join(path);
+    let raw = std::fs::read(&path)
+        .with_context(|| format!("cluster.key_file: cannot read {}", path.display()))?;
+    let text = String::from_utf8_lossy(&raw);
+    let t = text.trim();
+    let key = if t.len() >= 32 && t.len() % 2 == 0 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        (0..t.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&t[i..i + 2], 16).unwrap_or(0))
+            .collect()
+    } else {
+        raw
+    };
+    if key.len() < 16 {
+        bail!(
+            "cluster.key_file: {} holds {} bytes; a cluster key needs at least 16 (e.g. `head -c 32 /dev/urandom | xxd -p -c 64`)",
+            path.display(),
+            key.len()
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(&path) {
+        if m.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                "cluster key {} is readable by other users; chmod 600 it",
+                path.display()
+            );
+        }
+    }
+    Ok(Some(key))
+}
+
 fn run(cfg: Config, demo: bool) -> Result<()> {
     check_chains(&cfg)?;
     let mut instance = Instance::acquire(&cfg.instance, &cfg.region.dir)?;
@@ -334,6 +437,23 @@ fn build_ports(
 
 fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()> {
     let started = Instant::now();
+    let cluster_key = load_cluster_key(cfg)?;
+    // Bind what others connect to before anything starts, so a taken address is a clear
+    // error at start.
+    let listener = match &cfg.cluster.listen {
+        Some(a) => Some(
+            std::net::TcpListener::bind(a)
+                .with_context(|| format!("cluster.listen: cannot listen on {a}"))?,
+        ),
+        None => None,
+    };
+    let metrics_listener = match &cfg.manager.metrics_listen {
+        Some(a) => Some(
+            std::net::TcpListener::bind(a)
+                .with_context(|| format!("manager.metrics_listen: cannot listen on {a}"))?,
+        ),
+        None => None,
+    };
     let region_cfg = cfg.region_config();
     let layout = Layout::new(region_cfg)?;
     let placement = hugepages::place(
@@ -460,6 +580,54 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
     );
     region.mark_ready();
 
+    // nfmgr's control endpoint and the relay between servers (data-plane thread), and the
+    // control thread that drives the cluster.
+    let incarnation = nflib::time::wall_ns();
+    let (ctl_tx, ctl_rx) = std::sync::mpsc::channel();
+    let (relay_tx, relay_rx) = std::sync::mpsc::channel();
+    let cluster_port = cfg
+        .cluster
+        .port
+        .as_ref()
+        .and_then(|p| cfg.ports.iter().position(|q| &q.name == p));
+    let relay = relay::Relay::new(
+        cfg.cluster.server_id,
+        cluster_key
+            .as_deref()
+            .map(nflib::wire::auth::FrameKey::derive),
+        cluster_port,
+        nflib::mailbox::Mailbox::new(
+            nflib::wire::EndpointAddr::new(cfg.cluster.server_id, nflib::MANAGER_SLOT),
+            incarnation,
+            cfg.cluster.transport(),
+        ),
+    )
+    .with_channels(ctl_tx.clone(), relay_rx);
+    let control = control::Control::new(
+        cfg.clone(),
+        region.clone(),
+        bells.clone(),
+        relay_tx,
+        ctl_tx.clone(),
+        incarnation,
+        cluster_key,
+    );
+    let handle = control.handle();
+    let socket_path = cfg.control_socket_path();
+    control::socket::serve(&socket_path, handle.clone()).with_context(|| {
+        format!(
+            "cannot create the control socket {} (manager.control_socket)",
+            socket_path.display()
+        )
+    })?;
+    if let Some(l) = metrics_listener {
+        control::metrics::serve(l, handle.clone()).context("cannot start the metrics server")?;
+    }
+    let control_thread = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || control.run(ctl_rx, listener))
+        .context("cannot start the control thread")?;
+
     let dp = Dataplane::new(
         &region,
         pool,
@@ -475,6 +643,7 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
             busy_poll: cfg.manager.busy_poll,
             publish_every: Duration::from_millis(cfg.manager.stats_interval_ms),
         },
+        relay,
     );
     let dp_core = cfg.manager.core;
     let dp_thread = std::thread::Builder::new()
@@ -506,6 +675,9 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
             println!("{line}");
         }
     });
+    let _ = ctl_tx.send(control::Event::Shutdown);
+    let _ = control_thread.join();
+    let _ = std::fs::remove_file(&socket_path);
     sup.stop_all();
     sup.shutdown_dataplane();
     let outcome = dp_thread

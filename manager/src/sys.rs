@@ -70,3 +70,28 @@ pub fn prepare_child(cmd: &mut Command, keep_fds: Vec<RawFd>, core: Option<usize
         });
     }
 }
+
+/// Fills `buf` with random bytes from the kernel (getrandom(2)), for authentication nonces.
+pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: the pointer and length describe the unfilled tail of `buf`, which we own
+        // mutably for the duration of the call.
+        let n = unsafe {
+            libc::getrandom(
+                buf[filled..].as_mut_ptr() as *mut libc::c_void,
+                buf.len() - filled,
+                0,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}

@@ -22,7 +22,25 @@ pub struct BufMeta {
     /// The frame's destination MAC before the vswitch addressed it to a runtime (low 48
     /// bits), with bit 63 set while it is rewritten. Touched only by the buffer's owner.
     l2: AtomicU64,
+    /// Where a packet that came from another server must go back to (see [`Route`]), with
+    /// bit 63 set when there is one. Touched only by the buffer's owner.
+    route: AtomicU64,
 }
+
+/// The server a packet entered the cluster at, for a packet a runtime processes on behalf of
+/// a vswitch on another server: its output goes back there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub server: u16,
+    /// The slot of the vswitch that dispatched it (messages about the flow go there).
+    pub vswitch: u8,
+    /// The port it leaves from on that server.
+    pub egress: u8,
+    /// The port it arrived on there.
+    pub ingress: u8,
+}
+
+const ROUTE_SET: u64 = 1 << 63;
 
 const L2_REWRITTEN: u64 = 1 << 63;
 
@@ -45,9 +63,32 @@ impl BufMeta {
         Some([b[0], b[1], b[2], b[3], b[4], b[5]])
     }
 
-    /// Forgets any saved MAC (done when the buffer is freed).
+    /// Records where the packet came from (nfmgr, when it unwraps a packet from another
+    /// server).
+    pub fn set_route(&self, r: Route) {
+        let v = ROUTE_SET
+            | (r.server as u64) << 24
+            | (r.vswitch as u64) << 16
+            | (r.egress as u64) << 8
+            | r.ingress as u64;
+        self.route.store(v, Ordering::Relaxed);
+    }
+
+    /// Where the packet came from, if another server.
+    pub fn route(&self) -> Option<Route> {
+        let v = self.route.load(Ordering::Relaxed);
+        (v & ROUTE_SET != 0).then_some(Route {
+            server: (v >> 24) as u16,
+            vswitch: (v >> 16) as u8,
+            egress: (v >> 8) as u8,
+            ingress: v as u8,
+        })
+    }
+
+    /// Forgets the saved MAC and route (done when the buffer is freed).
     pub fn clear_l2(&self) {
         self.l2.store(0, Ordering::Relaxed);
+        self.route.store(0, Ordering::Relaxed);
     }
 }
 
@@ -73,6 +114,10 @@ pub struct Desc {
 }
 
 const _: () = assert!(std::mem::size_of::<Desc>() == 16);
+
+/// `Desc::flags`: a data packet for a runtime on another server (its destination MAC names
+/// the runtime); nfmgr wraps it and sends it there.
+pub const DESC_REMOTE: u16 = 1;
 
 /// An owned packet buffer. Created only by allocation or by a validated dequeue; consumed by
 /// enqueueing or freeing. Dropping one without freeing it leaks the buffer until its process

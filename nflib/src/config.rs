@@ -42,6 +42,9 @@ pub struct Config {
     pub manager: ManagerSection,
     #[serde(default)]
     pub supervisor: SupervisorSection,
+    /// This server's place in a cluster; a stand-alone nfmgr is a cluster of one.
+    #[serde(default)]
+    pub cluster: ClusterSection,
     #[serde(default, rename = "vswitch")]
     pub vswitches: Vec<VswitchConfig>,
     #[serde(default, rename = "runtime")]
@@ -303,6 +306,10 @@ pub struct ManagerSection {
     /// Microseconds a process keeps polling after its last work before it sleeps.
     #[serde(default = "d_idle_poll")]
     pub idle_poll_us: u64,
+    /// The control socket the CLI talks to (default: `nfmgr-INSTANCE.sock` in region.dir).
+    pub control_socket: Option<PathBuf>,
+    /// Serve metrics in Prometheus text format on this TCP address (`127.0.0.1:9470`).
+    pub metrics_listen: Option<String>,
 }
 
 fn d_stats_interval() -> u64 {
@@ -315,6 +322,102 @@ fn d_idle_poll() -> u64 {
 impl Default for ManagerSection {
     fn default() -> Self {
         toml::from_str("").expect("defaults parse")
+    }
+}
+
+/// `[cluster]`: one nfmgr is the coordinator (`listen`), the others join it
+/// (`coordinator`). Actor frames between servers leave and arrive on `port`, signed with the
+/// key in `key_file`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// This server's number, unique in the cluster (1-65535); it is part of every MAC of its
+    /// processes.
+    #[serde(default = "d_server_id")]
+    pub server_id: u16,
+    /// A name for status output (default: the host name).
+    pub name: Option<String>,
+    /// Be the coordinator: accept members on this TCP address (`ADDR:PORT`).
+    pub listen: Option<String>,
+    /// Join the coordinator at this TCP address.
+    pub coordinator: Option<String>,
+    /// The cluster key: a file of at least 16 bytes (64 hex digits are read as 32 bytes).
+    pub key_file: Option<PathBuf>,
+    /// The port actor frames and data to and from other servers use.
+    pub port: Option<String>,
+    /// Managers send each other a heartbeat this often.
+    #[serde(default = "d_heartbeat")]
+    pub heartbeat_ms: u64,
+    /// A member (or the coordinator) silent for this long is dead.
+    #[serde(default = "d_member_timeout")]
+    pub member_timeout_ms: u64,
+    /// Largest frame payload on the cluster port (the link's MTU).
+    #[serde(default = "d_mtu")]
+    pub mtu: u32,
+    /// Retransmission timeout of actor messages as a multiple of the measured RTT.
+    #[serde(default = "d_rto_factor")]
+    pub rto_factor: u32,
+    #[serde(default = "d_min_rto")]
+    pub min_rto_us: u64,
+    /// A peer that acknowledges nothing for this long is given up (its messages are lost).
+    #[serde(default = "d_peer_dead")]
+    pub peer_dead_after_ms: u64,
+    /// Actor frames in flight per pair of endpoints (1-64).
+    #[serde(default = "d_window")]
+    pub window: u32,
+}
+
+fn d_server_id() -> u16 {
+    1
+}
+fn d_heartbeat() -> u64 {
+    100
+}
+fn d_member_timeout() -> u64 {
+    500
+}
+fn d_mtu() -> u32 {
+    1500
+}
+fn d_rto_factor() -> u32 {
+    10
+}
+fn d_min_rto() -> u64 {
+    2000
+}
+fn d_peer_dead() -> u64 {
+    3000
+}
+fn d_window() -> u32 {
+    64
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+impl ClusterSection {
+    /// Whether this nfmgr is part of a cluster of more than itself.
+    pub fn enabled(&self) -> bool {
+        self.listen.is_some() || self.coordinator.is_some()
+    }
+
+    pub fn is_coordinator(&self) -> bool {
+        self.coordinator.is_none()
+    }
+
+    /// Settings of the reliable transport of actor messages.
+    pub fn transport(&self) -> crate::reliable::TransportConfig {
+        crate::reliable::TransportConfig {
+            window: self.window as u64,
+            rto_factor: self.rto_factor as u64,
+            min_rto_ns: self.min_rto_us * 1000,
+            dead_after_ns: self.peer_dead_after_ms * 1_000_000,
+            max_payload: self.mtu as usize - crate::wire::HEADER_LEN - crate::wire::TAG_LEN,
+            ..crate::reliable::TransportConfig::default()
+        }
     }
 }
 
@@ -398,6 +501,18 @@ pub struct VswitchConfig {
     pub flow_timeout_ms: u64,
     /// Chain for flows no steering rule matches; with a single chain it is that one.
     pub default_chain: Option<String>,
+    /// `cluster`: dispatch to the runtimes of a chain on every server of the cluster;
+    /// `local`: only to those of this server.
+    #[serde(default)]
+    pub scope: DispatchScope,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DispatchScope {
+    #[default]
+    Cluster,
+    Local,
 }
 
 fn d_flow_timeout() -> u64 {
@@ -691,7 +806,13 @@ impl Config {
                 p.ring_frames.is_some() && !is_af,
                 "afpacket:",
             )?;
-            if spec.receives() {
+            let cluster_port = self.cluster.port.as_deref() == Some(p.name.as_str());
+            if cluster_port && !matches!(spec, PortSpec::AfPacket(_)) {
+                bail!("cluster.port: port `{}` must be an afpacket: port", p.name);
+            }
+            if cluster_port {
+                only("to", p.to.is_some(), "traffic (not the cluster port)")?;
+            } else if spec.receives() {
                 if p.to.is_none() {
                     bail!("{key}.to: frames arrive on this port, so it needs a `to` port");
                 }
@@ -747,7 +868,89 @@ impl Config {
         if self.ports.len() > crate::layout::MAX_PORTS as usize {
             bail!("port: at most {} ports", crate::layout::MAX_PORTS);
         }
+        self.validate_cluster()?;
         self.validate_chains()
+    }
+
+    fn validate_cluster(&self) -> Result<()> {
+        let c = &self.cluster;
+        if c.server_id == 0 {
+            bail!("cluster.server_id: must be between 1 and 65535");
+        }
+        if c.listen.is_some() && c.coordinator.is_some() {
+            bail!("cluster.listen, cluster.coordinator: set one (the coordinator listens, members join it)");
+        }
+        for (key, addr) in [("listen", &c.listen), ("coordinator", &c.coordinator)] {
+            if let Some(a) = addr {
+                if a.parse::<std::net::SocketAddr>().is_err() {
+                    bail!("cluster.{key}: `{a}` is not ADDR:PORT");
+                }
+            }
+        }
+        if let Some(a) = &self.manager.metrics_listen {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                bail!("manager.metrics_listen: `{a}` is not ADDR:PORT");
+            }
+        }
+        if c.enabled() {
+            if c.key_file.is_none() {
+                bail!("cluster.key_file: required in a cluster (frames between servers are signed with it)");
+            }
+            if c.port.is_none() {
+                bail!("cluster.port: required in a cluster (the port frames to other servers use)");
+            }
+        } else if c.port.is_some() {
+            bail!("cluster.port: only in a cluster (set cluster.listen or cluster.coordinator)");
+        }
+        if let Some(p) = &c.port {
+            if !self.ports.iter().any(|q| &q.name == p) {
+                bail!("cluster.port: no port named `{p}`");
+            }
+        }
+        if c.heartbeat_ms == 0 || c.member_timeout_ms <= c.heartbeat_ms {
+            bail!("cluster.member_timeout_ms: must exceed cluster.heartbeat_ms (above 0)");
+        }
+        if !(576..=9000).contains(&c.mtu) {
+            bail!("cluster.mtu: must be between 576 and 9000 (got {})", c.mtu);
+        }
+        let room = self.region_config().data_room();
+        let frame = c.mtu + crate::wire::ENCAP_LEN as u32;
+        if frame > room {
+            bail!("cluster.mtu: frames of {frame} bytes (MTU plus encapsulation) do not fit the {room}-byte data room of a buffer; raise region.buffer_size");
+        }
+        if !(1..=64).contains(&c.window) {
+            bail!("cluster.window: must be between 1 and 64");
+        }
+        if c.rto_factor == 0 || c.min_rto_us == 0 || c.peer_dead_after_ms == 0 {
+            bail!("cluster: rto_factor, min_rto_us and peer_dead_after_ms must be above 0");
+        }
+        if let Some(n) = &c.name {
+            if n.is_empty() || n.len() > 63 {
+                bail!("cluster.name: must be 1-63 characters");
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the control socket is.
+    pub fn control_socket_path(&self) -> PathBuf {
+        match &self.manager.control_socket {
+            Some(p) => self.base_dir.join(p),
+            None => self
+                .region
+                .dir
+                .join(format!("nfmgr-{}.sock", self.instance)),
+        }
+    }
+
+    /// This server's name in the cluster.
+    pub fn server_name(&self) -> String {
+        self.cluster.name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| format!("server{}", self.cluster.server_id))
+        })
     }
 
     fn validate_chains(&self) -> Result<()> {

@@ -69,6 +69,8 @@ pub struct Endpoint {
     /// consumer needs the CPU, so the loop yields (see `Idle::after`).
     congested: bool,
     started: Instant,
+    /// Monotonic nanoseconds by which the loop must run again (a transport timer), if any.
+    wake_at_ns: Option<u64>,
 }
 
 impl Endpoint {
@@ -158,7 +160,28 @@ impl Endpoint {
             wake: 0,
             congested: false,
             started: Instant::now(),
+            wake_at_ns: None,
         })
+    }
+
+    /// A transport session for this process: above the last one any process in this slot
+    /// used, and normally the wall-clock time, so that it also exceeds what a previous nfmgr
+    /// run handed out.
+    pub fn new_session(&self) -> u64 {
+        let Some(rec) = self.region.slot(self.me) else {
+            return crate::time::wall_ns();
+        };
+        let prev = rec.session.load(Ordering::Acquire);
+        // Room for the bumps a transport makes when it gives up on a peer.
+        let s = crate::time::wall_ns().max(prev + (1 << 20));
+        rec.session.store(s, Ordering::Release);
+        s
+    }
+
+    /// The loop must run again by this monotonic time (None: no deadline), even if no
+    /// packet arrives: idle sleeps end then.
+    pub fn wake_by(&mut self, at_ns: Option<u64>) {
+        self.wake_at_ns = at_ns;
     }
 
     /// Tells nfmgr this process is up (after its own initialisation).
@@ -379,7 +402,12 @@ impl Endpoint {
     }
 
     pub fn alloc(&mut self) -> Option<Packet> {
-        self.pool.alloc()
+        let p = self.pool.alloc();
+        if self.pool.take_starving() {
+            // nfmgr refills caches when it services the pool; if it sleeps, wake it.
+            self.wake |= 1u64 << crate::MANAGER_SLOT;
+        }
+        p
     }
 
     pub fn free(&mut self, p: Packet) {
@@ -403,6 +431,16 @@ impl Endpoint {
     /// Sleeps until a producer rings the doorbell or `timeout` passes, unless input arrived
     /// meanwhile. Returns true if it actually slept.
     pub fn sleep(&mut self, timeout: Duration) -> bool {
+        let timeout = match self.wake_at_ns {
+            Some(at) => {
+                let now = crate::time::mono_ns();
+                if at <= now {
+                    return false;
+                }
+                timeout.min(Duration::from_nanos(at - now))
+            }
+            None => timeout,
+        };
         self.bells.prepare_sleep(self.me);
         if self.has_input() || self.stop_requested() {
             self.bells.cancel_sleep(self.me);

@@ -11,11 +11,14 @@
 //!   and counters), used by nf-vswitch and nf-runtime.
 //! - [`packet`], [`flow`]: typed views over packet bytes and the flow key.
 //! - [`pcap`]: reading and writing pcap and pcapng files.
+//! - [`wire`], [`reliable`]: actor message frames and their reliable delivery between
+//!   endpoints (an I/O-free state machine).
 //!
 //! `unsafe` code is confined to `region` (mapping and typed access), `ring` (slot access),
 //! `doorbell` (eventfd system calls) and `sync`.
 
 pub mod buffer;
+pub mod cluster;
 pub mod config;
 pub mod doorbell;
 pub mod endpoint;
@@ -23,6 +26,7 @@ pub mod flow;
 pub mod hint;
 pub mod layout;
 pub mod local;
+pub mod mailbox;
 pub mod msg;
 pub mod net;
 pub mod nf;
@@ -31,12 +35,15 @@ pub mod pcap;
 pub mod pool;
 pub mod process;
 pub mod region;
+pub mod reliable;
 pub mod ring;
 pub mod slot;
 pub mod snapshot;
 pub mod stats;
 pub mod stream;
 mod sync;
+pub mod time;
+pub mod wire;
 
 pub use buffer::{Desc, Packet};
 pub use layout::{RegionConfig, RingId, MANAGER_SLOT};

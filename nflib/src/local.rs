@@ -70,3 +70,105 @@ impl Drop for LocalRegion {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// Plays nfmgr's part (slot 0) for such tests: owns the pool and talks to the processes
+/// through a mailbox over the message rings, the way nfmgr's data plane does.
+pub struct LocalManager {
+    pub pool: crate::pool::ManagerPool,
+    pub mailbox: crate::mailbox::Mailbox,
+    region: Region,
+}
+
+impl LocalManager {
+    pub fn new(local: &LocalRegion) -> LocalManager {
+        let region = local.region.clone();
+        let me = crate::wire::EndpointAddr::new(local.config.cluster.server_id, 0);
+        LocalManager {
+            pool: crate::pool::ManagerPool::new(&region, 256),
+            mailbox: crate::mailbox::Mailbox::new(
+                me,
+                crate::time::wall_ns(),
+                local.config.cluster.transport(),
+            ),
+            region,
+        }
+    }
+
+    /// Refills the pool caches of every slot (processes allocate from them).
+    pub fn service(&mut self) {
+        for s in 1..self.region.slot_count() {
+            self.pool.service(s, true);
+        }
+    }
+
+    /// Sends `msg` to the liaison of the process in `slot` and pushes the frames.
+    pub fn send(&mut self, slot: u16, msg: &crate::msg::Message) {
+        let to = crate::wire::EndpointAddr::new(self.mailbox.me().server, slot);
+        self.mailbox
+            .send(to, crate::wire::LIAISON, crate::wire::LIAISON, msg)
+            .expect("queue has room");
+        self.flush();
+    }
+
+    /// Pushes whatever the mailbox has due (acks included) onto the message rings.
+    pub fn flush(&mut self) {
+        let now = crate::time::mono_ns();
+        let pool = &mut self.pool;
+        let mut spare = Vec::new();
+        self.mailbox
+            .build_frames(now, &self.region, &mut || pool.alloc(), &mut |p| {
+                spare.push(p)
+            });
+        for p in spare {
+            self.pool.free(p);
+        }
+        let out: Vec<_> = self.mailbox.take_out().collect();
+        for (to, p) in out {
+            let ring = self.region.ring::<crate::Desc>(crate::RingId::Message {
+                from: 0,
+                to: to.slot,
+            });
+            match ring {
+                Some(r) => {
+                    let desc = p.into_desc();
+                    if !crate::ring::Producer::new(r).push(desc) {
+                        // Ring full: the transport sends the frame again later.
+                        self.pool.free(crate::Packet::from_valid_desc(desc));
+                    }
+                }
+                None => self.pool.free(p),
+            }
+        }
+    }
+
+    /// Reads the frames processes sent to slot 0, answers with acks, and returns the
+    /// messages that arrived.
+    pub fn receive(&mut self) -> Vec<crate::mailbox::Envelope> {
+        let now = crate::time::mono_ns();
+        for s in 1..self.region.slot_count() {
+            let Some(r) = self
+                .region
+                .ring::<crate::Desc>(crate::RingId::Message { from: s, to: 0 })
+            else {
+                continue;
+            };
+            let mut cons = crate::ring::Consumer::new(r);
+            let mut descs = [crate::Desc::default(); 32];
+            loop {
+                let n = cons.peek_burst(&mut descs);
+                if n == 0 {
+                    break;
+                }
+                for d in &descs[..n] {
+                    if let Some(p) = self.region.claim(*d, s as u32, 0) {
+                        self.mailbox.handle_frame(self.region.data(&p), now);
+                        self.pool.free(p);
+                    }
+                }
+                cons.release(n);
+            }
+        }
+        self.flush();
+        self.mailbox.take_inbox()
+    }
+}

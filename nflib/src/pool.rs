@@ -324,6 +324,8 @@ pub struct PoolCache {
     cache: Vec<u32>,
     batch: usize,
     refused: u64,
+    /// The refill ring gave less than asked: nfmgr should service the pool soon.
+    starving: bool,
 }
 
 impl PoolCache {
@@ -336,6 +338,7 @@ impl PoolCache {
             cache: Vec::with_capacity(batch * 3),
             batch: batch.max(1),
             refused: 0,
+            starving: false,
         })
     }
 
@@ -353,6 +356,9 @@ impl PoolCache {
         let mut buf = [0u32; 64];
         let want = self.batch.min(buf.len());
         let n = self.refill.pop_burst(&mut buf[..want]);
+        if n < want || self.refill.view().occupancy() < want as u32 {
+            self.starving = true;
+        }
         for &i in &buf[..n] {
             // nfmgr marks refill buffers as ours before sending them; refuse anything else.
             match self.region.buf_meta(i) {
@@ -388,6 +394,11 @@ impl PoolCache {
 
     pub fn cached(&self) -> usize {
         self.cache.len()
+    }
+
+    /// Whether the cache ran low since the last call (and clears the flag).
+    pub fn take_starving(&mut self) -> bool {
+        std::mem::take(&mut self.starving)
     }
 
     /// Refill entries refused because they were not marked as ours.

@@ -662,6 +662,31 @@ impl Region {
         true
     }
 
+    /// Grows the packet by `n` bytes at its front, into the headroom (for a header to
+    /// prepend); false if the headroom is too small.
+    pub fn prepend(&self, p: &mut Packet, n: usize) -> bool {
+        let d = p.desc_mut();
+        let min = crate::layout::BUF_META_SIZE as usize;
+        if (d.off as usize) < min + n || d.len as usize + n > u16::MAX as usize {
+            return false;
+        }
+        d.off -= n as u16;
+        d.len += n as u16;
+        true
+    }
+
+    /// Removes `n` bytes from the packet's front (a header that was read); false if the
+    /// packet is shorter.
+    pub fn strip_front(&self, p: &mut Packet, n: usize) -> bool {
+        let d = p.desc_mut();
+        if n > d.len as usize {
+            return false;
+        }
+        d.off += n as u16;
+        d.len -= n as u16;
+        true
+    }
+
     /// Writes `frame` into the packet's buffer and sets its length; false if it does not fit.
     pub fn fill(&self, p: &mut Packet, frame: &[u8]) -> bool {
         let room = self.room_mut(p);

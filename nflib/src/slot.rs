@@ -86,13 +86,6 @@ impl ProcessKind {
     }
 }
 
-/// The MAC address a vswitch gives frames it sends to the process in `slot` on server
-/// `server` (locally administered, unicast: 02:4e:46 "NF", then server and slot).
-pub fn input_mac(server: u16, slot: u16) -> [u8; 6] {
-    let s = server.to_be_bytes();
-    [0x02, 0x4e, 0x46, s[0], s[1], slot as u8]
-}
-
 /// One entry of the process directory.
 #[repr(C, align(64))]
 pub struct SlotRecord {
@@ -115,6 +108,10 @@ pub struct SlotRecord {
     pub restarts: AtomicU32,
     /// Last exit: exit code when >= 0, minus the signal number when < 0.
     pub last_exit: AtomicI32,
+    /// The last transport session a process in this slot used; each new one starts above it
+    /// (see `Endpoint::new_session`), so peers can tell a restarted process from a late
+    /// frame even if the wall clock stepped back.
+    pub session: AtomicU64,
     pub name: ShmName,
     /// Set by the process before it sleeps on its doorbell; producers check it after
     /// publishing (see `doorbell`).

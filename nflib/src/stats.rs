@@ -31,7 +31,7 @@ macro_rules! counter_set {
 
 counter_set!(
     /// Counters of a process slot (nfmgr, a vswitch or a runtime).
-    ProcCounter, PROC_COUNTERS = 32, [
+    ProcCounter, PROC_COUNTERS = 40, [
     RxPkts => "rx_pkts",
     RxBytes => "rx_bytes",
     TxPkts => "tx_pkts",
@@ -58,6 +58,13 @@ counter_set!(
     DropNoChain => "drop_no_chain",
     DropMisaddressed => "drop_misaddressed",
     EventsDropped => "events_dropped",
+    ActorMsgsSent => "actor_msgs_sent",
+    ActorMsgsDelivered => "actor_msgs_delivered",
+    ActorMsgsLost => "actor_msgs_lost",
+    ActorRetransmits => "actor_retransmits",
+    ActorTimeouts => "actor_timeouts",
+    ActorBadFrames => "actor_bad_frames",
+    ActorSendRefused => "actor_send_refused",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the
@@ -114,7 +121,7 @@ impl NfStatsRecord {
 
 counter_set!(
     /// Counters of one of nfmgr's ports.
-    PortCounter, PORT_COUNTERS = 32, [
+    PortCounter, PORT_COUNTERS = 48, [
     RxPkts => "rx_pkts",
     RxBytes => "rx_bytes",
     TxPkts => "tx_pkts",
@@ -140,6 +147,15 @@ counter_set!(
     SinkLatencyNsMax => "sink_latency_ns_max",
     ReplayDone => "replay_done",
     Recorded => "recorded",
+    CtlRx => "ctl_rx",
+    CtlTx => "ctl_tx",
+    CtlAuthFailed => "ctl_auth_failed",
+    CtlNotMember => "ctl_not_member",
+    CtlBad => "ctl_bad",
+    DataTx => "data_tx",
+    DataRx => "data_rx",
+    DataBad => "data_bad",
+    RxIgnored => "rx_ignored",
 ]);
 
 /// A writer's private copy of a counter block.

@@ -20,7 +20,8 @@ use nflib::local::LocalRegion;
 use nflib::packet::build::UdpV4;
 use nflib::pool::ManagerPool;
 use nflib::ring::{Consumer, Producer};
-use nflib::slot::{input_mac, ProcessKind};
+use nflib::slot::ProcessKind;
+use nflib::wire::EndpointAddr;
 
 const CHAIN: &str = r#"
 [[chain]]
@@ -115,11 +116,13 @@ fn run(flows: usize, seconds: f64) -> Result {
     let stop = Arc::new(AtomicBool::new(false));
     let processed = Arc::new(AtomicU64::new(0));
     let (stop2, processed2, region2) = (stop.clone(), processed.clone(), region.clone());
+    let cfg = local.config.clone();
     let worker = std::thread::spawn(move || {
         pin(1);
         let mut ep =
             Endpoint::attach(region2.path(), rt_slot, ProcessKind::Runtime).expect("attach");
-        let mut rt = nf_runtime::from_region(&ep).expect("runtime");
+        let mut rt = nf_runtime::from_region(&ep, &cfg).expect("runtime");
+        let mut mb = nf_runtime::mailbox(&ep, &cfg);
         let mut batch = Vec::with_capacity(BATCH);
         let mut n = 0u64;
         while !stop2.load(Ordering::Relaxed) {
@@ -127,7 +130,7 @@ fn run(flows: usize, seconds: f64) -> Result {
             let now = rt.now_ms();
             rt.process_batch(&mut ep, &mut batch, now);
             rt.expire(&mut ep, now);
-            rt.flush(&mut ep);
+            rt.flush(&mut ep, &mut mb, nflib::time::mono_ns());
             n += got as u64;
             processed2.store(n, Ordering::Relaxed);
         }
@@ -164,7 +167,7 @@ fn run(flows: usize, seconds: f64) -> Result {
             })
             .unwrap(),
     );
-    let mac = input_mac(0, rt_slot);
+    let mac = EndpointAddr::new(1, rt_slot).input_mac();
     let mut next = 0usize;
     let mut descs = [Desc::default(); 64];
     let send = |p: nflib::Packet, to_rt: &mut Producer<Desc>, next: &mut usize| {

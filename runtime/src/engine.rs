@@ -16,10 +16,12 @@ use std::time::Instant;
 
 use nflib::endpoint::Endpoint;
 use nflib::flow::{Direction, FlowKey};
-use nflib::msg::{self, Message};
+use nflib::mailbox::Mailbox;
+use nflib::msg::Message;
 use nflib::nf::{tcp_flags, Dir, NfContext, PacketMut, Stage, Verdict};
 use nflib::packet::ParseError;
 use nflib::stats::{ProcCounter, NF_COUNTERS};
+use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Packet, MANAGER_SLOT};
 
 use crate::events::EventLog;
@@ -46,19 +48,25 @@ pub struct Runtime {
     fired: Vec<Entry>,
     pub events: EventLog,
     settings: FlowSettings,
-    /// The address the vswitch gives frames it sends here.
+    /// This runtime in the cluster.
+    me: EndpointAddr,
+    /// The address vswitches give frames they send here.
     mac: [u8; 6],
     epoch: Instant,
     next_id: u64,
     aliases: Vec<FlowKey>,
     out: Vec<Packet>,
-    messages: Vec<(u16, Message)>,
+    /// Aliases and ended flows to tell the vswitches that feed them (sent by `flush`, one
+    /// message per vswitch, before the packets that need them).
+    new_aliases: Vec<(EndpointAddr, FlowKey)>,
+    ended: Vec<(EndpointAddr, FlowKey)>,
     prepared: Vec<Prepared>,
 }
 
 /// A packet parsed and hashed in the first pass of a batch.
 struct Prepared {
-    from: u16,
+    /// The vswitch that sent it (through nfmgr when it is on another server).
+    vswitch: EndpointAddr,
     pkt: Packet,
     h: nflib::packet::Headers,
     key: FlowKey,
@@ -71,7 +79,7 @@ impl Runtime {
         stages: Vec<Box<dyn Stage>>,
         settings: FlowSettings,
         events: EventLog,
-        mac: [u8; 6],
+        me: EndpointAddr,
     ) -> Runtime {
         let n = stages.len();
         Runtime {
@@ -83,12 +91,14 @@ impl Runtime {
             fired: Vec::new(),
             events,
             settings,
-            mac,
+            me,
+            mac: me.input_mac(),
             epoch: Instant::now(),
             next_id: 1,
             aliases: Vec::new(),
             out: Vec::new(),
-            messages: Vec::new(),
+            new_aliases: Vec::new(),
+            ended: Vec::new(),
             prepared: Vec::new(),
         }
     }
@@ -106,6 +116,10 @@ impl Runtime {
         &self.flows
     }
 
+    pub fn me(&self) -> EndpointAddr {
+        self.me
+    }
+
     /// Processes a batch of packets (with the slot each came from), in three passes so the
     /// cache misses of a large flow table overlap instead of following one another: parse,
     /// hash and prefetch every packet's index line; prefetch the actors and function states
@@ -119,6 +133,11 @@ impl Runtime {
         let region = ep.region().clone();
         let mut prepared = std::mem::take(&mut self.prepared);
         for (from, mut pkt) in batch.drain(..) {
+            // Packets from another server's vswitch come through nfmgr, which noted where.
+            let vswitch = match region.meta_of(&pkt).route() {
+                Some(r) if from == MANAGER_SLOT => EndpointAddr::new(r.server, r.vswitch as u16),
+                _ => EndpointAddr::new(self.me.server, from),
+            };
             // The vswitch addressed the frame to us; put its own destination back.
             if let Some(orig) = region.meta_of(&pkt).take_dst_mac() {
                 let data = region.data_mut(&mut pkt);
@@ -139,7 +158,7 @@ impl Runtime {
                     let hash = self.flows.hash(&key);
                     self.flows.prefetch_bucket(hash);
                     prepared.push(Prepared {
-                        from,
+                        vswitch,
                         pkt,
                         h,
                         key,
@@ -167,7 +186,7 @@ impl Runtime {
         }
         for p in prepared.drain(..) {
             let Prepared {
-                from,
+                vswitch,
                 mut pkt,
                 h,
                 key,
@@ -178,7 +197,7 @@ impl Runtime {
             let result = {
                 let room = region.room_mut(&mut pkt);
                 match PacketMut::with_headers(room, len, h) {
-                    Ok(mut pm) => self.run_chain(ep, from, &mut pm, key, kdir, hash, now_ms),
+                    Ok(mut pm) => self.run_chain(ep, vswitch, &mut pm, key, kdir, hash, now_ms),
                     Err(_) => None,
                 }
             };
@@ -207,7 +226,7 @@ impl Runtime {
     fn run_chain(
         &mut self,
         ep: &mut Endpoint,
-        from: u16,
+        from: EndpointAddr,
         pm: &mut PacketMut<'_>,
         key: FlowKey,
         kdir: Direction,
@@ -303,8 +322,7 @@ impl Runtime {
         }
         for alias in self.aliases.drain(..) {
             if self.flows.add_alias(slot, alias) {
-                self.messages
-                    .push((vswitch, Message::AddAlias { key: alias }));
+                self.new_aliases.push((vswitch, alias));
             }
         }
         Some((verdict, pm.len()))
@@ -365,9 +383,9 @@ impl Runtime {
         self.aliases.clear();
         if let Some((a, aliases)) = self.flows.remove(slot) {
             if notify {
-                let mut keys = vec![a.key];
-                keys.extend(aliases);
-                self.messages.push((a.vswitch, Message::FlowEnded { keys }));
+                self.ended.push((a.vswitch, a.key));
+                self.ended
+                    .extend(aliases.into_iter().map(|k| (a.vswitch, k)));
             }
         }
     }
@@ -378,32 +396,35 @@ impl Runtime {
         for slot in self.flows.slots() {
             self.end_flow(slot, now, false);
         }
-        self.messages.clear();
-    }
-
-    /// Queues a message for `to` (sent by the next `flush`, before packets).
-    pub fn queue_message(&mut self, to: u16, m: Message) {
-        self.messages.push((to, m));
+        self.new_aliases.clear();
+        self.ended.clear();
     }
 
     /// Sends what processing produced: messages first (so aliases are known before the
     /// packets that need them), then packets to nfmgr.
-    pub fn flush(&mut self, ep: &mut Endpoint) {
-        let mut pending = Vec::new();
-        for (to, m) in self.messages.drain(..) {
-            let Some(mut buf) = ep.alloc() else {
-                // No buffer right now: keep it for the next round.
-                pending.push((to, m));
+    pub fn flush(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, now_ns: u64) {
+        for (list, aliases) in [(&mut self.new_aliases, true), (&mut self.ended, false)] {
+            if list.is_empty() {
                 continue;
-            };
-            if msg::encode(ep.region(), &mut buf, &m) {
-                let mut one = vec![buf];
-                ep.send_messages(to, &mut one);
-            } else {
-                ep.free(buf);
             }
+            // One message per vswitch: a batch of new NAT flows costs a frame or two, not
+            // one each.
+            list.sort_by_key(|(vs, _)| *vs);
+            for group in list.chunk_by(|a, b| a.0 == b.0) {
+                let to = group[0].0;
+                let keys: Vec<FlowKey> = group.iter().map(|(_, k)| *k).collect();
+                let m = if aliases {
+                    Message::AddAliases { keys }
+                } else {
+                    Message::FlowEnded { keys }
+                };
+                if mb.send(to, LIAISON, LIAISON, &m).is_err() {
+                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                }
+            }
+            list.clear();
         }
-        self.messages = pending;
+        mb.flush(ep, now_ns);
         if !self.out.is_empty() {
             ep.send_burst(MANAGER_SLOT, &mut self.out);
         }

@@ -9,6 +9,7 @@
 
 use nflib::flow::FlowKey;
 use nflib::hint::prefetch;
+use nflib::wire::EndpointAddr;
 
 use crate::index::{FlowIndex, KeyHasher};
 
@@ -42,13 +43,14 @@ pub struct FlowActor {
     pub timer_gen: u32,
     /// First of the flow's aliases in the alias slab.
     first_alias: u32,
-    /// The vswitch that feeds it (alias and end messages go there).
-    pub vswitch: u16,
+    /// The vswitch that feeds it, on this server or another (alias and end messages go
+    /// there).
+    pub vswitch: EndpointAddr,
     pub flags: u8,
 }
 
 impl FlowActor {
-    pub fn new(key: FlowKey, id: u64, now_ms: u32, vswitch: u16, flags: u8) -> FlowActor {
+    pub fn new(key: FlowKey, id: u64, now_ms: u32, vswitch: EndpointAddr, flags: u8) -> FlowActor {
         FlowActor {
             key,
             id,
@@ -273,12 +275,27 @@ impl FlowTable {
 
     /// Slots of every live flow.
     pub fn slots(&self) -> Vec<u32> {
+        self.live_slots().collect()
+    }
+
+    /// Slots of the live flows, in slab order.
+    pub fn live_slots(&self) -> impl Iterator<Item = u32> + '_ {
         self.actors
             .iter()
             .enumerate()
             .filter(|(_, a)| a.has(flag::LIVE))
             .map(|(i, _)| i as u32)
-            .collect()
+    }
+
+    /// How many aliases a flow has.
+    pub fn alias_count(&self, slot: u32) -> u32 {
+        let mut n = 0;
+        let mut a = self.get(slot).map(|f| f.first_alias).unwrap_or(NONE);
+        while a != NONE {
+            n += 1;
+            a = self.aliases[a as usize].next;
+        }
+        n
     }
 
     /// Bytes of memory allocated for the index, the actors and the aliases (capacity, so
@@ -307,7 +324,7 @@ mod tests {
     }
 
     fn actor(k: FlowKey) -> FlowActor {
-        FlowActor::new(k, 0, 0, 1, 0)
+        FlowActor::new(k, 0, 0, EndpointAddr::new(1, 1), 0)
     }
 
     #[test]

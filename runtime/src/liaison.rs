@@ -1,26 +1,346 @@
-//! The liaison actor (paper 3.2): the runtime's own address for messages that concern the
-//! runtime rather than one flow. The coordinator's requests (poll workload, cluster view,
-//! migration and replica targets, recovery) land here; today it answers `Ping`.
+//! The liaison actor (paper 3.2, 3.5): the runtime's own address for messages that concern
+//! the runtime rather than one flow. The coordinator's control calls land here (Table 2:
+//! `PollWorkload`, `NotifyClusterCfg`, `SetMigrationTarget`, `SetReplica`, `Recover`), as do
+//! `Ping` and the probe traffic of `nfmgr msgtest`.
+//!
+//! `SetMigrationTarget` and `SetReplica` are recorded and reported in the workload; the
+//! migration and replication they start come with those protocols. `Recover` is refused
+//! until replication exists, since there is nothing to recover from.
 
-use nflib::msg::Message;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+
+use nflib::cluster::{ClusterView, FlowInfo, ProbeReport, TransportCounters, Workload};
+use nflib::endpoint::Endpoint;
+use nflib::mailbox::{Envelope, Mailbox};
+use nflib::msg::{Call, Message, Reply};
+use nflib::stats::ProcCounter;
+use nflib::wire::{EndpointAddr, LIAISON};
 
 use crate::engine::Runtime;
+use crate::flows::flag;
+
+/// Probe runs a receiver remembers.
+const PROBE_RUNS_KEPT: usize = 16;
+
+/// Probe messages sent per loop iteration at most, so a run cannot starve packets.
+const PROBES_PER_TICK: usize = 256;
+
+struct Prober {
+    report: ProbeReport,
+    count: u64,
+    pad: Vec<u8>,
+    retransmits_at_start: u64,
+}
 
 #[derive(Default)]
 pub struct Liaison {
     /// Messages it did not understand.
     pub unknown: u64,
+    view: ClusterView,
+    migration_target: Option<EndpointAddr>,
+    replicas: Vec<EndpointAddr>,
+    prober: Option<Prober>,
+    /// Receiving side of probe runs: (sender, run) and what arrived.
+    probes_in: VecDeque<(EndpointAddr, ProbeReport, u64)>,
 }
 
 impl Liaison {
-    /// Handles one message from slot `from`; a reply is queued on the runtime.
-    pub fn handle(&mut self, rt: &mut Runtime, from: u16, m: Message) {
-        match m {
+    /// The cluster view the coordinator last sent.
+    pub fn view(&self) -> &ClusterView {
+        &self.view
+    }
+
+    /// Handles one message addressed to the liaison.
+    pub fn handle(
+        &mut self,
+        rt: &mut Runtime,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        env: Envelope,
+        now_ns: u64,
+    ) {
+        match env.msg {
             Message::Ping { seq } => {
                 let flows = rt.flows().len() as u64;
-                rt.queue_message(from, Message::Pong { seq, flows });
+                let _ = mb.send(
+                    env.from,
+                    LIAISON,
+                    env.src_actor,
+                    &Message::Pong { seq, flows },
+                );
+            }
+            Message::Rpc { id, call } => {
+                let reply = self.call(rt, ep, mb, env.from, call, now_ns);
+                let m = Message::RpcReply { id, reply };
+                if mb.send(env.from, LIAISON, env.src_actor, &m).is_err() {
+                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                }
+            }
+            Message::Probe {
+                run,
+                seq,
+                sent_ns,
+                pad,
+            } => {
+                // The loop's time was read before the rings: read the clock again, or a
+                // message sent since would seem to arrive before it left.
+                let now = nflib::time::mono_ns().max(now_ns);
+                self.probe_arrived(env.from, run, seq, sent_ns, pad.len(), now)
             }
             _ => self.unknown += 1,
         }
+    }
+
+    fn call(
+        &mut self,
+        rt: &mut Runtime,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        from: EndpointAddr,
+        call: Call,
+        now_ns: u64,
+    ) -> Reply {
+        match call {
+            Call::PollWorkload => Reply::Workload(self.workload(rt, ep, mb)),
+            Call::NotifyClusterCfg(view) => {
+                let version = view.version;
+                if version >= self.view.version {
+                    self.view = view;
+                }
+                Reply::ClusterCfgApplied { version }
+            }
+            Call::SetMigrationTarget { target, .. } => {
+                if target == rt.me() {
+                    return Reply::Refused {
+                        reason: "a runtime cannot migrate flows to itself".into(),
+                    };
+                }
+                self.migration_target = Some(target);
+                Reply::Accepted
+            }
+            Call::SetReplica { replicas } => {
+                if replicas.contains(&rt.me()) {
+                    return Reply::Refused {
+                        reason: "a runtime cannot replicate to itself".into(),
+                    };
+                }
+                self.replicas = replicas;
+                Reply::Accepted
+            }
+            Call::Recover { .. } => Reply::Refused {
+                reason: "this runtime holds no replicas (replication is not enabled)".into(),
+            },
+            Call::ListFlows { limit } => list_flows(rt, limit),
+            Call::StartProbe {
+                to,
+                run,
+                count,
+                size,
+            } => {
+                if to == mb.me() {
+                    return Reply::Refused {
+                        reason: "a probe run needs another endpoint".into(),
+                    };
+                }
+                if self.prober.as_ref().is_some_and(|p| !p.report.done) {
+                    return Reply::Refused {
+                        reason: "a probe run is already going".into(),
+                    };
+                }
+                let _ = from;
+                self.prober = Some(Prober {
+                    report: ProbeReport {
+                        run,
+                        peer: to,
+                        first_ns: now_ns,
+                        ..ProbeReport::default()
+                    },
+                    count,
+                    pad: vec![0x5a; size as usize],
+                    retransmits_at_start: mb.transport().stats().retransmits,
+                });
+                Reply::Accepted
+            }
+            Call::ProbeStatus { run } => {
+                if let Some(p) = self.prober.as_ref().filter(|p| p.report.run == run) {
+                    return Reply::Probe(p.report.clone());
+                }
+                match self.probes_in.iter().find(|(_, r, _)| r.run == run) {
+                    Some((_, r, lat_sum)) => {
+                        let mut r = r.clone();
+                        r.latency_avg_ns = lat_sum.checked_div(r.received).unwrap_or(0);
+                        Reply::Probe(r)
+                    }
+                    None => Reply::Refused {
+                        reason: format!("no probe run {run} here"),
+                    },
+                }
+            }
+        }
+    }
+
+    fn workload(&self, rt: &Runtime, ep: &mut Endpoint, mb: &Mailbox) -> Workload {
+        let input_drops = ep
+            .region()
+            .slot(ep.slot())
+            .map(|r| r.input_drops.0.load(Ordering::Relaxed))
+            .unwrap_or(0);
+        let c = ep.counters();
+        Workload {
+            flows_active: rt.flows().len() as u64,
+            flows_created: c.get(ProcCounter::FlowsCreated as usize),
+            rx_pkts: c.get(ProcCounter::RxPkts as usize),
+            tx_pkts: c.get(ProcCounter::TxPkts as usize),
+            input_drops,
+            busy_ns: c.get(ProcCounter::BusyNs as usize),
+            uptime_ms: rt.now_ms(),
+            transport: TransportCounters::from(mb.transport().stats()),
+            migration_target: self.migration_target,
+            replicas: self.replicas.clone(),
+            cluster_version: self.view.version,
+        }
+    }
+
+    fn probe_arrived(
+        &mut self,
+        from: EndpointAddr,
+        run: u64,
+        seq: u64,
+        sent_ns: u64,
+        len: usize,
+        now_ns: u64,
+    ) {
+        let i = match self
+            .probes_in
+            .iter()
+            .position(|(f, r, _)| *f == from && r.run == run)
+        {
+            Some(i) => i,
+            None => {
+                if self.probes_in.len() >= PROBE_RUNS_KEPT {
+                    self.probes_in.pop_front();
+                }
+                self.probes_in.push_back((
+                    from,
+                    ProbeReport {
+                        run,
+                        peer: from,
+                        first_ns: now_ns,
+                        latency_min_ns: u64::MAX,
+                        ..ProbeReport::default()
+                    },
+                    0,
+                ));
+                self.probes_in.len() - 1
+            }
+        };
+        let (_, r, lat_sum) = &mut self.probes_in[i];
+        // `sent` doubles as the next sequence number expected on the receiving side.
+        if seq < r.sent {
+            r.duplicates += 1;
+        } else if seq > r.sent {
+            r.out_of_order += 1;
+        }
+        r.sent = r.sent.max(seq + 1);
+        r.received += 1;
+        r.payload_bytes += len as u64;
+        r.last_ns = now_ns;
+        let lat = now_ns.saturating_sub(sent_ns);
+        *lat_sum += lat;
+        r.latency_min_ns = r.latency_min_ns.min(lat);
+        r.latency_max_ns = r.latency_max_ns.max(lat);
+    }
+
+    /// Sends the next probe messages of a run, as far as the transport's queue allows.
+    /// Returns how many.
+    pub fn tick(&mut self, mb: &mut Mailbox, now_ns: u64) -> usize {
+        let Some(p) = self.prober.as_mut() else {
+            return 0;
+        };
+        if p.report.done {
+            return 0;
+        }
+        let to = p.report.peer;
+        let mut sent = 0;
+        let frames_each = mb.transport().frames_for(p.pad.len() + 32);
+        // Keep no more queued than the window can carry: a message's latency is then the
+        // network's and the peer's, not time spent waiting in this queue.
+        let window = mb.transport().config().window as usize;
+        let backlog = mb
+            .transport()
+            .peer(to)
+            .map(|i| (i.in_flight + i.queued) as usize)
+            .unwrap_or(0);
+        let mut budget = (window + frames_each).saturating_sub(backlog);
+        while p.report.sent < p.count
+            && sent < PROBES_PER_TICK
+            && budget >= frames_each
+            && mb.room(to) >= frames_each
+        {
+            budget -= frames_each;
+            let m = Message::Probe {
+                run: p.report.run,
+                seq: p.report.sent,
+                sent_ns: nflib::time::mono_ns(),
+                pad: std::mem::take(&mut p.pad),
+            };
+            let ok = mb.send(to, LIAISON, LIAISON, &m).is_ok();
+            if let Message::Probe { pad, .. } = m {
+                p.pad = pad;
+            }
+            if !ok {
+                break;
+            }
+            p.report.sent += 1;
+            p.report.payload_bytes += p.pad.len() as u64;
+            sent += 1;
+        }
+        p.report.retransmits = mb.transport().stats().retransmits - p.retransmits_at_start;
+        if p.report.sent == p.count {
+            let idle = mb
+                .transport()
+                .peer(to)
+                .is_none_or(|i| i.in_flight + i.queued == 0);
+            if idle {
+                p.report.done = true;
+                p.report.last_ns = now_ns;
+            }
+        }
+        sent
+    }
+}
+
+fn list_flows(rt: &Runtime, limit: u32) -> Reply {
+    let now = rt.now_ms();
+    let flows = rt.flows();
+    let list = flows
+        .live_slots()
+        .take(limit as usize)
+        .filter_map(|s| {
+            let a = flows.get(s)?;
+            let state = if a.closed() {
+                "closed"
+            } else if a.has(flag::FIN_ORIG) || a.has(flag::FIN_REPLY) {
+                "closing"
+            } else if a.has(flag::REPLIED) {
+                "open"
+            } else {
+                "new"
+            };
+            Some(FlowInfo {
+                key: a.key.to_string(),
+                actor: a.id,
+                age_ms: now.saturating_sub(a.created_ms as u64),
+                idle_ms: now.saturating_sub(a.last_ms as u64),
+                state: state.into(),
+                aliases: flows.alias_count(s),
+                vswitch: a.vswitch,
+            })
+        })
+        .collect();
+    Reply::Flows {
+        total: flows.len() as u64,
+        flows: list,
     }
 }

@@ -10,34 +10,46 @@ pub mod timers;
 
 use nflib::config::Config;
 use nflib::endpoint::Endpoint;
+use nflib::mailbox::Mailbox;
+use nflib::wire::EndpointAddr;
 
 pub use engine::{FlowSettings, Runtime};
 
-/// Reads the runtime's message rings and hands each message to the liaison. Returns how many
-/// were read.
+/// Reads the runtime's message rings and hands each message to its actor (the liaison;
+/// flow actors receive messages once migration exists). Returns frames read.
 pub fn serve_messages(
     ep: &mut Endpoint,
     rt: &mut Runtime,
     liaison: &mut liaison::Liaison,
-    scratch: &mut Vec<(u16, nflib::Packet)>,
+    mb: &mut Mailbox,
+    now_ns: u64,
 ) -> usize {
-    let n = ep.recv_messages(scratch, nflib::endpoint::BURST);
-    for (from, buf) in scratch.drain(..) {
-        match nflib::msg::decode(ep.region(), &buf) {
-            Some(m) => liaison.handle(rt, from, m),
-            None => liaison.unknown += 1,
+    let n = mb.receive(ep, now_ns);
+    for env in mb.take_inbox() {
+        if env.dst_actor == nflib::wire::LIAISON {
+            liaison.handle(rt, ep, mb, env, now_ns);
+        } else {
+            liaison.unknown += 1;
         }
-        ep.free(buf);
     }
     n
 }
 
-/// Builds the runtime for the process in `ep`'s slot from the configuration nfmgr stored in
-/// the region: its chain (functions built from their settings), flow settings and event log.
-pub fn from_region(ep: &Endpoint) -> Result<Runtime, String> {
+/// The configuration nfmgr stored in the region.
+pub fn stored_config(ep: &Endpoint) -> Result<Config, String> {
     let text = std::str::from_utf8(ep.region().blob())
         .map_err(|_| "the stored configuration is not UTF-8".to_string())?;
-    let cfg = Config::from_frozen(text).map_err(|e| format!("stored configuration: {e}"))?;
+    Config::from_frozen(text).map_err(|e| format!("stored configuration: {e}"))
+}
+
+/// The mailbox of the process attached as `ep`.
+pub fn mailbox(ep: &Endpoint, cfg: &Config) -> Mailbox {
+    Mailbox::for_endpoint(ep, cfg.cluster.server_id, cfg.cluster.transport())
+}
+
+/// Builds the runtime for the process in `ep`'s slot from the configuration nfmgr stored in
+/// the region: its chain (functions built from their settings), flow settings and event log.
+pub fn from_region(ep: &Endpoint, cfg: &Config) -> Result<Runtime, String> {
     let name = ep
         .region()
         .slot(ep.slot())
@@ -58,7 +70,7 @@ pub fn from_region(ep: &Endpoint) -> Result<Runtime, String> {
                 .collect();
             let index = peers.iter().position(|n| *n == name).unwrap_or(0) as u32;
             nfs::registry()
-                .build_chain(&cfg, chain, &name, index, peers.len() as u32)
+                .build_chain(cfg, chain, &name, index, peers.len() as u32)
                 .map_err(|e| e.to_string())?
         }
         None => Vec::new(),
@@ -84,6 +96,6 @@ pub fn from_region(ep: &Endpoint) -> Result<Runtime, String> {
         stages,
         settings,
         events,
-        nflib::slot::input_mac(0, ep.slot()),
+        EndpointAddr::new(cfg.cluster.server_id, ep.slot()),
     ))
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use nf_runtime::liaison::Liaison;
-use nflib::endpoint::{BATCH, BURST};
+use nflib::endpoint::BATCH;
 use nflib::process::{attach, init_logging, run_loop, CommonArgs};
 use nflib::slot::ProcessKind;
 
@@ -30,31 +30,35 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut rt = match nf_runtime::from_region(&ep) {
-        Ok(rt) => rt,
+    let built = nf_runtime::stored_config(&ep)
+        .and_then(|cfg| nf_runtime::from_region(&ep, &cfg).map(|rt| (cfg, rt)));
+    let (cfg, mut rt) = match built {
+        Ok(x) => x,
         Err(e) => {
             eprintln!("nf-runtime: {e}");
             return ExitCode::from(2);
         }
     };
     rt.label_stats(&ep);
+    let mut mb = nf_runtime::mailbox(&ep, &cfg);
     let mut liaison = Liaison::default();
-    let mut msgs = Vec::with_capacity(BURST);
     let mut batch = Vec::with_capacity(BATCH);
     let mut last_publish = Instant::now();
     run_loop(&mut ep, &args.common, |ep, now| {
+        let now_ns = nflib::time::mono_ns();
         // Messages first: the liaison answers what concerns the runtime.
-        let m = nf_runtime::serve_messages(ep, &mut rt, &mut liaison, &mut msgs);
+        let m = nf_runtime::serve_messages(ep, &mut rt, &mut liaison, &mut mb, now_ns);
+        let probes = liaison.tick(&mut mb, now_ns);
         let n = ep.recv_burst(&mut batch, BATCH);
         let now_ms = rt.now_ms();
         rt.process_batch(ep, &mut batch, now_ms);
         rt.expire(ep, now_ms);
-        rt.flush(ep);
+        rt.flush(ep, &mut mb, now_ns);
         if now.duration_since(last_publish) >= Duration::from_millis(100) {
             rt.publish(ep);
             last_publish = now;
         }
-        m + n
+        m + n + probes
     });
     rt.end_all();
     rt.publish(&mut ep);

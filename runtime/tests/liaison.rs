@@ -1,62 +1,166 @@
-//! The runtime's liaison actor answers over real message rings in a real region.
+//! The runtime's liaison actor answers over real message rings in a real region, through
+//! the same mailbox and reliable transport the processes use.
 
 use nf_runtime::liaison::Liaison;
-use nflib::buffer::Desc;
 use nflib::endpoint::Endpoint;
-use nflib::layout::RingId;
-use nflib::local::LocalRegion;
-use nflib::msg::{self, Message};
-use nflib::pool::ManagerPool;
-use nflib::ring::{Consumer, Producer};
+use nflib::local::{LocalManager, LocalRegion};
+use nflib::msg::{Call, Message, Reply};
 use nflib::slot::ProcessKind;
+use nflib::wire::EndpointAddr;
 
-#[test]
-fn ping_gets_pong_with_the_flow_count() {
+struct Bed {
+    local: LocalRegion,
+}
+
+fn bed(tag: &str) -> Bed {
     let local = LocalRegion::new(
-        "liaison",
+        tag,
         "[[vswitch]]\nname = \"vs\"\n[[runtime]]\nname = \"rt\"\n",
         &[(2, ProcessKind::Runtime, "rt")],
         |_| {},
     )
     .unwrap();
-    let region = &local.region;
-    let mut pool = ManagerPool::new(region, 64);
-    pool.service(2, true);
-    let mut ep = Endpoint::attach(local.path(), 2, ProcessKind::Runtime).unwrap();
-    let mut rt = nf_runtime::from_region(&ep).unwrap();
+    Bed { local }
+}
+
+/// Runs the runtime's message handling until the manager got `want` messages.
+fn exchange(
+    mgr: &mut LocalManager,
+    ep: &mut Endpoint,
+    rt: &mut nf_runtime::Runtime,
+    mb: &mut nflib::mailbox::Mailbox,
+    liaison: &mut Liaison,
+    want: usize,
+) -> Vec<nflib::mailbox::Envelope> {
+    let mut got = Vec::new();
+    for _ in 0..1000 {
+        let now = nflib::time::mono_ns();
+        nf_runtime::serve_messages(ep, rt, liaison, mb, now);
+        liaison.tick(mb, now);
+        mb.flush(ep, now);
+        got.extend(mgr.receive());
+        if got.len() >= want {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    got
+}
+
+#[test]
+fn ping_and_control_calls_are_answered() {
+    let b = bed("liaison");
+    let mut mgr = LocalManager::new(&b.local);
+    mgr.service();
+    let mut ep = Endpoint::attach(b.local.path(), 2, ProcessKind::Runtime).unwrap();
+    let cfg = &b.local.config;
+    let mut rt = nf_runtime::from_region(&ep, cfg).unwrap();
+    let mut mb = nf_runtime::mailbox(&ep, cfg);
     let mut liaison = Liaison::default();
 
-    // nfmgr (slot 0) sends a Ping.
-    let mut buf = pool.alloc().unwrap();
-    assert!(msg::encode(region, &mut buf, &Message::Ping { seq: 7 }));
-    let mut to_rt = Producer::new(
-        region
-            .ring::<Desc>(RingId::Message { from: 0, to: 2 })
-            .unwrap(),
+    mgr.send(2, &Message::Ping { seq: 7 });
+    mgr.send(
+        2,
+        &Message::Rpc {
+            id: 1,
+            call: Call::PollWorkload,
+        },
     );
-    assert!(to_rt.push(buf.into_desc()));
-
-    let mut scratch = Vec::new();
+    mgr.send(
+        2,
+        &Message::Rpc {
+            id: 2,
+            call: Call::SetMigrationTarget {
+                target: EndpointAddr::new(1, 3),
+                count: 10,
+            },
+        },
+    );
+    mgr.send(
+        2,
+        &Message::Rpc {
+            id: 3,
+            call: Call::Recover {
+                failed: EndpointAddr::new(1, 3),
+            },
+        },
+    );
+    let got = exchange(&mut mgr, &mut ep, &mut rt, &mut mb, &mut liaison, 4);
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert!(got.iter().all(|e| e.from == EndpointAddr::new(1, 2)));
+    assert_eq!(got[0].msg, Message::Pong { seq: 7, flows: 0 });
+    assert!(matches!(
+        &got[1].msg,
+        Message::RpcReply { id: 1, reply: Reply::Workload(w) } if w.flows_active == 0
+    ));
     assert_eq!(
-        nf_runtime::serve_messages(&mut ep, &mut rt, &mut liaison, &mut scratch),
-        1
+        got[2].msg,
+        Message::RpcReply {
+            id: 2,
+            reply: Reply::Accepted
+        }
     );
-    rt.flush(&mut ep);
-
-    let mut from_rt = Consumer::new(
-        region
-            .ring::<Desc>(RingId::Message { from: 2, to: 0 })
-            .unwrap(),
+    assert!(matches!(
+        &got[3].msg,
+        Message::RpcReply {
+            id: 3,
+            reply: Reply::Refused { .. }
+        }
+    ));
+    // The migration target shows in the workload.
+    mgr.send(
+        2,
+        &Message::Rpc {
+            id: 4,
+            call: Call::PollWorkload,
+        },
     );
-    let mut out = [Desc::default(); 4];
-    let n = from_rt.peek_burst(&mut out);
-    assert_eq!(n, 1);
-    let reply = region.claim(out[0], 2, 0).unwrap();
-    from_rt.release(n);
-    assert_eq!(
-        msg::decode(region, &reply),
-        Some(Message::Pong { seq: 7, flows: 0 })
-    );
-    pool.free(reply);
+    let got = exchange(&mut mgr, &mut ep, &mut rt, &mut mb, &mut liaison, 1);
+    assert!(matches!(
+        &got[0].msg,
+        Message::RpcReply { id: 4, reply: Reply::Workload(w) }
+            if w.migration_target == Some(EndpointAddr::new(1, 3))
+    ));
     assert_eq!(liaison.unknown, 0);
+}
+
+#[test]
+fn a_probe_run_to_the_manager_is_counted_exactly() {
+    let b = bed("probe");
+    let mut mgr = LocalManager::new(&b.local);
+    mgr.service();
+    let mut ep = Endpoint::attach(b.local.path(), 2, ProcessKind::Runtime).unwrap();
+    let cfg = &b.local.config;
+    let mut rt = nf_runtime::from_region(&ep, cfg).unwrap();
+    let mut mb = nf_runtime::mailbox(&ep, cfg);
+    let mut liaison = Liaison::default();
+    mgr.send(
+        2,
+        &Message::Rpc {
+            id: 1,
+            call: Call::StartProbe {
+                to: EndpointAddr::new(1, 0),
+                run: 9,
+                count: 2000,
+                size: 100,
+            },
+        },
+    );
+    let mut probes = 0u64;
+    let mut next = 0u64;
+    for _ in 0..20_000 {
+        for e in exchange(&mut mgr, &mut ep, &mut rt, &mut mb, &mut liaison, 0) {
+            if let Message::Probe { seq, pad, .. } = e.msg {
+                assert_eq!(seq, next, "in order, once");
+                assert_eq!(pad.len(), 100);
+                next += 1;
+                probes += 1;
+            }
+        }
+        mgr.service();
+        if probes == 2000 {
+            break;
+        }
+    }
+    assert_eq!(probes, 2000);
 }

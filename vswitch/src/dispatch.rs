@@ -10,14 +10,18 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use nflib::config::{Config, Match, MatchInput};
-use nflib::endpoint::{Endpoint, BURST};
+use nflib::buffer::DESC_REMOTE;
+use nflib::cluster::{ClusterView, TransportCounters, Workload};
+use nflib::config::{Config, DispatchScope, Match, MatchInput};
+use nflib::endpoint::Endpoint;
 use nflib::flow::FlowKey;
-use nflib::msg::{self, Message};
+use nflib::mailbox::{Envelope, Mailbox};
+use nflib::msg::{Call, Message, Reply};
 use nflib::packet::{self, arp, Headers, ParseError, L3};
-use nflib::slot::{input_mac, SlotState};
+use nflib::slot::SlotState;
 use nflib::stats::ProcCounter;
-use nflib::{Packet, Region};
+use nflib::wire::{EndpointAddr, LIAISON};
+use nflib::{Packet, Region, MANAGER_SLOT};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NonIp {
@@ -26,26 +30,36 @@ pub enum NonIp {
 }
 
 struct Entry {
-    runtime: u16,
+    runtime: EndpointAddr,
     /// Seconds since the dispatcher started, when the flow last had a packet.
     last_seen: u32,
 }
 
 pub struct Dispatch {
+    me: EndpointAddr,
     /// Keyed with a per-process random seed: flow keys come from the wire, and a fixed hash
     /// would let a sender collide them on purpose.
     table: HashMap<FlowKey, Entry, foldhash::fast::RandomState>,
     steering: Vec<(Match, usize)>,
     default_chain: Option<usize>,
-    /// Runtime slots of each chain among this vswitch's targets, and those alive now.
-    chain_slots: Vec<Vec<u16>>,
-    live: Vec<Vec<u16>>,
+    /// Chain names by index (the last, `None`, groups runtimes without a chain).
+    chains: Vec<Option<String>>,
+    /// Runtime slots of this server among this vswitch's targets, per chain.
+    local: Vec<Vec<u16>>,
+    /// Runtimes of other servers, per chain, from the cluster view.
+    remote: Vec<Vec<EndpointAddr>>,
+    scope: DispatchScope,
+    /// Targets alive now, per chain.
+    live: Vec<Vec<EndpointAddr>>,
     next: Vec<usize>,
     non_ip: NonIp,
     timeout: Duration,
+    /// Packets per local slot; slot 0 (nfmgr) carries those for other servers.
     stage: Vec<Vec<Packet>>,
     epoch: Instant,
-    msgs: Vec<(u16, Packet)>,
+    view_version: u64,
+    /// Messages it did not understand.
+    pub unknown: u64,
 }
 
 /// What steering looks at in a flow's first packet.
@@ -81,7 +95,7 @@ impl Dispatch {
         let mut chains: Vec<Option<String>> =
             cfg.chains.iter().map(|c| Some(c.name.clone())).collect();
         chains.push(None);
-        let mut chain_slots = vec![Vec::new(); chains.len()];
+        let mut local = vec![Vec::new(); chains.len()];
         let targets = region.slot(me).map(|s| s.targets()).unwrap_or(0);
         for s in 0..region.slot_count().min(64) {
             if targets & (1u64 << s) == 0 {
@@ -93,7 +107,7 @@ impl Dispatch {
             };
             let chain = cfg.chain_of(rc).map(str::to_string);
             if let Some(i) = chains.iter().position(|c| *c == chain) {
-                chain_slots[i].push(s);
+                local[i].push(s);
             }
         }
         let index = |n: &str| chains.iter().position(|c| c.as_deref() == Some(n));
@@ -103,7 +117,7 @@ impl Dispatch {
             .filter_map(|r| index(&r.chain).map(|i| (r.matches.clone(), i)))
             .collect();
         let served: Vec<usize> = (0..chains.len())
-            .filter(|i| !chain_slots[*i].is_empty())
+            .filter(|i| !local[*i].is_empty())
             .collect();
         let default_chain = match &vc.default_chain {
             Some(c) => index(c),
@@ -112,10 +126,14 @@ impl Dispatch {
         };
         let n = chains.len();
         let mut d = Dispatch {
+            me: EndpointAddr::new(cfg.cluster.server_id, me),
             table: HashMap::with_hasher(foldhash::fast::RandomState::default()),
             steering,
             default_chain,
-            chain_slots,
+            chains,
+            local,
+            remote: vec![Vec::new(); n],
+            scope: vc.scope,
             live: vec![Vec::new(); n],
             next: vec![0; n],
             non_ip: match vc.non_ip {
@@ -125,7 +143,8 @@ impl Dispatch {
             timeout: Duration::from_millis(vc.flow_timeout_ms),
             stage: (0..region.slot_count()).map(|_| Vec::new()).collect(),
             epoch: Instant::now(),
-            msgs: Vec::with_capacity(BURST),
+            view_version: 0,
+            unknown: 0,
         };
         d.refresh_targets(region);
         Ok(d)
@@ -133,73 +152,146 @@ impl Dispatch {
 
     /// Re-reads which runtimes are alive.
     pub fn refresh_targets(&mut self, region: &Region) {
-        for (c, slots) in self.chain_slots.iter().enumerate() {
-            self.live[c].clear();
-            for &s in slots {
+        for c in 0..self.chains.len() {
+            let live = &mut self.live[c];
+            live.clear();
+            for &s in &self.local[c] {
                 let up = region
                     .slot(s)
                     .map(|r| matches!(r.state(), SlotState::Running | SlotState::Starting))
                     .unwrap_or(false);
                 if up {
-                    self.live[c].push(s);
+                    live.push(EndpointAddr::new(self.me.server, s));
                 }
+            }
+            live.extend_from_slice(&self.remote[c]);
+        }
+    }
+
+    /// Takes the runtimes of other servers from a cluster view (the coordinator's
+    /// `NotifyClusterCfg`). Flows already dispatched keep their runtime while it lives.
+    pub fn apply_view(&mut self, view: &ClusterView) {
+        if view.version < self.view_version {
+            return;
+        }
+        self.view_version = view.version;
+        for (c, chain) in self.chains.iter().enumerate() {
+            self.remote[c] = match self.scope {
+                DispatchScope::Local => Vec::new(),
+                DispatchScope::Cluster => view
+                    .runtimes_of(chain.as_deref())
+                    .into_iter()
+                    .filter(|r| r.server != self.me.server)
+                    .collect(),
+            };
+        }
+        if self.default_chain.is_none() {
+            let served: Vec<usize> = (0..self.chains.len())
+                .filter(|i| !self.local[*i].is_empty() || !self.remote[*i].is_empty())
+                .collect();
+            if served.len() == 1 {
+                self.default_chain = Some(served[0]);
             }
         }
     }
 
-    /// Reads messages from runtimes: aliases to learn, flows to forget.
-    pub fn handle_messages(&mut self, ep: &mut Endpoint) -> usize {
-        let n = ep.recv_messages(&mut self.msgs, BURST);
-        let now_s = self.epoch.elapsed().as_secs() as u32;
-        let mut replies = Vec::new();
-        let mut msgs = std::mem::take(&mut self.msgs);
-        for (from, m) in msgs.drain(..) {
-            match msg::decode(ep.region(), &m) {
-                Some(Message::AddAlias { key }) => {
-                    self.table.insert(
-                        key,
-                        Entry {
-                            runtime: from,
-                            last_seen: now_s,
-                        },
-                    );
-                }
-                Some(Message::FlowEnded { keys }) => {
-                    for k in keys {
-                        if self.table.get(&k).is_some_and(|e| e.runtime == from) {
-                            self.table.remove(&k);
-                        }
-                    }
-                }
-                Some(Message::SetRuntime {
-                    keys,
-                    runtime,
-                    request,
-                }) => {
-                    let moved = self.set_runtime(&keys, runtime);
-                    replies.push((from, Message::RuntimeSet { request, moved }));
-                }
-                Some(_) | None => ep.counters().add(ProcCounter::DropInvalidDesc as usize, 1),
-            }
-            ep.free(m);
+    /// Reads messages (aliases to learn, flows to forget, control calls) and answers them.
+    pub fn handle_messages(&mut self, ep: &mut Endpoint, mb: &mut Mailbox) -> usize {
+        let now_ns = nflib::time::mono_ns();
+        let n = mb.receive(ep, now_ns);
+        for env in mb.take_inbox() {
+            self.handle(ep, mb, env);
         }
-        self.msgs = msgs;
-        for (to, reply) in replies {
-            if let Some(mut buf) = ep.alloc() {
-                if msg::encode(ep.region(), &mut buf, &reply) {
-                    ep.send_messages(to, &mut vec![buf]);
-                } else {
-                    ep.free(buf);
-                }
-            }
+        if n > 0 {
+            self.refresh_targets(ep.region());
         }
         n
     }
 
-    /// Points known flows at another runtime (one of this vswitch's targets). Returns how
+    fn handle(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, env: Envelope) {
+        let now_s = self.epoch.elapsed().as_secs() as u32;
+        let reply = match env.msg {
+            Message::AddAliases { keys } => {
+                for key in keys {
+                    self.table.insert(
+                        key,
+                        Entry {
+                            runtime: env.from,
+                            last_seen: now_s,
+                        },
+                    );
+                }
+                None
+            }
+            Message::FlowEnded { keys } => {
+                for k in keys {
+                    if self.table.get(&k).is_some_and(|e| e.runtime == env.from) {
+                        self.table.remove(&k);
+                    }
+                }
+                None
+            }
+            Message::SetRuntime {
+                keys,
+                runtime,
+                request,
+            } => {
+                let moved = self.set_runtime(&keys, runtime);
+                Some(Message::RuntimeSet { request, moved })
+            }
+            Message::Ping { seq } => Some(Message::Pong {
+                seq,
+                flows: self.table.len() as u64,
+            }),
+            Message::Rpc { id, call } => {
+                let reply = match call {
+                    Call::NotifyClusterCfg(view) => {
+                        self.apply_view(&view);
+                        self.refresh_targets(ep.region());
+                        Reply::ClusterCfgApplied {
+                            version: view.version,
+                        }
+                    }
+                    Call::PollWorkload => Reply::Workload(self.workload(ep, mb)),
+                    _ => Reply::Refused {
+                        reason: "a vswitch only dispatches: this call is for runtimes".into(),
+                    },
+                };
+                Some(Message::RpcReply { id, reply })
+            }
+            _ => {
+                self.unknown += 1;
+                None
+            }
+        };
+        if let Some(m) = reply {
+            if mb.send(env.from, LIAISON, env.src_actor, &m).is_err() {
+                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+            }
+        }
+    }
+
+    fn workload(&self, ep: &mut Endpoint, mb: &Mailbox) -> Workload {
+        let c = ep.counters();
+        Workload {
+            flows_active: self.table.len() as u64,
+            flows_created: c.get(ProcCounter::FlowsCreated as usize),
+            rx_pkts: c.get(ProcCounter::RxPkts as usize),
+            tx_pkts: c.get(ProcCounter::TxPkts as usize),
+            busy_ns: c.get(ProcCounter::BusyNs as usize),
+            uptime_ms: self.epoch.elapsed().as_millis() as u64,
+            transport: TransportCounters::from(mb.transport().stats()),
+            cluster_version: self.view_version,
+            ..Workload::default()
+        }
+    }
+
+    /// Points known flows at another runtime (one this vswitch dispatches to). Returns how
     /// many of the keys were known.
-    pub fn set_runtime(&mut self, keys: &[FlowKey], runtime: u16) -> u32 {
-        if !self.chain_slots.iter().any(|c| c.contains(&runtime)) {
+    pub fn set_runtime(&mut self, keys: &[FlowKey], runtime: EndpointAddr) -> u32 {
+        let local = runtime.server == self.me.server
+            && self.local.iter().any(|c| c.contains(&runtime.slot));
+        if !local && !self.remote.iter().any(|c| c.contains(&runtime)) {
             return 0;
         }
         let mut moved = 0;
@@ -224,7 +316,7 @@ impl Dispatch {
             .or(self.default_chain)
     }
 
-    fn pick(&mut self, chain: usize) -> Option<u16> {
+    fn pick(&mut self, chain: usize) -> Option<EndpointAddr> {
         let live = &self.live[chain];
         if live.is_empty() {
             return None;
@@ -234,11 +326,17 @@ impl Dispatch {
         Some(rt)
     }
 
-    fn is_live(&self, rt: u16) -> bool {
+    fn is_live(&self, rt: EndpointAddr) -> bool {
         self.live.iter().any(|l| l.contains(&rt))
     }
 
-    pub fn dispatch(&mut self, ep: &mut Endpoint, batch: &mut Vec<(u16, Packet)>, now: Instant) {
+    pub fn dispatch(
+        &mut self,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        batch: &mut Vec<(u16, Packet)>,
+        now: Instant,
+    ) {
         let now_s = now.saturating_duration_since(self.epoch).as_secs() as u32;
         let region = ep.region().clone();
         for (_, mut p) in batch.drain(..) {
@@ -266,7 +364,7 @@ impl Dispatch {
             if runtime.is_none() {
                 // A runtime may have registered this key (an alias) just before the packet
                 // that made it necessary left: read messages once more before deciding.
-                self.handle_messages(ep);
+                self.handle_messages(ep, mb);
                 runtime = self.known(&key, now_s);
             }
             let runtime = match runtime {
@@ -297,8 +395,18 @@ impl Dispatch {
             let mut dst = [0u8; 6];
             dst.copy_from_slice(&data[..6]);
             region.meta_of(&p).save_dst_mac(dst);
-            region.data_mut(&mut p)[..6].copy_from_slice(&input_mac(0, runtime));
-            self.stage[runtime as usize].push(p);
+            region.data_mut(&mut p)[..6].copy_from_slice(&runtime.input_mac());
+            let via = if runtime.server == self.me.server {
+                runtime.slot
+            } else {
+                // nfmgr carries it to the runtime's server.
+                p.set_flags(p.flags() | DESC_REMOTE);
+                MANAGER_SLOT
+            };
+            match self.stage.get_mut(via as usize) {
+                Some(q) => q.push(p),
+                None => ep.free(p),
+            }
         }
         for rt in 0..self.stage.len() {
             if !self.stage[rt].is_empty() {
@@ -312,7 +420,7 @@ impl Dispatch {
     }
 
     /// The runtime of a known flow, if it is alive (refreshing the flow's last packet time).
-    fn known(&mut self, key: &FlowKey, now_s: u32) -> Option<u16> {
+    fn known(&mut self, key: &FlowKey, now_s: u32) -> Option<EndpointAddr> {
         let e = self.table.get_mut(key)?;
         e.last_seen = now_s;
         let rt = e.runtime;
@@ -339,11 +447,11 @@ impl Dispatch {
 mod tests {
     use super::*;
     use nflib::buffer::Desc;
+    use nflib::cluster::{EndpointInfo, ServerInfo};
     use nflib::layout::RingId;
-    use nflib::local::LocalRegion;
+    use nflib::local::{LocalManager, LocalRegion};
     use nflib::packet::build::UdpV4;
-    use nflib::pool::ManagerPool;
-    use nflib::ring::{Consumer, Producer};
+    use nflib::ring::Producer;
     use nflib::slot::ProcessKind;
     use std::sync::atomic::Ordering;
 
@@ -366,10 +474,17 @@ mod tests {
         b
     }
 
-    #[test]
-    fn a_flow_moves_to_another_runtime_on_request() {
+    struct Bed {
+        local: LocalRegion,
+        mgr: LocalManager,
+        ep: Endpoint,
+        mb: Mailbox,
+        d: Dispatch,
+    }
+
+    fn bed(tag: &str) -> Bed {
         let local = LocalRegion::new(
-            "vsmove",
+            tag,
             CONFIG,
             &[
                 (1, ProcessKind::Vswitch, "vs"),
@@ -381,69 +496,145 @@ mod tests {
         .unwrap();
         let r = &local.region;
         r.slot(1).unwrap().targets.store(0b1100, Ordering::Relaxed);
-        let mut pool = ManagerPool::new(r, 64);
-        pool.service(1, true);
-        let mut ep = Endpoint::attach(local.path(), 1, ProcessKind::Vswitch).unwrap();
-        let mut d = Dispatch::new(r, 1, &local.config).unwrap();
-        let mut to_vs = Producer::new(r.ring::<Desc>(RingId::Data { from: 0, to: 1 }).unwrap());
-        let send = |to_vs: &mut Producer<Desc>, pool: &mut ManagerPool| {
-            let mut p = pool.alloc().unwrap();
-            r.fill(&mut p, &frame(1000));
+        let mut mgr = LocalManager::new(&local);
+        mgr.service();
+        let ep = Endpoint::attach(local.path(), 1, ProcessKind::Vswitch).unwrap();
+        let mb = Mailbox::for_endpoint(&ep, 1, local.config.cluster.transport());
+        let d = Dispatch::new(r, 1, &local.config).unwrap();
+        Bed {
+            local,
+            mgr,
+            ep,
+            mb,
+            d,
+        }
+    }
+
+    impl Bed {
+        /// nfmgr hands the vswitch one frame of flow `port`, and the vswitch dispatches it.
+        fn packet(&mut self, port: u16) {
+            let r = &self.local.region;
+            let mut p = self.mgr.pool.alloc().unwrap();
+            r.fill(&mut p, &frame(port));
+            let mut to_vs = Producer::new(r.ring::<Desc>(RingId::Data { from: 0, to: 1 }).unwrap());
             assert!(to_vs.push(p.into_desc()));
-        };
-        let mut batch = Vec::new();
-        let occupancy = |rt: u16| {
-            r.ring::<Desc>(RingId::Data { from: 1, to: rt })
+            let mut batch = Vec::new();
+            self.ep.recv_burst(&mut batch, 8);
+            self.d
+                .dispatch(&mut self.ep, &mut self.mb, &mut batch, Instant::now());
+        }
+
+        fn occupancy(&self, to: u16) -> u32 {
+            self.local
+                .region
+                .ring::<Desc>(RingId::Data { from: 1, to })
                 .unwrap()
                 .occupancy()
-        };
+        }
 
-        send(&mut to_vs, &mut pool);
-        ep.recv_burst(&mut batch, 8);
-        d.dispatch(&mut ep, &mut batch, Instant::now());
-        let first = if occupancy(2) == 1 { 2 } else { 3 };
+        /// Lets the vswitch read its messages and answer, until nfmgr has `want` replies.
+        fn replies(&mut self, want: usize) -> Vec<Message> {
+            let mut got = Vec::new();
+            for _ in 0..200 {
+                self.d.handle_messages(&mut self.ep, &mut self.mb);
+                self.mb.flush(&mut self.ep, nflib::time::mono_ns());
+                got.extend(self.mgr.receive().into_iter().map(|e| e.msg));
+                if got.len() >= want {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            got
+        }
+    }
+
+    #[test]
+    fn a_flow_moves_to_another_runtime_on_request() {
+        let mut b = bed("vsmove");
+        b.packet(1000);
+        let first = if b.occupancy(2) == 1 { 2 } else { 3 };
         let other = 5 - first;
-        assert_eq!(occupancy(first), 1);
+        assert_eq!(b.occupancy(first), 1);
 
         // nfmgr (slot 0) asks for the flow to move.
         let h = packet::parse(&frame(1000)).unwrap();
         let (key, _) = FlowKey::of(&h);
-        let mut m = pool.alloc().unwrap();
-        assert!(msg::encode(
-            r,
-            &mut m,
+        b.mgr.send(
+            1,
             &Message::SetRuntime {
                 keys: vec![key],
-                runtime: other,
-                request: 42
-            }
-        ));
-        let mut to_vs_msg =
-            Producer::new(r.ring::<Desc>(RingId::Message { from: 0, to: 1 }).unwrap());
-        assert!(to_vs_msg.push(m.into_desc()));
-        assert_eq!(d.handle_messages(&mut ep), 1);
-        let mut replies =
-            Consumer::new(r.ring::<Desc>(RingId::Message { from: 1, to: 0 }).unwrap());
-        let mut out = [Desc::default(); 2];
-        assert_eq!(replies.peek_burst(&mut out), 1);
-        let reply = r.claim(out[0], 1, 0).unwrap();
-        replies.release(1);
+                runtime: EndpointAddr::new(1, other),
+                request: 42,
+            },
+        );
         assert_eq!(
-            msg::decode(r, &reply),
-            Some(Message::RuntimeSet {
+            b.replies(1),
+            vec![Message::RuntimeSet {
                 request: 42,
                 moved: 1
-            })
+            }]
         );
-        pool.free(reply);
 
         // The flow's next packet goes to the other runtime.
-        send(&mut to_vs, &mut pool);
-        ep.recv_burst(&mut batch, 8);
-        d.dispatch(&mut ep, &mut batch, Instant::now());
-        assert_eq!(occupancy(other), 1);
-        assert_eq!(occupancy(first), 1, "nothing more to the old runtime");
+        b.packet(1000);
+        assert_eq!(b.occupancy(other), 1);
+        assert_eq!(b.occupancy(first), 1, "nothing more to the old runtime");
         // A runtime that is not a target is refused.
-        assert_eq!(d.set_runtime(&[key], 9), 0);
+        assert_eq!(b.d.set_runtime(&[key], EndpointAddr::new(1, 9)), 0);
+        assert_eq!(b.d.set_runtime(&[key], EndpointAddr::new(7, 2)), 0);
+    }
+
+    #[test]
+    fn the_cluster_view_adds_runtimes_of_other_servers() {
+        let mut b = bed("vsremote");
+        let remote = EndpointAddr::new(2, 4);
+        let view = ClusterView {
+            version: 3,
+            coordinator: 1,
+            servers: vec![ServerInfo {
+                server: 2,
+                name: "s2".into(),
+                incarnation: 1,
+                alive: true,
+                endpoints: vec![EndpointInfo {
+                    addr: remote,
+                    kind: ProcessKind::Runtime,
+                    name: "rt0".into(),
+                    chain: None,
+                    alive: true,
+                }],
+            }],
+        };
+        b.mgr.send(
+            1,
+            &Message::Rpc {
+                id: 5,
+                call: Call::NotifyClusterCfg(view),
+            },
+        );
+        assert_eq!(
+            b.replies(1),
+            vec![Message::RpcReply {
+                id: 5,
+                reply: Reply::ClusterCfgApplied { version: 3 }
+            }]
+        );
+        // Three flows, three runtimes, round-robin: one goes to nfmgr for server 2.
+        for port in [1, 2, 3] {
+            b.packet(port);
+        }
+        assert_eq!(b.occupancy(2), 1);
+        assert_eq!(b.occupancy(3), 1);
+        assert_eq!(b.occupancy(0), 1);
+        let r = &b.local.region;
+        let mut c =
+            nflib::ring::Consumer::new(r.ring::<Desc>(RingId::Data { from: 1, to: 0 }).unwrap());
+        let mut d = [Desc::default(); 1];
+        assert_eq!(c.peek_burst(&mut d), 1);
+        assert_eq!(d[0].flags & DESC_REMOTE, DESC_REMOTE);
+        let p = r.claim(d[0], 1, 0).unwrap();
+        c.release(1);
+        assert_eq!(&r.data(&p)[..6], &remote.input_mac());
+        b.mgr.pool.free(p);
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use nflib::config::Config;
 use nflib::endpoint::BATCH;
+use nflib::mailbox::Mailbox;
 use nflib::process::{attach, init_logging, run_loop, CommonArgs};
 use nflib::slot::ProcessKind;
 
@@ -36,26 +37,29 @@ fn main() -> ExitCode {
     let cfg = std::str::from_utf8(ep.region().blob())
         .map_err(|_| "the stored configuration is not UTF-8".to_string())
         .and_then(|t| Config::from_frozen(t).map_err(|e| format!("stored configuration: {e}")));
-    let mut dispatch = match cfg.and_then(|c| Dispatch::new(ep.region(), ep.slot(), &c)) {
-        Ok(d) => d,
+    let built = cfg.and_then(|c| Dispatch::new(ep.region(), ep.slot(), &c).map(|d| (c, d)));
+    let (cfg, mut dispatch) = match built {
+        Ok(x) => x,
         Err(e) => {
             eprintln!("nf-vswitch: {e}");
             return ExitCode::from(2);
         }
     };
+    let mut mb = Mailbox::for_endpoint(&ep, cfg.cluster.server_id, cfg.cluster.transport());
     let mut batch = Vec::with_capacity(BATCH);
     let mut last_sweep = Instant::now();
     run_loop(&mut ep, &args.common, |ep, now| {
-        let m = dispatch.handle_messages(ep);
+        let m = dispatch.handle_messages(ep, &mut mb);
         let n = ep.recv_burst(&mut batch, BATCH);
         if n > 0 {
             dispatch.refresh_targets(ep.region());
-            dispatch.dispatch(ep, &mut batch, now);
+            dispatch.dispatch(ep, &mut mb, &mut batch, now);
         }
         if now.duration_since(last_sweep) >= Duration::from_secs(1) {
             dispatch.expire(ep, now);
             last_sweep = now;
         }
+        mb.flush(ep, nflib::time::mono_ns());
         m + n
     });
     ExitCode::SUCCESS

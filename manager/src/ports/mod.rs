@@ -102,17 +102,4 @@ pub fn discard(ctx: &mut PortCtx<'_>, pkts: &mut Vec<Packet>, counter: PortCount
     }
 }
 
-/// Monotonic nanoseconds (CLOCK_MONOTONIC), comparable across processes of one host.
-pub fn mono_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|ts| ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
-        .unwrap_or(0)
-}
-
-/// Wall-clock nanoseconds since the Unix epoch (capture timestamps).
-pub fn wall_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
-}
+pub use nflib::time::{mono_ns, wall_ns};

@@ -1,0 +1,340 @@
+//! The CLI subcommands that talk to a running nfmgr through its control socket: `status`,
+//! `runtimes`, `flows`, `stop`, `msgtest`. Each prints a table for people, or the JSON
+//! answer with `--json` for scripts. A stopped or missing nfmgr is a one-line error and a
+//! non-zero exit (from `main`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use nflib::config::Config;
+use serde_json::{json, Value};
+
+use crate::control::socket;
+
+/// How to find the nfmgr instance to talk to.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Target {
+    /// The instance's configuration file (its control socket is found from it).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// The instance name, when no config is given.
+    #[arg(long, default_value = "default")]
+    pub instance: String,
+    /// The instance's region.dir, when no config is given.
+    #[arg(long, default_value = "/dev/shm")]
+    pub dir: PathBuf,
+    /// The control socket itself.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Print the JSON answer instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Target {
+    pub fn socket_path(&self) -> Result<PathBuf> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        if let Some(c) = &self.config {
+            return Ok(Config::load(c)?.control_socket_path());
+        }
+        Ok(self.dir.join(format!("nfmgr-{}.sock", self.instance)))
+    }
+
+    fn call(&self, request: Value, timeout: Duration) -> Result<Value> {
+        let path = self.socket_path()?;
+        socket::call(&path, &request, timeout).map_err(anyhow::Error::msg)
+    }
+
+    fn print(&self, v: &Value, human: impl FnOnce(&Value) -> String) {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            print!("{}", human(v));
+        }
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: Vec<String>| -> String {
+        let mut l = String::from("  ");
+        for (i, c) in cells.iter().enumerate() {
+            let w = widths.get(i).copied().unwrap_or(0);
+            l.push_str(&format!("{c:<w$}  "));
+        }
+        l.trim_end().to_string() + "\n"
+    };
+    out.push_str(&line(header.iter().map(|h| h.to_string()).collect()));
+    for r in rows {
+        out.push_str(&line(r.clone()));
+    }
+    out
+}
+
+fn ms(v: &Value) -> String {
+    v.as_f64()
+        .map(|m| {
+            if m >= 1000.0 {
+                format!("{:.1} s", m / 1000.0)
+            } else {
+                format!("{m:.1} ms")
+            }
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+pub fn status(t: &Target) -> Result<()> {
+    let v = t.call(json!({ "cmd": "status" }), Duration::from_secs(10))?;
+    t.print(&v, |v| {
+        let role = &v["cluster"];
+        let mut out = format!(
+            "instance {}  server {} ({})  {}  up {:.1} s  view v{}\n",
+            s(&v["instance"]),
+            v["server"],
+            s(&v["name"]),
+            s(&role["role"]),
+            v["uptime_s"].as_f64().unwrap_or(0.0),
+            v["view_version"],
+        );
+        if role["role"] == "member" {
+            out += &format!(
+                "coordinator {}  {}{}\n",
+                s(&role["coordinator"]),
+                if role["connected"] == true {
+                    format!("connected, heard {} ago", ms(&role["last_heard_ms"]))
+                } else {
+                    "not connected".into()
+                },
+                role["last_error"]
+                    .as_str()
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
+            );
+        }
+        out += "servers:\n";
+        let rows: Vec<Vec<String>> = v["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|sv| {
+                let note = if sv["this"] == true {
+                    "this server".to_string()
+                } else if let Some(d) = sv["down"].as_object() {
+                    format!(
+                        "down at +{:.3} s: {} (silent {} before)",
+                        d["at_s"].as_f64().unwrap_or(0.0),
+                        s(&d["why"]),
+                        ms(&d["silent_ms"])
+                    )
+                } else {
+                    format!("heard {} ago", ms(&sv["last_heard_ms"]))
+                };
+                vec![
+                    s(&sv["server"]),
+                    s(&sv["name"]),
+                    if sv["alive"] == true { "alive" } else { "DEAD" }.into(),
+                    if sv["coordinator"] == true {
+                        "coordinator"
+                    } else {
+                        "member"
+                    }
+                    .into(),
+                    s(&sv["endpoints"]),
+                    s(&sv["addr"]),
+                    note,
+                ]
+            })
+            .collect();
+        out += &table(
+            &[
+                "SERVER",
+                "NAME",
+                "STATE",
+                "ROLE",
+                "ENDPOINTS",
+                "ADDRESS",
+                "NOTE",
+            ],
+            &rows,
+        );
+        out += "processes:\n";
+        let rows: Vec<Vec<String>> = v["processes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| {
+                vec![
+                    s(&p["slot"]),
+                    s(&p["name"]),
+                    s(&p["kind"]),
+                    s(&p["state"]),
+                    s(&p["pid"]),
+                    s(&p["restarts"]),
+                ]
+            })
+            .collect();
+        out += &table(&["SLOT", "NAME", "KIND", "STATE", "PID", "RESTARTS"], &rows);
+        let pool = &v["pool"];
+        out += &format!(
+            "pool: {} buffers, {} free, {} cached, {} in use\n",
+            pool["total"], pool["free"], pool["cached"], pool["in_use"]
+        );
+        out
+    });
+    Ok(())
+}
+
+pub fn runtimes(t: &Target) -> Result<()> {
+    let v = t.call(json!({ "cmd": "runtimes" }), Duration::from_secs(15))?;
+    t.print(&v, |v| {
+        let rows: Vec<Vec<String>> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                let w = &e["workload"];
+                let state = if e["alive"] != true {
+                    "down".to_string()
+                } else if let Some(err) = e["error"].as_str() {
+                    format!("error: {err}")
+                } else {
+                    "running".into()
+                };
+                vec![
+                    s(&e["addr"]),
+                    s(&e["name"]),
+                    s(&e["kind"]),
+                    s(&e["chain"]),
+                    state,
+                    s(&w["flows_active"]),
+                    s(&w["rx_pkts"]),
+                    s(&w["tx_pkts"]),
+                    s(&w["input_drops"]),
+                    s(&w["transport"]["retransmits"]),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "ADDR", "NAME", "KIND", "CHAIN", "STATE", "FLOWS", "RX", "TX", "IN-DROPS", "RETX",
+            ],
+            &rows,
+        )
+    });
+    Ok(())
+}
+
+pub fn flows(t: &Target, runtime: Option<String>, limit: u32) -> Result<()> {
+    let v = t.call(
+        json!({ "cmd": "flows", "runtime": runtime, "limit": limit }),
+        Duration::from_secs(15),
+    )?;
+    t.print(&v, |v| {
+        let mut out = String::new();
+        for r in v.as_array().into_iter().flatten() {
+            out += &format!(
+                "{} {} ({} flows){}\n",
+                s(&r["name"]),
+                s(&r["addr"]),
+                s(&r["total"]),
+                r["error"]
+                    .as_str()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default()
+            );
+            let rows: Vec<Vec<String>> = r["flows"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|f| {
+                    vec![
+                        s(&f["actor"]),
+                        s(&f["key"]),
+                        s(&f["state"]),
+                        ms(&f["age_ms"]),
+                        ms(&f["idle_ms"]),
+                        s(&f["aliases"]),
+                        format!("{}/{}", f["vswitch"]["server"], f["vswitch"]["slot"]),
+                    ]
+                })
+                .collect();
+            if !rows.is_empty() {
+                out += &table(
+                    &[
+                        "ACTOR", "FLOW", "STATE", "AGE", "IDLE", "ALIASES", "VSWITCH",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        out
+    });
+    Ok(())
+}
+
+pub fn stop(t: &Target) -> Result<()> {
+    t.call(json!({ "cmd": "stop" }), Duration::from_secs(5))?;
+    if !t.json {
+        println!("nfmgr is stopping");
+    }
+    Ok(())
+}
+
+pub fn msgtest(
+    t: &Target,
+    from: &str,
+    to: &str,
+    count: u64,
+    size: u32,
+    timeout_s: f64,
+) -> Result<()> {
+    let v = t.call(
+        json!({ "cmd": "msgtest", "from": from, "to": to, "count": count, "size": size,
+                "timeout_s": timeout_s }),
+        Duration::from_secs_f64(timeout_s + 15.0),
+    )?;
+    t.print(&v, |v| {
+        format!(
+            "{} -> {}: {} of {} messages of {} bytes arrived ({} duplicates, {} out of order{}), {} retransmissions\n\
+             {:.3} s, {:.0} messages/s, {:.3} Gbit/s, one-way latency min {:.1} / avg {:.1} / max {:.1} us\n",
+            s(&v["from"]),
+            s(&v["to"]),
+            v["received"],
+            v["count"],
+            v["size"],
+            v["duplicates"],
+            v["out_of_order"],
+            if v["exactly_once_in_order"] == true { ": exactly once, in order" } else { ": NOT exact" },
+            v["retransmits"],
+            v["seconds"].as_f64().unwrap_or(0.0),
+            v["msgs_per_s"].as_f64().unwrap_or(0.0),
+            v["gbit_per_s"].as_f64().unwrap_or(0.0),
+            v["latency_min_us"].as_f64().unwrap_or(0.0),
+            v["latency_avg_us"].as_f64().unwrap_or(0.0),
+            v["latency_max_us"].as_f64().unwrap_or(0.0),
+        )
+    });
+    if v["exactly_once_in_order"] != true {
+        bail!("messages were lost, repeated or reordered");
+    }
+    Ok(())
+}

@@ -1,0 +1,1013 @@
+//! nfmgr's control thread: the cluster (coordinator or member), control calls to liaisons,
+//! the control socket and the metrics endpoint.
+//!
+//! One thread owns all control state and reacts to [`Event`]s, so nothing here needs a lock:
+//! - the relay (data-plane thread) hands over messages for nfmgr's control endpoint;
+//! - reader threads hand over frames from other managers (one per TCP session);
+//! - socket and metrics handler threads ask questions ([`Handle::ask`]) and wait for
+//!   answers, including control calls that take a round trip ([`Handle::rpc`]).
+//!
+//! The coordinator keeps the member table and the cluster view; every change bumps the
+//! view's version and is pushed to the members, which pass it to their vswitches and
+//! runtimes (`NotifyClusterCfg`). Members and coordinator exchange heartbeats; a member
+//! whose connection closes (its nfmgr died) is dead at once, one that falls silent after
+//! `member_timeout_ms`.
+
+pub mod metrics;
+pub mod peer;
+pub mod socket;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nflib::cluster::{ClusterView, EndpointInfo, ServerInfo};
+use nflib::config::Config;
+use nflib::doorbell::Doorbells;
+use nflib::msg::{Call, Message, Reply};
+use nflib::reliable::PeerEvent;
+use nflib::slot::{ProcessKind, SlotState};
+use nflib::wire::{EndpointAddr, LIAISON};
+use nflib::{Region, MANAGER_SLOT};
+use serde::Serialize;
+
+use crate::relay::{RelayCommand, RelayEvent};
+use peer::{AuthKey, ConnId, JoinInfo, PeerMsg, PeerWriter};
+
+/// How long a control call may take before its caller gets a timeout.
+pub const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How often a member retries joining.
+const REJOIN_EVERY: Duration = Duration::from_millis(500);
+
+pub enum Event {
+    Relay(RelayEvent),
+    /// Run this with the control state (from a handler thread).
+    Ask(Box<dyn FnOnce(&mut Control) + Send>),
+    /// Coordinator: a member authenticated.
+    PeerJoin {
+        conn: ConnId,
+        info: JoinInfo,
+        writer: PeerWriter,
+    },
+    /// Member: the coordinator welcomed us.
+    Joined {
+        conn: ConnId,
+        view: ClusterView,
+        writer: PeerWriter,
+    },
+    /// Member: joining failed.
+    JoinFailed {
+        why: String,
+    },
+    PeerMsg {
+        conn: ConnId,
+        msg: PeerMsg,
+    },
+    PeerDown {
+        conn: ConnId,
+        why: String,
+    },
+    Shutdown,
+}
+
+/// What other threads use to reach the control thread.
+#[derive(Clone)]
+pub struct Handle {
+    tx: Sender<Event>,
+}
+
+impl Handle {
+    /// Runs `f` on the control thread and returns its result.
+    pub fn ask<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Control) -> T + Send + 'static,
+    ) -> Result<T, String> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Event::Ask(Box::new(move |c| {
+                let _ = tx.send(f(c));
+            })))
+            .map_err(|_| "nfmgr is shutting down".to_string())?;
+        rx.recv_timeout(Duration::from_secs(5))
+            .map_err(|_| "nfmgr's control thread did not answer".to_string())
+    }
+
+    /// Makes a control call to the liaison of `to` and waits for the answer.
+    pub fn rpc(&self, to: EndpointAddr, call: Call) -> Result<Reply, String> {
+        self.rpc_start(to, call)?
+            .recv_timeout(RPC_TIMEOUT + Duration::from_millis(500))
+            .map_err(|_| format!("{to}: no answer"))?
+    }
+
+    /// Starts a control call; the answer arrives on the returned channel.
+    pub fn rpc_start(
+        &self,
+        to: EndpointAddr,
+        call: Call,
+    ) -> Result<Receiver<Result<Reply, String>>, String> {
+        self.ask(move |c| c.start_rpc(to, call))
+    }
+}
+
+enum ReplyTo {
+    /// A handler thread of this nfmgr waits.
+    Local(Sender<Result<Reply, String>>),
+    /// Another manager asked (the id is theirs).
+    Peer { conn: ConnId, id: u64 },
+    /// Nobody waits (view notifications).
+    Nobody,
+}
+
+struct Pending {
+    reply_to: ReplyTo,
+    deadline: Instant,
+}
+
+/// Why and when a member was declared dead.
+#[derive(Clone, Debug, Serialize)]
+pub struct Down {
+    /// Seconds since this nfmgr started.
+    pub at_s: f64,
+    pub why: String,
+    /// Time since the member was last heard from, at the moment it was declared dead.
+    pub silent_ms: f64,
+}
+
+struct Member {
+    name: String,
+    incarnation: u64,
+    addr: Option<SocketAddr>,
+    endpoints: Vec<EndpointInfo>,
+    alive: bool,
+    conn: Option<ConnId>,
+    last_heard: Instant,
+    joined_at: Instant,
+    down: Option<Down>,
+}
+
+enum Role {
+    Coordinator,
+    Member {
+        addr: SocketAddr,
+        conn: Option<ConnId>,
+        last_heard: Instant,
+        joining: bool,
+        next_try: Instant,
+        last_error: Option<String>,
+        sent_endpoints: Vec<EndpointInfo>,
+    },
+    Alone,
+}
+
+pub struct Control {
+    cfg: Config,
+    region: Region,
+    bells: Arc<Doorbells>,
+    relay: Sender<RelayCommand>,
+    events: Sender<Event>,
+    started: Instant,
+    me: u16,
+    name: String,
+    incarnation: u64,
+    auth: Option<AuthKey>,
+    role: Role,
+    members: BTreeMap<u16, Member>,
+    view: ClusterView,
+    conns: HashMap<ConnId, PeerWriter>,
+    next_conn: ConnId,
+    pending: HashMap<u64, Pending>,
+    next_rpc: u64,
+    /// Per local slot: (process generation, view version) last sent to it.
+    notified: HashMap<u16, (u32, u64)>,
+    last_heartbeat: Instant,
+    chains: Vec<(String, [u8; 32])>,
+    /// Membership changes, for `nfmgr status`.
+    log: Vec<String>,
+    pub stop_requested: bool,
+}
+
+/// Digest of each chain's definition (servers must agree on the chains they share).
+fn chain_digests(cfg: &Config) -> Vec<(String, [u8; 32])> {
+    cfg.chains
+        .iter()
+        .map(|c| {
+            let text = format!("{:?}", c.nfs);
+            (c.name.clone(), *blake3::hash(text.as_bytes()).as_bytes())
+        })
+        .collect()
+}
+
+impl Control {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: Config,
+        region: Region,
+        bells: Arc<Doorbells>,
+        relay: Sender<RelayCommand>,
+        events: Sender<Event>,
+        incarnation: u64,
+        cluster_key: Option<Vec<u8>>,
+    ) -> Control {
+        let me = cfg.cluster.server_id;
+        let role = match &cfg.cluster.coordinator {
+            Some(a) => Role::Member {
+                addr: a.parse().expect("validated address"),
+                conn: None,
+                last_heard: Instant::now(),
+                joining: false,
+                next_try: Instant::now(),
+                last_error: None,
+                sent_endpoints: Vec::new(),
+            },
+            None if cfg.cluster.listen.is_some() => Role::Coordinator,
+            None => Role::Alone,
+        };
+        let now = Instant::now();
+        let mut c = Control {
+            name: cfg.server_name(),
+            chains: chain_digests(&cfg),
+            cfg,
+            region,
+            bells,
+            relay,
+            events,
+            started: now,
+            me,
+            incarnation,
+            auth: cluster_key.as_deref().map(AuthKey::derive),
+            role,
+            members: BTreeMap::new(),
+            view: ClusterView::default(),
+            conns: HashMap::new(),
+            next_conn: 1,
+            pending: HashMap::new(),
+            next_rpc: 1,
+            notified: HashMap::new(),
+            last_heartbeat: now,
+            log: Vec::new(),
+            stop_requested: false,
+        };
+        // This server is a member of its own cluster (of one, when alone).
+        let endpoints = c.local_endpoints();
+        c.members.insert(
+            me,
+            Member {
+                name: c.name.clone(),
+                incarnation,
+                addr: None,
+                endpoints,
+                alive: true,
+                conn: None,
+                last_heard: now,
+                joined_at: now,
+                down: None,
+            },
+        );
+        c.rebuild_view();
+        c
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            tx: self.events.clone(),
+        }
+    }
+
+    fn secs(&self, t: Instant) -> f64 {
+        t.saturating_duration_since(self.started).as_secs_f64()
+    }
+
+    fn note(&mut self, what: String) {
+        tracing::info!("{what}");
+        let at = self.started.elapsed().as_secs_f64();
+        self.log.push(format!("+{at:.3}s {what}"));
+        if self.log.len() > 100 {
+            self.log.remove(0);
+        }
+    }
+
+    /// The vswitches and runtimes of this server, from the region.
+    fn local_endpoints(&self) -> Vec<EndpointInfo> {
+        let mut v = Vec::new();
+        for s in 1..self.region.slot_count() {
+            let Some(rec) = self.region.slot(s) else {
+                continue;
+            };
+            let kind = rec.kind();
+            if !matches!(kind, ProcessKind::Vswitch | ProcessKind::Runtime) {
+                continue;
+            }
+            let name = rec.name.get();
+            let chain = self
+                .cfg
+                .runtime(&name)
+                .and_then(|r| self.cfg.chain_of(r))
+                .map(str::to_string);
+            v.push(EndpointInfo {
+                addr: EndpointAddr::new(self.me, s),
+                kind,
+                name,
+                chain,
+                alive: rec.state() == SlotState::Running,
+            });
+        }
+        v
+    }
+
+    fn send_relay(&self, cmd: RelayCommand) {
+        let _ = self.relay.send(cmd);
+        self.bells.ring(MANAGER_SLOT);
+    }
+
+    /// Coordinator (or alone): the view from the member table, with a new version.
+    fn rebuild_view(&mut self) {
+        self.view = ClusterView {
+            version: self.view.version + 1,
+            coordinator: self.me,
+            servers: self
+                .members
+                .iter()
+                .map(|(id, m)| ServerInfo {
+                    server: *id,
+                    name: m.name.clone(),
+                    incarnation: m.incarnation,
+                    alive: m.alive,
+                    endpoints: m.endpoints.clone(),
+                })
+                .collect(),
+        };
+        self.view_changed();
+    }
+
+    /// A new view: tell the relay who the members are, the members (coordinator), and the
+    /// local processes (next tick).
+    fn view_changed(&mut self) {
+        let alive: Vec<u16> = self
+            .view
+            .servers
+            .iter()
+            .filter(|s| s.alive)
+            .map(|s| s.server)
+            .collect();
+        self.send_relay(RelayCommand::Members(alive));
+        if matches!(self.role, Role::Coordinator) {
+            let msg = PeerMsg::View(self.view.clone());
+            let conns: Vec<ConnId> = self.members.values().filter_map(|m| m.conn).collect();
+            for c in conns {
+                self.send_peer(c, &msg);
+            }
+        }
+    }
+
+    fn send_peer(&mut self, conn: ConnId, msg: &PeerMsg) {
+        let failed = match self.conns.get_mut(&conn) {
+            Some(w) => w.send(msg).err(),
+            None => return,
+        };
+        if let Some(e) = failed {
+            self.peer_down(conn, format!("write failed: {e}"));
+        }
+    }
+
+    /// Starts a control call to `to`; the answer comes on the returned channel.
+    pub fn start_rpc(&mut self, to: EndpointAddr, call: Call) -> Receiver<Result<Reply, String>> {
+        let (tx, rx) = mpsc::channel();
+        self.route_rpc(to, call, ReplyTo::Local(tx));
+        rx
+    }
+
+    fn route_rpc(&mut self, to: EndpointAddr, call: Call, reply_to: ReplyTo) {
+        let id = self.next_rpc;
+        self.next_rpc += 1;
+        let fail = |reply_to: ReplyTo, this: &mut Control, why: String| {
+            this.answer(reply_to, Err(why));
+        };
+        if to.server == self.me {
+            if to.slot == MANAGER_SLOT {
+                return fail(reply_to, self, "nfmgr itself takes no control calls".into());
+            }
+            self.pending.insert(
+                id,
+                Pending {
+                    reply_to,
+                    deadline: Instant::now() + RPC_TIMEOUT,
+                },
+            );
+            self.send_relay(RelayCommand::Send {
+                to,
+                src_actor: LIAISON,
+                dst_actor: LIAISON,
+                msg: Message::Rpc { id, call },
+            });
+            return;
+        }
+        let conn = match &self.role {
+            Role::Coordinator => self.members.get(&to.server).and_then(|m| m.conn),
+            Role::Member { conn, .. } => *conn,
+            Role::Alone => None,
+        };
+        let Some(conn) = conn else {
+            return fail(
+                reply_to,
+                self,
+                format!("server {} is not reachable from here", to.server),
+            );
+        };
+        self.pending.insert(
+            id,
+            Pending {
+                reply_to,
+                deadline: Instant::now() + RPC_TIMEOUT,
+            },
+        );
+        self.send_peer(
+            conn,
+            &PeerMsg::Rpc {
+                id,
+                target: to,
+                call,
+            },
+        );
+    }
+
+    fn answer(&mut self, reply_to: ReplyTo, result: Result<Reply, String>) {
+        match reply_to {
+            ReplyTo::Local(tx) => {
+                let _ = tx.send(result);
+            }
+            ReplyTo::Peer { conn, id } => self.send_peer(conn, &PeerMsg::RpcReply { id, result }),
+            ReplyTo::Nobody => {}
+        }
+    }
+
+    fn on_event(&mut self, e: Event) {
+        match e {
+            Event::Relay(RelayEvent::Delivered(env)) => match env.msg {
+                Message::RpcReply { id, reply } => {
+                    if let Some(p) = self.pending.remove(&id) {
+                        self.answer(p.reply_to, Ok(reply));
+                    }
+                }
+                other => tracing::debug!(from = %env.from, "unexpected message {other:?}"),
+            },
+            Event::Relay(RelayEvent::Peer(PeerEvent::Dead { peer, lost })) => {
+                tracing::warn!(%peer, lost, "actor messages to a peer that stopped answering were dropped");
+            }
+            Event::Relay(RelayEvent::Peer(PeerEvent::Restarted { .. })) => {}
+            Event::Ask(f) => f(self),
+            Event::PeerJoin { conn, info, writer } => self.member_joins(conn, info, writer),
+            Event::Joined { conn, view, writer } => {
+                self.conns.insert(conn, writer);
+                let addr = match &mut self.role {
+                    Role::Member {
+                        conn: c,
+                        last_heard,
+                        joining,
+                        last_error,
+                        sent_endpoints,
+                        addr,
+                        ..
+                    } => {
+                        *c = Some(conn);
+                        *last_heard = Instant::now();
+                        *joining = false;
+                        *last_error = None;
+                        sent_endpoints.clear();
+                        *addr
+                    }
+                    _ => return,
+                };
+                self.note(format!("joined the cluster of coordinator {addr}"));
+                self.take_view(view);
+            }
+            Event::JoinFailed { why } => {
+                if let Role::Member {
+                    joining,
+                    next_try,
+                    last_error,
+                    ..
+                } = &mut self.role
+                {
+                    *joining = false;
+                    *next_try = Instant::now() + REJOIN_EVERY;
+                    if last_error.as_deref() != Some(why.as_str()) {
+                        tracing::warn!("cannot join the cluster: {why}");
+                        *last_error = Some(why);
+                    }
+                }
+            }
+            Event::PeerMsg { conn, msg } => self.peer_msg(conn, msg),
+            Event::PeerDown { conn, why } => self.peer_down(conn, why),
+            Event::Shutdown => {}
+        }
+    }
+
+    /// Member: a view from the coordinator.
+    fn take_view(&mut self, view: ClusterView) {
+        if view.version < self.view.version && view.coordinator == self.view.coordinator {
+            return;
+        }
+        self.view = view;
+        self.view_changed();
+    }
+
+    fn member_joins(&mut self, conn: ConnId, info: JoinInfo, mut writer: PeerWriter) {
+        let reject = |w: &mut PeerWriter, reason: String| {
+            tracing::warn!("refused a member: {reason}");
+            let _ = w.send(&PeerMsg::Reject { reason });
+            w.close();
+        };
+        if info.server == self.me {
+            return reject(
+                &mut writer,
+                format!("server id {} is the coordinator's", info.server),
+            );
+        }
+        if let Some(m) = self.members.get(&info.server) {
+            let same_host = m.addr.map(|a| a.ip()) == Some(info.addr.ip());
+            if m.alive && m.incarnation != info.incarnation && !same_host {
+                return reject(
+                    &mut writer,
+                    format!(
+                        "server id {} is already a member ({})",
+                        info.server,
+                        m.addr.map(|a| a.to_string()).unwrap_or_default()
+                    ),
+                );
+            }
+        }
+        for (name, digest) in &info.chains {
+            if let Some((_, mine)) = self.chains.iter().find(|(n, _)| n == name) {
+                if mine != digest {
+                    return reject(
+                        &mut writer,
+                        format!("chain `{name}` is defined differently on the coordinator"),
+                    );
+                }
+            }
+        }
+        // A restarted member replaces its previous incarnation.
+        if let Some(old) = self.members.get(&info.server).and_then(|m| m.conn) {
+            if let Some(w) = self.conns.remove(&old) {
+                w.close();
+            }
+        }
+        let now = Instant::now();
+        self.members.insert(
+            info.server,
+            Member {
+                name: info.name.clone(),
+                incarnation: info.incarnation,
+                addr: Some(info.addr),
+                endpoints: info.endpoints,
+                alive: true,
+                conn: Some(conn),
+                last_heard: now,
+                joined_at: now,
+                down: None,
+            },
+        );
+        self.conns.insert(conn, writer);
+        self.note(format!(
+            "server {} ({}) joined from {}",
+            info.server, info.name, info.addr
+        ));
+        self.rebuild_view();
+        let welcome = PeerMsg::Welcome {
+            view: self.view.clone(),
+        };
+        self.send_peer(conn, &welcome);
+    }
+
+    fn peer_msg(&mut self, conn: ConnId, msg: PeerMsg) {
+        let now = Instant::now();
+        // Whoever is on this connection is alive.
+        match &mut self.role {
+            Role::Member {
+                conn: Some(c),
+                last_heard,
+                ..
+            } if *c == conn => *last_heard = now,
+            _ => {
+                if let Some(m) = self.members.values_mut().find(|m| m.conn == Some(conn)) {
+                    m.last_heard = now;
+                }
+            }
+        }
+        match msg {
+            PeerMsg::Heartbeat { endpoints } => {
+                if let Some(eps) = endpoints {
+                    let changed = match self.members.values_mut().find(|m| m.conn == Some(conn)) {
+                        Some(m) if m.endpoints != eps => {
+                            m.endpoints = eps;
+                            true
+                        }
+                        _ => false,
+                    };
+                    if changed && matches!(self.role, Role::Coordinator) {
+                        self.rebuild_view();
+                    }
+                }
+            }
+            PeerMsg::View(view) => {
+                if matches!(self.role, Role::Member { .. }) {
+                    self.take_view(view);
+                }
+            }
+            PeerMsg::Rpc { id, target, call } => {
+                let reply_to = ReplyTo::Peer { conn, id };
+                if target.server == self.me || matches!(self.role, Role::Coordinator) {
+                    self.route_rpc(target, call, reply_to);
+                } else {
+                    self.answer(reply_to, Err(format!("{target} is not on this server")));
+                }
+            }
+            PeerMsg::RpcReply { id, result } => {
+                if let Some(p) = self.pending.remove(&id) {
+                    self.answer(p.reply_to, result);
+                }
+            }
+            PeerMsg::Leave => self.peer_down(conn, "left the cluster".into()),
+            PeerMsg::Hello { .. }
+            | PeerMsg::Join { .. }
+            | PeerMsg::Welcome { .. }
+            | PeerMsg::Reject { .. } => {
+                tracing::warn!("unexpected handshake frame in a session");
+            }
+        }
+    }
+
+    fn peer_down(&mut self, conn: ConnId, why: String) {
+        let Some(w) = self.conns.remove(&conn) else {
+            return;
+        };
+        w.close();
+        let now = Instant::now();
+        let coordinator_lost = match &mut self.role {
+            Role::Member {
+                conn: c @ Some(_),
+                next_try,
+                ..
+            } if *c == Some(conn) => {
+                *c = None;
+                *next_try = now + REJOIN_EVERY;
+                true
+            }
+            _ => false,
+        };
+        if coordinator_lost {
+            let coord = self.view.coordinator;
+            self.note(format!("lost the coordinator ({why}); rejoining"));
+            // Its runtimes are gone with it: stop dispatching to them.
+            for s in &mut self.view.servers {
+                if s.server == coord {
+                    s.alive = false;
+                }
+            }
+            self.view_changed();
+            self.notified.clear();
+            return;
+        }
+        let at_s = self.secs(now);
+        let started = self.started;
+        let Some((id, m)) = self.members.iter_mut().find(|(_, m)| m.conn == Some(conn)) else {
+            return;
+        };
+        let id = *id;
+        let silent_ms = now.duration_since(m.last_heard).as_secs_f64() * 1000.0;
+        m.conn = None;
+        m.alive = false;
+        m.down = Some(Down {
+            at_s,
+            why: why.clone(),
+            silent_ms,
+        });
+        let _ = started;
+        let name = m.name.clone();
+        self.note(format!("server {id} ({name}) is down: {why}"));
+        self.rebuild_view();
+    }
+
+    /// Time-driven work; returns how long until it is next due.
+    fn tick(&mut self) -> Duration {
+        let now = Instant::now();
+        let hb = Duration::from_millis(self.cfg.cluster.heartbeat_ms);
+        let timeout = Duration::from_millis(self.cfg.cluster.member_timeout_ms);
+        // This server's own processes.
+        let mine = self.local_endpoints();
+        match &self.role {
+            Role::Coordinator | Role::Alone => {
+                let changed = self
+                    .members
+                    .get(&self.me)
+                    .is_some_and(|m| m.endpoints != mine);
+                if changed {
+                    if let Some(m) = self.members.get_mut(&self.me) {
+                        m.endpoints = mine.clone();
+                    }
+                    self.rebuild_view();
+                }
+            }
+            Role::Member { .. } => {}
+        }
+        // Heartbeats and silence.
+        if now.duration_since(self.last_heartbeat) >= hb {
+            self.last_heartbeat = now;
+            match &mut self.role {
+                Role::Coordinator => {
+                    let conns: Vec<ConnId> = self.members.values().filter_map(|m| m.conn).collect();
+                    for c in conns {
+                        self.send_peer(c, &PeerMsg::Heartbeat { endpoints: None });
+                    }
+                }
+                Role::Member {
+                    conn: Some(c),
+                    sent_endpoints,
+                    ..
+                } => {
+                    let c = *c;
+                    let endpoints = (*sent_endpoints != mine).then(|| {
+                        *sent_endpoints = mine.clone();
+                        mine.clone()
+                    });
+                    self.send_peer(c, &PeerMsg::Heartbeat { endpoints });
+                }
+                _ => {}
+            }
+        }
+        match &self.role {
+            Role::Coordinator => {
+                let silent: Vec<ConnId> = self
+                    .members
+                    .values()
+                    .filter(|m| m.alive && m.conn.is_some())
+                    .filter(|m| now.duration_since(m.last_heard) > timeout)
+                    .filter_map(|m| m.conn)
+                    .collect();
+                for c in silent {
+                    self.peer_down(
+                        c,
+                        format!("no heartbeat for {} ms", self.cfg.cluster.member_timeout_ms),
+                    );
+                }
+            }
+            Role::Member {
+                conn: Some(c),
+                last_heard,
+                ..
+            } if now.duration_since(*last_heard) > timeout => {
+                let c = *c;
+                self.peer_down(
+                    c,
+                    format!("no heartbeat for {} ms", self.cfg.cluster.member_timeout_ms),
+                );
+            }
+            _ => {}
+        }
+        self.maybe_join(now, mine);
+        self.notify_local();
+        // Calls nobody answered.
+        let expired: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.pending.remove(&id) {
+                self.answer(p.reply_to, Err("timed out".into()));
+            }
+        }
+        Duration::from_millis(20).min(hb)
+    }
+
+    fn maybe_join(&mut self, now: Instant, endpoints: Vec<EndpointInfo>) {
+        let Role::Member {
+            addr,
+            conn: None,
+            joining,
+            next_try,
+            ..
+        } = &mut self.role
+        else {
+            return;
+        };
+        if *joining || now < *next_try {
+            return;
+        }
+        let Some(auth) = self.auth.clone() else {
+            return;
+        };
+        *joining = true;
+        let addr = *addr;
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let events = self.events.clone();
+        let req = peer::JoinRequest {
+            server: self.me,
+            name: self.name.clone(),
+            incarnation: self.incarnation,
+            endpoints,
+            chains: self.chains.clone(),
+        };
+        let spawned = std::thread::Builder::new()
+            .name("cluster-join".into())
+            .spawn(move || match peer::join(addr, &auth, req) {
+                Ok((view, writer, reader)) => {
+                    if events.send(Event::Joined { conn, view, writer }).is_ok() {
+                        peer::read_loop(conn, reader, events);
+                    }
+                }
+                Err(why) => {
+                    let _ = events.send(Event::JoinFailed { why });
+                }
+            });
+        if spawned.is_err() {
+            if let Role::Member { joining, .. } = &mut self.role {
+                *joining = false;
+            }
+        }
+    }
+
+    /// Sends the current view to local processes that have not seen it (new ones, restarted
+    /// ones, or after a change).
+    fn notify_local(&mut self) {
+        let version = self.view.version;
+        for s in 1..self.region.slot_count() {
+            let Some(rec) = self.region.slot(s) else {
+                continue;
+            };
+            if !matches!(rec.kind(), ProcessKind::Vswitch | ProcessKind::Runtime)
+                || rec.state() != SlotState::Running
+            {
+                continue;
+            }
+            let gen = rec.generation.load(std::sync::atomic::Ordering::Relaxed);
+            if self.notified.get(&s) == Some(&(gen, version)) {
+                continue;
+            }
+            self.notified.insert(s, (gen, version));
+            let call = Call::NotifyClusterCfg(self.view.clone());
+            self.route_rpc(EndpointAddr::new(self.me, s), call, ReplyTo::Nobody);
+        }
+    }
+
+    /// Says goodbye to the cluster.
+    fn leave(&mut self) {
+        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
+        for c in conns {
+            if let Some(w) = self.conns.get_mut(&c) {
+                let _ = w.send(&PeerMsg::Leave);
+                w.close();
+            }
+        }
+    }
+
+    /// Everything `nfmgr status` shows.
+    pub fn status(&self) -> serde_json::Value {
+        let now = Instant::now();
+        let snap = nflib::snapshot::RegionSnapshot::read(&self.region);
+        let role = match &self.role {
+            Role::Coordinator => serde_json::json!({ "role": "coordinator",
+                "listen": self.cfg.cluster.listen }),
+            Role::Member {
+                addr,
+                conn,
+                last_heard,
+                last_error,
+                ..
+            } => serde_json::json!({
+                "role": "member",
+                "coordinator": addr.to_string(),
+                "connected": conn.is_some(),
+                "last_heard_ms": conn.map(|_| now.duration_since(*last_heard).as_secs_f64() * 1000.0),
+                "last_error": last_error,
+            }),
+            Role::Alone => serde_json::json!({ "role": "standalone" }),
+        };
+        let servers: Vec<serde_json::Value> = self
+            .view
+            .servers
+            .iter()
+            .map(|s| {
+                let m = self.members.get(&s.server);
+                serde_json::json!({
+                    "server": s.server,
+                    "name": s.name,
+                    "alive": s.alive,
+                    "this": s.server == self.me,
+                    "coordinator": s.server == self.view.coordinator,
+                    "endpoints": s.endpoints.len(),
+                    "addr": m.and_then(|m| m.addr).map(|a| a.to_string()),
+                    "last_heard_ms": m.filter(|m| m.alive && s.server != self.me)
+                        .map(|m| now.duration_since(m.last_heard).as_secs_f64() * 1000.0),
+                    "joined_s": m.map(|m| self.secs(m.joined_at)),
+                    "down": m.and_then(|m| m.down.clone()),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "instance": self.cfg.instance,
+            "server": self.me,
+            "name": self.name,
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "cluster": role,
+            "view_version": self.view.version,
+            "servers": servers,
+            "events": self.log,
+            "processes": snap.processes.iter().map(|p| serde_json::json!({
+                "slot": p.slot, "name": p.name, "kind": p.kind, "state": p.state,
+                "pid": p.pid, "restarts": p.restarts,
+            })).collect::<Vec<_>>(),
+            "pool": snap.pool,
+        })
+    }
+
+    /// Every vswitch and runtime of the cluster as this server knows it.
+    pub fn endpoints(&self) -> Vec<EndpointInfo> {
+        let mut v: Vec<EndpointInfo> = self
+            .view
+            .servers
+            .iter()
+            .flat_map(|s| {
+                s.endpoints.iter().cloned().map(move |mut e| {
+                    e.alive &= s.alive;
+                    e
+                })
+            })
+            .collect();
+        if !self.view.servers.iter().any(|s| s.server == self.me) {
+            v.extend(self.local_endpoints());
+        }
+        v.sort_by_key(|e| e.addr);
+        v
+    }
+
+    pub fn view(&self) -> &ClusterView {
+        &self.view
+    }
+
+    pub fn server_id(&self) -> u16 {
+        self.me
+    }
+
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Runs the control thread until `Shutdown`.
+    pub fn run(mut self, rx: Receiver<Event>, listener: Option<TcpListener>) {
+        if let (Some(l), Some(auth)) = (listener, self.auth.clone()) {
+            let events = self.events.clone();
+            let me = self.me;
+            let first_conn = 1u64 << 32;
+            let _ = std::thread::Builder::new()
+                .name("cluster-accept".into())
+                .spawn(move || accept_loop(l, auth, me, events, first_conn));
+        }
+        let mut next_tick = Instant::now();
+        loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok(Event::Shutdown) => break,
+                Ok(e) => self.on_event(e),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() >= next_tick {
+                next_tick = Instant::now() + self.tick();
+            }
+        }
+        self.leave();
+    }
+}
+
+fn accept_loop(l: TcpListener, auth: AuthKey, me: u16, events: Sender<Event>, first: ConnId) {
+    let mut next = first;
+    for stream in l.incoming() {
+        let Ok(stream) = stream else { continue };
+        let conn = next;
+        next += 1;
+        let (auth, tx) = (auth.clone(), events.clone());
+        let _ = std::thread::Builder::new()
+            .name("cluster-peer".into())
+            .spawn(move || match peer::accept(stream, &auth, me) {
+                Ok((info, writer, reader)) => {
+                    if tx.send(Event::PeerJoin { conn, info, writer }).is_ok() {
+                        peer::read_loop(conn, reader, tx);
+                    }
+                }
+                Err(why) => tracing::warn!("refused a connection: {why}"),
+            });
+        if events.send(Event::Ask(Box::new(|_| {}))).is_err() {
+            return;
+        }
+    }
+}

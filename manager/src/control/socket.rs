@@ -1,0 +1,367 @@
+//! The control socket: a Unix socket (mode 0600) per nfmgr instance, one JSON request per
+//! line and one JSON answer per line. The CLI subcommands (`nfmgr status`, `runtimes`,
+//! `flows`, `stop`, `msgtest`) are its clients; scripts may talk to it directly.
+//!
+//! ```text
+//! {"cmd":"status"}
+//! {"cmd":"runtimes"}
+//! {"cmd":"flows","runtime":"rt0@2","limit":100}
+//! {"cmd":"stop"}
+//! {"cmd":"msgtest","from":"rt0@1","to":"rt0@2","count":100000,"size":64}
+//! -> {"ok":true,"data":...} or {"ok":false,"error":"..."}
+//! ```
+//!
+//! Each connection is served by its own thread, which asks the control thread for state and
+//! makes control calls through it; a slow call never holds up the cluster's heartbeats.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nflib::cluster::{EndpointInfo, ProbeReport};
+use nflib::msg::{Call, Reply};
+use nflib::slot::ProcessKind;
+use nflib::wire::EndpointAddr;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::Handle;
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Runtimes,
+    Flows {
+        runtime: Option<String>,
+        limit: Option<u32>,
+    },
+    Stop,
+    Msgtest {
+        from: String,
+        to: String,
+        count: u64,
+        size: u32,
+        timeout_s: Option<f64>,
+    },
+}
+
+/// Creates the socket (replacing a stale one: the instance lock says no other nfmgr of this
+/// instance runs) with mode 0600 before anyone can connect, and serves it on a thread.
+pub fn serve(path: &Path, handle: Handle) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("sock.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)?;
+    let path = path.to_path_buf();
+    std::thread::Builder::new()
+        .name("control-socket".into())
+        .spawn(move || accept_loop(listener, handle, path))?;
+    Ok(())
+}
+
+fn accept_loop(listener: UnixListener, handle: Handle, _path: PathBuf) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let h = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name("control-client".into())
+            .spawn(move || serve_client(stream, h));
+    }
+}
+
+fn serve_client(stream: UnixStream, handle: Handle) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut reader = BufReader::new(match stream.try_clone() {
+        Ok(s) => s,
+        Err(_) => return,
+    });
+    let mut line = String::new();
+    let mut out = stream;
+    loop {
+        line.clear();
+        match (&mut reader).take(1 << 16).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let answer = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(req) => match handle_request(&handle, req) {
+                Ok(data) => json!({ "ok": true, "data": data }),
+                Err(e) => json!({ "ok": false, "error": e }),
+            },
+            Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
+        };
+        let mut text = answer.to_string();
+        text.push('\n');
+        if out.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+use std::io::Read;
+
+pub fn handle_request(handle: &Handle, req: Request) -> Result<Value, String> {
+    match req {
+        Request::Status => handle.ask(|c| c.status()),
+        Request::Runtimes => runtimes(handle),
+        Request::Flows { runtime, limit } => flows(handle, runtime, limit.unwrap_or(100)),
+        Request::Stop => {
+            handle.ask(|c| c.stop_requested = true)?;
+            // The supervisor shuts everything down on SIGTERM, as for an operator's kill.
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGTERM);
+            Ok(json!("stopping"))
+        }
+        Request::Msgtest {
+            from,
+            to,
+            count,
+            size,
+            timeout_s,
+        } => msgtest(
+            handle,
+            &from,
+            &to,
+            count,
+            size,
+            Duration::from_secs_f64(timeout_s.unwrap_or(300.0).clamp(0.1, 3600.0)),
+        ),
+    }
+}
+
+/// Finds an endpoint: `SERVER/SLOT`, `NAME@SERVER`, or `NAME` (this server first, else the
+/// one endpoint of that name in the cluster).
+pub fn resolve(spec: &str, eps: &[EndpointInfo], me: u16) -> Result<EndpointAddr, String> {
+    if let Some((s, n)) = spec.split_once('/') {
+        let (Ok(server), Ok(slot)) = (s.parse::<u16>(), n.parse::<u16>()) else {
+            return Err(format!("`{spec}` is not SERVER/SLOT"));
+        };
+        return Ok(EndpointAddr::new(server, slot));
+    }
+    let (name, server) = match spec.split_once('@') {
+        Some((n, s)) => (
+            n,
+            Some(
+                s.parse::<u16>()
+                    .map_err(|_| format!("`{spec}`: `{s}` is not a server number"))?,
+            ),
+        ),
+        None => (spec, None),
+    };
+    let matching: Vec<&EndpointInfo> = eps
+        .iter()
+        .filter(|e| e.name == name && server.is_none_or(|s| e.addr.server == s))
+        .collect();
+    if let Some(e) = matching.iter().find(|e| e.addr.server == me) {
+        return Ok(e.addr);
+    }
+    match matching.as_slice() {
+        [one] => Ok(one.addr),
+        [] => Err(format!("no vswitch or runtime `{spec}` in the cluster")),
+        _ => Err(format!(
+            "`{spec}` names several endpoints; say which server: {}",
+            matching
+                .iter()
+                .map(|e| format!("{}@{}", e.name, e.addr.server))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+fn endpoint_json(e: &EndpointInfo) -> Value {
+    json!({
+        "addr": e.addr.to_string(),
+        "server": e.addr.server,
+        "slot": e.addr.slot,
+        "name": e.name,
+        "kind": e.kind,
+        "chain": e.chain,
+        "alive": e.alive,
+    })
+}
+
+fn runtimes(handle: &Handle) -> Result<Value, String> {
+    let eps = handle.ask(|c| c.endpoints())?;
+    // Ask every live endpoint at once, then collect.
+    let mut waiting = Vec::new();
+    for e in &eps {
+        let rx = e
+            .alive
+            .then(|| handle.rpc_start(e.addr, Call::PollWorkload).ok())
+            .flatten();
+        waiting.push(rx);
+    }
+    let deadline = Instant::now() + super::RPC_TIMEOUT + Duration::from_millis(500);
+    let mut out = Vec::new();
+    for (e, rx) in eps.iter().zip(waiting) {
+        let mut v = endpoint_json(e);
+        let result = rx.map(|rx| {
+            rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .unwrap_or_else(|_| Err("no answer".into()))
+        });
+        match result {
+            Some(Ok(Reply::Workload(w))) => v["workload"] = json!(w),
+            Some(Ok(other)) => v["error"] = json!(format!("unexpected answer {other:?}")),
+            Some(Err(err)) => v["error"] = json!(err),
+            None => v["error"] = json!("not running"),
+        }
+        out.push(v);
+    }
+    Ok(Value::Array(out))
+}
+
+fn flows(handle: &Handle, runtime: Option<String>, limit: u32) -> Result<Value, String> {
+    let (eps, me) = handle.ask(|c| (c.endpoints(), c.server_id()))?;
+    let targets: Vec<EndpointInfo> = match &runtime {
+        Some(spec) => {
+            let a = resolve(spec, &eps, me)?;
+            eps.into_iter().filter(|e| e.addr == a).collect()
+        }
+        None => eps
+            .into_iter()
+            .filter(|e| e.kind == ProcessKind::Runtime && e.alive)
+            .collect(),
+    };
+    let mut out = Vec::new();
+    for e in &targets {
+        let mut v = endpoint_json(e);
+        match handle.rpc(e.addr, Call::ListFlows { limit }) {
+            Ok(Reply::Flows { total, flows }) => {
+                v["total"] = json!(total);
+                v["flows"] = json!(flows);
+            }
+            Ok(Reply::Refused { reason }) => v["error"] = json!(reason),
+            Ok(other) => v["error"] = json!(format!("unexpected answer {other:?}")),
+            Err(err) => v["error"] = json!(err),
+        }
+        out.push(v);
+    }
+    Ok(Value::Array(out))
+}
+
+fn probe_status(handle: &Handle, at: EndpointAddr, run: u64) -> Result<ProbeReport, String> {
+    match handle.rpc(at, Call::ProbeStatus { run })? {
+        Reply::Probe(r) => Ok(r),
+        Reply::Refused { reason } => Err(format!("{at}: {reason}")),
+        other => Err(format!("{at}: unexpected answer {other:?}")),
+    }
+}
+
+/// Sends `count` probe messages from the liaison of `from` to that of `to` and reports what
+/// arrived, how fast, with what latency, and the retransmissions it took.
+fn msgtest(
+    handle: &Handle,
+    from: &str,
+    to: &str,
+    count: u64,
+    size: u32,
+    timeout: Duration,
+) -> Result<Value, String> {
+    if count == 0 {
+        return Err("count must be above 0".into());
+    }
+    let (eps, me) = handle.ask(|c| (c.endpoints(), c.server_id()))?;
+    let a = resolve(from, &eps, me)?;
+    let b = resolve(to, &eps, me)?;
+    for (spec, addr) in [(from, a), (to, b)] {
+        let e = eps.iter().find(|e| e.addr == addr);
+        if !e.is_some_and(|e| e.kind == ProcessKind::Runtime) {
+            return Err(format!("`{spec}` ({addr}) is not a runtime"));
+        }
+    }
+    let run = nflib::time::wall_ns();
+    match handle.rpc(
+        a,
+        Call::StartProbe {
+            to: b,
+            run,
+            count,
+            size,
+        },
+    )? {
+        Reply::Accepted => {}
+        Reply::Refused { reason } => return Err(format!("{a}: {reason}")),
+        other => return Err(format!("{a}: unexpected answer {other:?}")),
+    }
+    let started = Instant::now();
+    let sender = loop {
+        let r = probe_status(handle, a, run)?;
+        if r.done {
+            break r;
+        }
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "timed out after {:.1} s with {} of {count} messages sent and not all acknowledged",
+                timeout.as_secs_f64(),
+                r.sent
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let receiver = probe_status(handle, b, run)?;
+    let secs = sender.last_ns.saturating_sub(sender.first_ns) as f64 / 1e9;
+    let exact =
+        receiver.received == count && receiver.duplicates == 0 && receiver.out_of_order == 0;
+    Ok(json!({
+        "from": a.to_string(),
+        "to": b.to_string(),
+        "count": count,
+        "size": size,
+        "sent": sender.sent,
+        "received": receiver.received,
+        "duplicates": receiver.duplicates,
+        "out_of_order": receiver.out_of_order,
+        "exactly_once_in_order": exact,
+        "retransmits": sender.retransmits,
+        "seconds": secs,
+        "msgs_per_s": if secs > 0.0 { count as f64 / secs } else { 0.0 },
+        "gbit_per_s": if secs > 0.0 { receiver.payload_bytes as f64 * 8.0 / secs / 1e9 } else { 0.0 },
+        "latency_min_us": receiver.latency_min_ns as f64 / 1000.0,
+        "latency_avg_us": receiver.latency_avg_ns as f64 / 1000.0,
+        "latency_max_us": receiver.latency_max_ns as f64 / 1000.0,
+    }))
+}
+
+/// Client side: sends one request to the socket at `path` and returns the answer's data.
+pub fn call(path: &Path, request: &Value, timeout: Duration) -> Result<Value, String> {
+    let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "nfmgr is not running (no control socket at {})",
+            path.display()
+        ),
+        std::io::ErrorKind::ConnectionRefused => format!(
+            "nfmgr is not running (stale control socket at {})",
+            path.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "no permission to use the control socket {} (run as the user that started nfmgr)",
+            path.display()
+        ),
+        _ => format!("cannot connect to {}: {e}", path.display()),
+    })?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    let mut text = request.to_string();
+    text.push('\n');
+    stream
+        .write_all(text.as_bytes())
+        .map_err(|e| format!("cannot send to nfmgr: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("no answer from nfmgr: {e}"))?;
+    if line.is_empty() {
+        return Err("nfmgr closed the connection without answering (is it stopping?)".into());
+    }
+    let v: Value =
+        serde_json::from_str(line.trim()).map_err(|e| format!("unreadable answer: {e}"))?;
+    if v["ok"] == json!(true) {
+        Ok(v["data"].clone())
+    } else {
+        Err(v["error"].as_str().unwrap_or("unknown error").to_string())
+    }
+}

@@ -1,0 +1,430 @@
+//! nfmgr's part in actor messaging and in carrying traffic between servers, run by the
+//! data-plane thread.
+//!
+//! - nfmgr's own control endpoint (slot 0): a mailbox whose messages go to and come from the
+//!   control thread (control calls to liaisons and their answers).
+//! - Actor frames a process addressed to another server arrive on its message ring to
+//!   nfmgr; they are signed with the cluster key and sent out of the cluster port. Frames
+//!   arriving on the cluster port are checked (tag, sender a live member, addressed here),
+//!   stripped of the tag and put on the message ring of their slot.
+//! - Data a vswitch sends to a runtime on another server (`DESC_REMOTE`) is wrapped in a
+//!   data frame (`wire::DataEncap`), signed and sent out of the cluster port; the runtime's
+//!   server unwraps it, notes where it came from in the buffer (`Route`) and hands it to the
+//!   runtime. The runtime's output for such a packet goes back to the server it came from,
+//!   which sends it out of the port it was meant for.
+//!
+//! Every frame between servers carries a keyed MAC; frames that fail, or come from a server
+//! that is not a live member, are dropped and counted on the cluster port (`ctl_auth_failed`,
+//! `ctl_not_member`). Nothing here trusts a byte from the wire before its tag is checked.
+
+use std::sync::mpsc;
+
+use nflib::buffer::{Route, DESC_REMOTE};
+use nflib::mailbox::{Envelope, Mailbox};
+use nflib::msg::Message;
+use nflib::pool::ManagerPool;
+use nflib::reliable::PeerEvent;
+use nflib::stats::{LocalCounters, PortCounter, PORT_COUNTERS};
+use nflib::wire::{
+    self, auth, DataEncap, EndpointAddr, Frame, ENCAP_LEN, ETHERTYPE_CONTROL, ETHERTYPE_DATA,
+};
+use nflib::{Packet, Region, MANAGER_SLOT};
+
+/// Control thread -> relay.
+#[derive(Debug)]
+pub enum RelayCommand {
+    /// Send a message from nfmgr's control endpoint.
+    Send {
+        to: EndpointAddr,
+        src_actor: u64,
+        dst_actor: u64,
+        msg: Message,
+    },
+    /// The servers frames from other servers are accepted from (live members).
+    Members(Vec<u16>),
+}
+
+/// Relay -> control thread.
+#[derive(Debug)]
+pub enum RelayEvent {
+    Delivered(Envelope),
+    Peer(PeerEvent),
+}
+
+/// Where a frame from the cluster port goes.
+pub enum Inbound {
+    /// Onto the message ring of this local slot.
+    Message(u16, Packet),
+    /// Onto the data ring of this local runtime.
+    Data(u16, Packet),
+    /// Out of this port (a runtime's output coming back).
+    Port(u8, Packet),
+    /// Handled here (nfmgr's own messages) or dropped and counted.
+    Done,
+}
+
+pub struct Relay {
+    pub me: u16,
+    key: Option<auth::FrameKey>,
+    /// Index of the cluster port.
+    pub port: Option<usize>,
+    /// Live member servers, one bit each.
+    members: Vec<u64>,
+    pub mailbox: Mailbox,
+    events: Option<mpsc::Sender<crate::control::Event>>,
+    commands: Option<mpsc::Receiver<RelayCommand>>,
+    /// Frames waiting to leave on the cluster port.
+    pub cluster_tx: Vec<Packet>,
+    /// Frames for other servers dropped because there is no cluster port.
+    pub no_route: u64,
+}
+
+impl Relay {
+    pub fn new(
+        me: u16,
+        key: Option<auth::FrameKey>,
+        port: Option<usize>,
+        mailbox: Mailbox,
+    ) -> Relay {
+        Relay {
+            me,
+            key,
+            port,
+            members: vec![0; 1024],
+            mailbox,
+            events: None,
+            commands: None,
+            cluster_tx: Vec::new(),
+            no_route: 0,
+        }
+    }
+
+    /// Connects the relay to the control thread.
+    pub fn with_channels(
+        mut self,
+        events: mpsc::Sender<crate::control::Event>,
+        commands: mpsc::Receiver<RelayCommand>,
+    ) -> Relay {
+        self.events = Some(events);
+        self.commands = Some(commands);
+        self
+    }
+
+    fn is_member(&self, server: u16) -> bool {
+        self.members[server as usize / 64] >> (server % 64) & 1 == 1
+    }
+
+    /// Carries out what the control thread asked. Returns how many commands.
+    pub fn handle_commands(&mut self) -> usize {
+        let mut n = 0;
+        let cmds: Vec<RelayCommand> = match &self.commands {
+            Some(rx) => rx.try_iter().collect(),
+            None => return 0,
+        };
+        for c in cmds {
+            n += 1;
+            match c {
+                RelayCommand::Send {
+                    to,
+                    src_actor,
+                    dst_actor,
+                    msg,
+                } => {
+                    if let Err(e) = self.mailbox.send(to, src_actor, dst_actor, &msg) {
+                        tracing::warn!(%to, error = %e, "control message not sent");
+                    }
+                }
+                RelayCommand::Members(list) => {
+                    self.members.iter_mut().for_each(|w| *w = 0);
+                    for s in list {
+                        if s != self.me {
+                            self.members[s as usize / 64] |= 1 << (s % 64);
+                        }
+                    }
+                }
+            }
+        }
+        n
+    }
+
+    /// Hands what nfmgr's mailbox received to the control thread.
+    pub fn deliver(&mut self) {
+        let inbox = self.mailbox.take_inbox();
+        let events = self.mailbox.take_events();
+        if let Some(tx) = &self.events {
+            use crate::control::Event;
+            for e in inbox {
+                let _ = tx.send(Event::Relay(RelayEvent::Delivered(e)));
+            }
+            for e in events {
+                let _ = tx.send(Event::Relay(RelayEvent::Peer(e)));
+            }
+        }
+    }
+
+    /// Signs a frame for another server and queues it on the cluster port.
+    fn send_to_cluster(
+        &mut self,
+        region: &Region,
+        pool: &mut ManagerPool,
+        mut p: Packet,
+        control: bool,
+        c: &mut LocalCounters<PORT_COUNTERS>,
+    ) {
+        let (Some(key), Some(_)) = (&self.key, self.port) else {
+            self.no_route += 1;
+            pool.free(p);
+            return;
+        };
+        let len = p.len();
+        let signed = if control {
+            auth::sign(key, region.room_mut(&mut p), len)
+        } else {
+            auth::append_tag(key, region.room_mut(&mut p), len)
+        };
+        match signed {
+            Ok(n) if region.set_len(&mut p, n) => {
+                c.add(
+                    if control {
+                        PortCounter::CtlTx
+                    } else {
+                        PortCounter::DataTx
+                    } as usize,
+                    1,
+                );
+                self.cluster_tx.push(p);
+            }
+            _ => {
+                c.add(PortCounter::TxErrors as usize, 1);
+                pool.free(p);
+            }
+        }
+    }
+
+    /// A frame a process sent to nfmgr on its message ring.
+    pub fn on_process_message(
+        &mut self,
+        region: &Region,
+        pool: &mut ManagerPool,
+        p: Packet,
+        now_ns: u64,
+        c: &mut LocalCounters<PORT_COUNTERS>,
+    ) {
+        let bytes = region.data(&p);
+        let dst = (wire::ethertype(bytes) == Some(ETHERTYPE_CONTROL))
+            .then(|| EndpointAddr::from_control_mac(bytes))
+            .flatten();
+        match dst {
+            Some(d) if d.server == self.me && d.slot == MANAGER_SLOT => {
+                self.mailbox.handle_frame(bytes, now_ns);
+                pool.free(p);
+            }
+            Some(d) if d.server != self.me => self.send_to_cluster(region, pool, p, true, c),
+            _ => {
+                self.no_route += 1;
+                pool.free(p);
+            }
+        }
+    }
+
+    /// A packet a process sent to nfmgr on its data ring: wrapped for another server when it
+    /// is meant for one, else handed back for its egress port.
+    pub fn on_process_data(
+        &mut self,
+        region: &Region,
+        pool: &mut ManagerPool,
+        from: u16,
+        mut p: Packet,
+        c: &mut LocalCounters<PORT_COUNTERS>,
+    ) -> Option<Packet> {
+        let meta = region.meta_of(&p);
+        let (encap, outer_dst) = if p.flags() & DESC_REMOTE != 0 {
+            let dst = EndpointAddr::from_input_mac(region.data(&p))?;
+            let orig = meta.take_dst_mac().unwrap_or([0xff; 6]);
+            (
+                DataEncap {
+                    to_runtime: true,
+                    orig_dst: orig,
+                    origin_server: self.me,
+                    origin_vswitch: from as u8,
+                    egress: p.egress_port(),
+                    ingress: p.ingress_port(),
+                },
+                dst.input_mac(),
+            )
+        } else if let Some(r) = meta.route() {
+            (
+                DataEncap {
+                    to_runtime: false,
+                    orig_dst: [0; 6],
+                    origin_server: r.server,
+                    origin_vswitch: r.vswitch,
+                    egress: p.egress_port(),
+                    ingress: p.ingress_port(),
+                },
+                EndpointAddr::new(r.server, MANAGER_SLOT).input_mac(),
+            )
+        } else {
+            return Some(p);
+        };
+        if !region.prepend(&mut p, ENCAP_LEN) {
+            c.add(PortCounter::TxErrors as usize, 1);
+            pool.free(p);
+            return None;
+        }
+        let src = EndpointAddr::new(self.me, MANAGER_SLOT).input_mac();
+        if encap
+            .write(region.data_mut(&mut p), outer_dst, src)
+            .is_err()
+        {
+            pool.free(p);
+            return None;
+        }
+        p.set_flags(p.flags() & !DESC_REMOTE);
+        self.send_to_cluster(region, pool, p, false, c);
+        None
+    }
+
+    /// A frame received on the cluster port.
+    pub fn on_cluster_frame(
+        &mut self,
+        region: &Region,
+        pool: &mut ManagerPool,
+        mut p: Packet,
+        now_ns: u64,
+        slot_alive: &dyn Fn(u16) -> bool,
+        c: &mut LocalCounters<PORT_COUNTERS>,
+    ) -> Inbound {
+        let Some(key) = self.key.clone() else {
+            c.add(PortCounter::RxIgnored as usize, 1);
+            pool.free(p);
+            return Inbound::Done;
+        };
+        let et = wire::ethertype(region.data(&p));
+        let drop = |c: &mut LocalCounters<PORT_COUNTERS>, _: &mut ManagerPool, why: PortCounter| {
+            c.add(why as usize, 1);
+            Inbound::Done
+        };
+        match et {
+            Some(ETHERTYPE_CONTROL) => {
+                let (src, dst, len) = {
+                    let bytes = region.data(&p);
+                    let Ok(f) = Frame::parse(bytes) else {
+                        pool.free(p);
+                        return drop(c, pool, PortCounter::CtlBad);
+                    };
+                    if !auth::verify(&key, &f) {
+                        pool.free(p);
+                        return drop(c, pool, PortCounter::CtlAuthFailed);
+                    }
+                    (f.header.src, f.header.dst, bytes.len())
+                };
+                if !self.is_member(src.server) {
+                    pool.free(p);
+                    return drop(c, pool, PortCounter::CtlNotMember);
+                }
+                if dst.server != self.me || src.server == self.me {
+                    pool.free(p);
+                    return drop(c, pool, PortCounter::CtlBad);
+                }
+                let n = auth::strip(region.data_mut(&mut p), len);
+                region.set_len(&mut p, n);
+                c.add(PortCounter::CtlRx as usize, 1);
+                if dst.slot == MANAGER_SLOT {
+                    self.mailbox.handle_frame(region.data(&p), now_ns);
+                    pool.free(p);
+                    return Inbound::Done;
+                }
+                if !slot_alive(dst.slot) {
+                    pool.free(p);
+                    return drop(c, pool, PortCounter::CtlBad);
+                }
+                Inbound::Message(dst.slot, p)
+            }
+            Some(ETHERTYPE_DATA) => {
+                let checked = auth::check_tag(&key, region.data(&p));
+                let Some(len) = checked else {
+                    pool.free(p);
+                    return drop(c, pool, PortCounter::CtlAuthFailed);
+                };
+                let (encap, dst, src) = {
+                    let bytes = &region.data(&p)[..len];
+                    let (Ok(e), Some(d), Some(s)) = (
+                        DataEncap::parse(bytes),
+                        EndpointAddr::from_input_mac(bytes),
+                        EndpointAddr::from_input_mac(&bytes[6..]),
+                    ) else {
+                        pool.free(p);
+                        return drop(c, pool, PortCounter::DataBad);
+                    };
+                    (e, d, s)
+                };
+                if !self.is_member(src.server) {
+                    pool.free(p);
+                    return drop(c, pool, PortCounter::CtlNotMember);
+                }
+                if dst.server != self.me || len < ENCAP_LEN + 14 {
+                    pool.free(p);
+                    return drop(c, pool, PortCounter::DataBad);
+                }
+                region.set_len(&mut p, len);
+                region.strip_front(&mut p, ENCAP_LEN);
+                p.set_egress_port(encap.egress);
+                p.set_ingress_port(encap.ingress);
+                c.add(PortCounter::DataRx as usize, 1);
+                if encap.to_runtime {
+                    if dst.slot == MANAGER_SLOT || !slot_alive(dst.slot) {
+                        pool.free(p);
+                        return drop(c, pool, PortCounter::DataBad);
+                    }
+                    let meta = region.meta_of(&p);
+                    meta.save_dst_mac(encap.orig_dst);
+                    meta.set_route(Route {
+                        server: encap.origin_server,
+                        vswitch: encap.origin_vswitch,
+                        egress: encap.egress,
+                        ingress: encap.ingress,
+                    });
+                    Inbound::Data(dst.slot, p)
+                } else {
+                    if dst.slot != MANAGER_SLOT || encap.origin_server != self.me {
+                        pool.free(p);
+                        return drop(c, pool, PortCounter::DataBad);
+                    }
+                    Inbound::Port(encap.egress, p)
+                }
+            }
+            _ => {
+                pool.free(p);
+                drop(c, pool, PortCounter::RxIgnored)
+            }
+        }
+    }
+
+    /// Writes what nfmgr's mailbox has due: frames to local processes are returned with
+    /// their slot, frames to other servers are signed and queued on the cluster port.
+    pub fn flush(
+        &mut self,
+        region: &Region,
+        pool: &mut ManagerPool,
+        now_ns: u64,
+        local: &mut Vec<(u16, Packet)>,
+        c: &mut LocalCounters<PORT_COUNTERS>,
+    ) {
+        let mut spare = Vec::new();
+        self.mailbox
+            .build_frames(now_ns, region, &mut || pool.alloc(), &mut |p| spare.push(p));
+        for p in spare {
+            pool.free(p);
+        }
+        let out: Vec<(EndpointAddr, Packet)> = self.mailbox.take_out().collect();
+        for (to, p) in out {
+            if to.server == self.me {
+                local.push((to.slot, p));
+            } else {
+                self.send_to_cluster(region, pool, p, true, c);
+            }
+        }
+        self.deliver();
+    }
+}
