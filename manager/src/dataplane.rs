@@ -443,27 +443,27 @@ impl Dataplane {
                 self.region.prefetch(d);
             }
             for d in &descs[..n] {
-                match self.region.claim(*d, s as u32, MANAGER_SLOT as u32) {
-                    Some(p) if (p.egress_port() as usize) < nports => {
-                        let c = match self.relay.port {
-                            Some(i) => &mut self.ports[i].counters,
-                            None => &mut self.spare_counters,
-                        };
-                        if let Some(p) = self.relay.on_process_data(
-                            &self.region,
-                            &mut self.pool,
-                            s as u16,
-                            p,
-                            c,
-                        ) {
-                            tx[p.egress_port() as usize].push(p)
-                        }
-                    }
-                    Some(p) => {
-                        self.counters.add(ProcCounter::DropInvalidDesc as usize, 1);
-                        self.pool.free(p);
-                    }
-                    None => self.counters.add(ProcCounter::DropInvalidDesc as usize, 1),
+                let Some(p) = self.region.claim(*d, s as u32, MANAGER_SLOT as u32) else {
+                    self.counters.add(ProcCounter::DropInvalidDesc as usize, 1);
+                    continue;
+                };
+                // Packets for (or back to) another server name that server's ports: the
+                // relay takes them before the egress port is checked against ours.
+                let c = match self.relay.port {
+                    Some(i) => &mut self.ports[i].counters,
+                    None => &mut self.spare_counters,
+                };
+                let Some(p) =
+                    self.relay
+                        .on_process_data(&self.region, &mut self.pool, s as u16, p, c)
+                else {
+                    continue;
+                };
+                if (p.egress_port() as usize) < nports {
+                    tx[p.egress_port() as usize].push(p);
+                } else {
+                    self.counters.add(ProcCounter::DropInvalidDesc as usize, 1);
+                    self.pool.free(p);
                 }
             }
             ring.release(n);

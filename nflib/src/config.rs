@@ -359,7 +359,8 @@ pub struct ClusterSection {
     pub rto_factor: u32,
     #[serde(default = "d_min_rto")]
     pub min_rto_us: u64,
-    /// A peer that acknowledges nothing for this long is given up (its messages are lost).
+    /// A peer silent this long, through at least eight retransmission timeouts in a row, is
+    /// given up (its unacknowledged messages are reported lost).
     #[serde(default = "d_peer_dead")]
     pub peer_dead_after_ms: u64,
     /// Actor frames in flight per pair of endpoints (1-64).

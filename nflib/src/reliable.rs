@@ -27,9 +27,15 @@
 //!   by `min_rto` and `max_rto`, doubling on each expiry; a frame three or more frames behind
 //!   one the peer has selectively acknowledged is sent again at once (fast retransmit).
 //!   RTT is sampled only from frames sent once (Karn).
-//! - **A peer that stopped answering**: no ack progress for `dead_after` while frames are
-//!   outstanding. The channel reports [`PeerEvent::Dead`], drops what it held, and starts a
-//!   new session, so if the peer comes back both sides start clean streams.
+//! - **A peer that stopped answering**: frames outstanding, nothing at all heard from the
+//!   peer for `dead_after`, and [`MIN_TIMEOUTS_DEAD`] retransmission timeouts in that
+//!   silence (or the oldest frame sent [`MAX_TRANSMISSIONS`] times whatever was heard). The channel reports
+//!   [`PeerEvent::Dead`], drops what it held, and starts a new session, so if the peer comes
+//!   back both sides start clean streams. Silence alone is not enough: on a lossy link with
+//!   timeouts near `max_rto`, a few unlucky retransmissions in a row last longer than
+//!   `dead_after`, and a live peer must not lose messages to bad luck. Deciding that a
+//!   server is down is the cluster membership's job (heartbeats); this only bounds what a
+//!   channel holds for a peer that is gone.
 //! - **Messages larger than a frame** are split into fragments with consecutive sequence
 //!   numbers and reassembled in order.
 
@@ -44,6 +50,16 @@ pub const SACK_BITS: u64 = 64;
 /// its timer.
 const FAST_RETRANSMIT_AFTER: u64 = 3;
 
+/// Retransmission timeouts in a row, with nothing heard from the peer, before it may be
+/// declared dead. On a link losing 10 % each way a retransmission goes unanswered about one
+/// time in five; eight in a row happen about once in 400,000 stalls. With timeouts doubling
+/// from `min_rto` this is at least half a second, and about five seconds near `max_rto`.
+pub const MIN_TIMEOUTS_DEAD: u32 = 8;
+
+/// Transmissions of one frame without an ack before a peer that still answers is given up
+/// on. With timeouts doubling up to `max_rto` this is over ten seconds.
+pub const MAX_TRANSMISSIONS: u32 = 16;
+
 /// Most peers one transport keeps channels for.
 const MAX_PEERS: usize = 4096;
 
@@ -57,7 +73,7 @@ pub struct TransportConfig {
     pub max_rto_ns: u64,
     /// Timeout before the first RTT sample.
     pub initial_rto_ns: u64,
-    /// No progress for this long with frames outstanding: the peer is dead.
+    /// Frames outstanding and nothing heard from the peer for this long: it is dead.
     pub dead_after_ns: u64,
     /// Frames queued per peer (in flight and waiting) before `send` refuses.
     pub max_queue_frames: usize,
@@ -217,6 +233,10 @@ struct Channel {
     rto: u64,
     backoff: u32,
     last_progress: u64,
+    /// When the last frame of the peer's current session arrived.
+    last_heard: u64,
+    /// Retransmission timeouts since then.
+    unanswered: u32,
     /// Earliest time a retransmission timer may fire (a scan then finds out).
     timer_at: u64,
     rtx_marked: usize,
@@ -250,6 +270,8 @@ impl Channel {
             rto: cfg.initial_rto_ns,
             backoff: 0,
             last_progress: 0,
+            last_heard: 0,
+            unanswered: 0,
             timer_at: u64::MAX,
             rtx_marked: 0,
             rcv_nxt: 1,
@@ -276,6 +298,7 @@ impl Channel {
         self.backoff = 0;
         self.timer_at = u64::MAX;
         self.rtx_marked = 0;
+        self.unanswered = 0;
         lost
     }
 
@@ -285,6 +308,25 @@ impl Channel {
             *s = None;
         }
         self.reasm = None;
+    }
+
+    /// Whether the frames outstanding have waited too long (see the module's notes).
+    fn given_up(&self, now: u64, cfg: &TransportConfig) -> bool {
+        let silent = now.saturating_sub(self.alive_at()) >= cfg.dead_after_ns;
+        (silent && self.unanswered >= MIN_TIMEOUTS_DEAD)
+            || self.head_transmissions() >= MAX_TRANSMISSIONS
+    }
+
+    /// How often the oldest unacknowledged frame was sent.
+    fn head_transmissions(&self) -> u32 {
+        self.sendq
+            .front()
+            .filter(|f| !f.sacked)
+            .map_or(0, |f| f.transmissions)
+    }
+
+    fn alive_at(&self) -> u64 {
+        self.last_progress.max(self.last_heard)
     }
 
     fn effective_rto(&self, cfg: &TransportConfig) -> u64 {
@@ -335,6 +377,8 @@ impl Channel {
             st.malformed += 1;
             return;
         }
+        self.last_heard = now;
+        self.unanswered = 0;
         // RTT is sampled from the most recently sent frame this ack is the first news of,
         // among frames sent once (Karn): a frame selectively acknowledged earlier and now
         // covered by the cumulative ack waited for a gap to fill, not for the network.
@@ -554,7 +598,10 @@ impl Channel {
         events: &mut Vec<PeerEvent>,
         emit: &mut dyn FnMut(&FrameHeader, &[u8]) -> bool,
     ) {
-        if self.in_flight() > 0 && now.saturating_sub(self.last_progress) >= cfg.dead_after_ns {
+        // Judged when the timer fires, before sending again: the last transmission was a
+        // whole timeout ago, so nothing of it is still on the way to be delivered after the
+        // messages were reported lost.
+        if self.in_flight() > 0 && now >= self.timer_at && self.given_up(now, cfg) {
             let lost = self.reset_send();
             st.msgs_lost += lost;
             st.peers_dead += 1;
@@ -608,6 +655,7 @@ impl Channel {
             f.last_tx = now;
             f.transmissions += 1;
             st.timeouts += 1;
+            self.unanswered = self.unanswered.saturating_add(1);
             st.retransmits += 1;
             st.frames_sent += 1;
             self.backoff = (self.backoff + 1).min(16);
@@ -650,7 +698,7 @@ impl Channel {
         self.ack_pending = false;
     }
 
-    fn next_timeout(&self, cfg: &TransportConfig) -> Option<u64> {
+    fn next_timeout(&self) -> Option<u64> {
         if self.ack_pending || self.rtx_marked > 0 {
             return Some(0);
         }
@@ -667,10 +715,7 @@ impl Channel {
         if self.in_flight() == 0 {
             return None;
         }
-        Some(
-            self.timer_at
-                .min(self.last_progress.saturating_add(cfg.dead_after_ns)),
-        )
+        Some(self.timer_at)
     }
 }
 
@@ -834,7 +879,7 @@ impl Transport {
     pub fn poll_transmit(&mut self, now: u64, emit: &mut dyn FnMut(&FrameHeader, &[u8]) -> bool) {
         let me = self.me;
         for ch in self.channels.values_mut() {
-            if ch.next_timeout(&self.cfg).is_some_and(|t| t <= now) {
+            if ch.next_timeout().is_some_and(|t| t <= now) {
                 ch.transmit(me, now, &self.cfg, &mut self.stats, &mut self.events, emit);
             }
         }
@@ -844,7 +889,7 @@ impl Transport {
     pub fn next_timeout(&self) -> Option<u64> {
         self.channels
             .values()
-            .filter_map(|c| c.next_timeout(&self.cfg))
+            .filter_map(|c| c.next_timeout())
             .min()
     }
 

@@ -277,6 +277,26 @@ fn loss_duplication_and_reordering_never_break_exactly_once_in_order() {
 }
 
 #[test]
+fn a_live_peer_behind_a_very_lossy_link_is_never_declared_dead() {
+    // A quarter of the frames lost each way and a dead timeout shorter than the shortest
+    // retransmission timeout: every timeout is a silence longer than `dead_after`, yet a
+    // peer that still answers loses nothing.
+    let cfg = TransportConfig {
+        dead_after_ns: MS,
+        ..small_queue()
+    };
+    let link = Link {
+        loss: 0.25,
+        ..Link::hostile()
+    };
+    let mut sim = Sim::new(4242, link, cfg);
+    sim.run_a_to_b(0, 5_000, &|_| 100, 600_000 * MS);
+    assert_exactly_once_in_order(&sim.b.got, 0, 5_000);
+    assert!(sim.a.events.is_empty(), "{:?}", sim.a.events);
+    assert!(sim.a.t.stats().timeouts > 0, "{:?}", sim.a.t.stats());
+}
+
+#[test]
 fn large_messages_are_fragmented_and_reassembled_under_loss() {
     let mut sim = Sim::new(99, Link::hostile(), small_queue());
     // Sizes from one byte past a frame to a few hundred KiB.

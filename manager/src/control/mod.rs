@@ -564,7 +564,8 @@ impl Control {
                 addr: Some(info.addr),
                 endpoints: info.endpoints,
                 alive: true,
-                conn: Some(conn),
+                // Set once it is welcomed: the new view goes to the others first.
+                conn: None,
                 last_heard: now,
                 joined_at: now,
                 down: None,
@@ -579,6 +580,9 @@ impl Control {
         let welcome = PeerMsg::Welcome {
             view: self.view.clone(),
         };
+        if let Some(m) = self.members.get_mut(&info.server) {
+            m.conn = Some(conn);
+        }
         self.send_peer(conn, &welcome);
     }
 

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod testbed;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

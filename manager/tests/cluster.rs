@@ -1,0 +1,346 @@
+//! Clusters of nfmgr "servers" in network namespaces (scripts/testbed.sh), talking over a
+//! bridge with raw actor frames and TCP between managers. Needs root; CI runs it.
+//!
+//! - two servers form one cluster; `nfmgr runtimes --json` lists the runtimes of both on
+//!   either server; TCP traffic entering server 1 is processed by runtimes on both servers;
+//! - over a link that loses 10 %, duplicates 5 % and reorders frames, 100,000 actor
+//!   messages arrive exactly once and in order (and the retransmissions are reported);
+//! - forged frames (wrong key, unknown server, unsigned) change nothing and are counted;
+//! - a killed server's nfmgr is noticed by the coordinator at once (its connection closes),
+//!   a frozen one within the heartbeat timeout, and `nfmgr status` shows it.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::testbed::Testbed;
+use common::{require_root, require_tool};
+use nflib::msg::{Call, Message};
+use nflib::wire::{self, auth, DataEncap, EndpointAddr, FrameHeader, FrameKind};
+
+fn ready(what: &str, tools: &[&str]) -> bool {
+    require_root(what) && tools.iter().all(|t| require_tool(t, what))
+}
+
+fn workload_rx(e: &serde_json::Value) -> u64 {
+    e["workload"]["rx_pkts"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn two_servers_form_one_cluster_and_share_traffic() {
+    if !ready("the cluster test", &["iperf3", "ethtool", "python3"]) {
+        return;
+    }
+    let tb = Testbed::up("c", 2, &[]);
+    // Both servers list the same six endpoints (a vswitch and two runtimes each).
+    for server in [1, 2] {
+        let eps = tb.json(server, &["runtimes"]);
+        let eps = eps.as_array().expect("list");
+        assert_eq!(eps.len(), 6, "server {server}: {eps:?}");
+        for e in eps {
+            assert_eq!(e["alive"], true, "{e}");
+            assert!(e["workload"].is_object(), "no workload from {e}");
+        }
+        let on = |s: u64| eps.iter().filter(|e| e["server"] == s).count();
+        assert_eq!((on(1), on(2)), (3, 3));
+    }
+
+    // TCP through server 1's bump in the wire.
+    let mut srv = tb
+        .exec("server", &["iperf3", "-s", "-1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    std::thread::sleep(Duration::from_millis(300));
+    let out = tb
+        .exec(
+            "client",
+            &["iperf3", "-c", "10.77.0.2", "-t", "3", "-P", "8", "--json"],
+        )
+        .output()
+        .expect("iperf3 client");
+    let _ = srv.wait();
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    assert!(report["error"].is_null(), "iperf3: {}", report["error"]);
+    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    let retrans = report["end"]["sum_sent"]["retransmits"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(received > 10_000_000, "only {received} bytes");
+
+    let eps = tb.json(1, &["runtimes"]);
+    let rx_on = |server: u64| -> u64 {
+        eps.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["server"] == server && e["kind"] == "runtime")
+            .map(workload_rx)
+            .sum()
+    };
+    let (rx1, rx2) = (rx_on(1), rx_on(2));
+    eprintln!(
+        "iperf3 8 streams: {received} bytes received, {retrans} retransmits; \
+         runtime packets on server 1: {rx1}, on server 2: {rx2}"
+    );
+    assert!(
+        rx1 > 1000 && rx2 > 1000,
+        "both servers process: {rx1} / {rx2}"
+    );
+    // Server 2's runtimes got their packets wrapped from server 1 and sent the output back.
+    assert!(tb.port_counter(2, "ctl", "data_rx") > 1000);
+    assert!(tb.port_counter(1, "ctl", "data_rx") > 1000);
+    // Flows on server 2 name server 1's vswitch as theirs.
+    let flows = tb.json(1, &["flows", "--runtime", "rt0@2"]);
+    let listed = &flows[0]["flows"];
+    assert!(
+        listed
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|f| f["vswitch"]["server"] == 1),
+        "{flows}"
+    );
+}
+
+#[test]
+fn messages_arrive_exactly_once_in_order_over_a_lossy_link() {
+    if !ready("the lossy-link message test", &["ethtool", "python3"]) {
+        return;
+    }
+    let tb = Testbed::up(
+        "l",
+        2,
+        &["--impair", "loss=10,duplicate=5,reorder=25,delay_ms=1"],
+    );
+    let how = std::fs::read_to_string(tb.state.join("impair2")).unwrap_or_default();
+    let r = tb.json(
+        1,
+        &[
+            "msgtest", "--from", "rt0@1", "--to", "rt0@2", "--count", "100000", "--size", "64",
+        ],
+    );
+    eprintln!(
+        "impaired link ({}): {} of 100000 messages, {} duplicates, {} out of order, \
+         {} retransmissions, {:.2} s, {:.0} messages/s",
+        how.trim(),
+        r["received"],
+        r["duplicates"],
+        r["out_of_order"],
+        r["retransmits"],
+        r["seconds"].as_f64().unwrap_or(0.0),
+        r["msgs_per_s"].as_f64().unwrap_or(0.0)
+    );
+    assert_eq!(r["received"], 100000);
+    assert_eq!(r["duplicates"], 0);
+    assert_eq!(r["out_of_order"], 0);
+    assert_eq!(r["exactly_once_in_order"], true);
+    assert!(
+        r["retransmits"].as_u64().unwrap_or(0) > 1000,
+        "a 10 % lossy link costs retransmissions: {r}"
+    );
+}
+
+/// A frame from `src` to the liaison of `dst` carrying `msg`, signed with `key` if given.
+fn control_frame(
+    src: EndpointAddr,
+    dst: EndpointAddr,
+    msg: &Message,
+    key: Option<&auth::FrameKey>,
+) -> Vec<u8> {
+    let mut payload = Vec::new();
+    msg.encode(&mut payload).unwrap();
+    let mut h = FrameHeader::ack(src, dst);
+    h.kind = FrameKind::Data;
+    h.frag_count = 1;
+    h.msg_type = msg.type_id();
+    h.src_session = u64::MAX / 2;
+    h.seq = 1;
+    h.ack = 1;
+    let mut buf = vec![0u8; 2048];
+    let mut n = wire::write_frame(&mut buf, &h, &payload).unwrap();
+    if let Some(k) = key {
+        n = auth::sign(k, &mut buf, n).unwrap();
+    }
+    buf.truncate(n);
+    buf
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[test]
+fn forged_frames_change_nothing_and_are_counted() {
+    if !ready("the forged-frame test", &["ethtool", "python3"]) {
+        return;
+    }
+    let tb = Testbed::up("f", 2, &[]);
+    let wrong = auth::FrameKey::derive(b"not the cluster key, but long enough");
+    let right = auth::FrameKey::derive(&tb.cluster_key());
+    let rt0 = EndpointAddr::new(1, 2);
+    let set_target = Message::Rpc {
+        id: 1,
+        call: Call::SetMigrationTarget {
+            target: EndpointAddr::new(2, 3),
+            count: 1000,
+        },
+    };
+    // A data frame that would leave server 1's client-side port if it were believed.
+    let mut data = vec![0u8; 200];
+    DataEncap {
+        to_runtime: false,
+        orig_dst: [0; 6],
+        origin_server: 1,
+        origin_vswitch: 1,
+        egress: 1,
+        ingress: 2,
+    }
+    .write(
+        &mut data,
+        EndpointAddr::new(1, 0).input_mac(),
+        EndpointAddr::new(2, 0).input_mac(),
+    )
+    .unwrap();
+    let n = auth::append_tag(&wrong, &mut data, 100).unwrap();
+    data.truncate(n);
+    let frames = [
+        // From a member, with the wrong key.
+        control_frame(EndpointAddr::new(2, 2), rt0, &set_target, Some(&wrong)),
+        // Unsigned.
+        control_frame(EndpointAddr::new(2, 2), rt0, &set_target, None),
+        // Data with the wrong key.
+        data,
+        // The right key, but from a server that is not a member.
+        control_frame(EndpointAddr::new(7, 2), rt0, &set_target, Some(&right)),
+    ];
+    let before_auth = tb.port_counter(1, "ctl", "ctl_auth_failed");
+    let before_member = tb.port_counter(1, "ctl", "ctl_not_member");
+    let cin_before = tb.port_counter(1, "cin", "tx_pkts");
+    let script = "import socket,sys\n\
+                  s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\n\
+                  s.bind(('eth0',0))\n\
+                  [s.send(bytes.fromhex(h)) for h in sys.argv[1:]]\n";
+    let mut args = vec!["python3".to_string(), "-c".into(), script.into()];
+    args.extend(frames.iter().map(|f| hex(f)));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let st = tb.exec("x", &argv).status().expect("inject");
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut auth_failed, mut not_member);
+    loop {
+        auth_failed = tb.port_counter(1, "ctl", "ctl_auth_failed") - before_auth;
+        not_member = tb.port_counter(1, "ctl", "ctl_not_member") - before_member;
+        if (auth_failed >= 3 && not_member >= 1) || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("forged frames: {auth_failed} failed authentication, {not_member} from a non-member");
+    assert_eq!(auth_failed, 3);
+    assert_eq!(not_member, 1);
+    // Nothing changed: the runtime has no migration target, nothing left the client port,
+    // and the cluster still carries messages.
+    let eps = tb.json(1, &["runtimes"]);
+    let rt = eps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["addr"] == "1/2")
+        .expect("rt0@1");
+    assert!(rt["workload"]["migration_target"].is_null(), "{rt}");
+    assert_eq!(tb.port_counter(1, "cin", "tx_pkts"), cin_before);
+    let r = tb.json(
+        1,
+        &[
+            "msgtest", "--from", "rt0@2", "--to", "rt0@1", "--count", "1000",
+        ],
+    );
+    assert_eq!(r["exactly_once_in_order"], true);
+}
+
+/// Polls the coordinator until server `server` is dead in its view; returns how long.
+fn time_to_death(tb: &Testbed, server: u64, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        let st = tb.json(1, &["status"]);
+        let dead = st["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["server"] == server && s["alive"] == false);
+        if dead {
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+#[test]
+fn a_dead_or_frozen_member_is_noticed_and_shown() {
+    if !ready("the member failure test", &["ethtool", "python3"]) {
+        return;
+    }
+    let tb = Testbed::up("k", 2, &[]);
+    // Killed: the kernel closes its connection, the coordinator knows at once.
+    let pid = tb.pid(2) as i32;
+    // SAFETY: kill(2) with a pid we started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let killed = time_to_death(&tb, 2, Duration::from_secs(3)).expect("death noticed");
+    let human = String::from_utf8_lossy(&tb.nfmgr(1, &["status"]).stdout).to_string();
+    eprintln!("killed nfmgr noticed after {killed:?}\n{human}");
+    assert!(killed < Duration::from_millis(500), "{killed:?}");
+    assert!(human.contains("DEAD"), "{human}");
+    // Its runtimes are gone from the cluster's runtime list (as not alive).
+    let eps = tb.json(1, &["runtimes"]);
+    assert!(eps
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["server"] == 2)
+        .all(|e| e["alive"] == false));
+
+    // It comes back and rejoins (same host, new incarnation).
+    Testbed::wait_gone(pid as u32);
+    tb.restart(2);
+    let t0 = Instant::now();
+    loop {
+        let st = tb.json(1, &["status"]);
+        let back = st["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["server"] == 2 && s["alive"] == true);
+        if back {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "server 2 did not rejoin: {st}\n--- server 2's log\n{}",
+            tb.log(2)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Frozen: the connection stays open and only the heartbeats stop (500 ms timeout).
+    let pid = tb.pid(2) as i32;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let frozen = time_to_death(&tb, 2, Duration::from_secs(5));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let frozen = frozen.expect("silence noticed");
+    eprintln!("frozen nfmgr noticed after {frozen:?}");
+    assert!(
+        frozen >= Duration::from_millis(300) && frozen < Duration::from_millis(1500),
+        "{frozen:?}"
+    );
+    let st = tb.json(1, &["status"]);
+    let why = st["servers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["server"] == 2)
+        .map(|s| s["down"]["why"].to_string())
+        .unwrap_or_default();
+    assert!(why.contains("heartbeat"), "{st}");
+}

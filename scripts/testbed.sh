@@ -1,0 +1,273 @@
+#!/usr/bin/env bash
+# The multi-server test bed: N "servers" as network namespaces, each running its own nfmgr on
+# AF_PACKET ports, joined by a bridge for the cluster link, plus client and server namespaces
+# on either side of server 1 (a bump in the wire).
+#
+#   client (10.77.0.1) --cin-- [ server 1 ] --sin-- server (10.77.0.2)
+#                                  | ctl 10.99.0.1
+#   bridge in <prefix>-net  ======+====== ctl 10.99.0.2 [ server 2 ] ... [ server N ]
+#
+# Server 1 is the coordinator (TCP 10.99.0.1:7700); the others join it. Every server runs a
+# vswitch and RUNTIMES runtimes of one chain (firewall -> flow monitor by default); traffic
+# enters server 1's vswitch, which dispatches flows to runtimes on every server.
+#
+# Usage (as root):
+#   scripts/testbed.sh up   [--servers N] [--runtimes K] [--prefix P] [--chain NFS]
+#                           [--bin DIR] [--no-start] [--mtu M]
+#                           [--impair loss=10,duplicate=5,reorder=25,delay_ms=1]
+#   scripts/testbed.sh down [--prefix P]
+#   scripts/testbed.sh status [--prefix P]        # nfmgr status on the coordinator
+#   scripts/testbed.sh exec SERVER CMD... [--prefix P]  # run CMD in server SERVER's namespace
+#
+# State (configs, cluster key, logs, pids) lives in /tmp/nf-testbed-<prefix>/. Namespaces are
+# <prefix>-s1.. <prefix>-sN, <prefix>-client, <prefix>-server, <prefix>-net, <prefix>-x (a
+# spare station on the bridge, for tests that inject frames). `up` returns once the cluster
+# has formed (every server alive in the coordinator's view).
+#
+# --impair puts an impaired link between each server but the first and the bridge: frames
+# are lost, duplicated and reordered in both directions, with tc netem when the kernel has
+# it, else with scripts/linkem.py (same parameters) in namespace <prefix>-link<i>.
+set -euo pipefail
+
+cmd=${1:-}
+shift || true
+PREFIX=nftb
+SERVERS=2
+RUNTIMES=2
+CHAIN="firewall,flow_monitor"
+BIN=""
+START=1
+MTU=9000
+EXEC_SERVER=""
+EXEC_ARGS=()
+IMPAIR=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --prefix) PREFIX=$2; shift 2 ;;
+        --servers) SERVERS=$2; shift 2 ;;
+        --runtimes) RUNTIMES=$2; shift 2 ;;
+        --chain) CHAIN=$2; shift 2 ;;
+        --bin) BIN=$2; shift 2 ;;
+        --mtu) MTU=$2; shift 2 ;;
+        --impair) IMPAIR=$2; shift 2 ;;
+        --no-start) START=0; shift ;;
+        *)
+            if [ "$cmd" = exec ]; then
+                if [ -z "$EXEC_SERVER" ]; then EXEC_SERVER=$1; else EXEC_ARGS+=("$1"); fi
+                shift
+            else
+                echo "testbed: unknown argument $1" >&2; exit 2
+            fi ;;
+    esac
+done
+
+STATE=/tmp/nf-testbed-$PREFIX
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+if [ -z "$BIN" ]; then BIN=$ROOT/target/release; fi
+NFMGR=$BIN/nfmgr
+
+die() { echo "testbed: $*" >&2; exit 1; }
+ns() { echo "$PREFIX-$1"; }
+nsx() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
+quiet_offloads() {  # AF_PACKET ports need whole frames: no segmentation offloads.
+    ip netns exec "$1" ethtool -K "$2" tso off gso off gro off tx off rx off >/dev/null 2>&1 || true
+}
+
+down() {
+    if [ -d "$STATE" ]; then
+        for f in "$STATE"/s*.pid; do
+            [ -e "$f" ] || continue
+            pid=$(cat "$f")
+            kill -TERM "$pid" 2>/dev/null || true
+        done
+        for _ in $(seq 50); do
+            alive=0
+            for f in "$STATE"/s*.pid; do
+                [ -e "$f" ] || continue
+                kill -0 "$(cat "$f")" 2>/dev/null && alive=1
+            done
+            [ $alive = 0 ] && break
+            sleep 0.1
+        done
+        for f in "$STATE"/s*.pid; do
+            [ -e "$f" ] || continue
+            kill -KILL "$(cat "$f")" 2>/dev/null || true
+            rm -f "$f"
+        done
+        for f in "$STATE"/linkem*.pid; do
+            [ -e "$f" ] || continue
+            kill -TERM "$(cat "$f")" 2>/dev/null || true
+            rm -f "$f"
+        done
+    fi
+    for n in $(ip netns list | awk '{print $1}' | grep "^$PREFIX-" || true); do
+        ip netns del "$n" 2>/dev/null || true
+    done
+}
+
+config() {  # config SERVER
+    local i=$1
+    local role
+    if [ "$i" = 1 ]; then role='listen = "10.99.0.1:7700"'; else role='coordinator = "10.99.0.1:7700"'; fi
+    cat <<EOF
+# Test bed server $i of $SERVERS (written by scripts/testbed.sh).
+instance = "$PREFIX-s$i"
+
+[region]
+hugepages = "off"
+dir = "$STATE/s$i"
+
+[manager]
+bin_dir = "$BIN"
+control_socket = "$STATE/s$i.sock"
+
+[cluster]
+server_id = $i
+name = "s$i"
+$role
+key_file = "cluster.key"
+port = "ctl"
+mtu = 1500
+
+[[vswitch]]
+name = "vs0"
+
+EOF
+    for r in $(seq 0 $((RUNTIMES - 1))); do
+        printf '[[runtime]]\nname = "rt%s"\n' "$r"
+    done
+    printf '\n[[chain]]\nname = "main"\n'
+    IFS=, read -ra kinds <<< "$CHAIN"
+    for k in "${kinds[@]}"; do
+        printf '[[chain.nf]]\nkind = "%s"\n' "$k"
+        if [ "$k" = firewall ]; then printf 'default = "allow"\n'; fi
+    done
+    printf '\n[[port]]\nname = "ctl"\nspec = "afpacket:ctl"\n'
+    if [ "$i" = 1 ]; then
+        printf '\n[[port]]\nname = "cin"\nspec = "afpacket:cin"\nto = "sin"\n'
+        printf '\n[[port]]\nname = "sin"\nspec = "afpacket:sin"\nto = "cin"\n'
+    fi
+}
+
+# Server I's cluster link through namespace <prefix>-link<I>: ctl -- a<I> [impairment] b<I>
+# -- p<I> on the bridge.
+impaired_link() {
+    local i=$1 l; l=$(ns "link$i")
+    local loss=0 dup=0 reorder=0 delay=1
+    IFS=, read -ra kv <<< "$IMPAIR"
+    for e in "${kv[@]}"; do
+        case "${e%%=*}" in
+            loss) loss=${e#*=} ;;
+            duplicate) dup=${e#*=} ;;
+            reorder) reorder=${e#*=} ;;
+            delay_ms) delay=${e#*=} ;;
+            *) die "--impair: unknown setting ${e%%=*}" ;;
+        esac
+    done
+    ip netns add "$l"
+    ip -n "$l" link set lo up
+    ip link add ctl netns "$(ns "s$i")" mtu "$MTU" type veth peer name "a$i" netns "$l" mtu "$MTU"
+    ip link add "b$i" netns "$l" mtu "$MTU" type veth peer name "p$i" netns "$(ns net)" mtu "$MTU"
+    for d in "a$i" "b$i"; do
+        ip -n "$l" link set "$d" promisc on up
+        quiet_offloads "$l" "$d"
+    done
+    quiet_offloads "$(ns net)" "p$i"
+    local netem="netem loss ${loss}% duplicate ${dup}% delay ${delay}ms reorder ${reorder}% 50%"
+    if ip netns exec "$l" tc qdisc add dev "a$i" root $netem 2>/dev/null; then
+        ip netns exec "$l" tc qdisc add dev "b$i" root $netem
+        ip -n "$l" link add br0 type bridge
+        ip -n "$l" link set br0 mtu "$MTU" up
+        ip -n "$l" link set "a$i" master br0
+        ip -n "$l" link set "b$i" master br0
+        echo "netem" > "$STATE/impair$i"
+    else
+        ip netns exec "$l" python3 "$ROOT/scripts/linkem.py" "a$i" "b$i" --loss "$loss" \
+            --duplicate "$dup" --reorder "$reorder" --delay-ms "$delay" > "$STATE/linkem$i.log" 2>&1 &
+        echo $! > "$STATE/linkem$i.pid"
+        echo "linkem (this kernel has no netem)" > "$STATE/impair$i"
+    fi
+}
+
+up() {
+    [ "$(id -u)" = 0 ] || die "needs root (network namespaces, AF_PACKET)"
+    [ -x "$NFMGR" ] || die "no nfmgr at $NFMGR (cargo build --release, or --bin DIR)"
+    [ "$SERVERS" -ge 1 ] && [ "$SERVERS" -le 9 ] || die "--servers: 1 to 9"
+    down
+    rm -rf "$STATE"
+    mkdir -p "$STATE"
+    # The cluster key: 32 random bytes as hex, readable by root only.
+    (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$STATE/cluster.key")
+
+    ip netns add "$(ns net)"
+    ip -n "$(ns net)" link set lo up
+    ip -n "$(ns net)" link add br0 type bridge
+    ip -n "$(ns net)" link set br0 mtu "$MTU" up
+    for i in $(seq 1 "$SERVERS"); do
+        local s; s=$(ns "s$i")
+        ip netns add "$s"
+        ip -n "$s" link set lo up
+        if [ -n "$IMPAIR" ] && [ "$i" -gt 1 ]; then
+            impaired_link "$i"
+        else
+            ip link add ctl netns "$s" mtu "$MTU" type veth peer name "p$i" netns "$(ns net)" mtu "$MTU"
+        fi
+        ip -n "$(ns net)" link set "p$i" master br0 up
+        ip -n "$s" addr add "10.99.0.$i/24" dev ctl
+        ip -n "$s" link set ctl up
+        quiet_offloads "$s" ctl
+        mkdir -p "$STATE/s$i"
+        config "$i" > "$STATE/s$i.toml"
+    done
+    # A spare station on the bridge (tests inject frames from it).
+    ip netns add "$(ns x)"
+    ip link add eth0 netns "$(ns x)" mtu "$MTU" type veth peer name px netns "$(ns net)" mtu "$MTU"
+    ip -n "$(ns net)" link set px master br0 up
+    ip -n "$(ns x)" link set eth0 up
+    ip -n "$(ns x)" addr add 10.99.0.99/24 dev eth0
+    # Client and server on either side of server 1.
+    for end in client server; do
+        ip netns add "$(ns $end)"
+        ip -n "$(ns $end)" link set lo up
+        # A quiet wire: no IPv6 router and neighbour chatter unless a test asks for IPv6.
+        ip netns exec "$(ns $end)" sysctl -qw net.ipv6.conf.all.disable_ipv6=1 \
+            net.ipv6.conf.default.disable_ipv6=1
+    done
+    ip link add eth0 netns "$(ns client)" type veth peer name cin netns "$(ns s1)"
+    ip link add eth0 netns "$(ns server)" type veth peer name sin netns "$(ns s1)"
+    ip -n "$(ns client)" addr add 10.77.0.1/24 dev eth0
+    ip -n "$(ns server)" addr add 10.77.0.2/24 dev eth0
+    for pair in "client eth0" "server eth0" "s1 cin" "s1 sin"; do
+        set -- $pair
+        ip -n "$(ns "$1")" link set "$2" up
+        quiet_offloads "$(ns "$1")" "$2"
+    done
+    [ $START = 1 ] || { echo "testbed $PREFIX: $SERVERS servers set up (not started); configs in $STATE"; return; }
+    for i in $(seq 1 "$SERVERS"); do
+        NFMGR_LOG=${NFMGR_LOG:-info} ip netns exec "$(ns "s$i")" "$NFMGR" start --config "$STATE/s$i.toml" \
+            > "$STATE/s$i.log" 2>&1 &
+        echo $! > "$STATE/s$i.pid"
+    done
+    # Wait for the cluster: every server alive in the coordinator's view.
+    for _ in $(seq 200); do
+        alive=$("$NFMGR" status --socket "$STATE/s1.sock" --json 2>/dev/null \
+            | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(1 for s in d["servers"] if s["alive"]))' 2>/dev/null || echo 0)
+        if [ "$alive" = "$SERVERS" ]; then
+            echo "testbed $PREFIX: $SERVERS servers up, cluster formed; configs and logs in $STATE"
+            return
+        fi
+        sleep 0.1
+    done
+    for i in $(seq 1 "$SERVERS"); do echo "--- s$i log"; tail -20 "$STATE/s$i.log"; done >&2
+    die "the cluster did not form within 20 s"
+}
+
+case "$cmd" in
+    up) up ;;
+    down) down; rm -rf "$STATE"; echo "testbed $PREFIX: down" ;;
+    status) exec "$NFMGR" status --socket "$STATE/s1.sock" ;;
+    exec)
+        [ -n "$EXEC_SERVER" ] || die "exec SERVER CMD..."
+        exec ip netns exec "$(ns "s$EXEC_SERVER")" "${EXEC_ARGS[@]}" ;;
+    *) sed -n '2,25p' "$0"; exit 2 ;;
+esac
