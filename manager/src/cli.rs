@@ -305,11 +305,12 @@ pub fn msgtest(
     to: &str,
     count: u64,
     size: u32,
+    depth: u32,
     timeout_s: f64,
 ) -> Result<()> {
     let v = t.call(
         json!({ "cmd": "msgtest", "from": from, "to": to, "count": count, "size": size,
-                "timeout_s": timeout_s }),
+                "depth": depth, "timeout_s": timeout_s }),
         Duration::from_secs_f64(timeout_s + 15.0),
     )?;
     t.print(&v, |v| {

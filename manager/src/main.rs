@@ -122,6 +122,9 @@ enum Cmd {
         /// Payload bytes per message.
         #[arg(long, default_value_t = 64)]
         size: u32,
+        /// Messages unacknowledged at a time (0: the send window). 1 measures latency alone.
+        #[arg(long, default_value_t = 0)]
+        depth: u32,
         #[arg(long, default_value_t = 300.0)]
         timeout_s: f64,
     },
@@ -188,8 +191,9 @@ fn main() {
             to,
             count,
             size,
+            depth,
             timeout_s,
-        } => cli::msgtest(&target, &from, &to, count, size, timeout_s),
+        } => cli::msgtest(&target, &from, &to, count, size, depth, timeout_s),
     };
     if let Err(e) = result {
         eprintln!("nfmgr: {e:#}");

@@ -75,12 +75,15 @@ pub enum Call {
     Recover { failed: EndpointAddr },
     /// Up to `limit` of the runtime's flows.
     ListFlows { limit: u32 },
-    /// Send `count` probe messages of `size` payload bytes to the liaison of `to`.
+    /// Send `count` probe messages of `size` payload bytes to the liaison of `to`, with at
+    /// most `depth` unacknowledged at a time (0: as many as the send window holds). Depth 1
+    /// measures latency without queueing; the window measures throughput.
     StartProbe {
         to: EndpointAddr,
         run: u64,
         count: u64,
         size: u32,
+        depth: u32,
     },
     /// This liaison's side of a probe run.
     ProbeStatus { run: u64 },

@@ -29,6 +29,8 @@ const PROBES_PER_TICK: usize = 256;
 struct Prober {
     report: ProbeReport,
     count: u64,
+    /// Messages unacknowledged at most (0: the window).
+    depth: u32,
     pad: Vec<u8>,
     retransmits_at_start: u64,
 }
@@ -137,6 +139,7 @@ impl Liaison {
                 run,
                 count,
                 size,
+                depth,
             } => {
                 if to == mb.me() {
                     return Reply::Refused {
@@ -157,6 +160,7 @@ impl Liaison {
                         ..ProbeReport::default()
                     },
                     count,
+                    depth,
                     pad: vec![0x5a; size as usize],
                     retransmits_at_start: mb.transport().stats().retransmits,
                 });
@@ -272,7 +276,11 @@ impl Liaison {
             .peer(to)
             .map(|i| (i.in_flight + i.queued) as usize)
             .unwrap_or(0);
-        let mut budget = (window + frames_each).saturating_sub(backlog);
+        let limit = match p.depth {
+            0 => window + frames_each,
+            d => d as usize * frames_each,
+        };
+        let mut budget = limit.saturating_sub(backlog);
         while p.report.sent < p.count
             && sent < PROBES_PER_TICK
             && budget >= frames_each

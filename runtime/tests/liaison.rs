@@ -143,6 +143,7 @@ fn a_probe_run_to_the_manager_is_counted_exactly() {
                 run: 9,
                 count: 2000,
                 size: 100,
+                depth: 0,
             },
         },
     );

@@ -3,6 +3,7 @@
 
   scripts/bench/run.py            full run (about 5 minutes), results in target/bench/
   scripts/bench/run.py --smoke    a short pass that checks every benchmark still runs (CI)
+  scripts/bench/run.py --only messages    just the actor-message benchmark (root: test bed)
 
 References (../shared/design/BENCHMARKS.md):
   - dpdk-testpmd, macswap and io forwarding on two net_null ports, lcores 0-1;
@@ -18,6 +19,12 @@ Ours:
       capacity: the rate delivered with the generator unpaced (always more offered than the
         platform takes, as testpmd on net_null always has packets): compare with testpmd;
       loss-bounded: the highest paced rate delivered with at most 0.1 % loss (binary search).
+  - actor messages (root; the test bed of scripts/testbed.sh, two servers of two runtimes):
+    throughput (messages/s and Gbit/s) by message size and one-way latency (one message
+    outstanding), between two runtimes of one host (shared-memory rings through nfmgr) and
+    between two servers (signed raw frames over veth and a bridge). References over the same
+    paths in the same run: iperf3 TCP (Gbit/s), iperf3 UDP with 64-byte datagrams
+    (datagrams/s) and ping (half the round trip); loopback stands in for "one host".
 Every result is one JSON line on stdout and in target/bench/results-<timestamp>.jsonl.
 """
 
@@ -195,11 +202,126 @@ def e2e_search(secs, lo=0.5, hi=10.0, steps=6, max_loss=0.001):
 
 # ---------------------------------------------------------------- main
 
+# ---------------------------------------------------------------- actor messages
+
+MSG_SIZES = (64, 256, 1024, 4096, 16384)
+
+
+def testbed(*args):
+    return subprocess.run([os.path.join(ROOT, "scripts", "testbed.sh"), *args, "--prefix", "bm"],
+                          cwd=ROOT, capture_output=True, text=True)
+
+
+def in_ns(server, cmd, timeout=60):
+    r = subprocess.run(["ip", "netns", "exec", f"bm-s{server}", *cmd], capture_output=True,
+                       text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} in bm-s{server}: {r.stderr.strip()[-500:]}")
+    return r.stdout
+
+
+def msgtest(frm, to, count, size, depth=0):
+    out = subprocess.run(
+        [os.path.join(ROOT, "target", "release", "nfmgr"), "msgtest", "--socket",
+         "/tmp/nf-testbed-bm/s1.sock", "--from", frm, "--to", to, "--count", str(count),
+         "--size", str(size), "--depth", str(depth), "--json", "--timeout-s", "120"],
+        capture_output=True, text=True, timeout=200)
+    if out.returncode != 0:
+        raise RuntimeError(f"msgtest {frm} -> {to}: {out.stderr.strip()}")
+    r = json.loads(out.stdout)
+    if not r["exactly_once_in_order"]:
+        raise RuntimeError(f"msgtest {frm} -> {to} was not exact: {r}")
+    return r
+
+
+def ping_one_way_us(server, addr, count):
+    """Half the average round trip of ICMP echo (56 bytes), sent every 2 ms."""
+    out = in_ns(server, ["ping", "-q", "-n", "-c", str(count), "-i", "0.002", addr])
+    m = re.search(r"= [\d.]+/([\d.]+)/", out)
+    if not m:
+        raise RuntimeError(f"no ping summary: {out}")
+    return float(m.group(1)) * 1000 / 2
+
+
+def iperf3(server, addr, secs, udp_size=None):
+    """TCP Gbit/s, or for UDP datagrams of udp_size bytes, datagrams/s received."""
+    srv = subprocess.Popen(["ip", "netns", "exec", "bm-s2" if addr != "127.0.0.1" else
+                            f"bm-s{server}", "iperf3", "-s", "-1", "-p", "5299"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        cmd = ["iperf3", "-c", addr, "-p", "5299", "-t", str(secs), "-J"]
+        if udp_size:
+            cmd += ["-u", "-b", "0", "-l", str(udp_size)]
+        r = json.loads(in_ns(server, cmd, timeout=secs + 30))
+    finally:
+        srv.wait(timeout=10)
+    end = r["end"]
+    if udp_size:
+        s = end["sum"]
+        secs_ = s["seconds"] or secs
+        return (s["packets"] - s["lost_packets"]) / secs_
+    return end["sum_received"]["bits_per_second"] / 1e9
+
+
+def messaging(smoke, repeat):
+    """Actor message throughput and one-way latency on the test bed, next to the kernel's
+    TCP, UDP and ICMP over the same paths."""
+    if os.geteuid() != 0 or not have("iperf3"):
+        msg = "the messaging benchmark needs root (network namespaces) and iperf3"
+        if os.environ.get("CI") == "true":
+            sys.exit(f"bench: {msg}, and CI=true")
+        print(f"bench: SKIP: {msg}", file=sys.stderr)
+        return
+    testbed("down")
+    up = testbed("up", "--servers", "2", "--runtimes", "2")
+    if up.returncode != 0:
+        sys.exit(f"bench: testbed did not come up: {up.stderr[-2000:]}")
+    try:
+        secs = 2 if smoke else 5
+        sizes = (64, 4096) if smoke else MSG_SIZES
+        # Same host: the two runtimes of server 1, over shared-memory rings through nfmgr.
+        # Between servers: runtime 0 of server 1 to runtime 0 of server 2, as raw frames over
+        # the veth/bridge link of the test bed (MTU 1500 frames, every frame signed).
+        paths = (("one host", "rt0@1", "rt1@1", 1, "127.0.0.1"),
+                 ("two servers", "rt0@1", "rt0@2", 1, "10.99.0.2"))
+        for where, frm, to, server, addr in paths:
+            tcp = statistics.median(iperf3(server, addr, secs) for _ in range(repeat))
+            udp = statistics.median(iperf3(server, addr, secs, udp_size=64) for _ in range(repeat))
+            emit({"bench": "reference", "what": f"kernel over the same path ({where}, {addr})",
+                  "iperf3_tcp_gbit_s": round(tcp, 3), "iperf3_udp64_datagrams_s": round(udp),
+                  "ping_one_way_us": round(ping_one_way_us(server, addr, 100 if smoke else 1000), 1)})
+            for size in sizes:
+                budget = 2e6 if smoke else (400e6 if where == "one host" else 150e6)
+                count = int(max(2000, min(400_000, budget / size)))
+                runs = [msgtest(frm, to, count, size) for _ in range(repeat)]
+                rates = sorted(r["msgs_per_s"] for r in runs)
+                med = sorted(runs, key=lambda r: r["msgs_per_s"])[len(runs) // 2]
+                emit({"bench": "messages", "path": where, "from": frm, "to": to, "size": size,
+                      "count": count, "msgs_per_s": round(med["msgs_per_s"]),
+                      "gbit_s": round(med["gbit_per_s"], 3),
+                      "runs_msgs_per_s": [round(x) for x in rates],
+                      "retransmits": med["retransmits"],
+                      "ratio_to_iperf3_tcp": round(med["gbit_per_s"] / tcp, 3) if tcp else None,
+                      "ratio_to_udp64": round(med["msgs_per_s"] / udp, 3) if size == 64 and udp else None,
+                      "latency_under_load_avg_us": round(med["latency_avg_us"], 1)})
+            lat = [msgtest(frm, to, 200 if smoke else 5000, 64, depth=1) for _ in range(repeat)]
+            med = sorted(lat, key=lambda r: r["latency_avg_us"])[len(lat) // 2]
+            emit({"bench": "message latency", "path": where, "size": 64, "depth": 1,
+                  "one_way_min_us": round(med["latency_min_us"], 1),
+                  "one_way_avg_us": round(med["latency_avg_us"], 1),
+                  "one_way_max_us": round(med["latency_max_us"], 1),
+                  "runs_avg_us": sorted(round(r["latency_avg_us"], 1) for r in lat)})
+    finally:
+        testbed("down")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="short runs that only check everything works")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--only", choices=["messages"], help="run only this benchmark")
     args = ap.parse_args()
     smoke = args.smoke
     repeat = 1 if smoke else args.repeat
@@ -208,6 +330,10 @@ def main():
         subprocess.run(["cargo", "build", "-q", "--release", "--workspace"], cwd=ROOT, check=True)
     mhz = cpu_mhz()
     emit({"machine": {"cpus": os.cpu_count(), "cpu_mhz": mhz, "kernel": os.uname().release}})
+    if args.only == "messages":
+        messaging(smoke, repeat)
+        finish(smoke)
+        return
 
     ref = {}
     if require("dpdk-testpmd", smoke):
@@ -233,6 +359,8 @@ def main():
         if "macswap" in ref:
             r["ratio_to_testpmd_macswap"] = round(r["mpps"] * 1e6 / ref["macswap"], 3)
         emit(r)
+
+    messaging(smoke, repeat)
 
     if smoke:
         t = e2e_trial(0.1, 1, flows=100)
@@ -261,6 +389,10 @@ def main():
                 summary["ratio_to_testpmd_io"] = round(med * 1e6 / ref["io"], 3)
             emit(summary)
 
+    finish(smoke)
+
+
+def finish(smoke):
     outdir = os.path.join(ROOT, "target", "bench")
     os.makedirs(outdir, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
