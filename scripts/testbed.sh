@@ -15,6 +15,7 @@
 #   scripts/testbed.sh up   [--servers N] [--runtimes K] [--prefix P] [--chain NFS]
 #                           [--bin DIR] [--no-start] [--mtu M]
 #                           [--impair loss=10,duplicate=5,reorder=25,delay_ms=1]
+#                           [--cluster-set 'KEY = VALUE']...  (extra [cluster] settings)
 #   scripts/testbed.sh down [--prefix P]
 #   scripts/testbed.sh status [--prefix P]        # nfmgr status on the coordinator
 #   scripts/testbed.sh exec SERVER CMD... [--prefix P]  # run CMD in server SERVER's namespace
@@ -41,6 +42,7 @@ MTU=9000
 EXEC_SERVER=""
 EXEC_ARGS=()
 IMPAIR=
+CLUSTER_SET=
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) PREFIX=$2; shift 2 ;;
@@ -50,6 +52,7 @@ while [ $# -gt 0 ]; do
         --bin) BIN=$2; shift 2 ;;
         --mtu) MTU=$2; shift 2 ;;
         --impair) IMPAIR=$2; shift 2 ;;
+        --cluster-set) CLUSTER_SET+=$2$'\n'; shift 2 ;;
         --no-start) START=0; shift ;;
         *)
             if [ "$cmd" = exec ]; then
@@ -128,6 +131,7 @@ $role
 key_file = "cluster.key"
 port = "ctl"
 mtu = 1500
+$CLUSTER_SET
 
 [[vswitch]]
 name = "vs0"
