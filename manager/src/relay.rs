@@ -239,7 +239,13 @@ impl Relay {
     ) -> Option<Packet> {
         let meta = region.meta_of(&p);
         let (encap, outer_dst) = if p.flags() & DESC_REMOTE != 0 {
-            let dst = EndpointAddr::from_input_mac(region.data(&p))?;
+            let Some(dst) = EndpointAddr::from_input_mac(region.data(&p)) else {
+                // A remote packet not addressed to a runtime's input MAC: the vswitch is
+                // wrong, the buffer must still come back.
+                c.add(PortCounter::TxErrors as usize, 1);
+                pool.free(p);
+                return None;
+            };
             let orig = meta.take_dst_mac().unwrap_or([0xff; 6]);
             (
                 DataEncap {
@@ -277,6 +283,7 @@ impl Relay {
             .write(region.data_mut(&mut p), outer_dst, src)
             .is_err()
         {
+            c.add(PortCounter::TxErrors as usize, 1);
             pool.free(p);
             return None;
         }
@@ -295,13 +302,17 @@ impl Relay {
         slot_alive: &dyn Fn(u16) -> bool,
         c: &mut LocalCounters<PORT_COUNTERS>,
     ) -> Inbound {
-        let Some(key) = self.key.clone() else {
+        let Some(key) = self.key.as_ref() else {
             c.add(PortCounter::RxIgnored as usize, 1);
             pool.free(p);
             return Inbound::Done;
         };
         let et = wire::ethertype(region.data(&p));
-        let drop = |c: &mut LocalCounters<PORT_COUNTERS>, _: &mut ManagerPool, why: PortCounter| {
+        let drop = |c: &mut LocalCounters<PORT_COUNTERS>,
+                    pool: &mut ManagerPool,
+                    p: Packet,
+                    why: PortCounter| {
+            pool.free(p);
             c.add(why as usize, 1);
             Inbound::Done
         };
@@ -310,22 +321,18 @@ impl Relay {
                 let (src, dst, len) = {
                     let bytes = region.data(&p);
                     let Ok(f) = Frame::parse(bytes) else {
-                        pool.free(p);
-                        return drop(c, pool, PortCounter::CtlBad);
+                        return drop(c, pool, p, PortCounter::CtlBad);
                     };
-                    if !auth::verify(&key, &f) {
-                        pool.free(p);
-                        return drop(c, pool, PortCounter::CtlAuthFailed);
+                    if !auth::verify(key, &f) {
+                        return drop(c, pool, p, PortCounter::CtlAuthFailed);
                     }
                     (f.header.src, f.header.dst, bytes.len())
                 };
                 if !self.is_member(src.server) {
-                    pool.free(p);
-                    return drop(c, pool, PortCounter::CtlNotMember);
+                    return drop(c, pool, p, PortCounter::CtlNotMember);
                 }
                 if dst.server != self.me || src.server == self.me {
-                    pool.free(p);
-                    return drop(c, pool, PortCounter::CtlBad);
+                    return drop(c, pool, p, PortCounter::CtlBad);
                 }
                 let n = auth::strip(region.data_mut(&mut p), len);
                 region.set_len(&mut p, n);
@@ -336,16 +343,14 @@ impl Relay {
                     return Inbound::Done;
                 }
                 if !slot_alive(dst.slot) {
-                    pool.free(p);
-                    return drop(c, pool, PortCounter::CtlBad);
+                    return drop(c, pool, p, PortCounter::CtlBad);
                 }
                 Inbound::Message(dst.slot, p)
             }
             Some(ETHERTYPE_DATA) => {
-                let checked = auth::check_tag(&key, region.data(&p));
+                let checked = auth::check_tag(key, region.data(&p));
                 let Some(len) = checked else {
-                    pool.free(p);
-                    return drop(c, pool, PortCounter::CtlAuthFailed);
+                    return drop(c, pool, p, PortCounter::CtlAuthFailed);
                 };
                 let (encap, dst, src) = {
                     let bytes = &region.data(&p)[..len];
@@ -354,18 +359,15 @@ impl Relay {
                         EndpointAddr::from_input_mac(bytes),
                         EndpointAddr::from_input_mac(&bytes[6..]),
                     ) else {
-                        pool.free(p);
-                        return drop(c, pool, PortCounter::DataBad);
+                        return drop(c, pool, p, PortCounter::DataBad);
                     };
                     (e, d, s)
                 };
                 if !self.is_member(src.server) {
-                    pool.free(p);
-                    return drop(c, pool, PortCounter::CtlNotMember);
+                    return drop(c, pool, p, PortCounter::CtlNotMember);
                 }
                 if dst.server != self.me || len < ENCAP_LEN + 14 {
-                    pool.free(p);
-                    return drop(c, pool, PortCounter::DataBad);
+                    return drop(c, pool, p, PortCounter::DataBad);
                 }
                 region.set_len(&mut p, len);
                 region.strip_front(&mut p, ENCAP_LEN);
@@ -374,8 +376,7 @@ impl Relay {
                 c.add(PortCounter::DataRx as usize, 1);
                 if encap.to_runtime {
                     if dst.slot == MANAGER_SLOT || !slot_alive(dst.slot) {
-                        pool.free(p);
-                        return drop(c, pool, PortCounter::DataBad);
+                        return drop(c, pool, p, PortCounter::DataBad);
                     }
                     let meta = region.meta_of(&p);
                     meta.save_dst_mac(encap.orig_dst);
@@ -388,16 +389,12 @@ impl Relay {
                     Inbound::Data(dst.slot, p)
                 } else {
                     if dst.slot != MANAGER_SLOT || encap.origin_server != self.me {
-                        pool.free(p);
-                        return drop(c, pool, PortCounter::DataBad);
+                        return drop(c, pool, p, PortCounter::DataBad);
                     }
                     Inbound::Port(encap.egress, p)
                 }
             }
-            _ => {
-                pool.free(p);
-                drop(c, pool, PortCounter::RxIgnored)
-            }
+            _ => drop(c, pool, p, PortCounter::RxIgnored),
         }
     }
 

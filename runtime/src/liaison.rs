@@ -151,6 +151,13 @@ impl Liaison {
                         reason: "a probe run is already going".into(),
                     };
                 }
+                // Room for the message's other fields; a larger pad could never be sent.
+                let max = nflib::wire::MAX_MESSAGE - 64;
+                if size as usize > max {
+                    return Reply::Refused {
+                        reason: format!("probe messages are at most {max} bytes"),
+                    };
+                }
                 let _ = from;
                 self.prober = Some(Prober {
                     report: ProbeReport {
