@@ -339,3 +339,35 @@ pub fn msgtest(
     }
     Ok(())
 }
+
+pub fn migrate(t: &Target, from: &str, to: &str, flows: Option<u32>, timeout_s: f64) -> Result<()> {
+    let mut req = json!({ "cmd": "migrate", "from": from, "to": to, "timeout_s": timeout_s });
+    if let Some(n) = flows {
+        req["flows"] = json!(n);
+    }
+    let v = t.call(req, Duration::from_secs_f64(timeout_s + 15.0))?;
+    t.print(&v, |v| {
+        let mut out = format!(
+            "{} -> {}: {} flows moved in {:.3} ms ({} failed, {} groups, {} rolled back)\n\
+             packets buffered at the target {}, lost {}, reordered {}\n",
+            s(&v["from"]),
+            s(&v["to"]),
+            v["moved"],
+            v["ms"].as_f64().unwrap_or(0.0),
+            v["failed"],
+            v["groups"],
+            v["groups_rolled_back"],
+            v["buffered"],
+            v["lost"],
+            v["reordered"],
+        );
+        if let Some(e) = v["error"].as_str() {
+            out += &format!("error: {e}\n");
+        }
+        out
+    });
+    if let Some(e) = v["error"].as_str() {
+        bail!("{e}");
+    }
+    Ok(())
+}

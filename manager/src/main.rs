@@ -5,7 +5,7 @@
 //! nfmgr start --config FILE     run an instance in the foreground until SIGTERM/SIGINT
 //! nfmgr demo                    generator -> vswitch -> 2 runtimes -> sink, no root needed
 //! nfmgr stats [--json]          counters of a running instance, read from its region
-//! nfmgr status|runtimes|flows|stop|msgtest [--json]
+//! nfmgr status|runtimes|flows|stop|msgtest|migrate [--json]
 //!                               ask a running instance through its control socket
 //! ```
 
@@ -128,6 +128,26 @@ enum Cmd {
         #[arg(long, default_value_t = 300.0)]
         timeout_s: f64,
     },
+    /// Move flows from one runtime to another (the three-step migration protocol) and
+    /// report flows moved, time, packets buffered, lost and reordered.
+    Migrate {
+        #[command(flatten)]
+        target: cli::Target,
+        /// Source runtime (NAME, NAME@SERVER or SERVER/SLOT).
+        #[arg(long)]
+        from: String,
+        /// Target runtime (same chain).
+        #[arg(long)]
+        to: String,
+        /// How many flows (default: all of them).
+        #[arg(long, conflicts_with = "all")]
+        flows: Option<u32>,
+        /// Every flow of the source (the default).
+        #[arg(long)]
+        all: bool,
+        #[arg(long, default_value_t = 120.0)]
+        timeout_s: f64,
+    },
     /// Print the counters of a running instance.
     Stats {
         #[arg(long, default_value = "default")]
@@ -194,6 +214,14 @@ fn main() {
             depth,
             timeout_s,
         } => cli::msgtest(&target, &from, &to, count, size, depth, timeout_s),
+        Cmd::Migrate {
+            target,
+            from,
+            to,
+            flows,
+            all: _,
+            timeout_s,
+        } => cli::migrate(&target, &from, &to, flows, timeout_s),
     };
     if let Err(e) = result {
         eprintln!("nfmgr: {e:#}");

@@ -45,6 +45,9 @@ pub struct Config {
     /// This server's place in a cluster; a stand-alone nfmgr is a cluster of one.
     #[serde(default)]
     pub cluster: ClusterSection,
+    /// How runtimes move flows between them (issue 5, docs/MIGRATION.md).
+    #[serde(default)]
+    pub migration: MigrationSection,
     #[serde(default, rename = "vswitch")]
     pub vswitches: Vec<VswitchConfig>,
     #[serde(default, rename = "runtime")]
@@ -434,6 +437,71 @@ pub enum RestartPolicy {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct MigrationSection {
+    /// Flows that move together, sharing each step's message.
+    #[serde(default = "d_mig_group")]
+    pub group_size: u32,
+    /// Groups a runtime has in flight at once: bounds the work migration takes from the
+    /// packet path.
+    #[serde(default = "d_mig_groups")]
+    pub max_groups: u32,
+    /// Steps 1 and 2 unanswered for this long: the source rolls back and keeps its flows.
+    #[serde(default = "d_mig_step")]
+    pub step_timeout_ms: u64,
+    /// How long the source waits for packets sent to it before the switch.
+    #[serde(default = "d_mig_straggler")]
+    pub straggler_timeout_ms: u64,
+    /// How long the source forwards late stragglers after the handover.
+    #[serde(default = "d_mig_tombstone")]
+    pub tombstone_ms: u64,
+    /// A target actor whose state never arrives expires after this long.
+    #[serde(default = "d_mig_pending")]
+    pub pending_timeout_ms: u64,
+    /// Packets a target holds for arriving flows, all together (pool buffers; default a
+    /// quarter of `region.buffers`).
+    pub buffer_packets: Option<u32>,
+    /// Above this share of `buffer_packets` held, a target refuses new groups for a while.
+    #[serde(default = "d_mig_high")]
+    pub buffer_high_water_pct: u8,
+}
+
+fn d_mig_group() -> u32 {
+    256
+}
+fn d_mig_groups() -> u32 {
+    8
+}
+fn d_mig_step() -> u64 {
+    1000
+}
+fn d_mig_straggler() -> u64 {
+    20
+}
+fn d_mig_tombstone() -> u64 {
+    2000
+}
+fn d_mig_pending() -> u64 {
+    10_000
+}
+fn d_mig_high() -> u8 {
+    75
+}
+
+impl MigrationSection {
+    /// Packets a target may hold.
+    pub fn buffer_packets(&self, region_buffers: u32) -> u32 {
+        self.buffer_packets.unwrap_or(region_buffers / 4).max(1)
+    }
+}
+
+impl Default for MigrationSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults parse")
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SupervisorSection {
     #[serde(default)]
     pub restart: RestartPolicy,
@@ -691,6 +759,33 @@ impl Config {
             bail!(
                 "instance: `{}` must be 1-31 characters of letters, digits, '-' and '_'",
                 self.instance
+            );
+        }
+        let m = &self.migration;
+        if m.group_size == 0 || m.group_size > 4096 {
+            bail!("migration.group_size: {} must be 1-4096", m.group_size);
+        }
+        if m.max_groups == 0 {
+            bail!("migration.max_groups: must be at least 1");
+        }
+        if let Some(b) = m.buffer_packets {
+            if b == 0 || b >= self.region.buffers {
+                bail!(
+                    "migration.buffer_packets: {b} must be 1 to less than region.buffers ({})",
+                    self.region.buffers
+                );
+            }
+        }
+        if m.buffer_high_water_pct == 0 || m.buffer_high_water_pct > 100 {
+            bail!(
+                "migration.buffer_high_water_pct: {} must be 1-100",
+                m.buffer_high_water_pct
+            );
+        }
+        if m.straggler_timeout_ms >= m.tombstone_ms || m.step_timeout_ms >= m.pending_timeout_ms {
+            bail!(
+                "migration: straggler_timeout_ms must be below tombstone_ms, and step_timeout_ms \
+                 below pending_timeout_ms (a target must outwait its source)"
             );
         }
         let mut names = HashSet::new();

@@ -29,10 +29,65 @@ pub enum Message {
         request: u64,
     },
     /// vswitch -> requester: done for `moved` of the keys (the others were unknown, or the
-    /// runtime is not one the vswitch dispatches to).
+    /// runtime is not one the vswitch dispatches to). `sent[i]` is how many packets under
+    /// `keys[i]` the vswitch gave the key's previous runtime since that runtime was set
+    /// (wrapping; 0 for an unknown key): migration counts them to know when every packet
+    /// sent before the switch has been processed.
     RuntimeSet {
         request: u64,
         moved: u32,
+        sent: Vec<u32>,
+    },
+    /// Migration step 1, source runtime -> target's liaison: get ready to take these flows
+    /// (create migration target actors that buffer their packets). Answered `MigrateReady`.
+    MigrateInit {
+        group: u64,
+        /// The chain the flows run; the target must run the same one.
+        chain: Option<String>,
+        /// The vswitch that feeds the flows.
+        vswitch: EndpointAddr,
+        flows: Vec<MigrateFlow>,
+    },
+    /// target -> source: which flows of the group it took (`accepted[i]` for `flows[i]`), or
+    /// why it took none (`busy`: its migration buffer is filling; try again later).
+    MigrateReady {
+        group: u64,
+        accepted: Vec<bool>,
+        refused: Option<String>,
+        busy: bool,
+    },
+    /// Migration step 3, source -> target: the flows' states; the target installs them,
+    /// processes what it buffered and answers `MigrateDone`.
+    MigrateState {
+        group: u64,
+        flows: Vec<FlowState>,
+    },
+    /// target -> source: `installed[i]` for `MigrateState::flows[i]`; `buffered` packets
+    /// were held and processed, `dropped` could not be held (buffer full).
+    MigrateDone {
+        group: u64,
+        installed: Vec<bool>,
+        buffered: u32,
+        dropped: u32,
+    },
+    /// source -> target: the migration of the group is off; return what you buffered
+    /// (as `MigratePackets`) and forget the flows that have no state yet.
+    MigrateAbort {
+        group: u64,
+    },
+    /// target -> source, after the returned packets: `owned` flows had their state
+    /// installed already and stay with the target.
+    MigrateAborted {
+        group: u64,
+        returned: u32,
+        owned: Vec<FlowKey>,
+    },
+    /// Packets of a migrating flow carried between runtimes: stragglers the source received
+    /// after handing the state over (`late`), or packets a target returns on abort.
+    MigratePackets {
+        group: u64,
+        late: bool,
+        packets: Vec<MovedPacket>,
     },
     /// -> a liaison: are you there? Answered with `Pong` and the live flow count.
     Ping {
@@ -87,6 +142,9 @@ pub enum Call {
     },
     /// This liaison's side of a probe run.
     ProbeStatus { run: u64 },
+    /// The last migration job this runtime ran as a source (started by
+    /// `SetMigrationTarget`).
+    MigrationStatus,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -105,6 +163,66 @@ pub enum Reply {
         flows: Vec<FlowInfo>,
     },
     Probe(ProbeReport),
+    Migration(MigrationReport),
+}
+
+/// A flow named in migration step 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrateFlow {
+    pub key: FlowKey,
+    pub aliases: Vec<FlowKey>,
+}
+
+/// Everything a runtime keeps about a flow, moved in migration step 3.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowState {
+    pub key: FlowKey,
+    /// Platform flags (direction, TCP close state).
+    pub flags: u8,
+    pub age_ms: u64,
+    pub idle_ms: u64,
+    /// Packets of the flow the vswitch sent before the switch that the source had not
+    /// received when it sent this (they follow as late stragglers, or were lost on the way).
+    pub missing: u32,
+    /// Each function's serialised state, in chain order (`None`: no state yet).
+    pub nf_states: Vec<Option<Vec<u8>>>,
+}
+
+/// A data packet carried inside a message (`MigratePackets`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MovedPacket {
+    pub ingress: u8,
+    pub egress: u8,
+    /// The server and vswitch slot it entered the cluster at.
+    pub origin_server: u16,
+    pub origin_vswitch: u8,
+    pub frame: Vec<u8>,
+}
+
+/// A migration job as the source reports it (`nfmgr migrate`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    pub job: u64,
+    pub target: Option<EndpointAddr>,
+    /// Flows asked for (`u32::MAX`: all).
+    pub requested: u32,
+    pub moved: u64,
+    /// Flows the target refused or that rolled back.
+    pub failed: u64,
+    pub groups: u64,
+    pub groups_rolled_back: u64,
+    /// Microseconds from the call to the last flow handed over (so far, while running).
+    pub elapsed_us: u64,
+    pub done: bool,
+    /// Packets the targets held while flows moved, and could not hold (lost).
+    pub buffered: u64,
+    pub buffer_drops: u64,
+    /// Packets that reached the source after their flow's state left (processed by the
+    /// target after its buffer: out of order).
+    pub late_stragglers: u64,
+    /// Packets processed by the source while it waited for stragglers.
+    pub stragglers_waited: u64,
+    pub error: Option<String>,
 }
 
 impl Message {
@@ -120,6 +238,13 @@ impl Message {
             Message::Rpc { .. } => 7,
             Message::RpcReply { .. } => 8,
             Message::Probe { .. } => 9,
+            Message::MigrateInit { .. } => 10,
+            Message::MigrateReady { .. } => 11,
+            Message::MigrateState { .. } => 12,
+            Message::MigrateDone { .. } => 13,
+            Message::MigrateAbort { .. } => 14,
+            Message::MigrateAborted { .. } => 15,
+            Message::MigratePackets { .. } => 16,
         }
     }
 

@@ -169,6 +169,9 @@ pub trait Stage: Send {
     fn save(&self, slot: u32) -> Option<Vec<u8>>;
     /// Installs a serialised state for the flow in `slot`.
     fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), postcard::Error>;
+    /// Forgets the flow's state without ending it (the flow moved to another runtime, which
+    /// ends it there; resources it holds, such as a NAT port, stay reserved here).
+    fn discard(&mut self, slot: u32);
     /// Bytes of memory the per-flow states occupy.
     fn state_memory(&self) -> usize;
     /// Starts loading the state of the flow in `slot` (batch processing).
@@ -248,6 +251,12 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
         let st: N::State = postcard::from_bytes(bytes)?;
         *self.slot_mut(slot) = Some(st);
         Ok(())
+    }
+
+    fn discard(&mut self, slot: u32) {
+        if let Some(s) = self.states.get_mut(slot as usize) {
+            *s = None;
+        }
     }
 
     fn state_memory(&self) -> usize {

@@ -65,6 +65,12 @@ counter_set!(
     ActorTimeouts => "actor_timeouts",
     ActorBadFrames => "actor_bad_frames",
     ActorSendRefused => "actor_send_refused",
+    MigratedOut => "migrated_out",
+    MigratedIn => "migrated_in",
+    MigrationRolledBack => "migration_rolled_back",
+    MigrationHeld => "migration_held",
+    DropMigrationBuffer => "drop_migration_buffer",
+    MigrationLateStragglers => "migration_late_stragglers",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the

@@ -12,12 +12,14 @@
 //! (`unreplied_timeout_s`), or `closed_linger_ms` after a TCP close (FIN both ways or RST);
 //! each function then sees `end_flow`, and the vswitch is told to forget the flow's keys.
 
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
+use nflib::buffer::Route;
 use nflib::endpoint::Endpoint;
 use nflib::flow::{Direction, FlowKey};
 use nflib::mailbox::Mailbox;
-use nflib::msg::Message;
+use nflib::msg::{FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::nf::{tcp_flags, Dir, NfContext, PacketMut, Stage, Verdict};
 use nflib::packet::ParseError;
 use nflib::stats::{ProcCounter, NF_COUNTERS};
@@ -26,6 +28,7 @@ use nflib::{Packet, MANAGER_SLOT};
 
 use crate::events::EventLog;
 use crate::flows::{flag, FlowActor, FlowTable, Found};
+use crate::migration::{Candidate, FlowHost, MigrationSettings, Migrator, PacketAction, Release};
 use crate::timers::{Entry, TimerWheel};
 
 /// When flows end.
@@ -61,6 +64,23 @@ pub struct Runtime {
     new_aliases: Vec<(EndpointAddr, FlowKey)>,
     ended: Vec<(EndpointAddr, FlowKey)>,
     prepared: Vec<Prepared>,
+    /// Flow migration, both as source and as target.
+    pub migrator: Migrator,
+    /// Packets held for flows under migration, by flow slot, in arrival order.
+    held: HashMap<u32, VecDeque<Packet>>,
+    /// Late stragglers to forward to the runtime that now owns their flow (sent by `flush`).
+    forwards: Vec<(EndpointAddr, u64, MovedPacket)>,
+    /// Where the scan for flows to migrate continues.
+    pick_cursor: u32,
+}
+
+/// What running the chain on a packet came to.
+enum Ran {
+    Done(Verdict, usize),
+    /// Dropped before the chain (table full).
+    Dropped,
+    /// The flow is migrating: the migrator decides (its slot and key).
+    Diverted(u32, FlowKey),
 }
 
 /// A packet parsed and hashed in the first pass of a batch.
@@ -100,7 +120,16 @@ impl Runtime {
             new_aliases: Vec::new(),
             ended: Vec::new(),
             prepared: Vec::new(),
+            migrator: Migrator::new(me, None, MigrationSettings::default()),
+            held: HashMap::new(),
+            forwards: Vec::new(),
+            pick_cursor: 0,
         }
+    }
+
+    /// Sets what migration needs to know: the chain this runtime runs and the tunables.
+    pub fn set_migration(&mut self, chain: Option<String>, settings: MigrationSettings) {
+        self.migrator = Migrator::new(self.me, chain, settings);
     }
 
     /// Milliseconds since the runtime started (the clock flows and functions see).
@@ -185,25 +214,61 @@ impl Runtime {
             }
         }
         for p in prepared.drain(..) {
-            let Prepared {
-                vswitch,
-                mut pkt,
-                h,
-                key,
-                kdir,
-                hash,
-            } = p;
-            let len = pkt.len();
+            self.run_prepared(ep, &region, p, now_ms, false);
+        }
+        self.prepared = prepared;
+    }
+
+    /// Runs the chain on a parsed packet and sends it on; a packet of a migrating flow goes
+    /// to the migrator first unless `force`.
+    fn run_prepared(
+        &mut self,
+        ep: &mut Endpoint,
+        region: &nflib::Region,
+        p: Prepared,
+        now_ms: u64,
+        force: bool,
+    ) {
+        let Prepared {
+            vswitch,
+            mut pkt,
+            h,
+            key,
+            kdir,
+            hash,
+        } = p;
+        let len = pkt.len();
+        let mut force = force;
+        loop {
             let result = {
                 let room = region.room_mut(&mut pkt);
                 match PacketMut::with_headers(room, len, h) {
-                    Ok(mut pm) => self.run_chain(ep, vswitch, &mut pm, key, kdir, hash, now_ms),
-                    Err(_) => None,
+                    Ok(mut pm) => {
+                        self.run_chain(ep, vswitch, &mut pm, key, kdir, hash, now_ms, force)
+                    }
+                    Err(_) => Ran::Dropped,
                 }
             };
             match result {
-                None => ep.free(pkt),
-                Some((verdict, new_len)) => {
+                Ran::Dropped => ep.free(pkt),
+                Ran::Diverted(slot, fkey) => match self.migrator.on_packet(&fkey) {
+                    PacketAction::Process => {
+                        force = true;
+                        continue;
+                    }
+                    PacketAction::Hold => self.held.entry(slot).or_default().push_back(pkt),
+                    PacketAction::Forward { to, group } => {
+                        let moved = self.moved_packet(region, &pkt, vswitch);
+                        self.forwards.push((to, group, moved));
+                        ep.free(pkt);
+                    }
+                    PacketAction::Drop => {
+                        ep.counters()
+                            .add(ProcCounter::DropMigrationBuffer as usize, 1);
+                        ep.free(pkt);
+                    }
+                },
+                Ran::Done(verdict, new_len) => {
                     region.set_len(&mut pkt, new_len);
                     match verdict {
                         Verdict::Forward => self.out.push(pkt),
@@ -216,12 +281,176 @@ impl Runtime {
                     }
                 }
             }
+            return;
         }
-        self.prepared = prepared;
     }
 
-    /// Finds or creates the flow and runs the chain. `None`: dropped before the chain (table
-    /// full).
+    /// Parses a packet that did not come through `process_batch` (held, or carried in a
+    /// message). Frees it when it does not parse.
+    fn prepare(
+        &mut self,
+        ep: &mut Endpoint,
+        region: &nflib::Region,
+        pkt: Packet,
+        vswitch: EndpointAddr,
+    ) -> Option<Prepared> {
+        match nflib::packet::parse(region.data(&pkt)) {
+            Ok(h) => {
+                let (key, kdir) = FlowKey::of(&h);
+                let hash = self.flows.hash(&key);
+                Some(Prepared {
+                    vswitch,
+                    pkt,
+                    h,
+                    key,
+                    kdir,
+                    hash,
+                })
+            }
+            Err(_) => {
+                ep.counters().add(ProcCounter::DropMalformed as usize, 1);
+                ep.free(pkt);
+                None
+            }
+        }
+    }
+
+    /// A packet as a message carries it to another runtime.
+    fn moved_packet(
+        &self,
+        region: &nflib::Region,
+        pkt: &Packet,
+        vswitch: EndpointAddr,
+    ) -> MovedPacket {
+        let (origin_server, origin_vswitch) = match region.meta_of(pkt).route() {
+            Some(r) => (r.server, r.vswitch),
+            None => (vswitch.server, vswitch.slot as u8),
+        };
+        MovedPacket {
+            ingress: pkt.ingress_port(),
+            egress: pkt.egress_port(),
+            origin_server,
+            origin_vswitch,
+            frame: region.data(pkt).to_vec(),
+        }
+    }
+
+    /// Rebuilds a packet another runtime sent in a message and runs it (`force`: even if
+    /// its flow is migrating, the packets a target returns precede those held here).
+    fn run_moved(&mut self, ep: &mut Endpoint, m: MovedPacket, now_ms: u64, force: bool) {
+        let region = ep.region().clone();
+        let Some(mut pkt) = ep.alloc() else {
+            ep.counters().add(ProcCounter::DropNoBuffer as usize, 1);
+            return;
+        };
+        if !region.fill(&mut pkt, &m.frame) {
+            ep.counters().add(ProcCounter::DropTruncated as usize, 1);
+            ep.free(pkt);
+            return;
+        }
+        pkt.set_ingress_port(m.ingress);
+        pkt.set_egress_port(m.egress);
+        if m.origin_server != self.me.server {
+            region.meta_of(&pkt).set_route(Route {
+                server: m.origin_server,
+                vswitch: m.origin_vswitch,
+                egress: m.egress,
+                ingress: m.ingress,
+            });
+        }
+        let vswitch = EndpointAddr::new(m.origin_server, m.origin_vswitch as u16);
+        if let Some(p) = self.prepare(ep, &region, pkt, vswitch) {
+            self.run_prepared(ep, &region, p, now_ms, force);
+        }
+    }
+
+    /// Handles a migration message (see `migration`); false if `msg` is not one.
+    pub fn on_migration_message(
+        &mut self,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        from: EndpointAddr,
+        msg: Message,
+        now_ms: u64,
+    ) -> bool {
+        match msg {
+            Message::MigratePackets { late, packets, .. } => {
+                if late {
+                    ep.counters().add(
+                        ProcCounter::MigrationLateStragglers as usize,
+                        packets.len() as u64,
+                    );
+                }
+                for m in packets {
+                    self.run_moved(ep, m, now_ms, !late);
+                }
+                true
+            }
+            Message::MigrateInit { .. }
+            | Message::MigrateReady { .. }
+            | Message::RuntimeSet { .. }
+            | Message::MigrateState { .. }
+            | Message::MigrateDone { .. }
+            | Message::MigrateAbort { .. }
+            | Message::MigrateAborted { .. } => {
+                let mut mig = self.take_migrator();
+                let mut host = EngineHost {
+                    rt: self,
+                    ep,
+                    mb,
+                    now_ms,
+                };
+                mig.on_message(&mut host, from, msg, now_ms);
+                self.migrator = mig;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Migration timers and the next groups of a running job; `dead` peers lost whatever
+    /// they held of a migration.
+    pub fn migration_tick(
+        &mut self,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        dead: &[EndpointAddr],
+        now_ms: u64,
+    ) {
+        if !self.migrator.busy() && dead.is_empty() {
+            return;
+        }
+        let clock = self.epoch.elapsed().as_secs_f64() * 1000.0;
+        let mut mig = self.take_migrator();
+        let mut host = EngineHost {
+            rt: self,
+            ep,
+            mb,
+            now_ms,
+        };
+        for d in dead {
+            mig.peer_dead(&mut host, *d, now_ms);
+        }
+        mig.tick(&mut host, now_ms, clock);
+        self.migrator = mig;
+    }
+
+    /// A new migration job scans the flow table from its start.
+    pub fn restart_scan(&mut self) {
+        self.pick_cursor = 0;
+    }
+
+    /// Milliseconds (fractional) on the runtime's clock, for migration reports.
+    pub fn clock_ms(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64() * 1000.0
+    }
+
+    fn take_migrator(&mut self) -> Migrator {
+        let idle = Migrator::new(self.me, None, *self.migrator.settings());
+        std::mem::replace(&mut self.migrator, idle)
+    }
+
+    /// Finds or creates the flow and runs the chain.
     #[allow(clippy::too_many_arguments)]
     fn run_chain(
         &mut self,
@@ -232,11 +461,14 @@ impl Runtime {
         kdir: Direction,
         hash: u64,
         now_ms: u64,
-    ) -> Option<(Verdict, usize)> {
+        force: bool,
+    ) -> Ran {
         let now = now_ms as u32;
         let (slot, new, dir) = match self.flows.find_hashed(&key, hash) {
             Some(Found::Key(s)) => {
-                let a = self.flows.get(s)?;
+                let Some(a) = self.flows.get(s) else {
+                    return Ran::Dropped;
+                };
                 let from_a = kdir == Direction::Forward;
                 let dir = if from_a == a.has(flag::INITIATOR_IS_A) {
                     Dir::Original
@@ -255,7 +487,7 @@ impl Runtime {
                 let Some(s) = self.flows.insert(actor) else {
                     ep.counters()
                         .add(ProcCounter::DropFlowTableFull as usize, 1);
-                    return None;
+                    return Ran::Dropped;
                 };
                 self.next_id += 1;
                 ep.counters().add(ProcCounter::FlowsCreated as usize, 1);
@@ -265,7 +497,13 @@ impl Runtime {
             }
         };
         // Platform-level flow tracking.
-        let actor = self.flows.get_mut(slot)?;
+        let Some(actor) = self.flows.get_mut(slot) else {
+            return Ran::Dropped;
+        };
+        if actor.has(flag::MIGRATING) && !force {
+            return Ran::Diverted(slot, actor.key);
+        }
+        actor.packets = actor.packets.wrapping_add(1);
         actor.last_ms = now;
         if dir == Dir::Reply {
             actor.flags |= flag::REPLIED;
@@ -325,7 +563,7 @@ impl Runtime {
                 self.new_aliases.push((vswitch, alias));
             }
         }
-        Some((verdict, pm.len()))
+        Ran::Done(verdict, pm.len())
     }
 
     fn deadline(&self, a: &FlowActor) -> u64 {
@@ -350,7 +588,12 @@ impl Runtime {
             if a.timer_gen != e.gen {
                 continue; // re-armed since
             }
-            let deadline = self.deadline(a);
+            // A migrating flow ends only once the migration is over.
+            let deadline = if a.has(flag::MIGRATING) {
+                now_ms + 1000
+            } else {
+                self.deadline(a)
+            };
             if deadline > now_ms {
                 self.timers.arm(*e, deadline);
                 continue;
@@ -424,6 +667,28 @@ impl Runtime {
             }
             list.clear();
         }
+        if !self.forwards.is_empty() {
+            // Late stragglers, one message per (runtime, group); after the state they follow.
+            let mut fw = std::mem::take(&mut self.forwards);
+            fw.sort_by_key(|(to, g, _)| (*to, *g));
+            let mut it = fw.drain(..).peekable();
+            while let Some((to, group, first)) = it.next() {
+                let mut packets = vec![first];
+                while let Some((_, _, p)) = it.next_if(|(t, g, _)| *t == to && *g == group) {
+                    packets.push(p);
+                }
+                let m = Message::MigratePackets {
+                    group,
+                    late: true,
+                    packets,
+                };
+                if mb.send(to, LIAISON, LIAISON, &m).is_err() {
+                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                }
+            }
+            drop(it);
+            self.forwards = fw;
+        }
         mb.flush(ep, now_ns);
         if !self.out.is_empty() {
             ep.send_burst(MANAGER_SLOT, &mut self.out);
@@ -437,6 +702,11 @@ impl Runtime {
         let c = ep.counters();
         c.set(ProcCounter::FlowsActive as usize, live);
         c.set(ProcCounter::EventsDropped as usize, dropped);
+        let m = self.migrator.counters;
+        c.set(ProcCounter::MigratedOut as usize, m.flows_out);
+        c.set(ProcCounter::MigratedIn as usize, m.flows_in);
+        c.set(ProcCounter::MigrationRolledBack as usize, m.rolled_back);
+        c.set(ProcCounter::MigrationHeld as usize, m.held);
         let region = ep.region();
         for (i, counters) in self.nf_counters.iter().enumerate() {
             if let Some(rec) = region.nf_stats(ep.slot(), i) {
@@ -466,5 +736,223 @@ impl Runtime {
     /// Bytes held by the functions' per-flow states.
     pub fn state_memory(&self) -> usize {
         self.stages.iter().map(|s| s.state_memory()).sum()
+    }
+}
+
+/// The runtime as migration sees it (`migration::FlowHost`): flows, held packets, messages.
+struct EngineHost<'a> {
+    rt: &'a mut Runtime,
+    ep: &'a mut Endpoint,
+    mb: &'a mut Mailbox,
+    now_ms: u64,
+}
+
+impl EngineHost<'_> {
+    fn slot_of(&self, key: &FlowKey) -> Option<u32> {
+        match self.rt.flows.find(key)? {
+            Found::Key(s) => Some(s),
+            Found::Alias(_) => None,
+        }
+    }
+
+    fn aliases_of(&self, slot: u32) -> Vec<FlowKey> {
+        self.rt.flows.aliases_of(slot)
+    }
+}
+
+impl FlowHost for EngineHost<'_> {
+    fn pick(&mut self, n: usize, out: &mut Vec<Candidate>) -> bool {
+        let end = self.rt.flows.slab_len() as u32;
+        while self.rt.pick_cursor < end && out.len() < n {
+            let slot = self.rt.pick_cursor;
+            self.rt.pick_cursor += 1;
+            let Some(a) = self.rt.flows.get(slot) else {
+                continue;
+            };
+            if a.has(flag::MIGRATING) || a.closed() {
+                continue;
+            }
+            let (key, vswitch) = (a.key, a.vswitch);
+            out.push(Candidate {
+                key,
+                aliases: self.aliases_of(slot),
+                vswitch,
+            });
+        }
+        if self.rt.pick_cursor >= end {
+            // The scan is over; the next job starts from the beginning.
+            self.rt.pick_cursor = 0;
+            return false;
+        }
+        true
+    }
+
+    fn packets(&self, key: &FlowKey) -> Option<u32> {
+        let s = self.slot_of(key)?;
+        self.rt.flows.get(s).map(|a| a.packets)
+    }
+
+    fn divert(&mut self, key: &FlowKey, on: bool) {
+        if let Some(a) = self.slot_of(key).and_then(|s| self.rt.flows.get_mut(s)) {
+            if on {
+                a.flags |= flag::MIGRATING;
+            } else {
+                a.flags &= !flag::MIGRATING;
+            }
+        }
+    }
+
+    fn save(&mut self, key: &FlowKey) -> Option<FlowState> {
+        let slot = self.slot_of(key)?;
+        let a = self.rt.flows.get(slot)?;
+        let now = self.now_ms;
+        Some(FlowState {
+            key: a.key,
+            flags: a.flags & !(flag::LIVE | flag::MIGRATING),
+            age_ms: now.saturating_sub(a.created_ms as u64),
+            idle_ms: now.saturating_sub(a.last_ms as u64),
+            missing: 0,
+            nf_states: self.rt.stages.iter().map(|s| s.save(slot)).collect(),
+        })
+    }
+
+    fn create_pending(&mut self, flow: &MigrateFlow, vswitch: EndpointAddr) -> bool {
+        if self.rt.flows.is_full()
+            || self.rt.flows.find(&flow.key).is_some()
+            || flow.aliases.iter().any(|k| self.rt.flows.find(k).is_some())
+        {
+            return false;
+        }
+        let now = self.now_ms as u32;
+        let actor = FlowActor::new(flow.key, self.rt.next_id, now, vswitch, flag::MIGRATING);
+        let Some(slot) = self.rt.flows.insert(actor) else {
+            return false;
+        };
+        self.rt.next_id += 1;
+        for k in &flow.aliases {
+            self.rt.flows.add_alias(slot, *k);
+        }
+        true
+    }
+
+    fn install(&mut self, st: &FlowState) -> bool {
+        let Some(slot) = self.slot_of(&st.key) else {
+            return false;
+        };
+        if st.nf_states.len() != self.rt.stages.len() {
+            return false;
+        }
+        for (stage, bytes) in self.rt.stages.iter_mut().zip(&st.nf_states) {
+            if let Some(b) = bytes {
+                if stage.restore(slot, b).is_err() {
+                    for s in self.rt.stages.iter_mut() {
+                        s.discard(slot);
+                    }
+                    return false;
+                }
+            }
+        }
+        let now = self.now_ms;
+        let Some(a) = self.rt.flows.get_mut(slot) else {
+            return false;
+        };
+        a.flags = (st.flags & !flag::MIGRATING) | flag::LIVE;
+        a.created_ms = now.saturating_sub(st.age_ms) as u32;
+        a.last_ms = now.saturating_sub(st.idle_ms) as u32;
+        // Counting starts again with the vswitch's count for this runtime.
+        a.packets = 0;
+        a.timer_gen = a.timer_gen.wrapping_add(1);
+        let e = Entry {
+            slot,
+            gen: a.timer_gen,
+        };
+        let a = a.clone();
+        let deadline = self.rt.deadline(&a);
+        self.rt.timers.arm(e, deadline.max(now + 1));
+        true
+    }
+
+    fn release_held(&mut self, key: &FlowKey, how: Release) -> u32 {
+        let Some(slot) = self.slot_of(key) else {
+            return 0;
+        };
+        let Some(q) = self.rt.held.remove(&slot) else {
+            return 0;
+        };
+        let n = q.len() as u32;
+        let region = self.ep.region().clone();
+        match how {
+            Release::Process => {
+                let vswitch = self
+                    .rt
+                    .flows
+                    .get(slot)
+                    .map(|a| a.vswitch)
+                    .unwrap_or(self.rt.me);
+                for pkt in q {
+                    if let Some(p) = self.rt.prepare(self.ep, &region, pkt, vswitch) {
+                        self.rt.run_prepared(self.ep, &region, p, self.now_ms, true);
+                    }
+                }
+            }
+            Release::Return { to, group } => {
+                let vswitch = self
+                    .rt
+                    .flows
+                    .get(slot)
+                    .map(|a| a.vswitch)
+                    .unwrap_or(self.rt.me);
+                let mut packets = Vec::with_capacity(q.len());
+                for pkt in q {
+                    packets.push(self.rt.moved_packet(&region, &pkt, vswitch));
+                    self.ep.free(pkt);
+                }
+                // Many packets: several messages, each well under the message limit.
+                for chunk in packets.chunks(256) {
+                    let m = Message::MigratePackets {
+                        group,
+                        late: false,
+                        packets: chunk.to_vec(),
+                    };
+                    if self.mb.send(to, LIAISON, LIAISON, &m).is_err() {
+                        self.ep
+                            .counters()
+                            .add(ProcCounter::ActorSendRefused as usize, 1);
+                    }
+                }
+            }
+            Release::Discard => {
+                for pkt in q {
+                    self.ep.free(pkt);
+                }
+            }
+        }
+        n
+    }
+
+    fn remove_pending(&mut self, key: &FlowKey) {
+        if let Some(slot) = self.slot_of(key) {
+            if let Some(q) = self.rt.held.remove(&slot) {
+                for pkt in q {
+                    self.ep.free(pkt);
+                }
+            }
+            for s in self.rt.stages.iter_mut() {
+                s.discard(slot);
+            }
+            self.rt.flows.remove(slot);
+        }
+    }
+
+    fn retire(&mut self, key: &FlowKey) {
+        self.remove_pending(key);
+    }
+
+    fn send(&mut self, to: EndpointAddr, msg: Message) {
+        if self.mb.send(to, LIAISON, LIAISON, &msg).is_err() {
+            self.ep
+                .counters()
+                .add(ProcCounter::ActorSendRefused as usize, 1);
+        }
     }
 }

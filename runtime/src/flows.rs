@@ -23,6 +23,8 @@ pub mod flag {
     pub const FIN_ORIG: u8 = 8;
     pub const FIN_REPLY: u8 = 16;
     pub const RST: u8 = 32;
+    /// The flow is migrating (out or in): its packets go to the migrator first.
+    pub const MIGRATING: u8 = 64;
     /// The slab slot holds a live flow.
     pub const LIVE: u8 = 128;
 }
@@ -30,7 +32,7 @@ pub mod flag {
 const NONE: u32 = u32::MAX;
 const ALIAS_BIT: u32 = 1 << 31;
 
-/// What the platform keeps per flow (72 bytes).
+/// What the platform keeps per flow (80 bytes).
 #[derive(Clone, Debug)]
 pub struct FlowActor {
     pub key: FlowKey,
@@ -46,6 +48,9 @@ pub struct FlowActor {
     /// The vswitch that feeds it, on this server or another (alias and end messages go
     /// there).
     pub vswitch: EndpointAddr,
+    /// Packets run through the chain here (wrapping): migration compares it with what the
+    /// vswitch sent.
+    pub packets: u32,
     pub flags: u8,
 }
 
@@ -59,6 +64,7 @@ impl FlowActor {
             timer_gen: 0,
             first_alias: NONE,
             vswitch,
+            packets: 0,
             flags,
         }
     }
@@ -287,6 +293,22 @@ impl FlowTable {
             .map(|(i, _)| i as u32)
     }
 
+    /// Slab entries, live or free (the bound of a scan by slot).
+    pub fn slab_len(&self) -> usize {
+        self.actors.len()
+    }
+
+    /// The flow's aliases.
+    pub fn aliases_of(&self, slot: u32) -> Vec<FlowKey> {
+        let mut v = Vec::new();
+        let mut a = self.get(slot).map(|f| f.first_alias).unwrap_or(NONE);
+        while a != NONE {
+            v.push(self.aliases[a as usize].key);
+            a = self.aliases[a as usize].next;
+        }
+        v
+    }
+
     /// How many aliases a flow has.
     pub fn alias_count(&self, slot: u32) -> u32 {
         let mut n = 0;
@@ -382,7 +404,7 @@ mod tests {
     #[test]
     fn actor_is_small() {
         assert!(
-            std::mem::size_of::<FlowActor>() <= 72,
+            std::mem::size_of::<FlowActor>() <= 80,
             "{}",
             std::mem::size_of::<FlowActor>()
         );

@@ -3,9 +3,10 @@
 //! `PollWorkload`, `NotifyClusterCfg`, `SetMigrationTarget`, `SetReplica`, `Recover`), as do
 //! `Ping` and the probe traffic of `nfmgr msgtest`.
 //!
-//! `SetMigrationTarget` and `SetReplica` are recorded and reported in the workload; the
-//! migration and replication they start come with those protocols. `Recover` is refused
-//! until replication exists, since there is nothing to recover from.
+//! `SetMigrationTarget` starts a migration job (`migration`), whose progress
+//! `MigrationStatus` reports. `SetReplica` is recorded and reported in the workload; the
+//! replication it starts comes with that protocol. `Recover` is refused until replication
+//! exists, since there is nothing to recover from.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -112,15 +113,28 @@ impl Liaison {
                 }
                 Reply::ClusterCfgApplied { version }
             }
-            Call::SetMigrationTarget { target, .. } => {
-                if target == rt.me() {
+            Call::SetMigrationTarget { target, count } => {
+                if target.slot == nflib::MANAGER_SLOT {
                     return Reply::Refused {
-                        reason: "a runtime cannot migrate flows to itself".into(),
+                        reason: format!("{target} is not a runtime"),
                     };
                 }
-                self.migration_target = Some(target);
-                Reply::Accepted
+                let clock = rt.clock_ms();
+                match rt.migrator.start_job(target, count, clock) {
+                    Ok(_) => {
+                        rt.restart_scan();
+                        self.migration_target = Some(target);
+                        Reply::Accepted
+                    }
+                    Err(reason) => Reply::Refused { reason },
+                }
             }
+            Call::MigrationStatus => match rt.migrator.report(rt.clock_ms()) {
+                Some(r) => Reply::Migration(r),
+                None => Reply::Refused {
+                    reason: "no migration has run on this runtime".into(),
+                },
+            },
             Call::SetReplica { replicas } => {
                 if replicas.contains(&rt.me()) {
                     return Reply::Refused {

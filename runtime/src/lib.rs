@@ -6,6 +6,7 @@ pub mod events;
 pub mod flows;
 pub mod index;
 pub mod liaison;
+pub mod migration;
 pub mod timers;
 
 use nflib::config::Config;
@@ -14,6 +15,7 @@ use nflib::mailbox::Mailbox;
 use nflib::wire::EndpointAddr;
 
 pub use engine::{FlowSettings, Runtime};
+pub use migration::MigrationSettings;
 
 /// Reads the runtime's message rings and hands each message to its actor (the liaison;
 /// flow actors receive messages once migration exists). Returns frames read.
@@ -25,14 +27,96 @@ pub fn serve_messages(
     now_ns: u64,
 ) -> usize {
     let n = mb.receive(ep, now_ns);
+    let now_ms = rt.now_ms();
     for env in mb.take_inbox() {
-        if env.dst_actor == nflib::wire::LIAISON {
-            liaison.handle(rt, ep, mb, env, now_ns);
-        } else {
+        if env.dst_actor != nflib::wire::LIAISON {
             liaison.unknown += 1;
+            continue;
+        }
+        if is_migration(&env.msg) {
+            rt.on_migration_message(ep, mb, env.from, env.msg, now_ms);
+        } else {
+            liaison.handle(rt, ep, mb, env, now_ns);
         }
     }
     n
+}
+
+fn is_migration(m: &nflib::msg::Message) -> bool {
+    use nflib::msg::Message as M;
+    matches!(
+        m,
+        M::MigrateInit { .. }
+            | M::MigrateReady { .. }
+            | M::RuntimeSet { .. }
+            | M::MigrateState { .. }
+            | M::MigrateDone { .. }
+            | M::MigrateAbort { .. }
+            | M::MigrateAborted { .. }
+            | M::MigratePackets { .. }
+    )
+}
+
+/// Which peers of a migration have died or restarted since they were first seen: the
+/// transport's verdicts, this server's process slots (a killed runtime's slot leaves the
+/// running state, a restarted one has a new generation) and the cluster view for other
+/// servers.
+#[derive(Default)]
+pub struct PeerWatch {
+    seen: std::collections::HashMap<EndpointAddr, u64>,
+}
+
+impl PeerWatch {
+    pub fn check(
+        &mut self,
+        ep: &Endpoint,
+        mb: &mut Mailbox,
+        view: &nflib::cluster::ClusterView,
+        peers: &[EndpointAddr],
+        dead: &mut Vec<EndpointAddr>,
+    ) {
+        use nflib::reliable::PeerEvent;
+        for e in mb.take_events() {
+            match e {
+                PeerEvent::Dead { peer, .. } | PeerEvent::Restarted { peer, .. } => dead.push(peer),
+            }
+        }
+        let me = mb.me();
+        self.seen.retain(|p, _| peers.contains(p));
+        for p in peers {
+            let token = if p.server == me.server {
+                ep.region().slot(p.slot).and_then(|s| {
+                    s.state()
+                        .is_alive()
+                        .then(|| s.generation.load(std::sync::atomic::Ordering::Relaxed) as u64)
+                })
+            } else {
+                view.server(p.server).filter(|s| s.alive).and_then(|s| {
+                    s.endpoints
+                        .iter()
+                        .any(|e| e.addr == *p && e.alive)
+                        .then_some(s.incarnation)
+                })
+            };
+            // A remote peer the view does not know yet (no view at all) is not judged.
+            if token.is_none() && p.server != me.server && view.servers.is_empty() {
+                continue;
+            }
+            match (self.seen.get(p), token) {
+                (_, None) => dead.push(*p),
+                (Some(t), Some(now)) if *t != now => dead.push(*p),
+                (None, Some(now)) => {
+                    self.seen.insert(*p, now);
+                }
+                _ => {}
+            }
+        }
+        dead.sort();
+        dead.dedup();
+        for d in dead.iter() {
+            self.seen.remove(d);
+        }
+    }
 }
 
 /// The configuration nfmgr stored in the region.
@@ -92,10 +176,26 @@ pub fn from_region(ep: &Endpoint, cfg: &Config) -> Result<Runtime, String> {
         unreplied_ms: rc.unreplied_timeout_s.saturating_mul(1000),
         closed_linger_ms: rc.closed_linger_ms,
     };
-    Ok(Runtime::new(
+    let mut rt = Runtime::new(
         stages,
         settings,
         events,
         EndpointAddr::new(cfg.cluster.server_id, ep.slot()),
-    ))
+    );
+    let m = &cfg.migration;
+    let buffer = m.buffer_packets(cfg.region.buffers) as usize;
+    rt.set_migration(
+        cfg.chain_of(rc).map(str::to_string),
+        MigrationSettings {
+            group_size: m.group_size as usize,
+            max_groups: m.max_groups as usize,
+            step_timeout_ms: m.step_timeout_ms,
+            straggler_timeout_ms: m.straggler_timeout_ms,
+            tombstone_ms: m.tombstone_ms,
+            pending_timeout_ms: m.pending_timeout_ms,
+            buffer_packets: buffer,
+            buffer_high_water: buffer * m.buffer_high_water_pct as usize / 100,
+        },
+    );
+    Ok(rt)
 }

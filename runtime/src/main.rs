@@ -42,6 +42,8 @@ fn main() -> ExitCode {
     rt.label_stats(&ep);
     let mut mb = nf_runtime::mailbox(&ep, &cfg);
     let mut liaison = Liaison::default();
+    let mut watch = nf_runtime::PeerWatch::default();
+    let mut dead = Vec::new();
     let mut batch = Vec::with_capacity(BATCH);
     let mut last_publish = Instant::now();
     run_loop(&mut ep, &args.common, |ep, now| {
@@ -53,7 +55,19 @@ fn main() -> ExitCode {
         let now_ms = rt.now_ms();
         rt.process_batch(ep, &mut batch, now_ms);
         rt.expire(ep, now_ms);
+        let migrating = rt.migrator.busy();
+        if migrating {
+            dead.clear();
+            let peers = rt.migrator.peers();
+            watch.check(ep, &mut mb, liaison.view(), &peers, &mut dead);
+            rt.migration_tick(ep, &mut mb, &dead, now_ms);
+        }
         rt.flush(ep, &mut mb, now_ns);
+        if migrating {
+            // Migration timers (straggler waits, step timeouts) need the loop within 1 ms.
+            let soon = now_ns + 1_000_000;
+            ep.wake_by(Some(mb.next_timeout().map_or(soon, |t| t.min(soon))));
+        }
         if now.duration_since(last_publish) >= Duration::from_millis(100) {
             rt.publish(ep);
             last_publish = now;

@@ -33,6 +33,9 @@ struct Entry {
     runtime: EndpointAddr,
     /// Seconds since the dispatcher started, when the flow last had a packet.
     last_seen: u32,
+    /// Packets given to `runtime` under this key since it was set (wrapping): a migrating
+    /// source learns from it how many packets to wait for (`RuntimeSet::sent`).
+    sent: u32,
 }
 
 pub struct Dispatch {
@@ -218,6 +221,7 @@ impl Dispatch {
                         Entry {
                             runtime: env.from,
                             last_seen: now_s,
+                            sent: 0,
                         },
                     );
                 }
@@ -236,8 +240,13 @@ impl Dispatch {
                 runtime,
                 request,
             } => {
-                let moved = self.set_runtime(&keys, runtime);
-                Some(Message::RuntimeSet { request, moved })
+                let mut sent = Vec::with_capacity(keys.len());
+                let moved = self.set_runtime(&keys, runtime, &mut sent);
+                Some(Message::RuntimeSet {
+                    request,
+                    moved,
+                    sent,
+                })
             }
             Message::Ping { seq } => Some(Message::Pong {
                 seq,
@@ -287,18 +296,35 @@ impl Dispatch {
     }
 
     /// Points known flows at another runtime (one this vswitch dispatches to). Returns how
-    /// many of the keys were known.
-    pub fn set_runtime(&mut self, keys: &[FlowKey], runtime: EndpointAddr) -> u32 {
+    /// many of the keys were known, and pushes to `sent`, per key, the packets given to the
+    /// previous runtime since it was set (0 for unknown keys; counting restarts for the new
+    /// runtime).
+    pub fn set_runtime(
+        &mut self,
+        keys: &[FlowKey],
+        runtime: EndpointAddr,
+        sent: &mut Vec<u32>,
+    ) -> u32 {
         let local = runtime.server == self.me.server
             && self.local.iter().any(|c| c.contains(&runtime.slot));
         if !local && !self.remote.iter().any(|c| c.contains(&runtime)) {
+            sent.extend(keys.iter().map(|_| 0));
             return 0;
         }
         let mut moved = 0;
         for k in keys {
-            if let Some(e) = self.table.get_mut(k) {
-                e.runtime = runtime;
-                moved += 1;
+            match self.table.get_mut(k) {
+                Some(e) => {
+                    sent.push(e.sent);
+                    // Asking again for the runtime a key already has changes nothing (a
+                    // repeated request must not restart the count).
+                    if e.runtime != runtime {
+                        e.runtime = runtime;
+                        e.sent = 0;
+                    }
+                    moved += 1;
+                }
+                None => sent.push(0),
             }
         }
         moved
@@ -383,6 +409,7 @@ impl Dispatch {
                     let entry = Entry {
                         runtime: rt,
                         last_seen: now_s,
+                        sent: 1,
                     };
                     if self.table.insert(key, entry).is_none() {
                         ep.counters().add(ProcCounter::FlowsCreated as usize, 1);
@@ -419,12 +446,17 @@ impl Dispatch {
             .set(ProcCounter::FlowsActive as usize, self.table.len() as u64);
     }
 
-    /// The runtime of a known flow, if it is alive (refreshing the flow's last packet time).
+    /// The runtime of a known flow, if it is alive (refreshing the flow's last packet time
+    /// and counting the packet as given to it).
     fn known(&mut self, key: &FlowKey, now_s: u32) -> Option<EndpointAddr> {
+        let rt = self.table.get(key)?.runtime;
+        if !self.is_live(rt) {
+            return None;
+        }
         let e = self.table.get_mut(key)?;
         e.last_seen = now_s;
-        let rt = e.runtime;
-        self.is_live(rt).then_some(rt)
+        e.sent = e.sent.wrapping_add(1);
+        Some(rt)
     }
 
     /// Forgets flows idle for longer than the timeout.
@@ -571,7 +603,8 @@ mod tests {
             b.replies(1),
             vec![Message::RuntimeSet {
                 request: 42,
-                moved: 1
+                moved: 1,
+                sent: vec![1],
             }]
         );
 
@@ -580,8 +613,29 @@ mod tests {
         assert_eq!(b.occupancy(other), 1);
         assert_eq!(b.occupancy(first), 1, "nothing more to the old runtime");
         // A runtime that is not a target is refused.
-        assert_eq!(b.d.set_runtime(&[key], EndpointAddr::new(1, 9)), 0);
-        assert_eq!(b.d.set_runtime(&[key], EndpointAddr::new(7, 2)), 0);
+        let mut sent = Vec::new();
+        assert_eq!(
+            b.d.set_runtime(&[key], EndpointAddr::new(1, 9), &mut sent),
+            0
+        );
+        assert_eq!(
+            b.d.set_runtime(&[key], EndpointAddr::new(7, 2), &mut sent),
+            0
+        );
+        assert_eq!(sent, vec![0, 0]);
+        // Counting restarted for the new runtime: one packet so far; asking again for the
+        // same runtime does not restart it.
+        b.packet(1000);
+        let mut sent = Vec::new();
+        assert_eq!(
+            b.d.set_runtime(&[key], EndpointAddr::new(1, other), &mut sent),
+            1
+        );
+        assert_eq!(
+            b.d.set_runtime(&[key], EndpointAddr::new(1, other), &mut sent),
+            1
+        );
+        assert_eq!(sent, vec![2, 2]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! {"cmd":"flows","runtime":"rt0@2","limit":100}
 //! {"cmd":"stop"}
 //! {"cmd":"msgtest","from":"rt0@1","to":"rt0@2","count":100000,"size":64}
+//! {"cmd":"migrate","from":"rt0@1","to":"rt0@2","flows":1000}
 //! -> {"ok":true,"data":...} or {"ok":false,"error":"..."}
 //! ```
 //!
@@ -45,6 +46,13 @@ pub enum Request {
         count: u64,
         size: u32,
         depth: Option<u32>,
+        timeout_s: Option<f64>,
+    },
+    Migrate {
+        from: String,
+        to: String,
+        /// Flows to move; absent: all.
+        flows: Option<u32>,
         timeout_s: Option<f64>,
     },
 }
@@ -133,7 +141,104 @@ pub fn handle_request(handle: &Handle, req: Request) -> Result<Value, String> {
             depth.unwrap_or(0),
             Duration::from_secs_f64(timeout_s.unwrap_or(300.0).clamp(0.1, 3600.0)),
         ),
+        Request::Migrate {
+            from,
+            to,
+            flows,
+            timeout_s,
+        } => migrate(
+            handle,
+            &from,
+            &to,
+            flows.unwrap_or(u32::MAX),
+            Duration::from_secs_f64(timeout_s.unwrap_or(120.0).clamp(0.1, 3600.0)),
+        ),
     }
+}
+
+/// Asks runtime `from` to move `flows` of its flows to `to` (`SetMigrationTarget`) and
+/// follows the job until it is done.
+fn migrate(
+    handle: &Handle,
+    from: &str,
+    to: &str,
+    flows: u32,
+    timeout: Duration,
+) -> Result<Value, String> {
+    if flows == 0 {
+        return Err("--flows must be above 0".into());
+    }
+    let (eps, me) = handle.ask(|c| (c.endpoints(), c.server_id()))?;
+    let a = resolve(from, &eps, me)?;
+    let b = resolve(to, &eps, me)?;
+    let mut chains = Vec::new();
+    for (spec, addr) in [(from, a), (to, b)] {
+        match eps.iter().find(|e| e.addr == addr) {
+            Some(e) if e.kind == ProcessKind::Runtime && e.alive => chains.push(e.chain.clone()),
+            Some(e) if e.kind == ProcessKind::Runtime => {
+                return Err(format!("`{spec}` ({addr}) is not running"))
+            }
+            _ => return Err(format!("`{spec}` ({addr}) is not a runtime")),
+        }
+    }
+    if a == b {
+        return Err("--from and --to name the same runtime".into());
+    }
+    if chains[0] != chains[1] {
+        return Err(format!(
+            "`{from}` runs chain {:?} and `{to}` runs {:?}: flows can only move between \
+             runtimes of the same chain",
+            chains[0], chains[1]
+        ));
+    }
+    match handle.rpc(
+        a,
+        Call::SetMigrationTarget {
+            target: b,
+            count: flows,
+        },
+    )? {
+        Reply::Accepted => {}
+        Reply::Refused { reason } => return Err(format!("{a}: {reason}")),
+        other => return Err(format!("{a}: unexpected answer {other:?}")),
+    }
+    let started = Instant::now();
+    let mut last_err = String::new();
+    let report = loop {
+        match handle.rpc(a, Call::MigrationStatus) {
+            Ok(Reply::Migration(r)) if r.done => break r,
+            Ok(Reply::Refused { reason }) => last_err = reason,
+            Err(e) => last_err = e,
+            Ok(_) => {}
+        }
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "the migration did not finish within {:.1} s{}",
+                timeout.as_secs_f64(),
+                if last_err.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (last status error: {last_err})")
+                }
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Ok(json!({
+        "from": a.to_string(),
+        "to": b.to_string(),
+        "requested": if flows == u32::MAX { json!("all") } else { json!(flows) },
+        "moved": report.moved,
+        "failed": report.failed,
+        "groups": report.groups,
+        "groups_rolled_back": report.groups_rolled_back,
+        "ms": report.elapsed_us as f64 / 1000.0,
+        "buffered": report.buffered,
+        "lost": report.buffer_drops,
+        "reordered": report.late_stragglers,
+        "stragglers_waited": report.stragglers_waited,
+        "error": report.error,
+    }))
 }
 
 /// Finds an endpoint: `SERVER/SLOT`, `NAME@SERVER`, or `NAME` (this server first, else the

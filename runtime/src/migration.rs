@@ -1,0 +1,1121 @@
+//! Flow migration (paper 4.2, Fig. 4; decisions in docs/MIGRATION.md): the protocol's state
+//! machines, for both roles a runtime plays, free of I/O.
+//!
+//! The source (MS) moves flows to a target runtime (MT) in three request-response steps:
+//! 1. `MigrateInit` to the target's liaison, which creates a pending actor per flow (its
+//!    packets will be buffered) and answers `MigrateReady`. The source keeps processing.
+//! 2. `SetRuntime` to the vswitch feeding the flows, answered by `RuntimeSet` with, per key,
+//!    the packets it gave the source before the switch. The source processes until it has
+//!    seen that many (stragglers still on the way), or the straggler timeout passes.
+//! 3. `MigrateState` with every function's state; the target installs it, processes its
+//!    buffer in order and answers `MigrateDone`. The source keeps a tombstone for a while
+//!    that forwards late stragglers to the target, then retires the flow.
+//!
+//! Flows move in groups (up to `group_size` flows with the same target and vswitch share
+//! each message), a bounded number of groups at a time, so a migration of 600,000 flows is a
+//! few thousand messages and never starves the packet path.
+//!
+//! Exactly one runtime owns a flow at any moment: the source until the target says it
+//! installed the state, the target after. The source gives up only on positive knowledge:
+//! an answer, or the other side declared dead. Then it points the vswitch back at itself
+//! and resumes with the state it never released.
+//!
+//! The runtime engine does the packet work through [`FlowHost`]; the simulation in
+//! `migration_sim` (tests) plays the same role with a toy engine, a vswitch and a network.
+
+use std::collections::HashMap;
+
+use nflib::flow::FlowKey;
+use nflib::msg::{FlowState, Message, MigrateFlow, MigrationReport};
+use nflib::wire::EndpointAddr;
+
+/// Tunables (`[migration]` in the configuration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MigrationSettings {
+    /// Flows per group (one message per step for all of them).
+    pub group_size: usize,
+    /// Groups in flight at once per source.
+    pub max_groups: usize,
+    /// How long steps 1 and 2 may take before the source rolls back.
+    pub step_timeout_ms: u64,
+    /// How long the source waits for packets sent before the switch before it hands over.
+    pub straggler_timeout_ms: u64,
+    /// How long the source forwards late stragglers after the handover.
+    pub tombstone_ms: u64,
+    /// A pending target actor whose state never came expires after this long.
+    pub pending_timeout_ms: u64,
+    /// Packets a target may hold for flows arriving, over all of them.
+    pub buffer_packets: usize,
+    /// Above this many held packets a target refuses new groups (the source retries).
+    pub buffer_high_water: usize,
+}
+
+impl Default for MigrationSettings {
+    fn default() -> Self {
+        MigrationSettings {
+            group_size: 256,
+            max_groups: 8,
+            step_timeout_ms: 1000,
+            straggler_timeout_ms: 20,
+            tombstone_ms: 2000,
+            pending_timeout_ms: 10_000,
+            buffer_packets: 65_536,
+            buffer_high_water: 49_152,
+        }
+    }
+}
+
+/// A flow the host offers for migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub key: FlowKey,
+    pub aliases: Vec<FlowKey>,
+    pub vswitch: EndpointAddr,
+}
+
+/// What happens to a packet of a flow under migration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketAction {
+    /// Run the chain on it here, as usual.
+    Process,
+    /// Keep it in order until the flow's fate is known (target waiting for the state, or
+    /// source rolling back).
+    Hold,
+    /// The flow's state has left: send the packet to its new owner.
+    Forward { to: EndpointAddr, group: u64 },
+    /// The migration buffer is full: drop it (counted).
+    Drop,
+}
+
+/// What becomes of held packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Release {
+    /// Run them through the chain here, now.
+    Process,
+    /// Send them to the source of `group` (`MigratePackets`), which processes them.
+    Return { to: EndpointAddr, group: u64 },
+    /// Free them (their flow's other side is gone).
+    Discard,
+}
+
+/// The engine side of migration: everything that touches flows and packets.
+pub trait FlowHost {
+    /// Flows to migrate, all fed by one vswitch, not already migrating, continuing a scan of
+    /// the flow table. Returns false once the scan has seen every flow.
+    fn pick(&mut self, n: usize, out: &mut Vec<Candidate>) -> bool;
+    /// Packets the flow's actor has run through the chain here (wrapping), if it exists.
+    fn packets(&self, key: &FlowKey) -> Option<u32>;
+    /// Sends the flow's packets to the migrator (`on_packet`) instead of the chain, or stops.
+    fn divert(&mut self, key: &FlowKey, on: bool);
+    /// The flow's state for step 3 (the flow stays, diverted, until it is retired).
+    fn save(&mut self, key: &FlowKey) -> Option<FlowState>;
+    /// Target, step 1: a pending actor under the key and aliases (diverted); false if the
+    /// key exists or the table is full.
+    fn create_pending(&mut self, flow: &MigrateFlow, vswitch: EndpointAddr) -> bool;
+    /// Target, step 3: installs the state in the pending actor and stops diverting it.
+    fn install(&mut self, state: &FlowState) -> bool;
+    /// Lets go of the packets held for the flow, in order. Returns how many.
+    fn release_held(&mut self, key: &FlowKey, how: Release) -> u32;
+    /// Removes a pending actor that never got its state (nothing is ended).
+    fn remove_pending(&mut self, key: &FlowKey);
+    /// Source: the flow lives elsewhere now; remove it without ending it.
+    fn retire(&mut self, key: &FlowKey);
+    /// Sends a migration message from this runtime's liaison to `to`'s.
+    fn send(&mut self, to: EndpointAddr, msg: Message);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutStage {
+    /// Step 1 sent.
+    Init,
+    /// Step 2 sent.
+    Switching,
+    /// The vswitch switched; processing stragglers sent before the switch.
+    Draining,
+    /// Step 3 sent; the source no longer processes, only forwards.
+    Handover,
+    /// The target owns the flows; late stragglers are forwarded until the deadline.
+    Tombstone,
+    /// The switch is being undone; packets are held until the vswitch and the target have
+    /// answered (or the target is dead).
+    RollingBack {
+        need_vswitch: bool,
+        need_target: bool,
+    },
+}
+
+struct OutFlow {
+    key: FlowKey,
+    aliases: Vec<FlowKey>,
+    /// Packets the vswitch gave this runtime before the switch (all keys).
+    sent: u32,
+}
+
+struct OutGroup {
+    target: EndpointAddr,
+    vswitch: EndpointAddr,
+    stage: OutStage,
+    deadline_ms: u64,
+    flows: Vec<OutFlow>,
+}
+
+struct InFlow {
+    key: FlowKey,
+    held: u32,
+}
+
+struct InGroup {
+    deadline_ms: u64,
+    flows: Vec<InFlow>,
+    dropped: u32,
+}
+
+/// The job `SetMigrationTarget` started.
+struct Job {
+    report: MigrationReport,
+    started_ms: f64,
+    remaining: u32,
+    /// Flows a busy target sent back, tried again first.
+    retry: Vec<Candidate>,
+    retry_after_ms: u64,
+    scan_done: bool,
+}
+
+/// Set in the request id of a `SetRuntime` that points flows back at the source.
+const ROLLBACK: u64 = 1 << 63;
+
+/// Counters of both roles (published with the runtime's statistics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrationCounters {
+    pub flows_out: u64,
+    pub flows_in: u64,
+    pub rolled_back: u64,
+    pub held: u64,
+    pub buffer_drops: u64,
+    pub late_forwarded: u64,
+    pub refused_busy: u64,
+}
+
+pub struct Migrator {
+    me: EndpointAddr,
+    chain: Option<String>,
+    settings: MigrationSettings,
+    next_group: u64,
+    out: HashMap<u64, OutGroup>,
+    out_keys: HashMap<FlowKey, u64>,
+    inb: HashMap<(EndpointAddr, u64), InGroup>,
+    in_keys: HashMap<FlowKey, (EndpointAddr, u64)>,
+    /// Packets held at this runtime as a target.
+    held: usize,
+    job: Option<Job>,
+    jobs: u64,
+    pub counters: MigrationCounters,
+    picked: Vec<Candidate>,
+}
+
+fn later(a: u32, b: u32) -> bool {
+    // `a` has reached `b`, counting modulo 2^32.
+    (a.wrapping_sub(b) as i32) >= 0
+}
+
+impl Migrator {
+    pub fn new(me: EndpointAddr, chain: Option<String>, settings: MigrationSettings) -> Migrator {
+        Migrator {
+            me,
+            chain,
+            settings,
+            next_group: 1,
+            out: HashMap::new(),
+            out_keys: HashMap::new(),
+            inb: HashMap::new(),
+            in_keys: HashMap::new(),
+            held: 0,
+            job: None,
+            jobs: 0,
+            counters: MigrationCounters::default(),
+            picked: Vec::new(),
+        }
+    }
+
+    pub fn settings(&self) -> &MigrationSettings {
+        &self.settings
+    }
+
+    /// Packets held as a target now.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// Flows this runtime is moving out or taking in now.
+    pub fn in_progress(&self) -> (usize, usize) {
+        (self.out_keys.len(), self.in_keys.len())
+    }
+
+    /// The endpoints migrations under way depend on (targets, vswitches, sources).
+    pub fn peers(&self) -> Vec<EndpointAddr> {
+        let mut v: Vec<EndpointAddr> = self
+            .out
+            .values()
+            .flat_map(|g| [g.target, g.vswitch])
+            .chain(self.inb.keys().map(|(s, _)| *s))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Whether anything is under way (the loop then must not sleep long).
+    pub fn busy(&self) -> bool {
+        !self.out.is_empty()
+            || !self.inb.is_empty()
+            || self.job.as_ref().is_some_and(|j| !j.report.done)
+    }
+
+    /// `SetMigrationTarget`: moves `count` flows (`u32::MAX`: all) to `target`.
+    pub fn start_job(
+        &mut self,
+        target: EndpointAddr,
+        count: u32,
+        now_ms: f64,
+    ) -> Result<u64, String> {
+        if target == self.me {
+            return Err("a runtime cannot migrate flows to itself".into());
+        }
+        if self.job.as_ref().is_some_and(|j| !j.report.done) {
+            return Err("a migration is already running on this runtime".into());
+        }
+        self.jobs += 1;
+        self.job = Some(Job {
+            report: MigrationReport {
+                job: self.jobs,
+                target: Some(target),
+                requested: count,
+                ..MigrationReport::default()
+            },
+            started_ms: now_ms,
+            remaining: count,
+            retry: Vec::new(),
+            retry_after_ms: 0,
+            scan_done: false,
+        });
+        Ok(self.jobs)
+    }
+
+    pub fn report(&self, now_ms: f64) -> Option<MigrationReport> {
+        let j = self.job.as_ref()?;
+        let mut r = j.report.clone();
+        if !r.done {
+            r.elapsed_us = ((now_ms - j.started_ms) * 1000.0).max(0.0) as u64;
+        }
+        Some(r)
+    }
+
+    /// What to do with a packet of a diverted flow.
+    pub fn on_packet(&mut self, key: &FlowKey) -> PacketAction {
+        if let Some(g) = self
+            .out_keys
+            .get(key)
+            .and_then(|id| self.out.get(id).map(|g| (id, g)))
+        {
+            let (id, g) = g;
+            return match g.stage {
+                OutStage::Init | OutStage::Switching | OutStage::Draining => PacketAction::Process,
+                OutStage::Handover | OutStage::Tombstone => {
+                    self.counters.late_forwarded += 1;
+                    if let Some(j) = self.job.as_mut() {
+                        j.report.late_stragglers += 1;
+                    }
+                    PacketAction::Forward {
+                        to: g.target,
+                        group: *id,
+                    }
+                }
+                OutStage::RollingBack { .. } => PacketAction::Hold,
+            };
+        }
+        if let Some(gk) = self.in_keys.get(key) {
+            if self.held >= self.settings.buffer_packets {
+                self.counters.buffer_drops += 1;
+                if let Some(g) = self.inb.get_mut(gk) {
+                    g.dropped += 1;
+                }
+                return PacketAction::Drop;
+            }
+            if let Some(f) = self
+                .inb
+                .get_mut(gk)
+                .and_then(|g| g.flows.iter_mut().find(|f| f.key == *key))
+            {
+                f.held += 1;
+            }
+            self.held += 1;
+            self.counters.held += 1;
+            return PacketAction::Hold;
+        }
+        PacketAction::Process
+    }
+
+    /// Handles a migration message; false if it is not one.
+    pub fn on_message(
+        &mut self,
+        host: &mut impl FlowHost,
+        from: EndpointAddr,
+        msg: Message,
+        now_ms: u64,
+    ) -> bool {
+        match msg {
+            Message::MigrateInit {
+                group,
+                chain,
+                vswitch,
+                flows,
+            } => self.target_init(host, from, group, chain, vswitch, flows, now_ms),
+            Message::MigrateReady {
+                group,
+                accepted,
+                refused,
+                busy,
+            } => self.source_ready(host, from, group, accepted, refused, busy, now_ms),
+            Message::RuntimeSet { request, sent, .. } => {
+                self.source_switched(host, from, request, sent, now_ms)
+            }
+            Message::MigrateState { group, flows } => self.target_state(host, from, group, flows),
+            Message::MigrateDone {
+                group,
+                installed,
+                buffered,
+                dropped,
+            } => self.source_done(host, from, group, installed, buffered, dropped, now_ms),
+            Message::MigrateAbort { group } => self.target_abort(host, from, group),
+            Message::MigrateAborted { group, owned, .. } => {
+                self.source_aborted(host, from, group, owned)
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// Timers, the job's next groups, and groups that finished draining.
+    pub fn tick(&mut self, host: &mut impl FlowHost, now_ms: u64, clock_ms: f64) {
+        self.expire(host, now_ms);
+        self.check_drained(host, now_ms);
+        self.start_groups(host, now_ms);
+        self.finish_job(clock_ms);
+    }
+
+    /// Another endpoint died or restarted (transport, supervisor or cluster view): what it
+    /// held of a migration is gone.
+    pub fn peer_dead(&mut self, host: &mut impl FlowHost, peer: EndpointAddr, now_ms: u64) {
+        let ids: Vec<u64> = self.out.keys().copied().collect();
+        for id in ids {
+            let Some(g) = self.out.get(&id) else { continue };
+            if g.target == peer {
+                match g.stage {
+                    OutStage::Init => self.resume(host, id, false),
+                    OutStage::Switching | OutStage::Draining | OutStage::Handover => {
+                        self.roll_back(host, id, false, now_ms)
+                    }
+                    OutStage::RollingBack { need_vswitch, .. } => {
+                        self.set_rollback(host, id, need_vswitch, false)
+                    }
+                    // The flows were the target's: they die with it.
+                    OutStage::Tombstone => self.retire(host, id),
+                }
+            } else if g.vswitch == peer {
+                match g.stage {
+                    OutStage::Init | OutStage::Switching | OutStage::Draining => {
+                        let target = g.target;
+                        host.send(target, Message::MigrateAbort { group: id });
+                        // The vswitch restarts with an empty table: nothing to undo there.
+                        self.set_rollback(host, id, false, true);
+                    }
+                    OutStage::RollingBack { need_target, .. } => {
+                        self.set_rollback(host, id, false, need_target)
+                    }
+                    OutStage::Handover | OutStage::Tombstone => {}
+                }
+            }
+        }
+        let orphans: Vec<(EndpointAddr, u64)> = self
+            .inb
+            .keys()
+            .filter(|(s, _)| *s == peer)
+            .copied()
+            .collect();
+        for k in orphans {
+            self.drop_in_group(host, k, Release::Discard);
+        }
+    }
+
+    // ---- source ----
+
+    fn start_groups(&mut self, host: &mut impl FlowHost, now_ms: u64) {
+        let in_flight = self
+            .out
+            .values()
+            .filter(|g| g.stage != OutStage::Tombstone)
+            .count();
+        let mut room = self.settings.max_groups.saturating_sub(in_flight);
+        while room > 0 {
+            let Some(j) = self.job.as_mut() else { return };
+            if j.report.done || j.remaining == 0 || now_ms < j.retry_after_ms {
+                return;
+            }
+            let target = j.report.target.unwrap_or(self.me);
+            let want = self.settings.group_size.min(j.remaining as usize);
+            let mut picked = std::mem::take(&mut self.picked);
+            picked.clear();
+            if !j.retry.is_empty() {
+                let v = j.retry[0].vswitch;
+                let mut i = 0;
+                while i < j.retry.len() && picked.len() < want {
+                    if j.retry[i].vswitch == v {
+                        picked.push(j.retry.swap_remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+            } else if !j.scan_done && !host.pick(want, &mut picked) {
+                j.scan_done = true;
+            }
+            // A group has one vswitch: flows fed by others wait for a later group.
+            if let Some(v) = picked.first().map(|c| c.vswitch) {
+                let mut i = 0;
+                while i < picked.len() {
+                    if picked[i].vswitch != v {
+                        j.retry.push(picked.swap_remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            if picked.is_empty() {
+                self.picked = picked;
+                return;
+            }
+            j.remaining = j.remaining.saturating_sub(picked.len() as u32);
+            j.report.groups += 1;
+            let id = self.next_group;
+            self.next_group += 1;
+            let vswitch = picked[0].vswitch;
+            let mut flows = Vec::with_capacity(picked.len());
+            let mut wire = Vec::with_capacity(picked.len());
+            for c in picked.drain(..) {
+                host.divert(&c.key, true);
+                self.out_keys.insert(c.key, id);
+                wire.push(MigrateFlow {
+                    key: c.key,
+                    aliases: c.aliases.clone(),
+                });
+                flows.push(OutFlow {
+                    key: c.key,
+                    aliases: c.aliases,
+                    sent: 0,
+                });
+            }
+            self.picked = picked;
+            host.send(
+                target,
+                Message::MigrateInit {
+                    group: id,
+                    chain: self.chain.clone(),
+                    vswitch,
+                    flows: wire,
+                },
+            );
+            self.out.insert(
+                id,
+                OutGroup {
+                    target,
+                    vswitch,
+                    stage: OutStage::Init,
+                    deadline_ms: now_ms + self.settings.step_timeout_ms,
+                    flows,
+                },
+            );
+            room -= 1;
+        }
+    }
+
+    fn finish_job(&mut self, clock_ms: f64) {
+        let idle = self.out.values().all(|g| g.stage == OutStage::Tombstone);
+        let Some(j) = self.job.as_mut() else { return };
+        if j.report.done || !idle {
+            return;
+        }
+        let nothing_left = j.retry.is_empty() && (j.remaining == 0 || j.scan_done);
+        if nothing_left || j.report.error.is_some() {
+            j.report.done = true;
+            j.report.elapsed_us = ((clock_ms - j.started_ms) * 1000.0).max(0.0) as u64;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn source_ready(
+        &mut self,
+        host: &mut impl FlowHost,
+        from: EndpointAddr,
+        id: u64,
+        accepted: Vec<bool>,
+        refused: Option<String>,
+        busy: bool,
+        now_ms: u64,
+    ) {
+        let Some(g) = self.out.get_mut(&id) else {
+            return;
+        };
+        if g.stage != OutStage::Init || g.target != from {
+            return;
+        }
+        if let Some(reason) = refused {
+            let flows = std::mem::take(&mut g.flows);
+            let vswitch = g.vswitch;
+            self.out.remove(&id);
+            for f in &flows {
+                host.divert(&f.key, false);
+                self.out_keys.remove(&f.key);
+            }
+            if let Some(j) = self.job.as_mut() {
+                if busy {
+                    // The target's buffer is filling: the same flows, a little later.
+                    self.counters.refused_busy += 1;
+                    j.remaining += flows.len() as u32;
+                    j.report.groups = j.report.groups.saturating_sub(1);
+                    j.retry.extend(flows.into_iter().map(|f| Candidate {
+                        key: f.key,
+                        aliases: f.aliases,
+                        vswitch,
+                    }));
+                    j.retry_after_ms = now_ms + 5;
+                } else {
+                    j.report.failed += flows.len() as u64;
+                    j.report.error = Some(format!("target refused: {reason}"));
+                }
+            }
+            return;
+        }
+        // Flows the target could not take stay here.
+        let mut keep = Vec::with_capacity(g.flows.len());
+        let mut failed = 0;
+        for (i, f) in std::mem::take(&mut g.flows).into_iter().enumerate() {
+            if accepted.get(i).copied().unwrap_or(false) {
+                keep.push(f);
+            } else {
+                host.divert(&f.key, false);
+                self.out_keys.remove(&f.key);
+                failed += 1;
+            }
+        }
+        if let Some(j) = self.job.as_mut() {
+            j.report.failed += failed;
+        }
+        if keep.is_empty() {
+            self.out.remove(&id);
+            return;
+        }
+        let keys: Vec<FlowKey> = keep
+            .iter()
+            .flat_map(|f| std::iter::once(f.key).chain(f.aliases.iter().copied()))
+            .collect();
+        g.flows = keep;
+        g.stage = OutStage::Switching;
+        g.deadline_ms = now_ms + self.settings.step_timeout_ms;
+        let (vswitch, target) = (g.vswitch, g.target);
+        host.send(
+            vswitch,
+            Message::SetRuntime {
+                keys,
+                runtime: target,
+                request: id,
+            },
+        );
+    }
+
+    fn source_switched(
+        &mut self,
+        host: &mut impl FlowHost,
+        from: EndpointAddr,
+        request: u64,
+        sent: Vec<u32>,
+        now_ms: u64,
+    ) {
+        let id = request & !ROLLBACK;
+        let Some(g) = self.out.get_mut(&id) else {
+            return;
+        };
+        if g.vswitch != from {
+            return;
+        }
+        if request & ROLLBACK != 0 {
+            if let OutStage::RollingBack { need_target, .. } = g.stage {
+                self.set_rollback(host, id, false, need_target);
+            }
+            return;
+        }
+        if g.stage != OutStage::Switching {
+            return;
+        }
+        // `sent` follows the keys in the order they were asked for: each flow's key, then
+        // its aliases.
+        let mut it = sent.into_iter();
+        let mut waiting = 0u64;
+        for f in &mut g.flows {
+            let n = 1 + f.aliases.len();
+            f.sent = it.by_ref().take(n).fold(0u32, |a, b| a.wrapping_add(b));
+            if let Some(p) = host.packets(&f.key) {
+                if !later(p, f.sent) {
+                    waiting += f.sent.wrapping_sub(p) as u64;
+                }
+            }
+        }
+        if let Some(j) = self.job.as_mut() {
+            j.report.stragglers_waited += waiting;
+        }
+        g.stage = OutStage::Draining;
+        g.deadline_ms = now_ms + self.settings.straggler_timeout_ms;
+        self.check_drained(host, now_ms);
+    }
+
+    /// Hands over the groups whose stragglers have all been processed (or waited for long
+    /// enough).
+    fn check_drained(&mut self, host: &mut impl FlowHost, now_ms: u64) {
+        let ready: Vec<u64> = self
+            .out
+            .iter()
+            .filter(|(_, g)| g.stage == OutStage::Draining)
+            .filter(|(_, g)| {
+                now_ms >= g.deadline_ms
+                    || g.flows
+                        .iter()
+                        .all(|f| host.packets(&f.key).is_none_or(|p| later(p, f.sent)))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ready {
+            let Some(g) = self.out.get_mut(&id) else {
+                continue;
+            };
+            let mut states = Vec::with_capacity(g.flows.len());
+            let mut gone = Vec::new();
+            for f in &g.flows {
+                let missing = host
+                    .packets(&f.key)
+                    .map(|p| {
+                        if later(p, f.sent) {
+                            0
+                        } else {
+                            f.sent.wrapping_sub(p)
+                        }
+                    })
+                    .unwrap_or(0);
+                match host.save(&f.key) {
+                    Some(mut st) => {
+                        st.missing = missing;
+                        states.push(st);
+                    }
+                    // The flow ended while it drained (a close): nothing to move.
+                    None => gone.push(f.key),
+                }
+            }
+            g.flows.retain(|f| !gone.contains(&f.key));
+            for k in &gone {
+                self.out_keys.remove(k);
+            }
+            if states.is_empty() {
+                self.out.remove(&id);
+                continue;
+            }
+            g.stage = OutStage::Handover;
+            let target = g.target;
+            host.send(
+                target,
+                Message::MigrateState {
+                    group: id,
+                    flows: states,
+                },
+            );
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn source_done(
+        &mut self,
+        host: &mut impl FlowHost,
+        from: EndpointAddr,
+        id: u64,
+        installed: Vec<bool>,
+        buffered: u32,
+        dropped: u32,
+        now_ms: u64,
+    ) {
+        let Some(g) = self.out.get_mut(&id) else {
+            return;
+        };
+        if g.stage != OutStage::Handover || g.target != from {
+            return;
+        }
+        let mut moved = 0u64;
+        let mut not_installed = Vec::new();
+        for i in 0..g.flows.len() {
+            if installed.get(i).copied().unwrap_or(false) {
+                moved += 1;
+            } else {
+                not_installed.push(i);
+            }
+        }
+        // The target had no pending actor for these (it expired): the vswitch points at
+        // it, so bring them back.
+        let mut back = Vec::new();
+        for i in not_installed.into_iter().rev() {
+            back.push(g.flows.swap_remove(i));
+        }
+        g.stage = OutStage::Tombstone;
+        g.deadline_ms = now_ms + self.settings.tombstone_ms;
+        let vswitch = g.vswitch;
+        self.counters.flows_out += moved;
+        if let Some(j) = self.job.as_mut() {
+            j.report.moved += moved;
+            j.report.failed += back.len() as u64;
+            j.report.buffered += buffered as u64;
+            j.report.buffer_drops += dropped as u64;
+        }
+        if !back.is_empty() {
+            let keys: Vec<FlowKey> = back
+                .iter()
+                .flat_map(|f| std::iter::once(f.key).chain(f.aliases.iter().copied()))
+                .collect();
+            host.send(
+                vswitch,
+                Message::SetRuntime {
+                    keys,
+                    runtime: self.me,
+                    request: 0,
+                },
+            );
+            for f in back {
+                host.divert(&f.key, false);
+                self.out_keys.remove(&f.key);
+            }
+        }
+    }
+
+    fn source_aborted(
+        &mut self,
+        host: &mut impl FlowHost,
+        from: EndpointAddr,
+        id: u64,
+        owned: Vec<FlowKey>,
+    ) {
+        let Some(g) = self.out.get_mut(&id) else {
+            return;
+        };
+        if g.target != from {
+            return;
+        }
+        if let OutStage::RollingBack { need_vswitch, .. } = g.stage {
+            if !owned.is_empty() {
+                // Installed before the abort arrived: those are the target's now.
+                let mut tomb = Vec::new();
+                g.flows.retain(|f| {
+                    if owned.contains(&f.key) {
+                        tomb.push(f.key);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                for k in tomb {
+                    host.retire(&k);
+                    self.out_keys.remove(&k);
+                }
+            }
+            self.set_rollback(host, id, need_vswitch, false);
+        }
+    }
+
+    /// Undoes a switch: the vswitch points back here, the target returns what it holds;
+    /// packets arriving meanwhile are held, then everything resumes in order.
+    fn roll_back(&mut self, host: &mut impl FlowHost, id: u64, target_alive: bool, now_ms: u64) {
+        let Some(g) = self.out.get_mut(&id) else {
+            return;
+        };
+        let keys: Vec<FlowKey> = g
+            .flows
+            .iter()
+            .flat_map(|f| std::iter::once(f.key).chain(f.aliases.iter().copied()))
+            .collect();
+        g.deadline_ms = now_ms + self.settings.step_timeout_ms;
+        let (vswitch, target) = (g.vswitch, g.target);
+        host.send(
+            vswitch,
+            Message::SetRuntime {
+                keys,
+                runtime: self.me,
+                request: id | ROLLBACK,
+            },
+        );
+        if target_alive {
+            host.send(target, Message::MigrateAbort { group: id });
+        }
+        if let Some(j) = self.job.as_mut() {
+            j.report.groups_rolled_back += 1;
+        }
+        self.set_rollback(host, id, true, target_alive);
+    }
+
+    fn set_rollback(
+        &mut self,
+        host: &mut impl FlowHost,
+        id: u64,
+        need_vswitch: bool,
+        need_target: bool,
+    ) {
+        let Some(g) = self.out.get_mut(&id) else {
+            return;
+        };
+        if need_vswitch || need_target {
+            g.stage = OutStage::RollingBack {
+                need_vswitch,
+                need_target,
+            };
+        } else {
+            self.resume(host, id, true);
+        }
+    }
+
+    /// The flows of the group stay here: held packets are processed, diversion ends.
+    fn resume(&mut self, host: &mut impl FlowHost, id: u64, rolled_back: bool) {
+        let Some(g) = self.out.remove(&id) else {
+            return;
+        };
+        for f in &g.flows {
+            host.divert(&f.key, false);
+            host.release_held(&f.key, Release::Process);
+            self.out_keys.remove(&f.key);
+        }
+        if rolled_back {
+            self.counters.rolled_back += g.flows.len() as u64;
+        }
+        if let Some(j) = self.job.as_mut() {
+            j.report.failed += g.flows.len() as u64;
+        }
+    }
+
+    fn retire(&mut self, host: &mut impl FlowHost, id: u64) {
+        let Some(g) = self.out.remove(&id) else {
+            return;
+        };
+        for f in &g.flows {
+            host.retire(&f.key);
+            self.out_keys.remove(&f.key);
+        }
+    }
+
+    fn expire(&mut self, host: &mut impl FlowHost, now_ms: u64) {
+        let due: Vec<u64> = self
+            .out
+            .iter()
+            .filter(|(_, g)| g.stage != OutStage::Draining && now_ms >= g.deadline_ms)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(g) = self.out.get(&id) else { continue };
+            match g.stage {
+                OutStage::Init => {
+                    let target = g.target;
+                    host.send(target, Message::MigrateAbort { group: id });
+                    self.resume(host, id, false);
+                }
+                OutStage::Switching => self.roll_back(host, id, true, now_ms),
+                // Only an answer or the target's death ends the handover: the target may
+                // have installed the state.
+                OutStage::Handover | OutStage::Draining => {}
+                OutStage::Tombstone => self.retire(host, id),
+                // The vswitch or target never answered the rollback: resume anyway.
+                OutStage::RollingBack { .. } => self.resume(host, id, true),
+            }
+        }
+        let due: Vec<(EndpointAddr, u64)> = self
+            .inb
+            .iter()
+            .filter(|(_, g)| now_ms >= g.deadline_ms)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in due {
+            self.drop_in_group(host, k, Release::Discard);
+        }
+    }
+
+    // ---- target ----
+
+    #[allow(clippy::too_many_arguments)]
+    fn target_init(
+        &mut self,
+        host: &mut impl FlowHost,
+        from: EndpointAddr,
+        group: u64,
+        chain: Option<String>,
+        vswitch: EndpointAddr,
+        flows: Vec<MigrateFlow>,
+        now_ms: u64,
+    ) {
+        if self.inb.contains_key(&(from, group)) {
+            return; // a repeat
+        }
+        let refusal = if chain != self.chain {
+            Some((
+                format!(
+                    "the target runs chain `{}`, the flows run `{}`",
+                    self.chain.as_deref().unwrap_or("(none)"),
+                    chain.as_deref().unwrap_or("(none)")
+                ),
+                false,
+            ))
+        } else if self.held >= self.settings.buffer_high_water {
+            Some((
+                format!("its migration buffer holds {} packets", self.held),
+                true,
+            ))
+        } else {
+            None
+        };
+        if let Some((reason, busy)) = refusal {
+            host.send(
+                from,
+                Message::MigrateReady {
+                    group,
+                    accepted: Vec::new(),
+                    refused: Some(reason),
+                    busy,
+                },
+            );
+            return;
+        }
+        let mut accepted = Vec::with_capacity(flows.len());
+        let mut taken = Vec::new();
+        for f in &flows {
+            let ok = !self.in_keys.contains_key(&f.key) && host.create_pending(f, vswitch);
+            if ok {
+                self.in_keys.insert(f.key, (from, group));
+                taken.push(InFlow {
+                    key: f.key,
+                    held: 0,
+                });
+            }
+            accepted.push(ok);
+        }
+        if !taken.is_empty() {
+            self.inb.insert(
+                (from, group),
+                InGroup {
+                    deadline_ms: now_ms + self.settings.pending_timeout_ms,
+                    flows: taken,
+                    dropped: 0,
+                },
+            );
+        }
+        host.send(
+            from,
+            Message::MigrateReady {
+                group,
+                accepted,
+                refused: None,
+                busy: false,
+            },
+        );
+    }
+
+    fn target_state(
+        &mut self,
+        host: &mut impl FlowHost,
+        from: EndpointAddr,
+        group: u64,
+        flows: Vec<FlowState>,
+    ) {
+        let mut g = self.inb.remove(&(from, group));
+        let mut installed = Vec::with_capacity(flows.len());
+        let mut buffered = 0u32;
+        for st in &flows {
+            let pending = g
+                .as_ref()
+                .and_then(|g| g.flows.iter().position(|f| f.key == st.key));
+            let ok = match pending {
+                Some(i) => {
+                    self.in_keys.remove(&st.key);
+                    let held = g.as_mut().map(|g| g.flows.swap_remove(i).held).unwrap_or(0);
+                    let ok = host.install(st);
+                    if ok {
+                        let n = host.release_held(&st.key, Release::Process);
+                        buffered += n;
+                    } else {
+                        host.release_held(&st.key, Release::Return { to: from, group });
+                        host.remove_pending(&st.key);
+                    }
+                    self.held = self.held.saturating_sub(held as usize);
+                    ok
+                }
+                None => false,
+            };
+            installed.push(ok);
+        }
+        self.counters.flows_in += installed.iter().filter(|x| **x).count() as u64;
+        let dropped = g.as_ref().map(|g| g.dropped).unwrap_or(0);
+        // Flows named in step 1 but not in step 3 (they ended at the source meanwhile).
+        if let Some(g) = g {
+            if !g.flows.is_empty() {
+                self.drop_in_group_flows(host, g.flows, Release::Discard);
+            }
+        }
+        host.send(
+            from,
+            Message::MigrateDone {
+                group,
+                installed,
+                buffered,
+                dropped,
+            },
+        );
+    }
+
+    fn target_abort(&mut self, host: &mut impl FlowHost, from: EndpointAddr, group: u64) {
+        let returned = self.drop_in_group(host, (from, group), Release::Return { to: from, group });
+        host.send(
+            from,
+            Message::MigrateAborted {
+                group,
+                returned,
+                owned: Vec::new(),
+            },
+        );
+    }
+
+    /// Forgets an incoming group's pending actors, returning their packets to the source
+    /// or freeing them. Returns how many were returned.
+    fn drop_in_group(
+        &mut self,
+        host: &mut impl FlowHost,
+        k: (EndpointAddr, u64),
+        how: Release,
+    ) -> u32 {
+        match self.inb.remove(&k) {
+            Some(g) => self.drop_in_group_flows(host, g.flows, how),
+            None => 0,
+        }
+    }
+
+    fn drop_in_group_flows(
+        &mut self,
+        host: &mut impl FlowHost,
+        flows: Vec<InFlow>,
+        how: Release,
+    ) -> u32 {
+        let mut n = 0;
+        for f in flows {
+            self.in_keys.remove(&f.key);
+            self.held = self.held.saturating_sub(f.held as usize);
+            n += host.release_held(&f.key, how);
+            host.remove_pending(&f.key);
+        }
+        n
+    }
+}
