@@ -69,7 +69,7 @@ pub struct Runtime {
     /// Packets held for flows under migration, by flow slot, in arrival order.
     held: HashMap<u32, VecDeque<Packet>>,
     /// Late stragglers to forward to the runtime that now owns their flow (sent by `flush`).
-    forwards: Vec<(EndpointAddr, u64, MovedPacket)>,
+    forwards: Vec<(EndpointAddr, u64, bool, MovedPacket)>,
     /// Where the scan for flows to migrate continues.
     pick_cursor: u32,
 }
@@ -257,9 +257,9 @@ impl Runtime {
                         continue;
                     }
                     PacketAction::Hold => self.held.entry(slot).or_default().push_back(pkt),
-                    PacketAction::Forward { to, group } => {
+                    PacketAction::Forward { to, group, late } => {
                         let moved = self.moved_packet(region, &pkt, vswitch);
-                        self.forwards.push((to, group, moved));
+                        self.forwards.push((to, group, late, moved));
                         ep.free(pkt);
                     }
                     PacketAction::Drop => {
@@ -670,16 +670,19 @@ impl Runtime {
         if !self.forwards.is_empty() {
             // Late stragglers, one message per (runtime, group); after the state they follow.
             let mut fw = std::mem::take(&mut self.forwards);
-            fw.sort_by_key(|(to, g, _)| (*to, *g));
+            // Stable: packets of one flow keep their order.
+            fw.sort_by_key(|(to, g, late, _)| (*to, *g, *late));
             let mut it = fw.drain(..).peekable();
-            while let Some((to, group, first)) = it.next() {
+            while let Some((to, group, late, first)) = it.next() {
                 let mut packets = vec![first];
-                while let Some((_, _, p)) = it.next_if(|(t, g, _)| *t == to && *g == group) {
+                while let Some((_, _, _, p)) =
+                    it.next_if(|(t, g, l, _)| *t == to && *g == group && *l == late)
+                {
                     packets.push(p);
                 }
                 let m = Message::MigratePackets {
                     group,
-                    late: true,
+                    late,
                     packets,
                 };
                 if mb.send(to, LIAISON, LIAISON, &m).is_err() {

@@ -7,6 +7,8 @@ pub mod flows;
 pub mod index;
 pub mod liaison;
 pub mod migration;
+#[cfg(test)]
+mod migration_sim;
 pub mod timers;
 
 use nflib::config::Config;

@@ -81,8 +81,14 @@ pub enum PacketAction {
     /// Keep it in order until the flow's fate is known (target waiting for the state, or
     /// source rolling back).
     Hold,
-    /// The flow's state has left: send the packet to its new owner.
-    Forward { to: EndpointAddr, group: u64 },
+    /// The flow's state has left (`late`: the packet is a straggler the new owner will
+    /// process after its buffer), or its migration was called off at the target and the
+    /// vswitch may still send a few packets here: send the packet to its owner.
+    Forward {
+        to: EndpointAddr,
+        group: u64,
+        late: bool,
+    },
     /// The migration buffer is full: drop it (counted).
     Drop,
 }
@@ -205,6 +211,9 @@ pub struct Migrator {
     out_keys: HashMap<FlowKey, u64>,
     inb: HashMap<(EndpointAddr, u64), InGroup>,
     in_keys: HashMap<FlowKey, (EndpointAddr, u64)>,
+    /// Target: flows whose migration the source called off, with the deadline until which
+    /// packets the vswitch still sends here go back to the source.
+    returning: HashMap<FlowKey, (EndpointAddr, u64, u64)>,
     /// Packets held at this runtime as a target.
     held: usize,
     job: Option<Job>,
@@ -229,6 +238,7 @@ impl Migrator {
             out_keys: HashMap::new(),
             inb: HashMap::new(),
             in_keys: HashMap::new(),
+            returning: HashMap::new(),
             held: 0,
             job: None,
             jobs: 0,
@@ -268,6 +278,7 @@ impl Migrator {
     pub fn busy(&self) -> bool {
         !self.out.is_empty()
             || !self.inb.is_empty()
+            || !self.returning.is_empty()
             || self.job.as_ref().is_some_and(|j| !j.report.done)
     }
 
@@ -328,9 +339,17 @@ impl Migrator {
                     PacketAction::Forward {
                         to: g.target,
                         group: *id,
+                        late: true,
                     }
                 }
                 OutStage::RollingBack { .. } => PacketAction::Hold,
+            };
+        }
+        if let Some((to, group, _)) = self.returning.get(key) {
+            return PacketAction::Forward {
+                to: *to,
+                group: *group,
+                late: false,
             };
         }
         if let Some(gk) = self.in_keys.get(key) {
@@ -386,7 +405,7 @@ impl Migrator {
                 buffered,
                 dropped,
             } => self.source_done(host, from, group, installed, buffered, dropped, now_ms),
-            Message::MigrateAbort { group } => self.target_abort(host, from, group),
+            Message::MigrateAbort { group } => self.target_abort(host, from, group, now_ms),
             Message::MigrateAborted { group, owned, .. } => {
                 self.source_aborted(host, from, group, owned)
             }
@@ -944,6 +963,16 @@ impl Migrator {
         for k in due {
             self.drop_in_group(host, k, Release::Discard);
         }
+        let done: Vec<FlowKey> = self
+            .returning
+            .iter()
+            .filter(|(_, (_, _, until))| now_ms >= *until)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in done {
+            self.returning.remove(&k);
+            host.remove_pending(&k);
+        }
     }
 
     // ---- target ----
@@ -1077,8 +1106,27 @@ impl Migrator {
         );
     }
 
-    fn target_abort(&mut self, host: &mut impl FlowHost, from: EndpointAddr, group: u64) {
-        let returned = self.drop_in_group(host, (from, group), Release::Return { to: from, group });
+    fn target_abort(
+        &mut self,
+        host: &mut impl FlowHost,
+        from: EndpointAddr,
+        group: u64,
+        now_ms: u64,
+    ) {
+        // The vswitch may point at this runtime a while longer (the source's request to
+        // point back travels another path and may be retransmitted): the pending actors
+        // stay for as long as one would wait for a state, and whatever reaches them goes
+        // back to the source.
+        let mut returned = 0;
+        if let Some(g) = self.inb.remove(&(from, group)) {
+            let until = now_ms + self.settings.pending_timeout_ms;
+            for f in g.flows {
+                self.in_keys.remove(&f.key);
+                self.held = self.held.saturating_sub(f.held as usize);
+                returned += host.release_held(&f.key, Release::Return { to: from, group });
+                self.returning.insert(f.key, (from, group, until));
+            }
+        }
         host.send(
             from,
             Message::MigrateAborted {
