@@ -90,7 +90,7 @@ impl Toy {
     }
 
     fn process(&mut self, k: &FlowKey, seq: u64) {
-        let f = self.flows.entry(*k).or_insert_with(|| ToyFlow::default());
+        let f = self.flows.entry(*k).or_default();
         f.log.push(seq);
         f.packets = f.packets.wrapping_add(1);
     }
