@@ -16,7 +16,10 @@
 #                           [--bin DIR] [--no-start] [--mtu M]
 #                           [--impair loss=10,duplicate=5,reorder=25,delay_ms=1]
 #                           [--cluster-set 'KEY = VALUE']...  (extra [cluster] settings)
+#                           [--scope local]   (server 1's vswitch keeps new flows local)
+#                           [--gen FLOWS,PPS_PER_FLOW,MS]  (a generator -> sink on server 1)
 #   scripts/testbed.sh down [--prefix P]
+# With --chain, `nat` gets external address 10.77.0.100 and translates the client's flows.
 #   scripts/testbed.sh status [--prefix P]        # nfmgr status on the coordinator
 #   scripts/testbed.sh exec SERVER CMD... [--prefix P]  # run CMD in server SERVER's namespace
 #
@@ -43,6 +46,8 @@ EXEC_SERVER=""
 EXEC_ARGS=()
 IMPAIR=
 CLUSTER_SET=
+SCOPE=
+GEN=
 while [ $# -gt 0 ]; do
     case "$1" in
         --prefix) PREFIX=$2; shift 2 ;;
@@ -53,6 +58,8 @@ while [ $# -gt 0 ]; do
         --mtu) MTU=$2; shift 2 ;;
         --impair) IMPAIR=$2; shift 2 ;;
         --cluster-set) CLUSTER_SET+=$2$'\n'; shift 2 ;;
+        --scope) SCOPE=$2; shift 2 ;;
+        --gen) GEN=$2; shift 2 ;;
         --no-start) START=0; shift ;;
         *)
             if [ "$cmd" = exec ]; then
@@ -135,8 +142,9 @@ $CLUSTER_SET
 
 [[vswitch]]
 name = "vs0"
-
 EOF
+    if [ -n "$SCOPE" ] && [ "$i" = 1 ]; then printf 'scope = "%s"\n' "$SCOPE"; fi
+    echo
     for r in $(seq 0 $((RUNTIMES - 1))); do
         printf '[[runtime]]\nname = "rt%s"\n' "$r"
     done
@@ -145,11 +153,21 @@ EOF
     for k in "${kinds[@]}"; do
         printf '[[chain.nf]]\nkind = "%s"\n' "$k"
         if [ "$k" = firewall ]; then printf 'default = "allow"\n'; fi
+        if [ "$k" = nat ]; then
+            printf 'external_ip = "10.77.0.100"\nexternal_mac = "02:4e:41:54:00:01"\n'
+            printf 'internal = "10.77.0.1/32"\n'
+        fi
     done
     printf '\n[[port]]\nname = "ctl"\nspec = "afpacket:ctl"\n'
     if [ "$i" = 1 ]; then
         printf '\n[[port]]\nname = "cin"\nspec = "afpacket:cin"\nto = "sin"\n'
         printf '\n[[port]]\nname = "sin"\nspec = "afpacket:sin"\nto = "cin"\n'
+        if [ -n "$GEN" ]; then
+            IFS=, read -r gflows grate gms <<< "$GEN"
+            printf '\n[[port]]\nname = "gen0"\nspec = "gen:"\nto = "sink0"\nflows = %s\n' "$gflows"
+            printf 'rate_pps = %s\npacket_size = 64\nduration_ms = %s\n' "$grate" "$gms"
+            printf '\n[[port]]\nname = "sink0"\nspec = "sink:"\n'
+        fi
     fi
 }
 

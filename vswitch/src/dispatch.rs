@@ -167,7 +167,11 @@ impl Dispatch {
                     live.push(EndpointAddr::new(self.me.server, s));
                 }
             }
-            live.extend_from_slice(&self.remote[c]);
+            // `scope = "local"` keeps new flows on this server; flows can still be moved to
+            // another server's runtimes (migration, recovery).
+            if self.scope == DispatchScope::Cluster {
+                live.extend_from_slice(&self.remote[c]);
+            }
         }
     }
 
@@ -179,18 +183,16 @@ impl Dispatch {
         }
         self.view_version = view.version;
         for (c, chain) in self.chains.iter().enumerate() {
-            self.remote[c] = match self.scope {
-                DispatchScope::Local => Vec::new(),
-                DispatchScope::Cluster => view
-                    .runtimes_of(chain.as_deref())
-                    .into_iter()
-                    .filter(|r| r.server != self.me.server)
-                    .collect(),
-            };
+            self.remote[c] = view
+                .runtimes_of(chain.as_deref())
+                .into_iter()
+                .filter(|r| r.server != self.me.server)
+                .collect();
         }
         if self.default_chain.is_none() {
+            let cluster = self.scope == DispatchScope::Cluster;
             let served: Vec<usize> = (0..self.chains.len())
-                .filter(|i| !self.local[*i].is_empty() || !self.remote[*i].is_empty())
+                .filter(|i| !self.local[*i].is_empty() || (cluster && !self.remote[*i].is_empty()))
                 .collect();
             if served.len() == 1 {
                 self.default_chain = Some(served[0]);
@@ -353,7 +355,7 @@ impl Dispatch {
     }
 
     fn is_live(&self, rt: EndpointAddr) -> bool {
-        self.live.iter().any(|l| l.contains(&rt))
+        self.live.iter().any(|l| l.contains(&rt)) || self.remote.iter().any(|r| r.contains(&rt))
     }
 
     pub fn dispatch(

@@ -69,6 +69,19 @@ impl Testbed {
             .expect("run nfmgr")
     }
 
+    /// Starts an nfmgr CLI subcommand against server `server` (output captured).
+    #[allow(dead_code)]
+    pub fn exec_nfmgr(&self, server: u32, args: &[&str]) -> std::process::Child {
+        Command::new(&self.bin)
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket(server))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nfmgr")
+    }
+
     /// The JSON answer of a subcommand (panics on failure, with its error).
     pub fn json(&self, server: u32, args: &[&str]) -> serde_json::Value {
         let mut a = args.to_vec();
