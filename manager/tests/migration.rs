@@ -57,6 +57,42 @@ fn pid_of(tb: &Testbed, server: u32, name: &str) -> u32 {
         .unwrap_or_else(|| panic!("no process {name} on server {server}: {s}")) as u32
 }
 
+/// An iperf3 transfer (6 s at `rate`) from the client to the server namespace.
+struct Iperf3 {
+    server: std::process::Child,
+    client: std::process::Child,
+}
+
+impl Iperf3 {
+    fn start(tb: &Testbed, rate: &str) -> Iperf3 {
+        let server = tb
+            .exec("server", &["iperf3", "-s", "-1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("iperf3 server");
+        std::thread::sleep(Duration::from_millis(400));
+        let client = tb
+            .exec(
+                "client",
+                &["iperf3", "-c", "10.77.0.2", "-t", "6", "-b", rate, "--json"],
+            )
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("iperf3 client");
+        Iperf3 { server, client }
+    }
+
+    /// Waits for the end; bytes sent and received (panics on an iperf3 error).
+    fn finish(mut self) -> (u64, u64) {
+        let out = self.client.wait_with_output().expect("iperf3");
+        let _ = self.server.wait();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+        assert!(report["error"].is_null(), "iperf3: {}", report["error"]);
+        let bytes = |k: &str| report["end"][k]["bytes"].as_u64().unwrap_or(0);
+        (bytes("sum_sent"), bytes("sum_received"))
+    }
+}
+
 #[test]
 fn flows_move_between_servers_under_load_with_tcp_and_http_through_firewall_and_nat() {
     if !ready(
@@ -103,29 +139,7 @@ fn flows_move_between_servers_under_load_with_tcp_and_http_through_firewall_and_
         .stderr(Stdio::null())
         .spawn()
         .expect("http server");
-    let mut iperf_srv = tb
-        .exec("server", &["iperf3", "-s", "-1"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
-    std::thread::sleep(Duration::from_millis(500));
-    let iperf = tb
-        .exec(
-            "client",
-            &[
-                "iperf3",
-                "-c",
-                "10.77.0.2",
-                "-t",
-                "6",
-                "-b",
-                "50M",
-                "--json",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("iperf3 client");
+    let iperf = Iperf3::start(&tb, "50M");
     let got = tb.state.join("got.bin");
     let curl = tb
         .exec(
@@ -164,12 +178,7 @@ fn flows_move_between_servers_under_load_with_tcp_and_http_through_firewall_and_
     }
     assert!(moved >= 1000, "moved {moved}");
 
-    let out = iperf.wait_with_output().expect("iperf3");
-    let _ = iperf_srv.wait();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    assert!(report["error"].is_null(), "iperf3: {}", report["error"]);
-    let sent = report["end"]["sum_sent"]["bytes"].as_u64().unwrap_or(0);
-    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    let (sent, received) = iperf.finish();
     let out = curl.wait_with_output().expect("curl");
     let _ = http.kill();
     let _ = http.wait();
@@ -229,29 +238,7 @@ fn a_target_killed_during_the_switch_rolls_back_and_the_flow_keeps_working() {
         return;
     }
     let tb = Testbed::up("k", 1, &["--chain", "firewall,flow_monitor"]);
-    let mut iperf_srv = tb
-        .exec("server", &["iperf3", "-s", "-1"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
-    std::thread::sleep(Duration::from_millis(300));
-    let iperf = tb
-        .exec(
-            "client",
-            &[
-                "iperf3",
-                "-c",
-                "10.77.0.2",
-                "-t",
-                "6",
-                "-b",
-                "100M",
-                "--json",
-            ],
-        )
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("iperf3 client");
+    let iperf = Iperf3::start(&tb, "100M");
     std::thread::sleep(Duration::from_secs(2));
     // The runtime holding the data connection (the busier one) is the source.
     let busy = |a: &str| -> u64 {
@@ -298,11 +285,7 @@ fn a_target_killed_during_the_switch_rolls_back_and_the_flow_keeps_working() {
     assert_eq!(r["moved"], 0, "{r}");
     assert!(r["groups_rolled_back"].as_u64().unwrap_or(0) >= 1, "{r}");
 
-    let out = iperf.wait_with_output().expect("iperf3");
-    let _ = iperf_srv.wait();
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    assert!(report["error"].is_null(), "iperf3: {}", report["error"]);
-    let received = report["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    let (_, received) = iperf.finish();
     eprintln!("iperf3 after the rollback: {received} bytes received");
     assert!(received > 10_000_000);
     // The flows stayed on the source.

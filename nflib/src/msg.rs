@@ -248,6 +248,22 @@ impl Message {
         }
     }
 
+    /// A message of the migration protocol (handled by a runtime's migrator, not its
+    /// liaison).
+    pub fn is_migration(&self) -> bool {
+        matches!(
+            self,
+            Message::MigrateInit { .. }
+                | Message::MigrateReady { .. }
+                | Message::RuntimeSet { .. }
+                | Message::MigrateState { .. }
+                | Message::MigrateDone { .. }
+                | Message::MigrateAbort { .. }
+                | Message::MigrateAborted { .. }
+                | Message::MigratePackets { .. }
+        )
+    }
+
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), postcard::Error> {
         out.clear();
         let bytes = postcard::to_extend(self, std::mem::take(out))?;

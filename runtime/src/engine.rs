@@ -386,13 +386,7 @@ impl Runtime {
                 }
                 true
             }
-            Message::MigrateInit { .. }
-            | Message::MigrateReady { .. }
-            | Message::RuntimeSet { .. }
-            | Message::MigrateState { .. }
-            | Message::MigrateDone { .. }
-            | Message::MigrateAbort { .. }
-            | Message::MigrateAborted { .. } => {
+            m if m.is_migration() => {
                 let mut mig = self.take_migrator();
                 let mut host = EngineHost {
                     rt: self,
@@ -400,7 +394,7 @@ impl Runtime {
                     mb,
                     now_ms,
                 };
-                mig.on_message(&mut host, from, msg, now_ms);
+                mig.on_message(&mut host, from, m, now_ms);
                 self.migrator = mig;
                 true
             }

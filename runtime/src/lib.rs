@@ -35,28 +35,13 @@ pub fn serve_messages(
             liaison.unknown += 1;
             continue;
         }
-        if is_migration(&env.msg) {
+        if env.msg.is_migration() {
             rt.on_migration_message(ep, mb, env.from, env.msg, now_ms);
         } else {
             liaison.handle(rt, ep, mb, env, now_ns);
         }
     }
     n
-}
-
-fn is_migration(m: &nflib::msg::Message) -> bool {
-    use nflib::msg::Message as M;
-    matches!(
-        m,
-        M::MigrateInit { .. }
-            | M::MigrateReady { .. }
-            | M::RuntimeSet { .. }
-            | M::MigrateState { .. }
-            | M::MigrateDone { .. }
-            | M::MigrateAbort { .. }
-            | M::MigrateAborted { .. }
-            | M::MigratePackets { .. }
-    )
 }
 
 /// Which peers of a migration have died or restarted since they were first seen: the

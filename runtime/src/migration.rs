@@ -197,9 +197,6 @@ pub struct MigrationCounters {
     pub flows_in: u64,
     pub rolled_back: u64,
     pub held: u64,
-    pub buffer_drops: u64,
-    pub late_forwarded: u64,
-    pub refused_busy: u64,
 }
 
 pub struct Migrator {
@@ -220,6 +217,15 @@ pub struct Migrator {
     jobs: u64,
     pub counters: MigrationCounters,
     picked: Vec<Candidate>,
+}
+
+/// The keys the vswitch knows the flows under: each flow's key, then its aliases (the order
+/// `RuntimeSet::sent` follows).
+fn all_keys(flows: &[OutFlow]) -> Vec<FlowKey> {
+    flows
+        .iter()
+        .flat_map(|f| std::iter::once(f.key).chain(f.aliases.iter().copied()))
+        .collect()
 }
 
 fn later(a: u32, b: u32) -> bool {
@@ -332,7 +338,6 @@ impl Migrator {
             return match g.stage {
                 OutStage::Init | OutStage::Switching | OutStage::Draining => PacketAction::Process,
                 OutStage::Handover | OutStage::Tombstone => {
-                    self.counters.late_forwarded += 1;
                     if let Some(j) = self.job.as_mut() {
                         j.report.late_stragglers += 1;
                     }
@@ -354,7 +359,6 @@ impl Migrator {
         }
         if let Some(gk) = self.in_keys.get(key) {
             if self.held >= self.settings.buffer_packets {
-                self.counters.buffer_drops += 1;
                 if let Some(g) = self.inb.get_mut(gk) {
                     g.dropped += 1;
                 }
@@ -597,7 +601,6 @@ impl Migrator {
             if let Some(j) = self.job.as_mut() {
                 if busy {
                     // The target's buffer is filling: the same flows, a little later.
-                    self.counters.refused_busy += 1;
                     j.remaining += flows.len() as u32;
                     j.report.groups = j.report.groups.saturating_sub(1);
                     j.retry.extend(flows.into_iter().map(|f| Candidate {
@@ -632,10 +635,7 @@ impl Migrator {
             self.out.remove(&id);
             return;
         }
-        let keys: Vec<FlowKey> = keep
-            .iter()
-            .flat_map(|f| std::iter::once(f.key).chain(f.aliases.iter().copied()))
-            .collect();
+        let keys = all_keys(&keep);
         g.flows = keep;
         g.stage = OutStage::Switching;
         g.deadline_ms = now_ms + self.settings.step_timeout_ms;
@@ -799,10 +799,7 @@ impl Migrator {
             j.report.buffer_drops += dropped as u64;
         }
         if !back.is_empty() {
-            let keys: Vec<FlowKey> = back
-                .iter()
-                .flat_map(|f| std::iter::once(f.key).chain(f.aliases.iter().copied()))
-                .collect();
+            let keys = all_keys(&back);
             host.send(
                 vswitch,
                 Message::SetRuntime {
@@ -858,11 +855,7 @@ impl Migrator {
         let Some(g) = self.out.get_mut(&id) else {
             return;
         };
-        let keys: Vec<FlowKey> = g
-            .flows
-            .iter()
-            .flat_map(|f| std::iter::once(f.key).chain(f.aliases.iter().copied()))
-            .collect();
+        let keys = all_keys(&g.flows);
         g.deadline_ms = now_ms + self.settings.step_timeout_ms;
         let (vswitch, target) = (g.vswitch, g.target);
         host.send(
