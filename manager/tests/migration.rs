@@ -6,8 +6,8 @@
 //!   counts no loss and no reordering, both transfers complete without a reset, and server
 //!   2's firewall and NAT process them with the state that moved (the firewall would drop,
 //!   and the NAT mistranslate, packets of a flow whose state did not arrive).
-//! - A target killed during step 2 rolls back: the flows stay on the source and keep
-//!   working.
+//! - A target killed during step 2 or step 3 rolls back: the flows stay on the source and
+//!   keep working.
 
 mod common;
 
@@ -57,14 +57,14 @@ fn pid_of(tb: &Testbed, server: u32, name: &str) -> u32 {
         .unwrap_or_else(|| panic!("no process {name} on server {server}: {s}")) as u32
 }
 
-/// An iperf3 transfer (6 s at `rate`) from the client to the server namespace.
+/// An iperf3 transfer (`secs` at `rate`) from the client to the server namespace.
 struct Iperf3 {
     server: std::process::Child,
     client: std::process::Child,
 }
 
 impl Iperf3 {
-    fn start(tb: &Testbed, rate: &str) -> Iperf3 {
+    fn start(tb: &Testbed, rate: &str, secs: u32) -> Iperf3 {
         let server = tb
             .exec("server", &["iperf3", "-s", "-1"])
             .stdout(Stdio::null())
@@ -74,7 +74,16 @@ impl Iperf3 {
         let client = tb
             .exec(
                 "client",
-                &["iperf3", "-c", "10.77.0.2", "-t", "6", "-b", rate, "--json"],
+                &[
+                    "iperf3",
+                    "-c",
+                    "10.77.0.2",
+                    "-t",
+                    &secs.to_string(),
+                    "-b",
+                    rate,
+                    "--json",
+                ],
             )
             .stdout(Stdio::piped())
             .spawn()
@@ -139,7 +148,7 @@ fn flows_move_between_servers_under_load_with_tcp_and_http_through_firewall_and_
         .stderr(Stdio::null())
         .spawn()
         .expect("http server");
-    let iperf = Iperf3::start(&tb, "50M");
+    let iperf = Iperf3::start(&tb, "50M", 6);
     let got = tb.state.join("got.bin");
     let curl = tb
         .exec(
@@ -232,20 +241,32 @@ fn flows_move_between_servers_under_load_with_tcp_and_http_through_firewall_and_
     assert!(flows_of(&tb, "2/2") + flows_of(&tb, "2/3") >= 1000);
 }
 
-#[test]
-#[ignore = "rollback works (moved 0, 1 group rolled back) but iperf3 then fails; under investigation"]
-fn a_target_killed_during_the_switch_rolls_back_and_the_flow_keeps_working() {
+/// A migration from server 1's busier runtime (it holds iperf3's data connection) to
+/// server 2's `rt0`, whose target is killed in step `step` (2 or 3): the migration rolls
+/// back, the flows stay on the source, and the TCP transfer completes.
+fn target_killed_in_step(tag: &str, step: u32) {
     if !ready(
         "the migration rollback test",
         &["iperf3", "ethtool", "python3"],
     ) {
         return;
     }
-    let tb = Testbed::up("k", 1, &["--chain", "firewall,flow_monitor"]);
-    let iperf = Iperf3::start(&tb, "100M");
+    // Step 2 is held open by freezing server 1's vswitch (it cannot answer the switch);
+    // step 3 by a failpoint that stops the target when the state arrives.
+    let env: &[(&str, &str)] = if step == 3 {
+        &[("NF_FAILPOINTS", "migrate-state-stall")]
+    } else {
+        &[]
+    };
+    let tb = Testbed::up_with_env(
+        tag,
+        2,
+        &["--scope", "local", "--chain", "firewall,flow_monitor"],
+        env,
+    );
+    let iperf = Iperf3::start(&tb, "50M", 10);
     std::thread::sleep(Duration::from_secs(2));
-    // The runtime holding the data connection (the busier one) is the source.
-    let busy = |a: &str| -> u64 {
+    let rx_of = |a: &str| -> u64 {
         let eps = tb.json(1, &["runtimes"]);
         eps.as_array()
             .into_iter()
@@ -254,50 +275,68 @@ fn a_target_killed_during_the_switch_rolls_back_and_the_flow_keeps_working() {
             .and_then(|e| e["workload"]["rx_pkts"].as_u64())
             .unwrap_or(0)
     };
-    let (src, dst) = if busy("1/2") >= busy("1/3") {
-        ("rt0", "rt1")
+    let (src, src_addr) = if rx_of("1/2") >= rx_of("1/3") {
+        ("rt0", "1/2")
     } else {
-        ("rt1", "rt0")
+        ("rt1", "1/3")
     };
-    let src_flows = flows_of(&tb, if src == "rt0" { "1/2" } else { "1/3" });
-    // Freeze the vswitch so step 2 cannot complete, then kill the target.
+    let src_flows = flows_of(&tb, src_addr);
+    assert!(src_flows >= 1, "no flows on {src}@1");
     let vs = pid_of(&tb, 1, "vs0");
-    let target = pid_of(&tb, 1, dst);
-    Command::new("kill")
-        .args(["-STOP", &vs.to_string()])
-        .status()
-        .unwrap();
+    let target = pid_of(&tb, 2, "rt0");
+    let signal = |sig: &str, pid: u32| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .map(|s| s.success());
+        assert!(matches!(ok, Ok(true)), "kill {sig} {pid}");
+    };
+    if step == 2 {
+        signal("-STOP", vs);
+    }
     let started = Instant::now();
-    let migrate = tb.exec_nfmgr(1, &["migrate", "--from", src, "--to", dst, "--json"]);
-    std::thread::sleep(Duration::from_millis(300));
-    Command::new("kill")
-        .args(["-KILL", &target.to_string()])
-        .status()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    Command::new("kill")
-        .args(["-CONT", &vs.to_string()])
-        .status()
-        .unwrap();
+    let from = format!("{src}@1");
+    let migrate = tb.exec_nfmgr(1, &["migrate", "--from", &from, "--to", "rt0@2", "--json"]);
+    if step == 2 {
+        std::thread::sleep(Duration::from_millis(300));
+    } else {
+        // The target has the state in hand and has stopped.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !tb.log(2).contains("failpoint migrate-state-stall") {
+            assert!(Instant::now() < deadline, "the target never reached step 3");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    signal("-KILL", target);
+    if step == 2 {
+        std::thread::sleep(Duration::from_millis(300));
+        signal("-CONT", vs);
+    }
     let out = migrate.wait_with_output().expect("nfmgr migrate");
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     eprintln!(
-        "migrate with the target killed in step 2 ({:.0} ms): {r} {}",
+        "migrate with the target killed in step {step} ({:.0} ms): {r} {}",
         started.elapsed().as_secs_f64() * 1000.0,
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(r["moved"], 0, "{r}");
     assert!(r["groups_rolled_back"].as_u64().unwrap_or(0) >= 1, "{r}");
 
-    let (_, received) = iperf.finish();
-    eprintln!("iperf3 after the rollback: {received} bytes received");
-    assert!(received > 10_000_000);
-    // The flows stayed on the source.
-    let now = flows_of(&tb, if src == "rt0" { "1/2" } else { "1/3" });
-    assert!(
-        now >= src_flows.min(2),
-        "source had {src_flows} flows, now {now}"
-    );
+    let (sent, received) = iperf.finish();
+    eprintln!("iperf3 across the rollback: {sent} bytes sent, {received} received");
+    assert!(received > 10_000_000 && received + 2_000_000 >= sent);
+    // The flows stayed on the source, and the restarted target owns none of them.
+    let now = flows_of(&tb, src_addr);
+    assert!(now >= 1, "source had {src_flows} flows, now {now}");
+    let strays = tb.stats(2)["processes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"] == "rt0")
+        .filter_map(|p| p["counters"]["migration_strays_ended"].as_u64())
+        .sum::<u64>();
+    eprintln!("the restarted target ended {strays} stray flows");
+    assert_eq!(flows_of(&tb, "2/2"), 0, "the restarted target owns flows");
     let rolled = tb.stats(1)["processes"]
         .as_array()
         .into_iter()
@@ -306,4 +345,14 @@ fn a_target_killed_during_the_switch_rolls_back_and_the_flow_keeps_working() {
         .filter_map(|p| p["counters"]["migration_rolled_back"].as_u64())
         .sum::<u64>();
     assert!(rolled >= 1, "migration_rolled_back on {src}: {rolled}");
+}
+
+#[test]
+fn a_target_killed_in_step_2_rolls_back_and_the_flow_keeps_working() {
+    target_killed_in_step("k", 2);
+}
+
+#[test]
+fn a_target_killed_in_step_3_rolls_back_and_the_flow_keeps_working() {
+    target_killed_in_step("j", 3);
 }

@@ -113,6 +113,15 @@ pub enum Message {
         sent_ns: u64,
         pad: Vec<u8>,
     },
+    /// source -> the address of a target that died in step 2 or 3, once the vswitch points
+    /// back at the source: a later incarnation there may have created actors for these
+    /// flows from packets the vswitch sent before pointing back. They are strays: remove
+    /// them, and send what still arrives for the flows back to the source for a while.
+    MigrateForget {
+        group: u64,
+        vswitch: EndpointAddr,
+        flows: Vec<MigrateFlow>,
+    },
 }
 
 /// Control calls a liaison answers.
@@ -245,6 +254,7 @@ impl Message {
             Message::MigrateAbort { .. } => 14,
             Message::MigrateAborted { .. } => 15,
             Message::MigratePackets { .. } => 16,
+            Message::MigrateForget { .. } => 17,
         }
     }
 
@@ -261,6 +271,7 @@ impl Message {
                 | Message::MigrateAbort { .. }
                 | Message::MigrateAborted { .. }
                 | Message::MigratePackets { .. }
+                | Message::MigrateForget { .. }
         )
     }
 

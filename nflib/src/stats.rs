@@ -71,6 +71,7 @@ counter_set!(
     MigrationHeld => "migration_held",
     DropMigrationBuffer => "drop_migration_buffer",
     MigrationLateStragglers => "migration_late_stragglers",
+    MigrationStraysEnded => "migration_strays_ended",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the

@@ -704,6 +704,7 @@ impl Runtime {
         c.set(ProcCounter::MigratedIn as usize, m.flows_in);
         c.set(ProcCounter::MigrationRolledBack as usize, m.rolled_back);
         c.set(ProcCounter::MigrationHeld as usize, m.held);
+        c.set(ProcCounter::MigrationStraysEnded as usize, m.strays_ended);
         let region = ep.region();
         for (i, counters) in self.nf_counters.iter().enumerate() {
             if let Some(rec) = region.nf_stats(ep.slot(), i) {
@@ -943,6 +944,23 @@ impl FlowHost for EngineHost<'_> {
 
     fn retire(&mut self, key: &FlowKey) {
         self.remove_pending(key);
+    }
+
+    fn end_stray(&mut self, key: &FlowKey) -> bool {
+        let slot = match self.rt.flows.find(key) {
+            Some(Found::Key(s)) | Some(Found::Alias(s)) => s,
+            None => return false,
+        };
+        if self
+            .rt
+            .flows
+            .get(slot)
+            .is_none_or(|a| a.has(flag::MIGRATING))
+        {
+            return false;
+        }
+        self.rt.end_flow(slot, self.now_ms, true);
+        true
     }
 
     fn send(&mut self, to: EndpointAddr, msg: Message) {

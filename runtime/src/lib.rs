@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod events;
+pub mod failpoint;
 pub mod flows;
 pub mod index;
 pub mod liaison;
@@ -36,6 +37,9 @@ pub fn serve_messages(
             continue;
         }
         if env.msg.is_migration() {
+            if matches!(env.msg, nflib::msg::Message::MigrateState { .. }) {
+                failpoint::migrate_state_received();
+            }
             rt.on_migration_message(ep, mb, env.from, env.msg, now_ms);
         } else {
             liaison.handle(rt, ep, mb, env, now_ns);

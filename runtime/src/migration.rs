@@ -126,6 +126,9 @@ pub trait FlowHost {
     fn remove_pending(&mut self, key: &FlowKey);
     /// Source: the flow lives elsewhere now; remove it without ending it.
     fn retire(&mut self, key: &FlowKey);
+    /// Ends (as expiry would) a flow that is not migrating and owns `key` as its key or an
+    /// alias; false if there is none.
+    fn end_stray(&mut self, key: &FlowKey) -> bool;
     /// Sends a migration message from this runtime's liaison to `to`'s.
     fn send(&mut self, to: EndpointAddr, msg: Message);
 }
@@ -161,6 +164,10 @@ struct OutGroup {
     target: EndpointAddr,
     vswitch: EndpointAddr,
     stage: OutStage,
+    /// The target died after the switch may have reached the vswitch: once the vswitch
+    /// points back, a later incarnation at the target's address is told to forget the
+    /// flows (`MigrateForget`).
+    target_died: bool,
     deadline_ms: u64,
     flows: Vec<OutFlow>,
 }
@@ -190,6 +197,15 @@ struct Job {
 /// Set in the request id of a `SetRuntime` that points flows back at the source.
 const ROLLBACK: u64 = 1 << 63;
 
+/// A flow this runtime no longer takes part in migrating: what still arrives for it goes
+/// back to the source until `until` (ms).
+struct Returning {
+    to: EndpointAddr,
+    group: u64,
+    until: u64,
+    late: bool,
+}
+
 /// Counters of both roles (published with the runtime's statistics).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MigrationCounters {
@@ -197,6 +213,8 @@ pub struct MigrationCounters {
     pub flows_in: u64,
     pub rolled_back: u64,
     pub held: u64,
+    /// Flows a restarted target had created from packets meant for its dead incarnation.
+    pub strays_ended: u64,
 }
 
 pub struct Migrator {
@@ -210,7 +228,7 @@ pub struct Migrator {
     in_keys: HashMap<FlowKey, (EndpointAddr, u64)>,
     /// Target: flows whose migration the source called off, with the deadline until which
     /// packets the vswitch still sends here go back to the source.
-    returning: HashMap<FlowKey, (EndpointAddr, u64, u64)>,
+    returning: HashMap<FlowKey, Returning>,
     /// Packets held at this runtime as a target.
     held: usize,
     job: Option<Job>,
@@ -350,11 +368,11 @@ impl Migrator {
                 OutStage::RollingBack { .. } => PacketAction::Hold,
             };
         }
-        if let Some((to, group, _)) = self.returning.get(key) {
+        if let Some(r) = self.returning.get(key) {
             return PacketAction::Forward {
-                to: *to,
-                group: *group,
-                late: false,
+                to: r.to,
+                group: r.group,
+                late: r.late,
             };
         }
         if let Some(gk) = self.in_keys.get(key) {
@@ -413,6 +431,11 @@ impl Migrator {
             Message::MigrateAborted { group, owned, .. } => {
                 self.source_aborted(host, from, group, owned)
             }
+            Message::MigrateForget {
+                group,
+                vswitch,
+                flows,
+            } => self.target_forget(host, from, group, vswitch, flows, now_ms),
             _ => return false,
         }
         true
@@ -433,6 +456,10 @@ impl Migrator {
         for id in ids {
             let Some(g) = self.out.get(&id) else { continue };
             if g.target == peer {
+                if let Some(g) = self.out.get_mut(&id) {
+                    g.target_died = !matches!(g.stage, OutStage::Init | OutStage::Tombstone);
+                }
+                let Some(g) = self.out.get(&id) else { continue };
                 match g.stage {
                     OutStage::Init => self.resume(host, id, false),
                     OutStage::Switching | OutStage::Draining | OutStage::Handover => {
@@ -552,6 +579,7 @@ impl Migrator {
                     target,
                     vswitch,
                     stage: OutStage::Init,
+                    target_died: false,
                     deadline_ms: now_ms + self.settings.step_timeout_ms,
                     flows,
                 },
@@ -900,6 +928,23 @@ impl Migrator {
         let Some(g) = self.out.remove(&id) else {
             return;
         };
+        if g.target_died {
+            host.send(
+                g.target,
+                Message::MigrateForget {
+                    group: id,
+                    vswitch: g.vswitch,
+                    flows: g
+                        .flows
+                        .iter()
+                        .map(|f| MigrateFlow {
+                            key: f.key,
+                            aliases: f.aliases.clone(),
+                        })
+                        .collect(),
+                },
+            );
+        }
         for f in &g.flows {
             host.divert(&f.key, false);
             host.release_held(&f.key, Release::Process);
@@ -959,7 +1004,7 @@ impl Migrator {
         let done: Vec<FlowKey> = self
             .returning
             .iter()
-            .filter(|(_, (_, _, until))| now_ms >= *until)
+            .filter(|(_, r)| now_ms >= r.until)
             .map(|(k, _)| *k)
             .collect();
         for k in done {
@@ -1117,7 +1162,15 @@ impl Migrator {
                 self.in_keys.remove(&f.key);
                 self.held = self.held.saturating_sub(f.held as usize);
                 returned += host.release_held(&f.key, Release::Return { to: from, group });
-                self.returning.insert(f.key, (from, group, until));
+                self.returning.insert(
+                    f.key,
+                    Returning {
+                        to: from,
+                        group,
+                        until,
+                        late: false,
+                    },
+                );
             }
         }
         host.send(
@@ -1128,6 +1181,53 @@ impl Migrator {
                 owned: Vec::new(),
             },
         );
+    }
+
+    /// A later incarnation of a target that died in step 2 or 3 (or, should it have lived,
+    /// the same one): none of the group's flows is this runtime's. Actors that packets
+    /// meant for the dead incarnation created are ended; packets still on their way go
+    /// back to the source for a tombstone's time.
+    fn target_forget(
+        &mut self,
+        host: &mut impl FlowHost,
+        from: EndpointAddr,
+        group: u64,
+        vswitch: EndpointAddr,
+        flows: Vec<MigrateFlow>,
+        now_ms: u64,
+    ) {
+        if self.inb.contains_key(&(from, group)) {
+            self.target_abort(host, from, group, now_ms);
+            return;
+        }
+        let until = now_ms + self.settings.tombstone_ms;
+        for f in flows {
+            let keys = std::iter::once(&f.key).chain(&f.aliases);
+            if keys
+                .clone()
+                .any(|k| self.in_keys.contains_key(k) || self.returning.contains_key(k))
+            {
+                continue;
+            }
+            for k in keys {
+                if host.end_stray(k) {
+                    self.counters.strays_ended += 1;
+                }
+            }
+            if host.create_pending(&f, vswitch) {
+                // They may overtake what the vswitch sent the source after pointing back:
+                // counted there as late.
+                self.returning.insert(
+                    f.key,
+                    Returning {
+                        to: from,
+                        group,
+                        until,
+                        late: true,
+                    },
+                );
+            }
+        }
     }
 
     /// Forgets an incoming group's pending actors, returning their packets to the source

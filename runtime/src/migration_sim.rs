@@ -219,6 +219,15 @@ impl FlowHost for Toy {
         self.remove_pending(key);
     }
 
+    fn end_stray(&mut self, key: &FlowKey) -> bool {
+        let k = self.canonical(key);
+        if self.flows.get(&k).is_none_or(|f| f.diverted) {
+            return false;
+        }
+        self.remove_pending(&k);
+        true
+    }
+
     fn send(&mut self, to: EndpointAddr, msg: Message) {
         self.outbox.push((to, msg));
     }
@@ -290,6 +299,9 @@ struct Scenario {
     /// The target dies at this time (us), noticed `detect_us` later.
     kill_target_at: Option<u64>,
     detect_us: u64,
+    /// A new incarnation of the target starts this long after the kill (empty, at the same
+    /// address, as the supervisor restarts it).
+    restart_after_us: Option<u64>,
     settings: MigrationSettings,
 }
 
@@ -306,6 +318,7 @@ impl Scenario {
             msg_hold_us: 0,
             kill_target_at: None,
             detect_us: 2_000,
+            restart_after_us: None,
             settings: MigrationSettings {
                 group_size: 8,
                 max_groups: 3,
@@ -330,6 +343,8 @@ struct Outcome {
     failed: u64,
     late: u64,
     strays: u64,
+    /// Packets the target's actors for unknown flows processed (a restarted target).
+    stray_packets: u64,
     /// Flows owned by both runtimes at the end (never allowed).
     two_owners: u64,
     sent_to_dead: u64,
@@ -381,6 +396,7 @@ fn run(sc: Scenario) -> Outcome {
     let end_at = 400_000;
     let mut started = false;
     let mut target_dead = false;
+    let mut restarted = false;
     let mut detected = false;
     let mut sent_to_dead = 0u64;
     let mut next_gen = 0u64;
@@ -404,8 +420,9 @@ fn run(sc: Scenario) -> Outcome {
             let k = if seq % 2 == 0 { key(f) } else { alias(f) };
             let e = vs.get_mut(&k).unwrap();
             let mut to = e.0;
-            if to == T && target_dead && detected {
-                // The vswitch no longer dispatches to a dead runtime.
+            if to == T && target_dead && detected && sc.restart_after_us.is_none() {
+                // The vswitch no longer dispatches to a dead runtime (one that comes back
+                // keeps its address, and the vswitch its entries).
                 to = S;
             }
             e.1 = e.1.wrapping_add(1);
@@ -429,14 +446,28 @@ fn run(sc: Scenario) -> Outcome {
                 s.mig.start_job(T, u32::MAX, now as f64 / 1000.0).unwrap();
             }
             if let Some(k) = sc.kill_target_at {
-                if !target_dead && now >= k {
+                if !target_dead && !restarted && now >= k {
                     target_dead = true;
                     let t = nodes.get_mut(&T).unwrap();
                     t.alive = false;
                     // What it held dies with it.
                     sent_to_dead += t.toy.held.values().map(|q| q.len() as u64).sum::<u64>();
                 }
-                if target_dead && !detected && now >= k + sc.detect_us {
+                if let Some(r) = sc.restart_after_us {
+                    if target_dead && !restarted && now >= k + r {
+                        restarted = true;
+                        target_dead = false;
+                        nodes.insert(
+                            T,
+                            Node {
+                                mig: Migrator::new(T, Some("c".into()), sc.settings),
+                                toy: Toy::default(),
+                                alive: true,
+                            },
+                        );
+                    }
+                }
+                if (target_dead || restarted) && !detected && now >= k + sc.detect_us {
                     detected = true;
                     let s = nodes.get_mut(&S).unwrap();
                     s.mig.peer_dead(&mut s.toy, T, now / 1000);
@@ -546,6 +577,7 @@ fn run(sc: Scenario) -> Outcome {
         o.done = r.done;
     }
     o.strays = s.toy.strays + t.toy.strays;
+    o.stray_packets = t.toy.strays;
     for f in 0..sc.flows {
         let k = key(f);
         let on_s = s.toy.flows.get(&k).filter(|x| !x.diverted);
@@ -668,6 +700,29 @@ fn a_target_that_dies_mid_migration_leaves_every_flow_on_the_source() {
         // and lose only what the vswitch sent to the dead target.
         assert!(o.lost <= o.sent_to_dead, "seed {seed}: {o:?}");
         assert!(o.died_with_target <= o.moved, "seed {seed}: {o:?}");
+        assert_eq!(o.moved + o.failed, sc.flows as u64, "seed {seed}: {o:?}");
+        assert!(o.done, "seed {seed}: {o:?}");
+    }
+}
+
+#[test]
+fn a_target_restarted_mid_migration_keeps_no_flow_the_source_still_owns() {
+    for seed in 1..=30u64 {
+        let mut sc = Scenario::base(seed * 7_777);
+        sc.to_source = (20, 100);
+        sc.msg = (20, 200);
+        // Killed while groups are in every step; back (empty) before or after the source
+        // notices, and fed by the vswitch's entries that still point at its address.
+        sc.kill_target_at = Some(2_000 + seed * 150);
+        sc.restart_after_us = Some(500 + (seed % 5) * 1_000);
+        sc.detect_us = 3_000;
+        let o = run(sc);
+        assert_eq!(o.two_owners, 0, "seed {seed}: {o:?}");
+        assert_eq!(o.duplicated, 0, "seed {seed}: {o:?}");
+        assert!(
+            o.lost <= o.sent_to_dead + o.stray_packets,
+            "seed {seed}: {o:?}"
+        );
         assert_eq!(o.moved + o.failed, sc.flows as u64, "seed {seed}: {o:?}");
         assert!(o.done, "seed {seed}: {o:?}");
     }

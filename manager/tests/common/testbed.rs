@@ -16,6 +16,11 @@ impl Testbed {
     /// Brings up `servers` servers (see the script for `extra` options); panics with the
     /// servers' logs if the cluster does not form.
     pub fn up(tag: &str, servers: u32, extra: &[&str]) -> Testbed {
+        Testbed::up_with_env(tag, servers, extra, &[])
+    }
+
+    /// As `up`, with environment variables every server's processes inherit (failpoints).
+    pub fn up_with_env(tag: &str, servers: u32, extra: &[&str], env: &[(&str, &str)]) -> Testbed {
         let bin = super::nfmgr_bin();
         let dir = bin.parent().expect("bin dir").to_path_buf();
         let prefix = format!("t{}{tag}", std::process::id() % 10000);
@@ -40,6 +45,7 @@ impl Testbed {
         let out = Command::new("bash")
             .arg(&tb.script)
             .args(&args)
+            .envs(env.iter().copied())
             .output()
             .expect("run testbed.sh");
         assert!(
