@@ -16,6 +16,7 @@
 #                           [--bin DIR] [--no-start] [--mtu M]
 #                           [--impair loss=10,duplicate=5,reorder=25,delay_ms=1]
 #                           [--cluster-set 'KEY = VALUE']...  (extra [cluster] settings)
+#                           [--runtime-set 'KEY = VALUE']...  (extra settings of every runtime)
 #                           [--scope local]   (server 1's vswitch keeps new flows local)
 #                           [--gen FLOWS,PPS_PER_FLOW,MS]  (a generator -> sink on server 1)
 #   scripts/testbed.sh down [--prefix P]
@@ -46,6 +47,7 @@ EXEC_SERVER=""
 EXEC_ARGS=()
 IMPAIR=
 CLUSTER_SET=
+RUNTIME_SET=
 SCOPE=
 GEN=
 while [ $# -gt 0 ]; do
@@ -58,6 +60,7 @@ while [ $# -gt 0 ]; do
         --mtu) MTU=$2; shift 2 ;;
         --impair) IMPAIR=$2; shift 2 ;;
         --cluster-set) CLUSTER_SET+=$2$'\n'; shift 2 ;;
+        --runtime-set) RUNTIME_SET+=$2$'\n'; shift 2 ;;
         --scope) SCOPE=$2; shift 2 ;;
         --gen) GEN=$2; shift 2 ;;
         --no-start) START=0; shift ;;
@@ -146,7 +149,7 @@ EOF
     if [ -n "$SCOPE" ] && [ "$i" = 1 ]; then printf 'scope = "%s"\n' "$SCOPE"; fi
     echo
     for r in $(seq 0 $((RUNTIMES - 1))); do
-        printf '[[runtime]]\nname = "rt%s"\n' "$r"
+        printf '[[runtime]]\nname = "rt%s"\n%s' "$r" "$RUNTIME_SET"
     done
     printf '\n[[chain]]\nname = "main"\n'
     IFS=, read -ra kinds <<< "$CHAIN"

@@ -45,6 +45,33 @@ fn flows_of(tb: &Testbed, addr: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Packets dropped for want of room (the generator's ring to the vswitch, any process's
+/// rings, buffers), on every server: overload, not migration.
+fn overload_drops(tb: &Testbed, servers: u32) -> u64 {
+    let mut n = 0;
+    for server in 1..=servers {
+        let s = tb.stats(server);
+        let sum = |list: &serde_json::Value, keys: &[&str]| -> u64 {
+            list.as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|p| keys.iter().filter_map(move |k| p["counters"][*k].as_u64()))
+                .sum()
+        };
+        n += sum(&s["processes"], &["drop_ring_full", "drop_no_buffer"]);
+        n += sum(
+            &s["ports"],
+            &[
+                "rx_drop_ring_full",
+                "rx_drop_no_buffer",
+                "tx_drop_full",
+                "rx_kernel_drops",
+            ],
+        );
+    }
+    n
+}
+
 /// The pid of a process of server `server`, from its region's snapshot.
 fn pid_of(tb: &Testbed, server: u32, name: &str) -> u32 {
     let s = tb.stats(server);
@@ -233,11 +260,16 @@ fn flows_move_between_servers_under_load_with_tcp_and_http_through_firewall_and_
     let rx = tb.port_counter(1, "sink0", "sink_rx");
     eprintln!("sink: {rx} received, {lost} lost, {reordered} reordered, {dup} duplicates");
     assert!(rx > 50_000);
-    // Migration itself dropped nothing (each report's `lost` is 0, checked above). The sink
-    // also counts generator and ring overload as loss when other tests load the 2 cores, so
-    // only order and duplicates are judged strictly here; quiet runs show 0 lost.
+    // Migration itself dropped nothing (each report's `lost` is 0, checked above). When other
+    // tests load the 2 cores, the generator and the rings can overflow: every packet the sink
+    // misses must be one of those, counted where it was dropped.
+    let overload = overload_drops(&tb, 2);
+    eprintln!("overload drops (generator, rings, buffers): {overload}");
     assert_eq!((reordered, dup), (0, 0));
-    assert!(lost * 20 < rx, "{lost} of {rx} lost");
+    assert!(
+        lost <= overload,
+        "{lost} lost, only {overload} counted as overload"
+    );
     assert!(flows_of(&tb, "2/2") + flows_of(&tb, "2/3") >= 1000);
 }
 

@@ -191,9 +191,7 @@ impl FlowTable {
 
     fn index_insert(&mut self, key: &FlowKey, v: u32) {
         let hash = self.hasher.hash(key);
-        let (actors, aliases, hasher) = (&self.actors, &self.aliases, &self.hasher);
-        self.index
-            .insert(hash, v, |x| hasher.hash(key_of(actors, aliases, x)));
+        self.index.insert(hash, v);
     }
 
     fn index_remove(&mut self, key: &FlowKey, v: u32) {

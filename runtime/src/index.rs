@@ -3,25 +3,145 @@
 //!
 //! Buckets are 8 bytes: the hash's upper 32 bits as a tag, and the value. Keys are not stored:
 //! the caller resolves a value to its key (flow actors and aliases keep them), so equality is
-//! checked only when the tag matches. Linear probing; deletion leaves a tombstone; the table
-//! doubles above 3/4 full and rebuilds in place when tombstones pile up.
+//! checked only when the tag matches. Linear probing; deletion leaves a tombstone.
+//!
+//! Resizing never stops the packet path. Above 3/4 full the table doubles (or, when
+//! tombstones are what fills it, is rebuilt at its size) *incrementally*: a new bucket array
+//! is allocated zeroed (lazily, by the kernel), and each later insert or remove moves a few
+//! buckets of the old one across, while lookups look in the new array, then the old. A key's
+//! probe starts at the bucket its tag's top bits name, so an entry moves by its tag alone,
+//! without reading its key back. Before this, growing at a million flows re-hashed every key
+//! in one go, a stall of tens of milliseconds that overflowed the data rings.
 
 use nflib::flow::FlowKey;
 
-const EMPTY: u64 = u64::MAX;
-const TOMBSTONE: u64 = u64::MAX - 1;
+/// An empty bucket (zero, so a new array costs no writes).
+const EMPTY: u64 = 0;
+/// A removed entry: probes go on past it.
+const TOMBSTONE: u64 = 1;
+/// While resizing, each insert or remove moves up to this many entries of the old array
+/// across, looking at up to `SCAN_PER_OP` of its buckets: the new array has room for at
+/// least a quarter of its size more entries, so the move ends long before it fills up.
+const MOVE_PER_OP: usize = 8;
+const SCAN_PER_OP: usize = 64;
 
-pub struct FlowIndex {
+#[inline(always)]
+fn tag(hash: u64) -> u64 {
+    // Never 0, so no entry looks like EMPTY or TOMBSTONE (both have tag 0).
+    (hash >> 32).max(1)
+}
+
+/// One bucket array.
+struct Table {
     buckets: Vec<u64>,
     mask: usize,
+    /// 32 - log2(buckets): a tag's home bucket is `tag >> shift`.
+    shift: u32,
     len: usize,
     tombstones: usize,
 }
 
-#[inline(always)]
-fn tag(hash: u64) -> u64 {
-    // Never the tag of EMPTY or TOMBSTONE (both have all-ones tags).
-    (hash >> 32).min(0xffff_fffe)
+impl Table {
+    fn new(size: usize) -> Table {
+        debug_assert!(size.is_power_of_two() && size >= 16);
+        Table {
+            buckets: vec![EMPTY; size],
+            mask: size - 1,
+            shift: 32 - size.trailing_zeros(),
+            len: 0,
+            tombstones: 0,
+        }
+    }
+
+    #[inline(always)]
+    fn home(&self, tag: u64) -> usize {
+        (tag >> self.shift) as usize
+    }
+
+    #[inline]
+    fn find(&self, t: u64, eq: &mut impl FnMut(u32) -> bool) -> Option<u32> {
+        let mut i = self.home(t);
+        loop {
+            let b = self.buckets[i];
+            if b == EMPTY {
+                return None;
+            }
+            if b >> 32 == t && eq(b as u32) {
+                return Some(b as u32);
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    #[inline(always)]
+    fn peek(&self, t: u64) -> Option<u32> {
+        let mut i = self.home(t);
+        for _ in 0..4 {
+            let b = self.buckets[i];
+            if b == EMPTY {
+                return None;
+            }
+            if b >> 32 == t {
+                return Some(b as u32);
+            }
+            i = (i + 1) & self.mask;
+        }
+        None
+    }
+
+    /// Stores an entry (tag and value) whose key is absent.
+    fn put(&mut self, b: u64) {
+        let mut i = self.home(b >> 32);
+        loop {
+            let cur = self.buckets[i];
+            if cur == EMPTY || cur == TOMBSTONE {
+                if cur == TOMBSTONE {
+                    self.tombstones -= 1;
+                }
+                self.buckets[i] = b;
+                self.len += 1;
+                return;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    fn remove(&mut self, want: u64) -> bool {
+        let mut i = self.home(want >> 32);
+        loop {
+            let b = self.buckets[i];
+            if b == EMPTY {
+                return false;
+            }
+            if b == want {
+                self.clear_at(i);
+                return true;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+
+    fn clear_at(&mut self, i: usize) {
+        // A tombstone keeps later entries of the probe sequence reachable; if the next
+        // bucket is empty, nothing depends on this one.
+        if self.buckets[(i + 1) & self.mask] == EMPTY {
+            self.buckets[i] = EMPTY;
+        } else {
+            self.buckets[i] = TOMBSTONE;
+            self.tombstones += 1;
+        }
+        self.len -= 1;
+    }
+
+    fn full(&self) -> bool {
+        (self.len + self.tombstones + 1) * 4 > self.buckets.len() * 3
+    }
+}
+
+pub struct FlowIndex {
+    cur: Table,
+    /// The array being emptied into `cur`, and the next bucket of it to move.
+    old: Option<(Table, usize)>,
 }
 
 impl Default for FlowIndex {
@@ -33,45 +153,41 @@ impl Default for FlowIndex {
 impl FlowIndex {
     pub fn new() -> FlowIndex {
         FlowIndex {
-            buckets: vec![EMPTY; 16],
-            mask: 15,
-            len: 0,
-            tombstones: 0,
+            cur: Table::new(16),
+            old: None,
         }
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.cur.len + self.old.as_ref().map_or(0, |(t, _)| t.len)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     pub fn memory(&self) -> usize {
-        self.buckets.capacity() * 8
+        (self.cur.buckets.capacity() + self.old.as_ref().map_or(0, |(t, _)| t.buckets.capacity()))
+            * 8
     }
 
     /// Starts loading the bucket `hash`'s probe begins on.
     #[inline(always)]
     pub fn prefetch(&self, hash: u64) {
-        nflib::hint::prefetch(&self.buckets[hash as usize & self.mask]);
+        let t = tag(hash);
+        nflib::hint::prefetch(&self.cur.buckets[self.cur.home(t)]);
     }
 
     /// The first value whose tag matches `hash` and which `eq` accepts.
     #[inline]
     pub fn find(&self, hash: u64, mut eq: impl FnMut(u32) -> bool) -> Option<u32> {
         let t = tag(hash);
-        let mut i = hash as usize & self.mask;
-        loop {
-            let b = self.buckets[i];
-            if b == EMPTY {
-                return None;
-            }
-            if b != TOMBSTONE && b >> 32 == t && eq(b as u32) {
-                return Some(b as u32);
-            }
-            i = (i + 1) & self.mask;
+        if let Some(v) = self.cur.find(t, &mut eq) {
+            return Some(v);
+        }
+        match &self.old {
+            Some((old, _)) => old.find(t, &mut eq),
+            None => None,
         }
     }
 
@@ -80,89 +196,69 @@ impl FlowIndex {
     #[inline(always)]
     pub fn peek(&self, hash: u64) -> Option<u32> {
         let t = tag(hash);
-        let mut i = hash as usize & self.mask;
-        for _ in 0..4 {
-            let b = self.buckets[i];
-            if b == EMPTY {
-                return None;
-            }
-            if b != TOMBSTONE && b >> 32 == t {
-                return Some(b as u32);
-            }
-            i = (i + 1) & self.mask;
-        }
-        None
+        self.cur
+            .peek(t)
+            .or_else(|| self.old.as_ref().and_then(|(old, _)| old.peek(t)))
     }
 
-    /// Inserts `value` under `hash` (the caller checked the key is absent). `rehash` gives
-    /// the hash of any stored value, for growing.
-    pub fn insert(&mut self, hash: u64, value: u32, rehash: impl Fn(u32) -> u64) {
-        if (self.len + self.tombstones + 1) * 4 > self.buckets.len() * 3 {
-            let grow = (self.len + 1) * 2 > self.buckets.len();
-            self.rebuild(
-                if grow {
-                    self.buckets.len() * 2
-                } else {
-                    self.buckets.len()
-                },
-                &rehash,
-            );
+    /// Inserts `value` under `hash` (the caller checked the key is absent).
+    pub fn insert(&mut self, hash: u64, value: u32) {
+        self.move_some();
+        if self.cur.full() {
+            // A resize still under way finishes first (it cannot be, by the sizes above,
+            // but a table must never be left full).
+            self.move_all();
+            let live = self.cur.len + 1;
+            let size = if live * 2 > self.cur.buckets.len() {
+                self.cur.buckets.len() * 2
+            } else {
+                self.cur.buckets.len()
+            };
+            let old = std::mem::replace(&mut self.cur, Table::new(size));
+            self.old = Some((old, 0));
+            self.move_some();
         }
-        let mut i = hash as usize & self.mask;
-        loop {
-            let b = self.buckets[i];
-            if b == EMPTY || b == TOMBSTONE {
-                if b == TOMBSTONE {
-                    self.tombstones -= 1;
-                }
-                self.buckets[i] = tag(hash) << 32 | value as u64;
-                self.len += 1;
-                return;
-            }
-            i = (i + 1) & self.mask;
-        }
+        self.cur.put(tag(hash) << 32 | value as u64);
     }
 
     /// Removes `value`, stored under `hash`.
     pub fn remove(&mut self, hash: u64, value: u32) -> bool {
+        self.move_some();
         let want = tag(hash) << 32 | value as u64;
-        let mut i = hash as usize & self.mask;
-        loop {
-            let b = self.buckets[i];
-            if b == EMPTY {
-                return false;
-            }
-            if b == want {
-                // A tombstone keeps later entries of the probe sequence reachable; if the next
-                // bucket is empty, nothing depends on this one.
-                if self.buckets[(i + 1) & self.mask] == EMPTY {
-                    self.buckets[i] = EMPTY;
-                } else {
-                    self.buckets[i] = TOMBSTONE;
-                    self.tombstones += 1;
-                }
-                self.len -= 1;
-                return true;
-            }
-            i = (i + 1) & self.mask;
+        if self.cur.remove(want) {
+            return true;
+        }
+        match &mut self.old {
+            Some((old, _)) => old.remove(want),
+            None => false,
         }
     }
 
-    fn rebuild(&mut self, size: usize, rehash: &impl Fn(u32) -> u64) {
-        let old = std::mem::replace(&mut self.buckets, vec![EMPTY; size]);
-        self.mask = size - 1;
-        self.tombstones = 0;
-        for b in old {
-            if b == EMPTY || b == TOMBSTONE {
-                continue;
+    /// Moves up to `MOVE_PER_OP` entries of the old array across.
+    fn move_some(&mut self) {
+        let Some((old, next)) = &mut self.old else {
+            return;
+        };
+        let (mut moved, end) = (0, old.buckets.len().min(*next + SCAN_PER_OP));
+        while *next < end && moved < MOVE_PER_OP {
+            let b = old.buckets[*next];
+            if b != EMPTY && b != TOMBSTONE {
+                // Leave a tombstone: entries further along its probe stay reachable.
+                old.buckets[*next] = TOMBSTONE;
+                old.len -= 1;
+                self.cur.put(b);
+                moved += 1;
             }
-            let value = b as u32;
-            let hash = rehash(value);
-            let mut i = hash as usize & self.mask;
-            while self.buckets[i] != EMPTY {
-                i = (i + 1) & self.mask;
-            }
-            self.buckets[i] = tag(hash) << 32 | value as u64;
+            *next += 1;
+        }
+        if *next >= old.buckets.len() {
+            self.old = None;
+        }
+    }
+
+    fn move_all(&mut self) {
+        while self.old.is_some() {
+            self.move_some();
         }
     }
 }
@@ -186,10 +282,10 @@ mod tests {
     #[test]
     fn insert_find_remove_with_collisions_and_growth() {
         let mut ix = FlowIndex::new();
-        // Hash = value * a constant, with deliberate collisions on the low bits.
-        let h = |v: u32| (v as u64 % 7) | ((v as u64) << 40);
+        // Spread hashes, with every three values sharing one (same tag, same home bucket).
+        let h = |v: u32| ((v / 3) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
         for v in 0..10_000u32 {
-            ix.insert(h(v), v, h);
+            ix.insert(h(v), v);
         }
         for v in 0..10_000u32 {
             assert_eq!(ix.find(h(v), |x| x == v), Some(v));
@@ -204,13 +300,49 @@ mod tests {
         for round in 0..20u32 {
             for v in 0..1000u32 {
                 let v = 100_000 + round * 1000 + v;
-                ix.insert(h(v), v, h);
+                ix.insert(h(v), v);
             }
             for v in 0..1000u32 {
                 let v = 100_000 + round * 1000 + v;
                 assert!(ix.remove(h(v), v));
             }
         }
-        assert!(ix.buckets.len() <= 1 << 15, "{}", ix.buckets.len());
+        assert!(ix.cur.buckets.len() <= 1 << 15, "{}", ix.cur.buckets.len());
+    }
+
+    #[test]
+    fn every_key_stays_findable_while_a_resize_moves_entries() {
+        let mut ix = FlowIndex::new();
+        let h = |v: u32| (v as u64 ^ 0x5555).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        let mut live = std::collections::BTreeSet::new();
+        let mut resizes = 0;
+        for v in 0..50_000u32 {
+            let was = ix.old.is_some();
+            ix.insert(h(v), v);
+            live.insert(v);
+            if !was && ix.old.is_some() {
+                resizes += 1;
+            }
+            // Remove some as we go (tombstones, removals from the old array mid-move).
+            if v % 5 == 4 {
+                let gone = v - 2;
+                assert!(ix.remove(h(gone), gone));
+                live.remove(&gone);
+            }
+            if v % 97 == 0 || ix.old.is_some() && v % 7 == 0 {
+                for &k in live.iter().rev().take(200) {
+                    assert_eq!(ix.find(h(k), |x| x == k), Some(k), "{k} after {v}");
+                }
+                assert_eq!(ix.len(), live.len());
+            }
+        }
+        // Growth happened step by step, never all at once.
+        assert!(resizes >= 10, "{resizes}");
+        for &k in &live {
+            assert_eq!(ix.find(h(k), |x| x == k), Some(k));
+        }
+        for k in (0..50_000u32).filter(|k| !live.contains(k)) {
+            assert_eq!(ix.find(h(k), |x| x == k), None);
+        }
     }
 }

@@ -15,29 +15,60 @@ pub mod timers;
 use nflib::config::Config;
 use nflib::endpoint::Endpoint;
 use nflib::mailbox::Mailbox;
+use nflib::msg::Message;
 use nflib::wire::EndpointAddr;
 
 pub use engine::{FlowSettings, Runtime};
 pub use migration::MigrationSettings;
 
-/// Reads the runtime's message rings and hands each message to its actor (the liaison;
-/// flow actors receive messages once migration exists). Returns frames read.
+/// Flows' worth of migration work (pending actors created, states installed, packets
+/// carried) a runtime takes from its messages per loop iteration: about a quarter of a
+/// millisecond, after which it goes back to its data rings. A large migration thus never
+/// keeps the data path waiting long enough to fill a ring.
+pub const MIGRATION_FLOWS_PER_LOOP: usize = 512;
+
+/// Messages received and not yet handled (over the per-loop migration budget).
+#[derive(Default)]
+pub struct Backlog(std::collections::VecDeque<nflib::mailbox::Envelope>);
+
+impl Backlog {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Reads the runtime's message rings and hands each message to its actor (the liaison, or
+/// the migrator), in order, within the per-loop migration budget. Returns frames read
+/// plus messages handled, and at least 1 while a backlog remains (the loop must not sleep).
 pub fn serve_messages(
     ep: &mut Endpoint,
     rt: &mut Runtime,
     liaison: &mut liaison::Liaison,
     mb: &mut Mailbox,
+    backlog: &mut Backlog,
     now_ns: u64,
 ) -> usize {
     let n = mb.receive(ep, now_ns);
+    backlog.0.extend(mb.take_inbox());
     let now_ms = rt.now_ms();
-    for env in mb.take_inbox() {
+    let mut budget = MIGRATION_FLOWS_PER_LOOP;
+    let mut handled = 0;
+    while let Some(env) = backlog.0.front() {
+        let weight = migration_weight(&env.msg);
+        if weight > budget && budget < MIGRATION_FLOWS_PER_LOOP {
+            break;
+        }
+        budget = budget.saturating_sub(weight);
+        let Some(env) = backlog.0.pop_front() else {
+            break;
+        };
+        handled += 1;
         if env.dst_actor != nflib::wire::LIAISON {
             liaison.unknown += 1;
             continue;
         }
         if env.msg.is_migration() {
-            if matches!(env.msg, nflib::msg::Message::MigrateState { .. }) {
+            if matches!(env.msg, Message::MigrateState { .. }) {
                 failpoint::migrate_state_received();
             }
             rt.on_migration_message(ep, mb, env.from, env.msg, now_ms);
@@ -45,7 +76,17 @@ pub fn serve_messages(
             liaison.handle(rt, ep, mb, env, now_ns);
         }
     }
-    n
+    n + handled + usize::from(!backlog.is_empty())
+}
+
+/// How many flows' worth of work a message is (0 for everything but migration's bulk).
+fn migration_weight(m: &Message) -> usize {
+    match m {
+        Message::MigrateInit { flows, .. } | Message::MigrateForget { flows, .. } => flows.len(),
+        Message::MigrateState { flows, .. } => flows.len(),
+        Message::MigratePackets { packets, .. } => packets.len(),
+        _ => 0,
+    }
 }
 
 /// Which peers of a migration have died or restarted since they were first seen: the

@@ -42,6 +42,7 @@ fn main() -> ExitCode {
     rt.label_stats(&ep);
     let mut mb = nf_runtime::mailbox(&ep, &cfg);
     let mut liaison = Liaison::default();
+    let mut backlog = nf_runtime::Backlog::default();
     let mut watch = nf_runtime::PeerWatch::default();
     let mut dead = Vec::new();
     let mut batch = Vec::with_capacity(BATCH);
@@ -49,7 +50,8 @@ fn main() -> ExitCode {
     run_loop(&mut ep, &args.common, |ep, now| {
         let now_ns = nflib::time::mono_ns();
         // Messages first: the liaison answers what concerns the runtime.
-        let m = nf_runtime::serve_messages(ep, &mut rt, &mut liaison, &mut mb, now_ns);
+        let m =
+            nf_runtime::serve_messages(ep, &mut rt, &mut liaison, &mut mb, &mut backlog, now_ns);
         let probes = liaison.tick(&mut mb, now_ns);
         let n = ep.recv_burst(&mut batch, BATCH);
         let now_ms = rt.now_ms();

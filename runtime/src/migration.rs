@@ -23,7 +23,7 @@
 //! The runtime engine does the packet work through [`FlowHost`]; the simulation in
 //! `migration_sim` (tests) plays the same role with a toy engine, a vswitch and a network.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use nflib::flow::FlowKey;
 use nflib::msg::{FlowState, Message, MigrateFlow, MigrationReport};
@@ -143,8 +143,6 @@ enum OutStage {
     Draining,
     /// Step 3 sent; the source no longer processes, only forwards.
     Handover,
-    /// The target owns the flows; late stragglers are forwarded until the deadline.
-    Tombstone,
     /// The switch is being undone; packets are held until the vswitch and the target have
     /// answered (or the target is dead).
     RollingBack {
@@ -171,6 +169,16 @@ struct OutGroup {
     deadline_ms: u64,
     flows: Vec<OutFlow>,
 }
+
+/// A group whose flows the target owns: the source forwards their late stragglers.
+struct Tomb {
+    target: EndpointAddr,
+    keys: Vec<FlowKey>,
+}
+
+/// Maps keyed by flow keys and group ids, hashed fast (the keys come from this runtime's
+/// own tables and its peers, not from packets an attacker chooses freely).
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 struct InFlow {
     key: FlowKey,
@@ -222,13 +230,20 @@ pub struct Migrator {
     chain: Option<String>,
     settings: MigrationSettings,
     next_group: u64,
-    out: HashMap<u64, OutGroup>,
-    out_keys: HashMap<FlowKey, u64>,
-    inb: HashMap<(EndpointAddr, u64), InGroup>,
-    in_keys: HashMap<FlowKey, (EndpointAddr, u64)>,
+    /// Groups in flight (at most `max_groups`, plus those rolling back).
+    out: Map<u64, OutGroup>,
+    /// Groups the target owns now; their late stragglers are forwarded until the deadline.
+    /// Kept apart from `out` so that the per-loop work stays proportional to the groups in
+    /// flight, not to the thousands a large job leaves behind for `tombstone_ms`.
+    tombs: Map<u64, Tomb>,
+    /// Tombstones by deadline (all last `tombstone_ms`, so the order of creation).
+    tomb_order: VecDeque<(u64, u64)>,
+    out_keys: Map<FlowKey, u64>,
+    inb: Map<(EndpointAddr, u64), InGroup>,
+    in_keys: Map<FlowKey, (EndpointAddr, u64)>,
     /// Target: flows whose migration the source called off, with the deadline until which
     /// packets the vswitch still sends here go back to the source.
-    returning: HashMap<FlowKey, Returning>,
+    returning: Map<FlowKey, Returning>,
     /// Packets held at this runtime as a target.
     held: usize,
     job: Option<Job>,
@@ -258,11 +273,13 @@ impl Migrator {
             chain,
             settings,
             next_group: 1,
-            out: HashMap::new(),
-            out_keys: HashMap::new(),
-            inb: HashMap::new(),
-            in_keys: HashMap::new(),
-            returning: HashMap::new(),
+            out: Map::default(),
+            tombs: Map::default(),
+            tomb_order: VecDeque::new(),
+            out_keys: Map::default(),
+            inb: Map::default(),
+            in_keys: Map::default(),
+            returning: Map::default(),
             held: 0,
             job: None,
             jobs: 0,
@@ -301,6 +318,7 @@ impl Migrator {
     /// Whether anything is under way (the loop then must not sleep long).
     pub fn busy(&self) -> bool {
         !self.out.is_empty()
+            || !self.tombs.is_empty()
             || !self.inb.is_empty()
             || !self.returning.is_empty()
             || self.job.as_ref().is_some_and(|j| !j.report.done)
@@ -355,7 +373,7 @@ impl Migrator {
             let (id, g) = g;
             return match g.stage {
                 OutStage::Init | OutStage::Switching | OutStage::Draining => PacketAction::Process,
-                OutStage::Handover | OutStage::Tombstone => {
+                OutStage::Handover => {
                     if let Some(j) = self.job.as_mut() {
                         j.report.late_stragglers += 1;
                     }
@@ -366,6 +384,20 @@ impl Migrator {
                     }
                 }
                 OutStage::RollingBack { .. } => PacketAction::Hold,
+            };
+        }
+        if let Some((id, t)) = self
+            .out_keys
+            .get(key)
+            .and_then(|id| self.tombs.get(id).map(|t| (*id, t)))
+        {
+            if let Some(j) = self.job.as_mut() {
+                j.report.late_stragglers += 1;
+            }
+            return PacketAction::Forward {
+                to: t.target,
+                group: id,
+                late: true,
             };
         }
         if let Some(r) = self.returning.get(key) {
@@ -452,12 +484,22 @@ impl Migrator {
     /// Another endpoint died or restarted (transport, supervisor or cluster view): what it
     /// held of a migration is gone.
     pub fn peer_dead(&mut self, host: &mut impl FlowHost, peer: EndpointAddr, now_ms: u64) {
+        // Flows the target owned die with it.
+        let dead: Vec<u64> = self
+            .tombs
+            .iter()
+            .filter(|(_, t)| t.target == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in dead {
+            self.retire_tomb(host, id);
+        }
         let ids: Vec<u64> = self.out.keys().copied().collect();
         for id in ids {
             let Some(g) = self.out.get(&id) else { continue };
             if g.target == peer {
                 if let Some(g) = self.out.get_mut(&id) {
-                    g.target_died = !matches!(g.stage, OutStage::Init | OutStage::Tombstone);
+                    g.target_died = g.stage != OutStage::Init;
                 }
                 let Some(g) = self.out.get(&id) else { continue };
                 match g.stage {
@@ -468,8 +510,6 @@ impl Migrator {
                     OutStage::RollingBack { need_vswitch, .. } => {
                         self.set_rollback(host, id, need_vswitch, false)
                     }
-                    // The flows were the target's: they die with it.
-                    OutStage::Tombstone => self.retire(host, id),
                 }
             } else if g.vswitch == peer {
                 match g.stage {
@@ -482,7 +522,7 @@ impl Migrator {
                     OutStage::RollingBack { need_target, .. } => {
                         self.set_rollback(host, id, false, need_target)
                     }
-                    OutStage::Handover | OutStage::Tombstone => {}
+                    OutStage::Handover => {}
                 }
             }
         }
@@ -500,11 +540,7 @@ impl Migrator {
     // ---- source ----
 
     fn start_groups(&mut self, host: &mut impl FlowHost, now_ms: u64) {
-        let in_flight = self
-            .out
-            .values()
-            .filter(|g| g.stage != OutStage::Tombstone)
-            .count();
+        let in_flight = self.out.len();
         let mut room = self.settings.max_groups.saturating_sub(in_flight);
         while room > 0 {
             let Some(j) = self.job.as_mut() else { return };
@@ -589,7 +625,7 @@ impl Migrator {
     }
 
     fn finish_job(&mut self, clock_ms: f64) {
-        let idle = self.out.values().all(|g| g.stage == OutStage::Tombstone);
+        let idle = self.out.is_empty();
         let Some(j) = self.job.as_mut() else { return };
         if j.report.done || !idle {
             return;
@@ -816,8 +852,6 @@ impl Migrator {
         for i in not_installed.into_iter().rev() {
             back.push(g.flows.swap_remove(i));
         }
-        g.stage = OutStage::Tombstone;
-        g.deadline_ms = now_ms + self.settings.tombstone_ms;
         let vswitch = g.vswitch;
         self.counters.flows_out += moved;
         if let Some(j) = self.job.as_mut() {
@@ -840,6 +874,17 @@ impl Migrator {
                 host.divert(&f.key, false);
                 self.out_keys.remove(&f.key);
             }
+        }
+        if let Some(g) = self.out.remove(&id) {
+            self.tombs.insert(
+                id,
+                Tomb {
+                    target: g.target,
+                    keys: g.flows.into_iter().map(|f| f.key).collect(),
+                },
+            );
+            self.tomb_order
+                .push_back((now_ms + self.settings.tombstone_ms, id));
         }
     }
 
@@ -958,17 +1003,24 @@ impl Migrator {
         }
     }
 
-    fn retire(&mut self, host: &mut impl FlowHost, id: u64) {
-        let Some(g) = self.out.remove(&id) else {
+    fn retire_tomb(&mut self, host: &mut impl FlowHost, id: u64) {
+        let Some(t) = self.tombs.remove(&id) else {
             return;
         };
-        for f in &g.flows {
-            host.retire(&f.key);
-            self.out_keys.remove(&f.key);
+        for k in &t.keys {
+            host.retire(k);
+            self.out_keys.remove(k);
         }
     }
 
     fn expire(&mut self, host: &mut impl FlowHost, now_ms: u64) {
+        while let Some(&(deadline, id)) = self.tomb_order.front() {
+            if deadline > now_ms {
+                break;
+            }
+            self.tomb_order.pop_front();
+            self.retire_tomb(host, id);
+        }
         let due: Vec<u64> = self
             .out
             .iter()
@@ -987,7 +1039,6 @@ impl Migrator {
                 // Only an answer or the target's death ends the handover: the target may
                 // have installed the state.
                 OutStage::Handover | OutStage::Draining => {}
-                OutStage::Tombstone => self.retire(host, id),
                 // The vswitch or target never answered the rollback: resume anyway.
                 OutStage::RollingBack { .. } => self.resume(host, id, true),
             }

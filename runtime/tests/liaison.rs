@@ -35,7 +35,14 @@ fn exchange(
     let mut got = Vec::new();
     for _ in 0..1000 {
         let now = nflib::time::mono_ns();
-        nf_runtime::serve_messages(ep, rt, liaison, mb, now);
+        nf_runtime::serve_messages(
+            ep,
+            rt,
+            liaison,
+            mb,
+            &mut nf_runtime::Backlog::default(),
+            now,
+        );
         liaison.tick(mb, now);
         mb.flush(ep, now);
         got.extend(mgr.receive());

@@ -4,6 +4,7 @@
   scripts/bench/run.py            full run (about 5 minutes), results in target/bench/
   scripts/bench/run.py --smoke    a short pass that checks every benchmark still runs (CI)
   scripts/bench/run.py --only messages    just the actor-message benchmark (root: test bed)
+  scripts/bench/run.py --only migration   just the flow-migration benchmark (root: test bed)
 
 References (../shared/design/BENCHMARKS.md):
   - dpdk-testpmd, macswap and io forwarding on two net_null ports, lcores 0-1;
@@ -25,6 +26,11 @@ Ours:
     between two servers (signed raw frames over veth and a bridge). References over the same
     paths in the same run: iperf3 TCP (Gbit/s), iperf3 UDP with 64-byte datagrams
     (datagrams/s) and ping (half the round trip); loopback stands in for "one host".
+  - flow migration (root; the test bed): time to move 500 to 600,000 flows from one runtime
+    to another of the same server, and to a runtime of another server, under generator
+    traffic, with the sink counting loss and reordering per flow. References (published, not
+    re-run: no OpenNF or NFActor build exists for this machine): NFActor 1.5 ms for 1,000
+    flows and about 700 ms for 600,000 over 3 runtime pairs; OpenNF 217 ms for 1,000 flows.
 Every result is one JSON line on stdout and in target/bench/results-<timestamp>.jsonl.
 """
 
@@ -316,12 +322,152 @@ def messaging(smoke, repeat):
         testbed("down")
 
 
+# ---------------------------------------------------------------- flow migration
+
+MIGRATION_SIZES = (500, 1_000, 10_000, 100_000, 600_000)
+
+
+def nfmgr(*args, timeout=120):
+    r = subprocess.run([os.path.join(ROOT, "target", "release", "nfmgr"), *args],
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"nfmgr {' '.join(args)}: {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout)
+
+
+def testbed_stats(server):
+    return nfmgr("stats", "--json", "--instance", f"bm-s{server}", "--dir",
+                 f"/tmp/nf-testbed-bm/s{server}")
+
+
+def port_counters(server, port):
+    for p in testbed_stats(server)["ports"]:
+        if p["name"] == port:
+            return p["counters"]
+    return {}
+
+
+def flows_on(addr):
+    for e in nfmgr("runtimes", "--json", "--socket", "/tmp/nf-testbed-bm/s1.sock"):
+        if f"{e['server']}/{e['slot']}" == addr:
+            return e["workload"]["flows_active"]
+    return 0
+
+
+def loss_snapshot(servers):
+    """The sink's counters, the generator's skipped packets and the platform's overload drops
+    (no ring room or no buffer) of every process and port."""
+    snap = {}
+    for server in range(1, servers + 1):
+        st = testbed_stats(server)
+        for p in st["processes"]:
+            for k in ("drop_ring_full", "drop_no_buffer", "drop_migration_buffer"):
+                snap[f"{p['name']}@{server} {k}"] = p["counters"].get(k, 0)
+        for p in st["ports"]:
+            for k, v in p["counters"].items():
+                if k.startswith("sink_") and "latency" not in k or "drop" in k or k == "gen_sent":
+                    snap[f"{p['name']}@{server} {k}"] = v
+    return snap
+
+
+def migration_trial(where, flows, total_pps, migrate=True):
+    """One test bed, one migration of `flows` flows under the generator; the sink judges."""
+    # One host: two runtimes share the generator's 2N flows round-robin, and rt0's N move to
+    # rt1. Two servers: server 1's only runtime holds all N and they move to server 2's.
+    if where == "one host":
+        servers, runtimes, gen_flows, frm, to, src = 1, 2, 2 * flows, "rt0@1", "rt1@1", "1/2"
+    else:
+        servers, runtimes, gen_flows, frm, to, src = 2, 1, flows, "rt0@1", "rt0@2", "1/2"
+    per_flow = total_pps / gen_flows
+    # Every flow has sent a packet after 1/per_flow seconds; then the migration, then 3 s.
+    warm = 1.0 / per_flow + 1.5
+    dur_ms = int((2 * warm + 60) * 1000)
+    testbed("down")
+    up = testbed("up", "--servers", str(servers), "--runtimes", str(runtimes), "--scope", "local",
+                 "--chain", "firewall,flow_monitor", "--gen", f"{gen_flows},{per_flow:.6f},{dur_ms}",
+                 "--runtime-set", "max_flows = 2000000")
+    if up.returncode != 0:
+        raise RuntimeError(f"testbed did not come up: {up.stderr[-2000:]}")
+    try:
+        deadline = time.time() + warm + 30
+        while flows_on(src) < flows:
+            if time.time() > deadline:
+                raise RuntimeError(f"{src} holds {flows_on(src)} flows, expected {flows}")
+            time.sleep(0.5)
+        # The sink sees a flow's loss at its next packet: wait one packet interval so that
+        # what warming up lost is counted before the first snapshot, and after the
+        # migration so that what it lost is counted in the second.
+        interval = 1.0 / per_flow + 1.0
+        time.sleep(interval)
+        before = loss_snapshot(servers)
+        if migrate:
+            r = nfmgr("migrate", "--socket", "/tmp/nf-testbed-bm/s1.sock", "--from", frm,
+                      "--to", to, "--all", "--json", "--timeout-s", "120", timeout=200)
+        else:
+            # The control: the same window without a migration.
+            r = None
+        time.sleep(max(3.0, interval))
+        after = loss_snapshot(servers)
+        delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        return r, {k: v for k, v in delta.items() if v}
+    finally:
+        testbed("down")
+
+
+def migration(smoke, repeat, sizes=None, paths=None):
+    """Time to migrate N flows between two runtimes of one host and of two servers, under
+    generator traffic; loss and reordering from the sink."""
+    if os.geteuid() != 0:
+        msg = "the migration benchmark needs root (network namespaces)"
+        if os.environ.get("CI") == "true":
+            sys.exit(f"bench: {msg}, and CI=true")
+        print(f"bench: SKIP: {msg}", file=sys.stderr)
+        return
+    sizes = sizes or ((1_000,) if smoke else MIGRATION_SIZES)
+    for where, total_pps in (("one host", 100_000), ("two servers", 50_000)):
+        if paths and where not in paths:
+            continue
+        for n in sizes:
+            runs = []
+            for _ in range(repeat):
+                r, delta = migration_trial(where, n, 20_000 if smoke else total_pps)
+                lost = delta.pop("sink0@1 sink_lost", 0)
+                overload = sum(v for k, v in delta.items()
+                               if "drop" in k and "migration" not in k)
+                run = {"ms": r["ms"], "moved": r["moved"], "failed": r["failed"],
+                       "groups": r["groups"], "rolled_back": r["groups_rolled_back"],
+                       "buffered": r["buffered"], "migration_lost": r["lost"],
+                       "late_stragglers": r["reordered"],
+                       "stragglers_waited": r["stragglers_waited"],
+                       "sink_rx": delta.pop("sink0@1 sink_rx", 0), "sink_lost": lost,
+                       "sink_reordered": delta.pop("sink0@1 sink_reordered", 0),
+                       "sink_duplicates": delta.pop("sink0@1 sink_duplicates", 0),
+                       "overload_drops": overload, "counters": delta}
+                runs.append(run)
+                emit({"bench": "migration run", "path": where, "flows": n,
+                      "generator_pps": 20_000 if smoke else total_pps, **run})
+                if r["error"] or r["moved"] < n * 0.999:
+                    sys.exit(f"bench: migration of {n} flows ({where}) failed: {r}")
+            ms = sorted(x["ms"] for x in runs)
+            emit({"bench": "migration", "path": where, "flows": n, "median_ms": ms[len(ms) // 2],
+                  "runs_ms": ms,
+                  "lost": max(x["sink_lost"] for x in runs),
+                  "overload_drops": max(x["overload_drops"] for x in runs),
+                  "reordered": max(x["sink_reordered"] for x in runs),
+                  "reference": "NFActor 1.5 ms / 1,000 flows, ~700 ms / 600,000 (3 pairs); "
+                               "OpenNF 217 ms / 1,000"})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="short runs that only check everything works")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-build", action="store_true")
-    ap.add_argument("--only", choices=["messages"], help="run only this benchmark")
+    ap.add_argument("--only", choices=["messages", "migration"], help="run only this benchmark")
+    ap.add_argument("--flows", type=int, action="append",
+                    help="migration: only this many flows (repeatable)")
+    ap.add_argument("--path", action="append", choices=["one host", "two servers"],
+                    help="migration: only this path (repeatable)")
     args = ap.parse_args()
     smoke = args.smoke
     repeat = 1 if smoke else args.repeat
@@ -332,6 +478,10 @@ def main():
     emit({"machine": {"cpus": os.cpu_count(), "cpu_mhz": mhz, "kernel": os.uname().release}})
     if args.only == "messages":
         messaging(smoke, repeat)
+        finish(smoke)
+        return
+    if args.only == "migration":
+        migration(smoke, repeat, args.flows, args.path)
         finish(smoke)
         return
 
@@ -361,6 +511,7 @@ def main():
         emit(r)
 
     messaging(smoke, repeat)
+    migration(smoke, repeat)
 
     if smoke:
         t = e2e_trial(0.1, 1, flows=100)
