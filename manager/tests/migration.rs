@@ -21,6 +21,17 @@ fn ready(what: &str, tools: &[&str]) -> bool {
     require_root(what) && tools.iter().all(|t| require_tool(t, what))
 }
 
+/// A process's counter on server `server`, from `nfmgr stats --json`.
+fn proc_counter(tb: &Testbed, server: u32, name: &str, counter: &str) -> u64 {
+    tb.stats(server)["processes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["name"] == name)
+        .filter_map(|p| p["counters"][counter].as_u64())
+        .sum()
+}
+
 /// A function's counter in a runtime, from `nfmgr stats --json`.
 fn nf_counter(tb: &Testbed, server: u32, runtime: &str, nf: &str, counter: &str) -> u64 {
     let s = tb.stats(server);
@@ -35,14 +46,19 @@ fn nf_counter(tb: &Testbed, server: u32, runtime: &str, nf: &str, counter: &str)
         .sum()
 }
 
-fn flows_of(tb: &Testbed, addr: &str) -> u64 {
+/// A field of the workload runtime `addr` ("server/slot") reports, from `nfmgr runtimes`.
+fn workload_of(tb: &Testbed, addr: &str, field: &str) -> u64 {
     let eps = tb.json(1, &["runtimes"]);
     eps.as_array()
         .into_iter()
         .flatten()
         .find(|e| format!("{}/{}", e["server"], e["slot"]) == addr)
-        .and_then(|e| e["workload"]["flows_active"].as_u64())
+        .and_then(|e| e["workload"][field].as_u64())
         .unwrap_or(0)
+}
+
+fn flows_of(tb: &Testbed, addr: &str) -> u64 {
+    workload_of(tb, addr, "flows_active")
 }
 
 /// Packets dropped for want of room (the generator's ring to the vswitch, any process's
@@ -298,15 +314,7 @@ fn target_killed_in_step(tag: &str, step: u32) {
     );
     let iperf = Iperf3::start(&tb, "50M", 10);
     std::thread::sleep(Duration::from_secs(2));
-    let rx_of = |a: &str| -> u64 {
-        let eps = tb.json(1, &["runtimes"]);
-        eps.as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| format!("{}/{}", e["server"], e["slot"]) == a)
-            .and_then(|e| e["workload"]["rx_pkts"].as_u64())
-            .unwrap_or(0)
-    };
+    let rx_of = |a: &str| workload_of(&tb, a, "rx_pkts");
     let (src, src_addr) = if rx_of("1/2") >= rx_of("1/3") {
         ("rt0", "1/2")
     } else {
@@ -360,22 +368,10 @@ fn target_killed_in_step(tag: &str, step: u32) {
     // The flows stayed on the source, and the restarted target owns none of them.
     let now = flows_of(&tb, src_addr);
     assert!(now >= 1, "source had {src_flows} flows, now {now}");
-    let strays = tb.stats(2)["processes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["name"] == "rt0")
-        .filter_map(|p| p["counters"]["migration_strays_ended"].as_u64())
-        .sum::<u64>();
+    let strays = proc_counter(&tb, 2, "rt0", "migration_strays_ended");
     eprintln!("the restarted target ended {strays} stray flows");
     assert_eq!(flows_of(&tb, "2/2"), 0, "the restarted target owns flows");
-    let rolled = tb.stats(1)["processes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["name"] == src)
-        .filter_map(|p| p["counters"]["migration_rolled_back"].as_u64())
-        .sum::<u64>();
+    let rolled = proc_counter(&tb, 1, src, "migration_rolled_back");
     assert!(rolled >= 1, "migration_rolled_back on {src}: {rolled}");
 }
 

@@ -387,15 +387,9 @@ impl Runtime {
                 true
             }
             m if m.is_migration() => {
-                let mut mig = self.take_migrator();
-                let mut host = EngineHost {
-                    rt: self,
-                    ep,
-                    mb,
-                    now_ms,
-                };
-                mig.on_message(&mut host, from, m, now_ms);
-                self.migrator = mig;
+                self.with_migrator(ep, mb, now_ms, |mig, host| {
+                    mig.on_message(host, from, m, now_ms);
+                });
                 true
             }
             _ => false,
@@ -414,19 +408,13 @@ impl Runtime {
         if !self.migrator.busy() && dead.is_empty() {
             return;
         }
-        let clock = self.epoch.elapsed().as_secs_f64() * 1000.0;
-        let mut mig = self.take_migrator();
-        let mut host = EngineHost {
-            rt: self,
-            ep,
-            mb,
-            now_ms,
-        };
-        for d in dead {
-            mig.peer_dead(&mut host, *d, now_ms);
-        }
-        mig.tick(&mut host, now_ms, clock);
-        self.migrator = mig;
+        let clock = self.clock_ms();
+        self.with_migrator(ep, mb, now_ms, |mig, host| {
+            for d in dead {
+                mig.peer_dead(host, *d, now_ms);
+            }
+            mig.tick(host, now_ms, clock);
+        });
     }
 
     /// A new migration job scans the flow table from its start.
@@ -439,9 +427,28 @@ impl Runtime {
         self.epoch.elapsed().as_secs_f64() * 1000.0
     }
 
-    fn take_migrator(&mut self) -> Migrator {
+    /// Runs `f` with the migrator and the engine as its `FlowHost` (the migrator is moved
+    /// out for the call, since the host borrows the rest of the runtime).
+    fn with_migrator<R>(
+        &mut self,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        now_ms: u64,
+        f: impl FnOnce(&mut Migrator, &mut EngineHost<'_>) -> R,
+    ) -> R {
         let idle = Migrator::new(self.me, None, *self.migrator.settings());
-        std::mem::replace(&mut self.migrator, idle)
+        let mut mig = std::mem::replace(&mut self.migrator, idle);
+        let r = f(
+            &mut mig,
+            &mut EngineHost {
+                rt: self,
+                ep,
+                mb,
+                now_ms,
+            },
+        );
+        self.migrator = mig;
+        r
     }
 
     /// Finds or creates the flow and runs the chain.

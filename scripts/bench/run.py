@@ -226,15 +226,18 @@ def in_ns(server, cmd, timeout=60):
     return r.stdout
 
 
+def nfmgr(*args, timeout=120):
+    r = subprocess.run([os.path.join(ROOT, "target", "release", "nfmgr"), *args],
+                       capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"nfmgr {' '.join(args)}: {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout)
+
+
 def msgtest(frm, to, count, size, depth=0):
-    out = subprocess.run(
-        [os.path.join(ROOT, "target", "release", "nfmgr"), "msgtest", "--socket",
-         "/tmp/nf-testbed-bm/s1.sock", "--from", frm, "--to", to, "--count", str(count),
-         "--size", str(size), "--depth", str(depth), "--json", "--timeout-s", "120"],
-        capture_output=True, text=True, timeout=200)
-    if out.returncode != 0:
-        raise RuntimeError(f"msgtest {frm} -> {to}: {out.stderr.strip()}")
-    r = json.loads(out.stdout)
+    r = nfmgr("msgtest", "--socket", "/tmp/nf-testbed-bm/s1.sock", "--from", frm, "--to", to,
+              "--count", str(count), "--size", str(size), "--depth", str(depth), "--json",
+              "--timeout-s", "120", timeout=200)
     if not r["exactly_once_in_order"]:
         raise RuntimeError(f"msgtest {frm} -> {to} was not exact: {r}")
     return r
@@ -327,24 +330,9 @@ def messaging(smoke, repeat):
 MIGRATION_SIZES = (500, 1_000, 10_000, 100_000, 600_000)
 
 
-def nfmgr(*args, timeout=120):
-    r = subprocess.run([os.path.join(ROOT, "target", "release", "nfmgr"), *args],
-                       capture_output=True, text=True, timeout=timeout)
-    if r.returncode != 0:
-        raise RuntimeError(f"nfmgr {' '.join(args)}: {r.stderr.strip()[-500:]}")
-    return json.loads(r.stdout)
-
-
 def testbed_stats(server):
     return nfmgr("stats", "--json", "--instance", f"bm-s{server}", "--dir",
                  f"/tmp/nf-testbed-bm/s{server}")
-
-
-def port_counters(server, port):
-    for p in testbed_stats(server)["ports"]:
-        if p["name"] == port:
-            return p["counters"]
-    return {}
 
 
 def flows_on(addr):
