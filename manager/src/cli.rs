@@ -40,7 +40,25 @@ impl Target {
         if let Some(c) = &self.config {
             return Ok(Config::load(c)?.control_socket_path());
         }
-        Ok(self.dir.join(format!("nfmgr-{}.sock", self.instance)))
+        let named = self.dir.join(format!("nfmgr-{}.sock", self.instance));
+        if self.instance == "default" && !named.exists() {
+            // Nothing named: the one instance running here, if there is exactly one.
+            let found: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("nfmgr-") && n.ends_with(".sock"))
+                })
+                .collect();
+            if let [one] = found.as_slice() {
+                return Ok(one.clone());
+            }
+        }
+        Ok(named)
     }
 
     fn call(&self, request: Value, timeout: Duration) -> Result<Value> {
@@ -296,6 +314,32 @@ pub fn stop(t: &Target) -> Result<()> {
     if !t.json {
         println!("nfmgr is stopping");
     }
+    Ok(())
+}
+
+pub fn top(t: &Target, interval_s: f64) -> Result<()> {
+    if !(0.1..=60.0).contains(&interval_s) {
+        bail!("--interval-s must be between 0.1 and 60");
+    }
+    if t.json {
+        // One answer, for scripts: what the dashboard would show, as raw counters.
+        let v = t.call(json!({ "cmd": "top" }), Duration::from_secs(10))?;
+        t.print(&v, |_| String::new());
+        return Ok(());
+    }
+    nf_tui::top::run(nf_tui::top::Options {
+        socket: t.socket_path()?,
+        interval: Duration::from_secs_f64(interval_s),
+    })
+    .map_err(anyhow::Error::msg)
+}
+
+pub fn kill(t: &Target, process: &str) -> Result<()> {
+    let v = t.call(
+        json!({ "cmd": "kill", "process": process }),
+        Duration::from_secs(10),
+    )?;
+    t.print(&v, |v| format!("{} killed with SIGKILL\n", s(&v["killed"])));
     Ok(())
 }
 

@@ -5,8 +5,9 @@
 //! nfmgr start --config FILE     run an instance in the foreground until SIGTERM/SIGINT
 //! nfmgr demo                    generator -> vswitch -> 2 runtimes -> sink, no root needed
 //! nfmgr stats [--json]          counters of a running instance, read from its region
-//! nfmgr status|runtimes|flows|stop|msgtest|migrate [--json]
+//! nfmgr status|runtimes|flows|stop|msgtest|migrate|kill [--json]
 //!                               ask a running instance through its control socket
+//! nfmgr top                     the live dashboard
 //! ```
 
 mod cli;
@@ -148,6 +149,22 @@ enum Cmd {
         #[arg(long, default_value_t = 120.0)]
         timeout_s: f64,
     },
+    /// The live dashboard: ports, processes, chains, migrations, recoveries and events of
+    /// the instance (of the whole cluster, on the coordinator). `?` lists the keys.
+    Top {
+        #[command(flatten)]
+        target: cli::Target,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 1.0)]
+        interval_s: f64,
+    },
+    /// Failover drill: kill a vswitch or runtime (NAME, NAME@SERVER or SERVER/SLOT)
+    /// anywhere in the cluster with SIGKILL; its nfmgr restarts it as after a crash.
+    Kill {
+        #[command(flatten)]
+        target: cli::Target,
+        process: String,
+    },
     /// Print the counters of a running instance.
     Stats {
         #[arg(long, default_value = "default")]
@@ -205,6 +222,8 @@ fn main() {
             limit,
         } => cli::flows(&target, runtime, limit),
         Cmd::Stop { target } => cli::stop(&target),
+        Cmd::Top { target, interval_s } => cli::top(&target, interval_s),
+        Cmd::Kill { target, process } => cli::kill(&target, &process),
         Cmd::Msgtest {
             target,
             from,
@@ -698,6 +717,10 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         event_bell,
         signals,
     );
+    let to_control = ctl_tx.clone();
+    sup.observe(move |e| {
+        let _ = to_control.send(control::Event::Process(e.clone()));
+    });
     sup.start_all();
     let mut live = nf_tui::LiveRates::new();
     let print_rates = cfg.manager.log_rates;

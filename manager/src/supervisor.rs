@@ -82,8 +82,25 @@ struct Proc {
 pub struct ProcEvent {
     pub at_ms: u64,
     pub process: String,
+    pub kind: ProcEventKind,
     pub what: String,
 }
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcEventKind {
+    /// It reached `Running`.
+    Running,
+    /// It exited or was killed.
+    Died,
+    /// It could not be started, or did not start in time.
+    StartFailed,
+    /// Its buffers were taken back.
+    Reclaimed,
+}
+
+/// Told of every process event (see [`Supervisor::observe`]).
+type Observer = Box<dyn FnMut(&ProcEvent)>;
 
 pub struct Supervisor {
     cfg: Config,
@@ -96,6 +113,8 @@ pub struct Supervisor {
     signals: SignalFd,
     started: Instant,
     pub log: Vec<ProcEvent>,
+    /// Told of every event as it is recorded (the control thread's log and `nfmgr top`).
+    observer: Option<Observer>,
     pub deaths: u64,
     pub restarts: u64,
     stopping: bool,
@@ -167,19 +186,30 @@ impl Supervisor {
             signals,
             started: now,
             log: Vec::new(),
+            observer: None,
             deaths: 0,
             restarts: 0,
             stopping: false,
         }
     }
 
-    fn record(&mut self, process: &str, what: String) {
+    /// Calls `f` with every event from now on.
+    pub fn observe(&mut self, f: impl FnMut(&ProcEvent) + 'static) {
+        self.observer = Some(Box::new(f));
+    }
+
+    fn record(&mut self, process: &str, kind: ProcEventKind, what: String) {
         tracing::info!(process, "{what}");
-        self.log.push(ProcEvent {
+        let e = ProcEvent {
             at_ms: self.started.elapsed().as_millis() as u64,
             process: process.to_string(),
+            kind,
             what,
-        });
+        };
+        if let Some(f) = &mut self.observer {
+            f(&e);
+        }
+        self.log.push(e);
     }
 
     fn send(&mut self, cmd: Command) {
@@ -235,7 +265,11 @@ impl Supervisor {
     fn try_spawn(&mut self, i: usize) {
         if let Err(e) = self.spawn(i) {
             let name = self.procs[i].spec.name.clone();
-            self.record(&name, format!("failed to start: {e:#}"));
+            self.record(
+                &name,
+                ProcEventKind::StartFailed,
+                format!("failed to start: {e:#}"),
+            );
             if let Some(rec) = self.region.slot(self.procs[i].spec.slot) {
                 rec.set_state(SlotState::Dead);
             }
@@ -298,7 +332,11 @@ impl Supervisor {
         } else {
             " before it was running"
         };
-        self.record(&name, format!("pid {pid} {}{when}", describe_exit(code)));
+        self.record(
+            &name,
+            ProcEventKind::Died,
+            format!("pid {pid} {}{when}", describe_exit(code)),
+        );
         self.send(Command::Reclaim(slot));
     }
 
@@ -311,6 +349,7 @@ impl Supervisor {
                 let name = self.procs[i].spec.name.clone();
                 self.record(
                     &name,
+                    ProcEventKind::Reclaimed,
                     format!(
                         "reclaimed {} buffers ({} queued to it, {} refill, {} held); {} still in flight to others",
                         report.freed(),
@@ -363,10 +402,18 @@ impl Supervisor {
                         p.reached_running = true;
                         p.start_failures = 0;
                         let (name, pid) = (p.spec.name.clone(), p.pid);
-                        self.record(&name, format!("running (pid {pid})"));
+                        self.record(
+                            &name,
+                            ProcEventKind::Running,
+                            format!("running (pid {pid})"),
+                        );
                     } else if now.duration_since(self.procs[i].spawned_at) > start_timeout {
                         let name = self.procs[i].spec.name.clone();
-                        self.record(&name, "did not start in time; killing it".into());
+                        self.record(
+                            &name,
+                            ProcEventKind::StartFailed,
+                            "did not start in time; killing it".into(),
+                        );
                         if let Some(fd) = &self.procs[i].pidfd {
                             pidfd_signal(fd, libc::SIGKILL);
                         }

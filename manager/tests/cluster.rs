@@ -100,6 +100,47 @@ fn two_servers_form_one_cluster_and_share_traffic() {
             .all(|f| f["vswitch"]["server"] == 1),
         "{flows}"
     );
+    // The coordinator's dashboard data covers both servers: server 2 sends its statistics
+    // once a second, and its runtimes' counters show the traffic they processed.
+    let runtime_rx_of_server_2 = |top: &serde_json::Value| -> u64 {
+        top["servers"]
+            .as_array()
+            .and_then(|v| v.iter().find(|s| s["server"] == 2))
+            .and_then(|s| s["stats"]["snapshot"]["processes"].as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter(|p| p["kind"] == "runtime")
+            .map(|p| p["counters"]["rx_pkts"].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let top = loop {
+        let top = tb.json(1, &["top"]);
+        // Statistics a second old may predate the last packets counted above.
+        if runtime_rx_of_server_2(&top) >= rx2 || std::time::Instant::now() > deadline {
+            break top;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let s2 = top["servers"]
+        .as_array()
+        .and_then(|v| v.iter().find(|s| s["server"] == 2))
+        .unwrap_or_else(|| panic!("server 2 in the coordinator's top: {top}"));
+    assert!(
+        s2["alive"] == true && s2["stats_age_ms"].as_u64().unwrap_or(u64::MAX) < 5000,
+        "{s2}"
+    );
+    let rx2_top = runtime_rx_of_server_2(&top);
+    assert!(
+        rx2_top >= rx2,
+        "server 2's runtimes in top: {rx2_top} packets, runtimes said {rx2}"
+    );
+    assert_eq!(
+        top["endpoints"].as_array().map(|e| e.len()),
+        Some(6),
+        "{}",
+        top["endpoints"]
+    );
 }
 
 #[test]

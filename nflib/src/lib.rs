@@ -43,6 +43,7 @@ pub mod stats;
 pub mod stream;
 mod sync;
 pub mod time;
+pub mod top;
 pub mod wire;
 
 pub use buffer::{Desc, Packet};

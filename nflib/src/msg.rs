@@ -154,6 +154,9 @@ pub enum Call {
     /// The last migration job this runtime ran as a source (started by
     /// `SetMigrationTarget`).
     MigrationStatus,
+    /// Failover drill: the target's nfmgr kills it with SIGKILL (`by` names who asked, for
+    /// the event log). Handled by nfmgr; it never reaches the process.
+    Kill { by: String },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

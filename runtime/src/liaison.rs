@@ -144,6 +144,9 @@ impl Liaison {
                 self.replicas = replicas;
                 Reply::Accepted
             }
+            Call::Kill { .. } => Reply::Refused {
+                reason: "kill is carried out by the runtime's nfmgr".into(),
+            },
             Call::Recover { .. } => Reply::Refused {
                 reason: "this runtime holds no replicas (replication is not enabled)".into(),
             },

@@ -17,7 +17,7 @@ pub mod metrics;
 pub mod peer;
 pub mod socket;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -29,15 +29,28 @@ use nflib::doorbell::Doorbells;
 use nflib::msg::{Call, Message, Reply};
 use nflib::reliable::PeerEvent;
 use nflib::slot::{ProcessKind, SlotState};
+use nflib::snapshot::RegionSnapshot;
+use nflib::top::{
+    ChainInfo, MemberStats, MigrationRecord, RecoveryRecord, ServerReport, ServerStats, TopEvent,
+    TopReport,
+};
 use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Region, MANAGER_SLOT};
 use serde::Serialize;
 
 use crate::relay::{RelayCommand, RelayEvent};
+use crate::supervisor::{ProcEvent, ProcEventKind};
 use peer::{AuthKey, ConnId, JoinInfo, PeerMsg, PeerWriter};
 
 /// How long a control call may take before its caller gets a timeout.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How often a member sends its statistics to the coordinator (for `nfmgr top`).
+const STATS_EVERY: Duration = Duration::from_secs(1);
+
+/// How many events, migrations and recoveries are kept for `nfmgr top`.
+const KEEP_EVENTS: usize = 200;
+const KEEP_RECORDS: usize = 50;
 
 /// How often a member retries joining.
 const REJOIN_EVERY: Duration = Duration::from_millis(500);
@@ -70,6 +83,8 @@ pub enum Event {
         conn: ConnId,
         why: String,
     },
+    /// The supervisor recorded something about a process.
+    Process(ProcEvent),
     Shutdown,
 }
 
@@ -186,7 +201,26 @@ pub struct Control {
     chains: Vec<(String, [u8; 32])>,
     /// Membership changes, for `nfmgr status`.
     log: Vec<String>,
+    /// For `nfmgr top`: this server's events, migrations and recoveries, and (on the
+    /// coordinator) what each member last sent.
+    top_events: VecDeque<TopEvent>,
+    migrations: VecDeque<MigrationRecord>,
+    next_migration: u64,
+    recoveries: VecDeque<RecoveryRecord>,
+    member_stats: BTreeMap<u16, (Instant, MemberStats)>,
+    last_stats_push: Instant,
     pub stop_requested: bool,
+}
+
+fn push_capped<T>(q: &mut VecDeque<T>, item: T, cap: usize) {
+    if q.len() >= cap {
+        q.pop_front();
+    }
+    q.push_back(item);
+}
+
+fn wall_ms() -> u64 {
+    nflib::time::wall_ns() / 1_000_000
 }
 
 /// Digest of each chain's definition (servers must agree on the chains they share).
@@ -248,6 +282,12 @@ impl Control {
             notified: HashMap::new(),
             last_heartbeat: now,
             log: Vec::new(),
+            top_events: VecDeque::new(),
+            migrations: VecDeque::new(),
+            next_migration: 1,
+            recoveries: VecDeque::new(),
+            member_stats: BTreeMap::new(),
+            last_stats_push: now,
             stop_requested: false,
         };
         // This server is a member of its own cluster (of one, when alone).
@@ -287,6 +327,236 @@ impl Control {
         if self.log.len() > 100 {
             self.log.remove(0);
         }
+        self.top_event("cluster", what);
+    }
+
+    /// Records an event for `nfmgr top`.
+    pub fn top_event(&mut self, source: &str, what: String) {
+        let e = TopEvent {
+            at_ms: wall_ms(),
+            server: self.me,
+            source: source.to_string(),
+            what,
+        };
+        push_capped(&mut self.top_events, e, KEEP_EVENTS);
+    }
+
+    /// A supervisor event: into the log, and deaths and restarts into the recoveries.
+    fn process_event(&mut self, e: ProcEvent) {
+        let now = wall_ms();
+        match e.kind {
+            ProcEventKind::Died => {
+                let cause = e
+                    .what
+                    .split_once(' ')
+                    .and_then(|(_, rest)| rest.split_once(' '))
+                    .map(|(_, c)| c.to_string())
+                    .unwrap_or_else(|| e.what.clone());
+                let r = RecoveryRecord {
+                    server: self.me,
+                    process: e.process.clone(),
+                    cause,
+                    died_ms: now,
+                    recovered_ms: None,
+                };
+                push_capped(&mut self.recoveries, r, KEEP_RECORDS);
+            }
+            ProcEventKind::Running => {
+                let pending = self
+                    .recoveries
+                    .iter_mut()
+                    .rev()
+                    .find(|r| r.process == e.process && r.recovered_ms.is_none());
+                if let Some(r) = pending {
+                    r.recovered_ms = Some(now);
+                    let ms = now.saturating_sub(r.died_ms);
+                    self.top_event(&e.process, format!("{} (recovered in {ms} ms)", e.what));
+                    return;
+                }
+            }
+            ProcEventKind::StartFailed | ProcEventKind::Reclaimed => {}
+        }
+        self.top_event(&e.process, e.what);
+    }
+
+    /// A migration started through the control socket; returns its id for
+    /// [`Control::migration_finished`].
+    pub fn migration_started(&mut self, from: String, to: String, requested: Option<u32>) -> u64 {
+        let id = self.next_migration;
+        self.next_migration += 1;
+        let what = format!(
+            "migration {id} started: {} flows from {from} to {to}",
+            requested.map_or("all".to_string(), |n| n.to_string())
+        );
+        let r = MigrationRecord {
+            id,
+            server: self.me,
+            from,
+            to,
+            requested,
+            started_ms: wall_ms(),
+            done: false,
+            ms: None,
+            moved: 0,
+            rolled_back: 0,
+            lost: 0,
+            error: None,
+        };
+        push_capped(&mut self.migrations, r, KEEP_RECORDS);
+        self.top_event("operator", what);
+        id
+    }
+
+    /// The migration `id` ended; `outcome` fills in its results.
+    pub fn migration_finished(&mut self, id: u64, outcome: impl FnOnce(&mut MigrationRecord)) {
+        let Some(r) = self.migrations.iter_mut().find(|r| r.id == id) else {
+            return;
+        };
+        outcome(r);
+        r.done = true;
+        let what = match (&r.error, r.ms) {
+            (Some(e), _) => format!("migration {id} failed: {e}"),
+            (None, ms) => format!(
+                "migration {id} done: {} flows moved in {:.1} ms, {} groups rolled back",
+                r.moved,
+                ms.unwrap_or(0.0),
+                r.rolled_back
+            ),
+        };
+        self.top_event("operator", what);
+    }
+
+    fn local_stats(&self) -> ServerStats {
+        ServerStats {
+            taken_ms: wall_ms(),
+            snapshot: RegionSnapshot::read(&self.region),
+        }
+    }
+
+    /// What `nfmgr top` shows: this server, and on the coordinator every member's last
+    /// statistics.
+    pub fn top(&self) -> TopReport {
+        let now = Instant::now();
+        let role = match &self.role {
+            Role::Coordinator => "coordinator",
+            Role::Member { .. } => "member",
+            Role::Alone => "standalone",
+        };
+        let mut events: Vec<TopEvent> = self.top_events.iter().cloned().collect();
+        let mut migrations: Vec<MigrationRecord> = self.migrations.iter().cloned().collect();
+        let mut recoveries: Vec<RecoveryRecord> = self.recoveries.iter().cloned().collect();
+        let mut servers = Vec::new();
+        for s in &self.view.servers {
+            let this = s.server == self.me;
+            let (age, stats) = if this {
+                (Some(0), Some(self.local_stats()))
+            } else {
+                match self.member_stats.get(&s.server) {
+                    Some((at, m)) => (
+                        Some(now.duration_since(*at).as_millis() as u64),
+                        Some(m.stats.clone()),
+                    ),
+                    None => (None, None),
+                }
+            };
+            servers.push(ServerReport {
+                server: s.server,
+                name: s.name.clone(),
+                alive: s.alive,
+                this,
+                coordinator: s.server == self.view.coordinator,
+                stats_age_ms: age,
+                stats,
+            });
+        }
+        if !servers.iter().any(|s| s.this) {
+            servers.insert(
+                0,
+                ServerReport {
+                    server: self.me,
+                    name: self.name.clone(),
+                    alive: true,
+                    this: true,
+                    coordinator: matches!(self.role, Role::Coordinator | Role::Alone),
+                    stats_age_ms: Some(0),
+                    stats: Some(self.local_stats()),
+                },
+            );
+        }
+        for (_, m) in self.member_stats.values() {
+            events.extend(m.events.iter().cloned());
+            migrations.extend(m.migrations.iter().cloned());
+            recoveries.extend(m.recoveries.iter().cloned());
+        }
+        events.sort_by_key(|e| e.at_ms);
+        migrations.sort_by_key(|m| m.started_ms);
+        recoveries.sort_by_key(|r| r.died_ms);
+        let tail = |n: usize, len: usize| len.saturating_sub(n);
+        events.drain(..tail(KEEP_EVENTS, events.len()));
+        migrations.drain(..tail(KEEP_RECORDS, migrations.len()));
+        recoveries.drain(..tail(KEEP_RECORDS, recoveries.len()));
+        TopReport {
+            instance: self.cfg.instance.clone(),
+            server: self.me,
+            name: self.name.clone(),
+            role: role.to_string(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            view_version: self.view.version,
+            taken_ms: wall_ms(),
+            servers,
+            endpoints: self.endpoints(),
+            chains: self
+                .cfg
+                .chains
+                .iter()
+                .map(|c| ChainInfo {
+                    name: c.name.clone(),
+                    nfs: c.kinds(),
+                })
+                .collect(),
+            events,
+            migrations,
+            recoveries,
+        }
+    }
+
+    /// Member: sends the coordinator this server's part of `nfmgr top`.
+    fn push_stats(&mut self, conn: ConnId) {
+        let m = MemberStats {
+            stats: self.local_stats(),
+            events: self.top_events.iter().cloned().collect(),
+            migrations: self.migrations.iter().cloned().collect(),
+            recoveries: self.recoveries.iter().cloned().collect(),
+        };
+        match serde_json::to_vec(&m) {
+            Ok(json) => self.send_peer(conn, &PeerMsg::Stats { json }),
+            Err(e) => tracing::warn!("cannot encode statistics for the coordinator: {e}"),
+        }
+    }
+
+    /// Kills one of this server's vswitches or runtimes with SIGKILL (a failover drill);
+    /// the supervisor sees it die and restarts it as it would after a crash.
+    pub fn kill_local(&mut self, slot: u16, by: &str) -> Result<String, String> {
+        let rec = self
+            .region
+            .slot(slot)
+            .filter(|_| slot != MANAGER_SLOT)
+            .ok_or_else(|| format!("server {} has no process in slot {slot}", self.me))?;
+        if !matches!(rec.kind(), ProcessKind::Vswitch | ProcessKind::Runtime) {
+            return Err(format!("slot {slot} holds no vswitch or runtime"));
+        }
+        let name = rec.name.get();
+        let pid = rec.pid.load(std::sync::atomic::Ordering::Relaxed);
+        if rec.state() != SlotState::Running || pid == 0 {
+            return Err(format!("{name} is not running (it is {:?})", rec.state()));
+        }
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .map_err(|e| format!("cannot kill {name} (pid {pid}): {e}"))?;
+        self.top_event(&name, format!("killed with SIGKILL by {by} (pid {pid})"));
+        Ok(format!("{name} (pid {pid}) killed"))
     }
 
     /// The vswitches and runtimes of this server, from the region.
@@ -389,6 +659,14 @@ impl Control {
             if to.slot == MANAGER_SLOT {
                 return fail(reply_to, self, "nfmgr itself takes no control calls".into());
             }
+            if let Call::Kill { by } = &call {
+                // A drill: this nfmgr kills the process; the call never reaches it.
+                let result = self
+                    .kill_local(to.slot, by)
+                    .map(|_| Reply::Accepted)
+                    .or_else(|reason| Ok(Reply::Refused { reason }));
+                return self.answer(reply_to, result);
+            }
             self.pending.insert(
                 id,
                 Pending {
@@ -458,6 +736,7 @@ impl Control {
             }
             Event::Relay(RelayEvent::Peer(PeerEvent::Restarted { .. })) => {}
             Event::Ask(f) => f(self),
+            Event::Process(e) => self.process_event(e),
             Event::PeerJoin { conn, info, writer } => self.member_joins(conn, info, writer),
             Event::Joined { conn, view, writer } => {
                 self.conns.insert(conn, writer);
@@ -635,6 +914,20 @@ impl Control {
                 }
             }
             PeerMsg::Leave => self.peer_down(conn, "left the cluster".into()),
+            PeerMsg::Stats { json } => {
+                let from = self
+                    .members
+                    .iter()
+                    .find(|(_, m)| m.conn == Some(conn))
+                    .map(|(s, _)| *s);
+                match (from, serde_json::from_slice::<MemberStats>(&json)) {
+                    (Some(server), Ok(m)) if matches!(self.role, Role::Coordinator) => {
+                        self.member_stats.insert(server, (now, m));
+                    }
+                    (_, Err(e)) => tracing::warn!("a member sent statistics I cannot read: {e}"),
+                    _ => {}
+                }
+            }
             PeerMsg::Hello { .. }
             | PeerMsg::Join { .. }
             | PeerMsg::Welcome { .. }
@@ -740,6 +1033,13 @@ impl Control {
                     self.send_peer(c, &PeerMsg::Heartbeat { endpoints });
                 }
                 _ => {}
+            }
+        }
+        if now.duration_since(self.last_stats_push) >= STATS_EVERY {
+            self.last_stats_push = now;
+            if let Role::Member { conn: Some(c), .. } = &self.role {
+                let c = *c;
+                self.push_stats(c);
             }
         }
         match &self.role {

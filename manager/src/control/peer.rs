@@ -79,6 +79,12 @@ pub enum PeerMsg {
     },
     /// The sender is shutting down cleanly.
     Leave,
+    /// Member to coordinator, once a second: its statistics, events, migrations and
+    /// recoveries for `nfmgr top`, as the JSON of [`nflib::top::MemberStats`] (its snapshot
+    /// has optional fields, which postcard cannot carry).
+    Stats {
+        json: Vec<u8>,
+    },
 }
 
 /// What a member said about itself when it joined.

@@ -9,6 +9,8 @@
 //! {"cmd":"stop"}
 //! {"cmd":"msgtest","from":"rt0@1","to":"rt0@2","count":100000,"size":64}
 //! {"cmd":"migrate","from":"rt0@1","to":"rt0@2","flows":1000}
+//! {"cmd":"top"}                                 (what `nfmgr top` shows: nflib::top)
+//! {"cmd":"kill","process":"rt1@2"}              (failover drill: SIGKILL, then restart)
 //! -> {"ok":true,"data":...} or {"ok":false,"error":"..."}
 //! ```
 //!
@@ -54,6 +56,10 @@ pub enum Request {
         /// Flows to move; absent: all.
         flows: Option<u32>,
         timeout_s: Option<f64>,
+    },
+    Top,
+    Kill {
+        process: String,
     },
 }
 
@@ -141,6 +147,10 @@ pub fn handle_request(handle: &Handle, req: Request) -> Result<Value, String> {
             depth.unwrap_or(0),
             Duration::from_secs_f64(timeout_s.unwrap_or(300.0).clamp(0.1, 3600.0)),
         ),
+        Request::Top => handle
+            .ask(|c| c.top())
+            .and_then(|t| serde_json::to_value(t).map_err(|e| e.to_string())),
+        Request::Kill { process } => kill(handle, &process),
         Request::Migrate {
             from,
             to,
@@ -202,6 +212,13 @@ fn migrate(
         Reply::Refused { reason } => return Err(format!("{a}: {reason}")),
         other => return Err(format!("{a}: unexpected answer {other:?}")),
     }
+    let label = |addr: EndpointAddr| match eps.iter().find(|e| e.addr == addr) {
+        Some(e) => format!("{}@{}", e.name, addr.server),
+        None => addr.to_string(),
+    };
+    let (la, lb) = (label(a), label(b));
+    let requested = (flows != u32::MAX).then_some(flows);
+    let id = handle.ask(move |c| c.migration_started(la, lb, requested))?;
     let started = Instant::now();
     let mut last_err = String::new();
     let report = loop {
@@ -212,7 +229,7 @@ fn migrate(
             Ok(_) => {}
         }
         if started.elapsed() > timeout {
-            return Err(format!(
+            let why = format!(
                 "the migration did not finish within {:.1} s{}",
                 timeout.as_secs_f64(),
                 if last_err.is_empty() {
@@ -220,10 +237,23 @@ fn migrate(
                 } else {
                     format!(" (last status error: {last_err})")
                 }
-            ));
+            );
+            let e = why.clone();
+            let _ = handle.ask(move |c| c.migration_finished(id, |r| r.error = Some(e)));
+            return Err(why);
         }
         std::thread::sleep(Duration::from_millis(5));
     };
+    let r2 = report.clone();
+    let _ = handle.ask(move |c| {
+        c.migration_finished(id, |r| {
+            r.moved = r2.moved;
+            r.rolled_back = r2.groups_rolled_back;
+            r.lost = r2.buffer_drops;
+            r.ms = Some(r2.elapsed_us as f64 / 1000.0);
+            r.error = r2.error;
+        })
+    });
     Ok(json!({
         "from": a.to_string(),
         "to": b.to_string(),
@@ -239,6 +269,19 @@ fn migrate(
         "stragglers_waited": report.stragglers_waited,
         "error": report.error,
     }))
+}
+
+/// Kills a vswitch or runtime anywhere in the cluster for a failover drill (its nfmgr sends
+/// SIGKILL and restarts it as after any crash).
+fn kill(handle: &Handle, spec: &str) -> Result<Value, String> {
+    let (eps, me) = handle.ask(|c| (c.endpoints(), c.server_id()))?;
+    let addr = resolve(spec, &eps, me)?;
+    let by = format!("operator on server {me}");
+    match handle.rpc(addr, Call::Kill { by })? {
+        Reply::Accepted => Ok(json!({ "killed": addr.to_string() })),
+        Reply::Refused { reason } => Err(reason),
+        other => Err(format!("{addr}: unexpected answer {other:?}")),
+    }
 }
 
 /// Finds an endpoint: `SERVER/SLOT`, `NAME@SERVER`, or `NAME` (this server first, else the

@@ -1,0 +1,205 @@
+//! `nfmgr top`: the live terminal dashboard.
+//!
+//! - [`model`]: what is shown, computed from consecutive control-socket answers (pure);
+//! - [`app`]: the dashboard's own state and what each key does to it (pure);
+//! - [`render`]: drawing, a pure function of the two;
+//! - this module: the terminal, the loop, and the threads that talk to nfmgr.
+//!
+//! A fetcher thread asks nfmgr for `top` once a second; a lost nfmgr shows on screen and is
+//! retried at the same pace. Drill actions (kill, migrate) run on their own threads so the
+//! screen never waits for them. The terminal is restored on quit, on SIGTERM, SIGINT or
+//! SIGHUP, and on a panic (ratatui's hook).
+
+pub mod app;
+pub mod client;
+pub mod model;
+pub mod render;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+use ratatui::crossterm::event::{self, Event, KeyEventKind};
+use serde_json::json;
+
+use app::{Action, App};
+use model::Model;
+use nflib::top::TopReport;
+
+pub struct Options {
+    pub socket: PathBuf,
+    /// How often to ask nfmgr.
+    pub interval: Duration,
+}
+
+enum Msg {
+    Report(Result<Box<TopReport>, String>),
+    /// A drill action finished: what to tell the operator.
+    Done(String),
+    Signal(Signal),
+}
+
+/// Runs the dashboard until the operator quits or a termination signal arrives.
+pub fn run(opts: Options) -> Result<(), String> {
+    if !std::io::stdout().is_terminal() {
+        return Err("nfmgr top needs a terminal (use `nfmgr status --json` in scripts)".into());
+    }
+    // Termination signals are taken by a thread (sigwait), so they end the loop cleanly and
+    // the terminal is restored; the mask is set before any thread starts so all inherit it.
+    let mut signals = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(s);
+    }
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals), None)
+        .map_err(|e| format!("cannot block signals: {e}"))?;
+    let (tx, rx) = mpsc::channel();
+    {
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name("top-signals".into())
+            .spawn(move || {
+                if let Ok(sig) = signals.wait() {
+                    let _ = tx.send(Msg::Signal(sig));
+                    // After a hang-up crossterm may spin reading a closed terminal and never
+                    // return to the loop: if the loop has not ended the process by now, this
+                    // thread does.
+                    std::thread::sleep(Duration::from_secs(2));
+                    ratatui::restore();
+                    eprintln!("nfmgr top: stopped by {sig}");
+                    std::process::exit(0);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    let (refresh_tx, refresh_rx) = mpsc::channel::<()>();
+    {
+        let tx = tx.clone();
+        let socket = opts.socket.clone();
+        let interval = opts.interval;
+        std::thread::Builder::new()
+            .name("top-fetch".into())
+            .spawn(move || fetch_loop(&socket, interval, &tx, &refresh_rx))
+            .map_err(|e| e.to_string())?;
+    }
+    let mut terminal = ratatui::init();
+    let result = ui_loop(&mut terminal, &opts, &rx, &tx, &refresh_tx);
+    ratatui::restore();
+    if let Some(sig) = result? {
+        eprintln!("nfmgr top: stopped by {sig}");
+    }
+    Ok(())
+}
+
+fn fetch_loop(
+    socket: &std::path::Path,
+    interval: Duration,
+    tx: &Sender<Msg>,
+    refresh: &Receiver<()>,
+) {
+    loop {
+        let answer = client::call(socket, &json!({ "cmd": "top" }), Duration::from_secs(3))
+            .and_then(|v| {
+                serde_json::from_value::<TopReport>(v)
+                    .map(Box::new)
+                    .map_err(|e| format!("unexpected answer: {e}"))
+            });
+        if tx.send(Msg::Report(answer)).is_err() {
+            return;
+        }
+        match refresh.recv_timeout(interval) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
+
+fn act(socket: PathBuf, action: Action, tx: Sender<Msg>, refresh: Sender<()>) {
+    let _ = std::thread::Builder::new()
+        .name("top-action".into())
+        .spawn(move || {
+            let text = match action {
+                Action::Kill(spec) => {
+                    match client::call(
+                        &socket,
+                        &json!({ "cmd": "kill", "process": spec }),
+                        Duration::from_secs(5),
+                    ) {
+                        Ok(_) => {
+                            format!("{spec} killed; watch its recovery in the Migrations view")
+                        }
+                        Err(e) => format!("kill {spec} failed: {e}"),
+                    }
+                }
+                Action::Migrate { from, to, flows } => {
+                    let mut req =
+                        json!({ "cmd": "migrate", "from": from, "to": to, "timeout_s": 60.0 });
+                    if let Some(n) = flows {
+                        req["flows"] = json!(n);
+                    }
+                    let _ = refresh.send(());
+                    match client::call(&socket, &req, Duration::from_secs(65)) {
+                        Ok(v) => format!(
+                        "migrated {} flows from {from} to {to} in {:.1} ms ({} groups rolled back)",
+                        v["moved"],
+                        v["ms"].as_f64().unwrap_or(0.0),
+                        v["groups_rolled_back"]
+                    ),
+                        Err(e) => format!("migration from {from} to {to} failed: {e}"),
+                    }
+                }
+                Action::Quit => return,
+            };
+            let _ = tx.send(Msg::Done(text));
+            let _ = refresh.send(());
+        });
+}
+
+fn ui_loop(
+    terminal: &mut ratatui::DefaultTerminal,
+    opts: &Options,
+    rx: &Receiver<Msg>,
+    tx: &Sender<Msg>,
+    refresh: &Sender<()>,
+) -> Result<Option<Signal>, String> {
+    let mut app = App::default();
+    let mut model = Model::default();
+    let mut dirty = true;
+    let mut last_draw = Instant::now();
+    loop {
+        while let Ok(msg) = rx.try_recv() {
+            match msg {
+                Msg::Report(Ok(r)) if !app.frozen => model.update(*r),
+                Msg::Report(Ok(_)) => model.link = model::Link::Up,
+                Msg::Report(Err(e)) => model.lost(e),
+                Msg::Done(text) => app.notice = Some(text),
+                Msg::Signal(sig) => return Ok(Some(sig)),
+            }
+            app.clamp(&model);
+            dirty = true;
+        }
+        // Redrawn on change, and once a second for the ages shown.
+        if dirty || last_draw.elapsed() >= Duration::from_secs(1) {
+            terminal
+                .draw(|f| render::draw(f, &app, &model))
+                .map_err(|e| format!("cannot draw: {e}"))?;
+            dirty = false;
+            last_draw = Instant::now();
+        }
+        if event::poll(Duration::from_millis(100)).map_err(|e| e.to_string())? {
+            match event::read().map_err(|e| e.to_string())? {
+                Event::Key(k) if k.kind == KeyEventKind::Press => {
+                    match app.update(k, &model) {
+                        Some(Action::Quit) => return Ok(None),
+                        Some(a) => act(opts.socket.clone(), a, tx.clone(), refresh.clone()),
+                        None => {}
+                    }
+                    dirty = true;
+                }
+                Event::Resize(..) => dirty = true,
+                _ => {}
+            }
+        }
+    }
+}
