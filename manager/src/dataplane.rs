@@ -326,6 +326,8 @@ impl Dataplane {
             return 0;
         }
         ps.counters.add(PortCounter::RxPkts as usize, n as u64);
+        let bytes: usize = batch.iter().map(|p| p.len()).sum();
+        ps.counters.add(PortCounter::RxBytes as usize, bytes as u64);
         let now_ns = nflib::time::mono_ns();
         let region = self.region.clone();
         let alive = |s: u16| {
