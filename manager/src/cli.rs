@@ -379,6 +379,13 @@ pub fn msgtest(
         )
     });
     if v["exactly_once_in_order"] != true {
+        let given_up = v["given_up"].as_u64().unwrap_or(0);
+        if given_up > 0 {
+            bail!(
+                "messages were lost: the sender's transport gave up on {given_up} after the \
+                 receiver did not answer for cluster.peer_dead_after_ms"
+            );
+        }
         bail!("messages were lost, repeated or reordered");
     }
     Ok(())

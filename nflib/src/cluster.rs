@@ -172,4 +172,8 @@ pub struct ProbeReport {
     pub done: bool,
     /// Sender side: the transport's retransmissions to the peer during the run.
     pub retransmits: u64,
+    /// Sender side: messages the transport gave up on during the run because the peer
+    /// stopped answering for `peer_dead_after_ms` (they count as lost).
+    #[serde(default)]
+    pub given_up: u64,
 }

@@ -34,6 +34,7 @@ struct Prober {
     depth: u32,
     pad: Vec<u8>,
     retransmits_at_start: u64,
+    lost_at_start: u64,
 }
 
 #[derive(Default)]
@@ -187,6 +188,7 @@ impl Liaison {
                     depth,
                     pad: vec![0x5a; size as usize],
                     retransmits_at_start: mb.transport().stats().retransmits,
+                    lost_at_start: mb.transport().stats().msgs_lost,
                 });
                 Reply::Accepted
             }
@@ -329,6 +331,7 @@ impl Liaison {
             sent += 1;
         }
         p.report.retransmits = mb.transport().stats().retransmits - p.retransmits_at_start;
+        p.report.given_up = mb.transport().stats().msgs_lost - p.lost_at_start;
         if p.report.sent == p.count {
             let idle = mb
                 .transport()

@@ -488,6 +488,7 @@ fn msgtest(
         "out_of_order": receiver.out_of_order,
         "exactly_once_in_order": exact,
         "retransmits": sender.retransmits,
+        "given_up": sender.given_up,
         "seconds": secs,
         "msgs_per_s": if secs > 0.0 { count as f64 / secs } else { 0.0 },
         "gbit_per_s": if secs > 0.0 { receiver.payload_bytes as f64 * 8.0 / secs / 1e9 } else { 0.0 },
