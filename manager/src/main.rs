@@ -420,6 +420,7 @@ fn run(cfg: Config, demo: bool) -> Result<()> {
 fn build_ports(
     cfg: &Config,
     region: &Region,
+    pool: &mut ManagerPool,
     vswitch_slot: &dyn Fn(&str) -> u16,
 ) -> Result<Vec<PortSlot>> {
     let mut ports = Vec::new();
@@ -455,6 +456,19 @@ fn build_ports(
                 .with_context(|| key.clone())?,
             ),
             PortSpec::Null => Box::new(ports::NullPort),
+            #[cfg(feature = "dpdk")]
+            PortSpec::Dpdk(device) => Box::new(
+                ports::dpdk::DpdkPort::open(cfg, region, pool, device)
+                    .with_context(|| format!("{key}: dpdk:{device}"))?,
+            ),
+            #[cfg(not(feature = "dpdk"))]
+            PortSpec::Dpdk(device) => {
+                let _ = &pool;
+                bail!(
+                    "{key}: dpdk:{device}: this nfmgr was built without DPDK (build it with \
+                     `cargo build --release --features dpdk`, which needs libdpdk-dev)"
+                )
+            }
         };
         let recorder = match &pc.record {
             Some(path) => Some(
@@ -621,9 +635,11 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         });
         next_slot += 1;
     }
-    let ports = build_ports(cfg, &region, &slot_of_vswitch)?;
-    let pool = ManagerPool::new(&region, region_cfg.pool_ring_size / 2);
+    // Termination signals are blocked before any thread starts (DPDK's EAL starts some when
+    // a port opens), so that they all reach the supervisor's signalfd.
     let signals = termination_signals()?;
+    let mut pool = ManagerPool::new(&region, region_cfg.pool_ring_size / 2);
+    let ports = build_ports(cfg, &region, &mut pool, &slot_of_vswitch)?;
     let (cmd_tx, cmd_rx) = HeapRb::<Command>::new(256).split();
     let (ev_tx, ev_rx) = HeapRb::<dataplane::Event>::new(1024).split();
     let event_bell = Arc::new(

@@ -48,6 +48,9 @@ pub struct Config {
     /// How runtimes move flows between them (issue 5, docs/MIGRATION.md).
     #[serde(default)]
     pub migration: MigrationSection,
+    /// DPDK's environment, for `dpdk:` ports (nfmgr built with the `dpdk` feature).
+    #[serde(default)]
+    pub dpdk: DpdkSection,
     #[serde(default, rename = "vswitch")]
     pub vswitches: Vec<VswitchConfig>,
     #[serde(default, rename = "runtime")]
@@ -666,9 +669,88 @@ pub struct PortConfig {
 }
 
 /// What a port spec names.
+/// `[dpdk]`: how nfmgr initialises DPDK's environment (EAL) when a port is `dpdk:`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpdkSection {
+    /// EAL cores (`-l`); DPDK's calls are made from nfmgr's data-plane thread.
+    #[serde(default = "d_dpdk_lcores")]
+    pub lcores: String,
+    /// Where DPDK's own memory (mbuf headers, queues) lives: `hugepages` or `no-huge`.
+    /// Packet data is always in the platform's region.
+    #[serde(default)]
+    pub memory: DpdkMemory,
+    /// DPDK's memory in MiB.
+    #[serde(default = "d_dpdk_memory_mb")]
+    pub memory_mb: u32,
+    /// Virtual devices (`--vdev`), e.g. `net_af_packet0,iface=veth0`, `net_null0`.
+    #[serde(default)]
+    pub vdevs: Vec<String>,
+    /// PCI devices to use (`-a`); none: DPDK probes what is bound to it.
+    #[serde(default)]
+    pub pci: Vec<String>,
+    /// EAL's runtime files' prefix; default `nfactor-INSTANCE`, so instances never clash.
+    pub file_prefix: Option<String>,
+    /// Descriptors per receive and transmit queue.
+    #[serde(default = "d_dpdk_descriptors")]
+    pub rx_descriptors: u16,
+    #[serde(default = "d_dpdk_descriptors")]
+    pub tx_descriptors: u16,
+    /// More EAL arguments, passed as they are.
+    #[serde(default)]
+    pub eal_args: Vec<String>,
+    /// DPDK devices give the data-plane thread no descriptor to sleep on: when idle (and not
+    /// busy polling) it looks at them this often.
+    #[serde(default = "d_dpdk_idle_poll_us")]
+    pub idle_poll_us: u64,
+}
+
+impl Default for DpdkSection {
+    fn default() -> Self {
+        DpdkSection {
+            lcores: d_dpdk_lcores(),
+            memory: DpdkMemory::default(),
+            memory_mb: d_dpdk_memory_mb(),
+            vdevs: Vec::new(),
+            pci: Vec::new(),
+            file_prefix: None,
+            rx_descriptors: d_dpdk_descriptors(),
+            tx_descriptors: d_dpdk_descriptors(),
+            eal_args: Vec::new(),
+            idle_poll_us: d_dpdk_idle_poll_us(),
+        }
+    }
+}
+
+fn d_dpdk_idle_poll_us() -> u64 {
+    200
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DpdkMemory {
+    /// Huge pages (they must be reserved: scripts/setup-hugepages.sh).
+    Hugepages,
+    /// Ordinary memory (`--no-huge`): enough for virtual devices and tests.
+    #[default]
+    NoHuge,
+}
+
+fn d_dpdk_lcores() -> String {
+    "0".into()
+}
+fn d_dpdk_memory_mb() -> u32 {
+    256
+}
+fn d_dpdk_descriptors() -> u16 {
+    1024
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PortSpec {
     AfPacket(String),
+    /// A DPDK port by its device name (`net_null0`, `0000:01:00.0`).
+    Dpdk(String),
     Generator,
     Sink,
     Pcap(PathBuf),
@@ -693,8 +775,9 @@ impl PortSpec {
             )),
             "pcap" if !arg.is_empty() => Ok(PortSpec::Pcap(base.join(arg))),
             "pcap" => Err(format!("`{s}`: pcap needs a file to replay")),
+            "dpdk" if !arg.is_empty() => Ok(PortSpec::Dpdk(arg.into())),
             "dpdk" => Err(format!(
-                "`{s}`: DPDK ports need nfmgr built with the `dpdk` feature"
+                "`{s}`: dpdk needs a device name (a vdev like net_null0, or a PCI address)"
             )),
             _ => Err(format!("`{s}`: unknown port kind `{kind}`")),
         }
@@ -704,7 +787,7 @@ impl PortSpec {
     pub fn receives(&self) -> bool {
         matches!(
             self,
-            PortSpec::AfPacket(_) | PortSpec::Generator | PortSpec::Pcap(_)
+            PortSpec::AfPacket(_) | PortSpec::Dpdk(_) | PortSpec::Generator | PortSpec::Pcap(_)
         )
     }
 }

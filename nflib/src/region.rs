@@ -553,6 +553,20 @@ impl Region {
         self.inner.layout.config.buffers
     }
 
+    /// Where the packet buffers lie in this process's mapping: the address of buffer 0 and
+    /// the length of the whole area (`buffer_count` buffers of `buffer_size` bytes). For
+    /// handing the area to a device driver (nfmgr's DPDK ports); reading or writing through
+    /// it is the caller's `unsafe`.
+    pub fn buffer_area(&self) -> (*mut u8, usize) {
+        let l = &self.inner.layout;
+        let len = l.config.buffers as usize * l.config.buffer_size as usize;
+        // The offset lies inside the mapping (the layout placed the buffers there).
+        (
+            self.inner.map.as_ptr().wrapping_add(l.buffers_off) as *mut u8,
+            len,
+        )
+    }
+
     /// Checks that a descriptor read from a ring names a real buffer and a packet inside it.
     pub fn check_desc(&self, d: &Desc) -> bool {
         let c = &self.inner.layout.config;

@@ -163,6 +163,13 @@ counter_set!(
     DataRx => "data_rx",
     DataBad => "data_bad",
     RxIgnored => "rx_ignored",
+    DevIpackets => "dev_ipackets",
+    DevImissed => "dev_imissed",
+    DevIerrors => "dev_ierrors",
+    DevOerrors => "dev_oerrors",
+    DevRxNombuf => "dev_rx_nombuf",
+    DpdkRxInRegion => "dpdk_rx_in_region",
+    DpdkRxForeign => "dpdk_rx_foreign",
 ]);
 
 /// A writer's private copy of a counter block.

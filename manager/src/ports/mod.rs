@@ -6,6 +6,8 @@
 //! and transmit drops (and counts) what the device cannot take.
 
 pub mod afpacket;
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod generator;
 pub mod pcap;
 pub mod sink;

@@ -193,6 +193,10 @@ fn port_drops(c: &BTreeMap<String, u64>) -> u64 {
         "rx_kernel_drops",
         "tx_drop_full",
         "tx_errors",
+        "dev_imissed",
+        "dev_ierrors",
+        "dev_oerrors",
+        "dev_rx_nombuf",
     ]
     .iter()
     .map(|k| counter(c, k))

@@ -1,0 +1,640 @@
+//! `dpdk:DEVICE` ports (cargo feature `dpdk`): the safe layer over `dpdk-sys`, and the only
+//! place nfmgr calls DPDK. Runtimes and vswitches never link it.
+//!
+//! Zero copy, one allocator: DPDK's packet buffers *are* the region's buffers. At start the
+//! region's buffer area becomes the external memory of a pktmbuf pool whose mbuf `i` is
+//! pinned to region buffer `i`, and the pool's mempool driver (`nf_region`, in the C shim)
+//! takes and returns buffer indices from nfmgr's own pool through [`hook_alloc`] and
+//! [`hook_free`]. So a device writes a received frame straight into a region buffer, the
+//! descriptor handed to the vswitch names that buffer, and a runtime reads the bytes where
+//! the device wrote them; to transmit, the mbuf pinned to the packet's buffer is pointed at
+//! its bytes and given to the device, which frees it back into the platform's pool. Nothing
+//! is copied, and a runtime frees a buffer as it always does, without asking nfmgr.
+//!
+//! `unsafe` here: FFI calls, and the hooks DPDK calls back with the pool of the burst in
+//! progress (set around every DPDK call that may allocate or free, on the data-plane
+//! thread, so the pool is never reached from two threads).
+
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::OnceLock;
+
+use anyhow::{bail, Context, Result};
+use dpdk_sys as sys;
+use nflib::buffer::Desc;
+use nflib::config::{Config, DpdkMemory};
+use nflib::layout::BUF_META_SIZE;
+use nflib::pool::ManagerPool;
+use nflib::stats::{LocalCounters, PortCounter, PortKind, PORT_COUNTERS};
+use nflib::{Packet, Region, MANAGER_SLOT};
+
+use super::{Port, PortCtx};
+
+const BURST: usize = 32;
+const OWNER: u32 = MANAGER_SLOT as u32;
+
+/// The environment abstraction layer, initialised once per process.
+struct Eal {
+    pool: *mut sys::rte_mempool,
+}
+
+// SAFETY: the mempool pointer is only used through DPDK calls made by the thread that runs
+// the ports (the data-plane thread) after start-up; DPDK's mempool itself is thread-safe.
+unsafe impl Send for Eal {}
+unsafe impl Sync for Eal {}
+
+static EAL: OnceLock<std::result::Result<Eal, String>> = OnceLock::new();
+
+/// The pool and region a burst may allocate from and free to.
+struct HookCtx {
+    pool: *mut ManagerPool,
+    region: *const Region,
+}
+
+extern "C" fn hook_alloc(ctx: *mut c_void, idx: *mut u32, n: u32) -> u32 {
+    // SAFETY: `ctx` is the `HookCtx` set by `with_pool` for the duration of the call that
+    // led here, on this thread; `idx` has room for `n` entries (the shim's scratch array).
+    let (ctx, out) = unsafe {
+        (
+            &mut *(ctx as *mut HookCtx),
+            std::slice::from_raw_parts_mut(idx, n as usize),
+        )
+    };
+    // SAFETY: as above; the pool outlives the call.
+    let pool = unsafe { &mut *ctx.pool };
+    for (k, slot) in out.iter_mut().enumerate() {
+        match pool.alloc() {
+            // The buffer stays owned by nfmgr while DPDK holds it.
+            Some(p) => *slot = p.into_desc().buf,
+            None => return k as u32,
+        }
+    }
+    n
+}
+
+extern "C" fn hook_free(ctx: *mut c_void, idx: *const u32, n: u32) {
+    // SAFETY: as in `hook_alloc`.
+    let (ctx, bufs) = unsafe {
+        (
+            &mut *(ctx as *mut HookCtx),
+            std::slice::from_raw_parts(idx, n as usize),
+        )
+    };
+    // SAFETY: as in `hook_alloc`.
+    let (pool, region) = unsafe { (&mut *ctx.pool, &*ctx.region) };
+    for &buf in bufs {
+        let d = Desc {
+            buf,
+            off: BUF_META_SIZE as u16,
+            ..Desc::default()
+        };
+        if let Some(p) = region.claim(d, OWNER, OWNER) {
+            pool.free(p);
+        }
+    }
+}
+
+extern "C" fn hook_count(ctx: *mut c_void) -> u32 {
+    // SAFETY: as in `hook_alloc`.
+    let ctx = unsafe { &*(ctx as *const HookCtx) };
+    // SAFETY: as in `hook_alloc`.
+    unsafe { (*ctx.pool).free_count() as u32 }
+}
+
+/// Runs `f` with the region pool's hooks pointed at `pool`: every DPDK call that can take or
+/// return buffers goes through here.
+fn with_pool<T>(
+    mp: *mut sys::rte_mempool,
+    pool: &mut ManagerPool,
+    region: &Region,
+    f: impl FnOnce() -> T,
+) -> T {
+    let mut ctx = HookCtx {
+        pool: pool as *mut ManagerPool,
+        region: region as *const Region,
+    };
+    // SAFETY: `mp` is the region pool; the context lives until it is unset below.
+    unsafe { sys::nf_region_pool_set_ctx(mp, &mut ctx as *mut HookCtx as *mut c_void) };
+    let r = f();
+    // SAFETY: as above.
+    unsafe { sys::nf_region_pool_set_ctx(mp, std::ptr::null_mut()) };
+    r
+}
+
+fn errno_text() -> String {
+    // SAFETY: reads DPDK's per-thread error number and its static description.
+    unsafe {
+        let e = sys::nf_rte_errno();
+        let s = sys::rte_strerror(e);
+        if s.is_null() {
+            format!("error {e}")
+        } else {
+            CStr::from_ptr(s).to_string_lossy().into_owned()
+        }
+    }
+}
+
+/// The end of what EAL logged since capture started (why it failed).
+fn eal_log_tail() -> String {
+    let mut buf = vec![0u8; 2048];
+    // SAFETY: the buffer has `len` bytes; the shim NUL-terminates within them.
+    let n = unsafe { sys::nf_log_capture_take(buf.as_mut_ptr() as *mut c_char, buf.len()) };
+    buf.truncate(n);
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(4)..].join(" | ")
+}
+
+/// The driver name of a vdev argument: `net_af_packet0,iface=x` -> `net_af_packet`.
+fn vdev_driver(vdev: &str) -> &str {
+    let name = vdev.split(',').next().unwrap_or("");
+    name.trim_end_matches(|c: char| c.is_ascii_digit())
+}
+
+/// Where the distribution keeps DPDK's drivers (loaded by EAL as plugins).
+const PMD_DIRS: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0",
+    "/usr/lib/aarch64-linux-gnu/dpdk/pmds-23.0",
+    "/usr/local/lib/x86_64-linux-gnu/dpdk/pmds-23.0",
+];
+
+fn hugepages_free() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("HugePages_Free:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Checks what EAL would otherwise fail on with a cryptic code (or abort on).
+fn preflight(cfg: &Config) -> Result<()> {
+    let d = &cfg.dpdk;
+    if d.memory == DpdkMemory::Hugepages && hugepages_free() == 0 {
+        bail!(
+            "dpdk.memory = \"hugepages\" but no huge pages are free (HugePages_Free is 0 in \
+             /proc/meminfo): reserve some with scripts/setup-hugepages.sh, or set \
+             dpdk.memory = \"no-huge\""
+        );
+    }
+    if let Some(dir) = PMD_DIRS.iter().find(|d| std::path::Path::new(d).is_dir()) {
+        for v in &d.vdevs {
+            let drv = vdev_driver(v);
+            let lib = format!("librte_{drv}.so");
+            let found = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(&lib));
+            if drv.is_empty() || !found {
+                bail!(
+                    "dpdk.vdevs: `{v}`: DPDK has no driver `{drv}` (none in {dir}; virtual \
+                     devices are named like net_null0, net_ring0, net_af_packet0,iface=IFACE)"
+                );
+            }
+        }
+    }
+    if d.memory_mb < 16 {
+        bail!(
+            "dpdk.memory_mb = {}: DPDK needs at least 16 MiB",
+            d.memory_mb
+        );
+    }
+    Ok(())
+}
+
+fn eal_args(cfg: &Config) -> Vec<String> {
+    let d = &cfg.dpdk;
+    let mut a = vec![
+        "nfmgr".to_string(),
+        "-l".into(),
+        d.lcores.clone(),
+        "--file-prefix".into(),
+        d.file_prefix
+            .clone()
+            .unwrap_or_else(|| format!("nfactor-{}", cfg.instance)),
+        "-m".into(),
+        d.memory_mb.to_string(),
+        "--no-telemetry".into(),
+    ];
+    if d.memory == DpdkMemory::NoHuge {
+        a.push("--no-huge".into());
+    }
+    if d.pci.is_empty() {
+        a.push("--no-pci".into());
+    }
+    for p in &d.pci {
+        a.push("-a".into());
+        a.push(p.clone());
+    }
+    for v in &d.vdevs {
+        a.push("--vdev".into());
+        a.push(with_frame_size(v, cfg.region.buffer_size));
+    }
+    a.extend(d.eal_args.iter().cloned());
+    a
+}
+
+/// DPDK puts a frame at RTE_PKTMBUF_HEADROOM (128 bytes) into a buffer, and the AF_PACKET
+/// driver refuses buffers smaller than its frame slot minus its 32-byte header, which is
+/// 2048 by default: for region buffers of 2048 bytes its slot must be smaller. Unless the
+/// operator chose one, `framesz` is set to the largest that fits (1952 for 2048-byte
+/// buffers: frames up to 1920 bytes, MTU 1500 and more). The driver also assumes its slots
+/// are contiguous, so its block size is made a whole number of both slots and pages.
+fn with_frame_size(vdev: &str, buffer_size: u32) -> String {
+    if vdev_driver(vdev) != "net_af_packet" || vdev.contains("framesz=") {
+        return vdev.to_string();
+    }
+    let framesz = ((buffer_size.saturating_sub(128) + 32) / 16 * 16) as u64;
+    let gcd = |mut a: u64, mut b: u64| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    let blocksz = framesz / gcd(framesz, 4096) * 4096;
+    let per_block = blocksz / framesz;
+    let framecnt = 512u64.div_ceil(per_block) * per_block;
+    format!("{vdev},framesz={framesz},blocksz={blocksz},framecnt={framecnt}")
+}
+
+/// Initialises EAL (once) and the region pool; later calls return the first outcome.
+fn eal(cfg: &Config, region: &Region) -> Result<&'static Eal> {
+    let r = EAL.get_or_init(|| init_eal(cfg, region).map_err(|e| format!("{e:#}")));
+    r.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn init_eal(cfg: &Config, region: &Region) -> Result<Eal> {
+    preflight(cfg)?;
+    let args = eal_args(cfg);
+    tracing::info!("DPDK EAL: {}", args[1..].join(" "));
+    let cargs: Vec<CString> = args
+        .iter()
+        .map(|a| CString::new(a.as_str()).context("an EAL argument holds a NUL byte"))
+        .collect::<Result<_>>()?;
+    let mut argv: Vec<*mut c_char> = cargs.iter().map(|a| a.as_ptr() as *mut c_char).collect();
+    // EAL pins the calling thread to its main lcore; nfmgr's processes must not inherit
+    // that, so the mask is put back afterwards.
+    let affinity = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).ok();
+    // SAFETY: plain FFI; argv lives until the call returns (EAL keeps copies).
+    let rc = unsafe {
+        sys::nf_log_capture_start();
+        sys::rte_eal_init(argv.len() as i32, argv.as_mut_ptr())
+    };
+    let log = eal_log_tail();
+    // SAFETY: restores EAL's log to stderr.
+    unsafe { sys::rte_openlog_stream(std::ptr::null_mut()) };
+    if let Some(mask) = affinity {
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &mask);
+    }
+    if rc < 0 {
+        bail!(
+            "DPDK's environment did not start ({}): {}",
+            errno_text(),
+            if log.is_empty() {
+                "EAL said nothing".to_string()
+            } else {
+                log
+            }
+        );
+    }
+    let pool = region_pool(region)?;
+    Ok(Eal { pool })
+}
+
+/// The pktmbuf pool whose mbufs are pinned to the region's buffers.
+fn region_pool(region: &Region) -> Result<*mut sys::rte_mempool> {
+    let (base, len) = region.buffer_area();
+    let count = region.buffer_count();
+    let buf_size = u16::try_from(len / count as usize)
+        .context("region.buffer_size must be below 65536 bytes for DPDK ports")?;
+    // SAFETY: FFI; the area is mapped for the process's lifetime and page aligned.
+    let iova = unsafe {
+        if sys::rte_eal_iova_mode() == sys::rte_iova_mode_RTE_IOVA_VA {
+            base as u64
+        } else {
+            u64::MAX // RTE_BAD_IOVA: fine for virtual devices; real NICs need IOVA as VA
+        }
+    };
+    // Register the area for devices that DMA (VFIO maps it); virtual devices do not care.
+    // SAFETY: FFI on the mapped area.
+    let rc = unsafe {
+        sys::rte_extmem_register(base as *mut c_void, len, std::ptr::null_mut(), 0, 4096)
+    };
+    if rc < 0 {
+        tracing::warn!(
+            "rte_extmem_register: {} (fine for virtual devices)",
+            errno_text()
+        );
+    }
+    let hooks = sys::nf_pool_hooks {
+        alloc: Some(hook_alloc),
+        free: Some(hook_free),
+        count: Some(hook_count),
+    };
+    let name = CString::new("nfactor_region").context("pool name")?;
+    // SAFETY: FFI; the shim copies the hooks.
+    let mp = unsafe {
+        sys::nf_region_pool_create(
+            name.as_ptr(),
+            base as *mut c_void,
+            iova,
+            count,
+            buf_size,
+            &hooks,
+        )
+    };
+    if mp.is_null() {
+        bail!(
+            "cannot build DPDK's packet pool over the region's {count} buffers: {}",
+            errno_text()
+        );
+    }
+    Ok(mp)
+}
+
+pub struct DpdkPort {
+    id: u16,
+    name: String,
+    mp: *mut sys::rte_mempool,
+    rx: [*mut sys::rte_mbuf; BURST],
+    tx: Vec<*mut sys::rte_mbuf>,
+    /// Device statistics last read (differences go into the port's counters).
+    last: sys::rte_eth_stats,
+    idle_poll: std::time::Duration,
+}
+
+// SAFETY: the mbuf pointers are only used on the thread that owns the port (the data-plane
+// thread); DPDK allows a queue to be used from any one thread at a time.
+unsafe impl Send for DpdkPort {}
+
+impl DpdkPort {
+    /// Opens `dpdk:DEVICE`: EAL on first use, then the device with one RX and one TX queue,
+    /// started. Every configuration error is a message naming what to fix.
+    pub fn open(
+        cfg: &Config,
+        region: &Region,
+        pool: &mut ManagerPool,
+        device: &str,
+    ) -> Result<DpdkPort> {
+        let eal = eal(cfg, region)?;
+        let cname = CString::new(device).context("device name")?;
+        let mut id = 0u16;
+        // SAFETY: FFI with a valid C string and out-pointer.
+        if unsafe { sys::rte_eth_dev_get_port_by_name(cname.as_ptr(), &mut id) } != 0 {
+            bail!(
+                "DPDK has no port `{device}` (its ports: {}); add it to dpdk.vdevs or dpdk.pci",
+                port_names().join(", ")
+            );
+        }
+        let conf = sys::rte_eth_conf::default();
+        let d = &cfg.dpdk;
+        let r = with_pool(eal.pool, pool, region, || {
+            // SAFETY: FFI on a valid port id; the pool is the region pool.
+            unsafe {
+                let rc = sys::rte_eth_dev_configure(id, 1, 1, &conf);
+                if rc < 0 {
+                    return Err(format!("configure: {}", errno_from(rc)));
+                }
+                let (mut nrx, mut ntx) = (d.rx_descriptors, d.tx_descriptors);
+                let rc = sys::rte_eth_dev_adjust_nb_rx_tx_desc(id, &mut nrx, &mut ntx);
+                if rc < 0 {
+                    return Err(format!("descriptors: {}", errno_from(rc)));
+                }
+                let socket = sys::rte_eth_dev_socket_id(id);
+                let socket = if socket < 0 { 0 } else { socket as u32 };
+                let rc =
+                    sys::rte_eth_rx_queue_setup(id, 0, nrx, socket, std::ptr::null(), eal.pool);
+                if rc < 0 {
+                    return Err(format!("receive queue: {}", errno_from(rc)));
+                }
+                let rc = sys::rte_eth_tx_queue_setup(id, 0, ntx, socket, std::ptr::null());
+                if rc < 0 {
+                    return Err(format!("transmit queue: {}", errno_from(rc)));
+                }
+                let rc = sys::rte_eth_dev_start(id);
+                if rc < 0 {
+                    return Err(format!("start: {}", errno_from(rc)));
+                }
+                // Promiscuous: the port is a bump in the wire (not all devices support it).
+                let _ = sys::rte_eth_promiscuous_enable(id);
+                Ok(())
+            }
+        });
+        r.map_err(|e| anyhow::anyhow!("DPDK port `{device}`: {e}"))?;
+        let mut link = sys::rte_eth_link::default();
+        // SAFETY: FFI with an out-pointer.
+        unsafe { sys::rte_eth_link_get_nowait(id, &mut link) };
+        tracing::info!(
+            port = device,
+            id,
+            "DPDK port started (link {}, {} Mbit/s); packet data in the region, no copy",
+            if link.link_status() != 0 {
+                "up"
+            } else {
+                "down"
+            },
+            link.link_speed
+        );
+        Ok(DpdkPort {
+            id,
+            name: device.to_string(),
+            mp: eal.pool,
+            rx: [std::ptr::null_mut(); BURST],
+            tx: Vec::with_capacity(BURST),
+            last: sys::rte_eth_stats::default(),
+            idle_poll: std::time::Duration::from_micros(d.idle_poll_us.max(10)),
+        })
+    }
+}
+
+fn errno_from(rc: i32) -> String {
+    // SAFETY: rte_strerror returns a static string for any number.
+    unsafe {
+        let s = sys::rte_strerror(-rc);
+        if s.is_null() {
+            format!("error {rc}")
+        } else {
+            CStr::from_ptr(s).to_string_lossy().into_owned()
+        }
+    }
+}
+
+fn port_names() -> Vec<String> {
+    let mut names = Vec::new();
+    for id in 0..sys::RTE_MAX_ETHPORTS as u16 {
+        let mut buf = [0 as c_char; 64];
+        // SAFETY: FFI with a 64-byte buffer (RTE_ETH_NAME_MAX_LEN).
+        if unsafe { sys::rte_eth_dev_get_name_by_port(id, buf.as_mut_ptr()) } == 0 {
+            // SAFETY: NUL-terminated by DPDK.
+            names.push(
+                unsafe { CStr::from_ptr(buf.as_ptr()) }
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+        }
+    }
+    if names.is_empty() {
+        names.push("none".into());
+    }
+    names
+}
+
+impl Port for DpdkPort {
+    fn kind(&self) -> PortKind {
+        PortKind::Dpdk
+    }
+
+    fn rx(&mut self, ctx: &mut PortCtx<'_>, out: &mut Vec<Packet>, max: usize) {
+        let want = max.min(BURST) as u16;
+        if want == 0 {
+            return;
+        }
+        let (id, mp, rx) = (self.id, self.mp, self.rx.as_mut_ptr());
+        // SAFETY: FFI into the port's one RX queue from its owning thread; `rx` has BURST
+        // slots.
+        let n = with_pool(mp, ctx.pool, ctx.region, || unsafe {
+            sys::nf_rx_burst(id, 0, rx, want)
+        });
+        for &m in &self.rx[..n as usize] {
+            // SAFETY: `m` is an mbuf the device just returned.
+            let (buf, off, len, segs) = unsafe {
+                (
+                    sys::nf_region_pool_index(mp, m),
+                    sys::nf_mbuf_data_off(m),
+                    sys::nf_mbuf_data_len(m),
+                    sys::nf_mbuf_nb_segs(m),
+                )
+            };
+            let d = Desc {
+                buf,
+                off,
+                len,
+                ..Desc::default()
+            };
+            // The buffer is the region's (the pool has no other): the frame stays where the
+            // device wrote it.
+            match (segs == 1)
+                .then(|| ctx.region.claim(d, OWNER, OWNER))
+                .flatten()
+            {
+                Some(p) => {
+                    ctx.count(PortCounter::DpdkRxInRegion, 1);
+                    out.push(p);
+                }
+                None => {
+                    // Not a region buffer (impossible with the region pool) or chained.
+                    let c = if buf == u32::MAX {
+                        PortCounter::DpdkRxForeign
+                    } else {
+                        PortCounter::RxOversize
+                    };
+                    ctx.count(c, 1);
+                    // SAFETY: returns the mbuf (and its buffer) to the pool.
+                    with_pool(mp, ctx.pool, ctx.region, || unsafe {
+                        sys::nf_pktmbuf_free(m)
+                    });
+                }
+            }
+        }
+    }
+
+    fn tx(&mut self, ctx: &mut PortCtx<'_>, pkts: &mut Vec<Packet>) {
+        let mp = self.mp;
+        let mut bytes = 0u64;
+        let mut sent_total = 0u64;
+        let mut dropped = 0u64;
+        while !pkts.is_empty() {
+            let take = pkts.len().min(BURST);
+            self.tx.clear();
+            for p in pkts.drain(..take) {
+                let d = p.into_desc();
+                // SAFETY: the index is a valid buffer (it came from a checked descriptor).
+                let m = unsafe { sys::nf_region_pool_mbuf(mp, d.buf) };
+                if m.is_null() {
+                    dropped += 1;
+                    continue;
+                }
+                // SAFETY: the mbuf pinned to this buffer is not in the device's hands (the
+                // buffer was in ours).
+                unsafe { sys::nf_mbuf_prepare_tx(m, d.off, d.len) };
+                bytes += d.len as u64;
+                self.tx.push(m);
+            }
+            let (id, ptr, n) = (self.id, self.tx.as_mut_ptr(), self.tx.len() as u16);
+            // SAFETY: FFI on the port's one TX queue; the device frees what it sent.
+            let sent = with_pool(mp, ctx.pool, ctx.region, || unsafe {
+                sys::nf_tx_burst(id, 0, ptr, n)
+            });
+            sent_total += sent as u64;
+            for &m in &self.tx[sent as usize..] {
+                // SAFETY: the device refused these: free them back into the pool.
+                bytes -= unsafe { sys::nf_mbuf_data_len(m) } as u64;
+                with_pool(mp, ctx.pool, ctx.region, || unsafe {
+                    sys::nf_pktmbuf_free(m)
+                });
+                dropped += 1;
+            }
+        }
+        ctx.count(PortCounter::TxPkts, sent_total);
+        ctx.count(PortCounter::TxBytes, bytes);
+        ctx.count(PortCounter::TxDropFull, dropped);
+    }
+
+    fn next_wake(&self, now: std::time::Instant) -> Option<std::time::Instant> {
+        Some(now + self.idle_poll)
+    }
+
+    fn housekeeping(&mut self, counters: &mut LocalCounters<PORT_COUNTERS>) {
+        let mut s = sys::rte_eth_stats::default();
+        // SAFETY: FFI with an out-pointer.
+        if unsafe { sys::rte_eth_stats_get(self.id, &mut s) } != 0 {
+            return;
+        }
+        let delta = |now: u64, before: u64| now.saturating_sub(before);
+        counters.add(
+            PortCounter::DevIpackets as usize,
+            delta(s.ipackets, self.last.ipackets),
+        );
+        counters.add(
+            PortCounter::DevImissed as usize,
+            delta(s.imissed, self.last.imissed),
+        );
+        counters.add(
+            PortCounter::DevIerrors as usize,
+            delta(s.ierrors, self.last.ierrors),
+        );
+        counters.add(
+            PortCounter::DevOerrors as usize,
+            delta(s.oerrors, self.last.oerrors),
+        );
+        counters.add(
+            PortCounter::DevRxNombuf as usize,
+            delta(s.rx_nombuf, self.last.rx_nombuf),
+        );
+        self.last = s;
+    }
+
+    fn report(&self) -> Option<serde_json::Value> {
+        Some(serde_json::json!({
+            "device": self.name,
+            "port_id": self.id,
+            "ipackets": self.last.ipackets,
+            "imissed": self.last.imissed,
+            "ierrors": self.last.ierrors,
+            "oerrors": self.last.oerrors,
+            "rx_nombuf": self.last.rx_nombuf,
+        }))
+    }
+
+    fn close(&mut self) {
+        // A device returns the mbufs it holds when stopped; with no pool at hand the region
+        // pool keeps their buffers aside (they go with the region when nfmgr exits).
+        // SAFETY: FFI on a started port.
+        unsafe {
+            sys::rte_eth_dev_stop(self.id);
+        }
+    }
+}
