@@ -5,6 +5,7 @@
   scripts/bench/run.py --smoke    a short pass that checks every benchmark still runs (CI)
   scripts/bench/run.py --only messages    just the actor-message benchmark (root: test bed)
   scripts/bench/run.py --only migration   just the flow-migration benchmark (root: test bed)
+  scripts/bench/run.py --only dpdk        just the DPDK port benchmark (root, DPDK installed)
 
 References (../shared/design/BENCHMARKS.md):
   - dpdk-testpmd, macswap and io forwarding on two net_null ports, lcores 0-1;
@@ -31,6 +32,9 @@ Ours:
     traffic, with the sink counting loss and reordering per flow. References (published, not
     re-run: no OpenNF or NFActor build exists for this machine): NFActor 1.5 ms for 1,000
     flows and about 700 ms for 600,000 over 3 runtime pairs; OpenNF 217 ms for 1,000 flows.
+  - DPDK ports (root, nfmgr built with DPDK): generator -> vswitch -> runtime -> egress, the
+    egress being the platform's own null port or a DPDK net_null device (same cores), next
+    to testpmd io on net_null in the same run: what the DPDK port costs over no device.
 Every result is one JSON line on stdout and in target/bench/results-<timestamp>.jsonl.
 """
 
@@ -204,6 +208,103 @@ def e2e_search(secs, lo=0.5, hi=10.0, steps=6, max_loss=0.001):
         else:
             hi = mid
     return best
+
+
+# ---------------------------------------------------------------- DPDK ports
+
+DPDK_CONFIG = """
+instance = "{instance}"
+[region]
+dir = "{dir}"
+hugepages = "off"
+buffers = 65536
+data_ring_size = 16384
+[manager]
+core = 0
+exit_when_done = true
+report = "report.json"
+idle_poll_us = 20
+[dpdk]
+lcores = "0"
+vdevs = ["net_null0,no-rx=1"]
+[[vswitch]]
+name = "vs0"
+core = 1
+[[runtime]]
+name = "rt0"
+core = 1
+[[port]]
+name = "gen0"
+spec = "gen:"
+to = "out"
+flows = {flows}
+rate_pps = 0
+packet_size = 64
+duration_ms = {ms}
+[[port]]
+name = "out"
+spec = "{egress}"
+{to_line}
+"""
+
+
+def dpdk_available():
+    return subprocess.run(["pkg-config", "--exists", "libdpdk"]).returncode == 0
+
+
+def egress_trial(egress, secs, flows=1000):
+    """Unpaced generator -> vswitch -> runtime -> `egress`; the rate the egress port sent."""
+    d = tempfile.mkdtemp(prefix="nfbench-", dir="/dev/shm")
+    try:
+        cfg = os.path.join(d, "bench.toml")
+        with open(cfg, "w") as f:
+            f.write(DPDK_CONFIG.format(instance=f"benchd{os.getpid()}", dir=d, flows=flows,
+                                       ms=int(secs * 1000), egress=egress,
+                                       # A DPDK port also receives (nothing: no-rx=1).
+                                       to_line='to = "out"' if egress.startswith("dpdk:") else ""))
+        subprocess.run([os.path.join(ROOT, "target/release/nfmgr"), "start", "-c", cfg],
+                       check=True, capture_output=True, timeout=secs + 60)
+        with open(os.path.join(d, "report.json")) as f:
+            rep = json.load(f)
+        out = next(p for p in rep["snapshot"]["ports"] if p["name"] == "out")["counters"]
+        gen = rep["ports"]["gen0"]
+        return {
+            "egress": egress,
+            "sent_mpps": round(out["tx_pkts"] / secs / 1e6, 3),
+            "offered_mpps": round((gen["sent"] + gen["skipped"]) / secs / 1e6, 3),
+            "tx_dropped": out.get("tx_drop_full", 0),
+            "device_errors": out.get("dev_oerrors", 0),
+        }
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def dpdk_ports(smoke, repeat, ref):
+    """The same pipeline ending at the platform's own null port and at a DPDK net_null
+    device: the difference is what the DPDK port costs (no copy: mbufs are pinned to the
+    region's buffers)."""
+    if not dpdk_available() or os.geteuid() != 0:
+        msg = "the DPDK port benchmark needs root and nfmgr built with DPDK (libdpdk-dev)"
+        if os.environ.get("CI") == "true":
+            sys.exit(f"bench: {msg}, and CI=true")
+        print(f"bench: SKIP {msg}", file=sys.stderr)
+        return
+    secs = 1 if smoke else 4
+    rates = {}
+    for egress in ("null:", "dpdk:net_null0"):
+        runs = [egress_trial(egress, secs, flows=100 if smoke else 1000) for _ in range(repeat)]
+        for t in runs:
+            emit({"bench": "dpdk port", "mode": "trial", **t})
+        rates[egress] = statistics.median(t["sent_mpps"] for t in runs)
+        if smoke and runs[0]["sent_mpps"] <= 0:
+            sys.exit(f"bench: nothing left through {egress}")
+    summary = {"bench": "dpdk port", "mode": "summary",
+               "platform_null_mpps": rates["null:"], "dpdk_net_null_mpps": rates["dpdk:net_null0"],
+               "dpdk_over_platform": round(rates["dpdk:net_null0"] / rates["null:"], 3)
+               if rates["null:"] else None}
+    if "io" in ref:
+        summary["testpmd_io_net_null_mpps"] = round(ref["io"] / 1e6, 2)
+    emit(summary)
 
 
 # ---------------------------------------------------------------- main
@@ -451,7 +552,8 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="short runs that only check everything works")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-build", action="store_true")
-    ap.add_argument("--only", choices=["messages", "migration"], help="run only this benchmark")
+    ap.add_argument("--only", choices=["messages", "migration", "dpdk"],
+                    help="run only this benchmark")
     ap.add_argument("--flows", type=int, action="append",
                     help="migration: only this many flows (repeatable)")
     ap.add_argument("--path", action="append", choices=["one host", "two servers"],
@@ -461,7 +563,9 @@ def main():
     repeat = 1 if smoke else args.repeat
 
     if not args.no_build:
-        subprocess.run(["cargo", "build", "-q", "--release", "--workspace"], cwd=ROOT, check=True)
+        features = ["--features", "nf-manager/dpdk"] if dpdk_available() else []
+        subprocess.run(["cargo", "build", "-q", "--release", "--workspace", *features],
+                       cwd=ROOT, check=True)
     mhz = cpu_mhz()
     emit({"machine": {"cpus": os.cpu_count(), "cpu_mhz": mhz, "kernel": os.uname().release}})
     if args.only == "messages":
@@ -470,6 +574,14 @@ def main():
         return
     if args.only == "migration":
         migration(smoke, repeat, args.flows, args.path)
+        finish(smoke)
+        return
+    if args.only == "dpdk":
+        ref = {"io": testpmd("io", 5 if smoke else 10)} if have("dpdk-testpmd") else {}
+        if ref:
+            emit({"bench": "reference", "what": "testpmd io net_null, lcores 0-1",
+                  "mpps_per_port": round(ref["io"] / 1e6, 2)})
+        dpdk_ports(smoke, repeat, ref)
         finish(smoke)
         return
 
@@ -500,6 +612,7 @@ def main():
 
     messaging(smoke, repeat)
     migration(smoke, repeat)
+    dpdk_ports(smoke, repeat, ref)
 
     if smoke:
         t = e2e_trial(0.1, 1, flows=100)
