@@ -251,6 +251,61 @@ uint32_t nf_region_pool_index(struct rte_mempool *mp, const struct rte_mbuf *m)
 	return index_of(mp->pool_data, m);
 }
 
+/* ---- bursts over the region pool ---- */
+
+#define NF_BURST_MAX 64
+
+uint16_t nf_rx_region(uint16_t port, uint16_t queue, struct rte_mempool *mp, uint32_t *buf,
+		      uint16_t *off, uint16_t *len, uint16_t n, uint32_t *refused)
+{
+	struct rte_mbuf *m[NF_BURST_MAX];
+	const struct nf_region_state *s = mp->pool_data;
+	if (n > NF_BURST_MAX)
+		n = NF_BURST_MAX;
+	uint16_t got = rte_eth_rx_burst(port, queue, m, n);
+	uint16_t k = 0;
+	for (uint16_t i = 0; i < got; i++) {
+		if (i + 1 < got)
+			rte_prefetch0(m[i + 1]);
+		uint32_t idx = index_of(s, m[i]);
+		if (idx == UINT32_MAX || m[i]->nb_segs != 1) {
+			rte_pktmbuf_free(m[i]);
+			(*refused)++;
+			continue;
+		}
+		buf[k] = idx;
+		off[k] = m[i]->data_off;
+		len[k] = m[i]->data_len;
+		k++;
+	}
+	return k;
+}
+
+uint16_t nf_tx_region(uint16_t port, uint16_t queue, struct rte_mempool *mp,
+		      const uint32_t *buf, const uint16_t *off, const uint16_t *len, uint16_t n)
+{
+	struct rte_mbuf *m[NF_BURST_MAX];
+	const struct nf_region_state *s = mp->pool_data;
+	if (n > NF_BURST_MAX)
+		n = NF_BURST_MAX;
+	/* The headers are cold (one 128-byte line per buffer): start loading them all. */
+	for (uint16_t i = 0; i < n; i++)
+		if (buf[i] < s->count)
+			rte_prefetch0(s->mbufs[buf[i]]);
+	uint16_t k = 0;
+	for (uint16_t i = 0; i < n; i++) {
+		if (buf[i] >= s->count)
+			continue;
+		m[k] = s->mbufs[buf[i]];
+		nf_mbuf_prepare_tx(m[k], off[i], len[i]);
+		k++;
+	}
+	uint16_t sent = rte_eth_tx_burst(port, queue, m, k);
+	for (uint16_t i = sent; i < k; i++)
+		rte_pktmbuf_free(m[i]);
+	return sent;
+}
+
 /* ---- EAL's log, captured for errors ---- */
 
 static FILE *nf_log;

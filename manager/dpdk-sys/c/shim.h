@@ -60,6 +60,23 @@ void nf_region_pool_set_ctx(struct rte_mempool *mp, void *ctx);
 struct rte_mbuf *nf_region_pool_mbuf(struct rte_mempool *mp, uint32_t idx);
 uint32_t nf_region_pool_index(struct rte_mempool *mp, const struct rte_mbuf *m);
 
+/*
+ * Bursts over the region pool, one call per burst: the per-packet work (finding the pinned
+ * mbuf, its fields) stays in C, with the mbuf headers prefetched.
+ *
+ * nf_rx_region receives up to n frames on (port, queue) and writes each one's buffer index,
+ * data offset and length; frames it cannot hand on (several segments, or not in a region
+ * buffer) are freed and counted in *refused. Returns the frames written.
+ */
+uint16_t nf_rx_region(uint16_t port, uint16_t queue, struct rte_mempool *mp, uint32_t *buf,
+		      uint16_t *off, uint16_t *len, uint16_t n, uint32_t *refused);
+/*
+ * nf_tx_region sends n packets given by buffer index, offset and length; returns how many
+ * the device took. The others are freed back to the pool (their count is n - returned).
+ */
+uint16_t nf_tx_region(uint16_t port, uint16_t queue, struct rte_mempool *mp,
+		      const uint32_t *buf, const uint16_t *off, const uint16_t *len, uint16_t n);
+
 /* Captures EAL's log in memory (for clear errors), or sends it back to stderr. */
 int nf_log_capture_start(void);
 /* Copies what was captured since start into buf (NUL-terminated); returns its length. */
