@@ -651,8 +651,15 @@ impl Dataplane {
         for s in 1..self.region.slot_count() {
             self.pool.service(s, false);
         }
+        let now = Instant::now();
         for ps in &mut self.ports {
-            ps.port.close();
+            let mut ctx = PortCtx {
+                region: &self.region,
+                pool: &mut self.pool,
+                counters: &mut ps.counters,
+                now,
+            };
+            ps.port.close(&mut ctx);
             if let Some(r) = ps.recorder.as_mut() {
                 r.close();
             }

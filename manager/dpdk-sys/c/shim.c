@@ -10,6 +10,7 @@
 #include <rte_mbuf.h>
 #include <rte_mbuf_pool_ops.h>
 #include <rte_mempool.h>
+#include <rte_spinlock.h>
 
 #include "shim.h"
 
@@ -39,8 +40,8 @@ void nf_mbuf_prepare_tx(struct rte_mbuf *m, uint16_t off, uint16_t len)
 	m->pkt_len = len;
 	m->nb_segs = 1;
 	m->next = NULL;
-	/* Keep only the flag that says the data buffer is external (and pinned). */
-	m->ol_flags &= RTE_MBUF_F_EXTERNAL;
+	/* The data buffer is external (pinned to a region buffer), and nothing else. */
+	m->ol_flags = RTE_MBUF_F_EXTERNAL;
 	m->packet_type = 0;
 	rte_mbuf_refcnt_set(m, 1);
 }
@@ -51,7 +52,8 @@ void nf_mbuf_prepare_tx(struct rte_mbuf *m, uint16_t off, uint16_t len)
 
 struct nf_region_state {
 	struct nf_pool_hooks hooks;
-	void *ctx;
+	/* Set by region_alloc: the pool owns this state (and frees it). */
+	int attached;
 	char *base;
 	uint16_t buf_size;
 	uint32_t count;
@@ -59,11 +61,24 @@ struct nf_region_state {
 	struct rte_mbuf **mbufs;
 	/* Set once every mbuf is pinned; before that, puts are the pool being populated. */
 	int ready;
-	/* Buffers DPDK returned while no context was set (device stop, close). */
+	/*
+	 * Buffers DPDK returned on a thread with no context (another thread of EAL's, or a
+	 * device stopped outside a burst); given back at the next burst. Locked: any thread
+	 * may add to it.
+	 */
+	rte_spinlock_t orphans_lock;
 	uint32_t *orphans;
 	uint32_t n_orphans;
+	/* Only used by the thread that holds the context. */
 	uint32_t *scratch;
 };
+
+/*
+ * The hooks' context is per thread: only the thread that set it (nfmgr's data-plane thread,
+ * around its DPDK calls) reaches the platform's pool; any other thread's frees wait in the
+ * orphan list and its allocations fail.
+ */
+static __thread void *nf_ctx;
 
 /* The state of the pool being created (the driver's alloc runs inside the create call). */
 static struct nf_region_state *nf_creating;
@@ -73,6 +88,7 @@ static int region_alloc(struct rte_mempool *mp)
 	if (nf_creating == NULL)
 		return -EINVAL;
 	mp->pool_data = nf_creating;
+	nf_creating->attached = 1;
 	return 0;
 }
 
@@ -101,32 +117,37 @@ static int region_enqueue(struct rte_mempool *mp, void *const *objs, unsigned in
 	struct nf_region_state *s = mp->pool_data;
 	if (!s->ready)
 		return 0; /* populating: the platform's pool already holds every buffer */
+	if (nf_ctx == NULL) {
+		rte_spinlock_lock(&s->orphans_lock);
+		for (unsigned int i = 0; i < n; i++) {
+			uint32_t idx = index_of(s, objs[i]);
+			if (idx != UINT32_MAX && s->n_orphans < s->count)
+				s->orphans[s->n_orphans++] = idx;
+		}
+		rte_spinlock_unlock(&s->orphans_lock);
+		return 0;
+	}
 	uint32_t k = 0;
 	for (unsigned int i = 0; i < n; i++) {
 		uint32_t idx = index_of(s, objs[i]);
-		if (idx == UINT32_MAX)
-			continue;
-		if (s->ctx == NULL) {
-			if (s->n_orphans < s->count)
-				s->orphans[s->n_orphans++] = idx;
-		} else {
+		if (idx != UINT32_MAX)
 			s->scratch[k++] = idx;
-		}
 	}
 	if (k > 0)
-		s->hooks.free(s->ctx, s->scratch, k);
+		s->hooks.free(nf_ctx, s->scratch, k);
 	return 0;
 }
 
 static int region_dequeue(struct rte_mempool *mp, void **objs, unsigned int n)
 {
 	struct nf_region_state *s = mp->pool_data;
-	if (!s->ready || s->ctx == NULL || n > s->count)
+	if (!s->ready || nf_ctx == NULL || n > s->count)
 		return -ENOBUFS;
-	uint32_t got = s->hooks.alloc(s->ctx, s->scratch, n);
+	uint32_t got = s->hooks.alloc(nf_ctx, s->scratch, n);
 	if (got < n) {
+		/* All or nothing. */
 		if (got > 0)
-			s->hooks.free(s->ctx, s->scratch, got);
+			s->hooks.free(nf_ctx, s->scratch, got);
 		return -ENOBUFS;
 	}
 	for (unsigned int i = 0; i < n; i++)
@@ -137,9 +158,9 @@ static int region_dequeue(struct rte_mempool *mp, void **objs, unsigned int n)
 static unsigned region_get_count(const struct rte_mempool *mp)
 {
 	const struct nf_region_state *s = mp->pool_data;
-	if (s == NULL || s->ctx == NULL)
+	if (s == NULL || nf_ctx == NULL)
 		return 0;
-	return s->hooks.count(s->ctx);
+	return s->hooks.count(nf_ctx);
 }
 
 static const struct rte_mempool_ops nf_region_ops = {
@@ -188,6 +209,7 @@ struct rte_mempool *nf_region_pool_create(const char *name, void *base, uint64_t
 	s->mbufs = calloc(count, sizeof(*s->mbufs));
 	s->orphans = calloc(count, sizeof(*s->orphans));
 	s->scratch = calloc(count, sizeof(*s->scratch));
+	rte_spinlock_init(&s->orphans_lock);
 	if (s->mbufs == NULL || s->orphans == NULL || s->scratch == NULL) {
 		free(s->mbufs);
 		free(s->orphans);
@@ -203,19 +225,46 @@ struct rte_mempool *nf_region_pool_create(const char *name, void *base, uint64_t
 		.elt_size = buf_size,
 	};
 	/* The pool takes the best ops, which this makes ours for the call. */
-	char before[RTE_MEMPOOL_OPS_NAMESIZE] = "";
+	/*
+	 * The pool takes the "best" mempool ops, which the user setting decides: it is ours for
+	 * this one call, then what it was (DPDK's default when there was none), so that pools
+	 * created later (by drivers) get an ordinary driver.
+	 */
+	char before[RTE_MEMPOOL_OPS_NAMESIZE];
 	const char *user = rte_mbuf_user_mempool_ops();
-	if (user != NULL)
-		snprintf(before, sizeof(before), "%s", user);
-	rte_mbuf_set_user_mempool_ops(NF_REGION_OPS);
+	snprintf(before, sizeof(before), "%s", user != NULL ? user : RTE_MBUF_DEFAULT_MEMPOOL_OPS);
+	if (rte_mbuf_set_user_mempool_ops(NF_REGION_OPS) != 0) {
+		free(s->mbufs);
+		free(s->orphans);
+		free(s->scratch);
+		free(s);
+		return NULL;
+	}
 	nf_creating = s;
 	struct rte_mempool *mp = rte_pktmbuf_pool_create_extbuf(
 		name, count, 0, 0, buf_size, SOCKET_ID_ANY, &ext, 1);
 	nf_creating = NULL;
-	if (before[0] != '\0')
-		rte_mbuf_set_user_mempool_ops(before);
+	rte_mbuf_set_user_mempool_ops(before);
 	if (mp == NULL) {
-		/* The driver's free ran if the pool got that far; otherwise free here. */
+		/* Once attached, the pool's free (region_free) released the state. */
+		if (!s->attached) {
+			free(s->mbufs);
+			free(s->orphans);
+			free(s->scratch);
+			free(s);
+		}
+		return NULL;
+	}
+	if (mp->pool_data != s) {
+		/* Built with another driver: its buffers would not be the platform's. */
+		rte_mempool_free(mp);
+		if (!s->attached) {
+			free(s->mbufs);
+			free(s->orphans);
+			free(s->scratch);
+			free(s);
+		}
+		rte_errno = EINVAL;
 		return NULL;
 	}
 	rte_mempool_obj_iter(mp, pin, s);
@@ -233,10 +282,12 @@ struct rte_mempool *nf_region_pool_create(const char *name, void *base, uint64_t
 void nf_region_pool_set_ctx(struct rte_mempool *mp, void *ctx)
 {
 	struct nf_region_state *s = mp->pool_data;
-	s->ctx = ctx;
+	nf_ctx = ctx;
 	if (ctx != NULL && s->n_orphans > 0) {
+		rte_spinlock_lock(&s->orphans_lock);
 		s->hooks.free(ctx, s->orphans, s->n_orphans);
 		s->n_orphans = 0;
+		rte_spinlock_unlock(&s->orphans_lock);
 	}
 }
 
@@ -268,7 +319,7 @@ uint16_t nf_rx_region(uint16_t port, uint16_t queue, struct rte_mempool *mp, uin
 		if (i + 1 < got)
 			rte_prefetch0(m[i + 1]);
 		uint32_t idx = index_of(s, m[i]);
-		if (idx == UINT32_MAX || m[i]->nb_segs != 1) {
+		if (idx == UINT32_MAX || s->mbufs[idx] != m[i] || m[i]->nb_segs != 1) {
 			rte_pktmbuf_free(m[i]);
 			(*refused)++;
 			continue;
@@ -324,10 +375,15 @@ size_t nf_log_capture_take(char *buf, size_t len)
 {
 	if (nf_log == NULL || len == 0)
 		return 0;
-	fflush(nf_log);
+	/* Back to stderr first, so that no EAL thread writes while the text is copied. */
+	rte_openlog_stream(NULL);
+	fclose(nf_log);
+	nf_log = NULL;
 	size_t n = nf_log_len < len - 1 ? nf_log_len : len - 1;
 	/* The end of the log says why. */
 	memcpy(buf, nf_log_buf + (nf_log_len - n), n);
 	buf[n] = '\0';
+	free(nf_log_buf);
+	nf_log_buf = NULL;
 	return n;
 }

@@ -30,6 +30,8 @@ use nflib::{Packet, Region, MANAGER_SLOT};
 use super::{Port, PortCtx};
 
 const BURST: usize = 32;
+// The shim's bursts hold at most 64 mbufs.
+const _: () = assert!(BURST <= 64);
 const OWNER: u32 = MANAGER_SLOT as u32;
 
 /// The environment abstraction layer, initialised once per process.
@@ -101,23 +103,29 @@ extern "C" fn hook_count(ctx: *mut c_void) -> u32 {
 }
 
 /// Runs `f` with the region pool's hooks pointed at `pool`: every DPDK call that can take or
-/// return buffers goes through here.
+/// return buffers goes through here. The context is the calling thread's only, and is unset
+/// even if `f` panics (a guard), so it never outlives the frame that holds it.
 fn with_pool<T>(
     mp: *mut sys::rte_mempool,
     pool: &mut ManagerPool,
     region: &Region,
     f: impl FnOnce() -> T,
 ) -> T {
+    struct Unset(*mut sys::rte_mempool);
+    impl Drop for Unset {
+        fn drop(&mut self) {
+            // SAFETY: `self.0` is the region pool; unsetting has no other precondition.
+            unsafe { sys::nf_region_pool_set_ctx(self.0, std::ptr::null_mut()) };
+        }
+    }
     let mut ctx = HookCtx {
         pool: pool as *mut ManagerPool,
         region: region as *const Region,
     };
-    // SAFETY: `mp` is the region pool; the context lives until it is unset below.
+    // SAFETY: `mp` is the region pool; the context lives until the guard unsets it.
     unsafe { sys::nf_region_pool_set_ctx(mp, &mut ctx as *mut HookCtx as *mut c_void) };
-    let r = f();
-    // SAFETY: as above.
-    unsafe { sys::nf_region_pool_set_ctx(mp, std::ptr::null_mut()) };
-    r
+    let _unset = Unset(mp);
+    f()
 }
 
 fn errno_text() -> String {
@@ -285,9 +293,8 @@ fn init_eal(cfg: &Config, region: &Region) -> Result<Eal> {
         sys::nf_log_capture_start();
         sys::rte_eal_init(argv.len() as i32, argv.as_mut_ptr())
     };
+    // (Also puts EAL's log back on stderr.)
     let log = eal_log_tail();
-    // SAFETY: restores EAL's log to stderr.
-    unsafe { sys::rte_openlog_stream(std::ptr::null_mut()) };
     if let Some(mask) = affinity {
         let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &mask);
     }
@@ -323,7 +330,13 @@ fn region_pool(region: &Region) -> Result<*mut sys::rte_mempool> {
     // Register the area for devices that DMA (VFIO maps it); virtual devices do not care.
     // SAFETY: FFI on the mapped area.
     let rc = unsafe {
-        sys::rte_extmem_register(base as *mut c_void, len, std::ptr::null_mut(), 0, 4096)
+        sys::rte_extmem_register(
+            base as *mut c_void,
+            len.div_ceil(4096) * 4096,
+            std::ptr::null_mut(),
+            0,
+            4096,
+        )
     };
     if rc < 0 {
         tracing::warn!(
@@ -423,7 +436,17 @@ impl DpdkPort {
                 Ok(())
             }
         });
-        r.map_err(|e| anyhow::anyhow!("DPDK port `{device}`: {e}"))?;
+        if let Err(e) = r {
+            // Give back whatever a half-started device took.
+            // SAFETY: FFI on a valid port id.
+            with_pool(eal.pool, pool, region, || unsafe {
+                sys::rte_eth_dev_stop(id);
+            });
+            bail!("DPDK port `{device}`: {e}");
+        }
+        if cfg.dpdk.pci.iter().any(|p| p == device) {
+            map_for_dma(id, device, region)?;
+        }
         let mut link = sys::rte_eth_link::default();
         // SAFETY: FFI with an out-pointer.
         unsafe { sys::rte_eth_link_get_nowait(id, &mut link) };
@@ -446,6 +469,37 @@ impl DpdkPort {
             idle_poll: std::time::Duration::from_micros(d.idle_poll_us.max(10)),
         })
     }
+}
+
+/// A physical device must reach the region's buffers by DMA: only with IOVA as VA (vfio with
+/// an IOMMU), mapped for the device. Anything else would have it write to wrong addresses,
+/// so it is an error, not a warning.
+fn map_for_dma(id: u16, device: &str, region: &Region) -> Result<()> {
+    // SAFETY: FFI without preconditions.
+    if unsafe { sys::rte_eal_iova_mode() } != sys::rte_iova_mode_RTE_IOVA_VA {
+        bail!(
+            "DPDK port `{device}`: physical devices need IOVA as VA (bind the NIC to vfio-pci \
+             with an IOMMU, or add --iova-mode=va to dpdk.eal_args)"
+        );
+    }
+    let (base, len) = region.buffer_area();
+    let len = len.div_ceil(4096) * 4096;
+    let mut info = sys::rte_eth_dev_info::default();
+    // SAFETY: FFI with an out-pointer; `info.device` stays valid while the port exists.
+    let rc = unsafe {
+        if sys::rte_eth_dev_info_get(id, &mut info) != 0 {
+            -1
+        } else {
+            sys::rte_dev_dma_map(info.device, base as *mut c_void, base as u64, len)
+        }
+    };
+    if rc != 0 {
+        bail!(
+            "DPDK port `{device}`: cannot map the region's buffers for DMA: {}",
+            errno_text()
+        );
+    }
+    Ok(())
 }
 
 fn errno_from(rc: i32) -> String {
@@ -522,6 +576,8 @@ impl Port for DpdkPort {
                     ctx.count(PortCounter::DpdkRxInRegion, 1);
                     out.push(p);
                 }
+                // Owned by someone else: never the case for a buffer the device just
+                // filled; left alone rather than freed twice.
                 None => ctx.count(PortCounter::RxOversize, 1),
             }
         }
@@ -607,13 +663,13 @@ impl Port for DpdkPort {
         }))
     }
 
-    fn close(&mut self) {
-        // A device returns the mbufs it holds when stopped; with no pool at hand the region
-        // pool keeps their buffers aside (they go with the region when nfmgr exits).
-        // SAFETY: FFI on a started port.
-        unsafe {
-            sys::rte_eth_dev_stop(self.id);
-        }
+    fn close(&mut self, ctx: &mut PortCtx<'_>) {
+        let id = self.id;
+        // A device returns the mbufs it holds when stopped: into the pool, through the hooks.
+        // SAFETY: FFI on a started port, from its owning thread.
+        with_pool(self.mp, ctx.pool, ctx.region, || unsafe {
+            sys::rte_eth_dev_stop(id);
+        });
     }
 }
 

@@ -71,8 +71,8 @@ pub trait Port: Send {
         None
     }
 
-    /// Flushes and releases the device at shutdown.
-    fn close(&mut self) {}
+    /// Flushes and releases the device at shutdown (buffers it returns go to `ctx.pool`).
+    fn close(&mut self, _ctx: &mut PortCtx<'_>) {}
 }
 
 /// `null:` swallows what it is sent and receives nothing (benchmarks, pure recorders).
