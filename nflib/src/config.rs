@@ -466,6 +466,9 @@ pub struct MigrationSection {
     /// Above this share of `buffer_packets` held, a target refuses new groups for a while.
     #[serde(default = "d_mig_high")]
     pub buffer_high_water_pct: u8,
+    /// At most this many flows a second start moving per source runtime (0: no limit).
+    #[serde(default)]
+    pub max_flows_per_s: u64,
 }
 
 fn d_mig_group() -> u32 {

@@ -227,6 +227,7 @@ pub fn from_region(ep: &Endpoint, cfg: &Config) -> Result<Runtime, String> {
             pending_timeout_ms: m.pending_timeout_ms,
             buffer_packets: buffer,
             buffer_high_water: buffer * m.buffer_high_water_pct as usize / 100,
+            max_flows_per_s: m.max_flows_per_s,
         },
     );
     Ok(rt)

@@ -48,6 +48,9 @@ pub struct MigrationSettings {
     pub buffer_packets: usize,
     /// Above this many held packets a target refuses new groups (the source retries).
     pub buffer_high_water: usize,
+    /// At most this many flows a second start moving (0: as fast as the pipeline of
+    /// `max_groups` goes), for operators who prefer headroom on the packet path to speed.
+    pub max_flows_per_s: u64,
 }
 
 impl Default for MigrationSettings {
@@ -61,6 +64,7 @@ impl Default for MigrationSettings {
             pending_timeout_ms: 10_000,
             buffer_packets: 65_536,
             buffer_high_water: 49_152,
+            max_flows_per_s: 0,
         }
     }
 }
@@ -200,6 +204,9 @@ struct Job {
     retry: Vec<Candidate>,
     retry_after_ms: u64,
     scan_done: bool,
+    /// The rate limit's token bucket (flows that may start now), and when it was filled.
+    tokens: f64,
+    tokens_at_ms: u64,
 }
 
 /// Set in the request id of a `SetRuntime` that points flows back at the source.
@@ -350,6 +357,9 @@ impl Migrator {
             retry: Vec::new(),
             retry_after_ms: 0,
             scan_done: false,
+            // The first group may start at once.
+            tokens: self.settings.group_size as f64,
+            tokens_at_ms: now_ms as u64,
         });
         Ok(self.jobs)
     }
@@ -549,6 +559,17 @@ impl Migrator {
             }
             let target = j.report.target.unwrap_or(self.me);
             let want = self.settings.group_size.min(j.remaining as usize);
+            let rate = self.settings.max_flows_per_s;
+            if rate > 0 {
+                // Token bucket, at most one group deep: a group starts once its flows'
+                // worth of time has passed.
+                let elapsed = now_ms.saturating_sub(j.tokens_at_ms) as f64 / 1000.0;
+                j.tokens = (j.tokens + rate as f64 * elapsed).min(self.settings.group_size as f64);
+                j.tokens_at_ms = now_ms;
+                if j.tokens < want as f64 {
+                    return;
+                }
+            }
             let mut picked = std::mem::take(&mut self.picked);
             picked.clear();
             if !j.retry.is_empty() {
@@ -580,6 +601,9 @@ impl Migrator {
                 return;
             }
             j.remaining = j.remaining.saturating_sub(picked.len() as u32);
+            if rate > 0 {
+                j.tokens -= picked.len() as f64;
+            }
             j.report.groups += 1;
             let id = self.next_group;
             self.next_group += 1;

@@ -328,6 +328,7 @@ impl Scenario {
                 pending_timeout_ms: 500,
                 buffer_packets: 10_000,
                 buffer_high_water: 8_000,
+                max_flows_per_s: 0,
             },
         }
     }
@@ -350,6 +351,8 @@ struct Outcome {
     sent_to_dead: u64,
     died_with_target: u64,
     done: bool,
+    /// How long the job took (the source's report).
+    elapsed_us: u64,
 }
 
 fn run(sc: Scenario) -> Outcome {
@@ -572,6 +575,7 @@ fn run(sc: Scenario) -> Outcome {
     let t = &nodes[&T];
     if let Some(r) = s.mig.report(0.0) {
         o.moved = r.moved;
+        o.elapsed_us = r.elapsed_us;
         o.failed = r.failed;
         o.late = r.late_stragglers;
         o.done = r.done;
@@ -725,5 +729,33 @@ fn a_target_restarted_mid_migration_keeps_no_flow_the_source_still_owns() {
         );
         assert_eq!(o.moved + o.failed, sc.flows as u64, "seed {seed}: {o:?}");
         assert!(o.done, "seed {seed}: {o:?}");
+    }
+}
+
+#[test]
+fn a_rate_limit_spreads_the_migration_and_still_loses_nothing() {
+    for seed in 1..=10u64 {
+        let mut sc = Scenario::base(seed * 31);
+        // 40 flows in groups of 8 at 1,000 flows a second: the first group at once, the
+        // other four 8 ms apart, so at least 32 ms in all.
+        sc.settings.max_flows_per_s = 1000;
+        let o = run(sc);
+        assert!(o.done, "seed {seed}: {o:?}");
+        assert_eq!(o.moved, sc.flows as u64, "seed {seed}: {o:?}");
+        assert_eq!(
+            (o.lost, o.duplicated, o.reordered, o.two_owners),
+            (0, 0, 0, 0),
+            "seed {seed}: {o:?}"
+        );
+        assert!(
+            o.elapsed_us >= 32_000,
+            "seed {seed}: took only {} us",
+            o.elapsed_us
+        );
+        // Unlimited, the same migration takes a few milliseconds.
+        let mut fast = Scenario::base(seed * 31);
+        fast.settings.max_flows_per_s = 0;
+        let f = run(fast);
+        assert!(f.done && f.elapsed_us < o.elapsed_us, "seed {seed}: {f:?}");
     }
 }
