@@ -117,18 +117,27 @@ spec = "sink:"
         assert!(names.contains(&n), "{n} missing from {st}");
     }
 
-    let eps = json(&cfg, &["runtimes"]);
-    let runtimes: Vec<&serde_json::Value> = eps
-        .as_array()
-        .expect("a list")
-        .iter()
-        .filter(|e| e["kind"] == "runtime")
-        .collect();
-    assert_eq!(runtimes.len(), 2, "{eps}");
-    let flows: u64 = runtimes
-        .iter()
-        .map(|e| e["workload"]["flows_active"].as_u64().unwrap_or(0))
-        .sum();
+    // Asked until the runtimes hold all 8 flows: under load a runtime can be slow enough to
+    // start that the supervisor replaces it, and its flows come back with the next packets.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (eps, flows) = loop {
+        let eps = json(&cfg, &["runtimes"]);
+        let runtimes: Vec<&serde_json::Value> = eps
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|e| e["kind"] == "runtime")
+            .collect();
+        assert_eq!(runtimes.len(), 2, "{eps}");
+        let flows: u64 = runtimes
+            .iter()
+            .map(|e| e["workload"]["flows_active"].as_u64().unwrap_or(0))
+            .sum();
+        if flows == 8 || std::time::Instant::now() > deadline {
+            break (eps, flows);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert_eq!(flows, 8, "the generator's 8 flows, spread over both: {eps}");
 
     let table = String::from_utf8(nfmgr(&cfg, &["runtimes"]).stdout).unwrap();
