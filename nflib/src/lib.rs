@@ -20,6 +20,7 @@
 pub mod buffer;
 pub mod cluster;
 pub mod config;
+pub mod control_client;
 pub mod doorbell;
 pub mod endpoint;
 pub mod flow;

@@ -137,7 +137,9 @@ def cargo_bench(package, bench, smoke):
     return [json.loads(l) for l in out.splitlines() if l.startswith("{")]
 
 
-E2E_CONFIG = """
+# nfmgr on core 0, until the generator is done, with a report: shared by the end-to-end
+# and DPDK port configurations.
+BENCH_HEAD = """
 instance = "{instance}"
 [region]
 dir = "{dir}"
@@ -149,7 +151,9 @@ core = 0
 exit_when_done = true
 report = "report.json"
 idle_poll_us = 20
-[[vswitch]]
+"""
+
+E2E_CONFIG = BENCH_HEAD + """[[vswitch]]
 name = "vs0"
 core = 1
 [[runtime]]
@@ -169,32 +173,37 @@ spec = "sink:"
 """
 
 
-def e2e_trial(mpps, secs, flows=1000):
-    """One run at `mpps` offered (0 = unpaced)."""
+def run_report(template, secs, **fields):
+    """Runs nfmgr (release) on `template` filled with `fields` for about `secs` seconds in a
+    fresh directory and returns its final report."""
     d = tempfile.mkdtemp(prefix="nfbench-", dir="/dev/shm")
     try:
         cfg = os.path.join(d, "bench.toml")
         with open(cfg, "w") as f:
-            f.write(E2E_CONFIG.format(instance=f"bench{os.getpid()}", dir=d, flows=flows,
-                                      rate=mpps * 1e6 / flows if mpps else 0,
-                                      ms=int(secs * 1000)))
+            f.write(template.format(instance=f"bench{os.getpid()}", dir=d, **fields))
         subprocess.run([os.path.join(ROOT, "target/release/nfmgr"), "start", "-c", cfg],
                        check=True, capture_output=True, timeout=secs + 60)
         with open(os.path.join(d, "report.json")) as f:
-            rep = json.load(f)
-        gen, sink = rep["ports"]["gen0"], rep["ports"]["sink0"]
-        offered = gen["sent"] + gen["skipped"]
-        delivered = sink["received"]
-        return {
-            "offered_mpps": round(offered / secs / 1e6, 3),
-            "delivered_mpps": round(delivered / secs / 1e6, 3),
-            "loss": 1 - delivered / offered if offered else 1.0,
-            "duplicates": sink["duplicates"],
-            "reordered": sink["reordered"],
-            "latency_avg_us": round(sink["latency_avg_ns"] / 1000, 1),
-        }
+            return json.load(f)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def e2e_trial(mpps, secs, flows=1000):
+    """One run at `mpps` offered (0 = unpaced)."""
+    rep = run_report(E2E_CONFIG, secs, flows=flows, rate=mpps * 1e6 / flows if mpps else 0,
+                     ms=int(secs * 1000))
+    gen, sink = rep["ports"]["gen0"], rep["ports"]["sink0"]
+    offered = gen["sent"] + gen["skipped"]
+    delivered = sink["received"]
+    return {
+        "offered_mpps": round(offered / secs / 1e6, 3),
+        "delivered_mpps": round(delivered / secs / 1e6, 3),
+        "loss": 1 - delivered / offered if offered else 1.0,
+        "duplicates": sink["duplicates"],
+        "reordered": sink["reordered"],
+        "latency_avg_us": round(sink["latency_avg_ns"] / 1000, 1),
+    }
 
 
 def e2e_search(secs, lo=0.5, hi=10.0, steps=6, max_loss=0.001):
@@ -212,19 +221,7 @@ def e2e_search(secs, lo=0.5, hi=10.0, steps=6, max_loss=0.001):
 
 # ---------------------------------------------------------------- DPDK ports
 
-DPDK_CONFIG = """
-instance = "{instance}"
-[region]
-dir = "{dir}"
-hugepages = "off"
-buffers = 65536
-data_ring_size = 16384
-[manager]
-core = 0
-exit_when_done = true
-report = "report.json"
-idle_poll_us = 20
-[dpdk]
+DPDK_CONFIG = BENCH_HEAD + """[dpdk]
 lcores = "0"
 vdevs = ["net_null0,no-rx=1"]
 [[vswitch]]
@@ -254,29 +251,18 @@ def dpdk_available():
 
 def egress_trial(egress, secs, flows=1000):
     """Unpaced generator -> vswitch -> runtime -> `egress`; the rate the egress port sent."""
-    d = tempfile.mkdtemp(prefix="nfbench-", dir="/dev/shm")
-    try:
-        cfg = os.path.join(d, "bench.toml")
-        with open(cfg, "w") as f:
-            f.write(DPDK_CONFIG.format(instance=f"benchd{os.getpid()}", dir=d, flows=flows,
-                                       ms=int(secs * 1000), egress=egress,
-                                       # A DPDK port also receives (nothing: no-rx=1).
-                                       to_line='to = "out"' if egress.startswith("dpdk:") else ""))
-        subprocess.run([os.path.join(ROOT, "target/release/nfmgr"), "start", "-c", cfg],
-                       check=True, capture_output=True, timeout=secs + 60)
-        with open(os.path.join(d, "report.json")) as f:
-            rep = json.load(f)
-        out = next(p for p in rep["snapshot"]["ports"] if p["name"] == "out")["counters"]
-        gen = rep["ports"]["gen0"]
-        return {
-            "egress": egress,
-            "sent_mpps": round(out["tx_pkts"] / secs / 1e6, 3),
-            "offered_mpps": round((gen["sent"] + gen["skipped"]) / secs / 1e6, 3),
-            "tx_dropped": out.get("tx_drop_full", 0),
-            "device_errors": out.get("dev_oerrors", 0),
-        }
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
+    rep = run_report(DPDK_CONFIG, secs, flows=flows, ms=int(secs * 1000), egress=egress,
+                     # A DPDK port also receives (nothing: no-rx=1).
+                     to_line='to = "out"' if egress.startswith("dpdk:") else "")
+    out = next(p for p in rep["snapshot"]["ports"] if p["name"] == "out")["counters"]
+    gen = rep["ports"]["gen0"]
+    return {
+        "egress": egress,
+        "sent_mpps": round(out["tx_pkts"] / secs / 1e6, 3),
+        "offered_mpps": round((gen["sent"] + gen["skipped"]) / secs / 1e6, 3),
+        "tx_dropped": out.get("tx_drop_full", 0),
+        "device_errors": out.get("dev_oerrors", 0),
+    }
 
 
 def dpdk_ports(smoke, repeat, ref):

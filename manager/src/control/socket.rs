@@ -498,41 +498,5 @@ fn msgtest(
     }))
 }
 
-/// Client side: sends one request to the socket at `path` and returns the answer's data.
-pub fn call(path: &Path, request: &Value, timeout: Duration) -> Result<Value, String> {
-    let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => format!(
-            "nfmgr is not running (no control socket at {})",
-            path.display()
-        ),
-        std::io::ErrorKind::ConnectionRefused => format!(
-            "nfmgr is not running (stale control socket at {})",
-            path.display()
-        ),
-        std::io::ErrorKind::PermissionDenied => format!(
-            "no permission to use the control socket {} (run as the user that started nfmgr)",
-            path.display()
-        ),
-        _ => format!("cannot connect to {}: {e}", path.display()),
-    })?;
-    let _ = stream.set_read_timeout(Some(timeout));
-    let mut text = request.to_string();
-    text.push('\n');
-    stream
-        .write_all(text.as_bytes())
-        .map_err(|e| format!("cannot send to nfmgr: {e}"))?;
-    let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(|e| format!("no answer from nfmgr: {e}"))?;
-    if line.is_empty() {
-        return Err("nfmgr closed the connection without answering (is it stopping?)".into());
-    }
-    let v: Value =
-        serde_json::from_str(line.trim()).map_err(|e| format!("unreadable answer: {e}"))?;
-    if v["ok"] == json!(true) {
-        Ok(v["data"].clone())
-    } else {
-        Err(v["error"].as_str().unwrap_or("unknown error").to_string())
-    }
-}
+/// Client side: one request, one answer (the CLI's and the dashboard's shared client).
+pub use nflib::control_client::call;

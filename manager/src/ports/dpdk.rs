@@ -563,6 +563,7 @@ impl Port for DpdkPort {
         }) as usize;
         // Frames not in a region buffer (impossible with the region pool) or chained.
         ctx.count(PortCounter::DpdkRxForeign, refused as u64);
+        let before = out.len();
         for i in 0..n {
             let d = Desc {
                 buf: buf[i],
@@ -572,15 +573,13 @@ impl Port for DpdkPort {
             };
             // The frame stays where the device wrote it: in region buffer `buf[i]`.
             match ctx.region.claim(d, OWNER, OWNER) {
-                Some(p) => {
-                    ctx.count(PortCounter::DpdkRxInRegion, 1);
-                    out.push(p);
-                }
+                Some(p) => out.push(p),
                 // Owned by someone else: never the case for a buffer the device just
                 // filled; left alone rather than freed twice.
                 None => ctx.count(PortCounter::RxOversize, 1),
             }
         }
+        ctx.count(PortCounter::DpdkRxInRegion, (out.len() - before) as u64);
     }
 
     fn tx(&mut self, ctx: &mut PortCtx<'_>, pkts: &mut Vec<Packet>) {
@@ -627,27 +626,16 @@ impl Port for DpdkPort {
         if unsafe { sys::rte_eth_stats_get(self.id, &mut s) } != 0 {
             return;
         }
-        let delta = |now: u64, before: u64| now.saturating_sub(before);
-        counters.add(
-            PortCounter::DevIpackets as usize,
-            delta(s.ipackets, self.last.ipackets),
-        );
-        counters.add(
-            PortCounter::DevImissed as usize,
-            delta(s.imissed, self.last.imissed),
-        );
-        counters.add(
-            PortCounter::DevIerrors as usize,
-            delta(s.ierrors, self.last.ierrors),
-        );
-        counters.add(
-            PortCounter::DevOerrors as usize,
-            delta(s.oerrors, self.last.oerrors),
-        );
-        counters.add(
-            PortCounter::DevRxNombuf as usize,
-            delta(s.rx_nombuf, self.last.rx_nombuf),
-        );
+        let l = &self.last;
+        for (c, now, before) in [
+            (PortCounter::DevIpackets, s.ipackets, l.ipackets),
+            (PortCounter::DevImissed, s.imissed, l.imissed),
+            (PortCounter::DevIerrors, s.ierrors, l.ierrors),
+            (PortCounter::DevOerrors, s.oerrors, l.oerrors),
+            (PortCounter::DevRxNombuf, s.rx_nombuf, l.rx_nombuf),
+        ] {
+            counters.add(c as usize, now.saturating_sub(before));
+        }
         self.last = s;
     }
 

@@ -11,7 +11,6 @@
 //! SIGHUP, and on a panic (ratatui's hook).
 
 pub mod app;
-pub mod client;
 pub mod model;
 pub mod render;
 
@@ -99,12 +98,13 @@ fn fetch_loop(
     refresh: &Receiver<()>,
 ) {
     loop {
-        let answer = client::call(socket, &json!({ "cmd": "top" }), Duration::from_secs(3))
-            .and_then(|v| {
-                serde_json::from_value::<TopReport>(v)
-                    .map(Box::new)
-                    .map_err(|e| format!("unexpected answer: {e}"))
-            });
+        let answer =
+            nflib::control_client::call(socket, &json!({ "cmd": "top" }), Duration::from_secs(3))
+                .and_then(|v| {
+                    serde_json::from_value::<TopReport>(v)
+                        .map(Box::new)
+                        .map_err(|e| format!("unexpected answer: {e}"))
+                });
         if tx.send(Msg::Report(answer)).is_err() {
             return;
         }
@@ -121,7 +121,7 @@ fn act(socket: PathBuf, action: Action, tx: Sender<Msg>, refresh: Sender<()>) {
         .spawn(move || {
             let text = match action {
                 Action::Kill(spec) => {
-                    match client::call(
+                    match nflib::control_client::call(
                         &socket,
                         &json!({ "cmd": "kill", "process": spec }),
                         Duration::from_secs(5),
@@ -139,7 +139,7 @@ fn act(socket: PathBuf, action: Action, tx: Sender<Msg>, refresh: Sender<()>) {
                         req["flows"] = json!(n);
                     }
                     let _ = refresh.send(());
-                    match client::call(&socket, &req, Duration::from_secs(65)) {
+                    match nflib::control_client::call(&socket, &req, Duration::from_secs(65)) {
                         Ok(v) => format!(
                         "migrated {} flows from {from} to {to} in {:.1} ms ({} groups rolled back)",
                         v["moved"],

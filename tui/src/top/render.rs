@@ -231,7 +231,8 @@ fn draw_footer(f: &mut Frame, area: Rect, app: &App, model: &Model) {
                 _ => "",
             };
             Line::from(Span::styled(
-                format!(" {error} · retrying; the figures shown are the last received"),
+                // What is happening first: the error (a socket path) can be long.
+                format!(" retrying; the figures shown are the last received · {error}"),
                 Style::default().fg(Color::Red),
             ))
         }

@@ -1,0 +1,48 @@
+//! The client side of nfmgr's control socket (one JSON request per line, one JSON answer):
+//! the CLI subcommands and the dashboard both ask through [`call`].
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// Sends one request to the control socket at `path` and returns the answer's data.
+pub fn call(path: &Path, request: &Value, timeout: Duration) -> Result<Value, String> {
+    let mut stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!(
+            "nfmgr is not running (no control socket at {})",
+            path.display()
+        ),
+        std::io::ErrorKind::ConnectionRefused => format!(
+            "nfmgr is not running (stale control socket at {})",
+            path.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "no permission to use the control socket {} (run as the user that started nfmgr)",
+            path.display()
+        ),
+        _ => format!("cannot connect to {}: {e}", path.display()),
+    })?;
+    let _ = stream.set_read_timeout(Some(timeout));
+    let mut text = request.to_string();
+    text.push('\n');
+    stream
+        .write_all(text.as_bytes())
+        .map_err(|e| format!("cannot send to nfmgr: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("no answer from nfmgr: {e}"))?;
+    if line.is_empty() {
+        return Err("nfmgr closed the connection without answering (is it stopping?)".into());
+    }
+    let v: Value =
+        serde_json::from_str(line.trim()).map_err(|e| format!("unreadable answer: {e}"))?;
+    if v["ok"] == json!(true) {
+        Ok(v["data"].clone())
+    } else {
+        Err(v["error"].as_str().unwrap_or("unknown error").to_string())
+    }
+}
