@@ -27,7 +27,9 @@ pub mod family {
 )]
 pub struct FlowKey {
     /// Lower endpoint: IPv4 in the first 4 bytes, IPv6 in all 16, a MAC in the first 6 (L2).
+    #[serde(with = "addr16")]
     pub a: [u8; 16],
+    #[serde(with = "addr16")]
     pub b: [u8; 16],
     pub a_port: u16,
     pub b_port: u16,
@@ -36,6 +38,44 @@ pub struct FlowKey {
     pub family: u8,
     /// Set for keys of IP fragments (ports deliberately 0).
     pub fragment: bool,
+}
+
+/// A key's addresses as byte strings: in postcard a length byte and one copy, instead of
+/// serde's default of sixteen separate elements (migration moves keys by the hundred
+/// thousand). Self-describing formats still show an array of numbers.
+mod addr16 {
+    use serde::de::{Deserializer, Error, SeqAccess, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = [u8; 16];
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("16 address bytes")
+            }
+            fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<[u8; 16], E> {
+                v.try_into().map_err(|_| E::invalid_length(v.len(), &self))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<[u8; 16], A::Error> {
+                let mut out = [0u8; 16];
+                for (i, b) in out.iter_mut().enumerate() {
+                    *b = a
+                        .next_element()?
+                        .ok_or_else(|| A::Error::invalid_length(i, &self))?;
+                }
+                if a.next_element::<u8>()?.is_some() {
+                    return Err(A::Error::invalid_length(17, &self));
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_bytes(V)
+    }
 }
 
 /// Which endpoint of the key sent a packet.

@@ -197,7 +197,66 @@ pub struct FlowState {
     /// received when it sent this (they follow as late stragglers, or were lost on the way).
     pub missing: u32,
     /// Each function's serialised state, in chain order (`None`: no state yet).
+    #[serde(with = "byte_strings")]
     pub nf_states: Vec<Option<Vec<u8>>>,
+}
+
+/// Functions' states as byte strings (a length and the bytes), not as sequences of numbers
+/// element by element as serde's default for `Vec<u8>` would: decoding a migration's states
+/// is then a copy per state instead of a call per byte.
+mod byte_strings {
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::ser::{SerializeSeq, Serializer};
+
+    struct Bytes<'a>(&'a [u8]);
+
+    impl serde::Serialize for Bytes<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_bytes(self.0)
+        }
+    }
+
+    struct OwnedBytes(Vec<u8>);
+
+    impl<'de> serde::Deserialize<'de> for OwnedBytes {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = OwnedBytes;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a byte string")
+                }
+                fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<OwnedBytes, E> {
+                    Ok(OwnedBytes(v.to_vec()))
+                }
+                fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<OwnedBytes, E> {
+                    Ok(OwnedBytes(v))
+                }
+                // Self-describing formats (JSON in diagnostics) write bytes as a sequence.
+                fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<OwnedBytes, A::Error> {
+                    let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0).min(4096));
+                    while let Some(b) = a.next_element()? {
+                        v.push(b);
+                    }
+                    Ok(OwnedBytes(v))
+                }
+            }
+            d.deserialize_bytes(V)
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &[Option<Vec<u8>>], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for x in v {
+            seq.serialize_element(&x.as_deref().map(Bytes))?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Option<Vec<u8>>>, D::Error> {
+        let v: Vec<Option<OwnedBytes>> = serde::Deserialize::deserialize(d)?;
+        Ok(v.into_iter().map(|x| x.map(|b| b.0)).collect())
+    }
 }
 
 /// A data packet carried inside a message (`MigratePackets`).
