@@ -584,6 +584,17 @@ impl Dataplane {
         if deadline <= now {
             return;
         }
+        // A runtime migrating flows to another server asked the relay to stay ready.
+        let kept_awake = self.region.slot(MANAGER_SLOT).is_some_and(|r| {
+            nflib::time::mono_ns()
+                < r.awake_until_ns
+                    .0
+                    .load(std::sync::atomic::Ordering::Acquire)
+        });
+        if kept_awake {
+            nflib::endpoint::yield_cpu();
+            return;
+        }
         self.bells.prepare_sleep(MANAGER_SLOT);
         if self.has_input() {
             self.bells.cancel_sleep(MANAGER_SLOT);

@@ -391,6 +391,28 @@ impl Endpoint {
         }
     }
 
+    /// Asks the process in `slot` to keep polling, not sleep, until `until_ns` (monotonic),
+    /// and wakes it now if it sleeps: for a burst of messages whose every hop would
+    /// otherwise start with a wake-up. Costs the other process a core's idle time meanwhile,
+    /// so callers ask for milliseconds, renewed while the burst lasts.
+    pub fn keep_awake(&mut self, slot: u16, until_ns: u64) {
+        let Some(rec) = self.region.slot(slot) else {
+            return;
+        };
+        if rec.awake_until_ns.0.fetch_max(until_ns, Ordering::AcqRel) < until_ns && slot < 64 {
+            self.wake |= 1u64 << slot;
+        }
+    }
+
+    /// Whether a peer asked this process to keep polling (`keep_awake`) until a time not yet
+    /// passed.
+    pub fn kept_awake(&self) -> bool {
+        self.region.slot(self.me).is_some_and(|r| {
+            let until = r.awake_until_ns.0.load(Ordering::Acquire);
+            until != 0 && crate::time::mono_ns() < until
+        })
+    }
+
     /// Rings the doorbells of every slot sent to since the last call (if they sleep).
     pub fn flush_wakes(&mut self) {
         let mut w = std::mem::take(&mut self.wake);
@@ -535,6 +557,10 @@ impl Idle {
         }
         if self.polls % POLLS_PER_CLOCK_READ != 0 || self.last_work.elapsed() < self.policy.poll_for
         {
+            yield_cpu();
+            return;
+        }
+        if ep.kept_awake() {
             yield_cpu();
             return;
         }

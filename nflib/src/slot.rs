@@ -116,6 +116,11 @@ pub struct SlotRecord {
     /// Set by the process before it sleeps on its doorbell; producers check it after
     /// publishing (see `doorbell`).
     pub sleeping: Padded<AtomicU32>,
+    /// Until this monotonic time (ns) the process keeps polling instead of sleeping: set by
+    /// a peer that is about to exchange a burst of messages with it (a migration's steps),
+    /// so each step does not pay for waking a sleeping process (hundreds of microseconds on
+    /// a virtual machine whose idle vCPU halts).
+    pub awake_until_ns: Padded<AtomicU64>,
     /// Packets producers could not queue to this process because its ring was full. Written
     /// by the producers (the one counter here with several writers), read as the overload
     /// signal.
