@@ -765,7 +765,22 @@ impl EngineHost<'_> {
     }
 }
 
+/// How long a migration message keeps its peer (and its sender) polling rather than
+/// sleeping: a few steps' worth, renewed by every message of the migration.
+const MIGRATION_KEEP_AWAKE_NS: u64 = 5_000_000;
+
 impl FlowHost for EngineHost<'_> {
+    fn keep_awake(&mut self, peer: EndpointAddr) {
+        let until = nflib::time::mono_ns() + MIGRATION_KEEP_AWAKE_NS;
+        // Another server's runtimes are reached through this server's nfmgr.
+        let slot = if peer.server == self.rt.me.server {
+            peer.slot
+        } else {
+            nflib::MANAGER_SLOT
+        };
+        self.ep.keep_awake(slot, until);
+    }
+
     fn pick(&mut self, n: usize, out: &mut Vec<Candidate>) -> bool {
         let end = self.rt.flows.slab_len() as u32;
         while self.rt.pick_cursor < end && out.len() < n {
@@ -971,10 +986,16 @@ impl FlowHost for EngineHost<'_> {
     }
 
     fn send(&mut self, to: EndpointAddr, msg: Message) {
+        self.keep_awake(to);
+        self.keep_awake(self.rt.me);
         if self.mb.send(to, LIAISON, LIAISON, &msg).is_err() {
             self.ep
                 .counters()
                 .add(ProcCounter::ActorSendRefused as usize, 1);
         }
+        // Out at once, not at the end of the loop: the peer works on this group while this
+        // runtime prepares the next.
+        self.mb.flush(self.ep, nflib::time::mono_ns());
+        self.ep.flush_wakes();
     }
 }

@@ -133,8 +133,11 @@ pub trait FlowHost {
     /// Ends (as expiry would) a flow that is not migrating and owns `key` as its key or an
     /// alias; false if there is none.
     fn end_stray(&mut self, key: &FlowKey) -> bool;
-    /// Sends a migration message from this runtime's liaison to `to`'s.
+    /// Sends a migration message from this runtime's liaison to `to`'s (and keeps `to`, and
+    /// this runtime, polling for the next few milliseconds: the answer is on its way).
     fn send(&mut self, to: EndpointAddr, msg: Message);
+    /// `peer` will hear from this runtime within milliseconds: keep it polling.
+    fn keep_awake(&mut self, _peer: EndpointAddr) {}
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -160,6 +163,10 @@ struct OutFlow {
     aliases: Vec<FlowKey>,
     /// Packets the vswitch gave this runtime before the switch (all keys).
     sent: u32,
+    /// Every packet of `sent` has been processed here (or the flow is gone): the flow
+    /// waits for no straggler. Checked once when the vswitch answers, then only for the
+    /// flows still waiting, so a draining group costs nothing per loop when none does.
+    drained: bool,
 }
 
 struct OutGroup {
@@ -178,6 +185,9 @@ struct OutGroup {
 struct Tomb {
     target: EndpointAddr,
     keys: Vec<FlowKey>,
+    /// Every flow of the group had all its packets processed here before the handover, so
+    /// no straggler of theirs can still arrive: the target may send them straight back.
+    settled: bool,
 }
 
 /// Maps keyed by flow keys and group ids, hashed fast (the keys come from this runtime's
@@ -187,6 +197,15 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 struct InFlow {
     key: FlowKey,
     held: u32,
+}
+
+/// Where an incoming flow's pending actor is recorded: its group, and its place in the
+/// group's `flows` (which never reorder), so a packet or a state finds it without a search.
+#[derive(Clone, Copy)]
+struct InKey {
+    from: EndpointAddr,
+    group: u64,
+    idx: u32,
 }
 
 struct InGroup {
@@ -247,7 +266,7 @@ pub struct Migrator {
     tomb_order: VecDeque<(u64, u64)>,
     out_keys: Map<FlowKey, u64>,
     inb: Map<(EndpointAddr, u64), InGroup>,
-    in_keys: Map<FlowKey, (EndpointAddr, u64)>,
+    in_keys: Map<FlowKey, InKey>,
     /// Target: flows whose migration the source called off, with the deadline until which
     /// packets the vswitch still sends here go back to the source.
     returning: Map<FlowKey, Returning>,
@@ -417,18 +436,15 @@ impl Migrator {
                 late: r.late,
             };
         }
-        if let Some(gk) = self.in_keys.get(key) {
+        if let Some(ik) = self.in_keys.get(key) {
+            let g = self.inb.get_mut(&(ik.from, ik.group));
             if self.held >= self.settings.buffer_packets {
-                if let Some(g) = self.inb.get_mut(gk) {
+                if let Some(g) = g {
                     g.dropped += 1;
                 }
                 return PacketAction::Drop;
             }
-            if let Some(f) = self
-                .inb
-                .get_mut(gk)
-                .and_then(|g| g.flows.iter_mut().find(|f| f.key == *key))
-            {
+            if let Some(f) = g.and_then(|g| g.flows.get_mut(ik.idx as usize)) {
                 f.held += 1;
             }
             self.held += 1;
@@ -621,9 +637,12 @@ impl Migrator {
                     key: c.key,
                     aliases: c.aliases,
                     sent: 0,
+                    drained: false,
                 });
             }
             self.picked = picked;
+            // Step 2 follows within a millisecond or so.
+            host.keep_awake(vswitch);
             host.send(
                 target,
                 Message::MigrateInit {
@@ -769,11 +788,13 @@ impl Migrator {
         for f in &mut g.flows {
             let n = 1 + f.aliases.len();
             f.sent = it.by_ref().take(n).fold(0u32, |a, b| a.wrapping_add(b));
-            if let Some(p) = host.packets(&f.key) {
-                if !later(p, f.sent) {
+            f.drained = match host.packets(&f.key) {
+                Some(p) if !later(p, f.sent) => {
                     waiting += f.sent.wrapping_sub(p) as u64;
+                    false
                 }
-            }
+                _ => true,
+            };
         }
         if let Some(j) = self.job.as_mut() {
             j.report.stragglers_waited += waiting;
@@ -786,18 +807,20 @@ impl Migrator {
     /// Hands over the groups whose stragglers have all been processed (or waited for long
     /// enough).
     fn check_drained(&mut self, host: &mut impl FlowHost, now_ms: u64) {
-        let ready: Vec<u64> = self
-            .out
-            .iter()
-            .filter(|(_, g)| g.stage == OutStage::Draining)
-            .filter(|(_, g)| {
-                now_ms >= g.deadline_ms
-                    || g.flows
-                        .iter()
-                        .all(|f| host.packets(&f.key).is_none_or(|p| later(p, f.sent)))
-            })
-            .map(|(id, _)| *id)
-            .collect();
+        let mut ready = Vec::new();
+        for (id, g) in self.out.iter_mut() {
+            if g.stage != OutStage::Draining {
+                continue;
+            }
+            let mut all = true;
+            for f in g.flows.iter_mut().filter(|f| !f.drained) {
+                f.drained = host.packets(&f.key).is_none_or(|p| later(p, f.sent));
+                all &= f.drained;
+            }
+            if all || now_ms >= g.deadline_ms {
+                ready.push(*id);
+            }
+        }
         for id in ready {
             let Some(g) = self.out.get_mut(&id) else {
                 continue;
@@ -805,16 +828,19 @@ impl Migrator {
             let mut states = Vec::with_capacity(g.flows.len());
             let mut gone = Vec::new();
             for f in &g.flows {
-                let missing = host
-                    .packets(&f.key)
-                    .map(|p| {
-                        if later(p, f.sent) {
-                            0
-                        } else {
-                            f.sent.wrapping_sub(p)
-                        }
-                    })
-                    .unwrap_or(0);
+                let missing = if f.drained {
+                    0
+                } else {
+                    host.packets(&f.key)
+                        .map(|p| {
+                            if later(p, f.sent) {
+                                0
+                            } else {
+                                f.sent.wrapping_sub(p)
+                            }
+                        })
+                        .unwrap_or(0)
+                };
                 match host.save(&f.key) {
                     Some(mut st) => {
                         st.missing = missing;
@@ -824,9 +850,11 @@ impl Migrator {
                     None => gone.push(f.key),
                 }
             }
-            g.flows.retain(|f| !gone.contains(&f.key));
-            for k in &gone {
-                self.out_keys.remove(k);
+            if !gone.is_empty() {
+                g.flows.retain(|f| !gone.contains(&f.key));
+                for k in &gone {
+                    self.out_keys.remove(k);
+                }
             }
             if states.is_empty() {
                 self.out.remove(&id);
@@ -900,11 +928,13 @@ impl Migrator {
             }
         }
         if let Some(g) = self.out.remove(&id) {
+            let settled = g.flows.iter().all(|f| f.drained);
             self.tombs.insert(
                 id,
                 Tomb {
                     target: g.target,
                     keys: g.flows.into_iter().map(|f| f.key).collect(),
+                    settled,
                 },
             );
             self.tomb_order
@@ -1032,8 +1062,28 @@ impl Migrator {
             return;
         };
         for k in &t.keys {
-            host.retire(k);
-            self.out_keys.remove(k);
+            // Not if the flow came back meanwhile (`reclaim`) and is someone else's now.
+            if self.out_keys.get(k) == Some(&id) {
+                host.retire(k);
+                self.out_keys.remove(k);
+            }
+        }
+    }
+
+    /// A flow this runtime handed to `from` is coming back from it before its tombstone
+    /// expired: if no straggler of it can still arrive here, drop the tombstone's actor so
+    /// a pending one can take its place. Otherwise the flow is refused (it stays at `from`).
+    fn reclaim(&mut self, host: &mut impl FlowHost, from: EndpointAddr, key: &FlowKey) {
+        let Some(&id) = self.out_keys.get(key) else {
+            return;
+        };
+        if self
+            .tombs
+            .get(&id)
+            .is_some_and(|t| t.target == from && t.settled)
+        {
+            host.retire(key);
+            self.out_keys.remove(key);
         }
     }
 
@@ -1136,9 +1186,11 @@ impl Migrator {
         let mut accepted = Vec::with_capacity(flows.len());
         let mut taken = Vec::new();
         for f in &flows {
+            self.reclaim(host, from, &f.key);
             let ok = !self.in_keys.contains_key(&f.key) && host.create_pending(f, vswitch);
             if ok {
-                self.in_keys.insert(f.key, (from, group));
+                let idx = taken.len() as u32;
+                self.in_keys.insert(f.key, InKey { from, group, idx });
                 taken.push(InFlow {
                     key: f.key,
                     held: 0,
@@ -1174,17 +1226,21 @@ impl Migrator {
         group: u64,
         flows: Vec<FlowState>,
     ) {
-        let mut g = self.inb.remove(&(from, group));
+        let g = self.inb.remove(&(from, group));
         let mut installed = Vec::with_capacity(flows.len());
         let mut buffered = 0u32;
+        // Flows of the group a state arrived for (the rest ended at the source meanwhile).
+        let mut arrived = vec![false; g.as_ref().map_or(0, |g| g.flows.len())];
         for st in &flows {
-            let pending = g
-                .as_ref()
-                .and_then(|g| g.flows.iter().position(|f| f.key == st.key));
-            let ok = match pending {
-                Some(i) => {
+            let pending = match self.in_keys.get(&st.key) {
+                Some(ik) if ik.from == from && ik.group == group => Some(ik.idx as usize),
+                _ => None,
+            };
+            let ok = match (pending, g.as_ref()) {
+                (Some(i), Some(g)) if i < g.flows.len() && !arrived[i] => {
+                    arrived[i] = true;
                     self.in_keys.remove(&st.key);
-                    let held = g.as_mut().map(|g| g.flows.swap_remove(i).held).unwrap_or(0);
+                    let held = g.flows[i].held;
                     let ok = host.install(st);
                     if ok {
                         let n = host.release_held(&st.key, Release::Process);
@@ -1196,7 +1252,7 @@ impl Migrator {
                     self.held = self.held.saturating_sub(held as usize);
                     ok
                 }
-                None => false,
+                _ => false,
             };
             installed.push(ok);
         }
@@ -1204,8 +1260,15 @@ impl Migrator {
         let dropped = g.as_ref().map(|g| g.dropped).unwrap_or(0);
         // Flows named in step 1 but not in step 3 (they ended at the source meanwhile).
         if let Some(g) = g {
-            if !g.flows.is_empty() {
-                self.drop_in_group_flows(host, g.flows, Release::Discard);
+            let left: Vec<InFlow> = g
+                .flows
+                .into_iter()
+                .zip(arrived)
+                .filter(|(_, arrived)| !arrived)
+                .map(|(f, _)| f)
+                .collect();
+            if !left.is_empty() {
+                self.drop_in_group_flows(host, left, Release::Discard);
             }
         }
         host.send(
