@@ -17,6 +17,9 @@
 #                           [--impair loss=10,duplicate=5,reorder=25,delay_ms=1]
 #                           [--cluster-set 'KEY = VALUE']...  (extra [cluster] settings)
 #                           [--runtime-set 'KEY = VALUE']...  (extra settings of every runtime)
+#                           [--vswitch-set 'KEY = VALUE']...  (extra settings of every vswitch)
+#                           [--migration-set 'KEY = VALUE']...  (a [migration] section)
+#                           [--pin-runtimes]  (runtime N of all servers on core N mod CPUs)
 #                           [--scope local]   (server 1's vswitch keeps new flows local)
 #                           [--gen FLOWS,PPS_PER_FLOW,MS]  (a generator -> sink on server 1)
 #   scripts/testbed.sh down [--prefix P]
@@ -48,6 +51,9 @@ EXEC_ARGS=()
 IMPAIR=
 CLUSTER_SET=
 RUNTIME_SET=
+VSWITCH_SET=
+MIGRATION_SET=
+PIN_RUNTIMES=
 SCOPE=
 GEN=
 while [ $# -gt 0 ]; do
@@ -61,6 +67,9 @@ while [ $# -gt 0 ]; do
         --impair) IMPAIR=$2; shift 2 ;;
         --cluster-set) CLUSTER_SET+=$2$'\n'; shift 2 ;;
         --runtime-set) RUNTIME_SET+=$2$'\n'; shift 2 ;;
+        --vswitch-set) VSWITCH_SET+=$2$'\n'; shift 2 ;;
+        --migration-set) MIGRATION_SET+=$2$'\n'; shift 2 ;;
+        --pin-runtimes) PIN_RUNTIMES=1; shift ;;
         --scope) SCOPE=$2; shift 2 ;;
         --gen) GEN=$2; shift 2 ;;
         --no-start) START=0; shift ;;
@@ -147,10 +156,15 @@ $CLUSTER_SET
 name = "vs0"
 EOF
     if [ -n "$SCOPE" ] && [ "$i" = 1 ]; then printf 'scope = "%s"\n' "$SCOPE"; fi
+    printf '%s' "$VSWITCH_SET"
     echo
     for r in $(seq 0 $((RUNTIMES - 1))); do
         printf '[[runtime]]\nname = "rt%s"\n%s' "$r" "$RUNTIME_SET"
+        if [ -n "$PIN_RUNTIMES" ]; then
+            printf 'core = %s\n' $(( ((i - 1) * RUNTIMES + r) % $(nproc) ))
+        fi
     done
+    if [ -n "$MIGRATION_SET" ]; then printf '\n[migration]\n%s' "$MIGRATION_SET"; fi
     printf '\n[[chain]]\nname = "main"\n'
     IFS=, read -ra kinds <<< "$CHAIN"
     for k in "${kinds[@]}"; do

@@ -445,7 +445,7 @@ def loss_snapshot(servers):
     return snap
 
 
-def migration_trial(where, flows, total_pps, migrate=True):
+def migration_trial(where, flows, total_pps, migrate=True, pin=False, rate=0):
     """One test bed, one migration of `flows` flows under the generator; the sink judges."""
     # One host: two runtimes share the generator's 2N flows round-robin, and rt0's N move to
     # rt1. Two servers: server 1's only runtime holds all N and they move to server 2's.
@@ -460,7 +460,12 @@ def migration_trial(where, flows, total_pps, migrate=True):
     testbed("down")
     up = testbed("up", "--servers", str(servers), "--runtimes", str(runtimes), "--scope", "local",
                  "--chain", "firewall,flow_monitor", "--gen", f"{gen_flows},{per_flow:.6f},{dur_ms}",
-                 "--runtime-set", "max_flows = 2000000")
+                 "--runtime-set", "max_flows = 2000000",
+                 # One-way UDP flows sending every 12 s at 600,000: they must not end as
+                 # unreplied (30 s) and come back on the other runtime while we wait.
+                 "--runtime-set", "unreplied_timeout_s = 600",
+                 *(["--pin-runtimes"] if pin else []),
+                 *(["--migration-set", f"max_flows_per_s = {rate}"] if rate else []))
     if up.returncode != 0:
         raise RuntimeError(f"testbed did not come up: {up.stderr[-2000:]}")
     try:
@@ -489,7 +494,7 @@ def migration_trial(where, flows, total_pps, migrate=True):
         testbed("down")
 
 
-def migration(smoke, repeat, sizes=None, paths=None):
+def migration(smoke, repeat, sizes=None, paths=None, pin=False, rate=0):
     """Time to migrate N flows between two runtimes of one host and of two servers, under
     generator traffic; loss and reordering from the sink."""
     if os.geteuid() != 0:
@@ -505,7 +510,8 @@ def migration(smoke, repeat, sizes=None, paths=None):
         for n in sizes:
             runs = []
             for _ in range(repeat):
-                r, delta = migration_trial(where, n, 20_000 if smoke else total_pps)
+                r, delta = migration_trial(where, n, 20_000 if smoke else total_pps, pin=pin,
+                                           rate=rate)
                 lost = delta.pop("sink0@1 sink_lost", 0)
                 overload = sum(v for k, v in delta.items()
                                if "drop" in k and "migration" not in k)
@@ -519,12 +525,15 @@ def migration(smoke, repeat, sizes=None, paths=None):
                        "sink_duplicates": delta.pop("sink0@1 sink_duplicates", 0),
                        "overload_drops": overload, "counters": delta}
                 runs.append(run)
-                emit({"bench": "migration run", "path": where, "flows": n,
+                emit({"bench": "migration run", "path": where, "flows": n, "pinned": pin,
+                      "max_flows_per_s": rate,
                       "generator_pps": 20_000 if smoke else total_pps, **run})
                 if r["error"] or r["moved"] < n * 0.999:
                     sys.exit(f"bench: migration of {n} flows ({where}) failed: {r}")
             ms = sorted(x["ms"] for x in runs)
-            emit({"bench": "migration", "path": where, "flows": n, "median_ms": ms[len(ms) // 2],
+            emit({"bench": "migration", "path": where, "flows": n, "pinned": pin,
+                  "max_flows_per_s": rate,
+                  "median_ms": ms[len(ms) // 2],
                   "runs_ms": ms,
                   "lost": max(x["sink_lost"] for x in runs),
                   "overload_drops": max(x["overload_drops"] for x in runs),
@@ -544,6 +553,11 @@ def main():
                     help="migration: only this many flows (repeatable)")
     ap.add_argument("--path", action="append", choices=["one host", "two servers"],
                     help="migration: only this path (repeatable)")
+    ap.add_argument("--pin-runtimes", action="store_true",
+                    help="migration: pin runtime N of every server to core N mod CPUs "
+                         "(nfmgr and vswitches still float)")
+    ap.add_argument("--max-flows-per-s", type=int, default=0,
+                    help="migration: the [migration] rate limit (0: none)")
     args = ap.parse_args()
     smoke = args.smoke
     repeat = 1 if smoke else args.repeat
@@ -559,7 +573,7 @@ def main():
         finish(smoke)
         return
     if args.only == "migration":
-        migration(smoke, repeat, args.flows, args.path)
+        migration(smoke, repeat, args.flows, args.path, args.pin_runtimes, args.max_flows_per_s)
         finish(smoke)
         return
     if args.only == "dpdk":
@@ -589,6 +603,8 @@ def main():
                   "ns_per_op": round(med * 1000 / mhz, 2) if mhz else None})
 
     for r in cargo_bench("nflib", "ring_pool", smoke):
+        emit(r)
+    for r in cargo_bench("nflib", "migration_codec", smoke):
         emit(r)
 
     for r in cargo_bench("nf-runtime", "chain", smoke):
