@@ -585,13 +585,11 @@ impl Dataplane {
             return;
         }
         // A runtime migrating flows to another server asked the relay to stay ready.
-        let kept_awake = self.region.slot(MANAGER_SLOT).is_some_and(|r| {
-            nflib::time::mono_ns()
-                < r.awake_until_ns
-                    .0
-                    .load(std::sync::atomic::Ordering::Acquire)
-        });
-        if kept_awake {
+        if self
+            .region
+            .slot(MANAGER_SLOT)
+            .is_some_and(|r| r.kept_awake())
+        {
             nflib::endpoint::yield_cpu();
             return;
         }

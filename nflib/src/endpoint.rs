@@ -407,10 +407,7 @@ impl Endpoint {
     /// Whether a peer asked this process to keep polling (`keep_awake`) until a time not yet
     /// passed.
     pub fn kept_awake(&self) -> bool {
-        self.region.slot(self.me).is_some_and(|r| {
-            let until = r.awake_until_ns.0.load(Ordering::Acquire);
-            until != 0 && crate::time::mono_ns() < until
-        })
+        self.region.slot(self.me).is_some_and(|r| r.kept_awake())
     }
 
     /// Rings the doorbells of every slot sent to since the last call (if they sleep).

@@ -133,6 +133,13 @@ impl SlotRecord {
         SlotState::from_raw(self.state.load(Ordering::Acquire))
     }
 
+    /// Whether a peer asked this slot's process to keep polling (`Endpoint::keep_awake`)
+    /// until a time not yet passed.
+    pub fn kept_awake(&self) -> bool {
+        let until = self.awake_until_ns.0.load(Ordering::Acquire);
+        until != 0 && crate::time::mono_ns() < until
+    }
+
     pub fn set_state(&self, s: SlotState) {
         self.state.store(s.raw(), Ordering::Release);
     }
