@@ -28,7 +28,9 @@ use nflib::{Packet, MANAGER_SLOT};
 
 use crate::events::EventLog;
 use crate::flows::{flag, FlowActor, FlowTable, Found};
-use crate::migration::{Candidate, FlowHost, MigrationSettings, Migrator, PacketAction, Release};
+use crate::migration::{
+    Candidate, FlowHost, FlowRef, MigrationSettings, Migrator, PacketAction, Release,
+};
 use crate::timers::{Entry, TimerWheel};
 
 /// When flows end.
@@ -760,6 +762,15 @@ impl EngineHost<'_> {
         }
     }
 
+    /// The slot of a flow migration names: its hint when that slot still holds the key
+    /// (no hash probe), else a lookup.
+    fn slot_at(&self, f: &FlowRef) -> Option<u32> {
+        match self.rt.flows.get(f.slot) {
+            Some(a) if a.key == f.key => Some(f.slot),
+            _ => self.slot_of(&f.key),
+        }
+    }
+
     fn aliases_of(&self, slot: u32) -> Vec<FlowKey> {
         self.rt.flows.aliases_of(slot)
     }
@@ -795,6 +806,7 @@ impl FlowHost for EngineHost<'_> {
             let (key, vswitch) = (a.key, a.vswitch);
             out.push(Candidate {
                 key,
+                slot,
                 aliases: self.aliases_of(slot),
                 vswitch,
             });
@@ -807,13 +819,13 @@ impl FlowHost for EngineHost<'_> {
         true
     }
 
-    fn packets(&self, key: &FlowKey) -> Option<u32> {
-        let s = self.slot_of(key)?;
+    fn packets(&self, f: &FlowRef) -> Option<u32> {
+        let s = self.slot_at(f)?;
         self.rt.flows.get(s).map(|a| a.packets)
     }
 
-    fn divert(&mut self, key: &FlowKey, on: bool) {
-        if let Some(a) = self.slot_of(key).and_then(|s| self.rt.flows.get_mut(s)) {
+    fn divert(&mut self, f: &FlowRef, on: bool) {
+        if let Some(a) = self.slot_at(f).and_then(|s| self.rt.flows.get_mut(s)) {
             if on {
                 a.flags |= flag::MIGRATING;
             } else {
@@ -822,8 +834,8 @@ impl FlowHost for EngineHost<'_> {
         }
     }
 
-    fn save(&mut self, key: &FlowKey) -> Option<FlowState> {
-        let slot = self.slot_of(key)?;
+    fn save(&mut self, f: &FlowRef) -> Option<FlowState> {
+        let slot = self.slot_at(f)?;
         let a = self.rt.flows.get(slot)?;
         let now = self.now_ms;
         Some(FlowState {
@@ -836,27 +848,24 @@ impl FlowHost for EngineHost<'_> {
         })
     }
 
-    fn create_pending(&mut self, flow: &MigrateFlow, vswitch: EndpointAddr) -> bool {
-        if self.rt.flows.is_full()
-            || self.rt.flows.find(&flow.key).is_some()
-            || flow.aliases.iter().any(|k| self.rt.flows.find(k).is_some())
-        {
-            return false;
+    fn create_pending(&mut self, flow: &MigrateFlow, vswitch: EndpointAddr) -> Option<u32> {
+        // The insert itself refuses an existing key; aliases are checked first so that
+        // nothing needs undoing.
+        if flow.aliases.iter().any(|k| self.rt.flows.find(k).is_some()) {
+            return None;
         }
         let now = self.now_ms as u32;
         let actor = FlowActor::new(flow.key, self.rt.next_id, now, vswitch, flag::MIGRATING);
-        let Some(slot) = self.rt.flows.insert(actor) else {
-            return false;
-        };
+        let slot = self.rt.flows.insert(actor)?;
         self.rt.next_id += 1;
         for k in &flow.aliases {
             self.rt.flows.add_alias(slot, *k);
         }
-        true
+        Some(slot)
     }
 
-    fn install(&mut self, st: &FlowState) -> bool {
-        let Some(slot) = self.slot_of(&st.key) else {
+    fn install(&mut self, st: &FlowState, slot: u32) -> bool {
+        let Some(slot) = self.slot_at(&FlowRef { key: st.key, slot }) else {
             return false;
         };
         if st.nf_states.len() != self.rt.stages.len() {
@@ -892,8 +901,8 @@ impl FlowHost for EngineHost<'_> {
         true
     }
 
-    fn release_held(&mut self, key: &FlowKey, how: Release) -> u32 {
-        let Some(slot) = self.slot_of(key) else {
+    fn release_held(&mut self, f: &FlowRef, how: Release) -> u32 {
+        let Some(slot) = self.slot_at(f) else {
             return 0;
         };
         let Some(q) = self.rt.held.remove(&slot) else {
@@ -950,8 +959,8 @@ impl FlowHost for EngineHost<'_> {
         n
     }
 
-    fn remove_pending(&mut self, key: &FlowKey) {
-        if let Some(slot) = self.slot_of(key) {
+    fn remove_pending(&mut self, f: &FlowRef) {
+        if let Some(slot) = self.slot_at(f) {
             if let Some(q) = self.rt.held.remove(&slot) {
                 for pkt in q {
                     self.ep.free(pkt);
@@ -964,8 +973,8 @@ impl FlowHost for EngineHost<'_> {
         }
     }
 
-    fn retire(&mut self, key: &FlowKey) {
-        self.remove_pending(key);
+    fn retire(&mut self, f: &FlowRef) {
+        self.remove_pending(f);
     }
 
     fn end_stray(&mut self, key: &FlowKey) -> bool {

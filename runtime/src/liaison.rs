@@ -121,7 +121,8 @@ impl Liaison {
                     };
                 }
                 let clock = rt.clock_ms();
-                match rt.migrator.start_job(target, count, clock) {
+                let flows_here = rt.flows().len();
+                match rt.migrator.start_job(target, count, flows_here, clock) {
                     Ok(_) => {
                         rt.restart_scan();
                         self.migration_target = Some(target);

@@ -69,10 +69,34 @@ impl Default for MigrationSettings {
     }
 }
 
+/// A flow as the migrator names it to its host: its key, and the slot the host said it
+/// keeps it in. The slot is a hint the host checks against the key (the flow may have ended
+/// and its slot been reused), so a stale or missing one costs a lookup, never a wrong flow;
+/// a right one saves a hash probe, a cache miss at a million flows, per step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowRef {
+    pub key: FlowKey,
+    pub slot: u32,
+}
+
+impl FlowRef {
+    /// No slot known: the host looks the key up.
+    pub const NO_SLOT: u32 = u32::MAX;
+
+    pub fn key_only(key: FlowKey) -> FlowRef {
+        FlowRef {
+            key,
+            slot: FlowRef::NO_SLOT,
+        }
+    }
+}
+
 /// A flow the host offers for migration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Candidate {
     pub key: FlowKey,
+    /// Where the host keeps it (see [`FlowRef`]).
+    pub slot: u32,
     pub aliases: Vec<FlowKey>,
     pub vswitch: EndpointAddr,
 }
@@ -114,22 +138,23 @@ pub trait FlowHost {
     /// the flow table. Returns false once the scan has seen every flow.
     fn pick(&mut self, n: usize, out: &mut Vec<Candidate>) -> bool;
     /// Packets the flow's actor has run through the chain here (wrapping), if it exists.
-    fn packets(&self, key: &FlowKey) -> Option<u32>;
+    fn packets(&self, f: &FlowRef) -> Option<u32>;
     /// Sends the flow's packets to the migrator (`on_packet`) instead of the chain, or stops.
-    fn divert(&mut self, key: &FlowKey, on: bool);
+    fn divert(&mut self, f: &FlowRef, on: bool);
     /// The flow's state for step 3 (the flow stays, diverted, until it is retired).
-    fn save(&mut self, key: &FlowKey) -> Option<FlowState>;
-    /// Target, step 1: a pending actor under the key and aliases (diverted); false if the
-    /// key exists or the table is full.
-    fn create_pending(&mut self, flow: &MigrateFlow, vswitch: EndpointAddr) -> bool;
-    /// Target, step 3: installs the state in the pending actor and stops diverting it.
-    fn install(&mut self, state: &FlowState) -> bool;
+    fn save(&mut self, f: &FlowRef) -> Option<FlowState>;
+    /// Target, step 1: a pending actor under the key and aliases (diverted), and the slot
+    /// it is kept in; `None` if the key exists or the table is full.
+    fn create_pending(&mut self, flow: &MigrateFlow, vswitch: EndpointAddr) -> Option<u32>;
+    /// Target, step 3: installs the state in the pending actor (at `slot`, a hint as in
+    /// [`FlowRef`]) and stops diverting it.
+    fn install(&mut self, state: &FlowState, slot: u32) -> bool;
     /// Lets go of the packets held for the flow, in order. Returns how many.
-    fn release_held(&mut self, key: &FlowKey, how: Release) -> u32;
+    fn release_held(&mut self, f: &FlowRef, how: Release) -> u32;
     /// Removes a pending actor that never got its state (nothing is ended).
-    fn remove_pending(&mut self, key: &FlowKey);
+    fn remove_pending(&mut self, f: &FlowRef);
     /// Source: the flow lives elsewhere now; remove it without ending it.
-    fn retire(&mut self, key: &FlowKey);
+    fn retire(&mut self, f: &FlowRef);
     /// Ends (as expiry would) a flow that is not migrating and owns `key` as its key or an
     /// alias; false if there is none.
     fn end_stray(&mut self, key: &FlowKey) -> bool;
@@ -160,6 +185,7 @@ enum OutStage {
 
 struct OutFlow {
     key: FlowKey,
+    slot: u32,
     aliases: Vec<FlowKey>,
     /// Packets the vswitch gave this runtime before the switch (all keys).
     sent: u32,
@@ -184,7 +210,7 @@ struct OutGroup {
 /// A group whose flows the target owns: the source forwards their late stragglers.
 struct Tomb {
     target: EndpointAddr,
-    keys: Vec<FlowKey>,
+    flows: Vec<FlowRef>,
     /// Every flow of the group had all its packets processed here before the handover, so
     /// no straggler of theirs can still arrive: the target may send them straight back.
     settled: bool,
@@ -196,7 +222,26 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 struct InFlow {
     key: FlowKey,
+    slot: u32,
     held: u32,
+}
+
+impl OutFlow {
+    fn at(&self) -> FlowRef {
+        FlowRef {
+            key: self.key,
+            slot: self.slot,
+        }
+    }
+}
+
+impl InFlow {
+    fn at(&self) -> FlowRef {
+        FlowRef {
+            key: self.key,
+            slot: self.slot,
+        }
+    }
 }
 
 /// Where an incoming flow's pending actor is recorded: its group, and its place in the
@@ -350,11 +395,13 @@ impl Migrator {
             || self.job.as_ref().is_some_and(|j| !j.report.done)
     }
 
-    /// `SetMigrationTarget`: moves `count` flows (`u32::MAX`: all) to `target`.
+    /// `SetMigrationTarget`: moves `count` flows (`u32::MAX`: all) to `target`, of the
+    /// `flows_here` this runtime has.
     pub fn start_job(
         &mut self,
         target: EndpointAddr,
         count: u32,
+        flows_here: usize,
         now_ms: f64,
     ) -> Result<u64, String> {
         if target == self.me {
@@ -363,6 +410,15 @@ impl Migrator {
         if self.job.as_ref().is_some_and(|j| !j.report.done) {
             return Err("a migration is already running on this runtime".into());
         }
+        // Every moved flow's key stays in `out_keys` for a tombstone's time. Grown by
+        // doubling, the map would re-hash hundreds of thousands of keys in one go halfway
+        // through a large job, a stall of tens of milliseconds in which this runtime's data
+        // ring overflows; room made now costs that only while the map is still small.
+        self.out_keys.reserve(
+            (count as usize)
+                .min(flows_here)
+                .saturating_sub(self.out_keys.len()),
+        );
         self.jobs += 1;
         self.job = Some(Job {
             report: MigrationReport {
@@ -627,7 +683,11 @@ impl Migrator {
             let mut flows = Vec::with_capacity(picked.len());
             let mut wire = Vec::with_capacity(picked.len());
             for c in picked.drain(..) {
-                host.divert(&c.key, true);
+                let at = FlowRef {
+                    key: c.key,
+                    slot: c.slot,
+                };
+                host.divert(&at, true);
                 self.out_keys.insert(c.key, id);
                 wire.push(MigrateFlow {
                     key: c.key,
@@ -635,6 +695,7 @@ impl Migrator {
                 });
                 flows.push(OutFlow {
                     key: c.key,
+                    slot: c.slot,
                     aliases: c.aliases,
                     sent: 0,
                     drained: false,
@@ -702,7 +763,7 @@ impl Migrator {
             let vswitch = g.vswitch;
             self.out.remove(&id);
             for f in &flows {
-                host.divert(&f.key, false);
+                host.divert(&f.at(), false);
                 self.out_keys.remove(&f.key);
             }
             if let Some(j) = self.job.as_mut() {
@@ -712,6 +773,7 @@ impl Migrator {
                     j.report.groups = j.report.groups.saturating_sub(1);
                     j.retry.extend(flows.into_iter().map(|f| Candidate {
                         key: f.key,
+                        slot: f.slot,
                         aliases: f.aliases,
                         vswitch,
                     }));
@@ -730,7 +792,7 @@ impl Migrator {
             if accepted.get(i).copied().unwrap_or(false) {
                 keep.push(f);
             } else {
-                host.divert(&f.key, false);
+                host.divert(&f.at(), false);
                 self.out_keys.remove(&f.key);
                 failed += 1;
             }
@@ -788,7 +850,7 @@ impl Migrator {
         for f in &mut g.flows {
             let n = 1 + f.aliases.len();
             f.sent = it.by_ref().take(n).fold(0u32, |a, b| a.wrapping_add(b));
-            f.drained = match host.packets(&f.key) {
+            f.drained = match host.packets(&f.at()) {
                 Some(p) if !later(p, f.sent) => {
                     waiting += f.sent.wrapping_sub(p) as u64;
                     false
@@ -814,7 +876,7 @@ impl Migrator {
             }
             let mut all = true;
             for f in g.flows.iter_mut().filter(|f| !f.drained) {
-                f.drained = host.packets(&f.key).is_none_or(|p| later(p, f.sent));
+                f.drained = host.packets(&f.at()).is_none_or(|p| later(p, f.sent));
                 all &= f.drained;
             }
             if all || now_ms >= g.deadline_ms {
@@ -831,7 +893,7 @@ impl Migrator {
                 let missing = if f.drained {
                     0
                 } else {
-                    host.packets(&f.key)
+                    host.packets(&f.at())
                         .map(|p| {
                             if later(p, f.sent) {
                                 0
@@ -841,7 +903,7 @@ impl Migrator {
                         })
                         .unwrap_or(0)
                 };
-                match host.save(&f.key) {
+                match host.save(&f.at()) {
                     Some(mut st) => {
                         st.missing = missing;
                         states.push(st);
@@ -923,7 +985,7 @@ impl Migrator {
                 },
             );
             for f in back {
-                host.divert(&f.key, false);
+                host.divert(&f.at(), false);
                 self.out_keys.remove(&f.key);
             }
         }
@@ -933,7 +995,7 @@ impl Migrator {
                 id,
                 Tomb {
                     target: g.target,
-                    keys: g.flows.into_iter().map(|f| f.key).collect(),
+                    flows: g.flows.iter().map(OutFlow::at).collect(),
                     settled,
                 },
             );
@@ -961,15 +1023,15 @@ impl Migrator {
                 let mut tomb = Vec::new();
                 g.flows.retain(|f| {
                     if owned.contains(&f.key) {
-                        tomb.push(f.key);
+                        tomb.push(f.at());
                         false
                     } else {
                         true
                     }
                 });
-                for k in tomb {
-                    host.retire(&k);
-                    self.out_keys.remove(&k);
+                for f in tomb {
+                    host.retire(&f);
+                    self.out_keys.remove(&f.key);
                 }
             }
             self.set_rollback(host, id, need_vswitch, false);
@@ -1045,8 +1107,8 @@ impl Migrator {
             );
         }
         for f in &g.flows {
-            host.divert(&f.key, false);
-            host.release_held(&f.key, Release::Process);
+            host.divert(&f.at(), false);
+            host.release_held(&f.at(), Release::Process);
             self.out_keys.remove(&f.key);
         }
         if rolled_back {
@@ -1061,12 +1123,16 @@ impl Migrator {
         let Some(t) = self.tombs.remove(&id) else {
             return;
         };
-        for k in &t.keys {
+        for f in &t.flows {
             // Not if the flow came back meanwhile (`reclaim`) and is someone else's now.
-            if self.out_keys.get(k) == Some(&id) {
-                host.retire(k);
-                self.out_keys.remove(k);
+            if self.out_keys.get(&f.key) == Some(&id) {
+                host.retire(f);
+                self.out_keys.remove(&f.key);
             }
+        }
+        if self.out_keys.is_empty() && self.out_keys.capacity() > 4096 {
+            // The last tombstone of a large job: give its room back (nothing to re-hash).
+            self.out_keys.shrink_to_fit();
         }
     }
 
@@ -1082,7 +1148,7 @@ impl Migrator {
             .get(&id)
             .is_some_and(|t| t.target == from && t.settled)
         {
-            host.retire(key);
+            host.retire(&FlowRef::key_only(*key));
             self.out_keys.remove(key);
         }
     }
@@ -1134,7 +1200,7 @@ impl Migrator {
             .collect();
         for k in done {
             self.returning.remove(&k);
-            host.remove_pending(&k);
+            host.remove_pending(&FlowRef::key_only(k));
         }
     }
 
@@ -1187,12 +1253,18 @@ impl Migrator {
         let mut taken = Vec::new();
         for f in &flows {
             self.reclaim(host, from, &f.key);
-            let ok = !self.in_keys.contains_key(&f.key) && host.create_pending(f, vswitch);
-            if ok {
+            let slot = if self.in_keys.contains_key(&f.key) {
+                None
+            } else {
+                host.create_pending(f, vswitch)
+            };
+            let ok = slot.is_some();
+            if let Some(slot) = slot {
                 let idx = taken.len() as u32;
                 self.in_keys.insert(f.key, InKey { from, group, idx });
                 taken.push(InFlow {
                     key: f.key,
+                    slot,
                     held: 0,
                 });
             }
@@ -1240,14 +1312,14 @@ impl Migrator {
                 (Some(i), Some(g)) if i < g.flows.len() && !arrived[i] => {
                     arrived[i] = true;
                     self.in_keys.remove(&st.key);
-                    let held = g.flows[i].held;
-                    let ok = host.install(st);
+                    let (held, at) = (g.flows[i].held, g.flows[i].at());
+                    let ok = host.install(st, at.slot);
                     if ok {
-                        let n = host.release_held(&st.key, Release::Process);
+                        let n = host.release_held(&at, Release::Process);
                         buffered += n;
                     } else {
-                        host.release_held(&st.key, Release::Return { to: from, group });
-                        host.remove_pending(&st.key);
+                        host.release_held(&at, Release::Return { to: from, group });
+                        host.remove_pending(&at);
                     }
                     self.held = self.held.saturating_sub(held as usize);
                     ok
@@ -1299,7 +1371,7 @@ impl Migrator {
             for f in g.flows {
                 self.in_keys.remove(&f.key);
                 self.held = self.held.saturating_sub(f.held as usize);
-                returned += host.release_held(&f.key, Release::Return { to: from, group });
+                returned += host.release_held(&f.at(), Release::Return { to: from, group });
                 self.returning.insert(
                     f.key,
                     Returning {
@@ -1352,7 +1424,7 @@ impl Migrator {
                     self.counters.strays_ended += 1;
                 }
             }
-            if host.create_pending(&f, vswitch) {
+            if host.create_pending(&f, vswitch).is_some() {
                 // They may overtake what the vswitch sent the source after pointing back:
                 // counted there as late.
                 self.returning.insert(
@@ -1392,8 +1464,8 @@ impl Migrator {
         for f in flows {
             self.in_keys.remove(&f.key);
             self.held = self.held.saturating_sub(f.held as usize);
-            n += host.release_held(&f.key, how);
-            host.remove_pending(&f.key);
+            n += host.release_held(&f.at(), how);
+            host.remove_pending(&f.at());
         }
         n
     }

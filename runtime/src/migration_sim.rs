@@ -15,7 +15,9 @@ use nflib::flow::FlowKey;
 use nflib::msg::{FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::wire::EndpointAddr;
 
-use crate::migration::{Candidate, FlowHost, MigrationSettings, Migrator, PacketAction, Release};
+use crate::migration::{
+    Candidate, FlowHost, FlowRef, MigrationSettings, Migrator, PacketAction, Release,
+};
 
 const S: EndpointAddr = EndpointAddr { server: 1, slot: 2 };
 const T: EndpointAddr = EndpointAddr { server: 2, slot: 2 };
@@ -126,6 +128,8 @@ impl FlowHost for Toy {
                     .collect();
                 out.push(Candidate {
                     key: k,
+                    // The toy keeps flows by key: no slot to name.
+                    slot: FlowRef::NO_SLOT,
                     aliases,
                     vswitch: V,
                 });
@@ -134,20 +138,20 @@ impl FlowHost for Toy {
         !self.cursor.is_empty()
     }
 
-    fn packets(&self, key: &FlowKey) -> Option<u32> {
-        self.flows.get(key).map(|f| f.packets)
+    fn packets(&self, f: &FlowRef) -> Option<u32> {
+        self.flows.get(&f.key).map(|f| f.packets)
     }
 
-    fn divert(&mut self, key: &FlowKey, on: bool) {
-        if let Some(f) = self.flows.get_mut(key) {
+    fn divert(&mut self, at: &FlowRef, on: bool) {
+        if let Some(f) = self.flows.get_mut(&at.key) {
             f.diverted = on;
         }
     }
 
-    fn save(&mut self, key: &FlowKey) -> Option<FlowState> {
-        let f = self.flows.get(key)?;
+    fn save(&mut self, at: &FlowRef) -> Option<FlowState> {
+        let f = self.flows.get(&at.key)?;
         Some(FlowState {
-            key: *key,
+            key: at.key,
             flags: 0,
             age_ms: 0,
             idle_ms: 0,
@@ -156,9 +160,9 @@ impl FlowHost for Toy {
         })
     }
 
-    fn create_pending(&mut self, flow: &MigrateFlow, _vswitch: EndpointAddr) -> bool {
+    fn create_pending(&mut self, flow: &MigrateFlow, _vswitch: EndpointAddr) -> Option<u32> {
         if self.flows.contains_key(&flow.key) {
-            return false;
+            return None;
         }
         self.flows.insert(
             flow.key,
@@ -170,10 +174,10 @@ impl FlowHost for Toy {
         for a in &flow.aliases {
             self.aliases.insert(*a, flow.key);
         }
-        true
+        Some(FlowRef::NO_SLOT)
     }
 
-    fn install(&mut self, st: &FlowState) -> bool {
+    fn install(&mut self, st: &FlowState, _slot: u32) -> bool {
         let Some(f) = self.flows.get_mut(&st.key) else {
             return false;
         };
@@ -183,7 +187,8 @@ impl FlowHost for Toy {
         true
     }
 
-    fn release_held(&mut self, key: &FlowKey, how: Release) -> u32 {
+    fn release_held(&mut self, at: &FlowRef, how: Release) -> u32 {
+        let key = &at.key;
         let q = self.held.remove(key).unwrap_or_default();
         let n = q.len() as u32;
         match how {
@@ -209,14 +214,14 @@ impl FlowHost for Toy {
         n
     }
 
-    fn remove_pending(&mut self, key: &FlowKey) {
-        self.held.remove(key);
-        self.flows.remove(key);
-        self.aliases.retain(|_, c| c != key);
+    fn remove_pending(&mut self, at: &FlowRef) {
+        self.held.remove(&at.key);
+        self.flows.remove(&at.key);
+        self.aliases.retain(|_, c| *c != at.key);
     }
 
-    fn retire(&mut self, key: &FlowKey) {
-        self.remove_pending(key);
+    fn retire(&mut self, at: &FlowRef) {
+        self.remove_pending(at);
     }
 
     fn end_stray(&mut self, key: &FlowKey) -> bool {
@@ -224,7 +229,7 @@ impl FlowHost for Toy {
         if self.flows.get(&k).is_none_or(|f| f.diverted) {
             return false;
         }
-        self.remove_pending(&k);
+        self.remove_pending(&FlowRef::key_only(k));
         true
     }
 
@@ -453,12 +458,16 @@ fn run(sc: Scenario) -> Outcome {
             if !started && now >= start_at {
                 started = true;
                 let s = nodes.get_mut(&S).unwrap();
-                s.mig.start_job(T, u32::MAX, now as f64 / 1000.0).unwrap();
+                s.mig
+                    .start_job(T, u32::MAX, 0, now as f64 / 1000.0)
+                    .unwrap();
             }
             if sc.back_at_us.is_some_and(|b| !back_started && now >= b) {
                 back_started = true;
                 let t = nodes.get_mut(&T).unwrap();
-                t.mig.start_job(S, u32::MAX, now as f64 / 1000.0).unwrap();
+                t.mig
+                    .start_job(S, u32::MAX, 0, now as f64 / 1000.0)
+                    .unwrap();
             }
             if let Some(k) = sc.kill_target_at {
                 if !target_dead && !restarted && now >= k {
