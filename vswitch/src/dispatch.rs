@@ -7,7 +7,6 @@
 //! frame's destination MAC becomes the runtime's input MAC on the way (the original is kept
 //! in the buffer's metadata and restored by the runtime).
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use nflib::buffer::DESC_REMOTE;
@@ -22,6 +21,15 @@ use nflib::slot::SlotState;
 use nflib::stats::ProcCounter;
 use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Packet, Region, MANAGER_SLOT};
+
+use crate::flowmap::{FlowMap, SHARDS};
+
+/// Each flow is looked at for expiry about once per this period, one shard of the table at a
+/// time.
+const SWEEP_PERIOD: Duration = Duration::from_secs(1);
+/// Shards one loop may sweep when it is behind (a vswitch that slept): catching up on the
+/// whole table at once would be the stall the shards avoid.
+const MAX_SWEEPS_PER_LOOP: usize = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NonIp {
@@ -40,9 +48,11 @@ struct Entry {
 
 pub struct Dispatch {
     me: EndpointAddr,
-    /// Keyed with a per-process random seed: flow keys come from the wire, and a fixed hash
+    /// Keyed with per-process random seeds: flow keys come from the wire, and a fixed hash
     /// would let a sender collide them on purpose.
-    table: HashMap<FlowKey, Entry, foldhash::fast::RandomState>,
+    table: FlowMap<Entry>,
+    /// When the next shard of `table` is due for its expiry sweep.
+    next_sweep: Instant,
     steering: Vec<(Match, usize)>,
     default_chain: Option<usize>,
     /// Chain names by index (the last, `None`, groups runtimes without a chain).
@@ -63,6 +73,15 @@ pub struct Dispatch {
     view_version: u64,
     /// Messages it did not understand.
     pub unknown: u64,
+}
+
+/// Whether `rt` is among the live local or the remote targets.
+fn targets_live(
+    live: &[Vec<EndpointAddr>],
+    remote: &[Vec<EndpointAddr>],
+    rt: EndpointAddr,
+) -> bool {
+    live.iter().any(|l| l.contains(&rt)) || remote.iter().any(|r| r.contains(&rt))
 }
 
 /// What steering looks at in a flow's first packet.
@@ -130,7 +149,8 @@ impl Dispatch {
         let n = chains.len();
         let mut d = Dispatch {
             me: EndpointAddr::new(cfg.cluster.server_id, me),
-            table: HashMap::with_hasher(foldhash::fast::RandomState::default()),
+            table: FlowMap::default(),
+            next_sweep: Instant::now() + SWEEP_PERIOD,
             steering,
             default_chain,
             chains,
@@ -354,10 +374,6 @@ impl Dispatch {
         Some(rt)
     }
 
-    fn is_live(&self, rt: EndpointAddr) -> bool {
-        self.live.iter().any(|l| l.contains(&rt)) || self.remote.iter().any(|r| r.contains(&rt))
-    }
-
     pub fn dispatch(
         &mut self,
         ep: &mut Endpoint,
@@ -451,27 +467,43 @@ impl Dispatch {
     /// The runtime of a known flow, if it is alive (refreshing the flow's last packet time
     /// and counting the packet as given to it).
     fn known(&mut self, key: &FlowKey, now_s: u32) -> Option<EndpointAddr> {
-        let rt = self.table.get(key)?.runtime;
-        if !self.is_live(rt) {
+        // One lookup: the entry stays borrowed while the (disjoint) target lists are checked.
+        let e = self.table.get_mut(key)?;
+        let rt = e.runtime;
+        if !targets_live(&self.live, &self.remote, rt) {
             return None;
         }
-        let e = self.table.get_mut(key)?;
         e.last_seen = now_s;
         e.sent = e.sent.wrapping_add(1);
         Some(rt)
     }
 
-    /// Forgets flows idle for longer than the timeout.
+    /// Forgets flows idle for longer than the timeout: called every loop, it sweeps the
+    /// shards that are due, one every `SWEEP_PERIOD / SHARDS`.
     pub fn expire(&mut self, ep: &mut Endpoint, now: Instant) {
-        let before = self.table.len();
+        if now < self.next_sweep {
+            return;
+        }
         let now_s = now.saturating_duration_since(self.epoch).as_secs() as u32;
-        // Whole seconds: a flow lives between `timeout` and `timeout` + 1 s after its last packet.
+        // Whole seconds, each flow swept once a period: a flow lives between `timeout` and
+        // `timeout` + 2 s after its last packet.
         let timeout_s = self.timeout.as_secs().max(1) as u32;
-        self.table
-            .retain(|_, e| now_s.saturating_sub(e.last_seen) < timeout_s);
-        let expired = (before - self.table.len()) as u64;
+        let step = SWEEP_PERIOD / SHARDS as u32;
+        let mut expired = 0;
+        let mut swept = 0;
+        while now >= self.next_sweep && swept < MAX_SWEEPS_PER_LOOP {
+            expired += self
+                .table
+                .sweep_next(|e| now_s.saturating_sub(e.last_seen) < timeout_s);
+            self.next_sweep += step;
+            swept += 1;
+        }
+        if now >= self.next_sweep + SWEEP_PERIOD {
+            // Far behind (the vswitch slept): go on from here rather than catch up.
+            self.next_sweep = now + step;
+        }
         ep.counters()
-            .add(ProcCounter::FlowsExpired as usize, expired);
+            .add(ProcCounter::FlowsExpired as usize, expired as u64);
         ep.counters()
             .set(ProcCounter::FlowsActive as usize, self.table.len() as u64);
     }

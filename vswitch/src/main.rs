@@ -1,9 +1,9 @@
 //! nf-vswitch: dispatches flows to runtimes (see `dispatch`).
 
 mod dispatch;
+mod flowmap;
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use clap::Parser;
 use nflib::config::Config;
@@ -47,7 +47,6 @@ fn main() -> ExitCode {
     };
     let mut mb = Mailbox::for_endpoint(&ep, cfg.cluster.server_id, cfg.cluster.transport());
     let mut batch = Vec::with_capacity(BATCH);
-    let mut last_sweep = Instant::now();
     run_loop(&mut ep, &args.common, |ep, now| {
         let m = dispatch.handle_messages(ep, &mut mb);
         let n = ep.recv_burst(&mut batch, BATCH);
@@ -55,10 +54,7 @@ fn main() -> ExitCode {
             dispatch.refresh_targets(ep.region());
             dispatch.dispatch(ep, &mut mb, &mut batch, now);
         }
-        if now.duration_since(last_sweep) >= Duration::from_secs(1) {
-            dispatch.expire(ep, now);
-            last_sweep = now;
-        }
+        dispatch.expire(ep, now);
         mb.flush(ep, nflib::time::mono_ns());
         m + n
     });
