@@ -19,6 +19,7 @@
 #                           [--runtime-set 'KEY = VALUE']...  (extra settings of every runtime)
 #                           [--vswitch-set 'KEY = VALUE']...  (extra settings of every vswitch)
 #                           [--migration-set 'KEY = VALUE']...  (a [migration] section)
+#                           [--region-set 'KEY = VALUE']...  (extra [region] settings)
 #                           [--pin-runtimes]  (runtime N of all servers on core N mod CPUs)
 #                           [--scope local]   (server 1's vswitch keeps new flows local)
 #                           [--gen FLOWS,PPS_PER_FLOW,MS]  (a generator -> sink on server 1)
@@ -53,6 +54,7 @@ CLUSTER_SET=
 RUNTIME_SET=
 VSWITCH_SET=
 MIGRATION_SET=
+REGION_SET=
 PIN_RUNTIMES=
 SCOPE=
 GEN=
@@ -69,6 +71,7 @@ while [ $# -gt 0 ]; do
         --runtime-set) RUNTIME_SET+=$2$'\n'; shift 2 ;;
         --vswitch-set) VSWITCH_SET+=$2$'\n'; shift 2 ;;
         --migration-set) MIGRATION_SET+=$2$'\n'; shift 2 ;;
+        --region-set) REGION_SET+=$2$'\n'; shift 2 ;;
         --pin-runtimes) PIN_RUNTIMES=1; shift ;;
         --scope) SCOPE=$2; shift 2 ;;
         --gen) GEN=$2; shift 2 ;;
@@ -138,6 +141,7 @@ instance = "$PREFIX-s$i"
 [region]
 hugepages = "off"
 dir = "$STATE/s$i"
+$REGION_SET
 
 [manager]
 bin_dir = "$BIN"

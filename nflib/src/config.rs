@@ -469,6 +469,11 @@ pub struct MigrationSection {
     /// At most this many flows a second start moving per source runtime (0: no limit).
     #[serde(default)]
     pub max_flows_per_s: u64,
+    /// Each migration message asks its receiver (and its sender) to poll rather than sleep
+    /// for this long, since the answer follows within a millisecond: waking a sleeping
+    /// process costs more than a step. 0: never (cores shared with busier work).
+    #[serde(default = "d_mig_keep_awake")]
+    pub keep_awake_us: u64,
 }
 
 fn d_mig_group() -> u32 {
@@ -491,6 +496,9 @@ fn d_mig_pending() -> u64 {
 }
 fn d_mig_high() -> u8 {
     75
+}
+fn d_mig_keep_awake() -> u64 {
+    5000
 }
 
 impl MigrationSection {

@@ -59,7 +59,10 @@ impl Default for RegionConfig {
             buffers: 16384,
             buffer_size: 2048,
             headroom: 128,
-            data_ring_size: 1024,
+            // Deep enough to ride out a consumer that loses its core for tens of
+            // milliseconds at 100,000 packets a second (a busy shared core; measured in
+            // docs/PERFORMANCE.md, migration), as OpenNetVM's deep NF rings do.
+            data_ring_size: 4096,
             msg_ring_size: 256,
             pool_ring_size: 512,
             blob_size: 0,

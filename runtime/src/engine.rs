@@ -776,13 +776,14 @@ impl EngineHost<'_> {
     }
 }
 
-/// How long a migration message keeps its peer (and its sender) polling rather than
-/// sleeping: a few steps' worth, renewed by every message of the migration.
-const MIGRATION_KEEP_AWAKE_NS: u64 = 5_000_000;
-
 impl FlowHost for EngineHost<'_> {
     fn keep_awake(&mut self, peer: EndpointAddr) {
-        let until = nflib::time::mono_ns() + MIGRATION_KEEP_AWAKE_NS;
+        // A few steps' worth (`keep_awake_us`), renewed by every message of the migration.
+        let keep_ns = self.rt.migrator.settings().keep_awake_us * 1000;
+        if keep_ns == 0 {
+            return;
+        }
+        let until = nflib::time::mono_ns() + keep_ns;
         // Another server's runtimes are reached through this server's nfmgr.
         let slot = if peer.server == self.rt.me.server {
             peer.slot

@@ -228,6 +228,7 @@ pub fn from_region(ep: &Endpoint, cfg: &Config) -> Result<Runtime, String> {
             buffer_packets: buffer,
             buffer_high_water: buffer * m.buffer_high_water_pct as usize / 100,
             max_flows_per_s: m.max_flows_per_s,
+            keep_awake_us: m.keep_awake_us,
         },
     );
     Ok(rt)

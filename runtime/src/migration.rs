@@ -51,6 +51,8 @@ pub struct MigrationSettings {
     /// At most this many flows a second start moving (0: as fast as the pipeline of
     /// `max_groups` goes), for operators who prefer headroom on the packet path to speed.
     pub max_flows_per_s: u64,
+    /// How long a migration message keeps its peer and its sender polling (0: not at all).
+    pub keep_awake_us: u64,
 }
 
 impl Default for MigrationSettings {
@@ -65,6 +67,7 @@ impl Default for MigrationSettings {
             buffer_packets: 65_536,
             buffer_high_water: 49_152,
             max_flows_per_s: 0,
+            keep_awake_us: 5000,
         }
     }
 }

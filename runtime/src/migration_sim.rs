@@ -337,6 +337,7 @@ impl Scenario {
                 buffer_packets: 10_000,
                 buffer_high_water: 8_000,
                 max_flows_per_s: 0,
+                keep_awake_us: 0,
             },
         }
     }

@@ -442,6 +442,10 @@ def loss_snapshot(servers):
             for k, v in p["counters"].items():
                 if k.startswith("sink_") and "latency" not in k or "drop" in k or k == "gen_sent":
                     snap[f"{p['name']}@{server} {k}"] = v
+    # Which runtime's input ring overflowed (the vswitch's drop_ring_full, by consumer);
+    # named without "drop" so that the overload sum counts each drop once.
+    for e in nfmgr("runtimes", "--json", "--socket", "/tmp/nf-testbed-bm/s1.sock"):
+        snap[f"rt {e['server']}/{e['slot']} input_overflow"] = e["workload"].get("input_drops", 0)
     return snap
 
 
