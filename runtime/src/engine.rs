@@ -779,11 +779,18 @@ impl EngineHost<'_> {
 impl FlowHost for EngineHost<'_> {
     fn keep_awake(&mut self, peer: EndpointAddr) {
         // A few steps' worth (`keep_awake_us`), renewed by every message of the migration.
-        let keep_ns = self.rt.migrator.settings().keep_awake_us * 1000;
+        // (While the migrator works, `rt.migrator` is its stand-in with the same settings.)
+        // Saturating: the setting comes from the configuration, unbounded.
+        let keep_ns = self
+            .rt
+            .migrator
+            .settings()
+            .keep_awake_us
+            .saturating_mul(1000);
         if keep_ns == 0 {
             return;
         }
-        let until = nflib::time::mono_ns() + keep_ns;
+        let until = nflib::time::mono_ns().saturating_add(keep_ns);
         // Another server's runtimes are reached through this server's nfmgr.
         let slot = if peer.server == self.rt.me.server {
             peer.slot
