@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use nflib::flow::{family, FlowKey};
-use nflib::msg::{FlowState, Message, MigrateFlow};
+use nflib::msg::{states, FlowState, Message, MigrateFlow};
 use nflib::wire::EndpointAddr;
 
 const GROUP: usize = 256;
@@ -47,6 +47,21 @@ fn messages() -> Vec<(&'static str, Message)> {
         runtime: EndpointAddr::new(1, 3),
         request: 7,
     };
+    // A firewall's verdict and a flow monitor's counters, laid out as a flow's states.
+    let mut states = Vec::new();
+    let mut lens = Vec::new();
+    for _ in 0..GROUP {
+        let start = states.len();
+        states::push(&mut states, |out| {
+            out.extend_from_slice(&[1, 0, 3]);
+            true
+        });
+        states::push(&mut states, |out| {
+            out.extend((0..40).map(|b| b as u8));
+            true
+        });
+        lens.push((states.len() - start) as u32);
+    }
     let state = Message::MigrateState {
         group: 7,
         flows: (0..GROUP)
@@ -56,13 +71,10 @@ fn messages() -> Vec<(&'static str, Message)> {
                 age_ms: 12_345,
                 idle_ms: 20,
                 missing: 0,
-                // A firewall's verdict and a flow monitor's counters.
-                nf_states: vec![
-                    Some(vec![1, 0, 3]),
-                    Some((0..40).map(|b| b as u8).collect()),
-                ],
+                states_len: lens[i],
             })
             .collect(),
+        states,
     };
     vec![
         ("MigrateInit", init),

@@ -61,6 +61,11 @@ pub enum Message {
     MigrateState {
         group: u64,
         flows: Vec<FlowState>,
+        /// The flows' functions' states, back to back in the order of `flows`, each flow's
+        /// `FlowState::states_len` bytes in the layout of [`states`]. One buffer for the
+        /// group, so neither side allocates per flow.
+        #[serde(with = "byte_string")]
+        states: Vec<u8>,
     },
     /// target -> source: `installed[i]` for `MigrateState::flows[i]`; `buffered` packets
     /// were held and processed, `dropped` could not be held (buffer full).
@@ -185,7 +190,8 @@ pub struct MigrateFlow {
     pub aliases: Vec<FlowKey>,
 }
 
-/// Everything a runtime keeps about a flow, moved in migration step 3.
+/// Everything a runtime keeps about a flow, moved in migration step 3 (its functions'
+/// states travel beside it, in `MigrateState::states`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowState {
     pub key: FlowKey,
@@ -196,66 +202,105 @@ pub struct FlowState {
     /// Packets of the flow the vswitch sent before the switch that the source had not
     /// received when it sent this (they follow as late stragglers, or were lost on the way).
     pub missing: u32,
-    /// Each function's serialised state, in chain order (`None`: no state yet).
-    #[serde(with = "byte_strings")]
-    pub nf_states: Vec<Option<Vec<u8>>>,
+    /// The length of this flow's part of `MigrateState::states`.
+    pub states_len: u32,
 }
 
-/// Functions' states as byte strings (a length and the bytes), not as sequences of numbers
-/// element by element as serde's default for `Vec<u8>` would: decoding a migration's states
-/// is then a copy per state instead of a call per byte.
-mod byte_strings {
-    use serde::de::{Deserializer, SeqAccess, Visitor};
-    use serde::ser::{SerializeSeq, Serializer};
+/// The layout of a flow's functions' states in `MigrateState::states`: for each function
+/// of the chain, in chain order, a 4-byte little-endian length and that many bytes of its
+/// serialised state, or the length [`states::NONE`] alone when the function holds no
+/// state for the flow. Written straight into the message's buffer and read in place.
+pub mod states {
+    /// The length that stands for "no state".
+    pub const NONE: u32 = u32::MAX;
 
-    struct Bytes<'a>(&'a [u8]);
-
-    impl serde::Serialize for Bytes<'_> {
-        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            s.serialize_bytes(self.0)
+    /// Appends one function's state, which `write` appends to the buffer it is given and
+    /// returns true for, or returns false (with the buffer as it found it) for no state.
+    pub fn push(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>) -> bool) {
+        let at = out.len();
+        out.extend_from_slice(&NONE.to_le_bytes());
+        let start = out.len();
+        if write(out) {
+            // A state of 4 GiB cannot be a message; such a one reads back as malformed.
+            let n = u32::try_from(out.len() - start).unwrap_or(NONE);
+            out[at..start].copy_from_slice(&n.to_le_bytes());
+        } else {
+            out.truncate(start);
         }
     }
 
-    struct OwnedBytes(Vec<u8>);
+    /// The states of one flow's part, function by function.
+    pub struct Reader<'a> {
+        rest: &'a [u8],
+    }
 
-    impl<'de> serde::Deserialize<'de> for OwnedBytes {
-        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = OwnedBytes;
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("a byte string")
-                }
-                fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<OwnedBytes, E> {
-                    Ok(OwnedBytes(v.to_vec()))
-                }
-                fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<OwnedBytes, E> {
-                    Ok(OwnedBytes(v))
-                }
-                // Self-describing formats (JSON in diagnostics) write bytes as a sequence.
-                fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<OwnedBytes, A::Error> {
-                    let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0).min(4096));
-                    while let Some(b) = a.next_element()? {
-                        v.push(b);
-                    }
-                    Ok(OwnedBytes(v))
-                }
+    /// A flow's part of the states ends in the middle of a state.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Truncated;
+
+    impl<'a> Reader<'a> {
+        pub fn new(part: &'a [u8]) -> Reader<'a> {
+            Reader { rest: part }
+        }
+
+        /// The next function's state (`None`: it has none for the flow).
+        pub fn next_state(&mut self) -> Result<Option<&'a [u8]>, Truncated> {
+            let (len, rest) = self.rest.split_first_chunk::<4>().ok_or(Truncated)?;
+            let len = u32::from_le_bytes(*len);
+            if len == NONE {
+                self.rest = rest;
+                return Ok(None);
             }
-            d.deserialize_bytes(V)
+            let len = len as usize;
+            if rest.len() < len {
+                return Err(Truncated);
+            }
+            let (state, rest) = rest.split_at(len);
+            self.rest = rest;
+            Ok(Some(state))
+        }
+
+        /// Every state has been read.
+        pub fn is_done(&self) -> bool {
+            self.rest.is_empty()
         }
     }
+}
 
-    pub fn serialize<S: Serializer>(v: &[Option<Vec<u8>>], s: S) -> Result<S::Ok, S::Error> {
-        let mut seq = s.serialize_seq(Some(v.len()))?;
-        for x in v {
-            seq.serialize_element(&x.as_deref().map(Bytes))?;
-        }
-        seq.end()
+/// A byte vector as one byte string (a length and the bytes), not as a sequence of numbers
+/// element by element as serde's default for `Vec<u8>` would: encoding and decoding it is
+/// then a copy instead of a call per byte.
+mod byte_string {
+    use serde::de::{Deserializer, SeqAccess, Visitor};
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Option<Vec<u8>>>, D::Error> {
-        let v: Vec<Option<OwnedBytes>> = serde::Deserialize::deserialize(d)?;
-        Ok(v.into_iter().map(|x| x.map(|b| b.0)).collect())
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            // Self-describing formats (JSON in diagnostics) write bytes as a sequence.
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<Vec<u8>, A::Error> {
+                let mut v = Vec::with_capacity(a.size_hint().unwrap_or(0).min(4096));
+                while let Some(b) = a.next_element()? {
+                    v.push(b);
+                }
+                Ok(v)
+            }
+        }
+        d.deserialize_bytes(V)
     }
 }
 
@@ -267,6 +312,7 @@ pub struct MovedPacket {
     /// The server and vswitch slot it entered the cluster at.
     pub origin_server: u16,
     pub origin_vswitch: u8,
+    #[serde(with = "byte_string")]
     pub frame: Vec<u8>,
 }
 
@@ -367,5 +413,75 @@ mod tests {
         assert_eq!(Message::decode(&buf).unwrap(), m);
         assert!(Message::decode(&[0xff, 0xff, 0xff]).is_err());
         assert!(Message::decode(&[]).is_err());
+    }
+
+    #[test]
+    fn states_read_back_as_written_and_a_short_part_is_an_error() {
+        let mut blob = Vec::new();
+        states::push(&mut blob, |out| {
+            out.extend_from_slice(b"fw");
+            true
+        });
+        states::push(&mut blob, |out| {
+            out.push(9); // written, then given up: must leave nothing behind
+            out.pop();
+            false
+        });
+        states::push(&mut blob, |_| true); // an empty state is not "no state"
+        let mut r = states::Reader::new(&blob);
+        assert_eq!(r.next_state(), Ok(Some(&b"fw"[..])));
+        assert_eq!(r.next_state(), Ok(None));
+        assert_eq!(r.next_state(), Ok(Some(&b""[..])));
+        assert!(r.is_done());
+        assert_eq!(r.next_state(), Err(states::Truncated));
+        for cut in [1, 3, 5] {
+            let mut r = states::Reader::new(&blob[..cut]);
+            assert_eq!(r.next_state(), Err(states::Truncated), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn bulk_bytes_travel_as_byte_strings() {
+        let key = FlowKey {
+            a: [1; 16],
+            b: [2; 16],
+            a_port: 1000,
+            b_port: 80,
+            vlan: 0,
+            proto: 6,
+            family: crate::flow::family::IPV4,
+            fragment: false,
+        };
+        let m = Message::MigrateState {
+            group: 3,
+            flows: vec![FlowState {
+                key,
+                flags: 1,
+                age_ms: 5,
+                idle_ms: 6,
+                missing: 0,
+                states_len: 300,
+            }],
+            states: vec![7; 300],
+        };
+        let mut buf = Vec::new();
+        m.encode(&mut buf).unwrap();
+        assert_eq!(Message::decode(&buf).unwrap(), m);
+        // A length and the bytes: not one varint per byte (which would be the same here,
+        // but 2 bytes each for values above 127).
+        let p = Message::MigratePackets {
+            group: 1,
+            late: false,
+            packets: vec![MovedPacket {
+                ingress: 0,
+                egress: 1,
+                origin_server: 1,
+                origin_vswitch: 1,
+                frame: vec![0xff; 1000],
+            }],
+        };
+        p.encode(&mut buf).unwrap();
+        assert!(buf.len() < 1100, "{} bytes", buf.len());
+        assert_eq!(Message::decode(&buf).unwrap(), p);
     }
 }

@@ -165,8 +165,15 @@ pub trait Stage: Send {
     ) -> Verdict;
     /// Ends the flow in `slot`, if it has state here.
     fn end_flow(&mut self, slot: u32, ctx: &mut NfContext<'_>);
-    /// The flow's state, serialised (migration and replication).
-    fn save(&self, slot: u32) -> Option<Vec<u8>>;
+    /// Appends the flow's state, serialised, to `out`; false (with `out` as it was) when
+    /// the function holds none for it. Migration writes every flow of a group into one
+    /// buffer this way.
+    fn save_into(&self, slot: u32, out: &mut Vec<u8>) -> bool;
+    /// The flow's state, serialised.
+    fn save(&self, slot: u32) -> Option<Vec<u8>> {
+        let mut v = Vec::new();
+        self.save_into(slot, &mut v).then_some(v)
+    }
     /// Installs a serialised state for the flow in `slot`.
     fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), postcard::Error>;
     /// Forgets the flow's state without ending it (the flow moved to another runtime, which
@@ -177,6 +184,16 @@ pub trait Stage: Send {
     /// Starts loading the state of the flow in `slot` (batch processing).
     fn prefetch(&self, slot: u32) {
         let _ = slot;
+    }
+}
+
+/// Lets postcard append to a buffer it borrows (its `to_extend` takes the writer by
+/// value), so a failed write can be cut off without losing what was there before.
+struct Append<'a>(&'a mut Vec<u8>);
+
+impl Extend<u8> for Append<'_> {
+    fn extend<I: IntoIterator<Item = u8>>(&mut self, bytes: I) {
+        self.0.extend(bytes);
     }
 }
 
@@ -242,9 +259,16 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
         }
     }
 
-    fn save(&self, slot: u32) -> Option<Vec<u8>> {
-        let st = self.states.get(slot as usize)?.as_ref()?;
-        postcard::to_allocvec(st).ok()
+    fn save_into(&self, slot: u32, out: &mut Vec<u8>) -> bool {
+        let Some(st) = self.states.get(slot as usize).and_then(Option::as_ref) else {
+            return false;
+        };
+        let mark = out.len();
+        if postcard::to_extend(st, Append(out)).is_err() {
+            out.truncate(mark);
+            return false;
+        }
+        true
     }
 
     fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), postcard::Error> {

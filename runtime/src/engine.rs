@@ -19,7 +19,7 @@ use nflib::buffer::Route;
 use nflib::endpoint::Endpoint;
 use nflib::flow::{Direction, FlowKey};
 use nflib::mailbox::Mailbox;
-use nflib::msg::{FlowState, Message, MigrateFlow, MovedPacket};
+use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::nf::{tcp_flags, Dir, NfContext, PacketMut, Stage, Verdict};
 use nflib::packet::ParseError;
 use nflib::stats::{ProcCounter, NF_COUNTERS};
@@ -842,18 +842,33 @@ impl FlowHost for EngineHost<'_> {
         }
     }
 
-    fn save(&mut self, f: &FlowRef) -> Option<FlowState> {
+    fn save(&mut self, f: &FlowRef, out: &mut Vec<u8>) -> Option<FlowState> {
         let slot = self.slot_at(f)?;
         let a = self.rt.flows.get(slot)?;
         let now = self.now_ms;
+        let start = out.len();
+        for stage in &self.rt.stages {
+            states::push(out, |out| stage.save_into(slot, out));
+        }
         Some(FlowState {
             key: a.key,
             flags: a.flags & !(flag::LIVE | flag::MIGRATING),
             age_ms: now.saturating_sub(a.created_ms as u64),
             idle_ms: now.saturating_sub(a.last_ms as u64),
             missing: 0,
-            nf_states: self.rt.stages.iter().map(|s| s.save(slot)).collect(),
+            // A group's message cannot come near 4 GiB; a flow whose states did would read
+            // back as malformed and stay with the source.
+            states_len: u32::try_from(out.len() - start).unwrap_or(u32::MAX),
         })
+    }
+
+    fn prepare_pending(&mut self, flows: &[MigrateFlow]) {
+        // Each insert first probes the index for the key, a cache miss per flow at a
+        // million flows: start every probe's line loading before the first insert.
+        for f in flows {
+            let h = self.rt.flows.hash(&f.key);
+            self.rt.flows.prefetch_bucket(h);
+        }
     }
 
     fn create_pending(&mut self, flow: &MigrateFlow, vswitch: EndpointAddr) -> Option<u32> {
@@ -872,22 +887,29 @@ impl FlowHost for EngineHost<'_> {
         Some(slot)
     }
 
-    fn install(&mut self, st: &FlowState, slot: u32) -> bool {
+    fn install(&mut self, st: &FlowState, part: &[u8], slot: u32) -> bool {
         let Some(slot) = self.slot_at(&FlowRef { key: st.key, slot }) else {
             return false;
         };
-        if st.nf_states.len() != self.rt.stages.len() {
-            return false;
-        }
-        for (stage, bytes) in self.rt.stages.iter_mut().zip(&st.nf_states) {
-            if let Some(b) = bytes {
-                if stage.restore(slot, b).is_err() {
-                    for s in self.rt.stages.iter_mut() {
-                        s.discard(slot);
-                    }
-                    return false;
-                }
+        // One state per function, then nothing: anything else is malformed, and what was
+        // restored before finding out is discarded again.
+        let mut reader = states::Reader::new(part);
+        let mut ok = true;
+        for stage in self.rt.stages.iter_mut() {
+            ok = match reader.next_state() {
+                Ok(Some(bytes)) => stage.restore(slot, bytes).is_ok(),
+                Ok(None) => true,
+                Err(_) => false,
+            };
+            if !ok {
+                break;
             }
+        }
+        if !ok || !reader.is_done() {
+            for s in self.rt.stages.iter_mut() {
+                s.discard(slot);
+            }
+            return false;
         }
         let now = self.now_ms;
         let Some(a) = self.rt.flows.get_mut(slot) else {

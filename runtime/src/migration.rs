@@ -144,14 +144,20 @@ pub trait FlowHost {
     fn packets(&self, f: &FlowRef) -> Option<u32>;
     /// Sends the flow's packets to the migrator (`on_packet`) instead of the chain, or stops.
     fn divert(&mut self, f: &FlowRef, on: bool);
-    /// The flow's state for step 3 (the flow stays, diverted, until it is retired).
-    fn save(&mut self, f: &FlowRef) -> Option<FlowState>;
+    /// The flow's state for step 3 (the flow stays, diverted, until it is retired): its
+    /// functions' states are appended to `states` (laid out as `nflib::msg::states`
+    /// describes), and `states_len` says how many bytes they took. `None`, with `states`
+    /// as it was, if the flow is gone.
+    fn save(&mut self, f: &FlowRef, states: &mut Vec<u8>) -> Option<FlowState>;
+    /// Target, step 1, before `create_pending` for each of `flows`: a chance to start
+    /// loading what those calls will touch.
+    fn prepare_pending(&mut self, _flows: &[MigrateFlow]) {}
     /// Target, step 1: a pending actor under the key and aliases (diverted), and the slot
     /// it is kept in; `None` if the key exists or the table is full.
     fn create_pending(&mut self, flow: &MigrateFlow, vswitch: EndpointAddr) -> Option<u32>;
-    /// Target, step 3: installs the state in the pending actor (at `slot`, a hint as in
-    /// [`FlowRef`]) and stops diverting it.
-    fn install(&mut self, state: &FlowState, slot: u32) -> bool;
+    /// Target, step 3: installs the state (and the functions' states, `states`) in the
+    /// pending actor (at `slot`, a hint as in [`FlowRef`]) and stops diverting it.
+    fn install(&mut self, state: &FlowState, states: &[u8], slot: u32) -> bool;
     /// Lets go of the packets held for the flow, in order. Returns how many.
     fn release_held(&mut self, f: &FlowRef, how: Release) -> u32;
     /// Removes a pending actor that never got its state (nothing is ended).
@@ -278,6 +284,10 @@ struct Job {
 
 /// Set in the request id of a `SetRuntime` that points flows back at the source.
 const ROLLBACK: u64 = 1 << 63;
+
+/// Bytes of functions' states per flow a step-3 buffer starts with room for (a firewall's
+/// and a monitor's states with their lengths take about 60).
+const STATE_BYTES_GUESS: usize = 64;
 
 /// A flow this runtime no longer takes part in migrating: what still arrives for it goes
 /// back to the source until `until` (ms).
@@ -537,7 +547,11 @@ impl Migrator {
             Message::RuntimeSet { request, sent, .. } => {
                 self.source_switched(host, from, request, sent, now_ms)
             }
-            Message::MigrateState { group, flows } => self.target_state(host, from, group, flows),
+            Message::MigrateState {
+                group,
+                flows,
+                states,
+            } => self.target_state(host, from, group, flows, &states),
             Message::MigrateDone {
                 group,
                 installed,
@@ -891,6 +905,7 @@ impl Migrator {
                 continue;
             };
             let mut states = Vec::with_capacity(g.flows.len());
+            let mut blob = Vec::with_capacity(g.flows.len() * STATE_BYTES_GUESS);
             let mut gone = Vec::new();
             for f in &g.flows {
                 let missing = if f.drained {
@@ -906,7 +921,7 @@ impl Migrator {
                         })
                         .unwrap_or(0)
                 };
-                match host.save(&f.at()) {
+                match host.save(&f.at(), &mut blob) {
                     Some(mut st) => {
                         st.missing = missing;
                         states.push(st);
@@ -932,6 +947,7 @@ impl Migrator {
                 Message::MigrateState {
                     group: id,
                     flows: states,
+                    states: blob,
                 },
             );
         }
@@ -1254,6 +1270,7 @@ impl Migrator {
         }
         let mut accepted = Vec::with_capacity(flows.len());
         let mut taken = Vec::new();
+        host.prepare_pending(&flows);
         for f in &flows {
             self.reclaim(host, from, &f.key);
             let slot = if self.in_keys.contains_key(&f.key) {
@@ -1300,13 +1317,20 @@ impl Migrator {
         from: EndpointAddr,
         group: u64,
         flows: Vec<FlowState>,
+        states: &[u8],
     ) {
         let g = self.inb.remove(&(from, group));
+        // Each flow's part of `states`, in order; a part past the end (a malformed
+        // message) installs nothing.
+        let mut offset = 0usize;
         let mut installed = Vec::with_capacity(flows.len());
         let mut buffered = 0u32;
         // Flows of the group a state arrived for (the rest ended at the source meanwhile).
         let mut arrived = vec![false; g.as_ref().map_or(0, |g| g.flows.len())];
         for st in &flows {
+            let end = offset.saturating_add(st.states_len as usize);
+            let part = states.get(offset..end);
+            offset = end;
             let pending = match self.in_keys.get(&st.key) {
                 Some(ik) if ik.from == from && ik.group == group => Some(ik.idx as usize),
                 _ => None,
@@ -1316,7 +1340,7 @@ impl Migrator {
                     arrived[i] = true;
                     self.in_keys.remove(&st.key);
                     let (held, at) = (g.flows[i].held, g.flows[i].at());
-                    let ok = host.install(st, at.slot);
+                    let ok = part.is_some_and(|part| host.install(st, part, at.slot));
                     if ok {
                         let n = host.release_held(&at, Release::Process);
                         buffered += n;

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use nflib::flow::FlowKey;
-use nflib::msg::{FlowState, Message, MigrateFlow, MovedPacket};
+use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::wire::EndpointAddr;
 
 use crate::migration::{
@@ -148,15 +148,20 @@ impl FlowHost for Toy {
         }
     }
 
-    fn save(&mut self, at: &FlowRef) -> Option<FlowState> {
+    fn save(&mut self, at: &FlowRef, out: &mut Vec<u8>) -> Option<FlowState> {
         let f = self.flows.get(&at.key)?;
+        let start = out.len();
+        states::push(out, |out| {
+            out.extend_from_slice(&postcard::to_allocvec(&f.log).unwrap());
+            true
+        });
         Some(FlowState {
             key: at.key,
             flags: 0,
             age_ms: 0,
             idle_ms: 0,
             missing: 0,
-            nf_states: vec![Some(postcard::to_allocvec(&f.log).unwrap())],
+            states_len: (out.len() - start) as u32,
         })
     }
 
@@ -177,11 +182,14 @@ impl FlowHost for Toy {
         Some(FlowRef::NO_SLOT)
     }
 
-    fn install(&mut self, st: &FlowState, _slot: u32) -> bool {
+    fn install(&mut self, st: &FlowState, part: &[u8], _slot: u32) -> bool {
         let Some(f) = self.flows.get_mut(&st.key) else {
             return false;
         };
-        f.log = postcard::from_bytes(st.nf_states[0].as_ref().unwrap()).unwrap();
+        let mut reader = states::Reader::new(part);
+        let log = reader.next_state().unwrap().unwrap();
+        assert!(reader.is_done());
+        f.log = postcard::from_bytes(log).unwrap();
         f.packets = 0;
         f.diverted = false;
         true
