@@ -25,6 +25,7 @@ pub mod doorbell;
 pub mod endpoint;
 pub mod flow;
 pub mod hint;
+pub mod index;
 pub mod layout;
 pub mod local;
 pub mod mailbox;

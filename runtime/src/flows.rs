@@ -11,7 +11,7 @@ use nflib::flow::FlowKey;
 use nflib::hint::prefetch;
 use nflib::wire::EndpointAddr;
 
-use crate::index::{FlowIndex, KeyHasher};
+use nflib::index::{FlowIndex, KeyHasher};
 
 /// Actor flags.
 pub mod flag {

@@ -5,7 +5,6 @@ pub mod engine;
 pub mod events;
 pub mod failpoint;
 pub mod flows;
-pub mod index;
 pub mod liaison;
 pub mod migration;
 #[cfg(test)]

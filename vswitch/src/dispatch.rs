@@ -69,6 +69,8 @@ pub struct Dispatch {
     timeout: Duration,
     /// Packets per local slot; slot 0 (nfmgr) carries those for other servers.
     stage: Vec<Vec<Packet>>,
+    /// A burst's parsed headers, keys and key hashes (kept for its room).
+    parsed: Vec<Result<(Headers, FlowKey, u64), ParseError>>,
     epoch: Instant,
     view_version: u64,
     /// Messages it did not understand.
@@ -165,6 +167,7 @@ impl Dispatch {
             },
             timeout: Duration::from_millis(vc.flow_timeout_ms),
             stage: (0..region.slot_count()).map(|_| Vec::new()).collect(),
+            parsed: Vec::new(),
             epoch: Instant::now(),
             view_version: 0,
             unknown: 0,
@@ -333,9 +336,17 @@ impl Dispatch {
             sent.extend(keys.iter().map(|_| 0));
             return 0;
         }
+        // Hundreds of keys, each two likely cache misses: start loading all of them first.
+        let hashes: Vec<u64> = keys.iter().map(|k| self.table.hash(k)).collect();
+        for &h in &hashes {
+            self.table.prefetch_bucket(h);
+        }
+        for &h in &hashes {
+            self.table.prefetch_entry(h);
+        }
         let mut moved = 0;
-        for k in keys {
-            match self.table.get_mut(k) {
+        for (k, &h) in keys.iter().zip(&hashes) {
+            match self.table.get_mut_hashed(k, h) {
                 Some(e) => {
                     sent.push(e.sent);
                     // Asking again for the runtime a key already has changes nothing (a
@@ -383,10 +394,26 @@ impl Dispatch {
     ) {
         let now_s = now.saturating_duration_since(self.epoch).as_secs() as u32;
         let region = ep.region().clone();
-        for (_, mut p) in batch.drain(..) {
-            let frame = region.data(&p);
-            let h = match packet::parse(frame) {
-                Ok(h) => h,
+        // Each lookup is an index line and an entry, both likely cache misses at a million
+        // flows: parse the burst and start loading every packet's index line, then every
+        // entry, before the first lookup (the runtimes do the same with their flows).
+        let mut parsed = std::mem::take(&mut self.parsed);
+        parsed.clear();
+        for (_, p) in batch.iter() {
+            let r = packet::parse(region.data(p)).map(|h| {
+                let (key, _) = FlowKey::of(&h);
+                let hash = self.table.hash(&key);
+                self.table.prefetch_bucket(hash);
+                (h, key, hash)
+            });
+            parsed.push(r);
+        }
+        for (_, _, hash) in parsed.iter().flatten() {
+            self.table.prefetch_entry(*hash);
+        }
+        for ((_, mut p), r) in batch.drain(..).zip(parsed.drain(..)) {
+            let (h, key, hash) = match r {
+                Ok(r) => r,
                 Err(e) => {
                     let c = match e {
                         ParseError::Runt => ProcCounter::DropRunt,
@@ -403,13 +430,12 @@ impl Dispatch {
                 ep.free(p);
                 continue;
             }
-            let (key, _) = FlowKey::of(&h);
-            let mut runtime = self.known(&key, now_s);
+            let mut runtime = self.known(&key, hash, now_s);
             if runtime.is_none() {
                 // A runtime may have registered this key (an alias) just before the packet
                 // that made it necessary left: read messages once more before deciding.
                 self.handle_messages(ep, mb);
-                runtime = self.known(&key, now_s);
+                runtime = self.known(&key, hash, now_s);
             }
             let runtime = match runtime {
                 Some(rt) => rt,
@@ -453,6 +479,7 @@ impl Dispatch {
                 None => ep.free(p),
             }
         }
+        self.parsed = parsed;
         for rt in 0..self.stage.len() {
             if !self.stage[rt].is_empty() {
                 let mut out = std::mem::take(&mut self.stage[rt]);
@@ -466,9 +493,9 @@ impl Dispatch {
 
     /// The runtime of a known flow, if it is alive (refreshing the flow's last packet time
     /// and counting the packet as given to it).
-    fn known(&mut self, key: &FlowKey, now_s: u32) -> Option<EndpointAddr> {
+    fn known(&mut self, key: &FlowKey, hash: u64, now_s: u32) -> Option<EndpointAddr> {
         // One lookup: the entry stays borrowed while the (disjoint) target lists are checked.
-        let e = self.table.get_mut(key)?;
+        let e = self.table.get_mut_hashed(key, hash)?;
         let rt = e.runtime;
         if !targets_live(&self.live, &self.remote, rt) {
             return None;

@@ -2,8 +2,8 @@
 //! can prefetch the cache line each key's probe starts on before touching any of them.
 //!
 //! Buckets are 8 bytes: the hash's upper 32 bits as a tag, and the value. Keys are not stored:
-//! the caller resolves a value to its key (flow actors and aliases keep them), so equality is
-//! checked only when the tag matches. Linear probing; deletion leaves a tombstone.
+//! the caller resolves a value to its key (a runtime's flow actors and aliases, a vswitch's
+//! flow entries keep them), so equality is checked only when the tag matches. Linear probing; deletion leaves a tombstone.
 //!
 //! Resizing never stops the packet path. Above 3/4 full the table doubles (or, when
 //! tombstones are what fills it, is rebuilt at its size) *incrementally*: a new bucket array
@@ -13,7 +13,7 @@
 //! without reading its key back. Before this, growing at a million flows re-hashed every key
 //! in one go, a stall of tens of milliseconds that overflowed the data rings.
 
-use nflib::flow::FlowKey;
+use crate::flow::FlowKey;
 
 /// An empty bucket (zero, so a new array costs no writes).
 const EMPTY: u64 = 0;
@@ -175,7 +175,7 @@ impl FlowIndex {
     #[inline(always)]
     pub fn prefetch(&self, hash: u64) {
         let t = tag(hash);
-        nflib::hint::prefetch(&self.cur.buckets[self.cur.home(t)]);
+        crate::hint::prefetch(&self.cur.buckets[self.cur.home(t)]);
     }
 
     /// The first value whose tag matches `hash` and which `eq` accepts.
