@@ -39,6 +39,7 @@ pub mod process;
 pub mod region;
 pub mod reliable;
 pub mod ring;
+pub mod slab;
 pub mod slot;
 pub mod snapshot;
 pub mod stats;

@@ -24,6 +24,7 @@ use serde::Serialize;
 use crate::config::{Config, ConfigError};
 use crate::flow::FlowKey;
 use crate::packet::{self, checksum, Fragment, Headers, ParseError, L3};
+use crate::slab::ChunkedSlab;
 use crate::stats::NF_COUNTERS;
 
 /// Most functions in one service chain.
@@ -200,28 +201,19 @@ impl Extend<u8> for Append<'_> {
 /// A [`NetworkFunction`] with a slab of its flows' states.
 pub struct TypedStage<N: NetworkFunction> {
     nf: N,
-    states: Vec<Option<N::State>>,
+    states: ChunkedSlab<N::State>,
 }
 
 impl<N: NetworkFunction> TypedStage<N> {
     pub fn new(nf: N) -> TypedStage<N> {
         TypedStage {
             nf,
-            states: Vec::new(),
+            states: ChunkedSlab::default(),
         }
     }
 
     pub fn boxed(nf: N) -> Box<dyn Stage> {
         Box::new(TypedStage::new(nf))
-    }
-
-    fn slot_mut(&mut self, slot: u32) -> &mut Option<N::State> {
-        let i = slot as usize;
-        if i >= self.states.len() {
-            self.states
-                .resize_with((i + 1).next_power_of_two(), || None);
-        }
-        &mut self.states[i]
     }
 }
 
@@ -242,25 +234,24 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
         pkt: &mut PacketMut<'_>,
         ctx: &mut NfContext<'_>,
     ) -> Verdict {
-        if new || self.states.get(slot as usize).is_none_or(|s| s.is_none()) {
+        if new || self.states.get(slot).is_none() {
             let st = self.nf.new_flow(pkt, ctx);
-            *self.slot_mut(slot) = Some(st);
+            *self.states.cell_mut(slot) = Some(st);
         }
-        let i = slot as usize;
-        match self.states[i].as_mut() {
+        match self.states.get_mut(slot) {
             Some(state) => self.nf.process(pkt, state, ctx),
             None => Verdict::Drop,
         }
     }
 
     fn end_flow(&mut self, slot: u32, ctx: &mut NfContext<'_>) {
-        if let Some(st) = self.states.get_mut(slot as usize).and_then(Option::take) {
+        if let Some(st) = self.states.take(slot) {
             self.nf.end_flow(st, ctx);
         }
     }
 
     fn save_into(&self, slot: u32, out: &mut Vec<u8>) -> bool {
-        let Some(st) = self.states.get(slot as usize).and_then(Option::as_ref) else {
+        let Some(st) = self.states.get(slot) else {
             return false;
         };
         let mark = out.len();
@@ -273,23 +264,21 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
 
     fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), postcard::Error> {
         let st: N::State = postcard::from_bytes(bytes)?;
-        *self.slot_mut(slot) = Some(st);
+        *self.states.cell_mut(slot) = Some(st);
         Ok(())
     }
 
     fn discard(&mut self, slot: u32) {
-        if let Some(s) = self.states.get_mut(slot as usize) {
-            *s = None;
-        }
+        self.states.take(slot);
     }
 
     fn state_memory(&self) -> usize {
-        self.states.capacity() * std::mem::size_of::<Option<N::State>>()
+        self.states.memory()
     }
 
     #[inline(always)]
     fn prefetch(&self, slot: u32) {
-        if let Some(s) = self.states.get(slot as usize) {
+        if let Some(s) = self.states.cell(slot) {
             crate::hint::prefetch(s);
         }
     }

@@ -31,7 +31,7 @@ macro_rules! counter_set {
 
 counter_set!(
     /// Counters of a process slot (nfmgr, a vswitch or a runtime).
-    ProcCounter, PROC_COUNTERS = 40, [
+    ProcCounter, PROC_COUNTERS = 48, [
     RxPkts => "rx_pkts",
     RxBytes => "rx_bytes",
     TxPkts => "tx_pkts",
@@ -72,6 +72,8 @@ counter_set!(
     DropMigrationBuffer => "drop_migration_buffer",
     MigrationLateStragglers => "migration_late_stragglers",
     MigrationStraysEnded => "migration_strays_ended",
+    LoopsSlow => "loops_slow",
+    LoopMaxUs => "loop_max_us",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the
