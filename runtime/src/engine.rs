@@ -253,23 +253,30 @@ impl Runtime {
             };
             match result {
                 Ran::Dropped => ep.free(pkt),
-                Ran::Diverted(slot, fkey) => match self.migrator.on_packet(&fkey) {
-                    PacketAction::Process => {
-                        force = true;
-                        continue;
+                Ran::Diverted(slot, fkey) => {
+                    let group = self
+                        .flows
+                        .get(slot)
+                        .filter(|a| a.out_group != 0)
+                        .map(|a| u64::from(a.out_group));
+                    match self.migrator.on_packet(&fkey, group) {
+                        PacketAction::Process => {
+                            force = true;
+                            continue;
+                        }
+                        PacketAction::Hold => self.held.entry(slot).or_default().push_back(pkt),
+                        PacketAction::Forward { to, group, late } => {
+                            let moved = self.moved_packet(region, &pkt, vswitch);
+                            self.forwards.push((to, group, late, moved));
+                            ep.free(pkt);
+                        }
+                        PacketAction::Drop => {
+                            ep.counters()
+                                .add(ProcCounter::DropMigrationBuffer as usize, 1);
+                            ep.free(pkt);
+                        }
                     }
-                    PacketAction::Hold => self.held.entry(slot).or_default().push_back(pkt),
-                    PacketAction::Forward { to, group, late } => {
-                        let moved = self.moved_packet(region, &pkt, vswitch);
-                        self.forwards.push((to, group, late, moved));
-                        ep.free(pkt);
-                    }
-                    PacketAction::Drop => {
-                        ep.counters()
-                            .add(ProcCounter::DropMigrationBuffer as usize, 1);
-                        ep.free(pkt);
-                    }
-                },
+                }
                 Ran::Done(verdict, new_len) => {
                     region.set_len(&mut pkt, new_len);
                     match verdict {
@@ -832,14 +839,24 @@ impl FlowHost for EngineHost<'_> {
         self.rt.flows.get(s).map(|a| a.packets)
     }
 
-    fn divert(&mut self, f: &FlowRef, on: bool) {
+    fn divert(&mut self, f: &FlowRef, group: Option<u64>) {
         if let Some(a) = self.slot_at(f).and_then(|s| self.rt.flows.get_mut(s)) {
-            if on {
-                a.flags |= flag::MIGRATING;
-            } else {
-                a.flags &= !flag::MIGRATING;
+            match group {
+                Some(g) => {
+                    a.flags |= flag::MIGRATING;
+                    a.out_group = g as u32;
+                }
+                None => {
+                    a.flags &= !flag::MIGRATING;
+                    a.out_group = 0;
+                }
             }
         }
+    }
+
+    fn group_of(&self, f: &FlowRef) -> Option<u64> {
+        let a = self.rt.flows.get(self.slot_at(f)?)?;
+        (a.has(flag::MIGRATING) && a.out_group != 0).then_some(u64::from(a.out_group))
     }
 
     fn save(&mut self, f: &FlowRef, out: &mut Vec<u8>) -> Option<FlowState> {
@@ -916,6 +933,7 @@ impl FlowHost for EngineHost<'_> {
             return false;
         };
         a.flags = (st.flags & !flag::MIGRATING) | flag::LIVE;
+        a.out_group = 0;
         a.created_ms = now.saturating_sub(st.age_ms) as u32;
         a.last_ms = now.saturating_sub(st.idle_ms) as u32;
         // Counting starts again with the vswitch's count for this runtime.

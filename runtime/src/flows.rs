@@ -52,7 +52,13 @@ pub struct FlowActor {
     /// vswitch sent.
     pub packets: u32,
     pub flags: u8,
+    /// The migration group the flow is moving out in (0: none), while it is diverted:
+    /// kept here, in room the struct has anyway, rather than in a map by key that would
+    /// cost a cache miss per flow moved.
+    pub out_group: u32,
 }
+
+const _: () = assert!(std::mem::size_of::<FlowActor>() == 80);
 
 impl FlowActor {
     pub fn new(key: FlowKey, id: u64, now_ms: u32, vswitch: EndpointAddr, flags: u8) -> FlowActor {
@@ -66,6 +72,7 @@ impl FlowActor {
             vswitch,
             packets: 0,
             flags,
+            out_group: 0,
         }
     }
 

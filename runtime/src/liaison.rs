@@ -121,8 +121,7 @@ impl Liaison {
                     };
                 }
                 let clock = rt.clock_ms();
-                let flows_here = rt.flows().len();
-                match rt.migrator.start_job(target, count, flows_here, clock) {
+                match rt.migrator.start_job(target, count, clock) {
                     Ok(_) => {
                         rt.restart_scan();
                         self.migration_target = Some(target);

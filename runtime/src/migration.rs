@@ -142,8 +142,12 @@ pub trait FlowHost {
     fn pick(&mut self, n: usize, out: &mut Vec<Candidate>) -> bool;
     /// Packets the flow's actor has run through the chain here (wrapping), if it exists.
     fn packets(&self, f: &FlowRef) -> Option<u32>;
-    /// Sends the flow's packets to the migrator (`on_packet`) instead of the chain, or stops.
-    fn divert(&mut self, f: &FlowRef, on: bool);
+    /// Sends the flow's packets to the migrator (`on_packet`, with `group`) instead of the
+    /// chain, marking it as moving out in that group; `None` stops. Group ids fit in 32
+    /// bits, so the host can keep the mark in room the flow already has.
+    fn divert(&mut self, f: &FlowRef, group: Option<u64>);
+    /// The group the flow was diverted for (`divert`), if it is diverted as moving out.
+    fn group_of(&self, f: &FlowRef) -> Option<u64>;
     /// The flow's state for step 3 (the flow stays, diverted, until it is retired): its
     /// functions' states are appended to `states` (laid out as `nflib::msg::states`
     /// describes), and `states_len` says how many bytes they took. `None`, with `states`
@@ -322,7 +326,6 @@ pub struct Migrator {
     tombs: Map<u64, Tomb>,
     /// Tombstones by deadline (all last `tombstone_ms`, so the order of creation).
     tomb_order: VecDeque<(u64, u64)>,
-    out_keys: Map<FlowKey, u64>,
     inb: Map<(EndpointAddr, u64), InGroup>,
     in_keys: Map<FlowKey, InKey>,
     /// Target: flows whose migration the source called off, with the deadline until which
@@ -360,7 +363,6 @@ impl Migrator {
             out: Map::default(),
             tombs: Map::default(),
             tomb_order: VecDeque::new(),
-            out_keys: Map::default(),
             inb: Map::default(),
             in_keys: Map::default(),
             returning: Map::default(),
@@ -379,11 +381,6 @@ impl Migrator {
     /// Packets held as a target now.
     pub fn held(&self) -> usize {
         self.held
-    }
-
-    /// Flows this runtime is moving out or taking in now.
-    pub fn in_progress(&self) -> (usize, usize) {
-        (self.out_keys.len(), self.in_keys.len())
     }
 
     /// The endpoints migrations under way depend on (targets, vswitches, sources).
@@ -408,13 +405,11 @@ impl Migrator {
             || self.job.as_ref().is_some_and(|j| !j.report.done)
     }
 
-    /// `SetMigrationTarget`: moves `count` flows (`u32::MAX`: all) to `target`, of the
-    /// `flows_here` this runtime has.
+    /// `SetMigrationTarget`: moves `count` flows (`u32::MAX`: all) to `target`.
     pub fn start_job(
         &mut self,
         target: EndpointAddr,
         count: u32,
-        flows_here: usize,
         now_ms: f64,
     ) -> Result<u64, String> {
         if target == self.me {
@@ -423,15 +418,6 @@ impl Migrator {
         if self.job.as_ref().is_some_and(|j| !j.report.done) {
             return Err("a migration is already running on this runtime".into());
         }
-        // Every moved flow's key stays in `out_keys` for a tombstone's time. Grown by
-        // doubling, the map would re-hash hundreds of thousands of keys in one go halfway
-        // through a large job, a stall of tens of milliseconds in which this runtime's data
-        // ring overflows; room made now costs that only while the map is still small.
-        self.out_keys.reserve(
-            (count as usize)
-                .min(flows_here)
-                .saturating_sub(self.out_keys.len()),
-        );
         self.jobs += 1;
         self.job = Some(Job {
             report: MigrationReport {
@@ -461,13 +447,9 @@ impl Migrator {
         Some(r)
     }
 
-    /// What to do with a packet of a diverted flow.
-    pub fn on_packet(&mut self, key: &FlowKey) -> PacketAction {
-        if let Some(g) = self
-            .out_keys
-            .get(key)
-            .and_then(|id| self.out.get(id).map(|g| (id, g)))
-        {
+    /// What to do with a packet of a diverted flow (`group`: the one `divert` named).
+    pub fn on_packet(&mut self, key: &FlowKey, group: Option<u64>) -> PacketAction {
+        if let Some(g) = group.and_then(|id| self.out.get(&id).map(|g| (id, g))) {
             let (id, g) = g;
             return match g.stage {
                 OutStage::Init | OutStage::Switching | OutStage::Draining => PacketAction::Process,
@@ -477,18 +459,14 @@ impl Migrator {
                     }
                     PacketAction::Forward {
                         to: g.target,
-                        group: *id,
+                        group: id,
                         late: true,
                     }
                 }
                 OutStage::RollingBack { .. } => PacketAction::Hold,
             };
         }
-        if let Some((id, t)) = self
-            .out_keys
-            .get(key)
-            .and_then(|id| self.tombs.get(id).map(|t| (*id, t)))
-        {
+        if let Some((id, t)) = group.and_then(|id| self.tombs.get(&id).map(|t| (id, t))) {
             if let Some(j) = self.job.as_mut() {
                 j.report.late_stragglers += 1;
             }
@@ -695,7 +673,13 @@ impl Migrator {
             }
             j.report.groups += 1;
             let id = self.next_group;
-            self.next_group += 1;
+            // Group ids stay within 32 bits (see `FlowHost::divert`); one wraps after four
+            // billion groups, long after any group of that number has ended.
+            self.next_group = if self.next_group >= u64::from(u32::MAX) {
+                1
+            } else {
+                self.next_group + 1
+            };
             let vswitch = picked[0].vswitch;
             let mut flows = Vec::with_capacity(picked.len());
             let mut wire = Vec::with_capacity(picked.len());
@@ -704,8 +688,7 @@ impl Migrator {
                     key: c.key,
                     slot: c.slot,
                 };
-                host.divert(&at, true);
-                self.out_keys.insert(c.key, id);
+                host.divert(&at, Some(id));
                 wire.push(MigrateFlow {
                     key: c.key,
                     aliases: c.aliases.clone(),
@@ -780,8 +763,7 @@ impl Migrator {
             let vswitch = g.vswitch;
             self.out.remove(&id);
             for f in &flows {
-                host.divert(&f.at(), false);
-                self.out_keys.remove(&f.key);
+                host.divert(&f.at(), None);
             }
             if let Some(j) = self.job.as_mut() {
                 if busy {
@@ -809,8 +791,7 @@ impl Migrator {
             if accepted.get(i).copied().unwrap_or(false) {
                 keep.push(f);
             } else {
-                host.divert(&f.at(), false);
-                self.out_keys.remove(&f.key);
+                host.divert(&f.at(), None);
                 failed += 1;
             }
         }
@@ -932,9 +913,6 @@ impl Migrator {
             }
             if !gone.is_empty() {
                 g.flows.retain(|f| !gone.contains(&f.key));
-                for k in &gone {
-                    self.out_keys.remove(k);
-                }
             }
             if states.is_empty() {
                 self.out.remove(&id);
@@ -1004,8 +982,7 @@ impl Migrator {
                 },
             );
             for f in back {
-                host.divert(&f.at(), false);
-                self.out_keys.remove(&f.key);
+                host.divert(&f.at(), None);
             }
         }
         if let Some(g) = self.out.remove(&id) {
@@ -1050,7 +1027,6 @@ impl Migrator {
                 });
                 for f in tomb {
                     host.retire(&f);
-                    self.out_keys.remove(&f.key);
                 }
             }
             self.set_rollback(host, id, need_vswitch, false);
@@ -1126,9 +1102,8 @@ impl Migrator {
             );
         }
         for f in &g.flows {
-            host.divert(&f.at(), false);
+            host.divert(&f.at(), None);
             host.release_held(&f.at(), Release::Process);
-            self.out_keys.remove(&f.key);
         }
         if rolled_back {
             self.counters.rolled_back += g.flows.len() as u64;
@@ -1144,14 +1119,9 @@ impl Migrator {
         };
         for f in &t.flows {
             // Not if the flow came back meanwhile (`reclaim`) and is someone else's now.
-            if self.out_keys.get(&f.key) == Some(&id) {
+            if host.group_of(f) == Some(id) {
                 host.retire(f);
-                self.out_keys.remove(&f.key);
             }
-        }
-        if self.out_keys.is_empty() && self.out_keys.capacity() > 4096 {
-            // The last tombstone of a large job: give its room back (nothing to re-hash).
-            self.out_keys.shrink_to_fit();
         }
     }
 
@@ -1159,7 +1129,8 @@ impl Migrator {
     /// expired: if no straggler of it can still arrive here, drop the tombstone's actor so
     /// a pending one can take its place. Otherwise the flow is refused (it stays at `from`).
     fn reclaim(&mut self, host: &mut impl FlowHost, from: EndpointAddr, key: &FlowKey) {
-        let Some(&id) = self.out_keys.get(key) else {
+        let at = FlowRef::key_only(*key);
+        let Some(id) = host.group_of(&at) else {
             return;
         };
         if self
@@ -1167,8 +1138,7 @@ impl Migrator {
             .get(&id)
             .is_some_and(|t| t.target == from && t.settled)
         {
-            host.retire(&FlowRef::key_only(*key));
-            self.out_keys.remove(key);
+            host.retire(&at);
         }
     }
 

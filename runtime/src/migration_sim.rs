@@ -71,6 +71,8 @@ struct ToyFlow {
     log: Vec<u64>,
     packets: u32,
     diverted: bool,
+    /// The group it moves out in, while diverted for that.
+    out_group: Option<u64>,
 }
 
 /// The engine of one toy runtime.
@@ -142,9 +144,11 @@ impl FlowHost for Toy {
         self.flows.get(&f.key).map(|f| f.packets)
     }
 
-    fn divert(&mut self, at: &FlowRef, on: bool) {
+    fn divert(&mut self, at: &FlowRef, group: Option<u64>) {
         if let Some(f) = self.flows.get_mut(&at.key) {
-            f.diverted = on;
+            assert!(group.is_none_or(|g| g <= u64::from(u32::MAX)));
+            f.diverted = group.is_some();
+            f.out_group = group;
         }
     }
 
@@ -163,6 +167,13 @@ impl FlowHost for Toy {
             missing: 0,
             states_len: (out.len() - start) as u32,
         })
+    }
+
+    fn group_of(&self, at: &FlowRef) -> Option<u64> {
+        self.flows
+            .get(&at.key)
+            .filter(|f| f.diverted)
+            .and_then(|f| f.out_group)
     }
 
     fn create_pending(&mut self, flow: &MigrateFlow, _vswitch: EndpointAddr) -> Option<u32> {
@@ -192,6 +203,7 @@ impl FlowHost for Toy {
         f.log = postcard::from_bytes(log).unwrap();
         f.packets = 0;
         f.diverted = false;
+        f.out_group = None;
         true
     }
 
@@ -266,7 +278,7 @@ impl Node {
             self.toy.process(&k, seq);
             return;
         }
-        match self.mig.on_packet(&k) {
+        match self.mig.on_packet(&k, f.out_group) {
             PacketAction::Process => self.toy.process(&k, seq),
             PacketAction::Hold => self.toy.held.entry(k).or_default().push_back(seq),
             PacketAction::Forward { to, group, late } => self.toy.outbox.push((
@@ -467,16 +479,12 @@ fn run(sc: Scenario) -> Outcome {
             if !started && now >= start_at {
                 started = true;
                 let s = nodes.get_mut(&S).unwrap();
-                s.mig
-                    .start_job(T, u32::MAX, 0, now as f64 / 1000.0)
-                    .unwrap();
+                s.mig.start_job(T, u32::MAX, now as f64 / 1000.0).unwrap();
             }
             if sc.back_at_us.is_some_and(|b| !back_started && now >= b) {
                 back_started = true;
                 let t = nodes.get_mut(&T).unwrap();
-                t.mig
-                    .start_job(S, u32::MAX, 0, now as f64 / 1000.0)
-                    .unwrap();
+                t.mig.start_job(S, u32::MAX, now as f64 / 1000.0).unwrap();
             }
             if let Some(k) = sc.kill_target_at {
                 if !target_dead && !restarted && now >= k {
