@@ -42,13 +42,20 @@ pub struct FlowKey {
 
 /// A key's addresses as byte strings: in postcard a length byte and one copy, instead of
 /// serde's default of sixteen separate elements (migration moves keys by the hundred
-/// thousand). Self-describing formats still show an array of numbers.
+/// thousand). Binary formats leave out the trailing zero bytes, which an IPv4 or MAC
+/// address always has (a key then takes 18 bytes instead of 42, and migration between
+/// servers authenticates and carries a quarter less); reading pads them back, so full
+/// 16-byte strings read as before. Self-describing formats show all sixteen numbers.
 mod addr16 {
     use serde::de::{Deserializer, Error, SeqAccess, Visitor};
     use serde::Serializer;
 
     pub fn serialize<S: Serializer>(v: &[u8; 16], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(v)
+        if s.is_human_readable() {
+            return s.serialize_bytes(v);
+        }
+        let used = v.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
+        s.serialize_bytes(&v[..used])
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 16], D::Error> {
@@ -56,10 +63,15 @@ mod addr16 {
         impl<'de> Visitor<'de> for V {
             type Value = [u8; 16];
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("16 address bytes")
+                f.write_str("up to 16 address bytes")
             }
             fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<[u8; 16], E> {
-                v.try_into().map_err(|_| E::invalid_length(v.len(), &self))
+                if v.len() > 16 {
+                    return Err(E::invalid_length(v.len(), &self));
+                }
+                let mut out = [0u8; 16];
+                out[..v.len()].copy_from_slice(v);
+                Ok(out)
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> Result<[u8; 16], A::Error> {
                 let mut out = [0u8; 16];
@@ -257,5 +269,45 @@ mod tests {
         assert_eq!(kf, kl);
         assert!(kf.fragment);
         assert_ne!(kf, kw);
+    }
+
+    #[test]
+    fn keys_travel_compactly_and_read_back_exactly() {
+        let (v4, _) = FlowKey::of(&parse(&frame([10, 0, 0, 9], 5000, [10, 0, 0, 1], 80)).unwrap());
+        let bytes = postcard::to_allocvec(&v4).unwrap();
+        assert!(bytes.len() <= 20, "{} bytes", bytes.len());
+        assert_eq!(postcard::from_bytes::<FlowKey>(&bytes).unwrap(), v4);
+        // Trailing zero octets of the address itself, an IPv6 address, all zeros.
+        for (a, b) in [
+            (FlowKey::v4([10, 0, 0, 0]), FlowKey::v4([0, 0, 0, 0])),
+            (
+                [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                [0xfe; 16],
+            ),
+        ] {
+            let k = FlowKey::from_tuple(family::IPV4, 6, 7, (a, 1), (b, 2)).0;
+            let bytes = postcard::to_allocvec(&k).unwrap();
+            assert_eq!(postcard::from_bytes::<FlowKey>(&bytes).unwrap(), k);
+        }
+        // What earlier versions wrote (all sixteen bytes) still reads; seventeen does not.
+        let mut full = vec![16];
+        full.extend_from_slice(&v4.a);
+        full.push(16);
+        full.extend_from_slice(&v4.b);
+        full.extend_from_slice(&bytes[bytes.len() - 7..]);
+        let (mut short, mut long) = (full.clone(), full.clone());
+        assert_eq!(postcard::from_bytes::<FlowKey>(&full).unwrap(), v4);
+        short.truncate(3);
+        assert!(postcard::from_bytes::<FlowKey>(&short).is_err());
+        long[0] = 17;
+        long.insert(1, 0);
+        assert!(postcard::from_bytes::<FlowKey>(&long).is_err());
+        // JSON shows the whole address.
+        let json = serde_json::to_string(&v4).unwrap();
+        assert_eq!(serde_json::from_str::<FlowKey>(&json).unwrap(), v4);
+        assert!(
+            json.contains("[10,0,0,1,0,0,0,0,0,0,0,0,0,0,0,0]"),
+            "{json}"
+        );
     }
 }
