@@ -430,8 +430,12 @@ fn build_ports(
         let key = format!("port.{}", pc.name);
         let port: Box<dyn Port> = match &spec {
             PortSpec::AfPacket(iface) => Box::new(
-                ports::afpacket::AfPacket::open(iface, pc.ring_frames.unwrap_or(4096))
-                    .with_context(|| format!("{key}: cannot open afpacket:{iface}"))?,
+                ports::afpacket::AfPacket::open(
+                    iface,
+                    pc.ring_frames.unwrap_or(4096),
+                    region.config().data_room() as usize,
+                )
+                .with_context(|| format!("{key}: cannot open afpacket:{iface}"))?,
             ),
             PortSpec::Generator => {
                 let flows = pc.flows.unwrap_or(1);

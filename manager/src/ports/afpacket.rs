@@ -31,10 +31,19 @@ use super::{Port, PortCtx};
 
 const TPACKET_V2: libc::c_int = 1;
 const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
-/// Frame slot size in both rings: room for a 1500-byte MTU frame with VLAN tags and the
-/// ring's own header.
-const FRAME_SIZE: u32 = 2048;
+/// The smallest frame slot in both rings: room for a 1500-byte MTU frame with VLAN tags and
+/// the ring's own header. Larger buffers (jumbo frames) get larger slots (`slot_size`).
+const MIN_FRAME_SIZE: u32 = 2048;
 const FRAMES_PER_BLOCK: u32 = 32;
+/// Room in a slot before the frame: the ring's header, the `sockaddr_ll`, alignment.
+const SLOT_OVERHEAD: u32 = 128;
+
+/// The slot for frames of up to `max_frame` bytes: a multiple of 128 so a block of
+/// `FRAMES_PER_BLOCK` slots is whole pages, as the kernel requires.
+fn slot_size(max_frame: usize) -> u32 {
+    let need = (max_frame as u32).saturating_add(SLOT_OVERHEAD);
+    need.div_ceil(128).saturating_mul(128).max(MIN_FRAME_SIZE)
+}
 /// TPACKET_ALIGN(sizeof(struct tpacket2_hdr)): where frame data starts in a TX slot, and
 /// where the `sockaddr_ll` sits in an RX slot.
 const TPACKET2_HDR_ALIGNED: usize = 32;
@@ -44,6 +53,7 @@ struct MappedRing {
     base: *mut u8,
     len: usize,
     frames: u32,
+    frame_size: u32,
 }
 
 // SAFETY: the mapping is owned by this struct and only touched through &mut self methods of
@@ -53,8 +63,8 @@ unsafe impl Send for MappedRing {}
 impl MappedRing {
     fn frame(&self, i: u32) -> *mut u8 {
         debug_assert!(i < self.frames);
-        // SAFETY: i < frames and frames * FRAME_SIZE == len (set up in `setup_ring`).
-        unsafe { self.base.add(i as usize * FRAME_SIZE as usize) }
+        // SAFETY: i < frames and frames * frame_size == len (set up in `setup_ring`).
+        unsafe { self.base.add(i as usize * self.frame_size as usize) }
     }
 
     fn status(&self, i: u32) -> &AtomicU32 {
@@ -124,7 +134,7 @@ fn packet_socket(protocol: u16) -> Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-fn setup_ring(fd: RawFd, which: libc::c_int, frames: u32) -> Result<MappedRing> {
+fn setup_ring(fd: RawFd, which: libc::c_int, frames: u32, frame_size: u32) -> Result<MappedRing> {
     setsockopt(
         fd,
         libc::SOL_PACKET,
@@ -133,13 +143,13 @@ fn setup_ring(fd: RawFd, which: libc::c_int, frames: u32) -> Result<MappedRing> 
         "PACKET_VERSION",
     )?;
     let req = libc::tpacket_req {
-        tp_block_size: FRAME_SIZE * FRAMES_PER_BLOCK,
+        tp_block_size: frame_size * FRAMES_PER_BLOCK,
         tp_block_nr: frames / FRAMES_PER_BLOCK,
-        tp_frame_size: FRAME_SIZE,
+        tp_frame_size: frame_size,
         tp_frame_nr: frames,
     };
     setsockopt(fd, libc::SOL_PACKET, which, &req, "PACKET_RX/TX_RING")?;
-    let len = (FRAME_SIZE * frames) as usize;
+    let len = frame_size as usize * frames as usize;
     // SAFETY: maps the ring the kernel just allocated for this socket.
     let base = unsafe {
         libc::mmap(
@@ -158,6 +168,7 @@ fn setup_ring(fd: RawFd, which: libc::c_int, frames: u32) -> Result<MappedRing> 
         base: base as *mut u8,
         len,
         frames,
+        frame_size,
     })
 }
 
@@ -192,7 +203,9 @@ pub struct AfPacket {
 }
 
 impl AfPacket {
-    pub fn open(iface: &str, ring_frames: u32) -> Result<AfPacket> {
+    /// Opens the port with rings of `ring_frames` slots, each holding a frame of up to
+    /// `max_frame` bytes (the region's buffers' data room).
+    pub fn open(iface: &str, ring_frames: u32, max_frame: usize) -> Result<AfPacket> {
         let name = CString::new(iface).context("interface name contains NUL")?;
         // SAFETY: name is a valid C string.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as i32;
@@ -200,6 +213,7 @@ impl AfPacket {
             bail!("no network interface named `{iface}` (in this network namespace)");
         }
         let frames = ring_frames.max(FRAMES_PER_BLOCK);
+        let slot = slot_size(max_frame);
         let eth_p_all = libc::ETH_P_ALL as u16;
 
         let rx_fd = packet_socket(eth_p_all)?;
@@ -211,7 +225,7 @@ impl AfPacket {
             &1i32,
             "PACKET_IGNORE_OUTGOING",
         )?;
-        let rx = setup_ring(fd, libc::PACKET_RX_RING, frames)?;
+        let rx = setup_ring(fd, libc::PACKET_RX_RING, frames, slot)?;
         bind(fd, ifindex, eth_p_all)?;
         let mreq = libc::packet_mreq {
             mr_ifindex: ifindex,
@@ -236,7 +250,7 @@ impl AfPacket {
             &1i32,
             "PACKET_QDISC_BYPASS",
         )?;
-        let tx = setup_ring(tfd, libc::PACKET_TX_RING, frames)?;
+        let tx = setup_ring(tfd, libc::PACKET_TX_RING, frames, slot)?;
         bind(tfd, ifindex, 0)?;
 
         Ok(AfPacket {
@@ -308,7 +322,7 @@ impl Port for AfPacket {
             // The kernel's own bounds: data lies inside the frame slot.
             let mac = h.tp_mac as usize;
             let snap = h.tp_snaplen as usize;
-            let sane = mac + snap <= FRAME_SIZE as usize;
+            let sane = mac + snap <= self.rx.frame_size as usize;
             // SAFETY: the sockaddr_ll follows the aligned header inside the slot.
             let pkttype = unsafe {
                 (*(frame_base.add(TPACKET2_HDR_ALIGNED) as *const libc::sockaddr_ll)).sll_pkttype
@@ -362,7 +376,7 @@ impl Port for AfPacket {
     }
 
     fn tx(&mut self, ctx: &mut PortCtx<'_>, pkts: &mut Vec<Packet>) {
-        let max_len = FRAME_SIZE as usize - TPACKET2_HDR_ALIGNED;
+        let max_len = self.tx.frame_size as usize - TPACKET2_HDR_ALIGNED;
         let mut queued = 0;
         for p in pkts.drain(..) {
             let data = ctx.region.data(&p);
@@ -424,5 +438,26 @@ impl Port for AfPacket {
 
     fn report(&self) -> Option<serde_json::Value> {
         Some(serde_json::json!({ "interface": self.iface }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_hold_the_largest_frame_and_make_whole_pages() {
+        // Default buffers (1856 bytes of data room): the 2048-byte slots as before.
+        assert_eq!(slot_size(1856), 2048);
+        assert_eq!(slot_size(0), 2048);
+        // Jumbo frames (8448-byte buffers) get a slot that holds them.
+        let s = slot_size(8256);
+        assert!(s >= 8256 + SLOT_OVERHEAD, "{s}");
+        for room in [1856, 4000, 8256, 9100, 65_000] {
+            let s = slot_size(room);
+            assert!(s as usize >= room + SLOT_OVERHEAD as usize);
+            assert_eq!(s % 16, 0, "TPACKET_ALIGNMENT");
+            assert_eq!((s * FRAMES_PER_BLOCK) % 4096, 0, "blocks of whole pages");
+        }
     }
 }
