@@ -116,6 +116,7 @@ pub enum Message {
         run: u64,
         seq: u64,
         sent_ns: u64,
+        #[serde(with = "byte_string")]
         pad: Vec<u8>,
     },
     /// source -> the address of a target that died in step 2 or 3, once the vswitch points
