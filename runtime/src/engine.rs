@@ -254,11 +254,7 @@ impl Runtime {
             match result {
                 Ran::Dropped => ep.free(pkt),
                 Ran::Diverted(slot, fkey) => {
-                    let group = self
-                        .flows
-                        .get(slot)
-                        .filter(|a| a.out_group != 0)
-                        .map(|a| u64::from(a.out_group));
+                    let group = self.flows.get(slot).and_then(FlowActor::moving_out_in);
                     match self.migrator.on_packet(&fkey, group) {
                         PacketAction::Process => {
                             force = true;
@@ -855,8 +851,7 @@ impl FlowHost for EngineHost<'_> {
     }
 
     fn group_of(&self, f: &FlowRef) -> Option<u64> {
-        let a = self.rt.flows.get(self.slot_at(f)?)?;
-        (a.has(flag::MIGRATING) && a.out_group != 0).then_some(u64::from(a.out_group))
+        self.rt.flows.get(self.slot_at(f)?)?.moving_out_in()
     }
 
     fn save(&mut self, f: &FlowRef, out: &mut Vec<u8>) -> Option<FlowState> {

@@ -80,6 +80,11 @@ impl FlowActor {
         self.flags & f != 0
     }
 
+    /// The migration group the flow is moving out in, while it is diverted for one.
+    pub fn moving_out_in(&self) -> Option<u64> {
+        (self.has(flag::MIGRATING) && self.out_group != 0).then_some(u64::from(self.out_group))
+    }
+
     pub fn closed(&self) -> bool {
         self.has(flag::RST) || (self.has(flag::FIN_ORIG) && self.has(flag::FIN_REPLY))
     }

@@ -22,13 +22,13 @@ use nflib::stats::ProcCounter;
 use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Packet, Region, MANAGER_SLOT};
 
-use crate::flowmap::{FlowMap, SHARDS};
+use crate::flowmap::{FlowMap, SWEEP_SLICES};
 
-/// Each flow is looked at for expiry about once per this period, one shard of the table at a
+/// Each flow is looked at for expiry about once per this period, one slice of the table at a
 /// time.
 const SWEEP_PERIOD: Duration = Duration::from_secs(1);
-/// Shards one loop may sweep when it is behind (a vswitch that slept): catching up on the
-/// whole table at once would be the stall the shards avoid.
+/// Slices one loop may sweep when it is behind (a vswitch that slept): catching up on the
+/// whole table at once would be the stall the slices avoid.
 const MAX_SWEEPS_PER_LOOP: usize = 4;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,7 +51,7 @@ pub struct Dispatch {
     /// Keyed with per-process random seeds: flow keys come from the wire, and a fixed hash
     /// would let a sender collide them on purpose.
     table: FlowMap<Entry>,
-    /// When the next shard of `table` is due for its expiry sweep.
+    /// When the next slice of `table` is due for its expiry sweep.
     next_sweep: Instant,
     steering: Vec<(Match, usize)>,
     default_chain: Option<usize>,
@@ -506,7 +506,7 @@ impl Dispatch {
     }
 
     /// Forgets flows idle for longer than the timeout: called every loop, it sweeps the
-    /// shards that are due, one every `SWEEP_PERIOD / SHARDS`.
+    /// slices that are due, one every `SWEEP_PERIOD / SWEEP_SLICES`.
     pub fn expire(&mut self, ep: &mut Endpoint, now: Instant) {
         if now < self.next_sweep {
             return;
@@ -515,7 +515,7 @@ impl Dispatch {
         // Whole seconds, each flow swept once a period: a flow lives between `timeout` and
         // `timeout` + 2 s after its last packet.
         let timeout_s = self.timeout.as_secs().max(1) as u32;
-        let step = SWEEP_PERIOD / SHARDS as u32;
+        let step = SWEEP_PERIOD / SWEEP_SLICES as u32;
         let mut expired = 0;
         let mut swept = 0;
         while now >= self.next_sweep && swept < MAX_SWEEPS_PER_LOOP {

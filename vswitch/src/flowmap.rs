@@ -8,7 +8,7 @@
 //! hundreds of keys does the same. With a hashed map per key those misses came one after
 //! another: at 1.2 million flows, looking keys up was most of the vswitch's time.
 //!
-//! Forgetting idle flows walks the slab in `SHARDS` slices, one per call, so no call walks
+//! Forgetting idle flows walks the slab in `SWEEP_SLICES` slices, one per call, so no call walks
 //! more than a small part of the table (walking all of it at once took 10 ms at 1.2 million
 //! flows, during which the input ring overflowed at 100,000 packets a second).
 
@@ -17,7 +17,7 @@ use nflib::hint::prefetch;
 use nflib::index::{FlowIndex, KeyHasher};
 
 /// Slices of the slab one round of sweeps walks, a slice per `sweep_next`.
-pub const SHARDS: usize = 64;
+pub const SWEEP_SLICES: usize = 64;
 
 pub struct FlowMap<V> {
     index: FlowIndex,
@@ -128,9 +128,9 @@ impl<V> FlowMap<V> {
     }
 
     /// Walks the next slice of the slab, keeping the entries `keep` says to; returns how
-    /// many went. `SHARDS` calls walk every entry once (while the slab does not grow).
+    /// many went. `SWEEP_SLICES` calls walk every entry once (while the slab does not grow).
     pub fn sweep_next(&mut self, mut keep: impl FnMut(&V) -> bool) -> usize {
-        let slice = self.slab.len().div_ceil(SHARDS).max(1);
+        let slice = self.slab.len().div_ceil(SWEEP_SLICES).max(1);
         let start = self.cursor.min(self.slab.len());
         let end = (start + slice).min(self.slab.len());
         self.cursor = if end >= self.slab.len() { 0 } else { end };
@@ -201,7 +201,7 @@ mod tests {
         let mut seen = 0;
         let mut gone = 0;
         let mut biggest = 0;
-        for _ in 0..SHARDS {
+        for _ in 0..SWEEP_SLICES {
             let before = seen;
             gone += m.sweep_next(|v| {
                 seen += 1;
@@ -214,10 +214,10 @@ mod tests {
         assert_eq!(m.len(), 2_500);
         assert!(m.get(&key(3)).is_none() && m.get(&key(4)).is_some());
         // No call walks more than its slice.
-        assert!(biggest <= 5_000usize.div_ceil(SHARDS), "{biggest}");
+        assert!(biggest <= 5_000usize.div_ceil(SWEEP_SLICES), "{biggest}");
         // The next round starts again at the beginning.
         let mut again = 0;
-        for _ in 0..SHARDS {
+        for _ in 0..SWEEP_SLICES {
             m.sweep_next(|_| {
                 again += 1;
                 true
