@@ -64,9 +64,10 @@ fn messages() -> Vec<(&'static str, Message)> {
     }
     let state = Message::MigrateState {
         group: 7,
+        accepted_digest: nflib::msg::keys_digest(&(0..GROUP).map(key).collect::<Vec<_>>()),
         flows: (0..GROUP)
             .map(|i| FlowState {
-                key: key(i),
+                idx: i as u32,
                 flags: 1,
                 age_ms: 12_345,
                 idle_ms: 20,

@@ -60,6 +60,9 @@ pub enum Message {
     /// processes what it buffered and answers `MigrateDone`.
     MigrateState {
         group: u64,
+        /// [`keys_digest`] of the flows the target accepted, in order: what
+        /// `FlowState::idx` counts. A target whose group has other flows installs none.
+        accepted_digest: u64,
         flows: Vec<FlowState>,
         /// The flows' functions' states, back to back in the order of `flows`, each flow's
         /// `FlowState::states_len` bytes in the layout of [`states`]. One buffer for the
@@ -191,11 +194,26 @@ pub struct MigrateFlow {
     pub aliases: Vec<FlowKey>,
 }
 
+/// A digest of flow keys in order, the same in every process: source and target check
+/// with it that they count a group's flows alike before states are matched by position.
+pub fn keys_digest<'a>(keys: impl IntoIterator<Item = &'a FlowKey>) -> u64 {
+    use std::hash::BuildHasher;
+    let hasher = foldhash::fast::FixedState::with_seed(0x6d69_6772_6174_6531);
+    keys.into_iter().fold(0x9e37_79b9_7f4a_7c15, |d, k| {
+        (d ^ hasher.hash_one(k)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Everything a runtime keeps about a flow, moved in migration step 3 (its functions'
 /// states travel beside it, in `MigrateState::states`).
+///
+/// The flow is named by its place among the flows the target accepted in step 1 (the
+/// `true`s of `MigrateReady::accepted`, in order), not by its key: the target already
+/// holds the key there, and a key is a quarter of what step 3 would otherwise carry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowState {
-    pub key: FlowKey,
+    /// Index into the flows the target accepted for this group.
+    pub idx: u32,
     /// Platform flags (direction, TCP close state).
     pub flags: u8,
     pub age_ms: u64,
@@ -208,25 +226,54 @@ pub struct FlowState {
 }
 
 /// The layout of a flow's functions' states in `MigrateState::states`: for each function
-/// of the chain, in chain order, a 4-byte little-endian length and that many bytes of its
-/// serialised state, or the length [`states::NONE`] alone when the function holds no
-/// state for the flow. Written straight into the message's buffer and read in place.
+/// of the chain, in chain order, a tag, then the tag's bytes of serialised state. The tag
+/// is an unsigned LEB128 varint: 0 when the function holds no state for the flow, else the
+/// state's length plus one. States are small (a firewall's verdict, a monitor's counters),
+/// so a tag is almost always one byte. Written straight into the message's buffer and
+/// read in place.
 pub mod states {
-    /// The length that stands for "no state".
-    pub const NONE: u32 = u32::MAX;
+    /// Longest tag: 5 bytes of 7 bits hold any `u32`.
+    const MAX_TAG: usize = 5;
 
     /// Appends one function's state, which `write` appends to the buffer it is given and
     /// returns true for, or returns false (with the buffer as it found it) for no state.
     pub fn push(out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>) -> bool) {
+        // One byte for the tag, which fits every state under 127 bytes; a longer one moves
+        // its bytes up to make room.
         let at = out.len();
-        out.extend_from_slice(&NONE.to_le_bytes());
+        out.push(0);
         let start = out.len();
-        if write(out) {
-            // A state of 4 GiB cannot be a message; such a one reads back as malformed.
-            let n = u32::try_from(out.len() - start).unwrap_or(NONE);
-            out[at..start].copy_from_slice(&n.to_le_bytes());
-        } else {
+        if !write(out) {
             out.truncate(start);
+            out[at] = 0;
+            return;
+        }
+        // A state of 4 GiB cannot be a message; such a one reads back as malformed.
+        let tag = u32::try_from(out.len() - start)
+            .ok()
+            .and_then(|n| n.checked_add(1))
+            .unwrap_or(u32::MAX);
+        let mut buf = [0u8; MAX_TAG];
+        let n = encode_tag(tag, &mut buf);
+        if n > 1 {
+            let len = out.len();
+            out.resize(len + n - 1, 0);
+            out.copy_within(start..len, start + n - 1);
+        }
+        out[at..at + n].copy_from_slice(&buf[..n]);
+    }
+
+    fn encode_tag(mut v: u32, buf: &mut [u8; MAX_TAG]) -> usize {
+        let mut n = 0;
+        loop {
+            let b = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                buf[n] = b;
+                return n + 1;
+            }
+            buf[n] = b | 0x80;
+            n += 1;
         }
     }
 
@@ -235,28 +282,38 @@ pub mod states {
         rest: &'a [u8],
     }
 
-    /// A flow's part of the states ends in the middle of a state.
+    /// A flow's part of the states ends in the middle of a state or of a tag, or has a tag
+    /// no `u32` holds.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-    pub struct Truncated;
+    pub struct Malformed;
 
     impl<'a> Reader<'a> {
         pub fn new(part: &'a [u8]) -> Reader<'a> {
             Reader { rest: part }
         }
 
+        fn tag(&mut self) -> Result<u32, Malformed> {
+            let mut v = 0u64;
+            for (i, b) in self.rest.iter().take(MAX_TAG).enumerate() {
+                v |= u64::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    self.rest = &self.rest[i + 1..];
+                    return u32::try_from(v).map_err(|_| Malformed);
+                }
+            }
+            Err(Malformed)
+        }
+
         /// The next function's state (`None`: it has none for the flow).
-        pub fn next_state(&mut self) -> Result<Option<&'a [u8]>, Truncated> {
-            let (len, rest) = self.rest.split_first_chunk::<4>().ok_or(Truncated)?;
-            let len = u32::from_le_bytes(*len);
-            if len == NONE {
-                self.rest = rest;
-                return Ok(None);
+        pub fn next_state(&mut self) -> Result<Option<&'a [u8]>, Malformed> {
+            let len = match self.tag()? {
+                0 => return Ok(None),
+                t => (t - 1) as usize,
+            };
+            if self.rest.len() < len {
+                return Err(Malformed);
             }
-            let len = len as usize;
-            if rest.len() < len {
-                return Err(Truncated);
-            }
-            let (state, rest) = rest.split_at(len);
+            let (state, rest) = self.rest.split_at(len);
             self.rest = rest;
             Ok(Some(state))
         }
@@ -434,29 +491,55 @@ mod tests {
         assert_eq!(r.next_state(), Ok(None));
         assert_eq!(r.next_state(), Ok(Some(&b""[..])));
         assert!(r.is_done());
-        assert_eq!(r.next_state(), Err(states::Truncated));
-        for cut in [1, 3, 5] {
+        assert_eq!(r.next_state(), Err(states::Malformed));
+        // One byte of tag each: 2 + "fw", 0, 1.
+        assert_eq!(blob.len(), 5);
+        for cut in [1, 2] {
             let mut r = states::Reader::new(&blob[..cut]);
-            assert_eq!(r.next_state(), Err(states::Truncated), "cut at {cut}");
+            assert_eq!(r.next_state(), Err(states::Malformed), "cut at {cut}");
         }
     }
 
     #[test]
+    fn long_states_take_longer_tags_and_bad_tags_are_malformed() {
+        for len in [126usize, 127, 128, 300, 20_000] {
+            let state: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut blob = vec![0xaa]; // what the buffer held before stays
+            states::push(&mut blob, |out| {
+                out.extend_from_slice(&state);
+                true
+            });
+            states::push(&mut blob, |out| {
+                out.push(5);
+                true
+            });
+            let tag_len = if len + 1 < 128 {
+                1
+            } else if len + 1 < 1 << 14 {
+                2
+            } else {
+                3
+            };
+            assert_eq!(blob.len(), 1 + tag_len + len + 2, "len {len}");
+            let mut r = states::Reader::new(&blob[1..]);
+            assert_eq!(r.next_state(), Ok(Some(&state[..])), "len {len}");
+            assert_eq!(r.next_state(), Ok(Some(&[5u8][..])));
+            assert!(r.is_done());
+        }
+        // Six continuation bytes, and a tag beyond u32: both refused, never a panic.
+        let mut r = states::Reader::new(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x01]);
+        assert_eq!(r.next_state(), Err(states::Malformed));
+        let mut r = states::Reader::new(&[0xff, 0xff, 0xff, 0xff, 0x7f]);
+        assert_eq!(r.next_state(), Err(states::Malformed));
+    }
+
+    #[test]
     fn bulk_bytes_travel_as_byte_strings() {
-        let key = FlowKey {
-            a: [1; 16],
-            b: [2; 16],
-            a_port: 1000,
-            b_port: 80,
-            vlan: 0,
-            proto: 6,
-            family: crate::flow::family::IPV4,
-            fragment: false,
-        };
         let m = Message::MigrateState {
             group: 3,
+            accepted_digest: 9,
             flows: vec![FlowState {
-                key,
+                idx: 0,
                 flags: 1,
                 age_ms: 5,
                 idle_ms: 6,

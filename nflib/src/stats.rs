@@ -74,6 +74,7 @@ counter_set!(
     MigrationStraysEnded => "migration_strays_ended",
     LoopsSlow => "loops_slow",
     LoopMaxUs => "loop_max_us",
+    MigrationGroupsMismatched => "migration_groups_mismatched",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the

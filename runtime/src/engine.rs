@@ -717,6 +717,10 @@ impl Runtime {
         c.set(ProcCounter::MigrationRolledBack as usize, m.rolled_back);
         c.set(ProcCounter::MigrationHeld as usize, m.held);
         c.set(ProcCounter::MigrationStraysEnded as usize, m.strays_ended);
+        c.set(
+            ProcCounter::MigrationGroupsMismatched as usize,
+            m.groups_mismatched,
+        );
         let region = ep.region();
         for (i, counters) in self.nf_counters.iter().enumerate() {
             if let Some(rec) = region.nf_stats(ep.slot(), i) {
@@ -863,7 +867,7 @@ impl FlowHost for EngineHost<'_> {
             states::push(out, |out| stage.save_into(slot, out));
         }
         Some(FlowState {
-            key: a.key,
+            idx: 0,
             flags: a.flags & !(flag::LIVE | flag::MIGRATING),
             age_ms: now.saturating_sub(a.created_ms as u64),
             idle_ms: now.saturating_sub(a.last_ms as u64),
@@ -899,8 +903,8 @@ impl FlowHost for EngineHost<'_> {
         Some(slot)
     }
 
-    fn install(&mut self, st: &FlowState, part: &[u8], slot: u32) -> bool {
-        let Some(slot) = self.slot_at(&FlowRef { key: st.key, slot }) else {
+    fn install(&mut self, f: &FlowRef, st: &FlowState, part: &[u8]) -> bool {
+        let Some(slot) = self.slot_at(f) else {
             return false;
         };
         // One state per function, then nothing: anything else is malformed, and what was

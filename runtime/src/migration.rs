@@ -26,7 +26,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use nflib::flow::FlowKey;
-use nflib::msg::{FlowState, Message, MigrateFlow, MigrationReport};
+use nflib::msg::{keys_digest, FlowState, Message, MigrateFlow, MigrationReport};
 use nflib::wire::EndpointAddr;
 
 /// Tunables (`[migration]` in the configuration).
@@ -150,8 +150,8 @@ pub trait FlowHost {
     fn group_of(&self, f: &FlowRef) -> Option<u64>;
     /// The flow's state for step 3 (the flow stays, diverted, until it is retired): its
     /// functions' states are appended to `states` (laid out as `nflib::msg::states`
-    /// describes), and `states_len` says how many bytes they took. `None`, with `states`
-    /// as it was, if the flow is gone.
+    /// describes), and `states_len` says how many bytes they took (`idx` and `missing`
+    /// are the migrator's to fill). `None`, with `states` as it was, if the flow is gone.
     fn save(&mut self, f: &FlowRef, states: &mut Vec<u8>) -> Option<FlowState>;
     /// Target, step 1, before `create_pending` for each of `flows`: a chance to start
     /// loading what those calls will touch.
@@ -160,8 +160,8 @@ pub trait FlowHost {
     /// it is kept in; `None` if the key exists or the table is full.
     fn create_pending(&mut self, flow: &MigrateFlow, vswitch: EndpointAddr) -> Option<u32>;
     /// Target, step 3: installs the state (and the functions' states, `states`) in the
-    /// pending actor (at `slot`, a hint as in [`FlowRef`]) and stops diverting it.
-    fn install(&mut self, state: &FlowState, states: &[u8], slot: u32) -> bool;
+    /// pending actor `f` and stops diverting it.
+    fn install(&mut self, f: &FlowRef, state: &FlowState, states: &[u8]) -> bool;
     /// Lets go of the packets held for the flow, in order. Returns how many.
     fn release_held(&mut self, f: &FlowRef, how: Release) -> u32;
     /// Removes a pending actor that never got its state (nothing is ended).
@@ -218,6 +218,8 @@ struct OutGroup {
     target_died: bool,
     deadline_ms: u64,
     flows: Vec<OutFlow>,
+    /// `keys_digest` of `flows` as the target accepted them (set in step 1's answer).
+    accepted_digest: u64,
 }
 
 /// A group whose flows the target owns: the source forwards their late stragglers.
@@ -269,6 +271,8 @@ struct InKey {
 struct InGroup {
     deadline_ms: u64,
     flows: Vec<InFlow>,
+    /// `keys_digest` of `flows`, which step 3 must name.
+    digest: u64,
     dropped: u32,
 }
 
@@ -311,6 +315,8 @@ pub struct MigrationCounters {
     pub held: u64,
     /// Flows a restarted target had created from packets meant for its dead incarnation.
     pub strays_ended: u64,
+    /// Step-3 groups that named other flows than step 1 left here (none installed).
+    pub groups_mismatched: u64,
 }
 
 pub struct Migrator {
@@ -527,9 +533,10 @@ impl Migrator {
             }
             Message::MigrateState {
                 group,
+                accepted_digest,
                 flows,
                 states,
-            } => self.target_state(host, from, group, flows, &states),
+            } => self.target_state(host, from, group, accepted_digest, flows, &states),
             Message::MigrateDone {
                 group,
                 installed,
@@ -722,6 +729,7 @@ impl Migrator {
                     target_died: false,
                     deadline_ms: now_ms + self.settings.step_timeout_ms,
                     flows,
+                    accepted_digest: 0,
                 },
             );
             room -= 1;
@@ -803,6 +811,7 @@ impl Migrator {
             return;
         }
         let keys = all_keys(&keep);
+        g.accepted_digest = keys_digest(keep.iter().map(|f| &f.key));
         g.flows = keep;
         g.stage = OutStage::Switching;
         g.deadline_ms = now_ms + self.settings.step_timeout_ms;
@@ -888,7 +897,9 @@ impl Migrator {
             let mut states = Vec::with_capacity(g.flows.len());
             let mut blob = Vec::with_capacity(g.flows.len() * STATE_BYTES_GUESS);
             let mut gone = Vec::new();
-            for f in &g.flows {
+            // A flow is named by its place in the group as the target accepted it, which
+            // is `g.flows` as `source_ready` left it (nothing leaves it before this).
+            for (idx, f) in g.flows.iter().enumerate() {
                 let missing = if f.drained {
                     0
                 } else {
@@ -904,6 +915,7 @@ impl Migrator {
                 };
                 match host.save(&f.at(), &mut blob) {
                     Some(mut st) => {
+                        st.idx = idx as u32;
                         st.missing = missing;
                         states.push(st);
                     }
@@ -924,6 +936,7 @@ impl Migrator {
                 target,
                 Message::MigrateState {
                     group: id,
+                    accepted_digest: g.accepted_digest,
                     flows: states,
                     states: blob,
                 },
@@ -1265,6 +1278,7 @@ impl Migrator {
                 (from, group),
                 InGroup {
                     deadline_ms: now_ms + self.settings.pending_timeout_ms,
+                    digest: keys_digest(taken.iter().map(|f| &f.key)),
                     flows: taken,
                     dropped: 0,
                 },
@@ -1286,10 +1300,18 @@ impl Migrator {
         host: &mut impl FlowHost,
         from: EndpointAddr,
         group: u64,
+        accepted_digest: u64,
         flows: Vec<FlowState>,
         states: &[u8],
     ) {
-        let g = self.inb.remove(&(from, group));
+        let mut g = self.inb.remove(&(from, group));
+        if let Some(mismatch) = g.take_if(|g| g.digest != accepted_digest) {
+            // Source and target do not count this group's flows alike (a stale group, or a
+            // bug): matching states by position could install one flow's state in another.
+            // None is installed; the source keeps them all, and what was held goes back.
+            self.counters.groups_mismatched += 1;
+            self.drop_in_group_flows(host, mismatch.flows, Release::Return { to: from, group });
+        }
         // Each flow's part of `states`, in order; a part past the end (a malformed
         // message) installs nothing.
         let mut offset = 0usize;
@@ -1301,16 +1323,13 @@ impl Migrator {
             let end = offset.saturating_add(st.states_len as usize);
             let part = states.get(offset..end);
             offset = end;
-            let pending = match self.in_keys.get(&st.key) {
-                Some(ik) if ik.from == from && ik.group == group => Some(ik.idx as usize),
-                _ => None,
-            };
-            let ok = match (pending, g.as_ref()) {
-                (Some(i), Some(g)) if i < g.flows.len() && !arrived[i] => {
+            let i = st.idx as usize;
+            let ok = match g.as_ref() {
+                Some(g) if i < g.flows.len() && !arrived[i] => {
                     arrived[i] = true;
-                    self.in_keys.remove(&st.key);
                     let (held, at) = (g.flows[i].held, g.flows[i].at());
-                    let ok = part.is_some_and(|part| host.install(st, part, at.slot));
+                    self.in_keys.remove(&at.key);
+                    let ok = part.is_some_and(|part| host.install(&at, st, part));
                     if ok {
                         let n = host.release_held(&at, Release::Process);
                         buffered += n;

@@ -160,7 +160,7 @@ impl FlowHost for Toy {
             true
         });
         Some(FlowState {
-            key: at.key,
+            idx: 0,
             flags: 0,
             age_ms: 0,
             idle_ms: 0,
@@ -193,8 +193,8 @@ impl FlowHost for Toy {
         Some(FlowRef::NO_SLOT)
     }
 
-    fn install(&mut self, st: &FlowState, part: &[u8], _slot: u32) -> bool {
-        let Some(f) = self.flows.get_mut(&st.key) else {
+    fn install(&mut self, at: &FlowRef, _st: &FlowState, part: &[u8]) -> bool {
+        let Some(f) = self.flows.get_mut(&at.key) else {
             return false;
         };
         let mut reader = states::Reader::new(part);
@@ -329,6 +329,9 @@ struct Scenario {
     restart_after_us: Option<u64>,
     /// The target sends every flow back to the source at this time (us).
     back_at_us: Option<u64>,
+    /// Step 3 of odd groups names other flows than the target accepted (its digest is
+    /// changed on the way).
+    mismatch_odd_groups: bool,
     settings: MigrationSettings,
 }
 
@@ -347,6 +350,7 @@ impl Scenario {
             detect_us: 2_000,
             restart_after_us: None,
             back_at_us: None,
+            mismatch_odd_groups: false,
             settings: MigrationSettings {
                 group_size: 8,
                 max_groups: 3,
@@ -595,7 +599,17 @@ fn run(sc: Scenario) -> Outcome {
             if !nodes[&a].alive {
                 continue;
             }
-            for (to, msg) in out {
+            for (to, mut msg) in out {
+                if let Message::MigrateState {
+                    group,
+                    accepted_digest,
+                    ..
+                } = &mut msg
+                {
+                    if sc.mismatch_odd_groups && *group % 2 == 1 {
+                        *accepted_digest ^= 1;
+                    }
+                }
                 let mut l = lat(&mut rng, sc.msg);
                 if rng.below(1000) < sc.msg_hold_per_mille {
                     l += sc.msg_hold_us;
@@ -705,6 +719,25 @@ fn messages_held_by_retransmission_cause_rollbacks_or_waits_never_loss() {
         assert_eq!(o.duplicated, 0, "seed {seed}: {o:?}");
         assert_eq!(o.lost, 0, "seed {seed}: {o:?}");
         assert_eq!(o.moved + o.failed, sc.flows as u64, "seed {seed}: {o:?}");
+    }
+}
+
+#[test]
+fn a_step_3_naming_other_flows_installs_none_and_loses_nothing() {
+    for seed in 1..=20u64 {
+        let mut sc = Scenario::base(seed * 4_099);
+        sc.to_source = (20, 100);
+        sc.mismatch_odd_groups = true;
+        let o = run(sc);
+        assert!(o.done, "seed {seed}: {o:?}");
+        // Odd groups stay on the source whole; even ones move.
+        assert!(o.failed > 0 && o.moved > 0, "seed {seed}: {o:?}");
+        assert_eq!(o.moved + o.failed, sc.flows as u64, "seed {seed}: {o:?}");
+        assert_eq!(
+            (o.lost, o.duplicated, o.reordered, o.two_owners, o.strays),
+            (0, 0, 0, 0, 0),
+            "seed {seed}: {o:?}"
+        );
     }
 }
 
