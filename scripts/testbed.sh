@@ -20,6 +20,7 @@
 #                           [--vswitch-set 'KEY = VALUE']...  (extra settings of every vswitch)
 #                           [--migration-set 'KEY = VALUE']...  (a [migration] section)
 #                           [--region-set 'KEY = VALUE']...  (extra [region] settings)
+#                           [--manager-set 'KEY = VALUE']...  (extra [manager] settings)
 #                           [--pin-runtimes]  (runtime N of all servers on core N mod CPUs)
 #                           [--scope local]   (server 1's vswitch keeps new flows local)
 #                           [--gen FLOWS,PPS_PER_FLOW,MS]  (a generator -> sink on server 1)
@@ -58,6 +59,7 @@ RUNTIME_SET=
 VSWITCH_SET=
 MIGRATION_SET=
 REGION_SET=
+MANAGER_SET=
 PIN_RUNTIMES=
 SCOPE=
 GEN=
@@ -76,6 +78,7 @@ while [ $# -gt 0 ]; do
         --vswitch-set) VSWITCH_SET+=$2$'\n'; shift 2 ;;
         --migration-set) MIGRATION_SET+=$2$'\n'; shift 2 ;;
         --region-set) REGION_SET+=$2$'\n'; shift 2 ;;
+        --manager-set) MANAGER_SET+=$2$'\n'; shift 2 ;;
         --pin-runtimes) PIN_RUNTIMES=1; shift ;;
         --scope) SCOPE=$2; shift 2 ;;
         --gen) GEN=$2; shift 2 ;;
@@ -150,6 +153,7 @@ $REGION_SET
 [manager]
 bin_dir = "$BIN"
 control_socket = "$STATE/s$i.sock"
+$MANAGER_SET
 
 [cluster]
 server_id = $i
@@ -223,7 +227,7 @@ impaired_link() {
     local netem="netem loss ${loss}% duplicate ${dup}% delay ${delay}ms reorder ${reorder}% 50%"
     if ip netns exec "$l" tc qdisc add dev "a$i" root $netem 2>/dev/null; then
         ip netns exec "$l" tc qdisc add dev "b$i" root $netem
-        ip -n "$l" link add br0 type bridge
+        ip -n "$l" link add br0 type bridge nf_call_iptables 0 nf_call_ip6tables 0 nf_call_arptables 0
         ip -n "$l" link set br0 mtu "$MTU" up
         ip -n "$l" link set "a$i" master br0
         ip -n "$l" link set "b$i" master br0
@@ -248,7 +252,10 @@ up() {
 
     ip netns add "$(ns net)"
     ip -n "$(ns net)" link set lo up
-    ip -n "$(ns net)" link add br0 type bridge
+    # The cluster link is a wire: frames crossing it owe nothing to the host's firewall, even
+    # where br_netfilter is loaded (by a container engine, say).
+    ip -n "$(ns net)" link add br0 type bridge nf_call_iptables 0 nf_call_ip6tables 0 \
+        nf_call_arptables 0
     ip -n "$(ns net)" link set br0 mtu "$MTU" up
     for i in $(seq 1 "$SERVERS"); do
         local s; s=$(ns "s$i")
