@@ -536,7 +536,7 @@ impl Migrator {
                 accepted_digest,
                 flows,
                 states,
-            } => self.target_state(host, from, group, accepted_digest, flows, &states),
+            } => self.target_state(host, (from, group), accepted_digest, flows, &states, now_ms),
             Message::MigrateDone {
                 group,
                 installed,
@@ -1295,22 +1295,24 @@ impl Migrator {
         );
     }
 
+    /// Step 3 for the group `(from, group)`, an incoming group's key.
     fn target_state(
         &mut self,
         host: &mut impl FlowHost,
-        from: EndpointAddr,
-        group: u64,
+        (from, group): (EndpointAddr, u64),
         accepted_digest: u64,
         flows: Vec<FlowState>,
         states: &[u8],
+        now_ms: u64,
     ) {
         let mut g = self.inb.remove(&(from, group));
         if let Some(mismatch) = g.take_if(|g| g.digest != accepted_digest) {
             // Source and target do not count this group's flows alike (a stale group, or a
             // bug): matching states by position could install one flow's state in another.
-            // None is installed; the source keeps them all, and what was held goes back.
+            // None is installed and the source keeps them all, as after an abort: what was
+            // held, and what arrives until the vswitch points back, goes back to it.
             self.counters.groups_mismatched += 1;
-            self.drop_in_group_flows(host, mismatch.flows, Release::Return { to: from, group });
+            self.return_in_group(host, from, group, mismatch, now_ms);
         }
         // Each flow's part of `states`, in order; a part past the end (a malformed
         // message) installs nothing.
@@ -1381,24 +1383,10 @@ impl Migrator {
         // point back travels another path and may be retransmitted): the pending actors
         // stay for as long as one would wait for a state, and whatever reaches them goes
         // back to the source.
-        let mut returned = 0;
-        if let Some(g) = self.inb.remove(&(from, group)) {
-            let until = now_ms + self.settings.pending_timeout_ms;
-            for f in g.flows {
-                self.in_keys.remove(&f.key);
-                self.held = self.held.saturating_sub(f.held as usize);
-                returned += host.release_held(&f.at(), Release::Return { to: from, group });
-                self.returning.insert(
-                    f.key,
-                    Returning {
-                        to: from,
-                        group,
-                        until,
-                        late: false,
-                    },
-                );
-            }
-        }
+        let returned = match self.inb.remove(&(from, group)) {
+            Some(g) => self.return_in_group(host, from, group, g, now_ms),
+            None => 0,
+        };
         host.send(
             from,
             Message::MigrateAborted {
@@ -1407,6 +1395,37 @@ impl Migrator {
                 owned: Vec::new(),
             },
         );
+    }
+
+    /// Gives an incoming group's flows back to the source: what their pending actors hold
+    /// goes back now, and what the vswitch still sends here goes back too until the
+    /// source has pointed it back (as long as one would wait for a state). Returns how
+    /// many packets went back.
+    fn return_in_group(
+        &mut self,
+        host: &mut impl FlowHost,
+        from: EndpointAddr,
+        group: u64,
+        g: InGroup,
+        now_ms: u64,
+    ) -> u32 {
+        let until = now_ms + self.settings.pending_timeout_ms;
+        let mut returned = 0;
+        for f in g.flows {
+            self.in_keys.remove(&f.key);
+            self.held = self.held.saturating_sub(f.held as usize);
+            returned += host.release_held(&f.at(), Release::Return { to: from, group });
+            self.returning.insert(
+                f.key,
+                Returning {
+                    to: from,
+                    group,
+                    until,
+                    late: false,
+                },
+            );
+        }
+        returned
     }
 
     /// A later incarnation of a target that died in step 2 or 3 (or, should it have lived,
