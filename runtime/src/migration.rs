@@ -635,10 +635,13 @@ impl Migrator {
             let want = self.settings.group_size.min(j.remaining as usize);
             let rate = self.settings.max_flows_per_s;
             if rate > 0 {
-                // Token bucket, at most one group deep: a group starts once its flows'
-                // worth of time has passed.
+                // Token bucket: a group starts once its flows' worth of time has passed.
+                // It holds one group, or two milliseconds' worth if more: the clock ticks
+                // in milliseconds, and a bucket of one group would start at most one group
+                // a tick (256,000 flows/s by default) whatever the limit said.
+                let depth = (self.settings.group_size as f64).max(rate as f64 * 0.002);
                 let elapsed = now_ms.saturating_sub(j.tokens_at_ms) as f64 / 1000.0;
-                j.tokens = (j.tokens + rate as f64 * elapsed).min(self.settings.group_size as f64);
+                j.tokens = (j.tokens + rate as f64 * elapsed).min(depth);
                 j.tokens_at_ms = now_ms;
                 if j.tokens < want as f64 {
                     return;

@@ -836,6 +836,29 @@ fn a_rate_limit_spreads_the_migration_and_still_loses_nothing() {
 }
 
 #[test]
+fn a_rate_limit_above_one_group_a_millisecond_is_not_cut_to_one() {
+    for seed in 1..=10u64 {
+        // 1,000,000 flows/s is 125 groups of 8 a millisecond: the limit should not slow 40
+        // flows at all, where one group per millisecond tick would take 4 ms or more.
+        let mut sc = Scenario::base(seed * 53);
+        sc.settings.max_flows_per_s = 1_000_000;
+        let o = run(sc);
+        let mut fast = Scenario::base(seed * 53);
+        fast.settings.max_flows_per_s = 0;
+        let f = run(fast);
+        assert!(o.done && f.done, "seed {seed}: {o:?} {f:?}");
+        assert_eq!(o.moved, sc.flows as u64, "seed {seed}: {o:?}");
+        assert_eq!((o.lost, o.reordered), (0, 0), "seed {seed}: {o:?}");
+        assert!(
+            o.elapsed_us <= f.elapsed_us + 1_000,
+            "seed {seed}: limited {} us, unlimited {} us",
+            o.elapsed_us,
+            f.elapsed_us
+        );
+    }
+}
+
+#[test]
 fn flows_sent_straight_back_return_when_no_straggler_can_follow_them() {
     for seed in 1..=20u64 {
         // The flows come back 20 ms after leaving, well within the source's 40 ms
