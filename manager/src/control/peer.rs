@@ -29,7 +29,11 @@ use serde::{Deserialize, Serialize};
 
 use super::Event;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+/// What servers of one cluster must agree on: this handshake, and the encoding of actor
+/// messages between them (`nflib::msg`). A server speaking another version is refused at
+/// join, rather than joining and failing every migration and replication message.
+/// 2: compact keys, step 3 by position with one-byte state tags.
+pub const PROTOCOL_VERSION: u32 = 2;
 const MAX_FRAME: usize = 16 << 20;
 const TAG: usize = 16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
