@@ -343,6 +343,21 @@ pub struct Migrator {
     jobs: u64,
     pub counters: MigrationCounters,
     picked: Vec<Candidate>,
+    /// `MigrateForget`s sent lately, for a tombstone's time: sent again if their target
+    /// turns out to have restarted meanwhile. One sent before the supervisor had restarted
+    /// the target is lost with the old incarnation, while the new one may have run packets
+    /// its ring still held for the old one and kept their flows.
+    forgets: Vec<Forget>,
+    /// The latest time the migrator was told (`tick`, `on_message`, `peer_dead`).
+    now_ms: u64,
+}
+
+struct Forget {
+    target: EndpointAddr,
+    until_ms: u64,
+    group: u64,
+    vswitch: EndpointAddr,
+    flows: Vec<MigrateFlow>,
 }
 
 /// The keys the vswitch knows the flows under: each flow's key, then its aliases (the order
@@ -377,6 +392,8 @@ impl Migrator {
             jobs: 0,
             counters: MigrationCounters::default(),
             picked: Vec::new(),
+            forgets: Vec::new(),
+            now_ms: 0,
         }
     }
 
@@ -515,6 +532,7 @@ impl Migrator {
         msg: Message,
         now_ms: u64,
     ) -> bool {
+        self.now_ms = self.now_ms.max(now_ms);
         match msg {
             Message::MigrateInit {
                 group,
@@ -559,6 +577,10 @@ impl Migrator {
 
     /// Timers, the job's next groups, and groups that finished draining.
     pub fn tick(&mut self, host: &mut impl FlowHost, now_ms: u64, clock_ms: f64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if !self.forgets.is_empty() {
+            self.forgets.retain(|f| f.until_ms > now_ms);
+        }
         self.expire(host, now_ms);
         self.check_drained(host, now_ms);
         self.start_groups(host, now_ms);
@@ -568,6 +590,23 @@ impl Migrator {
     /// Another endpoint died or restarted (transport, supervisor or cluster view): what it
     /// held of a migration is gone.
     pub fn peer_dead(&mut self, host: &mut impl FlowHost, peer: EndpointAddr, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        // A new incarnation of a target told to forget: tell it (again). Forgetting twice
+        // is harmless (`target_forget` skips flows it already returns).
+        for f in self
+            .forgets
+            .iter()
+            .filter(|f| f.target == peer && f.until_ms > now_ms)
+        {
+            host.send(
+                f.target,
+                Message::MigrateForget {
+                    group: f.group,
+                    vswitch: f.vswitch,
+                    flows: f.flows.clone(),
+                },
+            );
+        }
         // Flows the target owned die with it.
         let dead: Vec<u64> = self
             .tombs
@@ -1101,21 +1140,29 @@ impl Migrator {
             return;
         };
         if g.target_died {
+            let flows: Vec<MigrateFlow> = g
+                .flows
+                .iter()
+                .map(|f| MigrateFlow {
+                    key: f.key,
+                    aliases: f.aliases.clone(),
+                })
+                .collect();
             host.send(
                 g.target,
                 Message::MigrateForget {
                     group: id,
                     vswitch: g.vswitch,
-                    flows: g
-                        .flows
-                        .iter()
-                        .map(|f| MigrateFlow {
-                            key: f.key,
-                            aliases: f.aliases.clone(),
-                        })
-                        .collect(),
+                    flows: flows.clone(),
                 },
             );
+            self.forgets.push(Forget {
+                target: g.target,
+                until_ms: self.now_ms + self.settings.tombstone_ms,
+                group: id,
+                vswitch: g.vswitch,
+                flows,
+            });
         }
         for f in &g.flows {
             host.divert(&f.at(), None);

@@ -510,6 +510,13 @@ fn run(sc: Scenario) -> Outcome {
                                 alive: true,
                             },
                         );
+                        if detected {
+                            // The source's transport meets the new incarnation
+                            // (`PeerEvent::Restarted`), which the runtime reports as a
+                            // death of the old one.
+                            let s = nodes.get_mut(&S).unwrap();
+                            s.mig.peer_dead(&mut s.toy, T, now / 1000);
+                        }
                     }
                 }
                 if (target_dead || restarted) && !detected && now >= k + sc.detect_us {
