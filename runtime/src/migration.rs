@@ -352,9 +352,15 @@ pub struct Migrator {
     now_ms: u64,
 }
 
+/// The least time between two sendings of one `MigrateForget`.
+const FORGET_RESEND_MS: u64 = 50;
+
 struct Forget {
     target: EndpointAddr,
     until_ms: u64,
+    /// Not sent again before this: a target that stays down is reported dead on every
+    /// loop while another group still names it.
+    next_ms: u64,
     group: u64,
     vswitch: EndpointAddr,
     flows: Vec<MigrateFlow>,
@@ -425,6 +431,8 @@ impl Migrator {
             || !self.tombs.is_empty()
             || !self.inb.is_empty()
             || !self.returning.is_empty()
+            // The transport's news of a restarted target is only read while busy.
+            || !self.forgets.is_empty()
             || self.job.as_ref().is_some_and(|j| !j.report.done)
     }
 
@@ -595,9 +603,10 @@ impl Migrator {
         // is harmless (`target_forget` skips flows it already returns).
         for f in self
             .forgets
-            .iter()
-            .filter(|f| f.target == peer && f.until_ms > now_ms)
+            .iter_mut()
+            .filter(|f| f.target == peer && f.until_ms > now_ms && now_ms >= f.next_ms)
         {
+            f.next_ms = now_ms + FORGET_RESEND_MS;
             host.send(
                 f.target,
                 Message::MigrateForget {
@@ -1159,6 +1168,7 @@ impl Migrator {
             self.forgets.push(Forget {
                 target: g.target,
                 until_ms: self.now_ms + self.settings.tombstone_ms,
+                next_ms: self.now_ms,
                 group: id,
                 vswitch: g.vswitch,
                 flows,
