@@ -3,8 +3,9 @@
 //! A vector that doubles would, past a million flows, initialise (and fault in) tens of
 //! megabytes in one call: one packet's processing took 11-15 ms that way, measured while a
 //! runtime took in 600,000 migrating flows, long enough for its input ring to overflow.
-//! Here growth allocates one chunk of `CHUNK` values at most per call, and a lookup costs
-//! one more load, from a table of chunk pointers small enough to stay in cache.
+//! Here growth allocates the chunks of `CHUNK` values up to the slot asked for; flow slots
+//! are handed out densely, so that is one chunk at most per call. A lookup costs one more
+//! load, from a table of chunk pointers small enough to stay in cache.
 
 /// Values per chunk (a power of two).
 const CHUNK_BITS: u32 = 12;
