@@ -29,7 +29,10 @@
 #   scripts/testbed.sh status [--prefix P]        # nfmgr status on the coordinator
 #   scripts/testbed.sh exec SERVER CMD... [--prefix P]  # run CMD in server SERVER's namespace
 #
-# State (configs, cluster key, logs, pids) lives in /tmp/nf-testbed-<prefix>/. Namespaces are
+# State (configs, cluster key, logs, pids) lives in /tmp/nf-testbed-<prefix>/; each server's
+# region directory there, s<N>, links to /dev/shm/nf-testbed-<prefix>/s<N> (the shared packet
+# buffers belong in memory: on /tmp's disk file system the kernel would write them back to
+# disk and fault on every write after a writeback). Namespaces are
 # <prefix>-s1.. <prefix>-sN, <prefix>-client, <prefix>-server, <prefix>-net, <prefix>-x (a
 # spare station on the bridge, for tests that inject frames). `up` returns once the cluster
 # has formed (every server alive in the coordinator's view).
@@ -94,6 +97,7 @@ while [ $# -gt 0 ]; do
 done
 
 STATE=/tmp/nf-testbed-$PREFIX
+SHM=/dev/shm/nf-testbed-$PREFIX
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "$BIN" ]; then BIN=$ROOT/target/release; fi
 NFMGR=$BIN/nfmgr
@@ -245,8 +249,8 @@ up() {
     [ -x "$NFMGR" ] || die "no nfmgr at $NFMGR (cargo build --release, or --bin DIR)"
     [ "$SERVERS" -ge 1 ] && [ "$SERVERS" -le 9 ] || die "--servers: 1 to 9"
     down
-    rm -rf "$STATE"
-    mkdir -p "$STATE"
+    rm -rf "$STATE" "$SHM"
+    mkdir -p "$STATE" "$SHM"
     # The cluster key: 32 random bytes as hex, readable by root only.
     (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$STATE/cluster.key")
 
@@ -270,7 +274,8 @@ up() {
         ip -n "$s" addr add "10.99.0.$i/24" dev ctl
         ip -n "$s" link set ctl up
         quiet_offloads "$s" ctl
-        mkdir -p "$STATE/s$i"
+        mkdir -p "$SHM/s$i"
+        ln -s "$SHM/s$i" "$STATE/s$i"
         config "$i" > "$STATE/s$i.toml"
     done
     # A spare station on the bridge (tests inject frames from it).
@@ -318,7 +323,7 @@ up() {
 
 case "$cmd" in
     up) up ;;
-    down) down; rm -rf "$STATE"; echo "testbed $PREFIX: down" ;;
+    down) down; rm -rf "$STATE" "$SHM"; echo "testbed $PREFIX: down" ;;
     status) exec "$NFMGR" status --socket "$STATE/s1.sock" ;;
     exec)
         [ -n "$EXEC_SERVER" ] || die "exec SERVER CMD..."

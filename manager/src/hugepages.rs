@@ -142,6 +142,18 @@ fn hugetlbfs_free(mount: &Path) -> Result<(u64, usize), String> {
 }
 
 /// Decides where a region of `bytes` goes.
+/// Whether `dir` is on a file system kept in memory (tmpfs, ramfs, hugetlbfs); `None` if
+/// it cannot be told. A region on a disk file system still works, but the kernel writes its
+/// dirty pages back to the disk (the packet buffers, over and over) and faults on the next
+/// write to each page written back.
+pub fn memory_backed(dir: &Path) -> Option<bool> {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let st = nix::sys::statfs::statfs(dir).ok()?;
+    let t = st.filesystem_type().0 as i64;
+    Some(matches!(t, TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC))
+}
+
 pub fn place(
     mode: HugepageMode,
     conf_path: &Path,
@@ -189,6 +201,12 @@ pub fn place(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dev_shm_is_memory_and_a_missing_dir_is_unknown() {
+        assert_eq!(memory_backed(Path::new("/dev/shm")), Some(true));
+        assert_eq!(memory_backed(Path::new("/nonexistent/dir")), None);
+    }
 
     #[test]
     fn parses_the_shipped_file() {

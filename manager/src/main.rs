@@ -531,6 +531,14 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         &cfg.region.dir,
         layout.total_size,
     )?;
+    if hugepages::memory_backed(placement.dir()) == Some(false) {
+        tracing::warn!(
+            "region.dir {} is on a disk file system: the kernel will write the shared packet \
+             buffers back to disk and fault on writes after each writeback; use a tmpfs such \
+             as /dev/shm (the default) or hugetlbfs",
+            placement.dir().display()
+        );
+    }
     let region_path = placement
         .dir()
         .join(instance::region_file_name(&cfg.instance));
