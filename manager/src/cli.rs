@@ -400,7 +400,8 @@ pub fn migrate(t: &Target, from: &str, to: &str, flows: Option<u32>, timeout_s: 
     t.print(&v, |v| {
         let mut out = format!(
             "{} -> {}: {} flows moved in {:.3} ms ({} failed, {} groups, {} rolled back)\n\
-             packets buffered at the target {}, lost {}, reordered {}\n",
+             packets buffered at the target {}, lost {}, reordered {}\n\
+             target prepared in {:.3} ms before the source started\n",
             s(&v["from"]),
             s(&v["to"]),
             v["moved"],
@@ -411,6 +412,7 @@ pub fn migrate(t: &Target, from: &str, to: &str, flows: Option<u32>, timeout_s: 
             v["buffered"],
             v["lost"],
             v["reordered"],
+            v["prepare_ms"].as_f64().unwrap_or(0.0),
         );
         if let Some(e) = v["error"].as_str() {
             out += &format!("error: {e}\n");

@@ -142,6 +142,11 @@ pub enum Call {
     NotifyClusterCfg(ClusterView),
     /// Migrate `count` flows to `target`.
     SetMigrationTarget { target: EndpointAddr, count: u32 },
+    /// To a migration's target, before its source is told to start: are you there and able
+    /// to take flows from `source`? If so, poll rather than sleep for `awake_ms` (and have
+    /// this server's nfmgr do so too when `source` is on another server), so that the first
+    /// step of the migration does not start with two wake-ups in a row.
+    PrepareMigration { source: EndpointAddr, awake_ms: u32 },
     /// Replicate flows to these runtimes.
     SetReplica { replicas: Vec<EndpointAddr> },
     /// Take over the flows replicated here from `failed`.

@@ -19,6 +19,9 @@ use nflib::stats::ProcCounter;
 use nflib::wire::{EndpointAddr, LIAISON};
 
 use crate::engine::Runtime;
+
+/// The longest a `PrepareMigration` keeps a runtime polling for a migration to begin.
+const MAX_PREPARE_AWAKE_MS: u32 = 1_000;
 use crate::flows::flag;
 
 /// Probe runs a receiver remembers.
@@ -92,6 +95,8 @@ impl Liaison {
                 let now = nflib::time::mono_ns().max(now_ns);
                 self.probe_arrived(env.from, run, seq, sent_ns, pad.len(), now)
             }
+            // The answer to `PrepareMigration`'s ping: the exchange itself was the point.
+            Message::Pong { .. } => {}
             _ => self.unknown += 1,
         }
     }
@@ -129,6 +134,33 @@ impl Liaison {
                     }
                     Err(reason) => Reply::Refused { reason },
                 }
+            }
+            Call::PrepareMigration { source, awake_ms } => {
+                if source == mb.me() {
+                    return Reply::Refused {
+                        reason: "a runtime cannot migrate flows to itself".into(),
+                    };
+                }
+                // Bounded: the coordinator asks for milliseconds; more would only burn a
+                // core if the migration never comes.
+                let awake_ns = u64::from(awake_ms.min(MAX_PREPARE_AWAKE_MS)) * 1_000_000;
+                let until = nflib::time::mono_ns().saturating_add(awake_ns);
+                let me = mb.me();
+                ep.keep_awake(me.slot, until);
+                if source.server != me.server {
+                    ep.keep_awake(nflib::MANAGER_SLOT, until);
+                }
+                // First contact between two endpoints costs the transport a round trip with
+                // one frame in flight (it must learn the peer's session). This ping pays it
+                // now, before the source's first step is timed, rather than in front of a
+                // step-1 message of a dozen frames.
+                if mb
+                    .send(source, LIAISON, LIAISON, &Message::Ping { seq: 0 })
+                    .is_err()
+                {
+                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                }
+                Reply::Accepted
             }
             Call::MigrationStatus => match rt.migrator.report(rt.clock_ms()) {
                 Some(r) => Reply::Migration(r),

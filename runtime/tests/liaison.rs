@@ -172,3 +172,58 @@ fn a_probe_run_to_the_manager_is_counted_exactly() {
     }
     assert_eq!(probes, 2000);
 }
+
+#[test]
+fn a_prepared_target_stays_awake_and_meets_its_source_first() {
+    let b = bed("prepare");
+    let mut mgr = LocalManager::new(&b.local);
+    mgr.service();
+    let mut ep = Endpoint::attach(b.local.path(), 2, ProcessKind::Runtime).unwrap();
+    let cfg = &b.local.config;
+    let mut rt = nf_runtime::from_region(&ep, cfg).unwrap();
+    let mut mb = nf_runtime::mailbox(&ep, cfg);
+    let mut liaison = Liaison::default();
+    assert!(!ep.kept_awake());
+    // The manager's endpoint stands in for the source here: it gets the ping.
+    let source = EndpointAddr::new(1, 0);
+    mgr.send(
+        2,
+        &Message::Rpc {
+            id: 1,
+            call: Call::PrepareMigration {
+                source,
+                awake_ms: 500,
+            },
+        },
+    );
+    mgr.send(
+        2,
+        &Message::Rpc {
+            id: 2,
+            call: Call::PrepareMigration {
+                source: EndpointAddr::new(1, 2),
+                awake_ms: 500,
+            },
+        },
+    );
+    let got = exchange(&mut mgr, &mut ep, &mut rt, &mut mb, &mut liaison, 3);
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got
+        .iter()
+        .any(|e| matches!(e.msg, Message::Ping { .. }) && e.from == EndpointAddr::new(1, 2)));
+    assert!(got.iter().any(|e| e.msg
+        == Message::RpcReply {
+            id: 1,
+            reply: Reply::Accepted
+        }));
+    assert!(
+        got.iter().any(|e| matches!(
+            &e.msg,
+            Message::RpcReply { id: 2, reply: Reply::Refused { reason } }
+                if reason.contains("itself")
+        )),
+        "a runtime is not its own migration target: {got:?}"
+    );
+    assert!(ep.kept_awake(), "polls until the migration begins");
+    assert_eq!(liaison.unknown, 0);
+}

@@ -33,7 +33,8 @@ use super::Event;
 /// messages between them (`nflib::msg`). A server speaking another version is refused at
 /// join, rather than joining and failing every migration and replication message.
 /// 2: compact keys, step 3 by position with one-byte state tags.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: `Call::PrepareMigration`.
+pub const PROTOCOL_VERSION: u32 = 3;
 const MAX_FRAME: usize = 16 << 20;
 const TAG: usize = 16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);

@@ -166,8 +166,13 @@ pub fn handle_request(handle: &Handle, req: Request) -> Result<Value, String> {
     }
 }
 
-/// Asks runtime `from` to move `flows` of its flows to `to` (`SetMigrationTarget`) and
-/// follows the job until it is done.
+/// How long a migration's target polls, once prepared, for the source's first step: the
+/// source is told to start right after, so a few milliseconds are plenty; the migration's
+/// own messages keep it awake from then on.
+const PREPARE_AWAKE_MS: u32 = 50;
+
+/// Prepares runtime `to` (`PrepareMigration`), then asks runtime `from` to move `flows` of
+/// its flows to it (`SetMigrationTarget`) and follows the job until it is done.
 fn migrate(
     handle: &Handle,
     from: &str,
@@ -201,6 +206,23 @@ fn migrate(
             chains[0], chains[1]
         ));
     }
+    // The target first: it must answer before the source moves anything (a dead or
+    // unreachable target would otherwise cost a job of step-1 timeouts), and it polls
+    // rather than sleeps until the first step arrives.
+    let preparing = Instant::now();
+    match handle.rpc(
+        b,
+        Call::PrepareMigration {
+            source: a,
+            awake_ms: PREPARE_AWAKE_MS,
+        },
+    ) {
+        Ok(Reply::Accepted) => {}
+        Ok(Reply::Refused { reason }) => return Err(format!("{b}: {reason}")),
+        Ok(other) => return Err(format!("{b}: unexpected answer {other:?}")),
+        Err(e) => return Err(format!("the target did not answer: {e}")),
+    }
+    let prepare_ms = preparing.elapsed().as_secs_f64() * 1000.0;
     match handle.rpc(
         a,
         Call::SetMigrationTarget {
@@ -263,6 +285,7 @@ fn migrate(
         "groups": report.groups,
         "groups_rolled_back": report.groups_rolled_back,
         "ms": report.elapsed_us as f64 / 1000.0,
+        "prepare_ms": (prepare_ms * 1000.0).round() / 1000.0,
         "buffered": report.buffered,
         "lost": report.buffer_drops,
         "reordered": report.late_stragglers,
