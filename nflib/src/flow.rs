@@ -23,7 +23,7 @@ pub mod family {
 }
 
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 pub struct FlowKey {
     /// Lower endpoint: IPv4 in the first 4 bytes, IPv6 in all 16, a MAC in the first 6 (L2).
@@ -38,6 +38,26 @@ pub struct FlowKey {
     pub family: u8,
     /// Set for keys of IP fragments (ports deliberately 0).
     pub fragment: bool,
+}
+
+/// Three words, not the derived ten calls (two length prefixes and every field on its own):
+/// every packet's flow lookup, in the vswitch and the runtimes, and every key a migration
+/// moves, is hashed. Equal keys write equal words, as `Eq` requires.
+impl std::hash::Hash for FlowKey {
+    #[inline]
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u128(u128::from_ne_bytes(self.a));
+        state.write_u128(u128::from_ne_bytes(self.b));
+        state.write_u64(
+            u64::from(self.a_port)
+                | u64::from(self.b_port) << 16
+                | u64::from(self.vlan) << 32
+                | u64::from(self.proto) << 48
+                | u64::from(self.family) << 56
+                // `family` is 0, 4 or 6: its top bit is free for the fragment mark.
+                | u64::from(self.fragment) << 63,
+        );
+    }
 }
 
 /// A key's addresses as byte strings: in postcard a length byte and one copy, instead of
