@@ -145,8 +145,13 @@ pub enum Call {
     /// To a migration's target, before its source is told to start: are you there and able
     /// to take flows from `source`? If so, poll rather than sleep for `awake_ms` (and have
     /// this server's nfmgr do so too when `source` is on another server), so that the first
-    /// step of the migration does not start with two wake-ups in a row.
-    PrepareMigration { source: EndpointAddr, awake_ms: u32 },
+    /// step of the migration does not start with two wake-ups in a row, and make room for
+    /// about `flows` flows.
+    PrepareMigration {
+        source: EndpointAddr,
+        awake_ms: u32,
+        flows: u32,
+    },
     /// Replicate flows to these runtimes.
     SetReplica { replicas: Vec<EndpointAddr> },
     /// Take over the flows replicated here from `failed`.

@@ -182,6 +182,11 @@ pub trait Stage: Send {
     fn discard(&mut self, slot: u32);
     /// Bytes of memory the per-flow states occupy.
     fn state_memory(&self) -> usize;
+    /// Makes room now for the states of every flow slot below `slots` (flows are about to
+    /// arrive by migration).
+    fn reserve(&mut self, slots: u32) {
+        let _ = slots;
+    }
     /// Starts loading the state of the flow in `slot` (batch processing).
     fn prefetch(&self, slot: u32) {
         let _ = slot;
@@ -270,6 +275,10 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
 
     fn discard(&mut self, slot: u32) {
         self.states.take(slot);
+    }
+
+    fn reserve(&mut self, slots: u32) {
+        self.states.reserve(slots);
     }
 
     fn state_memory(&self) -> usize {

@@ -60,6 +60,15 @@ impl<T> ChunkedSlab<T> {
         &mut self.chunks[c][i]
     }
 
+    /// Creates the chunks that hold every slot below `slots` now, rather than on the first
+    /// store into each (`cell_mut`): a runtime told to expect flows takes the allocation, and
+    /// the page faults of first writing it, before they arrive.
+    pub fn reserve(&mut self, slots: u32) {
+        if slots > 0 {
+            let _ = self.cell_mut(slots - 1);
+        }
+    }
+
     /// Bytes the cells occupy.
     pub fn memory(&self) -> usize {
         self.chunks.len() * CHUNK * std::mem::size_of::<Option<T>>()
@@ -83,6 +92,11 @@ mod tests {
         assert_eq!(s.get(3), Some(&30));
         assert_eq!(s.get(far), Some(&70));
         assert_eq!(s.get(far - 1), None);
+        s.reserve(CHUNK as u32 * 6);
+        assert_eq!(s.chunks.len(), 6);
+        s.reserve(0);
+        assert_eq!(s.chunks.len(), 6);
+        assert_eq!(s.get(far), Some(&70));
         *s.get_mut(3).unwrap() += 1;
         assert_eq!(s.take(3), Some(31));
         assert_eq!(s.take(3), None);

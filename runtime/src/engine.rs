@@ -45,6 +45,10 @@ pub struct FlowSettings {
 /// Most flows ended per call of `expire`, so a mass expiry cannot stall the packet path.
 const EXPIRE_BATCH: usize = 4096;
 
+/// The most flows `Runtime::prepare_for` makes room for: four chunks of each function's
+/// state slab, a millisecond or so of this loop's time.
+const MAX_PREPARED_FLOWS: usize = 16_384;
+
 pub struct Runtime {
     stages: Vec<Box<dyn Stage>>,
     nf_counters: Vec<[u64; NF_COUNTERS]>,
@@ -420,6 +424,21 @@ impl Runtime {
             }
             mig.tick(host, now_ms, clock);
         });
+    }
+
+    /// Makes room for `flows` flows about to arrive by migration (`PrepareMigration`): the
+    /// flow slab, the functions' state slabs and the migrator's map of pending keys, so
+    /// that the first groups do not reallocate, and fault on, memory while they are timed.
+    /// At most `MAX_PREPARED_FLOWS`: a larger migration amortises its growth, and the
+    /// work here holds up this loop.
+    pub fn prepare_for(&mut self, flows: u32) {
+        let n = (flows as usize).min(MAX_PREPARED_FLOWS);
+        let slots = self.flows.reserve(n);
+        let slots = u32::try_from(slots).unwrap_or(u32::MAX);
+        for stage in self.stages.iter_mut() {
+            stage.reserve(slots);
+        }
+        self.migrator.reserve_incoming(n);
     }
 
     /// A new migration job scans the flow table from its start.

@@ -308,6 +308,28 @@ impl FlowTable {
         self.actors.len()
     }
 
+    /// Makes room for `additional` more flows (within the capacity) without reallocating
+    /// while they arrive. Returns the slab length they will fill it to: the bound below
+    /// which the functions' states need room too.
+    pub fn reserve(&mut self, additional: usize) -> usize {
+        let additional = additional.min(self.capacity.saturating_sub(self.live));
+        let new_slots = additional.saturating_sub(self.free.len());
+        self.actors.reserve(new_slots);
+        // Written once so the pages exist before the flows do (a placeholder in room past
+        // the vector's length, never read).
+        let blank = FlowActor::new(
+            FlowKey::from_tuple(0, 0, 0, ([0; 16], 0), ([0; 16], 0)).0,
+            0,
+            0,
+            EndpointAddr::new(0, 0),
+            0,
+        );
+        for cell in self.actors.spare_capacity_mut().iter_mut().take(new_slots) {
+            cell.write(blank.clone());
+        }
+        self.actors.len() + new_slots
+    }
+
     /// The flow's aliases.
     pub fn aliases_of(&self, slot: u32) -> Vec<FlowKey> {
         let mut v = Vec::new();
@@ -380,6 +402,23 @@ mod tests {
         assert_ne!(b, c);
         assert_eq!(t.len(), 2);
         assert_eq!(t.find(&key(2)), Some(Found::Key(b)));
+    }
+
+    #[test]
+    fn room_is_made_within_the_capacity_and_free_slots_count() {
+        let mut t = FlowTable::new(10);
+        let a = t.insert(actor(key(1))).unwrap();
+        t.insert(actor(key(2))).unwrap();
+        t.remove(a).unwrap();
+        // One free slot, one live flow: 9 more fit, 8 of them in new slots.
+        assert_eq!(t.reserve(100), 10);
+        assert!(t.actors.capacity() >= 10);
+        assert_eq!(t.reserve(0), 2);
+        for p in 3..12 {
+            assert!(t.insert(actor(key(p))).is_some());
+        }
+        assert!(t.insert(actor(key(12))).is_none(), "full");
+        assert_eq!(t.slab_len(), 10);
     }
 
     #[test]

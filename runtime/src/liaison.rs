@@ -135,7 +135,11 @@ impl Liaison {
                     Err(reason) => Reply::Refused { reason },
                 }
             }
-            Call::PrepareMigration { source, awake_ms } => {
+            Call::PrepareMigration {
+                source,
+                awake_ms,
+                flows,
+            } => {
                 if source == mb.me() {
                     return Reply::Refused {
                         reason: "a runtime cannot migrate flows to itself".into(),
@@ -150,6 +154,7 @@ impl Liaison {
                 if source.server != me.server {
                     ep.keep_awake(nflib::MANAGER_SLOT, until);
                 }
+                rt.prepare_for(flows);
                 // First contact between two endpoints costs the transport a round trip with
                 // one frame in flight (it must learn the peer's session). This ping pays it
                 // now, before the source's first step is timed, rather than in front of a

@@ -436,6 +436,16 @@ impl Migrator {
             || self.job.as_ref().is_some_and(|j| !j.report.done)
     }
 
+    /// Room for `flows` pending flows (as many as can be in flight at once at most), so the
+    /// map of pending keys does not grow while the first groups arrive.
+    pub fn reserve_incoming(&mut self, flows: usize) {
+        let in_flight = self
+            .settings
+            .group_size
+            .saturating_mul(self.settings.max_groups);
+        self.in_keys.reserve(flows.min(in_flight));
+    }
+
     /// `SetMigrationTarget`: moves `count` flows (`u32::MAX`: all) to `target`.
     pub fn start_job(
         &mut self,

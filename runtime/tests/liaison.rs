@@ -193,6 +193,7 @@ fn a_prepared_target_stays_awake_and_meets_its_source_first() {
             call: Call::PrepareMigration {
                 source,
                 awake_ms: 500,
+                flows: 1_000,
             },
         },
     );
@@ -203,6 +204,7 @@ fn a_prepared_target_stays_awake_and_meets_its_source_first() {
             call: Call::PrepareMigration {
                 source: EndpointAddr::new(1, 2),
                 awake_ms: 500,
+                flows: 1_000,
             },
         },
     );

@@ -207,14 +207,25 @@ fn migrate(
         ));
     }
     // The target first: it must answer before the source moves anything (a dead or
-    // unreachable target would otherwise cost a job of step-1 timeouts), and it polls
-    // rather than sleeps until the first step arrives.
+    // unreachable target would otherwise cost a job of step-1 timeouts), it polls rather
+    // than sleeps until the first step arrives, and it makes room for the flows. How many
+    // `--all` is comes from the source.
     let preparing = Instant::now();
+    let expected = if flows == u32::MAX {
+        match handle.rpc(a, Call::PollWorkload) {
+            Ok(Reply::Workload(w)) => u32::try_from(w.flows_active).unwrap_or(u32::MAX),
+            Ok(other) => return Err(format!("{a}: unexpected answer {other:?}")),
+            Err(e) => return Err(format!("the source did not answer: {e}")),
+        }
+    } else {
+        flows
+    };
     match handle.rpc(
         b,
         Call::PrepareMigration {
             source: a,
             awake_ms: PREPARE_AWAKE_MS,
+            flows: expected,
         },
     ) {
         Ok(Reply::Accepted) => {}
