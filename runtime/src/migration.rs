@@ -23,6 +23,7 @@
 //! The runtime engine does the packet work through [`FlowHost`]; the simulation in
 //! `migration_sim` (tests) plays the same role with a toy engine, a vswitch and a network.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
 use nflib::flow::FlowKey;
@@ -1324,17 +1325,25 @@ impl Migrator {
         let mut accepted = Vec::with_capacity(flows.len());
         let mut taken = Vec::new();
         host.prepare_pending(&flows);
+        // Only a flow that left this runtime can come back to it: with no tombstone here,
+        // there is nothing to reclaim, and no lookup per flow to find that out.
+        let reclaiming = !self.tombs.is_empty();
         for f in &flows {
-            self.reclaim(host, from, &f.key);
-            let slot = if self.in_keys.contains_key(&f.key) {
-                None
-            } else {
-                host.create_pending(f, vswitch)
+            if reclaiming {
+                self.reclaim(host, from, &f.key);
+            }
+            let slot = match self.in_keys.entry(f.key) {
+                Entry::Occupied(_) => None,
+                Entry::Vacant(v) => host.create_pending(f, vswitch).inspect(|_| {
+                    v.insert(InKey {
+                        from,
+                        group,
+                        idx: taken.len() as u32,
+                    });
+                }),
             };
             let ok = slot.is_some();
             if let Some(slot) = slot {
-                let idx = taken.len() as u32;
-                self.in_keys.insert(f.key, InKey { from, group, idx });
                 taken.push(InFlow {
                     key: f.key,
                     slot,
