@@ -288,7 +288,7 @@ fn demo_config(
 
 fn stats(instance: &str, dir: &Path, json: bool) -> Result<()> {
     let path = instance::find_region(instance, dir)?;
-    let region = Region::attach(&path)?;
+    let region = Region::attach_lazily(&path)?;
     let snap = RegionSnapshot::read(&region);
     if json {
         println!("{}", serde_json::to_string_pretty(&snap)?);

@@ -11,6 +11,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -110,6 +111,16 @@ pub enum RegionError {
     Exists { path: PathBuf },
     #[error("cannot open region {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error(
+        "no room for region {path} ({size} bytes) on its file system ({error}): free memory \
+         in that tmpfs or hugetlbfs, or use fewer or smaller buffers"
+    )]
+    NoRoom {
+        path: PathBuf,
+        size: usize,
+        /// Not a `source`: the message already says it, once.
+        error: io::Error,
+    },
     #[error("cannot map region {path} ({size} bytes): {source}")]
     Map {
         path: PathBuf,
@@ -227,6 +238,18 @@ impl Region {
                 path: opts.path.clone(),
                 source,
             })?;
+        // Every page allocated now: on a full tmpfs or hugetlbfs, populating the mapping
+        // fails silently and the first touch of a missing page later is a SIGBUS in
+        // whichever process makes it. A file system without fallocate is left as it was.
+        // SAFETY: a plain system call on a file descriptor this function holds open.
+        let err = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, size as libc::off_t) };
+        if err != 0 && err != libc::EOPNOTSUPP && err != libc::EINVAL {
+            return Err(RegionError::NoRoom {
+                path: opts.path.clone(),
+                size,
+                error: io::Error::from_raw_os_error(err),
+            });
+        }
         let map = MmapOptions::new()
             .len(size)
             .populate()
@@ -304,8 +327,30 @@ impl Region {
         }
     }
 
-    /// Maps an existing region and checks that this build can read it.
+    /// Maps an existing region for a data-path process, checks that this build can read it,
+    /// then maps every page of it in at once, so that the data path never faults on a page
+    /// it meets for the first time (a runtime taking over migrated flows met about 130 such
+    /// faults in its first millisecond, 1-2 us each on a VM). The pages exist already
+    /// (`create` populated them).
     pub fn attach(path: &Path) -> Result<Region, RegionError> {
+        let region = Self::attach_lazily(path)?;
+        let map = &region.inner.map;
+        // SAFETY: the range is exactly this mapping. MADV_POPULATE_WRITE only faults its
+        // pages in (writable, as they are mapped) and changes no byte; on a kernel without
+        // it (before 5.14) it fails with EINVAL and pages are faulted in on first use.
+        unsafe {
+            libc::madvise(
+                map.as_mut_ptr() as *mut libc::c_void,
+                map.len(),
+                libc::MADV_POPULATE_WRITE,
+            );
+        }
+        Ok(region)
+    }
+
+    /// Maps an existing region and checks that this build can read it; pages are mapped in
+    /// as they are touched. For tools that read a little of it (`nfmgr stats`).
+    pub fn attach_lazily(path: &Path) -> Result<Region, RegionError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -335,13 +380,8 @@ impl Region {
                 needed: HEADER_SIZE as u64,
             });
         }
-        // Populated: the pages exist already (`create` populated them), and mapping them
-        // all now keeps page faults off the data path. Without it a process faults on the
-        // first touch of every buffer page it meets: a runtime that takes over migrated
-        // flows met about 130 of them in its first millisecond, 1-2 us each on a VM.
         let map = MmapOptions::new()
             .len(file_size as usize)
-            .populate()
             .map_raw(&file)
             .map_err(|source| RegionError::Map {
                 path: path.to_path_buf(),
@@ -802,6 +842,50 @@ mod tests {
         assert_eq!(c.pop_burst(&mut out), 1);
         assert_eq!(out[0], d);
         std::fs::remove_file(&path).unwrap();
+    }
+
+    /// A region larger than its file system's free room fails at creation, with an error
+    /// that says so, rather than as a SIGBUS in some process later. Needs root (a small
+    /// tmpfs is mounted for it).
+    #[test]
+    fn a_region_that_does_not_fit_fails_at_creation() {
+        let dir = std::env::temp_dir().join(format!("nflib-tiny-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            let _ = std::fs::remove_dir(&dir);
+            let why = "SKIP: cannot mount a tmpfs (needs root)";
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{why}, and CI=true"
+            );
+            eprintln!("{why}");
+            return;
+        }
+        let path = dir.join("big.region");
+        let r = Region::create(&CreateOptions {
+            path: path.clone(),
+            config: RegionConfig {
+                buffers: 4096,
+                ..small()
+            },
+            instance: "test".into(),
+            page_size: 4096,
+            hugetlbfs: false,
+        });
+        let exists = path.exists();
+        let _ = std::process::Command::new("umount").arg(&dir).status();
+        let _ = std::fs::remove_dir(&dir);
+        assert!(
+            matches!(r, Err(RegionError::NoRoom { .. })),
+            "{:?}",
+            r.err().map(|e| e.to_string())
+        );
+        assert!(!exists, "the half-made region is removed");
     }
 
     #[test]
