@@ -141,7 +141,6 @@ fn hugetlbfs_free(mount: &Path) -> Result<(u64, usize), String> {
     Ok((free, page))
 }
 
-/// Decides where a region of `bytes` goes.
 /// Whether `dir` is on a file system kept in memory (tmpfs, ramfs, hugetlbfs); `None` if
 /// it cannot be told. A region on a disk file system still works, but the kernel writes its
 /// dirty pages back to the disk (the packet buffers, over and over) and faults on the next
@@ -154,6 +153,7 @@ pub fn memory_backed(dir: &Path) -> Option<bool> {
     Some(matches!(t, TMPFS_MAGIC | RAMFS_MAGIC | HUGETLBFS_MAGIC))
 }
 
+/// Decides where a region of `bytes` goes.
 pub fn place(
     mode: HugepageMode,
     conf_path: &Path,

@@ -46,8 +46,10 @@ pub struct FlowKey {
 impl std::hash::Hash for FlowKey {
     #[inline]
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        state.write_u128(u128::from_ne_bytes(self.a));
-        state.write_u128(u128::from_ne_bytes(self.b));
+        // Little-endian everywhere, so that a digest of keys (`msg::keys_digest`) is the
+        // same on every server.
+        state.write_u128(u128::from_le_bytes(self.a));
+        state.write_u128(u128::from_le_bytes(self.b));
         state.write_u64(
             u64::from(self.a_port)
                 | u64::from(self.b_port) << 16

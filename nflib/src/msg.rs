@@ -142,11 +142,12 @@ pub enum Call {
     NotifyClusterCfg(ClusterView),
     /// Migrate `count` flows to `target`.
     SetMigrationTarget { target: EndpointAddr, count: u32 },
-    /// To a migration's target, before its source is told to start: are you there and able
-    /// to take flows from `source`? If so, poll rather than sleep for `awake_ms` (and have
-    /// this server's nfmgr do so too when `source` is on another server), so that the first
-    /// step of the migration does not start with two wake-ups in a row, and make room for
-    /// about `flows` flows.
+    /// To a migration's target, before its source is told to start: are you there? Poll
+    /// rather than sleep for `awake_ms` (and have this server's nfmgr do so too when
+    /// `source` is on another server), so that the first step of the migration does not
+    /// start with two wake-ups in a row; meet `source` (a ping); make room for about
+    /// `flows` flows. Refused only when `source` is the target itself: whether the target
+    /// takes each flow is step 1's answer, and nfmgr checks the chains beforehand.
     PrepareMigration {
         source: EndpointAddr,
         awake_ms: u32,

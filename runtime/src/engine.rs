@@ -45,8 +45,8 @@ pub struct FlowSettings {
 /// Most flows ended per call of `expire`, so a mass expiry cannot stall the packet path.
 const EXPIRE_BATCH: usize = 4096;
 
-/// The most flows `Runtime::prepare_for` makes room for: four chunks of each function's
-/// state slab, a millisecond or so of this loop's time.
+/// The most flows `Runtime::prepare_for` makes room for: four or five chunks of each
+/// function's state slab, a millisecond or so of this loop's time.
 const MAX_PREPARED_FLOWS: usize = 16_384;
 
 pub struct Runtime {

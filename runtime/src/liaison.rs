@@ -19,10 +19,10 @@ use nflib::stats::ProcCounter;
 use nflib::wire::{EndpointAddr, LIAISON};
 
 use crate::engine::Runtime;
+use crate::flows::flag;
 
 /// The longest a `PrepareMigration` keeps a runtime polling for a migration to begin.
 const MAX_PREPARE_AWAKE_MS: u32 = 1_000;
-use crate::flows::flag;
 
 /// Probe runs a receiver remembers.
 const PROBE_RUNS_KEPT: usize = 16;

@@ -33,7 +33,8 @@ use super::Event;
 /// messages between them (`nflib::msg`). A server speaking another version is refused at
 /// join, rather than joining and failing every migration and replication message.
 /// 2: compact keys, step 3 by position with one-byte state tags.
-/// 3: `Call::PrepareMigration`.
+/// 3: `Call::PrepareMigration` (which renumbers the `Call`s after it), and `FlowKey`'s
+///    hash, which step 3's digest of a group's keys is made of.
 pub const PROTOCOL_VERSION: u32 = 3;
 const MAX_FRAME: usize = 16 << 20;
 const TAG: usize = 16;
