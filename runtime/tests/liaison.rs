@@ -8,8 +8,15 @@ use nflib::msg::{Call, Message, Reply};
 use nflib::slot::ProcessKind;
 use nflib::wire::EndpointAddr;
 
+/// A runtime's liaison and nfmgr's side of its message rings, in a real region.
 struct Bed {
-    local: LocalRegion,
+    mgr: LocalManager,
+    ep: Endpoint,
+    rt: nf_runtime::Runtime,
+    mb: nflib::mailbox::Mailbox,
+    liaison: Liaison,
+    /// Last: the region outlives what maps it.
+    _local: LocalRegion,
 }
 
 fn bed(tag: &str) -> Bed {
@@ -20,60 +27,60 @@ fn bed(tag: &str) -> Bed {
         |_| {},
     )
     .unwrap();
-    Bed { local }
+    let mut mgr = LocalManager::new(&local);
+    mgr.service();
+    let ep = Endpoint::attach(local.path(), 2, ProcessKind::Runtime).unwrap();
+    let rt = nf_runtime::from_region(&ep, &local.config).unwrap();
+    let mb = nf_runtime::mailbox(&ep, &local.config);
+    Bed {
+        mgr,
+        ep,
+        rt,
+        mb,
+        liaison: Liaison::default(),
+        _local: local,
+    }
 }
 
-/// Runs the runtime's message handling until the manager got `want` messages.
-fn exchange(
-    mgr: &mut LocalManager,
-    ep: &mut Endpoint,
-    rt: &mut nf_runtime::Runtime,
-    mb: &mut nflib::mailbox::Mailbox,
-    liaison: &mut Liaison,
-    want: usize,
-) -> Vec<nflib::mailbox::Envelope> {
-    let mut got = Vec::new();
-    for _ in 0..1000 {
-        let now = nflib::time::mono_ns();
-        nf_runtime::serve_messages(
-            ep,
-            rt,
-            liaison,
-            mb,
-            &mut nf_runtime::Backlog::default(),
-            now,
-        );
-        liaison.tick(mb, now);
-        mb.flush(ep, now);
-        got.extend(mgr.receive());
-        if got.len() >= want {
-            break;
+impl Bed {
+    /// Runs the runtime's message handling until the manager got `want` messages.
+    fn exchange(&mut self, want: usize) -> Vec<nflib::mailbox::Envelope> {
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            let now = nflib::time::mono_ns();
+            nf_runtime::serve_messages(
+                &mut self.ep,
+                &mut self.rt,
+                &mut self.liaison,
+                &mut self.mb,
+                &mut nf_runtime::Backlog::default(),
+                now,
+            );
+            self.liaison.tick(&mut self.mb, now);
+            self.mb.flush(&mut self.ep, now);
+            got.extend(self.mgr.receive());
+            if got.len() >= want {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        got
     }
-    got
 }
 
 #[test]
 fn ping_and_control_calls_are_answered() {
-    let b = bed("liaison");
-    let mut mgr = LocalManager::new(&b.local);
-    mgr.service();
-    let mut ep = Endpoint::attach(b.local.path(), 2, ProcessKind::Runtime).unwrap();
-    let cfg = &b.local.config;
-    let mut rt = nf_runtime::from_region(&ep, cfg).unwrap();
-    let mut mb = nf_runtime::mailbox(&ep, cfg);
-    let mut liaison = Liaison::default();
+    let mut b = bed("liaison");
 
-    mgr.send(2, &Message::Ping { seq: 7 });
-    mgr.send(
+    b.mgr.send(2, &Message::Ping { seq: 7 });
+    b.mgr.send(
         2,
         &Message::Rpc {
             id: 1,
             call: Call::PollWorkload,
         },
     );
-    mgr.send(
+    b.mgr.send(
         2,
         &Message::Rpc {
             id: 2,
@@ -83,7 +90,7 @@ fn ping_and_control_calls_are_answered() {
             },
         },
     );
-    mgr.send(
+    b.mgr.send(
         2,
         &Message::Rpc {
             id: 3,
@@ -92,7 +99,7 @@ fn ping_and_control_calls_are_answered() {
             },
         },
     );
-    let got = exchange(&mut mgr, &mut ep, &mut rt, &mut mb, &mut liaison, 4);
+    let got = b.exchange(4);
     assert_eq!(got.len(), 4, "{got:?}");
     assert!(got.iter().all(|e| e.from == EndpointAddr::new(1, 2)));
     assert_eq!(got[0].msg, Message::Pong { seq: 7, flows: 0 });
@@ -115,33 +122,26 @@ fn ping_and_control_calls_are_answered() {
         }
     ));
     // The migration target shows in the workload.
-    mgr.send(
+    b.mgr.send(
         2,
         &Message::Rpc {
             id: 4,
             call: Call::PollWorkload,
         },
     );
-    let got = exchange(&mut mgr, &mut ep, &mut rt, &mut mb, &mut liaison, 1);
+    let got = b.exchange(1);
     assert!(matches!(
         &got[0].msg,
         Message::RpcReply { id: 4, reply: Reply::Workload(w) }
             if w.migration_target == Some(EndpointAddr::new(1, 3))
     ));
-    assert_eq!(liaison.unknown, 0);
+    assert_eq!(b.liaison.unknown, 0);
 }
 
 #[test]
 fn a_probe_run_to_the_manager_is_counted_exactly() {
-    let b = bed("probe");
-    let mut mgr = LocalManager::new(&b.local);
-    mgr.service();
-    let mut ep = Endpoint::attach(b.local.path(), 2, ProcessKind::Runtime).unwrap();
-    let cfg = &b.local.config;
-    let mut rt = nf_runtime::from_region(&ep, cfg).unwrap();
-    let mut mb = nf_runtime::mailbox(&ep, cfg);
-    let mut liaison = Liaison::default();
-    mgr.send(
+    let mut b = bed("probe");
+    b.mgr.send(
         2,
         &Message::Rpc {
             id: 1,
@@ -157,7 +157,7 @@ fn a_probe_run_to_the_manager_is_counted_exactly() {
     let mut probes = 0u64;
     let mut next = 0u64;
     for _ in 0..20_000 {
-        for e in exchange(&mut mgr, &mut ep, &mut rt, &mut mb, &mut liaison, 0) {
+        for e in b.exchange(0) {
             if let Message::Probe { seq, pad, .. } = e.msg {
                 assert_eq!(seq, next, "in order, once");
                 assert_eq!(pad.len(), 100);
@@ -165,7 +165,7 @@ fn a_probe_run_to_the_manager_is_counted_exactly() {
                 probes += 1;
             }
         }
-        mgr.service();
+        b.mgr.service();
         if probes == 2000 {
             break;
         }
@@ -175,18 +175,11 @@ fn a_probe_run_to_the_manager_is_counted_exactly() {
 
 #[test]
 fn a_prepared_target_stays_awake_and_meets_its_source_first() {
-    let b = bed("prepare");
-    let mut mgr = LocalManager::new(&b.local);
-    mgr.service();
-    let mut ep = Endpoint::attach(b.local.path(), 2, ProcessKind::Runtime).unwrap();
-    let cfg = &b.local.config;
-    let mut rt = nf_runtime::from_region(&ep, cfg).unwrap();
-    let mut mb = nf_runtime::mailbox(&ep, cfg);
-    let mut liaison = Liaison::default();
-    assert!(!ep.kept_awake());
+    let mut b = bed("prepare");
+    assert!(!b.ep.kept_awake());
     // The manager's endpoint stands in for the source here: it gets the ping.
     let source = EndpointAddr::new(1, 0);
-    mgr.send(
+    b.mgr.send(
         2,
         &Message::Rpc {
             id: 1,
@@ -197,7 +190,7 @@ fn a_prepared_target_stays_awake_and_meets_its_source_first() {
             },
         },
     );
-    mgr.send(
+    b.mgr.send(
         2,
         &Message::Rpc {
             id: 2,
@@ -208,7 +201,7 @@ fn a_prepared_target_stays_awake_and_meets_its_source_first() {
             },
         },
     );
-    let got = exchange(&mut mgr, &mut ep, &mut rt, &mut mb, &mut liaison, 3);
+    let got = b.exchange(3);
     assert_eq!(got.len(), 3, "{got:?}");
     assert!(got
         .iter()
@@ -226,6 +219,6 @@ fn a_prepared_target_stays_awake_and_meets_its_source_first() {
         )),
         "a runtime is not its own migration target: {got:?}"
     );
-    assert!(ep.kept_awake(), "polls until the migration begins");
-    assert_eq!(liaison.unknown, 0);
+    assert!(b.ep.kept_awake(), "polls until the migration begins");
+    assert_eq!(b.liaison.unknown, 0);
 }
