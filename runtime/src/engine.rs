@@ -29,7 +29,7 @@ use nflib::{Packet, MANAGER_SLOT};
 use crate::events::EventLog;
 use crate::flows::{flag, FlowActor, FlowTable, Found};
 use crate::migration::{
-    Candidate, FlowHost, FlowRef, MigrationSettings, Migrator, PacketAction, Release,
+    Candidate, FlowHost, FlowRef, Mark, MigrationSettings, Migrator, PacketAction, Release,
 };
 use crate::timers::{Entry, TimerWheel};
 
@@ -258,8 +258,8 @@ impl Runtime {
             match result {
                 Ran::Dropped => ep.free(pkt),
                 Ran::Diverted(slot, fkey) => {
-                    let group = self.flows.get(slot).and_then(FlowActor::moving_out_in);
-                    match self.migrator.on_packet(&fkey, group) {
+                    let mark = self.flows.get(slot).map_or(Mark::None, FlowActor::mark);
+                    match self.migrator.on_packet(&fkey, mark) {
                         PacketAction::Process => {
                             force = true;
                             continue;
@@ -427,8 +427,8 @@ impl Runtime {
     }
 
     /// Makes room for `flows` flows about to arrive by migration (`PrepareMigration`): the
-    /// flow slab, the functions' state slabs and the migrator's map of pending keys, so
-    /// that the first groups do not reallocate, and fault on, memory while they are timed.
+    /// flow slab and the functions' state slabs, so that the first groups do not
+    /// reallocate, and fault on, memory while they are timed.
     /// At most `MAX_PREPARED_FLOWS`: a larger migration amortises its growth, and the
     /// work here holds up this loop.
     pub fn prepare_for(&mut self, flows: u32) {
@@ -438,7 +438,6 @@ impl Runtime {
         for stage in self.stages.iter_mut() {
             stage.reserve(slots);
         }
-        self.migrator.reserve_incoming(n);
     }
 
     /// A new migration job scans the flow table from its start.
@@ -863,11 +862,11 @@ impl FlowHost for EngineHost<'_> {
             match group {
                 Some(g) => {
                     a.flags |= flag::MIGRATING;
-                    a.out_group = g as u32;
+                    a.set_mark(Mark::Out(g));
                 }
                 None => {
                     a.flags &= !flag::MIGRATING;
-                    a.out_group = 0;
+                    a.set_mark(Mark::None);
                 }
             }
         }
@@ -906,14 +905,20 @@ impl FlowHost for EngineHost<'_> {
         }
     }
 
-    fn create_pending(&mut self, flow: &MigrateFlow, vswitch: EndpointAddr) -> Option<u32> {
+    fn create_pending(
+        &mut self,
+        flow: &MigrateFlow,
+        vswitch: EndpointAddr,
+        arriving: u32,
+    ) -> Option<u32> {
         // The insert itself refuses an existing key; aliases are checked first so that
         // nothing needs undoing.
         if flow.aliases.iter().any(|k| self.rt.flows.find(k).is_some()) {
             return None;
         }
         let now = self.now_ms as u32;
-        let actor = FlowActor::new(flow.key, self.rt.next_id, now, vswitch, flag::MIGRATING);
+        let mut actor = FlowActor::new(flow.key, self.rt.next_id, now, vswitch, flag::MIGRATING);
+        actor.set_mark(Mark::In(arriving));
         let slot = self.rt.flows.insert(actor)?;
         self.rt.next_id += 1;
         for k in &flow.aliases {
@@ -951,7 +956,7 @@ impl FlowHost for EngineHost<'_> {
             return false;
         };
         a.flags = (st.flags & !flag::MIGRATING) | flag::LIVE;
-        a.out_group = 0;
+        a.set_mark(Mark::None);
         a.created_ms = now.saturating_sub(st.age_ms) as u32;
         a.last_ms = now.saturating_sub(st.idle_ms) as u32;
         // Counting starts again with the vswitch's count for this runtime.

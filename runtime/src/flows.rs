@@ -13,6 +13,8 @@ use nflib::wire::EndpointAddr;
 
 use nflib::index::{FlowIndex, KeyHasher};
 
+use crate::migration::{Mark, GROUP_ID_LIMIT};
+
 /// Actor flags.
 pub mod flag {
     /// The flow's first packet came from endpoint `a` of its key.
@@ -52,11 +54,15 @@ pub struct FlowActor {
     /// vswitch sent.
     pub packets: u32,
     pub flags: u8,
-    /// The migration group the flow is moving out in (0: none), while it is diverted:
-    /// kept here, in room the struct has anyway, rather than in a map by key that would
-    /// cost a cache miss per flow moved.
-    pub out_group: u32,
+    /// What the migrator marked the flow with while it is diverted ([`Mark`], encoded by
+    /// [`FlowActor::set_mark`]): kept here, in room the struct has anyway, rather than in
+    /// a map by key that would cost a cache miss per flow moved, in and out.
+    mark: u32,
 }
+
+/// Set in `FlowActor::mark` for a flow arriving (the rest is its incoming group's id);
+/// clear for one moving out (the rest is its group's id, below `GROUP_ID_LIMIT`).
+const ARRIVING_BIT: u32 = 1 << 31;
 
 const _: () = assert!(std::mem::size_of::<FlowActor>() == 80);
 
@@ -72,7 +78,7 @@ impl FlowActor {
             vswitch,
             packets: 0,
             flags,
-            out_group: 0,
+            mark: 0,
         }
     }
 
@@ -80,9 +86,34 @@ impl FlowActor {
         self.flags & f != 0
     }
 
+    /// What the migrator marked the flow with, while it is diverted.
+    pub fn mark(&self) -> Mark {
+        if !self.has(flag::MIGRATING) || self.mark == 0 {
+            Mark::None
+        } else if self.mark & ARRIVING_BIT != 0 {
+            Mark::In(self.mark & !ARRIVING_BIT)
+        } else {
+            Mark::Out(u64::from(self.mark))
+        }
+    }
+
+    /// Records `m` (it reads back while the flow is diverted). An id out of range (the
+    /// migrator never makes one) reads back as no mark, never as another group.
+    pub fn set_mark(&mut self, m: Mark) {
+        self.mark = match m {
+            Mark::None => 0,
+            Mark::Out(g) if g < GROUP_ID_LIMIT => g as u32,
+            Mark::In(id) if id & ARRIVING_BIT == 0 => ARRIVING_BIT | id,
+            Mark::Out(_) | Mark::In(_) => 0,
+        };
+    }
+
     /// The migration group the flow is moving out in, while it is diverted for one.
     pub fn moving_out_in(&self) -> Option<u64> {
-        (self.has(flag::MIGRATING) && self.out_group != 0).then_some(u64::from(self.out_group))
+        match self.mark() {
+            Mark::Out(g) => Some(g),
+            _ => None,
+        }
     }
 
     pub fn closed(&self) -> bool {
@@ -448,6 +479,36 @@ mod tests {
             assert_eq!(t.find(&key(p)).is_some(), p % 2 == 1, "{p}");
         }
         assert_eq!(t.len(), 25_000);
+    }
+
+    #[test]
+    fn a_mark_reads_back_while_the_flow_is_diverted() {
+        let mut a = actor(key(1));
+        a.flags |= flag::MIGRATING;
+        for m in [
+            Mark::Out(1),
+            Mark::Out(GROUP_ID_LIMIT - 1),
+            Mark::In(0),
+            Mark::In(7),
+            Mark::In((GROUP_ID_LIMIT - 1) as u32),
+            Mark::None,
+        ] {
+            a.set_mark(m);
+            assert_eq!(a.mark(), m);
+        }
+        a.set_mark(Mark::Out(5));
+        assert_eq!(a.moving_out_in(), Some(5));
+        a.set_mark(Mark::In(5));
+        assert_eq!(a.moving_out_in(), None, "arriving is not moving out");
+        // Out of range: no mark, never another group's.
+        a.set_mark(Mark::Out(GROUP_ID_LIMIT));
+        assert_eq!(a.mark(), Mark::None);
+        a.set_mark(Mark::In(GROUP_ID_LIMIT as u32));
+        assert_eq!(a.mark(), Mark::None);
+        // Not diverted: no mark, whatever is recorded.
+        a.set_mark(Mark::Out(5));
+        a.flags &= !flag::MIGRATING;
+        assert_eq!(a.mark(), Mark::None);
     }
 
     #[test]

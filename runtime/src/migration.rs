@@ -23,7 +23,6 @@
 //! The runtime engine does the packet work through [`FlowHost`]; the simulation in
 //! `migration_sim` (tests) plays the same role with a toy engine, a vswitch and a network.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
 use nflib::flow::FlowKey;
@@ -95,6 +94,24 @@ impl FlowRef {
     }
 }
 
+/// What the migrator marks a diverted flow with, and the host keeps in the flow's actor and
+/// hands back with each of its packets (`on_packet`): the group it is moving in, found
+/// without a lookup by key, a cache miss per flow at hundreds of thousands of flows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mark {
+    #[default]
+    None,
+    /// Moving out in this group (`FlowHost::divert`), an id below [`GROUP_ID_LIMIT`].
+    Out(u64),
+    /// Arriving in the incoming group this runtime gave this id (`FlowHost::create_pending`),
+    /// below [`GROUP_ID_LIMIT`]; 0 for none (a flow the source took back).
+    In(u32),
+}
+
+/// Group ids, both the source's and a target's own for incoming groups, stay below this
+/// (31 bits), so a host can keep either, and which it is, in one 32-bit word per flow.
+pub const GROUP_ID_LIMIT: u64 = 1 << 31;
+
 /// A flow the host offers for migration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Candidate {
@@ -143,9 +160,8 @@ pub trait FlowHost {
     fn pick(&mut self, n: usize, out: &mut Vec<Candidate>) -> bool;
     /// Packets the flow's actor has run through the chain here (wrapping), if it exists.
     fn packets(&self, f: &FlowRef) -> Option<u32>;
-    /// Sends the flow's packets to the migrator (`on_packet`, with `group`) instead of the
-    /// chain, marking it as moving out in that group; `None` stops. Group ids fit in 32
-    /// bits, so the host can keep the mark in room the flow already has.
+    /// Sends the flow's packets to the migrator (`on_packet`, with the mark
+    /// `Mark::Out(group)`) instead of the chain; `None` stops.
     fn divert(&mut self, f: &FlowRef, group: Option<u64>);
     /// The group the flow was diverted for (`divert`), if it is diverted as moving out.
     fn group_of(&self, f: &FlowRef) -> Option<u64>;
@@ -157,13 +173,20 @@ pub trait FlowHost {
     /// Target, step 1, before `create_pending` for each of `flows`: a chance to start
     /// loading what those calls will touch.
     fn prepare_pending(&mut self, _flows: &[MigrateFlow]) {}
-    /// Target, step 1: a pending actor under the key and aliases (diverted), and the slot
-    /// it is kept in; `None` if the key exists or the table is full.
-    fn create_pending(&mut self, flow: &MigrateFlow, vswitch: EndpointAddr) -> Option<u32>;
+    /// Target, step 1: a pending actor under the key and aliases (diverted, marked
+    /// `Mark::In(arriving)`), and the slot it is kept in; `None` if the key or an alias
+    /// exists or the table is full.
+    fn create_pending(
+        &mut self,
+        flow: &MigrateFlow,
+        vswitch: EndpointAddr,
+        arriving: u32,
+    ) -> Option<u32>;
     /// Target, step 3: installs the state (and the functions' states, `states`) in the
     /// pending actor `f` and stops diverting it.
     fn install(&mut self, f: &FlowRef, state: &FlowState, states: &[u8]) -> bool;
-    /// Lets go of the packets held for the flow, in order. Returns how many.
+    /// Lets go of the packets held for the flow, in order. Returns how many (the migrator
+    /// counts what it holds by these).
     fn release_held(&mut self, f: &FlowRef, how: Release) -> u32;
     /// Removes a pending actor that never got its state (nothing is ended).
     fn remove_pending(&mut self, f: &FlowRef);
@@ -239,7 +262,6 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 struct InFlow {
     key: FlowKey,
     slot: u32,
-    held: u32,
 }
 
 impl OutFlow {
@@ -260,16 +282,9 @@ impl InFlow {
     }
 }
 
-/// Where an incoming flow's pending actor is recorded: its group, and its place in the
-/// group's `flows` (which never reorder), so a packet or a state finds it without a search.
-#[derive(Clone, Copy)]
-struct InKey {
-    from: EndpointAddr,
-    group: u64,
-    idx: u32,
-}
-
 struct InGroup {
+    /// This runtime's id for the group, which its pending actors are marked with.
+    id: u32,
     deadline_ms: u64,
     flows: Vec<InFlow>,
     /// `keys_digest` of `flows`, which step 3 must name.
@@ -333,8 +348,11 @@ pub struct Migrator {
     tombs: Map<u64, Tomb>,
     /// Tombstones by deadline (all last `tombstone_ms`, so the order of creation).
     tomb_order: VecDeque<(u64, u64)>,
+    /// Incoming groups by their source's name, and that name by this runtime's id (a few
+    /// entries each: groups in flight).
     inb: Map<(EndpointAddr, u64), InGroup>,
-    in_keys: Map<FlowKey, InKey>,
+    in_ids: Map<u32, (EndpointAddr, u64)>,
+    next_in: u32,
     /// Target: flows whose migration the source called off, with the deadline until which
     /// packets the vswitch still sends here go back to the source.
     returning: Map<FlowKey, Returning>,
@@ -392,7 +410,8 @@ impl Migrator {
             tombs: Map::default(),
             tomb_order: VecDeque::new(),
             inb: Map::default(),
-            in_keys: Map::default(),
+            in_ids: Map::default(),
+            next_in: 1,
             returning: Map::default(),
             held: 0,
             job: None,
@@ -437,16 +456,6 @@ impl Migrator {
             || self.job.as_ref().is_some_and(|j| !j.report.done)
     }
 
-    /// Room for `flows` pending flows (as many as can be in flight at once at most), so the
-    /// map of pending keys does not grow while the first groups arrive.
-    pub fn reserve_incoming(&mut self, flows: usize) {
-        let in_flight = self
-            .settings
-            .group_size
-            .saturating_mul(self.settings.max_groups);
-        self.in_keys.reserve(flows.min(in_flight));
-    }
-
     /// `SetMigrationTarget`: moves `count` flows (`u32::MAX`: all) to `target`.
     pub fn start_job(
         &mut self,
@@ -489,8 +498,12 @@ impl Migrator {
         Some(r)
     }
 
-    /// What to do with a packet of a diverted flow (`group`: the one `divert` named).
-    pub fn on_packet(&mut self, key: &FlowKey, group: Option<u64>) -> PacketAction {
+    /// What to do with a packet of a diverted flow, marked `mark`.
+    pub fn on_packet(&mut self, key: &FlowKey, mark: Mark) -> PacketAction {
+        let group = match mark {
+            Mark::Out(g) => Some(g),
+            _ => None,
+        };
         if let Some(g) = group.and_then(|id| self.out.get(&id).map(|g| (id, g))) {
             let (id, g) = g;
             return match g.stage {
@@ -525,16 +538,15 @@ impl Migrator {
                 late: r.late,
             };
         }
-        if let Some(ik) = self.in_keys.get(key) {
-            let g = self.inb.get_mut(&(ik.from, ik.group));
+        if let Some(name) = match mark {
+            Mark::In(id) => self.in_ids.get(&id),
+            _ => None,
+        } {
             if self.held >= self.settings.buffer_packets {
-                if let Some(g) = g {
+                if let Some(g) = self.inb.get_mut(name) {
                     g.dropped += 1;
                 }
                 return PacketAction::Drop;
-            }
-            if let Some(f) = g.and_then(|g| g.flows.get_mut(ik.idx as usize)) {
-                f.held += 1;
             }
             self.held += 1;
             self.counters.held += 1;
@@ -742,9 +754,9 @@ impl Migrator {
             }
             j.report.groups += 1;
             let id = self.next_group;
-            // Group ids stay within 32 bits (see `FlowHost::divert`); one wraps after four
-            // billion groups, long after any group of that number has ended.
-            self.next_group = if self.next_group >= u64::from(u32::MAX) {
+            // Group ids stay below `GROUP_ID_LIMIT`; one wraps after two billion groups,
+            // long after any group of that number has ended.
+            self.next_group = if self.next_group + 1 >= GROUP_ID_LIMIT {
                 1
             } else {
                 self.next_group + 1
@@ -1324,6 +1336,7 @@ impl Migrator {
         }
         let mut accepted = Vec::with_capacity(flows.len());
         let mut taken = Vec::new();
+        let id = self.next_in_id();
         host.prepare_pending(&flows);
         // Only a flow that left this runtime can come back to it: with no tombstone here,
         // there is nothing to reclaim, and no lookup per flow to find that out.
@@ -1332,30 +1345,20 @@ impl Migrator {
             if reclaiming {
                 self.reclaim(host, from, &f.key);
             }
-            let slot = match self.in_keys.entry(f.key) {
-                Entry::Occupied(_) => None,
-                Entry::Vacant(v) => host.create_pending(f, vswitch).inspect(|_| {
-                    v.insert(InKey {
-                        from,
-                        group,
-                        idx: taken.len() as u32,
-                    });
-                }),
-            };
-            let ok = slot.is_some();
+            // The host refuses a key it has, so also one pending already (in this group
+            // or another) or one the source took back and that still returns to it.
+            let slot = host.create_pending(f, vswitch, id);
             if let Some(slot) = slot {
-                taken.push(InFlow {
-                    key: f.key,
-                    slot,
-                    held: 0,
-                });
+                taken.push(InFlow { key: f.key, slot });
             }
-            accepted.push(ok);
+            accepted.push(slot.is_some());
         }
         if !taken.is_empty() {
+            self.in_ids.insert(id, (from, group));
             self.inb.insert(
                 (from, group),
                 InGroup {
+                    id,
                     deadline_ms: now_ms + self.settings.pending_timeout_ms,
                     digest: keys_digest(taken.iter().map(|f| &f.key)),
                     flows: taken,
@@ -1384,7 +1387,7 @@ impl Migrator {
         states: &[u8],
         now_ms: u64,
     ) {
-        let mut g = self.inb.remove(&(from, group));
+        let mut g = self.take_in_group((from, group));
         if let Some(mismatch) = g.take_if(|g| g.digest != accepted_digest) {
             // Source and target do not count this group's flows alike (a stale group, or a
             // bug): matching states by position could install one flow's state in another.
@@ -1408,16 +1411,17 @@ impl Migrator {
             let ok = match g.as_ref() {
                 Some(g) if i < g.flows.len() && !arrived[i] => {
                     arrived[i] = true;
-                    let (held, at) = (g.flows[i].held, g.flows[i].at());
-                    self.in_keys.remove(&at.key);
+                    let at = g.flows[i].at();
                     let ok = part.is_some_and(|part| host.install(&at, st, part));
-                    if ok {
+                    let held = if ok {
                         let n = host.release_held(&at, Release::Process);
                         buffered += n;
+                        n
                     } else {
-                        host.release_held(&at, Release::Return { to: from, group });
+                        let n = host.release_held(&at, Release::Return { to: from, group });
                         host.remove_pending(&at);
-                    }
+                        n
+                    };
                     self.held = self.held.saturating_sub(held as usize);
                     ok
                 }
@@ -1462,7 +1466,7 @@ impl Migrator {
         // point back travels another path and may be retransmitted): the pending actors
         // stay for as long as one would wait for a state, and whatever reaches them goes
         // back to the source.
-        let returned = match self.inb.remove(&(from, group)) {
+        let returned = match self.take_in_group((from, group)) {
             Some(g) => self.return_in_group(host, from, group, g, now_ms),
             None => 0,
         };
@@ -1491,9 +1495,11 @@ impl Migrator {
         let until = now_ms + self.settings.pending_timeout_ms;
         let mut returned = 0;
         for f in g.flows {
-            self.in_keys.remove(&f.key);
-            self.held = self.held.saturating_sub(f.held as usize);
-            returned += host.release_held(&f.at(), Release::Return { to: from, group });
+            let n = host.release_held(&f.at(), Release::Return { to: from, group });
+            self.held = self.held.saturating_sub(n as usize);
+            returned += n;
+            // Its actor stays, still marked as arriving in a group that is gone: `on_packet`
+            // finds it here first.
             self.returning.insert(
                 f.key,
                 Returning {
@@ -1527,10 +1533,9 @@ impl Migrator {
         let until = now_ms + self.settings.tombstone_ms;
         for f in flows {
             let keys = std::iter::once(&f.key).chain(&f.aliases);
-            if keys
-                .clone()
-                .any(|k| self.in_keys.contains_key(k) || self.returning.contains_key(k))
-            {
+            // A flow pending here (in another group) or returning already keeps its actor:
+            // `end_stray` spares diverted flows and `create_pending` refuses its keys.
+            if keys.clone().any(|k| self.returning.contains_key(k)) {
                 continue;
             }
             for k in keys {
@@ -1538,7 +1543,7 @@ impl Migrator {
                     self.counters.strays_ended += 1;
                 }
             }
-            if host.create_pending(&f, vswitch).is_some() {
+            if host.create_pending(&f, vswitch, 0).is_some() {
                 // They may overtake what the vswitch sent the source after pointing back:
                 // counted there as late.
                 self.returning.insert(
@@ -1562,9 +1567,31 @@ impl Migrator {
         k: (EndpointAddr, u64),
         how: Release,
     ) -> u32 {
-        match self.inb.remove(&k) {
+        match self.take_in_group(k) {
             Some(g) => self.drop_in_group_flows(host, g.flows, how),
             None => 0,
+        }
+    }
+
+    /// Removes an incoming group (its id no longer names it).
+    fn take_in_group(&mut self, k: (EndpointAddr, u64)) -> Option<InGroup> {
+        let g = self.inb.remove(&k)?;
+        self.in_ids.remove(&g.id);
+        Some(g)
+    }
+
+    /// An id for a new incoming group that names no other one in flight.
+    fn next_in_id(&mut self) -> u32 {
+        loop {
+            let id = self.next_in;
+            self.next_in = if u64::from(id) + 1 >= GROUP_ID_LIMIT {
+                1
+            } else {
+                id + 1
+            };
+            if !self.in_ids.contains_key(&id) {
+                return id;
+            }
         }
     }
 
@@ -1576,9 +1603,9 @@ impl Migrator {
     ) -> u32 {
         let mut n = 0;
         for f in flows {
-            self.in_keys.remove(&f.key);
-            self.held = self.held.saturating_sub(f.held as usize);
-            n += host.release_held(&f.at(), how);
+            let released = host.release_held(&f.at(), how);
+            self.held = self.held.saturating_sub(released as usize);
+            n += released;
             host.remove_pending(&f.at());
         }
         n

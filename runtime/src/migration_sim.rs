@@ -16,7 +16,8 @@ use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::wire::EndpointAddr;
 
 use crate::migration::{
-    Candidate, FlowHost, FlowRef, MigrationSettings, Migrator, PacketAction, Release,
+    Candidate, FlowHost, FlowRef, Mark, MigrationSettings, Migrator, PacketAction, Release,
+    GROUP_ID_LIMIT,
 };
 
 const S: EndpointAddr = EndpointAddr { server: 1, slot: 2 };
@@ -71,8 +72,8 @@ struct ToyFlow {
     log: Vec<u64>,
     packets: u32,
     diverted: bool,
-    /// The group it moves out in, while diverted for that.
-    out_group: Option<u64>,
+    /// What the migrator marked it with, while diverted.
+    mark: Mark,
 }
 
 /// The engine of one toy runtime.
@@ -146,9 +147,9 @@ impl FlowHost for Toy {
 
     fn divert(&mut self, at: &FlowRef, group: Option<u64>) {
         if let Some(f) = self.flows.get_mut(&at.key) {
-            assert!(group.is_none_or(|g| g <= u64::from(u32::MAX)));
+            assert!(group.is_none_or(|g| g < GROUP_ID_LIMIT));
             f.diverted = group.is_some();
-            f.out_group = group;
+            f.mark = group.map_or(Mark::None, Mark::Out);
         }
     }
 
@@ -173,17 +174,28 @@ impl FlowHost for Toy {
         self.flows
             .get(&at.key)
             .filter(|f| f.diverted)
-            .and_then(|f| f.out_group)
+            .and_then(|f| match f.mark {
+                Mark::Out(g) => Some(g),
+                _ => None,
+            })
     }
 
-    fn create_pending(&mut self, flow: &MigrateFlow, _vswitch: EndpointAddr) -> Option<u32> {
-        if self.flows.contains_key(&flow.key) {
+    fn create_pending(
+        &mut self,
+        flow: &MigrateFlow,
+        _vswitch: EndpointAddr,
+        arriving: u32,
+    ) -> Option<u32> {
+        assert!(u64::from(arriving) < GROUP_ID_LIMIT);
+        let taken = |k: &FlowKey| self.flows.contains_key(k) || self.aliases.contains_key(k);
+        if taken(&flow.key) || flow.aliases.iter().any(taken) {
             return None;
         }
         self.flows.insert(
             flow.key,
             ToyFlow {
                 diverted: true,
+                mark: Mark::In(arriving),
                 ..ToyFlow::default()
             },
         );
@@ -203,7 +215,7 @@ impl FlowHost for Toy {
         f.log = postcard::from_bytes(log).unwrap();
         f.packets = 0;
         f.diverted = false;
-        f.out_group = None;
+        f.mark = Mark::None;
         true
     }
 
@@ -278,7 +290,7 @@ impl Node {
             self.toy.process(&k, seq);
             return;
         }
-        match self.mig.on_packet(&k, f.out_group) {
+        match self.mig.on_packet(&k, f.mark) {
             PacketAction::Process => self.toy.process(&k, seq),
             PacketAction::Hold => self.toy.held.entry(k).or_default().push_back(seq),
             PacketAction::Forward { to, group, late } => self.toy.outbox.push((
@@ -645,6 +657,23 @@ fn run(sc: Scenario) -> Outcome {
     }
     o.strays = s.toy.strays + t.toy.strays;
     o.stray_packets = t.toy.strays;
+    // What a migrator counts as held for arriving flows is what their actors hold: the
+    // count comes back from `release_held`, and a miscount would refuse groups for ever.
+    for n in [s, t].into_iter().filter(|n| n.alive) {
+        let arriving: usize = n
+            .toy
+            .held
+            .iter()
+            .filter(|(k, _)| {
+                n.toy
+                    .flows
+                    .get(*k)
+                    .is_some_and(|f| matches!(f.mark, Mark::In(_)))
+            })
+            .map(|(_, q)| q.len())
+            .sum();
+        assert_eq!(n.mig.held(), arriving, "seed {}", sc.seed);
+    }
     for f in 0..sc.flows {
         let k = key(f);
         let on_s = s.toy.flows.get(&k).filter(|x| !x.diverted);
