@@ -857,19 +857,22 @@ impl FlowHost for EngineHost<'_> {
         self.rt.flows.get(s).map(|a| a.packets)
     }
 
-    fn divert(&mut self, f: &FlowRef, group: Option<u64>) {
-        if let Some(a) = self.slot_at(f).and_then(|s| self.rt.flows.get_mut(s)) {
-            match group {
-                Some(g) => {
-                    a.flags |= flag::MIGRATING;
-                    a.set_mark(Mark::Out(g));
-                }
-                None => {
-                    a.flags &= !flag::MIGRATING;
-                    a.set_mark(Mark::None);
-                }
+    fn divert(&mut self, f: &FlowRef, group: Option<u64>) -> bool {
+        let Some(a) = self.slot_at(f).and_then(|s| self.rt.flows.get_mut(s)) else {
+            return false;
+        };
+        match group {
+            Some(_) if a.has(flag::MIGRATING) => return false,
+            Some(g) => {
+                a.flags |= flag::MIGRATING;
+                a.set_mark(Mark::Out(g));
+            }
+            None => {
+                a.flags &= !flag::MIGRATING;
+                a.set_mark(Mark::None);
             }
         }
+        true
     }
 
     fn group_of(&self, f: &FlowRef) -> Option<u64> {

@@ -161,8 +161,9 @@ pub trait FlowHost {
     /// Packets the flow's actor has run through the chain here (wrapping), if it exists.
     fn packets(&self, f: &FlowRef) -> Option<u32>;
     /// Sends the flow's packets to the migrator (`on_packet`, with the mark
-    /// `Mark::Out(group)`) instead of the chain; `None` stops.
-    fn divert(&mut self, f: &FlowRef, group: Option<u64>);
+    /// `Mark::Out(group)`) instead of the chain; `None` stops. Returns false, changing
+    /// nothing, for a flow that is gone, or (with a group) that is diverted already.
+    fn divert(&mut self, f: &FlowRef, group: Option<u64>) -> bool;
     /// The group the flow was diverted for (`divert`), if it is diverted as moving out.
     fn group_of(&self, f: &FlowRef) -> Option<u64>;
     /// The flow's state for step 3 (the flow stays, diverted, until it is retired): its
@@ -392,6 +393,13 @@ fn all_keys(flows: &[OutFlow]) -> Vec<FlowKey> {
         .iter()
         .flat_map(|f| std::iter::once(f.key).chain(f.aliases.iter().copied()))
         .collect()
+}
+
+/// Stops diverting a flow of the outgoing group `id`, if it is still marked with that group
+/// (its actor may have ended, and its key come back as another flow, meanwhile). Returns
+/// whether it was.
+fn undivert(host: &mut impl FlowHost, f: &OutFlow, id: u64) -> bool {
+    host.group_of(&f.at()) == Some(id) && host.divert(&f.at(), None)
 }
 
 fn later(a: u32, b: u32) -> bool {
@@ -748,19 +756,7 @@ impl Migrator {
                 self.picked = picked;
                 return;
             }
-            j.remaining = j.remaining.saturating_sub(picked.len() as u32);
-            if rate > 0 {
-                j.tokens -= picked.len() as f64;
-            }
-            j.report.groups += 1;
             let id = self.next_group;
-            // Group ids stay below `GROUP_ID_LIMIT`; one wraps after two billion groups,
-            // long after any group of that number has ended.
-            self.next_group = if self.next_group + 1 >= GROUP_ID_LIMIT {
-                1
-            } else {
-                self.next_group + 1
-            };
             let vswitch = picked[0].vswitch;
             let mut flows = Vec::with_capacity(picked.len());
             let mut wire = Vec::with_capacity(picked.len());
@@ -769,7 +765,12 @@ impl Migrator {
                     key: c.key,
                     slot: c.slot,
                 };
-                host.divert(&at, Some(id));
+                // A flow put back for a retry may have ended since, and its key may even be
+                // arriving here from elsewhere now: only a flow still here and not diverted
+                // joins the group.
+                if !host.divert(&at, Some(id)) {
+                    continue;
+                }
                 wire.push(MigrateFlow {
                     key: c.key,
                     aliases: c.aliases.clone(),
@@ -783,6 +784,19 @@ impl Migrator {
                 });
             }
             self.picked = picked;
+            if flows.is_empty() {
+                continue;
+            }
+            // Group ids stay below `GROUP_ID_LIMIT`; one wraps after two billion groups,
+            // long after any group of that number has ended.
+            self.next_group = if id + 1 >= GROUP_ID_LIMIT { 1 } else { id + 1 };
+            if let Some(j) = self.job.as_mut() {
+                j.remaining = j.remaining.saturating_sub(flows.len() as u32);
+                if rate > 0 {
+                    j.tokens -= flows.len() as f64;
+                }
+                j.report.groups += 1;
+            }
             // Step 2 follows within a millisecond or so.
             host.keep_awake(vswitch);
             host.send(
@@ -845,7 +859,7 @@ impl Migrator {
             let vswitch = g.vswitch;
             self.out.remove(&id);
             for f in &flows {
-                host.divert(&f.at(), None);
+                undivert(host, f, id);
             }
             if let Some(j) = self.job.as_mut() {
                 if busy {
@@ -873,7 +887,7 @@ impl Migrator {
             if accepted.get(i).copied().unwrap_or(false) {
                 keep.push(f);
             } else {
-                host.divert(&f.at(), None);
+                undivert(host, &f, id);
                 failed += 1;
             }
         }
@@ -1069,7 +1083,7 @@ impl Migrator {
                 },
             );
             for f in back {
-                host.divert(&f.at(), None);
+                undivert(host, &f, id);
             }
         }
         if let Some(g) = self.out.remove(&id) {
@@ -1198,8 +1212,9 @@ impl Migrator {
             });
         }
         for f in &g.flows {
-            host.divert(&f.at(), None);
-            host.release_held(&f.at(), Release::Process);
+            if undivert(host, f, id) {
+                host.release_held(&f.at(), Release::Process);
+            }
         }
         if rolled_back {
             self.counters.rolled_back += g.flows.len() as u64;

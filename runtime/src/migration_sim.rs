@@ -145,12 +145,17 @@ impl FlowHost for Toy {
         self.flows.get(&f.key).map(|f| f.packets)
     }
 
-    fn divert(&mut self, at: &FlowRef, group: Option<u64>) {
-        if let Some(f) = self.flows.get_mut(&at.key) {
-            assert!(group.is_none_or(|g| g < GROUP_ID_LIMIT));
-            f.diverted = group.is_some();
-            f.mark = group.map_or(Mark::None, Mark::Out);
+    fn divert(&mut self, at: &FlowRef, group: Option<u64>) -> bool {
+        let Some(f) = self.flows.get_mut(&at.key) else {
+            return false;
+        };
+        assert!(group.is_none_or(|g| g < GROUP_ID_LIMIT));
+        if group.is_some() && f.diverted {
+            return false;
         }
+        f.diverted = group.is_some();
+        f.mark = group.map_or(Mark::None, Mark::Out);
+        true
     }
 
     fn save(&mut self, at: &FlowRef, out: &mut Vec<u8>) -> Option<FlowState> {
@@ -945,4 +950,68 @@ fn flows_whose_stragglers_may_still_come_are_refused_on_the_way_back_and_lose_no
         refused > 0,
         "the scenario should leave some groups unsettled"
     );
+}
+
+#[test]
+fn a_flow_waiting_to_retry_that_comes_back_as_an_arriving_flow_stays_arriving() {
+    // Another runtime that sends this one a flow while it migrates its own.
+    const R: EndpointAddr = EndpointAddr { server: 3, slot: 2 };
+    let settings = Scenario::base(1).settings;
+    let mut mig = Migrator::new(S, None, settings);
+    let mut toy = Toy::default();
+    toy.process(&key(0), 0);
+    toy.process(&key(1), 0);
+    mig.start_job(T, u32::MAX, 0.0).unwrap();
+    mig.tick(&mut toy, 0, 0.0);
+    let group = toy
+        .outbox
+        .iter()
+        .find_map(|(to, m)| match m {
+            Message::MigrateInit { group, flows, .. } if *to == T => {
+                assert_eq!(flows.len(), 2);
+                Some(*group)
+            }
+            _ => None,
+        })
+        .expect("step 1 sent");
+    toy.outbox.clear();
+    // The target is busy: both flows wait to be tried again.
+    let ready = Message::MigrateReady {
+        group,
+        accepted: Vec::new(),
+        refused: Some("busy".into()),
+        busy: true,
+    };
+    assert!(mig.on_message(&mut toy, T, ready, 1));
+    // Meanwhile flow 0 ends here and arrives again from R, and a packet of it is held.
+    toy.remove_pending(&FlowRef::key_only(key(0)));
+    let init = Message::MigrateInit {
+        group: 9,
+        chain: None,
+        vswitch: V,
+        flows: vec![MigrateFlow {
+            key: key(0),
+            aliases: Vec::new(),
+        }],
+    };
+    assert!(mig.on_message(&mut toy, R, init, 2));
+    let mark = toy.flows[&key(0)].mark;
+    assert!(matches!(mark, Mark::In(id) if id != 0), "{mark:?}");
+    assert_eq!(mig.on_packet(&key(0), mark), PacketAction::Hold);
+    toy.held.entry(key(0)).or_default().push_back(1);
+    // The retry moves flow 1 only; flow 0 keeps arriving, and its held packet counted.
+    mig.tick(&mut toy, 100, 100.0);
+    let retried: Vec<Vec<FlowKey>> = toy
+        .outbox
+        .iter()
+        .filter_map(|(to, m)| match m {
+            Message::MigrateInit { flows, .. } if *to == T => {
+                Some(flows.iter().map(|f| f.key).collect())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retried, vec![vec![key(1)]]);
+    assert_eq!(toy.flows[&key(0)].mark, mark);
+    assert_eq!(mig.held(), 1);
 }
