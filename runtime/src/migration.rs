@@ -1428,15 +1428,17 @@ impl Migrator {
                     arrived[i] = true;
                     let at = g.flows[i].at();
                     let ok = part.is_some_and(|part| host.install(&at, st, part));
-                    let held = if ok {
-                        let n = host.release_held(&at, Release::Process);
-                        buffered += n;
-                        n
+                    let how = if ok {
+                        Release::Process
                     } else {
-                        let n = host.release_held(&at, Release::Return { to: from, group });
-                        host.remove_pending(&at);
-                        n
+                        Release::Return { to: from, group }
                     };
+                    let held = host.release_held(&at, how);
+                    if ok {
+                        buffered += held;
+                    } else {
+                        host.remove_pending(&at);
+                    }
                     self.held = self.held.saturating_sub(held as usize);
                     ok
                 }
