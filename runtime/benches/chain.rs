@@ -1,13 +1,26 @@
 //! One runtime core running firewall -> flow monitor -> load balancer on 64-byte packets of
 //! many concurrent flows: Mpps on that core, and the platform's memory per flow.
 //!
-//! A harness thread on core 0 plays nfmgr and the vswitch: it feeds the runtime's input ring
-//! and takes back what the runtime sends, restoring each packet from its flow's template
-//! (the load balancer rewrites them) before sending it again. The runtime, on core 1, runs the
-//! same engine as nf-runtime, busy-polling. Flows are visited in a shuffled order, so the
-//! flow table is exercised as with real traffic rather than one hot entry.
+//! A harness plays nfmgr and the vswitch: it feeds the runtime's input ring and takes back
+//! what the runtime sends, restoring each packet from its flow's template (the load balancer
+//! rewrites them) before sending it again. Flows are visited in a shuffled order that is new
+//! every round, so neither the flow table nor the functions' states see a friendly pattern.
 //!
-//! Prints one JSON line per flow count. `NF_BENCH_SMOKE=1` runs one short, small case.
+//! Two modes:
+//! - timed (the default): the harness on core 0, the runtime engine on core 1 busy-polling,
+//!   as nf-runtime runs it; Mpps over a fixed time after a warm-up.
+//! - counted (`NF_BENCH_MODE=count`): one thread alternates harness and runtime over a
+//!   fixed number of packets, and the runtime's share of the work runs inside
+//!   `measured_step`, so `valgrind --tool=callgrind --toggle-collect='*measured_step*'`
+//!   counts exactly the instructions (and simulated cache misses) the runtime spends per
+//!   packet. Repeatable to the instruction on a shared machine, where wall-clock figures
+//!   swing by a third (`scripts/bench/ab.py` uses it).
+//!
+//! Environment: `NF_BENCH_FLOWS` (one flow count), `NF_BENCH_SECONDS` (timed, per run),
+//! `NF_BENCH_RUNS`, `NF_BENCH_ROUNDS` (counted: rounds of every flow measured, after three
+//! warm-up rounds), `NF_BENCH_CHAIN=none` (no functions: the harness and rings alone, the
+//! ceiling this bench can show), `NF_BENCH_SMOKE=1` (one short, small case).
+//! Prints one JSON line per flow count.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,6 +35,7 @@ use nflib::pool::ManagerPool;
 use nflib::ring::{Consumer, Producer};
 use nflib::slot::ProcessKind;
 use nflib::wire::EndpointAddr;
+use nflib::Region;
 
 const CHAIN: &str = r#"
 [[chain]]
@@ -45,6 +59,8 @@ backends = [
 ]
 "#;
 
+const RT_SLOT: u16 = 2;
+
 fn pin(core: usize) {
     // SAFETY: builds a CPU set and applies it to the calling thread.
     unsafe {
@@ -54,44 +70,224 @@ fn pin(core: usize) {
     }
 }
 
-/// 64-byte UDP frames to the VIP, one per flow.
-fn templates(flows: usize) -> Vec<[u8; 64]> {
-    (0..flows)
-        .map(|f| {
-            let mut b = [0u8; 64];
-            UdpV4 {
-                src_mac: [2, 0, 0, 0, 1, 1],
-                dst_mac: [2, 0, 0, 0, 2, 1],
-                src_ip: (0x0a00_0000u32 + 1 + (f as u32 >> 14)).to_be_bytes(),
-                dst_ip: [10, 200, 0, 1],
-                src_port: 1024 + (f as u16 & 0x3fff),
-                dst_port: 80,
-                payload_len: 22,
-            }
-            .write(&mut b)
-            .expect("64-byte frame");
-            b
-        })
-        .collect()
+/// A flow's source address and port (every flow sends to the VIP, port 80).
+fn flow_source(f: usize) -> ([u8; 4], u16) {
+    (
+        (0x0a00_0000u32 + 1 + (f as u32 >> 14)).to_be_bytes(),
+        1024 + (f as u16 & 0x3fff),
+    )
 }
 
-struct Result {
+/// Flow 0's 64-byte UDP frame to the VIP: every packet is this frame with its flow's source
+/// written in (`Frames::write`).
+fn base_frame() -> [u8; 64] {
+    let mut b = [0u8; 64];
+    let (src_ip, src_port) = flow_source(0);
+    UdpV4 {
+        src_mac: [2, 0, 0, 0, 1, 1],
+        dst_mac: [2, 0, 0, 0, 2, 1],
+        src_ip,
+        dst_ip: [10, 200, 0, 1],
+        src_port,
+        dst_port: 80,
+        payload_len: 22,
+    }
+    .write(&mut b)
+    .expect("64-byte frame");
+    b
+}
+
+/// Offsets in the base frame (Ethernet, IPv4 without options, UDP).
+const IP_CSUM: usize = 24;
+const SRC_IP: usize = 26;
+const DST_IP: usize = 30;
+const SRC_PORT: usize = 34;
+const UDP_CSUM: usize = 40;
+
+/// Writes a flow's packet over a buffer the runtime sent back: the fields the chain may have
+/// rewritten (destination address; the destination MAC, which the harness addresses to the
+/// runtime anyway) and the fields that name the flow, with both checksums updated from the
+/// base frame's. A per-flow copy of the whole frame would be a cache miss per packet on the
+/// harness's core at a million flows (64 MB of templates), and the harness must stay faster
+/// than the runtime it measures.
+struct Frames {
+    base: [u8; 64],
+    ip_csum: u16,
+    udp_csum: u16,
+}
+
+impl Frames {
+    fn new() -> Frames {
+        let base = base_frame();
+        let at = |i: usize| u16::from_be_bytes([base[i], base[i + 1]]);
+        Frames {
+            base,
+            ip_csum: at(IP_CSUM),
+            udp_csum: at(UDP_CSUM),
+        }
+    }
+
+    fn write(&self, frame: &mut [u8], f: usize, rt_mac: [u8; 6]) {
+        use nflib::packet::checksum::{update16, update32};
+        let (ip, port) = flow_source(f);
+        let (base_ip, base_port) = flow_source(0);
+        let ip_csum = update32(self.ip_csum, base_ip, ip);
+        let udp_csum = update16(update32(self.udp_csum, base_ip, ip), base_port, port);
+        frame[..6].copy_from_slice(&rt_mac);
+        frame[IP_CSUM..IP_CSUM + 2].copy_from_slice(&ip_csum.to_be_bytes());
+        frame[SRC_IP..SRC_IP + 4].copy_from_slice(&ip);
+        frame[DST_IP..DST_IP + 4].copy_from_slice(&self.base[DST_IP..DST_IP + 4]);
+        frame[SRC_PORT..SRC_PORT + 2].copy_from_slice(&port.to_be_bytes());
+        frame[UDP_CSUM..UDP_CSUM + 2].copy_from_slice(&udp_csum.to_be_bytes());
+    }
+}
+
+fn with_chain() -> bool {
+    std::env::var("NF_BENCH_CHAIN").map_or(true, |v| v != "none")
+}
+
+fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
+
+/// The flow order, reshuffled (xorshift) at the start of every round.
+struct Order {
+    order: Vec<u32>,
+    next: usize,
+    x: u64,
+}
+
+impl Order {
+    fn new(flows: usize) -> Order {
+        let mut o = Order {
+            order: (0..flows as u32).collect(),
+            next: 0,
+            x: 0x9e37_79b9_7f4a_7c15,
+        };
+        o.shuffle();
+        o
+    }
+
+    fn shuffle(&mut self) {
+        for i in (1..self.order.len()).rev() {
+            self.x ^= self.x << 13;
+            self.x ^= self.x >> 7;
+            self.x ^= self.x << 17;
+            self.order.swap(i, (self.x % (i as u64 + 1)) as usize);
+        }
+    }
+
+    fn next(&mut self) -> usize {
+        let f = self.order[self.next] as usize;
+        self.next += 1;
+        if self.next == self.order.len() {
+            self.next = 0;
+            self.shuffle();
+        }
+        f
+    }
+}
+
+/// nfmgr's and the vswitch's side: templates, the rings to and from the runtime, the pool.
+struct Harness {
+    region: Region,
+    pool: ManagerPool,
+    frames: Frames,
+    order: Order,
+    to_rt: Producer<Desc>,
+    from_rt: Consumer<Desc>,
+    msgs: Consumer<Desc>,
+    mac: [u8; 6],
+    descs: [Desc; 64],
+}
+
+impl Harness {
+    fn new(region: &Region, flows: usize) -> Harness {
+        let ring = |from, to| RingId::Data { from, to };
+        Harness {
+            region: region.clone(),
+            pool: ManagerPool::new(region, 256),
+            frames: Frames::new(),
+            order: Order::new(flows),
+            to_rt: Producer::new(region.ring::<Desc>(ring(0, RT_SLOT)).expect("ring")),
+            from_rt: Consumer::new(region.ring::<Desc>(ring(RT_SLOT, 0)).expect("ring")),
+            msgs: Consumer::new(
+                region
+                    .ring::<Desc>(RingId::Message {
+                        from: RT_SLOT,
+                        to: 0,
+                    })
+                    .expect("ring"),
+            ),
+            mac: EndpointAddr::new(1, RT_SLOT).input_mac(),
+            descs: [Desc::default(); 64],
+        }
+    }
+
+    /// Writes the next flow's packet over `p` and sends it to the runtime, addressed as the
+    /// vswitch addresses it (the runtime's MAC, the frame's own destination saved aside).
+    fn send(&mut self, mut p: nflib::Packet) {
+        let f = self.order.next();
+        self.frames.write(self.region.data_mut(&mut p), f, self.mac);
+        let mut dst = [0u8; 6];
+        dst.copy_from_slice(&self.frames.base[..6]);
+        self.region.meta_of(&p).save_dst_mac(dst);
+        // The harness keeps fewer buffers in flight than the ring holds.
+        assert!(self.to_rt.push(p.into_desc()), "input ring full");
+    }
+
+    fn prime(&mut self, n: usize) {
+        for _ in 0..n {
+            let mut p = self.pool.alloc().expect("buffer");
+            self.region.fill(&mut p, &self.frames.base);
+            self.send(p);
+        }
+    }
+
+    /// Sends back what the runtime returned; frees its messages; serves the pool.
+    fn turn(&mut self) -> usize {
+        let n = self.from_rt.peek_burst(&mut self.descs);
+        for i in 0..n {
+            if let Some(p) = self.region.claim(self.descs[i], RT_SLOT as u32, 0) {
+                self.send(p);
+            }
+        }
+        self.from_rt.release(n);
+        // Alias messages and pool service, as nfmgr's data plane does.
+        let m = self.msgs.peek_burst(&mut self.descs);
+        for i in 0..m {
+            if let Some(p) = self.region.claim(self.descs[i], RT_SLOT as u32, 0) {
+                self.pool.free(p);
+            }
+        }
+        self.msgs.release(m);
+        self.pool.service(RT_SLOT, true);
+        n
+    }
+}
+
+struct RunResult {
     mpps: f64,
+    /// Share of the runtime's loop time spent on bursts that had packets: below 1, the
+    /// harness, not the runtime, set the rate.
+    busy: f64,
+    /// Packets per second of that busy time: what the runtime core does when always fed.
+    capacity_mpps: f64,
     platform_bytes_per_flow: f64,
     state_bytes_per_flow: f64,
     flows: usize,
 }
 
-fn run(flows: usize, seconds: f64) -> Result {
+fn local_region(flows: usize) -> LocalRegion {
+    let chain = if with_chain() { CHAIN } else { "" };
     let cfg_text = format!(
-        "instance = \"bench\"\n[[vswitch]]\nname = \"vs\"\n[[runtime]]\nname = \"rt\"\nmax_flows = {}\n{CHAIN}",
+        "instance = \"bench\"\n[[vswitch]]\nname = \"vs\"\n[[runtime]]\nname = \"rt\"\nmax_flows = {}\n{chain}",
         flows * 2
     );
-    let rt_slot = 2u16;
-    let local = LocalRegion::new(
+    LocalRegion::new(
         "chain",
         &cfg_text,
-        &[(rt_slot, ProcessKind::Runtime, "rt")],
+        &[(RT_SLOT, ProcessKind::Runtime, "rt")],
         |rc| {
             rc.slots = 3;
             rc.buffers = 16384;
@@ -99,40 +295,71 @@ fn run(flows: usize, seconds: f64) -> Result {
             rc.msg_ring_size = 4096;
         },
     )
-    .expect("region");
-    let region = local.region.clone();
-    let mut pool = ManagerPool::new(&region, 256);
-    let tpl = templates(flows);
-    // A shuffled visiting order (xorshift), the same for every round.
-    let mut order: Vec<u32> = (0..flows as u32).collect();
-    let mut x = 0x9e3779b97f4a7c15u64;
-    for i in (1..order.len()).rev() {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        order.swap(i, (x % (i as u64 + 1)) as usize);
-    }
+    .expect("region")
+}
 
+/// The runtime's work on one burst, as nf-runtime's loop does it.
+#[inline(always)]
+fn runtime_step(
+    ep: &mut Endpoint,
+    rt: &mut nf_runtime::Runtime,
+    mb: &mut nflib::mailbox::Mailbox,
+    batch: &mut Vec<(u16, nflib::Packet)>,
+) -> usize {
+    let got = ep.recv_burst(batch, BATCH);
+    let now = rt.now_ms();
+    rt.process_batch(ep, batch, now);
+    rt.expire(ep, now);
+    rt.flush(ep, mb, nflib::time::mono_ns());
+    got
+}
+
+/// `runtime_step` for the counted part of a counted run: callgrind collects inside this
+/// function only. (The warm-up inlines `runtime_step` instead of calling a twin of this
+/// function: the compiler merges identical functions into one symbol.)
+#[inline(never)]
+fn measured_step(
+    ep: &mut Endpoint,
+    rt: &mut nf_runtime::Runtime,
+    mb: &mut nflib::mailbox::Mailbox,
+    batch: &mut Vec<(u16, nflib::Packet)>,
+) -> usize {
+    runtime_step(ep, rt, mb, batch)
+}
+
+fn run_timed(flows: usize, seconds: f64) -> RunResult {
+    let local = local_region(flows);
+    let region = local.region.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let processed = Arc::new(AtomicU64::new(0));
-    let (stop2, processed2, region2) = (stop.clone(), processed.clone(), region.clone());
+    let busy_ns = Arc::new(AtomicU64::new(0));
+    let (stop2, processed2, busy_ns2, region2) = (
+        stop.clone(),
+        processed.clone(),
+        busy_ns.clone(),
+        region.clone(),
+    );
     let cfg = local.config.clone();
     let worker = std::thread::spawn(move || {
         pin(1);
         let mut ep =
-            Endpoint::attach(region2.path(), rt_slot, ProcessKind::Runtime).expect("attach");
+            Endpoint::attach(region2.path(), RT_SLOT, ProcessKind::Runtime).expect("attach");
         let mut rt = nf_runtime::from_region(&ep, &cfg).expect("runtime");
         let mut mb = nf_runtime::mailbox(&ep, &cfg);
         let mut batch = Vec::with_capacity(BATCH);
-        let mut n = 0u64;
+        let (mut n, mut busy) = (0u64, 0u64);
+        let epoch = Instant::now();
+        let mut t = 0u64;
         while !stop2.load(Ordering::Relaxed) {
-            let got = ep.recv_burst(&mut batch, BATCH);
-            let now = rt.now_ms();
-            rt.process_batch(&mut ep, &mut batch, now);
-            rt.expire(&mut ep, now);
-            rt.flush(&mut ep, &mut mb, nflib::time::mono_ns());
-            n += got as u64;
-            processed2.store(n, Ordering::Relaxed);
+            let got = runtime_step(&mut ep, &mut rt, &mut mb, &mut batch) as u64;
+            let now = epoch.elapsed().as_nanos() as u64;
+            if got > 0 {
+                n += got;
+                busy += now - t;
+                busy_ns2.store(busy, Ordering::Relaxed);
+                processed2.store(n, Ordering::Relaxed);
+            }
+            t = now;
         }
         let mem = rt.platform_memory();
         let state = rt.state_memory();
@@ -141,87 +368,35 @@ fn run(flows: usize, seconds: f64) -> Result {
         (mem, state, live)
     });
 
-    // The harness: vswitch side (0 -> runtime) and nfmgr side (runtime -> 0).
     pin(0);
-    let mut to_rt = Producer::new(
-        region
-            .ring::<Desc>(RingId::Data {
-                from: 0,
-                to: rt_slot,
-            })
-            .unwrap(),
-    );
-    let mut from_rt = Consumer::new(
-        region
-            .ring::<Desc>(RingId::Data {
-                from: rt_slot,
-                to: 0,
-            })
-            .unwrap(),
-    );
-    let mut msgs = Consumer::new(
-        region
-            .ring::<Desc>(RingId::Message {
-                from: rt_slot,
-                to: 0,
-            })
-            .unwrap(),
-    );
-    let mac = EndpointAddr::new(1, rt_slot).input_mac();
-    let mut next = 0usize;
-    let mut descs = [Desc::default(); 64];
-    let send = |p: nflib::Packet, to_rt: &mut Producer<Desc>, next: &mut usize| {
-        let f = order[*next] as usize;
-        *next = (*next + 1) % order.len();
-        let mut p = p;
-        region.fill(&mut p, &tpl[f]);
-        // As the vswitch does: address it to the runtime, keep the destination.
-        let mut dst = [0u8; 6];
-        dst.copy_from_slice(&tpl[f][..6]);
-        region.meta_of(&p).save_dst_mac(dst);
-        region.data_mut(&mut p)[..6].copy_from_slice(&mac);
-        // The harness keeps fewer buffers in flight than the ring holds.
-        assert!(to_rt.push(p.into_desc()), "input ring full");
-    };
+    let mut h = Harness::new(&region, flows);
     // Prime: as many buffers in flight as the ring holds, minus a margin.
-    for _ in 0..1536 {
-        let p = pool.alloc().expect("buffer");
-        send(p, &mut to_rt, &mut next);
-    }
+    h.prime(1536);
     let warm_until = processed.load(Ordering::Relaxed) + 2 * flows as u64;
     let mut t0 = None;
-    let mut c0 = 0;
+    let (mut c0, mut b0) = (0, 0);
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let n = from_rt.peek_burst(&mut descs);
-        for d in &descs[..n] {
-            if let Some(p) = region.claim(*d, rt_slot as u32, 0) {
-                send(p, &mut to_rt, &mut next);
-            }
-        }
-        from_rt.release(n);
-        // Alias messages and pool service, as nfmgr's data plane does.
-        let m = msgs.peek_burst(&mut descs);
-        for d in &descs[..m] {
-            if let Some(p) = region.claim(*d, rt_slot as u32, 0) {
-                pool.free(p);
-            }
-        }
-        msgs.release(m);
-        pool.service(rt_slot, true);
+        h.turn();
         let done = processed.load(Ordering::Relaxed);
         if t0.is_none() && done >= warm_until {
             t0 = Some(Instant::now());
             c0 = done;
+            b0 = busy_ns.load(Ordering::Relaxed);
         }
         if let Some(t) = t0 {
-            if t.elapsed().as_secs_f64() >= seconds {
-                let mpps = (done - c0) as f64 / t.elapsed().as_secs_f64() / 1e6;
+            let elapsed = t.elapsed().as_secs_f64();
+            if elapsed >= seconds {
+                let mpps = (done - c0) as f64 / elapsed / 1e6;
+                let busy = (busy_ns.load(Ordering::Relaxed) - b0) as f64 / 1e9;
                 stop.store(true, Ordering::Relaxed);
                 let (mem, state, live) = worker.join().expect("runtime thread");
+                drop(h);
                 drop(local);
-                return Result {
+                return RunResult {
                     mpps,
+                    busy: (busy / elapsed).min(1.0),
+                    capacity_mpps: (done - c0) as f64 / busy.max(1e-9) / 1e6,
                     platform_bytes_per_flow: mem as f64 / live.max(1) as f64,
                     state_bytes_per_flow: state as f64 / live.max(1) as f64,
                     flows: live,
@@ -232,27 +407,70 @@ fn run(flows: usize, seconds: f64) -> Result {
     }
 }
 
+/// The counted mode: one thread, three warm-up rounds over every flow, then `rounds` measured.
+fn run_counted(flows: usize, rounds: usize) {
+    let local = local_region(flows);
+    let region = local.region.clone();
+    let mut ep = Endpoint::attach(region.path(), RT_SLOT, ProcessKind::Runtime).expect("attach");
+    let mut rt = nf_runtime::from_region(&ep, &local.config).expect("runtime");
+    let mut mb = nf_runtime::mailbox(&ep, &local.config);
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut h = Harness::new(&region, flows);
+    // A burst's worth in flight, so every step sees a full burst.
+    h.prime(BATCH);
+    let mut done = 0u64;
+    let warm = 3 * flows as u64;
+    while done < warm {
+        done += runtime_step(&mut ep, &mut rt, &mut mb, &mut batch) as u64;
+        h.turn();
+    }
+    let start = done;
+    let end = warm + (rounds * flows) as u64;
+    while done < end {
+        done += measured_step(&mut ep, &mut rt, &mut mb, &mut batch) as u64;
+        h.turn();
+    }
+    println!(
+        "{{\"bench\":\"runtime_chain_counted\",\"chain\":\"{}\",\"flows\":{flows},\"live_flows\":{},\"measured_packets\":{},\"platform_bytes_per_flow\":{:.0}}}",
+        if with_chain() { "firewall,flow_monitor,load_balancer" } else { "none" },
+        rt.flows().len(),
+        done - start,
+        rt.platform_memory() as f64 / rt.flows().len().max(1) as f64,
+    );
+    rt.end_all();
+}
+
 fn main() {
     let smoke = std::env::var("NF_BENCH_SMOKE").is_ok();
-    let only: Option<usize> = std::env::var("NF_BENCH_FLOWS")
-        .ok()
-        .and_then(|v| v.parse().ok());
-    let cases: Vec<(usize, f64)> = match (smoke, only) {
-        (_, Some(f)) => vec![(f, 3.0)],
-        (true, None) => vec![(10_000, 0.5)],
-        (false, None) => vec![(10_000, 3.0), (100_000, 3.0), (1_000_000, 3.0)],
+    let only: Option<usize> = env_num("NF_BENCH_FLOWS");
+    let counted = std::env::var("NF_BENCH_MODE").is_ok_and(|m| m == "count");
+    let cases: Vec<usize> = match (smoke, only) {
+        (_, Some(f)) => vec![f],
+        (true, None) => vec![10_000],
+        (false, None) => vec![10_000, 100_000, 1_000_000],
     };
-    let repeat = if smoke || only.is_some() { 1 } else { 3 };
-    for &(flows, secs) in &cases {
-        let mut runs: Vec<Result> = (0..repeat).map(|_| run(flows, secs)).collect();
+    if counted {
+        let rounds = env_num("NF_BENCH_ROUNDS").unwrap_or(1);
+        for &flows in &cases {
+            run_counted(flows, rounds);
+        }
+        return;
+    }
+    let secs = env_num("NF_BENCH_SECONDS").unwrap_or(if smoke { 0.5 } else { 3.0 });
+    let repeat = env_num("NF_BENCH_RUNS").unwrap_or(if smoke || only.is_some() { 1 } else { 3 });
+    for &flows in &cases {
+        let mut runs: Vec<RunResult> = (0..repeat).map(|_| run_timed(flows, secs)).collect();
         runs.sort_by(|a, b| a.mpps.total_cmp(&b.mpps));
         let med = &runs[runs.len() / 2];
         println!(
-            "{{\"bench\":\"runtime_chain\",\"chain\":\"firewall,flow_monitor,load_balancer\",\"flows\":{flows},\"live_flows\":{},\"runs\":{repeat},\"mpps\":{:.3},\"mpps_min\":{:.3},\"mpps_max\":{:.3},\"platform_bytes_per_flow\":{:.0},\"nf_state_bytes_per_flow\":{:.0}}}",
+            "{{\"bench\":\"runtime_chain\",\"chain\":\"{}\",\"flows\":{flows},\"live_flows\":{},\"runs\":{repeat},\"seconds\":{secs},\"mpps\":{:.3},\"mpps_min\":{:.3},\"mpps_max\":{:.3},\"runtime_busy\":{:.3},\"capacity_mpps\":{:.3},\"platform_bytes_per_flow\":{:.0},\"nf_state_bytes_per_flow\":{:.0}}}",
+            if with_chain() { "firewall,flow_monitor,load_balancer" } else { "none" },
             med.flows,
             med.mpps,
             runs[0].mpps,
             runs[runs.len() - 1].mpps,
+            med.busy,
+            med.capacity_mpps,
             med.platform_bytes_per_flow,
             med.state_bytes_per_flow
         );
