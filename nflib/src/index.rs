@@ -12,6 +12,14 @@
 //! probe starts at the bucket its tag's top bits name, so an entry moves by its tag alone,
 //! without reading its key back. Before this, growing at a million flows re-hashed every key
 //! in one go, a stall of tens of milliseconds that overflowed the data rings.
+//!
+//! Inserts and removes alone do not finish a resize: when the flows stop changing (steady
+//! traffic over a set of long flows), a resize started by the last new flows would stay
+//! half done for good, and every lookup of a key still in the old array would probe the new
+//! one to its end first, then the old one, whose line no prefetch had asked for. That cost
+//! a quarter of a runtime core at 100,000 flows (docs/PERFORMANCE.md, 2026-12-06). So the
+//! owner calls [`FlowIndex::step`] once per burst of packets, which moves a resize along
+//! whatever the flows do.
 
 use crate::flow::FlowKey;
 
@@ -24,6 +32,10 @@ const TOMBSTONE: u64 = 1;
 /// least a quarter of its size more entries, so the move ends long before it fills up.
 const MOVE_PER_OP: usize = 8;
 const SCAN_PER_OP: usize = 64;
+/// `FlowIndex::step` moves this many times as much as an insert does: a resize of a
+/// million entries then ends within about 4,000 bursts, while a burst pays at most 64
+/// moved entries (a few hundred nanoseconds) for it.
+const OPS_PER_STEP: usize = 8;
 
 #[inline(always)]
 fn tag(hash: u64) -> u64 {
@@ -234,6 +246,22 @@ impl FlowIndex {
         }
     }
 
+    /// True while entries are still being moved from an old bucket array to a new one.
+    pub fn resizing(&self) -> bool {
+        self.old.is_some()
+    }
+
+    /// Moves a resize under way along (nothing to do otherwise): called once per burst of
+    /// lookups, so that a resize ends even when no key is inserted or removed.
+    #[inline]
+    pub fn step(&mut self) {
+        if self.old.is_some() {
+            for _ in 0..OPS_PER_STEP {
+                self.move_some();
+            }
+        }
+    }
+
     /// Moves up to `MOVE_PER_OP` entries of the old array across.
     fn move_some(&mut self) {
         let Some((old, next)) = &mut self.old else {
@@ -308,6 +336,31 @@ mod tests {
             }
         }
         assert!(ix.cur.buckets.len() <= 1 << 15, "{}", ix.cur.buckets.len());
+    }
+
+    #[test]
+    fn steps_finish_a_resize_without_inserts() {
+        let mut ix = FlowIndex::new();
+        let h = |v: u32| (v as u64 ^ 0x77).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // Stop inserting right after a resize has started (as a runtime whose last new
+        // flow started one does).
+        let mut v = 0u32;
+        while !(ix.resizing() && v > 1000) {
+            ix.insert(h(v), v);
+            v += 1;
+        }
+        let mut steps = 0;
+        while ix.resizing() {
+            ix.step();
+            steps += 1;
+            assert!(steps < 10_000, "a resize must end by steps alone");
+        }
+        assert_eq!(ix.len(), v as usize);
+        for k in 0..v {
+            assert_eq!(ix.find(h(k), |x| x == k), Some(k));
+        }
+        ix.step();
+        assert!(!ix.resizing());
     }
 
     #[test]

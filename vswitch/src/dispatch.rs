@@ -397,6 +397,7 @@ impl Dispatch {
         // Each lookup is an index line and an entry, both likely cache misses at a million
         // flows: parse the burst and start loading every packet's index line, then every
         // entry, before the first lookup (the runtimes do the same with their flows).
+        self.table.step();
         let mut parsed = std::mem::take(&mut self.parsed);
         parsed.clear();
         for (_, p) in batch.iter() {

@@ -54,6 +54,12 @@ impl<V> FlowMap<V> {
         self.hasher.hash(key)
     }
 
+    /// Once per burst: moves a resize of the index along (`FlowIndex::step`).
+    #[inline]
+    pub fn step(&mut self) {
+        self.index.step();
+    }
+
     /// Batch lookups, step 1: start loading the index line a key's probe begins on.
     #[inline(always)]
     pub fn prefetch_bucket(&self, hash: u64) {
