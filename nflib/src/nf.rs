@@ -24,7 +24,7 @@ use serde::Serialize;
 use crate::config::{Config, ConfigError};
 use crate::flow::FlowKey;
 use crate::packet::{self, checksum, Fragment, Headers, ParseError, L3};
-use crate::slab::ChunkedSlab;
+use crate::slab::FlowSlab;
 use crate::stats::NF_COUNTERS;
 
 /// Most functions in one service chain.
@@ -187,6 +187,12 @@ pub trait Stage: Send {
     fn reserve(&mut self, slots: u32) {
         let _ = slots;
     }
+    /// Reserves (without touching) room for the states of `max_flows` flows, so the states
+    /// never move; false if it could not be reserved (they then grow on demand).
+    fn reserve_capacity(&mut self, max_flows: usize) -> bool {
+        let _ = max_flows;
+        true
+    }
     /// Starts loading the state of the flow in `slot` (batch processing).
     fn prefetch(&self, slot: u32) {
         let _ = slot;
@@ -206,14 +212,14 @@ impl Extend<u8> for Append<'_> {
 /// A [`NetworkFunction`] with a slab of its flows' states.
 pub struct TypedStage<N: NetworkFunction> {
     nf: N,
-    states: ChunkedSlab<N::State>,
+    states: FlowSlab<N::State>,
 }
 
 impl<N: NetworkFunction> TypedStage<N> {
     pub fn new(nf: N) -> TypedStage<N> {
         TypedStage {
             nf,
-            states: ChunkedSlab::default(),
+            states: FlowSlab::default(),
         }
     }
 
@@ -239,14 +245,14 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
         pkt: &mut PacketMut<'_>,
         ctx: &mut NfContext<'_>,
     ) -> Verdict {
-        if new || self.states.get(slot).is_none() {
-            let st = self.nf.new_flow(pkt, ctx);
-            *self.states.cell_mut(slot) = Some(st);
-        }
-        match self.states.get_mut(slot) {
-            Some(state) => self.nf.process(pkt, state, ctx),
-            None => Verdict::Drop,
-        }
+        let TypedStage { nf, states } = self;
+        // One lookup: the flow's cell (a new flow's is at the slab's end).
+        let cell = states.cell_mut(slot);
+        let state = match cell {
+            Some(st) if !new => st,
+            _ => cell.insert(nf.new_flow(pkt, ctx)),
+        };
+        nf.process(pkt, state, ctx)
     }
 
     fn end_flow(&mut self, slot: u32, ctx: &mut NfContext<'_>) {
@@ -279,6 +285,10 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
 
     fn reserve(&mut self, slots: u32) {
         self.states.reserve(slots);
+    }
+
+    fn reserve_capacity(&mut self, max_flows: usize) -> bool {
+        self.states.reserve_for(max_flows)
     }
 
     fn state_memory(&self) -> usize {
@@ -481,21 +491,22 @@ impl<'a> PacketMut<'a> {
         if !self.is_ipv4() {
             return false;
         }
+        let l4_csum = self.l4_csum_at();
         let l3 = self.h.l3_off as usize;
-        let at = l3 + field;
-        let old = [
-            self.room[at],
-            self.room[at + 1],
-            self.room[at + 2],
-            self.room[at + 3],
-        ];
-        self.room[at..at + 4].copy_from_slice(&ip);
-        let c = self.read16(l3 + 10);
-        self.write16(l3 + 10, checksum::update32(c, old, ip));
-        // The address is part of the transport pseudo-header.
-        if let Some(cs) = self.l4_csum_at() {
-            let c = self.read16(cs);
-            let mut n = checksum::update32(c, old, ip);
+        // The parser checked the header is in the frame; `get_mut` makes that one check
+        // for every access below.
+        let Some(hdr) = self.room.get_mut(l3..l3 + 20) else {
+            return false;
+        };
+        let old = [hdr[field], hdr[field + 1], hdr[field + 2], hdr[field + 3]];
+        hdr[field..field + 4].copy_from_slice(&ip);
+        // One difference for both checksums: the address is in the transport's
+        // pseudo-header too.
+        let diff = checksum::diff32(old, ip);
+        let c = u16::from_be_bytes([hdr[10], hdr[11]]);
+        hdr[10..12].copy_from_slice(&checksum::apply(c, diff).to_be_bytes());
+        if let Some(cs) = l4_csum {
+            let mut n = checksum::apply(self.read16(cs), diff);
             if n == 0 && self.h.proto == packet::proto::UDP {
                 n = 0xffff;
             }

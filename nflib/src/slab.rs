@@ -1,77 +1,80 @@
-//! Per-flow values indexed by flow slot, grown a chunk at a time.
+//! Per-flow values indexed by flow slot, in one flat array whose room for the runtime's whole
+//! flow capacity is reserved when the runtime starts.
 //!
-//! A vector that doubles would, past a million flows, initialise (and fault in) tens of
-//! megabytes in one call: one packet's processing took 11-15 ms that way, measured while a
-//! runtime took in 600,000 migrating flows, long enough for its input ring to overflow.
-//! Here growth allocates the chunks of `CHUNK` values up to the slot asked for; flow slots
-//! are handed out densely, so that is one chunk at most per call. A lookup costs one more
-//! load, from a table of chunk pointers small enough to stay in cache.
+//! Reserving is not allocating: the kernel backs a large allocation with pages only as they
+//! are first written, so a runtime that may hold a million flows but holds a thousand pays for
+//! a thousand. What the reservation buys is that the array never moves: a vector that doubles
+//! would, past a million flows, copy and fault in tens of megabytes in one call (one packet's
+//! processing took 11-15 ms that way while a runtime took in 600,000 migrating flows, long
+//! enough for its input ring to overflow). And a flat array costs a packet one bounds check
+//! to find its state, where the array of chunks this replaced cost a load from a table of
+//! chunk pointers and a check more, in every function of the chain (docs/PERFORMANCE.md,
+//! 2026-12-06).
+//!
+//! When the reservation cannot be had (a strict overcommit policy and a huge `max_flows`),
+//! the array grows as a vector does, and says so ([`FlowSlab::reserve_for`] returns false).
 
-/// Values per chunk (a power of two).
-const CHUNK_BITS: u32 = 12;
-const CHUNK: usize = 1 << CHUNK_BITS;
-
-pub struct ChunkedSlab<T> {
-    chunks: Vec<Box<[Option<T>]>>,
+pub struct FlowSlab<T> {
+    cells: Vec<Option<T>>,
 }
 
-impl<T> Default for ChunkedSlab<T> {
+impl<T> Default for FlowSlab<T> {
     fn default() -> Self {
-        ChunkedSlab { chunks: Vec::new() }
+        FlowSlab { cells: Vec::new() }
     }
 }
 
-#[inline(always)]
-fn split(slot: u32) -> (usize, usize) {
-    ((slot >> CHUNK_BITS) as usize, slot as usize & (CHUNK - 1))
-}
+impl<T> FlowSlab<T> {
+    /// Reserves room for `slots` values (the runtime's flow capacity) without touching it.
+    /// False if the address space could not be reserved; the slab then grows on demand.
+    pub fn reserve_for(&mut self, slots: usize) -> bool {
+        let more = slots.saturating_sub(self.cells.len());
+        self.cells.try_reserve_exact(more).is_ok()
+    }
 
-impl<T> ChunkedSlab<T> {
-    /// The cell of `slot`, if its chunk exists.
+    /// The cell of `slot`, if the slab reaches it.
     #[inline(always)]
     pub fn cell(&self, slot: u32) -> Option<&Option<T>> {
-        let (c, i) = split(slot);
-        self.chunks.get(c).map(|c| &c[i])
+        self.cells.get(slot as usize)
     }
 
     #[inline(always)]
     pub fn get(&self, slot: u32) -> Option<&T> {
-        self.cell(slot).and_then(Option::as_ref)
+        self.cells.get(slot as usize).and_then(Option::as_ref)
     }
 
     #[inline(always)]
     pub fn get_mut(&mut self, slot: u32) -> Option<&mut T> {
-        let (c, i) = split(slot);
-        self.chunks.get_mut(c).and_then(|c| c[i].as_mut())
+        self.cells.get_mut(slot as usize).and_then(Option::as_mut)
     }
 
     /// Takes the value out of `slot`, leaving it empty.
     pub fn take(&mut self, slot: u32) -> Option<T> {
-        let (c, i) = split(slot);
-        self.chunks.get_mut(c).and_then(|c| c[i].take())
+        self.cells.get_mut(slot as usize).and_then(Option::take)
     }
 
-    /// The cell of `slot`, creating the chunks up to it.
+    /// The cell of `slot`, extending the slab to it (flow slots are handed out densely, so
+    /// that is one new cell, within the reserved room).
+    #[inline]
     pub fn cell_mut(&mut self, slot: u32) -> &mut Option<T> {
-        let (c, i) = split(slot);
-        while self.chunks.len() <= c {
-            self.chunks.push((0..CHUNK).map(|_| None).collect());
+        let i = slot as usize;
+        if i >= self.cells.len() {
+            self.cells.resize_with(i + 1, || None);
         }
-        &mut self.chunks[c][i]
+        &mut self.cells[i]
     }
 
-    /// Creates the chunks that hold every slot below `slots` now, rather than on the first
-    /// store into each (`cell_mut`): a runtime told to expect flows takes the allocation, and
-    /// the page faults of first writing it, before they arrive.
+    /// Writes the cells of every slot below `slots` now, rather than on the first store
+    /// into each: a runtime told to expect flows takes the page faults before they arrive.
     pub fn reserve(&mut self, slots: u32) {
-        if slots > 0 {
-            let _ = self.cell_mut(slots - 1);
+        if slots as usize > self.cells.len() {
+            self.cells.resize_with(slots as usize, || None);
         }
     }
 
-    /// Bytes the cells occupy.
+    /// Bytes of the cells written so far (the pages that hold memory).
     pub fn memory(&self) -> usize {
-        self.chunks.len() * CHUNK * std::mem::size_of::<Option<T>>()
+        self.cells.len() * std::mem::size_of::<Option<T>>()
     }
 }
 
@@ -80,27 +83,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn grows_by_chunks_and_keeps_values_apart() {
-        let mut s: ChunkedSlab<u64> = ChunkedSlab::default();
+    fn grows_to_the_slot_asked_for_and_keeps_values_apart() {
+        let mut s: FlowSlab<u64> = FlowSlab::default();
+        assert!(s.reserve_for(1 << 16));
+        let room = s.cells.capacity();
         assert_eq!(s.get(0), None);
         assert!(s.cell(5).is_none());
         *s.cell_mut(3) = Some(30);
-        assert_eq!(s.memory(), CHUNK * std::mem::size_of::<Option<u64>>());
-        let far = (CHUNK * 3 + 7) as u32;
-        *s.cell_mut(far) = Some(70);
-        assert_eq!(s.chunks.len(), 4);
+        assert_eq!(s.memory(), 4 * std::mem::size_of::<Option<u64>>());
+        *s.cell_mut(1000) = Some(70);
         assert_eq!(s.get(3), Some(&30));
-        assert_eq!(s.get(far), Some(&70));
-        assert_eq!(s.get(far - 1), None);
-        s.reserve(CHUNK as u32 * 6);
-        assert_eq!(s.chunks.len(), 6);
+        assert_eq!(s.get(1000), Some(&70));
+        assert_eq!(s.get(999), None);
+        s.reserve(5000);
+        assert_eq!(s.memory(), 5000 * std::mem::size_of::<Option<u64>>());
         s.reserve(0);
-        assert_eq!(s.chunks.len(), 6);
-        assert_eq!(s.get(far), Some(&70));
+        assert_eq!(s.get(1000), Some(&70));
         *s.get_mut(3).unwrap() += 1;
         assert_eq!(s.take(3), Some(31));
         assert_eq!(s.take(3), None);
         assert_eq!(s.get_mut(u32::MAX), None);
         assert_eq!(s.take(u32::MAX), None);
+        assert_eq!(
+            s.cells.capacity(),
+            room,
+            "never moved within the reservation"
+        );
+    }
+
+    #[test]
+    fn an_impossible_reservation_is_refused_and_the_slab_still_grows() {
+        let mut s: FlowSlab<[u64; 8]> = FlowSlab::default();
+        assert!(!s.reserve_for(usize::MAX / 8));
+        *s.cell_mut(10) = Some([1; 8]);
+        assert_eq!(s.get(10), Some(&[1; 8]));
     }
 }

@@ -70,6 +70,8 @@ pub struct Runtime {
     new_aliases: Vec<(EndpointAddr, FlowKey)>,
     ended: Vec<(EndpointAddr, FlowKey)>,
     prepared: Vec<Prepared>,
+    /// The packets of `prepared`, in the same order.
+    prepared_pkts: Vec<Packet>,
     /// Flow migration, both as source and as target.
     pub migrator: Migrator,
     /// Packets held for flows under migration, by flow slot, in arrival order.
@@ -89,11 +91,12 @@ enum Ran {
     Diverted(u32, FlowKey),
 }
 
-/// A packet parsed and hashed in the first pass of a batch.
+/// What the first pass of a batch learnt of a packet: parsed and hashed. Kept apart from
+/// the packet itself so the last pass reads it in place (moving it into a call copied its
+/// hundred-odd bytes for every packet).
 struct Prepared {
     /// The vswitch that sent it (through nfmgr when it is on another server).
     vswitch: EndpointAddr,
-    pkt: Packet,
     h: nflib::packet::Headers,
     key: FlowKey,
     kdir: Direction,
@@ -108,10 +111,25 @@ impl Runtime {
         me: EndpointAddr,
     ) -> Runtime {
         let n = stages.len();
+        let mut stages = stages;
+        let mut flows = FlowTable::new(settings.max_flows);
+        // Room for every flow the runtime may hold, reserved now and backed by pages only as
+        // flows arrive: the arrays never move (a move of a large one stalls the loop).
+        let mut reserved = flows.reserve_capacity();
+        for s in &mut stages {
+            reserved &= s.reserve_capacity(settings.max_flows);
+        }
+        if !reserved {
+            eprintln!(
+                "nf-runtime: could not reserve address space for max_flows = {}; flow \
+                 arrays will grow (and move) as flows arrive",
+                settings.max_flows
+            );
+        }
         Runtime {
             stages,
             nf_counters: vec![[0; NF_COUNTERS]; n],
-            flows: FlowTable::new(settings.max_flows),
+            flows,
             // 100 ms ticks, a 409.6 s horizon.
             timers: TimerWheel::new(4096, 100, 0),
             fired: Vec::new(),
@@ -126,6 +144,7 @@ impl Runtime {
             new_aliases: Vec::new(),
             ended: Vec::new(),
             prepared: Vec::new(),
+            prepared_pkts: Vec::new(),
             migrator: Migrator::new(me, None, MigrationSettings::default()),
             held: HashMap::new(),
             forwards: Vec::new(),
@@ -166,7 +185,9 @@ impl Runtime {
         now_ms: u64,
     ) {
         let region = ep.region().clone();
+        self.flows.step();
         let mut prepared = std::mem::take(&mut self.prepared);
+        let mut pkts = std::mem::take(&mut self.prepared_pkts);
         for (from, mut pkt) in batch.drain(..) {
             // Packets from another server's vswitch come through nfmgr, which noted where.
             let vswitch = match region.meta_of(&pkt).route() {
@@ -192,9 +213,9 @@ impl Runtime {
                     let (key, kdir) = FlowKey::of(&h);
                     let hash = self.flows.hash(&key);
                     self.flows.prefetch_bucket(hash);
+                    pkts.push(pkt);
                     prepared.push(Prepared {
                         vswitch,
-                        pkt,
                         h,
                         key,
                         kdir,
@@ -219,10 +240,12 @@ impl Runtime {
                 }
             }
         }
-        for p in prepared.drain(..) {
-            self.run_prepared(ep, &region, p, now_ms, false);
+        for (p, pkt) in prepared.iter().zip(pkts.drain(..)) {
+            self.run_prepared(ep, &region, pkt, p, now_ms, false);
         }
+        prepared.clear();
         self.prepared = prepared;
+        self.prepared_pkts = pkts;
     }
 
     /// Runs the chain on a parsed packet and sends it on; a packet of a migrating flow goes
@@ -231,24 +254,24 @@ impl Runtime {
         &mut self,
         ep: &mut Endpoint,
         region: &nflib::Region,
-        p: Prepared,
+        mut pkt: Packet,
+        p: &Prepared,
         now_ms: u64,
         force: bool,
     ) {
         let Prepared {
             vswitch,
-            mut pkt,
-            h,
-            key,
+            ref h,
+            ref key,
             kdir,
             hash,
-        } = p;
+        } = *p;
         let len = pkt.len();
         let mut force = force;
         loop {
             let result = {
                 let room = region.room_mut(&mut pkt);
-                match PacketMut::with_headers(room, len, h) {
+                match PacketMut::with_headers(room, len, *h) {
                     Ok(mut pm) => {
                         self.run_chain(ep, vswitch, &mut pm, key, kdir, hash, now_ms, force)
                     }
@@ -302,19 +325,21 @@ impl Runtime {
         region: &nflib::Region,
         pkt: Packet,
         vswitch: EndpointAddr,
-    ) -> Option<Prepared> {
+    ) -> Option<(Packet, Prepared)> {
         match nflib::packet::parse(region.data(&pkt)) {
             Ok(h) => {
                 let (key, kdir) = FlowKey::of(&h);
                 let hash = self.flows.hash(&key);
-                Some(Prepared {
-                    vswitch,
+                Some((
                     pkt,
-                    h,
-                    key,
-                    kdir,
-                    hash,
-                })
+                    Prepared {
+                        vswitch,
+                        h,
+                        key,
+                        kdir,
+                        hash,
+                    },
+                ))
             }
             Err(_) => {
                 ep.counters().add(ProcCounter::DropMalformed as usize, 1);
@@ -368,8 +393,8 @@ impl Runtime {
             });
         }
         let vswitch = EndpointAddr::new(m.origin_server, m.origin_vswitch as u16);
-        if let Some(p) = self.prepare(ep, &region, pkt, vswitch) {
-            self.run_prepared(ep, &region, p, now_ms, force);
+        if let Some((pkt, p)) = self.prepare(ep, &region, pkt, vswitch) {
+            self.run_prepared(ep, &region, pkt, &p, now_ms, force);
         }
     }
 
@@ -481,14 +506,14 @@ impl Runtime {
         ep: &mut Endpoint,
         from: EndpointAddr,
         pm: &mut PacketMut<'_>,
-        key: FlowKey,
+        key: &FlowKey,
         kdir: Direction,
         hash: u64,
         now_ms: u64,
         force: bool,
     ) -> Ran {
         let now = now_ms as u32;
-        let (slot, new, dir) = match self.flows.find_hashed(&key, hash) {
+        let (slot, new, dir) = match self.flows.find_hashed(key, hash) {
             Some(Found::Key(s)) => {
                 let Some(a) = self.flows.get(s) else {
                     return Ran::Dropped;
@@ -507,7 +532,7 @@ impl Runtime {
                 if kdir == Direction::Forward {
                     flags |= flag::INITIATOR_IS_A;
                 }
-                let actor = FlowActor::new(key, self.next_id, now, from, flags);
+                let actor = FlowActor::new(*key, self.next_id, now, from, flags);
                 let Some(s) = self.flows.insert(actor) else {
                     ep.counters()
                         .add(ProcCounter::DropFlowTableFull as usize, 1);
@@ -993,8 +1018,9 @@ impl FlowHost for EngineHost<'_> {
                     .map(|a| a.vswitch)
                     .unwrap_or(self.rt.me);
                 for pkt in q {
-                    if let Some(p) = self.rt.prepare(self.ep, &region, pkt, vswitch) {
-                        self.rt.run_prepared(self.ep, &region, p, self.now_ms, true);
+                    if let Some((pkt, p)) = self.rt.prepare(self.ep, &region, pkt, vswitch) {
+                        self.rt
+                            .run_prepared(self.ep, &region, pkt, &p, self.now_ms, true);
                     }
                 }
             }

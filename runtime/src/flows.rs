@@ -178,6 +178,13 @@ impl FlowTable {
         }
     }
 
+    /// Reserves (without touching) room for the table's whole capacity of actors, so the
+    /// slab never moves. False if the address space could not be had.
+    pub fn reserve_capacity(&mut self) -> bool {
+        let more = self.capacity.saturating_sub(self.actors.len());
+        self.actors.try_reserve_exact(more).is_ok()
+    }
+
     pub fn len(&self) -> usize {
         self.live
     }
@@ -194,6 +201,12 @@ impl FlowTable {
     #[inline(always)]
     pub fn hash(&self, key: &FlowKey) -> u64 {
         self.hasher.hash(key)
+    }
+
+    /// Once per burst: moves a resize of the index along (`FlowIndex::step`).
+    #[inline]
+    pub fn step(&mut self) {
+        self.index.step();
     }
 
     /// Batch lookups, step 1: start loading the index line a key's probe begins on.
@@ -388,11 +401,11 @@ impl FlowTable {
         n
     }
 
-    /// Bytes of memory allocated for the index, the actors and the aliases (capacity, so
-    /// growth slack included).
+    /// Bytes of memory held for the index, the actors and the aliases: the actor slab as far
+    /// as it was written (its reserved room past that holds no pages), the rest by capacity.
     pub fn memory(&self) -> usize {
         self.index.memory()
-            + self.actors.capacity() * std::mem::size_of::<FlowActor>()
+            + self.actors.len() * std::mem::size_of::<FlowActor>()
             + self.aliases.capacity() * std::mem::size_of::<AliasEntry>()
             + (self.free.capacity() + self.free_aliases.capacity()) * 4
     }
