@@ -184,7 +184,8 @@ impl FlowKey {
                 (fam, h.src_ip, h.dst_ip, sp, dp, h.proto, frag)
             }
         };
-        let forward = (src, sport) <= (dst, dport);
+        // Byte strings compare as big-endian numbers do: two wide compares, not a loop.
+        let forward = (u128::from_be_bytes(src), sport) <= (u128::from_be_bytes(dst), dport);
         let (a, a_port, b, b_port) = if forward {
             (src, sport, dst, dport)
         } else {

@@ -165,7 +165,73 @@ fn be16(b: &[u8], at: usize) -> u16 {
 const MAX_IPV6_EXT: usize = 8;
 
 /// Parses an Ethernet frame.
+#[inline]
 pub fn parse(frame: &[u8]) -> Result<Headers, ParseError> {
+    match parse_common(frame) {
+        Some(h) => Ok(h),
+        None => parse_any(frame),
+    }
+}
+
+/// The common frame in a few dozen instructions: untagged Ethernet, IPv4 without options,
+/// not a fragment, a whole TCP or UDP header. Anything else, and anything wrong with these,
+/// is left to [`parse_any`], which reads every frame this accepts to the same `Headers`
+/// (a property test holds the two to that). Parsing was the largest single item of a
+/// runtime's time per packet.
+#[inline(always)]
+fn parse_common(frame: &[u8]) -> Option<Headers> {
+    // Ethernet (14), IPv4 (20), the UDP header (8): the least a frame here has.
+    let f: &[u8; 42] = frame.get(..42)?.try_into().ok()?;
+    if be16(f, 12) != ethertype::IPV4 || f[14] != 0x45 {
+        return None;
+    }
+    let total = be16(f, 16) as usize;
+    // More fragments, or an offset: a fragment.
+    if total < 28 || frame.len() < ETH_HDR_LEN + total || be16(f, 20) & 0x3fff != 0 {
+        return None;
+    }
+    let proto = f[23];
+    let avail = total - 20;
+    match proto {
+        proto::TCP => {
+            let doff = (*frame.get(46)? >> 4) as usize * 4;
+            if avail < 20 || doff < 20 || doff > avail {
+                return None;
+            }
+        }
+        proto::UDP => {
+            let ulen = be16(f, 38) as usize;
+            if ulen < 8 || ulen > avail {
+                return None;
+            }
+        }
+        _ => return None,
+    }
+    let mut src_ip = [0u8; 16];
+    let mut dst_ip = [0u8; 16];
+    src_ip[..4].copy_from_slice(&f[26..30]);
+    dst_ip[..4].copy_from_slice(&f[30..34]);
+    Some(Headers {
+        dst_mac: [f[0], f[1], f[2], f[3], f[4], f[5]],
+        src_mac: [f[6], f[7], f[8], f[9], f[10], f[11]],
+        vlans: 0,
+        outer_vlan: 0,
+        ethertype: ethertype::IPV4,
+        l3: L3::Ipv4,
+        l3_off: ETH_HDR_LEN as u16,
+        l3_end: (ETH_HDR_LEN + total) as u16,
+        proto,
+        l4_off: 34,
+        src_ip,
+        dst_ip,
+        src_port: be16(f, 34),
+        dst_port: be16(f, 36),
+        fragment: Fragment::No,
+    })
+}
+
+/// Parses any Ethernet frame (`parse` tries the common case first).
+fn parse_any(frame: &[u8]) -> Result<Headers, ParseError> {
     if frame.len() < ETH_HDR_LEN {
         return Err(ParseError::Runt);
     }
@@ -496,6 +562,54 @@ mod tests {
         .unwrap();
         buf.truncate(n);
         buf
+    }
+
+    /// The common-case parser accepts only what the general one reads the same way.
+    #[test]
+    fn the_fast_path_agrees_with_the_general_parser() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut seeds = vec![udp_frame()];
+        // A TCP segment with 5 payload bytes (checksums do not matter to parsing).
+        let mut tcp = vec![0u8; 59];
+        tcp[12..14].copy_from_slice(&[8, 0]);
+        tcp[14] = 0x45;
+        tcp[16..18].copy_from_slice(&45u16.to_be_bytes());
+        tcp[23] = proto::TCP;
+        tcp[26..34].copy_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+        tcp[34..38].copy_from_slice(&[0x9c, 0x40, 0x01, 0xbb]);
+        tcp[46] = 5 << 4;
+        tcp[47] = 2;
+        seeds.push(tcp);
+        let (mut fast, mut agreed) = (0, 0);
+        for i in 0..200_000 {
+            let mut f = seeds[i % seeds.len()].clone();
+            // Flip bytes where the fast path decides, sometimes cut or pad the frame.
+            for _ in 0..(next() % 4) {
+                let at = (next() % 56) as usize % f.len();
+                f[at] = next() as u8;
+            }
+            match next() % 8 {
+                0 => f.truncate((next() as usize) % (f.len() + 1)),
+                1 => f.extend_from_slice(&[0; 7]),
+                _ => {}
+            }
+            if let Some(h) = parse_common(&f) {
+                fast += 1;
+                assert_eq!(Ok(h), parse_any(&f), "{f:02x?}");
+            } else if parse_any(&f).is_ok_and(|h| {
+                h.vlans == 0 && h.l3 == L3::Ipv4 && h.l4_off == 34 && h.fragment == Fragment::No
+            }) {
+                agreed += 1;
+            }
+        }
+        assert!(fast > 50_000, "the fast path took {fast}");
+        let _ = agreed;
     }
 
     #[test]
