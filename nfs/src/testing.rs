@@ -158,7 +158,7 @@ impl Harness {
             dir,
             &fkey,
             slot as u64,
-            &mut self.counters,
+            std::slice::from_mut(&mut self.counters),
             &mut added,
             &mut self.events,
         );
@@ -182,7 +182,7 @@ impl Harness {
                 Dir::Original,
                 &key,
                 slot as u64,
-                &mut self.counters,
+                std::slice::from_mut(&mut self.counters),
                 &mut added,
                 &mut self.events,
             );

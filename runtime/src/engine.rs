@@ -584,20 +584,22 @@ impl Runtime {
         let id = actor.id;
         let vswitch = actor.vswitch;
         let mut verdict = Verdict::Forward;
+        let mut dropped_by = None;
+        let mut ctx = NfContext::new(
+            now_ms,
+            dir,
+            &fkey,
+            id,
+            &mut self.nf_counters,
+            &mut self.aliases,
+            &mut self.events,
+        );
         for (i, stage) in self.stages.iter_mut().enumerate() {
-            let mut ctx = NfContext::new(
-                now_ms,
-                dir,
-                &fkey,
-                id,
-                &mut self.nf_counters[i],
-                &mut self.aliases,
-                &mut self.events,
-            );
+            ctx.set_stage(i);
             match stage.process(slot, new, pm, &mut ctx) {
                 Verdict::Forward => {}
                 Verdict::Drop => {
-                    self.nf_counters[i][0] += 1;
+                    dropped_by = Some(i);
                     verdict = Verdict::Drop;
                     break;
                 }
@@ -606,6 +608,9 @@ impl Runtime {
                     break;
                 }
             }
+        }
+        if let Some(i) = dropped_by {
+            self.nf_counters[i][0] += 1;
         }
         for alias in self.aliases.drain(..) {
             if self.flows.add_alias(slot, alias) {
@@ -660,16 +665,17 @@ impl Runtime {
         };
         let key = a.key;
         let id = a.id;
+        let mut ctx = NfContext::new(
+            now_ms,
+            Dir::Original,
+            &key,
+            id,
+            &mut self.nf_counters,
+            &mut self.aliases,
+            &mut self.events,
+        );
         for (i, stage) in self.stages.iter_mut().enumerate() {
-            let mut ctx = NfContext::new(
-                now_ms,
-                Dir::Original,
-                &key,
-                id,
-                &mut self.nf_counters[i],
-                &mut self.aliases,
-                &mut self.events,
-            );
+            ctx.set_stage(i);
             stage.end_flow(slot, &mut ctx);
         }
         self.aliases.clear();
