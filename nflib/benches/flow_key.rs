@@ -50,7 +50,7 @@ fn main() {
     let n: u32 = if smoke { 1_000 } else { 1_000_000 };
     let rounds = if smoke { 1 } else { 20 };
     let keys: Vec<FlowKey> = (0..n).map(key).collect();
-    let state = foldhash::fast::RandomState::default();
+    let state = foldhash::quality::RandomState::default();
     let mut best = [f64::MAX; 2];
     for _ in 0..rounds {
         for (i, b) in best.iter_mut().enumerate() {
