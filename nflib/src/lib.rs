@@ -15,7 +15,8 @@
 //!   endpoints (an I/O-free state machine).
 //!
 //! `unsafe` code is confined to `region` (mapping and typed access), `ring` (slot access),
-//! `doorbell` (eventfd system calls) and `sync`.
+//! `records` (typed per-flow records), `doorbell` (eventfd system calls), `hint` (prefetch)
+//! and `sync`.
 
 pub mod buffer;
 pub mod cluster;
@@ -36,10 +37,10 @@ pub mod packet;
 pub mod pcap;
 pub mod pool;
 pub mod process;
+pub mod records;
 pub mod region;
 pub mod reliable;
 pub mod ring;
-pub mod slab;
 pub mod slot;
 pub mod snapshot;
 pub mod stats;

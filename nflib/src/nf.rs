@@ -12,9 +12,10 @@
 //! another runtime or copy it to a replica, and NF code never sees either. An NF author writes
 //! one file against this module and adds one line to the registry (`nfs::registry`).
 //!
-//! The runtime keeps each NF's states in a slab of its own indexed by the flow's slot
-//! ([`TypedStage`]): no allocation per flow and per NF, and the chain runs without dynamic
-//! dispatch per flow.
+//! The runtime keeps every NF's state of a flow side by side in the flow's record
+//! ([`FlowRecords`], indexed by the flow's slot; [`TypedStage`] knows where its NF's is): no
+//! allocation per flow and per NF, and a packet's chain finds all its states on a line or
+//! two.
 
 use std::path::Path;
 
@@ -24,7 +25,7 @@ use serde::Serialize;
 use crate::config::{Config, ConfigError};
 use crate::flow::FlowKey;
 use crate::packet::{self, checksum, Fragment, Headers, ParseError, L3};
-use crate::slab::FlowSlab;
+use crate::records::{Field, FlowRecords};
 use crate::stats::NF_COUNTERS;
 
 /// Most functions in one service chain.
@@ -170,53 +171,41 @@ pub trait NetworkFunction: Send + 'static {
     }
 }
 
-/// A function in a chain, with the states of all its flows, behind one object-safe
-/// interface. Implemented by [`TypedStage`] for every [`NetworkFunction`].
+/// A function in a chain behind one object-safe interface, with the states of its flows in
+/// the chain's [`FlowRecords`] (one record per flow, every function's state side by side).
+/// Implemented by [`TypedStage`] for every [`NetworkFunction`].
 pub trait Stage: Send {
     fn kind(&self) -> &'static str;
     fn counter_names(&self) -> &'static [&'static str];
+    /// Takes a field for the function's per-flow state in `records` (once, before the
+    /// first flow). False if the records' layout is already fixed.
+    fn attach(&mut self, records: &mut FlowRecords) -> bool;
     /// Runs the function on a packet of the flow in `slot` (creating its state first when
-    /// `new`).
+    /// `new`, or when it has none).
     fn process(
         &mut self,
+        records: &mut FlowRecords,
         slot: u32,
         new: bool,
         pkt: &mut PacketMut<'_>,
         ctx: &mut NfContext<'_>,
     ) -> Verdict;
     /// Ends the flow in `slot`, if it has state here.
-    fn end_flow(&mut self, slot: u32, ctx: &mut NfContext<'_>);
+    fn end_flow(&mut self, records: &mut FlowRecords, slot: u32, ctx: &mut NfContext<'_>);
     /// Appends the flow's state, serialised, to `out`; false (with `out` as it was) when
     /// the function holds none for it. Migration writes every flow of a group into one
     /// buffer this way.
-    fn save_into(&self, slot: u32, out: &mut Vec<u8>) -> bool;
-    /// The flow's state, serialised.
-    fn save(&self, slot: u32) -> Option<Vec<u8>> {
-        let mut v = Vec::new();
-        self.save_into(slot, &mut v).then_some(v)
-    }
+    fn save_into(&self, records: &FlowRecords, slot: u32, out: &mut Vec<u8>) -> bool;
     /// Installs a serialised state for the flow in `slot`.
-    fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), postcard::Error>;
+    fn restore(
+        &mut self,
+        records: &mut FlowRecords,
+        slot: u32,
+        bytes: &[u8],
+    ) -> Result<(), postcard::Error>;
     /// Forgets the flow's state without ending it (the flow moved to another runtime, which
     /// ends it there; resources it holds, such as a NAT port, stay reserved here).
-    fn discard(&mut self, slot: u32);
-    /// Bytes of memory the per-flow states occupy.
-    fn state_memory(&self) -> usize;
-    /// Makes room now for the states of every flow slot below `slots` (flows are about to
-    /// arrive by migration).
-    fn reserve(&mut self, slots: u32) {
-        let _ = slots;
-    }
-    /// Reserves (without touching) room for the states of `max_flows` flows, so the states
-    /// never move; false if it could not be reserved (they then grow on demand).
-    fn reserve_capacity(&mut self, max_flows: usize) -> bool {
-        let _ = max_flows;
-        true
-    }
-    /// Starts loading the state of the flow in `slot` (batch processing).
-    fn prefetch(&self, slot: u32) {
-        let _ = slot;
-    }
+    fn discard(&mut self, records: &mut FlowRecords, slot: u32);
 }
 
 /// Lets postcard append to a buffer it borrows (its `to_extend` takes the writer by
@@ -229,18 +218,17 @@ impl Extend<u8> for Append<'_> {
     }
 }
 
-/// A [`NetworkFunction`] with a slab of its flows' states.
+/// A [`NetworkFunction`] and where its flows' states are in the chain's records.
 pub struct TypedStage<N: NetworkFunction> {
     nf: N,
-    states: FlowSlab<N::State>,
+    /// Set by `attach`; until then the function has no state to give a flow, and drops
+    /// its packets.
+    field: Option<Field<N::State>>,
 }
 
 impl<N: NetworkFunction> TypedStage<N> {
     pub fn new(nf: N) -> TypedStage<N> {
-        TypedStage {
-            nf,
-            states: FlowSlab::default(),
-        }
+        TypedStage { nf, field: None }
     }
 
     pub fn boxed(nf: N) -> Box<dyn Stage> {
@@ -257,32 +245,42 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
         self.nf.counters()
     }
 
+    fn attach(&mut self, records: &mut FlowRecords) -> bool {
+        self.field = records.add::<N::State>();
+        self.field.is_some()
+    }
+
     #[inline]
     fn process(
         &mut self,
+        records: &mut FlowRecords,
         slot: u32,
         new: bool,
         pkt: &mut PacketMut<'_>,
         ctx: &mut NfContext<'_>,
     ) -> Verdict {
-        let TypedStage { nf, states } = self;
-        // One lookup: the flow's cell (a new flow's is at the slab's end).
-        let cell = states.cell_mut(slot);
+        let Some(cell) = self.field.and_then(|f| records.entry(&f, slot)) else {
+            return Verdict::Drop;
+        };
         let state = match cell {
             Some(st) if !new => st,
-            _ => cell.insert(nf.new_flow(pkt, ctx)),
+            _ => cell.insert(self.nf.new_flow(pkt, ctx)),
         };
-        nf.process(pkt, state, ctx)
+        self.nf.process(pkt, state, ctx)
     }
 
-    fn end_flow(&mut self, slot: u32, ctx: &mut NfContext<'_>) {
-        if let Some(st) = self.states.take(slot) {
+    fn end_flow(&mut self, records: &mut FlowRecords, slot: u32, ctx: &mut NfContext<'_>) {
+        let taken = self
+            .field
+            .and_then(|f| records.cell_mut(&f, slot))
+            .and_then(Option::take);
+        if let Some(st) = taken {
             self.nf.end_flow(st, ctx);
         }
     }
 
-    fn save_into(&self, slot: u32, out: &mut Vec<u8>) -> bool {
-        let Some(st) = self.states.get(slot) else {
+    fn save_into(&self, records: &FlowRecords, slot: u32, out: &mut Vec<u8>) -> bool {
+        let Some(Some(st)) = self.field.and_then(|f| records.cell(&f, slot)) else {
             return false;
         };
         let mark = out.len();
@@ -293,32 +291,26 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
         true
     }
 
-    fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), postcard::Error> {
+    fn restore(
+        &mut self,
+        records: &mut FlowRecords,
+        slot: u32,
+        bytes: &[u8],
+    ) -> Result<(), postcard::Error> {
         let st: N::State = postcard::from_bytes(bytes)?;
-        *self.states.cell_mut(slot) = Some(st);
-        Ok(())
+        match self.field.and_then(|f| records.entry(&f, slot)) {
+            Some(cell) => {
+                *cell = Some(st);
+                Ok(())
+            }
+            // Not attached, or out of memory: the state cannot be kept.
+            None => Err(postcard::Error::SerializeBufferFull),
+        }
     }
 
-    fn discard(&mut self, slot: u32) {
-        self.states.take(slot);
-    }
-
-    fn reserve(&mut self, slots: u32) {
-        self.states.reserve(slots);
-    }
-
-    fn reserve_capacity(&mut self, max_flows: usize) -> bool {
-        self.states.reserve_for(max_flows)
-    }
-
-    fn state_memory(&self) -> usize {
-        self.states.memory()
-    }
-
-    #[inline(always)]
-    fn prefetch(&self, slot: u32) {
-        if let Some(s) = self.states.cell(slot) {
-            crate::hint::prefetch(s);
+    fn discard(&mut self, records: &mut FlowRecords, slot: u32) {
+        if let Some(cell) = self.field.and_then(|f| records.cell_mut(&f, slot)) {
+            *cell = None;
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use nflib::flow::FlowKey;
 use nflib::nf::{Dir, EventSink, NfContext, NfSpec, PacketMut, Stage, Verdict};
+use nflib::records::FlowRecords;
 use nflib::stats::NF_COUNTERS;
 
 /// A TCP/IPv4 frame.
@@ -88,6 +89,8 @@ impl EventSink for Records {
 /// One function and the flows it has seen, keyed like the runtime keys them.
 pub struct Harness {
     pub stage: Box<dyn Stage>,
+    /// The flows' states, as a runtime keeps them.
+    pub records: FlowRecords,
     /// Each flow's key and its initiator (source address and port of its first packet).
     flows: Vec<(FlowKey, ([u8; 16], u16))>,
     /// Aliases registered by the function, with the flow they lead to.
@@ -116,8 +119,12 @@ pub fn build_for(
         base_dir: std::path::Path::new("."),
         runtime: "rt-test",
     };
+    let mut stage = build(&spec)?;
+    let mut records = FlowRecords::new();
+    assert!(stage.attach(&mut records));
     Ok(Harness {
-        stage: build(&spec)?,
+        stage,
+        records,
         flows: Vec::new(),
         alias_map: Vec::new(),
         counters: [0; NF_COUNTERS],
@@ -162,7 +169,9 @@ impl Harness {
             &mut added,
             &mut self.events,
         );
-        let v = self.stage.process(slot as u32, new, &mut pkt, &mut ctx);
+        let v = self
+            .stage
+            .process(&mut self.records, slot as u32, new, &mut pkt, &mut ctx);
         let n = pkt.len();
         for a in added {
             self.alias_map.push((a, slot));
@@ -186,8 +195,24 @@ impl Harness {
                 &mut added,
                 &mut self.events,
             );
-            self.stage.end_flow(slot as u32, &mut ctx);
+            self.stage
+                .end_flow(&mut self.records, slot as u32, &mut ctx);
         }
+    }
+
+    /// The flow's state in `slot`, serialised (as migration sends it).
+    pub fn save(&self, slot: u32) -> Option<Vec<u8>> {
+        let mut v = Vec::new();
+        self.stage
+            .save_into(&self.records, slot, &mut v)
+            .then_some(v)
+    }
+
+    /// Installs a serialised state for the flow in `slot`.
+    pub fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), String> {
+        self.stage
+            .restore(&mut self.records, slot, bytes)
+            .map_err(|e| e.to_string())
     }
 
     pub fn counter(&self, name: &str) -> u64 {

@@ -278,10 +278,12 @@ struct RunResult {
     flows: usize,
 }
 
+/// The bench's region. Flows never time out: under valgrind a round of a million flows takes
+/// minutes, longer than the default timeouts.
 fn local_region(flows: usize) -> LocalRegion {
     let chain = if with_chain() { CHAIN } else { "" };
     let cfg_text = format!(
-        "instance = \"bench\"\n[[vswitch]]\nname = \"vs\"\n[[runtime]]\nname = \"rt\"\nmax_flows = {}\n{chain}",
+        "instance = \"bench\"\n[[vswitch]]\nname = \"vs\"\n[[runtime]]\nname = \"rt\"\nmax_flows = {}\nidle_timeout_s = 86400\nunreplied_timeout_s = 86400\n{chain}",
         flows * 2
     );
     LocalRegion::new(

@@ -22,6 +22,7 @@ use nflib::mailbox::Mailbox;
 use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::nf::{tcp_flags, Dir, NfContext, PacketMut, Stage, Verdict};
 use nflib::packet::ParseError;
+use nflib::records::FlowRecords;
 use nflib::stats::{ProcCounter, NF_COUNTERS};
 use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Packet, MANAGER_SLOT};
@@ -50,14 +51,16 @@ const AHEAD: usize = 8;
 /// Most flows ended per call of `expire`, so a mass expiry cannot stall the packet path.
 const EXPIRE_BATCH: usize = 4096;
 
-/// The most flows `Runtime::prepare_for` makes room for: four or five chunks of each
-/// function's state slab, a millisecond or so of this loop's time.
+/// The most flows `Runtime::prepare_for` makes room for (writes actors and records, taking
+/// their page faults): a millisecond or so of this loop's time.
 const MAX_PREPARED_FLOWS: usize = 16_384;
 
 pub struct Runtime {
     stages: Vec<Box<dyn Stage>>,
     nf_counters: Vec<[u64; NF_COUNTERS]>,
     flows: FlowTable,
+    /// Every function's state of each flow, side by side, by flow slot.
+    records: FlowRecords,
     timers: TimerWheel,
     fired: Vec<Entry>,
     pub events: EventLog,
@@ -120,10 +123,13 @@ impl Runtime {
         let mut flows = FlowTable::new(settings.max_flows);
         // Room for every flow the runtime may hold, reserved now and backed by pages only as
         // flows arrive: the arrays never move (a move of a large one stalls the loop).
-        let mut reserved = flows.reserve_capacity();
+        let mut records = FlowRecords::new();
         for s in &mut stages {
-            reserved &= s.reserve_capacity(settings.max_flows);
+            // A new table takes every field.
+            let attached = s.attach(&mut records);
+            debug_assert!(attached);
         }
+        let reserved = flows.reserve_capacity() && records.reserve_for(settings.max_flows);
         if !reserved {
             eprintln!(
                 "nf-runtime: could not reserve address space for max_flows = {}; flow \
@@ -135,6 +141,7 @@ impl Runtime {
             stages,
             nf_counters: vec![[0; NF_COUNTERS]; n],
             flows,
+            records,
             // 100 ms ticks, a 409.6 s horizon.
             timers: TimerWheel::new(4096, 100, 0),
             fired: Vec::new(),
@@ -269,9 +276,7 @@ impl Runtime {
     #[inline(always)]
     fn prefetch_flow(&self, hash: u64) {
         if let Some(slot) = self.flows.prefetch_entry(hash) {
-            for s in &self.stages {
-                s.prefetch(slot);
-            }
+            self.records.prefetch(slot);
         }
     }
 
@@ -479,17 +484,15 @@ impl Runtime {
     }
 
     /// Makes room for `flows` flows about to arrive by migration (`PrepareMigration`): the
-    /// flow slab and the functions' state slabs, so that the first groups do not
-    /// reallocate, and fault on, memory while they are timed.
+    /// flow slab and the flows' records, so that the first groups do not fault on memory
+    /// while they are timed.
     /// At most `MAX_PREPARED_FLOWS`: a larger migration amortises its growth, and the
     /// work here holds up this loop.
     pub fn prepare_for(&mut self, flows: u32) {
         let n = (flows as usize).min(MAX_PREPARED_FLOWS);
         let slots = self.flows.reserve(n);
-        let slots = u32::try_from(slots).unwrap_or(u32::MAX);
-        for stage in self.stages.iter_mut() {
-            stage.reserve(slots);
-        }
+        self.records
+            .reserve(u32::try_from(slots).unwrap_or(u32::MAX));
     }
 
     /// A new migration job scans the flow table from its start.
@@ -623,7 +626,7 @@ impl Runtime {
         );
         for (i, stage) in self.stages.iter_mut().enumerate() {
             ctx.set_stage(i);
-            match stage.process(slot, new, pm, &mut ctx) {
+            match stage.process(&mut self.records, slot, new, pm, &mut ctx) {
                 Verdict::Forward => {}
                 Verdict::Drop => {
                     dropped_by = Some(i);
@@ -703,7 +706,7 @@ impl Runtime {
         );
         for (i, stage) in self.stages.iter_mut().enumerate() {
             ctx.set_stage(i);
-            stage.end_flow(slot, &mut ctx);
+            stage.end_flow(&mut self.records, slot, &mut ctx);
         }
         self.aliases.clear();
         if let Some((a, aliases)) = self.flows.remove(slot) {
@@ -825,7 +828,7 @@ impl Runtime {
 
     /// Bytes held by the functions' per-flow states.
     pub fn state_memory(&self) -> usize {
-        self.stages.iter().map(|s| s.state_memory()).sum()
+        self.records.memory()
     }
 }
 
@@ -943,7 +946,7 @@ impl FlowHost for EngineHost<'_> {
         let now = self.now_ms;
         let start = out.len();
         for stage in &self.rt.stages {
-            states::push(out, |out| stage.save_into(slot, out));
+            states::push(out, |out| stage.save_into(&self.rt.records, slot, out));
         }
         Some(FlowState {
             idx: 0,
@@ -998,7 +1001,7 @@ impl FlowHost for EngineHost<'_> {
         let mut ok = true;
         for stage in self.rt.stages.iter_mut() {
             ok = match reader.next_state() {
-                Ok(Some(bytes)) => stage.restore(slot, bytes).is_ok(),
+                Ok(Some(bytes)) => stage.restore(&mut self.rt.records, slot, bytes).is_ok(),
                 Ok(None) => true,
                 Err(_) => false,
             };
@@ -1008,7 +1011,7 @@ impl FlowHost for EngineHost<'_> {
         }
         if !ok || !reader.is_done() {
             for s in self.rt.stages.iter_mut() {
-                s.discard(slot);
+                s.discard(&mut self.rt.records, slot);
             }
             return false;
         }
@@ -1100,7 +1103,7 @@ impl FlowHost for EngineHost<'_> {
                 }
             }
             for s in self.rt.stages.iter_mut() {
-                s.discard(slot);
+                s.discard(&mut self.rt.records, slot);
             }
             self.rt.flows.remove(slot);
         }

@@ -509,8 +509,8 @@ mod tests {
     fn a_state_moved_from_elsewhere_restarts_the_automata() {
         let mut h = ids(RULE);
         open(&mut h);
-        let saved = h.stage.save(0).unwrap();
-        h.stage.restore(0, &saved).unwrap();
+        let saved = h.save(0).unwrap();
+        h.restore(0, &saved).unwrap();
         h.feed(&tcp(C, S, F::ACK, 100, 500, b"/etc/passwd"));
         assert_eq!(h.counter("alerts"), 1);
     }
