@@ -2,8 +2,8 @@
 //! many concurrent flows: Mpps on that core, and the platform's memory per flow.
 //!
 //! A harness plays nfmgr and the vswitch: it feeds the runtime's input ring and takes back
-//! what the runtime sends, restoring each packet from its flow's template (the load balancer
-//! rewrites them) before sending it again. Flows are visited in a shuffled order that is new
+//! what the runtime sends, rewriting each packet for the next flow (the load balancer
+//! rewrites them) before sending it again. Flows are visited in a random order that is new
 //! every round, so neither the flow table nor the functions' states see a friendly pattern.
 //!
 //! Two modes:
@@ -150,39 +150,67 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-/// The flow order, reshuffled (xorshift) at the start of every round.
+/// The order flows are visited in: a random permutation (xorshift, shuffled once), walked
+/// with a stride coprime to the flow count that changes every round, so every round visits
+/// every flow once, in an order no round repeats, and no packet waits for a reshuffle (a
+/// million-flow shuffle paused the harness for milliseconds a round, starving the runtime).
 struct Order {
     order: Vec<u32>,
-    next: usize,
+    /// Position in `order`, the stride, and packets left in the round.
+    at: usize,
+    step: usize,
+    left: usize,
     x: u64,
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 impl Order {
     fn new(flows: usize) -> Order {
         let mut o = Order {
             order: (0..flows as u32).collect(),
-            next: 0,
+            at: 0,
+            step: 1,
+            left: flows,
             x: 0x9e37_79b9_7f4a_7c15,
         };
-        o.shuffle();
+        for i in (1..o.order.len()).rev() {
+            let r = o.random();
+            o.order.swap(i, (r % (i as u64 + 1)) as usize);
+        }
         o
     }
 
-    fn shuffle(&mut self) {
-        for i in (1..self.order.len()).rev() {
-            self.x ^= self.x << 13;
-            self.x ^= self.x >> 7;
-            self.x ^= self.x << 17;
-            self.order.swap(i, (self.x % (i as u64 + 1)) as usize);
-        }
+    fn random(&mut self) -> u64 {
+        self.x ^= self.x << 13;
+        self.x ^= self.x >> 7;
+        self.x ^= self.x << 17;
+        self.x
     }
 
     fn next(&mut self) -> usize {
-        let f = self.order[self.next] as usize;
-        self.next += 1;
-        if self.next == self.order.len() {
-            self.next = 0;
-            self.shuffle();
+        let n = self.order.len();
+        if self.left == 0 {
+            // A new round: a new stride, coprime with n so the walk visits every flow.
+            self.left = n;
+            self.step = loop {
+                let s = 1 + (self.random() % n as u64) as usize;
+                if gcd(s, n) == 1 {
+                    break s;
+                }
+            };
+        }
+        self.left -= 1;
+        let f = self.order[self.at] as usize;
+        self.at += self.step;
+        if self.at >= n {
+            self.at -= n;
         }
         f
     }
