@@ -22,7 +22,6 @@ use nflib::mailbox::Mailbox;
 use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::nf::{tcp_flags, Dir, NfContext, PacketMut, Stage, Verdict};
 use nflib::packet::ParseError;
-use nflib::records::FlowRecords;
 use nflib::stats::{ProcCounter, NF_COUNTERS};
 use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Packet, MANAGER_SLOT};
@@ -58,9 +57,9 @@ const MAX_PREPARED_FLOWS: usize = 16_384;
 pub struct Runtime {
     stages: Vec<Box<dyn Stage>>,
     nf_counters: Vec<[u64; NF_COUNTERS]>,
+    /// The flows: their keys, and each flow's record (its actor and every function's state
+    /// of it, side by side).
     flows: FlowTable,
-    /// Every function's state of each flow, side by side, by flow slot.
-    records: FlowRecords,
     timers: TimerWheel,
     fired: Vec<Entry>,
     pub events: EventLog,
@@ -123,13 +122,12 @@ impl Runtime {
         let mut flows = FlowTable::new(settings.max_flows);
         // Room for every flow the runtime may hold, reserved now and backed by pages only as
         // flows arrive: the arrays never move (a move of a large one stalls the loop).
-        let mut records = FlowRecords::new();
         for s in &mut stages {
             // A new table takes every field.
-            let attached = s.attach(&mut records);
+            let attached = s.attach(flows.records_mut());
             debug_assert!(attached);
         }
-        let reserved = flows.reserve_capacity() && records.reserve_for(settings.max_flows);
+        let reserved = flows.reserve_capacity();
         if !reserved {
             eprintln!(
                 "nf-runtime: could not reserve address space for max_flows = {}; flow \
@@ -141,7 +139,6 @@ impl Runtime {
             stages,
             nf_counters: vec![[0; NF_COUNTERS]; n],
             flows,
-            records,
             // 100 ms ticks, a 409.6 s horizon.
             timers: TimerWheel::new(4096, 100, 0),
             fired: Vec::new(),
@@ -275,9 +272,7 @@ impl Runtime {
     /// `hash` (its index line should be in cache by now).
     #[inline(always)]
     fn prefetch_flow(&self, hash: u64) {
-        if let Some(slot) = self.flows.prefetch_entry(hash) {
-            self.records.prefetch(slot);
-        }
+        self.flows.prefetch_entry(hash);
     }
 
     /// Runs the chain on a parsed packet and sends it on; a packet of a migrating flow goes
@@ -490,9 +485,7 @@ impl Runtime {
     /// work here holds up this loop.
     pub fn prepare_for(&mut self, flows: u32) {
         let n = (flows as usize).min(MAX_PREPARED_FLOWS);
-        let slots = self.flows.reserve(n);
-        self.records
-            .reserve(u32::try_from(slots).unwrap_or(u32::MAX));
+        self.flows.reserve(n);
     }
 
     /// A new migration job scans the flow table from its start.
@@ -626,7 +619,7 @@ impl Runtime {
         );
         for (i, stage) in self.stages.iter_mut().enumerate() {
             ctx.set_stage(i);
-            match stage.process(&mut self.records, slot, new, pm, &mut ctx) {
+            match stage.process(self.flows.records_mut(), slot, new, pm, &mut ctx) {
                 Verdict::Forward => {}
                 Verdict::Drop => {
                     dropped_by = Some(i);
@@ -706,7 +699,7 @@ impl Runtime {
         );
         for (i, stage) in self.stages.iter_mut().enumerate() {
             ctx.set_stage(i);
-            stage.end_flow(&mut self.records, slot, &mut ctx);
+            stage.end_flow(self.flows.records_mut(), slot, &mut ctx);
         }
         self.aliases.clear();
         if let Some((a, aliases)) = self.flows.remove(slot) {
@@ -828,7 +821,7 @@ impl Runtime {
 
     /// Bytes held by the functions' per-flow states.
     pub fn state_memory(&self) -> usize {
-        self.records.memory()
+        self.flows.state_memory()
     }
 }
 
@@ -946,7 +939,9 @@ impl FlowHost for EngineHost<'_> {
         let now = self.now_ms;
         let start = out.len();
         for stage in &self.rt.stages {
-            states::push(out, |out| stage.save_into(&self.rt.records, slot, out));
+            states::push(out, |out| {
+                stage.save_into(self.rt.flows.records(), slot, out)
+            });
         }
         Some(FlowState {
             idx: 0,
@@ -1001,7 +996,9 @@ impl FlowHost for EngineHost<'_> {
         let mut ok = true;
         for stage in self.rt.stages.iter_mut() {
             ok = match reader.next_state() {
-                Ok(Some(bytes)) => stage.restore(&mut self.rt.records, slot, bytes).is_ok(),
+                Ok(Some(bytes)) => stage
+                    .restore(self.rt.flows.records_mut(), slot, bytes)
+                    .is_ok(),
                 Ok(None) => true,
                 Err(_) => false,
             };
@@ -1011,7 +1008,7 @@ impl FlowHost for EngineHost<'_> {
         }
         if !ok || !reader.is_done() {
             for s in self.rt.stages.iter_mut() {
-                s.discard(&mut self.rt.records, slot);
+                s.discard(self.rt.flows.records_mut(), slot);
             }
             return false;
         }
@@ -1103,7 +1100,7 @@ impl FlowHost for EngineHost<'_> {
                 }
             }
             for s in self.rt.stages.iter_mut() {
-                s.discard(&mut self.rt.records, slot);
+                s.discard(self.rt.flows.records_mut(), slot);
             }
             self.rt.flows.remove(slot);
         }

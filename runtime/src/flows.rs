@@ -1,4 +1,5 @@
-//! The flow table: flow keys (and their aliases) to flow actors held in a slab.
+//! The flow table: flow keys (and their aliases) to flow actors, each held in its flow's
+//! record next to the chain's states of the flow (`nflib::records`).
 //!
 //! Memory matters here (a runtime holds a million flows): the hash index stores only a
 //! 4-byte slot number per key, and equality is checked against the key kept once in the actor
@@ -12,6 +13,7 @@ use nflib::hint::prefetch;
 use nflib::wire::EndpointAddr;
 
 use nflib::index::{FlowIndex, KeyHasher};
+use nflib::records::{Field, FlowRecords};
 
 use crate::migration::{Mark, GROUP_ID_LIMIT};
 
@@ -146,7 +148,14 @@ pub struct FlowTable {
     /// Seeded per process: keys come from the wire, and a fixed hash would let a sender pick
     /// colliding keys.
     hasher: KeyHasher,
-    actors: Vec<FlowActor>,
+    /// One record per flow slot: the actor first, then every function's state of the flow
+    /// (fields the chain's functions add), so that a packet finds its actor and states on
+    /// the same few lines of one page, asked for with one prefetch.
+    records: FlowRecords,
+    actor: Field<FlowActor>,
+    /// Slots below this have been handed out (records beyond it may exist, made ready by
+    /// `reserve`); freed ones wait in `free`.
+    next_slot: u32,
     free: Vec<u32>,
     aliases: Vec<AliasEntry>,
     free_aliases: Vec<u32>,
@@ -154,22 +163,34 @@ pub struct FlowTable {
     capacity: usize,
 }
 
-/// The key an index value stands for.
-fn key_of<'a>(actors: &'a [FlowActor], aliases: &'a [AliasEntry], v: u32) -> &'a FlowKey {
+/// The key an index value stands for (`None` for a value the index should not hold).
+#[inline(always)]
+fn key_of<'a>(
+    records: &'a FlowRecords,
+    actor: &Field<FlowActor>,
+    aliases: &'a [AliasEntry],
+    v: u32,
+) -> Option<&'a FlowKey> {
     if v & ALIAS_BIT != 0 {
-        &aliases[(v & !ALIAS_BIT) as usize].key
+        aliases.get((v & !ALIAS_BIT) as usize).map(|e| &e.key)
     } else {
-        &actors[v as usize].key
+        records.cell(actor, v)?.as_ref().map(|a| &a.key)
     }
 }
 
 impl FlowTable {
     /// A table for at most `capacity` flows; memory grows with use, not up front.
     pub fn new(capacity: usize) -> FlowTable {
+        let mut records = FlowRecords::new();
+        let actor = records
+            .add::<FlowActor>()
+            .expect("a new table takes fields");
         FlowTable {
             index: FlowIndex::new(),
             hasher: KeyHasher::default(),
-            actors: Vec::new(),
+            records,
+            actor,
+            next_slot: 0,
             free: Vec::new(),
             aliases: Vec::new(),
             free_aliases: Vec::new(),
@@ -178,11 +199,21 @@ impl FlowTable {
         }
     }
 
-    /// Reserves (without touching) room for the table's whole capacity of actors, so the
-    /// slab never moves. False if the address space could not be had.
+    /// The flows' records, for the chain's functions to add their fields to (before the
+    /// first flow) and to find their states in.
+    pub fn records_mut(&mut self) -> &mut FlowRecords {
+        &mut self.records
+    }
+
+    pub fn records(&self) -> &FlowRecords {
+        &self.records
+    }
+
+    /// Reserves (without touching) room for the table's whole capacity of records, so they
+    /// never move. False if the address space could not be had. Call it once the chain's
+    /// functions have added their fields.
     pub fn reserve_capacity(&mut self) -> bool {
-        let more = self.capacity.saturating_sub(self.actors.len());
-        self.actors.try_reserve_exact(more).is_ok()
+        self.records.reserve_for(self.capacity)
     }
 
     pub fn len(&self) -> usize {
@@ -215,20 +246,21 @@ impl FlowTable {
         self.index.prefetch(hash);
     }
 
-    /// Batch lookups, step 2: start loading the actor (or alias) the key probably names.
-    /// Returns that actor's slot, so the functions' states can be prefetched too.
+    /// Batch lookups, step 2: start loading the record (the actor and the functions'
+    /// states; for an alias, its entry too) of the flow the key probably names, and return
+    /// its slot.
     #[inline(always)]
     pub fn prefetch_entry(&self, hash: u64) -> Option<u32> {
         let v = self.index.peek(hash)?;
-        if v & ALIAS_BIT != 0 {
+        let slot = if v & ALIAS_BIT != 0 {
             let e = self.aliases.get((v & !ALIAS_BIT) as usize)?;
             prefetch(e);
-            Some(e.slot)
+            e.slot
         } else {
-            let a = self.actors.get(v as usize)?;
-            prefetch(a);
-            Some(v)
-        }
+            v
+        };
+        self.records.prefetch(slot);
+        Some(slot)
     }
 
     #[inline]
@@ -238,9 +270,9 @@ impl FlowTable {
 
     #[inline]
     pub fn find_hashed(&self, key: &FlowKey, hash: u64) -> Option<Found> {
-        let (actors, aliases) = (&self.actors, &self.aliases);
+        let (records, actor, aliases) = (&self.records, &self.actor, &self.aliases);
         self.index
-            .find(hash, |v| key_of(actors, aliases, v) == key)
+            .find(hash, |v| key_of(records, actor, aliases, v) == Some(key))
             .map(|v| {
                 if v & ALIAS_BIT != 0 {
                     Found::Alias(aliases[(v & !ALIAS_BIT) as usize].slot)
@@ -268,16 +300,16 @@ impl FlowTable {
         actor.flags |= flag::LIVE;
         actor.first_alias = NONE;
         let key = actor.key;
+        // A freed slot, or the next one never handed out.
         let slot = match self.free.pop() {
-            Some(s) => {
-                self.actors[s as usize] = actor;
+            Some(s) => s,
+            None => {
+                let s = self.next_slot;
+                self.next_slot = s.checked_add(1)?;
                 s
             }
-            None => {
-                self.actors.push(actor);
-                (self.actors.len() - 1) as u32
-            }
         };
+        *self.records.entry(&self.actor, slot)? = Some(actor);
         self.index_insert(&key, slot);
         self.live += 1;
         Some(slot)
@@ -288,7 +320,9 @@ impl FlowTable {
         if self.find(&key).is_some() || self.get(slot).is_none() {
             return false;
         }
-        let next = self.actors[slot as usize].first_alias;
+        let Some(next) = self.get(slot).map(|a| a.first_alias) else {
+            return false;
+        };
         let entry = AliasEntry { key, slot, next };
         let i = match self.free_aliases.pop() {
             Some(i) => {
@@ -300,24 +334,26 @@ impl FlowTable {
                 (self.aliases.len() - 1) as u32
             }
         };
-        self.actors[slot as usize].first_alias = i;
+        if let Some(a) = self.get_mut(slot) {
+            a.first_alias = i;
+        }
         self.index_insert(&key, i | ALIAS_BIT);
         true
     }
 
+    #[inline]
     pub fn get(&self, slot: u32) -> Option<&FlowActor> {
-        self.actors.get(slot as usize).filter(|a| a.has(flag::LIVE))
+        self.records.cell(&self.actor, slot)?.as_ref()
     }
 
+    #[inline]
     pub fn get_mut(&mut self, slot: u32) -> Option<&mut FlowActor> {
-        self.actors
-            .get_mut(slot as usize)
-            .filter(|a| a.has(flag::LIVE))
+        self.records.cell_mut(&self.actor, slot)?.as_mut()
     }
 
     /// Removes a flow with its key and aliases; returns the actor and its alias keys.
     pub fn remove(&mut self, slot: u32) -> Option<(FlowActor, Vec<FlowKey>)> {
-        let actor = self.get(slot)?.clone();
+        let actor = self.records.cell_mut(&self.actor, slot)?.take()?;
         self.index_remove(&actor.key, slot);
         let mut keys = Vec::new();
         let mut a = actor.first_alias;
@@ -331,8 +367,6 @@ impl FlowTable {
             keys.push(key);
             a = next;
         }
-        self.actors[slot as usize].flags = 0;
-        self.actors[slot as usize].first_alias = NONE;
         self.free.push(slot);
         self.live -= 1;
         Some((actor, keys))
@@ -345,16 +379,12 @@ impl FlowTable {
 
     /// Slots of the live flows, in slab order.
     pub fn live_slots(&self) -> impl Iterator<Item = u32> + '_ {
-        self.actors
-            .iter()
-            .enumerate()
-            .filter(|(_, a)| a.has(flag::LIVE))
-            .map(|(i, _)| i as u32)
+        (0..self.slab_len() as u32).filter(|&s| self.get(s).is_some())
     }
 
-    /// Slab entries, live or free (the bound of a scan by slot).
+    /// Slots handed out, live or free (the bound of a scan by slot).
     pub fn slab_len(&self) -> usize {
-        self.actors.len()
+        self.next_slot as usize
     }
 
     /// Makes room for `additional` more flows (within the capacity) without reallocating
@@ -363,20 +393,10 @@ impl FlowTable {
     pub fn reserve(&mut self, additional: usize) -> usize {
         let additional = additional.min(self.capacity.saturating_sub(self.live));
         let new_slots = additional.saturating_sub(self.free.len());
-        self.actors.reserve(new_slots);
-        // Written once so the pages exist before the flows do (a placeholder in room past
-        // the vector's length, never read).
-        let blank = FlowActor::new(
-            FlowKey::from_tuple(0, 0, 0, ([0; 16], 0), ([0; 16], 0)).0,
-            0,
-            0,
-            EndpointAddr::new(0, 0),
-            0,
-        );
-        for cell in self.actors.spare_capacity_mut().iter_mut().take(new_slots) {
-            cell.write(blank.clone());
-        }
-        self.actors.len() + new_slots
+        let len = self.slab_len() + new_slots;
+        // Records (empty) written now, so their pages exist before the flows do.
+        self.records.reserve(u32::try_from(len).unwrap_or(u32::MAX));
+        len
     }
 
     /// The flow's aliases.
@@ -401,13 +421,22 @@ impl FlowTable {
         n
     }
 
-    /// Bytes of memory held for the index, the actors and the aliases: the actor slab as far
-    /// as it was written (its reserved room past that holds no pages), the rest by capacity.
+    /// Bytes of memory held for the index, the actors and the aliases: the actors' part of
+    /// the records written so far (the reserved room past them holds no pages), the rest by
+    /// capacity.
     pub fn memory(&self) -> usize {
         self.index.memory()
-            + self.actors.len() * std::mem::size_of::<FlowActor>()
+            + self.records.len() * std::mem::size_of::<Option<FlowActor>>()
             + self.aliases.capacity() * std::mem::size_of::<AliasEntry>()
             + (self.free.capacity() + self.free_aliases.capacity()) * 4
+    }
+
+    /// Bytes of the records written so far that hold the functions' states (the records
+    /// less the actors).
+    pub fn state_memory(&self) -> usize {
+        self.records
+            .memory()
+            .saturating_sub(self.records.len() * std::mem::size_of::<Option<FlowActor>>())
     }
 }
 
@@ -461,7 +490,7 @@ mod tests {
         t.remove(a).unwrap();
         // One free slot, one live flow: 9 more fit, 8 of them in new slots.
         assert_eq!(t.reserve(100), 10);
-        assert!(t.actors.capacity() >= 10);
+        assert!(t.records.len() >= 10);
         assert_eq!(t.reserve(0), 2);
         for p in 3..12 {
             assert!(t.insert(actor(key(p))).is_some());
