@@ -401,6 +401,17 @@ impl<'a> PacketMut<'a> {
         Ok(())
     }
 
+    /// The TCP flags, for a TCP packet whose header is here.
+    #[inline]
+    pub fn tcp_flags(&self) -> Option<u8> {
+        if self.h.proto != packet::proto::TCP || self.h.l4_off == 0 {
+            return None;
+        }
+        let t = self.h.l4_off as usize;
+        // The parser checked the header is whole; a frame cut since reads as no header.
+        self.room[..self.len].get(t + 19).map(|_| self.room[t + 13])
+    }
+
     pub fn tcp(&self) -> Option<TcpInfo> {
         if self.h.proto != packet::proto::TCP || self.h.l4_off == 0 {
             return None;
@@ -485,7 +496,7 @@ impl<'a> PacketMut<'a> {
             return None;
         }
         // A UDP checksum of zero over IPv4 means "none": leave it so.
-        if self.h.proto == packet::proto::UDP && self.room[at] == 0 && self.room[at + 1] == 0 {
+        if self.h.proto == packet::proto::UDP && self.room.get(at..at + 2)? == [0, 0] {
             return None;
         }
         Some(at)
@@ -510,19 +521,24 @@ impl<'a> PacketMut<'a> {
         let Some(hdr) = self.room.get_mut(l3..l3 + 20) else {
             return false;
         };
-        let old = [hdr[field], hdr[field + 1], hdr[field + 2], hdr[field + 3]];
-        hdr[field..field + 4].copy_from_slice(&ip);
+        let hdr: &mut [u8; 20] = hdr.try_into().expect("20 bytes");
+        let at = field.min(16);
+        let old = [hdr[at], hdr[at + 1], hdr[at + 2], hdr[at + 3]];
+        hdr[at..at + 4].copy_from_slice(&ip);
         // One difference for both checksums: the address is in the transport's
         // pseudo-header too.
         let diff = checksum::diff32(old, ip);
         let c = u16::from_be_bytes([hdr[10], hdr[11]]);
         hdr[10..12].copy_from_slice(&checksum::apply(c, diff).to_be_bytes());
         if let Some(cs) = l4_csum {
-            let mut n = checksum::apply(self.read16(cs), diff);
+            let Some(field) = self.room.get_mut(cs..cs + 2) else {
+                return true;
+            };
+            let mut n = checksum::apply(u16::from_be_bytes([field[0], field[1]]), diff);
             if n == 0 && self.h.proto == packet::proto::UDP {
                 n = 0xffff;
             }
-            self.write16(cs, n);
+            field.copy_from_slice(&n.to_be_bytes());
         }
         true
     }

@@ -205,13 +205,14 @@ impl Runtime {
         let mut prepared = std::mem::take(&mut self.prepared);
         let mut pkts = std::mem::take(&mut self.prepared_pkts);
         for (from, mut pkt) in batch.drain(..) {
+            let meta = region.meta_of(&pkt);
             // Packets from another server's vswitch come through nfmgr, which noted where.
-            let vswitch = match region.meta_of(&pkt).route() {
+            let vswitch = match meta.route() {
                 Some(r) if from == MANAGER_SLOT => EndpointAddr::new(r.server, r.vswitch as u16),
                 _ => EndpointAddr::new(self.me.server, from),
             };
             // The vswitch addressed the frame to us; put its own destination back.
-            if let Some(orig) = region.meta_of(&pkt).take_dst_mac() {
+            if let Some(orig) = meta.take_dst_mac() {
                 let data = region.data_mut(&mut pkt);
                 if data.len() >= 6 {
                     if data[..6] != self.mac {
@@ -536,20 +537,11 @@ impl Runtime {
         force: bool,
     ) -> Ran {
         let now = now_ms as u32;
-        let (slot, new, dir) = match self.flows.find_hashed(key, hash) {
-            Some(Found::Key(s)) => {
-                let Some(a) = self.flows.get(s) else {
-                    return Ran::Dropped;
-                };
-                let from_a = kdir == Direction::Forward;
-                let dir = if from_a == a.has(flag::INITIATOR_IS_A) {
-                    Dir::Original
-                } else {
-                    Dir::Reply
-                };
-                (s, false, dir)
-            }
-            Some(Found::Alias(s)) => (s, false, Dir::Reply),
+        // The direction: an alias names the reply direction, a new flow's first packet the
+        // original one; under the flow's own key it depends on who opened the flow.
+        let (slot, new, known_dir) = match self.flows.find_hashed(key, hash) {
+            Some(Found::Key(s)) => (s, false, None),
+            Some(Found::Alias(s)) => (s, false, Some(Dir::Reply)),
             None => {
                 let mut flags = 0;
                 if kdir == Direction::Forward {
@@ -565,13 +557,20 @@ impl Runtime {
                 ep.counters().add(ProcCounter::FlowsCreated as usize, 1);
                 let deadline = now_ms + self.settings.unreplied_ms as u64;
                 self.timers.arm(Entry { slot: s, gen: 0 }, deadline);
-                (s, true, Dir::Original)
+                (s, true, Some(Dir::Original))
             }
         };
         // Platform-level flow tracking.
         let Some(actor) = self.flows.get_mut(slot) else {
             return Ran::Dropped;
         };
+        let dir = known_dir.unwrap_or(
+            if (kdir == Direction::Forward) == actor.has(flag::INITIATOR_IS_A) {
+                Dir::Original
+            } else {
+                Dir::Reply
+            },
+        );
         if actor.has(flag::MIGRATING) && !force {
             return Ran::Diverted(slot, actor.key);
         }
@@ -580,13 +579,13 @@ impl Runtime {
         if dir == Dir::Reply {
             actor.flags |= flag::REPLIED;
         }
-        if let Some(t) = pm.tcp() {
+        if let Some(tf) = pm.tcp_flags() {
             let was_closed = actor.closed();
             actor.flags |= flag::TCP;
-            if t.flags & tcp_flags::RST != 0 {
+            if tf & tcp_flags::RST != 0 {
                 actor.flags |= flag::RST;
             }
-            if t.flags & tcp_flags::FIN != 0 {
+            if tf & tcp_flags::FIN != 0 {
                 actor.flags |= if dir == Dir::Original {
                     flag::FIN_ORIG
                 } else {
