@@ -47,5 +47,14 @@ scripts/fuzz.sh --smoke
 
 step "benchmark smoke"
 python3 scripts/bench/run.py --smoke
+# The A/B script (HEAD against the working tree: one short pair, a small instruction count).
+if command -v valgrind >/dev/null 2>&1; then
+  python3 scripts/bench/ab.py --smoke
+elif [[ "${CI:-}" == "true" ]]; then
+  echo "CI=true but valgrind is missing (apt-get install valgrind)" >&2
+  exit 1
+else
+  echo "SKIP: valgrind is not installed: the A/B script's smoke run is skipped"
+fi
 
 printf '\nall checks passed\n'
