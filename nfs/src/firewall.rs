@@ -66,18 +66,44 @@ pub struct Firewall {
     non_ip: Action,
 }
 
-/// Where a tracked TCP connection is.
+/// Where a tracked TCP connection is: conntrack's states, named after the packets seen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Tcp {
     /// The initiator sent its SYN.
     SynSent,
-    /// The responder answered SYN-ACK.
-    SynReceived,
+    /// The responder sent a SYN of its own (simultaneous open).
+    SynSent2,
+    /// A SYN-ACK answered.
+    SynRecv,
     Established,
-    /// A FIN went one way or both (bit 0: original, bit 1: reply).
-    Closing(u8),
-    /// Reset: only resets pass.
-    Reset,
+    /// One side sent a FIN.
+    FinWait,
+    /// Its FIN was acknowledged.
+    CloseWait,
+    /// FINs went both ways.
+    LastAck,
+    /// The last FIN was acknowledged.
+    TimeWait,
+    /// Reset.
+    Close,
+}
+
+/// A tracked connection: its state, and what a SYN the tracking let through without acting
+/// on (in a state where a SYN is out of place) must be answered with for the tracking to
+/// resynchronise: the SYN-ACK of a connection the two ends reopened while the firewall held
+/// the old one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpTrack {
+    pub state: Tcp,
+    /// The initiator's first sequence number.
+    pub isn: u32,
+    /// The responder answered the SYN (a SYN-ACK, or a SYN of its own).
+    pub answered: bool,
+    /// The responder sent anything at all.
+    pub heard: bool,
+    /// An ignored SYN: whether it came from the initiator, and the acknowledgement number
+    /// that answers it.
+    pub ignored_syn: Option<(bool, u32)>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,9 +113,87 @@ pub enum FwState {
     /// Allowed, not TCP (or not IP): both directions pass.
     Open,
     /// Allowed TCP, tracked.
-    Tcp(Tcp),
+    Tcp(TcpTrack),
     /// Allowed by the rules, but its first packet was not a SYN: nothing passes.
     NotOpened,
+}
+
+/// What a TCP packet is, for the tracking (conntrack's classes: RST first, then SYN with or
+/// without ACK, FIN, ACK, nothing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Class {
+    Syn,
+    SynAck,
+    Fin,
+    Ack,
+    Rst,
+    None,
+}
+
+fn class(flags: u8) -> Class {
+    if flags & F::RST != 0 {
+        Class::Rst
+    } else if flags & F::SYN != 0 {
+        if flags & F::ACK != 0 {
+            Class::SynAck
+        } else {
+            Class::Syn
+        }
+    } else if flags & F::FIN != 0 {
+        Class::Fin
+    } else if flags & F::ACK != 0 {
+        Class::Ack
+    } else {
+        Class::None
+    }
+}
+
+/// What the tracking does with a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// Pass, and the connection is now in this state.
+    To(Tcp),
+    /// Pass without changing the state: it may be valid for the ends, out of sync with the
+    /// firewall (a retransmission, a SYN reopening a connection), and the answer tells.
+    Ignore,
+    /// Drop.
+    Invalid,
+}
+
+/// The transition for a packet of `class` from the initiator (`orig`) or the responder in
+/// `state`, as conntrack's TCP table has it (docs/FIREWALL.md lists the table and where
+/// this firewall differs from conntrack).
+fn step(state: Tcp, class: Class, orig: bool) -> Step {
+    use Step::{Ignore as IG, Invalid as IV, To};
+    use Tcp::*;
+    match (class, orig, state) {
+        (Class::Rst, _, _) => To(Close),
+        (Class::None, _, _) => IV,
+        // The initiator's SYN: retransmitted while opening, out of place in a live
+        // connection (ignored: the ends may have reopened it), reopening a closed one.
+        (Class::Syn, true, SynSent | TimeWait | Close) => To(SynSent),
+        (Class::Syn, true, SynSent2) => To(SynSent2),
+        (Class::Syn, true, _) => IG,
+        // The responder's SYN: a simultaneous open.
+        (Class::Syn, false, SynSent | SynSent2) => To(SynSent2),
+        (Class::Syn, false, _) => IV,
+        (Class::SynAck, false, SynSent | SynSent2) => To(SynRecv),
+        (Class::SynAck, false, _) => IG,
+        (Class::SynAck, true, SynSent2 | SynRecv) => To(SynRecv),
+        (Class::SynAck, true, _) => IV,
+        (Class::Fin, _, SynSent | SynSent2) => IV,
+        (Class::Fin, _, SynRecv | Established) => To(FinWait),
+        (Class::Fin, _, FinWait | CloseWait | LastAck) => To(LastAck),
+        (Class::Fin, _, s @ (TimeWait | Close)) => To(s),
+        (Class::Ack, true, SynSent | SynSent2) => IV,
+        (Class::Ack, false, SynSent | SynSent2) => IG,
+        (Class::Ack, true, SynRecv) => To(Established),
+        (Class::Ack, false, SynRecv) => To(SynRecv),
+        (Class::Ack, _, Established) => To(Established),
+        (Class::Ack, _, FinWait | CloseWait) => To(CloseWait),
+        (Class::Ack, _, LastAck | TimeWait) => To(TimeWait),
+        (Class::Ack, _, Close) => To(Close),
+    }
 }
 
 const FLOWS_ALLOWED: usize = 1;
@@ -97,6 +201,8 @@ const FLOWS_DENIED: usize = 2;
 const DROP_DENIED: usize = 3;
 const DROP_NOT_OPENED: usize = 4;
 const DROP_INVALID: usize = 5;
+/// Packets passed without acting on them (a SYN in a live connection, a late SYN-ACK).
+const IGNORED: usize = 6;
 
 pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
     let s: Settings = spec.settings()?;
@@ -158,6 +264,7 @@ impl NetworkFunction for Firewall {
             "drop_denied",
             "drop_not_opened",
             "drop_invalid",
+            "ignored",
         ]
     }
 
@@ -169,7 +276,13 @@ impl NetworkFunction for Firewall {
         ctx.count(FLOWS_ALLOWED, 1);
         match pkt.tcp() {
             // A SYN without ACK opens a connection; anything else did not start here.
-            Some(t) if t.flags & (F::SYN | F::ACK | F::RST) == F::SYN => FwState::Tcp(Tcp::SynSent),
+            Some(t) if class(t.flags) == Class::Syn => FwState::Tcp(TcpTrack {
+                state: Tcp::SynSent,
+                isn: t.seq,
+                answered: false,
+                heard: false,
+                ignored_syn: None,
+            }),
             Some(_) => FwState::NotOpened,
             // Not TCP, or a fragment without its TCP header.
             None => FwState::Open,
@@ -182,7 +295,7 @@ impl NetworkFunction for Firewall {
         st: &mut FwState,
         ctx: &mut NfContext<'_>,
     ) -> Verdict {
-        let tcp_state = match st {
+        let track = match st {
             FwState::Open => return Verdict::Forward,
             FwState::Denied => {
                 ctx.count(DROP_DENIED, 1);
@@ -198,40 +311,64 @@ impl NetworkFunction for Firewall {
         let Some(t) = pkt.tcp() else {
             return Verdict::Forward;
         };
-        let f = t.flags;
         let orig = ctx.dir == Dir::Original;
-        let next = match (*tcp_state, orig) {
-            _ if f & F::RST != 0 => Some(Tcp::Reset),
-            (Tcp::Reset, _) => None,
-            (Tcp::SynSent, true) if f & F::SYN != 0 && f & F::ACK == 0 => Some(Tcp::SynSent),
-            (Tcp::SynSent, false) if f & F::SYN != 0 && f & F::ACK != 0 => Some(Tcp::SynReceived),
-            (Tcp::SynSent, _) => None,
-            (Tcp::SynReceived, true) if f & F::ACK != 0 && f & F::SYN == 0 => {
-                Some(Tcp::Established)
+        let c = class(t.flags);
+        if !track.answered {
+            // The initiator resetting a connection nothing came back on: conntrack forgets
+            // the connection and drops the RST (there is nothing at the other end to
+            // reset). A RST answering something the responder sent (a stray ACK from an
+            // old connection's TIME_WAIT, say) passes.
+            if c == Class::Rst && orig && track.state == Tcp::SynSent && !track.heard {
+                track.state = Tcp::Close;
+                ctx.count(DROP_INVALID, 1);
+                return Verdict::Drop;
             }
-            // Retransmitted SYN or SYN-ACK while the handshake completes.
-            (Tcp::SynReceived, true) if f & F::SYN != 0 && f & F::ACK == 0 => {
-                Some(Tcp::SynReceived)
+            // A connection reset before the responder ever answered has no window for
+            // anything but a new SYN (or another RST) to fall in.
+            if track.state == Tcp::Close && c != Class::Syn && c != Class::Rst {
+                ctx.count(DROP_INVALID, 1);
+                return Verdict::Drop;
             }
-            (Tcp::SynReceived, false) if f & F::SYN != 0 => Some(Tcp::SynReceived),
-            (Tcp::SynReceived, _) => None,
-            (Tcp::Established, _) if f & F::SYN != 0 => None,
-            (Tcp::Established, _) if f & F::FIN != 0 => {
-                Some(Tcp::Closing(if orig { 1 } else { 2 }))
-            }
-            (Tcp::Established, _) => Some(Tcp::Established),
-            (Tcp::Closing(_), _) if f & F::SYN != 0 => None,
-            (Tcp::Closing(bits), _) if f & F::FIN != 0 => {
-                Some(Tcp::Closing(bits | if orig { 1 } else { 2 }))
-            }
-            (Tcp::Closing(bits), _) => Some(Tcp::Closing(bits)),
-        };
-        match next {
-            Some(n) => {
-                *tcp_state = n;
+        }
+        if !orig {
+            track.heard = true;
+        }
+        match step(track.state, c, orig) {
+            Step::To(next) => {
+                if next == Tcp::SynSent && orig {
+                    // A retransmitted SYN may carry a new sequence number; a reopening one
+                    // starts over.
+                    track.isn = t.seq;
+                    if track.state != Tcp::SynSent {
+                        track.answered = false;
+                        track.heard = false;
+                    }
+                }
+                if !orig && matches!(c, Class::SynAck | Class::Syn) {
+                    track.answered = true;
+                }
+                track.state = next;
+                track.ignored_syn = None;
                 Verdict::Forward
             }
-            None => {
+            Step::Ignore => {
+                if c == Class::Syn {
+                    track.ignored_syn = Some((orig, t.seq.wrapping_add(1)));
+                } else if c == Class::SynAck && track.ignored_syn == Some((!orig, t.ack)) {
+                    // The other end answered a SYN this firewall let through: the two
+                    // ends reopened the connection. Follow them.
+                    track.state = Tcp::SynRecv;
+                    track.answered = true;
+                    track.ignored_syn = None;
+                    if !orig {
+                        // The SYN came from the initiator: it stays the initiator.
+                        track.isn = t.ack.wrapping_sub(1);
+                    }
+                }
+                ctx.count(IGNORED, 1);
+                Verdict::Forward
+            }
+            Step::Invalid => {
                 ctx.count(DROP_INVALID, 1);
                 Verdict::Drop
             }
@@ -323,18 +460,90 @@ mod tests {
         );
     }
 
+    /// The transitions conntrack makes on these packets (checked against the kernel by
+    /// scripts/conntrack_compare.py, which the root tests run against this firewall in the
+    /// test bed): these tests keep the unit-level behaviour pinned.
     #[test]
     fn handshake_violations_and_resets() {
         let mut h = fw();
         h.feed(&tcp(C, S, F::SYN, 100, 0, b""));
-        // Data from the responder before its SYN-ACK.
-        assert_eq!(h.feed(&tcp(S, C, F::ACK, 500, 101, b"x")).0, Verdict::Drop);
+        // Data from the responder before its SYN-ACK: conntrack lets it through unjudged.
+        assert_eq!(
+            h.feed(&tcp(S, C, F::ACK, 500, 101, b"x")).0,
+            Verdict::Forward
+        );
+        // A FIN before the handshake completes is invalid.
+        assert_eq!(
+            h.feed(&tcp(C, S, F::FIN | F::ACK, 101, 0, b"")).0,
+            Verdict::Drop
+        );
+        // The responder resets the SYN; nothing but a new SYN passes after that.
         assert_eq!(
             h.feed(&tcp(S, C, F::RST | F::ACK, 0, 101, b"")).0,
             Verdict::Forward
         );
         assert_eq!(h.feed(&tcp(C, S, F::ACK, 101, 1, b"late")).0, Verdict::Drop);
         assert_eq!(h.counter("drop_invalid"), 2);
+        assert_eq!(h.counter("ignored"), 1);
+    }
+
+    #[test]
+    fn simultaneous_open_and_retransmitted_handshake() {
+        let mut h = fw();
+        for (frame, what) in [
+            (tcp(C, S, F::SYN, 100, 0, b""), "syn"),
+            (tcp(C, S, F::SYN, 100, 0, b""), "retransmitted syn"),
+            (tcp(S, C, F::SYN, 500, 0, b""), "the server's own syn"),
+            (tcp(C, S, F::SYN | F::ACK, 100, 501, b""), "syn-ack"),
+            (tcp(S, C, F::SYN | F::ACK, 500, 101, b""), "syn-ack"),
+            (tcp(C, S, F::ACK, 101, 501, b""), "ack"),
+            (tcp(S, C, F::SYN | F::ACK, 500, 101, b""), "late syn-ack"),
+            (tcp(C, S, F::ACK | F::PSH, 101, 501, b"data"), "data"),
+        ] {
+            assert_eq!(h.feed(&frame).0, Verdict::Forward, "{what}");
+        }
+        assert_eq!(h.counter("drop_invalid"), 0);
+    }
+
+    #[test]
+    fn a_syn_on_a_live_connection_passes_and_a_syn_ack_answering_it_resyncs() {
+        let mut h = fw();
+        h.feed(&tcp(C, S, F::SYN, 100, 0, b""));
+        h.feed(&tcp(S, C, F::SYN | F::ACK, 500, 101, b""));
+        h.feed(&tcp(C, S, F::ACK, 101, 501, b""));
+        // The client lost its end and opens again on the same port.
+        assert_eq!(h.feed(&tcp(C, S, F::SYN, 9000, 0, b"")).0, Verdict::Forward);
+        assert_eq!(
+            h.feed(&tcp(S, C, F::SYN | F::ACK, 7000, 9001, b"")).0,
+            Verdict::Forward
+        );
+        assert_eq!(
+            h.feed(&tcp(C, S, F::ACK, 9001, 7001, b"")).0,
+            Verdict::Forward
+        );
+        // A FIN is valid from the new connection's handshake on.
+        assert_eq!(
+            h.feed(&tcp(C, S, F::FIN | F::ACK, 9001, 7001, b"")).0,
+            Verdict::Forward
+        );
+        assert_eq!(h.counter("drop_invalid"), 0);
+    }
+
+    #[test]
+    fn the_initiator_resetting_an_unanswered_syn_ends_it() {
+        let mut h = fw();
+        h.feed(&tcp(C, S, F::SYN, 100, 0, b""));
+        assert_eq!(h.feed(&tcp(C, S, F::RST, 101, 0, b"")).0, Verdict::Drop);
+        assert_eq!(
+            h.feed(&tcp(S, C, F::SYN | F::ACK, 500, 101, b"")).0,
+            Verdict::Drop
+        );
+        // A new SYN opens it again.
+        assert_eq!(h.feed(&tcp(C, S, F::SYN, 900, 0, b"")).0, Verdict::Forward);
+        assert_eq!(
+            h.feed(&tcp(S, C, F::SYN | F::ACK, 500, 901, b"")).0,
+            Verdict::Forward
+        );
     }
 
     #[test]
