@@ -372,10 +372,19 @@ pub struct ClusterSection {
     /// Actor frames in flight per pair of endpoints (1-64).
     #[serde(default = "d_window")]
     pub window: u32,
+    /// The most servers the cluster will hold. Resources that must be unique across the
+    /// cluster are split this many ways by server id: each server's NATs hand out ports
+    /// from share `server_id` of their range, so no two runtimes anywhere give two flows
+    /// the same translation. `server_id` must not exceed it.
+    #[serde(default = "d_max_servers")]
+    pub max_servers: u16,
 }
 
 fn d_server_id() -> u16 {
     1
+}
+fn d_max_servers() -> u16 {
+    8
 }
 fn d_heartbeat() -> u64 {
     100
@@ -624,6 +633,10 @@ pub struct RuntimeConfig {
     /// A TCP flow ends this long after it closed (FIN both ways, or RST).
     #[serde(default = "d_closed_linger")]
     pub closed_linger_ms: u32,
+    /// Longest a packet whose flow registered aliases (a NAT's or load balancer's reply
+    /// key) waits for the vswitch to confirm them before it leaves anyway.
+    #[serde(default = "d_alias_wait")]
+    pub alias_wait_ms: u32,
     /// Where network functions' events (alerts, flow records) go, one JSON object per line;
     /// `{runtime}` is replaced by the runtime's name. Unset: no event log.
     pub events: Option<PathBuf>,
@@ -640,6 +653,9 @@ fn d_unreplied_timeout() -> u32 {
 }
 fn d_closed_linger() -> u32 {
     2000
+}
+fn d_alias_wait() -> u32 {
+    50
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -1062,10 +1078,38 @@ impl Config {
         self.validate_chains()
     }
 
+    /// Into how many shares cluster-wide resources are split, and which is this server's
+    /// (0-based): one share and the first outside a cluster.
+    pub fn server_share(&self) -> (u32, u32) {
+        let c = &self.cluster;
+        if c.enabled() {
+            (
+                u32::from(c.max_servers.max(1)),
+                u32::from(c.server_id.saturating_sub(1)),
+            )
+        } else {
+            (1, 0)
+        }
+    }
+
     fn validate_cluster(&self) -> Result<()> {
         let c = &self.cluster;
         if c.server_id == 0 {
             bail!("cluster.server_id: must be between 1 and 65535");
+        }
+        if c.enabled() {
+            if c.max_servers == 0 {
+                bail!("cluster.max_servers: must be at least 1");
+            }
+            if c.server_id > c.max_servers {
+                bail!(
+                    "cluster.server_id: {} is above cluster.max_servers ({}): resources shared \
+                     by the cluster (NAT ports) are split by server id, one share for each id \
+                     up to max_servers",
+                    c.server_id,
+                    c.max_servers
+                );
+            }
         }
         if c.listen.is_some() && c.coordinator.is_some() {
             bail!("cluster.listen, cluster.coordinator: set one (the coordinator listens, members join it)");

@@ -648,6 +648,12 @@ pub struct NfSpec<'a> {
     /// (functions that partition a resource, like NAT ports, use them).
     pub runtime_index: u32,
     pub runtimes_in_chain: u32,
+    /// This server's share of resources split across the cluster (0-based), and how many
+    /// shares there are (`cluster.max_servers`; one outside a cluster). A function that
+    /// hands out something that must be unique cluster-wide (a NAT's ports) takes share
+    /// `server_index` of it, then its runtime's part of that.
+    pub server_index: u32,
+    pub servers: u32,
     /// Relative paths in settings resolve against this.
     pub base_dir: &'a Path,
     /// The runtime's name (for file names).
@@ -721,6 +727,8 @@ impl NfRegistry {
                 key: key.clone(),
                 runtime_index: index,
                 runtimes_in_chain: count.max(1),
+                server_index: cfg.server_share().1,
+                servers: cfg.server_share().0,
                 base_dir: &cfg.base_dir,
                 runtime,
             };

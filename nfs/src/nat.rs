@@ -7,12 +7,17 @@
 //! external_ip = "10.77.0.100"
 //! external_mac = "02:4e:41:54:00:01"   # answers ARP for external_ip with this address
 //! internal = "10.77.0.0/24"           # flows started from here are translated (default: all)
-//! ports = "20000-59999"               # split evenly between the runtimes of the chain
+//! ports = "20000-59999"               # split by server id (cluster.max_servers shares),
+//!                                     # then between the runtimes of the chain
 //! ```
 //!
 //! The translated reply key is registered as an alias of the flow, so replies reach the flow
-//! actor that holds the mapping. Each runtime of the chain allocates from its own share of the
-//! port range, so no two runtimes hand out the same port. IPv4 only; IPv6 flows pass untouched.
+//! actor that holds the mapping (and the packet that made it leaves only once the vswitch
+//! has it). Each server of a cluster takes its share of the port range by server id, and each
+//! runtime of the chain its part of that, so no two runtimes anywhere hand out the same port.
+//! IPv4 only; IPv6 flows pass untouched.
+
+use std::collections::{HashMap, VecDeque};
 
 use nflib::flow::{family, FlowKey};
 use nflib::net::{Mac, PortRange, Prefix};
@@ -36,36 +41,91 @@ fn yes() -> bool {
 }
 
 /// Ports handed out by this runtime: its share of the configured range.
+///
+/// Two habits of a good NAT (RFC 4787 section 4.1; Linux's masquerade keeps ports when it
+/// can for the same reason), because servers keep a closed connection's 4-tuple in
+/// TIME_WAIT for a minute or two, and answer a new SYN on it with the old connection's ACK
+/// when its sequence number does not fit (the client then resets and waits a second to try
+/// again):
+/// - **Sticky**: a flow from the same inside address and port to the same destination as a
+///   flow that ended gets that flow's port back, if it is free, so the server sees the
+///   tuple the client meant to reuse, with the client's own sequence numbers.
+/// - **Least recently used**: otherwise, the port free the longest, so a port comes back
+///   to another inside endpoint as late as the share allows.
 struct Ports {
     first: u16,
     used: Vec<bool>,
-    cursor: usize,
+    /// Free ports, longest free first. A port taken out of turn (sticky) stays listed and
+    /// is skipped when reached.
+    free_order: VecDeque<u16>,
     free: usize,
+    /// Where ended flows' ports went: (inside ip, inside port, protocol, destination ip,
+    /// destination port) -> port, with the order they ended in (oldest first) to keep the
+    /// map no larger than the share.
+    last: HashMap<Mapping5, u16>,
+    last_order: VecDeque<Mapping5>,
 }
 
+/// An inside endpoint and the destination it talked to.
+type Mapping5 = ([u8; 4], u16, u8, [u8; 16], u16);
+
 impl Ports {
-    fn alloc(&mut self) -> Option<u16> {
+    fn new(first: u16, share: usize) -> Ports {
+        Ports {
+            first,
+            used: vec![false; share],
+            free_order: (0..share as u32).map(|i| first + i as u16).collect(),
+            free: share,
+            last: HashMap::new(),
+            last_order: VecDeque::new(),
+        }
+    }
+
+    fn index(&self, port: u16) -> Option<usize> {
+        port.checked_sub(self.first)
+            .map(usize::from)
+            .filter(|&i| i < self.used.len())
+    }
+
+    /// A port for a flow from `who`: the one its last flow had, if free, else the port free
+    /// the longest.
+    fn alloc(&mut self, who: &Mapping5) -> Option<u16> {
         if self.free == 0 {
             return None;
         }
-        for _ in 0..self.used.len() {
-            let i = self.cursor;
-            self.cursor = (self.cursor + 1) % self.used.len();
+        if let Some(&port) = self.last.get(who) {
+            if let Some(i) = self.index(port).filter(|&i| !self.used[i]) {
+                self.used[i] = true;
+                self.free -= 1;
+                return Some(port);
+            }
+        }
+        while let Some(port) = self.free_order.pop_front() {
+            let Some(i) = self.index(port) else { continue };
             if !self.used[i] {
                 self.used[i] = true;
                 self.free -= 1;
-                return Some(self.first + i as u16);
+                return Some(port);
             }
         }
         None
     }
 
-    fn release(&mut self, port: u16) {
+    fn release(&mut self, port: u16, who: Mapping5) {
         // A port from another runtime's share (a flow that moved here) is not ours to free.
-        if let Some(i) = port.checked_sub(self.first).map(usize::from) {
-            if i < self.used.len() && self.used[i] {
-                self.used[i] = false;
-                self.free += 1;
+        let Some(i) = self.index(port) else { return };
+        if !self.used[i] {
+            return;
+        }
+        self.used[i] = false;
+        self.free += 1;
+        self.free_order.push_back(port);
+        if self.last.insert(who, port).is_none() {
+            self.last_order.push_back(who);
+            while self.last_order.len() > self.used.len() {
+                if let Some(old) = self.last_order.pop_front() {
+                    self.last.remove(&old);
+                }
             }
         }
     }
@@ -87,6 +147,23 @@ pub struct Mapping {
     pub outside_port: u16,
     /// The inside host's MAC, restored on replies.
     pub inside_mac: [u8; 6],
+    /// The destination (its address, port and the protocol), so that a later flow from
+    /// the same inside endpoint to it gets the same port.
+    pub proto: u8,
+    pub peer: [u8; 16],
+    pub peer_port: u16,
+}
+
+/// The inside endpoint and destination of a flow's first packet.
+fn endpoints(pkt: &PacketMut<'_>) -> Mapping5 {
+    let h = pkt.headers();
+    (
+        pkt.src_ipv4().unwrap_or([0; 4]),
+        h.src_port,
+        h.proto,
+        h.dst_ip,
+        h.dst_port,
+    )
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,14 +183,21 @@ pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
         .map_err(|e| format!("{}.external_ip: {e}", spec.key))?;
     let range = s.ports.unwrap_or(PortRange(20000..=59999));
     let total = (*range.0.end() as usize) - (*range.0.start() as usize) + 1;
-    let share = total / spec.runtimes_in_chain as usize;
+    // Cluster-wide first (each server id its share), then this server's runtimes: no two
+    // runtimes anywhere hand out the same port.
+    let servers = spec.servers.max(1) as usize;
+    let server_share = total / servers;
+    let share = server_share / spec.runtimes_in_chain as usize;
     if share == 0 {
         return Err(format!(
-            "{}.ports: {total} ports cannot be shared by {} runtimes",
+            "{}.ports: {total} ports cannot be shared by {servers} servers (cluster.max_servers) \
+             of {} runtimes",
             spec.key, spec.runtimes_in_chain
         ));
     }
-    let first = *range.0.start() as usize + share * spec.runtime_index as usize;
+    let first = *range.0.start() as usize
+        + server_share * spec.server_index as usize
+        + share * spec.runtime_index as usize;
     Ok(TypedStage::boxed(Nat {
         external_ip,
         external_mac: s.external_mac.0,
@@ -121,12 +205,7 @@ pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
             .internal
             .unwrap_or(Prefix::parse("0.0.0.0/0").expect("valid prefix")),
         answer_arp: s.answer_arp,
-        ports: Ports {
-            first: first as u16,
-            used: vec![false; share],
-            cursor: 0,
-            free: share,
-        },
+        ports: Ports::new(first as u16, share),
     }))
 }
 
@@ -163,7 +242,7 @@ impl NetworkFunction for Nat {
             return NatState::default();
         }
         let h = pkt.headers();
-        let Some(outside_port) = self.ports.alloc() else {
+        let Some(outside_port) = self.ports.alloc(&endpoints(pkt)) else {
             return NatState {
                 mapping: None,
                 refused: true,
@@ -191,6 +270,9 @@ impl NetworkFunction for Nat {
                 inside_port: h.src_port,
                 outside_port,
                 inside_mac: h.src_mac,
+                proto: h.proto,
+                peer: h.dst_ip,
+                peer_port: h.dst_port,
             }),
             refused: false,
         }
@@ -239,7 +321,10 @@ impl NetworkFunction for Nat {
 
     fn end_flow(&mut self, st: NatState, _ctx: &mut NfContext<'_>) {
         if let Some(m) = st.mapping {
-            self.ports.release(m.outside_port);
+            self.ports.release(
+                m.outside_port,
+                (m.inside_ip, m.inside_port, m.proto, m.peer, m.peer_port),
+            );
         }
     }
 }
@@ -306,6 +391,26 @@ mod tests {
         h.end_all();
         let (v, _) = h.feed(&udp(([10, 0, 0, 1], 300), ([8, 8, 8, 8], 53), b"q"));
         assert_eq!(v, Verdict::Forward);
+    }
+
+    /// A reused inside port gets its last translation back (the server may hold that tuple
+    /// in TIME_WAIT, and only the client's own sequence numbers reopen it); other
+    /// endpoints get the port free the longest.
+    #[test]
+    fn ports_stick_to_their_endpoint_and_come_back_last_to_others() {
+        let mut h = nat(0, 1);
+        let src = |h: &mut Harness, port: u16| {
+            let (_, out) = h.feed(&udp(([10, 0, 0, 1], port), ([8, 8, 8, 8], 53), b"q"));
+            nflib::packet::parse(&out).unwrap().src_port
+        };
+        assert_eq!(src(&mut h, 100), 1000);
+        assert_eq!(src(&mut h, 101), 1001);
+        h.end_all();
+        // Another endpoint: the port free the longest (1002 was never used).
+        assert_eq!(src(&mut h, 102), 1002);
+        // The first endpoint again: its own port.
+        assert_eq!(src(&mut h, 100), 1000);
+        assert_eq!(src(&mut h, 101), 1001);
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub fn build_for(
         key: "chain.test.nf[0]".into(),
         runtime_index: index,
         runtimes_in_chain: count,
+        server_index: 0,
+        servers: 1,
         base_dir: std::path::Path::new("."),
         runtime: "rt-test",
     };
