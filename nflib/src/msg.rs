@@ -12,13 +12,28 @@ use crate::wire::EndpointAddr;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// runtime -> vswitch: packets with these keys belong to flows the sender holds (a
-    /// function rewrote their addresses); dispatch them to it.
+    /// function rewrote their addresses); dispatch them to it. A key another live runtime
+    /// holds is refused, not taken over. With a `request` other than 0 the vswitch answers
+    /// `AliasesAdded`: the runtime holds the packets that made the aliases until then, so
+    /// that a translated flow's first reply always finds its way back.
     AddAliases {
         keys: Vec<FlowKey>,
+        request: u64,
     },
-    /// runtime -> vswitch: the flow with these keys ended; forget them.
+    /// vswitch -> runtime: the aliases of `request` are in place, but for `refused` (keys
+    /// another runtime holds).
+    AliasesAdded {
+        request: u64,
+        refused: Vec<FlowKey>,
+    },
+    /// runtime -> vswitch: flows ended; forget their `keys` and `aliases`. A key the vswitch
+    /// gave the runtime a packet under in the last `idle_ms / 2` is kept: the flows ended
+    /// after at least `idle_ms` without a packet, so that packet is a new flow's (a port
+    /// reused) that the runtime already holds.
     FlowEnded {
         keys: Vec<FlowKey>,
+        aliases: Vec<FlowKey>,
+        idle_ms: u32,
     },
     /// -> vswitch: send the flows with these keys to `runtime` from now on (migration,
     /// recovery). Answered with `RuntimeSet`.
@@ -432,6 +447,7 @@ impl Message {
             Message::MigrateAborted { .. } => 15,
             Message::MigratePackets { .. } => 16,
             Message::MigrateForget { .. } => 17,
+            Message::AliasesAdded { .. } => 18,
         }
     }
 

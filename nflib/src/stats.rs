@@ -75,6 +75,10 @@ counter_set!(
     LoopsSlow => "loops_slow",
     LoopMaxUs => "loop_max_us",
     MigrationGroupsMismatched => "migration_groups_mismatched",
+    AliasesRefused => "aliases_refused",
+    AliasesHeld => "aliases_held",
+    AliasCommitTimeouts => "alias_commit_timeouts",
+    FlowsReopened => "flows_reopened",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the

@@ -26,6 +26,7 @@ use nflib::stats::{ProcCounter, NF_COUNTERS};
 use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Packet, MANAGER_SLOT};
 
+use crate::aliases::AliasCommit;
 use crate::events::EventLog;
 use crate::flows::{flag, FlowActor, FlowTable, Found};
 use crate::migration::{
@@ -40,6 +41,8 @@ pub struct FlowSettings {
     pub idle_ms: u32,
     pub unreplied_ms: u32,
     pub closed_linger_ms: u32,
+    /// Longest a packet waits for the vswitch to confirm its flow's new aliases.
+    pub alias_wait_ms: u32,
 }
 
 /// How many packets ahead of the one whose chain runs its flow's actor and states are asked
@@ -75,7 +78,9 @@ pub struct Runtime {
     /// Aliases and ended flows to tell the vswitches that feed them (sent by `flush`, one
     /// message per vswitch, before the packets that need them).
     new_aliases: Vec<(EndpointAddr, FlowKey)>,
-    ended: Vec<(EndpointAddr, FlowKey)>,
+    ended: Vec<Ended>,
+    /// Packets waiting for the vswitch to confirm their flows' new aliases.
+    alias_commit: AliasCommit<Packet>,
     prepared: Vec<Prepared>,
     /// The packets of `prepared`, in the same order.
     prepared_pkts: Vec<Packet>,
@@ -89,9 +94,33 @@ pub struct Runtime {
     pick_cursor: u32,
 }
 
+/// A key of an ended flow, for the vswitch that fed it to forget.
+struct Ended {
+    vswitch: EndpointAddr,
+    key: FlowKey,
+    /// An alias (or a key the flow no longer needs): forgotten whatever its last packet.
+    alias: bool,
+    /// How long the flow had had no packet when it ended.
+    idle_ms: u32,
+}
+
+/// Whom to tell that a flow ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Notify {
+    /// Nobody (the runtime is stopping).
+    Nobody,
+    /// The vswitch that feeds the flow: every key.
+    Vswitch,
+    /// The vswitch, of every key but this one, which a new flow takes over at once (a port
+    /// reused after a close).
+    VswitchBut(FlowKey),
+}
+
 /// What running the chain on a packet came to.
 enum Ran {
-    Done(Verdict, usize),
+    /// The verdict, the packet's new length, and the alias epoch it must wait for, if any,
+    /// with its flow (slot and id).
+    Done(Verdict, usize, Option<(u64, u32, u64)>),
     /// Dropped before the chain (table full).
     Dropped,
     /// The flow is migrating: the migrator decides (its slot and key).
@@ -152,6 +181,7 @@ impl Runtime {
             out: Vec::new(),
             new_aliases: Vec::new(),
             ended: Vec::new(),
+            alias_commit: AliasCommit::new(u64::from(settings.alias_wait_ms) * 1_000_000),
             prepared: Vec::new(),
             prepared_pkts: Vec::new(),
             migrator: Migrator::new(me, None, MigrationSettings::default()),
@@ -328,16 +358,21 @@ impl Runtime {
                         }
                     }
                 }
-                Ran::Done(verdict, new_len) => {
+                Ran::Done(verdict, new_len, wait) => {
                     region.set_len(&mut pkt, new_len);
-                    match verdict {
-                        Verdict::Forward => self.out.push(pkt),
-                        Verdict::SendBack => {
-                            let ingress = pkt.ingress_port();
-                            pkt.set_egress_port(ingress);
-                            self.out.push(pkt);
+                    if verdict == Verdict::Drop {
+                        ep.free(pkt);
+                        return;
+                    }
+                    if verdict == Verdict::SendBack {
+                        let ingress = pkt.ingress_port();
+                        pkt.set_egress_port(ingress);
+                    }
+                    match wait {
+                        Some((epoch, slot, flow)) => {
+                            self.alias_commit.hold(epoch, slot, flow, pkt);
                         }
-                        Verdict::Drop => ep.free(pkt),
+                        None => self.out.push(pkt),
                     }
                 }
             }
@@ -537,9 +572,28 @@ impl Runtime {
         force: bool,
     ) -> Ran {
         let now = now_ms as u32;
+        let mut found = self.flows.find_hashed(key, hash);
+        // A SYN on a TCP flow that closed (FIN both ways, or RST) opens a new connection on
+        // the same addresses and ports (a client reusing its port): the old flow ends, in
+        // every function, and this packet starts a new one. Conntrack reopens a connection
+        // in TIME_WAIT or CLOSE the same way (docs/FIREWALL.md).
+        if let Some(Found::Key(s) | Found::Alias(s)) = found {
+            let reopens = self
+                .flows
+                .get(s)
+                .is_some_and(|a| a.has(flag::TCP) && a.closed() && !a.has(flag::MIGRATING))
+                && pm.tcp_flags().is_some_and(|f| {
+                    f & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN
+                });
+            if reopens {
+                self.end_flow(s, now_ms, Notify::VswitchBut(*key));
+                ep.counters().add(ProcCounter::FlowsReopened as usize, 1);
+                found = None;
+            }
+        }
         // The direction: an alias names the reply direction, a new flow's first packet the
         // original one; under the flow's own key it depends on who opened the flow.
-        let (slot, new, known_dir) = match self.flows.find_hashed(key, hash) {
+        let (slot, new, known_dir) = match found {
             Some(Found::Key(s)) => (s, false, None),
             Some(Found::Alias(s)) => (s, false, Some(Dir::Reply)),
             None => {
@@ -634,12 +688,21 @@ impl Runtime {
         if let Some(i) = dropped_by {
             self.nf_counters[i][0] += 1;
         }
+        let mut registered = false;
         for alias in self.aliases.drain(..) {
             if self.flows.add_alias(slot, alias) {
                 self.new_aliases.push((vswitch, alias));
+                registered = true;
             }
         }
-        Ran::Done(verdict, pm.len())
+        let wait = if verdict == Verdict::Drop {
+            None
+        } else {
+            self.alias_commit
+                .hold_for(slot, id, registered)
+                .map(|epoch| (epoch, slot, id))
+        };
+        Ran::Done(verdict, pm.len(), wait)
     }
 
     fn deadline(&self, a: &FlowActor) -> u64 {
@@ -674,19 +737,21 @@ impl Runtime {
                 self.timers.arm(*e, deadline);
                 continue;
             }
-            self.end_flow(e.slot, now_ms, true);
+            self.end_flow(e.slot, now_ms, Notify::Vswitch);
             ep.counters().add(ProcCounter::FlowsExpired as usize, 1);
         }
         self.fired = fired;
         self.fired.clear();
     }
 
-    fn end_flow(&mut self, slot: u32, now_ms: u64, notify: bool) {
+    fn end_flow(&mut self, slot: u32, now_ms: u64, notify: Notify) {
         let Some(a) = self.flows.get(slot) else {
             return;
         };
         let key = a.key;
         let id = a.id;
+        let idle_ms =
+            u32::try_from(now_ms.saturating_sub(u64::from(a.last_ms))).unwrap_or(u32::MAX);
         let mut ctx = NfContext::new(
             now_ms,
             Dir::Original,
@@ -701,12 +766,32 @@ impl Runtime {
             stage.end_flow(self.flows.records_mut(), slot, &mut ctx);
         }
         self.aliases.clear();
-        if let Some((a, aliases)) = self.flows.remove(slot) {
-            if notify {
-                self.ended.push((a.vswitch, a.key));
-                self.ended
-                    .extend(aliases.into_iter().map(|k| (a.vswitch, k)));
-            }
+        let Some((a, aliases)) = self.flows.remove(slot) else {
+            return;
+        };
+        let keep = match notify {
+            Notify::Nobody => return,
+            Notify::Vswitch => None,
+            Notify::VswitchBut(k) => Some(k),
+        };
+        let vswitch = a.vswitch;
+        if keep != Some(a.key) {
+            self.ended.push(Ended {
+                vswitch,
+                key: a.key,
+                // A key given up while the flow lives on under another is not a matter of
+                // idleness.
+                alias: keep.is_some(),
+                idle_ms,
+            });
+        }
+        for k in aliases.into_iter().filter(|k| keep != Some(*k)) {
+            self.ended.push(Ended {
+                vswitch,
+                key: k,
+                alias: true,
+                idle_ms,
+            });
         }
     }
 
@@ -714,7 +799,7 @@ impl Runtime {
     pub fn end_all(&mut self) {
         let now = self.now_ms();
         for slot in self.flows.slots() {
-            self.end_flow(slot, now, false);
+            self.end_flow(slot, now, Notify::Nobody);
         }
         self.new_aliases.clear();
         self.ended.clear();
@@ -723,27 +808,47 @@ impl Runtime {
     /// Sends what processing produced: messages first (so aliases are known before the
     /// packets that need them), then packets to nfmgr.
     pub fn flush(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, now_ns: u64) {
-        for (list, aliases) in [(&mut self.new_aliases, true), (&mut self.ended, false)] {
-            if list.is_empty() {
-                continue;
-            }
-            // One message per vswitch: a batch of new NAT flows costs a frame or two, not
-            // one each.
-            list.sort_by_key(|(vs, _)| *vs);
-            for group in list.chunk_by(|a, b| a.0 == b.0) {
-                let to = group[0].0;
-                let keys: Vec<FlowKey> = group.iter().map(|(_, k)| *k).collect();
-                let m = if aliases {
-                    Message::AddAliases { keys }
-                } else {
-                    Message::FlowEnded { keys }
+        // One message per vswitch: a batch of new NAT flows costs a frame or two, not one
+        // each. Ended flows first: a key a flow gave up may be a new flow's alias in the same
+        // flush (a NAT port freed and handed out again).
+        if !self.ended.is_empty() {
+            let mut ended = std::mem::take(&mut self.ended);
+            ended.sort_by_key(|e| e.vswitch);
+            for group in ended.chunk_by(|a, b| a.vswitch == b.vswitch) {
+                let (aliases, keys): (Vec<&Ended>, Vec<&Ended>) =
+                    group.iter().partition(|e| e.alias);
+                let m = Message::FlowEnded {
+                    keys: keys.iter().map(|e| e.key).collect(),
+                    aliases: aliases.iter().map(|e| e.key).collect(),
+                    // The least idle flow of the group bounds what counts as a new packet.
+                    idle_ms: keys.iter().map(|e| e.idle_ms).min().unwrap_or(0),
                 };
-                if mb.send(to, LIAISON, LIAISON, &m).is_err() {
+                if mb.send(group[0].vswitch, LIAISON, LIAISON, &m).is_err() {
                     ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
                 }
             }
-            list.clear();
+            ended.clear();
+            self.ended = ended;
         }
+        if !self.new_aliases.is_empty() {
+            let epoch = self.alias_commit.open();
+            let mut sent = 0;
+            self.new_aliases.sort_by_key(|(vs, _)| *vs);
+            for group in self.new_aliases.chunk_by(|a, b| a.0 == b.0) {
+                let m = Message::AddAliases {
+                    keys: group.iter().map(|(_, k)| *k).collect(),
+                    request: epoch,
+                };
+                if mb.send(group[0].0, LIAISON, LIAISON, &m).is_ok() {
+                    sent += 1;
+                } else {
+                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                }
+            }
+            self.alias_commit.sent(epoch, sent, now_ns);
+            self.new_aliases.clear();
+        }
+        self.release_held_aliases(ep, now_ns);
         if !self.forwards.is_empty() {
             // Late stragglers, one message per (runtime, group); after the state they follow.
             let mut fw = std::mem::take(&mut self.forwards);
@@ -775,6 +880,50 @@ impl Runtime {
         }
     }
 
+    /// Moves packets whose alias epoch is over to the output (dropping those of flows
+    /// whose alias was refused).
+    fn release_held_aliases(&mut self, ep: &mut Endpoint, now_ns: u64) {
+        if self.alias_commit.held_len() == 0 {
+            return;
+        }
+        let mut dropped = Vec::new();
+        self.alias_commit
+            .release(now_ns, &mut self.out, &mut dropped);
+        for p in dropped {
+            ep.free(p);
+        }
+    }
+
+    /// A vswitch answered alias request `request`; `refused` are keys another runtime
+    /// holds. A flow that got none of its translations ends: its replies would reach the
+    /// other flow.
+    pub fn on_aliases_added(
+        &mut self,
+        ep: &mut Endpoint,
+        request: u64,
+        refused: &[FlowKey],
+        now_ms: u64,
+    ) {
+        for k in refused {
+            let Some(Found::Alias(slot)) = self.flows.find(k) else {
+                continue;
+            };
+            if let Some(a) = self.flows.get(slot) {
+                self.alias_commit.refuse(a.id);
+            }
+            ep.counters().add(ProcCounter::AliasesRefused as usize, 1);
+            // Forget every key but the refused one, which is another runtime's.
+            self.end_flow(slot, now_ms, Notify::VswitchBut(*k));
+        }
+        self.alias_commit.answered(request);
+    }
+
+    /// When the loop must run again even with nothing to receive (an alias epoch's
+    /// deadline), in nanoseconds of `nflib::time::mono_ns`.
+    pub fn next_wake_ns(&self) -> Option<u64> {
+        self.alias_commit.next_deadline()
+    }
+
     /// Publishes flow counters and the functions' statistics.
     pub fn publish(&mut self, ep: &mut Endpoint) {
         let live = self.flows.len() as u64;
@@ -792,6 +941,9 @@ impl Runtime {
             ProcCounter::MigrationGroupsMismatched as usize,
             m.groups_mismatched,
         );
+        let a = self.alias_commit.counters;
+        c.set(ProcCounter::AliasesHeld as usize, a.held);
+        c.set(ProcCounter::AliasCommitTimeouts as usize, a.timeouts);
         let region = ep.region();
         for (i, counters) in self.nf_counters.iter().enumerate() {
             if let Some(rec) = region.nf_stats(ep.slot(), i) {
@@ -1122,7 +1274,7 @@ impl FlowHost for EngineHost<'_> {
         {
             return false;
         }
-        self.rt.end_flow(slot, self.now_ms, true);
+        self.rt.end_flow(slot, self.now_ms, Notify::Vswitch);
         true
     }
 

@@ -97,6 +97,10 @@ impl Liaison {
             }
             // The answer to `PrepareMigration`'s ping: the exchange itself was the point.
             Message::Pong { .. } => {}
+            Message::AliasesAdded { request, refused } => {
+                let now_ms = rt.now_ms();
+                rt.on_aliases_added(ep, request, &refused, now_ms);
+            }
             _ => self.unknown += 1,
         }
     }

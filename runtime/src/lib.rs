@@ -1,6 +1,7 @@
 //! nf-runtime's engine, as a library so benchmarks and tests drive the same code the process
 //! runs: the flow table, timers, the event log and the chain executor.
 
+pub mod aliases;
 pub mod engine;
 pub mod events;
 pub mod failpoint;
@@ -206,6 +207,7 @@ pub fn from_region(ep: &Endpoint, cfg: &Config) -> Result<Runtime, String> {
         idle_ms: rc.idle_timeout_s.saturating_mul(1000),
         unreplied_ms: rc.unreplied_timeout_s.saturating_mul(1000),
         closed_linger_ms: rc.closed_linger_ms,
+        alias_wait_ms: rc.alias_wait_ms,
     };
     let mut rt = Runtime::new(
         stages,

@@ -65,11 +65,18 @@ fn main() -> ExitCode {
             rt.migration_tick(ep, &mut mb, &dead, now_ms);
         }
         rt.flush(ep, &mut mb, now_ns);
+        // The transport's timers (the mailbox's flush asked for them), and packets held for
+        // an alias confirmation, which leave by a deadline even if it never comes.
+        let mut wake = mb.next_timeout();
+        if let Some(t) = rt.next_wake_ns() {
+            wake = Some(wake.map_or(t, |w| w.min(t)));
+        }
         if migrating {
             // Migration timers (straggler waits, step timeouts) need the loop within 1 ms.
             let soon = now_ns + 1_000_000;
-            ep.wake_by(Some(mb.next_timeout().map_or(soon, |t| t.min(soon))));
+            wake = Some(wake.map_or(soon, |w| w.min(soon)));
         }
+        ep.wake_by(wake);
         if now.duration_since(last_publish) >= Duration::from_millis(100) {
             rt.publish(ep);
             last_publish = now;

@@ -39,8 +39,9 @@ pub enum NonIp {
 
 struct Entry {
     runtime: EndpointAddr,
-    /// Seconds since the dispatcher started, when the flow last had a packet.
-    last_seen: u32,
+    /// When the flow last had a packet: milliseconds since the dispatcher started,
+    /// wrapping (ages are `wrapping_sub`s, never near 2^31 ms: idle entries are swept).
+    last_ms: u32,
     /// Packets given to `runtime` under this key since it was set (wrapping): a migrating
     /// source learns from it how many packets to wait for (`RuntimeSet::sent`).
     sent: u32,
@@ -237,26 +238,31 @@ impl Dispatch {
     }
 
     fn handle(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, env: Envelope) {
-        let now_s = self.epoch.elapsed().as_secs() as u32;
+        let now_ms = self.now_ms(Instant::now());
         let reply = match env.msg {
-            Message::AddAliases { keys } => {
+            Message::AddAliases { keys, request } => {
+                let mut refused = Vec::new();
                 for key in keys {
-                    self.table.insert(
-                        key,
-                        Entry {
-                            runtime: env.from,
-                            last_seen: now_s,
-                            sent: 0,
-                        },
-                    );
-                }
-                None
-            }
-            Message::FlowEnded { keys } => {
-                for k in keys {
-                    if self.table.get(&k).is_some_and(|e| e.runtime == env.from) {
-                        self.table.remove(&k);
+                    if !self.add_alias(key, env.from, now_ms) {
+                        refused.push(key);
                     }
+                }
+                ep.counters()
+                    .add(ProcCounter::AliasesRefused as usize, refused.len() as u64);
+                (request != 0).then_some(Message::AliasesAdded { request, refused })
+            }
+            Message::FlowEnded {
+                keys,
+                aliases,
+                idle_ms,
+            } => {
+                for k in &aliases {
+                    self.forget(k, env.from, None);
+                }
+                // A key given a packet since the flow went idle is a new flow's: keep it.
+                let recent = idle_ms / 2;
+                for k in &keys {
+                    self.forget(k, env.from, Some((now_ms, recent)));
                 }
                 None
             }
@@ -303,6 +309,50 @@ impl Dispatch {
                 ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
             }
         }
+    }
+
+    /// Milliseconds since the dispatcher started, wrapping.
+    fn now_ms(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.epoch).as_millis() as u32
+    }
+
+    /// Makes `key` lead to `runtime`, unless another live runtime holds it: two flows under
+    /// one key would get each other's packets, so the newcomer is refused (and told), never
+    /// silently given the key. A key of a runtime no longer live, or already the caller's,
+    /// is taken.
+    fn add_alias(&mut self, key: FlowKey, runtime: EndpointAddr, now_ms: u32) -> bool {
+        let (live, remote) = (&self.live, &self.remote);
+        if let Some(e) = self.table.get(&key) {
+            if e.runtime != runtime && targets_live(live, remote, e.runtime) {
+                return false;
+            }
+        }
+        self.table.insert(
+            key,
+            Entry {
+                runtime,
+                last_ms: now_ms,
+                sent: 0,
+            },
+        );
+        true
+    }
+
+    /// Forgets `key` if `runtime` holds it, unless (with `keep_recent` = (now, window)) it
+    /// was given a packet in the last `window` ms.
+    fn forget(&mut self, key: &FlowKey, runtime: EndpointAddr, keep_recent: Option<(u32, u32)>) {
+        let Some(e) = self.table.get(key) else {
+            return;
+        };
+        if e.runtime != runtime {
+            return;
+        }
+        if let Some((now_ms, window)) = keep_recent {
+            if now_ms.wrapping_sub(e.last_ms) < window {
+                return;
+            }
+        }
+        self.table.remove(key);
     }
 
     fn workload(&self, ep: &mut Endpoint, mb: &Mailbox) -> Workload {
@@ -392,7 +442,7 @@ impl Dispatch {
         batch: &mut Vec<(u16, Packet)>,
         now: Instant,
     ) {
-        let now_s = now.saturating_duration_since(self.epoch).as_secs() as u32;
+        let now_ms = self.now_ms(now);
         let region = ep.region().clone();
         // Each lookup is an index line and an entry, both likely cache misses at a million
         // flows: parse the burst and start loading every packet's index line, then every
@@ -431,12 +481,12 @@ impl Dispatch {
                 ep.free(p);
                 continue;
             }
-            let mut runtime = self.known(&key, hash, now_s);
+            let mut runtime = self.known(&key, hash, now_ms);
             if runtime.is_none() {
                 // A runtime may have registered this key (an alias) just before the packet
                 // that made it necessary left: read messages once more before deciding.
                 self.handle_messages(ep, mb);
-                runtime = self.known(&key, hash, now_s);
+                runtime = self.known(&key, hash, now_ms);
             }
             let runtime = match runtime {
                 Some(rt) => rt,
@@ -453,7 +503,7 @@ impl Dispatch {
                     };
                     let entry = Entry {
                         runtime: rt,
-                        last_seen: now_s,
+                        last_ms: now_ms,
                         sent: 1,
                     };
                     if self.table.insert(key, entry).is_none() {
@@ -494,14 +544,14 @@ impl Dispatch {
 
     /// The runtime of a known flow, if it is alive (refreshing the flow's last packet time
     /// and counting the packet as given to it).
-    fn known(&mut self, key: &FlowKey, hash: u64, now_s: u32) -> Option<EndpointAddr> {
+    fn known(&mut self, key: &FlowKey, hash: u64, now_ms: u32) -> Option<EndpointAddr> {
         // One lookup: the entry stays borrowed while the (disjoint) target lists are checked.
         let e = self.table.get_mut_hashed(key, hash)?;
         let rt = e.runtime;
         if !targets_live(&self.live, &self.remote, rt) {
             return None;
         }
-        e.last_seen = now_s;
+        e.last_ms = now_ms;
         e.sent = e.sent.wrapping_add(1);
         Some(rt)
     }
@@ -512,17 +562,17 @@ impl Dispatch {
         if now < self.next_sweep {
             return;
         }
-        let now_s = now.saturating_duration_since(self.epoch).as_secs() as u32;
-        // Whole seconds, each flow swept once a period: a flow lives between `timeout` and
-        // `timeout` + 2 s after its last packet.
-        let timeout_s = self.timeout.as_secs().max(1) as u32;
+        let now_ms = self.now_ms(now);
+        // Each flow swept once a period: a flow lives between `timeout` and `timeout` + 1 s
+        // after its last packet.
+        let timeout_ms = self.timeout.as_millis().clamp(1, 1 << 30) as u32;
         let step = SWEEP_PERIOD / SWEEP_SLICES as u32;
         let mut expired = 0;
         let mut swept = 0;
         while now >= self.next_sweep && swept < MAX_SWEEPS_PER_LOOP {
             expired += self
                 .table
-                .sweep_next(|e| now_s.saturating_sub(e.last_seen) < timeout_s);
+                .sweep_next(|e| now_ms.wrapping_sub(e.last_ms) < timeout_ms);
             self.next_sweep += step;
             swept += 1;
         }

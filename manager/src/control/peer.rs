@@ -35,7 +35,10 @@ use super::Event;
 /// 2: compact keys, step 3 by position with one-byte state tags.
 /// 3: `Call::PrepareMigration` (which renumbers the `Call`s after it), and `FlowKey`'s
 ///    hash, which step 3's digest of a group's keys is made of.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: alias requests and their answers (`AddAliases { request }`, `AliasesAdded`),
+///    `FlowEnded { aliases, idle_ms }`, and the firewall's conntrack-like TCP state (which
+///    migration carries); NAT ports split by server id.
+pub const PROTOCOL_VERSION: u32 = 4;
 const MAX_FRAME: usize = 16 << 20;
 const TAG: usize = 16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
