@@ -21,29 +21,12 @@ fn ready(what: &str, tools: &[&str]) -> bool {
     require_root(what) && tools.iter().all(|t| require_tool(t, what))
 }
 
-/// A process's counter on server `server`, from `nfmgr stats --json`.
 fn proc_counter(tb: &Testbed, server: u32, name: &str, counter: &str) -> u64 {
-    tb.stats(server)["processes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["name"] == name)
-        .filter_map(|p| p["counters"][counter].as_u64())
-        .sum()
+    tb.proc_counter(server, name, counter)
 }
 
-/// A function's counter in a runtime, from `nfmgr stats --json`.
 fn nf_counter(tb: &Testbed, server: u32, runtime: &str, nf: &str, counter: &str) -> u64 {
-    let s = tb.stats(server);
-    s["processes"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["name"] == runtime)
-        .flat_map(|p| p["nfs"].as_array().cloned().unwrap_or_default())
-        .filter(|n| n["kind"] == nf)
-        .filter_map(|n| n["counters"][counter].as_u64())
-        .sum()
+    tb.nf_counter(server, runtime, nf, counter)
 }
 
 /// A field of the workload runtime `addr` ("server/slot") reports, from `nfmgr runtimes`.

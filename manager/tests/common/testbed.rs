@@ -118,6 +118,30 @@ impl Testbed {
         serde_json::from_slice(&out.stdout).expect("stats JSON")
     }
 
+    /// A process's counter on server `server` (summed over processes of that name).
+    pub fn proc_counter(&self, server: u32, name: &str, counter: &str) -> u64 {
+        self.stats(server)["processes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["name"] == name)
+            .filter_map(|p| p["counters"][counter].as_u64())
+            .sum()
+    }
+
+    /// A function's counter in runtime `runtime` on server `server`.
+    pub fn nf_counter(&self, server: u32, runtime: &str, nf: &str, counter: &str) -> u64 {
+        self.stats(server)["processes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["name"] == runtime)
+            .flat_map(|p| p["nfs"].as_array().cloned().unwrap_or_default())
+            .filter(|n| n["kind"] == nf)
+            .filter_map(|n| n["counters"][counter].as_u64())
+            .sum()
+    }
+
     /// A counter of port `port` on server `server`.
     pub fn port_counter(&self, server: u32, port: &str, counter: &str) -> u64 {
         let s = self.stats(server);
