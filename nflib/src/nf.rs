@@ -82,6 +82,9 @@ pub struct NfContext<'a> {
     /// Every function's counters, and the one whose turn it is.
     counters: &'a mut [[u64; NF_COUNTERS]],
     stage: usize,
+    /// What the public fields were made with: each function sees them so, whatever the
+    /// one before it did to them.
+    made: (u64, Dir, &'a FlowKey, u64),
     aliases: &'a mut Vec<FlowKey>,
     events: &'a mut dyn EventSink,
 }
@@ -105,15 +108,19 @@ impl<'a> NfContext<'a> {
             flow_id,
             counters,
             stage: 0,
+            made: (now_ms, dir, key, flow_id),
             aliases,
             events,
         }
     }
 
-    /// Makes the context the `stage`-th function's.
+    /// Makes the context the `stage`-th function's (for the platform, which runs the
+    /// chain: a function has no use for it).
+    #[doc(hidden)]
     #[inline(always)]
     pub fn set_stage(&mut self, stage: usize) {
         self.stage = stage;
+        (self.now_ms, self.dir, self.key, self.flow_id) = self.made;
     }
 
     /// Adds to the function's counter `index` (1-based: 0 is the platform's drop count; the
@@ -259,7 +266,8 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
         pkt: &mut PacketMut<'_>,
         ctx: &mut NfContext<'_>,
     ) -> Verdict {
-        let Some(cell) = self.field.and_then(|f| records.entry(&f, slot)) else {
+        // The flow's record exists: the flow table made it with the flow.
+        let Some(cell) = self.field.and_then(|f| records.cell_mut(&f, slot)) else {
             return Verdict::Drop;
         };
         let state = match cell {
@@ -298,12 +306,13 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
         bytes: &[u8],
     ) -> Result<(), postcard::Error> {
         let st: N::State = postcard::from_bytes(bytes)?;
-        match self.field.and_then(|f| records.entry(&f, slot)) {
+        match self.field.and_then(|f| records.cell_mut(&f, slot)) {
             Some(cell) => {
                 *cell = Some(st);
                 Ok(())
             }
-            // Not attached, or out of memory: the state cannot be kept.
+            // Not attached, or no such flow: there is nowhere to keep the state (postcard's
+            // errors have no better word for it; the caller only tells failure apart).
             None => Err(postcard::Error::SerializeBufferFull),
         }
     }

@@ -57,8 +57,9 @@ struct FieldInfo {
     offset: usize,
     /// Writes `None::<T>` at the pointer.
     init: unsafe fn(*mut u8),
-    /// Drops the `Option<T>` at the pointer in place.
-    drop: unsafe fn(*mut u8),
+    /// Drops the `Option<T>` at the pointer in place (`None` for types with nothing to
+    /// drop).
+    drop: Option<unsafe fn(*mut u8)>,
 }
 
 /// # Safety
@@ -128,23 +129,30 @@ impl FlowRecords {
             return None;
         }
         let layout = Layout::new::<Option<T>>();
-        let offset = self.end.next_multiple_of(layout.align());
-        self.end = offset + layout.size();
-        self.align = self.align.max(layout.align());
+        // Checked all the way: a wrapped offset or stride would put fields outside their
+        // record (invariant 3). A record must also fit in isize, as any allocation.
+        let offset = self.end.checked_next_multiple_of(layout.align())?;
+        let end = offset.checked_add(layout.size())?;
+        let align = self.align.max(layout.align());
         // A power of two up to a line (the allocation is line-aligned, so such a record
         // never straddles two lines); beyond, half lines, so a record of up to two lines
         // spans two lines wherever it starts, without the memory (and cache) whole lines
         // would waste. Either way a multiple of every field's alignment: a field of
         // alignment A takes at least A bytes.
-        self.stride = if self.end <= LINE {
-            self.end.next_power_of_two()
+        let stride = if end <= LINE {
+            end.next_power_of_two()
         } else {
-            self.end.next_multiple_of((LINE / 2).max(self.align))
+            end.checked_next_multiple_of((LINE / 2).max(align))?
         };
+        if stride > isize::MAX as usize {
+            return None;
+        }
+        (self.end, self.align, self.stride) = (end, align, stride);
         self.fields.push(FieldInfo {
             offset,
             init: init_none::<T>,
-            drop: drop_value::<T>,
+            // Plain data needs no call per record when the table goes.
+            drop: std::mem::needs_drop::<Option<T>>().then_some(drop_value::<T>),
         });
         Some(Field {
             offset,
@@ -208,7 +216,9 @@ impl FlowRecords {
     /// room for `slots` records, so the records never move. False if it could not be had;
     /// the table then grows, moving its records, as a vector does.
     pub fn reserve_for(&mut self, slots: usize) -> bool {
-        self.set_capacity(slots)
+        // Without fields there is nothing to reserve, and a field added later would make
+        // the table grow after all: say so.
+        !self.fields.is_empty() && self.set_capacity(slots)
     }
 
     /// Creates the records of every slot below `slots` now (every field `None`), so a
@@ -222,7 +232,10 @@ impl FlowRecords {
         if len <= self.len {
             return true;
         }
-        if len > self.cap && !self.set_capacity(len.max(self.cap.saturating_mul(2)).max(64)) {
+        if len > self.cap
+            && !self.set_capacity(len.max(self.cap.saturating_mul(2)).max(64))
+            && !self.set_capacity(len)
+        {
             return false;
         }
         if self.stride != 0 {
@@ -302,21 +315,39 @@ impl FlowRecords {
 
 impl Drop for FlowRecords {
     fn drop(&mut self) {
-        if self.stride == 0 {
-            return;
+        /// Drops the values from `next` on and frees the allocation, also when a value's
+        /// destructor panics (the guard's own drop then carries on with the rest).
+        struct Rest<'a> {
+            table: &'a mut FlowRecords,
+            next: usize,
         }
-        for r in 0..self.len {
-            for f in &self.fields {
-                // SAFETY: every field of an existing record holds a value (invariant 2),
-                // dropped once, here, as the table goes.
-                unsafe { (f.drop)(self.ptr.as_ptr().add(r * self.stride + f.offset)) }
+        impl Drop for Rest<'_> {
+            fn drop(&mut self) {
+                let t = &mut *self.table;
+                while self.next < t.len * t.fields.len() {
+                    let (r, f) = (self.next / t.fields.len(), self.next % t.fields.len());
+                    self.next += 1;
+                    if let Some(drop) = t.fields[f].drop {
+                        // SAFETY: every field of an existing record holds a value
+                        // (invariant 2), dropped once: `next` moved past it first.
+                        unsafe { drop(t.ptr.as_ptr().add(r * t.stride + t.fields[f].offset)) }
+                    }
+                }
+                if t.cap != 0 {
+                    let layout = t.layout(t.cap).expect("the current layout was valid");
+                    // SAFETY: allocated with this layout (invariant 1).
+                    unsafe { alloc::dealloc(t.ptr.as_ptr(), layout) }
+                    t.cap = 0;
+                }
             }
         }
-        if self.cap != 0 {
-            let layout = self.layout(self.cap).expect("the current layout was valid");
-            // SAFETY: allocated with this layout (invariant 1).
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), layout) }
+        if self.fields.iter().all(|f| f.drop.is_none()) {
+            self.len = 0;
         }
+        drop(Rest {
+            table: self,
+            next: 0,
+        });
     }
 }
 
@@ -434,6 +465,18 @@ mod tests {
         *t.entry(&f, 100).unwrap() = Some(());
         assert_eq!(t.cell(&f, 100), Some(&Some(())));
         assert_eq!(t.cell(&f, 99), Some(&None));
+    }
+
+    #[test]
+    fn fields_too_large_to_lay_out_are_refused() {
+        let mut t = FlowRecords::new();
+        let added = (0..16)
+            .take_while(|_| t.add::<[u8; 1 << 60]>().is_some())
+            .count();
+        assert!(added < 16, "a record past isize::MAX was laid out");
+        assert!(t.stride() <= isize::MAX as usize);
+        let mut t = FlowRecords::new();
+        assert!(!t.reserve_for(10), "no fields, nothing reserved");
     }
 
     #[test]

@@ -171,6 +171,8 @@ impl Harness {
             &mut added,
             &mut self.events,
         );
+        // As the runtime's flow table does: the flow's record exists before the chain runs.
+        self.records.reserve(slot as u32 + 1);
         let v = self
             .stage
             .process(&mut self.records, slot as u32, new, &mut pkt, &mut ctx);
@@ -212,6 +214,7 @@ impl Harness {
 
     /// Installs a serialised state for the flow in `slot`.
     pub fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), String> {
+        self.records.reserve(slot + 1);
         self.stage
             .restore(&mut self.records, slot, bytes)
             .map_err(|e| e.to_string())

@@ -4,9 +4,10 @@
 //! Memory matters here (a runtime holds a million flows): the hash index stores only a
 //! 4-byte slot number per key, and equality is checked against the key kept once in the actor
 //! (or in the alias slab), so no key is stored twice. Aliases are chained through their own
-//! slab rather than a vector per flow. The per-flow states of the chain's functions live in
-//! each function's own slab at the same slot index, so creating a flow allocates nothing once
-//! the slabs have grown.
+//! slab rather than a vector per flow. Each flow slot has a record (`nflib::records`): the
+//! actor first, then the chain's functions' states, side by side, so creating a flow
+//! allocates nothing once the records exist, and a packet finds its actor and its states on
+//! a few lines of one page.
 
 use nflib::flow::FlowKey;
 use nflib::hint::prefetch;
@@ -300,16 +301,23 @@ impl FlowTable {
         actor.flags |= flag::LIVE;
         actor.first_alias = NONE;
         let key = actor.key;
-        // A freed slot, or the next one never handed out.
-        let slot = match self.free.pop() {
-            Some(s) => s,
-            None => {
-                let s = self.next_slot;
-                self.next_slot = s.checked_add(1)?;
-                s
-            }
+        // A freed slot, or the next one never handed out; taken only once its record
+        // exists (making it can fail for want of memory).
+        let (slot, fresh) = match self.free.last() {
+            Some(&s) => (s, false),
+            None => (self.next_slot, true),
+        };
+        let next = if fresh {
+            slot.checked_add(1)?
+        } else {
+            self.next_slot
         };
         *self.records.entry(&self.actor, slot)? = Some(actor);
+        if fresh {
+            self.next_slot = next;
+        } else {
+            self.free.pop();
+        }
         self.index_insert(&key, slot);
         self.live += 1;
         Some(slot)
