@@ -439,13 +439,16 @@ fn build_ports(
             ),
             PortSpec::Generator => {
                 let flows = pc.flows.unwrap_or(1);
-                let g = ports::generator::Generator::new(
+                let mut g = ports::generator::Generator::new(
                     flow_base,
                     flows,
                     pc.rate_pps.unwrap_or(0.0),
                     pc.packet_size.unwrap_or(64) as usize,
                     pc.duration_ms.filter(|d| *d > 0).map(Duration::from_millis),
                 );
+                if let Some(mode) = pc.new_flows {
+                    g = g.new_flows(mode);
+                }
                 flow_base += flows;
                 Box::new(g)
             }

@@ -687,12 +687,24 @@ pub struct PortConfig {
     pub packet_size: Option<u32>,
     /// How long a generator runs; 0 or unset = until stopped.
     pub duration_ms: Option<u64>,
+    /// A generator of nothing but new flows: every packet a flow never seen before
+    /// (`"udp"`), or every flow a whole TCP connection, both ways (`"tcp"`: SYN, SYN-ACK,
+    /// ACK, data, FIN, FIN, ACK). `rate_pps` is then the total rate, not per flow.
+    pub new_flows: Option<NewFlows>,
     // pcap:
     pub speed: Option<ReplaySpeed>,
     pub loops: Option<u32>,
     // afpacket:
     /// Frames per memory-mapped ring (RX and TX each).
     pub ring_frames: Option<u32>,
+}
+
+/// A generator's new-flow mode (`port.new_flows`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum NewFlows {
+    Udp,
+    Tcp,
 }
 
 /// What a port spec names.
@@ -1000,6 +1012,10 @@ impl Config {
             only("flows", p.flows.is_some() && !is_gen, "gen:")?;
             only("packet_size", p.packet_size.is_some() && !is_gen, "gen:")?;
             only("duration_ms", p.duration_ms.is_some() && !is_gen, "gen:")?;
+            only("new_flows", p.new_flows.is_some() && !is_gen, "gen:")?;
+            if p.new_flows.is_some() && p.flows.is_some() {
+                bail!("{key}.flows: a new_flows generator makes a new flow every time");
+            }
             only(
                 "rate_pps",
                 p.rate_pps.is_some() && !is_gen && !is_pcap,

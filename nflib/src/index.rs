@@ -119,19 +119,64 @@ impl Table {
         }
     }
 
+    /// Removes `want`, leaving a tombstone where it was (for an array being emptied into a
+    /// new one, whose moved entries are tombstones already).
     fn remove(&mut self, want: u64) -> bool {
+        match self.position(want) {
+            Some(i) => {
+                self.clear_at(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn position(&self, want: u64) -> Option<usize> {
         let mut i = self.home(want >> 32);
         loop {
             let b = self.buckets[i];
             if b == EMPTY {
-                return false;
+                return None;
             }
             if b == want {
-                self.clear_at(i);
-                return true;
+                return Some(i);
             }
             i = (i + 1) & self.mask;
         }
+    }
+
+    /// Removes `want` from an array without tombstones, shifting the entries after it back
+    /// to where their probe would find them first (Knuth's algorithm R): no tombstone is
+    /// left, so under churn (flows starting and ending by the hundred thousand a second)
+    /// probes stay as short as the live entries make them, instead of lengthening until a
+    /// rebuild.
+    fn remove_shifting(&mut self, want: u64) -> bool {
+        let Some(mut hole) = self.position(want) else {
+            return false;
+        };
+        let mut j = hole;
+        loop {
+            j = (j + 1) & self.mask;
+            let b = self.buckets[j];
+            if b == EMPTY {
+                break;
+            }
+            // An entry whose home lies cyclically in (hole, j] cannot move back to the hole:
+            // its probe starts after it.
+            let k = self.home(b >> 32);
+            let stays = if hole <= j {
+                hole < k && k <= j
+            } else {
+                hole < k || k <= j
+            };
+            if !stays {
+                self.buckets[hole] = b;
+                hole = j;
+            }
+        }
+        self.buckets[hole] = EMPTY;
+        self.len -= 1;
+        true
     }
 
     fn clear_at(&mut self, i: usize) {
@@ -238,7 +283,8 @@ impl FlowIndex {
     pub fn remove(&mut self, hash: u64, value: u32) -> bool {
         self.move_some();
         let want = tag(hash) << 32 | value as u64;
-        if self.cur.remove(want) {
+        // The current array never holds a tombstone; the old one, being emptied, does.
+        if self.cur.remove_shifting(want) {
             return true;
         }
         match &mut self.old {
@@ -372,6 +418,42 @@ mod tests {
             "{} distinct homes, {expected:.0} expected",
             homes.len()
         );
+    }
+
+    /// Removing by shifting entries back keeps every other key findable, with keys piled on
+    /// a few home buckets (long clusters) and on the last buckets (clusters that wrap).
+    #[test]
+    fn shifting_removals_keep_clusters_whole() {
+        let mut ix = FlowIndex::new();
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Hashes whose tags fall on 6 home buckets of a 16-bucket array (top bits), among
+        // them the last, and whose low bits tell the keys apart.
+        let homes = [0u64, 1, 5, 14, 15, 15];
+        let hash = |v: u32| {
+            let home = homes[v as usize % homes.len()];
+            (home << 60) | (u64::from(v) << 36) | 1 << 32
+        };
+        let mut live = std::collections::BTreeSet::new();
+        for _ in 0..20_000 {
+            let v = (next() % 11) as u32;
+            if live.contains(&v) {
+                assert!(ix.remove(hash(v), v));
+                live.remove(&v);
+            } else {
+                ix.insert(hash(v), v);
+                live.insert(v);
+            }
+            for k in 0..11u32 {
+                let found = ix.find(hash(k), |x| x == k);
+                assert_eq!(found.is_some(), live.contains(&k), "{k}");
+            }
+        }
     }
 
     #[test]

@@ -14,8 +14,11 @@
 //! ```
 //!
 //! Rules are matched against a flow's first packet, in order; the first match decides the
-//! whole flow, in both directions. For allowed TCP flows the first packet must be a SYN, the
-//! first reply a SYN-ACK (or RST); after a RST only further RSTs pass.
+//! whole flow, in both directions. An allowed TCP flow must open with a SYN, and is then
+//! tracked with conntrack's states and transitions, so that it passes and drops what a
+//! stateful nftables firewall passes and drops: docs/FIREWALL.md lists the cases, checked
+//! against the kernel by scripts/conntrack_compare.py, and the one known difference
+//! (sequence windows are not checked).
 
 use nflib::config::{Match, Proto};
 use nflib::net::{PortRange, Prefix};

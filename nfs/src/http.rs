@@ -293,7 +293,9 @@ impl NetworkFunction for HttpParser {
     }
 
     fn end_flow(&mut self, st: HttpState, ctx: &mut NfContext<'_>) {
-        if !st.active || (st.requests.is_empty() && st.statuses.is_empty() && st.parse_errors == 0)
+        if !ctx.events_enabled()
+            || !st.active
+            || (st.requests.is_empty() && st.statuses.is_empty() && st.parse_errors == 0)
         {
             return;
         }

@@ -76,6 +76,9 @@ impl NetworkFunction for FlowMonitor {
     }
 
     fn end_flow(&mut self, st: MonitorState, ctx: &mut NfContext<'_>) {
+        if !ctx.events_enabled() {
+            return;
+        }
         let record = serde_json::json!({
             "flow": ctx.key.to_string(),
             "flow_id": ctx.flow_id,

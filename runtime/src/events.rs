@@ -111,6 +111,10 @@ impl EventSink for EventLog {
             }
         }
     }
+
+    fn enabled(&self) -> bool {
+        self.queue.is_some()
+    }
 }
 
 impl Drop for EventLog {

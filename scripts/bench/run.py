@@ -6,6 +6,8 @@
   scripts/bench/run.py --only messages    just the actor-message benchmark (root: test bed)
   scripts/bench/run.py --only migration   just the flow-migration benchmark (root: test bed)
   scripts/bench/run.py --only dpdk        just the DPDK port benchmark (root, DPDK installed)
+  scripts/bench/run.py --only cps         just the connections-per-second benchmark (root)
+  scripts/bench/run.py --only newflows    just the new-flow rate benchmark (root)
 
 References (../shared/design/BENCHMARKS.md):
   - dpdk-testpmd, macswap and io forwarding on two net_null ports, lcores 0-1;
@@ -32,6 +34,17 @@ Ours:
     traffic, with the sink counting loss and reordering per flow. References (published, not
     re-run: no OpenNF or NFActor build exists for this machine): NFActor 1.5 ms for 1,000
     flows and about 700 ms for 600,000 over 3 runtime pairs; OpenNF 217 ms for 1,000 flows.
+  - connections per second (root; the test bed, nginx and ApacheBench): HTTP requests of a
+    1 KiB file, one new TCP connection each, at 1, 8, 32 and 128 concurrent clients,
+    through chains `firewall` and `firewall -> nat -> flow_monitor`, next to the kernel
+    forwarding between namespaces with an nftables conntrack firewall, alternated in one
+    run: requests/s, the client's retransmissions, CPU seconds per 1,000 requests (all
+    cores), and every platform drop counter that moved.
+  - new flows (root): flows set up and torn down a second by one runtime core (firewall ->
+    flow monitor; UDP with every packet a new flow, ending by timeout, and TCP with every
+    7 packets a whole connection, SYN to last ACK), next to the kernel's conntrack on one
+    core setting up the same generated flows (a router namespace with an nftables
+    stateful ruleset, its receive work steered to one core).
   - DPDK ports (root, nfmgr built with DPDK): generator -> vswitch -> runtime -> egress, the
     egress being the platform's own null port or a DPDK net_null device (same cores), next
     to testpmd io on net_null in the same run: what the DPDK port costs over no device.
@@ -546,12 +559,423 @@ def migration(smoke, repeat, sizes=None, paths=None, pin=False, rate=0):
                                "OpenNF 217 ms / 1,000"})
 
 
+# ---------------------------------------------------------------- short connections
+
+CPS_CHAINS = ("firewall", "firewall,nat,flow_monitor")
+CPS_CLIENTS = (1, 8, 32, 128)
+
+KERNEL_RULES = """
+table inet cps {
+  chain forward {
+    type filter hook forward priority 0; policy drop;
+    ct state established,related accept
+    ct state new tcp flags & (syn | ack | rst | fin) == syn accept
+  }
+}
+"""
+
+
+def sh(*args, check=True, **kw):
+    return subprocess.run(args, check=check, capture_output=True, text=True, **kw)
+
+
+def kernel_router(prefix="cpsk"):
+    """client (10.66.1.1) -- router with nftables conntrack -- server (10.66.2.2): the kernel
+    doing the firewall's job, on veths with the test bed's offload settings."""
+    c, r, srv = f"{prefix}-c", f"{prefix}-r", f"{prefix}-s"
+    for ns in (c, r, srv):
+        sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    sh("ip", "link", "add", "eth0", "netns", c, "type", "veth", "peer", "name", "rc", "netns", r)
+    sh("ip", "link", "add", "eth0", "netns", srv, "type", "veth", "peer", "name", "rs",
+       "netns", r)
+    for ns, dev in ((c, "eth0"), (srv, "eth0"), (r, "rc"), (r, "rs")):
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "netns", "exec", ns, "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro",
+           "off", "tx", "off", "rx", "off", check=False)
+    sh("ip", "-n", c, "addr", "add", "10.66.1.1/24", "dev", "eth0")
+    sh("ip", "-n", c, "route", "add", "default", "via", "10.66.1.254")
+    sh("ip", "-n", srv, "addr", "add", "10.66.2.2/24", "dev", "eth0")
+    sh("ip", "-n", srv, "route", "add", "default", "via", "10.66.2.254")
+    sh("ip", "-n", r, "addr", "add", "10.66.1.254/24", "dev", "rc")
+    sh("ip", "-n", r, "addr", "add", "10.66.2.254/24", "dev", "rs")
+    sh("ip", "netns", "exec", r, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+    sh("ip", "netns", "exec", r, "nft", "-f", "-", input=KERNEL_RULES)
+    return c, r, srv
+
+
+class Web:
+    """nginx serving a 1 KiB file in namespace `ns` on `addr`:80, one request per connection."""
+
+    def __init__(self, ns, addr, tag):
+        self.dir = tempfile.mkdtemp(prefix=f"nfcps-{tag}-")
+        with open(os.path.join(self.dir, "1k"), "wb") as f:
+            f.write(b"x" * 1024)
+        conf = os.path.join(self.dir, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(f"worker_processes 1;\ndaemon off;\npid {self.dir}/nginx.pid;\n"
+                    f"error_log {self.dir}/err;\nevents {{ worker_connections 8192; }}\n"
+                    f"http {{ access_log off; server {{ listen {addr}:80 backlog=8192; "
+                    f"root {self.dir}; keepalive_timeout 0; }} }}\n")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, "nginx", "-c", conf],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def cpu_busy_s():
+    """CPU seconds every core spent not idle, so far (what both paths use: client, server,
+    and the forwarding in between)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return (sum(v[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def retrans(ns):
+    """The client's TCP segments retransmitted so far."""
+    out = sh("ip", "netns", "exec", ns, "cat", "/proc/net/snmp").stdout.splitlines()
+    tcp = [l.split() for l in out if l.startswith("Tcp:")]
+    return int(tcp[1][tcp[0].index("RetransSegs")])
+
+
+def ab_run(ns, url, n, c):
+    t0 = cpu_busy_s()
+    r0 = retrans(ns)
+    p = subprocess.run(["ip", "netns", "exec", ns, "ab", "-q", "-r", "-s", "20", "-n", str(n),
+                        "-c", str(c), url], capture_output=True, text=True, timeout=600)
+    cpu = cpu_busy_s() - t0
+    field = lambda name: next((float(l.split(":")[1].split()[0]) for l in p.stdout.splitlines()
+                               if l.startswith(name)), 0.0)
+    done = field("Complete requests")
+    return {"requests_per_s": round(field("Requests per second"), 1),
+            "complete": int(done), "failed": int(field("Failed requests")),
+            "client_retransmits": retrans(ns) - r0,
+            "cpu_s_per_1000_requests": round(cpu * 1000 / max(done, 1), 3),
+            "p99_ms": next((float(l.split()[1]) for l in p.stdout.splitlines()
+                            if l.strip().startswith("99%")), None)}
+
+
+def platform_drops(before, after):
+    """Every drop counter (processes, functions, ports) that moved between two snapshots."""
+    return {k: after[k] - before.get(k, 0) for k in after
+            if "drop" in k and after[k] > before.get(k, 0)}
+
+
+def flat_counters(server=1, prefix="bm"):
+    r = subprocess.run([os.path.join(ROOT, "target", "release", "nfmgr"), "stats", "--json",
+                        "--instance", f"{prefix}-s{server}", "--dir",
+                        f"/tmp/nf-testbed-{prefix}/s{server}"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return {}
+    d = json.loads(r.stdout)
+    out = {}
+    for p in d.get("processes", []):
+        for k, v in p.get("counters", {}).items():
+            out[f"{p['name']} {k}"] = out.get(f"{p['name']} {k}", 0) + v
+        for nf in p.get("nfs", []):
+            for k, v in nf.get("counters", {}).items():
+                key = f"{p['name']} {nf['kind']} {k}"
+                out[key] = out.get(key, 0) + v
+    for p in d.get("ports", []):
+        for k, v in p.get("counters", {}).items():
+            out[f"{p['name']} {k}"] = v
+    return out
+
+
+def cps(smoke, repeat):
+    """Connections per second: HTTP requests, one new TCP connection each (ApacheBench
+    against nginx with a 1 KiB file), through the platform's chains and through the kernel
+    with an nftables conntrack firewall, alternated in one run."""
+    need = ("nginx", "ab", "nft")
+    if os.geteuid() != 0 or not all(have(t) for t in need):
+        msg = "the connections-per-second benchmark needs root, nginx, ab and nft"
+        if os.environ.get("CI") == "true":
+            sys.exit(f"bench: {msg}, and CI=true")
+        print(f"bench: SKIP: {msg}", file=sys.stderr)
+        return
+    chains = CPS_CHAINS[:1] if smoke else CPS_CHAINS
+    clients = (8,) if smoke else CPS_CLIENTS
+    kc, _kr, ks = kernel_router()
+    kweb = Web(ks, "10.66.2.2", "k")
+    platform = {"web": None}
+
+    def platform_up(chain):
+        if platform["web"]:
+            platform["web"].stop()
+        testbed("down")
+        # One server, every NAT port its own (a cluster's default splits them 8 ways).
+        up = testbed("up", "--servers", "1", "--runtimes", "2", "--chain", chain,
+                     "--cluster-set", "max_servers = 1")
+        if up.returncode != 0:
+            raise RuntimeError(f"testbed did not come up: {up.stderr[-2000:]}")
+        platform["web"] = Web("bm-server", "10.77.0.2", "p")
+
+    try:
+        for chain in chains:
+            # A NAT hands each new connection to one server a port of its own; the server
+            # keeps each closed connection's tuple in TIME_WAIT for a minute, and answers a
+            # new SYN on a port handed out again meanwhile with the old connection's ACK
+            # half the time (a second's wait for the client). The 40,000 ports of the test
+            # bed's two runtimes cover one run, not a minute of runs: each NAT run gets a
+            # fresh server (docs/PERFORMANCE.md says what this means for a NAT's sustained
+            # rate to one server).
+            fresh = "nat" in chain
+            platform_up(chain)
+            for c in clients:
+                # Enough requests for about 2 s at the kernel's rate.
+                n = 300 if smoke else (3_000 if c == 1 else 20_000)
+                rows = {"kernel": [], "platform": []}
+                for i in range(repeat):
+                    order = ("kernel", "platform") if i % 2 == 0 else ("platform", "kernel")
+                    for path in order:
+                        if path == "kernel":
+                            r = ab_run(kc, "http://10.66.2.2/1k", n, c)
+                        else:
+                            if fresh and (i > 0 or c != clients[0]):
+                                platform_up(chain)
+                            before = flat_counters()
+                            r = ab_run("bm-client", "http://10.77.0.2/1k", n, c)
+                            r["drops"] = platform_drops(before, flat_counters())
+                        rows[path].append(r)
+                        emit({"bench": "cps run", "chain": chain, "clients": c, "path": path,
+                              "requests": n, "fresh_server": fresh and path == "platform",
+                              **r})
+                med = lambda path, k: statistics.median(x[k] for x in rows[path])
+                k_rps, p_rps = med("kernel", "requests_per_s"), med("platform",
+                                                                     "requests_per_s")
+                emit({"bench": "cps", "chain": chain, "clients": c, "runs": repeat,
+                      "kernel_requests_per_s": k_rps, "platform_requests_per_s": p_rps,
+                      "ratio": round(p_rps / k_rps, 3) if k_rps else None,
+                      "kernel_retransmits": max(x["client_retransmits"] for x in rows["kernel"]),
+                      "platform_retransmits": max(x["client_retransmits"]
+                                                  for x in rows["platform"]),
+                      "kernel_cpu_s_per_1000": med("kernel", "cpu_s_per_1000_requests"),
+                      "platform_cpu_s_per_1000": med("platform", "cpu_s_per_1000_requests"),
+                      "platform_failed": sum(x["failed"] for x in rows["platform"]),
+                      "platform_drops": {k: v for x in rows["platform"]
+                                         for k, v in x["drops"].items()}})
+    finally:
+        if platform["web"]:
+            platform["web"].stop()
+        testbed("down")
+        kweb.stop()
+        for ns in ("cpsk-c", "cpsk-r", "cpsk-s"):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+# ---------------------------------------------------------------- new flows
+
+NEWFLOW_CONFIG = BENCH_HEAD + """[[vswitch]]
+name = "vs0"
+core = 0
+flow_timeout_ms = 1000
+[[runtime]]
+name = "rt0"
+core = 1
+unreplied_timeout_s = 1
+closed_linger_ms = 100
+max_flows = 4000000
+[[chain]]
+name = "c"
+[[chain.nf]]
+kind = "firewall"
+default = "allow"
+[[chain.nf]]
+kind = "flow_monitor"
+[[port]]
+name = "gen0"
+spec = "gen:"
+to = "sink0"
+new_flows = "{mode}"
+rate_pps = 0
+packet_size = 64
+duration_ms = {ms}
+[[port]]
+name = "sink0"
+spec = "sink:"
+"""
+
+# The same generator, through a runtime without a chain, out of a veth into the kernel.
+INJECTOR_CONFIG = BENCH_HEAD + """[[vswitch]]
+name = "vs0"
+core = 0
+flow_timeout_ms = 1000
+[[runtime]]
+name = "rt0"
+core = 0
+unreplied_timeout_s = 1
+closed_linger_ms = 100
+max_flows = 4000000
+[[port]]
+name = "gen0"
+spec = "gen:"
+to = "out"
+new_flows = "{mode}"
+rate_pps = 0
+packet_size = 64
+duration_ms = {ms}
+[[port]]
+name = "out"
+spec = "afpacket:out"
+to = "drop"
+[[port]]
+name = "drop"
+spec = "null:"
+"""
+
+KERNEL_NEWFLOW_RULES = """
+table inet nf {
+  counter new_flows { }
+  chain forward {
+    type filter hook forward priority 0; policy drop;
+    ct state established,related accept
+    ct state new tcp flags & (syn | ack | rst | fin) == syn counter name new_flows accept
+    ct state new meta l4proto udp counter name new_flows accept
+  }
+}
+"""
+
+
+def proc_counter(rep, name, key):
+    return sum(p["counters"].get(key, 0) for p in rep["snapshot"]["processes"]
+               if p["name"] == name)
+
+
+def newflow_platform(mode, secs):
+    """New flows a second through one runtime core (firewall -> flow monitor), every packet
+    a new UDP flow or every 7 packets a whole TCP connection, unpaced; nfmgr and the vswitch
+    on core 0, the runtime on core 1."""
+    rep = run_report(NEWFLOW_CONFIG, secs, mode=mode, ms=int(secs * 1000))
+    created = proc_counter(rep, "rt0", "flows_created")
+    busy_s = proc_counter(rep, "rt0", "busy_ns") / 1e9
+    gen = rep["ports"]["gen0"]
+    return {"flows_per_s": round(created / secs), "flows_per_busy_s": round(created / busy_s)
+            if busy_s else None, "runtime_busy": round(busy_s / secs, 3),
+            "offered_flows": gen["flows_started"], "runtime_flows": created,
+            "vswitch_ring_drops": proc_counter(rep, "vs0", "drop_ring_full"),
+            "ended": proc_counter(rep, "rt0", "flows_expired")}
+
+
+def newflow_kernel(mode, secs):
+    """The kernel's conntrack setting up the same flows on one core: the generator (core 0)
+    feeds a router namespace (nftables conntrack; its receive work in a NAPI thread pinned to
+    core 1), which counts the new connections it accepts."""
+    inj, r, out = "nfk-i", "nfk-r", "nfk-o"
+    for ns in (inj, r, out):
+        sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "netns", "add", ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+    try:
+        sh("ip", "link", "add", "out", "netns", inj, "type", "veth", "peer", "name", "rc",
+           "netns", r)
+        sh("ip", "link", "add", "eth0", "netns", out, "type", "veth", "peer", "name", "rs",
+           "netns", r)
+        # The generator addresses its frames to 02:00:00:00:00:02 (and its replies to
+        # ...:01): the router answers to the first on its ingress.
+        sh("ip", "-n", r, "link", "set", "rc", "address", "02:00:00:00:00:02")
+        for ns, dev in ((inj, "out"), (out, "eth0"), (r, "rc"), (r, "rs")):
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", r, "addr", "add", "10.255.0.254/16", "dev", "rs")
+        sh("ip", "-n", r, "addr", "add", "192.168.255.254/24", "dev", "rc")
+        # Static neighbours: no ARP for the generator's millions of addresses.
+        sh("ip", "-n", r, "neigh", "add", "10.255.255.1", "lladdr", "02:00:00:00:00:99",
+           "dev", "rs")
+        sh("ip", "-n", r, "neigh", "add", "192.168.255.1", "lladdr", "02:00:00:00:00:01",
+           "dev", "rc")
+        sh("ip", "-n", r, "route", "add", "11.0.0.0/8", "via", "192.168.255.1", "dev", "rc")
+        # The ruleset first: it loads conntrack, whose settings exist only then.
+        sh("ip", "netns", "exec", r, "nft", "-f", "-", input=KERNEL_NEWFLOW_RULES)
+        for path, value in (("/proc/sys/net/netfilter/nf_conntrack_max", "4194304"),
+                            ("/sys/module/nf_conntrack/parameters/hashsize", "1048576")):
+            with open(path, "w") as f:
+                f.write(value)
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.rc.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
+                    "net.netfilter.nf_conntrack_udp_timeout=1",
+                    "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
+                    "net.netfilter.nf_conntrack_tcp_timeout_close=1"):
+            sh("ip", "netns", "exec", r, "sysctl", "-qw", key)
+        # The router's receive work on core 1, the generator on core 0: with GRO on, a
+        # veth receives through NAPI, which runs in a kernel thread of its own when
+        # threaded, and that thread is pinned. (RPS to core 1 throttled the veth to a
+        # thousand packets a second here.)
+        sh("ip", "netns", "exec", r, "ethtool", "-K", "rc", "gro", "on")
+        sh("ip", "netns", "exec", r, "sh", "-c", "echo 1 > /sys/class/net/rc/threaded")
+        time.sleep(0.3)
+        napi = [line.split()[0] for line in sh("ps", "-eo", "pid,comm").stdout.splitlines()
+                if "napi/rc-" in line]
+        if not napi:
+            raise RuntimeError("no NAPI thread for the router's veth")
+        for pid in napi:
+            sh("taskset", "-pc", "1", pid)
+        d = tempfile.mkdtemp(prefix="nfbench-", dir="/dev/shm")
+        cfg = os.path.join(d, "inj.toml")
+        with open(cfg, "w") as f:
+            f.write(INJECTOR_CONFIG.format(instance=f"inj{os.getpid()}", dir=d, mode=mode,
+                                           ms=int(secs * 1000)))
+        run = subprocess.run(["ip", "netns", "exec", inj,
+                              os.path.join(ROOT, "target/release/nfmgr"), "start", "-c", cfg],
+                             capture_output=True, text=True, timeout=secs + 60)
+        if run.returncode != 0:
+            raise RuntimeError(f"the injector failed: {run.stderr[-1500:]}")
+        with open(os.path.join(d, "report.json")) as f:
+            rep = json.load(f)
+        shutil.rmtree(d, ignore_errors=True)
+        listing = sh("ip", "netns", "exec", r, "nft", "-j", "list", "counter", "inet", "nf",
+                     "new_flows").stdout
+        accepted = next(x["counter"]["packets"] for x in json.loads(listing)["nftables"]
+                        if "counter" in x)
+        sent = rep["ports"]["gen0"]["sent"]
+        link = json.loads(sh("ip", "-j", "-n", r, "-s", "link", "show", "rc").stdout)[0]
+        return {"flows_per_s": round(accepted / secs),
+                "router_rx": link["stats64"]["rx"]["packets"],
+                "router_rx_dropped": link["stats64"]["rx"]["dropped"],
+                "offered_flows": rep["ports"]["gen0"]["flows_started"],
+                "injected_pps": round(sent / secs)}
+    finally:
+        for ns in (inj, r, out):
+            sh("ip", "netns", "del", ns, check=False)
+
+
+def newflows(smoke, repeat):
+    """How fast flows come and go: one runtime core against the kernel's conntrack on one
+    core, the same generated flows (UDP, one packet each; TCP, a whole connection each)."""
+    if os.geteuid() != 0 or not have("nft"):
+        msg = "the new-flow benchmark needs root and nft"
+        if os.environ.get("CI") == "true":
+            sys.exit(f"bench: {msg}, and CI=true")
+        print(f"bench: SKIP: {msg}", file=sys.stderr)
+        return
+    secs = 1 if smoke else 5
+    for mode in ("udp",) if smoke else ("udp", "tcp"):
+        plat, kern = [], []
+        for _ in range(repeat):
+            plat.append(newflow_platform(mode, secs))
+            kern.append(newflow_kernel(mode, secs))
+            emit({"bench": "new flows run", "mode": mode, "platform": plat[-1],
+                  "kernel": kern[-1]})
+        pf = statistics.median(x["flows_per_s"] for x in plat)
+        kf = statistics.median(x["flows_per_s"] for x in kern)
+        emit({"bench": "new flows", "mode": mode, "runs": repeat,
+              "platform_flows_per_s": pf, "kernel_flows_per_s": kf,
+              "ratio": round(pf / kf, 3) if kf else None,
+              "platform_flows_per_busy_s": statistics.median(
+                  x["flows_per_busy_s"] or 0 for x in plat),
+              "kernel_injected_pps": statistics.median(x["injected_pps"] for x in kern)})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="short runs that only check everything works")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-build", action="store_true")
-    ap.add_argument("--only", choices=["messages", "migration", "dpdk"],
+    ap.add_argument("--only", choices=["messages", "migration", "dpdk", "cps", "newflows"],
                     help="run only this benchmark")
     ap.add_argument("--flows", type=int, action="append",
                     help="migration: only this many flows (repeatable)")
@@ -578,6 +1002,14 @@ def main():
         return
     if args.only == "migration":
         migration(smoke, repeat, args.flows, args.path, args.pin_runtimes, args.max_flows_per_s)
+        finish(smoke)
+        return
+    if args.only == "cps":
+        cps(smoke, repeat)
+        finish(smoke)
+        return
+    if args.only == "newflows":
+        newflows(smoke, repeat)
         finish(smoke)
         return
     if args.only == "dpdk":
@@ -620,6 +1052,8 @@ def main():
 
     messaging(smoke, repeat)
     migration(smoke, repeat)
+    cps(smoke, repeat)
+    newflows(smoke, repeat)
     dpdk_ports(smoke, repeat, ref)
 
     if smoke:

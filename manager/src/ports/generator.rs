@@ -12,7 +12,9 @@
 
 use std::time::{Duration, Instant};
 
-use nflib::packet::build::UdpV4;
+use nflib::config::NewFlows;
+use nflib::nf::tcp_flags as tcp;
+use nflib::packet::build::{TcpV4, UdpV4};
 use nflib::stats::{PortCounter, PortKind};
 use nflib::Packet;
 
@@ -62,6 +64,38 @@ pub const GEN_DST_PORT: u16 = 9;
 pub const GEN_SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
 pub const GEN_DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
 
+/// A new-flow generator's state (`port.new_flows`): flows are numbered as they start and
+/// never come back (until 2^24 of them wrap); a TCP flow is a whole connection, both ways.
+struct Churn {
+    mode: NewFlows,
+    /// Flows started.
+    flows: u64,
+    /// The packet of the current TCP connection to send next.
+    step: usize,
+}
+
+/// The TCP connection a new-flow generator plays for each flow: (from the client, flags,
+/// payload). Sequence numbers follow from these.
+const TCP_CONNECTION: [(bool, u8, usize); 7] = [
+    (true, tcp::SYN, 0),
+    (false, tcp::SYN | tcp::ACK, 0),
+    (true, tcp::ACK, 0),
+    (true, tcp::ACK | tcp::PSH, STAMP_LEN),
+    (true, tcp::FIN | tcp::ACK, 0),
+    (false, tcp::FIN | tcp::ACK, 0),
+    (true, tcp::ACK, 0),
+];
+
+/// The client address and port of new flow `n` (in 11.0.0.0/8, apart from the numbered
+/// flows' 10.0.0.0/8).
+fn churn_tuple(n: u64) -> ([u8; 4], u16) {
+    let f = (n & 0xff_ffff) as u32;
+    (
+        (0x0b00_0001u32 + (f >> 12)).to_be_bytes(),
+        10_000 + (f & 0xfff) as u16,
+    )
+}
+
 pub struct Generator {
     /// First flow id (flow ids are unique across an nfmgr's generators).
     flow_base: u32,
@@ -77,6 +111,7 @@ pub struct Generator {
     emitted: u64,
     skipped: u64,
     done: bool,
+    churn: Option<Churn>,
 }
 
 /// Most packets produced per call (keeps one port from monopolising the loop).
@@ -102,11 +137,111 @@ impl Generator {
             emitted: 0,
             skipped: 0,
             done: false,
+            churn: None,
         }
     }
 
+    /// Makes this a generator of nothing but new flows; its rate is then the total.
+    pub fn new_flows(mut self, mode: NewFlows) -> Self {
+        self.churn = Some(Churn {
+            mode,
+            flows: 0,
+            step: 0,
+        });
+        self.seq = Vec::new();
+        self
+    }
+
     fn total_rate(&self) -> f64 {
-        self.rate * self.flows as f64
+        if self.churn.is_some() {
+            self.rate
+        } else {
+            self.rate * self.flows as f64
+        }
+    }
+
+    /// Writes the next packet of the new-flow sequence into `p`.
+    fn build_churn(&mut self, ctx: &mut PortCtx<'_>, p: &mut Packet, now_ns: u64) -> bool {
+        let Some(c) = self.churn.as_mut() else {
+            return false;
+        };
+        let (client, cport) = churn_tuple(c.flows);
+        let room = ctx.region.room_mut(p);
+        let len = match c.mode {
+            NewFlows::Udp => {
+                c.flows += 1;
+                UdpV4 {
+                    src_mac: GEN_SRC_MAC,
+                    dst_mac: GEN_DST_MAC,
+                    src_ip: client,
+                    dst_ip: GEN_DST_IP,
+                    src_port: cport,
+                    dst_port: GEN_DST_PORT,
+                    payload_len: self.size - UdpV4::HEADER_LEN,
+                }
+                .write(room)
+            }
+            NewFlows::Tcp => {
+                let (from_client, flags, payload) = TCP_CONNECTION[c.step];
+                // Client sequence numbers from 1000, the server's from 5000: each side's
+                // SYN and FIN take one, the data its length.
+                let sent_before = |client_side: bool| -> u32 {
+                    TCP_CONNECTION[..c.step]
+                        .iter()
+                        .filter(|(fc, _, _)| *fc == client_side)
+                        .map(|(_, f, len)| *len as u32 + u32::from(f & (tcp::SYN | tcp::FIN) != 0))
+                        .sum()
+                };
+                let (cseq, sseq) = (1000 + sent_before(true), 5000 + sent_before(false));
+                let hdr = if from_client {
+                    TcpV4 {
+                        src_mac: GEN_SRC_MAC,
+                        dst_mac: GEN_DST_MAC,
+                        src_ip: client,
+                        dst_ip: GEN_DST_IP,
+                        src_port: cport,
+                        dst_port: GEN_DST_PORT,
+                        seq: cseq,
+                        ack: if c.step == 0 { 0 } else { sseq },
+                        flags,
+                        payload_len: payload,
+                    }
+                } else {
+                    TcpV4 {
+                        src_mac: GEN_DST_MAC,
+                        dst_mac: GEN_SRC_MAC,
+                        src_ip: GEN_DST_IP,
+                        dst_ip: client,
+                        src_port: GEN_DST_PORT,
+                        dst_port: cport,
+                        seq: sseq,
+                        ack: cseq,
+                        flags,
+                        payload_len: payload,
+                    }
+                };
+                c.step += 1;
+                if c.step == TCP_CONNECTION.len() {
+                    c.step = 0;
+                    c.flows += 1;
+                }
+                let len = hdr.write(room);
+                if payload >= STAMP_LEN {
+                    // The data segment carries a stamp (the sink counts its flow).
+                    Stamp {
+                        flow: u32::MAX,
+                        seq: 0,
+                        sent_ns: now_ns,
+                    }
+                    .write(&mut room[TcpV4::HEADER_LEN..]);
+                }
+                len
+            }
+        };
+        match len {
+            Some(len) => ctx.region.set_len(p, len),
+            None => false,
+        }
     }
 
     fn build(
@@ -169,6 +304,33 @@ impl Port for Generator {
             (max.min(MAX_PER_CALL), false)
         };
         let now_ns = mono_ns();
+        if self.churn.is_some() {
+            for i in 0..due {
+                if i >= max {
+                    self.emitted += 1;
+                    self.skipped += 1;
+                    ctx.count(PortCounter::RxDropRingFull, 1);
+                    continue;
+                }
+                let Some(mut p) = ctx.pool.alloc() else {
+                    ctx.count(PortCounter::RxDropNoBuffer, 1);
+                    break;
+                };
+                if !self.build_churn(ctx, &mut p, now_ns) {
+                    ctx.pool.free(p);
+                    break;
+                }
+                self.emitted += 1;
+                out.push(p);
+            }
+            ctx.counters
+                .set(PortCounter::GenSent as usize, self.emitted - self.skipped);
+            ctx.counters.set(
+                PortCounter::GenFlows as usize,
+                self.churn.as_ref().map_or(0, |c| c.flows),
+            );
+            return;
+        }
         for i in 0..due {
             let f = self.next_flow;
             self.next_flow = (self.next_flow + 1) % self.flows;
@@ -238,6 +400,15 @@ impl Port for Generator {
     }
 
     fn report(&self) -> Option<serde_json::Value> {
+        if let Some(c) = &self.churn {
+            return Some(serde_json::json!({
+                "new_flows": format!("{:?}", c.mode).to_lowercase(),
+                "flows_started": c.flows,
+                "rate_pps": self.rate,
+                "sent": self.emitted - self.skipped,
+                "skipped": self.skipped,
+            }));
+        }
         Some(serde_json::json!({
             "flows": self.flows,
             "flow_base": self.flow_base,

@@ -246,6 +246,9 @@ impl Ids {
         st.alerted.push(r);
         let rule = &self.rules[r as usize];
         ctx.count(ALERTS, 1);
+        if !ctx.events_enabled() {
+            return;
+        }
         let h = pkt.headers();
         ctx.emit(
             "ids",
