@@ -134,6 +134,25 @@ SCENARIOS = [
         (False, FA, 5001, 1001, b""), (True, A, 1001, 5002, b""),
         (True, PA, 1001, 5002, b"more"), (False, A, 5002, 1005, b""),
     ]),
+    # Flag combinations no TCP sends: invalid wherever they come, and they change nothing.
+    ("SYN-FIN first, then a SYN", [
+        (True, "SF", 1000, 0, b""), (True, S, 1000, 0, b""), (False, SA, 5000, 1001, b""),
+        (True, A, 1001, 5001, b""),
+    ]),
+    ("FIN-RST, bare FIN and FIN-PSH-URG mid-connection", [
+        (True, S, 1000, 0, b""), (False, SA, 5000, 1001, b""), (True, A, 1001, 5001, b""),
+        (True, "FR", 1001, 5001, b""), (True, F, 1001, 0, b""), (True, "FPU", 1001, 0, b""),
+        (True, PA, 1001, 5001, b"still"), (False, A, 5001, 1006, b""),
+    ]),
+    ("a stray ACK, then the client's SYN", [
+        (True, A, 1000, 5000, b""), (True, S, 1000, 0, b""), (False, SA, 5000, 1001, b""),
+        (True, A, 1001, 5001, b""),
+    ]),
+    ("SYN with data on a live connection, answered past its data", [
+        (True, S, 1000, 0, b""), (False, SA, 5000, 1001, b""), (True, A, 1001, 5001, b""),
+        (True, S, 9000, 0, b"hello"), (False, SA, 7000, 9006, b""), (True, A, 9006, 7001, b""),
+        (True, FA, 9006, 7001, b""),
+    ]),
 ]
 
 # Where the platform's firewall knowingly differs from conntrack (scenario, step index):

@@ -44,6 +44,7 @@ fn messages() -> Vec<(&'static str, Message)> {
     };
     let set = Message::SetRuntime {
         keys: (0..GROUP).map(key).collect(),
+        from: EndpointAddr::new(1, 2),
         runtime: EndpointAddr::new(1, 3),
         request: 7,
     };

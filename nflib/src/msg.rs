@@ -12,19 +12,22 @@ use crate::wire::EndpointAddr;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     /// runtime -> vswitch: packets with these keys belong to flows the sender holds (a
-    /// function rewrote their addresses); dispatch them to it. A key another live runtime
-    /// holds is refused, not taken over. With a `request` other than 0 the vswitch answers
-    /// `AliasesAdded`: the runtime holds the packets that made the aliases until then, so
-    /// that a translated flow's first reply always finds its way back.
+    /// function rewrote their addresses); dispatch them to it. Each key comes with the id of
+    /// the flow that registered it, echoed if the key is refused. A key that is another
+    /// live runtime's alias is refused, not taken over (a key the vswitch merely dispatched
+    /// there, a stray packet's, is taken over). The vswitch answers `AliasesAdded` when
+    /// `request` is not 0 (the runtime holds the packets that made the aliases until then,
+    /// so that a translated flow's first reply always finds its way back), and whenever it
+    /// refuses a key.
     AddAliases {
-        keys: Vec<FlowKey>,
+        aliases: Vec<(FlowKey, u64)>,
         request: u64,
     },
     /// vswitch -> runtime: the aliases of `request` are in place, but for `refused` (keys
-    /// another runtime holds).
+    /// that are another runtime's aliases, with the ids of the flows that asked for them).
     AliasesAdded {
         request: u64,
-        refused: Vec<FlowKey>,
+        refused: Vec<(FlowKey, u64)>,
     },
     /// runtime -> vswitch: flows ended; forget their `keys` and `aliases`. A key the vswitch
     /// gave the runtime a packet under in the last `idle_ms / 2` is kept: the flows ended
@@ -35,16 +38,18 @@ pub enum Message {
         aliases: Vec<FlowKey>,
         idle_ms: u32,
     },
-    /// -> vswitch: send the flows with these keys to `runtime` from now on (migration,
-    /// recovery). Answered with `RuntimeSet`.
+    /// -> vswitch: send the flows with these keys, now sent to `from`, to `runtime` from now
+    /// on (migration, recovery). A key sent to neither is left alone: it is a third
+    /// runtime's. Answered with `RuntimeSet`.
     SetRuntime {
         keys: Vec<FlowKey>,
+        from: EndpointAddr,
         runtime: EndpointAddr,
         /// Echoed in the answer.
         request: u64,
     },
-    /// vswitch -> requester: done for `moved` of the keys (the others were unknown, or the
-    /// runtime is not one the vswitch dispatches to). `sent[i]` is how many packets under
+    /// vswitch -> requester: done for `moved` of the keys (the others were unknown, sent to
+    /// a third runtime, or the runtime is not one the vswitch dispatches to). `sent[i]` is how many packets under
     /// `keys[i]` the vswitch gave the key's previous runtime since that runtime was set
     /// (wrapping; 0 for an unknown key): migration counts them to know when every packet
     /// sent before the switch has been processed.

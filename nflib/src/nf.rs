@@ -76,6 +76,20 @@ impl EventSink for NoEvents {
     }
 }
 
+/// Why a flow ends, as its functions' `end_flow` sees it ([`NfContext::end_reason`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum EndReason {
+    /// Its work is done: idle, closed, or a new connection reopened its addresses.
+    #[default]
+    Done,
+    /// A key it registered (`add_alias`) is another flow's: two translations collided, and
+    /// this one, the newcomer, never carried a reply. What it took for the translation (a
+    /// port) is best not remembered as the endpoint's.
+    Refused,
+    /// The runtime is stopping.
+    Stopping,
+}
+
 /// What a function may see and do besides the packet and its state.
 ///
 /// The runtime makes one per packet for the whole chain and points it at each function's
@@ -97,6 +111,7 @@ pub struct NfContext<'a> {
     made: (u64, Dir, &'a FlowKey, u64),
     aliases: &'a mut Vec<FlowKey>,
     events: &'a mut dyn EventSink,
+    end_reason: EndReason,
 }
 
 impl<'a> NfContext<'a> {
@@ -121,7 +136,19 @@ impl<'a> NfContext<'a> {
             made: (now_ms, dir, key, flow_id),
             aliases,
             events,
+            end_reason: EndReason::Done,
         }
+    }
+
+    /// Tells `end_flow` why the flow ends (for the platform).
+    #[doc(hidden)]
+    pub fn set_end_reason(&mut self, reason: EndReason) {
+        self.end_reason = reason;
+    }
+
+    /// Why the flow ends (in `end_flow`; `Done` elsewhere).
+    pub fn end_reason(&self) -> EndReason {
+        self.end_reason
     }
 
     /// Makes the context the `stage`-th function's (for the platform, which runs the
@@ -364,6 +391,9 @@ pub mod tcp_flags {
     pub const RST: u8 = 0x04;
     pub const PSH: u8 = 0x08;
     pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+    pub const ECE: u8 = 0x40;
+    pub const CWR: u8 = 0x80;
 }
 
 impl<'a> PacketMut<'a> {

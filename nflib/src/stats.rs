@@ -79,6 +79,7 @@ counter_set!(
     AliasesHeld => "aliases_held",
     AliasCommitTimeouts => "alias_commit_timeouts",
     FlowsReopened => "flows_reopened",
+    StraysTakenOver => "strays_taken_over",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the

@@ -109,6 +109,19 @@ pub struct TcpTrack {
     pub ignored_syn: Option<(bool, u32)>,
 }
 
+impl TcpTrack {
+    /// A connection the initiator's SYN with sequence number `isn` opens.
+    fn opened(isn: u32) -> TcpTrack {
+        TcpTrack {
+            state: Tcp::SynSent,
+            isn,
+            answered: false,
+            heard: false,
+            ignored_syn: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FwState {
     /// A rule (or the default) denied the flow.
@@ -117,7 +130,8 @@ pub enum FwState {
     Open,
     /// Allowed TCP, tracked.
     Tcp(TcpTrack),
-    /// Allowed by the rules, but its first packet was not a SYN: nothing passes.
+    /// Allowed by the rules, but its first packet was not a SYN: nothing passes until the
+    /// initiator's SYN opens it.
     NotOpened,
 }
 
@@ -131,6 +145,31 @@ enum Class {
     Ack,
     Rst,
     None,
+}
+
+/// Whether a TCP header's flags make sense, as conntrack judges them before anything else
+/// (PSH, ECE and CWR aside): SYN, SYN-ACK, RST (with or without ACK), FIN-ACK, ACK, any
+/// with URG where URG can go. A SYN-FIN, a FIN without ACK, a null or a Christmas-tree
+/// packet is invalid, in any state.
+fn valid_flags(flags: u8) -> bool {
+    const SYN: u8 = F::SYN;
+    const SYN_URG: u8 = F::SYN | F::URG;
+    const SYN_ACK: u8 = F::SYN | F::ACK;
+    const RST: u8 = F::RST;
+    const RST_ACK: u8 = F::RST | F::ACK;
+    const FIN_ACK: u8 = F::FIN | F::ACK;
+    const FIN_ACK_URG: u8 = F::FIN | F::ACK | F::URG;
+    const ACK: u8 = F::ACK;
+    const ACK_URG: u8 = F::ACK | F::URG;
+    matches!(
+        flags & !(F::PSH | F::ECE | F::CWR),
+        SYN | SYN_URG | SYN_ACK | RST | RST_ACK | FIN_ACK | FIN_ACK_URG | ACK | ACK_URG
+    )
+}
+
+/// Whether a packet with these flags may open a connection: a valid SYN, no ACK.
+fn opens(flags: u8) -> bool {
+    valid_flags(flags) && class(flags) == Class::Syn
 }
 
 fn class(flags: u8) -> Class {
@@ -279,13 +318,7 @@ impl NetworkFunction for Firewall {
         ctx.count(FLOWS_ALLOWED, 1);
         match pkt.tcp() {
             // A SYN without ACK opens a connection; anything else did not start here.
-            Some(t) if class(t.flags) == Class::Syn => FwState::Tcp(TcpTrack {
-                state: Tcp::SynSent,
-                isn: t.seq,
-                answered: false,
-                heard: false,
-                ignored_syn: None,
-            }),
+            Some(t) if opens(t.flags) => FwState::Tcp(TcpTrack::opened(t.seq)),
             Some(_) => FwState::NotOpened,
             // Not TCP, or a fragment without its TCP header.
             None => FwState::Open,
@@ -305,8 +338,18 @@ impl NetworkFunction for Firewall {
                 return Verdict::Drop;
             }
             FwState::NotOpened => {
-                ctx.count(DROP_NOT_OPENED, 1);
-                return Verdict::Drop;
+                // The initiator's SYN after a stray packet on its addresses (conntrack
+                // tracked nothing for the stray, and the SYN opens a connection).
+                match pkt.tcp() {
+                    Some(t) if opens(t.flags) && ctx.dir == Dir::Original => {
+                        *st = FwState::Tcp(TcpTrack::opened(t.seq));
+                        return Verdict::Forward;
+                    }
+                    _ => {
+                        ctx.count(DROP_NOT_OPENED, 1);
+                        return Verdict::Drop;
+                    }
+                }
             }
             FwState::Tcp(t) => t,
         };
@@ -314,6 +357,10 @@ impl NetworkFunction for Firewall {
         let Some(t) = pkt.tcp() else {
             return Verdict::Forward;
         };
+        if !valid_flags(t.flags) {
+            ctx.count(DROP_INVALID, 1);
+            return Verdict::Drop;
+        }
         let orig = ctx.dir == Dir::Original;
         let c = class(t.flags);
         if !track.answered {
@@ -356,7 +403,13 @@ impl NetworkFunction for Firewall {
             }
             Step::Ignore => {
                 if c == Class::Syn {
-                    track.ignored_syn = Some((orig, t.seq.wrapping_add(1)));
+                    // The answer acknowledges the SYN and any data it carried (TCP Fast
+                    // Open), as conntrack expects.
+                    let end = t
+                        .seq
+                        .wrapping_add(pkt.payload().len() as u32)
+                        .wrapping_add(1);
+                    track.ignored_syn = Some((orig, end));
                 } else if c == Class::SynAck && track.ignored_syn == Some((!orig, t.ack)) {
                     // The other end answered a SYN this firewall let through: the two
                     // ends reopened the connection. Follow them.
@@ -461,6 +514,86 @@ mod tests {
             h.feed(&tcp(S, other, F::SYN | F::ACK, 1, 1, b"")).0,
             Verdict::Drop
         );
+    }
+
+    #[test]
+    fn the_initiators_syn_opens_a_flow_a_stray_started() {
+        let mut h = fw();
+        assert_eq!(h.feed(&tcp(C, S, F::ACK, 7, 9, b"")).0, Verdict::Drop);
+        assert_eq!(h.feed(&tcp(C, S, F::SYN, 100, 0, b"")).0, Verdict::Forward);
+        assert_eq!(
+            h.feed(&tcp(S, C, F::SYN | F::ACK, 500, 101, b"")).0,
+            Verdict::Forward
+        );
+        assert_eq!(
+            h.feed(&tcp(C, S, F::ACK, 101, 501, b"")).0,
+            Verdict::Forward
+        );
+    }
+
+    /// Flag combinations no TCP sends are invalid wherever they come (conntrack's table of
+    /// valid flags), and a SYN carrying another of FIN, RST or ACK opens nothing.
+    #[test]
+    fn nonsense_flags_are_invalid_in_any_state() {
+        assert!(opens(F::SYN) && opens(F::SYN | F::URG) && opens(F::SYN | F::ECE | F::CWR));
+        for f in [
+            F::SYN | F::FIN,
+            F::SYN | F::RST,
+            F::SYN | F::ACK,
+            F::FIN,
+            F::FIN | F::PSH | F::URG,
+            0,
+            0xff,
+        ] {
+            assert!(!opens(f), "{f:#x} opens");
+        }
+        let mut h = fw();
+        assert_eq!(
+            h.feed(&tcp(C, S, F::SYN | F::FIN, 100, 0, b"")).0,
+            Verdict::Drop
+        );
+        let other = ([10, 0, 0, 1], 40001);
+        h.feed(&tcp(other, S, F::SYN, 100, 0, b""));
+        h.feed(&tcp(S, other, F::SYN | F::ACK, 500, 101, b""));
+        h.feed(&tcp(other, S, F::ACK, 101, 501, b""));
+        for f in [
+            F::FIN | F::RST,
+            F::FIN | F::PSH | F::URG,
+            F::FIN,
+            F::SYN | F::RST,
+            0xff,
+        ] {
+            assert_eq!(
+                h.feed(&tcp(other, S, f, 101, 501, b"")).0,
+                Verdict::Drop,
+                "{f:#x}"
+            );
+        }
+        // The connection is untouched: data still flows.
+        assert_eq!(
+            h.feed(&tcp(other, S, F::ACK | F::PSH, 101, 501, b"x")).0,
+            Verdict::Forward
+        );
+    }
+
+    /// A SYN ignored on a live connection carries data (TCP Fast Open): the SYN-ACK that
+    /// acknowledges the data too is the answer that resynchronises.
+    #[test]
+    fn an_ignored_syn_with_data_is_answered_past_its_data() {
+        let mut h = fw();
+        h.feed(&tcp(C, S, F::SYN, 100, 0, b""));
+        h.feed(&tcp(S, C, F::SYN | F::ACK, 500, 101, b""));
+        h.feed(&tcp(C, S, F::ACK, 101, 501, b""));
+        h.feed(&tcp(C, S, F::SYN, 9000, 0, b"hello"));
+        h.feed(&tcp(S, C, F::SYN | F::ACK, 7000, 9006, b""));
+        // Resynchronised: the handshake's last ACK moves the connection on, and a FIN is
+        // valid.
+        h.feed(&tcp(C, S, F::ACK, 9006, 7001, b""));
+        assert_eq!(
+            h.feed(&tcp(C, S, F::FIN | F::ACK, 9006, 7001, b"")).0,
+            Verdict::Forward
+        );
+        assert_eq!(h.counter("drop_invalid"), 0);
     }
 
     /// The transitions conntrack makes on these packets (checked against the kernel by

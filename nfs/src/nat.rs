@@ -21,7 +21,9 @@ use std::collections::{HashMap, VecDeque};
 
 use nflib::flow::{family, FlowKey};
 use nflib::net::{Mac, PortRange, Prefix};
-use nflib::nf::{Dir, NetworkFunction, NfContext, NfSpec, PacketMut, Stage, TypedStage, Verdict};
+use nflib::nf::{
+    Dir, EndReason, NetworkFunction, NfContext, NfSpec, PacketMut, Stage, TypedStage, Verdict,
+};
 use nflib::packet::proto;
 use serde::{Deserialize, Serialize};
 
@@ -55,9 +57,12 @@ fn yes() -> bool {
 struct Ports {
     first: u16,
     used: Vec<bool>,
-    /// Free ports, longest free first. A port taken out of turn (sticky) stays listed and
-    /// is skipped when reached.
-    free_order: VecDeque<u16>,
+    /// Per port, bumped each time it is freed: an entry of `free_order` with an older
+    /// generation is stale (the port was taken out of turn, sticky, and freed again since).
+    generation: Vec<u32>,
+    /// Free ports, longest free first, with their generation when freed. Stale entries
+    /// are skipped when reached, and dropped once they outnumber the share.
+    free_order: VecDeque<(u16, u32)>,
     free: usize,
     /// Where ended flows' ports went: (inside ip, inside port, protocol, destination ip,
     /// destination port) -> port, with the order they ended in (oldest first) to keep the
@@ -74,7 +79,8 @@ impl Ports {
         Ports {
             first,
             used: vec![false; share],
-            free_order: (0..share as u32).map(|i| first + i as u16).collect(),
+            generation: vec![0; share],
+            free_order: (0..share as u32).map(|i| (first + i as u16, 0)).collect(),
             free: share,
             last: HashMap::new(),
             last_order: VecDeque::new(),
@@ -100,9 +106,9 @@ impl Ports {
                 return Some(port);
             }
         }
-        while let Some(port) = self.free_order.pop_front() {
+        while let Some((port, generation)) = self.free_order.pop_front() {
             let Some(i) = self.index(port) else { continue };
-            if !self.used[i] {
+            if !self.used[i] && self.generation[i] == generation {
                 self.used[i] = true;
                 self.free -= 1;
                 return Some(port);
@@ -111,7 +117,9 @@ impl Ports {
         None
     }
 
-    fn release(&mut self, port: u16, who: Mapping5) {
+    /// Frees `port`; `who` had it, and gets it back for its next flow to the same
+    /// destination if `remember`.
+    fn release(&mut self, port: u16, who: Mapping5, remember: bool) {
         // A port from another runtime's share (a flow that moved here) is not ours to free.
         let Some(i) = self.index(port) else { return };
         if !self.used[i] {
@@ -119,7 +127,18 @@ impl Ports {
         }
         self.used[i] = false;
         self.free += 1;
-        self.free_order.push_back(port);
+        self.generation[i] = self.generation[i].wrapping_add(1);
+        self.free_order.push_back((port, self.generation[i]));
+        if self.free_order.len() > 2 * self.used.len() {
+            let (used, generation, first) = (&self.used, &self.generation, self.first);
+            self.free_order.retain(|&(p, g)| {
+                let i = usize::from(p - first);
+                !used[i] && generation[i] == g
+            });
+        }
+        if !remember {
+            return;
+        }
         if self.last.insert(who, port).is_none() {
             self.last_order.push_back(who);
             while self.last_order.len() > self.used.len() {
@@ -319,11 +338,14 @@ impl NetworkFunction for Nat {
         Verdict::Forward
     }
 
-    fn end_flow(&mut self, st: NatState, _ctx: &mut NfContext<'_>) {
+    fn end_flow(&mut self, st: NatState, ctx: &mut NfContext<'_>) {
         if let Some(m) = st.mapping {
+            // A port whose reply key another runtime holds is not one to hand this endpoint
+            // again.
             self.ports.release(
                 m.outside_port,
                 (m.inside_ip, m.inside_port, m.proto, m.peer, m.peer_port),
+                ctx.end_reason() != EndReason::Refused,
             );
         }
     }
@@ -411,6 +433,31 @@ mod tests {
         // The first endpoint again: its own port.
         assert_eq!(src(&mut h, 100), 1000);
         assert_eq!(src(&mut h, 101), 1001);
+    }
+
+    /// Sticky ports taken out of turn and freed again leave stale entries in the free
+    /// order: they are skipped (the port goes by its latest release) and never pile up.
+    #[test]
+    fn the_free_order_stays_true_and_bounded_under_sticky_reuse() {
+        let mut p = Ports::new(1000, 4);
+        let who = ([10, 0, 0, 1], 100, 17, [8; 16], 53);
+        let other = ([10, 0, 0, 2], 100, 17, [8; 16], 53);
+        let first = p.alloc(&who).unwrap();
+        p.release(first, who, true);
+        for _ in 0..1000 {
+            assert_eq!(p.alloc(&who), Some(first), "sticky");
+            p.release(first, who, true);
+        }
+        assert!(p.free_order.len() <= 8, "{}", p.free_order.len());
+        // Others get the ports free the longest: the sticky one was freed last.
+        let got: Vec<u16> = (0..4).map(|_| p.alloc(&other).unwrap()).collect();
+        assert_eq!(got, vec![1001, 1002, 1003, first]);
+        assert_eq!(p.alloc(&other), None);
+        // A port released without being remembered does not come back to its endpoint
+        // first (remembered, 1001 would).
+        p.release(1002, other, false);
+        p.release(1001, who, false);
+        assert_eq!(p.alloc(&who), Some(1002));
     }
 
     #[test]

@@ -400,7 +400,7 @@ fn run_timed(flows: usize, seconds: f64) -> RunResult {
         let mem = rt.platform_memory();
         let state = rt.state_memory();
         let live = rt.flows().len();
-        rt.end_all();
+        rt.end_all(&mut ep);
         (mem, state, live)
     });
 
@@ -485,7 +485,7 @@ fn run_counted(flows: usize, rounds: usize) {
         runtime_time.as_nanos() as f64 / (done - start).max(1) as f64,
         rt.platform_memory() as f64 / rt.flows().len().max(1) as f64,
     );
-    rt.end_all();
+    rt.end_all(&mut ep);
 }
 
 fn main() {

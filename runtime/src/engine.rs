@@ -20,7 +20,7 @@ use nflib::endpoint::Endpoint;
 use nflib::flow::{Direction, FlowKey};
 use nflib::mailbox::Mailbox;
 use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
-use nflib::nf::{tcp_flags, Dir, NfContext, PacketMut, Stage, Verdict};
+use nflib::nf::{tcp_flags, Dir, EndReason, NfContext, PacketMut, Stage, Verdict};
 use nflib::packet::ParseError;
 use nflib::stats::{ProcCounter, NF_COUNTERS};
 use nflib::wire::{EndpointAddr, LIAISON};
@@ -28,7 +28,7 @@ use nflib::{Packet, MANAGER_SLOT};
 
 use crate::aliases::AliasCommit;
 use crate::events::EventLog;
-use crate::flows::{flag, FlowActor, FlowTable, Found};
+use crate::flows::{flag, ms_since, FlowActor, FlowTable, Found};
 use crate::migration::{
     Candidate, FlowHost, FlowRef, Mark, MigrationSettings, Migrator, PacketAction, Release,
 };
@@ -75,9 +75,10 @@ pub struct Runtime {
     next_id: u64,
     aliases: Vec<FlowKey>,
     out: Vec<Packet>,
-    /// Aliases and ended flows to tell the vswitches that feed them (sent by `flush`, one
-    /// message per vswitch, before the packets that need them).
-    new_aliases: Vec<(EndpointAddr, FlowKey)>,
+    /// Aliases (with the vswitch that feeds the flow and the flow's id) and ended flows to
+    /// tell the vswitches (sent by `flush`, one message per vswitch, before the packets
+    /// that need them).
+    new_aliases: Vec<(EndpointAddr, FlowKey, u64)>,
     ended: Vec<Ended>,
     /// Packets waiting for the vswitch to confirm their flows' new aliases.
     alias_commit: AliasCommit<Packet>,
@@ -583,10 +584,11 @@ impl Runtime {
                 .get(s)
                 .is_some_and(|a| a.has(flag::TCP) && a.closed() && !a.has(flag::MIGRATING))
                 && pm.tcp_flags().is_some_and(|f| {
-                    f & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN
+                    f & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST | tcp_flags::FIN)
+                        == tcp_flags::SYN
                 });
             if reopens {
-                self.end_flow(s, now_ms, Notify::VswitchBut(*key));
+                self.end_flow(s, now_ms, Notify::VswitchBut(*key), EndReason::Done);
                 ep.counters().add(ProcCounter::FlowsReopened as usize, 1);
                 found = None;
             }
@@ -689,10 +691,10 @@ impl Runtime {
             self.nf_counters[i][0] += 1;
         }
         let mut registered = false;
-        for alias in self.aliases.drain(..) {
-            if self.flows.add_alias(slot, alias) {
-                self.new_aliases.push((vswitch, alias));
-                registered = true;
+        if !self.aliases.is_empty() {
+            match self.register_aliases(ep, slot, id, vswitch, now_ms) {
+                Some(r) => registered = r,
+                None => return Ran::Done(Verdict::Drop, pm.len(), None),
             }
         }
         let wait = if verdict == Verdict::Drop {
@@ -705,7 +707,55 @@ impl Runtime {
         Ran::Done(verdict, pm.len(), wait)
     }
 
-    fn deadline(&self, a: &FlowActor) -> u64 {
+    /// Makes the keys the chain asked for (`self.aliases`) lead to flow `slot` (`id`), to
+    /// be told to its vswitch. Returns whether any is new, or `None` if the flow had to end:
+    /// a key is another flow's alias here (two translations to one reply key; the packet is
+    /// dropped and the newcomer ends, as when the vswitch refuses it). A key that is a
+    /// stray flow's own (a reply that came before its translation was known, and started a
+    /// flow of its own) is taken from it: that flow ends.
+    fn register_aliases(
+        &mut self,
+        ep: &mut Endpoint,
+        slot: u32,
+        id: u64,
+        vswitch: EndpointAddr,
+        now_ms: u64,
+    ) -> Option<bool> {
+        let mut aliases = std::mem::take(&mut self.aliases);
+        let mut registered = false;
+        let mut refused = false;
+        for &alias in &aliases {
+            match self.flows.find(&alias) {
+                None => {}
+                Some(Found::Key(s) | Found::Alias(s)) if s == slot => continue,
+                Some(Found::Key(s))
+                    if self.flows.get(s).is_some_and(|a| !a.has(flag::MIGRATING)) =>
+                {
+                    // The stray's key stays at the vswitch: it is this flow's now.
+                    self.end_flow(s, now_ms, Notify::VswitchBut(alias), EndReason::Done);
+                    ep.counters().add(ProcCounter::StraysTakenOver as usize, 1);
+                }
+                Some(_) => {
+                    refused = true;
+                    break;
+                }
+            }
+            if self.flows.add_alias(slot, alias) {
+                self.new_aliases.push((vswitch, alias, id));
+                registered = true;
+            }
+        }
+        aliases.clear();
+        self.aliases = aliases;
+        if refused {
+            ep.counters().add(ProcCounter::AliasesRefused as usize, 1);
+            self.end_flow(slot, now_ms, Notify::Vswitch, EndReason::Refused);
+            return None;
+        }
+        Some(registered)
+    }
+
+    fn deadline(&self, a: &FlowActor, now_ms: u64) -> u64 {
         let wait = if a.closed() {
             self.settings.closed_linger_ms
         } else if !a.has(flag::REPLIED) {
@@ -713,7 +763,7 @@ impl Runtime {
         } else {
             self.settings.idle_ms
         };
-        a.last_ms as u64 + wait as u64
+        (now_ms + u64::from(wait)).saturating_sub(u64::from(ms_since(now_ms, a.last_ms)))
     }
 
     /// Ends the flows whose time has come (at most a batch per call).
@@ -731,27 +781,30 @@ impl Runtime {
             let deadline = if a.has(flag::MIGRATING) {
                 now_ms + 1000
             } else {
-                self.deadline(a)
+                self.deadline(a, now_ms)
             };
             if deadline > now_ms {
                 self.timers.arm(*e, deadline);
                 continue;
             }
-            self.end_flow(e.slot, now_ms, Notify::Vswitch);
+            self.end_flow(e.slot, now_ms, Notify::Vswitch, EndReason::Done);
             ep.counters().add(ProcCounter::FlowsExpired as usize, 1);
         }
         self.fired = fired;
         self.fired.clear();
     }
 
-    fn end_flow(&mut self, slot: u32, now_ms: u64, notify: Notify) {
+    fn end_flow(&mut self, slot: u32, now_ms: u64, notify: Notify, reason: EndReason) {
         let Some(a) = self.flows.get(slot) else {
             return;
         };
         let key = a.key;
         let id = a.id;
-        let idle_ms =
-            u32::try_from(now_ms.saturating_sub(u64::from(a.last_ms))).unwrap_or(u32::MAX);
+        let idle_ms = ms_since(now_ms, a.last_ms);
+        // Aliases it registered that the vswitch has not been told of stay untold.
+        if !self.new_aliases.is_empty() {
+            self.new_aliases.retain(|(_, _, f)| *f != id);
+        }
         let mut ctx = NfContext::new(
             now_ms,
             Dir::Original,
@@ -761,6 +814,7 @@ impl Runtime {
             &mut self.aliases,
             &mut self.events,
         );
+        ctx.set_end_reason(reason);
         for (i, stage) in self.stages.iter_mut().enumerate() {
             ctx.set_stage(i);
             stage.end_flow(self.flows.records_mut(), slot, &mut ctx);
@@ -795,14 +849,26 @@ impl Runtime {
         }
     }
 
-    /// Ends every flow (the runtime is stopping): functions write their last records.
-    pub fn end_all(&mut self) {
+    /// Ends every flow (the runtime is stopping): functions write their last records, and
+    /// the packets still held go back to the pool.
+    pub fn end_all(&mut self, ep: &mut Endpoint) {
         let now = self.now_ms();
         for slot in self.flows.slots() {
-            self.end_flow(slot, now, Notify::Nobody);
+            self.end_flow(slot, now, Notify::Nobody, EndReason::Stopping);
         }
         self.new_aliases.clear();
         self.ended.clear();
+        for p in self.alias_commit.drain() {
+            ep.free(p);
+        }
+        for (_, q) in self.held.drain() {
+            for p in q {
+                ep.free(p);
+            }
+        }
+        for p in self.out.drain(..) {
+            ep.free(p);
+        }
     }
 
     /// Sends what processing produced: messages first (so aliases are known before the
@@ -831,21 +897,24 @@ impl Runtime {
             self.ended = ended;
         }
         if !self.new_aliases.is_empty() {
+            // An answer is asked for only if a packet waits for it.
             let epoch = self.alias_commit.open();
-            let mut sent = 0;
-            self.new_aliases.sort_by_key(|(vs, _)| *vs);
+            let mut to = Vec::new();
+            self.new_aliases.sort_by_key(|(vs, _, _)| *vs);
             for group in self.new_aliases.chunk_by(|a, b| a.0 == b.0) {
                 let m = Message::AddAliases {
-                    keys: group.iter().map(|(_, k)| *k).collect(),
-                    request: epoch,
+                    aliases: group.iter().map(|(_, k, id)| (*k, *id)).collect(),
+                    request: epoch.unwrap_or(0),
                 };
                 if mb.send(group[0].0, LIAISON, LIAISON, &m).is_ok() {
-                    sent += 1;
+                    to.push(group[0].0);
                 } else {
                     ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
                 }
             }
-            self.alias_commit.sent(epoch, sent, now_ns);
+            if let Some(epoch) = epoch {
+                self.alias_commit.sent(epoch, to, now_ns);
+            }
             self.new_aliases.clear();
         }
         self.release_held_aliases(ep, now_ns);
@@ -883,7 +952,7 @@ impl Runtime {
     /// Moves packets whose alias epoch is over to the output (dropping those of flows
     /// whose alias was refused).
     fn release_held_aliases(&mut self, ep: &mut Endpoint, now_ns: u64) {
-        if self.alias_commit.held_len() == 0 {
+        if !self.alias_commit.busy() {
             return;
         }
         let mut dropped = Vec::new();
@@ -894,28 +963,37 @@ impl Runtime {
         }
     }
 
-    /// A vswitch answered alias request `request`; `refused` are keys another runtime
-    /// holds. A flow that got none of its translations ends: its replies would reach the
-    /// other flow.
+    /// Vswitch `from` answered alias request `request` (0: none was asked for); `refused`
+    /// are keys that are another runtime's aliases, with the flows that asked for them. Such
+    /// a flow's held packets are dropped and it ends: its replies would reach the other
+    /// flow. (A flow migrating away is left to finish moving; the vswitch keeps the key with
+    /// its owner all the same.) A refusal for a flow that has ended since changes nothing.
     pub fn on_aliases_added(
         &mut self,
         ep: &mut Endpoint,
+        from: EndpointAddr,
         request: u64,
-        refused: &[FlowKey],
+        refused: &[(FlowKey, u64)],
         now_ms: u64,
     ) {
-        for k in refused {
-            let Some(Found::Alias(slot)) = self.flows.find(k) else {
+        for &(k, flow) in refused {
+            let Some(Found::Alias(slot)) = self.flows.find(&k) else {
                 continue;
             };
-            if let Some(a) = self.flows.get(slot) {
-                self.alias_commit.refuse(a.id);
-            }
+            let Some(a) = self.flows.get(slot).filter(|a| a.id == flow) else {
+                continue;
+            };
+            let migrating = a.has(flag::MIGRATING);
+            self.alias_commit.refuse(flow);
             ep.counters().add(ProcCounter::AliasesRefused as usize, 1);
-            // Forget every key but the refused one, which is another runtime's.
-            self.end_flow(slot, now_ms, Notify::VswitchBut(*k));
+            if !migrating {
+                // Forget every key but the refused one, which is another runtime's.
+                self.end_flow(slot, now_ms, Notify::VswitchBut(k), EndReason::Refused);
+            }
         }
-        self.alias_commit.answered(request);
+        if request != 0 {
+            self.alias_commit.answered(request, from);
+        }
     }
 
     /// When the loop must run again even with nothing to receive (an alias epoch's
@@ -1038,7 +1116,8 @@ impl FlowHost for EngineHost<'_> {
             let Some(a) = self.rt.flows.get(slot) else {
                 continue;
             };
-            if a.has(flag::MIGRATING) || a.closed() {
+            // A flow whose packets wait for its aliases to be confirmed moves once they are.
+            if a.has(flag::MIGRATING) || a.closed() || self.rt.alias_commit.is_waiting(slot, a.id) {
                 continue;
             }
             let (key, vswitch) = (a.key, a.vswitch);
@@ -1097,8 +1176,8 @@ impl FlowHost for EngineHost<'_> {
         Some(FlowState {
             idx: 0,
             flags: a.flags & !(flag::LIVE | flag::MIGRATING),
-            age_ms: now.saturating_sub(a.created_ms as u64),
-            idle_ms: now.saturating_sub(a.last_ms as u64),
+            age_ms: u64::from(ms_since(now, a.created_ms)),
+            idle_ms: u64::from(ms_since(now, a.last_ms)),
             missing: 0,
             // A group's message cannot come near 4 GiB; a flow whose states did would read
             // back as malformed and stay with the source.
@@ -1169,8 +1248,9 @@ impl FlowHost for EngineHost<'_> {
         };
         a.flags = (st.flags & !flag::MIGRATING) | flag::LIVE;
         a.set_mark(Mark::None);
-        a.created_ms = now.saturating_sub(st.age_ms) as u32;
-        a.last_ms = now.saturating_sub(st.idle_ms) as u32;
+        // Stamps are wrapping milliseconds (`ms_since`).
+        a.created_ms = (now as u32).wrapping_sub(u32::try_from(st.age_ms).unwrap_or(u32::MAX));
+        a.last_ms = (now as u32).wrapping_sub(u32::try_from(st.idle_ms).unwrap_or(u32::MAX));
         // Counting starts again with the vswitch's count for this runtime.
         a.packets = 0;
         a.timer_gen = a.timer_gen.wrapping_add(1);
@@ -1179,7 +1259,7 @@ impl FlowHost for EngineHost<'_> {
             gen: a.timer_gen,
         };
         let a = a.clone();
-        let deadline = self.rt.deadline(&a);
+        let deadline = self.rt.deadline(&a, now);
         self.rt.timers.arm(e, deadline.max(now + 1));
         true
     }
@@ -1274,7 +1354,8 @@ impl FlowHost for EngineHost<'_> {
         {
             return false;
         }
-        self.rt.end_flow(slot, self.now_ms, Notify::Vswitch);
+        self.rt
+            .end_flow(slot, self.now_ms, Notify::Vswitch, EndReason::Done);
         true
     }
 

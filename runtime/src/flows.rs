@@ -37,6 +37,14 @@ pub mod flag {
 const NONE: u32 = u32::MAX;
 const ALIAS_BIT: u32 = 1 << 31;
 
+/// Milliseconds from `then`, a flow's time stamp, to `now_ms`. Stamps are the runtime's
+/// clock in 32 bits, which wraps after 49.7 days: ages are wrapping differences (an idle
+/// flow ends within minutes; a flow older than 49.7 days shows its age modulo that).
+#[inline]
+pub fn ms_since(now_ms: u64, then: u32) -> u32 {
+    (now_ms as u32).wrapping_sub(then)
+}
+
 /// What the platform keeps per flow (80 bytes).
 #[derive(Clone, Debug)]
 pub struct FlowActor {

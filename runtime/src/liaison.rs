@@ -19,7 +19,7 @@ use nflib::stats::ProcCounter;
 use nflib::wire::{EndpointAddr, LIAISON};
 
 use crate::engine::Runtime;
-use crate::flows::flag;
+use crate::flows::{flag, ms_since};
 
 /// The longest a `PrepareMigration` keeps a runtime polling for a migration to begin.
 const MAX_PREPARE_AWAKE_MS: u32 = 1_000;
@@ -99,7 +99,7 @@ impl Liaison {
             Message::Pong { .. } => {}
             Message::AliasesAdded { request, refused } => {
                 let now_ms = rt.now_ms();
-                rt.on_aliases_added(ep, request, &refused, now_ms);
+                rt.on_aliases_added(ep, env.from, request, &refused, now_ms);
             }
             _ => self.unknown += 1,
         }
@@ -407,8 +407,8 @@ fn list_flows(rt: &Runtime, limit: u32) -> Reply {
             Some(FlowInfo {
                 key: a.key.to_string(),
                 actor: a.id,
-                age_ms: now.saturating_sub(a.created_ms as u64),
-                idle_ms: now.saturating_sub(a.last_ms as u64),
+                age_ms: u64::from(ms_since(now, a.created_ms)),
+                idle_ms: u64::from(ms_since(now, a.last_ms)),
                 state: state.into(),
                 aliases: flows.alias_count(s),
                 vswitch: a.vswitch,

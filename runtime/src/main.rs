@@ -83,7 +83,7 @@ fn main() -> ExitCode {
         }
         m + n + probes
     });
-    rt.end_all();
+    rt.end_all(&mut ep);
     rt.publish(&mut ep);
     rt.events.close();
     ExitCode::SUCCESS

@@ -908,6 +908,7 @@ impl Migrator {
             vswitch,
             Message::SetRuntime {
                 keys,
+                from: self.me,
                 runtime: target,
                 request: id,
             },
@@ -1064,7 +1065,7 @@ impl Migrator {
         for i in not_installed.into_iter().rev() {
             back.push(g.flows.swap_remove(i));
         }
-        let vswitch = g.vswitch;
+        let (vswitch, target) = (g.vswitch, g.target);
         self.counters.flows_out += moved;
         if let Some(j) = self.job.as_mut() {
             j.report.moved += moved;
@@ -1078,6 +1079,7 @@ impl Migrator {
                 vswitch,
                 Message::SetRuntime {
                     keys,
+                    from: target,
                     runtime: self.me,
                     request: 0,
                 },
@@ -1147,6 +1149,7 @@ impl Migrator {
             vswitch,
             Message::SetRuntime {
                 keys,
+                from: target,
                 runtime: self.me,
                 request: id | ROLLBACK,
             },

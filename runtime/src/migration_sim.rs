@@ -564,13 +564,21 @@ fn run(sc: Scenario) -> Outcome {
                 Ev::Msg { from, to, msg } if to == V => {
                     if let Message::SetRuntime {
                         keys,
+                        from: expected,
                         runtime,
                         request,
                     } = msg
                     {
                         let mut sent = Vec::new();
+                        let mut moved = 0;
                         for k in &keys {
                             let e = vs.get_mut(k).unwrap();
+                            // As the vswitch does: a key sent to a third runtime stays.
+                            if e.0 != expected && e.0 != runtime {
+                                sent.push(0);
+                                continue;
+                            }
+                            moved += 1;
                             sent.push(e.1);
                             if e.0 != runtime {
                                 *e = (runtime, 0);
@@ -587,7 +595,7 @@ fn run(sc: Scenario) -> Outcome {
                                 to: from,
                                 msg: Message::RuntimeSet {
                                     request,
-                                    moved: keys.len() as u32,
+                                    moved,
                                     sent,
                                 },
                             },

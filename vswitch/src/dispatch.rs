@@ -40,11 +40,26 @@ pub enum NonIp {
 struct Entry {
     runtime: EndpointAddr,
     /// When the flow last had a packet: milliseconds since the dispatcher started,
-    /// wrapping (ages are `wrapping_sub`s, never near 2^31 ms: idle entries are swept).
+    /// wrapping (see `age_ms`).
     last_ms: u32,
     /// Packets given to `runtime` under this key since it was set (wrapping): a migrating
     /// source learns from it how many packets to wait for (`RuntimeSet::sent`).
     sent: u32,
+    /// A runtime registered the key (`AddAliases`): a translation it made. Otherwise the
+    /// vswitch chose the runtime for a packet of an unknown key.
+    alias: bool,
+}
+
+/// Milliseconds from `last_ms` to `now_ms` on the dispatcher's wrapping clock. A time
+/// "after" now (stamped by a message handled after the packet loop read the clock) is an
+/// age of 0, not of 49 days: idle entries are swept long before ages come near 2^31.
+fn age_ms(now_ms: u32, last_ms: u32) -> u32 {
+    let age = now_ms.wrapping_sub(last_ms);
+    if age > 1 << 31 {
+        0
+    } else {
+        age
+    }
 }
 
 pub struct Dispatch {
@@ -240,16 +255,17 @@ impl Dispatch {
     fn handle(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, env: Envelope) {
         let now_ms = self.now_ms(Instant::now());
         let reply = match env.msg {
-            Message::AddAliases { keys, request } => {
+            Message::AddAliases { aliases, request } => {
                 let mut refused = Vec::new();
-                for key in keys {
+                for (key, flow) in aliases {
                     if !self.add_alias(key, env.from, now_ms) {
-                        refused.push(key);
+                        refused.push((key, flow));
                     }
                 }
                 ep.counters()
                     .add(ProcCounter::AliasesRefused as usize, refused.len() as u64);
-                (request != 0).then_some(Message::AliasesAdded { request, refused })
+                (request != 0 || !refused.is_empty())
+                    .then_some(Message::AliasesAdded { request, refused })
             }
             Message::FlowEnded {
                 keys,
@@ -268,11 +284,12 @@ impl Dispatch {
             }
             Message::SetRuntime {
                 keys,
+                from,
                 runtime,
                 request,
             } => {
                 let mut sent = Vec::with_capacity(keys.len());
-                let moved = self.set_runtime(&keys, runtime, &mut sent);
+                let moved = self.set_runtime(&keys, from, runtime, &mut sent);
                 Some(Message::RuntimeSet {
                     request,
                     moved,
@@ -316,14 +333,16 @@ impl Dispatch {
         now.saturating_duration_since(self.epoch).as_millis() as u32
     }
 
-    /// Makes `key` lead to `runtime`, unless another live runtime holds it: two flows under
-    /// one key would get each other's packets, so the newcomer is refused (and told), never
-    /// silently given the key. A key of a runtime no longer live, or already the caller's,
+    /// Makes `key` lead to `runtime`, unless it is another live runtime's alias: two
+    /// translations under one key would get each other's replies, so the newcomer is
+    /// refused (and told), never silently given the key. A key of a runtime no longer live,
+    /// already the caller's, or only dispatched to another runtime (a packet that came
+    /// before the translation that makes it a reply: a stray there, whose flow ends idle)
     /// is taken.
     fn add_alias(&mut self, key: FlowKey, runtime: EndpointAddr, now_ms: u32) -> bool {
         let (live, remote) = (&self.live, &self.remote);
         if let Some(e) = self.table.get(&key) {
-            if e.runtime != runtime && targets_live(live, remote, e.runtime) {
+            if e.alias && e.runtime != runtime && targets_live(live, remote, e.runtime) {
                 return false;
             }
         }
@@ -333,6 +352,7 @@ impl Dispatch {
                 runtime,
                 last_ms: now_ms,
                 sent: 0,
+                alias: true,
             },
         );
         true
@@ -348,7 +368,7 @@ impl Dispatch {
             return;
         }
         if let Some((now_ms, window)) = keep_recent {
-            if now_ms.wrapping_sub(e.last_ms) < window {
+            if age_ms(now_ms, e.last_ms) < window {
                 return;
             }
         }
@@ -370,13 +390,15 @@ impl Dispatch {
         }
     }
 
-    /// Points known flows at another runtime (one this vswitch dispatches to). Returns how
-    /// many of the keys were known, and pushes to `sent`, per key, the packets given to the
-    /// previous runtime since it was set (0 for unknown keys; counting restarts for the new
-    /// runtime).
+    /// Points known flows sent to `from` at another runtime (one this vswitch dispatches
+    /// to). Returns how many of the keys moved, and pushes to `sent`, per key, the packets
+    /// given to the previous runtime since it was set (0 for a key that did not move;
+    /// counting restarts for the new runtime). A key sent to a third runtime stays there:
+    /// the requester's copy of it is stale (an alias the vswitch refused it).
     pub fn set_runtime(
         &mut self,
         keys: &[FlowKey],
+        from: EndpointAddr,
         runtime: EndpointAddr,
         sent: &mut Vec<u32>,
     ) -> u32 {
@@ -397,7 +419,7 @@ impl Dispatch {
         let mut moved = 0;
         for (k, &h) in keys.iter().zip(&hashes) {
             match self.table.get_mut_hashed(k, h) {
-                Some(e) => {
+                Some(e) if e.runtime == from || e.runtime == runtime => {
                     sent.push(e.sent);
                     // Asking again for the runtime a key already has changes nothing (a
                     // repeated request must not restart the count).
@@ -407,7 +429,7 @@ impl Dispatch {
                     }
                     moved += 1;
                 }
-                None => sent.push(0),
+                _ => sent.push(0),
             }
         }
         moved
@@ -505,6 +527,7 @@ impl Dispatch {
                         runtime: rt,
                         last_ms: now_ms,
                         sent: 1,
+                        alias: false,
                     };
                     if self.table.insert(key, entry).is_none() {
                         ep.counters().add(ProcCounter::FlowsCreated as usize, 1);
@@ -572,7 +595,7 @@ impl Dispatch {
         while now >= self.next_sweep && swept < MAX_SWEEPS_PER_LOOP {
             expired += self
                 .table
-                .sweep_next(|e| now_ms.wrapping_sub(e.last_ms) < timeout_ms);
+                .sweep_next(|e| age_ms(now_ms, e.last_ms) < timeout_ms);
             self.next_sweep += step;
             swept += 1;
         }
@@ -707,6 +730,7 @@ mod tests {
             1,
             &Message::SetRuntime {
                 keys: vec![key],
+                from: EndpointAddr::new(1, first),
                 runtime: EndpointAddr::new(1, other),
                 request: 42,
             },
@@ -726,28 +750,58 @@ mod tests {
         assert_eq!(b.occupancy(first), 1, "nothing more to the old runtime");
         // A runtime that is not a target is refused.
         let mut sent = Vec::new();
+        let (from, to) = (EndpointAddr::new(1, first), EndpointAddr::new(1, other));
         assert_eq!(
-            b.d.set_runtime(&[key], EndpointAddr::new(1, 9), &mut sent),
+            b.d.set_runtime(&[key], to, EndpointAddr::new(1, 9), &mut sent),
             0
         );
         assert_eq!(
-            b.d.set_runtime(&[key], EndpointAddr::new(7, 2), &mut sent),
+            b.d.set_runtime(&[key], to, EndpointAddr::new(7, 2), &mut sent),
             0
         );
-        assert_eq!(sent, vec![0, 0]);
+        // Nor is a request that thinks the key is elsewhere: it is not its to move.
+        assert_eq!(b.d.set_runtime(&[key], from, from, &mut sent), 0);
+        assert_eq!(sent, vec![0, 0, 0]);
         // Counting restarted for the new runtime: one packet so far; asking again for the
         // same runtime does not restart it.
         b.packet(1000);
         let mut sent = Vec::new();
-        assert_eq!(
-            b.d.set_runtime(&[key], EndpointAddr::new(1, other), &mut sent),
-            1
-        );
-        assert_eq!(
-            b.d.set_runtime(&[key], EndpointAddr::new(1, other), &mut sent),
-            1
-        );
+        assert_eq!(b.d.set_runtime(&[key], from, to, &mut sent), 1);
+        assert_eq!(b.d.set_runtime(&[key], from, to, &mut sent), 1);
         assert_eq!(sent, vec![2, 2]);
+    }
+
+    #[test]
+    fn an_alias_is_refused_only_over_another_live_runtimes_alias() {
+        let mut b = bed("vsalias");
+        // A packet of an unknown key: dispatched to some runtime.
+        b.packet(1000);
+        let first = if b.occupancy(2) == 1 { 2 } else { 3 };
+        let other = 5 - first;
+        let (rt1, rt2) = (EndpointAddr::new(1, first), EndpointAddr::new(1, other));
+        let key = FlowKey::of(&packet::parse(&frame(1000)).unwrap()).0;
+        // The other runtime's translation makes the key a reply of its flow: the stray
+        // packet's entry gives way.
+        assert!(b.d.add_alias(key, rt2, 0));
+        // The first runtime's translation to the same key is refused; the owner's own
+        // request again is fine.
+        assert!(!b.d.add_alias(key, rt1, 0));
+        assert!(b.d.add_alias(key, rt2, 0));
+        b.packet(1000);
+        assert_eq!(b.occupancy(other), 1, "the key's packets reach the alias");
+        // Migration of the first runtime's flows cannot take the key from the second.
+        let mut sent = Vec::new();
+        assert_eq!(b.d.set_runtime(&[key], rt1, rt1, &mut sent), 0);
+        // Once the owner is gone, the key is anyone's.
+        b.d.live.iter_mut().for_each(|l| l.retain(|r| *r != rt2));
+        assert!(b.d.add_alias(key, rt1, 0));
+    }
+
+    #[test]
+    fn a_time_stamped_after_the_clock_was_read_has_no_age() {
+        assert_eq!(age_ms(100, 40), 60);
+        assert_eq!(age_ms(5, u32::MAX - 4), 10, "across the wrap");
+        assert_eq!(age_ms(100, 103), 0, "stamped after now");
     }
 
     #[test]

@@ -38,7 +38,9 @@ use super::Event;
 /// 4: alias requests and their answers (`AddAliases { request }`, `AliasesAdded`),
 ///    `FlowEnded { aliases, idle_ms }`, and the firewall's conntrack-like TCP state (which
 ///    migration carries); NAT ports split by server id.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 5: alias requests name the flow of each key (refusals echo it), and `SetRuntime` names
+///    the runtime the keys are to move from.
+pub const PROTOCOL_VERSION: u32 = 5;
 const MAX_FRAME: usize = 16 << 20;
 const TAG: usize = 16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
