@@ -151,6 +151,60 @@ pub enum Message {
         vswitch: EndpointAddr,
         flows: Vec<MigrateFlow>,
     },
+    /// primary -> replica: what changed in the primary's flows since its last `Replicate`
+    /// to this replica (one message per flush and replica; docs/REPLICATION.md).
+    /// `incarnation` names the primary's process life (its slot generation): flows of an
+    /// earlier life are the ones `Recover` promotes. `version` counts this primary's
+    /// messages to this replica from 1 within an incarnation.
+    Replicate {
+        incarnation: u64,
+        version: u64,
+        flows: Vec<ReplicaFlow>,
+        /// The changed functions' states of every flow, back to back, in the layout of
+        /// `states` (a flow's part is `ReplicaFlow::states_len` bytes).
+        #[serde(with = "byte_string")]
+        states: Vec<u8>,
+        /// Flows (by id) that ended at the primary.
+        ended: Vec<u64>,
+    },
+    /// replica -> primary: every `Replicate` up to `version` is applied, but for the flows
+    /// in `refused` (the replica's table was full) and in `missing` (changes to a flow it
+    /// does not hold, or whose copy was malformed: the primary sends them whole again).
+    Replicated {
+        incarnation: u64,
+        version: u64,
+        refused: Vec<u64>,
+        missing: Vec<u64>,
+    },
+}
+
+/// One flow's change in a `Replicate`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaFlow {
+    /// The flow's id at the primary.
+    pub id: u64,
+    /// Present when the replica is to (re)create the flow: everything it needs besides the
+    /// states. Every function's state then follows (`changed` has every bit).
+    pub new: Option<ReplicaNew>,
+    /// The flow's aliases, when they changed (all of them).
+    pub aliases: Option<Vec<FlowKey>>,
+    /// Platform flags (direction, TCP close state).
+    pub flags: u8,
+    /// Packets the primary ran through the chain for this flow (wrapping).
+    pub packets: u32,
+    /// Bit `i`: function `i`'s state follows in this flow's part (tagged as in `states`);
+    /// the others are unchanged.
+    pub changed: u8,
+    pub states_len: u32,
+}
+
+/// What a replica needs to create a flow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaNew {
+    pub key: FlowKey,
+    /// The vswitch that feeds the flow (recovery asks it to re-point the flow).
+    pub vswitch: EndpointAddr,
+    pub age_ms: u32,
 }
 
 /// Control calls a liaison answers.
@@ -453,6 +507,8 @@ impl Message {
             Message::MigratePackets { .. } => 16,
             Message::MigrateForget { .. } => 17,
             Message::AliasesAdded { .. } => 18,
+            Message::Replicate { .. } => 19,
+            Message::Replicated { .. } => 20,
         }
     }
 

@@ -10,6 +10,9 @@ pub mod liaison;
 pub mod migration;
 #[cfg(test)]
 mod migration_sim;
+pub mod replication;
+#[cfg(test)]
+mod replication_sim;
 pub mod timers;
 
 use nflib::config::Config;

@@ -1,0 +1,1371 @@
+//! Per-flow replication (paper section 4.1.3), both sides, as I/O-free state machines.
+//!
+//! **Primary** ([`Replicator`]): every flow gets a replica runtime from the candidates the
+//! coordinator gave (`SetReplica`), round-robin. Each flush, the flows whose packets ran
+//! since the last one are *dirty*; the engine serialises their functions' states, and the
+//! replicator keeps, per function, a hash of what the flow's replica last received, so
+//! only the functions whose state changed cross (all of them when the replica does not hold
+//! the flow yet). One `Replicate` per replica and flush carries every changed flow of the
+//! burst, numbered by a per-replica *version*; the replica answers `Replicated` with the
+//! highest version it applied.
+//!
+//! **Output commit**: a packet of a flow processed in this burst waits for the version that
+//! carries the state it produced, and leaves only when its replica acknowledged that
+//! version (or after `commit_wait_ms`, counted as unprotected). Packets wait per replica in
+//! one queue whose versions never decrease, so they leave in the order they were held; a
+//! flow is on one replica at a time, so its packets never overtake one another.
+//!
+//! **Replica** ([`ReplicaStore`]): per primary incarnation and flow id, the flow's key,
+//! aliases, vswitch, flags and every function's state as bytes; no function runs. Bounded
+//! (`max_replica_flows`); a flow it cannot take is refused in the answer and counted.
+//! `promote` hands the engine every flow of a dead primary's incarnation (`Recover`).
+//!
+//! No clock and no I/O: the engine gives the time, serialises the states, sends the
+//! messages and moves the packets (`runtime::engine`); docs/REPLICATION.md has the why.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::hash::BuildHasher;
+
+use nflib::flow::FlowKey;
+use nflib::msg::{states, Message, ReplicaFlow, ReplicaNew};
+use nflib::nf::MAX_NFS;
+use nflib::wire::EndpointAddr;
+
+/// What a chain's flows are protected by (`[[chain]] replication`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No replica: a runtime's death loses its flows' state.
+    Off,
+    /// A flow's changes go to its replica after `packets` packets or `interval_ms`,
+    /// whichever comes first; output is never held. A takeover resumes from the last copy:
+    /// what the flow did since is lost (a firewall may then see mid-stream packets of a
+    /// state it has not got, a monitor undercounts).
+    Periodic { packets: u32, interval_ms: u32 },
+    /// No packet leaves before its flow's replica holds the state the packet produced.
+    OutputCommit,
+}
+
+/// What output does while its flow has no live replica (under output commit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WithoutReplica {
+    /// Wait, up to `commit_wait_ms`, for a replica to appear and acknowledge.
+    Wait,
+    /// Leave at once, counted `repl_unprotected`.
+    Unprotected,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub mode: Mode,
+    pub without_replica: WithoutReplica,
+    /// Longest a packet waits for its replica's acknowledgement: then it leaves unprotected
+    /// (counted), so a replica that stops answering costs protection, never the traffic.
+    pub commit_wait_ms: u32,
+    /// Most flows this runtime holds as a replica of others.
+    pub max_replica_flows: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            mode: Mode::Off,
+            without_replica: WithoutReplica::Wait,
+            commit_wait_ms: 50,
+            max_replica_flows: 1 << 20,
+        }
+    }
+}
+
+const NO_LINK: u16 = u16::MAX;
+
+/// What the replicator keeps per flow slot of the engine.
+#[derive(Clone, Copy, Debug)]
+struct Tracked {
+    /// The flow's id (0: the slot is not tracked).
+    id: u64,
+    /// Index of its replica in `links`, or `NO_LINK`.
+    link: u16,
+    /// The replica has been sent the flow whole (it holds it, unless it refused).
+    synced: bool,
+    /// In `dirty` already.
+    dirty: bool,
+    /// The aliases changed since they were last sent.
+    aliases_changed: bool,
+    /// The replica refused the flow: it goes unprotected until it ends.
+    refused: bool,
+    /// In `pending` (periodic mode: changed, not yet due).
+    pending: bool,
+    /// The platform flags the replica holds.
+    flags: u8,
+    /// Packets since the flow was last written to a batch, and when that was (ms).
+    since_packets: u32,
+    since_ms: u32,
+}
+
+impl Tracked {
+    const EMPTY: Tracked = Tracked {
+        id: 0,
+        link: NO_LINK,
+        synced: false,
+        dirty: false,
+        aliases_changed: false,
+        refused: false,
+        pending: false,
+        flags: 0,
+        since_packets: 0,
+        since_ms: 0,
+    };
+}
+
+/// A held packet: the version it waits for, its flow, when it must go at the latest.
+struct Held<P> {
+    version: u64,
+    slot: u32,
+    id: u64,
+    deadline_ns: u64,
+    pkt: P,
+}
+
+/// One replica runtime, as its primary sees it.
+struct Link<P> {
+    addr: EndpointAddr,
+    live: bool,
+    /// The version the batch being built will carry.
+    next: u64,
+    acked: u64,
+    /// Versions sent and not yet acknowledged, with when they were sent.
+    unacked: VecDeque<(u64, u64)>,
+    flows: Vec<ReplicaFlow>,
+    states: Vec<u8>,
+    ended: Vec<u64>,
+    held: VecDeque<Held<P>>,
+}
+
+impl<P> Link<P> {
+    fn new(addr: EndpointAddr) -> Link<P> {
+        Link {
+            addr,
+            live: true,
+            next: 1,
+            acked: 0,
+            unacked: VecDeque::new(),
+            flows: Vec::new(),
+            states: Vec::new(),
+            ended: Vec::new(),
+            held: VecDeque::new(),
+        }
+    }
+
+    fn batch_empty(&self) -> bool {
+        self.flows.is_empty() && self.ended.is_empty()
+    }
+}
+
+/// The replicator's counters, for the engine's statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PrimaryCounters {
+    /// `Replicate` messages made, flows and bytes of state in them.
+    pub messages: u64,
+    pub flows_sent: u64,
+    pub state_bytes: u64,
+    /// Functions' states found unchanged and not sent.
+    pub states_unchanged: u64,
+    /// Packets held for an acknowledgement, and those let go without one (timed out, or
+    /// no replica).
+    pub held: u64,
+    pub unprotected: u64,
+    /// Flows a replica refused (its table was full), and flows moved to another replica
+    /// because theirs was lost.
+    pub refused: u64,
+    pub moved: u64,
+    /// Flows a replica reported missing, sent whole again.
+    pub missing: u64,
+    /// Acknowledgement delay, the last one and the largest (ns).
+    pub last_lag_ns: u64,
+    pub max_lag_ns: u64,
+}
+
+/// What the engine knows of a dirty flow when writing it to a batch.
+#[derive(Clone, Debug)]
+pub struct FlowMeta {
+    pub key: FlowKey,
+    pub vswitch: EndpointAddr,
+    pub flags: u8,
+    pub packets: u32,
+    pub age_ms: u32,
+}
+
+/// The primary's side.
+pub struct Replicator<P> {
+    settings: Settings,
+    incarnation: u64,
+    nfs: usize,
+    links: Vec<Link<P>>,
+    /// Round-robin cursor over `links`.
+    cursor: usize,
+    tracked: Vec<Tracked>,
+    /// Per slot and function: a hash of the state the replica holds.
+    hashes: Vec<u64>,
+    dirty: Vec<u32>,
+    /// Periodic mode: flows changed since their last copy, not yet due.
+    pending: Vec<u32>,
+    next_scan_ms: u64,
+    /// Output of flows that have no live replica, waiting for one (`WithoutReplica::Wait`).
+    orphans: VecDeque<Held<P>>,
+    scratch: Vec<u8>,
+    hasher: foldhash::fast::FixedState,
+    pub counters: PrimaryCounters,
+}
+
+impl<P> Replicator<P> {
+    pub fn new(settings: Settings, incarnation: u64, nfs: usize) -> Replicator<P> {
+        assert!(
+            nfs <= MAX_NFS && MAX_NFS <= 8,
+            "a flow's changed functions fit a byte"
+        );
+        Replicator {
+            settings,
+            incarnation,
+            nfs,
+            links: Vec::new(),
+            cursor: 0,
+            tracked: Vec::new(),
+            hashes: Vec::new(),
+            dirty: Vec::new(),
+            pending: Vec::new(),
+            next_scan_ms: 0,
+            orphans: VecDeque::new(),
+            scratch: Vec::new(),
+            hasher: foldhash::fast::FixedState::with_seed(0x7265_706c_6963_6131),
+            counters: PrimaryCounters::default(),
+        }
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.settings.mode
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.settings.mode != Mode::Off
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// The replicas this runtime may use (`SetReplica`), in order of preference. Links to
+    /// runtimes no longer named are lost (their flows move, with their output); new ones
+    /// start empty.
+    pub fn set_replicas(&mut self, replicas: &[EndpointAddr], now_ns: u64) {
+        for i in 0..self.links.len() {
+            if self.links[i].live && !replicas.contains(&self.links[i].addr) {
+                self.lose_link(i, now_ns);
+            }
+        }
+        for r in replicas {
+            match self.links.iter().position(|l| l.addr == *r) {
+                Some(i) => self.links[i].live = true,
+                None => {
+                    if self.links.len() < usize::from(NO_LINK) {
+                        self.links.push(Link::new(*r));
+                    }
+                }
+            }
+        }
+        self.adopt_orphans(now_ns);
+    }
+
+    /// The replicas in use, with the flows each is sent and its unacknowledged versions.
+    pub fn replicas(&self) -> Vec<(EndpointAddr, u64)> {
+        self.links
+            .iter()
+            .filter(|l| l.live)
+            .map(|l| (l.addr, l.next - 1 - l.acked.min(l.next - 1)))
+            .collect()
+    }
+
+    fn live_link(&mut self) -> Option<u16> {
+        let n = self.links.len();
+        for k in 0..n {
+            let i = (self.cursor + k) % n;
+            if self.links[i].live {
+                self.cursor = (i + 1) % n;
+                return Some(i as u16);
+            }
+        }
+        None
+    }
+
+    fn track(&mut self, slot: u32, id: u64) -> &mut Tracked {
+        let s = slot as usize;
+        if self.tracked.len() <= s {
+            self.tracked.resize(s + 1, Tracked::EMPTY);
+            self.hashes.resize((s + 1) * self.nfs, 0);
+        }
+        if self.tracked[s].id != id {
+            // A new flow in this slot (or one never seen): it starts unsynced.
+            self.tracked[s] = Tracked {
+                id,
+                ..Tracked::EMPTY
+            };
+        }
+        &mut self.tracked[s]
+    }
+
+    /// A packet of flow (`slot`, `id`) ran through the chain at `now_ms`. Returns whether
+    /// its output must be held (then pass it to [`Replicator::hold`]).
+    pub fn touched(&mut self, slot: u32, id: u64, now_ms: u64) -> bool {
+        if self.settings.mode == Mode::Off {
+            return false;
+        }
+        let mode = self.settings.mode;
+        let t = self.track(slot, id);
+        t.since_packets = t.since_packets.saturating_add(1);
+        let write = match mode {
+            Mode::OutputCommit => true,
+            Mode::Periodic {
+                packets,
+                interval_ms,
+            } => {
+                !t.synced
+                    || t.since_packets >= packets
+                    || (now_ms as u32).wrapping_sub(t.since_ms) >= interval_ms
+            }
+            Mode::Off => false,
+        };
+        if write {
+            if !t.dirty {
+                t.dirty = true;
+                self.dirty.push(slot);
+            }
+        } else if !t.pending {
+            t.pending = true;
+            self.pending.push(slot);
+        }
+        // A refused flow's output is held all the same (for as long as the queue ahead
+        // of it), so that it never overtakes the flow's earlier packets.
+        mode == Mode::OutputCommit
+    }
+
+    /// Periodic mode: makes the flows whose change has waited `interval_ms` dirty. Scans
+    /// the changed flows a few times per interval, not per call.
+    pub fn tick(&mut self, now_ms: u64) {
+        let Mode::Periodic { interval_ms, .. } = self.settings.mode else {
+            return;
+        };
+        if now_ms < self.next_scan_ms || self.pending.is_empty() {
+            return;
+        }
+        self.next_scan_ms = now_ms + u64::from(interval_ms / 4).max(1);
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.retain(|&slot| {
+            let t = &mut self.tracked[slot as usize];
+            if !t.pending || t.id == 0 {
+                t.pending = false;
+                return false;
+            }
+            if t.dirty {
+                // Written at the next flush anyway.
+                t.pending = false;
+                return false;
+            }
+            if (now_ms as u32).wrapping_sub(t.since_ms) < interval_ms {
+                return true;
+            }
+            t.pending = false;
+            t.dirty = true;
+            self.dirty.push(slot);
+            false
+        });
+        self.pending = pending;
+    }
+
+    /// The flow's aliases changed (they go whole with its next change).
+    pub fn aliases_changed(&mut self, slot: u32, id: u64) {
+        if self.settings.mode == Mode::Off {
+            return;
+        }
+        let t = self.track(slot, id);
+        t.aliases_changed = true;
+        if !t.dirty {
+            t.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    /// Holds `pkt`, output of flow (`slot`, `id`) whose packet was just `touched`, until
+    /// its replica holds the state it produced. Returns it if it may leave at once (the
+    /// flow has no replica and output is not to wait for one).
+    pub fn hold(&mut self, slot: u32, id: u64, pkt: P, now_ns: u64) -> Option<P> {
+        let deadline_ns =
+            now_ns.saturating_add(u64::from(self.settings.commit_wait_ms) * 1_000_000);
+        let link = match self.tracked.get(slot as usize) {
+            Some(t) if t.id == id => t.link,
+            _ => return Some(pkt),
+        };
+        let link = if link == NO_LINK || !self.links[link as usize].live {
+            match self.live_link() {
+                Some(l) => {
+                    let t = &mut self.tracked[slot as usize];
+                    t.link = l;
+                    t.synced = false;
+                    l
+                }
+                None => {
+                    if self.settings.without_replica == WithoutReplica::Unprotected {
+                        self.counters.unprotected += 1;
+                        return Some(pkt);
+                    }
+                    self.counters.held += 1;
+                    self.orphans.push_back(Held {
+                        version: 0,
+                        slot,
+                        id,
+                        deadline_ns,
+                        pkt,
+                    });
+                    return None;
+                }
+            }
+        } else {
+            link
+        };
+        let l = &mut self.links[link as usize];
+        self.counters.held += 1;
+        l.held.push_back(Held {
+            version: l.next,
+            slot,
+            id,
+            deadline_ns,
+            pkt,
+        });
+        None
+    }
+
+    /// Whether `write_dirty` has flows to write.
+    pub fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Takes the dirty flows (slot, id) for the engine to write with `write_flow`; the list
+    /// it gives back is to be returned with `return_dirty` (kept to avoid allocating).
+    pub fn take_dirty(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.dirty)
+    }
+
+    pub fn return_dirty(&mut self, mut v: Vec<u32>) {
+        v.clear();
+        if self.dirty.is_empty() {
+            self.dirty = v;
+        }
+    }
+
+    /// The id tracked in `slot`, if it is dirty (the engine checks it still holds that
+    /// flow before writing it).
+    pub fn dirty_id(&self, slot: u32) -> Option<u64> {
+        self.tracked
+            .get(slot as usize)
+            .filter(|t| t.dirty && t.id != 0)
+            .map(|t| t.id)
+    }
+
+    /// Writes dirty flow `slot` into its replica's batch: the platform's part (`meta`,
+    /// `aliases` when they changed) and each function's state that differs from what the
+    /// replica holds (`save(i, out)` appends function `i`'s state to `out`, false for
+    /// none). A flow without a live replica gets one here.
+    pub fn write_flow(
+        &mut self,
+        slot: u32,
+        now_ms: u64,
+        meta: &FlowMeta,
+        aliases: &dyn Fn() -> Vec<FlowKey>,
+        save: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
+    ) {
+        let s = slot as usize;
+        let Some(t) = self.tracked.get(s).copied() else {
+            return;
+        };
+        if !t.dirty {
+            // Listed twice (the slot's flow changed in between): written already.
+            return;
+        }
+        self.tracked[s].dirty = false;
+        if t.id == 0 || t.refused {
+            return;
+        }
+        let link = if t.link != NO_LINK && self.links[t.link as usize].live {
+            t.link
+        } else {
+            match self.live_link() {
+                Some(l) => {
+                    self.tracked[s].link = l;
+                    self.tracked[s].synced = false;
+                    l
+                }
+                // Written again when a replica comes (`adopt_orphans` marks it dirty).
+                None => {
+                    self.tracked[s].synced = false;
+                    return;
+                }
+            }
+        };
+        let t = self.tracked[s];
+        let whole = !t.synced;
+        let mut changed = 0u8;
+        let l = &mut self.links[link as usize];
+        let start = l.states.len();
+        for i in 0..self.nfs {
+            self.scratch.clear();
+            let has = save(i, &mut self.scratch);
+            let h = if has {
+                // 0 is "no state": a state never hashes to it.
+                self.hasher.hash_one(&self.scratch[..]) | 1
+            } else {
+                0
+            };
+            let slot_hash = &mut self.hashes[s * self.nfs + i];
+            if !whole && *slot_hash == h {
+                self.counters.states_unchanged += 1;
+                continue;
+            }
+            *slot_hash = h;
+            changed |= 1 << i;
+            let scratch = &self.scratch;
+            states::push(&mut l.states, |out| {
+                if has {
+                    out.extend_from_slice(scratch);
+                }
+                has
+            });
+        }
+        let states_len = (l.states.len() - start) as u32;
+        let t = &mut self.tracked[s];
+        t.since_packets = 0;
+        t.since_ms = now_ms as u32;
+        t.pending = false;
+        if !whole && changed == 0 && !t.aliases_changed && t.flags == meta.flags {
+            // Nothing the replica would keep changed (the packet count alone is not
+            // worth a message).
+            return;
+        }
+        self.counters.state_bytes += u64::from(states_len);
+        self.counters.flows_sent += 1;
+        l.flows.push(ReplicaFlow {
+            id: t.id,
+            new: whole.then_some(ReplicaNew {
+                key: meta.key,
+                vswitch: meta.vswitch,
+                age_ms: meta.age_ms,
+            }),
+            aliases: (whole || t.aliases_changed).then(aliases),
+            flags: meta.flags,
+            packets: meta.packets,
+            changed,
+            states_len,
+        });
+        let t = &mut self.tracked[s];
+        t.synced = true;
+        t.pending = false;
+        t.aliases_changed = false;
+        t.flags = meta.flags;
+    }
+
+    /// Flow (`slot`, `id`) ended: its replica forgets it. Its held packets stay queued and
+    /// leave as they would have.
+    pub fn ended(&mut self, slot: u32, id: u64) {
+        let Some(t) = self.tracked.get_mut(slot as usize) else {
+            return;
+        };
+        if t.id != id {
+            return;
+        }
+        let (link, synced) = (t.link, t.synced);
+        *t = Tracked::EMPTY;
+        if synced && link != NO_LINK {
+            let l = &mut self.links[link as usize];
+            if l.live {
+                l.ended.push(id);
+            }
+        }
+    }
+
+    /// The messages of this flush, one per replica with a change or with packets waiting
+    /// for its version: (replica, message).
+    pub fn flush(&mut self, now_ns: u64, out: &mut Vec<(EndpointAddr, Message)>) {
+        for l in self.links.iter_mut().filter(|l| l.live) {
+            let waiting = l.held.back().is_some_and(|h| h.version == l.next);
+            if l.batch_empty() {
+                if waiting {
+                    // Nothing changed: the packets need only what was sent before.
+                    let prev = l.next - 1;
+                    for h in l.held.iter_mut().rev() {
+                        if h.version != l.next {
+                            break;
+                        }
+                        h.version = prev;
+                    }
+                }
+                continue;
+            }
+            let version = l.next;
+            l.next += 1;
+            l.unacked.push_back((version, now_ns));
+            self.counters.messages += 1;
+            out.push((
+                l.addr,
+                Message::Replicate {
+                    incarnation: self.incarnation,
+                    version,
+                    flows: std::mem::take(&mut l.flows),
+                    states: std::mem::take(&mut l.states),
+                    ended: std::mem::take(&mut l.ended),
+                },
+            ));
+        }
+    }
+
+    /// Replica `from` answered: versions up to `version` are applied, but `refused` flows
+    /// (its table is full: they go unprotected) and `missing` ones (it lacks them: they
+    /// go whole at the next flush, and output waiting for them waits for that).
+    pub fn on_replicated(
+        &mut self,
+        from: EndpointAddr,
+        incarnation: u64,
+        version: u64,
+        refused: &[u64],
+        missing: &[u64],
+        now_ns: u64,
+    ) {
+        if incarnation != self.incarnation {
+            return;
+        }
+        let Some(i) = self.links.iter().position(|l| l.addr == from && l.live) else {
+            return;
+        };
+        let l = &mut self.links[i];
+        if version >= l.next || version <= l.acked {
+            return;
+        }
+        l.acked = version;
+        while let Some(&(v, sent)) = l.unacked.front() {
+            if v > version {
+                break;
+            }
+            let lag = now_ns.saturating_sub(sent);
+            self.counters.last_lag_ns = lag;
+            self.counters.max_lag_ns = self.counters.max_lag_ns.max(lag);
+            l.unacked.pop_front();
+        }
+        if refused.is_empty() && missing.is_empty() {
+            return;
+        }
+        // Refusals are rare (a full or restarted replica): a scan is fine.
+        for s in 0..self.tracked.len() {
+            let t = &mut self.tracked[s];
+            if t.id == 0 || t.link != i as u16 {
+                continue;
+            }
+            if refused.contains(&t.id) {
+                t.refused = true;
+                t.synced = false;
+                self.counters.refused += 1;
+            } else if missing.contains(&t.id) {
+                t.synced = false;
+                self.counters.missing += 1;
+                if !t.dirty {
+                    t.dirty = true;
+                    self.dirty.push(s as u32);
+                }
+            }
+        }
+        // Output held for a version this answer covers, of a flow the replica lacks,
+        // waits for the whole copy (the next version).
+        let l = &mut self.links[i];
+        let next = l.next;
+        for h in l.held.iter_mut() {
+            if h.version <= version && missing.contains(&h.id) {
+                h.version = next;
+            }
+        }
+        // Keep the queue's versions in order: a packet behind a moved one waits as long.
+        let mut max = 0;
+        for h in l.held.iter_mut() {
+            max = max.max(h.version);
+            h.version = max;
+        }
+        // A refused flow's packets keep their place (and leave when their version is
+        // answered): letting them go at once could overtake the flow's earlier ones.
+    }
+
+    /// Replica `addr` is gone (dead, or restarted and empty): its flows go to other
+    /// replicas (or itself again, if it lives on) whole, and the output waiting for it
+    /// waits for them.
+    pub fn replica_lost(&mut self, addr: EndpointAddr, still_live: bool, now_ns: u64) {
+        if let Some(i) = self.links.iter().position(|l| l.addr == addr) {
+            self.lose_link(i, now_ns);
+            if still_live {
+                let l = &mut self.links[i];
+                l.live = true;
+            }
+        }
+        self.adopt_orphans(now_ns);
+    }
+
+    fn lose_link(&mut self, i: usize, _now_ns: u64) {
+        let incarnation_next = self.links[i].next;
+        {
+            let l = &mut self.links[i];
+            l.live = false;
+            l.flows.clear();
+            l.states.clear();
+            l.ended.clear();
+            l.unacked.clear();
+            // Versions go on from where they were: an answer to an old one is ignored.
+            l.acked = incarnation_next - 1;
+        }
+        let moving: VecDeque<Held<P>> = std::mem::take(&mut self.links[i].held);
+        for t in self.tracked.iter_mut() {
+            if t.id != 0 && t.link == i as u16 {
+                t.link = NO_LINK;
+                t.synced = false;
+                // Another replica may have room.
+                t.refused = false;
+                self.counters.moved += 1;
+                if !t.dirty {
+                    t.dirty = true;
+                }
+            }
+        }
+        // Every moved flow is written whole at the next flush.
+        self.dirty = (0..self.tracked.len() as u32)
+            .filter(|&s| self.tracked[s as usize].dirty)
+            .collect();
+        for h in moving {
+            self.requeue(h);
+        }
+    }
+
+    /// Puts a held packet behind its flow's (new) replica's next version, or with the
+    /// orphans.
+    fn requeue(&mut self, mut h: Held<P>) {
+        let t = self.tracked.get(h.slot as usize).copied();
+        let link = match t {
+            Some(t) if t.id == h.id && t.link != NO_LINK && self.links[t.link as usize].live => {
+                Some(t.link)
+            }
+            Some(t) if t.id == h.id => {
+                let l = self.live_link();
+                if let Some(l) = l {
+                    let t = &mut self.tracked[h.slot as usize];
+                    t.link = l;
+                    t.synced = false;
+                }
+                l
+            }
+            _ => None,
+        };
+        match link {
+            Some(l) => {
+                let l = &mut self.links[l as usize];
+                h.version = l.next;
+                l.held.push_back(h);
+            }
+            None => self.orphans.push_back(h),
+        }
+    }
+
+    /// With a live replica, the orphans' flows get one and their output waits for it.
+    fn adopt_orphans(&mut self, _now_ns: u64) {
+        if self.orphans.is_empty() || !self.links.iter().any(|l| l.live) {
+            return;
+        }
+        let orphans = std::mem::take(&mut self.orphans);
+        for h in orphans {
+            let slot = h.slot;
+            let mark = self
+                .tracked
+                .get(slot as usize)
+                .is_some_and(|t| t.id == h.id && !t.dirty);
+            self.requeue(h);
+            if mark {
+                self.tracked[slot as usize].dirty = true;
+                self.dirty.push(slot);
+            }
+        }
+    }
+
+    /// Whether any packet is held.
+    pub fn busy(&self) -> bool {
+        !self.orphans.is_empty() || self.links.iter().any(|l| !l.held.is_empty())
+    }
+
+    /// The earliest deadline of a held packet (ns), for the loop's sleep.
+    pub fn next_deadline_ns(&self) -> Option<u64> {
+        let links = self.links.iter().filter_map(|l| l.held.front());
+        links
+            .chain(self.orphans.front())
+            .map(|h| h.deadline_ns)
+            .min()
+    }
+
+    /// Moves to `out`, in order, the held packets whose version is acknowledged, and those
+    /// past their deadline (counted unprotected).
+    pub fn release(&mut self, now_ns: u64, out: &mut Vec<P>) {
+        for l in self.links.iter_mut() {
+            while let Some(h) = l.held.front() {
+                if h.version > l.acked && h.deadline_ns > now_ns {
+                    break;
+                }
+                if h.version > l.acked {
+                    self.counters.unprotected += 1;
+                }
+                if let Some(h) = l.held.pop_front() {
+                    out.push(h.pkt);
+                }
+            }
+        }
+        while let Some(h) = self.orphans.front() {
+            if h.deadline_ns > now_ns {
+                break;
+            }
+            self.counters.unprotected += 1;
+            if let Some(h) = self.orphans.pop_front() {
+                out.push(h.pkt);
+            }
+        }
+    }
+
+    /// Every held packet, for a runtime that stops.
+    pub fn drain(&mut self) -> Vec<P> {
+        let mut v: Vec<P> = Vec::new();
+        for l in self.links.iter_mut() {
+            v.extend(l.held.drain(..).map(|h| h.pkt));
+        }
+        v.extend(self.orphans.drain(..).map(|h| h.pkt));
+        v
+    }
+}
+
+/// A flow held as a replica: everything needed to run it, no function running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaActor {
+    pub key: FlowKey,
+    pub vswitch: EndpointAddr,
+    pub aliases: Vec<FlowKey>,
+    pub flags: u8,
+    pub packets: u32,
+    /// Milliseconds of the replica's clock at which the flow was created.
+    pub created_ms: u64,
+    pub last_ms: u64,
+    /// Each function's state, as its primary serialised it (`None`: no state).
+    pub states: Vec<Option<Vec<u8>>>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplicaCounters {
+    pub messages: u64,
+    pub flows_applied: u64,
+    /// Flows refused because the table was full, and changes to flows not held (refused
+    /// before, or of a malformed message).
+    pub refused: u64,
+    pub unknown: u64,
+    pub malformed: u64,
+    pub promoted: u64,
+}
+
+/// Per primary (address): its newest incarnation and the next version expected of it.
+#[derive(Clone, Copy, Debug)]
+struct Primary {
+    incarnation: u64,
+    next_version: u64,
+}
+
+/// The replica's side.
+#[derive(Clone)]
+pub struct ReplicaStore {
+    max_flows: usize,
+    nfs: usize,
+    /// (primary, its incarnation, flow id) -> the flow.
+    flows: BTreeMap<(EndpointAddr, u64, u64), ReplicaActor>,
+    primaries: BTreeMap<EndpointAddr, Primary>,
+    pub counters: ReplicaCounters,
+}
+
+impl ReplicaStore {
+    pub fn new(max_flows: usize, nfs: usize) -> ReplicaStore {
+        ReplicaStore {
+            max_flows,
+            nfs,
+            flows: BTreeMap::new(),
+            primaries: BTreeMap::new(),
+            counters: ReplicaCounters::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    /// The copy of flow `id` of `primary`'s incarnation `incarnation`.
+    pub fn get(&self, primary: EndpointAddr, incarnation: u64, id: u64) -> Option<&ReplicaActor> {
+        self.flows.get(&(primary, incarnation, id))
+    }
+
+    /// Flows held for `primary` (every incarnation).
+    pub fn flows_of(&self, primary: EndpointAddr) -> usize {
+        self.flows
+            .range((primary, 0, 0)..=(primary, u64::MAX, u64::MAX))
+            .count()
+    }
+
+    /// Applies a `Replicate` from `from` at `now_ms`; returns the answer, or `None` for a
+    /// message of an incarnation older than one already seen (an old life's last words).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &mut self,
+        from: EndpointAddr,
+        incarnation: u64,
+        version: u64,
+        flows: &[ReplicaFlow],
+        states_buf: &[u8],
+        ended: &[u64],
+        now_ms: u64,
+    ) -> Option<Message> {
+        let p = self.primaries.entry(from).or_insert(Primary {
+            incarnation,
+            next_version: 1,
+        });
+        if incarnation < p.incarnation {
+            return None;
+        }
+        if incarnation > p.incarnation {
+            // A new life: the old one's flows stay, for `Recover`, until promoted or
+            // forgotten.
+            *p = Primary {
+                incarnation,
+                next_version: 1,
+            };
+        }
+        // The transport delivers in order and once; a gap means the primary lost this
+        // replica in between and re-sends what it needs whole, so it is applied as is.
+        p.next_version = version.saturating_add(1);
+        self.counters.messages += 1;
+        for id in ended {
+            self.flows.remove(&(from, incarnation, *id));
+        }
+        let mut refused = Vec::new();
+        let mut missing = Vec::new();
+        let mut at = 0usize;
+        for f in flows {
+            let len = f.states_len as usize;
+            let Some(part) = at.checked_add(len).and_then(|end| states_buf.get(at..end)) else {
+                self.counters.malformed += 1;
+                break;
+            };
+            at += len;
+            let k = (from, incarnation, f.id);
+            if let Some(n) = &f.new {
+                if !self.flows.contains_key(&k) && self.flows.len() >= self.max_flows {
+                    self.counters.refused += 1;
+                    refused.push(f.id);
+                    continue;
+                }
+                self.flows.insert(
+                    k,
+                    ReplicaActor {
+                        key: n.key,
+                        vswitch: n.vswitch,
+                        aliases: Vec::new(),
+                        flags: f.flags,
+                        packets: f.packets,
+                        created_ms: now_ms.saturating_sub(u64::from(n.age_ms)),
+                        last_ms: now_ms,
+                        states: vec![None; self.nfs],
+                    },
+                );
+            }
+            let Some(a) = self.flows.get_mut(&k) else {
+                self.counters.unknown += 1;
+                missing.push(f.id);
+                continue;
+            };
+            if apply_states(a, f.changed, part, self.nfs).is_err() {
+                // The flow's copy can no longer be trusted: drop it and have the primary
+                // send it whole again rather than promote garbage.
+                self.flows.remove(&k);
+                self.counters.malformed += 1;
+                missing.push(f.id);
+                continue;
+            }
+            a.flags = f.flags;
+            a.packets = f.packets;
+            a.last_ms = now_ms;
+            if let Some(al) = &f.aliases {
+                a.aliases.clone_from(al);
+            }
+            self.counters.flows_applied += 1;
+        }
+        Some(Message::Replicated {
+            incarnation,
+            version,
+            refused,
+            missing,
+        })
+    }
+
+    /// Takes every flow held for `failed` in incarnations up to `incarnation` (the life
+    /// that died; `u64::MAX` for all): the engine makes them live flows here.
+    pub fn promote(
+        &mut self,
+        failed: EndpointAddr,
+        incarnation: u64,
+    ) -> Vec<((u64, u64), ReplicaActor)> {
+        let keys: Vec<(EndpointAddr, u64, u64)> = self
+            .flows
+            .range((failed, 0, 0)..=(failed, incarnation, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            if let Some(a) = self.flows.remove(&k) {
+                out.push(((k.1, k.2), a));
+            }
+        }
+        self.counters.promoted += out.len() as u64;
+        out
+    }
+
+    /// Forgets every flow of `primary` below incarnation `below` (it stopped cleanly, or
+    /// its old life's flows were recovered elsewhere).
+    pub fn forget(&mut self, primary: EndpointAddr, below: u64) -> usize {
+        let before = self.flows.len();
+        self.flows.retain(|k, _| k.0 != primary || k.1 >= below);
+        before - self.flows.len()
+    }
+}
+
+/// Overwrites the functions named in `changed` with their parts of `part`.
+fn apply_states(
+    a: &mut ReplicaActor,
+    changed: u8,
+    part: &[u8],
+    nfs: usize,
+) -> Result<(), states::Malformed> {
+    if (8 - changed.leading_zeros()) as usize > nfs {
+        return Err(states::Malformed);
+    }
+    let mut r = states::Reader::new(part);
+    for i in 0..nfs {
+        if changed & (1 << i) == 0 {
+            continue;
+        }
+        a.states[i] = r.next_state()?.map(<[u8]>::to_vec);
+    }
+    if !r.is_done() {
+        return Err(states::Malformed);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const R: EndpointAddr = EndpointAddr { server: 2, slot: 3 };
+    const PRIMARY: EndpointAddr = EndpointAddr { server: 1, slot: 2 };
+
+    fn key(n: u8) -> FlowKey {
+        FlowKey::from_tuple(
+            4,
+            17,
+            0,
+            (FlowKey::v4([10, 0, 0, n]), 1000),
+            (FlowKey::v4([10, 9, 9, 9]), 53),
+        )
+        .0
+    }
+
+    fn meta(n: u8) -> FlowMeta {
+        FlowMeta {
+            key: key(n),
+            vswitch: EndpointAddr::new(1, 1),
+            flags: 0,
+            packets: 1,
+            age_ms: 0,
+        }
+    }
+
+    fn settings(mode: Mode) -> Settings {
+        Settings {
+            mode,
+            ..Settings::default()
+        }
+    }
+
+    /// Writes every dirty flow with states `st[i]` and flushes.
+    fn flush(
+        r: &mut Replicator<u32>,
+        now_ms: u64,
+        st: &[Option<&[u8]>],
+    ) -> Vec<(EndpointAddr, Message)> {
+        let dirty = r.take_dirty();
+        for &s in &dirty {
+            r.write_flow(
+                s,
+                now_ms,
+                &meta(s as u8),
+                &Vec::new,
+                &mut |i, out| match st[i] {
+                    Some(b) => {
+                        out.extend_from_slice(b);
+                        true
+                    }
+                    None => false,
+                },
+            );
+        }
+        r.return_dirty(dirty);
+        let mut out = Vec::new();
+        r.flush(now_ms * 1_000_000, &mut out);
+        out
+    }
+
+    fn apply(store: &mut ReplicaStore, m: &Message) -> Message {
+        let Message::Replicate {
+            incarnation,
+            version,
+            flows,
+            states,
+            ended,
+        } = m
+        else {
+            panic!("not a Replicate: {m:?}");
+        };
+        store
+            .apply(PRIMARY, *incarnation, *version, flows, states, ended, 0)
+            .expect("an answer")
+    }
+
+    fn answer(r: &mut Replicator<u32>, m: &Message) {
+        let Message::Replicated {
+            incarnation,
+            version,
+            refused,
+            missing,
+        } = m
+        else {
+            panic!("not an answer: {m:?}");
+        };
+        r.on_replicated(R, *incarnation, *version, refused, missing, 0);
+    }
+
+    #[test]
+    fn only_changed_states_cross_and_output_waits_for_the_answer() {
+        let mut r = Replicator::new(settings(Mode::OutputCommit), 1, 2);
+        r.set_replicas(&[R], 0);
+        let mut store = ReplicaStore::new(10, 2);
+        assert!(r.touched(0, 1, 0));
+        assert_eq!(r.hold(0, 1, 100, 0), None);
+        let msgs = flush(&mut r, 0, &[Some(b"a"), Some(b"x")]);
+        assert_eq!(msgs.len(), 1);
+        let mut out = Vec::new();
+        r.release(1, &mut out);
+        assert!(out.is_empty(), "nothing leaves before the answer");
+        let ans = apply(&mut store, &msgs[0].1);
+        answer(&mut r, &ans);
+        r.release(1, &mut out);
+        assert_eq!(out, vec![100]);
+        // Second packet: only the first function changed.
+        assert!(r.touched(0, 1, 1));
+        assert_eq!(r.hold(0, 1, 101, 0), None);
+        let msgs = flush(&mut r, 1, &[Some(b"b"), Some(b"x")]);
+        let Message::Replicate { flows, states, .. } = &msgs[0].1 else {
+            panic!()
+        };
+        assert_eq!(flows[0].changed, 0b01);
+        assert!(flows[0].new.is_none());
+        assert_eq!(states, &vec![2, b'b']);
+        answer(&mut r, &apply(&mut store, &msgs[0].1));
+        let a = store.get(PRIMARY, 1, 1).unwrap();
+        assert_eq!(a.states, vec![Some(b"b".to_vec()), Some(b"x".to_vec())]);
+        // A packet that changed nothing needs no new version.
+        assert!(r.touched(0, 1, 2));
+        assert_eq!(r.hold(0, 1, 102, 0), None);
+        assert!(flush(&mut r, 2, &[Some(b"b"), Some(b"x")]).is_empty());
+        out.clear();
+        r.release(1, &mut out);
+        assert_eq!(out, vec![101, 102]);
+        assert_eq!(r.counters.states_unchanged, 3);
+    }
+
+    #[test]
+    fn a_full_replica_refuses_and_the_flow_goes_unprotected_in_order() {
+        let mut r = Replicator::new(settings(Mode::OutputCommit), 1, 1);
+        r.set_replicas(&[R], 0);
+        let mut store = ReplicaStore::new(1, 1);
+        for s in 0..2 {
+            r.touched(s, u64::from(s) + 1, 0);
+            assert_eq!(r.hold(s, u64::from(s) + 1, s, 0), None);
+        }
+        let msgs = flush(&mut r, 0, &[Some(b"a")]);
+        let ans = apply(&mut store, &msgs[0].1);
+        assert!(matches!(&ans, Message::Replicated { refused, .. } if refused == &vec![2]));
+        assert_eq!(store.counters.refused, 1);
+        answer(&mut r, &ans);
+        let mut out = Vec::new();
+        r.release(0, &mut out);
+        assert_eq!(out, vec![0, 1]);
+        assert_eq!(r.counters.refused, 1);
+        // The refused flow is not written again.
+        r.touched(1, 2, 1);
+        assert_eq!(r.hold(1, 2, 7, 0), None);
+        assert!(flush(&mut r, 1, &[Some(b"b")]).is_empty());
+        r.release(0, &mut out);
+        assert_eq!(out, vec![0, 1, 7]);
+    }
+
+    #[test]
+    fn without_a_replica_output_waits_a_bounded_time_or_leaves_at_once() {
+        let mut r = Replicator::new(settings(Mode::OutputCommit), 1, 1);
+        r.touched(0, 1, 0);
+        assert_eq!(r.hold(0, 1, 5, 0), None);
+        let mut out = Vec::new();
+        r.release(49_000_000, &mut out);
+        assert!(out.is_empty());
+        assert_eq!(r.next_deadline_ns(), Some(50_000_000));
+        r.release(50_000_000, &mut out);
+        assert_eq!(out, vec![5]);
+        assert_eq!(r.counters.unprotected, 1);
+        // A replica appearing adopts what waits.
+        r.touched(0, 1, 0);
+        assert_eq!(r.hold(0, 1, 6, 60_000_000), None);
+        r.set_replicas(&[R], 60_000_000);
+        let msgs = flush(&mut r, 60, &[Some(b"a")]);
+        assert_eq!(msgs.len(), 1);
+        let mut store = ReplicaStore::new(4, 1);
+        answer(&mut r, &apply(&mut store, &msgs[0].1));
+        out.clear();
+        r.release(60_000_001, &mut out);
+        assert_eq!(out, vec![6]);
+        assert_eq!(r.counters.unprotected, 1);
+
+        let mut u = Replicator::new(
+            Settings {
+                mode: Mode::OutputCommit,
+                without_replica: WithoutReplica::Unprotected,
+                ..Settings::default()
+            },
+            1,
+            1,
+        );
+        u.touched(0, 1, 0);
+        assert_eq!(u.hold(0, 1, 9, 0), Some(9));
+        assert_eq!(u.counters.unprotected, 1);
+    }
+
+    #[test]
+    fn periodic_copies_every_k_packets_or_after_the_interval_and_holds_nothing() {
+        let mut r: Replicator<u32> = Replicator::new(
+            settings(Mode::Periodic {
+                packets: 3,
+                interval_ms: 100,
+            }),
+            1,
+            1,
+        );
+        r.set_replicas(&[R], 0);
+        // The first packet: the replica gets the flow at once.
+        assert!(!r.touched(0, 1, 0));
+        assert_eq!(flush(&mut r, 0, &[Some(b"1")]).len(), 1);
+        assert!(!r.touched(0, 1, 1));
+        assert!(!r.touched(0, 1, 2));
+        assert!(flush(&mut r, 2, &[Some(b"3")]).is_empty());
+        assert!(!r.touched(0, 1, 3));
+        assert_eq!(
+            flush(&mut r, 3, &[Some(b"4")]).len(),
+            1,
+            "third packet since"
+        );
+        assert!(!r.touched(0, 1, 10));
+        r.tick(50);
+        assert!(flush(&mut r, 50, &[Some(b"5")]).is_empty());
+        r.tick(103);
+        assert_eq!(flush(&mut r, 103, &[Some(b"5")]).len(), 1, "interval");
+    }
+
+    #[test]
+    fn promotion_takes_a_dead_lifes_flows_and_leaves_the_new_ones() {
+        let mut store = ReplicaStore::new(10, 1);
+        for inc in [1u64, 2] {
+            let mut r: Replicator<u32> = Replicator::new(settings(Mode::OutputCommit), inc, 1);
+            r.set_replicas(&[R], 0);
+            r.touched(0, 1, 0);
+            r.touched(1, 2, 0);
+            let msgs = flush(&mut r, 0, &[Some(b"s")]);
+            apply(&mut store, &msgs[0].1);
+        }
+        assert_eq!(store.flows_of(PRIMARY), 4);
+        let p = store.promote(PRIMARY, 1);
+        assert_eq!(p.len(), 2);
+        assert!(p
+            .iter()
+            .all(|((inc, _), a)| *inc == 1 && a.states[0].as_deref() == Some(&b"s"[..])));
+        assert_eq!(store.flows_of(PRIMARY), 2);
+        // An old life's message after a newer one's is ignored.
+        let mut old: Replicator<u32> = Replicator::new(settings(Mode::OutputCommit), 1, 1);
+        old.set_replicas(&[R], 0);
+        old.touched(5, 6, 0);
+        let msgs = flush(&mut old, 0, &[Some(b"s")]);
+        let Message::Replicate {
+            incarnation,
+            version,
+            flows,
+            states,
+            ended,
+        } = &msgs[0].1
+        else {
+            panic!()
+        };
+        assert!(store
+            .apply(PRIMARY, *incarnation, *version, flows, states, ended, 0)
+            .is_none());
+        assert_eq!(store.forget(PRIMARY, 3), 2);
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn malformed_changes_are_dropped_and_asked_for_whole() {
+        let mut store = ReplicaStore::new(10, 1);
+        let f = ReplicaFlow {
+            id: 1,
+            new: Some(ReplicaNew {
+                key: key(1),
+                vswitch: EndpointAddr::new(1, 1),
+                age_ms: 0,
+            }),
+            aliases: None,
+            flags: 0,
+            packets: 1,
+            changed: 0b11, // two functions in a chain of one
+            states_len: 2,
+        };
+        let ans = store
+            .apply(PRIMARY, 1, 1, std::slice::from_ref(&f), &[1, 9], &[], 0)
+            .unwrap();
+        assert!(matches!(ans, Message::Replicated { missing, .. } if missing == vec![1]));
+        assert!(store.is_empty());
+        // A part longer than the buffer stops the message there.
+        let f = ReplicaFlow {
+            changed: 1,
+            states_len: 10,
+            ..f
+        };
+        store.apply(PRIMARY, 1, 2, &[f], &[1, 9], &[], 0).unwrap();
+        assert!(store.is_empty());
+        assert_eq!(store.counters.malformed, 2);
+    }
+}
