@@ -19,6 +19,7 @@
 #                           [--runtime-set 'KEY = VALUE']...  (extra settings of every runtime)
 #                           [--vswitch-set 'KEY = VALUE']...  (extra settings of every vswitch)
 #                           [--migration-set 'KEY = VALUE']...  (a [migration] section)
+#                           [--chain-set 'KEY = VALUE']...  (extra settings of the chain)
 #                           [--region-set 'KEY = VALUE']...  (extra [region] settings)
 #                           [--manager-set 'KEY = VALUE']...  (extra [manager] settings)
 #                           [--pin-runtimes]  (runtime N of all servers on core N mod CPUs)
@@ -61,6 +62,7 @@ CLUSTER_SET=
 RUNTIME_SET=
 VSWITCH_SET=
 MIGRATION_SET=
+CHAIN_SET=
 REGION_SET=
 MANAGER_SET=
 PIN_RUNTIMES=
@@ -80,6 +82,7 @@ while [ $# -gt 0 ]; do
         --runtime-set) RUNTIME_SET+=$2$'\n'; shift 2 ;;
         --vswitch-set) VSWITCH_SET+=$2$'\n'; shift 2 ;;
         --migration-set) MIGRATION_SET+=$2$'\n'; shift 2 ;;
+        --chain-set) CHAIN_SET+=$2$'\n'; shift 2 ;;
         --region-set) REGION_SET+=$2$'\n'; shift 2 ;;
         --manager-set) MANAGER_SET+=$2$'\n'; shift 2 ;;
         --pin-runtimes) PIN_RUNTIMES=1; shift ;;
@@ -181,7 +184,7 @@ EOF
         fi
     done
     if [ -n "$MIGRATION_SET" ]; then printf '\n[migration]\n%s' "$MIGRATION_SET"; fi
-    printf '\n[[chain]]\nname = "main"\n'
+    printf '\n[[chain]]\nname = "main"\n%s' "$CHAIN_SET"
     IFS=, read -ra kinds <<< "$CHAIN"
     for k in "${kinds[@]}"; do
         printf '[[chain.nf]]\nkind = "%s"\n' "$k"

@@ -84,6 +84,12 @@ pub struct ProcEvent {
     pub process: String,
     pub kind: ProcEventKind,
     pub what: String,
+    /// The process's slot and that slot's generation when this happened (a death names
+    /// the life that ended: recovery takes over that incarnation's flows).
+    #[serde(skip)]
+    pub slot: u16,
+    #[serde(skip)]
+    pub generation: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -200,11 +206,22 @@ impl Supervisor {
 
     fn record(&mut self, process: &str, kind: ProcEventKind, what: String) {
         tracing::info!(process, "{what}");
+        let slot = self
+            .procs
+            .iter()
+            .find(|p| p.spec.name == process)
+            .map_or(0, |p| p.spec.slot);
+        let generation = self
+            .region
+            .slot(slot)
+            .map_or(0, |r| r.generation.load(Ordering::Relaxed));
         let e = ProcEvent {
             at_ms: self.started.elapsed().as_millis() as u64,
             process: process.to_string(),
             kind,
             what,
+            slot,
+            generation,
         };
         if let Some(f) = &mut self.observer {
             f(&e);

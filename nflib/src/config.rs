@@ -79,6 +79,54 @@ pub struct ChainConfig {
     /// Each function's settings; `kind` names the function, the rest is its own.
     #[serde(default, rename = "nf")]
     pub nfs: Vec<toml::Table>,
+    /// How the chain's flows survive their runtime's death (docs/REPLICATION.md).
+    #[serde(default)]
+    pub replication: ReplicationMode,
+    /// `"periodic"`: a flow is copied after this many packets...
+    #[serde(default = "d_replication_packets")]
+    pub replication_packets: u32,
+    /// ... or this long after its last copy, whichever comes first.
+    #[serde(default = "d_replication_interval_ms")]
+    pub replication_interval_ms: u32,
+    /// `"output-commit"`: the longest a packet waits for its replica's acknowledgement
+    /// before it leaves unprotected (counted).
+    #[serde(default = "d_commit_wait_ms")]
+    pub commit_wait_ms: u32,
+    /// `"output-commit"`: what output does while its flow has no live replica.
+    #[serde(default)]
+    pub without_replica: WithoutReplicaPolicy,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplicationMode {
+    #[default]
+    Off,
+    Periodic,
+    OutputCommit,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum WithoutReplicaPolicy {
+    /// Held up to `commit_wait_ms` for a replica to appear (a TCP flow then crawls while
+    /// no replica lives: every packet waits that long).
+    Wait,
+    /// Leaves at once, counted (`repl_unprotected`).
+    #[default]
+    Unprotected,
+}
+
+fn d_replication_packets() -> u32 {
+    32
+}
+
+fn d_replication_interval_ms() -> u32 {
+    100
+}
+
+fn d_commit_wait_ms() -> u32 {
+    50
 }
 
 impl ChainConfig {
@@ -597,6 +645,11 @@ pub struct VswitchConfig {
     /// `local`: only to those of this server.
     #[serde(default)]
     pub scope: DispatchScope,
+    /// How long packets of a dead runtime's flows are dropped rather than dispatched
+    /// anew, when their chain is replicated: the time recovery has to re-point them at
+    /// their replicas. Flows not re-pointed by then start afresh.
+    #[serde(default = "d_recovery_wait")]
+    pub recovery_wait_ms: u32,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -605,6 +658,10 @@ pub enum DispatchScope {
     #[default]
     Cluster,
     Local,
+}
+
+fn d_recovery_wait() -> u32 {
+    1_000
 }
 
 fn d_flow_timeout() -> u64 {
@@ -640,6 +697,9 @@ pub struct RuntimeConfig {
     /// Where network functions' events (alerts, flow records) go, one JSON object per line;
     /// `{runtime}` is replaced by the runtime's name. Unset: no event log.
     pub events: Option<PathBuf>,
+    /// Most flows of other runtimes it holds replicas of (default: `max_flows`); more are
+    /// refused (`repl_refused`) and their primaries carry them unprotected.
+    pub max_replica_flows: Option<u32>,
 }
 
 fn d_max_flows() -> u32 {
@@ -1219,6 +1279,18 @@ impl Config {
                     crate::nf::MAX_NFS
                 );
             }
+            if c.replication_packets == 0 || c.replication_interval_ms == 0 {
+                bail!(
+                    "chain.{}.replication_packets, replication_interval_ms: must be above 0",
+                    c.name
+                );
+            }
+            if c.commit_wait_ms == 0 || c.commit_wait_ms > 10_000 {
+                bail!(
+                    "chain.{}.commit_wait_ms: must be between 1 and 10000",
+                    c.name
+                );
+            }
             for (i, nf) in c.nfs.iter().enumerate() {
                 match nf.get("kind") {
                     Some(toml::Value::String(_)) => {}
@@ -1269,6 +1341,28 @@ impl Config {
                 .any(|r| self.chain_of(r) == Some(rule.chain.as_str()))
             {
                 bail!("steer[{i}].chain: no runtime runs chain `{}`", rule.chain);
+            }
+        }
+        for c in &self.chains {
+            let runtimes = self
+                .runtimes
+                .iter()
+                .filter(|r| self.chain_of(r) == Some(c.name.as_str()))
+                .count();
+            // Outside a cluster the replicas can only be this server's other runtimes of
+            // the chain: with one, output commit could never protect a packet.
+            if c.replication == ReplicationMode::OutputCommit
+                && runtimes < 2
+                && !self.cluster.enabled()
+            {
+                bail!(
+                    "chain.{}.replication: \"output-commit\" needs a second runtime of the \
+                     chain to hold replicas, and this server runs {runtimes} with no cluster \
+                     (add a [[runtime]] with chain = \"{}\", join a cluster, or choose \
+                     \"periodic\" or \"off\")",
+                    c.name,
+                    c.name
+                );
             }
         }
         Ok(())

@@ -229,8 +229,14 @@ pub enum Call {
     },
     /// Replicate flows to these runtimes.
     SetReplica { replicas: Vec<EndpointAddr> },
-    /// Take over the flows replicated here from `failed`.
-    Recover { failed: EndpointAddr },
+    /// Take over the flows replicated here from `failed`'s lives up to `incarnation` (its
+    /// slot generation when it died; `u64::MAX` for every life, when its server died).
+    /// Answered `Recovered` once the flows are live here and the vswitches are asked to
+    /// re-point them.
+    Recover {
+        failed: EndpointAddr,
+        incarnation: u64,
+    },
     /// Up to `limit` of the runtime's flows.
     ListFlows { limit: u32 },
     /// Send `count` probe messages of `size` payload bytes to the liaison of `to`, with at
@@ -270,7 +276,16 @@ pub enum Reply {
     },
     Probe(ProbeReport),
     Migration(MigrationReport),
+    /// `Recover`: flows taken over, and copies that could not be installed.
+    Recovered {
+        flows: u64,
+        lost: u64,
+    },
 }
+
+/// The bit a `SetRuntime` request carries when recovery, not migration, sent it: the
+/// answer then goes to the liaison.
+pub const RECOVERY_REQUEST: u64 = 1 << 63;
 
 /// A flow named in migration step 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

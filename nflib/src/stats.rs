@@ -31,7 +31,7 @@ macro_rules! counter_set {
 
 counter_set!(
     /// Counters of a process slot (nfmgr, a vswitch or a runtime).
-    ProcCounter, PROC_COUNTERS = 48, [
+    ProcCounter, PROC_COUNTERS = 64, [
     RxPkts => "rx_pkts",
     RxBytes => "rx_bytes",
     TxPkts => "tx_pkts",
@@ -80,6 +80,18 @@ counter_set!(
     AliasCommitTimeouts => "alias_commit_timeouts",
     FlowsReopened => "flows_reopened",
     StraysTakenOver => "strays_taken_over",
+    ReplMessages => "repl_messages",
+    ReplStateBytes => "repl_state_bytes",
+    ReplHeld => "repl_held",
+    ReplUnprotected => "repl_unprotected",
+    ReplRefused => "repl_refused",
+    ReplFlowsMoved => "repl_flows_moved",
+    ReplLagUs => "repl_lag_us",
+    ReplicaFlows => "replica_flows",
+    ReplicaRefused => "replica_refused",
+    ReplicaMalformed => "replica_malformed",
+    FlowsRecovered => "flows_recovered",
+    DropAwaitingRecovery => "drop_awaiting_recovery",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the

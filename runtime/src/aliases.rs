@@ -178,6 +178,16 @@ impl<P> AliasCommit<P> {
     /// packets, the oldest), oldest first, and moves the packets whose epoch is over, in
     /// order, to `out` (or to `dropped` for refused flows).
     pub fn release(&mut self, now_ns: u64, out: &mut Vec<P>, dropped: &mut Vec<P>) {
+        self.release_to(now_ns, &mut |_, _, p| out.push(p), dropped);
+    }
+
+    /// As `release`, giving each packet to `emit` with its flow (slot, id).
+    pub fn release_to(
+        &mut self,
+        now_ns: u64,
+        emit: &mut dyn FnMut(u32, u64, P),
+        dropped: &mut Vec<P>,
+    ) {
         while let Some(e) = self.epochs.front() {
             let waited_out = now_ns >= e.deadline_ns || self.held.len() > self.max_held;
             if !e.outstanding.is_empty() && !waited_out {
@@ -191,17 +201,17 @@ impl<P> AliasCommit<P> {
             if self.held.len() > self.max_held {
                 // Let go of this epoch's packets before judging the next one.
                 self.done_below = id + 1;
-                self.release_done(out, dropped);
+                self.release_done(emit, dropped);
             }
         }
         // The oldest epoch not over bounds those that are (an epoch whose requests the
         // mailbox refused went to nobody and is over at once).
         self.done_below = self.epochs.front().map_or(self.next, |e| e.id);
-        self.release_done(out, dropped);
+        self.release_done(emit, dropped);
     }
 
     /// Moves the packets of epochs below `done_below` out.
-    fn release_done(&mut self, out: &mut Vec<P>, dropped: &mut Vec<P>) {
+    fn release_done(&mut self, emit: &mut dyn FnMut(u32, u64, P), dropped: &mut Vec<P>) {
         while let Some(&(epoch, slot, flow, _)) = self.held.front() {
             if epoch >= self.done_below {
                 break;
@@ -215,7 +225,7 @@ impl<P> AliasCommit<P> {
             if self.refused.contains(&flow) {
                 dropped.push(p);
             } else {
-                out.push(p);
+                emit(slot, flow, p);
             }
         }
         if self.held.is_empty() {

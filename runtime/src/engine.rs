@@ -32,6 +32,7 @@ use crate::flows::{flag, ms_since, FlowActor, FlowTable, Found};
 use crate::migration::{
     Candidate, FlowHost, FlowRef, Mark, MigrationSettings, Migrator, PacketAction, Release,
 };
+use crate::replication::{self, FlowMeta, ReplicaActor, ReplicaStore, Replicator};
 use crate::timers::{Entry, TimerWheel};
 
 /// When flows end.
@@ -93,6 +94,13 @@ pub struct Runtime {
     forwards: Vec<(EndpointAddr, u64, bool, MovedPacket)>,
     /// Where the scan for flows to migrate continues.
     pick_cursor: u32,
+    /// Replication of this runtime's flows to their replicas (`replication`), and the
+    /// copies it holds of other runtimes' flows.
+    pub repl: Replicator<Packet>,
+    pub replica: ReplicaStore,
+    repl_msgs: Vec<(EndpointAddr, Message)>,
+    /// The loop's clock (`nflib::time::mono_ns`) as of the current batch.
+    now_ns: u64,
 }
 
 /// A key of an ended flow, for the vswitch that fed it to forget.
@@ -119,9 +127,9 @@ enum Notify {
 
 /// What running the chain on a packet came to.
 enum Ran {
-    /// The verdict, the packet's new length, and the alias epoch it must wait for, if any,
-    /// with its flow (slot and id).
-    Done(Verdict, usize, Option<(u64, u32, u64)>),
+    /// The verdict, the packet's new length, its flow (slot and id), the alias epoch it
+    /// must wait for, if any, and whether it waits for its replica (output commit).
+    Done(Verdict, usize, (u32, u64), Option<u64>, bool),
     /// Dropped before the chain (table full).
     Dropped,
     /// The flow is migrating: the migrator decides (its slot and key).
@@ -189,7 +197,25 @@ impl Runtime {
             held: HashMap::new(),
             forwards: Vec::new(),
             pick_cursor: 0,
+            repl: Replicator::new(replication::Settings::default(), 0, n),
+            replica: ReplicaStore::new(0, n),
+            repl_msgs: Vec::new(),
+            now_ns: nflib::time::mono_ns(),
         }
+    }
+
+    /// Sets how this runtime's flows are replicated (its chain's mode), its incarnation
+    /// (the slot's generation: a restart makes a new one) and how many copies of other
+    /// runtimes' flows it holds.
+    pub fn set_replication(
+        &mut self,
+        settings: replication::Settings,
+        incarnation: u64,
+        max_replica_flows: usize,
+    ) {
+        let n = self.stages.len();
+        self.repl = Replicator::new(settings, incarnation, n);
+        self.replica = ReplicaStore::new(max_replica_flows, n);
     }
 
     /// Sets what migration needs to know: the chain this runtime runs and the tunables.
@@ -233,6 +259,9 @@ impl Runtime {
     ) {
         let region = ep.region().clone();
         self.flows.step();
+        if self.repl.enabled() {
+            self.now_ns = nflib::time::mono_ns();
+        }
         let mut prepared = std::mem::take(&mut self.prepared);
         let mut pkts = std::mem::take(&mut self.prepared_pkts);
         for (from, mut pkt) in batch.drain(..) {
@@ -359,7 +388,7 @@ impl Runtime {
                         }
                     }
                 }
-                Ran::Done(verdict, new_len, wait) => {
+                Ran::Done(verdict, new_len, (slot, flow), wait, commit) => {
                     region.set_len(&mut pkt, new_len);
                     if verdict == Verdict::Drop {
                         ep.free(pkt);
@@ -370,8 +399,12 @@ impl Runtime {
                         pkt.set_egress_port(ingress);
                     }
                     match wait {
-                        Some((epoch, slot, flow)) => {
-                            self.alias_commit.hold(epoch, slot, flow, pkt);
+                        // Then, if it must, it waits for its replica (`flush`).
+                        Some(epoch) => self.alias_commit.hold(epoch, slot, flow, pkt),
+                        None if commit => {
+                            if let Some(p) = self.repl.hold(slot, flow, pkt, self.now_ns) {
+                                self.out.push(p);
+                            }
                         }
                         None => self.out.push(pkt),
                     }
@@ -694,17 +727,20 @@ impl Runtime {
         if !self.aliases.is_empty() {
             match self.register_aliases(ep, slot, id, vswitch, now_ms) {
                 Some(r) => registered = r,
-                None => return Ran::Done(Verdict::Drop, pm.len(), None),
+                None => return Ran::Done(Verdict::Drop, pm.len(), (slot, id), None, false),
+            }
+            if registered {
+                self.repl.aliases_changed(slot, id);
             }
         }
+        // The packet changed the flow's state (or may have): its replica is to learn it.
+        let commit = self.repl.touched(slot, id, now_ms) && verdict != Verdict::Drop;
         let wait = if verdict == Verdict::Drop {
             None
         } else {
-            self.alias_commit
-                .hold_for(slot, id, registered)
-                .map(|epoch| (epoch, slot, id))
+            self.alias_commit.hold_for(slot, id, registered)
         };
-        Ran::Done(verdict, pm.len(), wait)
+        Ran::Done(verdict, pm.len(), (slot, id), wait, commit)
     }
 
     /// Makes the keys the chain asked for (`self.aliases`) lead to flow `slot` (`id`), to
@@ -801,6 +837,7 @@ impl Runtime {
         let key = a.key;
         let id = a.id;
         let idle_ms = ms_since(now_ms, a.last_ms);
+        self.repl.ended(slot, id);
         // Aliases it registered that the vswitch has not been told of stay untold.
         if !self.new_aliases.is_empty() {
             self.new_aliases.retain(|(_, _, f)| *f != id);
@@ -866,6 +903,9 @@ impl Runtime {
                 ep.free(p);
             }
         }
+        for p in self.repl.drain() {
+            ep.free(p);
+        }
         for p in self.out.drain(..) {
             ep.free(p);
         }
@@ -917,7 +957,14 @@ impl Runtime {
             }
             self.new_aliases.clear();
         }
+        if self.repl.enabled() {
+            self.now_ns = now_ns;
+            self.replicate(ep, mb, now_ns);
+        }
         self.release_held_aliases(ep, now_ns);
+        if self.repl.busy() {
+            self.repl.release(now_ns, &mut self.out);
+        }
         if !self.forwards.is_empty() {
             // Late stragglers, one message per (runtime, group); after the state they follow.
             let mut fw = std::mem::take(&mut self.forwards);
@@ -949,15 +996,208 @@ impl Runtime {
         }
     }
 
-    /// Moves packets whose alias epoch is over to the output (dropping those of flows
-    /// whose alias was refused).
+    /// Applies a `Replicate` from primary `from` and answers it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_replicate(
+        &mut self,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        from: EndpointAddr,
+        incarnation: u64,
+        version: u64,
+        flows: &[nflib::msg::ReplicaFlow],
+        states_buf: &[u8],
+        ended: &[u64],
+    ) {
+        let now_ms = self.now_ms();
+        let answer =
+            self.replica
+                .apply(from, incarnation, version, flows, states_buf, ended, now_ms);
+        if let Some(m) = answer {
+            if mb.send(from, LIAISON, LIAISON, &m).is_err() {
+                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+            }
+        }
+    }
+
+    /// Takes over the flows this runtime holds copies of for `failed`'s lives up to
+    /// `incarnation` (`Recover`): each becomes a live flow here with its functions' states,
+    /// and every vswitch that fed them is asked to send them (keys and aliases) here
+    /// instead of to `failed`. Returns the flows taken over and those whose copy could not
+    /// be installed (malformed, or no room).
+    pub fn recover(
+        &mut self,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        failed: EndpointAddr,
+        incarnation: u64,
+        request: u64,
+    ) -> (usize, usize) {
+        let now_ms = self.now_ms();
+        let promoted = self.replica.promote(failed, incarnation);
+        let mut keys: Vec<(EndpointAddr, FlowKey)> = Vec::new();
+        let (mut adopted, mut lost) = (0, 0);
+        for (_, a) in promoted {
+            let vswitch = a.vswitch;
+            match self.adopt(ep, a, now_ms) {
+                Some(k) => {
+                    adopted += 1;
+                    keys.extend(k.into_iter().map(|k| (vswitch, k)));
+                }
+                None => lost += 1,
+            }
+        }
+        keys.sort_by_key(|(v, _)| *v);
+        for group in keys.chunk_by(|a, b| a.0 == b.0) {
+            // A message is at most 4 MiB; a key takes about 40 bytes.
+            for chunk in group.chunks(16_384) {
+                let m = Message::SetRuntime {
+                    keys: chunk.iter().map(|(_, k)| *k).collect(),
+                    from: failed,
+                    runtime: self.me,
+                    request,
+                };
+                if mb.send(chunk[0].0, LIAISON, LIAISON, &m).is_err() {
+                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                }
+            }
+        }
+        if adopted + lost > 0 {
+            eprintln!(
+                "nf-runtime {}: recovered {adopted} flows of {failed} ({lost} could not be \
+                 installed)",
+                self.me
+            );
+        }
+        (adopted, lost)
+    }
+
+    /// Makes a replica copy a live flow here; returns its keys (its own and its aliases).
+    fn adopt(&mut self, ep: &mut Endpoint, a: ReplicaActor, now_ms: u64) -> Option<Vec<FlowKey>> {
+        // A flow here under the key already is a stray: the vswitch gave this runtime a
+        // packet of the dead runtime's flow before it was re-pointed, and a fresh flow with
+        // no state was made of it. The copy knows better.
+        if let Some(Found::Key(s) | Found::Alias(s)) = self.flows.find(&a.key) {
+            if self.flows.get(s).is_some_and(|f| !f.has(flag::MIGRATING)) {
+                self.end_flow(s, now_ms, Notify::Nobody, EndReason::Done);
+                ep.counters().add(ProcCounter::StraysTakenOver as usize, 1);
+            } else {
+                return None;
+            }
+        }
+        let now = now_ms as u32;
+        let mut actor = FlowActor::new(
+            a.key,
+            self.next_id,
+            now.wrapping_sub(
+                u32::try_from(now_ms.saturating_sub(a.created_ms)).unwrap_or(u32::MAX),
+            ),
+            a.vswitch,
+            a.flags & !(flag::LIVE | flag::MIGRATING),
+        );
+        actor.last_ms = now;
+        let slot = self.flows.insert(actor)?;
+        self.next_id += 1;
+        let mut ok = true;
+        for (i, stage) in self.stages.iter_mut().enumerate() {
+            if let Some(Some(bytes)) = a.states.get(i) {
+                if stage
+                    .restore(self.flows.records_mut(), slot, bytes)
+                    .is_err()
+                {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if !ok {
+            for s in self.stages.iter_mut() {
+                s.discard(self.flows.records_mut(), slot);
+            }
+            self.flows.remove(slot);
+            return None;
+        }
+        let mut keys = vec![a.key];
+        for al in &a.aliases {
+            if let Some(Found::Key(s) | Found::Alias(s)) = self.flows.find(al) {
+                if s != slot {
+                    self.end_flow(s, now_ms, Notify::Nobody, EndReason::Done);
+                    ep.counters().add(ProcCounter::StraysTakenOver as usize, 1);
+                }
+            }
+            if self.flows.add_alias(slot, *al) {
+                keys.push(*al);
+            }
+        }
+        let f = self.flows.get(slot)?;
+        let deadline = self.deadline(f, now_ms);
+        self.timers
+            .arm(Entry { slot, gen: 0 }, deadline.max(now_ms + 1));
+        Some(keys)
+    }
+
+    /// Writes the flows whose packets ran since the last flush to their replicas' batches
+    /// (the functions' states that changed) and sends one message per replica.
+    fn replicate(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, now_ns: u64) {
+        let now_ms = self.now_ms();
+        self.repl.tick(now_ms);
+        if self.repl.has_dirty() {
+            let dirty = self.repl.take_dirty();
+            let (flows, stages) = (&self.flows, &self.stages);
+            for &slot in &dirty {
+                let Some(id) = self.repl.dirty_id(slot) else {
+                    continue;
+                };
+                let Some(a) = flows.get(slot).filter(|a| a.id == id) else {
+                    continue;
+                };
+                let meta = FlowMeta {
+                    key: a.key,
+                    vswitch: a.vswitch,
+                    flags: a.flags & !(flag::LIVE | flag::MIGRATING),
+                    packets: a.packets,
+                    age_ms: ms_since(now_ms, a.created_ms),
+                };
+                self.repl.write_flow(
+                    slot,
+                    now_ms,
+                    &meta,
+                    &|| flows.aliases_of(slot),
+                    &mut |i, out| stages[i].save_into(flows.records(), slot, out),
+                );
+            }
+            self.repl.return_dirty(dirty);
+        }
+        let mut msgs = std::mem::take(&mut self.repl_msgs);
+        self.repl.flush(now_ns, &mut msgs);
+        for (to, m) in msgs.drain(..) {
+            if mb.send(to, LIAISON, LIAISON, &m).is_err() {
+                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+            }
+        }
+        self.repl_msgs = msgs;
+    }
+
+    /// Moves packets whose alias epoch is over on (dropping those of flows whose alias was
+    /// refused): to the output, or to wait for their replica under output commit.
     fn release_held_aliases(&mut self, ep: &mut Endpoint, now_ns: u64) {
         if !self.alias_commit.busy() {
             return;
         }
         let mut dropped = Vec::new();
-        self.alias_commit
-            .release(now_ns, &mut self.out, &mut dropped);
+        let (out, repl) = (&mut self.out, &mut self.repl);
+        let commit = repl.mode() == replication::Mode::OutputCommit;
+        self.alias_commit.release_to(
+            now_ns,
+            &mut |slot, flow, p| {
+                if !commit {
+                    out.push(p);
+                } else if let Some(p) = repl.hold(slot, flow, p, now_ns) {
+                    out.push(p);
+                }
+            },
+            &mut dropped,
+        );
         for p in dropped {
             ep.free(p);
         }
@@ -999,7 +1239,11 @@ impl Runtime {
     /// When the loop must run again even with nothing to receive (an alias epoch's
     /// deadline), in nanoseconds of `nflib::time::mono_ns`.
     pub fn next_wake_ns(&self) -> Option<u64> {
-        self.alias_commit.next_deadline()
+        let a = self.alias_commit.next_deadline();
+        match self.repl.next_deadline_ns() {
+            Some(r) => Some(a.map_or(r, |a| a.min(r))),
+            None => a,
+        }
     }
 
     /// Publishes flow counters and the functions' statistics.
@@ -1022,6 +1266,22 @@ impl Runtime {
         let a = self.alias_commit.counters;
         c.set(ProcCounter::AliasesHeld as usize, a.held);
         c.set(ProcCounter::AliasCommitTimeouts as usize, a.timeouts);
+        let r = self.repl.counters;
+        c.set(ProcCounter::ReplMessages as usize, r.messages);
+        c.set(ProcCounter::ReplStateBytes as usize, r.state_bytes);
+        c.set(ProcCounter::ReplHeld as usize, r.held);
+        c.set(ProcCounter::ReplUnprotected as usize, r.unprotected);
+        c.set(ProcCounter::ReplRefused as usize, r.refused);
+        c.set(ProcCounter::ReplFlowsMoved as usize, r.moved);
+        c.set(ProcCounter::ReplLagUs as usize, r.last_lag_ns / 1000);
+        let rc = self.replica.counters;
+        c.set(
+            ProcCounter::ReplicaFlows as usize,
+            self.replica.len() as u64,
+        );
+        c.set(ProcCounter::ReplicaRefused as usize, rc.refused);
+        c.set(ProcCounter::ReplicaMalformed as usize, rc.malformed);
+        c.set(ProcCounter::FlowsRecovered as usize, rc.promoted);
         let region = ep.region();
         for (i, counters) in self.nf_counters.iter().enumerate() {
             if let Some(rec) = region.nf_stats(ep.slot(), i) {
@@ -1166,6 +1426,10 @@ impl FlowHost for EngineHost<'_> {
     fn save(&mut self, f: &FlowRef, out: &mut Vec<u8>) -> Option<FlowState> {
         let slot = self.slot_at(f)?;
         let a = self.rt.flows.get(slot)?;
+        // The flow is the target's from here: its copy here must not be promoted should
+        // this runtime die (the target replicates it afresh). Should the hand-over fail,
+        // the flow's next packet sends it whole again.
+        self.rt.repl.ended(slot, a.id);
         let now = self.now_ms;
         let start = out.len();
         for stage in &self.rt.stages {

@@ -4,9 +4,9 @@
 //! `Ping` and the probe traffic of `nfmgr msgtest`.
 //!
 //! `SetMigrationTarget` starts a migration job (`migration`), whose progress
-//! `MigrationStatus` reports. `SetReplica` is recorded and reported in the workload; the
-//! replication it starts comes with that protocol. `Recover` is refused until replication
-//! exists, since there is nothing to recover from.
+//! `MigrationStatus` reports. `SetReplica` gives the replicator its candidate replicas;
+//! `Replicate` and `Replicated` are the replication protocol's two messages
+//! (`replication`); `Recover` takes over a dead runtime's flows copied here.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -50,12 +50,29 @@ pub struct Liaison {
     prober: Option<Prober>,
     /// Receiving side of probe runs: (sender, run) and what arrived.
     probes_in: VecDeque<(EndpointAddr, ProbeReport, u64)>,
+    /// Recoveries: vswitches' answers to re-pointing, keys moved, and when the last came.
+    pub recovery: RecoveryProgress,
+}
+
+/// What this runtime's recoveries came to (the takeover's end is the last vswitch answer).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecoveryProgress {
+    pub started_ns: u64,
+    pub flows: u64,
+    pub answers: u64,
+    pub keys_moved: u64,
+    pub last_answer_ns: u64,
 }
 
 impl Liaison {
     /// The cluster view the coordinator last sent.
     pub fn view(&self) -> &ClusterView {
         &self.view
+    }
+
+    /// The replicas the coordinator last gave (`SetReplica`).
+    pub fn replicas(&self) -> &[EndpointAddr] {
+        &self.replicas
     }
 
     /// Handles one message addressed to the liaison.
@@ -101,6 +118,30 @@ impl Liaison {
                 let now_ms = rt.now_ms();
                 rt.on_aliases_added(ep, env.from, request, &refused, now_ms);
             }
+            Message::Replicate {
+                incarnation,
+                version,
+                flows,
+                states,
+                ended,
+            } => rt.on_replicate(
+                ep,
+                mb,
+                env.from,
+                incarnation,
+                version,
+                &flows,
+                &states,
+                &ended,
+            ),
+            Message::Replicated {
+                incarnation,
+                version,
+                refused,
+                missing,
+            } => rt
+                .repl
+                .on_replicated(env.from, incarnation, version, &refused, &missing, now_ns),
             _ => self.unknown += 1,
         }
     }
@@ -183,15 +224,33 @@ impl Liaison {
                         reason: "a runtime cannot replicate to itself".into(),
                     };
                 }
+                rt.repl.set_replicas(&replicas, now_ns);
                 self.replicas = replicas;
                 Reply::Accepted
             }
             Call::Kill { .. } => Reply::Refused {
                 reason: "kill is carried out by the runtime's nfmgr".into(),
             },
-            Call::Recover { .. } => Reply::Refused {
-                reason: "this runtime holds no replicas (replication is not enabled)".into(),
-            },
+            Call::Recover {
+                failed,
+                incarnation,
+            } => {
+                if failed == rt.me() && incarnation >= rt.repl.incarnation() {
+                    return Reply::Refused {
+                        reason: "a runtime cannot take over its own live flows".into(),
+                    };
+                }
+                let request = nflib::msg::RECOVERY_REQUEST | (self.recovery.answers & 0xffff_ffff);
+                let (flows, lost) = rt.recover(ep, mb, failed, incarnation, request);
+                if flows > 0 {
+                    self.recovery.started_ns = now_ns;
+                    self.recovery.flows += flows as u64;
+                }
+                Reply::Recovered {
+                    flows: flows as u64,
+                    lost: lost as u64,
+                }
+            }
             Call::ListFlows { limit } => list_flows(rt, limit),
             Call::StartProbe {
                 to,
@@ -249,6 +308,14 @@ impl Liaison {
                 }
             }
         }
+    }
+
+    /// A vswitch answered a recovery's re-pointing: `moved` keys now come here.
+    pub fn recovery_switched(&mut self, from: EndpointAddr, moved: u32, now_ns: u64) {
+        let _ = from;
+        self.recovery.answers += 1;
+        self.recovery.keys_moved += u64::from(moved);
+        self.recovery.last_answer_ns = now_ns;
     }
 
     fn workload(&self, rt: &Runtime, ep: &mut Endpoint, mb: &Mailbox) -> Workload {

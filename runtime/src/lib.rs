@@ -70,6 +70,12 @@ pub fn serve_messages(
             liaison.unknown += 1;
             continue;
         }
+        if let Message::RuntimeSet { request, moved, .. } = &env.msg {
+            if request & nflib::msg::RECOVERY_REQUEST != 0 {
+                liaison.recovery_switched(env.from, *moved, now_ns);
+                continue;
+            }
+        }
         if env.msg.is_migration() {
             if matches!(env.msg, Message::MigrateState { .. }) {
                 failpoint::migrate_state_received();
@@ -102,21 +108,26 @@ pub struct PeerWatch {
 }
 
 impl PeerWatch {
+    /// `events` are the transport's verdicts since the last call (`Mailbox::take_events`).
     pub fn check(
         &mut self,
         ep: &Endpoint,
-        mb: &mut Mailbox,
+        me: EndpointAddr,
         view: &nflib::cluster::ClusterView,
         peers: &[EndpointAddr],
+        events: &[nflib::reliable::PeerEvent],
         dead: &mut Vec<EndpointAddr>,
     ) {
         use nflib::reliable::PeerEvent;
-        for e in mb.take_events() {
+        for e in events {
             match e {
-                PeerEvent::Dead { peer, .. } | PeerEvent::Restarted { peer, .. } => dead.push(peer),
+                PeerEvent::Dead { peer, .. } | PeerEvent::Restarted { peer, .. } => {
+                    if peers.contains(peer) {
+                        dead.push(*peer)
+                    }
+                }
             }
         }
-        let me = mb.me();
         self.seen.retain(|p, _| peers.contains(p));
         for p in peers {
             let token = if p.server == me.server {
@@ -235,5 +246,48 @@ pub fn from_region(ep: &Endpoint, cfg: &Config) -> Result<Runtime, String> {
             keep_awake_us: m.keep_awake_us,
         },
     );
+    if let Some(chain) = cfg.chain_of(rc).and_then(|c| cfg.chain(c)) {
+        use nflib::config::{ReplicationMode, WithoutReplicaPolicy};
+        let mode = match chain.replication {
+            ReplicationMode::Off => replication::Mode::Off,
+            ReplicationMode::Periodic => replication::Mode::Periodic {
+                packets: chain.replication_packets,
+                interval_ms: chain.replication_interval_ms,
+            },
+            ReplicationMode::OutputCommit => replication::Mode::OutputCommit,
+        };
+        rt.set_replication(
+            replication::Settings {
+                mode,
+                without_replica: match chain.without_replica {
+                    WithoutReplicaPolicy::Wait => replication::WithoutReplica::Wait,
+                    WithoutReplicaPolicy::Unprotected => replication::WithoutReplica::Unprotected,
+                },
+                commit_wait_ms: chain.commit_wait_ms,
+                max_replica_flows: rc.max_replica_flows.unwrap_or(rc.max_flows) as usize,
+            },
+            u64::from(ep.generation()),
+            rc.max_replica_flows.unwrap_or(rc.max_flows) as usize,
+        );
+    }
     Ok(rt)
+}
+
+/// Whether endpoint `p` lives now: its process slot on this server, the cluster view for
+/// another server's.
+pub fn peer_alive(
+    ep: &Endpoint,
+    me: EndpointAddr,
+    view: &nflib::cluster::ClusterView,
+    p: EndpointAddr,
+) -> bool {
+    if p.server == me.server {
+        ep.region()
+            .slot(p.slot)
+            .is_some_and(|s| s.state().is_alive())
+    } else {
+        view.server(p.server)
+            .filter(|s| s.alive)
+            .is_some_and(|s| s.endpoints.iter().any(|e| e.addr == p && e.alive))
+    }
 }

@@ -44,7 +44,9 @@ fn main() -> ExitCode {
     let mut liaison = Liaison::default();
     let mut backlog = nf_runtime::Backlog::default();
     let mut watch = nf_runtime::PeerWatch::default();
+    let mut replica_watch = nf_runtime::PeerWatch::default();
     let mut dead = Vec::new();
+    let mut events = Vec::new();
     let mut batch = Vec::with_capacity(BATCH);
     let mut last_publish = Instant::now();
     run_loop(&mut ep, &args.common, |ep, now| {
@@ -57,12 +59,32 @@ fn main() -> ExitCode {
         let now_ms = rt.now_ms();
         rt.process_batch(ep, &mut batch, now_ms);
         rt.expire(ep, now_ms);
+        events.clear();
+        events.extend(mb.take_events());
+        let me = mb.me();
         let migrating = rt.migrator.busy();
         if migrating {
             dead.clear();
             let peers = rt.migrator.peers();
-            watch.check(ep, &mut mb, liaison.view(), &peers, &mut dead);
+            watch.check(ep, me, liaison.view(), &peers, &events, &mut dead);
             rt.migration_tick(ep, &mut mb, &dead, now_ms);
+        }
+        if rt.repl.enabled() {
+            // A replica that died (or restarted empty) is replaced at once: output waiting
+            // for it would otherwise wait out its deadline.
+            dead.clear();
+            let replicas = liaison.replicas();
+            replica_watch.check(ep, me, liaison.view(), replicas, &events, &mut dead);
+            for d in &dead {
+                let alive = nf_runtime::peer_alive(ep, me, liaison.view(), *d);
+                rt.repl.replica_lost(*d, alive, now_ns);
+            }
+            // One that came back (restarted) is used again, starting empty.
+            for r in replicas {
+                if !rt.repl.is_live(*r) && nf_runtime::peer_alive(ep, me, liaison.view(), *r) {
+                    rt.repl.replica_lost(*r, true, now_ns);
+                }
+            }
         }
         rt.flush(ep, &mut mb, now_ns);
         // The transport's timers (the mailbox's flush asked for them), and packets held for

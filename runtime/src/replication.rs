@@ -69,7 +69,7 @@ impl Default for Settings {
     fn default() -> Settings {
         Settings {
             mode: Mode::Off,
-            without_replica: WithoutReplica::Wait,
+            without_replica: WithoutReplica::Unprotected,
             commit_wait_ms: 50,
             max_replica_flows: 1 << 20,
         }
@@ -702,6 +702,9 @@ impl<P> Replicator<P> {
     /// waits for them.
     pub fn replica_lost(&mut self, addr: EndpointAddr, still_live: bool, now_ns: u64) {
         if let Some(i) = self.links.iter().position(|l| l.addr == addr) {
+            if !self.links[i].live && !still_live {
+                return; // known already
+            }
             self.lose_link(i, now_ns);
             if still_live {
                 let l = &mut self.links[i];
@@ -792,6 +795,11 @@ impl<P> Replicator<P> {
                 self.dirty.push(slot);
             }
         }
+    }
+
+    /// Whether `addr` is one of the replicas in use and believed alive.
+    pub fn is_live(&self, addr: EndpointAddr) -> bool {
+        self.links.iter().any(|l| l.addr == addr && l.live)
     }
 
     /// Whether any packet is held.
@@ -1102,6 +1110,7 @@ mod tests {
     fn settings(mode: Mode) -> Settings {
         Settings {
             mode,
+            without_replica: WithoutReplica::Wait,
             ..Settings::default()
         }
     }

@@ -96,6 +96,7 @@ fn ping_and_control_calls_are_answered() {
             id: 3,
             call: Call::Recover {
                 failed: EndpointAddr::new(1, 3),
+                incarnation: 1,
             },
         },
     );
@@ -114,11 +115,12 @@ fn ping_and_control_calls_are_answered() {
             reply: Reply::Accepted
         }
     );
+    // Nothing is replicated here: nothing to take over.
     assert!(matches!(
         &got[3].msg,
         Message::RpcReply {
             id: 3,
-            reply: Reply::Refused { .. }
+            reply: Reply::Recovered { flows: 0, lost: 0 }
         }
     ));
     // The migration target shows in the workload.

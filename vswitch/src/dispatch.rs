@@ -50,6 +50,12 @@ struct Entry {
     alias: bool,
 }
 
+/// Whether `until` is still ahead of `now_ms` on the dispatcher's wrapping clock.
+fn is_ahead(now_ms: u32, until: u32) -> bool {
+    let d = until.wrapping_sub(now_ms);
+    d != 0 && d < 1 << 31
+}
+
 /// Milliseconds from `last_ms` to `now_ms` on the dispatcher's wrapping clock. A time
 /// "after" now (stamped by a message handled after the packet loop read the clock) is an
 /// age of 0, not of 49 days: idle entries are swept long before ages come near 2^31.
@@ -91,6 +97,23 @@ pub struct Dispatch {
     view_version: u64,
     /// Messages it did not understand.
     pub unknown: u64,
+    /// Per chain: its flows are replicated, so a dead runtime's flows are recovered
+    /// elsewhere and must not be dispatched anew meanwhile.
+    replicated: Vec<bool>,
+    /// Local target slots as last seen: (slot, generation, up).
+    seen: Vec<(u16, u32, bool)>,
+    /// Runtimes that died recently, with when their flows' wait ends (ms).
+    recovering: Vec<(EndpointAddr, u32)>,
+    recovery_wait_ms: u32,
+}
+
+/// Where a known flow's packet goes.
+enum Known {
+    To(EndpointAddr),
+    /// Its runtime died and the flow is being recovered: drop it (the sender retransmits).
+    Hold,
+    /// Unknown, or its runtime is gone for good: dispatch it as new.
+    New,
 }
 
 /// Whether `rt` is among the live local or the remote targets.
@@ -187,13 +210,60 @@ impl Dispatch {
             epoch: Instant::now(),
             view_version: 0,
             unknown: 0,
+            replicated: Vec::new(),
+            seen: Vec::new(),
+            recovering: Vec::new(),
+            recovery_wait_ms: vc.recovery_wait_ms,
         };
+        d.replicated = d
+            .chains
+            .iter()
+            .map(|c| {
+                c.as_deref()
+                    .and_then(|c| cfg.chain(c))
+                    .is_some_and(|c| c.replication != nflib::config::ReplicationMode::Off)
+            })
+            .collect();
         d.refresh_targets(region);
         Ok(d)
     }
 
-    /// Re-reads which runtimes are alive.
+    /// Re-reads which runtimes are alive, and notes those of replicated chains that died
+    /// or restarted since the last look (their flows are being recovered).
     pub fn refresh_targets(&mut self, region: &Region) {
+        let now_ms = self.now_ms(Instant::now());
+        self.recovering
+            .retain(|(_, until)| is_ahead(now_ms, *until));
+        for c in 0..self.chains.len() {
+            if !self.replicated.get(c).copied().unwrap_or(false) {
+                continue;
+            }
+            for &s in &self.local[c] {
+                let Some(r) = region.slot(s) else {
+                    continue;
+                };
+                let up = matches!(r.state(), SlotState::Running | SlotState::Starting);
+                let gen = r.generation.load(std::sync::atomic::Ordering::Relaxed);
+                match self.seen.iter_mut().find(|(slot, _, _)| *slot == s) {
+                    Some(e) => {
+                        let died = e.2 && (!up || e.1 != gen);
+                        let restarted = !e.2 && up && e.1 != gen;
+                        if died || restarted {
+                            let addr = EndpointAddr::new(self.me.server, s);
+                            // A restart seen without the death: the old life's flows
+                            // still wait for recovery.
+                            if died || !self.recovering.iter().any(|(a, _)| *a == addr) {
+                                self.recovering.retain(|(a, _)| *a != addr);
+                                self.recovering
+                                    .push((addr, now_ms.wrapping_add(self.recovery_wait_ms)));
+                            }
+                        }
+                        *e = (s, gen, up);
+                    }
+                    None => self.seen.push((s, gen, up)),
+                }
+            }
+        }
         for c in 0..self.chains.len() {
             let live = &mut self.live[c];
             live.clear();
@@ -221,12 +291,21 @@ impl Dispatch {
             return;
         }
         self.view_version = view.version;
+        let now_ms = self.now_ms(Instant::now());
         for (c, chain) in self.chains.iter().enumerate() {
-            self.remote[c] = view
+            let now: Vec<EndpointAddr> = view
                 .runtimes_of(chain.as_deref())
                 .into_iter()
                 .filter(|r| r.server != self.me.server)
                 .collect();
+            if self.replicated.get(c).copied().unwrap_or(false) {
+                for gone in self.remote[c].iter().filter(|r| !now.contains(r)) {
+                    self.recovering.retain(|(a, _)| a != gone);
+                    self.recovering
+                        .push((*gone, now_ms.wrapping_add(self.recovery_wait_ms)));
+                }
+            }
+            self.remote[c] = now;
         }
         if self.default_chain.is_none() {
             let cluster = self.scope == DispatchScope::Cluster;
@@ -452,9 +531,26 @@ impl Dispatch {
         if live.is_empty() {
             return None;
         }
-        let rt = live[self.next[chain] % live.len()];
-        self.next[chain] = self.next[chain].wrapping_add(1);
-        Some(rt)
+        if self.recovering.is_empty() {
+            let rt = live[self.next[chain] % live.len()];
+            self.next[chain] = self.next[chain].wrapping_add(1);
+            return Some(rt);
+        }
+        // A runtime whose old flows wait for recovery takes no new ones meanwhile: their
+        // packets would be held with the old ones'.
+        let now_ms = self.now_ms(Instant::now());
+        for _ in 0..live.len() {
+            let rt = live[self.next[chain] % live.len()];
+            self.next[chain] = self.next[chain].wrapping_add(1);
+            if !self
+                .recovering
+                .iter()
+                .any(|(a, until)| *a == rt && is_ahead(now_ms, *until))
+            {
+                return Some(rt);
+            }
+        }
+        None
     }
 
     pub fn dispatch(
@@ -503,16 +599,22 @@ impl Dispatch {
                 ep.free(p);
                 continue;
             }
-            let mut runtime = self.known(&key, hash, now_ms);
-            if runtime.is_none() {
+            let mut known = self.known(&key, hash, now_ms);
+            if matches!(known, Known::New) {
                 // A runtime may have registered this key (an alias) just before the packet
                 // that made it necessary left: read messages once more before deciding.
                 self.handle_messages(ep, mb);
-                runtime = self.known(&key, hash, now_ms);
+                known = self.known(&key, hash, now_ms);
             }
-            let runtime = match runtime {
-                Some(rt) => rt,
-                None => {
+            let runtime = match known {
+                Known::To(rt) => rt,
+                Known::Hold => {
+                    ep.counters()
+                        .add(ProcCounter::DropAwaitingRecovery as usize, 1);
+                    ep.free(p);
+                    continue;
+                }
+                Known::New => {
                     let Some(chain) = self.chain_for(&h, region.data(&p)) else {
                         ep.counters().add(ProcCounter::DropNoChain as usize, 1);
                         ep.free(p);
@@ -567,16 +669,28 @@ impl Dispatch {
 
     /// The runtime of a known flow, if it is alive (refreshing the flow's last packet time
     /// and counting the packet as given to it).
-    fn known(&mut self, key: &FlowKey, hash: u64, now_ms: u32) -> Option<EndpointAddr> {
+    fn known(&mut self, key: &FlowKey, hash: u64, now_ms: u32) -> Known {
         // One lookup: the entry stays borrowed while the (disjoint) target lists are checked.
-        let e = self.table.get_mut_hashed(key, hash)?;
+        let Some(e) = self.table.get_mut_hashed(key, hash) else {
+            return Known::New;
+        };
         let rt = e.runtime;
+        // The flow of a runtime that died (or restarted, having lost it) waits for its
+        // replica to claim it, until the wait is over.
+        if !self.recovering.is_empty()
+            && self
+                .recovering
+                .iter()
+                .any(|(a, until)| *a == rt && is_ahead(now_ms, *until))
+        {
+            return Known::Hold;
+        }
         if !targets_live(&self.live, &self.remote, rt) {
-            return None;
+            return Known::New;
         }
         e.last_ms = now_ms;
         e.sent = e.sent.wrapping_add(1);
-        Some(rt)
+        Known::To(rt)
     }
 
     /// Forgets flows idle for longer than the timeout: called every loop, it sweeps the

@@ -197,6 +197,8 @@ pub struct Control {
     next_rpc: u64,
     /// Per local slot: (process generation, view version) last sent to it.
     notified: HashMap<u16, (u32, u64)>,
+    /// Per local runtime slot: the generation and replica list last sent (`SetReplica`).
+    replicas_sent: HashMap<u16, (u32, Vec<EndpointAddr>)>,
     last_heartbeat: Instant,
     chains: Vec<(String, [u8; 32])>,
     /// Membership changes, for `nfmgr status`.
@@ -280,6 +282,7 @@ impl Control {
             pending: HashMap::new(),
             next_rpc: 1,
             notified: HashMap::new(),
+            replicas_sent: HashMap::new(),
             last_heartbeat: now,
             log: Vec::new(),
             top_events: VecDeque::new(),
@@ -346,6 +349,13 @@ impl Control {
         let now = wall_ms();
         match e.kind {
             ProcEventKind::Died => {
+                // A local runtime's death is recovered from here at once, with no round
+                // trip to a remote coordinator.
+                if let Some(rc) = self.cfg.runtime(&e.process) {
+                    let chain = self.cfg.chain_of(rc).map(str::to_string);
+                    let failed = EndpointAddr::new(self.me, e.slot);
+                    self.start_recovery(failed, chain.as_deref(), u64::from(e.generation));
+                }
                 let cause = e
                     .what
                     .split_once(' ')
@@ -984,8 +994,79 @@ impl Control {
         });
         let _ = started;
         let name = m.name.clone();
+        let lost: Vec<EndpointInfo> = m
+            .endpoints
+            .iter()
+            .filter(|e| e.kind == ProcessKind::Runtime)
+            .cloned()
+            .collect();
         self.note(format!("server {id} ({name}) is down: {why}"));
         self.rebuild_view();
+        // Its runtimes' flows live on where they were replicated: every life of them.
+        for e in lost {
+            self.start_recovery(e.addr, e.chain.as_deref(), u64::MAX);
+        }
+    }
+
+    /// Whether flows of `chain` are replicated (and so recoverable).
+    fn replicated(&self, chain: Option<&str>) -> bool {
+        chain
+            .and_then(|c| self.cfg.chain(c))
+            .is_some_and(|c| c.replication != nflib::config::ReplicationMode::Off)
+    }
+
+    /// Asks every live runtime of `chain` to take over what it holds of `failed`'s lives up
+    /// to `incarnation`. Runtimes hold copies only of the flows whose replica they are, so
+    /// each takes its share; the data plane never waits for this thread beyond the call.
+    fn start_recovery(&mut self, failed: EndpointAddr, chain: Option<&str>, incarnation: u64) {
+        if !self.replicated(chain) {
+            return;
+        }
+        let targets: Vec<EndpointAddr> = self
+            .view
+            .runtimes_of(chain)
+            .into_iter()
+            .filter(|r| *r != failed)
+            .collect();
+        self.top_event(
+            "recovery",
+            format!(
+                "{failed} died: {} runtime(s) of chain {} asked to take over its flows",
+                targets.len(),
+                chain.unwrap_or("-")
+            ),
+        );
+        for t in targets {
+            self.route_rpc(
+                t,
+                Call::Recover {
+                    failed,
+                    incarnation,
+                },
+                ReplyTo::Nobody,
+            );
+        }
+    }
+
+    /// The replicas a runtime of `chain` replicates to: the chain's other live runtimes,
+    /// other servers' first, each list rotated by the runtime's slot so that the runtimes
+    /// of one server do not all start with the same replica.
+    fn replica_candidates(&self, rt: EndpointAddr, chain: &str) -> Vec<EndpointAddr> {
+        let all = self.view.runtimes_of(Some(chain));
+        let (mut other, mut here): (Vec<EndpointAddr>, Vec<EndpointAddr>) = all
+            .into_iter()
+            .filter(|r| *r != rt)
+            .partition(|r| r.server != rt.server);
+        if !other.is_empty() {
+            let k = rt.slot as usize % other.len();
+            other.rotate_left(k);
+        }
+        if !here.is_empty() {
+            let k = rt.slot as usize % here.len();
+            here.rotate_left(k);
+        }
+        other.extend(here);
+        other
     }
 
     /// Time-driven work; returns how long until it is next due.
@@ -1156,6 +1237,40 @@ impl Control {
             self.notified.insert(s, (gen, version));
             let call = Call::NotifyClusterCfg(self.view.clone());
             self.route_rpc(EndpointAddr::new(self.me, s), call, ReplyTo::Nobody);
+        }
+        self.place_replicas();
+    }
+
+    /// Gives each local runtime of a replicated chain its replicas (`SetReplica`) when they
+    /// change: a runtime of the chain came or went here or elsewhere, or it restarted.
+    fn place_replicas(&mut self) {
+        for s in 1..self.region.slot_count() {
+            let Some(rec) = self.region.slot(s) else {
+                continue;
+            };
+            if rec.kind() != ProcessKind::Runtime || rec.state() != SlotState::Running {
+                continue;
+            }
+            let name = rec.name.get();
+            let Some(chain) = self
+                .cfg
+                .runtime(&name)
+                .and_then(|r| self.cfg.chain_of(r))
+                .map(str::to_string)
+            else {
+                continue;
+            };
+            if !self.replicated(Some(&chain)) {
+                continue;
+            }
+            let gen = rec.generation.load(std::sync::atomic::Ordering::Relaxed);
+            let me = EndpointAddr::new(self.me, s);
+            let list = self.replica_candidates(me, &chain);
+            if self.replicas_sent.get(&s) == Some(&(gen, list.clone())) {
+                continue;
+            }
+            self.replicas_sent.insert(s, (gen, list.clone()));
+            self.route_rpc(me, Call::SetReplica { replicas: list }, ReplyTo::Nobody);
         }
     }
 

@@ -40,7 +40,8 @@ use super::Event;
 ///    migration carries); NAT ports split by server id.
 /// 5: alias requests name the flow of each key (refusals echo it), and `SetRuntime` names
 ///    the runtime the keys are to move from.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: replication (`Replicate`, `Replicated`), `Recover { incarnation }` and its answer.
+pub const PROTOCOL_VERSION: u32 = 6;
 const MAX_FRAME: usize = 16 << 20;
 const TAG: usize = 16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
