@@ -160,6 +160,7 @@ $REGION_SET
 [manager]
 bin_dir = "$BIN"
 control_socket = "$STATE/s$i.sock"
+$(case "$MANAGER_SET" in *report*) ;; *) echo "report = \"$STATE/s$i-report.json\"" ;; esac)
 $MANAGER_SET
 
 [cluster]

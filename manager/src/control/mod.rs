@@ -134,6 +134,12 @@ enum ReplyTo {
     Peer { conn: ConnId, id: u64 },
     /// Nobody waits (view notifications).
     Nobody,
+    /// A runtime's answer to `Recover`: recorded as the takeover's event.
+    Recovery {
+        failed: EndpointAddr,
+        by: EndpointAddr,
+        asked: Instant,
+    },
 }
 
 struct Pending {
@@ -728,6 +734,19 @@ impl Control {
             }
             ReplyTo::Peer { conn, id } => self.send_peer(conn, &PeerMsg::RpcReply { id, result }),
             ReplyTo::Nobody => {}
+            ReplyTo::Recovery { failed, by, asked } => {
+                let ms = asked.elapsed().as_secs_f64() * 1000.0;
+                let what = match result {
+                    Ok(Reply::Recovered { flows, lost }) if flows + lost > 0 => format!(
+                        "took over {flows} flows of {failed} ({lost} could not be installed) \
+                         {ms:.1} ms after asked"
+                    ),
+                    Ok(Reply::Recovered { .. }) => return,
+                    Ok(other) => format!("recovery of {failed}: unexpected answer {other:?}"),
+                    Err(e) => format!("recovery of {failed}: {e}"),
+                };
+                self.top_event(&by.to_string(), what);
+            }
         }
     }
 
@@ -1036,6 +1055,7 @@ impl Control {
                 chain.unwrap_or("-")
             ),
         );
+        let asked = Instant::now();
         for t in targets {
             self.route_rpc(
                 t,
@@ -1043,7 +1063,11 @@ impl Control {
                     failed,
                     incarnation,
                 },
-                ReplyTo::Nobody,
+                ReplyTo::Recovery {
+                    failed,
+                    by: t,
+                    asked,
+                },
             );
         }
     }

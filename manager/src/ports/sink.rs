@@ -25,9 +25,21 @@ pub struct FlowTrack {
     pub lost: u64,
     pub duplicates: u64,
     pub reordered: u64,
+    /// When its last packet arrived, and the longest silence between two of its packets
+    /// (a failover drill's per-flow gap).
+    pub last_ns: u64,
+    pub max_gap_ns: u64,
 }
 
 impl FlowTrack {
+    /// Notes an arrival at `now_ns` for the flow's longest silence.
+    pub fn arrived(&mut self, now_ns: u64) {
+        if self.last_ns != 0 {
+            self.max_gap_ns = self.max_gap_ns.max(now_ns.saturating_sub(self.last_ns));
+        }
+        self.last_ns = now_ns;
+    }
+
     pub fn record(&mut self, seq: u64) {
         self.received += 1;
         if seq == self.next {
@@ -101,6 +113,7 @@ impl Sink {
         }
         let before = (t.lost, t.duplicates, t.reordered);
         t.record(s.seq);
+        t.arrived(now_ns);
         self.lost = self.lost + t.lost - before.0;
         self.duplicates += t.duplicates - before.1;
         self.reordered += t.reordered - before.2;
@@ -183,6 +196,13 @@ impl Port for Sink {
             "worst_flows": worst,
             "latency_avg_ns": self.latency_sum.checked_div(self.received).unwrap_or(0),
             "latency_max_ns": self.latency_max,
+            // Per flow (by id), its longest silence, for drills (bounded: a million flows
+            // would make the report tens of megabytes).
+            "max_gap_ms": self
+                .flows()
+                .take(200_000)
+                .map(|(f, t)| (f.to_string(), serde_json::json!(t.max_gap_ns as f64 / 1e6)))
+                .collect::<serde_json::Map<_, _>>(),
         }))
     }
 }
