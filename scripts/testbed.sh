@@ -25,6 +25,7 @@
 #                           [--pin-runtimes]  (runtime N of all servers on core N mod CPUs)
 #                           [--scope local]   (server 1's vswitch keeps new flows local)
 #                           [--gen FLOWS,PPS_PER_FLOW,MS]  (a generator -> sink on server 1)
+#                           [--sink-record FILE]  (the sink also writes what it gets to FILE)
 #   scripts/testbed.sh down [--prefix P]
 # With --chain, `nat` gets external address 10.77.0.100 and translates the client's flows.
 #   scripts/testbed.sh status [--prefix P]        # nfmgr status on the coordinator
@@ -63,6 +64,7 @@ RUNTIME_SET=
 VSWITCH_SET=
 MIGRATION_SET=
 CHAIN_SET=
+SINK_RECORD=
 REGION_SET=
 MANAGER_SET=
 PIN_RUNTIMES=
@@ -88,6 +90,7 @@ while [ $# -gt 0 ]; do
         --pin-runtimes) PIN_RUNTIMES=1; shift ;;
         --scope) SCOPE=$2; shift 2 ;;
         --gen) GEN=$2; shift 2 ;;
+        --sink-record) SINK_RECORD=$2; shift 2 ;;
         --no-start) START=0; shift ;;
         *)
             if [ "$cmd" = exec ]; then
@@ -204,6 +207,7 @@ EOF
             printf '\n[[port]]\nname = "gen0"\nspec = "gen:"\nto = "sink0"\nflows = %s\n' "$gflows"
             printf 'rate_pps = %s\npacket_size = 64\nduration_ms = %s\n' "$grate" "$gms"
             printf '\n[[port]]\nname = "sink0"\nspec = "sink:"\n'
+            if [ -n "$SINK_RECORD" ]; then printf 'record = "%s"\n' "$SINK_RECORD"; fi
         fi
     fi
 }

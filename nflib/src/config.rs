@@ -1520,6 +1520,32 @@ mod tests {
     }
 
     #[test]
+    fn output_commit_without_a_possible_replica_names_the_key() {
+        let chain = |mode: &str| {
+            format!("{MINIMAL}\n[[chain]]\nname = \"web\"\nreplication = \"{mode}\"\n")
+        };
+        let e = err(&chain("output-commit"));
+        assert!(e.contains("chain.web.replication"), "{e}");
+        // A second runtime of the chain can hold the replicas.
+        let two = chain("output-commit").replace(
+            "[[port]]\n        name = \"g\"",
+            "[[runtime]]\nname = \"rt1\"\n[[port]]\n        name = \"g\"",
+        );
+        let c = Config::parse(&two, Path::new(".")).unwrap();
+        assert_eq!(c.chains[0].replication, ReplicationMode::OutputCommit);
+        assert_eq!(
+            c.chains[0].without_replica,
+            WithoutReplicaPolicy::Unprotected
+        );
+        // Periodic and off need no replica to be valid.
+        assert!(Config::parse(&chain("periodic"), Path::new(".")).is_ok());
+        assert!(err(&chain("sometimes")).contains("replication"));
+        let e =
+            err(&chain("periodic").replace("replication = ", "commit_wait_ms = 0\nreplication = "));
+        assert!(e.contains("chain.web.commit_wait_ms"), "{e}");
+    }
+
+    #[test]
     fn cpu_lists() {
         assert_eq!(parse_cpu_list("0-2,5").unwrap(), vec![0, 1, 2, 5]);
         assert!(parse_cpu_list("3-1").is_err());

@@ -959,6 +959,15 @@ impl Runtime {
         }
         if self.repl.enabled() {
             self.now_ns = now_ns;
+            if crate::failpoint::armed() && self.repl.busy() {
+                let region = ep.region();
+                let held = self
+                    .repl
+                    .held()
+                    .filter(|(_, sent)| !sent)
+                    .map(|(p, _)| region.data(p));
+                crate::failpoint::replicate_crash(self.me.slot, self.now_ms(), held);
+            }
             self.replicate(ep, mb, now_ns);
         }
         self.release_held_aliases(ep, now_ns);

@@ -4,6 +4,11 @@
 //!
 //! - `migrate-state-stall`: a runtime that receives step 3's state as a migration target
 //!   stops answering anything (it sleeps until killed), as a hung or dying target would.
+//! - `replicate-crash`: the runtime in slot `NF_FAILPOINT_SLOT`, once it has run
+//!   `NF_FAILPOINT_AFTER_MS` (3000), aborts at a flush that holds output under output
+//!   commit, after processing packets and before replicating what they changed. First it
+//!   writes the frames it holds, one hex line each, to `NF_FAILPOINT_OUT`; the file also
+//!   marks the failpoint spent, so the restarted runtime runs on.
 
 use std::sync::OnceLock;
 
@@ -26,4 +31,44 @@ pub fn migrate_state_received() {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
     }
+}
+
+/// Whether any failpoint is set (cheap enough for every loop iteration).
+pub fn armed() -> bool {
+    static ARMED: OnceLock<bool> = OnceLock::new();
+    *ARMED.get_or_init(|| std::env::var_os("NF_FAILPOINTS").is_some())
+}
+
+/// `replicate-crash`: aborts the runtime in `slot` (uptime `uptime_ms`) with `held` output
+/// frames, processed and not yet replicated, after writing them out. Returns otherwise.
+pub fn replicate_crash<'a>(slot: u16, uptime_ms: u64, held: impl Iterator<Item = &'a [u8]>) {
+    if !enabled("replicate-crash") {
+        return;
+    }
+    let var = |k: &str| std::env::var(k).ok();
+    if var("NF_FAILPOINT_SLOT").and_then(|s| s.parse::<u16>().ok()) != Some(slot) {
+        return;
+    }
+    let after = var("NF_FAILPOINT_AFTER_MS")
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(3000);
+    let Some(out) = var("NF_FAILPOINT_OUT") else {
+        return;
+    };
+    if uptime_ms < after || std::path::Path::new(&out).exists() {
+        return;
+    }
+    let mut text = String::new();
+    for frame in held {
+        for b in frame {
+            text.push_str(&format!("{b:02x}"));
+        }
+        text.push('\n');
+    }
+    if text.is_empty() {
+        return;
+    }
+    let _ = std::fs::write(&out, text);
+    eprintln!("nf-runtime: failpoint replicate-crash: aborting before replicating");
+    std::process::abort();
 }

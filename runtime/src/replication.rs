@@ -802,6 +802,15 @@ impl<P> Replicator<P> {
         self.links.iter().any(|l| l.addr == addr && l.live)
     }
 
+    /// The packets held, replica by replica, oldest first, with whether their state has
+    /// been sent (false: processed, not yet replicated).
+    pub fn held(&self) -> impl Iterator<Item = (&P, bool)> {
+        self.links
+            .iter()
+            .flat_map(|l| l.held.iter().map(move |h| (&h.pkt, h.version < l.next)))
+            .chain(self.orphans.iter().map(|h| (&h.pkt, false)))
+    }
+
     /// Whether any packet is held.
     pub fn busy(&self) -> bool {
         !self.orphans.is_empty() || self.links.iter().any(|l| !l.held.is_empty())

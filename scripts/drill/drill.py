@@ -275,7 +275,7 @@ class Drill:
         pl_after = self.placement()
         for p in ("iperf", "curl"):
             try:
-                self.procs[p].wait(timeout=self.a.after + 40)
+                self.procs[p].wait(timeout=self.a.after + 15)
             except subprocess.TimeoutExpired:
                 self.notes.append(f"{p} did not finish in time")
                 os.killpg(self.procs[p].pid, signal.SIGKILL)
