@@ -67,11 +67,14 @@ impl Target {
     }
 
     fn print(&self, v: &Value, human: impl FnOnce(&Value) -> String) {
-        if self.json {
-            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        use std::io::Write;
+        let text = if self.json {
+            serde_json::to_string_pretty(v).unwrap_or_default() + "\n"
         } else {
-            print!("{}", human(v));
-        }
+            human(v)
+        };
+        // A reader that went away (`| head`) is not an error worth a panic.
+        let _ = std::io::stdout().lock().write_all(text.as_bytes());
     }
 }
 
@@ -248,17 +251,44 @@ pub fn runtimes(t: &Target) -> Result<()> {
                     s(&w["tx_pkts"]),
                     s(&w["input_drops"]),
                     s(&w["transport"]["retransmits"]),
+                    replicas(&w["replicas"]),
+                    s(&w["replica_flows"]),
+                    lag(&w["repl_lag_us"]),
                 ]
             })
             .collect();
         table(
             &[
                 "ADDR", "NAME", "KIND", "CHAIN", "STATE", "FLOWS", "RX", "TX", "IN-DROPS", "RETX",
+                "REPLICAS", "REPL", "LAG",
             ],
             &rows,
         )
     });
     Ok(())
+}
+
+/// A runtime's replicas (`SetReplica`), as `S/SLOT` addresses.
+fn replicas(v: &Value) -> String {
+    let list: Vec<String> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| format!("{}/{}", a["server"], a["slot"]))
+        .collect();
+    if list.is_empty() {
+        "-".into()
+    } else {
+        list.join(",")
+    }
+}
+
+/// The last replication acknowledgement's delay.
+fn lag(v: &Value) -> String {
+    match v.as_u64() {
+        Some(0) | None => "-".into(),
+        Some(us) => format!("{us} us"),
+    }
 }
 
 pub fn flows(t: &Target, runtime: Option<String>, limit: u32) -> Result<()> {

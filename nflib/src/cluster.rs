@@ -103,6 +103,13 @@ pub struct Workload {
     pub migration_target: Option<EndpointAddr>,
     pub replicas: Vec<EndpointAddr>,
     pub cluster_version: u64,
+    /// Replication: copies of other runtimes' flows held here; this runtime's output held
+    /// for acknowledgements now, let go unprotected so far, and the last acknowledgement's
+    /// delay.
+    pub replica_flows: u64,
+    pub repl_holding: u64,
+    pub repl_unprotected: u64,
+    pub repl_lag_us: u64,
 }
 
 /// The reliable transport's counters of one endpoint.

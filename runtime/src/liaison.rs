@@ -337,6 +337,10 @@ impl Liaison {
             migration_target: self.migration_target,
             replicas: self.replicas.clone(),
             cluster_version: self.view.version,
+            replica_flows: rt.replica.len() as u64,
+            repl_holding: rt.repl.held().count() as u64,
+            repl_unprotected: rt.repl.counters.unprotected,
+            repl_lag_us: rt.repl.counters.last_lag_ns / 1000,
         }
     }
 

@@ -8,6 +8,7 @@
   scripts/bench/run.py --only dpdk        just the DPDK port benchmark (root, DPDK installed)
   scripts/bench/run.py --only cps         just the connections-per-second benchmark (root)
   scripts/bench/run.py --only newflows    just the new-flow rate benchmark (root)
+  scripts/bench/run.py --only replication just the replication benchmark (takeover: root)
 
 References (../shared/design/BENCHMARKS.md):
   - dpdk-testpmd, macswap and io forwarding on two net_null ports, lcores 0-1;
@@ -48,6 +49,12 @@ Ours:
   - DPDK ports (root, nfmgr built with DPDK): generator -> vswitch -> runtime -> egress, the
     egress being the platform's own null port or a DPDK net_null device (same cores), next
     to testpmd io on net_null in the same run: what the DPDK port costs over no device.
+  - replication: generator -> vswitch -> two runtimes of firewall -> flow_monitor that
+    replicate to each other -> sink, one host (nfmgr on core 0, the rest on core 1), with
+    replication off, periodic and output-commit in the same run: loss-bounded throughput
+    (<= 0.1 % sink loss) and its ratio to off, latency p50/p99 at 10 % and 50 % of off's
+    loss-bounded rate; and (root, the test bed) detection and takeover of a killed
+    runtime's 10,000, 50,000 and 100,000 flows, from the platform's events.
 Every result is one JSON line on stdout and in target/bench/results-<timestamp>.jsonl.
 """
 
@@ -970,12 +977,156 @@ def newflows(smoke, repeat):
               "kernel_injected_pps": statistics.median(x["injected_pps"] for x in kern)})
 
 
+# ---------------------------------------------------------------- replication
+
+REPL_CONFIG = BENCH_HEAD + """[[vswitch]]
+name = "vs0"
+core = 1
+[[runtime]]
+name = "rt0"
+core = 1
+[[runtime]]
+name = "rt1"
+core = 1
+[[chain]]
+name = "main"
+replication = "{mode}"
+[[chain.nf]]
+kind = "firewall"
+default = "allow"
+[[chain.nf]]
+kind = "flow_monitor"
+[[port]]
+name = "gen0"
+spec = "gen:"
+to = "sink0"
+flows = {flows}
+rate_pps = {rate}
+packet_size = 64
+duration_ms = {ms}
+[[port]]
+name = "sink0"
+spec = "sink:"
+"""
+
+
+def repl_trial(mode, mpps, secs, flows=1000):
+    """One run of generator -> vswitch -> two runtimes replicating to each other -> sink."""
+    rep = run_report(REPL_CONFIG, secs, mode=mode, flows=flows,
+                     rate=mpps * 1e6 / flows if mpps else 0, ms=int(secs * 1000))
+    gen, sink = rep["ports"]["gen0"], rep["ports"]["sink0"]
+    offered = gen["sent"] + gen["skipped"]
+    delivered = sink["received"]
+    procs = {p["name"]: p["counters"] for p in rep["snapshot"]["processes"]}
+    rt = [procs.get(n, {}) for n in ("rt0", "rt1")]
+    return {
+        "offered_mpps": round(offered / secs / 1e6, 3),
+        "delivered_mpps": round(delivered / secs / 1e6, 3),
+        "loss": 1 - delivered / offered if offered else 1.0,
+        "latency_p50_us": round(sink.get("latency_p50_ns", 0) / 1000, 1),
+        "latency_p99_us": round(sink.get("latency_p99_ns", 0) / 1000, 1),
+        "latency_avg_us": round(sink["latency_avg_ns"] / 1000, 1),
+        "repl_messages": sum(c.get("repl_messages", 0) for c in rt),
+        "repl_state_bytes": sum(c.get("repl_state_bytes", 0) for c in rt),
+        "repl_unprotected": sum(c.get("repl_unprotected", 0) for c in rt),
+    }
+
+
+def repl_search(mode, secs, lo, hi, steps, max_loss=0.001):
+    best = None
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        t = repl_trial(mode, mid, secs)
+        if t["loss"] <= max_loss:
+            best, lo = (mid, t), mid
+        else:
+            hi = mid
+    return best
+
+
+def repl_takeover(flows_per_runtime, pps_per_flow=1.0):
+    """Test bed, one server, two runtimes with output commit, 2N generator flows: kill rt0
+    and read the platform's events: detection (the death) and takeover (the last answer
+    to Recover)."""
+    gen_flows = 2 * flows_per_runtime
+    warm = 1.0 / pps_per_flow + 2.0
+    testbed("down")
+    up = testbed("up", "--servers", "1", "--runtimes", "2", "--chain", "firewall,flow_monitor",
+                 "--chain-set", 'replication = "output-commit"',
+                 "--gen", f"{gen_flows},{pps_per_flow},{int((warm + 30) * 1000)}",
+                 "--runtime-set", "max_flows = 2000000",
+                 "--runtime-set", "unreplied_timeout_s = 600")
+    if up.returncode != 0:
+        raise RuntimeError(f"testbed did not come up: {up.stderr[-2000:]}")
+    sock = "/tmp/nf-testbed-bm/s1.sock"
+    try:
+        deadline = time.time() + warm + 30
+        while flows_on("1/2") < flows_per_runtime * 0.95:
+            if time.time() > deadline:
+                raise RuntimeError(f"rt0 holds {flows_on('1/2')} flows")
+            time.sleep(0.5)
+        time.sleep(1.0 / pps_per_flow + 0.5)
+        fault = time.time() * 1000
+        nfmgr("kill", "rt0", "--socket", sock, "--json")
+        time.sleep(3.0)
+        events = nfmgr("top", "--json", "--socket", sock).get("events", [])
+        later = [e for e in events if e["at_ms"] >= fault - 50]
+        died = [e for e in later if "killed by" in e["what"] or "died" in e["what"]]
+        took = [e for e in later if "took over" in e["what"]]
+        n = sum(int(m.group(1)) for e in took
+                for m in [re.search(r"took over (\d+) flows", e["what"])] if m)
+        return {
+            "flows_on_killed_runtime": flows_per_runtime,
+            "detection_ms": round(died[0]["at_ms"] - fault, 1) if died else None,
+            "takeover_ms": round(max(e["at_ms"] for e in took) - fault, 1) if took else None,
+            "flows_taken_over": n,
+        }
+    finally:
+        testbed("down")
+
+
+def replication(smoke, repeat):
+    """Loss-bounded throughput and latency under output commit, periodic and off (one host,
+    two runtimes replicating to each other, both present in every run), and detection and
+    takeover of a killed runtime's flows."""
+    secs = 1 if smoke else 3
+    steps = 1 if smoke else 6
+    bounded = {}
+    for mode in ("off", "periodic", "output-commit"):
+        rates = []
+        for _ in range(repeat):
+            best = repl_search(mode, secs, 0.05, 4.0, steps)
+            rate, t = best if best else (0.0, {})
+            rates.append(rate)
+            emit({"bench": "replication", "mode": mode, "what": "loss-bounded (<= 0.1 %)",
+                  "max_mpps": round(rate, 3), **t})
+        bounded[mode] = statistics.median(rates)
+    for mode in ("periodic", "output-commit"):
+        if bounded["off"]:
+            emit({"bench": "replication", "mode": mode, "what": "summary",
+                  "median_mpps": round(bounded[mode], 3),
+                  "ratio_to_off": round(bounded[mode] / bounded["off"], 3)})
+    base = bounded["off"] or 0.2
+    for load in (0.1, 0.5):
+        for mode in ("off", "output-commit"):
+            t = repl_trial(mode, base * load, secs)
+            emit({"bench": "replication", "mode": mode, "what": f"latency at {load:.0%} of off's "
+                  "loss-bounded rate", **t})
+    if os.geteuid() != 0:
+        print("bench: replication takeover needs root (test bed); skipped", file=sys.stderr)
+        return
+    for n in ((2000,) if smoke else (10_000, 50_000, 100_000)):
+        emit({"bench": "replication", "what": "kill a runtime (one host)",
+              **repl_takeover(n, 2.0 if smoke else 1.0)})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="short runs that only check everything works")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-build", action="store_true")
-    ap.add_argument("--only", choices=["messages", "migration", "dpdk", "cps", "newflows"],
+    ap.add_argument("--only", choices=["messages", "migration", "dpdk", "cps", "newflows",
+                                       "replication"],
                     help="run only this benchmark")
     ap.add_argument("--flows", type=int, action="append",
                     help="migration: only this many flows (repeatable)")
@@ -1010,6 +1161,10 @@ def main():
         return
     if args.only == "newflows":
         newflows(smoke, repeat)
+        finish(smoke)
+        return
+    if args.only == "replication":
+        replication(smoke, repeat)
         finish(smoke)
         return
     if args.only == "dpdk":

@@ -167,7 +167,7 @@ class Drill:
         self.procs["iperf"] = self.popen(
             "client",
             ["iperf3", "-c", SERVER_IP, "-P", str(self.a.streams), "-t", str(duration),
-             "-i", "1", "-J", "--connect-timeout", "3000"],
+             "-b", self.a.iperf_rate, "-i", "1", "-J", "--connect-timeout", "3000"],
             out=os.path.join(w, "iperf.json"),
         )
         self.start_curl()
@@ -484,6 +484,10 @@ def main():
     ap.add_argument("--runtimes", type=int, default=1, help="runtimes per server")
     ap.add_argument("--chain", default="firewall,nat,flow_monitor")
     ap.add_argument("--streams", type=int, default=4, help="iperf3 -P")
+    ap.add_argument("--iperf-rate", default="25M",
+                    help="iperf3 -b, per stream: below what the platform carries even with "
+                         "one runtime gone, so that a stream slower than a tenth of its mean "
+                         "after the takeover is stalled, not starved of capacity")
     ap.add_argument("--gen-flows", type=int, default=200)
     ap.add_argument("--gen-pps", type=int, default=25, help="packets/s per generator flow")
     ap.add_argument("--curl-rate-kib", type=int, default=512)

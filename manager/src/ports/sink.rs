@@ -81,6 +81,26 @@ pub struct Sink {
     foreign: u64,
     latency_sum: u64,
     latency_max: u64,
+    /// Latencies, log-linear: 8 buckets per power of two (within 12.5 %), for percentiles.
+    latency_hist: Vec<u64>,
+}
+
+/// The histogram bucket of a latency of `ns`.
+fn bucket(ns: u64) -> usize {
+    if ns < 8 {
+        return ns as usize;
+    }
+    let b = 63 - ns.leading_zeros() as usize;
+    b * 8 + ((ns >> (b - 3)) & 7) as usize
+}
+
+/// The smallest latency that falls in bucket `i`.
+fn bucket_floor(i: usize) -> u64 {
+    if i < 8 {
+        return i as u64;
+    }
+    let (b, m) = (i / 8, (i % 8) as u64);
+    (8 + m) << (b - 3)
 }
 
 impl Sink {
@@ -121,6 +141,27 @@ impl Sink {
         let lat = now_ns.saturating_sub(s.sent_ns);
         self.latency_sum += lat;
         self.latency_max = self.latency_max.max(lat);
+        if self.latency_hist.is_empty() {
+            self.latency_hist = vec![0; 64 * 8];
+        }
+        self.latency_hist[bucket(lat)] += 1;
+    }
+
+    /// The latency below which fraction `q` of packets arrived (bucket floor).
+    fn latency_quantile(&self, q: f64) -> u64 {
+        let total: u64 = self.latency_hist.iter().sum();
+        if total == 0 {
+            return 0;
+        }
+        let want = (total as f64 * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, n) in self.latency_hist.iter().enumerate() {
+            seen += n;
+            if seen >= want {
+                return bucket_floor(i);
+            }
+        }
+        self.latency_max
     }
 
     /// Per-flow state, for reports and tests.
@@ -196,6 +237,8 @@ impl Port for Sink {
             "worst_flows": worst,
             "latency_avg_ns": self.latency_sum.checked_div(self.received).unwrap_or(0),
             "latency_max_ns": self.latency_max,
+            "latency_p50_ns": self.latency_quantile(0.5),
+            "latency_p99_ns": self.latency_quantile(0.99),
             // Per flow (by id), its longest silence, for drills (bounded: a million flows
             // would make the report tens of megabytes).
             "max_gap_ms": self
@@ -210,6 +253,27 @@ impl Port for Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_buckets_are_within_an_eighth() {
+        for ns in [0u64, 7, 8, 9, 100, 1_000, 12_345, 1 << 40] {
+            let f = bucket_floor(bucket(ns));
+            assert!(f <= ns && ns - f <= ns / 8, "{ns} -> {f}");
+        }
+        let mut s = Sink::new();
+        for (i, lat) in [10_000u64, 20_000, 30_000, 1_000_000].iter().enumerate() {
+            s.account(
+                Stamp {
+                    flow: 0,
+                    seq: i as u64,
+                    sent_ns: 1,
+                },
+                1 + lat,
+            );
+        }
+        assert!((9_000..=10_000).contains(&s.latency_quantile(0.25)));
+        assert!(s.latency_quantile(0.99) > 800_000);
+    }
 
     fn run(seqs: &[u64]) -> FlowTrack {
         let mut t = FlowTrack::default();

@@ -37,7 +37,7 @@ pub struct ProcRow {
     /// Flows moved in or out in the last interval.
     pub migrating_in: u64,
     pub migrating_out: u64,
-    /// Flows replicated here from other runtimes (0 until replication is enabled).
+    /// Flows of other runtimes replicated here.
     pub replicas: u64,
     /// Share of the interval its loop spent working.
     pub busy_pct: f64,
@@ -332,7 +332,7 @@ impl Model {
                         counter(c, "migrated_out")
                             .saturating_sub(counter(&q.counters, "migrated_out"))
                     }),
-                    replicas: 0,
+                    replicas: counter(c, "replica_flows"),
                     busy_pct: (busy_ns / 1e9 * 100.0).min(100.0),
                     ns_per_pkt: (rx > 0.0).then(|| busy_ns / rx),
                     restarts: p.restarts,
