@@ -47,7 +47,7 @@ pub enum RelayCommand {
 /// Relay -> control thread.
 #[derive(Debug)]
 pub enum RelayEvent {
-    Delivered(Envelope),
+    Delivered(Box<Envelope>),
     Peer(PeerEvent),
 }
 
@@ -154,7 +154,7 @@ impl Relay {
         if let Some(tx) = &self.events {
             use crate::control::Event;
             for e in inbox {
-                let _ = tx.send(Event::Relay(RelayEvent::Delivered(e)));
+                let _ = tx.send(Event::Relay(RelayEvent::Delivered(Box::new(e))));
             }
             for e in events {
                 let _ = tx.send(Event::Relay(RelayEvent::Peer(e)));
