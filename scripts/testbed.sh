@@ -24,7 +24,8 @@
 #                           [--manager-set 'KEY = VALUE']...  (extra [manager] settings)
 #                           [--pin-runtimes]  (runtime N of all servers on core N mod CPUs)
 #                           [--scope local]   (server 1's vswitch keeps new flows local)
-#                           [--gen FLOWS,PPS_PER_FLOW,MS]  (a generator -> sink on server 1)
+#                           [--gen FLOWS,PPS_PER_FLOW,MS[,START_AFTER_MS]]  (a generator -> sink
+#                                                          on server 1)
 #                           [--sink-record FILE]  (the sink also writes what it gets to FILE)
 #   scripts/testbed.sh down [--prefix P]
 # With --chain, `nat` gets external address 10.77.0.100 and translates the client's flows.
@@ -203,9 +204,10 @@ EOF
         printf '\n[[port]]\nname = "cin"\nspec = "afpacket:cin"\nto = "sin"\n'
         printf '\n[[port]]\nname = "sin"\nspec = "afpacket:sin"\nto = "cin"\n'
         if [ -n "$GEN" ]; then
-            IFS=, read -r gflows grate gms <<< "$GEN"
+            IFS=, read -r gflows grate gms gstart <<< "$GEN"
             printf '\n[[port]]\nname = "gen0"\nspec = "gen:"\nto = "sink0"\nflows = %s\n' "$gflows"
             printf 'rate_pps = %s\npacket_size = 64\nduration_ms = %s\n' "$grate" "$gms"
+            if [ -n "$gstart" ]; then printf 'start_after_ms = %s\n' "$gstart"; fi
             printf '\n[[port]]\nname = "sink0"\nspec = "sink:"\n'
             if [ -n "$SINK_RECORD" ]; then printf 'record = "%s"\n' "$SINK_RECORD"; fi
         fi

@@ -449,6 +449,9 @@ fn build_ports(
                 if let Some(mode) = pc.new_flows {
                     g = g.new_flows(mode);
                 }
+                if let Some(ms) = pc.start_after_ms.filter(|ms| *ms > 0) {
+                    g = g.start_after(Duration::from_millis(ms));
+                }
                 flow_base += flows;
                 Box::new(g)
             }

@@ -747,6 +747,9 @@ pub struct PortConfig {
     pub packet_size: Option<u32>,
     /// How long a generator runs; 0 or unset = until stopped.
     pub duration_ms: Option<u64>,
+    /// How long after nfmgr starts a generator begins (for example once a cluster has
+    /// formed, so that its flows spread over every server); 0 or unset = at once.
+    pub start_after_ms: Option<u64>,
     /// A generator of nothing but new flows: every packet a flow never seen before
     /// (`"udp"`), or every flow a whole TCP connection, both ways (`"tcp"`: SYN, SYN-ACK,
     /// ACK, data, FIN, FIN, ACK). `rate_pps` is then the total rate, not per flow.
@@ -1072,6 +1075,11 @@ impl Config {
             only("flows", p.flows.is_some() && !is_gen, "gen:")?;
             only("packet_size", p.packet_size.is_some() && !is_gen, "gen:")?;
             only("duration_ms", p.duration_ms.is_some() && !is_gen, "gen:")?;
+            only(
+                "start_after_ms",
+                p.start_after_ms.is_some() && !is_gen,
+                "gen:",
+            )?;
             only("new_flows", p.new_flows.is_some() && !is_gen, "gen:")?;
             if p.new_flows.is_some() && p.flows.is_some() {
                 bail!("{key}.flows: a new_flows generator makes a new flow every time");

@@ -100,12 +100,16 @@ class Drill:
             return
         subprocess.run([TESTBED, "down", "--prefix", self.prefix], capture_output=True)
         gen_ms = int((self.a.fault_at + self.a.after + 8) * 1000)
+        # The generator's flows are dispatched when they start: on several servers, once
+        # the cluster has formed (the test bed returns then, but its first server's nfmgr,
+        # where the generator runs, started earlier), so that some land on every server.
+        start_after = 2500 if self.a.servers > 1 else 0
         cmd = [
             TESTBED, "up", "--prefix", self.prefix,
             "--servers", str(self.a.servers), "--runtimes", str(self.a.runtimes),
             "--chain", self.a.chain,
             "--chain-set", f'replication = "{self.a.replication}"',
-            "--gen", f"{self.a.gen_flows},{self.a.gen_pps},{gen_ms}",
+            "--gen", f"{self.a.gen_flows},{self.a.gen_pps},{gen_ms},{start_after}",
         ]
         if self.a.bin:
             cmd += ["--bin", self.a.bin]

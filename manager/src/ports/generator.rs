@@ -104,6 +104,9 @@ pub struct Generator {
     rate: f64,
     size: usize,
     duration: Option<Duration>,
+    /// Nothing is sent until this long after the first call.
+    delay: Duration,
+    first_call: Option<Instant>,
     start: Option<Instant>,
     next_flow: u32,
     seq: Vec<u64>,
@@ -131,6 +134,8 @@ impl Generator {
             rate,
             size: size.max(UdpV4::HEADER_LEN + STAMP_LEN),
             duration,
+            delay: Duration::ZERO,
+            first_call: None,
             start: None,
             next_flow: 0,
             seq: vec![0; flows.max(1) as usize],
@@ -139,6 +144,12 @@ impl Generator {
             done: false,
             churn: None,
         }
+    }
+
+    /// Begins sending `delay` after the port first runs.
+    pub fn start_after(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
     }
 
     /// Makes this a generator of nothing but new flows; its rate is then the total.
@@ -283,6 +294,10 @@ impl Port for Generator {
 
     fn rx(&mut self, ctx: &mut PortCtx<'_>, out: &mut Vec<Packet>, max: usize) {
         if self.done {
+            return;
+        }
+        let first = *self.first_call.get_or_insert(ctx.now);
+        if ctx.now.saturating_duration_since(first) < self.delay {
             return;
         }
         let start = *self.start.get_or_insert(ctx.now);
