@@ -36,7 +36,9 @@ use serde::Serialize;
 
 use crate::dataplane::{Command, Event};
 use crate::sys::{pidfd_open, pidfd_signal, prepare_child};
+use nflib::buffer::Desc;
 use nflib::config::{Config, RestartPolicy};
+use nflib::layout::RingId;
 
 /// One supervised process.
 pub struct ProcSpec {
@@ -75,6 +77,10 @@ struct Proc {
     start_failures: u32,
     restart_at: Option<Instant>,
     reached_running: bool,
+    /// Frozen-runtime watch: packets its input rings had given it (summed consumer
+    /// counts) at the last look, and since when that has not moved while packets waited.
+    consumed: u32,
+    stuck_since: Option<Instant>,
 }
 
 /// Something that happened to a process, for the log and the final report.
@@ -99,6 +105,8 @@ pub enum ProcEventKind {
     Running,
     /// It exited or was killed.
     Died,
+    /// It stopped taking packets (and was killed; its death follows).
+    Frozen,
     /// It could not be started, or did not start in time.
     StartFailed,
     /// Its buffers were taken back.
@@ -184,6 +192,8 @@ impl Supervisor {
                     start_failures: 0,
                     restart_at: None,
                     reached_running: false,
+                    consumed: 0,
+                    stuck_since: None,
                 })
                 .collect(),
             commands,
@@ -443,14 +453,65 @@ impl Supervisor {
                     self.procs[i].phase = Phase::Reviving;
                     self.send(Command::Revive(slot));
                 }
+                Phase::Running if self.procs[i].spec.kind == ProcessKind::Runtime => {
+                    self.watch_frozen(i, now);
+                }
                 _ => {}
             }
         }
     }
 
+    /// Kills a runtime that has packets waiting on its input rings and has taken none for
+    /// `frozen_after_ms`: stopped (SIGSTOP) or stuck in a loop, it would hold its flows
+    /// hostage; dead, its flows are recovered and it is restarted. An idle runtime (nothing
+    /// waiting) is never judged, however long it sleeps.
+    fn watch_frozen(&mut self, i: usize, now: Instant) {
+        let limit = self.cfg.supervisor.frozen_after_ms;
+        if limit == 0 {
+            return;
+        }
+        let slot = self.procs[i].spec.slot;
+        let (mut consumed, mut waiting) = (0u32, 0u32);
+        for from in 0..self.region.slot_count() {
+            if let Some(r) = self.region.ring::<Desc>(RingId::Data { from, to: slot }) {
+                consumed = consumed.wrapping_add(r.consumed());
+                waiting += r.occupancy();
+            }
+        }
+        let p = &mut self.procs[i];
+        if waiting == 0 || consumed != p.consumed {
+            p.consumed = consumed;
+            p.stuck_since = None;
+            return;
+        }
+        let since = *p.stuck_since.get_or_insert(now);
+        let stuck = now.duration_since(since);
+        if stuck < Duration::from_millis(limit) {
+            return;
+        }
+        p.stuck_since = None;
+        let (name, pid) = (p.spec.name.clone(), p.pid);
+        if let Some(fd) = &p.pidfd {
+            pidfd_signal(fd, libc::SIGKILL);
+        }
+        self.record(
+            &name,
+            ProcEventKind::Frozen,
+            format!(
+                "frozen: {waiting} packets waited {} ms without it taking one; killed (pid {pid})",
+                stuck.as_millis()
+            ),
+        );
+    }
+
     fn next_deadline(&self) -> Duration {
         let now = Instant::now();
         let mut d = Duration::from_millis(200);
+        // The frozen-runtime watch looks a few times per limit.
+        let frozen = self.cfg.supervisor.frozen_after_ms;
+        if frozen > 0 {
+            d = d.min(Duration::from_millis((frozen / 5).max(10)));
+        }
         for p in &self.procs {
             if p.phase == Phase::Starting {
                 d = d.min(Duration::from_millis(5));

@@ -7,6 +7,8 @@
 //!   stream stalls, no RST, the download's sha256 matches.
 //! - The same drill with replication off fails (so the drill can fail).
 //! - `kill-server.sh`: server 2's nfmgr and every process of it killed; the same promises.
+//! - `freeze-runtime.sh`: the runtime is stopped (SIGSTOP); its nfmgr sees packets wait on
+//!   its input untaken, kills it, and its flows go on from their replicas.
 
 mod common;
 
@@ -182,4 +184,17 @@ fn a_primary_killed_before_replicating_never_let_those_packets_out() {
         held.len()
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_frozen_runtime_is_killed_and_its_flows_go_on() {
+    if !ready("the freeze-runtime drill") {
+        return;
+    }
+    let (r, code) = drill("freeze-runtime.sh", "dz", &[]);
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    assert_eq!(r["verdict"], "pass", "violations: {}", r["violations"]);
+    assert_eq!(code, 0);
+    // Seen by the frozen-runtime watch (250 ms by default), not by a crash.
+    assert!(r["events"].to_string().contains("frozen"));
 }

@@ -587,6 +587,15 @@ pub struct SupervisorSection {
     /// Grace period for processes to exit at shutdown before SIGKILL.
     #[serde(default = "d_stop_timeout")]
     pub stop_timeout_ms: u64,
+    /// A runtime whose input waits this long without it taking a packet is frozen
+    /// (stopped, or stuck in a loop) and is killed, so that its flows are recovered and it
+    /// is restarted as after a crash. 0 turns the watch off.
+    #[serde(default = "d_frozen_after")]
+    pub frozen_after_ms: u64,
+}
+
+fn d_frozen_after() -> u64 {
+    250
 }
 
 fn d_backoff() -> u64 {

@@ -127,6 +127,12 @@ impl<T: Copy> RingView<T> {
         self.mask + 1
     }
 
+    /// How many entries the consumer has taken, ever (wrapping): a consumer whose count
+    /// stands still while entries wait is not running.
+    pub fn consumed(&self) -> u32 {
+        self.header().cons.0.load(Ordering::Acquire)
+    }
+
     /// Number of entries published but not yet consumed (a snapshot).
     pub fn occupancy(&self) -> u32 {
         let cons = self.header().cons.0.load(Ordering::Acquire);

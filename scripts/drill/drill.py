@@ -245,8 +245,22 @@ class Drill:
 
     # ---- the fault ---------------------------------------------------------------------
 
+    def pid_of(self, victim):
+        server, slot = (int(x) for x in victim.split("/"))
+        st = self.nfmgr("status", server=server)
+        for p in st.get("processes", []):
+            if int(p.get("slot", -1)) == slot:
+                return int(p["pid"])
+        raise DrillError(f"no process in slot {slot} of server {server}")
+
     def inject(self, victim):
-        if self.a.fault == "kill-runtime":
+        if self.a.fault == "freeze-runtime":
+            pid = self.pid_of(victim)
+            name = self.names().get(victim) or victim
+            self.fault_desc = f"SIGSTOP runtime {name} ({victim}, pid {pid})"
+            self.fault_ms = now_ms()
+            os.kill(pid, signal.SIGSTOP)
+        elif self.a.fault == "kill-runtime":
             name = self.names().get(victim) or victim
             self.fault_desc = f"kill -9 runtime {name} ({victim})"
             self.fault_ms = now_ms()
@@ -305,7 +319,9 @@ class Drill:
         # Detection and takeover, from the platform's own events.
         vserver, vslot = victim.split("/")
         later = [e for e in events if e["at_ms"] >= self.fault_ms - 50]
-        if a.fault == "kill-runtime":
+        if a.fault == "freeze-runtime":
+            det = [e for e in later if "frozen" in e["what"]]
+        elif a.fault == "kill-runtime":
             det = [e for e in later if "killed by" in e["what"] or "died" in e["what"]]
         else:
             det = [e for e in later if f"server {vserver} " in e["what"] and "down" in e["what"]]
@@ -479,7 +495,8 @@ def print_report(r):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fault", choices=["kill-runtime", "kill-server"], required=True)
+    ap.add_argument("--fault", choices=["kill-runtime", "kill-server", "freeze-runtime"],
+                    required=True)
     ap.add_argument("--replication", default="output-commit",
                     choices=["output-commit", "periodic", "off"])
     ap.add_argument("--prefix", default="drill")

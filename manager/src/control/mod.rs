@@ -390,7 +390,7 @@ impl Control {
                     return;
                 }
             }
-            ProcEventKind::StartFailed | ProcEventKind::Reclaimed => {}
+            ProcEventKind::StartFailed | ProcEventKind::Reclaimed | ProcEventKind::Frozen => {}
         }
         self.top_event(&e.process, e.what);
     }
