@@ -314,10 +314,17 @@ impl<P> Replicator<P> {
 
     /// A packet of flow (`slot`, `id`) ran through the chain at `now_ms`. Returns whether
     /// its output must be held (then pass it to [`Replicator::hold`]).
+    #[inline(always)]
     pub fn touched(&mut self, slot: u32, id: u64, now_ms: u64) -> bool {
+        // Off costs the packet path this compare and nothing else.
         if self.settings.mode == Mode::Off {
             return false;
         }
+        self.touched_replicated(slot, id, now_ms)
+    }
+
+    #[inline(never)]
+    fn touched_replicated(&mut self, slot: u32, id: u64, now_ms: u64) -> bool {
         let mode = self.settings.mode;
         let t = self.track(slot, id);
         t.since_packets = t.since_packets.saturating_add(1);
@@ -572,7 +579,11 @@ impl<P> Replicator<P> {
 
     /// Flow (`slot`, `id`) ended: its replica forgets it. Its held packets stay queued and
     /// leave as they would have.
+    #[inline]
     pub fn ended(&mut self, slot: u32, id: u64) {
+        if self.tracked.is_empty() {
+            return;
+        }
         let Some(t) = self.tracked.get_mut(slot as usize) else {
             return;
         };
