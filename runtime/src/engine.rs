@@ -51,6 +51,11 @@ pub struct FlowSettings {
 /// that a core keeps every line asked for in flight (`process_batch`).
 const AHEAD: usize = 8;
 
+/// How long a primary and its replica keep polling after a replication message under
+/// output commit (their loops yield instead of sleeping): the answer's round trip then costs
+/// no wake-up.
+const REPL_KEEP_AWAKE_NS: u64 = 1_000_000;
+
 /// Most flows ended per call of `expire`, so a mass expiry cannot stall the packet path.
 const EXPIRE_BATCH: usize = 4096;
 
@@ -1179,9 +1184,22 @@ impl Runtime {
         }
         let mut msgs = std::mem::take(&mut self.repl_msgs);
         self.repl.flush(now_ns, &mut msgs);
+        let commit = self.repl.mode() == replication::Mode::OutputCommit;
         for (to, m) in msgs.drain(..) {
             if mb.send(to, LIAISON, LIAISON, &m).is_err() {
                 ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+            } else if commit {
+                // Output waits for the answer: neither side should pay a wake-up from its
+                // doorbell sleep for it (hundreds of microseconds on a VM whose idle vCPU
+                // halts). Both poll, yielding, for a moment; renewed by every message.
+                let until = now_ns.saturating_add(REPL_KEEP_AWAKE_NS);
+                let slot = if to.server == self.me.server {
+                    to.slot
+                } else {
+                    MANAGER_SLOT
+                };
+                ep.keep_awake(slot, until);
+                ep.keep_awake(self.me.slot, until);
             }
         }
         self.repl_msgs = msgs;
