@@ -346,6 +346,9 @@ impl Supervisor {
         if !was_running {
             p.start_failures += 1;
         }
+        // A new life is judged afresh by the frozen watch.
+        p.stuck_since = None;
+        p.consumed = 0;
         let slot = p.spec.slot;
         if let Some(rec) = self.region.slot(slot) {
             rec.last_exit.store(code, Ordering::Relaxed);

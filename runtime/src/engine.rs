@@ -407,7 +407,13 @@ impl Runtime {
                         // Then, if it must, it waits for its replica (`flush`).
                         Some(epoch) => self.alias_commit.hold(epoch, slot, flow, pkt),
                         None if commit => {
-                            if let Some(p) = self.repl.hold(slot, flow, pkt, self.now_ns) {
+                            // Packets run from messages come outside a batch's clock.
+                            let now_ns = if force {
+                                nflib::time::mono_ns()
+                            } else {
+                                self.now_ns
+                            };
+                            if let Some(p) = self.repl.hold(slot, flow, pkt, now_ns) {
                                 self.out.push(p);
                             }
                         }
@@ -962,6 +968,9 @@ impl Runtime {
             }
             self.new_aliases.clear();
         }
+        // Packets whose aliases the vswitches confirmed first: under output commit they then
+        // wait for this flush's replication, not the next one's.
+        self.release_held_aliases(ep, now_ns);
         if self.repl.enabled() {
             self.now_ns = now_ns;
             if crate::failpoint::armed() && self.repl.busy() {
@@ -975,7 +984,6 @@ impl Runtime {
             }
             self.replicate(ep, mb, now_ns);
         }
-        self.release_held_aliases(ep, now_ns);
         if self.repl.busy() {
             self.repl.release(now_ns, &mut self.out);
         }
@@ -1144,6 +1152,10 @@ impl Runtime {
             }
         }
         let f = self.flows.get(slot)?;
+        let id = f.id;
+        // Protected again at once, whole, not at its next packet.
+        self.repl.aliases_changed(slot, id);
+        let f = self.flows.get(slot)?;
         let deadline = self.deadline(f, now_ms);
         self.timers
             .arm(Entry { slot, gen: 0 }, deadline.max(now_ms + 1));
@@ -1185,9 +1197,17 @@ impl Runtime {
         let mut msgs = std::mem::take(&mut self.repl_msgs);
         self.repl.flush(now_ns, &mut msgs);
         let commit = self.repl.mode() == replication::Mode::OutputCommit;
+        let mut failed: Vec<EndpointAddr> = Vec::new();
         for (to, m) in msgs.drain(..) {
+            if failed.contains(&to) {
+                continue;
+            }
             if mb.send(to, LIAISON, LIAISON, &m).is_err() {
+                // The version is lost: acknowledging a later one must not let go of packets
+                // whose state it carried. The replica is started over (its flows go whole,
+                // their packets wait for that).
                 ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                failed.push(to);
             } else if commit {
                 // Output waits for the answer: neither side should pay a wake-up from its
                 // doorbell sleep for it (hundreds of microseconds on a VM whose idle vCPU
@@ -1203,6 +1223,9 @@ impl Runtime {
             }
         }
         self.repl_msgs = msgs;
+        for to in failed {
+            self.repl.replica_lost(to, true, now_ns);
+        }
     }
 
     /// Moves packets whose alias epoch is over on (dropping those of flows whose alias was

@@ -78,6 +78,11 @@ impl Default for Settings {
 
 const NO_LINK: u16 = u16::MAX;
 
+/// Bounds of one `Replicate` (a message is at most 4 MiB; a whole flow's copy is some tens
+/// to hundreds of bytes).
+const MAX_BATCH_BYTES: usize = 1 << 20;
+const MAX_BATCH_FLOWS: usize = 8192;
+
 /// What the replicator keeps per flow slot of the engine.
 #[derive(Clone, Copy, Debug)]
 struct Tracked {
@@ -413,9 +418,14 @@ impl<P> Replicator<P> {
         let link = if link == NO_LINK || !self.links[link as usize].live {
             match self.live_link() {
                 Some(l) => {
+                    // Its new replica must get it whole before this packet may go.
                     let t = &mut self.tracked[slot as usize];
                     t.link = l;
                     t.synced = false;
+                    if !t.dirty {
+                        t.dirty = true;
+                        self.dirty.push(slot);
+                    }
                     l
                 }
                 None => {
@@ -618,20 +628,49 @@ impl<P> Replicator<P> {
                 }
                 continue;
             }
-            let version = l.next;
-            l.next += 1;
-            l.unacked.push_back((version, now_ns));
-            self.counters.messages += 1;
-            out.push((
-                l.addr,
-                Message::Replicate {
-                    incarnation: self.incarnation,
-                    version,
-                    flows: std::mem::take(&mut l.flows),
-                    states: std::mem::take(&mut l.states),
-                    ended: std::mem::take(&mut l.ended),
-                },
-            ));
+            // One message per version, each within `MAX_BATCH_BYTES` of state and
+            // `MAX_BATCH_FLOWS` flows (a lost replica's flows all go again at once); the
+            // packets waiting for this flush wait for the last of them.
+            let first = l.next;
+            let flows = std::mem::take(&mut l.flows);
+            let states = std::mem::take(&mut l.states);
+            let mut ended = std::mem::take(&mut l.ended);
+            let (mut at, mut i) = (0usize, 0usize);
+            while i < flows.len() || !ended.is_empty() {
+                let (mut j, mut bytes) = (i, 0usize);
+                while j < flows.len()
+                    && j - i < MAX_BATCH_FLOWS
+                    && (j == i || bytes + flows[j].states_len as usize <= MAX_BATCH_BYTES)
+                {
+                    bytes += flows[j].states_len as usize;
+                    j += 1;
+                }
+                let version = l.next;
+                l.next += 1;
+                l.unacked.push_back((version, now_ns));
+                self.counters.messages += 1;
+                out.push((
+                    l.addr,
+                    Message::Replicate {
+                        incarnation: self.incarnation,
+                        version,
+                        flows: flows[i..j].to_vec(),
+                        states: states.get(at..at + bytes).unwrap_or_default().to_vec(),
+                        ended: std::mem::take(&mut ended),
+                    },
+                ));
+                at += bytes;
+                i = j;
+            }
+            let last = l.next - 1;
+            if last > first {
+                for h in l.held.iter_mut().rev() {
+                    if h.version != first {
+                        break;
+                    }
+                    h.version = last;
+                }
+            }
         }
     }
 
@@ -670,7 +709,10 @@ impl<P> Replicator<P> {
         if refused.is_empty() && missing.is_empty() {
             return;
         }
-        // Refusals are rare (a full or restarted replica): a scan is fine.
+        // Refusals are rare (a full or restarted replica): one scan, with the ids in sets
+        // (a full replica may refuse thousands at once).
+        let refused: std::collections::HashSet<u64> = refused.iter().copied().collect();
+        let missing: std::collections::HashSet<u64> = missing.iter().copied().collect();
         for s in 0..self.tracked.len() {
             let t = &mut self.tracked[s];
             if t.id == 0 || t.link != i as u16 {
@@ -967,10 +1009,10 @@ impl ReplicaStore {
             incarnation,
             next_version: 1,
         });
-        if incarnation < p.incarnation {
-            return None;
-        }
-        if incarnation > p.incarnation {
+        // An old life's messages never arrive after a new life's: the transport drops the
+        // frames of an older session. So any other incarnation is a new life (nfmgr's
+        // restart starts slot generations again from 1: a new life may be numbered lower).
+        if incarnation != p.incarnation {
             // A new life: the old one's flows stay, for `Recover`, until promoted or
             // forgotten.
             *p = Primary {
@@ -991,7 +1033,11 @@ impl ReplicaStore {
         for f in flows {
             let len = f.states_len as usize;
             let Some(part) = at.checked_add(len).and_then(|end| states_buf.get(at..end)) else {
+                // Neither this flow nor any after it can be read: none is applied, and the
+                // primary is told so (it sends them whole again) rather than acknowledged.
                 self.counters.malformed += 1;
+                let k = flows.iter().position(|g| std::ptr::eq(g, f)).unwrap_or(0);
+                missing.extend(flows[k..].iter().map(|g| g.id));
                 break;
             };
             at += len;
@@ -1232,6 +1278,59 @@ mod tests {
     }
 
     #[test]
+    fn a_packet_whose_flow_just_got_a_replica_waits_for_its_whole_copy() {
+        // Written before any replica existed (the runtime started before SetReplica), then
+        // a packet of the flow comes back from the alias commit once a replica exists.
+        let mut r = Replicator::new(settings(Mode::OutputCommit), 1, 1);
+        r.touched(0, 1, 0);
+        assert!(flush(&mut r, 0, &[Some(b"a")]).is_empty());
+        r.set_replicas(&[R], 0);
+        assert_eq!(r.hold(0, 1, 7, 0), None);
+        let msgs = flush(&mut r, 1, &[Some(b"a")]);
+        assert_eq!(msgs.len(), 1, "the flow goes to its new replica");
+        let mut out = Vec::new();
+        r.release(1, &mut out);
+        assert!(out.is_empty(), "not before the answer");
+        let mut store = ReplicaStore::new(4, 1);
+        answer(&mut r, &apply(&mut store, &msgs[0].1));
+        r.release(1, &mut out);
+        assert_eq!(out, vec![7]);
+        assert!(store.get(PRIMARY, 1, 1).is_some());
+    }
+
+    #[test]
+    fn a_large_batch_goes_in_bounded_messages_and_output_waits_for_the_last() {
+        let mut r = Replicator::new(settings(Mode::OutputCommit), 1, 1);
+        r.set_replicas(&[R], 0);
+        let big = vec![7u8; 300 * 1024];
+        for s in 0..8u32 {
+            r.touched(s, u64::from(s) + 1, 0);
+            assert_eq!(r.hold(s, u64::from(s) + 1, s, 0), None);
+        }
+        let msgs = flush(&mut r, 0, &[Some(&big)]);
+        assert!(msgs.len() >= 3, "{} messages", msgs.len());
+        let mut store = ReplicaStore::new(16, 1);
+        let mut out = Vec::new();
+        for (i, (_, m)) in msgs.iter().enumerate() {
+            let Message::Replicate { states, .. } = m else {
+                panic!()
+            };
+            assert!(states.len() <= MAX_BATCH_BYTES);
+            answer(&mut r, &apply(&mut store, m));
+            r.release(1, &mut out);
+            if i + 1 < msgs.len() {
+                assert!(
+                    out.is_empty(),
+                    "released after message {i} of {}",
+                    msgs.len()
+                );
+            }
+        }
+        assert_eq!(out, (0..8).collect::<Vec<u32>>());
+        assert_eq!(store.len(), 8);
+    }
+
+    #[test]
     fn a_full_replica_refuses_and_the_flow_goes_unprotected_in_order() {
         let mut r = Replicator::new(settings(Mode::OutputCommit), 1, 1);
         r.set_replicas(&[R], 0);
@@ -1344,7 +1443,9 @@ mod tests {
             .iter()
             .all(|((inc, _), a)| *inc == 1 && a.states[0].as_deref() == Some(&b"s"[..])));
         assert_eq!(store.flows_of(PRIMARY), 2);
-        // An old life's message after a newer one's is ignored.
+        // A lower incarnation after a higher one is a new life (nfmgr restarted and slot
+        // generations began again; an old life's frames cannot arrive this late, the
+        // transport drops an older session's): answered, and kept apart by incarnation.
         let mut old: Replicator<u32> = Replicator::new(settings(Mode::OutputCommit), 1, 1);
         old.set_replicas(&[R], 0);
         old.touched(5, 6, 0);
@@ -1361,8 +1462,9 @@ mod tests {
         };
         assert!(store
             .apply(PRIMARY, *incarnation, *version, flows, states, ended, 0)
-            .is_none());
-        assert_eq!(store.forget(PRIMARY, 3), 2);
+            .is_some());
+        assert!(store.get(PRIMARY, 1, 6).is_some());
+        assert_eq!(store.forget(PRIMARY, 3), 3);
         assert!(store.is_empty());
     }
 
