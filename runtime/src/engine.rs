@@ -106,7 +106,17 @@ pub struct Runtime {
     repl_msgs: Vec<(EndpointAddr, Message)>,
     /// The loop's clock (`nflib::time::mono_ns`) as of the current batch.
     now_ns: u64,
+    /// Copies taken over (`recover`) and already re-pointed here, not yet live flows: made
+    /// live a batch per loop (`adopt_recovered`), or at once when a packet of one comes.
+    /// Re-pointing first keeps a takeover as short as its messages.
+    recovered: HashMap<FlowKey, ReplicaActor, foldhash::fast::RandomState>,
+    /// Their aliases, to their keys.
+    recovered_alias: HashMap<FlowKey, FlowKey, foldhash::fast::RandomState>,
+    recovered_lost: u64,
 }
+
+/// Recovered flows made live per loop iteration in the background (about a millisecond).
+const ADOPT_PER_LOOP: usize = 2048;
 
 /// A key of an ended flow, for the vswitch that fed it to forget.
 struct Ended {
@@ -206,6 +216,9 @@ impl Runtime {
             replica: ReplicaStore::new(0, n),
             repl_msgs: Vec::new(),
             now_ns: nflib::time::mono_ns(),
+            recovered: HashMap::default(),
+            recovered_alias: HashMap::default(),
+            recovered_lost: 0,
         }
     }
 
@@ -618,6 +631,13 @@ impl Runtime {
     ) -> Ran {
         let now = now_ms as u32;
         let mut found = self.flows.find_hashed(key, hash);
+        // A flow taken over from a dead runtime and not live yet: now it is.
+        if found.is_none()
+            && !self.recovered.is_empty()
+            && self.adopt_recovered_key(ep, key, now_ms)
+        {
+            found = self.flows.find_hashed(key, hash);
+        }
         // A SYN on a TCP flow that closed (FIN both ways, or RST) opens a new connection on
         // the same addresses and ports (a client reusing its port): the old flow ends, in
         // every function, and this packet starts a new one. Conntrack reopens a connection
@@ -917,6 +937,8 @@ impl Runtime {
         for p in self.repl.drain() {
             ep.free(p);
         }
+        self.recovered.clear();
+        self.recovered_alias.clear();
         for p in self.out.drain(..) {
             ep.free(p);
         }
@@ -968,6 +990,7 @@ impl Runtime {
             }
             self.new_aliases.clear();
         }
+        self.adopt_recovered(ep);
         // Packets whose aliases the vswitches confirmed first: under output commit they then
         // wait for this flush's replication, not the next one's.
         self.release_held_aliases(ep, now_ns);
@@ -1043,10 +1066,11 @@ impl Runtime {
     }
 
     /// Takes over the flows this runtime holds copies of for `failed`'s lives up to
-    /// `incarnation` (`Recover`): each becomes a live flow here with its functions' states,
-    /// and every vswitch that fed them is asked to send them (keys and aliases) here
-    /// instead of to `failed`. Returns the flows taken over and those whose copy could not
-    /// be installed (malformed, or no room).
+    /// `incarnation` (`Recover`): every vswitch that fed them is asked at once to send them
+    /// (keys and aliases) here instead of to `failed`, and each becomes a live flow here
+    /// with its functions' states, in the background or when its first packet comes
+    /// (`adopt_recovered`). Returns the flows taken over (and 0: copies that turn out not
+    /// installable are reported when they are met).
     pub fn recover(
         &mut self,
         ep: &mut Endpoint,
@@ -1055,19 +1079,17 @@ impl Runtime {
         incarnation: u64,
         request: u64,
     ) -> (usize, usize) {
-        let now_ms = self.now_ms();
         let promoted = self.replica.promote(failed, incarnation);
-        let mut keys: Vec<(EndpointAddr, FlowKey)> = Vec::new();
-        let (mut adopted, mut lost) = (0, 0);
+        let mut keys: Vec<(EndpointAddr, FlowKey)> = Vec::with_capacity(promoted.len());
+        let (adopted, lost) = (promoted.len(), 0);
+        self.recovered.reserve(promoted.len());
         for (_, a) in promoted {
-            let vswitch = a.vswitch;
-            match self.adopt(ep, a, now_ms) {
-                Some(k) => {
-                    adopted += 1;
-                    keys.extend(k.into_iter().map(|k| (vswitch, k)));
-                }
-                None => lost += 1,
+            keys.push((a.vswitch, a.key));
+            for al in &a.aliases {
+                keys.push((a.vswitch, *al));
+                self.recovered_alias.insert(*al, a.key);
             }
+            self.recovered.insert(a.key, a);
         }
         keys.sort_by_key(|(v, _)| *v);
         for group in keys.chunk_by(|a, b| a.0 == b.0) {
@@ -1086,12 +1108,71 @@ impl Runtime {
         }
         if adopted + lost > 0 {
             eprintln!(
-                "nf-runtime {}: recovered {adopted} flows of {failed} ({lost} could not be \
-                 installed)",
+                "nf-runtime {}: recovered {adopted} flows of {failed} (re-pointed; made \
+                 live as they come, {lost} not installable)",
                 self.me
             );
         }
         (adopted, lost)
+    }
+
+    /// Makes the taken-over flow under `key` (its own or an alias) live, if there is one;
+    /// true if it is live now.
+    fn adopt_recovered_key(&mut self, ep: &mut Endpoint, key: &FlowKey, now_ms: u64) -> bool {
+        let primary = if self.recovered.contains_key(key) {
+            *key
+        } else {
+            match self.recovered_alias.get(key) {
+                Some(k) => *k,
+                None => return false,
+            }
+        };
+        let Some(a) = self.recovered.remove(&primary) else {
+            self.recovered_alias.remove(key);
+            return false;
+        };
+        for al in &a.aliases {
+            self.recovered_alias.remove(al);
+        }
+        let ok = self.adopt(ep, a, now_ms).is_some();
+        if !ok {
+            self.recovered_lost += 1;
+        }
+        if self.recovered.is_empty() {
+            self.recovered_alias.clear();
+            if self.recovered_lost > 0 {
+                eprintln!(
+                    "nf-runtime {}: {} recovered flows could not be installed (malformed \
+                     state, or no room)",
+                    self.me, self.recovered_lost
+                );
+                self.recovered_lost = 0;
+            }
+        }
+        ok
+    }
+
+    /// Makes up to `ADOPT_PER_LOOP` taken-over flows live (the rest wait for the next loop
+    /// or for their first packet).
+    pub fn adopt_recovered(&mut self, ep: &mut Endpoint) {
+        if self.recovered.is_empty() {
+            return;
+        }
+        let now_ms = self.now_ms();
+        let keys: Vec<FlowKey> = self
+            .recovered
+            .keys()
+            .take(ADOPT_PER_LOOP)
+            .copied()
+            .collect();
+        for k in keys {
+            self.adopt_recovered_key(ep, &k, now_ms);
+        }
+    }
+
+    /// Taken-over flows not live yet.
+    pub fn recovering(&self) -> usize {
+        self.recovered.len()
     }
 
     /// Makes a replica copy a live flow here; returns its keys (its own and its aliases).
@@ -1289,6 +1370,10 @@ impl Runtime {
     /// When the loop must run again even with nothing to receive (an alias epoch's
     /// deadline), in nanoseconds of `nflib::time::mono_ns`.
     pub fn next_wake_ns(&self) -> Option<u64> {
+        if !self.recovered.is_empty() {
+            // Taken-over flows wait to be made live: no sleeping.
+            return Some(0);
+        }
         let a = self.alias_commit.next_deadline();
         match self.repl.next_deadline_ns() {
             Some(r) => Some(a.map_or(r, |a| a.min(r))),
