@@ -81,6 +81,22 @@ struct Proc {
     /// counts) at the last look, and since when that has not moved while packets waited.
     consumed: u32,
     stuck_since: Option<Instant>,
+    /// Its CPU time (clock ticks) when it was first seen stuck.
+    cpu_at_stuck: u64,
+}
+
+/// A process's scheduler state and CPU time (user + system, in clock ticks), from
+/// `/proc/PID/stat`; `None` if it cannot be read (gone).
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields start after the last ')'.
+    let rest = &text[text.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state (3rd field of the line), ..., utime (14th), stime (15th).
+    let state = f.first()?.chars().next()?;
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((state, utime + stime))
 }
 
 /// Something that happened to a process, for the log and the final report.
@@ -194,6 +210,7 @@ impl Supervisor {
                     reached_running: false,
                     consumed: 0,
                     stuck_since: None,
+                    cpu_at_stuck: 0,
                 })
                 .collect(),
             commands,
@@ -487,13 +504,42 @@ impl Supervisor {
             p.stuck_since = None;
             return;
         }
-        let since = *p.stuck_since.get_or_insert(now);
+        let pid = p.pid;
+        if p.stuck_since.is_none() {
+            p.stuck_since = Some(now);
+            p.cpu_at_stuck = proc_stat(pid).map_or(0, |(_, cpu)| cpu);
+            return;
+        }
+        let since = p.stuck_since.unwrap_or(now);
         let stuck = now.duration_since(since);
         if stuck < Duration::from_millis(limit) {
             return;
         }
+        // Frozen means stopped (SIGSTOP: state T) or spinning without progress (it had the
+        // CPU for at least half the time and took no packet). A runtime that merely did not
+        // get the CPU (a starved machine) is not frozen: it is watched afresh.
+        let ticks_per_s = {
+            // SAFETY: sysconf has no preconditions.
+            let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+            if t > 0 {
+                t as u64
+            } else {
+                100
+            }
+        };
+        let frozen = match proc_stat(pid) {
+            Some(('T' | 't', _)) => true,
+            Some((_, cpu)) => {
+                let used_ms = cpu.saturating_sub(p.cpu_at_stuck) * 1000 / ticks_per_s;
+                used_ms * 2 >= stuck.as_millis() as u64
+            }
+            None => false,
+        };
         p.stuck_since = None;
-        let (name, pid) = (p.spec.name.clone(), p.pid);
+        if !frozen {
+            return;
+        }
+        let name = p.spec.name.clone();
         if let Some(fd) = &p.pidfd {
             pidfd_signal(fd, libc::SIGKILL);
         }
