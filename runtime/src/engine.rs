@@ -225,15 +225,10 @@ impl Runtime {
     /// Sets how this runtime's flows are replicated (its chain's mode), its incarnation
     /// (the slot's generation: a restart makes a new one) and how many copies of other
     /// runtimes' flows it holds.
-    pub fn set_replication(
-        &mut self,
-        settings: replication::Settings,
-        incarnation: u64,
-        max_replica_flows: usize,
-    ) {
+    pub fn set_replication(&mut self, settings: replication::Settings, incarnation: u64) {
         let n = self.stages.len();
         self.repl = Replicator::new(settings, incarnation, n);
-        self.replica = ReplicaStore::new(max_replica_flows, n);
+        self.replica = ReplicaStore::new(settings.max_replica_flows, n);
     }
 
     /// Sets what migration needs to know: the chain this runtime runs and the tunables.
@@ -1170,11 +1165,6 @@ impl Runtime {
         }
     }
 
-    /// Taken-over flows not live yet.
-    pub fn recovering(&self) -> usize {
-        self.recovered.len()
-    }
-
     /// Makes a replica copy a live flow here; returns its keys (its own and its aliases).
     fn adopt(&mut self, ep: &mut Endpoint, a: ReplicaActor, now_ms: u64) -> Option<Vec<FlowKey>> {
         // A flow here under the key already is a stray: the vswitch gave this runtime a
@@ -1235,7 +1225,7 @@ impl Runtime {
         let f = self.flows.get(slot)?;
         let id = f.id;
         // Protected again at once, whole, not at its next packet.
-        self.repl.aliases_changed(slot, id);
+        self.repl.protect(slot, id);
         let f = self.flows.get(slot)?;
         let deadline = self.deadline(f, now_ms);
         self.timers

@@ -13,6 +13,8 @@ mod migration_sim;
 pub mod replication;
 #[cfg(test)]
 mod replication_sim;
+#[cfg(test)]
+mod sim_rng;
 pub mod timers;
 
 use nflib::config::Config;
@@ -130,20 +132,7 @@ impl PeerWatch {
         }
         self.seen.retain(|p, _| peers.contains(p));
         for p in peers {
-            let token = if p.server == me.server {
-                ep.region().slot(p.slot).and_then(|s| {
-                    s.state()
-                        .is_alive()
-                        .then(|| s.generation.load(std::sync::atomic::Ordering::Relaxed) as u64)
-                })
-            } else {
-                view.server(p.server).filter(|s| s.alive).and_then(|s| {
-                    s.endpoints
-                        .iter()
-                        .any(|e| e.addr == *p && e.alive)
-                        .then_some(s.incarnation)
-                })
-            };
+            let token = life_of(ep, me, view, *p);
             // A remote peer the view does not know yet (no view at all) is not judged.
             if token.is_none() && p.server != me.server && view.servers.is_empty() {
                 continue;
@@ -267,10 +256,33 @@ pub fn from_region(ep: &Endpoint, cfg: &Config) -> Result<Runtime, String> {
                 max_replica_flows: rc.max_replica_flows.unwrap_or(rc.max_flows) as usize,
             },
             u64::from(ep.generation()),
-            rc.max_replica_flows.unwrap_or(rc.max_flows) as usize,
         );
     }
     Ok(rt)
+}
+
+/// Which life of endpoint `p` lives now, if it does: its slot's generation on this
+/// server, its server's incarnation in the cluster view for another's.
+fn life_of(
+    ep: &Endpoint,
+    me: EndpointAddr,
+    view: &nflib::cluster::ClusterView,
+    p: EndpointAddr,
+) -> Option<u64> {
+    if p.server == me.server {
+        ep.region().slot(p.slot).and_then(|s| {
+            s.state()
+                .is_alive()
+                .then(|| s.generation.load(std::sync::atomic::Ordering::Relaxed) as u64)
+        })
+    } else {
+        view.server(p.server).filter(|s| s.alive).and_then(|s| {
+            s.endpoints
+                .iter()
+                .any(|e| e.addr == p && e.alive)
+                .then_some(s.incarnation)
+        })
+    }
 }
 
 /// Whether endpoint `p` lives now: its process slot on this server, the cluster view for
@@ -281,13 +293,5 @@ pub fn peer_alive(
     view: &nflib::cluster::ClusterView,
     p: EndpointAddr,
 ) -> bool {
-    if p.server == me.server {
-        ep.region()
-            .slot(p.slot)
-            .is_some_and(|s| s.state().is_alive())
-    } else {
-        view.server(p.server)
-            .filter(|s| s.alive)
-            .is_some_and(|s| s.endpoints.iter().any(|e| e.addr == p && e.alive))
-    }
+    life_of(ep, me, view, p).is_some()
 }

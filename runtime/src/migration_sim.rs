@@ -19,6 +19,7 @@ use crate::migration::{
     Candidate, FlowHost, FlowRef, Mark, MigrationSettings, Migrator, PacketAction, Release,
     GROUP_ID_LIMIT,
 };
+use crate::sim_rng::Rng;
 
 const S: EndpointAddr = EndpointAddr { server: 1, slot: 2 };
 const T: EndpointAddr = EndpointAddr { server: 2, slot: 2 };
@@ -28,22 +29,6 @@ const V_MSG: EndpointAddr = EndpointAddr {
     server: 1,
     slot: 101,
 };
-
-/// Deterministic xorshift, seeded per run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 fn key(f: u32) -> FlowKey {
     FlowKey::from_tuple(

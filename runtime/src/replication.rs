@@ -280,15 +280,6 @@ impl<P> Replicator<P> {
         self.adopt_orphans(now_ns);
     }
 
-    /// The replicas in use, with the flows each is sent and its unacknowledged versions.
-    pub fn replicas(&self) -> Vec<(EndpointAddr, u64)> {
-        self.links
-            .iter()
-            .filter(|l| l.live)
-            .map(|l| (l.addr, l.next - 1 - l.acked.min(l.next - 1)))
-            .collect()
-    }
-
     fn live_link(&mut self) -> Option<u16> {
         let n = self.links.len();
         for k in 0..n {
@@ -390,6 +381,19 @@ impl<P> Replicator<P> {
             false
         });
         self.pending = pending;
+    }
+
+    /// The flow is to be copied whole at the next flush (a flow just taken over).
+    pub fn protect(&mut self, slot: u32, id: u64) {
+        if self.settings.mode == Mode::Off {
+            return;
+        }
+        let t = self.track(slot, id);
+        t.synced = false;
+        if !t.dirty {
+            t.dirty = true;
+            self.dirty.push(slot);
+        }
     }
 
     /// The flow's aliases changed (they go whole with its next change).
@@ -1030,14 +1034,13 @@ impl ReplicaStore {
         let mut refused = Vec::new();
         let mut missing = Vec::new();
         let mut at = 0usize;
-        for f in flows {
+        for (n, f) in flows.iter().enumerate() {
             let len = f.states_len as usize;
             let Some(part) = at.checked_add(len).and_then(|end| states_buf.get(at..end)) else {
                 // Neither this flow nor any after it can be read: none is applied, and the
                 // primary is told so (it sends them whole again) rather than acknowledged.
                 self.counters.malformed += 1;
-                let k = flows.iter().position(|g| std::ptr::eq(g, f)).unwrap_or(0);
-                missing.extend(flows[k..].iter().map(|g| g.id));
+                missing.extend(flows[n..].iter().map(|g| g.id));
                 break;
             };
             at += len;

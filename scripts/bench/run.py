@@ -173,13 +173,8 @@ report = "report.json"
 idle_poll_us = 20
 """
 
-E2E_CONFIG = BENCH_HEAD + """[[vswitch]]
-name = "vs0"
-core = 1
-[[runtime]]
-name = "rt0"
-core = 1
-[[port]]
+# A generator into a sink, through whatever the configuration puts between them.
+GEN_SINK_PORTS = """[[port]]
 name = "gen0"
 spec = "gen:"
 to = "sink0"
@@ -191,6 +186,14 @@ duration_ms = {ms}
 name = "sink0"
 spec = "sink:"
 """
+
+E2E_CONFIG = BENCH_HEAD + """[[vswitch]]
+name = "vs0"
+core = 1
+[[runtime]]
+name = "rt0"
+core = 1
+""" + GEN_SINK_PORTS
 
 
 def run_report(template, secs, **fields):
@@ -209,10 +212,9 @@ def run_report(template, secs, **fields):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def e2e_trial(mpps, secs, flows=1000):
-    """One run at `mpps` offered (0 = unpaced)."""
-    rep = run_report(E2E_CONFIG, secs, flows=flows, rate=mpps * 1e6 / flows if mpps else 0,
-                     ms=int(secs * 1000))
+def gen_sink_figures(rep, secs):
+    """Offered and delivered rates, loss and the sink's latency from a generator -> sink
+    run's report."""
     gen, sink = rep["ports"]["gen0"], rep["ports"]["sink0"]
     offered = gen["sent"] + gen["skipped"]
     delivered = sink["received"]
@@ -220,9 +222,21 @@ def e2e_trial(mpps, secs, flows=1000):
         "offered_mpps": round(offered / secs / 1e6, 3),
         "delivered_mpps": round(delivered / secs / 1e6, 3),
         "loss": 1 - delivered / offered if offered else 1.0,
+        "latency_p50_us": round(sink.get("latency_p50_ns", 0) / 1000, 1),
+        "latency_p99_us": round(sink.get("latency_p99_ns", 0) / 1000, 1),
+        "latency_avg_us": round(sink["latency_avg_ns"] / 1000, 1),
+    }
+
+
+def e2e_trial(mpps, secs, flows=1000):
+    """One run at `mpps` offered (0 = unpaced)."""
+    rep = run_report(E2E_CONFIG, secs, flows=flows, rate=mpps * 1e6 / flows if mpps else 0,
+                     ms=int(secs * 1000))
+    sink = rep["ports"]["sink0"]
+    return {
+        **gen_sink_figures(rep, secs),
         "duplicates": sink["duplicates"],
         "reordered": sink["reordered"],
-        "latency_avg_us": round(sink["latency_avg_ns"] / 1000, 1),
     }
 
 
@@ -996,36 +1010,17 @@ kind = "firewall"
 default = "allow"
 [[chain.nf]]
 kind = "flow_monitor"
-[[port]]
-name = "gen0"
-spec = "gen:"
-to = "sink0"
-flows = {flows}
-rate_pps = {rate}
-packet_size = 64
-duration_ms = {ms}
-[[port]]
-name = "sink0"
-spec = "sink:"
-"""
+""" + GEN_SINK_PORTS
 
 
 def repl_trial(mode, mpps, secs, flows=1000):
     """One run of generator -> vswitch -> two runtimes replicating to each other -> sink."""
     rep = run_report(REPL_CONFIG, secs, mode=mode, flows=flows,
                      rate=mpps * 1e6 / flows if mpps else 0, ms=int(secs * 1000))
-    gen, sink = rep["ports"]["gen0"], rep["ports"]["sink0"]
-    offered = gen["sent"] + gen["skipped"]
-    delivered = sink["received"]
     procs = {p["name"]: p["counters"] for p in rep["snapshot"]["processes"]}
     rt = [procs.get(n, {}) for n in ("rt0", "rt1")]
     return {
-        "offered_mpps": round(offered / secs / 1e6, 3),
-        "delivered_mpps": round(delivered / secs / 1e6, 3),
-        "loss": 1 - delivered / offered if offered else 1.0,
-        "latency_p50_us": round(sink.get("latency_p50_ns", 0) / 1000, 1),
-        "latency_p99_us": round(sink.get("latency_p99_ns", 0) / 1000, 1),
-        "latency_avg_us": round(sink["latency_avg_ns"] / 1000, 1),
+        **gen_sink_figures(rep, secs),
         "repl_messages": sum(c.get("repl_messages", 0) for c in rt),
         "repl_state_bytes": sum(c.get("repl_state_bytes", 0) for c in rt),
         "repl_unprotected": sum(c.get("repl_unprotected", 0) for c in rt),
