@@ -83,6 +83,8 @@ struct Proc {
     stuck_since: Option<Instant>,
     /// Its CPU time (clock ticks) when it was first seen stuck.
     cpu_at_stuck: u64,
+    /// When its last life ended.
+    died_at: Instant,
 }
 
 /// A process's scheduler state and CPU time (user + system, in clock ticks), from
@@ -211,6 +213,7 @@ impl Supervisor {
                     consumed: 0,
                     stuck_since: None,
                     cpu_at_stuck: 0,
+                    died_at: now,
                 })
                 .collect(),
             commands,
@@ -345,7 +348,13 @@ impl Supervisor {
         // A process that was running is replaced at once; one that keeps failing to start
         // backs off exponentially.
         let delay = if p.start_failures == 0 {
-            Duration::ZERO
+            // Its replicas are taking its flows over: they get the CPU first.
+            if p.spec.kind == ProcessKind::Runtime && self.cfg.runtime_replicates(&p.spec.name) {
+                Duration::from_millis(self.cfg.supervisor.takeover_before_restart_ms)
+                    .saturating_sub(p.died_at.elapsed())
+            } else {
+                Duration::ZERO
+            }
         } else {
             let base = self.cfg.supervisor.restart_backoff_ms;
             let exp = base.saturating_mul(1u64 << (p.start_failures - 1).min(16));
@@ -359,6 +368,7 @@ impl Supervisor {
         self.deaths += 1;
         let p = &mut self.procs[i];
         p.pidfd = None;
+        p.died_at = Instant::now();
         let was_running = p.reached_running;
         if !was_running {
             p.start_failures += 1;

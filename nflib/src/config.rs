@@ -592,10 +592,20 @@ pub struct SupervisorSection {
     /// is restarted as after a crash. 0 turns the watch off.
     #[serde(default = "d_frozen_after")]
     pub frozen_after_ms: u64,
+    /// A dead runtime of a replicated chain is started again this long after its death
+    /// (not at once): its replicas' takeover of its flows has the CPU first, and the new
+    /// life's start (allocating its tables) does not slow it. Other runtimes take the
+    /// chain's new flows meanwhile.
+    #[serde(default = "d_takeover_before_restart")]
+    pub takeover_before_restart_ms: u64,
 }
 
 fn d_frozen_after() -> u64 {
     250
+}
+
+fn d_takeover_before_restart() -> u64 {
+    50
 }
 
 fn d_backoff() -> u64 {
@@ -1398,6 +1408,14 @@ impl Config {
 
     pub fn runtime(&self, name: &str) -> Option<&RuntimeConfig> {
         self.runtimes.iter().find(|r| r.name == name)
+    }
+
+    /// Whether the runtime named `name` runs a chain whose flows are replicated.
+    pub fn runtime_replicates(&self, name: &str) -> bool {
+        self.runtime(name)
+            .and_then(|r| self.chain_of(r))
+            .and_then(|c| self.chain(c))
+            .is_some_and(|c| c.replication != ReplicationMode::Off)
     }
 
     pub fn vswitch(&self, name: &str) -> Option<&VswitchConfig> {

@@ -32,7 +32,7 @@ use crate::flows::{flag, ms_since, FlowActor, FlowTable, Found};
 use crate::migration::{
     Candidate, FlowHost, FlowRef, Mark, MigrationSettings, Migrator, PacketAction, Release,
 };
-use crate::replication::{self, FlowMeta, ReplicaActor, ReplicaStore, Replicator};
+use crate::replication::{self, Copies, FlowMeta, ReplicaActor, ReplicaStore, Replicator};
 use crate::timers::{Entry, TimerWheel};
 
 /// When flows end.
@@ -109,14 +109,20 @@ pub struct Runtime {
     /// Copies taken over (`recover`) and already re-pointed here, not yet live flows: made
     /// live a batch per loop (`adopt_recovered`), or at once when a packet of one comes.
     /// Re-pointing first keeps a takeover as short as its messages.
-    recovered: HashMap<FlowKey, ReplicaActor, foldhash::fast::RandomState>,
-    /// Their aliases, to their keys.
-    recovered_alias: HashMap<FlowKey, FlowKey, foldhash::fast::RandomState>,
+    /// One set of copies per takeover (nearly always one).
+    recovered: Vec<Copies>,
     recovered_lost: u64,
+    /// A takeover's re-pointing is under way: the copies wait for their first packet or
+    /// its end rather than being made live in the background, so that this loop stays
+    /// short and the vswitches' answers are read at once.
+    pub repointing: bool,
 }
 
 /// Recovered flows made live per loop iteration in the background (about a millisecond).
 const ADOPT_PER_LOOP: usize = 2048;
+
+/// How long a takeover keeps this runtime and the vswitches it re-points polling.
+const REPOINT_AWAKE_NS: u64 = 20_000_000;
 
 /// A key of an ended flow, for the vswitch that fed it to forget.
 struct Ended {
@@ -216,9 +222,9 @@ impl Runtime {
             replica: ReplicaStore::new(0, n),
             repl_msgs: Vec::new(),
             now_ns: nflib::time::mono_ns(),
-            recovered: HashMap::default(),
-            recovered_alias: HashMap::default(),
+            recovered: Vec::new(),
             recovered_lost: 0,
+            repointing: false,
         }
     }
 
@@ -933,7 +939,6 @@ impl Runtime {
             ep.free(p);
         }
         self.recovered.clear();
-        self.recovered_alias.clear();
         for p in self.out.drain(..) {
             ep.free(p);
         }
@@ -1064,8 +1069,9 @@ impl Runtime {
     /// `incarnation` (`Recover`): every vswitch that fed them is asked at once to send them
     /// (keys and aliases) here instead of to `failed`, and each becomes a live flow here
     /// with its functions' states, in the background or when its first packet comes
-    /// (`adopt_recovered`). Returns the flows taken over (and 0: copies that turn out not
-    /// installable are reported when they are met).
+    /// (`adopt_recovered`; a copy that turns out not installable is reported then).
+    /// Returns the flows taken over and the re-pointing messages sent (each is answered
+    /// with `RuntimeSet` carrying `request`).
     pub fn recover(
         &mut self,
         ep: &mut Endpoint,
@@ -1075,74 +1081,90 @@ impl Runtime {
         request: u64,
     ) -> (usize, usize) {
         let promoted = self.replica.promote(failed, incarnation);
-        let mut keys: Vec<(EndpointAddr, FlowKey)> = Vec::with_capacity(promoted.len());
-        let (adopted, lost) = (promoted.len(), 0);
-        self.recovered.reserve(promoted.len());
-        for (_, a) in promoted {
-            keys.push((a.vswitch, a.key));
-            for al in &a.aliases {
-                keys.push((a.vswitch, *al));
-                self.recovered_alias.insert(*al, a.key);
-            }
-            self.recovered.insert(a.key, a);
+        let flows = promoted.len();
+        // Few vswitches, many keys: grouped in one pass over the copies, without sorting.
+        let mut by_vswitch: Vec<(EndpointAddr, Vec<FlowKey>)> = Vec::new();
+        for a in promoted.flows.values() {
+            let i = match by_vswitch.iter().position(|(v, _)| *v == a.vswitch) {
+                Some(i) => i,
+                None => {
+                    by_vswitch.push((a.vswitch, Vec::with_capacity(promoted.keys.len())));
+                    by_vswitch.len() - 1
+                }
+            };
+            let keys = &mut by_vswitch[i].1;
+            keys.push(a.key);
+            keys.extend_from_slice(&a.aliases);
         }
-        keys.sort_by_key(|(v, _)| *v);
-        for group in keys.chunk_by(|a, b| a.0 == b.0) {
+        if !promoted.is_empty() {
+            self.recovered.push(promoted);
+        }
+        let mut sent = 0;
+        // Every hop of the re-pointing's messages would otherwise start with a wake-up.
+        let awake = nflib::time::mono_ns().saturating_add(REPOINT_AWAKE_NS);
+        ep.keep_awake(self.me.slot, awake);
+        for (vswitch, keys) in by_vswitch {
+            ep.keep_awake(
+                if vswitch.server == self.me.server {
+                    vswitch.slot
+                } else {
+                    nflib::MANAGER_SLOT
+                },
+                awake,
+            );
             // A message is at most 4 MiB; a key takes about 40 bytes.
-            for chunk in group.chunks(16_384) {
+            for chunk in keys.chunks(16_384) {
                 let m = Message::SetRuntime {
-                    keys: chunk.iter().map(|(_, k)| *k).collect(),
+                    keys: chunk.to_vec(),
                     from: failed,
                     runtime: self.me,
                     request,
                 };
-                if mb.send(chunk[0].0, LIAISON, LIAISON, &m).is_err() {
+                if mb.send(vswitch, LIAISON, LIAISON, &m).is_err() {
                     ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                } else {
+                    sent += 1;
                 }
             }
         }
-        if adopted + lost > 0 {
+        if flows > 0 {
             eprintln!(
-                "nf-runtime {}: recovered {adopted} flows of {failed} (re-pointed; made \
-                 live as they come, {lost} not installable)",
+                "nf-runtime {}: took over {flows} flows of {failed} (re-pointing them; each \
+                 made live in the background or at its first packet)",
                 self.me
             );
         }
-        (adopted, lost)
+        (flows, sent)
     }
 
     /// Makes the taken-over flow under `key` (its own or an alias) live, if there is one;
     /// true if it is live now.
     fn adopt_recovered_key(&mut self, ep: &mut Endpoint, key: &FlowKey, now_ms: u64) -> bool {
-        let primary = if self.recovered.contains_key(key) {
-            *key
-        } else {
-            match self.recovered_alias.get(key) {
-                Some(k) => *k,
-                None => return false,
-            }
-        };
-        let Some(a) = self.recovered.remove(&primary) else {
-            self.recovered_alias.remove(key);
+        let Some(i) = self.recovered.iter().position(|c| c.keys.contains_key(key)) else {
             return false;
         };
-        for al in &a.aliases {
-            self.recovered_alias.remove(al);
-        }
+        let Some(a) = self.recovered[i].take_by_key(key) else {
+            return false;
+        };
+        self.adopt_copy(ep, i, a, now_ms)
+    }
+
+    /// Makes copy `a`, just taken out of `self.recovered[i]`, a live flow.
+    fn adopt_copy(&mut self, ep: &mut Endpoint, i: usize, a: ReplicaActor, now_ms: u64) -> bool {
         let ok = self.adopt(ep, a, now_ms).is_some();
         if !ok {
             self.recovered_lost += 1;
         }
-        if self.recovered.is_empty() {
-            self.recovered_alias.clear();
-            if self.recovered_lost > 0 {
-                eprintln!(
-                    "nf-runtime {}: {} recovered flows could not be installed (malformed \
-                     state, or no room)",
-                    self.me, self.recovered_lost
-                );
-                self.recovered_lost = 0;
-            }
+        if self.recovered[i].is_empty() {
+            self.recovered.swap_remove(i);
+        }
+        if self.recovered.is_empty() && self.recovered_lost > 0 {
+            eprintln!(
+                "nf-runtime {}: {} recovered flows could not be installed (malformed state, \
+                 or no room)",
+                self.me, self.recovered_lost
+            );
+            self.recovered_lost = 0;
         }
         ok
     }
@@ -1150,18 +1172,23 @@ impl Runtime {
     /// Makes up to `ADOPT_PER_LOOP` taken-over flows live (the rest wait for the next loop
     /// or for their first packet).
     pub fn adopt_recovered(&mut self, ep: &mut Endpoint) {
-        if self.recovered.is_empty() {
+        if self.repointing {
             return;
         }
+        let Some(c) = self.recovered.last() else {
+            return;
+        };
+        // One pass over the table per loop: picking one id at a time would scan the
+        // emptied front of the table again for every flow.
+        let ids: Vec<u64> = c.flows.keys().take(ADOPT_PER_LOOP).copied().collect();
         let now_ms = self.now_ms();
-        let keys: Vec<FlowKey> = self
-            .recovered
-            .keys()
-            .take(ADOPT_PER_LOOP)
-            .copied()
-            .collect();
-        for k in keys {
-            self.adopt_recovered_key(ep, &k, now_ms);
+        for id in ids {
+            let Some(i) = self.recovered.len().checked_sub(1) else {
+                break;
+            };
+            if let Some(a) = self.recovered[i].take(id) {
+                self.adopt_copy(ep, i, a, now_ms);
+            }
         }
     }
 

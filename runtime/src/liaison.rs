@@ -52,11 +52,29 @@ pub struct Liaison {
     probes_in: VecDeque<(EndpointAddr, ProbeReport, u64)>,
     /// Recoveries: vswitches' answers to re-pointing, keys moved, and when the last came.
     pub recovery: RecoveryProgress,
+    /// Recoveries not answered yet: their re-pointing is under way.
+    recovering: Vec<PendingRecovery>,
 }
+
+/// A `Recover` call waiting for the vswitches' answers to its re-pointing.
+struct PendingRecovery {
+    rpc: u64,
+    to: EndpointAddr,
+    actor: u64,
+    request: u64,
+    awaiting: usize,
+    flows: u64,
+    moved: u64,
+    deadline_ns: u64,
+}
+
+/// How long a `Recover` waits for the vswitches' answers before answering with what it has.
+const RECOVERY_ANSWER_WAIT_NS: u64 = 1_000_000_000;
 
 /// What this runtime's recoveries came to (the takeover's end is the last vswitch answer).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RecoveryProgress {
+    pub requests: u64,
     pub started_ns: u64,
     pub flows: u64,
     pub answers: u64,
@@ -94,6 +112,14 @@ impl Liaison {
                     &Message::Pong { seq, flows },
                 );
             }
+            Message::Rpc {
+                id,
+                call:
+                    Call::Recover {
+                        failed,
+                        incarnation,
+                    },
+            } => self.recover(rt, ep, mb, &env, id, failed, incarnation, now_ns),
             Message::Rpc { id, call } => {
                 let reply = self.call(rt, ep, mb, env.from, call, now_ns);
                 let m = Message::RpcReply { id, reply };
@@ -231,26 +257,10 @@ impl Liaison {
             Call::Kill { .. } => Reply::Refused {
                 reason: "kill is carried out by the runtime's nfmgr".into(),
             },
-            Call::Recover {
-                failed,
-                incarnation,
-            } => {
-                if failed == rt.me() && incarnation >= rt.repl.incarnation() {
-                    return Reply::Refused {
-                        reason: "a runtime cannot take over its own live flows".into(),
-                    };
-                }
-                let request = nflib::msg::RECOVERY_REQUEST | (self.recovery.answers & 0xffff_ffff);
-                let (flows, lost) = rt.recover(ep, mb, failed, incarnation, request);
-                if flows > 0 {
-                    self.recovery.started_ns = now_ns;
-                    self.recovery.flows += flows as u64;
-                }
-                Reply::Recovered {
-                    flows: flows as u64,
-                    lost: lost as u64,
-                }
-            }
+            // Answered when its re-pointing is (`recover`).
+            Call::Recover { .. } => Reply::Refused {
+                reason: "recovery is answered apart".into(),
+            },
             Call::ListFlows { limit } => list_flows(rt, limit),
             Call::StartProbe {
                 to,
@@ -310,12 +320,106 @@ impl Liaison {
         }
     }
 
+    /// `Recover`: takes over `failed`'s flows copied here and answers once every vswitch
+    /// asked has re-pointed them (the takeover's end), or after `RECOVERY_ANSWER_WAIT_NS`
+    /// with what is known then.
+    #[allow(clippy::too_many_arguments)]
+    fn recover(
+        &mut self,
+        rt: &mut Runtime,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        env: &Envelope,
+        rpc: u64,
+        failed: EndpointAddr,
+        incarnation: u64,
+        now_ns: u64,
+    ) {
+        if failed == rt.me() && incarnation >= rt.repl.incarnation() {
+            let reply = Reply::Refused {
+                reason: "a runtime cannot take over its own live flows".into(),
+            };
+            let m = Message::RpcReply { id: rpc, reply };
+            if mb.send(env.from, LIAISON, env.src_actor, &m).is_err() {
+                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+            }
+            return;
+        }
+        self.recovery.requests += 1;
+        let request = nflib::msg::RECOVERY_REQUEST | (self.recovery.requests & 0xffff_ffff);
+        let (flows, messages) = rt.recover(ep, mb, failed, incarnation, request);
+        if flows > 0 {
+            self.recovery.started_ns = now_ns;
+            self.recovery.flows += flows as u64;
+        }
+        self.recovering.push(PendingRecovery {
+            rpc,
+            to: env.from,
+            actor: env.src_actor,
+            request,
+            awaiting: messages,
+            flows: flows as u64,
+            moved: 0,
+            deadline_ns: now_ns.saturating_add(RECOVERY_ANSWER_WAIT_NS),
+        });
+        self.answer_recoveries(rt, ep, mb, now_ns);
+    }
+
     /// A vswitch answered a recovery's re-pointing: `moved` keys now come here.
-    pub fn recovery_switched(&mut self, from: EndpointAddr, moved: u32, now_ns: u64) {
-        let _ = from;
+    pub fn recovery_switched(
+        &mut self,
+        rt: &mut Runtime,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        request: u64,
+        moved: u32,
+        now_ns: u64,
+    ) {
         self.recovery.answers += 1;
         self.recovery.keys_moved += u64::from(moved);
         self.recovery.last_answer_ns = now_ns;
+        if let Some(p) = self.recovering.iter_mut().find(|p| p.request == request) {
+            p.awaiting = p.awaiting.saturating_sub(1);
+            p.moved += u64::from(moved);
+        }
+        self.answer_recoveries(rt, ep, mb, now_ns);
+    }
+
+    /// Answers the recoveries whose re-pointing is done or overdue.
+    fn answer_recoveries(
+        &mut self,
+        rt: &mut Runtime,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        now_ns: u64,
+    ) {
+        let mut i = 0;
+        while i < self.recovering.len() {
+            let p = &self.recovering[i];
+            if p.awaiting > 0 && now_ns < p.deadline_ns {
+                i += 1;
+                continue;
+            }
+            let p = self.recovering.swap_remove(i);
+            if p.awaiting > 0 {
+                eprintln!(
+                    "nf-runtime: {} re-pointing message(s) of a recovery unanswered after \
+                     {} ms ({} keys moved so far)",
+                    p.awaiting,
+                    RECOVERY_ANSWER_WAIT_NS / 1_000_000,
+                    p.moved
+                );
+            }
+            let reply = Reply::Recovered {
+                flows: p.flows,
+                lost: 0,
+            };
+            let m = Message::RpcReply { id: p.rpc, reply };
+            if mb.send(p.to, LIAISON, p.actor, &m).is_err() {
+                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+            }
+        }
+        rt.repointing = !self.recovering.is_empty();
     }
 
     fn workload(&self, rt: &Runtime, ep: &mut Endpoint, mb: &Mailbox) -> Workload {
@@ -394,9 +498,19 @@ impl Liaison {
         r.latency_max_ns = r.latency_max_ns.max(lat);
     }
 
-    /// Sends the next probe messages of a run, as far as the transport's queue allows.
-    /// Returns how many.
-    pub fn tick(&mut self, mb: &mut Mailbox, now_ns: u64) -> usize {
+    /// Answers the recoveries whose vswitches did not answer in time, and sends the next
+    /// probe messages of a run, as far as the transport's queue allows. Returns how many
+    /// probe messages.
+    pub fn tick(
+        &mut self,
+        rt: &mut Runtime,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        now_ns: u64,
+    ) -> usize {
+        if !self.recovering.is_empty() {
+            self.answer_recoveries(rt, ep, mb, now_ns);
+        }
         let Some(p) = self.prober.as_mut() else {
             return 0;
         };

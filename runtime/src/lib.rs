@@ -74,7 +74,7 @@ pub fn serve_messages(
         }
         if let Message::RuntimeSet { request, moved, .. } = &env.msg {
             if request & nflib::msg::RECOVERY_REQUEST != 0 {
-                liaison.recovery_switched(env.from, *moved, now_ns);
+                liaison.recovery_switched(rt, ep, mb, *request, *moved, now_ns);
                 continue;
             }
         }

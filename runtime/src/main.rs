@@ -54,7 +54,7 @@ fn main() -> ExitCode {
         // Messages first: the liaison answers what concerns the runtime.
         let m =
             nf_runtime::serve_messages(ep, &mut rt, &mut liaison, &mut mb, &mut backlog, now_ns);
-        let probes = liaison.tick(&mut mb, now_ns);
+        let probes = liaison.tick(&mut rt, ep, &mut mb, now_ns);
         let n = ep.recv_burst(&mut batch, BATCH);
         let now_ms = rt.now_ms();
         rt.process_batch(ep, &mut batch, now_ms);

@@ -23,7 +23,7 @@
 //! No clock and no I/O: the engine gives the time, serialises the states, sends the
 //! messages and moves the packets (`runtime::engine`); docs/REPLICATION.md has the why.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
 
 use nflib::flow::FlowKey;
@@ -947,32 +947,24 @@ pub struct ReplicaCounters {
     pub promoted: u64,
 }
 
-/// Per primary (address): its newest incarnation and the next version expected of it.
-#[derive(Clone, Copy, Debug)]
-struct Primary {
-    incarnation: u64,
-    next_version: u64,
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Every copy held of one life (incarnation) of one primary: by the primary's flow id, and
+/// every key (own and alias) to its flow's id. The key index is kept as copies change (a
+/// new flow, changed aliases, an end: a few per connection), so that a takeover hands the
+/// whole life to the engine as it is, with nothing to sort, copy or index.
+#[derive(Clone, Debug, Default)]
+pub struct Copies {
+    pub incarnation: u64,
+    pub flows: FastMap<u64, ReplicaActor>,
+    pub keys: FastMap<FlowKey, u64>,
 }
 
-/// The replica's side.
-#[derive(Clone)]
-pub struct ReplicaStore {
-    max_flows: usize,
-    nfs: usize,
-    /// (primary, its incarnation, flow id) -> the flow.
-    flows: BTreeMap<(EndpointAddr, u64, u64), ReplicaActor>,
-    primaries: BTreeMap<EndpointAddr, Primary>,
-    pub counters: ReplicaCounters,
-}
-
-impl ReplicaStore {
-    pub fn new(max_flows: usize, nfs: usize) -> ReplicaStore {
-        ReplicaStore {
-            max_flows,
-            nfs,
-            flows: BTreeMap::new(),
-            primaries: BTreeMap::new(),
-            counters: ReplicaCounters::default(),
+impl Copies {
+    fn new(incarnation: u64) -> Copies {
+        Copies {
+            incarnation,
+            ..Copies::default()
         }
     }
 
@@ -984,16 +976,100 @@ impl ReplicaStore {
         self.flows.is_empty()
     }
 
+    /// Takes the copy of flow `id` out, with its keys.
+    pub fn take(&mut self, id: u64) -> Option<ReplicaActor> {
+        let a = self.flows.remove(&id)?;
+        self.unindex(id, &a.key);
+        for al in &a.aliases {
+            self.unindex(id, al);
+        }
+        Some(a)
+    }
+
+    /// Takes the copy that `key` (its own or an alias) names.
+    pub fn take_by_key(&mut self, key: &FlowKey) -> Option<ReplicaActor> {
+        let id = *self.keys.get(key)?;
+        self.take(id)
+    }
+
+    /// Removes `key` from the index if it names flow `id` (a hostile or confused primary
+    /// may give two flows one key: the later one holds it, and the earlier one's end must
+    /// not take it away).
+    fn unindex(&mut self, id: u64, key: &FlowKey) {
+        if self.keys.get(key) == Some(&id) {
+            self.keys.remove(key);
+        }
+    }
+
+    /// Moves every copy of `other` in; a key both hold stays with `self`'s flow.
+    fn absorb(&mut self, other: Copies) {
+        for (id, a) in other.flows {
+            if self.flows.contains_key(&id) || self.keys.contains_key(&a.key) {
+                continue;
+            }
+            self.keys.insert(a.key, id);
+            for al in &a.aliases {
+                self.keys.entry(*al).or_insert(id);
+            }
+            self.flows.insert(id, a);
+        }
+    }
+}
+
+/// Per primary (address): its newest incarnation, the next version expected of it, and
+/// the copies of each of its lives still held.
+#[derive(Clone, Debug)]
+struct Primary {
+    incarnation: u64,
+    next_version: u64,
+    lives: BTreeMap<u64, Copies>,
+}
+
+/// The replica's side.
+#[derive(Clone)]
+pub struct ReplicaStore {
+    max_flows: usize,
+    nfs: usize,
+    /// Copies held over every primary and life.
+    held: usize,
+    primaries: BTreeMap<EndpointAddr, Primary>,
+    pub counters: ReplicaCounters,
+}
+
+impl ReplicaStore {
+    pub fn new(max_flows: usize, nfs: usize) -> ReplicaStore {
+        ReplicaStore {
+            max_flows,
+            nfs,
+            held: 0,
+            primaries: BTreeMap::new(),
+            counters: ReplicaCounters::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.held
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held == 0
+    }
+
     /// The copy of flow `id` of `primary`'s incarnation `incarnation`.
     pub fn get(&self, primary: EndpointAddr, incarnation: u64, id: u64) -> Option<&ReplicaActor> {
-        self.flows.get(&(primary, incarnation, id))
+        self.primaries
+            .get(&primary)?
+            .lives
+            .get(&incarnation)?
+            .flows
+            .get(&id)
     }
 
     /// Flows held for `primary` (every incarnation).
     pub fn flows_of(&self, primary: EndpointAddr) -> usize {
-        self.flows
-            .range((primary, 0, 0)..=(primary, u64::MAX, u64::MAX))
-            .count()
+        self.primaries
+            .get(&primary)
+            .map_or(0, |p| p.lives.values().map(Copies::len).sum())
     }
 
     /// Applies a `Replicate` from `from` at `now_ms`; returns the answer, or `None` for a
@@ -1012,24 +1088,27 @@ impl ReplicaStore {
         let p = self.primaries.entry(from).or_insert(Primary {
             incarnation,
             next_version: 1,
+            lives: BTreeMap::new(),
         });
         // An old life's messages never arrive after a new life's: the transport drops the
         // frames of an older session. So any other incarnation is a new life (nfmgr's
         // restart starts slot generations again from 1: a new life may be numbered lower).
+        // The old life's copies stay, for `Recover`, until promoted or forgotten.
         if incarnation != p.incarnation {
-            // A new life: the old one's flows stay, for `Recover`, until promoted or
-            // forgotten.
-            *p = Primary {
-                incarnation,
-                next_version: 1,
-            };
+            p.incarnation = incarnation;
+            p.next_version = 1;
         }
         // The transport delivers in order and once; a gap means the primary lost this
         // replica in between and re-sends what it needs whole, so it is applied as is.
         p.next_version = version.saturating_add(1);
         self.counters.messages += 1;
+        let life = p
+            .lives
+            .entry(incarnation)
+            .or_insert_with(|| Copies::new(incarnation));
+        let before = life.len();
         for id in ended {
-            self.flows.remove(&(from, incarnation, *id));
+            life.take(*id);
         }
         let mut refused = Vec::new();
         let mut missing = Vec::new();
@@ -1044,15 +1123,19 @@ impl ReplicaStore {
                 break;
             };
             at += len;
-            let k = (from, incarnation, f.id);
             if let Some(n) = &f.new {
-                if !self.flows.contains_key(&k) && self.flows.len() >= self.max_flows {
+                let held_now = self.held + life.len() - before;
+                if !life.flows.contains_key(&f.id) && held_now >= self.max_flows {
                     self.counters.refused += 1;
                     refused.push(f.id);
                     continue;
                 }
-                self.flows.insert(
-                    k,
+                // Created again whole (the primary lost this replica in between): the old
+                // copy's keys go with it.
+                life.take(f.id);
+                life.keys.insert(n.key, f.id);
+                life.flows.insert(
+                    f.id,
                     ReplicaActor {
                         key: n.key,
                         vswitch: n.vswitch,
@@ -1065,7 +1148,7 @@ impl ReplicaStore {
                     },
                 );
             }
-            let Some(a) = self.flows.get_mut(&k) else {
+            let Some(a) = life.flows.get_mut(&f.id) else {
                 self.counters.unknown += 1;
                 missing.push(f.id);
                 continue;
@@ -1073,7 +1156,7 @@ impl ReplicaStore {
             if apply_states(a, f.changed, part, self.nfs).is_err() {
                 // The flow's copy can no longer be trusted: drop it and have the primary
                 // send it whole again rather than promote garbage.
-                self.flows.remove(&k);
+                life.take(f.id);
                 self.counters.malformed += 1;
                 missing.push(f.id);
                 continue;
@@ -1082,10 +1165,17 @@ impl ReplicaStore {
             a.packets = f.packets;
             a.last_ms = now_ms;
             if let Some(al) = &f.aliases {
-                a.aliases.clone_from(al);
+                let old = std::mem::replace(&mut a.aliases, al.clone());
+                for k in &old {
+                    life.unindex(f.id, k);
+                }
+                for k in al {
+                    life.keys.insert(*k, f.id);
+                }
             }
             self.counters.flows_applied += 1;
         }
+        self.held = self.held + life.len() - before;
         Some(Message::Replicated {
             incarnation,
             version,
@@ -1095,36 +1185,46 @@ impl ReplicaStore {
     }
 
     /// Takes every flow held for `failed` in incarnations up to `incarnation` (the life
-    /// that died; `u64::MAX` for all): the engine makes them live flows here.
-    pub fn promote(
-        &mut self,
-        failed: EndpointAddr,
-        incarnation: u64,
-    ) -> Vec<((u64, u64), ReplicaActor)> {
-        // Cut the range out whole (two splits and a join) rather than removing key by key:
-        // tens of thousands of flows are taken over at once.
-        use std::ops::Bound::{Excluded, Unbounded};
-        let mut taken = self.flows.split_off(&(failed, 0, 0));
-        let beyond = taken
-            .range((Excluded((failed, incarnation, u64::MAX)), Unbounded))
-            .next()
-            .map(|(k, _)| *k);
-        if let Some(k) = beyond {
-            let mut rest = taken.split_off(&k);
-            self.flows.append(&mut rest);
+    /// that died; `u64::MAX` for all), as one set of copies: the engine makes them live
+    /// flows here. A takeover moves the life's tables whole, whatever their size; only
+    /// when older lives are still held too (rare) are their copies moved in one by one.
+    pub fn promote(&mut self, failed: EndpointAddr, incarnation: u64) -> Copies {
+        let Some(p) = self.primaries.get_mut(&failed) else {
+            return Copies::new(incarnation);
+        };
+        let newer = p.lives.split_off(&incarnation.saturating_add(1));
+        let mut taken = std::mem::replace(&mut p.lives, newer);
+        if incarnation == u64::MAX {
+            // `split_off(MAX)` leaves a life numbered MAX behind.
+            taken.append(&mut p.lives);
         }
-        let out: Vec<((u64, u64), ReplicaActor)> =
-            taken.into_iter().map(|(k, a)| ((k.1, k.2), a)).collect();
-        self.counters.promoted += out.len() as u64;
+        let mut lives = taken.into_values().rev();
+        let mut out = lives.next().unwrap_or_else(|| Copies::new(incarnation));
+        for older in lives {
+            out.absorb(older);
+        }
+        let n: usize = out.len();
+        self.held = self.held.saturating_sub(n);
+        if p.lives.is_empty() {
+            self.primaries.remove(&failed);
+        }
+        self.counters.promoted += n as u64;
         out
     }
 
     /// Forgets every flow of `primary` below incarnation `below` (it stopped cleanly, or
     /// its old life's flows were recovered elsewhere).
     pub fn forget(&mut self, primary: EndpointAddr, below: u64) -> usize {
-        let before = self.flows.len();
-        self.flows.retain(|k, _| k.0 != primary || k.1 >= below);
-        before - self.flows.len()
+        let Some(p) = self.primaries.get_mut(&primary) else {
+            return 0;
+        };
+        let keep = p.lives.split_off(&below);
+        let gone: usize = std::mem::replace(&mut p.lives, keep)
+            .values()
+            .map(Copies::len)
+            .sum();
+        self.held -= gone;
+        gone
     }
 }
 
@@ -1445,9 +1545,12 @@ mod tests {
         assert_eq!(store.flows_of(PRIMARY), 4);
         let p = store.promote(PRIMARY, 1);
         assert_eq!(p.len(), 2);
+        assert_eq!(p.incarnation, 1);
         assert!(p
-            .iter()
-            .all(|((inc, _), a)| *inc == 1 && a.states[0].as_deref() == Some(&b"s"[..])));
+            .flows
+            .values()
+            .all(|a| a.states[0].as_deref() == Some(&b"s"[..])));
+        assert_eq!(p.keys.len(), 2);
         assert_eq!(store.flows_of(PRIMARY), 2);
         // A lower incarnation after a higher one is a new life (nfmgr restarted and slot
         // generations began again; an old life's frames cannot arrive this late, the
@@ -1472,6 +1575,44 @@ mod tests {
         assert!(store.get(PRIMARY, 1, 6).is_some());
         assert_eq!(store.forget(PRIMARY, 3), 3);
         assert!(store.is_empty());
+    }
+
+    #[test]
+    fn the_key_index_follows_new_flows_aliases_and_ends_and_promotion_moves_it_whole() {
+        let mut store = ReplicaStore::new(10, 1);
+        let new = |id: u64, k: u8, aliases: Option<Vec<FlowKey>>| ReplicaFlow {
+            id,
+            new: Some(ReplicaNew {
+                key: key(k),
+                vswitch: EndpointAddr::new(1, 1),
+                age_ms: 0,
+            }),
+            aliases,
+            flags: 0,
+            packets: 1,
+            changed: 0,
+            states_len: 0,
+        };
+        let f1 = new(1, 1, Some(vec![key(101)]));
+        let f2 = new(2, 2, None);
+        store.apply(PRIMARY, 1, 1, &[f1, f2], &[], &[], 0).unwrap();
+        // Flow 1's alias changes; flow 2 ends; flow 3 comes with the same key as flow 1 (a
+        // confused primary): the later holds the key, and flow 1's end must not take it.
+        let mut f1 = new(1, 1, Some(vec![key(102)]));
+        f1.new = None;
+        let f3 = new(3, 1, None);
+        store.apply(PRIMARY, 1, 2, &[f1, f3], &[], &[2], 0).unwrap();
+        assert_eq!(store.len(), 2);
+        store.apply(PRIMARY, 1, 3, &[], &[], &[1], 0).unwrap();
+        assert_eq!(store.len(), 1);
+        let mut c = store.promote(PRIMARY, 1);
+        assert!(store.is_empty());
+        assert_eq!(c.len(), 1);
+        assert!(!c.keys.contains_key(&key(101)) && !c.keys.contains_key(&key(102)));
+        assert!(!c.keys.contains_key(&key(2)));
+        let a = c.take_by_key(&key(1)).expect("flow 3 holds the key");
+        assert_eq!(a.key, key(1));
+        assert!(c.is_empty() && c.keys.is_empty());
     }
 
     #[test]

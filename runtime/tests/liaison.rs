@@ -56,7 +56,8 @@ impl Bed {
                 &mut nf_runtime::Backlog::default(),
                 now,
             );
-            self.liaison.tick(&mut self.mb, now);
+            self.liaison
+                .tick(&mut self.rt, &mut self.ep, &mut self.mb, now);
             self.mb.flush(&mut self.ep, now);
             got.extend(self.mgr.receive());
             if got.len() >= want {

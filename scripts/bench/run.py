@@ -1066,6 +1066,11 @@ def repl_takeover(flows_per_runtime, pps_per_flow=1.0):
         time.sleep(3.0)
         events = nfmgr("top", "--json", "--socket", sock).get("events", [])
         later = [e for e in events if e["at_ms"] >= fault - 50]
+        # The fault is the platform's SIGKILL (not this script's call, which waits for a
+        # CLI process to start).
+        killed = [e for e in later if "killed with SIGKILL" in e["what"]]
+        if killed:
+            fault = killed[0]["at_ms"]
         died = [e for e in later if "killed by" in e["what"] or "died" in e["what"]]
         took = [e for e in later if "took over" in e["what"]]
         n = sum(int(m.group(1)) for e in took

@@ -369,6 +369,11 @@ impl Dispatch {
             } => {
                 let mut sent = Vec::with_capacity(keys.len());
                 let moved = self.set_runtime(&keys, from, runtime, &mut sent);
+                // A takeover's runtime has no use for the per-key counts (a migration's
+                // target does): tens of thousands of them would only slow the answer.
+                if request & nflib::msg::RECOVERY_REQUEST != 0 {
+                    sent = Vec::new();
+                }
                 Some(Message::RuntimeSet {
                     request,
                     moved,
@@ -487,16 +492,23 @@ impl Dispatch {
             sent.extend(keys.iter().map(|_| 0));
             return 0;
         }
-        // Hundreds of keys, each two likely cache misses: start loading all of them first.
+        // Up to tens of thousands of keys, each two likely cache misses: the index line is
+        // asked for `AHEAD` keys before it is needed and the entry half as far ahead, a
+        // window that fits in the cache (prefetching every key first would evict the
+        // first before they are used).
+        const AHEAD: usize = 16;
         let hashes: Vec<u64> = keys.iter().map(|k| self.table.hash(k)).collect();
-        for &h in &hashes {
+        for &h in hashes.iter().take(AHEAD) {
             self.table.prefetch_bucket(h);
         }
-        for &h in &hashes {
-            self.table.prefetch_entry(h);
-        }
         let mut moved = 0;
-        for (k, &h) in keys.iter().zip(&hashes) {
+        for (i, (k, &h)) in keys.iter().zip(&hashes).enumerate() {
+            if let Some(&next) = hashes.get(i + AHEAD) {
+                self.table.prefetch_bucket(next);
+            }
+            if let Some(&soon) = hashes.get(i + AHEAD / 2) {
+                self.table.prefetch_entry(soon);
+            }
             match self.table.get_mut_hashed(k, h) {
                 Some(e) if e.runtime == from || e.runtime == runtime => {
                     sent.push(e.sent);
