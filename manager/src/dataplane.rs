@@ -392,6 +392,7 @@ impl Dataplane {
         let mut work = self.relay.handle_commands();
         let mut local = Vec::new();
         let now_ns = nflib::time::mono_ns();
+        self.relay.link_tick(now_ns);
         let c = match self.relay.port {
             Some(i) => &mut self.ports[i].counters,
             None => &mut self.spare_counters,
@@ -572,8 +573,14 @@ impl Dataplane {
 
     fn sleep(&mut self, now: Instant) {
         let mut deadline = now + Duration::from_millis(100);
-        if let Some(t) = self.relay.mailbox.next_timeout() {
-            let mono = nflib::time::mono_ns();
+        let mono = nflib::time::mono_ns();
+        for t in [
+            self.relay.mailbox.next_timeout(),
+            self.relay.link_deadline_ns(),
+        ]
+        .into_iter()
+        .flatten()
+        {
             deadline = deadline.min(now + Duration::from_nanos(t.saturating_sub(mono)));
         }
         for p in &self.ports {

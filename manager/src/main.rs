@@ -15,6 +15,7 @@ mod control;
 mod dataplane;
 mod hugepages;
 mod instance;
+mod linkwatch;
 mod ports;
 mod relay;
 mod supervisor;
@@ -687,7 +688,12 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
             cfg.cluster.transport(),
         ),
     )
-    .with_channels(ctl_tx.clone(), relay_rx);
+    .with_channels(ctl_tx.clone(), relay_rx)
+    .with_link_watch(linkwatch::LinkWatch::new(
+        cfg.cluster.link_beat_ms,
+        cfg.cluster.link_misses,
+        nflib::time::mono_ns(),
+    ));
     let control = control::Control::new(
         cfg.clone(),
         region.clone(),

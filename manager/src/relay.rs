@@ -27,7 +27,10 @@ use nflib::reliable::PeerEvent;
 use nflib::stats::{LocalCounters, PortCounter, PORT_COUNTERS};
 use nflib::wire::{
     self, auth, DataEncap, EndpointAddr, Frame, ENCAP_LEN, ETHERTYPE_CONTROL, ETHERTYPE_DATA,
+    LIAISON,
 };
+
+use crate::linkwatch::{LinkChange, LinkWatch};
 use nflib::{Packet, Region, MANAGER_SLOT};
 
 /// Control thread -> relay.
@@ -49,6 +52,8 @@ pub enum RelayCommand {
 pub enum RelayEvent {
     Delivered(Box<Envelope>),
     Peer(PeerEvent),
+    /// The cluster link's view of a server changed (`linkwatch`).
+    Link(LinkChange),
 }
 
 /// Where a frame from the cluster port goes.
@@ -77,6 +82,9 @@ pub struct Relay {
     pub cluster_tx: Vec<Packet>,
     /// Frames for other servers dropped because there is no cluster port.
     pub no_route: u64,
+    /// Liveness of the other servers on the cluster link (`None`: off, or no cluster).
+    link: Option<LinkWatch>,
+    beats: u64,
 }
 
 impl Relay {
@@ -96,6 +104,56 @@ impl Relay {
             commands: None,
             cluster_tx: Vec::new(),
             no_route: 0,
+            link: None,
+            beats: 0,
+        }
+    }
+
+    /// Watches the other servers' liveness on the cluster link (only with a cluster port).
+    pub fn with_link_watch(mut self, link: Option<LinkWatch>) -> Relay {
+        self.link = link.filter(|_| self.port.is_some());
+        self
+    }
+
+    /// Beats due now go to every member server's nfmgr, and silences are judged.
+    pub fn link_tick(&mut self, now_ns: u64) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        if link.beat_due(now_ns) {
+            let peers: Vec<u16> = link.peers().collect();
+            for server in peers {
+                self.beats += 1;
+                let to = EndpointAddr::new(server, MANAGER_SLOT);
+                let beat = Message::Ping { seq: self.beats };
+                // A full queue (the link has been cut for seconds) refuses it: the silence
+                // is already known.
+                let _ = self.mailbox.send(to, LIAISON, LIAISON, &beat);
+            }
+        }
+        let mut changes = Vec::new();
+        if let Some(link) = self.link.as_mut() {
+            link.check(now_ns, &mut changes);
+        }
+        for c in changes {
+            self.link_changed(c);
+        }
+    }
+
+    /// When the link watch must run next (`mono_ns`).
+    pub fn link_deadline_ns(&self) -> Option<u64> {
+        self.link.as_ref().map(LinkWatch::next_deadline_ns)
+    }
+
+    fn heard(&mut self, server: u16, now_ns: u64) {
+        if let Some(c) = self.link.as_mut().and_then(|l| l.heard(server, now_ns)) {
+            self.link_changed(c);
+        }
+    }
+
+    fn link_changed(&mut self, c: LinkChange) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(crate::control::Event::Relay(RelayEvent::Link(c)));
         }
     }
 
@@ -136,10 +194,12 @@ impl Relay {
                 }
                 RelayCommand::Members(list) => {
                     self.members.iter_mut().for_each(|w| *w = 0);
-                    for s in list {
-                        if s != self.me {
-                            self.members[s as usize / 64] |= 1 << (s % 64);
-                        }
+                    let others: Vec<u16> = list.into_iter().filter(|s| *s != self.me).collect();
+                    for &s in &others {
+                        self.members[s as usize / 64] |= 1 << (s % 64);
+                    }
+                    if let Some(link) = self.link.as_mut() {
+                        link.set_members(&others, nflib::time::mono_ns());
                     }
                 }
             }
@@ -154,6 +214,13 @@ impl Relay {
         if let Some(tx) = &self.events {
             use crate::control::Event;
             for e in inbox {
+                // Another server's link beat: hearing it was the point.
+                if e.from.server != self.me
+                    && e.from.slot == MANAGER_SLOT
+                    && matches!(e.msg, Message::Ping { .. })
+                {
+                    continue;
+                }
                 let _ = tx.send(Event::Relay(RelayEvent::Delivered(Box::new(e))));
             }
             for e in events {
@@ -334,6 +401,7 @@ impl Relay {
                 if dst.server != self.me || src.server == self.me {
                     return drop(c, pool, p, PortCounter::CtlBad);
                 }
+                self.heard(src.server, now_ns);
                 let n = auth::strip(region.data_mut(&mut p), len);
                 region.set_len(&mut p, n);
                 c.add(PortCounter::CtlRx as usize, 1);
@@ -369,6 +437,7 @@ impl Relay {
                 if dst.server != self.me || len < ENCAP_LEN + 14 {
                     return drop(c, pool, p, PortCounter::DataBad);
                 }
+                self.heard(src.server, now_ns);
                 region.set_len(&mut p, len);
                 region.strip_front(&mut p, ENCAP_LEN);
                 p.set_egress_port(encap.egress);

@@ -7,6 +7,9 @@
 //!   stream stalls, no RST, the download's sha256 matches.
 //! - The same drill with replication off fails (so the drill can fail).
 //! - `kill-server.sh`: server 2's nfmgr and every process of it killed; the same promises.
+//! - `kill-server.sh --cut-link`: server 2's cluster link cut: seen on the link in tens of
+//!   milliseconds, the same promises; when the link heals, server 2 is fenced (comes back
+//!   empty) and no flow has two owners.
 //! - `freeze-runtime.sh`: the runtime is stopped (SIGSTOP); its nfmgr sees packets wait on
 //!   its input untaken, kills it, and its flows go on from their replicas.
 
@@ -90,6 +93,24 @@ fn a_killed_server_breaks_no_connection_under_output_commit() {
     eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
     assert_eq!(r["verdict"], "pass", "violations: {}", r["violations"]);
     assert_eq!(code, 0);
+}
+
+#[test]
+fn a_cut_link_is_seen_in_tens_of_milliseconds_and_the_server_comes_back_fenced() {
+    if !ready("the kill-server drill with a cut link") {
+        return;
+    }
+    let (r, code) = drill("kill-server.sh", "dc", &["--cut-link"]);
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    assert_eq!(r["verdict"], "pass", "violations: {}", r["violations"]);
+    assert_eq!(code, 0);
+    // On the link (4 beats of 10 ms), not by the control connection's 500 ms heartbeat;
+    // a shared two-core machine gets generous room.
+    let detection = r["detection_ms"].as_f64().expect("a detection time");
+    assert!(detection < 250.0, "detected after {detection} ms");
+    let events = r["events"].to_string();
+    assert!(events.contains("not heard on the cluster link"), "{events}");
+    assert!(events.contains("fenced"), "{events}");
 }
 
 /// A generator packet's (flow, sequence number), from its stamp after the UDP header.

@@ -405,6 +405,16 @@ pub struct ClusterSection {
     /// A member (or the coordinator) silent for this long is dead.
     #[serde(default = "d_member_timeout")]
     pub member_timeout_ms: u64,
+    /// Liveness on the cluster link itself: each nfmgr sends every other server a beat
+    /// this often out of the cluster port (any frame from a server counts as hearing it).
+    /// 0 turns the link watch off (then only `member_timeout_ms` detects a cut link).
+    #[serde(default = "d_link_beat")]
+    pub link_beat_ms: u64,
+    /// A member server not heard on the cluster link for this many beats is dead (the
+    /// coordinator recovers its flows). Not judged while this nfmgr itself did not get
+    /// to run for half that time (a starved machine is not a cut link).
+    #[serde(default = "d_link_misses")]
+    pub link_misses: u32,
     /// Largest frame payload on the cluster port (the link's MTU).
     #[serde(default = "d_mtu")]
     pub mtu: u32,
@@ -439,6 +449,12 @@ fn d_heartbeat() -> u64 {
 }
 fn d_member_timeout() -> u64 {
     500
+}
+fn d_link_beat() -> u64 {
+    10
+}
+fn d_link_misses() -> u32 {
+    4
 }
 fn d_mtu() -> u32 {
     1500
@@ -1246,6 +1262,12 @@ impl Config {
         }
         if c.heartbeat_ms == 0 || c.member_timeout_ms <= c.heartbeat_ms {
             bail!("cluster.member_timeout_ms: must exceed cluster.heartbeat_ms (above 0)");
+        }
+        if c.link_beat_ms > 0 && !(2..=1000).contains(&c.link_misses) {
+            bail!("cluster.link_misses: must be between 2 and 1000");
+        }
+        if c.link_beat_ms > 60_000 {
+            bail!("cluster.link_beat_ms: at most 60000 (0 turns the link watch off)");
         }
         if !(576..=9000).contains(&c.mtu) {
             bail!("cluster.mtu: must be between 576 and 9000 (got {})", c.mtu);

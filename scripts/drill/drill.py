@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The failover drills' shared library (docs/DRILLS.md): set-up, traffic, the fault, timing
-and the report. Each drill (kill-runtime.sh, kill-server.sh) is this with its fault and its
-promises.
+and the report. Each drill (kill-runtime.sh, kill-server.sh [--cut-link],
+freeze-runtime.sh) is this with its fault and its promises.
 
 What a run does, in order:
   1. brings up the namespaced test bed (scripts/testbed.sh, two servers, chain
@@ -14,7 +14,8 @@ What a run does, in order:
   3. picks the victim so that the fault hits every kind of traffic (the runtime, or the
      server, that carries the curl download, at least one iperf3 stream and generator flows;
      never server 1, which faces the client and server), injects the fault at --fault-at s,
-     and keeps traffic running --after s;
+     and keeps traffic running --after s (a cut link heals --heal-after s after the cut:
+     the server must then come back empty, fenced, and no flow may have two owners);
   4. reads the platform's events (`nfmgr top --json`): detection is the first event about
      the fault, takeover the last "took over" event; the sink's per-flow gaps cross-check it;
   5. prints the report (a table, or one JSON object with --json) and exits 1 on any violated
@@ -30,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -234,7 +236,7 @@ class Drill:
             pl = self.placement()
             for addr, k in sorted(pl.items()):
                 server = int(addr.split("/")[0])
-                if self.a.fault == "kill-server" and server == 1:
+                if self.a.fault in ("kill-server", "cut-link") and server == 1:
                     continue
                 if k["curl"] and k["iperf"] and k["gen"]:
                     return addr, pl
@@ -265,6 +267,15 @@ class Drill:
             self.fault_desc = f"kill -9 runtime {name} ({victim})"
             self.fault_ms = now_ms()
             self.nfmgr("kill", victim.replace("/", "/"), check=True)
+        elif self.a.fault == "cut-link":
+            server = int(victim.split("/")[0])
+            port = f"p{server}"
+            self.fault_desc = (f"cut server {server}'s cluster link ({port} down on the "
+                               f"bridge), healed {self.a.heal_after:g} s later")
+            self.fault_ms = now_ms()
+            self.set_link(port, "down")
+            self.heal = threading.Timer(self.a.heal_after, self.set_link, (port, "up"))
+            self.heal.start()
         else:
             server = int(victim.split("/")[0])
             pid = int(open(os.path.join(self.state, f"s{server}.pid")).read())
@@ -272,6 +283,14 @@ class Drill:
             self.fault_ms = now_ms()
             os.kill(pid, signal.SIGKILL)
         self.log(f"fault: {self.fault_desc}")
+
+    def set_link(self, port, state):
+        r = subprocess.run(["ip", "-n", self.ns("net"), "link", "set", port, state],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            self.notes.append(f"could not set {port} {state}: {r.stderr.strip()}")
+        elif state == "up":
+            self.log(f"link {port} up again")
 
     # ---- collection and verdict --------------------------------------------------------
 
@@ -289,6 +308,10 @@ class Drill:
             time.sleep(wait / 1000)
         self.inject(victim)
         time.sleep(2.0)
+        if self.a.fault == "cut-link":
+            # Owners are counted once the cut server is back (fenced and joined again).
+            self.heal.join()
+            time.sleep(3.0)
         # Where things are after the takeover (two owners?).
         pl_after = self.placement()
         for p in ("iperf", "curl"):
@@ -495,8 +518,10 @@ def print_report(r):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fault", choices=["kill-runtime", "kill-server", "freeze-runtime"],
-                    required=True)
+    ap.add_argument("--fault", choices=["kill-runtime", "kill-server", "cut-link",
+                                        "freeze-runtime"], required=True)
+    ap.add_argument("--heal-after", type=float, default=3.0,
+                    help="cut-link: s until the link is up again")
     ap.add_argument("--replication", default="output-commit",
                     choices=["output-commit", "periodic", "off"])
     ap.add_argument("--prefix", default="drill")

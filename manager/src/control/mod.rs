@@ -17,7 +17,7 @@ pub mod metrics;
 pub mod peer;
 pub mod socket;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -38,9 +38,13 @@ use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Region, MANAGER_SLOT};
 use serde::Serialize;
 
+use crate::linkwatch::LinkChange;
 use crate::relay::{RelayCommand, RelayEvent};
 use crate::supervisor::{ProcEvent, ProcEventKind};
 use peer::{AuthKey, ConnId, JoinInfo, PeerMsg, PeerWriter};
+
+/// How long a fenced member waits for its killed processes to die before joining anyway.
+const FENCE_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a control call may take before its caller gets a timeout.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(3);
@@ -73,6 +77,10 @@ pub enum Event {
     },
     /// Member: joining failed.
     JoinFailed {
+        why: String,
+    },
+    /// Member: the coordinator had declared this server dead; fence, then join again.
+    Fenced {
         why: String,
     },
     PeerMsg {
@@ -195,6 +203,10 @@ pub struct Control {
     incarnation: u64,
     auth: Option<AuthKey>,
     role: Role,
+    /// Fencing (a member the coordinator had declared dead): local slots killed and not
+    /// dead yet, and how long joining waits for them at most.
+    fence_pending: BTreeSet<u16>,
+    fence_until: Option<Instant>,
     members: BTreeMap<u16, Member>,
     view: ClusterView,
     conns: HashMap<ConnId, PeerWriter>,
@@ -298,6 +310,8 @@ impl Control {
             member_stats: BTreeMap::new(),
             last_stats_push: now,
             stop_requested: false,
+            fence_pending: BTreeSet::new(),
+            fence_until: None,
         };
         // This server is a member of its own cluster (of one, when alone).
         let endpoints = c.local_endpoints();
@@ -357,7 +371,10 @@ impl Control {
             ProcEventKind::Died => {
                 // A local runtime's death is recovered from here at once, with no round
                 // trip to a remote coordinator.
-                if let Some(rc) = self.cfg.runtime(&e.process) {
+                // A fenced process's flows were taken over while this server was cut off:
+                // there is nothing to recover.
+                let fenced = self.fence_pending.remove(&e.slot);
+                if let Some(rc) = self.cfg.runtime(&e.process).filter(|_| !fenced) {
                     let chain = self.cfg.chain_of(rc).map(str::to_string);
                     let failed = EndpointAddr::new(self.me, e.slot);
                     self.start_recovery(failed, chain.as_deref(), u64::from(e.generation));
@@ -764,6 +781,7 @@ impl Control {
                 tracing::warn!(%peer, lost, "actor messages to a peer that stopped answering were dropped");
             }
             Event::Relay(RelayEvent::Peer(PeerEvent::Restarted { .. })) => {}
+            Event::Relay(RelayEvent::Link(change)) => self.link_changed(change),
             Event::Ask(f) => f(self),
             Event::Process(e) => self.process_event(e),
             Event::PeerJoin { conn, info, writer } => self.member_joins(conn, info, writer),
@@ -791,6 +809,7 @@ impl Control {
                 self.note(format!("joined the cluster of coordinator {addr}"));
                 self.take_view(view);
             }
+            Event::Fenced { why } => self.fence(why),
             Event::JoinFailed { why } => {
                 if let Role::Member {
                     joining,
@@ -855,6 +874,31 @@ impl Control {
                         format!("chain `{name}` is defined differently on the coordinator"),
                     );
                 }
+            }
+        }
+        // The same life of a server this coordinator declared dead (cut off, not
+        // stopped): its runtimes' flows were recovered elsewhere, and its old primaries
+        // must not come back as second owners. It restarts its processes empty and joins
+        // again as a new incarnation.
+        if let Some(m) = self.members.get(&info.server) {
+            let replicated = m
+                .endpoints
+                .iter()
+                .any(|e| e.kind == ProcessKind::Runtime && self.replicated(e.chain.as_deref()));
+            if !m.alive && m.incarnation == info.incarnation && replicated {
+                let why = m.down.as_ref().map_or("", |d| d.why.as_str());
+                let reason = format!(
+                    "server {} was declared dead ({why}) and its flows were taken over \
+                     elsewhere",
+                    info.server
+                );
+                self.note(format!(
+                    "fenced server {} on its return: {reason}",
+                    info.server
+                ));
+                let _ = writer.send(&PeerMsg::Fence { reason });
+                writer.close();
+                return;
             }
         }
         // A restarted member replaces its previous incarnation.
@@ -960,6 +1004,7 @@ impl Control {
             PeerMsg::Hello { .. }
             | PeerMsg::Join { .. }
             | PeerMsg::Welcome { .. }
+            | PeerMsg::Fence { .. }
             | PeerMsg::Reject { .. } => {
                 tracing::warn!("unexpected handshake frame in a session");
             }
@@ -1024,6 +1069,66 @@ impl Control {
         // Its runtimes' flows live on where they were replicated: every life of them.
         for e in lost {
             self.start_recovery(e.addr, e.chain.as_deref(), u64::MAX);
+        }
+    }
+
+    /// Member: the coordinator declared this server dead while it lived on (a partition)
+    /// and took its runtimes' flows over. Every vswitch and runtime here is killed and
+    /// restarted empty (their flows are not recovered: they live elsewhere now), and this
+    /// nfmgr joins again as a new incarnation once they are dead.
+    fn fence(&mut self, why: String) {
+        let now = Instant::now();
+        self.note(format!(
+            "fenced by the coordinator ({why}): restarting this server's vswitches and \
+             runtimes empty, then joining again"
+        ));
+        for s in 1..self.region.slot_count() {
+            let running = self.region.slot(s).is_some_and(|r| {
+                matches!(r.kind(), ProcessKind::Vswitch | ProcessKind::Runtime)
+                    && r.state() == SlotState::Running
+            });
+            if running && self.kill_local(s, "the fence").is_ok() {
+                self.fence_pending.insert(s);
+            }
+        }
+        self.fence_until = Some(now + FENCE_WAIT);
+        self.incarnation = nflib::time::wall_ns().max(self.incarnation + 1);
+        if let Role::Member {
+            joining, next_try, ..
+        } = &mut self.role
+        {
+            *joining = false;
+            *next_try = now;
+        }
+    }
+
+    /// The cluster link stopped (or started again) carrying a server's frames. The
+    /// coordinator treats a member not heard for the watch's window as dead, as it would a
+    /// closed connection or a silent heartbeat: it leaves the view and its flows are
+    /// recovered where they were replicated. Members only note it: deciding is the
+    /// coordinator's.
+    fn link_changed(&mut self, change: LinkChange) {
+        match change {
+            LinkChange::Down { server, silent_ns } => {
+                let ms = silent_ns as f64 / 1e6;
+                let conn = self
+                    .members
+                    .get(&server)
+                    .filter(|m| m.alive)
+                    .and_then(|m| m.conn);
+                match (&self.role, conn) {
+                    (Role::Coordinator, Some(conn)) => self.peer_down(
+                        conn,
+                        format!("not heard on the cluster link for {ms:.0} ms"),
+                    ),
+                    _ => self.note(format!(
+                        "server {server} not heard on the cluster link for {ms:.0} ms"
+                    )),
+                }
+            }
+            LinkChange::Up { server } => {
+                self.note(format!("server {server} heard on the cluster link again"));
+            }
         }
     }
 
@@ -1207,6 +1312,10 @@ impl Control {
         if *joining || now < *next_try {
             return;
         }
+        // Fencing: join again only once the old lives are dead.
+        if !self.fence_pending.is_empty() && self.fence_until.is_some_and(|t| now < t) {
+            return;
+        }
         let Some(auth) = self.auth.clone() else {
             return;
         };
@@ -1230,7 +1339,10 @@ impl Control {
                         peer::read_loop(conn, reader, events);
                     }
                 }
-                Err(why) => {
+                Err(peer::JoinError::Fenced(why)) => {
+                    let _ = events.send(Event::Fenced { why });
+                }
+                Err(peer::JoinError::Failed(why)) => {
                     let _ = events.send(Event::JoinFailed { why });
                 }
             });

@@ -41,7 +41,7 @@ use super::Event;
 /// 5: alias requests name the flow of each key (refusals echo it), and `SetRuntime` names
 ///    the runtime the keys are to move from.
 /// 6: replication (`Replicate`, `Replicated`), `Recover { incarnation }` and its answer.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 const MAX_FRAME: usize = 16 << 20;
 const TAG: usize = 16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -91,6 +91,13 @@ pub enum PeerMsg {
     },
     /// The sender is shutting down cleanly.
     Leave,
+    /// Coordinator -> a joining member it had declared dead while that nfmgr lived on (a
+    /// partition): its runtimes' flows were taken over elsewhere, so it must restart every
+    /// vswitch and runtime empty, then join again as a new incarnation (a fence: no flow
+    /// ends up with two owners).
+    Fence {
+        reason: String,
+    },
     /// Member to coordinator, once a second: its statistics, events, migrations and
     /// recoveries for `nfmgr top`, as the JSON of [`nflib::top::MemberStats`] (its snapshot
     /// has optional fields, which postcard cannot carry).
@@ -314,13 +321,33 @@ pub struct JoinRequest {
     pub chains: Vec<(String, [u8; 32])>,
 }
 
+/// Why a join did not happen.
+#[derive(Debug)]
+pub enum JoinError {
+    /// The coordinator declared this server dead while it lived on: fence, then join again.
+    Fenced(String),
+    Failed(String),
+}
+
+impl From<String> for JoinError {
+    fn from(s: String) -> JoinError {
+        JoinError::Failed(s)
+    }
+}
+
+impl From<&str> for JoinError {
+    fn from(s: &str) -> JoinError {
+        JoinError::Failed(s.to_string())
+    }
+}
+
 /// Member side: connects to the coordinator and joins. Returns the view it was welcomed
 /// with and the two halves of the session.
 pub fn join(
     addr: SocketAddr,
     auth: &AuthKey,
     req: JoinRequest,
-) -> Result<(ClusterView, PeerWriter, PeerReader), String> {
+) -> Result<(ClusterView, PeerWriter, PeerReader), JoinError> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("cannot reach the coordinator at {addr}: {e}"))?;
     prepare(&stream).map_err(|e| e.to_string())?;
@@ -336,12 +363,14 @@ pub fn join(
     if version != PROTOCOL_VERSION {
         return Err(format!(
             "the coordinator speaks protocol {version}, this nfmgr {PROTOCOL_VERSION}"
-        ));
+        )
+        .into());
     }
     if coordinator == req.server {
         return Err(format!(
             "the coordinator has this server's id ({coordinator}); cluster.server_id must be unique"
-        ));
+        )
+        .into());
     }
     let nonce_j = nonce().map_err(|e| e.to_string())?;
     let proof = auth.proof(&nonce_c, &nonce_j, req.server);
@@ -369,12 +398,19 @@ pub fn join(
     };
     let view = match rd.recv() {
         Ok(PeerMsg::Welcome { view }) => view,
-        Ok(PeerMsg::Reject { reason }) => return Err(format!("the coordinator refused: {reason}")),
-        Ok(_) => return Err("unexpected answer to join".into()),
-        Err(e) if e.contains("authentication") => {
-            return Err("the coordinator does not hold this cluster key".into())
+        Ok(PeerMsg::Reject { reason }) => {
+            return Err(JoinError::Failed(format!(
+                "the coordinator refused: {reason}"
+            )))
         }
-        Err(e) => return Err(format!("join: {e}")),
+        Ok(PeerMsg::Fence { reason }) => return Err(JoinError::Fenced(reason)),
+        Ok(_) => return Err(JoinError::Failed("unexpected answer to join".into())),
+        Err(e) if e.contains("authentication") => {
+            return Err(JoinError::Failed(
+                "the coordinator does not hold this cluster key".into(),
+            ))
+        }
+        Err(e) => return Err(JoinError::Failed(format!("join: {e}"))),
     };
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     Ok((
