@@ -7,7 +7,7 @@
 //!   messages arrive exactly once and in order (and the retransmissions are reported);
 //! - forged frames (wrong key, unknown server, unsigned) change nothing and are counted;
 //! - a killed server's nfmgr is noticed by the coordinator at once (its connection closes),
-//!   a frozen one within the heartbeat timeout, and `nfmgr status` shows it.
+//!   a frozen one by its silence on the cluster link, and `nfmgr status` shows it.
 
 mod common;
 
@@ -381,7 +381,9 @@ fn a_dead_or_frozen_member_is_noticed_and_shown() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Frozen: the connection stays open and only the heartbeats stop (500 ms timeout).
+    // Frozen: the connection stays open, but its data-plane thread stops beating on the
+    // cluster link: seen there in tens of milliseconds (4 beats of 10 ms), not after the
+    // control connection's 500 ms heartbeat timeout.
     let pid = tb.pid(2) as i32;
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
@@ -390,10 +392,7 @@ fn a_dead_or_frozen_member_is_noticed_and_shown() {
     unsafe { libc::kill(pid, libc::SIGCONT) };
     let frozen = frozen.expect("silence noticed");
     eprintln!("frozen nfmgr noticed after {frozen:?}");
-    assert!(
-        frozen >= Duration::from_millis(300) && frozen < Duration::from_millis(1500),
-        "{frozen:?}"
-    );
+    assert!(frozen < Duration::from_millis(400), "{frozen:?}");
     let st = tb.json(1, &["status"]);
     let why = st["servers"]
         .as_array()
@@ -402,5 +401,5 @@ fn a_dead_or_frozen_member_is_noticed_and_shown() {
         .find(|s| s["server"] == 2)
         .map(|s| s["down"]["why"].to_string())
         .unwrap_or_default();
-    assert!(why.contains("heartbeat"), "{st}");
+    assert!(why.contains("not heard on the cluster link"), "{st}");
 }
