@@ -203,6 +203,16 @@ pub fn status(t: &Target) -> Result<()> {
             .into_iter()
             .flatten()
             .map(|p| {
+                let replicas = p["replicas"]
+                    .as_array()
+                    .map(|l| {
+                        l.iter()
+                            .filter_map(|a| a.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .filter(|l| !l.is_empty())
+                    .unwrap_or_else(|| "-".into());
                 vec![
                     s(&p["slot"]),
                     s(&p["name"]),
@@ -210,10 +220,16 @@ pub fn status(t: &Target) -> Result<()> {
                     s(&p["state"]),
                     s(&p["pid"]),
                     s(&p["restarts"]),
+                    replicas,
                 ]
             })
             .collect();
-        out += &table(&["SLOT", "NAME", "KIND", "STATE", "PID", "RESTARTS"], &rows);
+        out += &table(
+            &[
+                "SLOT", "NAME", "KIND", "STATE", "PID", "RESTARTS", "REPLICAS",
+            ],
+            &rows,
+        );
         let pool = &v["pool"];
         out += &format!(
             "pool: {} buffers, {} free, {} cached, {} in use\n",

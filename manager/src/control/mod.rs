@@ -1476,6 +1476,10 @@ impl Control {
             "processes": snap.processes.iter().map(|p| serde_json::json!({
                 "slot": p.slot, "name": p.name, "kind": p.kind, "state": p.state,
                 "pid": p.pid, "restarts": p.restarts,
+                // The replicas its flows are copied to (`SetReplica`), for runtimes of a
+                // replicated chain.
+                "replicas": self.replicas_sent.get(&p.slot)
+                    .map(|(_, list)| list.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
             })).collect::<Vec<_>>(),
             "pool": snap.pool,
         })
