@@ -6,6 +6,7 @@
 //!   flows is killed with SIGKILL; with output commit every flow resumes on its replica, no
 //!   stream stalls, no RST, the download's sha256 matches.
 //! - The same drill with replication off fails (so the drill can fail).
+//! - The same drill with 100,000 generator flows: the killed runtime's 50,000 all resume.
 //! - `kill-server.sh`: server 2's nfmgr and every process of it killed; the same promises.
 //! - `kill-server.sh --cut-link`: server 2's cluster link cut: seen on the link in tens of
 //!   milliseconds, the same promises; when the link heals, server 2 is fenced (comes back
@@ -30,7 +31,35 @@ fn ready(what: &str) -> bool {
 /// Runs a drill with this build's binaries and returns its JSON report and exit status.
 fn drill(script: &str, tag: &str, extra: &[&str]) -> (serde_json::Value, i32) {
     let bin = nfmgr_bin();
-    let dir = bin.parent().expect("bin dir");
+    drill_with(bin.parent().expect("bin dir"), script, tag, extra)
+}
+
+/// Optimised binaries, for drills at the rate a release build carries (100,000 flows):
+/// `NF_RELEASE_BINS` (scripts/test.sh builds them before the tests), else built here.
+fn release_bins() -> std::path::PathBuf {
+    if let Ok(d) = std::env::var("NF_RELEASE_BINS") {
+        return d.into();
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            "nf-manager",
+            "-p",
+            "nf-runtime",
+        ])
+        .args(["-p", "nf-vswitch"])
+        .status()
+        .expect("run cargo build --release");
+    assert!(st.success(), "building the release binaries failed");
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release")
+}
+
+/// Runs a drill with the binaries in `dir`.
+fn drill_with(dir: &Path, script: &str, tag: &str, extra: &[&str]) -> (serde_json::Value, i32) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../scripts/drill")
         .join(script);
@@ -93,6 +122,33 @@ fn a_killed_server_breaks_no_connection_under_output_commit() {
     eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
     assert_eq!(r["verdict"], "pass", "violations: {}", r["violations"]);
     assert_eq!(code, 0);
+}
+
+#[test]
+fn fifty_thousand_generator_flows_on_the_killed_runtime_all_resume_on_their_replicas() {
+    if !ready("the kill-runtime drill with 100,000 generator flows") {
+        return;
+    }
+    // 100,000 flows at one packet a second each, spread over the two servers' runtimes:
+    // the killed one holds about 50,000.
+    let (r, code) = drill_with(
+        &release_bins(),
+        "kill-runtime.sh",
+        "d5",
+        &["--gen-flows", "100000", "--gen-pps", "1"],
+    );
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    assert_eq!(r["verdict"], "pass", "violations: {}", r["violations"]);
+    assert_eq!(code, 0);
+    let on_victim = r["flows"]["affected_generator"].as_u64().unwrap_or(0);
+    assert!(
+        on_victim >= 45_000,
+        "only {on_victim} generator flows on the victim"
+    );
+    assert_eq!(
+        r["flows"]["resumed_generator"],
+        r["flows"]["affected_generator"]
+    );
 }
 
 #[test]

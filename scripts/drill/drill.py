@@ -234,6 +234,12 @@ class Drill:
         for attempt in range(12):
             time.sleep(1.0)
             pl = self.placement()
+            placed = sum(len(k["gen"]) for k in pl.values())
+            if placed < 0.98 * self.a.gen_flows and attempt < 11:
+                # The generator is still starting its flows: the victim's share is not
+                # known yet.
+                self.log(f"{placed} of {self.a.gen_flows} generator flows placed; waiting")
+                continue
             for addr, k in sorted(pl.items()):
                 server = int(addr.split("/")[0])
                 if self.a.fault in ("kill-server", "cut-link") and server == 1:
