@@ -1243,7 +1243,15 @@ fn apply_states(
         if changed & (1 << i) == 0 {
             continue;
         }
-        a.states[i] = r.next_state()?.map(<[u8]>::to_vec);
+        // A monitor's state changes with every packet: its bytes are overwritten in
+        // place, not freed and allocated again each time.
+        match (r.next_state()?, &mut a.states[i]) {
+            (Some(bytes), Some(held)) => {
+                held.clear();
+                held.extend_from_slice(bytes);
+            }
+            (bytes, held) => *held = bytes.map(<[u8]>::to_vec),
+        }
     }
     if !r.is_done() {
         return Err(states::Malformed);
