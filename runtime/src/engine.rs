@@ -1303,9 +1303,12 @@ impl Runtime {
             if mb.send(to, LIAISON, LIAISON, &m).is_err() {
                 // The version is lost: acknowledging a later one must not let go of packets
                 // whose state it carried. The replica is started over (its flows go whole,
-                // their packets wait for that).
+                // their packets wait for that). (A replica no longer used was only being
+                // told to forget.)
                 ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
-                failed.push(to);
+                if self.repl.is_live(to) {
+                    failed.push(to);
+                }
             } else if commit {
                 // Output waits for the answer: neither side should pay a wake-up from its
                 // doorbell sleep for it (hundreds of microseconds on a VM whose idle vCPU

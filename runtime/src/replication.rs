@@ -617,6 +617,26 @@ impl<P> Replicator<P> {
     /// The messages of this flush, one per replica with a change or with packets waiting
     /// for its version: (replica, message).
     pub fn flush(&mut self, now_ns: u64, out: &mut Vec<(EndpointAddr, Message)>) {
+        // A replica no longer used is told once which copies to forget (`lose_link`); no
+        // answer is awaited (it may be dead).
+        for l in self
+            .links
+            .iter_mut()
+            .filter(|l| !l.live && !l.ended.is_empty())
+        {
+            let version = l.next;
+            l.next += 1;
+            out.push((
+                l.addr,
+                Message::Replicate {
+                    incarnation: self.incarnation,
+                    version,
+                    flows: Vec::new(),
+                    states: Vec::new(),
+                    ended: std::mem::take(&mut l.ended),
+                },
+            ));
+        }
         for l in self.links.iter_mut().filter(|l| l.live) {
             let waiting = l.held.back().is_some_and(|h| h.version == l.next);
             if l.batch_empty() {
@@ -636,8 +656,8 @@ impl<P> Replicator<P> {
             // `MAX_BATCH_FLOWS` flows (a lost replica's flows all go again at once); the
             // packets waiting for this flush wait for the last of them.
             let first = l.next;
-            let flows = std::mem::take(&mut l.flows);
-            let states = std::mem::take(&mut l.states);
+            let mut flows = std::mem::take(&mut l.flows);
+            let mut states = std::mem::take(&mut l.states);
             let mut ended = std::mem::take(&mut l.ended);
             let (mut at, mut i) = (0usize, 0usize);
             while i < flows.len() || !ended.is_empty() {
@@ -653,13 +673,22 @@ impl<P> Replicator<P> {
                 l.next += 1;
                 l.unacked.push_back((version, now_ns));
                 self.counters.messages += 1;
+                // The usual flush is one message: its batch moves into it whole.
+                let (part_flows, part_states) = if i == 0 && j == flows.len() {
+                    (std::mem::take(&mut flows), std::mem::take(&mut states))
+                } else {
+                    (
+                        flows[i..j].to_vec(),
+                        states.get(at..at + bytes).unwrap_or_default().to_vec(),
+                    )
+                };
                 out.push((
                     l.addr,
                     Message::Replicate {
                         incarnation: self.incarnation,
                         version,
-                        flows: flows[i..j].to_vec(),
-                        states: states.get(at..at + bytes).unwrap_or_default().to_vec(),
+                        flows: part_flows,
+                        states: part_states,
                         ended: std::mem::take(&mut ended),
                     },
                 ));
@@ -784,8 +813,13 @@ impl<P> Replicator<P> {
             l.acked = incarnation_next - 1;
         }
         let moving: VecDeque<Held<P>> = std::mem::take(&mut self.links[i].held);
+        let forget = &mut self.links[i].ended;
         for t in self.tracked.iter_mut() {
             if t.id != 0 && t.link == i as u16 {
+                // The replica may be alive (dropped from the list, or one message lost):
+                // it is told to forget its copy, which a later `Recover` would otherwise
+                // promote next to the flow's new replica's, older.
+                forget.push(t.id);
                 t.link = NO_LINK;
                 t.synced = false;
                 // Another replica may have room.
@@ -1621,6 +1655,42 @@ mod tests {
         let a = c.take_by_key(&key(1)).expect("flow 3 holds the key");
         assert_eq!(a.key, key(1));
         assert!(c.is_empty() && c.keys.is_empty());
+    }
+
+    #[test]
+    fn a_replica_no_longer_used_is_told_to_forget_its_copies() {
+        const B: EndpointAddr = EndpointAddr { server: 3, slot: 1 };
+        let mut r: Replicator<u32> = Replicator::new(settings(Mode::OutputCommit), 1, 1);
+        r.set_replicas(&[R, B], 0);
+        for s in 0..4u32 {
+            r.touched(s, u64::from(s) + 1, 0);
+        }
+        let mut stores = [ReplicaStore::new(10, 1), ReplicaStore::new(10, 1)];
+        for (to, m) in flush(&mut r, 0, &[Some(b"s")]) {
+            apply(&mut stores[usize::from(to == B)], &m);
+        }
+        let on_r = stores[0].len();
+        assert!(on_r > 0 && !stores[1].is_empty(), "round-robin over both");
+        // R is dropped from the list while alive: its flows go whole to B, and R is told
+        // to forget them, once.
+        r.set_replicas(&[B], 0);
+        let msgs = flush(&mut r, 0, &[Some(b"s")]);
+        let to_r: Vec<&Message> = msgs
+            .iter()
+            .filter(|(to, _)| *to == R)
+            .map(|(_, m)| m)
+            .collect();
+        assert_eq!(to_r.len(), 1);
+        assert!(matches!(to_r[0], Message::Replicate { flows, ended, .. }
+            if flows.is_empty() && ended.len() == on_r));
+        for (to, m) in &msgs {
+            apply(&mut stores[usize::from(*to == B)], m);
+        }
+        assert!(stores[0].is_empty(), "the dropped replica holds nothing");
+        assert_eq!(stores[1].len(), 4);
+        assert!(flush(&mut r, 0, &[Some(b"s")])
+            .iter()
+            .all(|(to, _)| *to != R));
     }
 
     #[test]
