@@ -462,7 +462,9 @@ def testbed_stats(server):
 def flows_on(addr):
     for e in nfmgr("runtimes", "--json", "--socket", "/tmp/nf-testbed-bm/s1.sock"):
         if f"{e['server']}/{e['slot']}" == addr:
-            return e["workload"]["flows_active"]
+            # A runtime whose workload poll did not answer (another server's, just after
+            # the cluster formed) has none yet.
+            return (e.get("workload") or {}).get("flows_active", 0)
     return 0
 
 
@@ -482,7 +484,7 @@ def loss_snapshot(servers):
     # Which runtime's input ring overflowed (the vswitch's drop_ring_full, by consumer);
     # named without "drop" so that the overload sum counts each drop once.
     for e in nfmgr("runtimes", "--json", "--socket", "/tmp/nf-testbed-bm/s1.sock"):
-        snap[f"rt {e['server']}/{e['slot']} input_overflow"] = e["workload"].get("input_drops", 0)
+        snap[f"rt {e['server']}/{e['slot']} input_overflow"] = (e.get("workload") or {}).get("input_drops", 0)
     return snap
 
 
@@ -1215,7 +1217,7 @@ def replication(smoke, repeat):
         return
     between = {}
     for mode in ("off", "periodic", "output-commit"):
-        best = repl_tb_search(mode, secs, 0.05, 1.0, 1 if smoke else 5)
+        best = repl_tb_search(mode, secs, 0.05, 0.3 if smoke else 1.0, 1 if smoke else 5)
         rate, t = best if best else (0.0, {})
         between[mode] = rate
         emit({"bench": "replication", "mode": mode, "path": "two servers",
