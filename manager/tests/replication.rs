@@ -18,7 +18,9 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
+use common::testbed::Testbed;
 use common::{nfmgr_bin, require_root, require_tool};
 
 fn ready(what: &str) -> bool {
@@ -167,6 +169,81 @@ fn a_cut_link_is_seen_in_tens_of_milliseconds_and_the_server_comes_back_fenced()
     let events = r["events"].to_string();
     assert!(events.contains("not heard on the cluster link"), "{events}");
     assert!(events.contains("fenced"), "{events}");
+}
+
+#[test]
+fn a_migrated_flow_is_protected_at_once_and_survives_its_new_runtimes_death() {
+    if !require_root("the migrate-then-kill test") {
+        return;
+    }
+    // Three runtimes, so that each has a replica other than the migration's two ends; 300
+    // generator flows sending one packet every 5 s: idle through the test.
+    let tb = Testbed::up(
+        "mk",
+        1,
+        &[
+            "--runtimes",
+            "3",
+            "--chain",
+            "firewall,flow_monitor",
+            "--chain-set",
+            "replication = \"output-commit\"",
+            "--gen",
+            "300,0.2,90000",
+            "--runtime-set",
+            "unreplied_timeout_s = 600",
+        ],
+    );
+    let flows_of = |name: &str| -> u64 {
+        tb.json(1, &["runtimes"])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["workload"]["flows_active"].as_u64())
+            .unwrap_or(0)
+    };
+    let t0 = Instant::now();
+    while flows_of("rt0") < 90 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "rt0 got no flows");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let m = tb.json(1, &["migrate", "--from", "rt0", "--to", "rt1", "--all"]);
+    let moved = m["moved"].as_u64().unwrap_or(0);
+    assert!(moved >= 90, "{m}");
+    // At once, before any of them sends again: rt1 dies holding its own flows and the
+    // migrated ones, which must already have replicas.
+    let held = flows_of("rt1");
+    let out = tb.nfmgr(1, &["kill", "rt1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = Instant::now();
+    let mut taken = 0;
+    while t0.elapsed() < Duration::from_secs(5) {
+        let top = tb.json(1, &["top"]);
+        taken = top["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["what"].as_str())
+            .filter_map(|w| w.strip_prefix("took over "))
+            .filter_map(|w| w.split(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>();
+        if taken >= held {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("rt1 held {held} flows ({moved} migrated in); {taken} taken over");
+    assert!(held >= moved + 50, "rt1 held {held}");
+    assert_eq!(
+        taken, held,
+        "every flow rt1 held, migrated ones included, was taken over"
+    );
 }
 
 /// A generator packet's (flow, sequence number), from its stamp after the UDP header.

@@ -1582,8 +1582,8 @@ impl FlowHost for EngineHost<'_> {
         let slot = self.slot_at(f)?;
         let a = self.rt.flows.get(slot)?;
         // The flow is the target's from here: its copy here must not be promoted should
-        // this runtime die (the target replicates it afresh). Should the hand-over fail,
-        // the flow's next packet sends it whole again.
+        // this runtime die (the target replicates it afresh, whole, as it installs it).
+        // Should the hand-over fail, the flow's next packet sends it whole again.
         self.rt.repl.ended(slot, a.id);
         let now = self.now_ms;
         let start = out.len();
@@ -1680,6 +1680,10 @@ impl FlowHost for EngineHost<'_> {
         let a = a.clone();
         let deadline = self.rt.deadline(&a, now);
         self.rt.timers.arm(e, deadline.max(now + 1));
+        // Protected at once, whole, not at its first packet here: the source's copy was
+        // dropped at hand-over, and an idle flow would otherwise have no replica until
+        // its next packet (this runtime's death meanwhile would lose it).
+        self.rt.repl.protect(slot, a.id);
         true
     }
 
