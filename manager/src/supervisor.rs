@@ -101,6 +101,13 @@ fn proc_stat(pid: u32) -> Option<(char, u64)> {
     Some((state, utime + stime))
 }
 
+/// The parent of process `pid`, from `/proc/PID/stat`; `None` if it cannot be read.
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Something that happened to a process, for the log and the final report.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProcEvent {

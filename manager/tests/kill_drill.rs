@@ -186,3 +186,57 @@ spec = "sink:"
     assert!(inst.log().contains("killed by SIGKILL"), "{}", inst.log());
     assert!(inst.stop().success());
 }
+
+#[test]
+fn kill_signals_only_a_child_of_nfmgr_whatever_the_pid_word_in_shared_memory_says() {
+    let mut inst = Instance::new("kpid");
+    inst.start("[[vswitch]]\nname = \"vs0\"\n[[runtime]]\nname = \"rt0\"\n");
+    let region = inst.region(Duration::from_secs(20));
+    let snap = inst.wait_for(&region, Duration::from_secs(20), "rt0 running", |s| {
+        s.process("rt0")
+            .map(|p| p.state == SlotState::Running && p.pid != 0)
+            .unwrap_or(false)
+    });
+    let rt0 = snap.process("rt0").expect("rt0");
+    let (slot, real) = (rt0.slot, rt0.pid);
+    let kill = || {
+        std::process::Command::new(common::nfmgr_bin())
+            .args(["kill", "rt0", "--config"])
+            .arg(inst.path("nfmgr.toml"))
+            .output()
+            .expect("nfmgr kill")
+    };
+    // Any process of the machine (here one of the test's own) named in the runtime's pid
+    // word, which every attached process can write, is left alone.
+    let mut bystander = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .expect("sleep");
+    let rec = region.slot(slot).expect("rt0's slot");
+    rec.pid
+        .store(bystander.id(), std::sync::atomic::Ordering::Relaxed);
+    let out = kill();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "kill of a forged pid went through");
+    assert!(err.contains("not a process of this nfmgr"), "{err}");
+    assert!(
+        bystander.try_wait().expect("wait").is_none(),
+        "the process named by the forged pid word was killed"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    // The real one is killed (and replaced).
+    rec.pid.store(real, std::sync::atomic::Ordering::Relaxed);
+    let out = kill();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    inst.wait_for(&region, Duration::from_secs(20), "rt0 replaced", |s| {
+        s.process("rt0")
+            .map(|p| p.state == SlotState::Running && p.pid != real)
+            .unwrap_or(false)
+    });
+    inst.stop();
+}

@@ -583,11 +583,20 @@ impl Control {
         if rec.state() != SlotState::Running || pid == 0 {
             return Err(format!("{name} is not running (it is {:?})", rec.state()));
         }
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .map_err(|e| format!("cannot kill {name} (pid {pid}): {e}"))?;
+        // The pid word is in shared memory, which every attached process can write: as
+        // `kill(2)`'s argument, 0 or a value past i32::MAX would signal a process group or
+        // every process. Only a child of this nfmgr is signalled, through a pidfd opened
+        // before the check (so the pid cannot be reused in between).
+        let not_ours = || format!("{name}: its slot names pid {pid}, not a process of this nfmgr");
+        if pid <= 1 || i32::try_from(pid).is_err() {
+            return Err(not_ours());
+        }
+        let fd = crate::sys::pidfd_open(pid)
+            .map_err(|e| format!("cannot kill {name} (pid {pid}): {e}"))?;
+        if crate::supervisor::parent_of(pid) != Some(std::process::id()) {
+            return Err(not_ours());
+        }
+        crate::sys::pidfd_signal(&fd, libc::SIGKILL);
         self.top_event(&name, format!("killed with SIGKILL by {by} (pid {pid})"));
         Ok(format!("{name} (pid {pid}) killed"))
     }
