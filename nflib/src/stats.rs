@@ -92,6 +92,7 @@ counter_set!(
     ReplicaMalformed => "replica_malformed",
     FlowsRecovered => "flows_recovered",
     DropAwaitingRecovery => "drop_awaiting_recovery",
+    ReplUnprotectedUs => "repl_unprotected_us",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the

@@ -1429,6 +1429,10 @@ impl Runtime {
         c.set(ProcCounter::ReplRefused as usize, r.refused);
         c.set(ProcCounter::ReplFlowsMoved as usize, r.moved);
         c.set(ProcCounter::ReplLagUs as usize, r.last_lag_ns / 1000);
+        c.set(
+            ProcCounter::ReplUnprotectedUs as usize,
+            r.last_unprotected_ns / 1000,
+        );
         let rc = self.replica.counters;
         c.set(
             ProcCounter::ReplicaFlows as usize,

@@ -188,6 +188,19 @@ pub struct PrimaryCounters {
     /// Acknowledgement delay, the last one and the largest (ns).
     pub last_lag_ns: u64,
     pub max_lag_ns: u64,
+    /// How long flows went without a copy after their replica was lost: from the loss to
+    /// the acknowledgement of their whole copies by other replicas (ns), the last time and
+    /// the longest.
+    pub last_unprotected_ns: u64,
+    pub max_unprotected_ns: u64,
+}
+
+/// Flows moved off a lost replica, until their new replicas hold them.
+#[derive(Clone, Debug)]
+struct Reprotect {
+    since_ns: u64,
+    /// Written to the new replicas: per link, the version their copies went in.
+    sent: Option<Vec<(u16, u64)>>,
 }
 
 /// What the engine knows of a dirty flow when writing it to a batch.
@@ -219,6 +232,7 @@ pub struct Replicator<P> {
     orphans: VecDeque<Held<P>>,
     scratch: Vec<u8>,
     hasher: foldhash::fast::FixedState,
+    reprotect: Option<Reprotect>,
     pub counters: PrimaryCounters,
 }
 
@@ -242,6 +256,7 @@ impl<P> Replicator<P> {
             orphans: VecDeque::new(),
             scratch: Vec::new(),
             hasher: foldhash::fast::FixedState::with_seed(0x7265_706c_6963_6131),
+            reprotect: None,
             counters: PrimaryCounters::default(),
         }
     }
@@ -705,6 +720,28 @@ impl<P> Replicator<P> {
                 }
             }
         }
+        // The flows moved off a lost replica went whole in this flush (they were dirty):
+        // their new replicas hold them once these versions are acknowledged.
+        if let Some(r) = self.reprotect.as_mut().filter(|r| r.sent.is_none()) {
+            if self.orphans.is_empty() && self.links.iter().any(|l| l.live) {
+                let sent: Vec<(u16, u64)> = self
+                    .links
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.live && l.next - 1 > l.acked)
+                    .map(|(i, l)| (i as u16, l.next - 1))
+                    .collect();
+                if sent.is_empty() {
+                    // Nothing left to copy (the moved flows ended meanwhile).
+                    let window = now_ns.saturating_sub(r.since_ns);
+                    self.counters.last_unprotected_ns = window;
+                    self.counters.max_unprotected_ns = self.counters.max_unprotected_ns.max(window);
+                    self.reprotect = None;
+                } else {
+                    r.sent = Some(sent);
+                }
+            }
+        }
     }
 
     /// Replica `from` answered: versions up to `version` are applied, but `refused` flows
@@ -730,6 +767,18 @@ impl<P> Replicator<P> {
             return;
         }
         l.acked = version;
+        if let Some(r) = self.reprotect.as_mut() {
+            if let Some(sent) = r.sent.as_mut() {
+                sent.retain(|&(link, v)| !(link == i as u16 && v <= version));
+                if sent.is_empty() {
+                    let window = now_ns.saturating_sub(r.since_ns);
+                    self.counters.last_unprotected_ns = window;
+                    self.counters.max_unprotected_ns = self.counters.max_unprotected_ns.max(window);
+                    self.reprotect = None;
+                }
+            }
+        }
+        let l = &mut self.links[i];
         while let Some(&(v, sent)) = l.unacked.front() {
             if v > version {
                 break;
@@ -800,7 +849,20 @@ impl<P> Replicator<P> {
         self.adopt_orphans(now_ns);
     }
 
-    fn lose_link(&mut self, i: usize, _now_ns: u64) {
+    fn lose_link(&mut self, i: usize, now_ns: u64) {
+        let had_flows = self.tracked.iter().any(|t| t.id != 0 && t.link == i as u16);
+        if had_flows {
+            // A loss while an earlier one is being made good counts from the earlier.
+            match &mut self.reprotect {
+                Some(r) => r.sent = None,
+                None => {
+                    self.reprotect = Some(Reprotect {
+                        since_ns: now_ns,
+                        sent: None,
+                    })
+                }
+            }
+        }
         let incarnation_next = self.links[i].next;
         {
             let l = &mut self.links[i];
@@ -1691,6 +1753,35 @@ mod tests {
         assert!(flush(&mut r, 0, &[Some(b"s")])
             .iter()
             .all(|(to, _)| *to != R));
+    }
+
+    #[test]
+    fn a_lost_replicas_flows_are_unprotected_until_their_new_replica_acknowledges_them() {
+        const B: EndpointAddr = EndpointAddr { server: 3, slot: 1 };
+        let mut r: Replicator<u32> = Replicator::new(settings(Mode::OutputCommit), 1, 1);
+        r.set_replicas(&[R, B], 0);
+        for s in 0..4u32 {
+            r.touched(s, u64::from(s) + 1, 0);
+        }
+        let msgs = flush(&mut r, 0, &[Some(b"s")]);
+        for (to, m) in &msgs {
+            let Message::Replicate { version, .. } = m else {
+                panic!()
+            };
+            r.on_replicated(*to, 1, *version, &[], &[], 1_000);
+        }
+        // R dies at 10 ms; its flows go whole to B at the next flush (11 ms) and B answers
+        // at 13 ms.
+        r.replica_lost(R, false, 10_000_000);
+        let msgs = flush(&mut r, 11, &[Some(b"s")]);
+        assert_eq!(r.counters.last_unprotected_ns, 0, "not protected yet");
+        let (to, m) = msgs.iter().find(|(to, _)| *to == B).expect("to B");
+        let Message::Replicate { version, flows, .. } = m else {
+            panic!()
+        };
+        assert!(flows.iter().all(|f| f.new.is_some()), "whole");
+        r.on_replicated(*to, 1, *version, &[], &[], 13_000_000);
+        assert_eq!(r.counters.last_unprotected_ns, 3_000_000);
     }
 
     #[test]

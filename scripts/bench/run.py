@@ -1090,6 +1090,43 @@ def repl_takeover(flows_per_runtime, pps_per_flow=1.0):
         testbed("down")
 
 
+def repl_replica_loss(flows_per_runtime, pps_per_flow=1.0):
+    """Test bed, one server, three runtimes under output commit, 3N generator flows: kill
+    rt1 and read how long the flows whose replica it was went without a copy (each
+    surviving runtime's `repl_unprotected_us`: from the loss to their new replica's
+    acknowledgement of their whole copies)."""
+    gen_flows = 3 * flows_per_runtime
+    warm = 1.0 / pps_per_flow + 2.0
+    testbed("down")
+    up = testbed("up", "--servers", "1", "--runtimes", "3", "--chain", "firewall,flow_monitor",
+                 "--chain-set", 'replication = "output-commit"',
+                 "--gen", f"{gen_flows},{pps_per_flow},{int((warm + 30) * 1000)}",
+                 "--runtime-set", "max_flows = 2000000",
+                 "--runtime-set", "unreplied_timeout_s = 600")
+    if up.returncode != 0:
+        raise RuntimeError(f"testbed did not come up: {up.stderr[-2000:]}")
+    sock = "/tmp/nf-testbed-bm/s1.sock"
+    try:
+        deadline = time.time() + warm + 30
+        while flows_on("1/3") < flows_per_runtime * 0.95:
+            if time.time() > deadline:
+                raise RuntimeError(f"rt1 holds {flows_on('1/3')} flows")
+            time.sleep(0.5)
+        time.sleep(1.0 / pps_per_flow + 0.5)
+        nfmgr("kill", "rt1", "--socket", sock, "--json")
+        time.sleep(3.0)
+        windows = {}
+        for p in testbed_stats(1)["processes"]:
+            if p["name"] in ("rt0", "rt2"):
+                windows[p["name"]] = p["counters"].get("repl_unprotected_us", 0) / 1000
+        return {
+            "flows_per_runtime": flows_per_runtime,
+            "unprotected_ms": {k: round(v, 1) for k, v in windows.items()},
+        }
+    finally:
+        testbed("down")
+
+
 def repl_tb_trial(mode, mpps, secs, flows=1000):
     """Between servers: the test bed's two servers with one runtime each, replicating to
     each other over the cluster link; server 1's generator offers `mpps` over `flows`
@@ -1229,6 +1266,9 @@ def replication(smoke, repeat):
     for n in ((2000,) if smoke else (10_000, 50_000, 100_000)):
         emit({"bench": "replication", "what": "kill a runtime (one host)",
               **repl_takeover(n, 2.0 if smoke else 1.0)})
+    for n in ((2000,) if smoke else (10_000, 50_000)):
+        emit({"bench": "replication", "what": "a replica killed (one host)",
+              **repl_replica_loss(n, 2.0 if smoke else 1.0)})
     for how in ("kill", "cut"):
         for n in ((2000,) if smoke else (10_000, 50_000)):
             emit({"bench": "replication", "what": "kill a server (two servers)",
