@@ -212,3 +212,47 @@ fn processes_pinned_to_cores_start_and_run() {
     drop(region);
     assert!(inst.stop().success());
 }
+
+#[test]
+fn a_paced_generator_sends_exactly_flows_times_rate_times_duration() {
+    let mut inst = Instance::new("gencount");
+    inst.start(
+        r#"
+[manager]
+exit_when_done = true
+report = "report.json"
+[[vswitch]]
+name = "vs0"
+[[runtime]]
+name = "rt0"
+[[port]]
+name = "gen0"
+spec = "gen:"
+to = "sink0"
+flows = 100
+rate_pps = 1000
+duration_ms = 700
+[[port]]
+name = "sink0"
+spec = "sink:"
+"#,
+    );
+    assert!(
+        inst.wait_exit(Duration::from_secs(30)).success(),
+        "{}",
+        inst.log()
+    );
+    let report = inst.report();
+    let snap: nflib::snapshot::RegionSnapshot =
+        serde_json::from_value(report["snapshot"].clone()).expect("snapshot");
+    let gen = snap.port("gen0").expect("gen0");
+    let sink = snap.port("sink0").expect("sink0");
+    // 100 flows x 1,000 packets/s x 0.7 s, not one short.
+    assert_eq!(
+        gen.counters["gen_sent"] + gen.counters.get("gen_skipped").copied().unwrap_or(0),
+        70_000,
+        "{:#?}",
+        gen.counters
+    );
+    assert_eq!(sink.counters["sink_rx"], gen.counters["gen_sent"]);
+}

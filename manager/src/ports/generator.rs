@@ -302,15 +302,22 @@ impl Port for Generator {
         }
         let start = *self.start.get_or_insert(ctx.now);
         let elapsed = ctx.now.saturating_duration_since(start);
+        // Packet k (from 0) is due at k / rate: the first at once, and `duration x rate` of
+        // them in all (the last one a period before the end), not one short.
+        let total = self
+            .duration
+            .filter(|_| self.rate > 0.0)
+            .map(|d| (d.as_secs_f64() * self.total_rate()).round() as u64);
         if let Some(d) = self.duration {
-            if elapsed >= d {
+            if elapsed >= d && total.is_none_or(|t| self.emitted >= t) {
                 self.done = true;
                 ctx.counters.set(PortCounter::GenDone as usize, 1);
                 return;
             }
         }
         let (due, may_skip) = if self.rate > 0.0 {
-            let target = (elapsed.as_secs_f64() * self.total_rate()) as u64;
+            let target = ((elapsed.as_secs_f64() * self.total_rate()) as u64 + 1)
+                .min(total.unwrap_or(u64::MAX));
             (
                 (target.saturating_sub(self.emitted) as usize).min(MAX_PER_CALL),
                 true,
@@ -398,7 +405,7 @@ impl Port for Generator {
         if self.rate <= 0.0 {
             return Some(now);
         }
-        let next = Duration::from_secs_f64((self.emitted + 1) as f64 / self.total_rate());
+        let next = Duration::from_secs_f64(self.emitted as f64 / self.total_rate());
         let mut at = start + next;
         if let Some(d) = self.duration {
             at = at.min(start + d);
