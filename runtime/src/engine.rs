@@ -1082,19 +1082,18 @@ impl Runtime {
     ) -> (usize, usize) {
         let promoted = self.replica.promote(failed, incarnation);
         let flows = promoted.len();
-        // Few vswitches, many keys: grouped in one pass over the copies, without sorting.
+        // Few vswitches, many keys: grouped in one pass over the key index (compact, and it
+        // names each key's vswitch), without sorting.
         let mut by_vswitch: Vec<(EndpointAddr, Vec<FlowKey>)> = Vec::new();
-        for a in promoted.flows.values() {
-            let i = match by_vswitch.iter().position(|(v, _)| *v == a.vswitch) {
+        for (k, &(_, vswitch)) in &promoted.keys {
+            let i = match by_vswitch.iter().position(|(v, _)| *v == vswitch) {
                 Some(i) => i,
                 None => {
-                    by_vswitch.push((a.vswitch, Vec::with_capacity(promoted.keys.len())));
+                    by_vswitch.push((vswitch, Vec::with_capacity(promoted.keys.len())));
                     by_vswitch.len() - 1
                 }
             };
-            let keys = &mut by_vswitch[i].1;
-            keys.push(a.key);
-            keys.extend_from_slice(&a.aliases);
+            by_vswitch[i].1.push(*k);
         }
         if !promoted.is_empty() {
             self.recovered.push(promoted);

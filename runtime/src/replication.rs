@@ -1053,7 +1053,9 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 pub struct Copies {
     pub incarnation: u64,
     pub flows: FastMap<u64, ReplicaActor>,
-    pub keys: FastMap<FlowKey, u64>,
+    /// Every key (own and alias) to its flow's id and the vswitch that feeds the flow: a
+    /// takeover groups the keys to re-point by vswitch from this table alone.
+    pub keys: FastMap<FlowKey, (u64, EndpointAddr)>,
 }
 
 impl Copies {
@@ -1084,7 +1086,7 @@ impl Copies {
 
     /// Takes the copy that `key` (its own or an alias) names.
     pub fn take_by_key(&mut self, key: &FlowKey) -> Option<ReplicaActor> {
-        let id = *self.keys.get(key)?;
+        let (id, _) = *self.keys.get(key)?;
         self.take(id)
     }
 
@@ -1092,7 +1094,7 @@ impl Copies {
     /// may give two flows one key: the later one holds it, and the earlier one's end must
     /// not take it away).
     fn unindex(&mut self, id: u64, key: &FlowKey) {
-        if self.keys.get(key) == Some(&id) {
+        if self.keys.get(key).is_some_and(|e| e.0 == id) {
             self.keys.remove(key);
         }
     }
@@ -1103,9 +1105,9 @@ impl Copies {
             if self.flows.contains_key(&id) || self.keys.contains_key(&a.key) {
                 continue;
             }
-            self.keys.insert(a.key, id);
+            self.keys.insert(a.key, (id, a.vswitch));
             for al in &a.aliases {
-                self.keys.entry(*al).or_insert(id);
+                self.keys.entry(*al).or_insert((id, a.vswitch));
             }
             self.flows.insert(id, a);
         }
@@ -1229,7 +1231,7 @@ impl ReplicaStore {
                 // Created again whole (the primary lost this replica in between): the old
                 // copy's keys go with it.
                 life.take(f.id);
-                life.keys.insert(n.key, f.id);
+                life.keys.insert(n.key, (f.id, n.vswitch));
                 life.flows.insert(
                     f.id,
                     ReplicaActor {
@@ -1261,12 +1263,13 @@ impl ReplicaStore {
             a.packets = f.packets;
             a.last_ms = now_ms;
             if let Some(al) = &f.aliases {
+                let vswitch = a.vswitch;
                 let old = std::mem::replace(&mut a.aliases, al.clone());
                 for k in &old {
                     life.unindex(f.id, k);
                 }
                 for k in al {
-                    life.keys.insert(*k, f.id);
+                    life.keys.insert(*k, (f.id, vswitch));
                 }
             }
             self.counters.flows_applied += 1;
