@@ -694,6 +694,8 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         cfg.cluster.link_misses,
         nflib::time::mono_ns(),
     ));
+    // The supervisor's pidfds, by slot: the control thread kills through them.
+    let pidfds = supervisor::Pidfds::default();
     let control = control::Control::new(
         cfg.clone(),
         region.clone(),
@@ -702,7 +704,8 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         ctl_tx.clone(),
         incarnation,
         cluster_key,
-    );
+    )
+    .with_pidfds(pidfds.clone());
     let handle = control.handle();
     let socket_path = cfg.control_socket_path();
     control::socket::serve(&socket_path, handle.clone()).with_context(|| {
@@ -756,7 +759,8 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         ev_rx,
         event_bell,
         signals,
-    );
+    )
+    .with_pidfds(pidfds);
     let to_control = ctl_tx.clone();
     sup.observe(move |e| {
         let _ = to_control.send(control::Event::Process(e.clone()));

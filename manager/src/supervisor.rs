@@ -13,11 +13,12 @@
 //!    wait for the acknowledgement, and only then spawn the replacement, so two consumers never
 //!    read one ring.
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Command as ProcCommand, Stdio};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -70,7 +71,7 @@ enum Phase {
 struct Proc {
     spec: ProcSpec,
     phase: Phase,
-    pidfd: Option<OwnedFd>,
+    pidfd: Option<Arc<OwnedFd>>,
     pid: u32,
     spawned_at: Instant,
     /// Consecutive deaths before reaching `Running`.
@@ -99,13 +100,6 @@ fn proc_stat(pid: u32) -> Option<(char, u64)> {
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
     Some((state, utime + stime))
-}
-
-/// The parent of process `pid`, from `/proc/PID/stat`; `None` if it cannot be read.
-pub fn parent_of(pid: u32) -> Option<u32> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Something that happened to a process, for the log and the final report.
@@ -157,7 +151,14 @@ pub struct Supervisor {
     pub deaths: u64,
     pub restarts: u64,
     stopping: bool,
+    /// The running processes' pidfds by slot, shared with the control thread: `nfmgr kill`
+    /// and the fence signal a process through these, never through the pid word in shared
+    /// memory (which any attached process can write).
+    pidfds: Pidfds,
 }
+
+/// Pidfds of the running processes, by slot.
+pub type Pidfds = Arc<Mutex<HashMap<u16, Arc<OwnedFd>>>>;
 
 /// Reaps the process behind a pidfd if it has exited: Some(exit code, or minus the signal).
 fn reap(fd: &OwnedFd) -> Option<i32> {
@@ -233,7 +234,14 @@ impl Supervisor {
             deaths: 0,
             restarts: 0,
             stopping: false,
+            pidfds: Pidfds::default(),
         }
+    }
+
+    /// Keeps the running processes' pidfds in `pidfds`, which the control thread shares.
+    pub fn with_pidfds(mut self, pidfds: Pidfds) -> Supervisor {
+        self.pidfds = pidfds;
+        self
     }
 
     /// Calls `f` with every event from now on.
@@ -303,9 +311,13 @@ impl Supervisor {
         let pid = child.id();
         // The pidfd, not `Child`, is how the process is watched and reaped.
         drop(child);
-        let pidfd = pidfd_open(pid).context("pidfd_open")?;
+        let pidfd = Arc::new(pidfd_open(pid).context("pidfd_open")?);
         if let Some(rec) = self.region.slot(spec.slot) {
             rec.pid.store(pid, Ordering::Relaxed);
+        }
+        let slot = spec.slot;
+        if let Ok(mut m) = self.pidfds.lock() {
+            m.insert(slot, pidfd.clone());
         }
         let p = &mut self.procs[i];
         p.pid = pid;
@@ -376,6 +388,9 @@ impl Supervisor {
         let p = &mut self.procs[i];
         p.pidfd = None;
         p.died_at = Instant::now();
+        if let Ok(mut m) = self.pidfds.lock() {
+            m.remove(&p.spec.slot);
+        }
         let was_running = p.reached_running;
         if !was_running {
             p.start_failures += 1;
@@ -627,7 +642,7 @@ impl Supervisor {
                 return;
             }
             for i in exited {
-                let code = self.procs[i].pidfd.as_ref().and_then(reap);
+                let code = self.procs[i].pidfd.as_deref().and_then(reap);
                 if let Some(code) = code {
                     self.on_exit(i, code);
                 }
@@ -680,9 +695,12 @@ impl Supervisor {
         let mut killed = false;
         loop {
             for i in 0..self.procs.len() {
-                let code = self.procs[i].pidfd.as_ref().and_then(reap);
+                let code = self.procs[i].pidfd.as_deref().and_then(reap);
                 if let Some(code) = code {
                     self.procs[i].pidfd = None;
+                    if let Ok(mut m) = self.pidfds.lock() {
+                        m.remove(&self.procs[i].spec.slot);
+                    }
                     self.procs[i].phase = Phase::Down;
                     if let Some(rec) = self.region.slot(self.procs[i].spec.slot) {
                         rec.last_exit.store(code, Ordering::Relaxed);

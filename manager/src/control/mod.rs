@@ -207,6 +207,8 @@ pub struct Control {
     /// dead yet, and how long joining waits for them at most.
     fence_pending: BTreeSet<u16>,
     fence_until: Option<Instant>,
+    /// The supervisor's pidfds of the running processes: what `kill_local` signals.
+    pidfds: crate::supervisor::Pidfds,
     members: BTreeMap<u16, Member>,
     view: ClusterView,
     conns: HashMap<ConnId, PeerWriter>,
@@ -312,6 +314,7 @@ impl Control {
             stop_requested: false,
             fence_pending: BTreeSet::new(),
             fence_until: None,
+            pidfds: Default::default(),
         };
         // This server is a member of its own cluster (of one, when alone).
         let endpoints = c.local_endpoints();
@@ -567,6 +570,13 @@ impl Control {
         }
     }
 
+    /// Shares the supervisor's pidfds of the running processes (`kill_local` signals
+    /// through them).
+    pub fn with_pidfds(mut self, pidfds: crate::supervisor::Pidfds) -> Control {
+        self.pidfds = pidfds;
+        self
+    }
+
     /// Kills one of this server's vswitches or runtimes with SIGKILL (a failover drill);
     /// the supervisor sees it die and restarts it as it would after a crash.
     pub fn kill_local(&mut self, slot: u16, by: &str) -> Result<String, String> {
@@ -583,19 +593,15 @@ impl Control {
         if rec.state() != SlotState::Running || pid == 0 {
             return Err(format!("{name} is not running (it is {:?})", rec.state()));
         }
-        // The pid word is in shared memory, which every attached process can write: as
-        // `kill(2)`'s argument, 0 or a value past i32::MAX would signal a process group or
-        // every process. Only a child of this nfmgr is signalled, through a pidfd opened
-        // before the check (so the pid cannot be reused in between).
-        let not_ours = || format!("{name}: its slot names pid {pid}, not a process of this nfmgr");
-        if pid <= 1 || i32::try_from(pid).is_err() {
-            return Err(not_ours());
-        }
-        let fd = crate::sys::pidfd_open(pid)
-            .map_err(|e| format!("cannot kill {name} (pid {pid}): {e}"))?;
-        if crate::supervisor::parent_of(pid) != Some(std::process::id()) {
-            return Err(not_ours());
-        }
+        // Signalled through the supervisor's pidfd for the slot, never by the pid word in
+        // shared memory, which every attached process can write (as `kill(2)`'s argument,
+        // 0 or a value past i32::MAX would signal a process group or every process).
+        let fd = self
+            .pidfds
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&slot).cloned())
+            .ok_or_else(|| format!("{name} is not a running process of this nfmgr"))?;
         crate::sys::pidfd_signal(&fd, libc::SIGKILL);
         self.top_event(&name, format!("killed with SIGKILL by {by} (pid {pid})"));
         Ok(format!("{name} (pid {pid}) killed"))
