@@ -738,10 +738,13 @@ impl Region {
     /// packet is shorter.
     pub fn strip_front(&self, p: &mut Packet, n: usize) -> bool {
         let d = p.desc_mut();
-        if n > d.len as usize {
+        // With 65,536-byte buffers a packet can end at byte 65,536: stripping all of it
+        // would put the offset one past what a u16 holds (it wrapped to 0, the metadata).
+        let off = usize::from(d.off) + n;
+        if n > usize::from(d.len) || off > usize::from(u16::MAX) {
             return false;
         }
-        d.off += n as u16;
+        d.off = off as u16;
         d.len -= n as u16;
         true
     }
@@ -969,6 +972,33 @@ mod tests {
             "second claim of the same buffer"
         );
         assert_eq!(r.data(&p).len(), 64);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn stripping_a_packet_that_ends_at_a_65536_byte_buffers_end_never_wraps() {
+        let (r, path) = temp_region(RegionConfig {
+            buffer_size: 65536,
+            buffers: 64,
+            ..small()
+        });
+        // From byte 192 to the buffer's end, byte 65,536.
+        const LEN: u16 = 65_344;
+        let d = Desc {
+            buf: 5,
+            off: 192,
+            len: LEN,
+            ..Desc::default()
+        };
+        r.buf_meta(5).unwrap().owner.store(0, Ordering::Relaxed);
+        let mut p = r.claim(d, 0, 1).expect("valid");
+        assert!(
+            !r.strip_front(&mut p, usize::from(LEN)),
+            "the offset would not fit"
+        );
+        assert_eq!((p.desc().off, p.desc().len), (192, LEN), "unchanged");
+        assert!(r.strip_front(&mut p, 100));
+        assert_eq!((p.desc().off, p.desc().len), (292, LEN - 100));
         std::fs::remove_file(&path).unwrap();
     }
 }
