@@ -243,17 +243,23 @@ def e2e_trial(mpps, secs, flows=1000):
     }
 
 
-def e2e_search(secs, lo=0.5, hi=10.0, steps=6, max_loss=0.001):
-    """Highest offered rate (Mpps) delivered with loss <= max_loss."""
+def loss_bounded(trial, lo, hi, steps, max_loss=0.001):
+    """Bisects for the highest offered rate (Mpps) that `trial(rate)` carries with loss <=
+    max_loss; returns (rate, that trial's figures), or None if even `lo`'s half fails."""
     best = None
     for _ in range(steps):
         mid = (lo + hi) / 2
-        t = e2e_trial(mid, secs)
+        t = trial(mid)
         if t["loss"] <= max_loss:
             best, lo = (mid, t), mid
         else:
             hi = mid
     return best
+
+
+def e2e_search(secs, lo=0.5, hi=10.0, steps=6, max_loss=0.001):
+    """Highest offered rate (Mpps) delivered with loss <= max_loss."""
+    return loss_bounded(lambda r: e2e_trial(r, secs), lo, hi, steps, max_loss)
 
 
 # ---------------------------------------------------------------- DPDK ports
@@ -1032,40 +1038,44 @@ def repl_trial(mode, mpps, secs, flows=1000):
     }
 
 
-def repl_search(mode, secs, lo, hi, steps, max_loss=0.001):
-    best = None
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        t = repl_trial(mode, mid, secs)
-        if t["loss"] <= max_loss:
-            best, lo = (mid, t), mid
-        else:
-            hi = mid
-    return best
+def repl_bed_up(servers, runtimes, gen_flows, pps_per_flow, watch, want, start_after_ms=0):
+    """Brings up the test bed with `runtimes` runtimes per server under output commit and
+    `gen_flows` generator flows of `pps_per_flow` each from server 1, and returns once
+    runtime `watch` ("server/slot") holds `want` of them and each has sent once more."""
+    warm = 1.0 / pps_per_flow + 2.0
+    testbed("down")
+    up = testbed("up", "--servers", str(servers), "--runtimes", str(runtimes),
+                 "--chain", "firewall,flow_monitor",
+                 "--chain-set", 'replication = "output-commit"',
+                 "--gen", f"{gen_flows},{pps_per_flow},{int((warm + 40) * 1000)},{start_after_ms}",
+                 "--runtime-set", "max_flows = 2000000",
+                 "--runtime-set", "unreplied_timeout_s = 600")
+    if up.returncode != 0:
+        raise RuntimeError(f"testbed did not come up: {up.stderr[-2000:]}")
+    deadline = time.time() + warm + 40
+    while flows_on(watch) < want * 0.95:
+        if time.time() > deadline:
+            testbed("down")
+            raise RuntimeError(f"{watch} holds {flows_on(watch)} flows, expected {want}")
+        time.sleep(0.5)
+    time.sleep(1.0 / pps_per_flow + 0.5)
+
+
+def takeover_events(events, fault):
+    """The "took over" events from `fault` (ms) on, and the flows they took over."""
+    took = [e for e in events if e["at_ms"] >= fault - 50 and "took over" in e["what"]]
+    n = sum(int(m.group(1)) for e in took
+            for m in [re.search(r"took over (\d+) flows", e["what"])] if m)
+    return took, n
 
 
 def repl_takeover(flows_per_runtime, pps_per_flow=1.0):
     """Test bed, one server, two runtimes with output commit, 2N generator flows: kill rt0
     and read the platform's events: detection (the death) and takeover (the last answer
     to Recover)."""
-    gen_flows = 2 * flows_per_runtime
-    warm = 1.0 / pps_per_flow + 2.0
-    testbed("down")
-    up = testbed("up", "--servers", "1", "--runtimes", "2", "--chain", "firewall,flow_monitor",
-                 "--chain-set", 'replication = "output-commit"',
-                 "--gen", f"{gen_flows},{pps_per_flow},{int((warm + 30) * 1000)}",
-                 "--runtime-set", "max_flows = 2000000",
-                 "--runtime-set", "unreplied_timeout_s = 600")
-    if up.returncode != 0:
-        raise RuntimeError(f"testbed did not come up: {up.stderr[-2000:]}")
+    repl_bed_up(1, 2, 2 * flows_per_runtime, pps_per_flow, "1/2", flows_per_runtime)
     sock = "/tmp/nf-testbed-bm/s1.sock"
     try:
-        deadline = time.time() + warm + 30
-        while flows_on("1/2") < flows_per_runtime * 0.95:
-            if time.time() > deadline:
-                raise RuntimeError(f"rt0 holds {flows_on('1/2')} flows")
-            time.sleep(0.5)
-        time.sleep(1.0 / pps_per_flow + 0.5)
         fault = time.time() * 1000
         nfmgr("kill", "rt0", "--socket", sock, "--json")
         time.sleep(3.0)
@@ -1077,9 +1087,7 @@ def repl_takeover(flows_per_runtime, pps_per_flow=1.0):
         if killed:
             fault = killed[0]["at_ms"]
         died = [e for e in later if "killed by" in e["what"] or "died" in e["what"]]
-        took = [e for e in later if "took over" in e["what"]]
-        n = sum(int(m.group(1)) for e in took
-                for m in [re.search(r"took over (\d+) flows", e["what"])] if m)
+        took, n = takeover_events(events, fault)
         return {
             "flows_on_killed_runtime": flows_per_runtime,
             "detection_ms": round(died[0]["at_ms"] - fault, 1) if died else None,
@@ -1095,25 +1103,9 @@ def repl_replica_loss(flows_per_runtime, pps_per_flow=1.0):
     rt1 and read how long the flows whose replica it was went without a copy (each
     surviving runtime's `repl_unprotected_us`: from the loss to their new replica's
     acknowledgement of their whole copies)."""
-    gen_flows = 3 * flows_per_runtime
-    warm = 1.0 / pps_per_flow + 2.0
-    testbed("down")
-    up = testbed("up", "--servers", "1", "--runtimes", "3", "--chain", "firewall,flow_monitor",
-                 "--chain-set", 'replication = "output-commit"',
-                 "--gen", f"{gen_flows},{pps_per_flow},{int((warm + 30) * 1000)}",
-                 "--runtime-set", "max_flows = 2000000",
-                 "--runtime-set", "unreplied_timeout_s = 600")
-    if up.returncode != 0:
-        raise RuntimeError(f"testbed did not come up: {up.stderr[-2000:]}")
-    sock = "/tmp/nf-testbed-bm/s1.sock"
+    repl_bed_up(1, 3, 3 * flows_per_runtime, pps_per_flow, "1/3", flows_per_runtime)
     try:
-        deadline = time.time() + warm + 30
-        while flows_on("1/3") < flows_per_runtime * 0.95:
-            if time.time() > deadline:
-                raise RuntimeError(f"rt1 holds {flows_on('1/3')} flows")
-            time.sleep(0.5)
-        time.sleep(1.0 / pps_per_flow + 0.5)
-        nfmgr("kill", "rt1", "--socket", sock, "--json")
+        nfmgr("kill", "rt1", "--socket", "/tmp/nf-testbed-bm/s1.sock", "--json")
         time.sleep(3.0)
         windows = {}
         for p in testbed_stats(1)["processes"]:
@@ -1122,6 +1114,41 @@ def repl_replica_loss(flows_per_runtime, pps_per_flow=1.0):
         return {
             "flows_per_runtime": flows_per_runtime,
             "unprotected_ms": {k: round(v, 1) for k, v in windows.items()},
+        }
+    finally:
+        testbed("down")
+
+
+def repl_server_takeover(flows_per_runtime, how, pps_per_flow=1.0):
+    """Test bed, two servers with one runtime each under output commit (each the other's
+    replica), 2N generator flows from server 1: kill server 2 (`how` = "kill": its nfmgr
+    with SIGKILL, and with it every process of it) or cut its cluster link ("cut").
+    Detection is the coordinator's "server 2 ... is down" event, takeover the last answer
+    to Recover; a link-down event before the fault is a false detection."""
+    # The flows start once the cluster has formed, so that half land on server 2.
+    repl_bed_up(2, 1, 2 * flows_per_runtime, pps_per_flow, "2/2", flows_per_runtime, 2500)
+    sock = "/tmp/nf-testbed-bm/s1.sock"
+    try:
+        fault = time.time() * 1000
+        if how == "kill":
+            pid = int(open("/tmp/nf-testbed-bm/s2.pid").read())
+            os.kill(pid, signal.SIGKILL)
+        else:
+            subprocess.run(["ip", "-n", "bm-net", "link", "set", "p2", "down"], check=True)
+        time.sleep(3.0)
+        events = nfmgr("top", "--json", "--socket", sock).get("events", [])
+        died = [e for e in events if e["at_ms"] >= fault - 50
+                and "server 2 " in e["what"] and "is down" in e["what"]]
+        took, n = takeover_events(events, fault)
+        false = [e for e in events if e["at_ms"] < fault - 50
+                 and "not heard on the cluster link" in e["what"]]
+        return {
+            "flows_on_killed_server": flows_per_runtime,
+            "fault": "kill -9 nfmgr" if how == "kill" else "cluster link cut",
+            "detection_ms": round(died[0]["at_ms"] - fault, 1) if died else None,
+            "takeover_ms": round(max(e["at_ms"] for e in took) - fault, 1) if took else None,
+            "flows_taken_over": n,
+            "false_detections": len(false),
         }
     finally:
         testbed("down")
@@ -1159,69 +1186,6 @@ def repl_tb_trial(mode, mpps, secs, flows=1000):
         testbed("down")
 
 
-def repl_tb_search(mode, secs, lo, hi, steps, max_loss=0.001):
-    best = None
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        t = repl_tb_trial(mode, mid, secs)
-        if t["loss"] <= max_loss:
-            best, lo = (mid, t), mid
-        else:
-            hi = mid
-    return best
-
-
-def repl_server_takeover(flows_per_runtime, how, pps_per_flow=1.0):
-    """Test bed, two servers with one runtime each under output commit (each the other's
-    replica), 2N generator flows from server 1: kill server 2 (`how` = "kill": its nfmgr
-    with SIGKILL, and with it every process of it) or cut its cluster link ("cut").
-    Detection is the coordinator's "server 2 ... is down" event, takeover the last answer
-    to Recover; a link-down event before the fault is a false detection."""
-    gen_flows = 2 * flows_per_runtime
-    warm = 1.0 / pps_per_flow + 2.0
-    testbed("down")
-    up = testbed("up", "--servers", "2", "--runtimes", "1", "--chain", "firewall,flow_monitor",
-                 "--chain-set", 'replication = "output-commit"',
-                 "--gen", f"{gen_flows},{pps_per_flow},{int((warm + 40) * 1000)},2500",
-                 "--runtime-set", "max_flows = 2000000",
-                 "--runtime-set", "unreplied_timeout_s = 600")
-    if up.returncode != 0:
-        raise RuntimeError(f"testbed did not come up: {up.stderr[-2000:]}")
-    sock = "/tmp/nf-testbed-bm/s1.sock"
-    try:
-        deadline = time.time() + warm + 40
-        while flows_on("2/2") < flows_per_runtime * 0.95:
-            if time.time() > deadline:
-                raise RuntimeError(f"server 2's runtime holds {flows_on('2/2')} flows")
-            time.sleep(0.5)
-        time.sleep(1.0 / pps_per_flow + 0.5)
-        fault = time.time() * 1000
-        if how == "kill":
-            pid = int(open("/tmp/nf-testbed-bm/s2.pid").read())
-            os.kill(pid, signal.SIGKILL)
-        else:
-            subprocess.run(["ip", "-n", "bm-net", "link", "set", "p2", "down"], check=True)
-        time.sleep(3.0)
-        events = nfmgr("top", "--json", "--socket", sock).get("events", [])
-        later = [e for e in events if e["at_ms"] >= fault - 50]
-        died = [e for e in later if "server 2 " in e["what"] and "is down" in e["what"]]
-        took = [e for e in later if "took over" in e["what"]]
-        false = [e for e in events if e["at_ms"] < fault - 50
-                 and "not heard on the cluster link" in e["what"]]
-        n = sum(int(m.group(1)) for e in took
-                for m in [re.search(r"took over (\d+) flows", e["what"])] if m)
-        return {
-            "flows_on_killed_server": flows_per_runtime,
-            "fault": "kill -9 nfmgr" if how == "kill" else "cluster link cut",
-            "detection_ms": round(died[0]["at_ms"] - fault, 1) if died else None,
-            "takeover_ms": round(max(e["at_ms"] for e in took) - fault, 1) if took else None,
-            "flows_taken_over": n,
-            "false_detections": len(false),
-        }
-    finally:
-        testbed("down")
-
-
 def replication(smoke, repeat):
     """Loss-bounded throughput and latency under output commit, periodic and off (one host,
     two runtimes replicating to each other, both present in every run), and detection and
@@ -1232,7 +1196,7 @@ def replication(smoke, repeat):
     for mode in ("off", "periodic", "output-commit"):
         rates = []
         for _ in range(repeat):
-            best = repl_search(mode, secs, 0.05, 4.0, steps)
+            best = loss_bounded(lambda r: repl_trial(mode, r, secs), 0.05, 4.0, steps)
             rate, t = best if best else (0.0, {})
             rates.append(rate)
             emit({"bench": "replication", "mode": mode, "what": "loss-bounded (<= 0.1 %)",
@@ -1254,7 +1218,8 @@ def replication(smoke, repeat):
         return
     between = {}
     for mode in ("off", "periodic", "output-commit"):
-        best = repl_tb_search(mode, secs, 0.05, 0.3 if smoke else 1.0, 1 if smoke else 5)
+        best = loss_bounded(lambda r: repl_tb_trial(mode, r, secs), 0.05,
+                            0.3 if smoke else 1.0, 1 if smoke else 5)
         rate, t = best if best else (0.0, {})
         between[mode] = rate
         emit({"bench": "replication", "mode": mode, "path": "two servers",
