@@ -1089,7 +1089,7 @@ impl Runtime {
             let i = match by_vswitch.iter().position(|(v, _)| *v == vswitch) {
                 Some(i) => i,
                 None => {
-                    by_vswitch.push((vswitch, Vec::with_capacity(promoted.keys.len())));
+                    by_vswitch.push((vswitch, Vec::new()));
                     by_vswitch.len() - 1
                 }
             };
@@ -1103,14 +1103,7 @@ impl Runtime {
         let awake = nflib::time::mono_ns().saturating_add(REPOINT_AWAKE_NS);
         ep.keep_awake(self.me.slot, awake);
         for (vswitch, keys) in by_vswitch {
-            ep.keep_awake(
-                if vswitch.server == self.me.server {
-                    vswitch.slot
-                } else {
-                    nflib::MANAGER_SLOT
-                },
-                awake,
-            );
+            ep.keep_awake(self.slot_toward(vswitch), awake);
             // A message is at most 4 MiB; a key takes about 40 bytes.
             for chunk in keys.chunks(16_384) {
                 let m = Message::SetRuntime {
@@ -1191,8 +1184,19 @@ impl Runtime {
         }
     }
 
-    /// Makes a replica copy a live flow here; returns its keys (its own and its aliases).
-    fn adopt(&mut self, ep: &mut Endpoint, a: ReplicaActor, now_ms: u64) -> Option<Vec<FlowKey>> {
+    /// The local slot that carries messages to `peer`: its own on this server; another
+    /// server's endpoints are reached through this server's nfmgr.
+    fn slot_toward(&self, peer: EndpointAddr) -> u16 {
+        if peer.server == self.me.server {
+            peer.slot
+        } else {
+            MANAGER_SLOT
+        }
+    }
+
+    /// Makes a replica copy a live flow here (with its aliases); `None` if it cannot be
+    /// installed (malformed state, or no room).
+    fn adopt(&mut self, ep: &mut Endpoint, a: ReplicaActor, now_ms: u64) -> Option<()> {
         // A flow here under the key already is a stray: the vswitch gave this runtime a
         // packet of the dead runtime's flow before it was re-pointed, and a fresh flow with
         // no state was made of it. The copy knows better.
@@ -1236,7 +1240,6 @@ impl Runtime {
             self.flows.remove(slot);
             return None;
         }
-        let mut keys = vec![a.key];
         for al in &a.aliases {
             if let Some(Found::Key(s) | Found::Alias(s)) = self.flows.find(al) {
                 if s != slot {
@@ -1244,9 +1247,7 @@ impl Runtime {
                     ep.counters().add(ProcCounter::StraysTakenOver as usize, 1);
                 }
             }
-            if self.flows.add_alias(slot, *al) {
-                keys.push(*al);
-            }
+            self.flows.add_alias(slot, *al);
         }
         let f = self.flows.get(slot)?;
         let id = f.id;
@@ -1256,7 +1257,7 @@ impl Runtime {
         let deadline = self.deadline(f, now_ms);
         self.timers
             .arm(Entry { slot, gen: 0 }, deadline.max(now_ms + 1));
-        Some(keys)
+        Some(())
     }
 
     /// Writes the flows whose packets ran since the last flush to their replicas' batches
@@ -1313,12 +1314,7 @@ impl Runtime {
                 // doorbell sleep for it (hundreds of microseconds on a VM whose idle vCPU
                 // halts). Both poll, yielding, for a moment; renewed by every message.
                 let until = now_ns.saturating_add(REPL_KEEP_AWAKE_NS);
-                let slot = if to.server == self.me.server {
-                    to.slot
-                } else {
-                    MANAGER_SLOT
-                };
-                ep.keep_awake(slot, until);
+                ep.keep_awake(self.slot_toward(to), until);
                 ep.keep_awake(self.me.slot, until);
             }
         }
@@ -1517,13 +1513,7 @@ impl FlowHost for EngineHost<'_> {
             return;
         }
         let until = nflib::time::mono_ns().saturating_add(keep_ns);
-        // Another server's runtimes are reached through this server's nfmgr.
-        let slot = if peer.server == self.rt.me.server {
-            peer.slot
-        } else {
-            nflib::MANAGER_SLOT
-        };
-        self.ep.keep_awake(slot, until);
+        self.ep.keep_awake(self.rt.slot_toward(peer), until);
     }
 
     fn pick(&mut self, n: usize, out: &mut Vec<Candidate>) -> bool {

@@ -50,10 +50,27 @@ pub struct Liaison {
     prober: Option<Prober>,
     /// Receiving side of probe runs: (sender, run) and what arrived.
     probes_in: VecDeque<(EndpointAddr, ProbeReport, u64)>,
-    /// Recoveries: vswitches' answers to re-pointing, keys moved, and when the last came.
-    pub recovery: RecoveryProgress,
+    /// Recoveries asked of this runtime so far (each numbers its re-pointing requests).
+    recoveries: u64,
     /// Recoveries not answered yet: their re-pointing is under way.
     recovering: Vec<PendingRecovery>,
+}
+
+/// Answers control call `id` of actor `actor` at `to`.
+fn send_reply(
+    ep: &mut Endpoint,
+    mb: &mut Mailbox,
+    to: EndpointAddr,
+    actor: u64,
+    id: u64,
+    reply: Reply,
+) {
+    if mb
+        .send(to, LIAISON, actor, &Message::RpcReply { id, reply })
+        .is_err()
+    {
+        ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+    }
 }
 
 /// A `Recover` call waiting for the vswitches' answers to its re-pointing.
@@ -70,17 +87,6 @@ struct PendingRecovery {
 
 /// How long a `Recover` waits for the vswitches' answers before answering with what it has.
 const RECOVERY_ANSWER_WAIT_NS: u64 = 1_000_000_000;
-
-/// What this runtime's recoveries came to (the takeover's end is the last vswitch answer).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RecoveryProgress {
-    pub requests: u64,
-    pub started_ns: u64,
-    pub flows: u64,
-    pub answers: u64,
-    pub keys_moved: u64,
-    pub last_answer_ns: u64,
-}
 
 impl Liaison {
     /// The cluster view the coordinator last sent.
@@ -122,10 +128,7 @@ impl Liaison {
             } => self.recover(rt, ep, mb, &env, id, failed, incarnation, now_ns),
             Message::Rpc { id, call } => {
                 let reply = self.call(rt, ep, mb, env.from, call, now_ns);
-                let m = Message::RpcReply { id, reply };
-                if mb.send(env.from, LIAISON, env.src_actor, &m).is_err() {
-                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
-                }
+                send_reply(ep, mb, env.from, env.src_actor, id, reply);
             }
             Message::Probe {
                 run,
@@ -339,19 +342,11 @@ impl Liaison {
             let reply = Reply::Refused {
                 reason: "a runtime cannot take over its own live flows".into(),
             };
-            let m = Message::RpcReply { id: rpc, reply };
-            if mb.send(env.from, LIAISON, env.src_actor, &m).is_err() {
-                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
-            }
-            return;
+            return send_reply(ep, mb, env.from, env.src_actor, rpc, reply);
         }
-        self.recovery.requests += 1;
-        let request = nflib::msg::RECOVERY_REQUEST | (self.recovery.requests & 0xffff_ffff);
+        self.recoveries += 1;
+        let request = nflib::msg::RECOVERY_REQUEST | (self.recoveries & 0xffff_ffff);
         let (flows, messages) = rt.recover(ep, mb, failed, incarnation, request);
-        if flows > 0 {
-            self.recovery.started_ns = now_ns;
-            self.recovery.flows += flows as u64;
-        }
         self.recovering.push(PendingRecovery {
             rpc,
             to: env.from,
@@ -375,9 +370,6 @@ impl Liaison {
         moved: u32,
         now_ns: u64,
     ) {
-        self.recovery.answers += 1;
-        self.recovery.keys_moved += u64::from(moved);
-        self.recovery.last_answer_ns = now_ns;
         if let Some(p) = self.recovering.iter_mut().find(|p| p.request == request) {
             p.awaiting = p.awaiting.saturating_sub(1);
             p.moved += u64::from(moved);
@@ -414,10 +406,7 @@ impl Liaison {
                 flows: p.flows,
                 lost: 0,
             };
-            let m = Message::RpcReply { id: p.rpc, reply };
-            if mb.send(p.to, LIAISON, p.actor, &m).is_err() {
-                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
-            }
+            send_reply(ep, mb, p.to, p.actor, p.rpc, reply);
         }
         rt.repointing = !self.recovering.is_empty();
     }
