@@ -1107,7 +1107,7 @@ impl Control {
             }
         }
         self.fence_until = Some(now + FENCE_WAIT);
-        self.incarnation = nflib::time::wall_ns().max(self.incarnation + 1);
+        self.incarnation = nflib::time::wall_ns().max(self.incarnation.saturating_add(1));
         if let Role::Member {
             joining, next_try, ..
         } = &mut self.role
