@@ -210,11 +210,20 @@ fn kill_signals_the_process_nfmgr_started_whatever_the_pid_word_in_shared_memory
         .expect("rt0's slot")
         .pid
         .store(bystander.id(), std::sync::atomic::Ordering::Relaxed);
-    let out = std::process::Command::new(common::nfmgr_bin())
-        .args(["kill", "rt0", "--config"])
-        .arg(inst.path("nfmgr.toml"))
-        .output()
-        .expect("nfmgr kill");
+    // The control thread lists rt0 a moment after its slot says running.
+    let t0 = std::time::Instant::now();
+    let out = loop {
+        let out = std::process::Command::new(common::nfmgr_bin())
+            .args(["kill", "rt0", "--config"])
+            .arg(inst.path("nfmgr.toml"))
+            .output()
+            .expect("nfmgr kill");
+        let unknown = String::from_utf8_lossy(&out.stderr).contains("no vswitch or runtime");
+        if !unknown || t0.elapsed() > Duration::from_secs(10) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     assert!(
         out.status.success(),
         "{}",
