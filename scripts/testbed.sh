@@ -28,7 +28,8 @@
 #                                                          on server 1)
 #                           [--sink-record FILE]  (the sink also writes what it gets to FILE)
 #   scripts/testbed.sh down [--prefix P]
-# With --chain, `nat` gets external address 10.77.0.100 and translates the client's flows.
+# With --chain, `nat` gets external address 10.77.0.100 and translates the client's flows
+# (--nat-internal PREFIX: the flows from PREFIX instead, 10.0.0.0/8 for the generator's).
 #   scripts/testbed.sh status [--prefix P]        # nfmgr status on the coordinator
 #   scripts/testbed.sh exec SERVER CMD... [--prefix P]  # run CMD in server SERVER's namespace
 #
@@ -68,6 +69,7 @@ RUNTIME_SET=
 VSWITCH_SET=
 MIGRATION_SET=
 CHAIN_SET=
+NAT_INTERNAL=10.77.0.1/32
 SINK_RECORD=
 REGION_SET=
 MANAGER_SET=
@@ -89,6 +91,7 @@ while [ $# -gt 0 ]; do
         --vswitch-set) VSWITCH_SET+=$2$'\n'; shift 2 ;;
         --migration-set) MIGRATION_SET+=$2$'\n'; shift 2 ;;
         --chain-set) CHAIN_SET+=$2$'\n'; shift 2 ;;
+        --nat-internal) NAT_INTERNAL=$2; shift 2 ;;
         --region-set) REGION_SET+=$2$'\n'; shift 2 ;;
         --manager-set) MANAGER_SET+=$2$'\n'; shift 2 ;;
         --pin-runtimes) PIN_RUNTIMES=1; shift ;;
@@ -200,7 +203,7 @@ EOF
         if [ "$k" = firewall ]; then printf 'default = "allow"\n'; fi
         if [ "$k" = nat ]; then
             printf 'external_ip = "10.77.0.100"\nexternal_mac = "02:4e:41:54:00:01"\n'
-            printf 'internal = "10.77.0.1/32"\n'
+            printf 'internal = "%s"\n' "$NAT_INTERNAL"
         fi
     done
     printf '\n[[port]]\nname = "ctl"\nspec = "afpacket:ctl"\n'

@@ -352,3 +352,95 @@ fn a_frozen_runtime_is_killed_and_its_flows_go_on() {
     // Seen by the frozen-runtime watch (250 ms by default), not by a crash.
     assert!(r["events"].to_string().contains("frozen"));
 }
+
+/// The issue's "the restarted runtime must not hand out NAT ports that recovered flows
+/// still hold": rt0 dies holding translated flows; its new life learns of every one taken
+/// over (its NAT reserves their ports, none of which it then hands out), and frees each
+/// port as its flow ends where it lives now.
+#[test]
+fn a_restarted_runtime_keeps_the_ports_of_its_taken_over_flows_until_they_end() {
+    if !require_root("the restarted-runtime NAT test") {
+        return;
+    }
+    // 200 translated generator flows for 14 s, a packet every 500 ms each; they end 2 s
+    // after their last.
+    let tb = Testbed::up(
+        "nh",
+        1,
+        &[
+            "--runtimes",
+            "2",
+            "--chain",
+            "firewall,nat,flow_monitor",
+            "--nat-internal",
+            "10.0.0.0/8",
+            "--chain-set",
+            "replication = \"output-commit\"",
+            "--gen",
+            "200,2,14000",
+            "--runtime-set",
+            "unreplied_timeout_s = 2",
+        ],
+    );
+    let flows_of = |name: &str| -> u64 {
+        tb.json(1, &["runtimes"])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["workload"]["flows_active"].as_u64())
+            .unwrap_or(0)
+    };
+    let t0 = Instant::now();
+    while flows_of("rt0") < 60 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "rt0 got no flows");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let held = flows_of("rt0");
+    let out = tb.nfmgr(1, &["kill", "rt0"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let taken_over = || -> u64 {
+        tb.json(1, &["top"])["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["what"].as_str())
+            .filter_map(|w| w.strip_prefix("took over "))
+            .filter_map(|w| w.split(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let counter = |name: &str| tb.nf_counter(1, "rt0", "nat", name);
+    let t0 = Instant::now();
+    let (mut taken, mut reserved) = (0, 0);
+    while t0.elapsed() < Duration::from_secs(8) {
+        taken = taken_over();
+        reserved = counter("ports_reserved");
+        if taken >= held && reserved >= taken {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("rt0 held {held} flows; {taken} taken over; its new life reserved {reserved}");
+    assert_eq!(taken, held, "every flow of rt0 was taken over");
+    assert_eq!(
+        reserved, taken,
+        "the new life reserved the port of every flow taken over, and only those"
+    );
+    // The generator stops at 14 s; the flows end 2 s after their last packet, where they
+    // live now, and their ports come back to rt0.
+    let t0 = Instant::now();
+    let mut released = 0;
+    while t0.elapsed() < Duration::from_secs(30) {
+        released = counter("ports_released");
+        if released >= reserved {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(released, reserved, "every reserved port came back");
+}

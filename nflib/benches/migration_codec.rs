@@ -74,6 +74,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                 idle_ms: 20,
                 missing: 0,
                 states_len: lens[i],
+                home: nflib::wire::EndpointAddr::new(1, 3),
             })
             .collect(),
         states,

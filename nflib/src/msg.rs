@@ -167,6 +167,20 @@ pub enum Message {
         /// Flows (by id) that ended at the primary.
         ended: Vec<u64>,
     },
+    /// runtime -> runtime: flows that started at the receiver (their *home*: what they hold
+    /// of the functions' resources, a NAT port, is from its share) and live on at the
+    /// sender. Per flow, in order: keep its resources reserved (`true`: the sender took it
+    /// over, or the receiver asked with `HoldsQuery`), or free them (`false`: it ended at
+    /// the sender). Each flow's part of `states` is its length's bytes, laid out as in
+    /// `states`.
+    Holds {
+        flows: Vec<(bool, u32)>,
+        #[serde(with = "byte_string")]
+        states: Vec<u8>,
+    },
+    /// runtime -> runtime: a runtime that has just started asks for the `Holds` of flows an
+    /// earlier life at its address started that live on at the receiver.
+    HoldsQuery,
     /// replica -> primary: every `Replicate` up to `version` is applied, but for the flows
     /// in `refused` (the replica's table was full) and in `missing` (changes to a flow it
     /// does not hold, or whose copy was malformed: the primary sends them whole again).
@@ -205,6 +219,8 @@ pub struct ReplicaNew {
     /// The vswitch that feeds the flow (recovery asks it to re-point the flow).
     pub vswitch: EndpointAddr,
     pub age_ms: u32,
+    /// The runtime that started the flow (its resources are from that runtime's share).
+    pub home: EndpointAddr,
 }
 
 /// Control calls a liaison answers.
@@ -323,6 +339,8 @@ pub struct FlowState {
     pub missing: u32,
     /// The length of this flow's part of `MigrateState::states`.
     pub states_len: u32,
+    /// The runtime that started the flow (its resources are from that runtime's share).
+    pub home: EndpointAddr,
 }
 
 /// The layout of a flow's functions' states in `MigrateState::states`: for each function
@@ -524,6 +542,8 @@ impl Message {
             Message::AliasesAdded { .. } => 18,
             Message::Replicate { .. } => 19,
             Message::Replicated { .. } => 20,
+            Message::Holds { .. } => 21,
+            Message::HoldsQuery => 22,
         }
     }
 
@@ -648,6 +668,7 @@ mod tests {
                 idle_ms: 6,
                 missing: 0,
                 states_len: 300,
+                home: EndpointAddr::new(1, 2),
             }],
             states: vec![7; 300],
         };

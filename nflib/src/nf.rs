@@ -218,6 +218,23 @@ pub trait NetworkFunction: Send + 'static {
     fn end_flow(&mut self, state: Self::State, ctx: &mut NfContext<'_>) {
         let _ = (state, ctx);
     }
+
+    /// A flow with this state lives (here, or in another runtime of the chain that took it
+    /// over or was given it): whatever it holds of this instance's resources (a NAT port
+    /// from this runtime's share) must stay reserved, and not be handed to a new flow.
+    /// Called when a runtime installs a flow that moved or was recovered here, and when a
+    /// restarted runtime learns of flows its earlier life started that live on elsewhere.
+    /// A state whose resources are not this instance's is ignored; calling it twice is
+    /// harmless.
+    fn reserve(&mut self, state: &Self::State, ctx: &mut NfContext<'_>) {
+        let _ = (state, ctx);
+    }
+
+    /// A flow with this state, which held this instance's resources, ended in another
+    /// runtime: free them. A state whose resources are not held here is ignored.
+    fn release(&mut self, state: &Self::State, ctx: &mut NfContext<'_>) {
+        let _ = (state, ctx);
+    }
 }
 
 /// A function in a chain behind one object-safe interface, with the states of its flows in
@@ -255,6 +272,18 @@ pub trait Stage: Send {
     /// Forgets the flow's state without ending it (the flow moved to another runtime, which
     /// ends it there; resources it holds, such as a NAT port, stay reserved here).
     fn discard(&mut self, records: &mut FlowRecords, slot: u32);
+    /// Keeps reserved what the flow in `slot` holds of this instance's resources
+    /// ([`NetworkFunction::reserve`]).
+    fn reserve(&mut self, records: &FlowRecords, slot: u32, ctx: &mut NfContext<'_>);
+    /// Reserves (`reserve`) or frees what a flow with this serialised state, living in
+    /// another runtime, holds of this instance's resources. A state that does not decode is
+    /// an error and changes nothing.
+    fn reserve_serialised(
+        &mut self,
+        bytes: &[u8],
+        reserve: bool,
+        ctx: &mut NfContext<'_>,
+    ) -> Result<(), postcard::Error>;
 }
 
 /// Lets postcard append to a buffer it borrows (its `to_extend` takes the writer by
@@ -363,6 +392,27 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
         if let Some(cell) = self.field.and_then(|f| records.cell_mut(&f, slot)) {
             *cell = None;
         }
+    }
+
+    fn reserve(&mut self, records: &FlowRecords, slot: u32, ctx: &mut NfContext<'_>) {
+        if let Some(Some(st)) = self.field.and_then(|f| records.cell(&f, slot)) {
+            self.nf.reserve(st, ctx);
+        }
+    }
+
+    fn reserve_serialised(
+        &mut self,
+        bytes: &[u8],
+        reserve: bool,
+        ctx: &mut NfContext<'_>,
+    ) -> Result<(), postcard::Error> {
+        let st: N::State = postcard::from_bytes(bytes)?;
+        if reserve {
+            self.nf.reserve(&st, ctx);
+        } else {
+            self.nf.release(&st, ctx);
+        }
+        Ok(())
     }
 }
 

@@ -93,6 +93,7 @@ counter_set!(
     FlowsRecovered => "flows_recovered",
     DropAwaitingRecovery => "drop_awaiting_recovery",
     ReplUnprotectedUs => "repl_unprotected_us",
+    HoldsMalformed => "holds_malformed",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the

@@ -15,6 +15,9 @@
 //! actor that holds the mapping (and the packet that made it leaves only once the vswitch
 //! has it). Each server of a cluster takes its share of the port range by server id, and each
 //! runtime of the chain its part of that, so no two runtimes anywhere hand out the same port.
+//! A flow keeps its port when it moves to another runtime or is taken over there; the
+//! runtime whose share it is keeps the port reserved until the flow ends, a restarted one
+//! too (`reserve` and `release`, which the platform calls: runtime/src/holds.rs).
 //! IPv4 only; IPv6 flows pass untouched.
 
 use std::collections::{HashMap, VecDeque};
@@ -117,13 +120,27 @@ impl Ports {
         None
     }
 
-    /// Frees `port`; `who` had it, and gets it back for its next flow to the same
-    /// destination if `remember`.
-    fn release(&mut self, port: u16, who: Mapping5, remember: bool) {
+    /// Marks `port` taken, by a flow that lives on elsewhere (or was installed here): true if
+    /// it was free. A port of another share is not this one's to take.
+    fn take(&mut self, port: u16) -> bool {
+        let Some(i) = self.index(port).filter(|&i| !self.used[i]) else {
+            return false;
+        };
+        // Its entry in `free_order` is skipped when reached (the port is used).
+        self.used[i] = true;
+        self.free -= 1;
+        true
+    }
+
+    /// Frees `port` (true if it was this share's and taken); `who` had it, and gets it back
+    /// for its next flow to the same destination if `remember`.
+    fn release(&mut self, port: u16, who: Mapping5, remember: bool) -> bool {
         // A port from another runtime's share (a flow that moved here) is not ours to free.
-        let Some(i) = self.index(port) else { return };
+        let Some(i) = self.index(port) else {
+            return false;
+        };
         if !self.used[i] {
-            return;
+            return false;
         }
         self.used[i] = false;
         self.free += 1;
@@ -136,10 +153,7 @@ impl Ports {
                 !used[i] && generation[i] == g
             });
         }
-        if !remember {
-            return;
-        }
-        if self.last.insert(who, port).is_none() {
+        if remember && self.last.insert(who, port).is_none() {
             self.last_order.push_back(who);
             while self.last_order.len() > self.used.len() {
                 if let Some(old) = self.last_order.pop_front() {
@@ -147,6 +161,7 @@ impl Ports {
                 }
             }
         }
+        true
     }
 }
 
@@ -195,6 +210,10 @@ pub struct NatState {
 const TRANSLATED: usize = 1;
 const DROP_NO_PORT: usize = 2;
 const ARP_REPLIES: usize = 3;
+/// Ports marked taken for flows that live on in another runtime (or moved here).
+const PORTS_RESERVED: usize = 4;
+/// Ports freed when such a flow ended elsewhere.
+const PORTS_RELEASED: usize = 5;
 
 pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
     let s: Settings = spec.settings()?;
@@ -253,7 +272,13 @@ impl NetworkFunction for Nat {
     }
 
     fn counters(&self) -> &'static [&'static str] {
-        &["translated_flows", "drop_no_port", "arp_replies"]
+        &[
+            "translated_flows",
+            "drop_no_port",
+            "arp_replies",
+            "ports_reserved",
+            "ports_released",
+        ]
     }
 
     fn new_flow(&mut self, pkt: &PacketMut<'_>, ctx: &mut NfContext<'_>) -> NatState {
@@ -347,6 +372,23 @@ impl NetworkFunction for Nat {
                 (m.inside_ip, m.inside_port, m.proto, m.peer, m.peer_port),
                 ctx.end_reason() != EndReason::Refused,
             );
+        }
+    }
+
+    fn reserve(&mut self, st: &NatState, ctx: &mut NfContext<'_>) {
+        if let Some(m) = &st.mapping {
+            if self.ports.take(m.outside_port) {
+                ctx.count(PORTS_RESERVED, 1);
+            }
+        }
+    }
+
+    fn release(&mut self, st: &NatState, ctx: &mut NfContext<'_>) {
+        if let Some(m) = &st.mapping {
+            let who = (m.inside_ip, m.inside_port, m.proto, m.peer, m.peer_port);
+            if self.ports.release(m.outside_port, who, true) {
+                ctx.count(PORTS_RELEASED, 1);
+            }
         }
     }
 }
@@ -458,6 +500,50 @@ mod tests {
         p.release(1002, other, false);
         p.release(1001, who, false);
         assert_eq!(p.alloc(&who), Some(1002));
+    }
+
+    /// A restarted runtime told of the flows its earlier life translated, which live on in
+    /// another runtime, hands none of their ports to a new flow until they end there.
+    #[test]
+    fn ports_of_flows_living_elsewhere_stay_reserved_until_they_end_there() {
+        let mut old = nat(0, 1);
+        let port_of = |out: &[u8]| nflib::packet::parse(out).unwrap().src_port;
+        let (_, a) = old.feed(&udp(([10, 0, 0, 1], 100), ([8, 8, 8, 8], 53), b"q"));
+        let (_, b) = old.feed(&udp(([10, 0, 0, 1], 101), ([8, 8, 8, 8], 53), b"q"));
+        assert_eq!((port_of(&a), port_of(&b)), (1000, 1001));
+        let (sa, sb) = (old.save(0).unwrap(), old.save(1).unwrap());
+        // The new life learns of both flows (twice: harmless).
+        let mut new = nat(0, 1);
+        for s in [&sa, &sb, &sa] {
+            new.reserve_serialised(s, true).unwrap();
+        }
+        assert_eq!(new.counter("ports_reserved"), 2);
+        assert!(new.reserve_serialised(b"\xff\xff\xff", true).is_err());
+        let (_, c) = new.feed(&udp(([10, 0, 0, 2], 100), ([8, 8, 8, 8], 53), b"q"));
+        assert_eq!(port_of(&c), 1002);
+        // One of them ends where it lives: its port is free again, and it is not reserved
+        // for its endpoint's next flow alone (the free order puts it last).
+        new.reserve_serialised(&sa, false).unwrap();
+        new.reserve_serialised(&sa, false).unwrap();
+        assert_eq!(new.counter("ports_released"), 1);
+        let (_, d) = new.feed(&udp(([10, 0, 0, 2], 101), ([8, 8, 8, 8], 53), b"q"));
+        assert_eq!(port_of(&d), 1003);
+        let (_, e) = new.feed(&udp(([10, 0, 0, 2], 102), ([8, 8, 8, 8], 53), b"q"));
+        assert_eq!(port_of(&e), 1000);
+        let (v, _) = new.feed(&udp(([10, 0, 0, 2], 103), ([8, 8, 8, 8], 53), b"q"));
+        assert_eq!(
+            v,
+            Verdict::Drop,
+            "1001 is still held by the flow living elsewhere"
+        );
+        // A state of another share is not this one's to reserve or free.
+        let mut other = nat(1, 2);
+        other.reserve_serialised(&sb, true).unwrap();
+        other.reserve_serialised(&sb, false).unwrap();
+        assert_eq!(
+            other.counter("ports_reserved") + other.counter("ports_released"),
+            0
+        );
     }
 
     #[test]

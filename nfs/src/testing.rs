@@ -220,6 +220,25 @@ impl Harness {
             .map_err(|e| e.to_string())
     }
 
+    /// Tells the function that a flow with this serialised state lives on in another
+    /// runtime (`reserve`) or ended there (`!reserve`).
+    pub fn reserve_serialised(&mut self, bytes: &[u8], reserve: bool) -> Result<(), String> {
+        let (key, _) = FlowKey::from_tuple(0, 0, 0, ([0; 16], 0), ([0; 16], 0));
+        let mut added = Vec::new();
+        let mut ctx = NfContext::new(
+            0,
+            Dir::Original,
+            &key,
+            0,
+            std::slice::from_mut(&mut self.counters),
+            &mut added,
+            &mut self.events,
+        );
+        self.stage
+            .reserve_serialised(bytes, reserve, &mut ctx)
+            .map_err(|e| e.to_string())
+    }
+
     pub fn counter(&self, name: &str) -> u64 {
         let i = self
             .stage

@@ -22,6 +22,7 @@ use nflib::mailbox::Mailbox;
 use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::nf::{tcp_flags, Dir, EndReason, NfContext, PacketMut, Stage, Verdict};
 use nflib::packet::ParseError;
+use nflib::records::FlowRecords;
 use nflib::stats::{ProcCounter, NF_COUNTERS};
 use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Packet, MANAGER_SLOT};
@@ -29,6 +30,7 @@ use nflib::{Packet, MANAGER_SLOT};
 use crate::aliases::AliasCommit;
 use crate::events::EventLog;
 use crate::flows::{flag, ms_since, FlowActor, FlowTable, Found};
+use crate::holds::{self, Homes, HERE};
 use crate::migration::{
     Candidate, FlowHost, FlowRef, Mark, MigrationSettings, Migrator, PacketAction, Release,
 };
@@ -116,6 +118,10 @@ pub struct Runtime {
     /// its end rather than being made live in the background, so that this loop stays
     /// short and the vswitches' answers are read at once.
     pub repointing: bool,
+    /// The runtimes that started the flows held here (`holds`), and what to tell them of
+    /// the flows that hold their resources (sent by `flush`).
+    homes: Homes,
+    holds: holds::Outbox,
 }
 
 /// Recovered flows made live per loop iteration in the background (about a millisecond).
@@ -225,6 +231,8 @@ impl Runtime {
             recovered: Vec::new(),
             recovered_lost: 0,
             repointing: false,
+            homes: Homes::new(me),
+            holds: holds::Outbox::default(),
         }
     }
 
@@ -668,7 +676,7 @@ impl Runtime {
                 if kdir == Direction::Forward {
                     flags |= flag::INITIATOR_IS_A;
                 }
-                let actor = FlowActor::new(*key, self.next_id, now, from, flags);
+                let actor = FlowActor::new(*key, self.next_id, now, from, HERE, flags);
                 let Some(s) = self.flows.insert(actor) else {
                     ep.counters()
                         .add(ProcCounter::DropFlowTableFull as usize, 1);
@@ -868,8 +876,16 @@ impl Runtime {
         };
         let key = a.key;
         let id = a.id;
+        let home = a.home;
         let idle_ms = ms_since(now_ms, a.last_ms);
         self.repl.ended(slot, id);
+        if home != HERE && notify != Notify::Nobody {
+            // Its resources are its home's: free them there.
+            let (stages, records) = (&self.stages, self.flows.records());
+            self.holds.push(self.homes.addr(home), false, |out| {
+                write_states(stages, records, slot, out)
+            });
+        }
         // Aliases it registered that the vswitch has not been told of stay untold.
         if !self.new_aliases.is_empty() {
             self.new_aliases.retain(|(_, _, f)| *f != id);
@@ -991,6 +1007,11 @@ impl Runtime {
             self.new_aliases.clear();
         }
         self.adopt_recovered(ep);
+        for (home, m) in self.holds.drain() {
+            if mb.send(home, LIAISON, LIAISON, &m).is_err() {
+                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+            }
+        }
         // Packets whose aliases the vswitches confirmed first: under output commit they then
         // wait for this flush's replication, not the next one's.
         self.release_held_aliases(ep, now_ns);
@@ -1038,6 +1059,88 @@ impl Runtime {
         mb.flush(ep, now_ns);
         if !self.out.is_empty() {
             ep.send_burst(MANAGER_SLOT, &mut self.out);
+        }
+    }
+
+    /// Lets the functions reserve what the flow in `slot`, just installed here, holds of
+    /// this runtime's share (`holds`).
+    fn reserve_here(&mut self, slot: u32, now_ms: u64) {
+        let Some(a) = self.flows.get(slot) else {
+            return;
+        };
+        let (key, id) = (a.key, a.id);
+        let mut ctx = NfContext::new(
+            now_ms,
+            Dir::Original,
+            &key,
+            id,
+            &mut self.nf_counters,
+            &mut self.aliases,
+            &mut self.events,
+        );
+        for (i, stage) in self.stages.iter_mut().enumerate() {
+            ctx.set_stage(i);
+            stage.reserve(self.flows.records(), slot, &mut ctx);
+        }
+        self.aliases.clear();
+    }
+
+    /// Applies a `Holds` from `from`: flows this runtime (or an earlier life of it) started
+    /// live there (reserve what they hold of this runtime's share) or ended there (free
+    /// it). A malformed part ends the reading, counted.
+    pub fn on_holds(&mut self, ep: &mut Endpoint, flows: &[(bool, u32)], states_buf: &[u8]) {
+        let now_ms = self.now_ms();
+        let (key, _) = FlowKey::from_tuple(0, 0, 0, ([0; 16], 0), ([0; 16], 0));
+        let mut ctx = NfContext::new(
+            now_ms,
+            Dir::Original,
+            &key,
+            0,
+            &mut self.nf_counters,
+            &mut self.aliases,
+            &mut self.events,
+        );
+        let mut malformed = false;
+        'flows: for part in holds::parts(flows, states_buf) {
+            let Ok((reserve, part)) = part else {
+                malformed = true;
+                break;
+            };
+            let mut reader = states::Reader::new(part);
+            for (i, stage) in self.stages.iter_mut().enumerate() {
+                ctx.set_stage(i);
+                match reader.next_state() {
+                    Ok(Some(bytes)) => {
+                        if stage.reserve_serialised(bytes, reserve, &mut ctx).is_err() {
+                            malformed = true;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => {
+                        malformed = true;
+                        break 'flows;
+                    }
+                }
+            }
+        }
+        self.aliases.clear();
+        if malformed {
+            ep.counters().add(ProcCounter::HoldsMalformed as usize, 1);
+        }
+    }
+
+    /// `from` has just started and asks for the flows its earlier lives started that live
+    /// here (`HoldsQuery`): each is sent to be reserved there.
+    pub fn on_holds_query(&mut self, from: EndpointAddr) {
+        let Some(home) = self.homes.find(from).filter(|&h| h != HERE) else {
+            return;
+        };
+        let (stages, records) = (&self.stages, self.flows.records());
+        for slot in self.flows.slots() {
+            if self.flows.get(slot).is_some_and(|a| a.home == home) {
+                self.holds
+                    .push(from, true, |out| write_states(stages, records, slot, out));
+            }
         }
     }
 
@@ -1216,6 +1319,7 @@ impl Runtime {
                 u32::try_from(now_ms.saturating_sub(a.created_ms)).unwrap_or(u32::MAX),
             ),
             a.vswitch,
+            self.homes.index(a.home),
             a.flags & !(flag::LIVE | flag::MIGRATING),
         );
         actor.last_ms = now;
@@ -1249,6 +1353,22 @@ impl Runtime {
             }
             self.flows.add_alias(slot, *al);
         }
+        self.reserve_here(slot, now_ms);
+        if a.home != self.me {
+            // Its home may be the dead runtime's new life, whose functions know nothing of
+            // it: what it holds there stays reserved while it lives here.
+            self.holds.push(a.home, true, |out| {
+                for s in &a.states {
+                    states::push(out, |out| match s {
+                        Some(bytes) => {
+                            out.extend_from_slice(bytes);
+                            true
+                        }
+                        None => false,
+                    });
+                }
+            });
+        }
         let f = self.flows.get(slot)?;
         let id = f.id;
         // Protected again at once, whole, not at its next packet.
@@ -1267,7 +1387,7 @@ impl Runtime {
         self.repl.tick(now_ms);
         if self.repl.has_dirty() {
             let dirty = self.repl.take_dirty();
-            let (flows, stages) = (&self.flows, &self.stages);
+            let (flows, stages, homes) = (&self.flows, &self.stages, &self.homes);
             for &slot in &dirty {
                 let Some(id) = self.repl.dirty_id(slot) else {
                     continue;
@@ -1278,6 +1398,7 @@ impl Runtime {
                 let meta = FlowMeta {
                     key: a.key,
                     vswitch: a.vswitch,
+                    home: homes.addr(a.home),
                     flags: a.flags & !(flag::LIVE | flag::MIGRATING),
                     packets: a.packets,
                     age_ms: ms_since(now_ms, a.created_ms),
@@ -1594,6 +1715,7 @@ impl FlowHost for EngineHost<'_> {
             // A group's message cannot come near 4 GiB; a flow whose states did would read
             // back as malformed and stay with the source.
             states_len: u32::try_from(out.len() - start).unwrap_or(u32::MAX),
+            home: self.rt.homes.addr(a.home),
         })
     }
 
@@ -1618,7 +1740,15 @@ impl FlowHost for EngineHost<'_> {
             return None;
         }
         let now = self.now_ms as u32;
-        let mut actor = FlowActor::new(flow.key, self.rt.next_id, now, vswitch, flag::MIGRATING);
+        // Its home is the source's word, in step 3 (`install`).
+        let mut actor = FlowActor::new(
+            flow.key,
+            self.rt.next_id,
+            now,
+            vswitch,
+            HERE,
+            flag::MIGRATING,
+        );
         actor.set_mark(Mark::In(arriving));
         let slot = self.rt.flows.insert(actor)?;
         self.rt.next_id += 1;
@@ -1655,9 +1785,12 @@ impl FlowHost for EngineHost<'_> {
             return false;
         }
         let now = self.now_ms;
+        let home = self.rt.homes.index(st.home);
+        self.rt.reserve_here(slot, now);
         let Some(a) = self.rt.flows.get_mut(slot) else {
             return false;
         };
+        a.home = home;
         a.flags = (st.flags & !flag::MIGRATING) | flag::LIVE;
         a.set_mark(Mark::None);
         // Stamps are wrapping milliseconds (`ms_since`).
@@ -1787,5 +1920,12 @@ impl FlowHost for EngineHost<'_> {
         // runtime prepares the next.
         self.mb.flush(self.ep, nflib::time::mono_ns());
         self.ep.flush_wakes();
+    }
+}
+
+/// The flow's states in `slot`, function by function, in the layout of `nflib::msg::states`.
+fn write_states(stages: &[Box<dyn Stage>], records: &FlowRecords, slot: u32, out: &mut Vec<u8>) {
+    for stage in stages {
+        states::push(out, |out| stage.save_into(records, slot, out));
     }
 }

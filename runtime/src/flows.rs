@@ -61,6 +61,11 @@ pub struct FlowActor {
     /// The vswitch that feeds it, on this server or another (alias and end messages go
     /// there).
     pub vswitch: EndpointAddr,
+    /// The runtime that started it, as an index into the engine's table of homes
+    /// (`crate::holds::Homes`; 0 is this runtime): what the flow holds of the functions'
+    /// resources (a NAT port) is from that runtime's share, which keeps them reserved while
+    /// the flow lives elsewhere. One byte, so that the actor keeps its 80.
+    pub home: u8,
     /// Packets run through the chain here (wrapping): migration compares it with what the
     /// vswitch sent.
     pub packets: u32,
@@ -78,8 +83,16 @@ const ARRIVING_BIT: u32 = 1 << 31;
 const _: () = assert!(std::mem::size_of::<FlowActor>() == 80);
 
 impl FlowActor {
-    pub fn new(key: FlowKey, id: u64, now_ms: u32, vswitch: EndpointAddr, flags: u8) -> FlowActor {
+    pub fn new(
+        key: FlowKey,
+        id: u64,
+        now_ms: u32,
+        vswitch: EndpointAddr,
+        home: u8,
+        flags: u8,
+    ) -> FlowActor {
         FlowActor {
+            home,
             key,
             id,
             created_ms: now_ms,
@@ -472,7 +485,7 @@ mod tests {
     }
 
     fn actor(k: FlowKey) -> FlowActor {
-        FlowActor::new(k, 0, 0, EndpointAddr::new(1, 1), 0)
+        FlowActor::new(k, 0, 0, EndpointAddr::new(1, 1), 0, 0)
     }
 
     #[test]

@@ -6,15 +6,18 @@
 //! `SetMigrationTarget` starts a migration job (`migration`), whose progress
 //! `MigrationStatus` reports. `SetReplica` gives the replicator its candidate replicas;
 //! `Replicate` and `Replicated` are the replication protocol's two messages
-//! (`replication`); `Recover` takes over a dead runtime's flows copied here.
+//! (`replication`); `Recover` takes over a dead runtime's flows copied here. `Holds` and
+//! `HoldsQuery` keep the resources of flows living away from their home reserved there
+//! (`holds`); the liaison asks once per runtime of its chain, as the cluster view names them.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 
 use nflib::cluster::{ClusterView, FlowInfo, ProbeReport, TransportCounters, Workload};
 use nflib::endpoint::Endpoint;
 use nflib::mailbox::{Envelope, Mailbox};
 use nflib::msg::{Call, Message, Reply};
+use nflib::slot::ProcessKind;
 use nflib::stats::ProcCounter;
 use nflib::wire::{EndpointAddr, LIAISON};
 
@@ -54,6 +57,8 @@ pub struct Liaison {
     recoveries: u64,
     /// Recoveries not answered yet: their re-pointing is under way.
     recovering: Vec<PendingRecovery>,
+    /// Runtimes asked for the flows this address's earlier lives started (`HoldsQuery`).
+    holds_asked: HashSet<EndpointAddr>,
 }
 
 /// Answers control call `id` of actor `actor` at `to`.
@@ -171,7 +176,35 @@ impl Liaison {
             } => rt
                 .repl
                 .on_replicated(env.from, incarnation, version, &refused, &missing, now_ns),
+            Message::Holds { flows, states } => rt.on_holds(ep, &flows, &states),
+            Message::HoldsQuery => rt.on_holds_query(env.from),
             _ => self.unknown += 1,
+        }
+    }
+
+    /// Asks every runtime of this one's chain not asked yet for the flows that earlier lives
+    /// at this address started and that live on there (`runtime::holds`): their resources
+    /// must not be handed to new flows here.
+    fn query_holds(&mut self, ep: &mut Endpoint, mb: &mut Mailbox) {
+        let me = mb.me();
+        let runtimes = || self.view.servers.iter().flat_map(|s| &s.endpoints);
+        let Some(chain) = runtimes().find(|e| e.addr == me).map(|e| e.chain.clone()) else {
+            return;
+        };
+        let peers: Vec<EndpointAddr> = runtimes()
+            .filter(|e| e.addr != me && e.alive && e.kind == ProcessKind::Runtime)
+            .filter(|e| e.chain == chain && !self.holds_asked.contains(&e.addr))
+            .map(|e| e.addr)
+            .collect();
+        for peer in peers {
+            if mb
+                .send(peer, LIAISON, LIAISON, &Message::HoldsQuery)
+                .is_err()
+            {
+                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+            } else {
+                self.holds_asked.insert(peer);
+            }
         }
     }
 
@@ -190,6 +223,7 @@ impl Liaison {
                 let version = view.version;
                 if version >= self.view.version {
                     self.view = view;
+                    self.query_holds(ep, mb);
                 }
                 Reply::ClusterCfgApplied { version }
             }

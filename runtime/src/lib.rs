@@ -6,6 +6,7 @@ pub mod engine;
 pub mod events;
 pub mod failpoint;
 pub mod flows;
+pub mod holds;
 pub mod liaison;
 pub mod migration;
 #[cfg(test)]

@@ -157,6 +157,7 @@ impl FlowHost for Toy {
             idle_ms: 0,
             missing: 0,
             states_len: (out.len() - start) as u32,
+            home: EndpointAddr::new(1, 9),
         })
     }
 

@@ -208,6 +208,7 @@ struct Reprotect {
 pub struct FlowMeta {
     pub key: FlowKey,
     pub vswitch: EndpointAddr,
+    pub home: EndpointAddr,
     pub flags: u8,
     pub packets: u32,
     pub age_ms: u32,
@@ -592,6 +593,7 @@ impl<P> Replicator<P> {
                 key: meta.key,
                 vswitch: meta.vswitch,
                 age_ms: meta.age_ms,
+                home: meta.home,
             }),
             aliases: (whole || t.aliases_changed).then(aliases),
             flags: meta.flags,
@@ -1021,6 +1023,8 @@ impl<P> Replicator<P> {
 pub struct ReplicaActor {
     pub key: FlowKey,
     pub vswitch: EndpointAddr,
+    /// The runtime that started the flow.
+    pub home: EndpointAddr,
     pub aliases: Vec<FlowKey>,
     pub flags: u8,
     pub packets: u32,
@@ -1237,6 +1241,7 @@ impl ReplicaStore {
                     ReplicaActor {
                         key: n.key,
                         vswitch: n.vswitch,
+                        home: n.home,
                         aliases: Vec::new(),
                         flags: f.flags,
                         packets: f.packets,
@@ -1380,6 +1385,7 @@ mod tests {
         FlowMeta {
             key: key(n),
             vswitch: EndpointAddr::new(1, 1),
+            home: EndpointAddr::new(1, 2),
             flags: 0,
             packets: 1,
             age_ms: 0,
@@ -1693,6 +1699,7 @@ mod tests {
                 key: key(k),
                 vswitch: EndpointAddr::new(1, 1),
                 age_ms: 0,
+                home: EndpointAddr::new(1, 2),
             }),
             aliases,
             flags: 0,
@@ -1796,6 +1803,7 @@ mod tests {
                 key: key(1),
                 vswitch: EndpointAddr::new(1, 1),
                 age_ms: 0,
+                home: EndpointAddr::new(1, 2),
             }),
             aliases: None,
             flags: 0,

@@ -106,6 +106,7 @@ impl Primary {
             let meta = FlowMeta {
                 key: key(slot),
                 vswitch: EndpointAddr::new(1, 1),
+                home: EndpointAddr::new(1, 2),
                 flags: 0,
                 packets: self.count[f],
                 age_ms: 0,

@@ -795,7 +795,17 @@ impl Control {
             Event::Relay(RelayEvent::Peer(PeerEvent::Dead { peer, lost })) => {
                 tracing::warn!(%peer, lost, "actor messages to a peer that stopped answering were dropped");
             }
-            Event::Relay(RelayEvent::Peer(PeerEvent::Restarted { .. })) => {}
+            Event::Relay(RelayEvent::Peer(PeerEvent::Restarted { peer, lost })) => {
+                // A local process restarted before this nfmgr learnt of its new life: what
+                // was sent to it since (its first view, its replicas) went to the old life
+                // and is lost. Send it again.
+                if peer.server == self.me && lost > 0 {
+                    tracing::debug!(%peer, lost, "messages to a restarted process are sent again");
+                    self.notified.remove(&peer.slot);
+                    self.replicas_sent.remove(&peer.slot);
+                    self.notify_local();
+                }
+            }
             Event::Relay(RelayEvent::Link(change)) => self.link_changed(change),
             Event::Ask(f) => f(self),
             Event::Process(e) => self.process_event(e),

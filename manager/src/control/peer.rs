@@ -41,7 +41,9 @@ use super::Event;
 /// 5: alias requests name the flow of each key (refusals echo it), and `SetRuntime` names
 ///    the runtime the keys are to move from.
 /// 6: replication (`Replicate`, `Replicated`), `Recover { incarnation }` and its answer.
-pub const PROTOCOL_VERSION: u32 = 7;
+/// 7: `Fence`.
+/// 8: a flow's home in migration and replication; `Holds`, `HoldsQuery`.
+pub const PROTOCOL_VERSION: u32 = 8;
 const MAX_FRAME: usize = 16 << 20;
 const TAG: usize = 16;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
