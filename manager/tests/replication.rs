@@ -444,3 +444,100 @@ fn a_restarted_runtime_keeps_the_ports_of_its_taken_over_flows_until_they_end() 
     }
     assert_eq!(released, reserved, "every reserved port came back");
 }
+
+/// A migration's source dies right after handing its flows over (step 3 sent), before its
+/// replicas heard that those flows left: their copies must not come back to life. The
+/// copies on the target itself give way to the flows it installed (newer); those on the
+/// third runtime are dropped, as the vswitch gives their keys to the target, not the dead
+/// source. Every flow then has exactly one owner: none lost, none doubled.
+#[test]
+fn a_source_dead_after_handing_flows_over_leaves_one_owner_per_flow() {
+    if !require_root("the source-dies-during-migration test") {
+        return;
+    }
+    let tb = common::testbed::Testbed::up_with_env(
+        "sd",
+        1,
+        &[
+            "--runtimes",
+            "3",
+            "--chain",
+            "firewall,flow_monitor",
+            "--chain-set",
+            "replication = \"output-commit\"",
+            "--gen",
+            "300,0.2,90000",
+            "--runtime-set",
+            "unreplied_timeout_s = 600",
+        ],
+        &[("NF_FAILPOINTS", "migrate-state-sent-crash")],
+    );
+    let flows = || -> Vec<u64> {
+        let rts = tb.json(1, &["runtimes"]);
+        ["rt0", "rt1", "rt2"]
+            .iter()
+            .map(|name| {
+                rts.as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|e| e["name"] == *name)
+                    .and_then(|e| e["workload"]["flows_active"].as_u64())
+                    .unwrap_or(0)
+            })
+            .collect()
+    };
+    let t0 = Instant::now();
+    while flows().iter().sum::<u64>() < 300 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "flows: {:?}",
+            flows()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let before = flows();
+    // One group (at most 256 flows move together): the source dies as it sends it.
+    let moving = before[0].min(100);
+    let _ = tb.nfmgr(
+        1,
+        &["migrate", "--from", "rt0", "--to", "rt1", "--flows", "100"],
+    );
+    let counter = |c: &str| -> u64 {
+        ["rt1", "rt2"]
+            .iter()
+            .map(|r| tb.proc_counter(1, r, c))
+            .sum()
+    };
+    let t0 = Instant::now();
+    let mut after = flows();
+    while t0.elapsed() < Duration::from_secs(10) {
+        after = flows();
+        let not_ours = counter("recovered_not_ours");
+        if not_ours >= moving && after.iter().sum::<u64>() == 300 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = tb.log(1);
+    eprintln!(
+        "flows before {before:?}, after {after:?}; copies not ours {}, strays {}",
+        counter("recovered_not_ours"),
+        counter("strays_taken_over")
+    );
+    assert!(
+        log.contains("failpoint migrate-state-sent-crash"),
+        "the source died as planned"
+    );
+    assert_eq!(after.iter().sum::<u64>(), 300, "one owner per flow");
+    assert_eq!(
+        counter("recovered_not_ours"),
+        moving,
+        "every copy of a handed-over flow gave way"
+    );
+    assert_eq!(
+        counter("strays_taken_over"),
+        0,
+        "no installed flow was replaced"
+    );
+}

@@ -57,6 +57,11 @@ pub enum Message {
         request: u64,
         moved: u32,
         sent: Vec<u32>,
+        /// For a recovery's request (`RECOVERY_REQUEST`), the keys that did not move: the
+        /// vswitch knows none such, or gives it to a third runtime (a migration moved the
+        /// flow away before its source died). Those copies are not the requester's to make
+        /// live.
+        unmoved: Vec<FlowKey>,
     },
     /// Migration step 1, source runtime -> target's liaison: get ready to take these flows
     /// (create migration target actors that buffer their packets). Answered `MigrateReady`.

@@ -94,6 +94,7 @@ counter_set!(
     DropAwaitingRecovery => "drop_awaiting_recovery",
     ReplUnprotectedUs => "repl_unprotected_us",
     HoldsMalformed => "holds_malformed",
+    RecoveredNotOurs => "recovered_not_ours",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the

@@ -1232,6 +1232,30 @@ impl Runtime {
         (flows, sent)
     }
 
+    /// A takeover's vswitch did not move these keys here: it knows no such key, or gives it
+    /// to a third runtime (a migration moved the flow away before its source died, and the
+    /// source's replica still had its copy). The copies they are the keys of are not this
+    /// runtime's to make live: made live, they would sit idle here and, ending, free
+    /// resources their real owner still holds. Dropped, counted `recovered_not_ours`.
+    /// (One already made live, when the answer came after the 1 s wait, is left to end.)
+    pub fn drop_unmoved(&mut self, ep: &mut Endpoint, keys: &[FlowKey]) {
+        for k in keys {
+            let Some(i) = self.recovered.iter().position(|c| {
+                c.keys
+                    .get(k)
+                    .is_some_and(|&(id, _)| c.flows.get(&id).is_some_and(|a| a.key == *k))
+            }) else {
+                continue;
+            };
+            if self.recovered[i].take_by_key(k).is_some() {
+                ep.counters().add(ProcCounter::RecoveredNotOurs as usize, 1);
+            }
+            if self.recovered[i].is_empty() {
+                self.recovered.swap_remove(i);
+            }
+        }
+    }
+
     /// Makes the taken-over flow under `key` (its own or an alias) live, if there is one;
     /// true if it is live now.
     fn adopt_recovered_key(&mut self, ep: &mut Endpoint, key: &FlowKey, now_ms: u64) -> bool {
@@ -1303,12 +1327,20 @@ impl Runtime {
         // A flow here under the key already is a stray: the vswitch gave this runtime a
         // packet of the dead runtime's flow before it was re-pointed, and a fresh flow with
         // no state was made of it. The copy knows better.
+        // But a flow that came here from elsewhere (its home is another runtime: a migration
+        // from the dead runtime installed it just before it died, too late to tell its
+        // replica to forget it) is newer than the copy: the copy goes.
         if let Some(Found::Key(s) | Found::Alias(s)) = self.flows.find(&a.key) {
-            if self.flows.get(s).is_some_and(|f| !f.has(flag::MIGRATING)) {
-                self.end_flow(s, now_ms, Notify::Nobody, EndReason::Done);
-                ep.counters().add(ProcCounter::StraysTakenOver as usize, 1);
-            } else {
-                return None;
+            match self.flows.get(s) {
+                Some(f) if f.home != HERE && !f.has(flag::MIGRATING) => {
+                    ep.counters().add(ProcCounter::RecoveredNotOurs as usize, 1);
+                    return Some(());
+                }
+                Some(f) if !f.has(flag::MIGRATING) => {
+                    self.end_flow(s, now_ms, Notify::Nobody, EndReason::Done);
+                    ep.counters().add(ProcCounter::StraysTakenOver as usize, 1);
+                }
+                _ => return None,
             }
         }
         let now = now_ms as u32;
@@ -1671,7 +1703,10 @@ impl FlowHost for EngineHost<'_> {
     }
 
     fn divert(&mut self, f: &FlowRef, group: Option<u64>) -> bool {
-        let Some(a) = self.slot_at(f).and_then(|s| self.rt.flows.get_mut(s)) else {
+        let Some(slot) = self.slot_at(f) else {
+            return false;
+        };
+        let Some(a) = self.rt.flows.get_mut(slot) else {
             return false;
         };
         match group {
@@ -1683,6 +1718,11 @@ impl FlowHost for EngineHost<'_> {
             None => {
                 a.flags &= !flag::MIGRATING;
                 a.set_mark(Mark::None);
+                // The flow stays (its migration was undone). If its state was already
+                // saved for the target, its replica was told to forget it (`save`): it is
+                // protected again, whole, now rather than at its next packet.
+                let id = a.id;
+                self.rt.repl.protect(slot, id);
             }
         }
         true
@@ -1920,6 +1960,9 @@ impl FlowHost for EngineHost<'_> {
         // runtime prepares the next.
         self.mb.flush(self.ep, nflib::time::mono_ns());
         self.ep.flush_wakes();
+        if crate::failpoint::armed() {
+            crate::failpoint::migrate_state_sent(&msg);
+        }
     }
 }
 

@@ -9,6 +9,8 @@
 //!   commit, after processing packets and before replicating what they changed. First it
 //!   writes the frames it holds, one hex line each, to `NF_FAILPOINT_OUT`; the file also
 //!   marks the failpoint spent, so the restarted runtime runs on.
+//! - `migrate-state-sent-crash`: a migration's source aborts right after it sent its first
+//!   step-3 state, before its replicas hear that those flows left (at its next flush).
 
 use std::sync::OnceLock;
 
@@ -30,6 +32,16 @@ pub fn migrate_state_received() {
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
+    }
+}
+
+/// Called by a migration's source right after it sent step 3's state (`msg`).
+pub fn migrate_state_sent(msg: &nflib::msg::Message) {
+    if matches!(msg, nflib::msg::Message::MigrateState { .. })
+        && enabled("migrate-state-sent-crash")
+    {
+        eprintln!("nf-runtime: failpoint migrate-state-sent-crash: aborting");
+        std::process::abort();
     }
 }
 

@@ -73,8 +73,15 @@ pub fn serve_messages(
             liaison.unknown += 1;
             continue;
         }
-        if let Message::RuntimeSet { request, moved, .. } = &env.msg {
+        if let Message::RuntimeSet {
+            request,
+            moved,
+            unmoved,
+            ..
+        } = &env.msg
+        {
             if request & nflib::msg::RECOVERY_REQUEST != 0 {
+                rt.drop_unmoved(ep, unmoved);
                 liaison.recovery_switched(rt, ep, mb, *request, *moved, now_ns);
                 continue;
             }

@@ -583,6 +583,7 @@ fn run(sc: Scenario) -> Outcome {
                                     request,
                                     moved,
                                     sent,
+                                    unmoved: Vec::new(),
                                 },
                             },
                         );

@@ -368,16 +368,21 @@ impl Dispatch {
                 request,
             } => {
                 let mut sent = Vec::with_capacity(keys.len());
-                let moved = self.set_runtime(&keys, from, runtime, &mut sent);
+                let mut unmoved = Vec::new();
+                let moved = self.set_runtime(&keys, from, runtime, &mut sent, &mut unmoved);
                 // A takeover's runtime has no use for the per-key counts (a migration's
-                // target does): tens of thousands of them would only slow the answer.
+                // target does): tens of thousands of them would only slow the answer. It
+                // needs the keys that did not move instead: their flows are not its.
                 if request & nflib::msg::RECOVERY_REQUEST != 0 {
                     sent = Vec::new();
+                } else {
+                    unmoved = Vec::new();
                 }
                 Some(Message::RuntimeSet {
                     request,
                     moved,
                     sent,
+                    unmoved,
                 })
             }
             Message::Ping { seq } => Some(Message::Pong {
@@ -485,11 +490,13 @@ impl Dispatch {
         from: EndpointAddr,
         runtime: EndpointAddr,
         sent: &mut Vec<u32>,
+        unmoved: &mut Vec<FlowKey>,
     ) -> u32 {
         let local = runtime.server == self.me.server
             && self.local.iter().any(|c| c.contains(&runtime.slot));
         if !local && !self.remote.iter().any(|c| c.contains(&runtime)) {
             sent.extend(keys.iter().map(|_| 0));
+            unmoved.extend_from_slice(keys);
             return 0;
         }
         // Up to tens of thousands of keys, each two likely cache misses: the index line is
@@ -520,7 +527,10 @@ impl Dispatch {
                     }
                     moved += 1;
                 }
-                _ => sent.push(0),
+                _ => {
+                    sent.push(0);
+                    unmoved.push(*k);
+                }
             }
         }
         moved
@@ -867,6 +877,30 @@ mod tests {
                 request: 42,
                 moved: 1,
                 sent: vec![1],
+                unmoved: Vec::new(),
+            }]
+        );
+        // A recovery (its request says so) that names the key's former runtime: the key
+        // is a third runtime's now, and the answer says which keys did not move (and no
+        // per-key counts).
+        let stranger = FlowKey::of(&packet::parse(&frame(1001)).unwrap()).0;
+        let request = 7 | nflib::msg::RECOVERY_REQUEST;
+        b.mgr.send(
+            1,
+            &Message::SetRuntime {
+                keys: vec![key, stranger],
+                from: EndpointAddr::new(1, first),
+                runtime: EndpointAddr::new(1, first),
+                request,
+            },
+        );
+        assert_eq!(
+            b.replies(1),
+            vec![Message::RuntimeSet {
+                request,
+                moved: 0,
+                sent: Vec::new(),
+                unmoved: vec![key, stranger],
             }]
         );
 
@@ -878,22 +912,43 @@ mod tests {
         let mut sent = Vec::new();
         let (from, to) = (EndpointAddr::new(1, first), EndpointAddr::new(1, other));
         assert_eq!(
-            b.d.set_runtime(&[key], to, EndpointAddr::new(1, 9), &mut sent),
+            b.d.set_runtime(
+                &[key],
+                to,
+                EndpointAddr::new(1, 9),
+                &mut sent,
+                &mut Vec::new()
+            ),
             0
         );
         assert_eq!(
-            b.d.set_runtime(&[key], to, EndpointAddr::new(7, 2), &mut sent),
+            b.d.set_runtime(
+                &[key],
+                to,
+                EndpointAddr::new(7, 2),
+                &mut sent,
+                &mut Vec::new()
+            ),
             0
         );
         // Nor is a request that thinks the key is elsewhere: it is not its to move.
-        assert_eq!(b.d.set_runtime(&[key], from, from, &mut sent), 0);
+        assert_eq!(
+            b.d.set_runtime(&[key], from, from, &mut sent, &mut Vec::new()),
+            0
+        );
         assert_eq!(sent, vec![0, 0, 0]);
         // Counting restarted for the new runtime: one packet so far; asking again for the
         // same runtime does not restart it.
         b.packet(1000);
         let mut sent = Vec::new();
-        assert_eq!(b.d.set_runtime(&[key], from, to, &mut sent), 1);
-        assert_eq!(b.d.set_runtime(&[key], from, to, &mut sent), 1);
+        assert_eq!(
+            b.d.set_runtime(&[key], from, to, &mut sent, &mut Vec::new()),
+            1
+        );
+        assert_eq!(
+            b.d.set_runtime(&[key], from, to, &mut sent, &mut Vec::new()),
+            1
+        );
         assert_eq!(sent, vec![2, 2]);
     }
 
@@ -917,7 +972,10 @@ mod tests {
         assert_eq!(b.occupancy(other), 1, "the key's packets reach the alias");
         // Migration of the first runtime's flows cannot take the key from the second.
         let mut sent = Vec::new();
-        assert_eq!(b.d.set_runtime(&[key], rt1, rt1, &mut sent), 0);
+        assert_eq!(
+            b.d.set_runtime(&[key], rt1, rt1, &mut sent, &mut Vec::new()),
+            0
+        );
         // Once the owner is gone, the key is anyone's.
         b.d.live.iter_mut().for_each(|l| l.retain(|r| *r != rt2));
         assert!(b.d.add_alias(key, rt1, 0));

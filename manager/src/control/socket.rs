@@ -257,7 +257,17 @@ fn migrate(
     let report = loop {
         match handle.rpc(a, Call::MigrationStatus) {
             Ok(Reply::Migration(r)) if r.done => break r,
-            Ok(Reply::Refused { reason }) => last_err = reason,
+            // Only a process that never ran a job says so: the source died and restarted.
+            Ok(Reply::Refused { reason }) => {
+                let why = format!(
+                    "the source {a} died during the migration (its new process answers: \
+                     {reason}); flows it had handed over stay with the target, the others \
+                     with their replicas when the chain is replicated"
+                );
+                let e = why.clone();
+                let _ = handle.ask(move |c| c.migration_finished(id, |r| r.error = Some(e)));
+                return Err(why);
+            }
             Err(e) => last_err = e,
             Ok(_) => {}
         }
