@@ -16,6 +16,7 @@ mod dataplane;
 mod hugepages;
 mod instance;
 mod linkwatch;
+mod listen;
 mod ports;
 mod relay;
 mod supervisor;

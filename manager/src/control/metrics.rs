@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+
+use crate::listen::{AcceptBackoff, DeadlineReader, Limit};
 use std::time::Duration;
 
 use nflib::config::Config;
@@ -269,25 +271,53 @@ pub fn render(snap: &RegionSnapshot, cfg: &Config, cluster: &ClusterSummary) -> 
     out.render()
 }
 
+/// Scrapers served at once (more are closed at once): one slow client cannot hold the
+/// others up, nor many of them the process.
+const MAX_CLIENTS: usize = 4;
+
+/// How long a client has to send its request, and to take the answer.
+const DEADLINE: Duration = Duration::from_secs(5);
+
 /// Serves `/metrics` on `listener` (one request per connection).
 pub fn serve(listener: TcpListener, handle: Handle) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let _ = answer(stream, &handle);
+            let clients = Limit::new(MAX_CLIENTS);
+            let mut backoff = AcceptBackoff::default();
+            loop {
+                let stream = match listener.accept() {
+                    Ok((s, _)) => {
+                        backoff.ok();
+                        s
+                    }
+                    Err(e) => {
+                        backoff.failed("metrics port", &e);
+                        continue;
+                    }
+                };
+                let Some(place) = clients.try_take() else {
+                    continue;
+                };
+                let h = handle.clone();
+                let _ = std::thread::Builder::new()
+                    .name("metrics-client".into())
+                    .spawn(move || {
+                        let _ = answer(stream, &h);
+                        drop(place);
+                    });
             }
         })?;
     Ok(())
 }
 
 fn answer(mut stream: TcpStream, handle: &Handle) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(DEADLINE))?;
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
+    let mut request = DeadlineReader::new(&stream, DEADLINE);
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        let n = stream.read(&mut buf)?;
+        let n = request.read(&mut buf)?;
         if n == 0 {
             break;
         }

@@ -36,6 +36,8 @@ use nflib::top::{
 };
 use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Region, MANAGER_SLOT};
+
+use crate::listen::{AcceptBackoff, Limit};
 use serde::Serialize;
 
 use crate::linkwatch::LinkChange;
@@ -1552,9 +1554,11 @@ impl Control {
             let events = self.events.clone();
             let me = self.me;
             let first_conn = 1u64 << 32;
+            // Members' sessions, and a few more for rejoins that overlap their old session.
+            let sessions = usize::from(self.cfg.cluster.max_servers) + 4;
             let _ = std::thread::Builder::new()
                 .name("cluster-accept".into())
-                .spawn(move || accept_loop(l, auth, me, events, first_conn));
+                .spawn(move || accept_loop(l, auth, me, events, first_conn, sessions));
         }
         let mut next_tick = Instant::now();
         loop {
@@ -1573,22 +1577,70 @@ impl Control {
     }
 }
 
-fn accept_loop(l: TcpListener, auth: AuthKey, me: u16, events: Sender<Event>, first: ConnId) {
+/// Connections in their handshake at once: all that someone without the key gets of
+/// this nfmgr (each handshake ends within `peer::HANDSHAKE_TIMEOUT`).
+const MAX_HANDSHAKES: usize = 16;
+
+/// Accepts cluster connections: at most `MAX_HANDSHAKES` unauthenticated ones and
+/// `max_sessions` authenticated ones at a time (the others are closed at once), backing
+/// off when accepting fails.
+fn accept_loop(
+    l: TcpListener,
+    auth: AuthKey,
+    me: u16,
+    events: Sender<Event>,
+    first: ConnId,
+    max_sessions: usize,
+) {
+    let handshakes = Limit::new(MAX_HANDSHAKES);
+    let sessions = Limit::new(max_sessions);
+    let mut backoff = AcceptBackoff::default();
+    let mut refused = 0u64;
     let mut next = first;
-    for stream in l.incoming() {
-        let Ok(stream) = stream else { continue };
+    loop {
+        let stream = match l.accept() {
+            Ok((s, _)) => {
+                backoff.ok();
+                s
+            }
+            Err(e) => {
+                backoff.failed("cluster port", &e);
+                continue;
+            }
+        };
+        let Some(place) = handshakes.try_take() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    refused,
+                    "cluster port: {MAX_HANDSHAKES} handshakes under way; closing new connections"
+                );
+            }
+            continue;
+        };
         let conn = next;
         next += 1;
-        let (auth, tx) = (auth.clone(), events.clone());
+        let (auth, tx, sessions) = (auth.clone(), events.clone(), sessions.clone());
         let _ = std::thread::Builder::new()
             .name("cluster-peer".into())
-            .spawn(move || match peer::accept(stream, &auth, me) {
-                Ok((info, writer, reader)) => {
-                    if tx.send(Event::PeerJoin { conn, info, writer }).is_ok() {
-                        peer::read_loop(conn, reader, tx);
+            .spawn(move || {
+                let joined = peer::accept(stream, &auth, me);
+                drop(place);
+                match joined {
+                    Ok((info, writer, reader)) => {
+                        let Some(_session) = sessions.try_take() else {
+                            tracing::warn!(
+                                server = info.server,
+                                "cluster port: too many sessions; closing this one"
+                            );
+                            return;
+                        };
+                        if tx.send(Event::PeerJoin { conn, info, writer }).is_ok() {
+                            peer::read_loop(conn, reader, tx);
+                        }
                     }
+                    Err(why) => tracing::warn!("refused a connection: {why}"),
                 }
-                Err(why) => tracing::warn!("refused a connection: {why}"),
             });
         if events.send(Event::Ask(Box::new(|_| {}))).is_err() {
             return;

@@ -28,6 +28,7 @@ use nflib::wire::EndpointAddr;
 use serde::{Deserialize, Serialize};
 
 use super::Event;
+use crate::listen::DeadlineReader;
 
 /// What servers of one cluster must agree on: this handshake, and the encoding of actor
 /// messages between them (`nflib::msg`). A server speaking another version is refused at
@@ -45,7 +46,11 @@ use super::Event;
 /// 8: a flow's home in migration and replication; `Holds`, `HoldsQuery`.
 pub const PROTOCOL_VERSION: u32 = 8;
 const MAX_FRAME: usize = 16 << 20;
+/// The largest frame before the peer has proven it holds the key (a join names a server's
+/// endpoints and chains: some kilobytes). Nothing larger is allocated for a stranger.
+const MAX_HANDSHAKE_FRAME: usize = 256 << 10;
 const TAG: usize = 16;
+/// The whole handshake, every read of it together, not each read.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub type ConnId = u64;
@@ -139,8 +144,18 @@ impl AuthKey {
         *h.finalize().as_bytes()
     }
 
-    fn proof(&self, nonce_c: &[u8; 16], nonce_j: &[u8; 16], server: u16) -> [u8; 32] {
-        self.mac(&[b"join", nonce_c, nonce_j, &server.to_be_bytes()])
+    /// The join's proof: both nonces and everything the join says (so that nobody on the
+    /// path can change its name, incarnation, endpoints or chains).
+    fn proof(&self, nonce_c: &[u8; 16], nonce_j: &[u8; 16], join: &JoinRequest) -> [u8; 32] {
+        let said = postcard::to_stdvec(&(
+            join.server,
+            &join.name,
+            join.incarnation,
+            &join.endpoints,
+            &join.chains,
+        ))
+        .unwrap_or_default();
+        self.mac(&[b"join", nonce_c, nonce_j, &said])
     }
 
     /// (coordinator -> member, member -> coordinator) keys of a session.
@@ -172,14 +187,18 @@ fn write_frame(w: &mut impl Write, msg: &PeerMsg, key: Option<(&[u8; 32], u64)>)
     w.write_all(&frame)
 }
 
-fn read_frame(r: &mut impl Read, key: Option<(&[u8; 32], u64)>) -> Result<PeerMsg, String> {
+fn read_frame(
+    r: &mut impl Read,
+    key: Option<(&[u8; 32], u64)>,
+    max: usize,
+) -> Result<PeerMsg, String> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => "connection closed".to_string(),
         _ => e.to_string(),
     })?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(format!("frame of {len} bytes is too large"));
     }
     let extra = if key.is_some() { TAG } else { 0 };
@@ -228,7 +247,7 @@ pub struct PeerReader {
 
 impl PeerReader {
     pub fn recv(&mut self) -> Result<PeerMsg, String> {
-        let m = read_frame(&mut self.stream, Some((&self.key, self.counter)));
+        let m = read_frame(&mut self.stream, Some((&self.key, self.counter)), MAX_FRAME);
         self.counter += 1;
         m
     }
@@ -267,7 +286,8 @@ pub fn accept(
         None,
     )
     .map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    // Unbuffered until the session starts: nothing read ahead is left behind.
+    let mut handshake = DeadlineReader::new(&stream, HANDSHAKE_TIMEOUT);
     let PeerMsg::Join {
         version,
         server,
@@ -277,7 +297,7 @@ pub fn accept(
         proof,
         endpoints,
         chains,
-    } = read_frame(&mut reader, None)?
+    } = read_frame(&mut handshake, None, MAX_HANDSHAKE_FRAME)?
     else {
         return Err("the first frame was not a join".into());
     };
@@ -286,19 +306,30 @@ pub fn accept(
             "protocol version {version} (this nfmgr speaks {PROTOCOL_VERSION})"
         ));
     }
-    let want = auth.proof(&nonce_c, &nonce_j, server);
+    let said = JoinRequest {
+        server,
+        name,
+        incarnation,
+        endpoints,
+        chains,
+    };
+    let want = auth.proof(&nonce_c, &nonce_j, &said);
     if want.iter().zip(&proof).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
-        return Err("wrong cluster key (the join proof does not verify)".into());
+        return Err(
+            "wrong cluster key, or a join changed on its way (the join proof does not verify)"
+                .into(),
+        );
     }
     let (c2j, j2c) = auth.session(&nonce_c, &nonce_j);
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    let reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
     Ok((
         JoinInfo {
-            server,
-            name,
-            incarnation,
-            endpoints,
-            chains,
+            server: said.server,
+            name: said.name,
+            incarnation: said.incarnation,
+            endpoints: said.endpoints,
+            chains: said.chains,
             addr,
         },
         PeerWriter {
@@ -353,12 +384,12 @@ pub fn join(
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("cannot reach the coordinator at {addr}: {e}"))?;
     prepare(&stream).map_err(|e| e.to_string())?;
-    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut handshake = DeadlineReader::new(&stream, HANDSHAKE_TIMEOUT);
     let PeerMsg::Hello {
         version,
         server: coordinator,
         nonce: nonce_c,
-    } = read_frame(&mut reader, None)?
+    } = read_frame(&mut handshake, None, MAX_HANDSHAKE_FRAME)?
     else {
         return Err("the coordinator did not say hello".into());
     };
@@ -375,7 +406,7 @@ pub fn join(
         .into());
     }
     let nonce_j = nonce().map_err(|e| e.to_string())?;
-    let proof = auth.proof(&nonce_c, &nonce_j, req.server);
+    let proof = auth.proof(&nonce_c, &nonce_j, &req);
     let mut s = &stream;
     write_frame(
         &mut s,
@@ -393,12 +424,15 @@ pub fn join(
     )
     .map_err(|e| e.to_string())?;
     let (c2j, j2c) = auth.session(&nonce_c, &nonce_j);
-    let mut rd = PeerReader {
-        stream: reader,
+    // The welcome (a view: up to MAX_FRAME) is authenticated, and read within the
+    // handshake's deadline.
+    let view = read_frame(&mut handshake, Some((&c2j, 0)), MAX_FRAME);
+    let rd = PeerReader {
+        stream: BufReader::new(stream.try_clone().map_err(|e| e.to_string())?),
         key: c2j,
-        counter: 0,
+        counter: 1,
     };
-    let view = match rd.recv() {
+    let view = match view {
         Ok(PeerMsg::Welcome { view }) => view,
         Ok(PeerMsg::Reject { reason }) => {
             return Err(JoinError::Failed(format!(
@@ -440,5 +474,76 @@ pub fn read_loop(conn: ConnId, mut reader: PeerReader, events: Sender<Event>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn request(name: &str) -> JoinRequest {
+        JoinRequest {
+            server: 2,
+            name: name.into(),
+            incarnation: 7,
+            endpoints: Vec::new(),
+            chains: vec![("main".into(), [1; 32])],
+        }
+    }
+
+    /// Plays a member that proves `proved` but says `said`; returns the coordinator's
+    /// verdict.
+    fn join_as(proved: JoinRequest, said: JoinRequest) -> Result<JoinInfo, String> {
+        let auth = AuthKey::derive(b"a cluster key for the test, long enough");
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let coord_auth = auth.clone();
+        let coordinator = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            accept(s, &coord_auth, 1).map(|(info, _, _)| info)
+        });
+        let stream = TcpStream::connect(addr).unwrap();
+        let mut r = DeadlineReader::new(&stream, HANDSHAKE_TIMEOUT);
+        let Ok(PeerMsg::Hello { nonce: nonce_c, .. }) =
+            read_frame(&mut r, None, MAX_HANDSHAKE_FRAME)
+        else {
+            panic!("no hello");
+        };
+        let nonce_j = [9u8; 16];
+        let proof = auth.proof(&nonce_c, &nonce_j, &proved);
+        let msg = PeerMsg::Join {
+            version: PROTOCOL_VERSION,
+            server: said.server,
+            name: said.name,
+            incarnation: said.incarnation,
+            nonce: nonce_j,
+            proof,
+            endpoints: said.endpoints,
+            chains: said.chains,
+        };
+        write_frame(&mut &stream, &msg, None).unwrap();
+        coordinator.join().unwrap()
+    }
+
+    #[test]
+    fn a_join_changed_on_its_way_does_not_verify() {
+        let info = join_as(request("s2"), request("s2")).expect("an honest join");
+        assert_eq!((info.server, info.name.as_str()), (2, "s2"));
+        let e = join_as(request("s2"), request("evil")).unwrap_err();
+        assert!(e.contains("does not verify"), "{e}");
+        let mut more = request("s2");
+        more.incarnation = 8;
+        assert!(join_as(request("s2"), more).is_err());
+    }
+
+    /// A stranger's frame is refused by its length, before anything that size is
+    /// allocated.
+    #[test]
+    fn a_stranger_cannot_make_the_coordinator_allocate_a_large_frame() {
+        let mut bytes = ((MAX_HANDSHAKE_FRAME + 1) as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 16]);
+        let e = read_frame(&mut &bytes[..], None, MAX_HANDSHAKE_FRAME).unwrap_err();
+        assert!(e.contains("too large"), "{e}");
     }
 }

@@ -20,6 +20,8 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
+
+use crate::listen::{AcceptBackoff, DeadlineReader, Limit};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -78,26 +80,58 @@ pub fn serve(path: &Path, handle: Handle) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Clients served at once (the dashboard, scripts, drills): more are closed at once.
+const MAX_CLIENTS: usize = 32;
+
+/// How long a client has to send each request, all of it.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+
 fn accept_loop(listener: UnixListener, handle: Handle, _path: PathBuf) {
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+    let clients = Limit::new(MAX_CLIENTS);
+    let mut backoff = AcceptBackoff::default();
+    let mut refused = 0u64;
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => {
+                backoff.ok();
+                s
+            }
+            Err(e) => {
+                backoff.failed("control socket", &e);
+                continue;
+            }
+        };
+        let Some(place) = clients.try_take() else {
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    refused,
+                    "control socket: {MAX_CLIENTS} clients connected; closing new connections"
+                );
+            }
+            continue;
+        };
         let h = handle.clone();
         let _ = std::thread::Builder::new()
             .name("control-client".into())
-            .spawn(move || serve_client(stream, h));
+            .spawn(move || {
+                serve_client(stream, h);
+                drop(place);
+            });
     }
 }
 
 fn serve_client(stream: UnixStream, handle: Handle) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
     let mut reader = BufReader::new(match stream.try_clone() {
-        Ok(s) => s,
+        Ok(s) => DeadlineReader::new(s, REQUEST_DEADLINE),
         Err(_) => return,
     });
     let mut line = String::new();
     let mut out = stream;
     loop {
         line.clear();
+        reader.get_mut().renew(REQUEST_DEADLINE);
         match (&mut reader).take(1 << 16).read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
