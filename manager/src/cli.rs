@@ -213,11 +213,16 @@ pub fn status(t: &Target) -> Result<()> {
                     })
                     .filter(|l| !l.is_empty())
                     .unwrap_or_else(|| "-".into());
+                // A crash loop says so where the operator looks first.
+                let state = match p["quick_deaths"].as_u64() {
+                    Some(n) if n > 0 => format!("{} (crash loop: {n})", s(&p["state"])),
+                    _ => s(&p["state"]),
+                };
                 vec![
                     s(&p["slot"]),
                     s(&p["name"]),
                     s(&p["kind"]),
-                    s(&p["state"]),
+                    state,
                     s(&p["pid"]),
                     s(&p["restarts"]),
                     replicas,

@@ -74,7 +74,8 @@ struct Proc {
     pidfd: Option<Arc<OwnedFd>>,
     pid: u32,
     spawned_at: Instant,
-    /// Consecutive deaths before reaching `Running`.
+    /// Deaths in a row before reaching `Running` or soon after (`stable_after_ms`): a crash
+    /// loop, which backs off.
     start_failures: u32,
     restart_at: Option<Instant>,
     reached_running: bool,
@@ -130,6 +131,8 @@ pub enum ProcEventKind {
     StartFailed,
     /// Its buffers were taken back.
     Reclaimed,
+    /// It keeps dying soon after starting: its next start waits.
+    CrashLoop,
 }
 
 /// Told of every process event (see [`Supervisor::observe`]).
@@ -381,6 +384,20 @@ impl Supervisor {
         };
         p.phase = Phase::Backoff;
         p.restart_at = Some(Instant::now() + delay);
+        let failures = p.start_failures;
+        if failures > 0 {
+            let name = p.spec.name.clone();
+            self.record(
+                &name,
+                ProcEventKind::CrashLoop,
+                format!(
+                    "crash loop: {failures} death(s) in a row within {} ms of start; next \
+                     start in {} ms",
+                    self.cfg.supervisor.stable_after_ms,
+                    delay.as_millis()
+                ),
+            );
+        }
     }
 
     fn on_exit(&mut self, i: usize, code: i32) {
@@ -392,8 +409,9 @@ impl Supervisor {
             m.remove(&p.spec.slot);
         }
         let was_running = p.reached_running;
-        if !was_running {
-            p.start_failures += 1;
+        let stable = Duration::from_millis(self.cfg.supervisor.stable_after_ms);
+        if !was_running || p.spawned_at.elapsed() < stable {
+            p.start_failures = p.start_failures.saturating_add(1);
         }
         // A new life is judged afresh by the frozen watch.
         p.stuck_since = None;
@@ -401,6 +419,7 @@ impl Supervisor {
         let slot = p.spec.slot;
         if let Some(rec) = self.region.slot(slot) {
             rec.last_exit.store(code, Ordering::Relaxed);
+            rec.quick_deaths.store(p.start_failures, Ordering::Relaxed);
             rec.set_state(SlotState::Dead);
         }
         p.phase = Phase::Reclaiming;
@@ -479,7 +498,6 @@ impl Supervisor {
                         let p = &mut self.procs[i];
                         p.phase = Phase::Running;
                         p.reached_running = true;
-                        p.start_failures = 0;
                         let (name, pid) = (p.spec.name.clone(), p.pid);
                         self.record(
                             &name,
@@ -505,8 +523,18 @@ impl Supervisor {
                     self.procs[i].phase = Phase::Reviving;
                     self.send(Command::Revive(slot));
                 }
-                Phase::Running if self.procs[i].spec.kind == ProcessKind::Runtime => {
-                    self.watch_frozen(i, now);
+                Phase::Running => {
+                    let stable = Duration::from_millis(self.cfg.supervisor.stable_after_ms);
+                    let p = &mut self.procs[i];
+                    if p.start_failures > 0 && now.duration_since(p.spawned_at) >= stable {
+                        p.start_failures = 0;
+                        if let Some(rec) = self.region.slot(slot) {
+                            rec.quick_deaths.store(0, Ordering::Relaxed);
+                        }
+                    }
+                    if p.spec.kind == ProcessKind::Runtime {
+                        self.watch_frozen(i, now);
+                    }
                 }
                 _ => {}
             }

@@ -256,3 +256,34 @@ spec = "sink:"
     );
     assert_eq!(sink.counters["sink_rx"], gen.counters["gen_sent"]);
 }
+
+/// A runtime that dies soon after every start (a crash loop) is restarted with growing
+/// delays, not at once forever, and says so (status, events).
+#[test]
+fn a_crash_looping_runtime_backs_off_and_says_so() {
+    let mut inst = Instance::new("crashloop");
+    inst.start_with_env(PIPELINE, &[("NF_FAILPOINTS", "crash-after-start")]);
+    let started = Instant::now();
+    let region = inst.region(Duration::from_secs(20));
+    let rt0 = |s: &nflib::snapshot::RegionSnapshot| {
+        s.processes
+            .iter()
+            .find(|p| p.name == "rt0")
+            .map(|p| (p.restarts, p.quick_deaths))
+            .unwrap_or((0, 0))
+    };
+    inst.wait_for(&region, Duration::from_secs(20), "a crash loop", |s| {
+        rt0(s).1 >= 3
+    });
+    // Each life lasts about 200 ms; restarted at once, it would have had some 20 lives in
+    // 6 s, backing off from 100 ms, 6 or 7.
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(started.elapsed()));
+    let (restarts, quick) = rt0(&nflib::snapshot::RegionSnapshot::read(&region));
+    eprintln!("rt0 after 6 s: {restarts} restarts, {quick} quick deaths in a row");
+    assert!(restarts <= 8, "{restarts} restarts in 6 s: no backoff");
+    assert!(quick >= 3, "{quick}");
+    let log = inst.log();
+    assert!(log.contains("crash loop"), "the crash loop is logged");
+    drop(region);
+    inst.stop();
+}

@@ -597,6 +597,11 @@ pub struct SupervisorSection {
     pub restart_backoff_ms: u64,
     #[serde(default = "d_max_backoff")]
     pub max_backoff_ms: u64,
+    /// A process that dies sooner than this after its start is in a crash loop: it is
+    /// restarted after `restart_backoff_ms`, doubling with each such death up to
+    /// `max_backoff_ms`, until one of its lives lasts this long.
+    #[serde(default = "d_stable_after")]
+    pub stable_after_ms: u64,
     /// A process that has not reported running after this long is killed.
     #[serde(default = "d_start_timeout")]
     pub start_timeout_ms: u64,
@@ -629,6 +634,9 @@ fn d_backoff() -> u64 {
 }
 fn d_max_backoff() -> u64 {
     5000
+}
+fn d_stable_after() -> u64 {
+    10_000
 }
 fn d_start_timeout() -> u64 {
     5000

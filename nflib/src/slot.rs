@@ -108,6 +108,9 @@ pub struct SlotRecord {
     pub restarts: AtomicU32,
     /// Last exit: exit code when >= 0, minus the signal number when < 0.
     pub last_exit: AtomicI32,
+    /// Deaths in a row, each soon after its start (`supervisor.stable_after_ms`): a crash
+    /// loop, restarted with growing delays. 0 once a life has lasted.
+    pub quick_deaths: AtomicU32,
     /// The last transport session a process in this slot used; each new one starts above it
     /// (see `Endpoint::new_session`), so peers can tell a restarted process from a late
     /// frame even if the wall clock stepped back.

@@ -23,6 +23,9 @@ pub struct ProcessSnapshot {
     pub restarts: u32,
     /// Exit code (>= 0) or minus the signal number of the last process in this slot.
     pub last_exit: Option<i32>,
+    /// Deaths in a row soon after start (a crash loop); 0 once a life has lasted.
+    #[serde(default)]
+    pub quick_deaths: u32,
     /// Packets producers could not queue to it (its input ring was full).
     pub input_drops: u64,
     pub counters: BTreeMap<String, u64>,
@@ -124,6 +127,7 @@ impl RegionSnapshot {
                 core: (core >= 0).then_some(core as u32),
                 generation: s.generation.load(Ordering::Relaxed),
                 restarts,
+                quick_deaths: s.quick_deaths.load(Ordering::Relaxed),
                 input_drops: s.input_drops.0.load(Ordering::Relaxed),
                 nfs: nf_snapshots(region, i),
                 last_exit: (restarts > 0

@@ -9,6 +9,8 @@
 //!   commit, after processing packets and before replicating what they changed. First it
 //!   writes the frames it holds, one hex line each, to `NF_FAILPOINT_OUT`; the file also
 //!   marks the failpoint spent, so the restarted runtime runs on.
+//! - `crash-after-start`: every runtime aborts 200 ms into its life, once running: a crash
+//!   loop.
 //! - `migrate-state-sent-crash`: a migration's source aborts right after it sent its first
 //!   step-3 state, before its replicas hear that those flows left (at its next flush).
 
@@ -41,6 +43,14 @@ pub fn migrate_state_sent(msg: &nflib::msg::Message) {
         && enabled("migrate-state-sent-crash")
     {
         eprintln!("nf-runtime: failpoint migrate-state-sent-crash: aborting");
+        std::process::abort();
+    }
+}
+
+/// `crash-after-start`: aborts once the runtime has run `uptime_ms` >= 200.
+pub fn crash_after_start(uptime_ms: u64) {
+    if uptime_ms >= 200 && enabled("crash-after-start") {
+        eprintln!("nf-runtime: failpoint crash-after-start: aborting");
         std::process::abort();
     }
 }

@@ -57,6 +57,9 @@ fn main() -> ExitCode {
         let probes = liaison.tick(&mut rt, ep, &mut mb, now_ns);
         let n = ep.recv_burst(&mut batch, BATCH);
         let now_ms = rt.now_ms();
+        if nf_runtime::failpoint::armed() {
+            nf_runtime::failpoint::crash_after_start(now_ms);
+        }
         rt.process_batch(ep, &mut batch, now_ms);
         rt.expire(ep, now_ms);
         events.clear();

@@ -247,6 +247,7 @@ mod tests {
                 generation: 3,
                 restarts: 2,
                 last_exit: Some(-9),
+                quick_deaths: 0,
                 input_drops: 0,
                 nfs: Vec::new(),
                 counters: counters(&[("rx_pkts", 1000), ("tx_pkts", 990), ("drop_ring_full", 10)]),

@@ -63,6 +63,7 @@ fn process(p: &P, secs: u64) -> ProcessSnapshot {
         generation: 1,
         restarts: p.restarts,
         last_exit: (p.restarts > 0).then_some(-9),
+        quick_deaths: 0,
         input_drops: p.input_drops_ps * secs,
         counters: counters(&[
             ("rx_pkts", pkts),

@@ -412,7 +412,10 @@ impl Control {
                     return;
                 }
             }
-            ProcEventKind::StartFailed | ProcEventKind::Reclaimed | ProcEventKind::Frozen => {}
+            ProcEventKind::StartFailed
+            | ProcEventKind::Reclaimed
+            | ProcEventKind::Frozen
+            | ProcEventKind::CrashLoop => {}
         }
         self.top_event(&e.process, e.what);
     }
@@ -1502,7 +1505,7 @@ impl Control {
             "events": self.log,
             "processes": snap.processes.iter().map(|p| serde_json::json!({
                 "slot": p.slot, "name": p.name, "kind": p.kind, "state": p.state,
-                "pid": p.pid, "restarts": p.restarts,
+                "pid": p.pid, "restarts": p.restarts, "quick_deaths": p.quick_deaths,
                 // The replicas its flows are copied to (`SetReplica`), for runtimes of a
                 // replicated chain.
                 "replicas": self.replicas_sent.get(&p.slot)

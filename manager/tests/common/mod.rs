@@ -137,6 +137,23 @@ impl Instance {
         self.start_in(None, body)
     }
 
+    /// Starts nfmgr with extra environment variables its processes inherit (failpoints).
+    #[allow(dead_code)]
+    pub fn start_with_env(&mut self, body: &str, env: &[(&str, &str)]) {
+        let cfg = self.config(body);
+        let log = std::fs::File::create(self.path("nfmgr.log")).expect("log");
+        let child = Command::new(nfmgr_bin())
+            .args(["start", "--config"])
+            .arg(&cfg)
+            .env("NFMGR_LOG", "info")
+            .envs(env.iter().copied())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn nfmgr");
+        self.child = Some(child);
+    }
+
     /// Starts nfmgr, inside network namespace `netns` if given.
     pub fn start_in(&mut self, netns: Option<&str>, body: &str) {
         let cfg = self.config(body);

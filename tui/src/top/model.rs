@@ -45,6 +45,8 @@ pub struct ProcRow {
     pub ns_per_pkt: Option<f64>,
     pub restarts: u32,
     pub last_exit: Option<i32>,
+    /// Deaths in a row soon after start (a crash loop).
+    pub quick_deaths: u32,
 }
 
 impl ProcRow {
@@ -337,6 +339,7 @@ impl Model {
                     ns_per_pkt: (rx > 0.0).then(|| busy_ns / rx),
                     restarts: p.restarts,
                     last_exit: p.last_exit,
+                    quick_deaths: p.quick_deaths,
                 };
                 if stale {
                     if let Some(o) = old {

@@ -53,7 +53,11 @@ fn kind_name(k: ProcessKind) -> &'static str {
     }
 }
 
-fn state_cell(s: SlotState) -> Cell<'static> {
+fn state_cell(s: SlotState, quick_deaths: u32) -> Cell<'static> {
+    if quick_deaths > 0 {
+        // Whatever its state this instant, a crash loop is what the operator must see.
+        return Cell::from(format!("CRASH {quick_deaths}")).style(Style::default().fg(Color::Red));
+    }
     let (text, color) = match s {
         SlotState::Running => ("running", Color::Green),
         SlotState::Starting => ("starting", Color::Yellow),
@@ -334,7 +338,7 @@ fn proc_cells(p: &ProcRow, wide: bool) -> Vec<Cell<'static>> {
             p.pid.to_string()
         }));
     }
-    cells.push(state_cell(p.state));
+    cells.push(state_cell(p.state, p.quick_deaths));
     // A dead process has no rate: the last interval's would mislead.
     let live = !matches!(p.state, SlotState::Dead | SlotState::Failed);
     let rate = |v: f64| if live { pps(v) } else { "-".into() };
