@@ -89,6 +89,14 @@ struct Proc {
     died_at: Instant,
 }
 
+impl Proc {
+    /// Dying again and again soon after starting: two early deaths in a row, or one
+    /// before it ever ran.
+    fn crash_looping(&self) -> bool {
+        self.start_failures >= 2 || (self.start_failures == 1 && !self.reached_running)
+    }
+}
+
 /// A process's scheduler state and CPU time (user + system, in clock ticks), from
 /// `/proc/PID/stat`; `None` if it cannot be read (gone).
 fn proc_stat(pid: u32) -> Option<(char, u64)> {
@@ -367,9 +375,10 @@ impl Supervisor {
             }
             return;
         }
-        // A process that was running is replaced at once; one that keeps failing to start
-        // backs off exponentially.
-        let delay = if p.start_failures == 0 {
+        // A process that was running is replaced at once; one that keeps failing to start,
+        // or keeps dying soon after it did, backs off exponentially. One early death of a
+        // process that ran (an operator's kill of a runtime just started) is not a loop.
+        let delay = if !p.crash_looping() {
             // Its replicas are taking its flows over: they get the CPU first.
             if p.spec.kind == ProcessKind::Runtime && self.cfg.runtime_replicates(&p.spec.name) {
                 Duration::from_millis(self.cfg.supervisor.takeover_before_restart_ms)
@@ -385,7 +394,7 @@ impl Supervisor {
         p.phase = Phase::Backoff;
         p.restart_at = Some(Instant::now() + delay);
         let failures = p.start_failures;
-        if failures > 0 {
+        if p.crash_looping() {
             let name = p.spec.name.clone();
             self.record(
                 &name,
@@ -419,7 +428,12 @@ impl Supervisor {
         let slot = p.spec.slot;
         if let Some(rec) = self.region.slot(slot) {
             rec.last_exit.store(code, Ordering::Relaxed);
-            rec.quick_deaths.store(p.start_failures, Ordering::Relaxed);
+            let looping = if p.crash_looping() {
+                p.start_failures
+            } else {
+                0
+            };
+            rec.quick_deaths.store(looping, Ordering::Relaxed);
             rec.set_state(SlotState::Dead);
         }
         p.phase = Phase::Reclaiming;
