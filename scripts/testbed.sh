@@ -170,6 +170,7 @@ $REGION_SET
 [manager]
 bin_dir = "$BIN"
 control_socket = "$STATE/s$i.sock"
+run_dir = "$SHM/s$i"
 $(case "$MANAGER_SET" in *report*) ;; *) echo "report = \"$STATE/s$i-report.json\"" ;; esac)
 $MANAGER_SET
 

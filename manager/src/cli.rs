@@ -21,9 +21,10 @@ pub struct Target {
     /// The instance name, when no config is given.
     #[arg(long, default_value = "default")]
     pub instance: String,
-    /// The instance's region.dir, when no config is given.
-    #[arg(long, default_value = "/dev/shm")]
-    pub dir: PathBuf,
+    /// The instance's manager.run_dir, when no config is given (default: /run/nfactor for
+    /// root, $XDG_RUNTIME_DIR/nfactor or /tmp/nfactor-UID for others).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
     /// The control socket itself.
     #[arg(long)]
     pub socket: Option<PathBuf>,
@@ -40,10 +41,14 @@ impl Target {
         if let Some(c) = &self.config {
             return Ok(Config::load(c)?.control_socket_path());
         }
-        let named = self.dir.join(format!("nfmgr-{}.sock", self.instance));
+        let dir = self
+            .dir
+            .clone()
+            .unwrap_or_else(nflib::config::default_run_dir);
+        let named = dir.join(format!("nfmgr-{}.sock", self.instance));
         if self.instance == "default" && !named.exists() {
             // Nothing named: the one instance running here, if there is exactly one.
-            let found: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            let found: Vec<PathBuf> = std::fs::read_dir(&dir)
                 .into_iter()
                 .flatten()
                 .flatten()

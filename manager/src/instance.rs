@@ -8,6 +8,14 @@
 //! can be *tested* without being taken (`F_OFD_GETLK`), so readers such as `nfmgr stats` can
 //! tell a live instance from a stale region without ever blocking a starting nfmgr. The lock
 //! file also records where the region is.
+//!
+//! The lock lives in nfmgr's run directory (`manager.run_dir`, by default `/run/nfactor` for
+//! root), never in a world-writable one: there a local user could create the lock file
+//! first (and hold its lock, or steer root's cleanup onto another file through its
+//! `region=` line) or put a link in its place (root would truncate the file it points to).
+//! So the directory must be nfmgr's own and closed to others (created 0700), the lock is
+//! opened without following links and must be a regular file of nfmgr's user, and the
+//! only region file a stale lock can name for removal is the instance's own.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
@@ -36,22 +44,71 @@ fn read_field(text: &str, key: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_string))
 }
 
+/// Makes sure `dir` is a directory that only this user may change: created (mode 0700) if
+/// missing; refused if it is a link, not ours, or writable by others.
+pub fn ensure_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(parent) = dir.parent() {
+        if !parent.exists() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", dir.display())),
+    }
+    let md = std::fs::symlink_metadata(dir)
+        .with_context(|| format!("cannot inspect {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if !md.is_dir() {
+        bail!(
+            "{} (manager.run_dir) is not a directory (a link?): refusing to keep the lock there",
+            dir.display()
+        );
+    }
+    if md.uid() != me {
+        bail!(
+            "{} (manager.run_dir) belongs to uid {}, not to this user ({me}): someone else              may have made it; remove it or choose another run_dir",
+            dir.display(),
+            md.uid()
+        );
+    }
+    if md.mode() & 0o022 != 0 {
+        bail!(
+            "{} (manager.run_dir) is writable by others (mode {:o}): refusing to keep the lock              there",
+            dir.display(),
+            md.mode() & 0o7777
+        );
+    }
+    Ok(())
+}
+
 impl Instance {
-    /// Takes the instance lock. If another nfmgr holds it, fails naming its pid. Otherwise
-    /// removes any region a crashed predecessor left behind.
-    pub fn acquire(name: &str, lock_dir: &Path) -> Result<Instance> {
-        std::fs::create_dir_all(lock_dir)
-            .with_context(|| format!("cannot create {}", lock_dir.display()))?;
-        let path = lock_path(lock_dir, name);
+    /// Takes the instance lock in `run_dir` (made private if missing). If another nfmgr
+    /// holds it, fails naming its pid. Otherwise removes any region a crashed predecessor
+    /// left behind.
+    pub fn acquire(name: &str, run_dir: &Path) -> Result<Instance> {
+        use std::os::unix::fs::MetadataExt;
+        ensure_private_dir(run_dir)?;
+        let path = lock_path(run_dir, name);
         let mut lock = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .custom_flags(libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&path)
             .with_context(|| format!("cannot open instance lock {}", path.display()))?;
+        let md = lock.metadata()?;
+        if !md.is_file() || md.uid() != nix::unistd::geteuid().as_raw() || md.nlink() != 1 {
+            bail!(
+                "instance lock {} is not a plain file of this user: refusing it",
+                path.display()
+            );
+        }
         let taken = take_lock(&lock);
         let mut previous = String::new();
         let _ = lock.read_to_string(&mut previous);
@@ -62,8 +119,13 @@ impl Instance {
                 path.display()
             );
         }
-        if let Some(old) = read_field(&previous, "region") {
-            let old = PathBuf::from(old);
+        // Only the instance's own region file is ever removed, whatever the lock says.
+        let own =
+            |p: &Path| p.file_name().and_then(|n| n.to_str()) == Some(&region_file_name(name));
+        if let Some(old) = read_field(&previous, "region")
+            .map(PathBuf::from)
+            .filter(|p| own(p))
+        {
             if old.exists() {
                 std::fs::remove_file(&old)
                     .with_context(|| format!("cannot remove stale region {}", old.display()))?;
@@ -159,12 +221,21 @@ pub fn find_region(name: &str, lock_dir: &Path) -> Result<PathBuf> {
 mod tests {
     use super::*;
 
+    use std::os::unix::fs::PermissionsExt;
+
+    fn test_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("nfmgr-inst-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
     #[test]
     fn second_acquire_fails_and_stale_regions_are_removed() {
-        let dir = std::env::temp_dir().join(format!("nfmgr-inst-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = test_dir("stale");
         let mut a = Instance::acquire("t", &dir).unwrap();
-        let region = dir.join("r");
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "the run directory is made private");
+        let region = dir.join(region_file_name("t"));
         std::fs::write(&region, b"x").unwrap();
         a.claim_region_path(&region).unwrap();
         assert!(!region.exists(), "stale file at the region path is removed");
@@ -181,5 +252,56 @@ mod tests {
         assert!(!region.exists(), "the next nfmgr removed the stale region");
         b.release();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A local user who could write the run directory could plant the lock file, a link
+    /// in its place, or a lock naming another file as the region to remove: refused.
+    #[test]
+    fn a_planted_lock_or_an_open_directory_is_refused() {
+        // A directory others may write.
+        let open = test_dir("open");
+        std::fs::create_dir_all(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = Instance::acquire("t", &open).err().unwrap().to_string();
+        assert!(e.contains("writable by others"), "{e}");
+        // The run directory a link.
+        let target = test_dir("target");
+        std::fs::create_dir_all(&target).unwrap();
+        let link = test_dir("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = Instance::acquire("t", &link).err().unwrap().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+        // The lock a link to a file nfmgr must not touch.
+        let dir = test_dir("planted");
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = target.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        std::os::unix::fs::symlink(&victim, lock_path(&dir, "t")).unwrap();
+        assert!(Instance::acquire("t", &dir).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        // A stale lock naming another file as the region: that file stays.
+        std::fs::remove_file(lock_path(&dir, "t")).unwrap();
+        std::fs::write(
+            lock_path(&dir, "t"),
+            format!("pid=1\nregion={}\n", victim.display()),
+        )
+        .unwrap();
+        let i = Instance::acquire("t", &dir).unwrap();
+        assert!(
+            victim.exists(),
+            "only the instance's own region file is removed"
+        );
+        i.release();
+        // A lock file of another user (root can make one to try).
+        if nix::unistd::geteuid().is_root() {
+            std::fs::write(lock_path(&dir, "t"), b"").unwrap();
+            std::os::unix::fs::chown(lock_path(&dir, "t"), Some(65534), None).unwrap();
+            let e = Instance::acquire("t", &dir).err().unwrap().to_string();
+            assert!(e.contains("not a plain file of this user"), "{e}");
+        }
+        for d in [&open, &target, &dir] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        let _ = std::fs::remove_file(&link);
     }
 }

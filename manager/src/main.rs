@@ -171,9 +171,10 @@ enum Cmd {
     Stats {
         #[arg(long, default_value = "default")]
         instance: String,
-        /// Where the instance keeps its lock (the config's region.dir).
-        #[arg(long, default_value = "/dev/shm")]
-        dir: PathBuf,
+        /// Where the instance keeps its lock (its manager.run_dir; default: /run/nfactor for
+        /// root, $XDG_RUNTIME_DIR/nfactor or /tmp/nfactor-UID for others).
+        #[arg(long)]
+        dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -215,7 +216,11 @@ fn main() {
             instance,
             dir,
             json,
-        } => stats(&instance, &dir, json),
+        } => stats(
+            &instance,
+            &dir.unwrap_or_else(nflib::config::default_run_dir),
+            json,
+        ),
         Cmd::Status { target } => cli::status(&target),
         Cmd::Runtimes { target } => cli::runtimes(&target),
         Cmd::Flows {
@@ -413,7 +418,7 @@ fn load_cluster_key(cfg: &Config) -> Result<Option<Vec<u8>>> {
 
 fn run(cfg: Config, demo: bool) -> Result<()> {
     check_chains(&cfg)?;
-    let mut instance = Instance::acquire(&cfg.instance, &cfg.region.dir)?;
+    let mut instance = Instance::acquire(&cfg.instance, &cfg.run_dir())?;
     let result = run_instance(&cfg, &mut instance, demo);
     instance.release();
     result

@@ -99,7 +99,7 @@ spec = "sink:"
     drop(region);
 
     // The socket is the operator's alone.
-    let sock = inst.path(&format!("nfmgr-{}.sock", inst.name));
+    let sock = inst.path(&format!("run/nfmgr-{}.sock", inst.name));
     let mode = std::fs::metadata(&sock)
         .expect("control socket")
         .permissions()

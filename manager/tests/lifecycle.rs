@@ -61,7 +61,7 @@ fn sigterm_stops_everything_and_removes_the_region() {
     assert!(region_files(&inst.dir).is_empty(), "region left behind");
     assert!(!inst
         .dir
-        .join(format!("nfactor-{}.lock", inst.name))
+        .join(format!("run/nfactor-{}.lock", inst.name))
         .exists());
 }
 

@@ -360,8 +360,12 @@ pub struct ManagerSection {
     /// Microseconds a process keeps polling after its last work before it sleeps.
     #[serde(default = "d_idle_poll")]
     pub idle_poll_us: u64,
-    /// The control socket the CLI talks to (default: `nfmgr-INSTANCE.sock` in region.dir).
+    /// The control socket the CLI talks to (default: `nfmgr-INSTANCE.sock` in `run_dir`).
     pub control_socket: Option<PathBuf>,
+    /// Where the instance lock and the control socket are (default: [`default_run_dir`]).
+    /// A directory only nfmgr's user may write: it is created mode 0700 if missing, and
+    /// nfmgr refuses one that others may write or that is not its own.
+    pub run_dir: Option<PathBuf>,
     /// Serve metrics in Prometheus text format on this TCP address (`127.0.0.1:9470`).
     pub metrics_listen: Option<String>,
 }
@@ -1303,10 +1307,15 @@ impl Config {
     pub fn control_socket_path(&self) -> PathBuf {
         match &self.manager.control_socket {
             Some(p) => self.base_dir.join(p),
-            None => self
-                .region
-                .dir
-                .join(format!("nfmgr-{}.sock", self.instance)),
+            None => self.run_dir().join(format!("nfmgr-{}.sock", self.instance)),
+        }
+    }
+
+    /// Where the instance lock and (by default) the control socket are.
+    pub fn run_dir(&self) -> PathBuf {
+        match &self.manager.run_dir {
+            Some(d) => self.base_dir.join(d),
+            None => default_run_dir(),
         }
     }
 
@@ -1511,6 +1520,21 @@ pub fn parse_cpu_list(s: &str) -> std::result::Result<Vec<usize>, String> {
         return Err("empty CPU list".into());
     }
     Ok(out)
+}
+
+/// Where nfmgr keeps its instance lock and control socket unless `manager.run_dir` says:
+/// a directory only its user may write, never a world-writable one such as /dev/shm (where
+/// a local user could plant the lock file, or a link in its place, before nfmgr starts).
+/// Root: `/run/nfactor`; others: `$XDG_RUNTIME_DIR/nfactor`, else `/tmp/nfactor-UID`.
+pub fn default_run_dir() -> PathBuf {
+    let uid = nix::unistd::geteuid().as_raw();
+    if uid == 0 {
+        return PathBuf::from("/run/nfactor");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d).join("nfactor"),
+        None => PathBuf::from(format!("/tmp/nfactor-{uid}")),
+    }
 }
 
 #[cfg(test)]

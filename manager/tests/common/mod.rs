@@ -128,6 +128,16 @@ impl Instance {
         } else {
             format!("{text}\n{region}\n")
         };
+        // The lock and the control socket in the test's own directory too.
+        let run = format!(
+            "[manager]\nrun_dir = \"{}\"",
+            self.dir.join("run").display()
+        );
+        let text = if text.contains("[manager]") {
+            text.replacen("[manager]", &run, 1)
+        } else {
+            format!("{text}\n{run}\n")
+        };
         let path = self.dir.join("nfmgr.toml");
         std::fs::write(&path, text).expect("write config");
         path
@@ -188,7 +198,7 @@ impl Instance {
     /// The region of the running instance, once it is ready.
     pub fn region(&self, timeout: Duration) -> Region {
         let deadline = Instant::now() + timeout;
-        let lock = self.dir.join(format!("nfactor-{}.lock", self.name));
+        let lock = self.dir.join(format!("run/nfactor-{}.lock", self.name));
         loop {
             let ours = format!("pid={}", self.pid());
             if let Ok(text) = std::fs::read_to_string(&lock) {
