@@ -26,8 +26,8 @@ use nflib::pool::ManagerPool;
 use nflib::reliable::PeerEvent;
 use nflib::stats::{LocalCounters, PortCounter, PORT_COUNTERS};
 use nflib::wire::{
-    self, auth, DataEncap, EndpointAddr, Frame, ENCAP_LEN, ETHERTYPE_CONTROL, ETHERTYPE_DATA,
-    LIAISON,
+    self, auth, DataEncap, EndpointAddr, Frame, ReplayWindow, ENCAP_LEN, ETHERTYPE_CONTROL,
+    ETHERTYPE_DATA, LIAISON,
 };
 
 use crate::linkwatch::{LinkChange, LinkWatch};
@@ -85,6 +85,10 @@ pub struct Relay {
     /// Liveness of the other servers on the cluster link (`None`: off, or no cluster).
     link: Option<LinkWatch>,
     beats: u64,
+    /// The last data frame counter this nfmgr used (`DataEncap::seq`).
+    data_seq: u64,
+    /// Per server: the data frame counters seen from it lately.
+    replay: std::collections::HashMap<u16, ReplayWindow>,
 }
 
 impl Relay {
@@ -106,6 +110,12 @@ impl Relay {
             no_route: 0,
             link: None,
             beats: 0,
+            // Above anything an earlier life of this nfmgr sent, as long as the clock did
+            // not step back by more than that life lasted.
+            data_seq: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
+            replay: std::collections::HashMap::new(),
         }
     }
 
@@ -168,6 +178,11 @@ impl Relay {
         self
     }
 
+    fn next_data_seq(&mut self) -> u64 {
+        self.data_seq += 1;
+        self.data_seq
+    }
+
     fn is_member(&self, server: u16) -> bool {
         self.members[server as usize / 64] >> (server % 64) & 1 == 1
     }
@@ -193,6 +208,9 @@ impl Relay {
                     }
                 }
                 RelayCommand::Members(list) => {
+                    // A server that left starts afresh if it joins again (a new life, whose
+                    // counter may be below the old one's if its clock stepped back).
+                    self.replay.retain(|s, _| list.contains(s));
                     self.members.iter_mut().for_each(|w| *w = 0);
                     let others: Vec<u16> = list.into_iter().filter(|s| *s != self.me).collect();
                     for &s in &others {
@@ -322,6 +340,7 @@ impl Relay {
                     origin_vswitch: from as u8,
                     egress: p.egress_port(),
                     ingress: p.ingress_port(),
+                    seq: self.next_data_seq(),
                 },
                 dst.input_mac(),
             )
@@ -334,6 +353,7 @@ impl Relay {
                     origin_vswitch: r.vswitch,
                     egress: p.egress_port(),
                     ingress: p.ingress_port(),
+                    seq: self.next_data_seq(),
                 },
                 EndpointAddr::new(r.server, MANAGER_SLOT).input_mac(),
             )
@@ -390,14 +410,15 @@ impl Relay {
                     let Ok(f) = Frame::parse(bytes) else {
                         return drop(c, pool, p, PortCounter::CtlBad);
                     };
+                    // The cheap filter first: a stranger's frames cost no MAC.
+                    if !self.is_member(f.header.src.server) {
+                        return drop(c, pool, p, PortCounter::CtlNotMember);
+                    }
                     if !auth::verify(key, &f) {
                         return drop(c, pool, p, PortCounter::CtlAuthFailed);
                     }
                     (f.header.src, f.header.dst, bytes.len())
                 };
-                if !self.is_member(src.server) {
-                    return drop(c, pool, p, PortCounter::CtlNotMember);
-                }
                 if dst.server != self.me || src.server == self.me {
                     return drop(c, pool, p, PortCounter::CtlBad);
                 }
@@ -416,12 +437,9 @@ impl Relay {
                 Inbound::Message(dst.slot, p)
             }
             Some(ETHERTYPE_DATA) => {
-                let checked = auth::check_tag(key, region.data(&p));
-                let Some(len) = checked else {
-                    return drop(c, pool, p, PortCounter::CtlAuthFailed);
-                };
+                // Cheap checks first (a member, a counter not seen), then the tag.
                 let (encap, dst, src) = {
-                    let bytes = &region.data(&p)[..len];
+                    let bytes = region.data(&p);
                     let (Ok(e), Some(d), Some(s)) = (
                         DataEncap::parse(bytes),
                         EndpointAddr::from_input_mac(bytes),
@@ -434,6 +452,15 @@ impl Relay {
                 if !self.is_member(src.server) {
                     return drop(c, pool, p, PortCounter::CtlNotMember);
                 }
+                let window = self.replay.entry(src.server).or_default();
+                if !window.fresh(encap.seq) {
+                    return drop(c, pool, p, PortCounter::DataReplayed);
+                }
+                let checked = auth::check_tag(key, region.data(&p));
+                let Some(len) = checked else {
+                    return drop(c, pool, p, PortCounter::CtlAuthFailed);
+                };
+                self.replay.entry(src.server).or_default().mark(encap.seq);
                 if dst.server != self.me || len < ENCAP_LEN + 14 {
                     return drop(c, pool, p, PortCounter::DataBad);
                 }

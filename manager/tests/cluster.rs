@@ -254,6 +254,7 @@ fn forged_frames_change_nothing_and_are_counted() {
         origin_vswitch: 1,
         egress: 1,
         ingress: 2,
+        seq: 1,
     }
     .write(
         &mut data,
@@ -316,6 +317,74 @@ fn forged_frames_change_nothing_and_are_counted() {
         ],
     );
     assert_eq!(r["exactly_once_in_order"], true);
+}
+
+/// An on-link attacker replays a data frame a member sent: the frame left the egress port
+/// once, the replay is dropped (counted `data_replayed`, before its tag is even checked),
+/// and so is a new frame with a counter the window has passed.
+#[test]
+fn a_replayed_data_frame_is_dropped() {
+    if !ready("the replayed-frame test", &["ethtool", "python3"]) {
+        return;
+    }
+    let tb = Testbed::up("rp", 2, &[]);
+    let right = auth::FrameKey::derive(&tb.cluster_key());
+    // From server 2, for server 1's client-side port (egress 1): a runtime's output
+    // coming back.
+    let frame = |seq: u64, payload: u8| {
+        let mut data = vec![0u8; 200];
+        DataEncap {
+            to_runtime: false,
+            orig_dst: [0; 6],
+            origin_server: 1,
+            origin_vswitch: 1,
+            egress: 1,
+            ingress: 2,
+            seq,
+        }
+        .write(
+            &mut data,
+            EndpointAddr::new(1, 0).input_mac(),
+            EndpointAddr::new(2, 0).input_mac(),
+        )
+        .unwrap();
+        data[wire::ENCAP_LEN..wire::ENCAP_LEN + 14]
+            .copy_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x88, 0xb5]);
+        data[wire::ENCAP_LEN + 14] = payload;
+        let n = auth::append_tag(&right, &mut data, 120).unwrap();
+        data.truncate(n);
+        data
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    let seq = now + 1_000_000_000;
+    let frames = [frame(seq, 1), frame(seq, 1), frame(seq - 100, 2)];
+    let cin_before = tb.port_counter(1, "cin", "tx_pkts");
+    let replayed_before = tb.port_counter(1, "ctl", "data_replayed");
+    let script = "import socket,sys,time\n\
+                  s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\n\
+                  s.bind(('eth0',0))\n\
+                  [(s.send(bytes.fromhex(h)),time.sleep(0.05)) for h in sys.argv[1:]]\n";
+    let mut args = vec!["python3".to_string(), "-c".into(), script.into()];
+    args.extend(frames.iter().map(|f| hex(f)));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let st = tb.exec("x", &argv).status().expect("inject");
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut out, mut replayed);
+    loop {
+        out = tb.port_counter(1, "cin", "tx_pkts") - cin_before;
+        replayed = tb.port_counter(1, "ctl", "data_replayed") - replayed_before;
+        if replayed >= 2 || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("{out} frame(s) left the client port, {replayed} dropped as replays");
+    assert_eq!(out, 1, "the first frame went out, the replays did not");
+    assert_eq!(replayed, 2);
 }
 
 /// Polls the coordinator until server `server` is dead in its view; returns how long.

@@ -185,6 +185,7 @@ counter_set!(
     DataTx => "data_tx",
     DataRx => "data_rx",
     DataBad => "data_bad",
+    DataReplayed => "data_replayed",
     RxIgnored => "rx_ignored",
     DevIpackets => "dev_ipackets",
     DevImissed => "dev_imissed",

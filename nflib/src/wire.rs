@@ -480,9 +480,51 @@ pub struct DataEncap {
     pub origin_vswitch: u8,
     pub egress: u8,
     pub ingress: u8,
+    /// The sending nfmgr's frame counter: every data frame it sends has a greater one (it
+    /// starts each life at its clock in nanoseconds), so a receiver keeps a
+    /// [`ReplayWindow`] per sender and drops a frame it has seen, as an on-link attacker
+    /// replaying a captured frame would have it forwarded again.
+    pub seq: u64,
 }
 
-pub const ENCAP_LEN: usize = ETH_LEN + 16;
+pub const ENCAP_LEN: usize = ETH_LEN + 24;
+
+/// The sequence numbers of one sender's frames seen lately: the highest, and which of the
+/// 63 below it (the anti-replay window of IPsec, RFC 4303 section 3.4.3). A frame is fresh
+/// if its number is above the highest, or within the window and not seen. Checked before
+/// the frame's tag (cheap), marked only after the tag verified (a forged number must not
+/// move the window).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReplayWindow {
+    top: u64,
+    /// Bit `i`: `top - i` was seen.
+    seen: u64,
+}
+
+impl ReplayWindow {
+    pub fn fresh(&self, seq: u64) -> bool {
+        // 0 is never sent (a frame with no number, or of an older build).
+        if seq == 0 {
+            return false;
+        }
+        if seq > self.top {
+            return true;
+        }
+        let back = self.top - seq;
+        back < 64 && self.seen >> back & 1 == 0
+    }
+
+    pub fn mark(&mut self, seq: u64) {
+        if seq > self.top {
+            let shift = seq - self.top;
+            self.seen = if shift >= 64 { 0 } else { self.seen << shift };
+            self.seen |= 1;
+            self.top = seq;
+        } else if self.top - seq < 64 {
+            self.seen |= 1 << (self.top - seq);
+        }
+    }
+}
 
 impl DataEncap {
     /// Writes the outer Ethernet header and this header into `buf[..ENCAP_LEN]`.
@@ -505,6 +547,7 @@ impl DataEncap {
         h[11] = self.egress;
         h[12] = self.ingress;
         h[13..16].fill(0);
+        h[16..24].copy_from_slice(&self.seq.to_be_bytes());
         Ok(())
     }
 
@@ -535,6 +578,7 @@ impl DataEncap {
             origin_vswitch: h[10],
             egress: h[11],
             ingress: h[12],
+            seq: u64::from_be_bytes(h[16..24].try_into().unwrap_or([0; 8])),
         })
     }
 }
@@ -642,6 +686,7 @@ mod tests {
             origin_vswitch: 1,
             egress: 2,
             ingress: 0,
+            seq: 0x0102_0304_0506_0708,
         };
         let mut buf = [0u8; 64];
         e.write(
@@ -655,6 +700,24 @@ mod tests {
             EndpointAddr::from_input_mac(&buf[..6]),
             Some(EndpointAddr::new(2, 5))
         );
+    }
+
+    #[test]
+    fn the_replay_window_takes_each_number_once() {
+        let mut w = ReplayWindow::default();
+        assert!(!w.fresh(0), "0 is never sent");
+        for s in [100, 98, 101, 99] {
+            assert!(w.fresh(s), "{s}");
+            w.mark(s);
+            assert!(!w.fresh(s), "{s} again");
+        }
+        assert!(w.fresh(97), "within the window, unseen");
+        assert!(!w.fresh(101 - 64), "below the window");
+        // A jump clears what the window remembered of older numbers.
+        w.mark(1_000);
+        assert!(!w.fresh(100) && !w.fresh(999 - 63) && w.fresh(999) && w.fresh(1_001));
+        w.mark(1_063);
+        assert!(w.fresh(1_000 + 1) && !w.fresh(1_000) && !w.fresh(1_063));
     }
 
     proptest! {
