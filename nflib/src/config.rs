@@ -686,6 +686,11 @@ pub struct VswitchConfig {
     /// Idle time after which a flow's dispatch entry is forgotten.
     #[serde(default = "d_flow_timeout")]
     pub flow_timeout_ms: u64,
+    /// Most flows (keys and aliases) the vswitch tracks. Past it, packets of new flows are
+    /// dropped (`drop_flow_table_full`) and new aliases refused, and established flows keep
+    /// theirs: random 5-tuples cannot grow the vswitch until the OOM killer picks a victim.
+    #[serde(default = "d_vswitch_max_flows")]
+    pub max_flows: u32,
     /// Chain for flows no steering rule matches; with a single chain it is that one.
     pub default_chain: Option<String>,
     /// `cluster`: dispatch to the runtimes of a chain on every server of the cluster;
@@ -713,6 +718,10 @@ fn d_recovery_wait() -> u32 {
 
 fn d_flow_timeout() -> u64 {
     300_000
+}
+
+fn d_vswitch_max_flows() -> u32 {
+    1 << 22
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -1061,6 +1070,12 @@ impl Config {
                         bail!("vswitch.{}.runtimes: no runtime named `{r}`", v.name);
                     }
                 }
+            }
+            if v.max_flows == 0 || v.max_flows > 1 << 26 {
+                bail!(
+                    "vswitch.{}.max_flows: must be between 1 and 67108864",
+                    v.name
+                );
             }
             if v.flow_timeout_ms == 0 {
                 bail!("vswitch.{}.flow_timeout_ms: must be above 0", v.name);

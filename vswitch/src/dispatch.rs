@@ -89,6 +89,8 @@ pub struct Dispatch {
     next: Vec<usize>,
     non_ip: NonIp,
     timeout: Duration,
+    /// Most entries `table` holds (`max_flows`).
+    max_flows: usize,
     /// Packets per local slot; slot 0 (nfmgr) carries those for other servers.
     stage: Vec<Vec<Packet>>,
     /// A burst's parsed headers, keys and key hashes (kept for its room).
@@ -205,6 +207,7 @@ impl Dispatch {
                 nflib::config::NonIpPolicy::Drop => NonIp::Drop,
             },
             timeout: Duration::from_millis(vc.flow_timeout_ms),
+            max_flows: vc.max_flows as usize,
             stage: (0..region.slot_count()).map(|_| Vec::new()).collect(),
             parsed: Vec::new(),
             epoch: Instant::now(),
@@ -430,10 +433,14 @@ impl Dispatch {
     /// is taken.
     fn add_alias(&mut self, key: FlowKey, runtime: EndpointAddr, now_ms: u32) -> bool {
         let (live, remote) = (&self.live, &self.remote);
-        if let Some(e) = self.table.get(&key) {
-            if e.alias && e.runtime != runtime && targets_live(live, remote, e.runtime) {
-                return false;
+        match self.table.get(&key) {
+            Some(e) if e.alias && e.runtime != runtime && targets_live(live, remote, e.runtime) => {
+                return false
             }
+            Some(_) => {}
+            // A new key in a full table is refused like a taken one (the flow ends).
+            None if self.table.len() >= self.max_flows => return false,
+            None => {}
         }
         self.table.insert(
             key,
@@ -637,6 +644,14 @@ impl Dispatch {
                     continue;
                 }
                 Known::New => {
+                    // Full: the new flow waits (its sender tries again) rather than an
+                    // established one losing its entry.
+                    if self.table.len() >= self.max_flows {
+                        ep.counters()
+                            .add(ProcCounter::DropFlowTableFull as usize, 1);
+                        ep.free(p);
+                        continue;
+                    }
                     let Some(chain) = self.chain_for(&h, region.data(&p)) else {
                         ep.counters().add(ProcCounter::DropNoChain as usize, 1);
                         ep.free(p);
@@ -849,6 +864,36 @@ mod tests {
             }
             got
         }
+    }
+
+    /// Random 5-tuples cannot grow the table past `max_flows`: new flows are dropped and
+    /// counted, new aliases refused, and the flows already there keep going.
+    #[test]
+    fn a_full_table_refuses_new_flows_and_keeps_the_established() {
+        let mut b = bed("vsfull");
+        b.d.max_flows = 3;
+        for port in 1000..1003 {
+            b.packet(port);
+        }
+        let delivered = |b: &Bed| b.occupancy(2) + b.occupancy(3);
+        assert_eq!(delivered(&b), 3);
+        for port in 2000..2100 {
+            b.packet(port);
+        }
+        assert_eq!(b.d.table.len(), 3, "the table stays at its bound");
+        assert_eq!(delivered(&b), 3, "new flows' packets are dropped");
+        b.ep.publish();
+        let full = b.local.region.slot(1).unwrap().counters.0
+            [ProcCounter::DropFlowTableFull as usize]
+            .load(Ordering::Relaxed);
+        assert_eq!(full, 100);
+        b.packet(1001);
+        assert_eq!(delivered(&b), 4, "an established flow goes on");
+        let key = FlowKey::of(&packet::parse(&frame(3000)).unwrap()).0;
+        assert!(
+            !b.d.add_alias(key, EndpointAddr::new(1, 2), 0),
+            "no room for an alias"
+        );
     }
 
     #[test]
