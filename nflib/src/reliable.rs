@@ -79,6 +79,12 @@ pub struct TransportConfig {
     pub max_queue_frames: usize,
     /// Payload bytes per frame.
     pub max_payload: usize,
+    /// Bytes all peers' messages being reassembled may take together. A message's first
+    /// fragment reserves the whole message (fragments x the first's size); one that would
+    /// go past this is not accepted (not acknowledged: its sender tries again later), so
+    /// peers cannot make a process hold a 4 MiB reassembly each, and one reassembly
+    /// started always has room to finish.
+    pub reassembly_budget: usize,
 }
 
 impl Default for TransportConfig {
@@ -92,6 +98,7 @@ impl Default for TransportConfig {
             dead_after_ns: 3_000_000_000,
             max_queue_frames: 16_384,
             max_payload: 1500 - crate::wire::HEADER_LEN - crate::wire::TAG_LEN,
+            reassembly_budget: 64 << 20,
         }
     }
 }
@@ -168,6 +175,9 @@ pub struct TransportStats {
     pub stale: u64,
     /// Fragments out of sequence, oversized messages, acks of frames never sent.
     pub malformed: u64,
+    /// First fragments not taken because the reassembly budget was spent (their senders
+    /// send them again).
+    pub reassembly_refused: u64,
     pub peers_dead: u64,
     pub peers_restarted: u64,
 }
@@ -202,6 +212,8 @@ struct RecvFrame {
     seq: u64,
     meta: FragMeta,
     payload: Vec<u8>,
+    /// Bytes of the reassembly budget it reserved (a first fragment).
+    reserved: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -217,6 +229,8 @@ struct Reassembly {
     meta: FragMeta,
     next: u16,
     bytes: Vec<u8>,
+    /// Bytes of the reassembly budget it holds.
+    reserved: usize,
 }
 
 struct Channel {
@@ -244,6 +258,9 @@ struct Channel {
     rcv_nxt: u64,
     ooo: Vec<Option<RecvFrame>>,
     reasm: Option<Reassembly>,
+    /// Bytes of the transport's reassembly budget this channel holds (its reassembly and
+    /// first fragments waiting out of order).
+    reserved: usize,
     ack_pending: bool,
 }
 
@@ -277,6 +294,7 @@ impl Channel {
             rcv_nxt: 1,
             ooo: (0..cfg.window.min(SACK_BITS)).map(|_| None).collect(),
             reasm: None,
+            reserved: 0,
             ack_pending: false,
         }
     }
@@ -308,6 +326,7 @@ impl Channel {
             *s = None;
         }
         self.reasm = None;
+        self.reserved = 0;
     }
 
     /// Whether the frames outstanding have waited too long (see the module's notes).
@@ -451,16 +470,29 @@ impl Channel {
 
     /// Handles an in-order fragment: delivers a whole message or adds to the one being
     /// reassembled.
+    /// `need` is what this fragment reserved of the reassembly budget (counted in
+    /// `reserved` already); a reassembly's share leaves `reserved` with it.
+    #[allow(clippy::too_many_arguments)]
     fn consume(
         reasm: &mut Option<Reassembly>,
+        reserved: &mut usize,
+        need: usize,
         from: EndpointAddr,
         meta: FragMeta,
         payload: &[u8],
         st: &mut TransportStats,
         deliver: &mut dyn FnMut(Delivery<'_>),
     ) {
+        let drop_reasm = |reasm: &mut Option<Reassembly>, reserved: &mut usize| {
+            if let Some(r) = reasm.take() {
+                *reserved = reserved.saturating_sub(r.reserved);
+                true
+            } else {
+                false
+            }
+        };
         if meta.frag_count == 1 {
-            if reasm.take().is_some() {
+            if drop_reasm(reasm, reserved) {
                 st.malformed += 1;
             }
             st.msgs_delivered += 1;
@@ -474,13 +506,14 @@ impl Channel {
             return;
         }
         if meta.frag_index == 0 {
-            if reasm.is_some() {
+            if drop_reasm(reasm, reserved) {
                 st.malformed += 1;
             }
             *reasm = Some(Reassembly {
                 meta,
                 next: 1,
                 bytes: payload.to_vec(),
+                reserved: need,
             });
             return;
         }
@@ -492,7 +525,7 @@ impl Channel {
             && r.bytes.len() + payload.len() <= MAX_MESSAGE);
         if !ok {
             st.malformed += 1;
-            *reasm = None;
+            drop_reasm(reasm, reserved);
             return;
         }
         let Some(r) = reasm.as_mut() else { return };
@@ -500,6 +533,7 @@ impl Channel {
         r.next += 1;
         if r.next == r.meta.frag_count {
             if let Some(r) = reasm.take() {
+                *reserved = reserved.saturating_sub(r.reserved);
                 st.msgs_delivered += 1;
                 deliver(Delivery {
                     from,
@@ -512,10 +546,13 @@ impl Channel {
         }
     }
 
+    /// `room`: bytes of the reassembly budget this channel may hold in all (what the other
+    /// channels leave).
     fn on_data(
         &mut self,
         h: &FrameHeader,
         payload: &[u8],
+        room: usize,
         st: &mut TransportStats,
         deliver: &mut dyn FnMut(Delivery<'_>),
     ) {
@@ -537,27 +574,68 @@ impl Channel {
             frag_index: h.frag_index,
             frag_count: h.frag_count,
         };
+        // A message's first fragment reserves room for all of it, or is not taken yet.
+        let need = if meta.frag_count > 1 && meta.frag_index == 0 {
+            payload.len().max(1) * usize::from(meta.frag_count)
+        } else {
+            0
+        };
+        let admit = |reserved: usize, st: &mut TransportStats| {
+            if need > 0 && reserved + need > room {
+                st.reassembly_refused += 1;
+                false
+            } else {
+                true
+            }
+        };
         if seq > self.rcv_nxt {
             let slot = &mut self.ooo[(seq % w) as usize];
             if slot.as_ref().is_some_and(|f| f.seq == seq) {
                 st.duplicates += 1;
-            } else {
+            } else if admit(self.reserved, st) {
                 st.out_of_order += 1;
+                if let Some(old) = slot.take() {
+                    self.reserved = self.reserved.saturating_sub(old.reserved);
+                }
+                self.reserved += need;
                 *slot = Some(RecvFrame {
                     seq,
                     meta,
                     payload: payload.to_vec(),
+                    reserved: need,
                 });
             }
             return;
         }
-        Self::consume(&mut self.reasm, self.peer, meta, payload, st, deliver);
+        if !admit(self.reserved, st) {
+            return;
+        }
+        self.reserved += need;
+        Self::consume(
+            &mut self.reasm,
+            &mut self.reserved,
+            need,
+            self.peer,
+            meta,
+            payload,
+            st,
+            deliver,
+        );
         self.rcv_nxt += 1;
         loop {
             let idx = (self.rcv_nxt % w) as usize;
             match self.ooo[idx].take() {
                 Some(f) if f.seq == self.rcv_nxt => {
-                    Self::consume(&mut self.reasm, self.peer, f.meta, &f.payload, st, deliver);
+                    Self::consume(
+                        &mut self.reasm,
+                        &mut self.reserved,
+                        f.reserved,
+                        self.peer,
+                        f.meta,
+                        &f.payload,
+                        st,
+                        deliver,
+                    );
                     self.rcv_nxt += 1;
                 }
                 other => {
@@ -743,6 +821,8 @@ pub struct Transport {
     channels: HashMap<EndpointAddr, Channel>,
     events: Vec<PeerEvent>,
     stats: TransportStats,
+    /// Bytes of `cfg.reassembly_budget` all channels hold together.
+    reserved: usize,
 }
 
 impl Transport {
@@ -759,6 +839,7 @@ impl Transport {
             channels: HashMap::new(),
             events: Vec::new(),
             stats: TransportStats::default(),
+            reserved: 0,
         }
     }
 
@@ -772,6 +853,11 @@ impl Transport {
 
     pub fn stats(&self) -> &TransportStats {
         &self.stats
+    }
+
+    /// Bytes of the reassembly budget held now (all peers).
+    pub fn reassembly_reserved(&self) -> usize {
+        self.reserved
     }
 
     fn channel(&mut self, peer: EndpointAddr) -> Option<&mut Channel> {
@@ -837,6 +923,11 @@ impl Transport {
             self.stats.malformed += 1;
             return;
         };
+        // What this channel holds of the reassembly budget is kept in the total as it
+        // changes (a reset, a reassembly started or finished).
+        let before = ch.reserved;
+        let others = self.reserved.saturating_sub(before);
+        let room = cfg.reassembly_budget.saturating_sub(others);
         let st = &mut self.stats;
         if h.src_session < ch.peer_session || h.src_session == 0 {
             st.stale += 1;
@@ -861,6 +952,7 @@ impl Transport {
                 self.events.push(PeerEvent::Restarted { peer: h.src, lost });
             }
             ch.reset_recv();
+            self.reserved = others;
             ch.peer_session = h.src_session;
         }
         if h.dst_session != ch.my_session {
@@ -871,8 +963,9 @@ impl Transport {
         }
         ch.on_ack(h.ack, h.sack, now, &cfg, st);
         if h.kind == FrameKind::Data {
-            ch.on_data(h, frame.payload, st, deliver);
+            ch.on_data(h, frame.payload, room, st, deliver);
         }
+        self.reserved = others + ch.reserved;
     }
 
     /// Emits every frame due now: retransmissions, new frames the windows allow, and acks.
@@ -880,7 +973,12 @@ impl Transport {
         let me = self.me;
         for ch in self.channels.values_mut() {
             if ch.next_timeout().is_some_and(|t| t <= now) {
+                // A peer given up on has its receiving side reset, and its reservation goes.
+                let before = ch.reserved;
                 ch.transmit(me, now, &self.cfg, &mut self.stats, &mut self.events, emit);
+                self.reserved = self
+                    .reserved
+                    .saturating_sub(before - ch.reserved.min(before));
             }
         }
     }
