@@ -623,16 +623,17 @@ impl Region {
     /// Takes ownership of the buffer a descriptor names, on behalf of slot `me`, if the
     /// descriptor is valid and the buffer is owned by `expected_owner` (the producer of the
     /// ring it came from). Anything else (a bad index, a buffer sent twice) is refused, so a
-    /// faulty peer cannot make this process hold two handles to one buffer.
+    /// faulty peer cannot make this process hold two handles to one buffer. One atomic
+    /// step: a producer that put one buffer on two rings at once gets exactly one of its
+    /// consumers to own it (a load then a store let both).
     pub fn claim(&self, d: Desc, expected_owner: u32, me: u32) -> Option<Packet> {
         if !self.check_desc(&d) {
             return None;
         }
         let meta = self.buf_meta_unchecked(d.buf);
-        if meta.owner.load(Ordering::Acquire) != expected_owner {
-            return None;
-        }
-        meta.owner.store(me, Ordering::Release);
+        meta.owner
+            .compare_exchange(expected_owner, me, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
         Some(Packet::from_valid_desc(d))
     }
 
@@ -972,6 +973,56 @@ mod tests {
             "second claim of the same buffer"
         );
         assert_eq!(r.data(&p).len(), 64);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Two processes handed one buffer at once (a faulty or hostile producer put it on two
+    /// rings): exactly one of them owns it, every time.
+    #[test]
+    fn two_claims_of_one_buffer_at_once_make_one_owner() {
+        use std::sync::atomic::AtomicU32;
+        use std::sync::{Arc, Barrier};
+        let (r, path) = temp_region(small());
+        let d = Desc {
+            buf: 5,
+            off: 192,
+            len: 64,
+            ..Desc::default()
+        };
+        const ROUNDS: u32 = 20_000;
+        let start = Arc::new(Barrier::new(3));
+        let done = Arc::new(Barrier::new(3));
+        let wins = Arc::new(AtomicU32::new(0));
+        let claimers: Vec<_> = (1..=2u32)
+            .map(|me| {
+                let (r, start, done, wins) =
+                    (r.clone(), start.clone(), done.clone(), wins.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..ROUNDS {
+                        start.wait();
+                        if let Some(p) = r.claim(d, 0, me) {
+                            wins.fetch_add(1, Ordering::Relaxed);
+                            let _ = p;
+                        }
+                        done.wait();
+                    }
+                })
+            })
+            .collect();
+        let mut doubled = 0;
+        for _ in 0..ROUNDS {
+            r.buf_meta(5).unwrap().owner.store(0, Ordering::Release);
+            wins.store(0, Ordering::Relaxed);
+            start.wait();
+            done.wait();
+            let w = wins.load(Ordering::Relaxed);
+            assert!(w >= 1, "nobody got the buffer");
+            doubled += u32::from(w > 1);
+        }
+        for c in claimers {
+            c.join().unwrap();
+        }
+        assert_eq!(doubled, 0, "{doubled} of {ROUNDS} rounds gave the buffer to both");
         std::fs::remove_file(&path).unwrap();
     }
 
