@@ -575,7 +575,7 @@ impl Region {
         // SAFETY: header initialised at creation with this capacity and element size (checked
         // above), `cap` slots of `T` follow it inside the mapping, and `T: RingElem` is valid
         // for any bit pattern. The backing keeps the mapping alive.
-        Some(unsafe { RingView::from_raw(hdr_ptr, slots_ptr, backing) })
+        Some(unsafe { RingView::from_raw(hdr_ptr, slots_ptr, cap, backing) })
     }
 
     fn buf_meta_unchecked(&self, index: u32) -> &BufMeta {

@@ -87,20 +87,22 @@ impl<T> fmt::Debug for RingView<T> {
 }
 
 impl<T: Copy> RingView<T> {
-    /// Builds a view over memory owned by `backing`.
+    /// Builds a view over memory owned by `backing`, with `capacity` slots. The capacity is
+    /// the caller's (checked against the layout), never re-read from the header: another
+    /// process can write the header, and a capacity changed after the check would index
+    /// past the slots.
     ///
     /// # Safety
-    /// `hdr` must point to an initialised `RingHeader` whose `capacity` is a power of two and
-    /// whose `elem_size` is `size_of::<T>()`, followed (at `slots`) by `capacity` slots of `T`,
-    /// all valid for as long as `backing` lives. `T` must be valid for every bit pattern,
-    /// because another process writes the slots.
+    /// `capacity` must be a power of two; `hdr` must point to an initialised `RingHeader`
+    /// followed (at `slots`) by `capacity` slots of `T`, all valid for as long as `backing`
+    /// lives. `T` must be valid for every bit pattern, because another process writes the
+    /// slots.
     pub(crate) unsafe fn from_raw(
         hdr: NonNull<RingHeader>,
         slots: NonNull<Cell<T>>,
+        capacity: u32,
         backing: Backing,
     ) -> Self {
-        // SAFETY: the caller guarantees `hdr` points to an initialised header.
-        let capacity = unsafe { hdr.as_ref() }.capacity;
         debug_assert!(capacity.is_power_of_two());
         RingView {
             hdr,
@@ -352,8 +354,8 @@ pub fn heap_ring<T: Copy + Default + Send + 'static>(capacity: u32) -> (Producer
     // at `slots_ptr`; both live as long as `backing`, which each view holds.
     let (a, b) = unsafe {
         (
-            RingView::from_raw(hdr_ptr, slots_ptr, keep.clone()),
-            RingView::from_raw(hdr_ptr, slots_ptr, keep),
+            RingView::from_raw(hdr_ptr, slots_ptr, capacity, keep.clone()),
+            RingView::from_raw(hdr_ptr, slots_ptr, capacity, keep),
         )
     };
     (Producer::new(a), Consumer::new(b))
@@ -437,7 +439,7 @@ mod tests {
 
     fn unsafe_clone_view<T: Copy>(v: &RingView<T>) -> RingView<T> {
         // SAFETY: same memory, same backing; the test hands roles over sequentially.
-        unsafe { RingView::from_raw(v.hdr, v.slots, v._backing.clone()) }
+        unsafe { RingView::from_raw(v.hdr, v.slots, v.capacity(), v._backing.clone()) }
     }
 
     #[test]
