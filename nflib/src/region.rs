@@ -995,8 +995,7 @@ mod tests {
         let wins = Arc::new(AtomicU32::new(0));
         let claimers: Vec<_> = (1..=2u32)
             .map(|me| {
-                let (r, start, done, wins) =
-                    (r.clone(), start.clone(), done.clone(), wins.clone());
+                let (r, start, done, wins) = (r.clone(), start.clone(), done.clone(), wins.clone());
                 std::thread::spawn(move || {
                     for _ in 0..ROUNDS {
                         start.wait();
@@ -1022,7 +1021,10 @@ mod tests {
         for c in claimers {
             c.join().unwrap();
         }
-        assert_eq!(doubled, 0, "{doubled} of {ROUNDS} rounds gave the buffer to both");
+        assert_eq!(
+            doubled, 0,
+            "{doubled} of {ROUNDS} rounds gave the buffer to both"
+        );
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -60,6 +60,9 @@ pub const MIN_TIMEOUTS_DEAD: u32 = 8;
 /// on. With timeouts doubling up to `max_rto` this is over ten seconds.
 pub const MAX_TRANSMISSIONS: u32 = 16;
 
+/// After a frame could not be emitted, how long a channel waits before trying again.
+const EMIT_RETRY_NS: u64 = 1_000_000;
+
 /// Most peers one transport keeps channels for.
 const MAX_PEERS: usize = 4096;
 
@@ -262,6 +265,10 @@ struct Channel {
     /// first fragments waiting out of order).
     reserved: usize,
     ack_pending: bool,
+    /// A frame could not be emitted (no buffer, or one the caller cannot encode): nothing
+    /// is tried again before this time, so a caller short of buffers sleeps rather than
+    /// spins.
+    blocked_until: u64,
 }
 
 fn count_messages(q: &VecDeque<SendFrame>) -> u64 {
@@ -295,6 +302,7 @@ impl Channel {
             ooo: (0..cfg.window.min(SACK_BITS)).map(|_| None).collect(),
             reasm: None,
             reserved: 0,
+            blocked_until: 0,
             ack_pending: false,
         }
     }
@@ -701,6 +709,7 @@ impl Channel {
                 let seq = self.snd_una + i as u64;
                 let h = self.data_header(me, seq, &self.sendq[i]);
                 if !emit(&h, &self.sendq[i].payload) {
+                    self.blocked_until = now.saturating_add(EMIT_RETRY_NS);
                     return;
                 }
                 emitted = true;
@@ -726,6 +735,7 @@ impl Channel {
             let seq = self.snd_una + i as u64;
             let h = self.data_header(me, seq, &self.sendq[i]);
             if !emit(&h, &self.sendq[i].payload) {
+                self.blocked_until = now.saturating_add(EMIT_RETRY_NS);
                 return;
             }
             emitted = true;
@@ -753,10 +763,11 @@ impl Channel {
             }
             let h = self.data_header(me, self.snd_nxt, &self.sendq[i]);
             if !emit(&h, &self.sendq[i].payload) {
-                // No buffer: the frame stays unsent and goes on the next call.
+                // No buffer: the frame stays unsent and goes on a later call.
                 if i == 0 {
                     self.timer_at = u64::MAX;
                 }
+                self.blocked_until = now.saturating_add(EMIT_RETRY_NS);
                 return;
             }
             emitted = true;
@@ -768,6 +779,7 @@ impl Channel {
         }
         if self.ack_pending && !emitted {
             if !emit(&self.header(me), &[]) {
+                self.blocked_until = now.saturating_add(EMIT_RETRY_NS);
                 return;
             }
             st.acks_sent += 1;
@@ -777,6 +789,10 @@ impl Channel {
     }
 
     fn next_timeout(&self) -> Option<u64> {
+        self.due().map(|t| t.max(self.blocked_until))
+    }
+
+    fn due(&self) -> Option<u64> {
         if self.ack_pending || self.rtx_marked > 0 {
             return Some(0);
         }

@@ -526,3 +526,32 @@ fn a_message_larger_than_the_budget_is_never_taken() {
     assert!(sim.b.t.stats().reassembly_refused > 0);
     assert_eq!(sim.b.t.reassembly_reserved(), 0);
 }
+
+/// A frame that cannot be emitted (no buffer, or not encodable) is tried again a little
+/// later, not at once: before, the transport said "now" again and again, and the loop that
+/// drives it never slept.
+#[test]
+fn a_frame_that_cannot_be_emitted_waits_before_trying_again() {
+    let mut t = Transport::new(A, 100, small_queue());
+    let m = message(0, 10);
+    t.send(
+        B,
+        Outgoing {
+            src_actor: 1,
+            dst_actor: 2,
+            msg_type: 3,
+            payload: &m,
+        },
+    )
+    .unwrap();
+    assert_eq!(t.next_timeout(), Some(0));
+    let now = 5 * MS;
+    t.poll_transmit(now, &mut |_, _| false);
+    assert_eq!(t.next_timeout(), Some(now + MS), "no spinning");
+    let mut sent = 0;
+    t.poll_transmit(now + MS, &mut |_, _| {
+        sent += 1;
+        true
+    });
+    assert_eq!(sent, 1, "it goes once it can");
+}
