@@ -619,11 +619,18 @@ impl Dataplane {
         let mut tx: Vec<Vec<Packet>> = (0..self.ports.len())
             .map(|_| Vec::with_capacity(BURST))
             .collect();
+        // Test hook: the data plane's own failure (a bug), to check that nfmgr fails loudly.
+        let panic_at = std::env::var("NFMGR_FAILPOINTS")
+            .is_ok_and(|v| v.split(',').any(|f| f.trim() == "dataplane-panic"))
+            .then(|| started + Duration::from_secs(1));
         loop {
             if !self.handle_commands() {
                 break;
             }
             let now = Instant::now();
+            if panic_at.is_some_and(|t| now >= t) {
+                panic!("failpoint dataplane-panic");
+            }
             // Drain before admitting: packets the processes already worked on are worth more
             // than new ones, and under overload the drop belongs at ingress (the device queue,
             // the generator's schedule), not inside the platform.

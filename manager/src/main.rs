@@ -752,7 +752,22 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
             if let Some(c) = dp_core {
                 pin_current_thread(c);
             }
-            dp.run()
+            // A panic here (a bug) would leave nfmgr up with no packet moving and the
+            // supervisor waiting for reclaims that never come. Fail loudly instead: the
+            // process exits, its children follow (their parent-death signal), and the next
+            // `nfmgr start` (by hand or by systemd) cleans up the region, as after a crash.
+            // docs/SECURITY.md says how this meets nfmgr's own restart, later.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dp.run())) {
+                Ok(outcome) => outcome,
+                Err(_) => {
+                    tracing::error!(
+                        "the data-plane thread panicked: nfmgr exits (its processes with it); \
+                         start it again to recover"
+                    );
+                    eprintln!("nfmgr: the data-plane thread panicked; exiting");
+                    std::process::exit(70);
+                }
+            }
         })
         .context("cannot start the data-plane thread")?;
 

@@ -287,3 +287,28 @@ fn a_crash_looping_runtime_backs_off_and_says_so() {
     drop(region);
     inst.stop();
 }
+
+/// A panic in nfmgr's data-plane thread (a bug) must not leave nfmgr up with no packet
+/// moving: it exits with an error, its processes follow, and the log says why.
+#[test]
+fn a_data_plane_panic_fails_loudly() {
+    let mut inst = Instance::new("dppanic");
+    inst.start_with_env(PIPELINE, &[("NFMGR_FAILPOINTS", "dataplane-panic")]);
+    let region = inst.region(Duration::from_secs(20));
+    let s = inst.wait_for(&region, Duration::from_secs(20), "running", |s| {
+        s.processes.iter().all(|p| p.state == SlotState::Running)
+    });
+    let pids: Vec<u32> = s.processes.iter().skip(1).map(|p| p.pid).collect();
+    drop(region);
+    let status = inst.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(70), "log:\n{}", inst.log());
+    assert!(inst.log().contains("the data-plane thread panicked"));
+    let t0 = Instant::now();
+    while pids.iter().any(|&p| alive(p)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "children outlived nfmgr"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
