@@ -422,6 +422,18 @@ impl Dataplane {
             let n = ring.peek_burst(&mut descs);
             for d in &descs[..n] {
                 if let Some(p) = self.region.claim(*d, s as u32, MANAGER_SLOT as u32) {
+                    // Only the process's own frames: nfmgr signs what goes to other
+                    // servers, so a frame naming another endpoint as its source would be
+                    // vouched for by this server (one compromised process speaking for
+                    // any other, anywhere in the cluster).
+                    let own = nflib::wire::Frame::parse(self.region.data(&p)).is_ok_and(|f| {
+                        f.header.src == nflib::wire::EndpointAddr::new(self.relay.me, s as u16)
+                    });
+                    if !own {
+                        self.counters.add(ProcCounter::MsgForged as usize, 1);
+                        self.pool.free(p);
+                        continue;
+                    }
                     let c = match self.relay.port {
                         Some(i) => &mut self.ports[i].counters,
                         None => &mut self.spare_counters,

@@ -31,6 +31,7 @@ use nflib::wire::{
 };
 
 use crate::linkwatch::{LinkChange, LinkWatch};
+use nflib::slot::ProcessKind;
 use nflib::{Packet, Region, MANAGER_SLOT};
 
 /// Control thread -> relay.
@@ -323,8 +324,21 @@ impl Relay {
         c: &mut LocalCounters<PORT_COUNTERS>,
     ) -> Option<Packet> {
         let meta = region.meta_of(&p);
+        // What each process may ask for: only a vswitch dispatches to another server's
+        // runtime, only a runtime sends output back to another server's port, and only to
+        // member servers (the buffer's metadata is the process's to write, so it is checked
+        // here, not trusted).
+        let kind = region.slot(from).map(|s| s.kind());
         let (encap, outer_dst) = if p.flags() & DESC_REMOTE != 0 {
-            let Some(dst) = EndpointAddr::from_input_mac(region.data(&p)) else {
+            let dst = EndpointAddr::from_input_mac(region.data(&p));
+            let allowed = kind == Some(ProcessKind::Vswitch)
+                && dst.is_some_and(|d| d.server != self.me && self.is_member(d.server));
+            if !allowed {
+                c.add(PortCounter::DataBad as usize, 1);
+                pool.free(p);
+                return None;
+            }
+            let Some(dst) = dst else {
                 // A remote packet not addressed to a runtime's input MAC: the vswitch is
                 // wrong, the buffer must still come back.
                 c.add(PortCounter::TxErrors as usize, 1);
@@ -345,6 +359,14 @@ impl Relay {
                 dst.input_mac(),
             )
         } else if let Some(r) = meta.route() {
+            if kind != Some(ProcessKind::Runtime)
+                || r.server == self.me
+                || !self.is_member(r.server)
+            {
+                c.add(PortCounter::DataBad as usize, 1);
+                pool.free(p);
+                return None;
+            }
             (
                 DataEncap {
                     to_runtime: false,

@@ -312,3 +312,34 @@ fn a_data_plane_panic_fails_loudly() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// nfmgr signs what goes to other servers and reads what comes to itself: a frame a local
+/// process puts on its message ring with another endpoint's source (a compromised runtime
+/// would) is refused and counted, not carried (issue 22, finding 2).
+#[test]
+fn a_frame_with_a_forged_source_is_refused() {
+    let mut inst = Instance::new("forge");
+    inst.start_with_env(PIPELINE, &[("NF_FAILPOINTS", "forge-source")]);
+    let region = inst.region(Duration::from_secs(20));
+    let forged = |s: &nflib::snapshot::RegionSnapshot| {
+        s.processes
+            .iter()
+            .find(|p| p.name == "nfmgr")
+            .and_then(|p| p.counters.get("msg_forged").copied())
+            .unwrap_or(0)
+    };
+    // Each runtime forges one frame 300 ms into its life.
+    let s = inst.wait_for(&region, Duration::from_secs(20), "two forged frames", |s| {
+        forged(s) >= 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let s2 = nflib::snapshot::RegionSnapshot::read(&region);
+    assert_eq!(forged(&s2), 2, "{:?}", s.processes);
+    assert!(
+        s2.processes.iter().all(|p| p.restarts == 0),
+        "nothing restarted"
+    );
+    assert!(inst.log().contains("failpoint forge-source"));
+    drop(region);
+    assert!(inst.stop().success());
+}

@@ -94,6 +94,7 @@ counter_set!(
     DropAwaitingRecovery => "drop_awaiting_recovery",
     ReplUnprotectedUs => "repl_unprotected_us",
     HoldsMalformed => "holds_malformed",
+    MsgForged => "msg_forged",
     RecoveredNotOurs => "recovered_not_ours",
 ]);
 

@@ -11,6 +11,8 @@
 //!   marks the failpoint spent, so the restarted runtime runs on.
 //! - `crash-after-start`: every runtime aborts 200 ms into its life, once running: a crash
 //!   loop.
+//! - `forge-source`: a runtime puts, once, a frame on its message ring to nfmgr that names
+//!   another endpoint as its source (a compromised process would).
 //! - `migrate-state-sent-crash`: a migration's source aborts right after it sent its first
 //!   step-3 state, before its replicas hear that those flows left (at its next flush).
 
@@ -52,6 +54,46 @@ pub fn crash_after_start(uptime_ms: u64) {
     if uptime_ms >= 200 && enabled("crash-after-start") {
         eprintln!("nf-runtime: failpoint crash-after-start: aborting");
         std::process::abort();
+    }
+}
+
+/// `forge-source`: once, 300 ms into the runtime's life, a `Ping` to nfmgr with the source
+/// of the endpoint in the next slot.
+pub fn forge_source(
+    ep: &mut nflib::endpoint::Endpoint,
+    me: nflib::wire::EndpointAddr,
+    uptime_ms: u64,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if uptime_ms < 300 || !enabled("forge-source") || DONE.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let mut payload = Vec::new();
+    if (nflib::msg::Message::Ping { seq: 1 })
+        .encode(&mut payload)
+        .is_err()
+    {
+        return;
+    }
+    let forged = nflib::wire::EndpointAddr::new(me.server, me.slot + 1);
+    let mut h = nflib::wire::FrameHeader::ack(
+        forged,
+        nflib::wire::EndpointAddr::new(me.server, nflib::MANAGER_SLOT),
+    );
+    h.kind = nflib::wire::FrameKind::Data;
+    h.seq = 1;
+    h.src_session = 1;
+    h.frag_count = 1;
+    let Some(mut p) = ep.alloc() else { return };
+    let region = ep.region().clone();
+    match nflib::wire::write_frame(region.room_mut(&mut p), &h, &payload) {
+        Ok(n) if region.set_len(&mut p, n) => {
+            let mut q = vec![p];
+            ep.send_messages(nflib::MANAGER_SLOT, &mut q);
+            eprintln!("nf-runtime: failpoint forge-source: sent a frame as {forged}");
+        }
+        _ => ep.free(p),
     }
 }
 

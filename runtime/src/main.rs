@@ -59,6 +59,7 @@ fn main() -> ExitCode {
         let now_ms = rt.now_ms();
         if nf_runtime::failpoint::armed() {
             nf_runtime::failpoint::crash_after_start(now_ms);
+            nf_runtime::failpoint::forge_source(ep, rt.me(), now_ms);
         }
         rt.process_batch(ep, &mut batch, now_ms);
         rt.expire(ep, now_ms);
