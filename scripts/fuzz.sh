@@ -5,6 +5,7 @@
 #   capture_reader  the pcap/pcapng reader
 #   actor_frames    actor frames: parsing, authentication, message decoding and the
 #                   reliable transport fed any sequence of them
+#   config          the configuration: parsing, validation, and building every chain
 #
 #   scripts/fuzz.sh            each target for 300 s
 #   scripts/fuzz.sh 3600       each target for an hour
@@ -25,10 +26,11 @@ esac
 command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz is not installed (cargo install cargo-fuzz)" >&2; exit 1; }
 export RUSTC_BOOTSTRAP=1
 
-targets=(packet_parse ids_rules capture_reader actor_frames)
+targets=(packet_parse ids_rules capture_reader actor_frames config)
 for t in "${targets[@]}"; do mkdir -p "corpus/$t"; done
 cp -n seeds/ids_rules/* corpus/ids_rules/ 2>/dev/null || true
 cp -n seeds/actor_frames/* corpus/actor_frames/ 2>/dev/null || true
+cp -n seeds/config/* corpus/config/ 2>/dev/null || true
 captures="${NF_TESTDATA:-../../shared/testdata/pcap}"
 [[ -d "$captures" ]] || captures=/work/shared/testdata/pcap
 if [[ -d "$captures" ]]; then
