@@ -444,12 +444,17 @@ impl Relay {
                 if dst.server != self.me || src.server == self.me {
                     return drop(c, pool, p, PortCounter::CtlBad);
                 }
-                self.heard(src.server, now_ns);
                 let n = auth::strip(region.data_mut(&mut p), len);
                 region.set_len(&mut p, n);
                 c.add(PortCounter::CtlRx as usize, 1);
                 if dst.slot == MANAGER_SLOT {
-                    self.mailbox.handle_frame(region.data(&p), now_ns);
+                    // Liveness only from what the transport takes as fresh (the beats among
+                    // it): an authentic frame replayed from a dead server must not keep it
+                    // alive. Frames for local processes are not judged here (their
+                    // transports are); the beats and data frames keep the link watch fed.
+                    if self.mailbox.handle_frame(region.data(&p), now_ns) {
+                        self.heard(src.server, now_ns);
+                    }
                     pool.free(p);
                     return Inbound::Done;
                 }

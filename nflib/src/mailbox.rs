@@ -119,12 +119,13 @@ impl Mailbox {
     }
 
     /// Handles one received frame (Ethernet header included).
-    pub fn handle_frame(&mut self, bytes: &[u8], now_ns: u64) {
+    /// Returns whether the frame was fresh (see `Transport::handle`).
+    pub fn handle_frame(&mut self, bytes: &[u8], now_ns: u64) -> bool {
         let frame = match Frame::parse(bytes) {
             Ok(f) => f,
             Err(_) => {
                 self.errors.bad_frames += 1;
-                return;
+                return false;
             }
         };
         let inbox = &mut self.inbox;
@@ -138,7 +139,7 @@ impl Mailbox {
                     msg,
                 }),
                 Err(_) => errors.undecodable += 1,
-            });
+            })
     }
 
     /// Writes the frames due now into buffers from `alloc`; they wait in `take_out`.

@@ -392,6 +392,7 @@ impl Channel {
         bits
     }
 
+    /// Returns whether the ack told something new (frames acknowledged for the first time).
     fn on_ack(
         &mut self,
         ack: u64,
@@ -399,10 +400,10 @@ impl Channel {
         now: u64,
         cfg: &TransportConfig,
         st: &mut TransportStats,
-    ) {
+    ) -> bool {
         if ack > self.snd_nxt || ack == 0 {
             st.malformed += 1;
-            return;
+            return false;
         }
         self.last_heard = now;
         self.unanswered = 0;
@@ -411,6 +412,7 @@ impl Channel {
         // covered by the cumulative ack waited for a gap to fill, not for the network.
         let mut newest_sent = None;
         let mut progress = false;
+        let mut news = false;
         if ack > self.snd_una {
             for _ in self.snd_una..ack {
                 if let Some(f) = self.sendq.pop_front() {
@@ -438,6 +440,7 @@ impl Channel {
             }
             if let Some(f) = self.sendq.get_mut((seq - self.snd_una) as usize) {
                 if !f.sacked {
+                    news = true;
                     f.sacked = true;
                     if f.transmissions == 1 {
                         newest_sent = newest_sent.max(Some(f.last_tx));
@@ -474,6 +477,7 @@ impl Channel {
                 }
             }
         }
+        progress || news
     }
 
     /// Handles an in-order fragment: delivers a whole message or adds to the one being
@@ -555,7 +559,7 @@ impl Channel {
     }
 
     /// `room`: bytes of the reassembly budget this channel may hold in all (what the other
-    /// channels leave).
+    /// channels leave). Returns whether the frame was new (taken, in order or not).
     fn on_data(
         &mut self,
         h: &FrameHeader,
@@ -563,17 +567,17 @@ impl Channel {
         room: usize,
         st: &mut TransportStats,
         deliver: &mut dyn FnMut(Delivery<'_>),
-    ) {
+    ) -> bool {
         self.ack_pending = true;
         let seq = h.seq;
         let w = self.window();
         if seq < self.rcv_nxt {
             st.duplicates += 1;
-            return;
+            return false;
         }
         if seq >= self.rcv_nxt + w {
             st.out_of_window += 1;
-            return;
+            return false;
         }
         let meta = FragMeta {
             src_actor: h.src_actor,
@@ -600,6 +604,7 @@ impl Channel {
             let slot = &mut self.ooo[(seq % w) as usize];
             if slot.as_ref().is_some_and(|f| f.seq == seq) {
                 st.duplicates += 1;
+                return false;
             } else if admit(self.reserved, st) {
                 st.out_of_order += 1;
                 if let Some(old) = slot.take() {
@@ -612,11 +617,12 @@ impl Channel {
                     payload: payload.to_vec(),
                     reserved: need,
                 });
+                return true;
             }
-            return;
+            return false;
         }
         if !admit(self.reserved, st) {
-            return;
+            return false;
         }
         self.reserved += need;
         Self::consume(
@@ -652,6 +658,7 @@ impl Channel {
                 }
             }
         }
+        true
     }
 
     fn header(&self, me: EndpointAddr) -> FrameHeader {
@@ -926,18 +933,26 @@ impl Transport {
     }
 
     /// Handles a frame addressed to this endpoint; messages it completes are handed to
-    /// `deliver`, in order.
-    pub fn handle(&mut self, frame: &Frame<'_>, now: u64, deliver: &mut dyn FnMut(Delivery<'_>)) {
+    /// `deliver`, in order. Returns whether the frame was *fresh*: new data, or an ack of
+    /// frames not acknowledged before. A replayed frame never is (its data is a duplicate,
+    /// its ack old news), so liveness judged on fresh frames cannot be faked by replaying a
+    /// dead peer's frames.
+    pub fn handle(
+        &mut self,
+        frame: &Frame<'_>,
+        now: u64,
+        deliver: &mut dyn FnMut(Delivery<'_>),
+    ) -> bool {
         let h = &frame.header;
         self.stats.frames_received += 1;
         if h.dst != self.me || h.src == self.me {
             self.stats.malformed += 1;
-            return;
+            return false;
         }
         let cfg = self.cfg;
         let Some(ch) = channel_of(&mut self.channels, h.src, self.session, &cfg) else {
             self.stats.malformed += 1;
-            return;
+            return false;
         };
         // What this channel holds of the reassembly budget is kept in the total as it
         // changes (a reset, a reassembly started or finished).
@@ -947,7 +962,7 @@ impl Transport {
         let st = &mut self.stats;
         if h.src_session < ch.peer_session || h.src_session == 0 {
             st.stale += 1;
-            return;
+            return false;
         }
         if h.src_session > ch.peer_session {
             if ch.peer_session == 0 {
@@ -975,13 +990,14 @@ impl Transport {
             // The peer does not know our current session yet: tell it.
             st.stale += 1;
             ch.ack_pending = true;
-            return;
+            return false;
         }
-        ch.on_ack(h.ack, h.sack, now, &cfg, st);
+        let mut fresh = ch.on_ack(h.ack, h.sack, now, &cfg, st);
         if h.kind == FrameKind::Data {
-            ch.on_data(h, frame.payload, room, st, deliver);
+            fresh |= ch.on_data(h, frame.payload, room, st, deliver);
         }
         self.reserved = others + ch.reserved;
+        fresh
     }
 
     /// Emits every frame due now: retransmissions, new frames the windows allow, and acks.

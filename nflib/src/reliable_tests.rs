@@ -555,3 +555,72 @@ fn a_frame_that_cannot_be_emitted_waits_before_trying_again() {
     });
     assert_eq!(sent, 1, "it goes once it can");
 }
+
+/// Liveness judged on fresh frames cannot be faked: a frame delivered again (an on-link
+/// replay) is not fresh, neither its data nor its ack.
+#[test]
+fn a_replayed_frame_is_not_fresh() {
+    let mut a = Transport::new(A, 100, small_queue());
+    let mut b = Transport::new(B, 200, small_queue());
+    let mut buf = vec![0u8; 2048];
+    let mut frames_ab = Vec::new();
+    let mut frames_ba = Vec::new();
+    let mut last_ack = None;
+    let mut deliver = |_: Delivery<'_>| {};
+    for i in 0..3u64 {
+        let m = message(i, 10);
+        a.send(
+            B,
+            Outgoing {
+                src_actor: 1,
+                dst_actor: 2,
+                msg_type: 3,
+                payload: &m,
+            },
+        )
+        .unwrap();
+        let now = (i + 1) * MS;
+        // Until it knows B's session, A has one frame in flight: let them talk it over.
+        for _ in 0..4 {
+            a.poll_transmit(now, &mut |h, p| {
+                let n = crate::wire::write_frame(&mut buf, h, p).unwrap();
+                frames_ab.push(buf[..n].to_vec());
+                true
+            });
+            for f in frames_ab.drain(..) {
+                let fr = Frame::parse(&f).unwrap();
+                if b.handle(&fr, now, &mut deliver) {
+                    // Keep what B took as fresh data, to replay it.
+                    frames_ba.push((true, f.clone()));
+                }
+            }
+            b.poll_transmit(now, &mut |h, p| {
+                let n = crate::wire::write_frame(&mut buf, h, p).unwrap();
+                frames_ba.push((false, buf[..n].to_vec()));
+                true
+            });
+            for (_, f) in frames_ba.iter().filter(|(to_b, _)| !to_b) {
+                let fr = Frame::parse(f).unwrap();
+                a.handle(&fr, now, &mut deliver);
+                last_ack = Some(f.clone());
+            }
+            frames_ba.retain(|(to_b, _)| *to_b);
+        }
+    }
+    assert_eq!(a.peer(B).map(|p| p.in_flight), Some(0), "all acknowledged");
+    // Replays: every data frame B took, again.
+    assert!(!frames_ba.is_empty());
+    for (_, f) in &frames_ba {
+        let fr = Frame::parse(f).unwrap();
+        assert!(
+            !b.handle(&fr, 10 * MS, &mut deliver),
+            "replayed data is not fresh"
+        );
+    }
+    let ack = last_ack.expect("B answered");
+    let fr = Frame::parse(&ack).unwrap();
+    assert!(
+        !a.handle(&fr, 10 * MS, &mut deliver),
+        "a replayed ack is not fresh"
+    );
+}
