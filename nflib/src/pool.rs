@@ -183,6 +183,25 @@ impl ManagerPool {
 
     /// A recycled index must be owned by the slot that recycled it; anything else is a faulty
     /// peer and is ignored rather than corrupting the stack.
+    /// Frees `index` if `owner` owns it, in one atomic step (true then); counts a refusal
+    /// otherwise.
+    fn free_owned_by(&mut self, index: u32, owner: u16) -> bool {
+        let Some(meta) = self.region.buf_meta(index) else {
+            return false;
+        };
+        if meta
+            .owner
+            .compare_exchange(owner as u32, OWNER_FREE, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            self.double_frees += 1;
+            return false;
+        }
+        meta.clear_l2();
+        self.free.push(index);
+        true
+    }
+
     fn free_index_from(&mut self, index: u32, slot: u16) {
         match self.region.buf_meta(index) {
             Some(meta) if meta.owner.load(Ordering::Acquire) == slot as u32 => {
@@ -213,7 +232,10 @@ impl ManagerPool {
                         break;
                     }
                     for d in &buf[..n] {
-                        if self.region.check_desc(d) && self.free_index(d.buf) {
+                        // A buffer queued here is still its producer's: one that is not
+                        // (a faulty or hostile producer queued another process's buffer)
+                        // is left alone, or it would be free and in use at once.
+                        if self.region.check_desc(d) && self.free_owned_by(d.buf, from) {
                             drained += 1;
                         }
                     }
@@ -274,7 +296,7 @@ impl ManagerPool {
             }
             if in_flight.contains(&i) {
                 report.in_flight += 1;
-            } else if self.free_index(i) {
+            } else if self.free_owned_by(i, dead) {
                 report.owned += 1;
             }
         }
@@ -528,6 +550,34 @@ mod tests {
         pool.free(p);
         assert_eq!(pool.free_count(), 64);
         assert_eq!(pool.double_frees(), 0);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// A producer that queues another process's buffer to a slot that then dies must not
+    /// get that buffer freed while its owner still uses it.
+    #[test]
+    fn reclaim_frees_only_what_a_ring_producer_owned() {
+        let (r, path) = region(64);
+        let mut pool = ManagerPool::new(&r, 8);
+        // Slot 3 holds a buffer; slot 2 (hostile) queues a descriptor of it to slot 1,
+        // and one of its own.
+        let theirs = pool.alloc().unwrap();
+        let mine = pool.alloc().unwrap();
+        r.buf_meta(theirs.buf_index()).unwrap().owner.store(3, Ordering::Release);
+        r.buf_meta(mine.buf_index()).unwrap().owner.store(2, Ordering::Release);
+        let mut out21 = Producer::new(r.ring::<Desc>(RingId::Data { from: 2, to: 1 }).unwrap());
+        let theirs_index = theirs.buf_index();
+        assert!(out21.push(theirs.into_desc()));
+        assert!(out21.push(mine.into_desc()));
+        // Slot 1 dies with both queued to it.
+        let report = pool.reclaim(1);
+        assert_eq!(report.drained_inputs, 1, "only the producer's own buffer is freed");
+        assert_eq!(
+            r.buf_meta(theirs_index).unwrap().owner.load(Ordering::Acquire),
+            3,
+            "slot 3 still owns its buffer"
+        );
+        assert_eq!(pool.double_frees(), 1, "the refusal is counted");
         std::fs::remove_file(path).unwrap();
     }
 }
