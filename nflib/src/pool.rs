@@ -183,17 +183,18 @@ impl ManagerPool {
 
     /// A recycled index must be owned by the slot that recycled it; anything else is a faulty
     /// peer and is ignored rather than corrupting the stack.
-    /// Frees `index` if `owner` owns it, in one atomic step (true then); counts a refusal
-    /// otherwise.
-    fn free_owned_by(&mut self, index: u32, owner: u16) -> bool {
+    /// Frees `index` if one of `owners` owns it, in one atomic step (true then); counts a
+    /// refusal otherwise.
+    fn free_owned_by(&mut self, index: u32, owners: &[u16]) -> bool {
         let Some(meta) = self.region.buf_meta(index) else {
             return false;
         };
-        if meta
-            .owner
-            .compare_exchange(owner as u32, OWNER_FREE, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        let freed = owners.iter().any(|&o| {
+            meta.owner
+                .compare_exchange(o as u32, OWNER_FREE, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        });
+        if !freed {
             self.double_frees += 1;
             return false;
         }
@@ -232,10 +233,12 @@ impl ManagerPool {
                         break;
                     }
                     for d in &buf[..n] {
-                        // A buffer queued here is still its producer's: one that is not
-                        // (a faulty or hostile producer queued another process's buffer)
-                        // is left alone, or it would be free and in use at once.
-                        if self.region.check_desc(d) && self.free_owned_by(d.buf, from) {
+                        // A buffer queued here is still its producer's, or the dead
+                        // process's if it claimed it before releasing the ring's slot (a
+                        // claim comes before the release). One of anybody else (a faulty
+                        // or hostile producer queued another process's buffer) is left
+                        // alone, or it would be free and in use at once.
+                        if self.region.check_desc(d) && self.free_owned_by(d.buf, &[from, dead]) {
                             drained += 1;
                         }
                     }
@@ -296,7 +299,7 @@ impl ManagerPool {
             }
             if in_flight.contains(&i) {
                 report.in_flight += 1;
-            } else if self.free_owned_by(i, dead) {
+            } else if self.free_owned_by(i, &[dead]) {
                 report.owned += 1;
             }
         }
@@ -563,17 +566,29 @@ mod tests {
         // and one of its own.
         let theirs = pool.alloc().unwrap();
         let mine = pool.alloc().unwrap();
-        r.buf_meta(theirs.buf_index()).unwrap().owner.store(3, Ordering::Release);
-        r.buf_meta(mine.buf_index()).unwrap().owner.store(2, Ordering::Release);
+        r.buf_meta(theirs.buf_index())
+            .unwrap()
+            .owner
+            .store(3, Ordering::Release);
+        r.buf_meta(mine.buf_index())
+            .unwrap()
+            .owner
+            .store(2, Ordering::Release);
         let mut out21 = Producer::new(r.ring::<Desc>(RingId::Data { from: 2, to: 1 }).unwrap());
         let theirs_index = theirs.buf_index();
         assert!(out21.push(theirs.into_desc()));
         assert!(out21.push(mine.into_desc()));
         // Slot 1 dies with both queued to it.
         let report = pool.reclaim(1);
-        assert_eq!(report.drained_inputs, 1, "only the producer's own buffer is freed");
         assert_eq!(
-            r.buf_meta(theirs_index).unwrap().owner.load(Ordering::Acquire),
+            report.drained_inputs, 1,
+            "only the producer's own buffer is freed"
+        );
+        assert_eq!(
+            r.buf_meta(theirs_index)
+                .unwrap()
+                .owner
+                .load(Ordering::Acquire),
             3,
             "slot 3 still owns its buffer"
         );
