@@ -343,3 +343,57 @@ fn a_frame_with_a_forged_source_is_refused() {
     drop(region);
     assert!(inst.stop().success());
 }
+
+/// A runtime whose flow table is full tells the vswitch about the flows it refuses: the
+/// vswitch forgets them (their next packets are dispatched afresh) instead of keeping an
+/// entry per refused flow until it idles out (issue 22, finding 6).
+#[test]
+fn flows_a_full_runtime_refuses_leave_no_vswitch_entries() {
+    let mut inst = Instance::new("full");
+    inst.start(
+        r#"
+[[vswitch]]
+name = "vs0"
+[[runtime]]
+name = "rt0"
+max_flows = 8
+[[runtime]]
+name = "rt1"
+max_flows = 8
+[[chain]]
+name = "main"
+[[chain.nf]]
+kind = "flow_monitor"
+[[port]]
+name = "gen0"
+spec = "gen:"
+to = "sink0"
+flows = 200
+rate_pps = 20
+duration_ms = 60000
+[[port]]
+name = "sink0"
+spec = "sink:"
+"#,
+    );
+    let region = inst.region(Duration::from_secs(20));
+    let counter = |s: &nflib::snapshot::RegionSnapshot, name: &str, c: &str| {
+        s.processes
+            .iter()
+            .filter(|p| p.name == name)
+            .filter_map(|p| p.counters.get(c).copied())
+            .sum::<u64>()
+    };
+    let s = inst.wait_for(&region, Duration::from_secs(20), "refusals", |s| {
+        counter(s, "rt0", "drop_flow_table_full") + counter(s, "rt1", "drop_flow_table_full")
+            > 500
+    });
+    let _ = s;
+    std::thread::sleep(Duration::from_millis(500));
+    let s = nflib::snapshot::RegionSnapshot::read(&region);
+    let entries = counter(&s, "vs0", "flows_active");
+    eprintln!("vswitch entries with 200 flows and room for 16: {entries}");
+    assert!(entries < 60, "{entries} entries: refused flows stayed in the vswitch");
+    drop(region);
+    assert!(inst.stop().success());
+}

@@ -680,6 +680,17 @@ impl Runtime {
                 let Some(s) = self.flows.insert(actor) else {
                     ep.counters()
                         .add(ProcCounter::DropFlowTableFull as usize, 1);
+                    // The vswitch forgets the key (it is no flow here): its next packet is
+                    // dispatched afresh, maybe to a runtime with room, and a flood of new
+                    // keys does not leave the vswitch an entry each until they idle out.
+                    if self.ended.len() < EXPIRE_BATCH {
+                        self.ended.push(Ended {
+                            vswitch: from,
+                            key: *key,
+                            alias: false,
+                            idle_ms: 0,
+                        });
+                    }
                     return Ran::Dropped;
                 };
                 self.next_id += 1;
@@ -968,8 +979,13 @@ impl Runtime {
         // flush (a NAT port freed and handed out again).
         if !self.ended.is_empty() {
             let mut ended = std::mem::take(&mut self.ended);
-            ended.sort_by_key(|e| e.vswitch);
-            for group in ended.chunk_by(|a, b| a.vswitch == b.vswitch) {
+            // Keys of no idleness (flows refused for a full table, or just closed) go in a
+            // message of their own: the least idle key of a message bounds which recent
+            // packets keep a key, and one of them would make it none for the others.
+            ended.sort_by_key(|e| (e.vswitch, e.idle_ms == 0));
+            for group in ended
+                .chunk_by(|a, b| a.vswitch == b.vswitch && (a.idle_ms == 0) == (b.idle_ms == 0))
+            {
                 let (aliases, keys): (Vec<&Ended>, Vec<&Ended>) =
                     group.iter().partition(|e| e.alias);
                 let m = Message::FlowEnded {
