@@ -479,7 +479,8 @@ impl Relay {
                 if !self.is_member(src.server) {
                     return drop(c, pool, p, PortCounter::CtlNotMember);
                 }
-                let window = self.replay.entry(src.server).or_default();
+                // Looked up, not inserted: a frame that fails its tag leaves no entry.
+                let window = self.replay.get(&src.server).copied().unwrap_or_default();
                 if !window.fresh(encap.seq) {
                     return drop(c, pool, p, PortCounter::DataReplayed);
                 }

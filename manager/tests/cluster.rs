@@ -225,6 +225,20 @@ fn control_frame(
     buf
 }
 
+/// Sends `frames` onto the cluster bridge from the test bed's extra namespace, 50 ms apart
+/// (in order, each handled before the next), as an on-link attacker would.
+fn inject(tb: &Testbed, frames: &[Vec<u8>]) {
+    let script = "import socket,sys,time\n\
+                  s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\n\
+                  s.bind(('eth0',0))\n\
+                  [(s.send(bytes.fromhex(h)),time.sleep(0.05)) for h in sys.argv[1:]]\n";
+    let mut args = vec!["python3".to_string(), "-c".into(), script.into()];
+    args.extend(frames.iter().map(|f| hex(f)));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let st = tb.exec("x", &argv).status().expect("inject");
+    assert!(st.success());
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -277,15 +291,7 @@ fn forged_frames_change_nothing_and_are_counted() {
     let before_auth = tb.port_counter(1, "ctl", "ctl_auth_failed");
     let before_member = tb.port_counter(1, "ctl", "ctl_not_member");
     let cin_before = tb.port_counter(1, "cin", "tx_pkts");
-    let script = "import socket,sys\n\
-                  s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\n\
-                  s.bind(('eth0',0))\n\
-                  [s.send(bytes.fromhex(h)) for h in sys.argv[1:]]\n";
-    let mut args = vec!["python3".to_string(), "-c".into(), script.into()];
-    args.extend(frames.iter().map(|f| hex(f)));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let st = tb.exec("x", &argv).status().expect("inject");
-    assert!(st.success());
+    inject(&tb, &frames);
     let deadline = Instant::now() + Duration::from_secs(5);
     let (mut auth_failed, mut not_member);
     loop {
@@ -363,15 +369,7 @@ fn a_replayed_data_frame_is_dropped() {
     let frames = [frame(seq, 1), frame(seq, 1), frame(seq - 100, 2)];
     let cin_before = tb.port_counter(1, "cin", "tx_pkts");
     let replayed_before = tb.port_counter(1, "ctl", "data_replayed");
-    let script = "import socket,sys,time\n\
-                  s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW)\n\
-                  s.bind(('eth0',0))\n\
-                  [(s.send(bytes.fromhex(h)),time.sleep(0.05)) for h in sys.argv[1:]]\n";
-    let mut args = vec!["python3".to_string(), "-c".into(), script.into()];
-    args.extend(frames.iter().map(|f| hex(f)));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let st = tb.exec("x", &argv).status().expect("inject");
-    assert!(st.success());
+    inject(&tb, &frames);
     let deadline = Instant::now() + Duration::from_secs(5);
     let (mut out, mut replayed);
     loop {

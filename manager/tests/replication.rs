@@ -84,6 +84,29 @@ fn drill_with(dir: &Path, script: &str, tag: &str, extra: &[&str]) -> (serde_jso
     (report, code)
 }
 
+/// Flows runtime `name` of server 1 holds now (`nfmgr runtimes`).
+fn flows_of(tb: &Testbed, name: &str) -> u64 {
+    tb.json(1, &["runtimes"])
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["workload"]["flows_active"].as_u64())
+        .unwrap_or(0)
+}
+
+/// Flows taken over so far, summed over the "took over N ..." events of `nfmgr top`.
+fn taken_over(tb: &Testbed) -> u64 {
+    tb.json(1, &["top"])["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["what"].as_str())
+        .filter_map(|w| w.strip_prefix("took over "))
+        .filter_map(|w| w.split(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
 #[test]
 fn a_killed_runtime_breaks_no_connection_under_output_commit() {
     if !ready("the kill-runtime drill") {
@@ -194,17 +217,8 @@ fn a_migrated_flow_is_protected_at_once_and_survives_its_new_runtimes_death() {
             "unreplied_timeout_s = 600",
         ],
     );
-    let flows_of = |name: &str| -> u64 {
-        tb.json(1, &["runtimes"])
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| e["name"] == name)
-            .and_then(|e| e["workload"]["flows_active"].as_u64())
-            .unwrap_or(0)
-    };
     let t0 = Instant::now();
-    while flows_of("rt0") < 90 {
+    while flows_of(&tb, "rt0") < 90 {
         assert!(t0.elapsed() < Duration::from_secs(20), "rt0 got no flows");
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -214,7 +228,7 @@ fn a_migrated_flow_is_protected_at_once_and_survives_its_new_runtimes_death() {
     assert!(moved >= 90, "{m}");
     // At once, before any of them sends again: rt1 dies holding its own flows and the
     // migrated ones, which must already have replicas.
-    let held = flows_of("rt1");
+    let held = flows_of(&tb, "rt1");
     let out = tb.nfmgr(1, &["kill", "rt1"]);
     assert!(
         out.status.success(),
@@ -224,15 +238,7 @@ fn a_migrated_flow_is_protected_at_once_and_survives_its_new_runtimes_death() {
     let t0 = Instant::now();
     let mut taken = 0;
     while t0.elapsed() < Duration::from_secs(5) {
-        let top = tb.json(1, &["top"]);
-        taken = top["events"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e["what"].as_str())
-            .filter_map(|w| w.strip_prefix("took over "))
-            .filter_map(|w| w.split(' ').next()?.parse::<u64>().ok())
-            .sum::<u64>();
+        taken = taken_over(&tb);
         if taken >= held {
             break;
         }
@@ -382,43 +388,24 @@ fn a_restarted_runtime_keeps_the_ports_of_its_taken_over_flows_until_they_end() 
             "unreplied_timeout_s = 2",
         ],
     );
-    let flows_of = |name: &str| -> u64 {
-        tb.json(1, &["runtimes"])
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|e| e["name"] == name)
-            .and_then(|e| e["workload"]["flows_active"].as_u64())
-            .unwrap_or(0)
-    };
     let t0 = Instant::now();
-    while flows_of("rt0") < 60 {
+    while flows_of(&tb, "rt0") < 60 {
         assert!(t0.elapsed() < Duration::from_secs(20), "rt0 got no flows");
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(1));
-    let held = flows_of("rt0");
+    let held = flows_of(&tb, "rt0");
     let out = tb.nfmgr(1, &["kill", "rt0"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let taken_over = || -> u64 {
-        tb.json(1, &["top"])["events"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e["what"].as_str())
-            .filter_map(|w| w.strip_prefix("took over "))
-            .filter_map(|w| w.split(' ').next()?.parse::<u64>().ok())
-            .sum()
-    };
     let counter = |name: &str| tb.nf_counter(1, "rt0", "nat", name);
     let t0 = Instant::now();
     let (mut taken, mut reserved) = (0, 0);
     while t0.elapsed() < Duration::from_secs(8) {
-        taken = taken_over();
+        taken = taken_over(&tb);
         reserved = counter("ports_reserved");
         if taken >= held && reserved >= taken {
             break;
@@ -473,17 +460,9 @@ fn a_source_dead_after_handing_flows_over_leaves_one_owner_per_flow() {
         &[("NF_FAILPOINTS", "migrate-state-sent-crash")],
     );
     let flows = || -> Vec<u64> {
-        let rts = tb.json(1, &["runtimes"]);
         ["rt0", "rt1", "rt2"]
             .iter()
-            .map(|name| {
-                rts.as_array()
-                    .into_iter()
-                    .flatten()
-                    .find(|e| e["name"] == *name)
-                    .and_then(|e| e["workload"]["flows_active"].as_u64())
-                    .unwrap_or(0)
-            })
+            .map(|name| flows_of(&tb, name))
             .collect()
     };
     let t0 = Instant::now();

@@ -1757,11 +1757,7 @@ impl FlowHost for EngineHost<'_> {
         self.rt.repl.ended(slot, a.id);
         let now = self.now_ms;
         let start = out.len();
-        for stage in &self.rt.stages {
-            states::push(out, |out| {
-                stage.save_into(self.rt.flows.records(), slot, out)
-            });
-        }
+        write_states(&self.rt.stages, self.rt.flows.records(), slot, out);
         Some(FlowState {
             idx: 0,
             flags: a.flags & !(flag::LIVE | flag::MIGRATING),

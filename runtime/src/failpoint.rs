@@ -76,7 +76,7 @@ pub fn forge_source(
     {
         return;
     }
-    let forged = nflib::wire::EndpointAddr::new(me.server, me.slot + 1);
+    let forged = nflib::wire::EndpointAddr::new(me.server, me.slot.wrapping_add(1));
     let mut h = nflib::wire::FrameHeader::ack(
         forged,
         nflib::wire::EndpointAddr::new(me.server, nflib::MANAGER_SLOT),
