@@ -32,6 +32,7 @@ use nflib::doorbell::Doorbells;
 use nflib::layout::Layout;
 use nflib::pool::ManagerPool;
 use nflib::region::{CreateOptions, Region};
+use nflib::sandbox::RunAs;
 use nflib::slot::ProcessKind;
 use nflib::snapshot::RegionSnapshot;
 use nflib::stats::LocalCounters;
@@ -378,6 +379,63 @@ fn check_chains(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// The user and group runtimes and vswitches switch to before their first packet
+/// (`supervisor.user`; `nflib::sandbox`), or None when they keep nfmgr's: nfmgr is not root
+/// (they are unprivileged already), or the configuration says `"root"`.
+fn data_path_user(cfg: &Config) -> Result<Option<RunAs>> {
+    use nix::unistd::{geteuid, Group, Uid, User};
+    let named = cfg.supervisor.user.as_deref();
+    let wanted = named.unwrap_or("nobody");
+    let user_gid = |uid: u32| {
+        User::from_uid(Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map_or(uid, |u| u.gid.as_raw())
+    };
+    let ids: Option<(u32, u32)> = if wanted == "root" {
+        None
+    } else if let Some(r) = wanted
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
+    {
+        Some(r)
+    } else if let Ok(uid) = wanted.parse::<u32>() {
+        Some((uid, user_gid(uid)))
+    } else if let Some(u) = User::from_name(wanted).ok().flatten() {
+        Some((u.uid.as_raw(), u.gid.as_raw()))
+    } else if named.is_none() {
+        // The conventional overflow ids, where the system has no `nobody` entry.
+        let gid = Group::from_name("nogroup")
+            .ok()
+            .flatten()
+            .map_or(65534, |g: Group| g.gid.as_raw());
+        Some((65534, gid))
+    } else {
+        bail!(
+            "supervisor.user: no user `{wanted}` on this system (create one, e.g. `useradd --system --no-create-home nfactor`, or give UID:GID)"
+        )
+    };
+    let me = geteuid();
+    if !me.is_root() {
+        return match (named, ids) {
+            (Some(n), Some((uid, _))) if uid != me.as_raw() => bail!(
+                "supervisor.user = `{n}` needs nfmgr to run as root (it runs as uid {me}); without root, runtimes and vswitches run as nfmgr's user"
+            ),
+            _ => Ok(None),
+        };
+    }
+    let Some((uid, gid)) = ids else {
+        tracing::warn!(
+            "supervisor.user = \"root\": runtimes and vswitches keep root while they parse traffic"
+        );
+        return Ok(None);
+    };
+    if uid == 0 {
+        bail!("supervisor.user: `{wanted}` is root; say \"root\" to keep the data path privileged");
+    }
+    Ok(Some(RunAs { uid, gid }))
+}
+
 /// Reads the cluster key: 64 hex digits are 32 bytes, anything else is taken as raw bytes
 /// (at least 16).
 fn load_cluster_key(cfg: &Config) -> Result<Option<Vec<u8>>> {
@@ -613,6 +671,11 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         })
     };
     let idle = cfg.manager.idle_poll_us.to_string();
+    // Every runtime and vswitch enters the same sandbox before its first packet.
+    let mut sandbox = vec!["--seccomp".to_string(), cfg.supervisor.seccomp.to_string()];
+    if let Some(r) = data_path_user(cfg)? {
+        sandbox.extend(["--run-as".to_string(), r.to_string()]);
+    }
     for v in &cfg.vswitches {
         let targets = match &v.runtimes {
             Some(list) => list
@@ -633,7 +696,10 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
                 next_slot.to_string(),
                 "--idle-poll-us".into(),
                 idle.clone(),
-            ],
+            ]
+            .into_iter()
+            .chain(sandbox.iter().cloned())
+            .collect(),
             core: assign_core(v.core),
             busy_poll: v.busy_poll,
             targets,
@@ -653,7 +719,10 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
                 next_slot.to_string(),
                 "--idle-poll-us".into(),
                 idle.clone(),
-            ],
+            ]
+            .into_iter()
+            .chain(sandbox.iter().cloned())
+            .collect(),
             core: assign_core(r.core),
             busy_poll: r.busy_poll,
             targets: 1,

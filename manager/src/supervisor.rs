@@ -195,6 +195,11 @@ fn describe_exit(code: i32) -> String {
             libc::SIGABRT => "SIGABRT",
             libc::SIGBUS => "SIGBUS",
             libc::SIGINT => "SIGINT",
+            libc::SIGSYS => {
+                return format!(
+                    "killed by SIGSYS ({sig}): a system call outside the sandbox's list (supervisor.seccomp = \"log\" lets it through and logs it)"
+                )
+            }
             _ => "signal",
         };
         format!("killed by {name} ({sig})")

@@ -623,6 +623,17 @@ pub struct SupervisorSection {
     /// chain's new flows meanwhile.
     #[serde(default = "d_takeover_before_restart")]
     pub takeover_before_restart_ms: u64,
+    /// The user runtimes and vswitches switch to once attached, before their first packet,
+    /// when nfmgr runs as root: a name or `UID[:GID]`. `"root"` keeps them privileged (not
+    /// recommended: they parse traffic an attacker controls). Ignored, and the processes run
+    /// as nfmgr's own user, when nfmgr is not root.
+    /// Unset: `nobody`.
+    pub user: Option<String>,
+    /// The system-call filter runtimes and vswitches enter before their first packet:
+    /// `"enforce"` (a call outside the data path's list kills the process), `"log"` (the
+    /// kernel logs it), `"off"`.
+    #[serde(default)]
+    pub seccomp: crate::sandbox::SeccompMode,
 }
 
 fn d_frozen_after() -> u64 {
@@ -1001,6 +1012,11 @@ impl Config {
                 "instance: `{}` must be 1-31 characters of letters, digits, '-' and '_'",
                 self.instance
             );
+        }
+        if let Some(u) = &self.supervisor.user {
+            if u.is_empty() || u.len() > 64 || u.chars().any(|c| c.is_whitespace() || c == '/') {
+                bail!("supervisor.user: `{u}` is not a user name or UID[:GID]");
+            }
         }
         let m = &self.migration;
         if m.group_size == 0 || m.group_size > 4096 {

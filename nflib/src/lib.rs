@@ -41,6 +41,7 @@ pub mod records;
 pub mod region;
 pub mod reliable;
 pub mod ring;
+pub mod sandbox;
 pub mod slot;
 pub mod snapshot;
 pub mod stats;

@@ -50,6 +50,12 @@ pub struct CommonArgs {
     /// Keep polling this long after the last work before sleeping.
     #[arg(long, default_value_t = 50)]
     pub idle_poll_us: u64,
+    /// Switch to this unprivileged user and group (`UID:GID`) before the first packet.
+    #[arg(long)]
+    pub run_as: Option<crate::sandbox::RunAs>,
+    /// The system-call filter entered before the first packet.
+    #[arg(long, value_enum, default_value_t = crate::sandbox::SeccompMode::Off)]
+    pub seccomp: crate::sandbox::SeccompMode,
 }
 
 impl CommonArgs {
@@ -80,6 +86,12 @@ pub fn attach(args: &CommonArgs, kind: ProcessKind) -> Result<Endpoint, String> 
     let ep = Endpoint::attach(&args.region, args.slot, kind).map_err(|e| e.to_string())?;
     install_termination_flag();
     Ok(ep)
+}
+
+/// Enters the sandbox the command line asks for (`nflib::sandbox`): called once everything
+/// the process needs is open, before its loop reads a packet.
+pub fn enter_sandbox(args: &CommonArgs) -> Result<(), String> {
+    crate::sandbox::enter(args.run_as, args.seccomp)
 }
 
 /// The run-to-completion loop every data-plane process shares: until nfmgr asks it to stop,

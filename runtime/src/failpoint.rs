@@ -15,6 +15,8 @@
 //!   another endpoint as its source (a compromised process would).
 //! - `migrate-state-sent-crash`: a migration's source aborts right after it sent its first
 //!   step-3 state, before its replicas hear that those flows left (at its next flush).
+//! - `sandbox-probe`: a runtime, once, tries to signal nfmgr and read a secret file, as a
+//!   taken-over runtime would (the sandbox must refuse both).
 
 use std::sync::OnceLock;
 
@@ -103,6 +105,33 @@ pub fn armed() -> bool {
     *ARMED.get_or_init(|| std::env::var_os("NF_FAILPOINTS").is_some())
 }
 
+/// Opens what the failpoints will write, before the runtime enters its sandbox (where no
+/// file can be opened). `slot` is the runtime's.
+pub fn prepare(slot: u16) {
+    if !armed() {
+        return;
+    }
+    if enabled("replicate-crash") {
+        let var = |k: &str| std::env::var(k).ok();
+        if var("NF_FAILPOINT_SLOT").and_then(|s| s.parse::<u16>().ok()) != Some(slot) {
+            return;
+        }
+        // The file, once there, marks the failpoint spent: a restarted runtime runs on.
+        let Some(out) = var("NF_FAILPOINT_OUT") else {
+            return;
+        };
+        if let Ok(f) = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&out)
+        {
+            let _ = REPLICATE_CRASH_OUT.set(std::sync::Mutex::new(f));
+        }
+    }
+}
+
+static REPLICATE_CRASH_OUT: OnceLock<std::sync::Mutex<std::fs::File>> = OnceLock::new();
+
 /// `replicate-crash`: aborts the runtime in `slot` (uptime `uptime_ms`) with `held` output
 /// frames, processed and not yet replicated, after writing them out. Returns otherwise.
 pub fn replicate_crash<'a>(slot: u16, uptime_ms: u64, held: impl Iterator<Item = &'a [u8]>) {
@@ -116,10 +145,10 @@ pub fn replicate_crash<'a>(slot: u16, uptime_ms: u64, held: impl Iterator<Item =
     let after = var("NF_FAILPOINT_AFTER_MS")
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(3000);
-    let Some(out) = var("NF_FAILPOINT_OUT") else {
+    let Some(out) = REPLICATE_CRASH_OUT.get() else {
         return;
     };
-    if uptime_ms < after || std::path::Path::new(&out).exists() {
+    if uptime_ms < after {
         return;
     }
     let mut text = String::new();
@@ -132,7 +161,35 @@ pub fn replicate_crash<'a>(slot: u16, uptime_ms: u64, held: impl Iterator<Item =
     if text.is_empty() {
         return;
     }
-    let _ = std::fs::write(&out, text);
+    if let Ok(mut f) = out.lock() {
+        use std::io::Write;
+        let _ = f.write_all(text.as_bytes());
+    }
     eprintln!("nf-runtime: failpoint replicate-crash: aborting before replicating");
     std::process::abort();
+}
+
+/// `sandbox-probe`: once, 300 ms into the runtime's life, does what a taken-over runtime
+/// would try: read the file `NF_FAILPOINT_PROBE` names (a secret only root may read) and
+/// signal its parent, nfmgr. Each attempt's outcome goes to stderr; under an enforcing
+/// system-call filter the read ends the process (SIGSYS) instead.
+pub fn sandbox_probe(uptime_ms: u64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if uptime_ms < 300 || !enabled("sandbox-probe") || DONE.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let parent = nix::unistd::getppid();
+    let signal = match nix::sys::signal::kill(parent, None) {
+        Ok(()) => "allowed".to_string(),
+        Err(e) => format!("refused ({e})"),
+    };
+    eprintln!("nf-runtime: failpoint sandbox-probe: signal nfmgr: {signal}");
+    if let Some(path) = std::env::var_os("NF_FAILPOINT_PROBE") {
+        let read = match std::fs::read(&path) {
+            Ok(b) => format!("read {} bytes", b.len()),
+            Err(e) => format!("refused ({e})"),
+        };
+        eprintln!("nf-runtime: failpoint sandbox-probe: read the secret: {read}");
+    }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use nf_runtime::liaison::Liaison;
 use nflib::endpoint::BATCH;
-use nflib::process::{attach, init_logging, run_loop, CommonArgs};
+use nflib::process::{attach, enter_sandbox, init_logging, run_loop, CommonArgs};
 use nflib::slot::ProcessKind;
 
 #[derive(Parser)]
@@ -40,6 +40,11 @@ fn main() -> ExitCode {
         }
     };
     rt.label_stats(&ep);
+    nf_runtime::failpoint::prepare(ep.slot());
+    if let Err(e) = enter_sandbox(&args.common) {
+        eprintln!("nf-runtime: sandbox: {e}");
+        return ExitCode::from(2);
+    }
     let mut mb = nf_runtime::mailbox(&ep, &cfg);
     let mut liaison = Liaison::default();
     let mut backlog = nf_runtime::Backlog::default();
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
         if nf_runtime::failpoint::armed() {
             nf_runtime::failpoint::crash_after_start(now_ms);
             nf_runtime::failpoint::forge_source(ep, rt.me(), now_ms);
+            nf_runtime::failpoint::sandbox_probe(now_ms);
         }
         rt.process_batch(ep, &mut batch, now_ms);
         rt.expire(ep, now_ms);

@@ -9,7 +9,7 @@ use clap::Parser;
 use nflib::config::Config;
 use nflib::endpoint::BATCH;
 use nflib::mailbox::Mailbox;
-use nflib::process::{attach, init_logging, run_loop, CommonArgs};
+use nflib::process::{attach, enter_sandbox, init_logging, run_loop, CommonArgs};
 use nflib::slot::ProcessKind;
 
 use dispatch::Dispatch;
@@ -46,6 +46,10 @@ fn main() -> ExitCode {
         }
     };
     let mut mb = Mailbox::for_endpoint(&ep, cfg.cluster.server_id, cfg.cluster.transport());
+    if let Err(e) = enter_sandbox(&args.common) {
+        eprintln!("nf-vswitch: sandbox: {e}");
+        return ExitCode::from(2);
+    }
     let mut batch = Vec::with_capacity(BATCH);
     run_loop(&mut ep, &args.common, |ep, now| {
         let m = dispatch.handle_messages(ep, &mut mb);

@@ -1,0 +1,230 @@
+//! The data-path processes' sandbox: what a runtime or vswitch may still do once it has
+//! attached to its region and built what it needs, before it reads its first packet.
+//!
+//! nf-runtime and nf-vswitch parse traffic that an attacker controls. Should one be taken
+//! over, it must not become a way into the rest of the server or the cluster. So, in this
+//! order (issue 22, finding 2; docs/SECURITY.md):
+//!
+//! 1. **An unprivileged user.** Started as root (nfmgr runs as root on a real server), the
+//!    process switches to `supervisor.user` (`nobody` by default): supplementary groups
+//!    cleared, real, effective and saved ids all changed, so that it holds no capability
+//!    and can never take root back. It can no longer read the cluster key or any file only
+//!    root may read, nor signal or trace nfmgr.
+//! 2. **The parent-death signal again.** Changing credentials clears it, and a data-path
+//!    process must not outlive the nfmgr that supervises it.
+//! 3. **A system-call filter** (seccomp, `supervisor.seccomp`): only what the packet loop
+//!    needs (memory, its doorbells, the clocks, sleeping, writing its log, ending). No file
+//!    can be opened, no socket made, no process started, traced or signalled, no memory
+//!    made executable. A call outside the list kills the process (`"enforce"`, nfmgr
+//!    reports SIGSYS and restarts it), or is allowed and logged by the kernel (`"log"`, for
+//!    finding what a custom network function needs).
+//!
+//! Everything that needs a file (the region, the doorbells, a function's rules, the event
+//! log) is opened before, while the process still has nfmgr's credentials.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use nix::sys::signal::Signal;
+use nix::unistd::{Gid, Uid};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule,
+};
+use serde::{Deserialize, Serialize};
+
+/// What the system-call filter does with a call outside the list.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SeccompMode {
+    /// The process is killed (SIGSYS).
+    #[default]
+    Enforce,
+    /// The call goes ahead and the kernel logs it (audit log or `dmesg`).
+    Log,
+    /// No filter.
+    Off,
+}
+
+impl fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SeccompMode::Enforce => "enforce",
+            SeccompMode::Log => "log",
+            SeccompMode::Off => "off",
+        })
+    }
+}
+
+/// The user and group a data-path process switches to: `UID:GID` on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl FromStr for RunAs {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<RunAs, String> {
+        let (u, g) = s
+            .split_once(':')
+            .ok_or_else(|| format!("`{s}`: expected UID:GID"))?;
+        let uid = u.parse().map_err(|_| format!("`{u}`: not a user id"))?;
+        let gid = g.parse().map_err(|_| format!("`{g}`: not a group id"))?;
+        if uid == 0 {
+            return Err("user id 0 is root, not an unprivileged user".into());
+        }
+        Ok(RunAs { uid, gid })
+    }
+}
+
+impl fmt::Display for RunAs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.uid, self.gid)
+    }
+}
+
+/// Enters the sandbox: `run_as` (if given) and the filter in `mode`. Called once, on the
+/// main thread, after every file the process needs is open; threads started before are
+/// filtered too.
+pub fn enter(run_as: Option<RunAs>, mode: SeccompMode) -> Result<(), String> {
+    if let Some(to) = run_as {
+        drop_privileges(to)?;
+    }
+    if mode != SeccompMode::Off {
+        let program = filter(mode)?;
+        seccompiler::apply_filter_all_threads(&program)
+            .map_err(|e| format!("cannot install the system-call filter: {e}"))?;
+    }
+    Ok(())
+}
+
+fn drop_privileges(to: RunAs) -> Result<(), String> {
+    let parent = nix::unistd::getppid();
+    let (uid, gid) = (Uid::from_raw(to.uid), Gid::from_raw(to.gid));
+    if nix::unistd::getuid() == uid && nix::unistd::geteuid() == uid {
+        return Ok(());
+    }
+    // Groups first: once the user id changes, the right to change them is gone.
+    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setresgid {gid}: {e}"))?;
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setresuid {uid}: {e}"))?;
+    // Paranoia: a process that could become root again has not dropped anything.
+    if nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).is_ok() {
+        return Err("still able to become root after changing user".into());
+    }
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("prctl: {e}"))?;
+    // No program it could start (were the filter off) gains privileges: set-user-id bits
+    // and file capabilities are ignored from here on.
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("prctl: {e}"))?;
+    // nfmgr may have died before the signal was armed again.
+    if nix::unistd::getppid() != parent {
+        return Err("nfmgr exited while this process was starting".into());
+    }
+    Ok(())
+}
+
+/// The system calls the packet loop makes once running, each with why.
+fn allowed() -> Vec<(i64, &'static str)> {
+    let mut calls = vec![
+        // Doorbells (eventfd) and logging to the inherited stderr; the event log's writer.
+        (libc::SYS_read, "doorbells"),
+        (libc::SYS_write, "doorbells, log"),
+        (libc::SYS_readv, "std's buffered reads"),
+        (libc::SYS_writev, "std's buffered writes"),
+        (libc::SYS_close, "dropping a descriptor (at exit)"),
+        (libc::SYS_ppoll, "sleeping on the doorbell"),
+        // Memory: allocation grows and shrinks the heap; tables are reallocated.
+        (libc::SYS_brk, "heap"),
+        (libc::SYS_munmap, "heap"),
+        (libc::SYS_mremap, "heap"),
+        (libc::SYS_madvise, "heap"),
+        // Time and sleep (the clocks may leave the vDSO on some virtual machines).
+        (libc::SYS_clock_gettime, "clocks"),
+        (libc::SYS_clock_getres, "clocks"),
+        (libc::SYS_gettimeofday, "clocks"),
+        (libc::SYS_clock_nanosleep, "sleep"),
+        (libc::SYS_nanosleep, "sleep"),
+        (libc::SYS_restart_syscall, "a sleep interrupted by a signal"),
+        (libc::SYS_sched_yield, "spinning politely"),
+        (libc::SYS_futex, "locks and the event log's thread"),
+        (libc::SYS_getrandom, "hash seeds"),
+        // Signals: SIGTERM's handler returns; abort() blocks signals and raises SIGABRT.
+        (libc::SYS_rt_sigreturn, "signal handlers"),
+        (libc::SYS_rt_sigprocmask, "abort"),
+        (libc::SYS_sigaltstack, "thread exit"),
+        (libc::SYS_getpid, "abort"),
+        (libc::SYS_gettid, "abort"),
+        (libc::SYS_exit, "a thread's end"),
+        (libc::SYS_exit_group, "the process's end"),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    calls.push((libc::SYS_poll, "sleeping (older libc)"));
+    calls
+}
+
+/// Builds the filter for this architecture.
+fn filter(mode: SeccompMode) -> Result<BpfProgram, String> {
+    let err = |e: seccompiler::BackendError| format!("system-call filter: {e}");
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        allowed().into_iter().map(|(n, _)| (n, vec![])).collect();
+    // Memory may be mapped or re-protected, never executable (no code injected at run time).
+    let not_exec = || -> Result<Vec<SeccompRule>, String> {
+        let c = SeccompCondition::new(
+            2,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
+            0,
+        )
+        .map_err(err)?;
+        Ok(vec![SeccompRule::new(vec![c]).map_err(err)?])
+    };
+    rules.insert(libc::SYS_mmap, not_exec()?);
+    rules.insert(libc::SYS_mprotect, not_exec()?);
+    // Signals only to this process's own threads (abort raises SIGABRT with tgkill).
+    let me = std::process::id() as u64;
+    let own =
+        SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, me).map_err(err)?;
+    rules.insert(
+        libc::SYS_tgkill,
+        vec![SeccompRule::new(vec![own]).map_err(err)?],
+    );
+    let mismatch = match mode {
+        SeccompMode::Enforce => SeccompAction::KillProcess,
+        SeccompMode::Log | SeccompMode::Off => SeccompAction::Log,
+    };
+    let arch = std::env::consts::ARCH
+        .try_into()
+        .map_err(|_| format!("no system-call filter for {}", std::env::consts::ARCH))?;
+    let f = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch).map_err(err)?;
+    f.try_into().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_as_parses_and_refuses_root() {
+        assert_eq!(
+            "65534:65534".parse::<RunAs>(),
+            Ok(RunAs {
+                uid: 65534,
+                gid: 65534
+            })
+        );
+        assert!("0:0".parse::<RunAs>().is_err());
+        assert!("nobody".parse::<RunAs>().is_err());
+        assert!("1:x".parse::<RunAs>().is_err());
+    }
+
+    #[test]
+    fn the_filter_builds_for_this_machine() {
+        for mode in [SeccompMode::Enforce, SeccompMode::Log] {
+            let p = filter(mode).expect("filter");
+            assert!(p.len() > allowed().len(), "{} instructions", p.len());
+        }
+    }
+}
