@@ -70,14 +70,14 @@ pub fn ensure_private_dir(dir: &Path) -> Result<()> {
     }
     if md.uid() != me {
         bail!(
-            "{} (manager.run_dir) belongs to uid {}, not to this user ({me}): someone else              may have made it; remove it or choose another run_dir",
+            "{} (manager.run_dir) belongs to uid {}, not to this user ({me}): someone else may have made it; remove it or choose another run_dir",
             dir.display(),
             md.uid()
         );
     }
     if md.mode() & 0o022 != 0 {
         bail!(
-            "{} (manager.run_dir) is writable by others (mode {:o}): refusing to keep the lock              there",
+            "{} (manager.run_dir) is writable by others (mode {:o}): refusing to keep the lock there",
             dir.display(),
             md.mode() & 0o7777
         );

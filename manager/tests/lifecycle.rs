@@ -433,7 +433,7 @@ fn data_path_processes_run_unprivileged_and_sandboxed() {
     }
     use std::os::unix::fs::PermissionsExt;
     let probe = |inst: &Instance| {
-        let secret = inst.path("secret.key");
+        let secret = inst.path("cluster.key");
         std::fs::write(&secret, "0123456789abcdef0123456789abcdef").unwrap();
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
         secret
@@ -463,6 +463,11 @@ fn data_path_processes_run_unprivileged_and_sandboxed() {
     );
     assert_eq!(
         log.matches("signal nfmgr: refused (EPERM").count(),
+        2,
+        "{log}"
+    );
+    assert_eq!(
+        log.matches("trace nfmgr: refused (EPERM").count(),
         2,
         "{log}"
     );
@@ -523,6 +528,7 @@ fn data_path_processes_run_unprivileged_and_sandboxed() {
     assert!(log.contains("killed by SIGSYS"), "{log}");
     assert!(!log.contains("read the secret: read"), "{log}");
     assert!(!log.contains("signal nfmgr: allowed"), "{log}");
+    assert!(!log.contains("trace nfmgr: allowed"), "{log}");
     drop(region);
     assert!(inst.stop().success());
 }

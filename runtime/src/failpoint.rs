@@ -15,7 +15,8 @@
 //!   another endpoint as its source (a compromised process would).
 //! - `migrate-state-sent-crash`: a migration's source aborts right after it sent its first
 //!   step-3 state, before its replicas hear that those flows left (at its next flush).
-//! - `sandbox-probe`: a runtime, once, tries to signal nfmgr and read a secret file, as a
+//! - `sandbox-probe`: a runtime, once, tries to signal and trace nfmgr and read the cluster
+//!   key, as a
 //!   taken-over runtime would (the sandbox must refuse both).
 
 use std::sync::OnceLock;
@@ -170,8 +171,8 @@ pub fn replicate_crash<'a>(slot: u16, uptime_ms: u64, held: impl Iterator<Item =
 }
 
 /// `sandbox-probe`: once, 300 ms into the runtime's life, does what a taken-over runtime
-/// would try: read the file `NF_FAILPOINT_PROBE` names (a secret only root may read) and
-/// signal its parent, nfmgr. Each attempt's outcome goes to stderr; under an enforcing
+/// would try: signal and trace its parent, nfmgr, and read the file `NF_FAILPOINT_PROBE`
+/// names (the cluster key, only root may read it). Each attempt's outcome goes to stderr; under an enforcing
 /// system-call filter the read ends the process (SIGSYS) instead.
 pub fn sandbox_probe(uptime_ms: u64) {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -185,6 +186,15 @@ pub fn sandbox_probe(uptime_ms: u64) {
         Err(e) => format!("refused ({e})"),
     };
     eprintln!("nf-runtime: failpoint sandbox-probe: signal nfmgr: {signal}");
+    // PTRACE_SEIZE, unlike ATTACH, would not stop nfmgr should it succeed.
+    let trace = match nix::sys::ptrace::seize(parent, nix::sys::ptrace::Options::empty()) {
+        Ok(()) => {
+            let _ = nix::sys::ptrace::detach(parent, None);
+            "allowed".to_string()
+        }
+        Err(e) => format!("refused ({e})"),
+    };
+    eprintln!("nf-runtime: failpoint sandbox-probe: trace nfmgr: {trace}");
     if let Some(path) = std::env::var_os("NF_FAILPOINT_PROBE") {
         let read = match std::fs::read(&path) {
             Ok(b) => format!("read {} bytes", b.len()),
