@@ -3,7 +3,7 @@
 //! answer with `--json` for scripts. A stopped or missing nfmgr is a one-line error and a
 //! non-zero exit (from `main`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -54,9 +54,11 @@ impl Target {
                 .flatten()
                 .map(|e| e.path())
                 .filter(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("nfmgr-") && n.ends_with(".sock"))
+                    p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                        n.starts_with("nfmgr-")
+                            && n.ends_with(".sock")
+                            && !n.ends_with(".monitor.sock")
+                    })
                 })
                 .collect();
             if let [one] = found.as_slice() {
@@ -67,7 +69,17 @@ impl Target {
     }
 
     fn call(&self, request: Value, timeout: Duration) -> Result<Value> {
-        let path = self.socket_path()?;
+        let mut path = self.socket_path()?;
+        // A user who may not use the control socket (it is nfmgr's user's) but may use the
+        // monitoring socket beside it (`manager.monitor_group`) reads through that one;
+        // what needs the control socket is refused there, with the reason.
+        let monitor = nflib::config::monitor_socket_of(&path);
+        let denied = |p: &Path| {
+            nix::unistd::access(p, nix::unistd::AccessFlags::W_OK) == Err(nix::errno::Errno::EACCES)
+        };
+        if self.socket.is_none() && denied(&path) && monitor.exists() && !denied(&monitor) {
+            path = monitor;
+        }
         socket::call(&path, &request, timeout).map_err(anyhow::Error::msg)
     }
 

@@ -44,6 +44,7 @@ use nix::unistd::Pid;
 use ringbuf::traits::Split;
 use ringbuf::HeapRb;
 
+use crate::control::socket::Access;
 use crate::dataplane::{Channels, Command, Dataplane, PortSlot};
 use crate::instance::Instance;
 use crate::ports::Port;
@@ -436,6 +437,38 @@ fn data_path_user(cfg: &Config) -> Result<Option<RunAs>> {
     Ok(Some(RunAs { uid, gid }))
 }
 
+/// The group of the monitoring socket (`manager.monitor_group`), if one is named; its
+/// members must be able to reach the socket, so the run directory becomes searchable.
+fn monitor_group(cfg: &Config) -> Result<Option<nix::unistd::Gid>> {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(name) = &cfg.manager.monitor_group else {
+        return Ok(None);
+    };
+    let gid = match name.parse::<u32>() {
+        Ok(g) => nix::unistd::Gid::from_raw(g),
+        Err(_) => match nix::unistd::Group::from_name(name).ok().flatten() {
+            Some(g) => g.gid,
+            None => bail!("manager.monitor_group: no group `{name}` on this system"),
+        },
+    };
+    let dir = cfg.monitor_socket_path();
+    if let Some(dir) = dir.parent() {
+        if let Ok(md) = std::fs::metadata(dir) {
+            let mode = md.permissions().mode() & 0o7777;
+            if mode & 0o011 != 0o011 {
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o011))
+                    .with_context(|| {
+                        format!(
+                            "manager.monitor_group: cannot make {} searchable",
+                            dir.display()
+                        )
+                    })?;
+            }
+        }
+    }
+    Ok(Some(gid))
+}
+
 /// Reads the cluster key: 64 hex digits are 32 bytes, anything else is taken as raw bytes
 /// (at least 16).
 fn load_cluster_key(cfg: &Config) -> Result<Option<Vec<u8>>> {
@@ -783,10 +816,26 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
     .with_pidfds(pidfds.clone());
     let handle = control.handle();
     let socket_path = cfg.control_socket_path();
-    control::socket::serve(&socket_path, handle.clone()).with_context(|| {
+    control::socket::serve(&socket_path, handle.clone(), Access::Admin, None).with_context(
+        || {
+            format!(
+                "cannot create the control socket {} (manager.control_socket)",
+                socket_path.display()
+            )
+        },
+    )?;
+    let monitor_path = cfg.monitor_socket_path();
+    let monitor_group = monitor_group(cfg)?;
+    control::socket::serve(
+        &monitor_path,
+        handle.clone(),
+        Access::Monitor,
+        monitor_group,
+    )
+    .with_context(|| {
         format!(
-            "cannot create the control socket {} (manager.control_socket)",
-            socket_path.display()
+            "cannot create the monitoring socket {} (manager.monitor_group)",
+            monitor_path.display()
         )
     })?;
     if let Some(l) = metrics_listener {
@@ -867,6 +916,7 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
     let _ = ctl_tx.send(control::Event::Shutdown);
     let _ = control_thread.join();
     let _ = std::fs::remove_file(&socket_path);
+    let _ = std::fs::remove_file(&monitor_path);
     sup.stop_all();
     sup.shutdown_dataplane();
     let outcome = dp_thread

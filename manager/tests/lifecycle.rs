@@ -344,6 +344,36 @@ fn a_frame_with_a_forged_source_is_refused() {
     assert!(inst.stop().success());
 }
 
+/// Control calls (a takeover of flows, a workload poll, and the rest) are nfmgr's to make:
+/// a runtime making them to another runtime or to the vswitch is refused and counted
+/// (issue 22, finding 9).
+#[test]
+fn control_calls_from_a_runtime_are_refused() {
+    let mut inst = Instance::new("rogue");
+    inst.start_with_env(PIPELINE, &[("NF_FAILPOINTS", "rogue-call")]);
+    let region = inst.region(Duration::from_secs(20));
+    let refused = |s: &nflib::snapshot::RegionSnapshot, name: &str| {
+        s.processes
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.counters.get("calls_refused").copied())
+            .unwrap_or(0)
+    };
+    // rt0 asks rt1 to take over its flows; both runtimes poll the vswitch.
+    let s = inst.wait_for(&region, Duration::from_secs(20), "refused calls", |s| {
+        refused(s, "rt1") >= 1 && refused(s, "vs0") >= 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let s2 = nflib::snapshot::RegionSnapshot::read(&region);
+    assert_eq!(refused(&s2, "rt1"), 1, "{:?}", s.processes);
+    assert_eq!(refused(&s2, "vs0"), 2, "{:?}", s.processes);
+    assert_eq!(refused(&s2, "rt0"), 0);
+    assert!(s2.processes.iter().all(|p| p.restarts == 0));
+    assert!(inst.log().contains("failpoint rogue-call"));
+    drop(region);
+    assert!(inst.stop().success());
+}
+
 /// A runtime whose flow table is full tells the vswitch about the flows it refuses: the
 /// vswitch forgets them (their next packets are dispatched afresh) instead of keeping an
 /// entry per refused flow until it idles out (issue 22, finding 6).
@@ -531,4 +561,77 @@ fn data_path_processes_run_unprivileged_and_sandboxed() {
     assert!(!log.contains("trace nfmgr: allowed"), "{log}");
     drop(region);
     assert!(inst.stop().success());
+}
+
+/// Two roles on the local sockets (issue 22, finding 9): the control socket (nfmgr's user
+/// only) takes every request; the monitoring socket beside it, open to
+/// `manager.monitor_group`, answers what reads state and refuses what changes the instance.
+/// The CLI of a user in that group reads through it without being told. Needs root (to run
+/// the CLI as another user).
+#[test]
+fn the_monitoring_socket_reads_and_refuses_changes() {
+    if !common::require_root("the monitoring socket's group") {
+        return;
+    }
+    let mut inst = Instance::new("monitor");
+    inst.start(&format!(
+        "{PIPELINE}\n[manager]\nmonitor_group = \"nogroup\"\n"
+    ));
+    let region = inst.region(Duration::from_secs(20));
+    let cfg = inst.path("nfmgr.toml");
+    let as_nobody = |args: &[&str]| {
+        Command::new("runuser")
+            .args(["-u", "nobody", "-g", "nogroup", "--"])
+            .arg(nfmgr_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .output()
+            .expect("runuser")
+    };
+    let out = as_nobody(&["status"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("rt0"), "{text}");
+    for change in [&["stop"][..], &["kill", "rt0"][..]] {
+        let out = as_nobody(change);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{change:?} was allowed");
+        assert!(err.contains("read-only monitoring socket"), "{err}");
+    }
+    // The same requests straight to the sockets, as root: the monitoring one still refuses.
+    let monitor = inst
+        .dir
+        .join("run")
+        .join(format!("nfmgr-{}.monitor.sock", inst.name));
+    let ask = |path: &Path, req: serde_json::Value| {
+        nflib::control_client::call(path, &req, Duration::from_secs(10))
+    };
+    assert!(ask(&monitor, serde_json::json!({"cmd": "top"})).is_ok());
+    let e = ask(
+        &monitor,
+        serde_json::json!({"cmd": "kill", "process": "rt0"}),
+    )
+    .unwrap_err();
+    assert!(e.contains("read-only"), "{e}");
+    let s = nflib::snapshot::RegionSnapshot::read(&region);
+    assert!(
+        s.processes.iter().all(|p| p.restarts == 0),
+        "something was killed"
+    );
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(&monitor).unwrap();
+    assert_eq!(md.mode() & 0o777, 0o660);
+    let admin = inst
+        .dir
+        .join("run")
+        .join(format!("nfmgr-{}.sock", inst.name));
+    assert_eq!(std::fs::metadata(&admin).unwrap().mode() & 0o777, 0o600);
+    drop(region);
+    assert!(inst.stop().success());
+    assert!(
+        !monitor.exists(),
+        "the monitoring socket is removed at exit"
+    );
 }

@@ -361,7 +361,13 @@ pub struct ManagerSection {
     #[serde(default = "d_idle_poll")]
     pub idle_poll_us: u64,
     /// The control socket the CLI talks to (default: `nfmgr-INSTANCE.sock` in `run_dir`).
+    /// Mode 0600: whoever may use it administers the instance.
     pub control_socket: Option<PathBuf>,
+    /// The group whose members may use the read-only monitoring socket (status, runtimes,
+    /// flows, the dashboard), served beside the control socket as `....monitor.sock` with
+    /// mode 0660. Unset: nfmgr's own group. With a group, `run_dir` becomes searchable
+    /// (0711) so that its members can reach the socket; nothing else in it opens to them.
+    pub monitor_group: Option<String>,
     /// Where the instance lock and the control socket are (default: [`default_run_dir`]).
     /// A directory only nfmgr's user may write: it is created mode 0700 if missing, and
     /// nfmgr refuses one that others may write or that is not its own.
@@ -1342,6 +1348,11 @@ impl Config {
         }
     }
 
+    /// The read-only monitoring socket, beside the control socket.
+    pub fn monitor_socket_path(&self) -> PathBuf {
+        monitor_socket_of(&self.control_socket_path())
+    }
+
     /// Where the instance lock and (by default) the control socket are.
     pub fn run_dir(&self) -> PathBuf {
         match &self.manager.run_dir {
@@ -1515,6 +1526,16 @@ impl Config {
     pub fn hugepages_conf_path(&self) -> PathBuf {
         self.base_dir.join(&self.region.hugepages_conf)
     }
+}
+
+/// The monitoring socket that goes with the control socket at `control`:
+/// `nfmgr-edge.sock` -> `nfmgr-edge.monitor.sock`.
+pub fn monitor_socket_of(control: &Path) -> PathBuf {
+    let stem = control
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "nfmgr".into());
+    control.with_file_name(format!("{stem}.monitor.sock"))
 }
 
 /// CPUs online on the machine (whatever this process's affinity).

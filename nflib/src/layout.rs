@@ -13,7 +13,7 @@ use thiserror::Error;
 
 /// Identifies the file format. Bumped whenever any shared structure changes shape.
 pub const MAGIC: [u8; 8] = *b"NFACTOR\x01";
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Slot 0 is always nfmgr itself (ports, pool owner, supervisor).
 pub const MANAGER_SLOT: u16 = 0;

@@ -31,7 +31,7 @@ macro_rules! counter_set {
 
 counter_set!(
     /// Counters of a process slot (nfmgr, a vswitch or a runtime).
-    ProcCounter, PROC_COUNTERS = 64, [
+    ProcCounter, PROC_COUNTERS = 72, [
     RxPkts => "rx_pkts",
     RxBytes => "rx_bytes",
     TxPkts => "tx_pkts",
@@ -96,6 +96,7 @@ counter_set!(
     HoldsMalformed => "holds_malformed",
     MsgForged => "msg_forged",
     RecoveredNotOurs => "recovered_not_ours",
+    CallsRefused => "calls_refused",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the

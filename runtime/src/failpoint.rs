@@ -15,6 +15,8 @@
 //!   another endpoint as its source (a compromised process would).
 //! - `migrate-state-sent-crash`: a migration's source aborts right after it sent its first
 //!   step-3 state, before its replicas hear that those flows left (at its next flush).
+//! - `rogue-call`: a runtime, once, makes control calls only nfmgr may make (a takeover of
+//!   its own flows by the next slot's runtime, a workload poll of the vswitch).
 //! - `sandbox-probe`: a runtime, once, tries to signal and trace nfmgr and read the cluster
 //!   key, as a
 //!   taken-over runtime would (the sandbox must refuse both).
@@ -98,6 +100,14 @@ pub fn forge_source(
         }
         _ => ep.free(p),
     }
+}
+
+/// One line to stderr in one write: runtimes share nfmgr's log, and `eprintln!` may write
+/// a line in pieces that another process's line then splits.
+fn say(what: &str) {
+    use std::io::Write;
+    let line = format!("nf-runtime: failpoint {what}\n");
+    let _ = std::io::stderr().write_all(line.as_bytes());
 }
 
 /// Whether any failpoint is set (cheap enough for every loop iteration).
@@ -185,7 +195,7 @@ pub fn sandbox_probe(uptime_ms: u64) {
         Ok(()) => "allowed".to_string(),
         Err(e) => format!("refused ({e})"),
     };
-    eprintln!("nf-runtime: failpoint sandbox-probe: signal nfmgr: {signal}");
+    say(&format!("sandbox-probe: signal nfmgr: {signal}"));
     // PTRACE_SEIZE, unlike ATTACH, would not stop nfmgr should it succeed.
     let trace = match nix::sys::ptrace::seize(parent, nix::sys::ptrace::Options::empty()) {
         Ok(()) => {
@@ -194,12 +204,45 @@ pub fn sandbox_probe(uptime_ms: u64) {
         }
         Err(e) => format!("refused ({e})"),
     };
-    eprintln!("nf-runtime: failpoint sandbox-probe: trace nfmgr: {trace}");
+    say(&format!("sandbox-probe: trace nfmgr: {trace}"));
     if let Some(path) = std::env::var_os("NF_FAILPOINT_PROBE") {
         let read = match std::fs::read(&path) {
             Ok(b) => format!("read {} bytes", b.len()),
             Err(e) => format!("refused ({e})"),
         };
-        eprintln!("nf-runtime: failpoint sandbox-probe: read the secret: {read}");
+        say(&format!("sandbox-probe: read the secret: {read}"));
     }
+}
+
+/// `rogue-call`: once, 300 ms into its life, the runtime makes the control calls only
+/// nfmgr may make, as a taken-over runtime would: it asks the runtime in the next slot to
+/// take over its own (living) flows, and the vswitch in slot 1 for its workload.
+pub fn rogue_call(mb: &mut nflib::mailbox::Mailbox, uptime_ms: u64) {
+    use nflib::msg::{Call, Message};
+    use nflib::wire::EndpointAddr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static DONE: AtomicBool = AtomicBool::new(false);
+    if uptime_ms < 300 || !enabled("rogue-call") || DONE.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let me = mb.me();
+    let next = EndpointAddr::new(me.server, me.slot.wrapping_add(1));
+    let liaison = nflib::wire::LIAISON;
+    let recover = Message::Rpc {
+        id: 1,
+        call: Call::Recover {
+            failed: me,
+            incarnation: 0,
+        },
+    };
+    let poll = Message::Rpc {
+        id: 2,
+        call: Call::PollWorkload,
+    };
+    let vswitch = EndpointAddr::new(me.server, 1);
+    let sent = mb.send(next, liaison, liaison, &recover).is_ok()
+        && mb.send(vswitch, liaison, liaison, &poll).is_ok();
+    say(&format!(
+        "rogue-call: asked {next} to take over my flows, {vswitch} for its workload (sent: {sent})"
+    ));
 }

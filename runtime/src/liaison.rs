@@ -78,6 +78,11 @@ fn send_reply(
     }
 }
 
+/// Whether `from` is the nfmgr of the server `me` is on.
+pub fn from_own_manager(from: EndpointAddr, me: EndpointAddr) -> bool {
+    from == EndpointAddr::new(me.server, nflib::MANAGER_SLOT)
+}
+
 /// A `Recover` call waiting for the vswitches' answers to its re-pointing.
 struct PendingRecovery {
     rpc: u64,
@@ -114,6 +119,20 @@ impl Liaison {
         now_ns: u64,
     ) {
         match env.msg {
+            // Control calls (recover, migrate, replicas, probes, kill) come from this
+            // server's nfmgr, which routes every legitimate one; another runtime, here or
+            // on another server, has no business making them (a taken-over one would steal
+            // flows or start probe runs of any size).
+            Message::Rpc { id, .. } if !from_own_manager(env.from, mb.me()) => {
+                ep.counters().add(ProcCounter::CallsRefused as usize, 1);
+                let reply = Reply::Refused {
+                    reason: format!(
+                        "{}: control calls are taken from this server's nfmgr only",
+                        env.from
+                    ),
+                };
+                send_reply(ep, mb, env.from, env.src_actor, id, reply);
+            }
             Message::Ping { seq } => {
                 let flows = rt.flows().len() as u64;
                 let _ = mb.send(

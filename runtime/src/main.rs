@@ -66,6 +66,7 @@ fn main() -> ExitCode {
             nf_runtime::failpoint::crash_after_start(now_ms);
             nf_runtime::failpoint::forge_source(ep, rt.me(), now_ms);
             nf_runtime::failpoint::sandbox_probe(now_ms);
+            nf_runtime::failpoint::rogue_call(&mut mb, now_ms);
         }
         rt.process_batch(ep, &mut batch, now_ms);
         rt.expire(ep, now_ms);

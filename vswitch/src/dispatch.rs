@@ -392,6 +392,19 @@ impl Dispatch {
                 seq,
                 flows: self.table.len() as u64,
             }),
+            Message::Rpc { id, .. }
+                if env.from != EndpointAddr::new(mb.me().server, nflib::MANAGER_SLOT) =>
+            {
+                // Control calls come from this server's nfmgr only (see the runtime's
+                // liaison): a runtime must not rewrite the vswitch's view of the cluster.
+                ep.counters().add(ProcCounter::CallsRefused as usize, 1);
+                Some(Message::RpcReply {
+                    id,
+                    reply: Reply::Refused {
+                        reason: "control calls are taken from this server's nfmgr only".into(),
+                    },
+                })
+            }
             Message::Rpc { id, call } => {
                 let reply = match call {
                     Call::NotifyClusterCfg(view) => {

@@ -1,5 +1,6 @@
 //! The control socket: a Unix socket (mode 0600) per nfmgr instance, one JSON request per
-//! line and one JSON answer per line. The CLI subcommands (`nfmgr status`, `runtimes`,
+//! line and one JSON answer per line; and beside it the monitoring socket (mode 0660, group
+//! `manager.monitor_group`), which answers only the requests that read (`Access`). The CLI subcommands (`nfmgr status`, `runtimes`,
 //! `flows`, `stop`, `msgtest`) are its clients; scripts may talk to it directly.
 //!
 //! ```text
@@ -65,18 +66,67 @@ pub enum Request {
     },
 }
 
+/// What a socket's clients may ask.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Everything: the control socket (mode 0600, nfmgr's user).
+    Admin,
+    /// What reads state and changes nothing: status, runtimes, flows, top. The monitoring
+    /// socket (mode 0660, `manager.monitor_group`).
+    Monitor,
+}
+
+impl Request {
+    /// Whether the request only reads (a monitoring client may make it).
+    pub fn read_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Status | Request::Runtimes | Request::Flows { .. } | Request::Top
+        )
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Runtimes => "runtimes",
+            Request::Flows { .. } => "flows",
+            Request::Stop => "stop",
+            Request::Msgtest { .. } => "msgtest",
+            Request::Migrate { .. } => "migrate",
+            Request::Top => "top",
+            Request::Kill { .. } => "kill",
+        }
+    }
+}
+
 /// Creates the socket (replacing a stale one: the instance lock says no other nfmgr of this
-/// instance runs) with mode 0600 before anyone can connect, and serves it on a thread.
-pub fn serve(path: &Path, handle: Handle) -> std::io::Result<()> {
+/// instance runs) with its mode (0600 for `Admin`, 0660 and `group` for `Monitor`) before
+/// anyone can connect, and serves it on a thread.
+pub fn serve(
+    path: &Path,
+    handle: Handle,
+    access: Access,
+    group: Option<nix::unistd::Gid>,
+) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("sock.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let listener = UnixListener::bind(&tmp)?;
+    // The bound socket is made private first, then opened to the group it is meant for.
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    if access == Access::Monitor {
+        if let Some(g) = group {
+            nix::unistd::chown(&tmp, None, Some(g)).map_err(std::io::Error::from)?;
+        }
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o660))?;
+    }
     std::fs::rename(&tmp, path)?;
     let path = path.to_path_buf();
     std::thread::Builder::new()
-        .name("control-socket".into())
-        .spawn(move || accept_loop(listener, handle, path))?;
+        .name(match access {
+            Access::Admin => "control-socket".into(),
+            Access::Monitor => "monitor-socket".into(),
+        })
+        .spawn(move || accept_loop(listener, handle, path, access))?;
     Ok(())
 }
 
@@ -86,7 +136,7 @@ const MAX_CLIENTS: usize = 32;
 /// How long a client has to send each request, all of it.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
-fn accept_loop(listener: UnixListener, handle: Handle, _path: PathBuf) {
+fn accept_loop(listener: UnixListener, handle: Handle, path: PathBuf, access: Access) {
     let clients = Limit::new(MAX_CLIENTS);
     let mut backoff = AcceptBackoff::default();
     let mut refused = 0u64;
@@ -97,7 +147,13 @@ fn accept_loop(listener: UnixListener, handle: Handle, _path: PathBuf) {
                 s
             }
             Err(e) => {
-                backoff.failed("control socket", &e);
+                backoff.failed(
+                    match access {
+                        Access::Admin => "control socket",
+                        Access::Monitor => "monitoring socket",
+                    },
+                    &e,
+                );
                 continue;
             }
         };
@@ -106,22 +162,24 @@ fn accept_loop(listener: UnixListener, handle: Handle, _path: PathBuf) {
             if refused.is_power_of_two() {
                 tracing::warn!(
                     refused,
-                    "control socket: {MAX_CLIENTS} clients connected; closing new connections"
+                    "{}: {MAX_CLIENTS} clients connected; closing new connections",
+                    path.display()
                 );
             }
             continue;
         };
         let h = handle.clone();
+        let path = path.clone();
         let _ = std::thread::Builder::new()
             .name("control-client".into())
             .spawn(move || {
-                serve_client(stream, h);
+                serve_client(stream, h, access, &path);
                 drop(place);
             });
     }
 }
 
-fn serve_client(stream: UnixStream, handle: Handle) {
+fn serve_client(stream: UnixStream, handle: Handle, access: Access, path: &Path) {
     let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
     let mut reader = BufReader::new(match stream.try_clone() {
         Ok(s) => DeadlineReader::new(s, REQUEST_DEADLINE),
@@ -137,6 +195,14 @@ fn serve_client(stream: UnixStream, handle: Handle) {
             Ok(_) => {}
         }
         let answer = match serde_json::from_str::<Request>(line.trim()) {
+            Ok(req) if access == Access::Monitor && !req.read_only() => json!({
+                "ok": false,
+                "error": format!(
+                    "`{}` changes the instance: {} is the read-only monitoring socket; use the control socket (as nfmgr's user)",
+                    req.name(),
+                    path.display()
+                ),
+            }),
             Ok(req) => match handle_request(&handle, req) {
                 Ok(data) => json!({ "ok": true, "data": data }),
                 Err(e) => json!({ "ok": false, "error": e }),
