@@ -6,6 +6,8 @@
 #   actor_frames    actor frames: parsing, authentication, message decoding and the
 #                   reliable transport fed any sequence of them
 #   config          the configuration: parsing, validation, and building every chain
+#   control_request the control socket's JSON requests
+#   peer_frames     the managers' TCP frames: the handshake's plain ones and a session's tagged ones
 #
 #   scripts/fuzz.sh            each target for 300 s
 #   scripts/fuzz.sh 3600       each target for an hour
@@ -26,11 +28,13 @@ esac
 command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz is not installed (cargo install cargo-fuzz)" >&2; exit 1; }
 export RUSTC_BOOTSTRAP=1
 
-targets=(packet_parse ids_rules capture_reader actor_frames config)
+targets=(packet_parse ids_rules capture_reader actor_frames config control_request peer_frames)
 for t in "${targets[@]}"; do mkdir -p "corpus/$t"; done
 cp -n seeds/ids_rules/* corpus/ids_rules/ 2>/dev/null || true
 cp -n seeds/actor_frames/* corpus/actor_frames/ 2>/dev/null || true
 cp -n seeds/config/* corpus/config/ 2>/dev/null || true
+cp -n seeds/control_request/* corpus/control_request/ 2>/dev/null || true
+cp -n seeds/peer_frames/* corpus/peer_frames/ 2>/dev/null || true
 captures="${NF_TESTDATA:-../../shared/testdata/pcap}"
 [[ -d "$captures" ]] || captures=/work/shared/testdata/pcap
 if [[ -d "$captures" ]]; then

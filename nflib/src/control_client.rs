@@ -1,11 +1,13 @@
-//! The client side of nfmgr's control socket (one JSON request per line, one JSON answer):
-//! the CLI subcommands and the dashboard both ask through [`call`].
+//! nfmgr's control socket's protocol (one JSON request per line, one JSON answer): the
+//! requests it takes ([`Request`]), and the client side, through which the CLI subcommands
+//! and the dashboard ask ([`call`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 /// Sends one request to the control socket at `path` and returns the answer's data.
@@ -44,5 +46,61 @@ pub fn call(path: &Path, request: &Value, timeout: Duration) -> Result<Value, St
         Ok(v["data"].clone())
     } else {
         Err(v["error"].as_str().unwrap_or("unknown error").to_string())
+    }
+}
+
+/// A request to the control socket, as JSON: `{"cmd":"status"}`, and so on (nfmgr's
+/// `control::socket` serves them).
+#[derive(Debug, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Runtimes,
+    Flows {
+        runtime: Option<String>,
+        limit: Option<u32>,
+    },
+    Stop,
+    Msgtest {
+        from: String,
+        to: String,
+        count: u64,
+        size: u32,
+        depth: Option<u32>,
+        timeout_s: Option<f64>,
+    },
+    Migrate {
+        from: String,
+        to: String,
+        /// Flows to move; absent: all.
+        flows: Option<u32>,
+        timeout_s: Option<f64>,
+    },
+    Top,
+    Kill {
+        process: String,
+    },
+}
+
+impl Request {
+    /// Whether the request only reads (a monitoring client may make it).
+    pub fn read_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Status | Request::Runtimes | Request::Flows { .. } | Request::Top
+        )
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Status => "status",
+            Request::Runtimes => "runtimes",
+            Request::Flows { .. } => "flows",
+            Request::Stop => "stop",
+            Request::Msgtest { .. } => "msgtest",
+            Request::Migrate { .. } => "migrate",
+            Request::Top => "top",
+            Request::Kill { .. } => "kill",
+        }
     }
 }

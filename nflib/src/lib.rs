@@ -35,6 +35,7 @@ pub mod net;
 pub mod nf;
 pub mod packet;
 pub mod pcap;
+pub mod peer_wire;
 pub mod pool;
 pub mod process;
 pub mod records;

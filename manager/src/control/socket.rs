@@ -30,41 +30,11 @@ use nflib::cluster::{EndpointInfo, ProbeReport};
 use nflib::msg::{Call, Reply};
 use nflib::slot::ProcessKind;
 use nflib::wire::EndpointAddr;
-use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::Handle;
+use nflib::control_client::Request;
 
-#[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Request {
-    Status,
-    Runtimes,
-    Flows {
-        runtime: Option<String>,
-        limit: Option<u32>,
-    },
-    Stop,
-    Msgtest {
-        from: String,
-        to: String,
-        count: u64,
-        size: u32,
-        depth: Option<u32>,
-        timeout_s: Option<f64>,
-    },
-    Migrate {
-        from: String,
-        to: String,
-        /// Flows to move; absent: all.
-        flows: Option<u32>,
-        timeout_s: Option<f64>,
-    },
-    Top,
-    Kill {
-        process: String,
-    },
-}
+use super::Handle;
 
 /// What a socket's clients may ask.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,29 +44,6 @@ pub enum Access {
     /// What reads state and changes nothing: status, runtimes, flows, top. The monitoring
     /// socket (mode 0660, `manager.monitor_group`).
     Monitor,
-}
-
-impl Request {
-    /// Whether the request only reads (a monitoring client may make it).
-    pub fn read_only(&self) -> bool {
-        matches!(
-            self,
-            Request::Status | Request::Runtimes | Request::Flows { .. } | Request::Top
-        )
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Request::Status => "status",
-            Request::Runtimes => "runtimes",
-            Request::Flows { .. } => "flows",
-            Request::Stop => "stop",
-            Request::Msgtest { .. } => "msgtest",
-            Request::Migrate { .. } => "migrate",
-            Request::Top => "top",
-            Request::Kill { .. } => "kill",
-        }
-    }
 }
 
 /// Creates the socket (replacing a stale one: the instance lock says no other nfmgr of this
