@@ -411,6 +411,18 @@ pub fn kill(t: &Target, process: &str) -> Result<()> {
     Ok(())
 }
 
+pub fn rekey(t: &Target) -> Result<()> {
+    let v = t.call(json!({ "cmd": "rekey" }), Duration::from_secs(10))?;
+    t.print(&v, |v| {
+        format!(
+            "cluster keys read again: signing with key {}, accepting {} more\n",
+            s(&v["signing"]),
+            v["accepting_more"]
+        )
+    });
+    Ok(())
+}
+
 pub fn msgtest(
     t: &Target,
     from: &str,

@@ -5,7 +5,7 @@
 //! nfmgr start --config FILE     run an instance in the foreground until SIGTERM/SIGINT
 //! nfmgr demo                    generator -> vswitch -> 2 runtimes -> sink, no root needed
 //! nfmgr stats [--json]          counters of a running instance, read from its region
-//! nfmgr status|runtimes|flows|stop|msgtest|migrate|kill [--json]
+//! nfmgr status|runtimes|flows|stop|msgtest|migrate|kill|rekey [--json]
 //!                               ask a running instance through its control socket
 //! nfmgr top                     the live dashboard
 //! ```
@@ -169,6 +169,13 @@ enum Cmd {
         target: cli::Target,
         process: String,
     },
+    /// Read the cluster keys again from the configuration (cluster.key_file signs, it and
+    /// cluster.accept_key_files are accepted): one step of a key rotation, run on every
+    /// server in turn (docs/SECURITY.md).
+    Rekey {
+        #[command(flatten)]
+        target: cli::Target,
+    },
     /// Print the counters of a running instance.
     Stats {
         #[arg(long, default_value = "default")]
@@ -233,6 +240,7 @@ fn main() {
         Cmd::Stop { target } => cli::stop(&target),
         Cmd::Top { target, interval_s } => cli::top(&target, interval_s),
         Cmd::Kill { target, process } => cli::kill(&target, &process),
+        Cmd::Rekey { target } => cli::rekey(&target),
         Cmd::Msgtest {
             target,
             from,
@@ -469,15 +477,63 @@ fn monitor_group(cfg: &Config) -> Result<Option<nix::unistd::Gid>> {
     Ok(Some(gid))
 }
 
-/// Reads the cluster key: 64 hex digits are 32 bytes, anything else is taken as raw bytes
-/// (at least 16).
-fn load_cluster_key(cfg: &Config) -> Result<Option<Vec<u8>>> {
+/// The cluster's keys: `cluster.key_file` signs; it and `cluster.accept_key_files`
+/// verify (a rotation: docs/SECURITY.md).
+pub struct ClusterKeys {
+    pub sign: Vec<u8>,
+    pub accept: Vec<Vec<u8>>,
+}
+
+impl ClusterKeys {
+    /// The managers' handshake keys, the signing one first.
+    pub fn auth_keys(&self) -> Vec<control::peer::AuthKey> {
+        std::iter::once(&self.sign)
+            .chain(&self.accept)
+            .map(|k| control::peer::AuthKey::derive(k))
+            .collect()
+    }
+
+    /// The keys of actor and data frames between servers.
+    pub fn frame_keys(&self) -> nflib::wire::auth::FrameKeys {
+        use nflib::wire::auth::{FrameKey, FrameKeys};
+        FrameKeys::new(
+            FrameKey::derive(&self.sign),
+            self.accept.iter().map(|k| FrameKey::derive(k)).collect(),
+        )
+    }
+
+    /// A short fingerprint of the signing key for logs and events (not the key: a keyed
+    /// hash of it that reveals nothing of it).
+    pub fn sign_id(&self) -> String {
+        let h = blake3::derive_key("nfactor 2026-12 cluster key fingerprint", &self.sign);
+        h[..4].iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Reads the cluster keys of `cfg`, or None when it has no `cluster.key_file`.
+pub fn load_cluster_keys(cfg: &Config) -> Result<Option<ClusterKeys>> {
     let Some(path) = &cfg.cluster.key_file else {
+        if !cfg.cluster.accept_key_files.is_empty() {
+            bail!("cluster.accept_key_files: needs cluster.key_file (the key that signs)");
+        }
         return Ok(None);
     };
-    let path = cfg.base_dir.join(path);
-    let raw = std::fs::read(&path)
-        .with_context(|| format!("cluster.key_file: cannot read {}", path.display()))?;
+    let sign = load_key(&cfg.base_dir.join(path), "cluster.key_file")?;
+    let mut accept = Vec::new();
+    for p in &cfg.cluster.accept_key_files {
+        let k = load_key(&cfg.base_dir.join(p), "cluster.accept_key_files")?;
+        if k != sign && !accept.contains(&k) {
+            accept.push(k);
+        }
+    }
+    Ok(Some(ClusterKeys { sign, accept }))
+}
+
+/// Reads one cluster key: 64 hex digits are 32 bytes, anything else is taken as raw bytes
+/// (at least 16).
+fn load_key(path: &Path, what: &str) -> Result<Vec<u8>> {
+    let raw =
+        std::fs::read(path).with_context(|| format!("{what}: cannot read {}", path.display()))?;
     let text = String::from_utf8_lossy(&raw);
     let t = text.trim();
     let key = if t.len() >= 32 && t.len() % 2 == 0 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -490,13 +546,13 @@ fn load_cluster_key(cfg: &Config) -> Result<Option<Vec<u8>>> {
     };
     if key.len() < 16 {
         bail!(
-            "cluster.key_file: {} holds {} bytes; a cluster key needs at least 16 (e.g. `head -c 32 /dev/urandom | xxd -p -c 64`)",
+            "{what}: {} holds {} bytes; a cluster key needs at least 16 (e.g. `head -c 32 /dev/urandom | xxd -p -c 64`)",
             path.display(),
             key.len()
         );
     }
     use std::os::unix::fs::PermissionsExt;
-    if let Ok(m) = std::fs::metadata(&path) {
+    if let Ok(m) = std::fs::metadata(path) {
         if m.permissions().mode() & 0o077 != 0 {
             tracing::warn!(
                 "cluster key {} is readable by other users; chmod 600 it",
@@ -504,7 +560,7 @@ fn load_cluster_key(cfg: &Config) -> Result<Option<Vec<u8>>> {
             );
         }
     }
-    Ok(Some(key))
+    Ok(key)
 }
 
 fn run(cfg: Config, demo: bool) -> Result<()> {
@@ -610,7 +666,7 @@ fn build_ports(
 
 fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()> {
     let started = Instant::now();
-    let cluster_key = load_cluster_key(cfg)?;
+    let cluster_keys = load_cluster_keys(cfg)?;
     // Bind what others connect to before anything starts, so a taken address is a clear
     // error at start.
     let listener = match &cfg.cluster.listen {
@@ -786,9 +842,7 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         .and_then(|p| cfg.ports.iter().position(|q| &q.name == p));
     let relay = relay::Relay::new(
         cfg.cluster.server_id,
-        cluster_key
-            .as_deref()
-            .map(nflib::wire::auth::FrameKey::derive),
+        cluster_keys.as_ref().map(ClusterKeys::frame_keys),
         cluster_port,
         nflib::mailbox::Mailbox::new(
             nflib::wire::EndpointAddr::new(cfg.cluster.server_id, nflib::MANAGER_SLOT),
@@ -811,7 +865,7 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         relay_tx,
         ctl_tx.clone(),
         incarnation,
-        cluster_key,
+        cluster_keys.as_ref(),
     )
     .with_pidfds(pidfds.clone());
     let handle = control.handle();

@@ -46,6 +46,8 @@ pub enum RelayCommand {
     },
     /// The servers frames from other servers are accepted from (live members).
     Members(Vec<u16>),
+    /// New cluster keys (`nfmgr rekey`): sign with the first, accept any.
+    Keys(auth::FrameKeys),
 }
 
 /// Relay -> control thread.
@@ -71,7 +73,7 @@ pub enum Inbound {
 
 pub struct Relay {
     pub me: u16,
-    key: Option<auth::FrameKey>,
+    key: Option<auth::FrameKeys>,
     /// Index of the cluster port.
     pub port: Option<usize>,
     /// Live member servers, one bit each.
@@ -95,7 +97,7 @@ pub struct Relay {
 impl Relay {
     pub fn new(
         me: u16,
-        key: Option<auth::FrameKey>,
+        key: Option<auth::FrameKeys>,
         port: Option<usize>,
         mailbox: Mailbox,
     ) -> Relay {
@@ -208,6 +210,11 @@ impl Relay {
                         tracing::warn!(%to, error = %e, "control message not sent");
                     }
                 }
+                RelayCommand::Keys(keys) => {
+                    if self.key.is_some() {
+                        self.key = Some(keys);
+                    }
+                }
                 RelayCommand::Members(list) => {
                     // A server that left starts afresh if it joins again (a new life, whose
                     // counter may be below the old one's if its clock stepped back).
@@ -264,9 +271,9 @@ impl Relay {
         };
         let len = p.len();
         let signed = if control {
-            auth::sign(key, region.room_mut(&mut p), len)
+            auth::sign(key.signing(), region.room_mut(&mut p), len)
         } else {
-            auth::append_tag(key, region.room_mut(&mut p), len)
+            auth::append_tag(key.signing(), region.room_mut(&mut p), len)
         };
         match signed {
             Ok(n) if region.set_len(&mut p, n) => {
@@ -436,7 +443,7 @@ impl Relay {
                     if !self.is_member(f.header.src.server) {
                         return drop(c, pool, p, PortCounter::CtlNotMember);
                     }
-                    if !auth::verify(key, &f) {
+                    if !key.verify(&f) {
                         return drop(c, pool, p, PortCounter::CtlAuthFailed);
                     }
                     (f.header.src, f.header.dst, bytes.len())
@@ -484,7 +491,7 @@ impl Relay {
                 if !window.fresh(encap.seq) {
                     return drop(c, pool, p, PortCounter::DataReplayed);
                 }
-                let checked = auth::check_tag(key, region.data(&p));
+                let checked = key.check_tag(region.data(&p));
                 let Some(len) = checked else {
                     return drop(c, pool, p, PortCounter::CtlAuthFailed);
                 };

@@ -470,3 +470,120 @@ fn a_dead_or_frozen_member_is_noticed_and_shown() {
         .unwrap_or_default();
     assert!(why.contains("not heard on the cluster link"), "{st}");
 }
+
+/// The cluster key is rotated without stopping anything (issue 22, finding 9): each server
+/// first accepts the new key, then signs with it, then forgets the old one, one `nfmgr
+/// rekey` at a time. Actor messages between the servers arrive throughout and no frame
+/// fails authentication; afterwards a frame signed with the old key is refused, and so is
+/// a server that still holds only the old key when it joins.
+#[test]
+fn the_cluster_key_is_rotated_without_losing_a_frame() {
+    if !ready("the key rotation test", &["ethtool", "python3"]) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let tb = Testbed::up("k", 2, &[]);
+    let old = auth::FrameKey::derive(&tb.cluster_key());
+    let new_key = tb.state.join("new.key");
+    std::fs::write(&new_key, "7f".repeat(32)).unwrap();
+    std::fs::set_permissions(&new_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let configure = |server: u32, key: &str, accept: &[&str]| {
+        let path = tb.state.join(format!("s{server}.toml"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut out = String::new();
+        for line in text.lines() {
+            if line.starts_with("key_file") {
+                out += &format!("key_file = \"{key}\"\n");
+                let list: Vec<String> = accept.iter().map(|a| format!("\"{a}\"")).collect();
+                out += &format!("accept_key_files = [{}]\n", list.join(", "));
+            } else if !line.starts_with("accept_key_files") {
+                out += line;
+                out.push('\n');
+            }
+        }
+        std::fs::write(&path, out).unwrap();
+    };
+    let rekey = |server: u32| {
+        let out = tb.nfmgr(server, &["rekey"]);
+        assert!(
+            out.status.success(),
+            "rekey on server {server}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Control and data frames that fail their tag are both counted here.
+    let failed = || {
+        tb.port_counter(1, "ctl", "ctl_auth_failed") + tb.port_counter(2, "ctl", "ctl_auth_failed")
+    };
+    let messages_cross = |step: &str| {
+        for (from, to) in [("rt0@1", "rt0@2"), ("rt1@2", "rt1@1")] {
+            let r = tb.json(
+                1,
+                &["msgtest", "--from", from, "--to", to, "--count", "2000"],
+            );
+            assert_eq!(
+                r["exactly_once_in_order"], true,
+                "{step}, {from} -> {to}: {r}"
+            );
+        }
+    };
+    let before = failed();
+    messages_cross("before");
+    // 1. Every server accepts the new key (both still sign with the old one).
+    for s in [1, 2] {
+        configure(s, "cluster.key", &["new.key"]);
+        rekey(s);
+        messages_cross(&format!("server {s} accepts the new key"));
+    }
+    // 2. Every server signs with the new key (and still accepts the old).
+    for s in [1, 2] {
+        configure(s, "new.key", &["cluster.key"]);
+        rekey(s);
+        messages_cross(&format!("server {s} signs with the new key"));
+    }
+    // 3. The old key is forgotten.
+    for s in [1, 2] {
+        configure(s, "new.key", &[]);
+        rekey(s);
+        messages_cross(&format!("server {s} forgot the old key"));
+    }
+    assert_eq!(
+        failed(),
+        before,
+        "frames failed authentication during the rotation"
+    );
+    assert!(tb.log(1).contains("cluster keys replaced"), "{}", tb.log(1));
+
+    // The old key is worth nothing now: a frame signed with it is refused...
+    let rt0 = EndpointAddr::new(1, 2);
+    let ping = Message::Ping { seq: 1 };
+    let auth_before = tb.port_counter(1, "ctl", "ctl_auth_failed");
+    inject(
+        &tb,
+        &[control_frame(
+            EndpointAddr::new(2, 2),
+            rt0,
+            &ping,
+            Some(&old),
+        )],
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while tb.port_counter(1, "ctl", "ctl_auth_failed") == auth_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        tb.port_counter(1, "ctl", "ctl_auth_failed"),
+        auth_before + 1
+    );
+    // ...and a server that comes back with only the old key cannot join.
+    let pid = tb.pid(2);
+    let _ = tb.nfmgr(2, &["stop"]);
+    Testbed::wait_gone(pid);
+    configure(2, "cluster.key", &[]);
+    tb.restart(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tb.log(1).contains("wrong cluster key") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(tb.log(1).contains("wrong cluster key"), "{}", tb.log(1));
+}

@@ -69,6 +69,9 @@ pub struct Config {
     /// The text it was parsed from.
     #[serde(skip)]
     pub text: String,
+    /// The file it was loaded from (`Config::load`), to read again (`nfmgr rekey`).
+    #[serde(skip)]
+    pub path: Option<PathBuf>,
 }
 
 /// A service chain: the network functions a flow goes through, in order.
@@ -406,7 +409,12 @@ pub struct ClusterSection {
     /// Join the coordinator at this TCP address.
     pub coordinator: Option<String>,
     /// The cluster key: a file of at least 16 bytes (64 hex digits are read as 32 bytes).
+    /// Frames and joins are signed with it.
     pub key_file: Option<PathBuf>,
+    /// More keys accepted (not signed with) while the cluster moves to a new key, at most
+    /// three; `nfmgr rekey` re-reads both settings (docs/SECURITY.md).
+    #[serde(default)]
+    pub accept_key_files: Vec<PathBuf>,
     /// The port actor frames and data to and from other servers use.
     pub port: Option<String>,
     /// Managers send each other a heartbeat this often.
@@ -975,8 +983,10 @@ impl Config {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        Config::parse(&text, &base)
-            .map_err(|e| ConfigError(format!("in config {}: {e}", path.display())))
+        let mut cfg = Config::parse(&text, &base)
+            .map_err(|e| ConfigError(format!("in config {}: {e}", path.display())))?;
+        cfg.path = Some(path.canonicalize().unwrap_or_else(|_| path.to_path_buf()));
+        Ok(cfg)
     }
 
     /// Parses and validates a configuration; relative paths resolve against `base_dir`.
@@ -1295,6 +1305,9 @@ impl Config {
             }
         }
         if c.enabled() {
+            if c.accept_key_files.len() > 3 {
+                bail!("cluster.accept_key_files: at most 3 (the signing key and three more are accepted)");
+            }
             if c.key_file.is_none() {
                 bail!("cluster.key_file: required in a cluster (frames between servers are signed with it)");
             }

@@ -80,6 +80,9 @@ pub enum Request {
     Kill {
         process: String,
     },
+    /// Read the cluster keys again from the configuration file (`cluster.key_file`,
+    /// `cluster.accept_key_files`): a step of a key rotation.
+    Rekey,
 }
 
 impl Request {
@@ -101,6 +104,7 @@ impl Request {
             Request::Migrate { .. } => "migrate",
             Request::Top => "top",
             Request::Kill { .. } => "kill",
+            Request::Rekey => "rekey",
         }
     }
 }

@@ -443,6 +443,43 @@ pub mod auth {
         ok.then_some(len)
     }
 
+    /// The keys of a cluster during and outside a key rotation: frames are signed with the
+    /// first and accepted under any (at most [`MAX_KEYS`]), so that servers can move to a
+    /// new key one at a time without dropping a frame (docs/SECURITY.md, "Rotating the
+    /// cluster key").
+    #[derive(Clone, Debug)]
+    pub struct FrameKeys {
+        keys: Vec<FrameKey>,
+    }
+
+    /// The signing key and up to three more accepted ones.
+    pub const MAX_KEYS: usize = 4;
+
+    impl FrameKeys {
+        /// `sign` signs; `sign` and `accept` verify. Extra keys past [`MAX_KEYS`] are
+        /// ignored (the configuration refuses them).
+        pub fn new(sign: FrameKey, accept: Vec<FrameKey>) -> FrameKeys {
+            let mut keys = vec![sign];
+            keys.extend(accept.into_iter().take(MAX_KEYS - 1));
+            FrameKeys { keys }
+        }
+
+        pub fn signing(&self) -> &FrameKey {
+            &self.keys[0]
+        }
+
+        /// Whether the frame's tag is valid under any of the keys (the signing key first:
+        /// outside a rotation, one MAC).
+        pub fn verify(&self, frame: &Frame<'_>) -> bool {
+            self.keys.iter().any(|k| verify(k, frame))
+        }
+
+        /// [`check_tag`] under any of the keys.
+        pub fn check_tag(&self, bytes: &[u8]) -> Option<usize> {
+            self.keys.iter().find_map(|k| check_tag(k, bytes))
+        }
+    }
+
     /// Removes the tag of a verified frame (the frame continues on this server's message
     /// rings, which carry frames without tags). Returns the new length.
     pub fn strip(buf: &mut [u8], len: usize) -> usize {

@@ -20,7 +20,7 @@ pub mod socket;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use nflib::cluster::{ClusterView, EndpointInfo, ServerInfo};
@@ -44,6 +44,11 @@ use crate::linkwatch::LinkChange;
 use crate::relay::{RelayCommand, RelayEvent};
 use crate::supervisor::{ProcEvent, ProcEventKind};
 use peer::{AuthKey, ConnId, JoinInfo, PeerMsg, PeerWriter};
+
+use crate::ClusterKeys;
+
+/// The managers' authentication keys, shared by the control thread and the accept loop.
+type SharedAuth = Arc<RwLock<Vec<AuthKey>>>;
 
 /// How long a fenced member waits for its killed processes to die before joining anyway.
 const FENCE_WAIT: Duration = Duration::from_secs(5);
@@ -203,7 +208,9 @@ pub struct Control {
     me: u16,
     name: String,
     incarnation: u64,
-    auth: Option<AuthKey>,
+    /// The keys managers authenticate each other with: the first signs a join, any
+    /// verifies one (during a key rotation). Shared with the accept loop.
+    auth: Option<SharedAuth>,
     role: Role,
     /// Fencing (a member the coordinator had declared dead): local slots killed and not
     /// dead yet, and how long joining waits for them at most.
@@ -267,7 +274,7 @@ impl Control {
         relay: Sender<RelayCommand>,
         events: Sender<Event>,
         incarnation: u64,
-        cluster_key: Option<Vec<u8>>,
+        keys: Option<&ClusterKeys>,
     ) -> Control {
         let me = cfg.cluster.server_id;
         let role = match &cfg.cluster.coordinator {
@@ -295,7 +302,7 @@ impl Control {
             started: now,
             me,
             incarnation,
-            auth: cluster_key.as_deref().map(AuthKey::derive),
+            auth: keys.map(|k| Arc::new(RwLock::new(k.auth_keys()))),
             role,
             members: BTreeMap::new(),
             view: ClusterView::default(),
@@ -693,6 +700,35 @@ impl Control {
         if let Some(e) = failed {
             self.peer_down(conn, format!("write failed: {e}"));
         }
+    }
+
+    /// The configuration file this nfmgr was started from.
+    pub fn config_path(&self) -> Option<std::path::PathBuf> {
+        self.cfg.path.clone()
+    }
+
+    /// Takes new cluster keys (`nfmgr rekey`): joins are made with the first and accepted
+    /// under any; the data-plane thread signs frames with the first and accepts any.
+    /// Sessions already up keep the keys they were made with.
+    pub fn set_keys(&mut self, keys: &ClusterKeys) -> Result<(), String> {
+        let Some(auth) = &self.auth else {
+            return Err(
+                "this nfmgr runs without a cluster key (no cluster.key_file): nothing to rotate"
+                    .into(),
+            );
+        };
+        if let Ok(mut a) = auth.write() {
+            *a = keys.auth_keys();
+        }
+        self.send_relay(RelayCommand::Keys(keys.frame_keys()));
+        let what = format!(
+            "cluster keys replaced: signing with {}, accepting {} more",
+            keys.sign_id(),
+            keys.accept.len()
+        );
+        tracing::info!("{what}");
+        self.top_event("cluster", what);
+        Ok(())
     }
 
     /// Starts a control call to `to`; the answer comes on the returned channel.
@@ -1346,7 +1382,11 @@ impl Control {
         if !self.fence_pending.is_empty() && self.fence_until.is_some_and(|t| now < t) {
             return;
         }
-        let Some(auth) = self.auth.clone() else {
+        let Some(auth) = self
+            .auth
+            .as_ref()
+            .and_then(|a| a.read().ok().map(|k| k[0].clone()))
+        else {
             return;
         };
         *joining = true;
@@ -1589,7 +1629,7 @@ const MAX_HANDSHAKES: usize = 16;
 /// off when accepting fails.
 fn accept_loop(
     l: TcpListener,
-    auth: AuthKey,
+    auth: SharedAuth,
     me: u16,
     events: Sender<Event>,
     first: ConnId,
@@ -1627,7 +1667,8 @@ fn accept_loop(
         let _ = std::thread::Builder::new()
             .name("cluster-peer".into())
             .spawn(move || {
-                let joined = peer::accept(stream, &auth, me);
+                let keys = auth.read().map(|k| k.clone()).unwrap_or_default();
+                let joined = peer::accept(stream, &keys, me);
                 drop(place);
                 match joined {
                     Ok((info, writer, reader)) => {

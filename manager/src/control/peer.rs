@@ -81,7 +81,7 @@ fn prepare(stream: &TcpStream) -> io::Result<()> {
 /// Coordinator side of the handshake on an accepted connection.
 pub fn accept(
     stream: TcpStream,
-    auth: &AuthKey,
+    keys: &[AuthKey],
     me: u16,
 ) -> Result<(JoinInfo, PeerWriter, PeerReader), String> {
     let addr = stream.peer_addr().map_err(|e| e.to_string())?;
@@ -125,13 +125,17 @@ pub fn accept(
         endpoints,
         chains,
     };
-    let want = auth.proof(&nonce_c, &nonce_j, &said);
-    if want.iter().zip(&proof).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
+    // Any accepted key (during a rotation, the member may still join with the old one);
+    // the session's keys come from the one that verified.
+    let Some(auth) = keys.iter().find(|k| {
+        let want = k.proof(&nonce_c, &nonce_j, &said);
+        want.iter().zip(&proof).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+    }) else {
         return Err(
             "wrong cluster key, or a join changed on its way (the join proof does not verify)"
                 .into(),
         );
-    }
+    };
     let (c2j, j2c) = auth.session(&nonce_c, &nonce_j);
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     let reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
@@ -304,7 +308,7 @@ mod tests {
         let coord_auth = auth.clone();
         let coordinator = std::thread::spawn(move || {
             let (s, _) = listener.accept().unwrap();
-            accept(s, &coord_auth, 1).map(|(info, _, _)| info)
+            accept(s, std::slice::from_ref(&coord_auth), 1).map(|(info, _, _)| info)
         });
         let stream = TcpStream::connect(addr).unwrap();
         let mut r = DeadlineReader::new(&stream, HANDSHAKE_TIMEOUT);

@@ -166,6 +166,21 @@ fn serve_client(stream: UnixStream, handle: Handle, access: Access, path: &Path)
 
 use std::io::Read;
 
+/// Reads the keys from the configuration file this nfmgr was started with and hands them
+/// to the control and data-plane threads.
+fn rekey(handle: &Handle) -> Result<Value, String> {
+    let path = handle
+        .ask(|c| c.config_path())?
+        .ok_or("this nfmgr was not started from a configuration file")?;
+    let cfg = nflib::config::Config::load(&path).map_err(|e| e.to_string())?;
+    let keys = crate::load_cluster_keys(&cfg)
+        .map_err(|e| format!("{e:#}"))?
+        .ok_or("the configuration has no cluster.key_file")?;
+    let (id, accepted) = (keys.sign_id(), keys.accept.len());
+    handle.ask(move |c| c.set_keys(&keys))??;
+    Ok(json!({ "signing": id, "accepting_more": accepted }))
+}
+
 pub fn handle_request(handle: &Handle, req: Request) -> Result<Value, String> {
     match req {
         Request::Status => handle.ask(|c| c.status()),
@@ -198,6 +213,7 @@ pub fn handle_request(handle: &Handle, req: Request) -> Result<Value, String> {
             .ask(|c| c.top())
             .and_then(|t| serde_json::to_value(t).map_err(|e| e.to_string())),
         Request::Kill { process } => kill(handle, &process),
+        Request::Rekey => rekey(handle),
         Request::Migrate {
             from,
             to,
