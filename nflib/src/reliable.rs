@@ -405,8 +405,6 @@ impl Channel {
             st.malformed += 1;
             return false;
         }
-        self.last_heard = now;
-        self.unanswered = 0;
         // RTT is sampled from the most recently sent frame this ack is the first news of,
         // among frames sent once (Karn): a frame selectively acknowledged earlier and now
         // covered by the cumulative ack waited for a gap to fill, not for the network.
@@ -995,6 +993,13 @@ impl Transport {
         let mut fresh = ch.on_ack(h.ack, h.sack, now, &cfg, st);
         if h.kind == FrameKind::Data {
             fresh |= ch.on_data(h, frame.payload, room, st, deliver);
+        }
+        // Only news is hearing from the peer: an ack that acknowledges nothing new, or data
+        // already taken, is what anyone who recorded the peer's frames could send (a replay
+        // on the link, authentic and tagged), and must not keep a dead peer alive.
+        if fresh {
+            ch.last_heard = now;
+            ch.unanswered = 0;
         }
         self.reserved = others + ch.reserved;
         fresh

@@ -96,6 +96,8 @@ struct Sim {
     /// Frames to a side that is "down" vanish.
     b_down: bool,
     frames_on_wire: u64,
+    /// The last frame B sent A (what an on-link attacker would record and replay).
+    last_to_a: Option<Vec<u8>>,
 }
 
 fn message(seq: u64, size: usize) -> Vec<u8> {
@@ -125,11 +127,15 @@ impl Sim {
             b: Side::new(B, 200, cfg),
             b_down: false,
             frames_on_wire: 0,
+            last_to_a: None,
         }
     }
 
     fn put(&mut self, to_b: bool, bytes: Vec<u8>) {
         self.frames_on_wire += 1;
+        if !to_b {
+            self.last_to_a = Some(bytes.clone());
+        }
         if self.rng.chance(self.link.loss) {
             return;
         }
@@ -405,6 +411,59 @@ fn a_silent_peer_is_declared_dead_and_both_recover_when_it_returns() {
         matches!(sim.b.events.as_slice(), [PeerEvent::Restarted { peer, lost: 0 }] if *peer == A),
         "{:?}",
         sim.b.events
+    );
+}
+
+/// B dies while an on-link attacker replays B's last authentic frame (an ack) to A every
+/// 10 ms: A still declares B dead as soon as it would in silence. Replayed acks tell
+/// nothing new, so they do not count as hearing from B (they used to reset A's count of
+/// unanswered timeouts, putting the death off until sixteen transmissions, seconds later).
+#[test]
+fn replayed_acks_do_not_keep_a_dead_peer_alive() {
+    let cfg = TransportConfig {
+        dead_after_ns: 500 * MS,
+        ..small_queue()
+    };
+    let mut sim = Sim::new(17, Link::clean(), cfg);
+    sim.run_a_to_b(0, 100, &|_| 64, 60_000 * MS);
+    let replay = sim.last_to_a.clone().expect("B acknowledged");
+    sim.b_down = true;
+    for i in 100..150 {
+        let m = message(i, 64);
+        let out = Outgoing {
+            src_actor: 7,
+            dst_actor: 9,
+            msg_type: 1,
+            payload: &m,
+        };
+        sim.a.t.send(B, out).unwrap();
+    }
+    let start = sim.now;
+    let mut next_replay = sim.now;
+    while sim.a.events.is_empty() && sim.now < start + 5_000 * MS {
+        if sim.now >= next_replay {
+            sim.serial += 1;
+            let at = sim.now + sim.link.delay_ns;
+            sim.wire
+                .push(Reverse((at, sim.serial, false, replay.clone())));
+            next_replay = sim.now + 10 * MS;
+        }
+        sim.transmit();
+        if !sim.step(next_replay) {
+            sim.now = next_replay;
+        }
+    }
+    let took = sim.now - start;
+    assert!(
+        matches!(sim.a.events.as_slice(), [PeerEvent::Dead { peer, lost: 50 }] if *peer == B),
+        "{:?} after {} ms",
+        sim.a.events,
+        took / MS
+    );
+    assert!(
+        took < 2_000 * MS,
+        "declared dead only after {} ms",
+        took / MS
     );
 }
 
