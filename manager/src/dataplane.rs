@@ -102,6 +102,10 @@ pub struct Dataplane {
     relay: Relay,
     /// Frames waiting for a port (output of runtimes on other servers).
     pending_tx: Vec<Vec<Packet>>,
+    /// By port: whether a runtime's output may leave by it. Those frames received on some
+    /// port leave by (its `to`), and ports that receive (a function may send a packet
+    /// back where it came from); never the cluster port, whose frames nfmgr signs.
+    may_leave: Vec<bool>,
     /// Counters of the cluster port when there is none (so the relay always has some).
     spare_counters: LocalCounters<PORT_COUNTERS>,
     chan: Channels,
@@ -175,6 +179,18 @@ impl Dataplane {
             .slot(MANAGER_SLOT)
             .map(|s| LocalCounters::resume(&s.counters.0))
             .unwrap_or_default();
+        let mut may_leave = vec![false; nports];
+        for (i, p) in ports.iter().enumerate() {
+            if let Some(e) = p.egress {
+                may_leave[i] = true;
+                if let Some(m) = may_leave.get_mut(e as usize) {
+                    *m = true;
+                }
+            }
+        }
+        if let Some(c) = relay.port.and_then(|c| may_leave.get_mut(c)) {
+            *c = false;
+        }
         Dataplane {
             region: region.clone(),
             pool,
@@ -186,6 +202,7 @@ impl Dataplane {
             msg_to,
             relay,
             pending_tx: (0..nports).map(|_| Vec::new()).collect(),
+            may_leave,
             spare_counters: LocalCounters::default(),
             chan,
             counters,
@@ -350,10 +367,16 @@ impl Dataplane {
                     Self::push_one(&mut self.to_proc, &mut self.pool, &self.region, slot, p);
                     self.wake |= 1u64 << slot;
                 }
-                Inbound::Port(port, p) => match self.pending_tx.get_mut(port as usize) {
-                    Some(q) => q.push(p),
-                    None => self.pool.free(p),
-                },
+                Inbound::Port(port, p) => {
+                    // Another server's runtime named the port: the same rule as ours.
+                    match self.pending_tx.get_mut(port as usize) {
+                        Some(q) if self.may_leave.get(port as usize) == Some(&true) => q.push(p),
+                        _ => {
+                            self.counters.add(ProcCounter::DropMisaddressed as usize, 1);
+                            self.pool.free(p);
+                        }
+                    }
+                }
                 Inbound::Done => {}
             }
         }
@@ -411,7 +434,6 @@ impl Dataplane {
     fn transmit(&mut self, tx: &mut [Vec<Packet>]) -> usize {
         let mut descs = [Desc::default(); BURST];
         let mut moved = 0;
-        let nports = self.ports.len();
         // Messages first: an alias a runtime registers must leave before the packet that
         // made it (between servers the two share the cluster port, in this order).
         let now_ns = nflib::time::mono_ns();
@@ -474,10 +496,13 @@ impl Dataplane {
                 else {
                     continue;
                 };
-                if (p.egress_port() as usize) < nports {
-                    tx[p.egress_port() as usize].push(p);
+                let egress = p.egress_port() as usize;
+                if self.may_leave.get(egress) == Some(&true) {
+                    tx[egress].push(p);
                 } else {
-                    self.counters.add(ProcCounter::DropInvalidDesc as usize, 1);
+                    // The descriptor is the process's to write: a port no packet may leave
+                    // by (the cluster port, a port nothing is sent to) is refused.
+                    self.counters.add(ProcCounter::DropMisaddressed as usize, 1);
                     self.pool.free(p);
                 }
             }

@@ -374,6 +374,56 @@ fn control_calls_from_a_runtime_are_refused() {
     assert!(inst.stop().success());
 }
 
+/// A runtime names the port its output leaves by in the descriptor, which is its to
+/// write: nfmgr sends a packet only out of a port that output may leave by (where frames
+/// received somewhere go, or back where they came from), never out of another (issue 22,
+/// finding 2). Here a runtime sends everything to a port nothing is sent to.
+#[test]
+fn output_for_a_port_it_may_not_use_is_refused() {
+    let mut inst = Instance::new("misroute");
+    inst.start_with_env(
+        r#"
+[[vswitch]]
+name = "vs0"
+[[runtime]]
+name = "rt0"
+[[port]]
+name = "gen0"
+spec = "gen:"
+to = "sink0"
+flows = 10
+rate_pps = 100
+duration_ms = 1000
+[[port]]
+name = "sink0"
+spec = "sink:"
+[[port]]
+name = "side"
+spec = "sink:"
+"#,
+        &[("NF_FAILPOINTS", "misroute"), ("NF_FAILPOINT_EGRESS", "2")],
+    );
+    let region = inst.region(Duration::from_secs(20));
+    let counter = |s: &nflib::snapshot::RegionSnapshot, port: &str, c: &str| {
+        s.port(port)
+            .and_then(|p| p.counters.get(c).copied())
+            .unwrap_or(0)
+    };
+    let refused = |s: &nflib::snapshot::RegionSnapshot| {
+        s.process("nfmgr")
+            .and_then(|p| p.counters.get("drop_misaddressed").copied())
+            .unwrap_or(0)
+    };
+    let s = inst.wait_for(&region, Duration::from_secs(20), "all refused", |s| {
+        refused(s) >= 1000
+    });
+    assert_eq!(refused(&s), 1000, "{:?}", s.processes);
+    assert_eq!(counter(&s, "side", "tx_pkts"), 0);
+    assert_eq!(counter(&s, "sink0", "tx_pkts"), 0);
+    drop(region);
+    assert!(inst.stop().success());
+}
+
 /// A runtime whose flow table is full tells the vswitch about the flows it refuses: the
 /// vswitch forgets them (their next packets are dispatched afresh) instead of keeping an
 /// entry per refused flow until it idles out (issue 22, finding 6).

@@ -1074,6 +1074,9 @@ impl Runtime {
         }
         mb.flush(ep, now_ns);
         if !self.out.is_empty() {
+            if crate::failpoint::armed() {
+                crate::failpoint::misroute(&mut self.out);
+            }
             ep.send_burst(MANAGER_SLOT, &mut self.out);
         }
     }

@@ -17,6 +17,8 @@
 //!   step-3 state, before its replicas hear that those flows left (at its next flush).
 //! - `rogue-call`: a runtime, once, makes control calls only nfmgr may make (a takeover of
 //!   its own flows by the next slot's runtime, a workload poll of the vswitch).
+//! - `misroute`: a runtime sends all its output to port `NF_FAILPOINT_EGRESS` (an index),
+//!   whatever port it should leave by.
 //! - `sandbox-probe`: a runtime, once, tries to signal and trace nfmgr and read the cluster
 //!   key, as a
 //!   taken-over runtime would (the sandbox must refuse both).
@@ -245,4 +247,20 @@ pub fn rogue_call(mb: &mut nflib::mailbox::Mailbox, uptime_ms: u64) {
     say(&format!(
         "rogue-call: asked {next} to take over my flows, {vswitch} for its workload (sent: {sent})"
     ));
+}
+
+/// `misroute`: every packet of `out` names port `NF_FAILPOINT_EGRESS` as its egress.
+pub fn misroute(out: &mut [nflib::Packet]) {
+    static PORT: OnceLock<Option<u8>> = OnceLock::new();
+    let port = *PORT.get_or_init(|| {
+        if !enabled("misroute") {
+            return None;
+        }
+        std::env::var("NF_FAILPOINT_EGRESS").ok()?.parse().ok()
+    });
+    if let Some(port) = port {
+        for p in out {
+            p.set_egress_port(port);
+        }
+    }
 }
