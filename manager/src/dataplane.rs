@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use nflib::buffer::Desc;
 use nflib::doorbell::Doorbells;
 use nflib::endpoint::BURST;
-use nflib::pool::{ManagerPool, ReclaimReport};
+use std::collections::VecDeque;
+
+use nflib::pool::{ManagerPool, Reclaim, ReclaimReport};
 use nflib::ring::{Consumer, Producer};
 use nflib::slot::SlotState;
 use nflib::stats::{LocalCounters, PortCounter, ProcCounter, PORT_COUNTERS, PROC_COUNTERS};
@@ -37,6 +39,11 @@ use crate::relay::{Inbound, Relay};
 
 /// How often the pool's refill and recycle rings are serviced.
 const POOL_SERVICE_EVERY: Duration = Duration::from_millis(1);
+
+/// Buffers of a dead slot looked at per loop iteration: each read is the first line of a
+/// buffer, most of them cache misses, so a chunk costs some hundreds of microseconds, not
+/// the tens of milliseconds a million buffers at once would stall every port for.
+const RECLAIM_CHUNK: u32 = 8192;
 
 /// Most frames taken from one port per loop iteration (fairness between ports).
 const MAX_RX_PER_PORT: usize = 256;
@@ -102,6 +109,8 @@ pub struct Dataplane {
     relay: Relay,
     /// Frames waiting for a port (output of runtimes on other servers).
     pending_tx: Vec<Vec<Packet>>,
+    /// Dead slots whose buffers are being taken back, a chunk per loop iteration.
+    reclaims: VecDeque<Reclaim>,
     /// By port: whether a runtime's output may leave by it. Those frames received on some
     /// port leave by (its `to`), and ports that receive (a function may send a packet
     /// back where it came from); never the cluster port, whose frames nfmgr signs.
@@ -202,6 +211,7 @@ impl Dataplane {
             msg_to,
             relay,
             pending_tx: (0..nports).map(|_| Vec::new()).collect(),
+            reclaims: VecDeque::new(),
             may_leave,
             spare_counters: LocalCounters::default(),
             chan,
@@ -231,14 +241,32 @@ impl Dataplane {
         let _ = self.chan.event_bell.write(1);
     }
 
+    /// Looks at one chunk of the buffers of the oldest dead slot being reclaimed, and tells
+    /// the supervisor when a slot is done. Returns 1 while there is work (the loop does not
+    /// sleep on it), else 0.
+    fn reclaim_some(&mut self) -> usize {
+        let Some(job) = self.reclaims.front_mut() else {
+            return 0;
+        };
+        if self.pool.reclaim_step(job, RECLAIM_CHUNK) {
+            if let Some(job) = self.reclaims.pop_front() {
+                self.emit(Event::Reclaimed {
+                    slot: job.dead,
+                    report: job.report,
+                });
+            }
+        }
+        1
+    }
+
     /// Returns false when asked to shut down.
     fn handle_commands(&mut self) -> bool {
         while let Some(cmd) = self.chan.commands.try_pop() {
             match cmd {
                 Command::Reclaim(slot) => {
                     self.dead |= 1u64 << slot;
-                    let report = self.pool.reclaim(slot);
-                    self.emit(Event::Reclaimed { slot, report });
+                    let job = self.pool.reclaim_start(slot);
+                    self.reclaims.push_back(job);
                 }
                 Command::Revive(slot) => {
                     // One last drain, then the new process owns the consumer side.
@@ -246,7 +274,17 @@ impl Dataplane {
                     self.dead &= !(1u64 << slot);
                     self.emit(Event::Revived(slot));
                 }
-                Command::Shutdown => return false,
+                Command::Shutdown => {
+                    // Every slot was reclaimed first (`stop_all`): finish those steps now.
+                    while let Some(mut job) = self.reclaims.pop_front() {
+                        while !self.pool.reclaim_step(&mut job, u32::MAX) {}
+                        self.emit(Event::Reclaimed {
+                            slot: job.dead,
+                            report: job.report,
+                        });
+                    }
+                    return false;
+                }
             }
         }
         true
@@ -672,6 +710,7 @@ impl Dataplane {
             // than new ones, and under overload the drop belongs at ingress (the device queue,
             // the generator's schedule), not inside the platform.
             let mut moved = self.transmit(&mut tx);
+            moved += self.reclaim_some();
             if !self.egress_backlogged() {
                 moved += self.receive(now, &mut batch);
             }

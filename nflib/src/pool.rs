@@ -43,6 +43,16 @@ impl ReclaimReport {
     }
 }
 
+/// The recovery of a dead slot under way (`ManagerPool::reclaim_start`).
+pub struct Reclaim {
+    pub dead: u16,
+    /// The next buffer to look at.
+    next: u32,
+    /// Buffers it had sent that were queued to others when it was found dead.
+    in_flight: HashSet<u32>,
+    pub report: ReclaimReport,
+}
+
 /// nfmgr's side of the pool: the free stack, refill and recycle service, and recovery.
 pub struct ManagerPool {
     region: Region,
@@ -249,9 +259,21 @@ impl ManagerPool {
         drained
     }
 
-    /// Full recovery of a dead slot. Must run after the process is known dead (reaped) and
-    /// before a replacement starts.
+    /// Full recovery of a dead slot at once (`reclaim_start`, then every step). Must run
+    /// after the process is known dead (reaped) and before a replacement starts.
     pub fn reclaim(&mut self, dead: u16) -> ReclaimReport {
+        let mut job = self.reclaim_start(dead);
+        while !self.reclaim_step(&mut job, u32::MAX) {}
+        job.report
+    }
+
+    /// Starts the recovery of a dead slot: what was queued to it, its refill ring and what
+    /// it recycled go back now (bounded by the rings' sizes); the buffers it held are found
+    /// by `reclaim_step`, a chunk at a time, so that a region of a million buffers does not
+    /// stall every port while its buffers' first lines are read. Must run after the process
+    /// is known dead (reaped) and before a replacement starts; the slot stays dead until
+    /// the last step.
+    pub fn reclaim_start(&mut self, dead: u16) -> Reclaim {
         let mut report = ReclaimReport {
             drained_inputs: self.drain_inputs(dead),
             ..ReclaimReport::default()
@@ -289,26 +311,45 @@ impl ManagerPool {
                 }
             }
         }
-        // Everything else it owned: being processed when it died, or in its cache.
-        for i in 0..self.region.buffer_count() {
+        Reclaim {
+            dead,
+            next: 0,
+            in_flight,
+            report,
+        }
+    }
+
+    /// Looks at up to `budget` more buffers for those the dead process held (being
+    /// processed when it died, or in its cache) and frees them. Returns true when every
+    /// buffer has been looked at (the job's report is then complete).
+    pub fn reclaim_step(&mut self, job: &mut Reclaim, budget: u32) -> bool {
+        let total = self.region.buffer_count();
+        let end = job.next.saturating_add(budget).min(total);
+        let dead = job.dead;
+        for i in job.next..end {
             let Some(meta) = self.region.buf_meta(i) else {
                 continue;
             };
             if meta.owner.load(Ordering::Acquire) != dead as u32 {
                 continue;
             }
-            if in_flight.contains(&i) {
-                report.in_flight += 1;
+            // Sent, and still queued to a live consumer, which will claim it.
+            if job.in_flight.contains(&i) {
+                job.report.in_flight += 1;
             } else if self.free_owned_by(i, &[dead]) {
-                report.owned += 1;
+                job.report.owned += 1;
             }
         }
+        job.next = end;
+        if end < total {
+            return false;
+        }
         // Refill-ring buffers were free all along; only packets and held buffers count.
-        self.reclaimed += report.owned;
+        self.reclaimed += job.report.owned;
         if let Some(slot) = self.region.slot(dead) {
             slot.counters.0[ProcCounter::CachedBufs as usize].store(0, Ordering::Relaxed);
         }
-        report
+        true
     }
 
     /// Publishes the pool's counters in the region header. `cached` is the number of free
@@ -503,6 +544,29 @@ mod tests {
         // 16 went out, what came back is at the pool; the rest sits in refill ring or cache.
         let refill_left = r.ring::<u32>(RingId::Refill { to: 2 }).unwrap().occupancy() as usize;
         assert_eq!(pool.free_count() + refill_left + cache.cached(), 64);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    /// A reclaim in chunks (nfmgr looks at a chunk of buffers per loop iteration) finds
+    /// what one at once finds, and ends after as many steps as chunks.
+    #[test]
+    fn a_reclaim_in_steps_frees_the_same_as_one_at_once() {
+        let (r, path) = region(64);
+        let mut pool = ManagerPool::new(&r, 8);
+        pool.service(1, true);
+        let mut cache = PoolCache::new(&r, 1, 4).unwrap();
+        let held: Vec<Packet> = (0..6).map(|_| cache.alloc().unwrap()).collect();
+        // Dies holding six buffers and its cache.
+        drop((held, cache));
+        let mut job = pool.reclaim_start(1);
+        let mut steps = 1;
+        while !pool.reclaim_step(&mut job, 7) {
+            steps += 1;
+        }
+        assert_eq!(steps, 64usize.div_ceil(7));
+        assert_eq!(job.report.owned, 6 + 2, "six held, two left in its cache");
+        assert_eq!(job.report.in_flight, 0);
+        assert_eq!(pool.free_count(), 64, "every buffer is back");
         std::fs::remove_file(path).unwrap();
     }
 
