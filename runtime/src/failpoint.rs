@@ -16,7 +16,8 @@
 //! - `migrate-state-sent-crash`: a migration's source aborts right after it sent its first
 //!   step-3 state, before its replicas hear that those flows left (at its next flush).
 //! - `rogue-call`: a runtime, once, makes control calls only nfmgr may make (a takeover of
-//!   its own flows by the next slot's runtime, a workload poll of the vswitch).
+//!   its own flows by the next slot's runtime, a workload poll of the vswitch), and asks
+//!   the vswitch to move the next runtime's flows to a third.
 //! - `misroute`: a runtime sends all its output to port `NF_FAILPOINT_EGRESS` (an index),
 //!   whatever port it should leave by.
 //! - `sandbox-probe`: a runtime, once, tries to signal and trace nfmgr and read the cluster
@@ -242,10 +243,18 @@ pub fn rogue_call(mb: &mut nflib::mailbox::Mailbox, uptime_ms: u64) {
         call: Call::PollWorkload,
     };
     let vswitch = EndpointAddr::new(me.server, 1);
+    // And the vswitch to move flows between two other runtimes.
+    let repoint = Message::SetRuntime {
+        keys: Vec::new(),
+        from: next,
+        runtime: EndpointAddr::new(me.server, me.slot.wrapping_add(2)),
+        request: 3,
+    };
     let sent = mb.send(next, liaison, liaison, &recover).is_ok()
-        && mb.send(vswitch, liaison, liaison, &poll).is_ok();
+        && mb.send(vswitch, liaison, liaison, &poll).is_ok()
+        && mb.send(vswitch, liaison, liaison, &repoint).is_ok();
     say(&format!(
-        "rogue-call: asked {next} to take over my flows, {vswitch} for its workload (sent: {sent})"
+        "rogue-call: asked {next} to take over my flows, {vswitch} for its workload and to move {next}'s flows (sent: {sent})"
     ));
 }
 

@@ -369,6 +369,27 @@ impl Dispatch {
                 from,
                 runtime,
                 request,
+            } if env.from != from
+                && env.from != runtime
+                && env.from != EndpointAddr::new(mb.me().server, nflib::MANAGER_SLOT) =>
+            {
+                // Flows move at the request of the runtime that gives them away (a
+                // migration) or of the one that takes them (a takeover, a migration undone),
+                // or of nfmgr, never of a third: a runtime cannot point two others' flows
+                // around.
+                ep.counters().add(ProcCounter::CallsRefused as usize, 1);
+                Some(Message::RuntimeSet {
+                    request,
+                    moved: 0,
+                    sent: vec![0; keys.len()],
+                    unmoved: keys,
+                })
+            }
+            Message::SetRuntime {
+                keys,
+                from,
+                runtime,
+                request,
             } => {
                 let mut sent = Vec::with_capacity(keys.len());
                 let mut unmoved = Vec::new();
