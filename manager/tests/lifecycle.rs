@@ -321,13 +321,7 @@ fn a_frame_with_a_forged_source_is_refused() {
     let mut inst = Instance::new("forge");
     inst.start_with_env(PIPELINE, &[("NF_FAILPOINTS", "forge-source")]);
     let region = inst.region(Duration::from_secs(20));
-    let forged = |s: &nflib::snapshot::RegionSnapshot| {
-        s.processes
-            .iter()
-            .find(|p| p.name == "nfmgr")
-            .and_then(|p| p.counters.get("msg_forged").copied())
-            .unwrap_or(0)
-    };
+    let forged = |s: &nflib::snapshot::RegionSnapshot| s.process_counter("nfmgr", "msg_forged");
     // Each runtime forges one frame 300 ms into its life.
     let s = inst.wait_for(&region, Duration::from_secs(20), "two forged frames", |s| {
         forged(s) >= 2
@@ -353,13 +347,8 @@ fn control_calls_from_a_runtime_are_refused() {
     let mut inst = Instance::new("rogue");
     inst.start_with_env(PIPELINE, &[("NF_FAILPOINTS", "rogue-call")]);
     let region = inst.region(Duration::from_secs(20));
-    let refused = |s: &nflib::snapshot::RegionSnapshot, name: &str| {
-        s.processes
-            .iter()
-            .find(|p| p.name == name)
-            .and_then(|p| p.counters.get("calls_refused").copied())
-            .unwrap_or(0)
-    };
+    let refused =
+        |s: &nflib::snapshot::RegionSnapshot, name: &str| s.process_counter(name, "calls_refused");
     // rt0 asks rt1 to take over its flows; both runtimes poll the vswitch and ask it to
     // move another runtime's flows to a third.
     let s = inst.wait_for(&region, Duration::from_secs(20), "refused calls", |s| {
@@ -406,22 +395,14 @@ spec = "sink:"
         &[("NF_FAILPOINTS", "misroute"), ("NF_FAILPOINT_EGRESS", "2")],
     );
     let region = inst.region(Duration::from_secs(20));
-    let counter = |s: &nflib::snapshot::RegionSnapshot, port: &str, c: &str| {
-        s.port(port)
-            .and_then(|p| p.counters.get(c).copied())
-            .unwrap_or(0)
-    };
-    let refused = |s: &nflib::snapshot::RegionSnapshot| {
-        s.process("nfmgr")
-            .and_then(|p| p.counters.get("drop_misaddressed").copied())
-            .unwrap_or(0)
-    };
+    let refused =
+        |s: &nflib::snapshot::RegionSnapshot| s.process_counter("nfmgr", "drop_misaddressed");
     let s = inst.wait_for(&region, Duration::from_secs(20), "all refused", |s| {
         refused(s) >= 1000
     });
     assert_eq!(refused(&s), 1000, "{:?}", s.processes);
-    assert_eq!(counter(&s, "side", "tx_pkts"), 0);
-    assert_eq!(counter(&s, "sink0", "tx_pkts"), 0);
+    assert_eq!(s.port_counter("side", "tx_pkts"), 0);
+    assert_eq!(s.port_counter("sink0", "tx_pkts"), 0);
     drop(region);
     assert!(inst.stop().success());
 }

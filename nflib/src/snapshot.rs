@@ -176,4 +176,19 @@ impl RegionSnapshot {
     pub fn port(&self, name: &str) -> Option<&PortSnapshot> {
         self.ports.iter().find(|p| p.name == name)
     }
+
+    /// Counter `counter` of process `name`; 0 when either is unknown (a counter never
+    /// touched is not written).
+    pub fn process_counter(&self, name: &str, counter: &str) -> u64 {
+        self.process(name)
+            .and_then(|p| p.counters.get(counter).copied())
+            .unwrap_or(0)
+    }
+
+    /// Counter `counter` of port `name`; 0 when either is unknown.
+    pub fn port_counter(&self, name: &str, counter: &str) -> u64 {
+        self.port(name)
+            .and_then(|p| p.counters.get(counter).copied())
+            .unwrap_or(0)
+    }
 }
