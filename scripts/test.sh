@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: everything CI checks, in the order that fails fastest.
-#   formatting and lints -> one debug build of everything -> unit, integration and
+#   formatting and lints -> crate layers and module cycles -> one debug build of everything -> unit, integration and
 #   cross-process tests (root-only ones run when root; under CI=true a skip is a failure)
 #   -> loom model checks of the ring -> short fuzzing of the parsers -> short benchmark
 #   smoke runs.
@@ -25,6 +25,9 @@ cargo fmt --all -- --check
 
 step "clippy"
 cargo clippy --workspace --all-targets "${features[@]}" -q -- -D warnings
+
+step "layers"
+python3 scripts/check-layers.py
 
 step "build"
 cargo build --workspace --all-targets "${features[@]}" -q

@@ -60,7 +60,7 @@ pub enum Command {
 
 /// Data plane -> supervisor.
 #[derive(Debug)]
-pub enum Event {
+pub enum PlaneEvent {
     Reclaimed {
         slot: u16,
         report: ReclaimReport,
@@ -92,7 +92,7 @@ pub struct Options {
 
 pub struct Channels {
     pub commands: HeapCons<Command>,
-    pub events: HeapProd<Event>,
+    pub events: HeapProd<PlaneEvent>,
     /// Rung after pushing an event, to wake the supervisor.
     pub event_bell: Arc<EventFd>,
 }
@@ -233,7 +233,7 @@ impl Dataplane {
             .unwrap_or(false)
     }
 
-    fn emit(&mut self, e: Event) {
+    fn emit(&mut self, e: PlaneEvent) {
         if self.chan.events.try_push(e).is_err() {
             tracing::error!("supervisor event queue full; event lost");
         }
@@ -250,7 +250,7 @@ impl Dataplane {
         };
         if self.pool.reclaim_step(job, RECLAIM_CHUNK) {
             if let Some(job) = self.reclaims.pop_front() {
-                self.emit(Event::Reclaimed {
+                self.emit(PlaneEvent::Reclaimed {
                     slot: job.dead,
                     report: job.report,
                 });
@@ -272,13 +272,13 @@ impl Dataplane {
                     // One last drain, then the new process owns the consumer side.
                     self.pool.drain_inputs(slot);
                     self.dead &= !(1u64 << slot);
-                    self.emit(Event::Revived(slot));
+                    self.emit(PlaneEvent::Revived(slot));
                 }
                 Command::Shutdown => {
                     // Every slot was reclaimed first (`stop_all`): finish those steps now.
                     while let Some(mut job) = self.reclaims.pop_front() {
                         while !self.pool.reclaim_step(&mut job, u32::MAX) {}
-                        self.emit(Event::Reclaimed {
+                        self.emit(PlaneEvent::Reclaimed {
                             slot: job.dead,
                             report: job.report,
                         });
@@ -642,7 +642,7 @@ impl Dataplane {
         let since = *self.quiet_since.get_or_insert(now);
         if now.duration_since(since) >= Duration::from_millis(300) {
             self.sources_done_sent = true;
-            self.emit(Event::SourcesDone);
+            self.emit(PlaneEvent::SourcesDone);
         }
     }
 

@@ -824,7 +824,7 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
     let mut pool = ManagerPool::new(&region, region_cfg.pool_ring_size / 2);
     let ports = build_ports(cfg, &region, &mut pool, &slot_of_vswitch)?;
     let (cmd_tx, cmd_rx) = HeapRb::<Command>::new(256).split();
-    let (ev_tx, ev_rx) = HeapRb::<dataplane::Event>::new(1024).split();
+    let (ev_tx, ev_rx) = HeapRb::<dataplane::PlaneEvent>::new(1024).split();
     let event_bell = Arc::new(
         EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).context("eventfd")?,
     );
@@ -850,7 +850,15 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
             cfg.cluster.transport(),
         ),
     )
-    .with_channels(ctl_tx.clone(), relay_rx)
+    .with_channels(
+        {
+            let tx = ctl_tx.clone();
+            Box::new(move |e| {
+                let _ = tx.send(control::Event::Relay(e));
+            })
+        },
+        relay_rx,
+    )
     .with_link_watch(linkwatch::LinkWatch::new(
         cfg.cluster.link_beat_ms,
         cfg.cluster.link_misses,

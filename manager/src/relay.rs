@@ -50,6 +50,9 @@ pub enum RelayCommand {
     Keys(auth::FrameKeys),
 }
 
+/// Takes the relay's events to the control thread.
+pub type EventSink = Box<dyn Fn(RelayEvent) + Send>;
+
 /// Relay -> control thread.
 #[derive(Debug)]
 pub enum RelayEvent {
@@ -79,7 +82,9 @@ pub struct Relay {
     /// Live member servers, one bit each.
     members: Vec<u64>,
     pub mailbox: Mailbox,
-    events: Option<mpsc::Sender<crate::control::Event>>,
+    /// Where what the relay has for the control thread goes (its inbox, wrapped by the
+    /// caller: the relay knows nothing of the control thread).
+    events: Option<EventSink>,
     commands: Option<mpsc::Receiver<RelayCommand>>,
     /// Frames waiting to leave on the cluster port.
     pub cluster_tx: Vec<Packet>,
@@ -166,14 +171,14 @@ impl Relay {
 
     fn link_changed(&mut self, c: LinkChange) {
         if let Some(tx) = &self.events {
-            let _ = tx.send(crate::control::Event::Relay(RelayEvent::Link(c)));
+            tx(RelayEvent::Link(c));
         }
     }
 
     /// Connects the relay to the control thread.
     pub fn with_channels(
         mut self,
-        events: mpsc::Sender<crate::control::Event>,
+        events: EventSink,
         commands: mpsc::Receiver<RelayCommand>,
     ) -> Relay {
         self.events = Some(events);
@@ -238,7 +243,6 @@ impl Relay {
         let inbox = self.mailbox.take_inbox();
         let events = self.mailbox.take_events();
         if let Some(tx) = &self.events {
-            use crate::control::Event;
             for e in inbox {
                 // Another server's link beat: hearing it was the point.
                 if e.from.server != self.me
@@ -247,10 +251,10 @@ impl Relay {
                 {
                     continue;
                 }
-                let _ = tx.send(Event::Relay(RelayEvent::Delivered(Box::new(e))));
+                tx(RelayEvent::Delivered(Box::new(e)));
             }
             for e in events {
-                let _ = tx.send(Event::Relay(RelayEvent::Peer(e)));
+                tx(RelayEvent::Peer(e));
             }
         }
     }

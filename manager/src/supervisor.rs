@@ -35,7 +35,7 @@ use ringbuf::traits::{Consumer as _, Producer as _};
 use ringbuf::{HeapCons, HeapProd};
 use serde::Serialize;
 
-use crate::dataplane::{Command, Event};
+use crate::dataplane::{Command, PlaneEvent};
 use crate::sys::{pidfd_open, pidfd_signal, prepare_child};
 use nflib::buffer::Desc;
 use nflib::config::{Config, RestartPolicy};
@@ -152,7 +152,7 @@ pub struct Supervisor {
     bells: Arc<Doorbells>,
     procs: Vec<Proc>,
     commands: HeapProd<Command>,
-    events: HeapCons<Event>,
+    events: HeapCons<PlaneEvent>,
     event_bell: Arc<EventFd>,
     signals: SignalFd,
     started: Instant,
@@ -214,7 +214,7 @@ impl Supervisor {
         bells: Arc<Doorbells>,
         specs: Vec<ProcSpec>,
         commands: HeapProd<Command>,
-        events: HeapCons<Event>,
+        events: HeapCons<PlaneEvent>,
         event_bell: Arc<EventFd>,
         signals: SignalFd,
     ) -> Supervisor {
@@ -457,9 +457,9 @@ impl Supervisor {
         self.send(Command::Reclaim(slot));
     }
 
-    fn handle_event(&mut self, e: Event) -> bool {
+    fn handle_event(&mut self, e: PlaneEvent) -> bool {
         match e {
-            Event::Reclaimed { slot, report } => {
+            PlaneEvent::Reclaimed { slot, report } => {
                 let Some(i) = self.procs.iter().position(|p| p.spec.slot == slot) else {
                     return true;
                 };
@@ -478,7 +478,7 @@ impl Supervisor {
                 );
                 self.schedule_restart(i);
             }
-            Event::Revived(slot) => {
+            PlaneEvent::Revived(slot) => {
                 if let Some(i) = self.procs.iter().position(|p| p.spec.slot == slot) {
                     if self.procs[i].phase == Phase::Reviving && !self.stopping {
                         self.restarts += 1;
@@ -490,7 +490,7 @@ impl Supervisor {
                     }
                 }
             }
-            Event::SourcesDone => {
+            PlaneEvent::SourcesDone => {
                 if self.cfg.manager.exit_when_done {
                     tracing::info!("all sources finished and traffic drained; shutting down");
                     return false;

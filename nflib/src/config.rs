@@ -1393,11 +1393,11 @@ impl Config {
             if !names.insert(c.name.as_str()) {
                 bail!("chain.{}: chain name used twice", c.name);
             }
-            if c.nfs.len() > crate::nf::MAX_NFS {
+            if c.nfs.len() > crate::limits::MAX_NFS {
                 bail!(
                     "chain.{}.nf: at most {} functions per chain",
                     c.name,
-                    crate::nf::MAX_NFS
+                    crate::limits::MAX_NFS
                 );
             }
             if c.replication_packets == 0 || c.replication_interval_ms == 0 {

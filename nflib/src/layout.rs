@@ -231,7 +231,7 @@ impl Layout {
         let ports_off = align_up(slots_off + slots * slot_size, LINE);
         let nf_stats_off = align_up(ports_off + config.ports as usize * port_size, LINE);
         let blob_off = align_up(
-            nf_stats_off + slots * crate::nf::MAX_NFS * nf_stats_size,
+            nf_stats_off + slots * crate::limits::MAX_NFS * nf_stats_size,
             LINE,
         );
         let data_rings_off = align_up(blob_off + config.blob_size as usize, PAGE);

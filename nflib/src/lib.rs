@@ -28,6 +28,7 @@ pub mod flow;
 pub mod hint;
 pub mod index;
 pub mod layout;
+pub mod limits;
 pub mod local;
 pub mod mailbox;
 pub mod msg;

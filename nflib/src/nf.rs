@@ -28,8 +28,7 @@ use crate::packet::{self, checksum, Fragment, Headers, ParseError, L3};
 use crate::records::{Field, FlowRecords};
 use crate::stats::NF_COUNTERS;
 
-/// Most functions in one service chain.
-pub const MAX_NFS: usize = 8;
+pub use crate::limits::MAX_NFS;
 
 /// What happens to a packet after a function saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

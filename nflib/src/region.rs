@@ -502,8 +502,8 @@ impl Region {
     /// Statistics of the `nf`-th function of the chain run by `slot`.
     pub fn nf_stats(&self, slot: u16, nf: usize) -> Option<&crate::stats::NfStatsRecord> {
         let l = &self.inner.layout;
-        if (slot as u32) < l.config.slots && nf < crate::nf::MAX_NFS {
-            let i = slot as usize * crate::nf::MAX_NFS + nf;
+        if (slot as u32) < l.config.slots && nf < crate::limits::MAX_NFS {
+            let i = slot as usize * crate::limits::MAX_NFS + nf;
             // SAFETY: the records lie inside the layout, 64-byte aligned, atomics only.
             Some(unsafe { self.at(l.nf_stats_off + i * l.nf_stats_size) })
         } else {

@@ -76,7 +76,7 @@ pub struct RegionSnapshot {
 
 fn nf_snapshots(region: &Region, slot: u16) -> Vec<NfSnapshot> {
     let mut out = Vec::new();
-    for i in 0..crate::nf::MAX_NFS {
+    for i in 0..crate::limits::MAX_NFS {
         let Some(rec) = region.nf_stats(slot, i) else {
             break;
         };
