@@ -337,6 +337,7 @@ pub fn heap_ring<T: Copy + Default + Send + 'static>(capacity: u32) -> (Producer
     }
     // SAFETY: the heap ring is only reached through the SPSC protocol (see `RingView`).
     unsafe impl<T: Send> Sync for HeapRing<T> {}
+    // SAFETY: it owns its header and slots; moving it to another thread moves them whole.
     unsafe impl<T: Send> Send for HeapRing<T> {}
 
     let hdr = Box::new(RingHeader {

@@ -4,6 +4,8 @@
 //! table in the configuration, a per-flow state type, and the three calls of the NF API.
 //! Adding a function means adding a file and a line to [`registry`].
 
+#![forbid(unsafe_code)]
+
 pub mod firewall;
 pub mod http;
 pub mod ids;

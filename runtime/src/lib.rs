@@ -1,6 +1,8 @@
 //! nf-runtime's engine, as a library so benchmarks and tests drive the same code the process
 //! runs: the flow table, timers, the event log and the chain executor.
 
+#![forbid(unsafe_code)]
+
 pub mod aliases;
 pub mod engine;
 pub mod events;

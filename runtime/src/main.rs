@@ -4,6 +4,8 @@
 //! chain; flows whose time is up end; aliases and flow ends go to the vswitch before the
 //! packets go to nfmgr; sleep when idle.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 

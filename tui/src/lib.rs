@@ -6,6 +6,8 @@
 //!   answer ([`nflib::top`]), which carries the same region snapshots, so the two can never
 //!   disagree about a number.
 
+#![forbid(unsafe_code)]
+
 pub mod text;
 pub mod top;
 

@@ -1,5 +1,7 @@
 //! nf-vswitch: dispatches flows to runtimes (see `dispatch`).
 
+#![forbid(unsafe_code)]
+
 mod dispatch;
 mod flowmap;
 

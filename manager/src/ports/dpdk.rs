@@ -42,6 +42,7 @@ struct Eal {
 // SAFETY: the mempool pointer is only used through DPDK calls made by the thread that runs
 // the ports (the data-plane thread) after start-up; DPDK's mempool itself is thread-safe.
 unsafe impl Send for Eal {}
+// SAFETY: as for Send: shared references only hand the pointer to DPDK's thread-safe calls.
 unsafe impl Sync for Eal {}
 
 static EAL: OnceLock<std::result::Result<Eal, String>> = OnceLock::new();
