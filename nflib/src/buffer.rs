@@ -18,7 +18,7 @@ pub const OWNER_FREE: u32 = u32::MAX;
 #[repr(C, align(64))]
 pub struct BufMeta {
     /// Slot index of the process holding the buffer, or `OWNER_FREE`.
-    pub owner: AtomicU32,
+    pub(crate) owner: AtomicU32,
     /// The frame's destination MAC before the vswitch addressed it to a runtime (low 48
     /// bits), with bit 63 set while it is rewritten. Touched only by the buffer's owner.
     l2: AtomicU64,
