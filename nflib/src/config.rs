@@ -727,6 +727,15 @@ pub struct VswitchConfig {
     /// their replicas. Flows not re-pointed by then start afresh.
     #[serde(default = "d_recovery_wait")]
     pub recovery_wait_ms: u32,
+    /// A vswitch restarted after a death asks the runtimes it feeds for their flows, and
+    /// holds the packets of keys it does not know until they answered, for at most this
+    /// long (then dispatches them: an unknown key is a new flow). 0: no rebuild.
+    #[serde(default = "d_rebuild_wait")]
+    pub rebuild_wait_ms: u32,
+}
+
+fn d_rebuild_wait() -> u32 {
+    300
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]

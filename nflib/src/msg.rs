@@ -195,6 +195,20 @@ pub enum Message {
         refused: Vec<u64>,
         missing: Vec<u64>,
     },
+    /// vswitch -> runtime: a vswitch that has just started (after a crash: its table was in
+    /// the dead process) asks for the flows the receiver holds that the sender feeds, to
+    /// dispatch their packets where they were, not afresh. Answered with `Feeds`.
+    FeedQuery {
+        request: u64,
+    },
+    /// runtime -> vswitch: flows of the receiver's that the sender holds: their keys and
+    /// their aliases, in as many messages as they need; the last one says `done`.
+    Feeds {
+        request: u64,
+        keys: Vec<FlowKey>,
+        aliases: Vec<FlowKey>,
+        done: bool,
+    },
 }
 
 /// One flow's change in a `Replicate`.
@@ -549,6 +563,8 @@ impl Message {
             Message::Replicated { .. } => 20,
             Message::Holds { .. } => 21,
             Message::HoldsQuery => 22,
+            Message::FeedQuery { .. } => 23,
+            Message::Feeds { .. } => 24,
         }
     }
 

@@ -1148,6 +1148,47 @@ impl Runtime {
         }
     }
 
+    /// Vswitch `from` has just started and asks which flows it feeds are here
+    /// (`FeedQuery`): their keys and aliases, in messages of at most `FEED_CHUNK` keys, the
+    /// last one marked done. Only the asker's own flows: a vswitch learns nothing of
+    /// others'.
+    pub fn on_feed_query(
+        &mut self,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        from: EndpointAddr,
+        request: u64,
+    ) {
+        const FEED_CHUNK: usize = 16_384;
+        let mut keys = Vec::new();
+        let mut aliases = Vec::new();
+        let mut send = |keys: &mut Vec<FlowKey>, aliases: &mut Vec<FlowKey>, done: bool| {
+            let m = Message::Feeds {
+                request,
+                keys: std::mem::take(keys),
+                aliases: std::mem::take(aliases),
+                done,
+            };
+            if mb.send(from, LIAISON, LIAISON, &m).is_err() {
+                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+            }
+        };
+        for slot in self.flows.live_slots() {
+            let Some(a) = self.flows.get(slot) else {
+                continue;
+            };
+            if a.vswitch != from {
+                continue;
+            }
+            keys.push(a.key);
+            aliases.extend(self.flows.aliases_of(slot));
+            if keys.len() + aliases.len() >= FEED_CHUNK {
+                send(&mut keys, &mut aliases, false);
+            }
+        }
+        send(&mut keys, &mut aliases, true);
+    }
+
     /// `from` has just started and asks for the flows its earlier lives started that live
     /// here (`HoldsQuery`): each is sent to be reserved there.
     pub fn on_holds_query(&mut self, from: EndpointAddr) {

@@ -197,6 +197,7 @@ impl Liaison {
                 .on_replicated(env.from, incarnation, version, &refused, &missing, now_ns),
             Message::Holds { flows, states } => rt.on_holds(ep, &flows, &states),
             Message::HoldsQuery => rt.on_holds_query(env.from),
+            Message::FeedQuery { request } => rt.on_feed_query(ep, mb, env.from, request),
             _ => self.unknown += 1,
         }
     }

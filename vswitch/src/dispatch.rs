@@ -107,7 +107,33 @@ pub struct Dispatch {
     /// Runtimes that died recently, with when their flows' wait ends (ms).
     recovering: Vec<(EndpointAddr, u32)>,
     recovery_wait_ms: u32,
+    /// This life's table being rebuilt from the runtimes (an earlier life died with it).
+    rebuild: Option<Rebuild>,
+    /// Whether this vswitch is in a cluster (its remote runtimes come with the first view).
+    clustered: bool,
 }
+
+/// A restarted vswitch asks the runtimes it feeds for their flows (`FeedQuery`) and, until
+/// all have answered or `rebuild_wait_ms` passed, holds the packets of keys it does not know
+/// rather than dispatch them afresh: a live flow sent to another runtime would start again
+/// there, its state left behind.
+struct Rebuild {
+    request: u64,
+    /// Runtimes asked that have not answered in full.
+    waiting: Vec<EndpointAddr>,
+    /// Runtimes asked (those of the cluster view are asked when it comes).
+    asked: Vec<EndpointAddr>,
+    /// Whether the cluster view came (or there is no cluster).
+    view: bool,
+    until_ms: u32,
+    held: Vec<(u16, Packet)>,
+    /// Flows and aliases learnt.
+    learnt: u64,
+    started: Instant,
+}
+
+/// Most packets a rebuilding vswitch holds; more are dispatched as they come.
+const REBUILD_MAX_HELD: usize = 8192;
 
 /// Where a known flow's packet goes.
 enum Known {
@@ -217,6 +243,8 @@ impl Dispatch {
             seen: Vec::new(),
             recovering: Vec::new(),
             recovery_wait_ms: vc.recovery_wait_ms,
+            rebuild: None,
+            clustered: cfg.cluster.coordinator.is_some() || cfg.cluster.listen.is_some(),
         };
         d.replicated = d
             .chains
@@ -229,6 +257,126 @@ impl Dispatch {
             .collect();
         d.refresh_targets(region);
         Ok(d)
+    }
+
+    /// A vswitch started in a slot an earlier life held (it died: its table with it) asks
+    /// every live runtime it feeds for the flows they hold of its (`FeedQuery`) and holds
+    /// unknown keys' packets until they answered, for at most `wait_ms`. A first life has
+    /// nothing to rebuild.
+    pub fn start_rebuild(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, wait_ms: u32) {
+        let generation = ep
+            .region()
+            .slot(self.me.slot)
+            .map(|s| s.generation.load(std::sync::atomic::Ordering::Relaxed))
+            .unwrap_or(0);
+        if generation <= 1 || wait_ms == 0 {
+            return;
+        }
+        let now_ms = self.now_ms(Instant::now());
+        let request = u64::from(generation);
+        let mut r = Rebuild {
+            request,
+            waiting: Vec::new(),
+            asked: Vec::new(),
+            view: !self.clustered,
+            until_ms: now_ms.wrapping_add(wait_ms),
+            held: Vec::new(),
+            learnt: 0,
+            started: Instant::now(),
+        };
+        let targets: Vec<EndpointAddr> = self.live.iter().flatten().copied().collect();
+        for rt in targets {
+            Self::ask(&mut r, ep, mb, rt);
+        }
+        tracing::info!(
+            runtimes = r.asked.len(),
+            "restarted: asking the runtimes for the flows this vswitch fed"
+        );
+        self.rebuild = Some(r);
+    }
+
+    fn ask(r: &mut Rebuild, ep: &mut Endpoint, mb: &mut Mailbox, rt: EndpointAddr) {
+        if r.asked.contains(&rt) {
+            return;
+        }
+        r.asked.push(rt);
+        let m = Message::FeedQuery { request: r.request };
+        if mb.send(rt, LIAISON, LIAISON, &m).is_ok() {
+            r.waiting.push(rt);
+        } else {
+            ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+        }
+    }
+
+    /// A runtime's answer to `FeedQuery`: its flows (and their aliases) go back to it.
+    fn on_feeds(
+        &mut self,
+        from: EndpointAddr,
+        request: u64,
+        keys: Vec<FlowKey>,
+        aliases: Vec<FlowKey>,
+        done: bool,
+        now_ms: u32,
+    ) {
+        let Some(r) = self.rebuild.as_mut() else {
+            return;
+        };
+        if request != r.request || !r.asked.contains(&from) {
+            return;
+        }
+        for (list, alias) in [(keys, false), (aliases, true)] {
+            for key in list {
+                // A key learnt from another runtime first, or dispatched meanwhile, stays.
+                if self.table.get(&key).is_none() && self.table.len() < self.max_flows {
+                    self.table.insert(
+                        key,
+                        Entry {
+                            runtime: from,
+                            last_ms: now_ms,
+                            sent: 0,
+                            alias,
+                        },
+                    );
+                    r.learnt += 1;
+                }
+            }
+        }
+        if done {
+            r.waiting.retain(|a| *a != from);
+        }
+    }
+
+    /// Ends a rebuild that is complete (every runtime asked answered, the view came) or out
+    /// of time, and dispatches what it held, in the order it came. Returns the packets
+    /// dispatched, or 1 while a rebuild holds some (so that the loop keeps looking).
+    pub fn finish_rebuild(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, now: Instant) -> usize {
+        let Some(r) = self.rebuild.as_ref() else {
+            return 0;
+        };
+        let now_ms = self.now_ms(now);
+        let complete = r.view && r.waiting.is_empty();
+        if !complete && is_ahead(now_ms, r.until_ms) {
+            return usize::from(!r.held.is_empty());
+        }
+        let Some(mut r) = self.rebuild.take() else {
+            return 0;
+        };
+        tracing::info!(
+            flows = r.learnt,
+            unanswered = r.waiting.len(),
+            held = r.held.len(),
+            "table rebuilt from the runtimes in {:.1} ms",
+            now.saturating_duration_since(r.started).as_secs_f64() * 1000.0
+        );
+        let n = r.held.len();
+        while !r.held.is_empty() {
+            let mut batch: Vec<(u16, Packet)> = r
+                .held
+                .drain(..r.held.len().min(nflib::endpoint::BATCH))
+                .collect();
+            self.dispatch(ep, mb, &mut batch, now);
+        }
+        n
     }
 
     /// Re-reads which runtimes are alive, and notes those of replicated chains that died
@@ -309,6 +457,9 @@ impl Dispatch {
                 }
             }
             self.remote[c] = now;
+        }
+        if let Some(r) = self.rebuild.as_mut() {
+            r.view = true;
         }
         if self.default_chain.is_none() {
             let cluster = self.scope == DispatchScope::Cluster;
@@ -409,6 +560,15 @@ impl Dispatch {
                     unmoved,
                 })
             }
+            Message::Feeds {
+                request,
+                keys,
+                aliases,
+                done,
+            } => {
+                self.on_feeds(env.from, request, keys, aliases, done, now_ms);
+                None
+            }
             Message::Ping { seq } => Some(Message::Pong {
                 seq,
                 flows: self.table.len() as u64,
@@ -431,6 +591,15 @@ impl Dispatch {
                     Call::NotifyClusterCfg(view) => {
                         self.apply_view(&view);
                         self.refresh_targets(ep.region());
+                        // A rebuild asks the other servers' runtimes too, now it knows them.
+                        if let Some(mut r) = self.rebuild.take() {
+                            let remote: Vec<EndpointAddr> =
+                                self.remote.iter().flatten().copied().collect();
+                            for rt in remote {
+                                Self::ask(&mut r, ep, mb, rt);
+                            }
+                            self.rebuild = Some(r);
+                        }
                         Reply::ClusterCfgApplied {
                             version: view.version,
                         }
@@ -675,6 +844,18 @@ impl Dispatch {
                     ep.counters()
                         .add(ProcCounter::DropAwaitingRecovery as usize, 1);
                     ep.free(p);
+                    continue;
+                }
+                Known::New
+                    if self
+                        .rebuild
+                        .as_ref()
+                        .is_some_and(|r| r.held.len() < REBUILD_MAX_HELD) =>
+                {
+                    // A live flow's packet, perhaps, whose runtime has not said so yet.
+                    if let Some(r) = self.rebuild.as_mut() {
+                        r.held.push((0, p));
+                    }
                     continue;
                 }
                 Known::New => {

@@ -53,8 +53,20 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let mut batch = Vec::with_capacity(BATCH);
+    // A restarted vswitch: its table died with the last life; the runtimes know it.
+    let rebuild_wait = cfg
+        .vswitch(
+            &ep.region()
+                .slot(ep.slot())
+                .map(|s| s.name.get())
+                .unwrap_or_default(),
+        )
+        .map_or(0, |v| v.rebuild_wait_ms);
+    dispatch.start_rebuild(&mut ep, &mut mb, rebuild_wait);
     run_loop(&mut ep, &args.common, |ep, now| {
         let m = dispatch.handle_messages(ep, &mut mb);
+        // Held packets go before new ones: each flow's stay in order.
+        let r = dispatch.finish_rebuild(ep, &mut mb, now);
         let n = ep.recv_burst(&mut batch, BATCH);
         if n > 0 {
             dispatch.refresh_targets(ep.region());
@@ -62,7 +74,7 @@ fn main() -> ExitCode {
         }
         dispatch.expire(ep, now);
         mb.flush(ep, nflib::time::mono_ns());
-        m + n
+        m + n + r
     });
     ExitCode::SUCCESS
 }
