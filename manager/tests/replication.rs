@@ -122,6 +122,21 @@ fn a_killed_runtime_breaks_no_connection_under_output_commit() {
     assert!(f["recovered_by_platform"].as_u64().unwrap() > 0);
 }
 
+/// The ingress server's vswitch killed under the drill's traffic (issue 24, item 1): its
+/// new life learns every flow from the runtimes, on both servers, and sends each on where
+/// it was: no stream stalls, no RST, the download's sha256 matches, no flow has two owners.
+#[test]
+fn a_killed_vswitch_breaks_no_connection() {
+    if !ready("the kill-vswitch drill") {
+        return;
+    }
+    let (r, code) = drill("kill-vswitch.sh", "dv", &[]);
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    assert_eq!(r["verdict"], "pass", "violations: {}", r["violations"]);
+    assert_eq!(code, 0);
+    assert!(r["flows"]["affected_generator"].as_u64().unwrap() > 0);
+}
+
 #[test]
 fn the_same_drill_fails_without_replication() {
     if !ready("the kill-runtime drill, replication off") {

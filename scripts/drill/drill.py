@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The failover drills' shared library (docs/DRILLS.md): set-up, traffic, the fault, timing
-and the report. Each drill (kill-runtime.sh, kill-server.sh [--cut-link],
+and the report. Each drill (kill-runtime.sh, kill-vswitch.sh, kill-server.sh [--cut-link],
 freeze-runtime.sh) is this with its fault and its promises.
 
 What a run does, in order:
@@ -273,6 +273,12 @@ class Drill:
             self.fault_desc = f"kill -9 runtime {name} ({victim})"
             self.fault_ms = now_ms()
             self.nfmgr("kill", victim.replace("/", "/"), check=True)
+        elif self.a.fault == "kill-vswitch":
+            # Server 1's: the vswitch every flow enters by (the victim runtime carries the
+            # traffic whose flows it must send on where they were).
+            self.fault_desc = "kill -9 vswitch vs0@1 (the ingress server's: it dispatches every flow)"
+            self.fault_ms = now_ms()
+            self.nfmgr("kill", "vs0@1", check=True)
         elif self.a.fault == "cut-link":
             server = int(victim.split("/")[0])
             port = f"p{server}"
@@ -352,6 +358,8 @@ class Drill:
             det = [e for e in later if "frozen" in e["what"]]
         elif a.fault == "kill-runtime":
             det = [e for e in later if "killed by" in e["what"] or "died" in e["what"]]
+        elif a.fault == "kill-vswitch":
+            det = [e for e in later if "killed by" in e["what"] or "died" in e["what"]]
         else:
             det = [e for e in later if f"server {vserver} " in e["what"] and "down" in e["what"]]
         took = [e for e in later if "took over" in e["what"]]
@@ -359,7 +367,10 @@ class Drill:
         takeover_ms = (max(e["at_ms"] for e in took) - self.fault_ms) if took else None
         recovered = sum(int(m.group(1)) for e in took
                         for m in [re.search(r"took over (\d+) flows", e["what"])] if m)
-        if a.replication != "off":
+        if a.fault == "kill-vswitch":
+            # Nothing is taken over: the new vswitch learns the flows from their runtimes.
+            took, takeover_ms = [], None
+        if a.replication != "off" and a.fault != "kill-vswitch":
             if detection_ms is None:
                 violations.append("no_detection_event")
             elif detection_ms > a.max_detection_ms:
@@ -524,7 +535,7 @@ def print_report(r):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fault", choices=["kill-runtime", "kill-server", "cut-link",
+    ap.add_argument("--fault", choices=["kill-runtime", "kill-vswitch", "kill-server", "cut-link",
                                         "freeze-runtime"], required=True)
     ap.add_argument("--heal-after", type=float, default=3.0,
                     help="cut-link: s until the link is up again")
