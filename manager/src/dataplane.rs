@@ -111,10 +111,10 @@ pub struct Dataplane {
     pending_tx: Vec<Vec<Packet>>,
     /// Dead slots whose buffers are being taken back, a chunk per loop iteration.
     reclaims: VecDeque<Reclaim>,
-    /// By port: whether a runtime's output may leave by it. Those frames received on some
-    /// port leave by (its `to`), and ports that receive (a function may send a packet
-    /// back where it came from); never the cluster port, whose frames nfmgr signs.
-    may_leave: Vec<bool>,
+    /// By the port a packet arrived on: the ports its output may leave by. Where frames
+    /// received there go (its `to`), and itself (a function may send a packet back where it
+    /// came from); never the cluster port, whose frames nfmgr signs.
+    may_leave: Vec<[Option<u8>; 2]>,
     /// Counters of the cluster port when there is none (so the relay always has some).
     spare_counters: LocalCounters<PORT_COUNTERS>,
     chan: Channels,
@@ -188,18 +188,19 @@ impl Dataplane {
             .slot(MANAGER_SLOT)
             .map(|s| LocalCounters::resume(&s.counters.0))
             .unwrap_or_default();
-        let mut may_leave = vec![false; nports];
-        for (i, p) in ports.iter().enumerate() {
-            if let Some(e) = p.egress {
-                may_leave[i] = true;
-                if let Some(m) = may_leave.get_mut(e as usize) {
-                    *m = true;
-                }
-            }
-        }
-        if let Some(c) = relay.port.and_then(|c| may_leave.get_mut(c)) {
-            *c = false;
-        }
+        let cluster = relay.port;
+        let may_leave = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match p.egress {
+                Some(e) if Some(i) != cluster => [
+                    Some(e).filter(|e| Some(*e as usize) != cluster),
+                    u8::try_from(i).ok(),
+                ],
+                // A port that receives nothing (a sink, the cluster port) sends nothing back.
+                _ => [None, None],
+            })
+            .collect();
         Dataplane {
             region: region.clone(),
             pool,
@@ -239,6 +240,13 @@ impl Dataplane {
         }
         // A full counter means the supervisor has not read it yet: it will wake anyway.
         let _ = self.chan.event_bell.write(1);
+    }
+
+    /// Whether runtime output `p` may leave by port `egress`, given the port it came in by.
+    fn may_leave_by(may_leave: &[[Option<u8>; 2]], p: &Packet, egress: u8) -> bool {
+        may_leave
+            .get(p.ingress_port() as usize)
+            .is_some_and(|m| m.contains(&Some(egress)))
     }
 
     /// Looks at one chunk of the buffers of the oldest dead slot being reclaimed, and tells
@@ -407,8 +415,9 @@ impl Dataplane {
                 }
                 Inbound::Port(port, p) => {
                     // Another server's runtime named the port: the same rule as ours.
+                    let ok = Self::may_leave_by(&self.may_leave, &p, port);
                     match self.pending_tx.get_mut(port as usize) {
-                        Some(q) if self.may_leave.get(port as usize) == Some(&true) => q.push(p),
+                        Some(q) if ok => q.push(p),
                         _ => {
                             self.counters.add(ProcCounter::DropMisaddressed as usize, 1);
                             self.pool.free(p);
@@ -535,11 +544,12 @@ impl Dataplane {
                     continue;
                 };
                 let egress = p.egress_port() as usize;
-                if self.may_leave.get(egress) == Some(&true) {
+                if Self::may_leave_by(&self.may_leave, &p, p.egress_port()) {
                     tx[egress].push(p);
                 } else {
-                    // The descriptor is the process's to write: a port no packet may leave
-                    // by (the cluster port, a port nothing is sent to) is refused.
+                    // The descriptor is the process's to write: a port its packet may not
+                    // leave by (not where its port of arrival sends, nor back; the cluster
+                    // port) is refused.
                     self.counters.add(ProcCounter::DropMisaddressed as usize, 1);
                     self.pool.free(p);
                 }

@@ -366,9 +366,10 @@ fn control_calls_from_a_runtime_are_refused() {
 }
 
 /// A runtime names the port its output leaves by in the descriptor, which is its to
-/// write: nfmgr sends a packet only out of a port that output may leave by (where frames
-/// received somewhere go, or back where they came from), never out of another (issue 22,
-/// finding 2). Here a runtime sends everything to a port nothing is sent to.
+/// write: nfmgr sends a packet only out of a port it may leave by given the port it came in
+/// by (where that port sends, or back), never out of another (issue 22, finding 2). Here a
+/// runtime sends all its output to `sink1`: what came from `gen1` (which sends there) goes
+/// out, what came from `gen0` (which sends to `sink0`) is refused.
 #[test]
 fn output_for_a_port_it_may_not_use_is_refused() {
     let mut inst = Instance::new("misroute");
@@ -389,19 +390,26 @@ duration_ms = 1000
 name = "sink0"
 spec = "sink:"
 [[port]]
-name = "side"
+name = "gen1"
+spec = "gen:"
+to = "sink1"
+flows = 10
+rate_pps = 100
+duration_ms = 1000
+[[port]]
+name = "sink1"
 spec = "sink:"
 "#,
-        &[("NF_FAILPOINTS", "misroute"), ("NF_FAILPOINT_EGRESS", "2")],
+        &[("NF_FAILPOINTS", "misroute"), ("NF_FAILPOINT_EGRESS", "3")],
     );
     let region = inst.region(Duration::from_secs(20));
     let refused =
         |s: &nflib::snapshot::RegionSnapshot| s.process_counter("nfmgr", "drop_misaddressed");
-    let s = inst.wait_for(&region, Duration::from_secs(20), "all refused", |s| {
-        refused(s) >= 1000
+    let s = inst.wait_for(&region, Duration::from_secs(20), "all sent", |s| {
+        refused(s) + s.port_counter("sink1", "tx_pkts") >= 2000
     });
     assert_eq!(refused(&s), 1000, "{:?}", s.processes);
-    assert_eq!(s.port_counter("side", "tx_pkts"), 0);
+    assert_eq!(s.port_counter("sink1", "tx_pkts"), 1000);
     assert_eq!(s.port_counter("sink0", "tx_pkts"), 0);
     drop(region);
     assert!(inst.stop().success());
