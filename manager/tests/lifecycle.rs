@@ -757,6 +757,9 @@ kind = "flow_monitor"
         created(&after)
     );
     assert_eq!(after.process_counter("vs0", "flows_active"), 200);
+    // Held packets left in the order they came, before the flows' later ones.
+    assert_eq!(after.port_counter("sink0", "sink_reordered"), 0);
+    assert_eq!(after.port_counter("sink0", "sink_duplicates"), 0);
     drop(region);
     assert!(inst.stop().success());
 }

@@ -126,7 +126,12 @@ struct Rebuild {
     /// Whether the cluster view came (or there is no cluster).
     view: bool,
     until_ms: u32,
-    held: Vec<(u16, Packet)>,
+    held: Vec<(FlowKey, Packet)>,
+    /// Keys with packets in `held`: their later packets are held too, even once the key is
+    /// learnt, until those go (a flow's packets leave in the order they came).
+    held_keys: std::collections::HashSet<FlowKey>,
+    /// Keys were learnt since held packets were last looked at.
+    fresh: bool,
     /// Flows and aliases learnt.
     learnt: u64,
     started: Instant,
@@ -281,6 +286,8 @@ impl Dispatch {
             view: !self.clustered,
             until_ms: now_ms.wrapping_add(wait_ms),
             held: Vec::new(),
+            held_keys: Default::default(),
+            fresh: false,
             learnt: 0,
             started: Instant::now(),
         };
@@ -338,6 +345,7 @@ impl Dispatch {
                         },
                     );
                     r.learnt += 1;
+                    r.fresh = true;
                 }
             }
         }
@@ -346,19 +354,36 @@ impl Dispatch {
         }
     }
 
-    /// Ends a rebuild that is complete (every runtime asked answered, the view came) or out
-    /// of time, and dispatches what it held, in the order it came. Returns the packets
-    /// dispatched, or 1 while a rebuild holds some (so that the loop keeps looking).
+    /// Sends on the held packets whose flows' runtimes have answered, in the order they
+    /// came; ends a rebuild that is complete (every runtime asked answered, the view came)
+    /// or out of time, sending on all it held (unknown keys as new flows). Called before a
+    /// loop takes new packets. Returns the packets sent on, or 1 while a rebuild holds some
+    /// (so that the loop keeps looking).
     pub fn finish_rebuild(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, now: Instant) -> usize {
-        let Some(r) = self.rebuild.as_ref() else {
+        let now_ms = self.now_ms(now);
+        let Some(r) = self.rebuild.as_mut() else {
             return 0;
         };
-        let now_ms = self.now_ms(now);
         let complete = r.view && r.waiting.is_empty();
         if !complete && is_ahead(now_ms, r.until_ms) {
-            return usize::from(!r.held.is_empty());
+            if !r.fresh || r.held.is_empty() {
+                return usize::from(!r.held.is_empty());
+            }
+            // Some flows are known now: theirs go, the others wait.
+            r.fresh = false;
+            let table = &self.table;
+            let (go, stay): (Vec<_>, Vec<_>) = std::mem::take(&mut r.held)
+                .into_iter()
+                .partition(|(k, _)| table.get(k).is_some());
+            r.held = stay;
+            for (k, _) in &go {
+                r.held_keys.remove(k);
+            }
+            let n = go.len();
+            self.send_on(ep, mb, go, now);
+            return n.max(1);
         }
-        let Some(mut r) = self.rebuild.take() else {
+        let Some(r) = self.rebuild.take() else {
             return 0;
         };
         tracing::info!(
@@ -369,14 +394,23 @@ impl Dispatch {
             now.saturating_duration_since(r.started).as_secs_f64() * 1000.0
         );
         let n = r.held.len();
-        while !r.held.is_empty() {
-            let mut batch: Vec<(u16, Packet)> = r
-                .held
-                .drain(..r.held.len().min(nflib::endpoint::BATCH))
-                .collect();
+        self.send_on(ep, mb, r.held, now);
+        n
+    }
+
+    /// Dispatches held packets, in order, a burst at a time.
+    fn send_on(
+        &mut self,
+        ep: &mut Endpoint,
+        mb: &mut Mailbox,
+        held: Vec<(FlowKey, Packet)>,
+        now: Instant,
+    ) {
+        let mut it = held.into_iter().map(|(_, p)| (0u16, p)).peekable();
+        while it.peek().is_some() {
+            let mut batch: Vec<(u16, Packet)> = it.by_ref().take(nflib::endpoint::BATCH).collect();
             self.dispatch(ep, mb, &mut batch, now);
         }
-        n
     }
 
     /// Re-reads which runtimes are alive, and notes those of replicated chains that died
@@ -831,6 +865,13 @@ impl Dispatch {
                 ep.free(p);
                 continue;
             }
+            // A rebuilding vswitch holds a flow's packets while older ones of it wait.
+            if let Some(r) = self.rebuild.as_mut() {
+                if r.held_keys.contains(&key) && r.held.len() < REBUILD_MAX_HELD {
+                    r.held.push((key, p));
+                    continue;
+                }
+            }
             let mut known = self.known(&key, hash, now_ms);
             if matches!(known, Known::New) {
                 // A runtime may have registered this key (an alias) just before the packet
@@ -854,7 +895,8 @@ impl Dispatch {
                 {
                     // A live flow's packet, perhaps, whose runtime has not said so yet.
                     if let Some(r) = self.rebuild.as_mut() {
-                        r.held.push((0, p));
+                        r.held_keys.insert(key);
+                        r.held.push((key, p));
                     }
                     continue;
                 }
