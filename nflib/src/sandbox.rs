@@ -183,6 +183,17 @@ fn filter(mode: SeccompMode) -> Result<BpfProgram, String> {
     };
     rules.insert(libc::SYS_mmap, not_exec()?);
     rules.insert(libc::SYS_mprotect, not_exec()?);
+    // Asking whether a descriptor is open, and nothing else of fcntl: std's debug builds
+    // check it before closing any descriptor (`OwnedFd`'s drop).
+    let fcntl = |cmd: libc::c_int| -> Result<SeccompRule, String> {
+        let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd as u64)
+            .map_err(err)?;
+        SeccompRule::new(vec![c]).map_err(err)
+    };
+    rules.insert(
+        libc::SYS_fcntl,
+        vec![fcntl(libc::F_GETFD)?, fcntl(libc::F_GETFL)?],
+    );
     // Signals only to this process's own threads (abort raises SIGABRT with tgkill).
     let me = std::process::id() as u64;
     let own =
