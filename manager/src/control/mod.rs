@@ -1385,7 +1385,7 @@ impl Control {
         let Some(auth) = self
             .auth
             .as_ref()
-            .and_then(|a| a.read().ok().map(|k| k[0].clone()))
+            .and_then(|a| a.read().ok().and_then(|k| k.first().cloned()))
         else {
             return;
         };
