@@ -34,6 +34,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from soak import memory_summary, print_memory, rss_kib  # noqa: E402  (the one-server soak)
 BIN = os.path.join(ROOT, "target", "release")
 NFMGR = os.path.join(BIN, "nfmgr")
 TESTBED = os.path.join(ROOT, "scripts", "testbed.sh")
@@ -44,17 +46,6 @@ def sh(*args, timeout=60, check=True):
     if check and r.returncode != 0:
         raise RuntimeError(f"{' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
     return r
-
-
-def rss_kib(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
 
 
 def pid_of(state, server):
@@ -205,14 +196,7 @@ def main():
     # Sequence numbers the generator skipped (the vswitch's ring full) count as lost.
     skipped = gen.get("skipped", 0)
     received, lost = sink.get("received", 0), sink.get("lost", 0)
-    memory = {}
-    for name, s in samples.items():
-        first = [r for t, r in s if t < secs / 2] or [0]
-        last = [r for t, r in s if t >= secs * 0.9] or [0]
-        memory[name] = {"peak_kib": max(r for _, r in s), "first_half_peak_kib": max(first),
-                        "last_tenth_peak_kib": max(last)}
-    growing = [n for n, m in memory.items()
-               if m["first_half_peak_kib"] and m["last_tenth_peak_kib"] > 1.5 * m["first_half_peak_kib"]]
+    memory, growing = memory_summary(samples, secs)
     report = {
         "minutes": a.minutes, "kill_every_s": a.every, "server_kills": kills,
         "not_back": not_back, "takeover_events": takeovers,
@@ -238,10 +222,7 @@ def main():
               f"{received} received, {lost} lost, "
               f"{report['duplicates']} duplicated, {report['reordered']} reordered; "
               f"accounted: {report['accounted']}")
-        for n, m in sorted(memory.items()):
-            print(f"  {n:6} RSS peak {m['peak_kib'] / 1024:.1f} MiB (first half "
-                  f"{m['first_half_peak_kib'] / 1024:.1f}, last tenth "
-                  f"{m['last_tenth_peak_kib'] / 1024:.1f})")
+        print_memory(memory)
         print("  OK" if ok else "  FAILED")
     if ok:
         sh(TESTBED, "down", "--prefix", a.prefix, check=False, timeout=120)

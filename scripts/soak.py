@@ -89,6 +89,28 @@ def rss_kib(pid):
     return None
 
 
+def memory_summary(samples, secs):
+    """Per process (name -> [(t, rss KiB)]): the peak, the peak of the first half and of
+    the last tenth of a run `secs` long; and the processes whose memory grew (last tenth
+    above 1.5 x the first half's peak)."""
+    memory = {}
+    for name, s in samples.items():
+        first = [r for t, r in s if t < secs / 2] or [0]
+        last = [r for t, r in s if t >= secs * 0.9] or [0]
+        memory[name] = {"peak_kib": max(r for _, r in s), "first_half_peak_kib": max(first),
+                        "last_tenth_peak_kib": max(last)}
+    growing = [n for n, m in memory.items()
+               if m["first_half_peak_kib"] and m["last_tenth_peak_kib"] > 1.5 * m["first_half_peak_kib"]]
+    return memory, growing
+
+
+def print_memory(memory):
+    for n, m in sorted(memory.items()):
+        print(f"  {n:6} RSS peak {m['peak_kib'] / 1024:.1f} MiB (first half "
+              f"{m['first_half_peak_kib'] / 1024:.1f}, last tenth "
+              f"{m['last_tenth_peak_kib'] / 1024:.1f})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=60.0)
@@ -145,14 +167,7 @@ def main():
     generated = gen.get("sent", 0)
     skipped = gen.get("skipped", 0)
     received, lost = sink.get("received", 0), sink.get("lost", 0)
-    memory = {}
-    for name, s in samples.items():
-        first = [r for t, r in s if t < secs / 2] or [0]
-        last = [r for t, r in s if t >= secs * 0.9] or [0]
-        memory[name] = {"peak_kib": max(r for _, r in s), "first_half_peak_kib": max(first),
-                        "last_tenth_peak_kib": max(last)}
-    growing = [n for n, m in memory.items()
-               if m["first_half_peak_kib"] and m["last_tenth_peak_kib"] > 1.5 * m["first_half_peak_kib"]]
+    memory, growing = memory_summary(samples, secs)
     report = {
         "minutes": a.minutes, "kill_every_s": a.every, "kills": kills,
         "kills_refused": failed_kills, "restarts": rep.get("restarts"),
@@ -176,10 +191,7 @@ def main():
               f"{received} received, {lost} lost (the skipped among them), "
               f"{report['duplicates']} duplicated, {report['reordered']} reordered; "
               f"accounted: {report['accounted']}")
-        for n, m in sorted(memory.items()):
-            print(f"  {n:6} RSS peak {m['peak_kib'] / 1024:.1f} MiB (first half "
-                  f"{m['first_half_peak_kib'] / 1024:.1f}, last tenth "
-                  f"{m['last_tenth_peak_kib'] / 1024:.1f})")
+        print_memory(memory)
         print("  OK" if ok else "  FAILED")
     if ok:
         shutil.rmtree(d, ignore_errors=True)
