@@ -40,7 +40,7 @@ fn enabled(name: &str) -> bool {
 /// Called with step 3's state in hand: never returns when `migrate-state-stall` is set.
 pub fn migrate_state_received() {
     if enabled("migrate-state-stall") {
-        eprintln!("nf-runtime: failpoint migrate-state-stall: stopping here until killed");
+        say("migrate-state-stall: stopping here until killed");
         loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         }
@@ -52,7 +52,7 @@ pub fn migrate_state_sent(msg: &nflib::msg::Message) {
     if matches!(msg, nflib::msg::Message::MigrateState { .. })
         && enabled("migrate-state-sent-crash")
     {
-        eprintln!("nf-runtime: failpoint migrate-state-sent-crash: aborting");
+        say("migrate-state-sent-crash: aborting");
         std::process::abort();
     }
 }
@@ -60,7 +60,7 @@ pub fn migrate_state_sent(msg: &nflib::msg::Message) {
 /// `crash-after-start`: aborts once the runtime has run `uptime_ms` >= 200.
 pub fn crash_after_start(uptime_ms: u64) {
     if uptime_ms >= 200 && enabled("crash-after-start") {
-        eprintln!("nf-runtime: failpoint crash-after-start: aborting");
+        say("crash-after-start: aborting");
         std::process::abort();
     }
 }
@@ -99,7 +99,7 @@ pub fn forge_source(
         Ok(n) if region.set_len(&mut p, n) => {
             let mut q = vec![p];
             ep.send_messages(nflib::MANAGER_SLOT, &mut q);
-            eprintln!("nf-runtime: failpoint forge-source: sent a frame as {forged}");
+            say(&format!("forge-source: sent a frame as {forged}"));
         }
         _ => ep.free(p),
     }
@@ -179,7 +179,7 @@ pub fn replicate_crash<'a>(slot: u16, uptime_ms: u64, held: impl Iterator<Item =
         use std::io::Write;
         let _ = f.write_all(text.as_bytes());
     }
-    eprintln!("nf-runtime: failpoint replicate-crash: aborting before replicating");
+    say("replicate-crash: aborting before replicating");
     std::process::abort();
 }
 
