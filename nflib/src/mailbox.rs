@@ -107,6 +107,11 @@ impl Mailbox {
         self.transport.room(to)
     }
 
+    /// Frames a message of `len` encoded bytes takes.
+    pub fn frames_for(&self, len: usize) -> usize {
+        self.transport.frames_for(len)
+    }
+
     /// Messages delivered since the last call, in order per sender.
     pub fn take_inbox(&mut self) -> Vec<Envelope> {
         std::mem::take(&mut self.inbox)

@@ -97,6 +97,7 @@ counter_set!(
     MsgForged => "msg_forged",
     RecoveredNotOurs => "recovered_not_ours",
     CallsRefused => "calls_refused",
+    ReplCongested => "repl_congested",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the

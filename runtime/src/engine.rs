@@ -23,6 +23,7 @@ use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::nf::{tcp_flags, Dir, EndReason, NfContext, PacketMut, Stage, Verdict};
 use nflib::packet::ParseError;
 use nflib::records::FlowRecords;
+use nflib::reliable::SendError;
 use nflib::stats::{ProcCounter, NF_COUNTERS};
 use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Packet, MANAGER_SLOT};
@@ -105,7 +106,6 @@ pub struct Runtime {
     /// copies it holds of other runtimes' flows.
     pub repl: Replicator<Packet>,
     pub replica: ReplicaStore,
-    repl_msgs: Vec<(EndpointAddr, Message)>,
     /// The loop's clock (`nflib::time::mono_ns`) as of the current batch.
     now_ns: u64,
     /// Copies taken over (`recover`) and already re-pointed here, not yet live flows: made
@@ -226,7 +226,6 @@ impl Runtime {
             pick_cursor: 0,
             repl: Replicator::new(replication::Settings::default(), 0, n),
             replica: ReplicaStore::new(0, n),
-            repl_msgs: Vec::new(),
             now_ns: nflib::time::mono_ns(),
             recovered: Vec::new(),
             recovered_lost: 0,
@@ -1505,36 +1504,44 @@ impl Runtime {
             }
             self.repl.return_dirty(dirty);
         }
-        let mut msgs = std::mem::take(&mut self.repl_msgs);
-        self.repl.flush(now_ns, &mut msgs);
+        self.repl.flush(now_ns);
         let commit = self.repl.mode() == replication::Mode::OutputCommit;
-        let mut failed: Vec<EndpointAddr> = Vec::new();
-        for (to, m) in msgs.drain(..) {
-            if failed.contains(&to) {
-                continue;
-            }
-            if mb.send(to, LIAISON, LIAISON, &m).is_err() {
-                // The version is lost: acknowledging a later one must not let go of packets
-                // whose state it carried. The replica is started over (its flows go whole,
-                // their packets wait for that). (A replica no longer used was only being
-                // told to forget.)
-                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
-                if self.repl.is_live(to) {
-                    failed.push(to);
+        let me = self.me;
+        self.repl.transmit(now_ns, &mut |to, m| {
+            // Without encoding a message that cannot fit now (a congested link is tried
+            // at every turn of the loop): its states and ended ids alone need this much.
+            if let Message::Replicate { states, ended, .. } = m {
+                // (One too large for any queue is left to `send` to refuse.)
+                let least = states.len() + ended.len() * 8;
+                if least <= nflib::wire::MAX_MESSAGE && mb.room(to) < mb.frames_for(least) {
+                    return replication::Sent::Full;
                 }
-            } else if commit {
-                // Output waits for the answer: neither side should pay a wake-up from its
-                // doorbell sleep for it (hundreds of microseconds on a VM whose idle vCPU
-                // halts). Both poll, yielding, for a moment; renewed by every message.
-                let until = now_ns.saturating_add(REPL_KEEP_AWAKE_NS);
-                ep.keep_awake(self.slot_toward(to), until);
-                ep.keep_awake(self.me.slot, until);
             }
-        }
-        self.repl_msgs = msgs;
-        for to in failed {
-            self.repl.replica_lost(to, true, now_ns);
-        }
+            match mb.send(to, LIAISON, LIAISON, m) {
+                Ok(()) => {
+                    if commit {
+                        // Output waits for the answer: neither side should pay a
+                        // wake-up from its doorbell sleep for it (hundreds of
+                        // microseconds on a VM whose idle vCPU halts). Both poll,
+                        // yielding, for a moment; renewed by every message.
+                        let until = now_ns.saturating_add(REPL_KEEP_AWAKE_NS);
+                        let toward = if to.server == me.server {
+                            to.slot
+                        } else {
+                            MANAGER_SLOT
+                        };
+                        ep.keep_awake(toward, until);
+                        ep.keep_awake(me.slot, until);
+                    }
+                    replication::Sent::Taken
+                }
+                Err(SendError::QueueFull) => replication::Sent::Full,
+                Err(_) => {
+                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                    replication::Sent::Refused
+                }
+            }
+        });
     }
 
     /// Moves packets whose alias epoch is over on (dropping those of flows whose alias was
@@ -1636,6 +1643,7 @@ impl Runtime {
         c.set(ProcCounter::ReplUnprotected as usize, r.unprotected);
         c.set(ProcCounter::ReplRefused as usize, r.refused);
         c.set(ProcCounter::ReplFlowsMoved as usize, r.moved);
+        c.set(ProcCounter::ReplCongested as usize, r.congested);
         c.set(ProcCounter::ReplLagUs as usize, r.last_lag_ns / 1000);
         c.set(
             ProcCounter::ReplUnprotectedUs as usize,

@@ -81,7 +81,8 @@ const NO_LINK: u16 = u16::MAX;
 /// Bounds of one `Replicate` (a message is at most 4 MiB; a whole flow's copy is some tens
 /// to hundreds of bytes).
 const MAX_BATCH_BYTES: usize = 1 << 20;
-const MAX_BATCH_FLOWS: usize = 8192;
+/// (Smaller under test, so that simulations of some hundred flows split their batches.)
+const MAX_BATCH_FLOWS: usize = if cfg!(test) { 64 } else { 8192 };
 
 /// What the replicator keeps per flow slot of the engine.
 #[derive(Clone, Copy, Debug)]
@@ -144,6 +145,11 @@ struct Link<P> {
     states: Vec<u8>,
     ended: Vec<u64>,
     held: VecDeque<Held<P>>,
+    /// Messages made, with their versions, that the transport had no room for yet (sent
+    /// in order before anything newer). While any waits the link is *congested*: its
+    /// flows' changes are not written (they stay dirty and go, newest, once it drains),
+    /// so what waits is at most one flush's worth, and the output waits with them.
+    pending: VecDeque<Message>,
 }
 
 impl<P> Link<P> {
@@ -158,7 +164,12 @@ impl<P> Link<P> {
             states: Vec::new(),
             ended: Vec::new(),
             held: VecDeque::new(),
+            pending: VecDeque::new(),
         }
+    }
+
+    fn congested(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     fn batch_empty(&self) -> bool {
@@ -185,6 +196,9 @@ pub struct PrimaryCounters {
     pub moved: u64,
     /// Flows a replica reported missing, sent whole again.
     pub missing: u64,
+    /// Times a message waited for room in the transport's queue to its replica (the link
+    /// carries state more slowly than it changes; output waits meanwhile).
+    pub congested: u64,
     /// Acknowledgement delay, the last one and the largest (ns).
     pub last_lag_ns: u64,
     pub max_lag_ns: u64,
@@ -214,6 +228,16 @@ pub struct FlowMeta {
     pub age_ms: u32,
 }
 
+/// What the transport did with a message handed to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    Taken,
+    /// No room now: try again later.
+    Full,
+    /// Never (too large, too many peers): the version is lost.
+    Refused,
+}
+
 /// The primary's side.
 pub struct Replicator<P> {
     settings: Settings,
@@ -226,6 +250,8 @@ pub struct Replicator<P> {
     /// Per slot and function: a hash of the state the replica holds.
     hashes: Vec<u64>,
     dirty: Vec<u32>,
+    /// Dirty flows whose replica's link is congested: dirty again when it drains.
+    deferred: Vec<u32>,
     /// Periodic mode: flows changed since their last copy, not yet due.
     pending: Vec<u32>,
     next_scan_ms: u64,
@@ -252,6 +278,7 @@ impl<P> Replicator<P> {
             tracked: Vec::new(),
             hashes: Vec::new(),
             dirty: Vec::new(),
+            deferred: Vec::new(),
             pending: Vec::new(),
             next_scan_ms: 0,
             orphans: VecDeque::new(),
@@ -546,6 +573,12 @@ impl<P> Replicator<P> {
                 }
             }
         };
+        if self.links[link as usize].congested() {
+            // Written, newest, once the link drains; its output waits for that.
+            self.tracked[s].dirty = true;
+            self.deferred.push(slot);
+            return;
+        }
         let t = self.tracked[s];
         let whole = !t.synced;
         let mut changed = 0u8;
@@ -631,9 +664,11 @@ impl<P> Replicator<P> {
         }
     }
 
-    /// The messages of this flush, one per replica with a change or with packets waiting
-    /// for its version: (replica, message).
-    pub fn flush(&mut self, now_ns: u64, out: &mut Vec<(EndpointAddr, Message)>) {
+    /// Makes this flush's messages, one per replica with a change or with packets waiting
+    /// for its version (more if the batch is large); `transmit` hands them to the
+    /// transport. A congested replica's link makes none (its flows' changes were
+    /// deferred): its packets keep waiting for the version it will make next.
+    pub fn flush(&mut self, now_ns: u64) {
         // A replica no longer used is told once which copies to forget (`lose_link`); no
         // answer is awaited (it may be dead).
         for l in self
@@ -643,18 +678,15 @@ impl<P> Replicator<P> {
         {
             let version = l.next;
             l.next += 1;
-            out.push((
-                l.addr,
-                Message::Replicate {
-                    incarnation: self.incarnation,
-                    version,
-                    flows: Vec::new(),
-                    states: Vec::new(),
-                    ended: std::mem::take(&mut l.ended),
-                },
-            ));
+            l.pending.push_back(Message::Replicate {
+                incarnation: self.incarnation,
+                version,
+                flows: Vec::new(),
+                states: Vec::new(),
+                ended: std::mem::take(&mut l.ended),
+            });
         }
-        for l in self.links.iter_mut().filter(|l| l.live) {
+        for l in self.links.iter_mut().filter(|l| l.live && !l.congested()) {
             let waiting = l.held.back().is_some_and(|h| h.version == l.next);
             if l.batch_empty() {
                 if waiting {
@@ -699,16 +731,13 @@ impl<P> Replicator<P> {
                         states.get(at..at + bytes).unwrap_or_default().to_vec(),
                     )
                 };
-                out.push((
-                    l.addr,
-                    Message::Replicate {
-                        incarnation: self.incarnation,
-                        version,
-                        flows: part_flows,
-                        states: part_states,
-                        ended: std::mem::take(&mut ended),
-                    },
-                ));
+                l.pending.push_back(Message::Replicate {
+                    incarnation: self.incarnation,
+                    version,
+                    flows: part_flows,
+                    states: part_states,
+                    ended: std::mem::take(&mut ended),
+                });
                 at += bytes;
                 i = j;
             }
@@ -743,6 +772,52 @@ impl<P> Replicator<P> {
                     r.sent = Some(sent);
                 }
             }
+        }
+    }
+
+    /// Hands the messages made to `send`, oldest first per replica, until the transport
+    /// has no room for one (`Sent::Full`: it and those after it wait for the next call,
+    /// the link congested meanwhile). A message the transport refuses outright is a lost
+    /// version: acknowledging a later one must not let go of packets whose state it
+    /// carried, so that replica is started over (its flows go whole, their packets wait
+    /// for that). A replica no longer used was only being told to forget: its message is
+    /// dropped.
+    ///
+    /// Why waiting, not starting over, when the queue is full: starting over re-sends
+    /// every flow whole, which fills the queue again; one full queue then kept a replica
+    /// at the first batch of its flows for as long as the traffic lasted.
+    pub fn transmit(&mut self, now_ns: u64, send: &mut dyn FnMut(EndpointAddr, &Message) -> Sent) {
+        let mut drained = false;
+        let mut refused: Vec<EndpointAddr> = Vec::new();
+        for l in self.links.iter_mut() {
+            let had = l.congested();
+            while let Some(m) = l.pending.front() {
+                match send(l.addr, m) {
+                    Sent::Taken => {
+                        l.pending.pop_front();
+                    }
+                    Sent::Full => {
+                        self.counters.congested += 1;
+                        break;
+                    }
+                    Sent::Refused => {
+                        l.pending.clear();
+                        if l.live {
+                            refused.push(l.addr);
+                        }
+                    }
+                }
+            }
+            drained |= had && !l.congested();
+        }
+        if drained {
+            // Their replica may have drained (or another took them): written next flush.
+            let mut deferred = std::mem::take(&mut self.deferred);
+            self.dirty.append(&mut deferred);
+            self.deferred = deferred;
+        }
+        for addr in refused {
+            self.replica_lost(addr, true, now_ns);
         }
     }
 
@@ -873,6 +948,9 @@ impl<P> Replicator<P> {
             l.states.clear();
             l.ended.clear();
             l.unacked.clear();
+            // Not sent yet, and superseded by the whole copies (a replica sees the gap in
+            // versions and applies what comes as is).
+            l.pending.clear();
             // Versions go on from where they were: an answer to an old one is ignored.
             l.acked = incarnation_next - 1;
         }
@@ -894,7 +972,9 @@ impl<P> Replicator<P> {
                 }
             }
         }
-        // Every moved flow is written whole at the next flush.
+        // Every moved flow is written whole at the next flush (the deferred too: they
+        // are dirty).
+        self.deferred.clear();
         self.dirty = (0..self.tracked.len() as u32)
             .filter(|&s| self.tracked[s as usize].dirty)
             .collect();
@@ -1424,7 +1504,11 @@ mod tests {
         }
         r.return_dirty(dirty);
         let mut out = Vec::new();
-        r.flush(now_ms * 1_000_000, &mut out);
+        r.flush(now_ms * 1_000_000);
+        r.transmit(now_ms * 1_000_000, &mut |to, m| {
+            out.push((to, m.clone()));
+            Sent::Taken
+        });
         out
     }
 

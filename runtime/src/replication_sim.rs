@@ -20,7 +20,9 @@ use nflib::flow::FlowKey;
 use nflib::msg::Message;
 use nflib::wire::EndpointAddr;
 
-use crate::replication::{FlowMeta, Mode, ReplicaStore, Replicator, Settings, WithoutReplica};
+use crate::replication::{
+    FlowMeta, Mode, ReplicaStore, Replicator, Sent, Settings, WithoutReplica,
+};
 use crate::sim_rng::Rng;
 
 const P: EndpointAddr = EndpointAddr { server: 1, slot: 2 };
@@ -99,7 +101,14 @@ struct Primary {
 }
 
 impl Primary {
-    fn flush(&mut self, now_us: u64, out: &mut Vec<(EndpointAddr, Message)>) {
+    /// Writes the dirty flows and hands the messages to `out`, as many per replica as
+    /// `room(replica)` says its transport queue takes now.
+    fn flush(
+        &mut self,
+        now_us: u64,
+        out: &mut Vec<(EndpointAddr, Message)>,
+        room: &dyn Fn(EndpointAddr) -> usize,
+    ) {
         let dirty = self.repl.take_dirty();
         for &slot in &dirty {
             let f = slot as usize;
@@ -134,7 +143,14 @@ impl Primary {
             );
         }
         self.repl.return_dirty(dirty);
-        self.repl.flush(now_us * 1000, out);
+        self.repl.flush(now_us * 1000);
+        self.repl.transmit(now_us * 1000, &mut |to, m| {
+            if out.iter().filter(|(t, _)| *t == to).count() >= room(to) {
+                return Sent::Full;
+            }
+            out.push((to, m.clone()));
+            Sent::Taken
+        });
     }
 }
 
@@ -172,6 +188,12 @@ struct Outcome {
 }
 
 fn run(seed: u64, flows: u32, steps: u64, fault: Fault) -> Outcome {
+    run_with(seed, flows, steps, fault, usize::MAX)
+}
+
+/// `run`, with the transport's queue to each replica taking at most `queue` messages not
+/// yet delivered (a slow or congested link: the rest must wait, never be lost).
+fn run_with(seed: u64, flows: u32, steps: u64, fault: Fault, queue: usize) -> Outcome {
     let mut rng = Rng(seed | 1);
     let settings = Settings {
         mode: Mode::OutputCommit,
@@ -249,7 +271,11 @@ fn run(seed: u64, flows: u32, steps: u64, fault: Fault) -> Outcome {
             }
         }
         // The flush: messages, then what may leave.
-        p.flush(now, &mut msgs);
+        let q = &net.q;
+        p.flush(now, &mut msgs, &|to| {
+            let in_flight = q.iter().filter(|m| m.1 == P && m.2 == to).count();
+            queue.saturating_sub(in_flight)
+        });
         for (to, m) in msgs.drain(..) {
             net.send(&mut rng, now, P, to, m);
         }
@@ -449,4 +475,26 @@ fn a_dead_replicas_flows_and_output_move_to_the_other() {
 #[test]
 fn a_restarted_replica_is_sent_its_flows_whole_again() {
     replica_fault_runs(53, |at, notice| Fault::RestartReplica { at, notice });
+}
+
+/// A replica link whose queue takes one message at a time, with more flows than one
+/// message carries: what does not fit waits (the flows' newest state goes when the link
+/// drains), and no packet leaves before its state is held, none is stuck. Before, a full
+/// queue started the replica over, whose whole copies filled the queue again: the replica
+/// stayed at the first message's flows.
+#[test]
+fn a_congested_replica_link_delays_output_and_loses_no_state() {
+    for seed in 1..=12u64 {
+        let o = run_with(seed, 300, 3_000, Fault::None, 1);
+        in_order(seed, &o.left);
+        assert_eq!(o.unprotected, 0, "seed {seed}");
+        assert!(!o.held_at_end, "seed {seed}: packets stuck");
+        for &notice in &[0u64, 300] {
+            let at = 500 + seed * 71 % 1500;
+            let o = run_with(seed, 300, 3_000, Fault::RestartReplica { at, notice }, 1);
+            in_order(seed, &o.left);
+            assert_eq!(o.unprotected, 0, "seed {seed}");
+            assert!(!o.held_at_end, "seed {seed}: packets stuck");
+        }
+    }
 }
