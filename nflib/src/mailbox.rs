@@ -102,6 +102,26 @@ impl Mailbox {
         )
     }
 
+    /// Queues a message already encoded (`Paced` keeps messages so, to encode each once).
+    pub fn send_encoded(
+        &mut self,
+        to: EndpointAddr,
+        src_actor: u64,
+        dst_actor: u64,
+        msg_type: u16,
+        payload: &[u8],
+    ) -> Result<(), SendError> {
+        self.transport.send(
+            to,
+            Outgoing {
+                src_actor,
+                dst_actor,
+                msg_type,
+                payload,
+            },
+        )
+    }
+
     /// Frames that can still be queued to `to`.
     pub fn room(&self, to: EndpointAddr) -> usize {
         self.transport.room(to)
@@ -266,5 +286,216 @@ impl Mailbox {
             ProcCounter::ActorBadFrames as usize,
             self.errors.bad_frames + self.errors.undecodable + st.malformed,
         );
+    }
+}
+
+/// One message waiting in [`Paced`]: its peer, actors, type and encoded payload.
+struct Waiting {
+    to: EndpointAddr,
+    src_actor: u64,
+    dst_actor: u64,
+    msg_type: u16,
+    payload: Vec<u8>,
+}
+
+/// Messages sent in bulk, whose sum may be more than the transport queues to one peer (a
+/// takeover's re-pointing of a million keys, a restarted vswitch's feeds, the holds for a
+/// restarted home): they wait here, encoded once, in order per peer, and go as the queue
+/// drains. Handed straight to the transport, all but the first tens of megabytes were
+/// refused and lost. Bounded by what made them (a table's worth of keys or states).
+#[derive(Default)]
+pub struct Paced {
+    queue: std::collections::VecDeque<Waiting>,
+}
+
+impl Paced {
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Messages waiting.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Adds `msg` for actor `dst_actor` of `to`, from `src_actor` here, behind what waits.
+    /// `Err` (nothing kept) if it cannot be encoded within the transport's largest message.
+    pub fn push(
+        &mut self,
+        to: EndpointAddr,
+        src_actor: u64,
+        dst_actor: u64,
+        msg: &Message,
+    ) -> Result<(), SendError> {
+        let mut payload = Vec::new();
+        if msg.encode(&mut payload).is_err() || payload.len() > crate::wire::MAX_MESSAGE {
+            return Err(SendError::TooLarge);
+        }
+        self.queue.push_back(Waiting {
+            to,
+            src_actor,
+            dst_actor,
+            msg_type: msg.type_id(),
+            payload,
+        });
+        Ok(())
+    }
+
+    /// Hands the waiting messages to `mb`, in order; a peer whose queue has no room for its
+    /// next one keeps it and those after it for a later call (the others go on). Returns
+    /// how many the transport refused outright (lost: too many peers, or to itself).
+    pub fn send(&mut self, mb: &mut Mailbox) -> u64 {
+        let mut blocked: Vec<EndpointAddr> = Vec::new();
+        let mut refused = 0;
+        self.queue.retain(|w| {
+            if blocked.contains(&w.to) {
+                return true;
+            }
+            let frames = mb.frames_for(w.payload.len());
+            if frames > mb.transport.config().max_queue_frames {
+                // No queue this short ever takes it.
+                refused += 1;
+                return false;
+            }
+            // Checked first, so a message that waits is not copied into frames each time.
+            if mb.room(w.to) < frames {
+                blocked.push(w.to);
+                return true;
+            }
+            match mb.send_encoded(w.to, w.src_actor, w.dst_actor, w.msg_type, &w.payload) {
+                Ok(()) => false,
+                Err(SendError::QueueFull) => {
+                    blocked.push(w.to);
+                    true
+                }
+                Err(_) => {
+                    refused += 1;
+                    false
+                }
+            }
+        });
+        refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flow::FlowKey;
+    use crate::wire::write_frame;
+
+    const A: EndpointAddr = EndpointAddr::new(1, 2);
+    const B: EndpointAddr = EndpointAddr::new(1, 3);
+    const C: EndpointAddr = EndpointAddr::new(1, 4);
+
+    fn feeds(request: u64, keys: usize) -> Message {
+        let key = |i: usize| {
+            FlowKey::from_tuple(
+                4,
+                17,
+                0,
+                (FlowKey::v4([10, 0, (i >> 8) as u8, i as u8]), 1000),
+                (FlowKey::v4([10, 9, 9, 9]), 53),
+            )
+            .0
+        };
+        Message::Feeds {
+            request,
+            keys: (0..keys).map(key).collect(),
+            aliases: Vec::new(),
+            done: false,
+        }
+    }
+
+    /// Moves every frame A's mailbox emits to B and B's acks back, until quiet.
+    fn pump(a: &mut Mailbox, b: &mut Transport, now: u64, got: &mut Vec<Message>) {
+        for _ in 0..1000 {
+            let mut to_b = Vec::new();
+            a.transport.poll_transmit(now, &mut |h, p| {
+                let mut buf = vec![0u8; 14 + 76 + p.len()];
+                let n = write_frame(&mut buf, h, p).unwrap();
+                buf.truncate(n);
+                to_b.push(buf);
+                true
+            });
+            let mut to_a = Vec::new();
+            for f in &to_b {
+                let frame = Frame::parse(f).unwrap();
+                b.handle(&frame, now, &mut |d| {
+                    got.push(Message::decode(d.payload).unwrap());
+                });
+            }
+            b.poll_transmit(now, &mut |h, p| {
+                let mut buf = vec![0u8; 14 + 76 + p.len()];
+                let n = write_frame(&mut buf, h, p).unwrap();
+                buf.truncate(n);
+                to_a.push(buf);
+                true
+            });
+            for f in &to_a {
+                let frame = Frame::parse(f).unwrap();
+                a.transport.handle(&frame, now, &mut |_| {});
+            }
+            if to_b.is_empty() && to_a.is_empty() {
+                return;
+            }
+        }
+        panic!("the exchange never went quiet");
+    }
+
+    /// Ten messages of tens of frames to a peer whose queue takes 100 frames: straight to
+    /// the transport, all but the first few are refused; paced, every one arrives, in
+    /// order, and a peer with room is not held up by one without.
+    #[test]
+    fn paced_messages_wait_for_room_and_arrive_in_order() {
+        let cfg = TransportConfig {
+            max_queue_frames: 100,
+            ..TransportConfig::default()
+        };
+        let mut a = Mailbox::new(A, 10, cfg);
+        let mut len = Vec::new();
+        feeds(0, 3000).encode(&mut len).unwrap();
+        let fit = 100 / a.frames_for(len.len());
+        assert!((1..5).contains(&fit), "{fit} messages fit");
+        let mut refused = 0;
+        for i in 0..10 {
+            if a.send(B, 1, 1, &feeds(i, 3000)).is_err() {
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 10 - fit);
+        let mut a = Mailbox::new(A, 11, cfg);
+        let mut b_got = Vec::new();
+        let mut paced = Paced::default();
+        for i in 0..10 {
+            paced.push(B, 1, 1, &feeds(i, 3000)).unwrap();
+        }
+        paced.push(C, 1, 1, &feeds(99, 10)).unwrap();
+        let mut now = 1_000_000_000;
+        assert_eq!(paced.send(&mut a), 0);
+        assert_eq!(paced.len(), 10 - fit, "C's went past the waiting ones");
+        assert_eq!(a.room(C), 99);
+        let mut b = Transport::new(B, 21, cfg);
+        for _ in 0..50 {
+            now += 1_000_000;
+            pump(&mut a, &mut b, now, &mut b_got);
+            assert_eq!(paced.send(&mut a), 0);
+            if paced.is_empty() && a.room(B) == 100 {
+                break;
+            }
+        }
+        pump(&mut a, &mut b, now + 1_000_000, &mut b_got);
+        assert!(paced.is_empty());
+        let requests: Vec<u64> = b_got
+            .iter()
+            .map(|m| match m {
+                Message::Feeds { request, keys, .. } => {
+                    assert_eq!(keys.len(), 3000);
+                    *request
+                }
+                other => panic!("not feeds: {other:?}"),
+            })
+            .collect();
+        assert_eq!(requests, (0..10).collect::<Vec<u64>>());
     }
 }

@@ -18,7 +18,7 @@ use std::time::Instant;
 use nflib::buffer::Route;
 use nflib::endpoint::Endpoint;
 use nflib::flow::{Direction, FlowKey};
-use nflib::mailbox::Mailbox;
+use nflib::mailbox::{Mailbox, Paced};
 use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::nf::{tcp_flags, Dir, EndReason, NfContext, PacketMut, Stage, Verdict};
 use nflib::packet::ParseError;
@@ -122,6 +122,8 @@ pub struct Runtime {
     /// the flows that hold their resources (sent by `flush`).
     homes: Homes,
     holds: holds::Outbox,
+    /// Bulk messages (re-pointing, feeds, holds) waiting for room in the transport.
+    paced: Paced,
 }
 
 /// Recovered flows made live per loop iteration in the background (about a millisecond).
@@ -232,6 +234,7 @@ impl Runtime {
             repointing: false,
             homes: Homes::new(me),
             holds: holds::Outbox::default(),
+            paced: Paced::default(),
         }
     }
 
@@ -1023,10 +1026,11 @@ impl Runtime {
         }
         self.adopt_recovered(ep);
         for (home, m) in self.holds.drain() {
-            if mb.send(home, LIAISON, LIAISON, &m).is_err() {
+            if self.paced.push(home, LIAISON, LIAISON, &m).is_err() {
                 ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
             }
         }
+        self.send_paced(ep, mb);
         // Packets whose aliases the vswitches confirmed first: under output commit they then
         // wait for this flush's replication, not the next one's.
         self.release_held_aliases(ep, now_ns);
@@ -1161,6 +1165,7 @@ impl Runtime {
         const FEED_CHUNK: usize = 16_384;
         let mut keys = Vec::new();
         let mut aliases = Vec::new();
+        let paced = &mut self.paced;
         let mut send = |keys: &mut Vec<FlowKey>, aliases: &mut Vec<FlowKey>, done: bool| {
             let m = Message::Feeds {
                 request,
@@ -1168,7 +1173,8 @@ impl Runtime {
                 aliases: std::mem::take(aliases),
                 done,
             };
-            if mb.send(from, LIAISON, LIAISON, &m).is_err() {
+            // Paced: a million flows' keys are more than the transport queues at once.
+            if paced.push(from, LIAISON, LIAISON, &m).is_err() {
                 ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
             }
         };
@@ -1186,6 +1192,16 @@ impl Runtime {
             }
         }
         send(&mut keys, &mut aliases, true);
+        self.send_paced(ep, mb);
+    }
+
+    /// Hands the paced messages the transport has room for to it.
+    fn send_paced(&mut self, ep: &mut Endpoint, mb: &mut Mailbox) {
+        if !self.paced.is_empty() {
+            let lost = self.paced.send(mb);
+            ep.counters()
+                .add(ProcCounter::ActorSendRefused as usize, lost);
+        }
     }
 
     /// `from` has just started and asks for the flows its earlier lives started that live
@@ -1266,7 +1282,8 @@ impl Runtime {
         ep.keep_awake(self.me.slot, awake);
         for (vswitch, keys) in by_vswitch {
             ep.keep_awake(self.slot_toward(vswitch), awake);
-            // A message is at most 4 MiB; a key takes about 40 bytes.
+            // A message is at most 4 MiB; a key takes about 40 bytes. A million keys are
+            // more than the transport queues at once: they go paced.
             for chunk in keys.chunks(16_384) {
                 let m = Message::SetRuntime {
                     keys: chunk.to_vec(),
@@ -1274,13 +1291,14 @@ impl Runtime {
                     runtime: self.me,
                     request,
                 };
-                if mb.send(vswitch, LIAISON, LIAISON, &m).is_err() {
+                if self.paced.push(vswitch, LIAISON, LIAISON, &m).is_err() {
                     ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
                 } else {
                     sent += 1;
                 }
             }
         }
+        self.send_paced(ep, mb);
         if flows > 0 {
             eprintln!(
                 "nf-runtime {}: took over {flows} flows of {failed} (re-pointing them; each \
@@ -1608,6 +1626,10 @@ impl Runtime {
         if !self.recovered.is_empty() {
             // Taken-over flows wait to be made live: no sleeping.
             return Some(0);
+        }
+        if !self.paced.is_empty() {
+            // The acknowledgements that make room wake the loop; this is a backstop.
+            return Some(nflib::time::mono_ns().saturating_add(1_000_000));
         }
         let a = self.alias_commit.next_deadline();
         match self.repl.next_deadline_ns() {
