@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Bottom up; crates on one line are one layer and may not depend on each other.
 LAYERS = [
-    ["dpdk-sys"],
+    ["dpdk-sys", "nf-packet"],
     ["nflib"],
     ["nfs"],
     ["nf-runtime", "nf-vswitch", "nf-tui"],

@@ -9,8 +9,9 @@
 //! - [`doorbell`]: sleeping when idle and waking on work.
 //! - [`endpoint`]: a process's attachment to the data plane (its rings, pool cache, doorbell
 //!   and counters), used by nf-vswitch and nf-runtime.
-//! - [`packet`], [`flow`]: typed views over packet bytes and the flow key.
-//! - [`pcap`]: reading and writing pcap and pcapng files.
+//! - [`packet`], [`flow`], [`pcap`], [`stream`]: the `nf-packet` crate below this one
+//!   (typed views over packet bytes, the flow key, capture files, TCP reassembly),
+//!   re-exported under their old paths.
 //! - [`wire`], [`reliable`]: actor message frames and their reliable delivery between
 //!   endpoints (an I/O-free state machine).
 //!
@@ -24,7 +25,6 @@ pub mod config;
 pub mod control_client;
 pub mod doorbell;
 pub mod endpoint;
-pub mod flow;
 pub mod hint;
 pub mod index;
 pub mod layout;
@@ -34,8 +34,6 @@ pub mod mailbox;
 pub mod msg;
 pub mod net;
 pub mod nf;
-pub mod packet;
-pub mod pcap;
 pub mod peer_wire;
 pub mod pool;
 pub mod process;
@@ -47,11 +45,14 @@ pub mod sandbox;
 pub mod slot;
 pub mod snapshot;
 pub mod stats;
-pub mod stream;
 mod sync;
 pub mod time;
 pub mod top;
 pub mod wire;
+
+// The packet views are their own crate (the layer below this one); their paths here stay.
+pub use nf_packet as packet;
+pub use nf_packet::{flow, pcap, stream};
 
 pub use buffer::{Desc, Packet};
 pub use layout::{RegionConfig, RingId, MANAGER_SLOT};

@@ -62,7 +62,7 @@ mod tests {
     fn parses_a_request() {
         let mut b = [0u8; 60];
         let n = request(&mut b, [2, 0, 0, 0, 0, 1], [10, 0, 0, 1], [10, 0, 0, 9]).unwrap();
-        let h = crate::packet::parse(&b[..n]).unwrap();
+        let h = crate::parse(&b[..n]).unwrap();
         let a = parse(&h, &b[..n]).unwrap();
         assert_eq!((a.op, a.spa, a.tpa), (1, [10, 0, 0, 1], [10, 0, 0, 9]));
         assert_eq!(a.offset, 14);

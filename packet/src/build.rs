@@ -128,7 +128,7 @@ mod tests {
         }
         .write(&mut buf)
         .unwrap();
-        let h = crate::packet::parse(&buf[..n]).unwrap();
+        let h = crate::parse(&buf[..n]).unwrap();
         assert_eq!((h.src_port, h.dst_port, h.l4_off), (40000, 80, 34));
         assert_eq!(checksum::checksum(&buf[14..34]), 0);
         let pseudo = checksum::pseudo_v4([10, 0, 0, 1], [10, 0, 0, 2], 6, 30);

@@ -13,7 +13,7 @@
 //! - **Non-IP frames** are keyed by the two MAC addresses and the EtherType (an "L2 flow"), so
 //!   they stay in order per pair of stations.
 
-use crate::packet::{Fragment, Headers, L3};
+use crate::{Fragment, Headers, L3};
 
 /// Kinds of key, stored in `FlowKey::family`.
 pub mod family {
@@ -264,7 +264,7 @@ impl std::fmt::Display for FlowKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::packet::{build::UdpV4, parse};
+    use crate::{build::UdpV4, parse};
 
     fn frame(src: [u8; 4], sp: u16, dst: [u8; 4], dp: u16) -> Vec<u8> {
         let mut b = vec![0u8; 80];

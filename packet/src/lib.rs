@@ -1,15 +1,30 @@
-//! Reading packet headers: Ethernet (with up to two VLAN tags and PPPoE sessions), IPv4 and
-//! IPv6 (with extension headers and fragments), and the transport ports of TCP, UDP, SCTP
-//! and ICMP echo.
+//! nf-packet: typed views over packet bytes, the flow key, capture files and TCP stream
+//! reassembly. Everything here reads bytes it does not trust and owns no memory but its
+//! own: no shared memory, no I/O but the `Read`/`Write` a caller hands to [`pcap`], no
+//! unsafe. Every other layer of the platform builds on it (nflib re-exports it as
+//! `nflib::packet`, with `flow`, `pcap` and `stream` beside it).
+//!
+//! - this module: reading packet headers: Ethernet (with up to two VLAN tags and PPPoE
+//!   sessions), IPv4 and IPv6 (with extension headers and fragments), and the transport
+//!   ports of TCP, UDP, SCTP and ICMP echo;
+//! - [`build`], [`arp`], [`checksum`]: writing frames, answering ARP, incremental checksums;
+//! - [`flow`]: the flow key, one per connection for both directions;
+//! - [`pcap`]: pcap and pcapng files;
+//! - [`stream`]: in-order delivery of one direction of a TCP stream.
 //!
 //! [`parse`] validates every length it relies on once and records offsets in [`Headers`];
 //! malformed or truncated input is an `Err` that says which layer failed and why, never a
 //! panic and never an out-of-bounds read. Frames that are not IP parse successfully with
 //! `l3 == L3::None` (what to do with them is a policy of the caller).
 
+#![forbid(unsafe_code)]
+
 pub mod arp;
 pub mod build;
 pub mod checksum;
+pub mod flow;
+pub mod pcap;
+pub mod stream;
 
 use thiserror::Error;
 
