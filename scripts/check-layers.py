@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Bottom up; crates on one line are one layer and may not depend on each other.
 LAYERS = [
     ["dpdk-sys", "nf-packet"],
+    ["nf-proto"],
     ["nflib"],
     ["nfs"],
     ["nf-runtime", "nf-vswitch", "nf-tui"],

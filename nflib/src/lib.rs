@@ -12,15 +12,15 @@
 //! - [`packet`], [`flow`], [`pcap`], [`stream`]: the `nf-packet` crate below this one
 //!   (typed views over packet bytes, the flow key, capture files, TCP reassembly),
 //!   re-exported under their old paths.
-//! - [`wire`], [`reliable`]: actor message frames and their reliable delivery between
-//!   endpoints (an I/O-free state machine).
+//! - [`wire`], [`reliable`], [`msg`], [`cluster`], [`peer_wire`]: the `nf-proto` crate
+//!   below this one (actor frames, their reliable delivery, the messages, the cluster view,
+//!   the managers' session frames: I/O-free), re-exported under their old paths.
 //!
 //! `unsafe` code is confined to `region` (mapping and typed access), `ring` (slot access),
 //! `records` (typed per-flow records), `doorbell` (eventfd system calls), `hint` (prefetch)
 //! and `sync`.
 
 pub mod buffer;
-pub mod cluster;
 pub mod config;
 pub mod control_client;
 pub mod doorbell;
@@ -31,15 +31,12 @@ pub mod layout;
 pub mod limits;
 pub mod local;
 pub mod mailbox;
-pub mod msg;
 pub mod net;
 pub mod nf;
-pub mod peer_wire;
 pub mod pool;
 pub mod process;
 pub mod records;
 pub mod region;
-pub mod reliable;
 pub mod ring;
 pub mod sandbox;
 pub mod slot;
@@ -48,11 +45,12 @@ pub mod stats;
 mod sync;
 pub mod time;
 pub mod top;
-pub mod wire;
 
 // The packet views are their own crate (the layer below this one); their paths here stay.
 pub use nf_packet as packet;
 pub use nf_packet::{flow, pcap, stream};
+// So are the protocols (frames, the reliable transport, messages, the cluster view).
+pub use nf_proto::{cluster, msg, peer_wire, reliable, wire};
 
 pub use buffer::{Desc, Packet};
 pub use layout::{RegionConfig, RingId, MANAGER_SLOT};

@@ -12,6 +12,9 @@
 
 use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
+/// Which kind of process a slot holds (a protocol type: the cluster view names it too).
+pub use nf_proto::cluster::ProcessKind;
+
 use crate::stats::{Padded, ShmName, PROC_COUNTERS};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -54,35 +57,6 @@ impl SlotState {
             self,
             SlotState::Starting | SlotState::Running | SlotState::Stopping
         )
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProcessKind {
-    None,
-    Manager,
-    Vswitch,
-    Runtime,
-}
-
-impl ProcessKind {
-    pub fn from_raw(v: u32) -> ProcessKind {
-        match v {
-            1 => ProcessKind::Manager,
-            2 => ProcessKind::Vswitch,
-            3 => ProcessKind::Runtime,
-            _ => ProcessKind::None,
-        }
-    }
-
-    pub fn raw(self) -> u32 {
-        match self {
-            ProcessKind::None => 0,
-            ProcessKind::Manager => 1,
-            ProcessKind::Vswitch => 2,
-            ProcessKind::Runtime => 3,
-        }
     }
 }
 

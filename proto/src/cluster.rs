@@ -7,7 +7,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::slot::ProcessKind;
 use crate::wire::EndpointAddr;
 
 /// The composition of the cluster at one version.
@@ -183,4 +182,34 @@ pub struct ProbeReport {
     /// stopped answering for `peer_dead_after_ms` (they count as lost).
     #[serde(default)]
     pub given_up: u64,
+}
+
+/// Which kind of process an endpoint is (nflib's process directory records it per slot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProcessKind {
+    None,
+    Manager,
+    Vswitch,
+    Runtime,
+}
+
+impl ProcessKind {
+    pub fn from_raw(v: u32) -> ProcessKind {
+        match v {
+            1 => ProcessKind::Manager,
+            2 => ProcessKind::Vswitch,
+            3 => ProcessKind::Runtime,
+            _ => ProcessKind::None,
+        }
+    }
+
+    pub fn raw(self) -> u32 {
+        match self {
+            ProcessKind::None => 0,
+            ProcessKind::Manager => 1,
+            ProcessKind::Vswitch => 2,
+            ProcessKind::Runtime => 3,
+        }
+    }
 }

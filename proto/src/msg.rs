@@ -6,8 +6,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterView, FlowInfo, ProbeReport, Workload};
-use crate::flow::FlowKey;
 use crate::wire::EndpointAddr;
+use nf_packet::flow::FlowKey;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
