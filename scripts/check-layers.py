@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     ["dpdk-sys", "nf-packet"],
     ["nf-proto"],
+    ["nf-shm"],
     ["nflib"],
     ["nfs"],
     ["nf-runtime", "nf-vswitch", "nf-tui"],

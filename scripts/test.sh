@@ -46,7 +46,7 @@ fi
 
 step "loom model checks"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
-  cargo test -q -p nflib --lib --release loom_tests
+  cargo test -q -p nf-shm --lib --release loom_tests
 
 step "fuzz smoke"
 scripts/fuzz.sh --smoke

@@ -130,10 +130,14 @@ impl LocalManager {
             });
             match ring {
                 Some(r) => {
-                    let desc = p.into_desc();
-                    if !crate::ring::Producer::new(r).push(desc) {
+                    let mut prod = crate::ring::Producer::new(r);
+                    if prod.free_space() == 0 {
                         // Ring full: the transport sends the frame again later.
-                        self.pool.free(crate::Packet::from_valid_desc(desc));
+                        self.pool.free(p);
+                    } else {
+                        // Room was checked, and only this producer fills the ring.
+                        let pushed = prod.push(p.into_desc());
+                        debug_assert!(pushed);
                     }
                 }
                 None => self.pool.free(p),

@@ -21,7 +21,7 @@
 //! owner calls [`FlowIndex::step`] once per burst of packets, which moves a resize along
 //! whatever the flows do.
 
-use crate::flow::FlowKey;
+use nf_packet::flow::FlowKey;
 
 /// An empty bucket (zero, so a new array costs no writes).
 const EMPTY: u64 = 0;
