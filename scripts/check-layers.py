@@ -26,6 +26,8 @@ LAYERS = [
     ["dpdk-sys", "nf-packet"],
     ["nf-proto"],
     ["nf-shm"],
+    ["nf-config"],
+    ["nf-api"],
     ["nflib"],
     ["nfs"],
     ["nf-runtime", "nf-vswitch", "nf-tui"],

@@ -1,6 +1,6 @@
 //! nflib: what every process of the platform links.
 //!
-//! It stands on three crates, each re-exported here under its old paths so callers name
+//! It stands on five crates, each re-exported here under its old paths so callers name
 //! one library:
 //! - `nf-packet` (`packet/`): typed views over packet bytes, the flow key, capture files,
 //!   TCP reassembly ([`packet`], [`flow`], [`pcap`], [`stream`]);
@@ -9,18 +9,17 @@
 //!   [`msg`], [`cluster`], [`peer_wire`]);
 //! - `nf-shm` (`shm/`): the shared region, rings, buffers and pool, doorbells, the
 //!   endpoint, per-flow records and all the data plane's `unsafe` ([`region`], [`ring`],
-//!   [`buffer`], [`pool`], [`endpoint`], ...).
+//!   [`buffer`], [`pool`], [`endpoint`], ...);
+//! - `nf-config` (`config/`): the configuration file ([`config`], [`net`]);
+//! - `nf-api` (`api/`): the network-function API ([`nf`]).
 //!
 //! Its own modules: the mailbox (the reliable transport joined to an endpoint's rings),
-//! the configuration, the NF API, the process scaffolding (attach, sandbox, loop), the
-//! in-process local harness, the control socket's client and the dashboard's report.
+//! the process scaffolding (attach, sandbox, loop), the in-process local harness, the
+//! control socket's client and the dashboard's report.
 
-pub mod config;
 pub mod control_client;
 pub mod local;
 pub mod mailbox;
-pub mod net;
-pub mod nf;
 pub mod process;
 pub mod sandbox;
 pub mod top;
@@ -37,3 +36,8 @@ pub use nf_shm::{
     snapshot, stats, time,
 };
 pub use nf_shm::{Desc, Packet, Region, RegionConfig, RingId, MANAGER_SLOT};
+// And the configuration.
+pub use nf_config as config;
+pub use nf_config::net;
+// And the network-function API.
+pub use nf_api as nf;

@@ -53,8 +53,8 @@ pub struct CommonArgs {
     /// Switch to this unprivileged user and group (`UID:GID`) before the first packet.
     #[arg(long)]
     pub run_as: Option<crate::sandbox::RunAs>,
-    /// The system-call filter entered before the first packet.
-    #[arg(long, value_enum, default_value_t = crate::sandbox::SeccompMode::Off)]
+    /// The system-call filter entered before the first packet: enforce, log or off.
+    #[arg(long, value_name = "MODE", default_value_t = crate::sandbox::SeccompMode::Off)]
     pub seccomp: crate::sandbox::SeccompMode,
 }
 

@@ -32,30 +32,9 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule,
 };
-use serde::{Deserialize, Serialize};
 
-/// What the system-call filter does with a call outside the list.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum SeccompMode {
-    /// The process is killed (SIGSYS).
-    #[default]
-    Enforce,
-    /// The call goes ahead and the kernel logs it (audit log or `dmesg`).
-    Log,
-    /// No filter.
-    Off,
-}
-
-impl fmt::Display for SeccompMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SeccompMode::Enforce => "enforce",
-            SeccompMode::Log => "log",
-            SeccompMode::Off => "off",
-        })
-    }
-}
+/// What the filter does with a call outside the list (a configuration setting).
+pub use nf_config::SeccompMode;
 
 /// The user and group a data-path process switches to: `UID:GID` on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,10 +6,10 @@
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use nflib::buffer::Desc;
-use nflib::layout::{RegionConfig, RingId};
-use nflib::region::{CreateOptions, Region};
-use nflib::ring::{Consumer, Producer};
+use nf_shm::buffer::Desc;
+use nf_shm::layout::{RegionConfig, RingId};
+use nf_shm::region::{CreateOptions, Region};
+use nf_shm::ring::{Consumer, Producer};
 
 const RING: RingId = RingId::Data { from: 1, to: 2 };
 

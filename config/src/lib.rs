@@ -10,14 +10,23 @@
 //! silently ignored setting. The settings of each network function are kept as a TOML table
 //! here and checked by that function's own parser (see `nf::NfRegistry`).
 
+//!
+//! Crate nf-config (`config/`), below the NF API and above the shared-memory core (a
+//! region's size comes from here); nflib re-exports it as `nflib::config`, and [`net`]
+//! (prefixes and port ranges) as `nflib::net`.
+
+#![forbid(unsafe_code)]
+
+pub mod net;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::layout::RegionConfig;
 use crate::net::{PortRange, Prefix};
+use nf_shm::layout::RegionConfig;
 
 /// A configuration error; the message names the key at fault.
 #[derive(Debug, Error)]
@@ -507,14 +516,14 @@ impl ClusterSection {
     }
 
     /// Settings of the reliable transport of actor messages.
-    pub fn transport(&self) -> crate::reliable::TransportConfig {
-        crate::reliable::TransportConfig {
+    pub fn transport(&self) -> nf_proto::reliable::TransportConfig {
+        nf_proto::reliable::TransportConfig {
             window: self.window as u64,
             rto_factor: self.rto_factor as u64,
             min_rto_ns: self.min_rto_us * 1000,
             dead_after_ns: self.peer_dead_after_ms * 1_000_000,
-            max_payload: self.mtu as usize - crate::wire::HEADER_LEN - crate::wire::TAG_LEN,
-            ..crate::reliable::TransportConfig::default()
+            max_payload: self.mtu as usize - nf_proto::wire::HEADER_LEN - nf_proto::wire::TAG_LEN,
+            ..nf_proto::reliable::TransportConfig::default()
         }
     }
 }
@@ -647,7 +656,7 @@ pub struct SupervisorSection {
     /// `"enforce"` (a call outside the data path's list kills the process), `"log"` (the
     /// kernel logs it), `"off"`.
     #[serde(default)]
-    pub seccomp: crate::sandbox::SeccompMode,
+    pub seccomp: SeccompMode,
 }
 
 fn d_frozen_after() -> u64 {
@@ -1091,7 +1100,7 @@ impl Config {
             bail!("runtime: at least one [[runtime]] is required");
         }
         let processes = self.vswitches.len() + self.runtimes.len();
-        let max = crate::layout::MAX_SLOTS as usize - 1;
+        let max = nf_shm::layout::MAX_SLOTS as usize - 1;
         if processes > max {
             bail!("runtime: at most {max} vswitches and runtimes together (got {processes})");
         }
@@ -1258,8 +1267,8 @@ impl Config {
                 }
             }
         }
-        if self.ports.len() > crate::layout::MAX_PORTS as usize {
-            bail!("port: at most {} ports", crate::layout::MAX_PORTS);
+        if self.ports.len() > nf_shm::layout::MAX_PORTS as usize {
+            bail!("port: at most {} ports", nf_shm::layout::MAX_PORTS);
         }
         self.validate_cluster()?;
         self.validate_chains()
@@ -1344,7 +1353,7 @@ impl Config {
             bail!("cluster.mtu: must be between 576 and 9000 (got {})", c.mtu);
         }
         let room = self.region_config().data_room();
-        let frame = c.mtu + crate::wire::ENCAP_LEN as u32;
+        let frame = c.mtu + nf_proto::wire::ENCAP_LEN as u32;
         if frame > room {
             bail!("cluster.mtu: frames of {frame} bytes (MTU plus encapsulation) do not fit the {room}-byte data room of a buffer; raise region.buffer_size");
         }
@@ -1402,11 +1411,11 @@ impl Config {
             if !names.insert(c.name.as_str()) {
                 bail!("chain.{}: chain name used twice", c.name);
             }
-            if c.nfs.len() > crate::limits::MAX_NFS {
+            if c.nfs.len() > nf_shm::limits::MAX_NFS {
                 bail!(
                     "chain.{}.nf: at most {} functions per chain",
                     c.name,
-                    crate::limits::MAX_NFS
+                    nf_shm::limits::MAX_NFS
                 );
             }
             if c.replication_packets == 0 || c.replication_interval_ms == 0 {
@@ -1560,15 +1569,16 @@ pub fn monitor_socket_of(control: &Path) -> PathBuf {
     control.with_file_name(format!("{stem}.monitor.sock"))
 }
 
-/// CPUs online on the machine (whatever this process's affinity).
+/// CPUs online on the machine (whatever this process's affinity): the kernel's list of
+/// online CPUs, or what the process may use if that cannot be read.
 pub fn online_cpus() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    if n > 0 {
-        n as usize
-    } else {
-        1
-    }
+    std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .ok()
+        .and_then(|s| parse_cpu_list(s.trim()).ok())
+        .map(|l| l.len())
+        .filter(|&n| n > 0)
+        .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
+        .unwrap_or(1)
 }
 
 /// Parses a CPU list such as `0-3,6`.
@@ -1713,5 +1723,42 @@ mod tests {
         assert_eq!(parse_cpu_list("0-2,5").unwrap(), vec![0, 1, 2, 5]);
         assert!(parse_cpu_list("3-1").is_err());
         assert!(parse_cpu_list("x").is_err());
+    }
+}
+
+/// What the data path's system-call filter does with a call outside its list
+/// (`[supervisor] seccomp`, and the processes' `--seccomp`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SeccompMode {
+    /// The process is killed (SIGSYS).
+    #[default]
+    Enforce,
+    /// The call goes ahead and the kernel logs it (audit log or `dmesg`).
+    Log,
+    /// No filter.
+    Off,
+}
+
+impl std::fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SeccompMode::Enforce => "enforce",
+            SeccompMode::Log => "log",
+            SeccompMode::Off => "off",
+        })
+    }
+}
+
+impl std::str::FromStr for SeccompMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<SeccompMode, String> {
+        match s {
+            "enforce" => Ok(SeccompMode::Enforce),
+            "log" => Ok(SeccompMode::Log),
+            "off" => Ok(SeccompMode::Off),
+            _ => Err(format!("`{s}`: expected enforce, log or off")),
+        }
     }
 }

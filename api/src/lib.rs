@@ -16,19 +16,24 @@
 //! ([`FlowRecords`], indexed by the flow's slot; [`TypedStage`] knows where its NF's is): no
 //! allocation per flow and per NF, and a packet's chain finds all its states on a line or
 //! two.
+//!
+//! Crate nf-api (`api/`), above the configuration (a chain is built from it) and the
+//! shared-memory core (the records); nflib re-exports it as `nflib::nf`.
+
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::config::{Config, ConfigError};
-use crate::flow::FlowKey;
-use crate::packet::{self, checksum, Fragment, Headers, ParseError, L3};
-use crate::records::{Field, FlowRecords};
-use crate::stats::NF_COUNTERS;
+use nf_config::{Config, ConfigError};
+use nf_packet::flow::FlowKey;
+use nf_packet::{self as packet, checksum, Fragment, Headers, ParseError, L3};
+use nf_shm::records::{Field, FlowRecords};
+use nf_shm::stats::NF_COUNTERS;
 
-pub use crate::limits::MAX_NFS;
+pub use nf_shm::limits::MAX_NFS;
 
 /// What happens to a packet after a function saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
