@@ -39,7 +39,7 @@ pub use nf_shm::limits::MAX_NFS;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
     /// To the next function, then out of the egress port.
-    Forward,
+    Pass,
     /// Dropped (counted as this function's drop).
     Drop,
     /// Out of the port it arrived on, skipping the rest of the chain (a function that

@@ -522,7 +522,7 @@ impl ClusterSection {
             rto_factor: self.rto_factor as u64,
             min_rto_ns: self.min_rto_us * 1000,
             dead_after_ns: self.peer_dead_after_ms * 1_000_000,
-            max_payload: self.mtu as usize - nf_proto::wire::HEADER_LEN - nf_proto::wire::TAG_LEN,
+            max_payload: self.mtu as usize - nf_proto::frame::HEADER_LEN - nf_proto::frame::TAG_LEN,
             ..nf_proto::reliable::TransportConfig::default()
         }
     }
@@ -1353,7 +1353,7 @@ impl Config {
             bail!("cluster.mtu: must be between 576 and 9000 (got {})", c.mtu);
         }
         let room = self.region_config().data_room();
-        let frame = c.mtu + nf_proto::wire::ENCAP_LEN as u32;
+        let frame = c.mtu + nf_proto::frame::ENCAP_LEN as u32;
         if frame > room {
             bail!("cluster.mtu: frames of {frame} bytes (MTU plus encapsulation) do not fit the {room}-byte data room of a buffer; raise region.buffer_size");
         }

@@ -6,7 +6,7 @@
 use libfuzzer_sys::fuzz_target;
 use nflib::msg::Message;
 use nflib::reliable::{Transport, TransportConfig};
-use nflib::wire::{self, auth, DataEncap, EndpointAddr, Frame};
+use nflib::frame::{self, auth, DataEncap, EndpointAddr, Frame};
 
 fuzz_target!(|data: &[u8]| {
     // The input is a sequence of frames, each after a two-byte little-endian length, as
@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
         let mut buf = vec![0u8; 2048];
         transport.poll_transmit(now, &mut |h, p| {
             // What the transport sends must always be a frame that parses back.
-            let n = wire::write_frame(&mut buf, h, p).expect("own frames fit");
+            let n = frame::write_frame(&mut buf, h, p).expect("own frames fit");
             assert!(Frame::parse(&buf[..n]).is_ok());
             true
         });

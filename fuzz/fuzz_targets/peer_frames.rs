@@ -1,11 +1,11 @@
-//! Frames on the managers' TCP sessions (`nflib::peer_wire`), as a stranger sends them
+//! Frames on the managers' TCP sessions (`nflib::peer_frame`), as a stranger sends them
 //! before the handshake (plain, bounded) and as a session carries them (tagged, counted):
 //! each read ends in a message or an error, never a panic or an allocation beyond the
 //! phase's bound; a join that decodes gets its proof computed like the coordinator does.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nflib::peer_wire::{read_frame, AuthKey, JoinRequest, PeerMsg, MAX_FRAME, MAX_HANDSHAKE_FRAME};
+use nflib::peer_frame::{read_frame, AuthKey, JoinRequest, PeerMsg, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 
 fuzz_target!(|data: &[u8]| {
     let auth = AuthKey::derive(b"fuzzing cluster key, 32 bytes..");

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes seed inputs for the actor_frames fuzz target: sequences of well-formed frames from
 endpoint 1/2 to 2/3 (a first contact, data frames in and out of order, fragments, acks), each
-after a two-byte little-endian length, as the target reads them. Layout: proto/src/wire.rs."""
+after a two-byte little-endian length, as the target reads them. Layout: proto/src/frame.rs."""
 import os
 import struct
 import sys

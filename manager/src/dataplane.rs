@@ -495,8 +495,8 @@ impl Dataplane {
                     // servers, so a frame naming another endpoint as its source would be
                     // vouched for by this server (one compromised process speaking for
                     // any other, anywhere in the cluster).
-                    let own = nflib::wire::Frame::parse(self.region.data(&p)).is_ok_and(|f| {
-                        f.header.src == nflib::wire::EndpointAddr::new(self.relay.me, s as u16)
+                    let own = nflib::frame::Frame::parse(self.region.data(&p)).is_ok_and(|f| {
+                        f.header.src == nflib::frame::EndpointAddr::new(self.relay.me, s as u16)
                     });
                     if !own {
                         self.counters.add(ProcCounter::MsgForged as usize, 1);

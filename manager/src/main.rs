@@ -494,8 +494,8 @@ impl ClusterKeys {
     }
 
     /// The keys of actor and data frames between servers.
-    pub fn frame_keys(&self) -> nflib::wire::auth::FrameKeys {
-        use nflib::wire::auth::{FrameKey, FrameKeys};
+    pub fn frame_keys(&self) -> nflib::frame::auth::FrameKeys {
+        use nflib::frame::auth::{FrameKey, FrameKeys};
         FrameKeys::new(
             FrameKey::derive(&self.sign),
             self.accept.iter().map(|k| FrameKey::derive(k)).collect(),
@@ -845,7 +845,7 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         cluster_keys.as_ref().map(ClusterKeys::frame_keys),
         cluster_port,
         nflib::mailbox::Mailbox::new(
-            nflib::wire::EndpointAddr::new(cfg.cluster.server_id, nflib::MANAGER_SLOT),
+            nflib::frame::EndpointAddr::new(cfg.cluster.server_id, nflib::MANAGER_SLOT),
             incarnation,
             cfg.cluster.transport(),
         ),

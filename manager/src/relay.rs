@@ -8,7 +8,7 @@
 //!   arriving on the cluster port are checked (tag, sender a live member, addressed here),
 //!   stripped of the tag and put on the message ring of their slot.
 //! - Data a vswitch sends to a runtime on another server (`DESC_REMOTE`) is wrapped in a
-//!   data frame (`wire::DataEncap`), signed and sent out of the cluster port; the runtime's
+//!   data frame (`frame::DataEncap`), signed and sent out of the cluster port; the runtime's
 //!   server unwraps it, notes where it came from in the buffer (`Route`) and hands it to the
 //!   runtime. The runtime's output for such a packet goes back to the server it came from,
 //!   which sends it out of the port it was meant for.
@@ -20,15 +20,15 @@
 use std::sync::mpsc;
 
 use nflib::buffer::{Route, DESC_REMOTE};
+use nflib::frame::{
+    self, auth, DataEncap, EndpointAddr, Frame, ReplayWindow, ENCAP_LEN, ETHERTYPE_CONTROL,
+    ETHERTYPE_DATA, LIAISON,
+};
 use nflib::mailbox::{Envelope, Mailbox};
 use nflib::msg::Message;
 use nflib::pool::ManagerPool;
 use nflib::reliable::PeerEvent;
 use nflib::stats::{LocalCounters, PortCounter, PORT_COUNTERS};
-use nflib::wire::{
-    self, auth, DataEncap, EndpointAddr, Frame, ReplayWindow, ENCAP_LEN, ETHERTYPE_CONTROL,
-    ETHERTYPE_DATA, LIAISON,
-};
 
 use crate::linkwatch::{LinkChange, LinkWatch};
 use nflib::slot::ProcessKind;
@@ -308,7 +308,7 @@ impl Relay {
         c: &mut LocalCounters<PORT_COUNTERS>,
     ) {
         let bytes = region.data(&p);
-        let dst = (wire::ethertype(bytes) == Some(ETHERTYPE_CONTROL))
+        let dst = (frame::ethertype(bytes) == Some(ETHERTYPE_CONTROL))
             .then(|| EndpointAddr::from_control_mac(bytes))
             .flatten();
         match dst {
@@ -427,7 +427,7 @@ impl Relay {
             pool.free(p);
             return Inbound::Done;
         };
-        let et = wire::ethertype(region.data(&p));
+        let et = frame::ethertype(region.data(&p));
         let drop = |c: &mut LocalCounters<PORT_COUNTERS>,
                     pool: &mut ManagerPool,
                     p: Packet,

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::testbed::Testbed;
 use common::{require_root, require_tool};
+use nflib::frame::{self, auth, DataEncap, EndpointAddr, FrameHeader, FrameKind};
 use nflib::msg::{Call, Message};
-use nflib::wire::{self, auth, DataEncap, EndpointAddr, FrameHeader, FrameKind};
 
 fn ready(what: &str, tools: &[&str]) -> bool {
     require_root(what) && tools.iter().all(|t| require_tool(t, what))
@@ -217,7 +217,7 @@ fn control_frame(
     h.seq = 1;
     h.ack = 1;
     let mut buf = vec![0u8; 2048];
-    let mut n = wire::write_frame(&mut buf, &h, &payload).unwrap();
+    let mut n = frame::write_frame(&mut buf, &h, &payload).unwrap();
     if let Some(k) = key {
         n = auth::sign(k, &mut buf, n).unwrap();
     }
@@ -354,9 +354,9 @@ fn a_replayed_data_frame_is_dropped() {
             EndpointAddr::new(2, 0).input_mac(),
         )
         .unwrap();
-        data[wire::ENCAP_LEN..wire::ENCAP_LEN + 14]
+        data[frame::ENCAP_LEN..frame::ENCAP_LEN + 14]
             .copy_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x88, 0xb5]);
-        data[wire::ENCAP_LEN + 14] = payload;
+        data[frame::ENCAP_LEN + 14] = payload;
         let n = auth::append_tag(&right, &mut data, 120).unwrap();
         data.truncate(n);
         data

@@ -8,8 +8,8 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use nflib::flow::{family, FlowKey};
+use nflib::frame::EndpointAddr;
 use nflib::msg::{states, FlowState, Message, MigrateFlow};
-use nflib::wire::EndpointAddr;
 
 const GROUP: usize = 256;
 
@@ -74,7 +74,7 @@ fn messages() -> Vec<(&'static str, Message)> {
                 idle_ms: 20,
                 missing: 0,
                 states_len: lens[i],
-                home: nflib::wire::EndpointAddr::new(1, 3),
+                home: nflib::frame::EndpointAddr::new(1, 3),
             })
             .collect(),
         states,

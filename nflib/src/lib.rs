@@ -6,7 +6,7 @@
 //!   TCP reassembly ([`packet`], [`flow`], [`pcap`], [`stream`]);
 //! - `nf-proto` (`proto/`): actor frames, their reliable delivery, the messages, the
 //!   cluster view, the managers' session frames, all I/O-free ([`wire`], [`reliable`],
-//!   [`msg`], [`cluster`], [`peer_wire`]);
+//!   [`msg`], [`cluster`], [`peer_frame`]);
 //! - `nf-shm` (`shm/`): the shared region, rings, buffers and pool, doorbells, the
 //!   endpoint, per-flow records and all the data plane's `unsafe` ([`region`], [`ring`],
 //!   [`buffer`], [`pool`], [`endpoint`], ...);
@@ -28,7 +28,7 @@ pub mod top;
 pub use nf_packet as packet;
 pub use nf_packet::{flow, pcap, stream};
 // So are the protocols (frames, the reliable transport, messages, the cluster view).
-pub use nf_proto::{cluster, msg, peer_wire, reliable, wire};
+pub use nf_proto::{cluster, frame, msg, peer_frame, reliable};
 
 // And the shared-memory core.
 pub use nf_shm::{

@@ -82,7 +82,7 @@ pub struct LocalManager {
 impl LocalManager {
     pub fn new(local: &LocalRegion) -> LocalManager {
         let region = local.region.clone();
-        let me = crate::wire::EndpointAddr::new(local.config.cluster.server_id, 0);
+        let me = crate::frame::EndpointAddr::new(local.config.cluster.server_id, 0);
         LocalManager {
             pool: crate::pool::ManagerPool::new(&region, 256),
             mailbox: crate::mailbox::Mailbox::new(
@@ -103,9 +103,9 @@ impl LocalManager {
 
     /// Sends `msg` to the liaison of the process in `slot` and pushes the frames.
     pub fn send(&mut self, slot: u16, msg: &crate::msg::Message) {
-        let to = crate::wire::EndpointAddr::new(self.mailbox.me().server, slot);
+        let to = crate::frame::EndpointAddr::new(self.mailbox.me().server, slot);
         self.mailbox
-            .send(to, crate::wire::LIAISON, crate::wire::LIAISON, msg)
+            .send(to, crate::frame::LIAISON, crate::frame::LIAISON, msg)
             .expect("queue has room");
         self.flush();
     }

@@ -11,11 +11,11 @@
 //! uses the same type with its own rings (`handle_frame`, `build_frames`).
 
 use crate::endpoint::Endpoint;
+use crate::frame::{write_frame, EndpointAddr, Frame, ETHERTYPE_CONTROL};
 use crate::msg::Message;
 use crate::region::Region;
 use crate::reliable::{Outgoing, PeerEvent, SendError, Transport, TransportConfig};
 use crate::stats::ProcCounter;
-use crate::wire::{write_frame, EndpointAddr, Frame, ETHERTYPE_CONTROL};
 use crate::{Packet, MANAGER_SLOT};
 
 /// A message delivered to an actor here.
@@ -221,7 +221,7 @@ impl Mailbox {
             let src = (bytes.len() >= 12)
                 .then(|| EndpointAddr::from_control_mac(&bytes[6..12]))
                 .flatten();
-            let plausible = crate::wire::ethertype(bytes) == Some(ETHERTYPE_CONTROL)
+            let plausible = crate::frame::ethertype(bytes) == Some(ETHERTYPE_CONTROL)
                 && match src {
                     Some(s) if from_slot == MANAGER_SLOT => {
                         s.server != me.server || s.slot == MANAGER_SLOT
@@ -328,7 +328,7 @@ impl Paced {
         msg: &Message,
     ) -> Result<(), SendError> {
         let mut payload = Vec::new();
-        if msg.encode(&mut payload).is_err() || payload.len() > crate::wire::MAX_MESSAGE {
+        if msg.encode(&mut payload).is_err() || payload.len() > crate::frame::MAX_MESSAGE {
             return Err(SendError::TooLarge);
         }
         self.queue.push_back(Waiting {
@@ -382,7 +382,7 @@ impl Paced {
 mod tests {
     use super::*;
     use crate::flow::FlowKey;
-    use crate::wire::write_frame;
+    use crate::frame::write_frame;
 
     const A: EndpointAddr = EndpointAddr::new(1, 2);
     const B: EndpointAddr = EndpointAddr::new(1, 3);

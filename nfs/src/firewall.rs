@@ -332,7 +332,7 @@ impl NetworkFunction for Firewall {
         ctx: &mut NfContext<'_>,
     ) -> Verdict {
         let track = match st {
-            FwState::Open => return Verdict::Forward,
+            FwState::Open => return Verdict::Pass,
             FwState::Denied => {
                 ctx.count(DROP_DENIED, 1);
                 return Verdict::Drop;
@@ -343,7 +343,7 @@ impl NetworkFunction for Firewall {
                 match pkt.tcp() {
                     Some(t) if opens(t.flags) && ctx.dir == Dir::Original => {
                         *st = FwState::Tcp(TcpTrack::opened(t.seq));
-                        return Verdict::Forward;
+                        return Verdict::Pass;
                     }
                     _ => {
                         ctx.count(DROP_NOT_OPENED, 1);
@@ -355,7 +355,7 @@ impl NetworkFunction for Firewall {
         };
         // Later fragments carry no TCP header: they follow the connection's fate.
         let Some(t) = pkt.tcp() else {
-            return Verdict::Forward;
+            return Verdict::Pass;
         };
         if !valid_flags(t.flags) {
             ctx.count(DROP_INVALID, 1);
@@ -399,7 +399,7 @@ impl NetworkFunction for Firewall {
                 }
                 track.state = next;
                 track.ignored_syn = None;
-                Verdict::Forward
+                Verdict::Pass
             }
             Step::Ignore => {
                 if c == Class::Syn {
@@ -422,7 +422,7 @@ impl NetworkFunction for Firewall {
                     }
                 }
                 ctx.count(IGNORED, 1);
-                Verdict::Forward
+                Verdict::Pass
             }
             Step::Invalid => {
                 ctx.count(DROP_INVALID, 1);
@@ -469,7 +469,7 @@ mod tests {
             (tcp(S, C, F::FIN | F::ACK, 501, 107, b""), "fin"),
             (tcp(C, S, F::ACK, 107, 502, b""), "last ack"),
         ] {
-            assert_eq!(h.feed(&frame).0, Verdict::Forward, "{dir}");
+            assert_eq!(h.feed(&frame).0, Verdict::Pass, "{dir}");
         }
         assert_eq!(h.counter("flows_allowed"), 1);
     }
@@ -488,14 +488,8 @@ mod tests {
         assert_eq!(h.counter("flows_denied"), 2);
         assert_eq!(h.counter("drop_denied"), 2);
         // UDP is allowed, both ways.
-        assert_eq!(
-            h.feed(&udp(C, ([10, 0, 0, 2], 53), b"q")).0,
-            Verdict::Forward
-        );
-        assert_eq!(
-            h.feed(&udp(([10, 0, 0, 2], 53), C, b"a")).0,
-            Verdict::Forward
-        );
+        assert_eq!(h.feed(&udp(C, ([10, 0, 0, 2], 53), b"q")).0, Verdict::Pass);
+        assert_eq!(h.feed(&udp(([10, 0, 0, 2], 53), C, b"a")).0, Verdict::Pass);
     }
 
     #[test]
@@ -520,15 +514,12 @@ mod tests {
     fn the_initiators_syn_opens_a_flow_a_stray_started() {
         let mut h = fw();
         assert_eq!(h.feed(&tcp(C, S, F::ACK, 7, 9, b"")).0, Verdict::Drop);
-        assert_eq!(h.feed(&tcp(C, S, F::SYN, 100, 0, b"")).0, Verdict::Forward);
+        assert_eq!(h.feed(&tcp(C, S, F::SYN, 100, 0, b"")).0, Verdict::Pass);
         assert_eq!(
             h.feed(&tcp(S, C, F::SYN | F::ACK, 500, 101, b"")).0,
-            Verdict::Forward
+            Verdict::Pass
         );
-        assert_eq!(
-            h.feed(&tcp(C, S, F::ACK, 101, 501, b"")).0,
-            Verdict::Forward
-        );
+        assert_eq!(h.feed(&tcp(C, S, F::ACK, 101, 501, b"")).0, Verdict::Pass);
     }
 
     /// Flag combinations no TCP sends are invalid wherever they come (conntrack's table of
@@ -572,7 +563,7 @@ mod tests {
         // The connection is untouched: data still flows.
         assert_eq!(
             h.feed(&tcp(other, S, F::ACK | F::PSH, 101, 501, b"x")).0,
-            Verdict::Forward
+            Verdict::Pass
         );
     }
 
@@ -591,7 +582,7 @@ mod tests {
         h.feed(&tcp(C, S, F::ACK, 9006, 7001, b""));
         assert_eq!(
             h.feed(&tcp(C, S, F::FIN | F::ACK, 9006, 7001, b"")).0,
-            Verdict::Forward
+            Verdict::Pass
         );
         assert_eq!(h.counter("drop_invalid"), 0);
     }
@@ -604,10 +595,7 @@ mod tests {
         let mut h = fw();
         h.feed(&tcp(C, S, F::SYN, 100, 0, b""));
         // Data from the responder before its SYN-ACK: conntrack lets it through unjudged.
-        assert_eq!(
-            h.feed(&tcp(S, C, F::ACK, 500, 101, b"x")).0,
-            Verdict::Forward
-        );
+        assert_eq!(h.feed(&tcp(S, C, F::ACK, 500, 101, b"x")).0, Verdict::Pass);
         // A FIN before the handshake completes is invalid.
         assert_eq!(
             h.feed(&tcp(C, S, F::FIN | F::ACK, 101, 0, b"")).0,
@@ -616,7 +604,7 @@ mod tests {
         // The responder resets the SYN; nothing but a new SYN passes after that.
         assert_eq!(
             h.feed(&tcp(S, C, F::RST | F::ACK, 0, 101, b"")).0,
-            Verdict::Forward
+            Verdict::Pass
         );
         assert_eq!(h.feed(&tcp(C, S, F::ACK, 101, 1, b"late")).0, Verdict::Drop);
         assert_eq!(h.counter("drop_invalid"), 2);
@@ -636,7 +624,7 @@ mod tests {
             (tcp(S, C, F::SYN | F::ACK, 500, 101, b""), "late syn-ack"),
             (tcp(C, S, F::ACK | F::PSH, 101, 501, b"data"), "data"),
         ] {
-            assert_eq!(h.feed(&frame).0, Verdict::Forward, "{what}");
+            assert_eq!(h.feed(&frame).0, Verdict::Pass, "{what}");
         }
         assert_eq!(h.counter("drop_invalid"), 0);
     }
@@ -648,19 +636,16 @@ mod tests {
         h.feed(&tcp(S, C, F::SYN | F::ACK, 500, 101, b""));
         h.feed(&tcp(C, S, F::ACK, 101, 501, b""));
         // The client lost its end and opens again on the same port.
-        assert_eq!(h.feed(&tcp(C, S, F::SYN, 9000, 0, b"")).0, Verdict::Forward);
+        assert_eq!(h.feed(&tcp(C, S, F::SYN, 9000, 0, b"")).0, Verdict::Pass);
         assert_eq!(
             h.feed(&tcp(S, C, F::SYN | F::ACK, 7000, 9001, b"")).0,
-            Verdict::Forward
+            Verdict::Pass
         );
-        assert_eq!(
-            h.feed(&tcp(C, S, F::ACK, 9001, 7001, b"")).0,
-            Verdict::Forward
-        );
+        assert_eq!(h.feed(&tcp(C, S, F::ACK, 9001, 7001, b"")).0, Verdict::Pass);
         // A FIN is valid from the new connection's handshake on.
         assert_eq!(
             h.feed(&tcp(C, S, F::FIN | F::ACK, 9001, 7001, b"")).0,
-            Verdict::Forward
+            Verdict::Pass
         );
         assert_eq!(h.counter("drop_invalid"), 0);
     }
@@ -675,10 +660,10 @@ mod tests {
             Verdict::Drop
         );
         // A new SYN opens it again.
-        assert_eq!(h.feed(&tcp(C, S, F::SYN, 900, 0, b"")).0, Verdict::Forward);
+        assert_eq!(h.feed(&tcp(C, S, F::SYN, 900, 0, b"")).0, Verdict::Pass);
         assert_eq!(
             h.feed(&tcp(S, C, F::SYN | F::ACK, 500, 901, b"")).0,
-            Verdict::Forward
+            Verdict::Pass
         );
     }
 

@@ -259,10 +259,10 @@ impl NetworkFunction for HttpParser {
         ctx: &mut NfContext<'_>,
     ) -> Verdict {
         if !st.active {
-            return Verdict::Forward;
+            return Verdict::Pass;
         }
         let Some(t) = pkt.tcp() else {
-            return Verdict::Forward;
+            return Verdict::Pass;
         };
         let side = match ctx.dir {
             Dir::Original => 0,
@@ -273,7 +273,7 @@ impl NetworkFunction for HttpParser {
         }
         let payload = pkt.payload();
         if payload.is_empty() {
-            return Verdict::Forward;
+            return Verdict::Pass;
         }
         self.scratch.clear();
         let scratch = &mut self.scratch;
@@ -289,7 +289,7 @@ impl NetworkFunction for HttpParser {
             st.feed(side, &bytes, ctx);
             self.scratch = bytes;
         }
-        Verdict::Forward
+        Verdict::Pass
     }
 
     fn end_flow(&mut self, st: HttpState, ctx: &mut NfContext<'_>) {

@@ -195,7 +195,7 @@ impl NetworkFunction for LoadBalancer {
                 ctx.count(ARP_REPLIES, 1);
                 return Verdict::SendBack;
             }
-            return Verdict::Forward;
+            return Verdict::Pass;
         };
         match ctx.dir {
             Dir::Original => {
@@ -207,7 +207,7 @@ impl NetworkFunction for LoadBalancer {
                 pkt.set_eth_src(self.vip_mac);
             }
         }
-        Verdict::Forward
+        Verdict::Pass
     }
 }
 
@@ -236,14 +236,14 @@ mod tests {
         for port in 1000..1004u16 {
             let c = ([10, 0, 0, 9], port);
             let (v, out) = h.feed(&tcp(c, vip, F::SYN, 1, 0, b""));
-            assert_eq!(v, Verdict::Forward);
+            assert_eq!(v, Verdict::Pass);
             let hd = nflib::packet::parse(&out).unwrap();
             assert!(checksums_ok(&out));
             seen.push(hd.dst_ip[3]);
             // The backend answers the client; the reply leaves as the VIP.
             let backend = ([hd.dst_ip[0], hd.dst_ip[1], hd.dst_ip[2], hd.dst_ip[3]], 80);
             let (v, back) = h.feed(&tcp(backend, c, F::SYN | F::ACK, 5, 2, b""));
-            assert_eq!(v, Verdict::Forward);
+            assert_eq!(v, Verdict::Pass);
             let bh = nflib::packet::parse(&back).unwrap();
             assert_eq!(&bh.src_ip[..4], &[10, 0, 0, 50]);
             assert_eq!(bh.src_mac, [2, 0, 0, 0, 0, 0x50]);
@@ -265,7 +265,7 @@ mod tests {
             0,
             b"",
         ));
-        assert_eq!(v, Verdict::Forward);
+        assert_eq!(v, Verdict::Pass);
         assert_eq!(nflib::packet::parse(&out).unwrap().dst_ip[3], 50);
         let mut arp = [0u8; 60];
         let n = nflib::packet::arp::request(

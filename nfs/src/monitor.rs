@@ -72,7 +72,7 @@ impl NetworkFunction for FlowMonitor {
         st.last_ms = ctx.now_ms;
         ctx.count(PACKETS, 1);
         ctx.count(BYTES, pkt.len() as u64);
-        Verdict::Forward
+        Verdict::Pass
     }
 
     fn end_flow(&mut self, st: MonitorState, ctx: &mut NfContext<'_>) {

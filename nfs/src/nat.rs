@@ -337,7 +337,7 @@ impl NetworkFunction for Nat {
                 ctx.count(ARP_REPLIES, 1);
                 return Verdict::SendBack;
             }
-            return Verdict::Forward;
+            return Verdict::Pass;
         };
         let icmp = pkt.headers().proto == proto::ICMP;
         match ctx.dir {
@@ -360,7 +360,7 @@ impl NetworkFunction for Nat {
                 pkt.set_eth_dst(m.inside_mac);
             }
         }
-        Verdict::Forward
+        Verdict::Pass
     }
 
     fn end_flow(&mut self, st: NatState, ctx: &mut NfContext<'_>) {
@@ -417,7 +417,7 @@ mod tests {
         let c = ([10, 1, 1, 1], 5555);
         let s = ([198, 51, 100, 7], 80);
         let (v, out) = h.feed(&tcp(c, s, F::SYN, 1, 0, b""));
-        assert_eq!(v, Verdict::Forward);
+        assert_eq!(v, Verdict::Pass);
         let hd = nflib::packet::parse(&out).unwrap();
         assert_eq!(&hd.src_ip[..4], &[192, 0, 2, 1]);
         assert_eq!(hd.src_port, 1000);
@@ -433,7 +433,7 @@ mod tests {
             2,
             b"hi",
         ));
-        assert_eq!(v, Verdict::Forward);
+        assert_eq!(v, Verdict::Pass);
         let hd = nflib::packet::parse(&back).unwrap();
         assert_eq!(&hd.dst_ip[..4], &[10, 1, 1, 1]);
         assert_eq!(hd.dst_port, 5555);
@@ -446,7 +446,7 @@ mod tests {
         let mut h = nat(0, 1);
         for i in 0..4u16 {
             let (v, _) = h.feed(&udp(([10, 0, 0, 1], 100 + i), ([8, 8, 8, 8], 53), b"q"));
-            assert_eq!(v, Verdict::Forward);
+            assert_eq!(v, Verdict::Pass);
         }
         let (v, _) = h.feed(&udp(([10, 0, 0, 1], 200), ([8, 8, 8, 8], 53), b"q"));
         assert_eq!(v, Verdict::Drop);
@@ -454,7 +454,7 @@ mod tests {
         // Flows end, their ports return.
         h.end_all();
         let (v, _) = h.feed(&udp(([10, 0, 0, 1], 300), ([8, 8, 8, 8], 53), b"q"));
-        assert_eq!(v, Verdict::Forward);
+        assert_eq!(v, Verdict::Pass);
     }
 
     /// A reused inside port gets its last translation back (the server may hold that tuple
@@ -565,7 +565,7 @@ mod tests {
     fn outside_flows_pass_and_arp_is_answered() {
         let mut h = nat(0, 1);
         let (v, out) = h.feed(&udp(([192, 168, 1, 1], 9), ([10, 0, 0, 1], 9), b""));
-        assert_eq!(v, Verdict::Forward);
+        assert_eq!(v, Verdict::Pass);
         assert_eq!(
             &nflib::packet::parse(&out).unwrap().src_ip[..4],
             &[192, 168, 1, 1]

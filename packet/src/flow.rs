@@ -1,7 +1,7 @@
 //! The flow key: which connection a packet belongs to, the same for both directions.
 //!
 //! A key holds the two endpoints in a canonical order (the smaller (address, port) first), so
-//! a packet and its reply map to one key; `Direction` tells which endpoint sent the packet.
+//! a packet and its reply map to one key; `Sender` tells which endpoint sent the packet.
 //!
 //! Policies, decided here once for the whole platform:
 //! - **Fragments**: every fragment of a datagram (the first included) is keyed by addresses
@@ -128,18 +128,19 @@ mod addr16 {
     }
 }
 
-/// Which endpoint of the key sent a packet.
+/// Which endpoint of the key sent a packet (the key's order, not the flow's: that is
+/// `nf::Dir`, original or reply).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
+pub enum Sender {
     /// From `a` to `b`.
-    Forward,
+    A,
     /// From `b` to `a`.
-    Reverse,
+    B,
 }
 
 impl FlowKey {
     /// The key of a packet from `src:sport` to `dst:dport` (IPv4 in the first 4 bytes of the
-    /// addresses), and its direction. Functions that translate addresses use it to name the
+    /// addresses), and which of its endpoints sent it. Functions that translate addresses use it to name the
     /// key their translated packets will arrive under.
     pub fn from_tuple(
         family: u8,
@@ -147,7 +148,7 @@ impl FlowKey {
         vlan: u16,
         src: ([u8; 16], u16),
         dst: ([u8; 16], u16),
-    ) -> (FlowKey, Direction) {
+    ) -> (FlowKey, Sender) {
         let forward = src <= dst;
         let ((a, a_port), (b, b_port)) = if forward { (src, dst) } else { (dst, src) };
         let key = FlowKey {
@@ -160,12 +161,8 @@ impl FlowKey {
             family,
             fragment: false,
         };
-        let dir = if forward {
-            Direction::Forward
-        } else {
-            Direction::Reverse
-        };
-        (key, dir)
+        let sender = if forward { Sender::A } else { Sender::B };
+        (key, sender)
     }
 
     /// An IPv4 address as stored in keys.
@@ -176,7 +173,7 @@ impl FlowKey {
     }
 
     /// The key of a parsed packet and the direction it travels in.
-    pub fn of(h: &Headers) -> (FlowKey, Direction) {
+    pub fn of(h: &Headers) -> (FlowKey, Sender) {
         let (family, src, dst, sport, dport, proto, fragment) = match h.l3 {
             L3::None => {
                 let mut s = [0u8; 16];
@@ -217,12 +214,8 @@ impl FlowKey {
             family,
             fragment,
         };
-        let dir = if forward {
-            Direction::Forward
-        } else {
-            Direction::Reverse
-        };
-        (key, dir)
+        let sender = if forward { Sender::A } else { Sender::B };
+        (key, sender)
     }
 }
 

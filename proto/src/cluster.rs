@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::EndpointAddr;
+use crate::frame::EndpointAddr;
 
 /// The composition of the cluster at one version.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

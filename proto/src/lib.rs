@@ -9,14 +9,14 @@
 //! - [`reliable`]: exactly-once, in-order delivery of actor messages over those frames;
 //! - [`msg`]: the actor messages themselves (migration, replication, recovery, control);
 //! - [`cluster`]: the cluster view, workloads and reports the messages carry;
-//! - [`peer_wire`]: the frames nfmgrs exchange over their TCP sessions.
+//! - [`peer_frame`]: the frames nfmgrs exchange over their TCP sessions.
 //!
-//! nflib re-exports each under its old path (`nflib::wire`, `nflib::reliable`, ...).
+//! nflib re-exports each under its old path (`nflib::frame`, `nflib::reliable`, ...).
 
 #![forbid(unsafe_code)]
 
 pub mod cluster;
+pub mod frame;
 pub mod msg;
-pub mod peer_wire;
+pub mod peer_frame;
 pub mod reliable;
-pub mod wire;

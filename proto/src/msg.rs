@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterView, FlowInfo, ProbeReport, Workload};
-use crate::wire::EndpointAddr;
+use crate::frame::EndpointAddr;
 use nf_packet::flow::FlowKey;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -41,7 +41,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::wire::{EndpointAddr, Frame, FrameHeader, FrameKind, MAX_MESSAGE};
+use crate::frame::{EndpointAddr, Frame, FrameHeader, FrameKind, MAX_MESSAGE};
 
 /// Selective-ack bits per frame; the receive window cannot be larger.
 pub const SACK_BITS: u64 = 64;
@@ -100,7 +100,7 @@ impl Default for TransportConfig {
             initial_rto_ns: 20_000_000,
             dead_after_ns: 3_000_000_000,
             max_queue_frames: 16_384,
-            max_payload: 1500 - crate::wire::HEADER_LEN - crate::wire::TAG_LEN,
+            max_payload: 1500 - crate::frame::HEADER_LEN - crate::frame::TAG_LEN,
             reassembly_budget: 64 << 20,
         }
     }
@@ -138,7 +138,7 @@ pub enum PeerEvent {
 pub enum SendError {
     /// The queue to this peer is full; try again after frames are acknowledged.
     QueueFull,
-    /// Larger than `wire::MAX_MESSAGE`.
+    /// Larger than `frame::MAX_MESSAGE`.
     TooLarge,
     /// Messages to oneself are function calls, not frames.
     ToSelf,

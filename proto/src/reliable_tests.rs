@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 use super::*;
-use crate::wire::{write_frame, Frame};
+use crate::frame::{write_frame, Frame};
 
 const A: EndpointAddr = EndpointAddr::new(1, 2);
 const B: EndpointAddr = EndpointAddr::new(2, 3);
@@ -642,7 +642,7 @@ fn a_replayed_frame_is_not_fresh() {
         // Until it knows B's session, A has one frame in flight: let them talk it over.
         for _ in 0..4 {
             a.poll_transmit(now, &mut |h, p| {
-                let n = crate::wire::write_frame(&mut buf, h, p).unwrap();
+                let n = crate::frame::write_frame(&mut buf, h, p).unwrap();
                 frames_ab.push(buf[..n].to_vec());
                 true
             });
@@ -654,7 +654,7 @@ fn a_replayed_frame_is_not_fresh() {
                 }
             }
             b.poll_transmit(now, &mut |h, p| {
-                let n = crate::wire::write_frame(&mut buf, h, p).unwrap();
+                let n = crate::frame::write_frame(&mut buf, h, p).unwrap();
                 frames_ba.push((false, buf[..n].to_vec()));
                 true
             });

@@ -28,13 +28,13 @@ use std::time::{Duration, Instant};
 
 use nflib::buffer::Desc;
 use nflib::endpoint::{Endpoint, BATCH};
+use nflib::frame::EndpointAddr;
 use nflib::layout::RingId;
 use nflib::local::LocalRegion;
 use nflib::packet::build::UdpV4;
 use nflib::pool::ManagerPool;
 use nflib::ring::{Consumer, Producer};
 use nflib::slot::ProcessKind;
-use nflib::wire::EndpointAddr;
 use nflib::Region;
 
 const CHAIN: &str = r#"

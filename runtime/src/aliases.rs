@@ -26,7 +26,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use nflib::wire::EndpointAddr;
+use nflib::frame::EndpointAddr;
 
 /// Most packets held at once. Past it the oldest epochs are let go (as if timed out): a
 /// vswitch that never answers costs reordering-free forwarding of unconfirmed packets,

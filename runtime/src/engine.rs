@@ -17,7 +17,8 @@ use std::time::Instant;
 
 use nflib::buffer::Route;
 use nflib::endpoint::Endpoint;
-use nflib::flow::{Direction, FlowKey};
+use nflib::flow::{FlowKey, Sender};
+use nflib::frame::{EndpointAddr, LIAISON};
 use nflib::mailbox::{Mailbox, Paced};
 use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::nf::{tcp_flags, Dir, EndReason, NfContext, PacketMut, Stage, Verdict};
@@ -25,7 +26,6 @@ use nflib::packet::ParseError;
 use nflib::records::FlowRecords;
 use nflib::reliable::SendError;
 use nflib::stats::{ProcCounter, NF_COUNTERS};
-use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Packet, MANAGER_SLOT};
 
 use crate::aliases::AliasCommit;
@@ -173,7 +173,7 @@ struct Prepared {
     vswitch: EndpointAddr,
     h: nflib::packet::Headers,
     key: FlowKey,
-    kdir: Direction,
+    sender: Sender,
     hash: u64,
 }
 
@@ -316,14 +316,14 @@ impl Runtime {
             }
             match nflib::packet::parse(region.data(&pkt)) {
                 Ok(h) => {
-                    let (key, kdir) = FlowKey::of(&h);
+                    let (key, sender) = FlowKey::of(&h);
                     let hash = self.flows.hash(&key);
                     pkts.push(pkt);
                     prepared.push(Prepared {
                         vswitch,
                         h,
                         key,
-                        kdir,
+                        sender,
                         hash,
                     });
                 }
@@ -380,7 +380,7 @@ impl Runtime {
             vswitch,
             ref h,
             ref key,
-            kdir,
+            sender,
             hash,
         } = *p;
         let len = pkt.len();
@@ -390,7 +390,7 @@ impl Runtime {
                 let room = region.room_mut(&mut pkt);
                 match PacketMut::with_headers(room, len, *h) {
                     Ok(mut pm) => {
-                        self.run_chain(ep, vswitch, &mut pm, key, kdir, hash, now_ms, force)
+                        self.run_chain(ep, vswitch, &mut pm, key, sender, hash, now_ms, force)
                     }
                     Err(_) => Ran::Dropped,
                 }
@@ -460,7 +460,7 @@ impl Runtime {
     ) -> Option<(Packet, Prepared)> {
         match nflib::packet::parse(region.data(&pkt)) {
             Ok(h) => {
-                let (key, kdir) = FlowKey::of(&h);
+                let (key, sender) = FlowKey::of(&h);
                 let hash = self.flows.hash(&key);
                 Some((
                     pkt,
@@ -468,7 +468,7 @@ impl Runtime {
                         vswitch,
                         h,
                         key,
-                        kdir,
+                        sender,
                         hash,
                     },
                 ))
@@ -635,7 +635,7 @@ impl Runtime {
         from: EndpointAddr,
         pm: &mut PacketMut<'_>,
         key: &FlowKey,
-        kdir: Direction,
+        sender: Sender,
         hash: u64,
         now_ms: u64,
         force: bool,
@@ -675,7 +675,7 @@ impl Runtime {
             Some(Found::Alias(s)) => (s, false, Some(Dir::Reply)),
             None => {
                 let mut flags = 0;
-                if kdir == Direction::Forward {
+                if sender == Sender::A {
                     flags |= flag::INITIATOR_IS_A;
                 }
                 let actor = FlowActor::new(*key, self.next_id, now, from, HERE, flags);
@@ -707,7 +707,7 @@ impl Runtime {
             return Ran::Dropped;
         };
         let dir = known_dir.unwrap_or(
-            if (kdir == Direction::Forward) == actor.has(flag::INITIATOR_IS_A) {
+            if (sender == Sender::A) == actor.has(flag::INITIATOR_IS_A) {
                 Dir::Original
             } else {
                 Dir::Reply
@@ -747,7 +747,7 @@ impl Runtime {
         let fkey = actor.key;
         let id = actor.id;
         let vswitch = actor.vswitch;
-        let mut verdict = Verdict::Forward;
+        let mut verdict = Verdict::Pass;
         let mut dropped_by = None;
         let mut ctx = NfContext::new(
             now_ms,
@@ -761,7 +761,7 @@ impl Runtime {
         for (i, stage) in self.stages.iter_mut().enumerate() {
             ctx.set_stage(i);
             match stage.process(self.flows.records_mut(), slot, new, pm, &mut ctx) {
-                Verdict::Forward => {}
+                Verdict::Pass => {}
                 Verdict::Drop => {
                     dropped_by = Some(i);
                     verdict = Verdict::Drop;
@@ -1531,7 +1531,7 @@ impl Runtime {
             if let Message::Replicate { states, ended, .. } = m {
                 // (One too large for any queue is left to `send` to refuse.)
                 let least = states.len() + ended.len() * 8;
-                if least <= nflib::wire::MAX_MESSAGE && mb.room(to) < mb.frames_for(least) {
+                if least <= nflib::frame::MAX_MESSAGE && mb.room(to) < mb.frames_for(least) {
                     return replication::Sent::Full;
                 }
             }

@@ -69,7 +69,7 @@ pub fn crash_after_start(uptime_ms: u64) {
 /// of the endpoint in the next slot.
 pub fn forge_source(
     ep: &mut nflib::endpoint::Endpoint,
-    me: nflib::wire::EndpointAddr,
+    me: nflib::frame::EndpointAddr,
     uptime_ms: u64,
 ) {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -84,18 +84,18 @@ pub fn forge_source(
     {
         return;
     }
-    let forged = nflib::wire::EndpointAddr::new(me.server, me.slot.wrapping_add(1));
-    let mut h = nflib::wire::FrameHeader::ack(
+    let forged = nflib::frame::EndpointAddr::new(me.server, me.slot.wrapping_add(1));
+    let mut h = nflib::frame::FrameHeader::ack(
         forged,
-        nflib::wire::EndpointAddr::new(me.server, nflib::MANAGER_SLOT),
+        nflib::frame::EndpointAddr::new(me.server, nflib::MANAGER_SLOT),
     );
-    h.kind = nflib::wire::FrameKind::Data;
+    h.kind = nflib::frame::FrameKind::Data;
     h.seq = 1;
     h.src_session = 1;
     h.frag_count = 1;
     let Some(mut p) = ep.alloc() else { return };
     let region = ep.region().clone();
-    match nflib::wire::write_frame(region.room_mut(&mut p), &h, &payload) {
+    match nflib::frame::write_frame(region.room_mut(&mut p), &h, &payload) {
         Ok(n) if region.set_len(&mut p, n) => {
             let mut q = vec![p];
             ep.send_messages(nflib::MANAGER_SLOT, &mut q);
@@ -221,8 +221,8 @@ pub fn sandbox_probe(uptime_ms: u64) {
 /// nfmgr may make, as a taken-over runtime would: it asks the runtime in the next slot to
 /// take over its own (living) flows, and the vswitch in slot 1 for its workload.
 pub fn rogue_call(mb: &mut nflib::mailbox::Mailbox, uptime_ms: u64) {
+    use nflib::frame::EndpointAddr;
     use nflib::msg::{Call, Message};
-    use nflib::wire::EndpointAddr;
     use std::sync::atomic::{AtomicBool, Ordering};
     static DONE: AtomicBool = AtomicBool::new(false);
     if uptime_ms < 300 || !enabled("rogue-call") || DONE.swap(true, Ordering::Relaxed) {
@@ -230,7 +230,7 @@ pub fn rogue_call(mb: &mut nflib::mailbox::Mailbox, uptime_ms: u64) {
     }
     let me = mb.me();
     let next = EndpointAddr::new(me.server, me.slot.wrapping_add(1));
-    let liaison = nflib::wire::LIAISON;
+    let liaison = nflib::frame::LIAISON;
     let recover = Message::Rpc {
         id: 1,
         call: Call::Recover {

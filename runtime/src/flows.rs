@@ -10,8 +10,8 @@
 //! a few lines of one page.
 
 use nflib::flow::FlowKey;
+use nflib::frame::EndpointAddr;
 use nflib::hint::prefetch;
-use nflib::wire::EndpointAddr;
 
 use nflib::index::{FlowIndex, KeyHasher};
 use nflib::records::{Field, FlowRecords};

@@ -29,8 +29,8 @@
 //!
 //! No I/O: the engine serialises states, calls the functions and sends the messages.
 
+use nflib::frame::EndpointAddr;
 use nflib::msg::Message;
-use nflib::wire::EndpointAddr;
 
 /// The home index of flows this runtime started.
 pub const HERE: u8 = 0;

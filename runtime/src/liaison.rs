@@ -15,11 +15,11 @@ use std::sync::atomic::Ordering;
 
 use nflib::cluster::{ClusterView, FlowInfo, ProbeReport, TransportCounters, Workload};
 use nflib::endpoint::Endpoint;
+use nflib::frame::{EndpointAddr, LIAISON};
 use nflib::mailbox::{Envelope, Mailbox};
 use nflib::msg::{Call, Message, Reply};
 use nflib::slot::ProcessKind;
 use nflib::stats::ProcCounter;
-use nflib::wire::{EndpointAddr, LIAISON};
 
 use crate::engine::Runtime;
 use crate::flows::{flag, ms_since};
@@ -337,7 +337,7 @@ impl Liaison {
                     };
                 }
                 // Room for the message's other fields; a larger pad could never be sent.
-                let max = nflib::wire::MAX_MESSAGE - 64;
+                let max = nflib::frame::MAX_MESSAGE - 64;
                 if size as usize > max {
                     return Reply::Refused {
                         reason: format!("probe messages are at most {max} bytes"),

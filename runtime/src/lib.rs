@@ -22,9 +22,9 @@ pub mod timers;
 
 use nflib::config::Config;
 use nflib::endpoint::Endpoint;
+use nflib::frame::EndpointAddr;
 use nflib::mailbox::Mailbox;
 use nflib::msg::Message;
-use nflib::wire::EndpointAddr;
 
 pub use engine::{FlowSettings, Runtime};
 pub use migration::MigrationSettings;
@@ -71,7 +71,7 @@ pub fn serve_messages(
             break;
         };
         handled += 1;
-        if env.dst_actor != nflib::wire::LIAISON {
+        if env.dst_actor != nflib::frame::LIAISON {
             liaison.unknown += 1;
             continue;
         }

@@ -26,8 +26,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use nflib::flow::FlowKey;
+use nflib::frame::EndpointAddr;
 use nflib::msg::{keys_digest, FlowState, Message, MigrateFlow, MigrationReport};
-use nflib::wire::EndpointAddr;
 
 /// Tunables (`[migration]` in the configuration).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

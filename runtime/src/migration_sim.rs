@@ -12,8 +12,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use nflib::flow::FlowKey;
+use nflib::frame::EndpointAddr;
 use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
-use nflib::wire::EndpointAddr;
 
 use crate::migration::{
     Candidate, FlowHost, FlowRef, Mark, MigrationSettings, Migrator, PacketAction, Release,

@@ -27,9 +27,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::hash::BuildHasher;
 
 use nflib::flow::FlowKey;
+use nflib::frame::EndpointAddr;
 use nflib::msg::{states, Message, ReplicaFlow, ReplicaNew};
 use nflib::nf::MAX_NFS;
-use nflib::wire::EndpointAddr;
 
 /// What a chain's flows are protected by (`[[chain]] replication`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -17,8 +17,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use nflib::flow::FlowKey;
+use nflib::frame::EndpointAddr;
 use nflib::msg::Message;
-use nflib::wire::EndpointAddr;
 
 use crate::replication::{
     FlowMeta, Mode, ReplicaStore, Replicator, Sent, Settings, WithoutReplica,

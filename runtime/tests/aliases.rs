@@ -7,6 +7,7 @@
 use nf_runtime::liaison::Liaison;
 use nflib::endpoint::Endpoint;
 use nflib::flow::FlowKey;
+use nflib::frame::EndpointAddr;
 use nflib::layout::RingId;
 use nflib::local::{LocalManager, LocalRegion};
 use nflib::msg::Message;
@@ -14,7 +15,6 @@ use nflib::packet::build::UdpV4;
 use nflib::ring::{Consumer, Producer};
 use nflib::slot::ProcessKind;
 use nflib::stats::ProcCounter;
-use nflib::wire::EndpointAddr;
 use nflib::Desc;
 
 const RT: u16 = 2;

@@ -3,10 +3,10 @@
 
 use nf_runtime::liaison::Liaison;
 use nflib::endpoint::Endpoint;
+use nflib::frame::EndpointAddr;
 use nflib::local::{LocalManager, LocalRegion};
 use nflib::msg::{Call, Message, Reply};
 use nflib::slot::ProcessKind;
-use nflib::wire::EndpointAddr;
 
 /// A runtime's liaison and nfmgr's side of its message rings, in a real region.
 struct Bed {

@@ -13,6 +13,7 @@ use nf_tui::top::app::{App, Dialog, SortKey, View};
 use nf_tui::top::model::Model;
 use nf_tui::top::render;
 use nflib::cluster::EndpointInfo;
+use nflib::frame::EndpointAddr;
 use nflib::region::RegionState;
 use nflib::slot::{ProcessKind, SlotState};
 use nflib::snapshot::{NfSnapshot, PoolSnapshot, PortSnapshot, ProcessSnapshot, RegionSnapshot};
@@ -20,7 +21,6 @@ use nflib::stats::PortKind;
 use nflib::top::{
     ChainInfo, MigrationRecord, RecoveryRecord, ServerReport, ServerStats, TopEvent, TopReport,
 };
-use nflib::wire::EndpointAddr;
 use ratatui::backend::TestBackend;
 use ratatui::crossterm::event::{KeyCode, KeyEvent};
 use ratatui::Terminal;

@@ -14,12 +14,12 @@ use nflib::cluster::{ClusterView, TransportCounters, Workload};
 use nflib::config::{Config, DispatchScope, Match, MatchInput};
 use nflib::endpoint::Endpoint;
 use nflib::flow::FlowKey;
+use nflib::frame::{EndpointAddr, LIAISON};
 use nflib::mailbox::{Envelope, Mailbox};
 use nflib::msg::{Call, Message, Reply};
 use nflib::packet::{self, arp, Headers, ParseError, L3};
 use nflib::slot::SlotState;
 use nflib::stats::ProcCounter;
-use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Packet, Region, MANAGER_SLOT};
 
 use crate::flowmap::{FlowMap, SWEEP_SLICES};

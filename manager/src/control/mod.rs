@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use nflib::cluster::{ClusterView, EndpointInfo, ServerInfo};
 use nflib::config::Config;
 use nflib::doorbell::Doorbells;
+use nflib::frame::{EndpointAddr, LIAISON};
 use nflib::msg::{Call, Message, Reply};
 use nflib::reliable::PeerEvent;
 use nflib::slot::{ProcessKind, SlotState};
@@ -34,7 +35,6 @@ use nflib::top::{
     ChainInfo, MemberStats, MigrationRecord, RecoveryRecord, ServerReport, ServerStats, TopEvent,
     TopReport,
 };
-use nflib::wire::{EndpointAddr, LIAISON};
 use nflib::{Region, MANAGER_SLOT};
 
 use crate::listen::{AcceptBackoff, Limit};

@@ -1,5 +1,5 @@
 //! The managers' own protocol: TCP between each member nfmgr and the coordinator. The frames
-//! and the handshake's keys are `nflib::peer_wire`; this is the sockets: each side's
+//! and the handshake's keys are `nflib::peer_frame`; this is the sockets: each side's
 //! handshake, a session's writer and reader, and the reader thread.
 
 use std::io::{self, BufReader};
@@ -8,8 +8,8 @@ use std::sync::mpsc::Sender;
 use std::time::Duration;
 
 use nflib::cluster::{ClusterView, EndpointInfo};
-use nflib::peer_wire::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
-pub use nflib::peer_wire::{AuthKey, JoinRequest, PeerMsg, PROTOCOL_VERSION};
+use nflib::peer_frame::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
+pub use nflib::peer_frame::{AuthKey, JoinRequest, PeerMsg, PROTOCOL_VERSION};
 
 use super::Event;
 use crate::listen::DeadlineReader;

@@ -27,9 +27,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nflib::cluster::{EndpointInfo, ProbeReport};
+use nflib::frame::EndpointAddr;
 use nflib::msg::{Call, Reply};
 use nflib::slot::ProcessKind;
-use nflib::wire::EndpointAddr;
 use serde_json::{json, Value};
 
 use nflib::control_client::Request;

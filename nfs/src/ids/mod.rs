@@ -357,7 +357,7 @@ impl NetworkFunction for Ids {
         }
         // Nothing matched and every rule needs a content: the common case, done.
         if self.hits.is_empty() && self.contentless.is_empty() {
-            return Verdict::Forward;
+            return Verdict::Pass;
         }
         // Contents found: record them, then see which rules are now complete.
         let hits = std::mem::take(&mut self.hits);
@@ -400,7 +400,7 @@ impl NetworkFunction for Ids {
                 self.alert(r, pkt, st, ctx);
             }
         }
-        Verdict::Forward
+        Verdict::Pass
     }
 }
 

@@ -23,8 +23,8 @@ use std::io::{self, Read, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterView, EndpointInfo};
+use crate::frame::EndpointAddr;
 use crate::msg::{Call, Reply};
-use crate::wire::EndpointAddr;
 
 /// What servers of one cluster must agree on: this handshake, and the encoding of actor
 /// messages between them (`nflib::msg`). A server speaking another version is refused at
