@@ -814,7 +814,7 @@ impl NfRegistry {
     ) -> Result<Vec<Box<dyn Stage>>, ConfigError> {
         let c = cfg
             .chain(chain)
-            .ok_or_else(|| ConfigError(format!("no chain named `{chain}`")))?;
+            .ok_or_else(|| ConfigError::NoChain(chain.to_string()))?;
         let mut stages = Vec::new();
         for (i, table) in c.nfs.iter().enumerate() {
             let key = format!("chain.{}.nf[{i}]", c.name);
@@ -825,10 +825,10 @@ impl NfRegistry {
                 .find(|e| e.kind == kind)
                 .ok_or_else(|| {
                     let known: Vec<&str> = self.entries.iter().map(|e| e.kind).collect();
-                    ConfigError(format!(
-                        "{key}.kind: no network function `{kind}` (known: {})",
-                        known.join(", ")
-                    ))
+                    ConfigError::invalid(
+                        format!("{key}.kind"),
+                        format!("no network function `{kind}` (known: {})", known.join(", ")),
+                    )
                 })?;
             let spec = NfSpec {
                 settings: table,
@@ -840,9 +840,9 @@ impl NfRegistry {
                 base_dir: &cfg.base_dir,
                 runtime,
             };
-            let stage = (entry.build)(&spec).map_err(ConfigError)?;
+            let stage = (entry.build)(&spec).map_err(ConfigError::Function)?;
             if stage.counter_names().len() >= NF_COUNTERS {
-                return Err(ConfigError(format!("{key}: too many counters")));
+                return Err(ConfigError::invalid(key, "too many counters"));
             }
             stages.push(stage);
         }

@@ -28,15 +28,61 @@ use thiserror::Error;
 use crate::net::{PortRange, Prefix};
 use nf_shm::layout::RegionConfig;
 
-/// A configuration error; the message names the key at fault.
+/// A configuration error. Each names what is at fault: the file, or the key
+/// (`port.gen0.rate_pps`) and what is wrong with its value.
 #[derive(Debug, Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not TOML, or not the configuration's shape (an unknown key, a wrong type); toml's
+    /// message gives the line and the key.
+    #[error("{0}")]
+    Syntax(#[from] toml::de::Error),
+    /// A key whose value is wrong, and why.
+    #[error("{key}: {reason}")]
+    Invalid { key: String, reason: String },
+    /// The region these settings ask for cannot be laid out.
+    #[error(transparent)]
+    Region(#[from] nf_shm::layout::LayoutError),
+    /// A chain that is not in the file.
+    #[error("no chain named `{0}`")]
+    NoChain(String),
+    /// A network function's settings, as its own parser judged them (its message names
+    /// the key).
+    #[error("{0}")]
+    Function(String),
+    /// The copy in the region is not one nfmgr wrote.
+    #[error("frozen configuration {0}")]
+    Frozen(&'static str),
+    /// An error in the file at `path`.
+    #[error("in config {}: {source}", path.display())]
+    In {
+        path: PathBuf,
+        #[source]
+        source: Box<ConfigError>,
+    },
+}
+
+impl ConfigError {
+    /// `key`'s value is wrong because of `reason`.
+    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
 
 type Result<T> = std::result::Result<T, ConfigError>;
 
+/// Returns `ConfigError::Invalid` for a key: `bail!("manager.cores" => "CPU {c} ...")`.
 macro_rules! bail {
-    ($($t:tt)*) => { return Err(ConfigError(format!($($t)*))) };
+    ($key:expr => $($t:tt)*) => { return Err(ConfigError::invalid($key, format!($($t)*))) };
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -995,21 +1041,25 @@ impl PortSpec {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read config {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         let base = path
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        let mut cfg = Config::parse(&text, &base)
-            .map_err(|e| ConfigError(format!("in config {}: {e}", path.display())))?;
+        let mut cfg = Config::parse(&text, &base).map_err(|e| ConfigError::In {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })?;
         cfg.path = Some(path.canonicalize().unwrap_or_else(|_| path.to_path_buf()));
         Ok(cfg)
     }
 
     /// Parses and validates a configuration; relative paths resolve against `base_dir`.
     pub fn parse(text: &str, base_dir: &Path) -> Result<Config> {
-        let mut cfg: Config = toml::from_str(text).map_err(|e| ConfigError(e.to_string()))?;
+        let mut cfg: Config = toml::from_str(text)?;
         cfg.base_dir = base_dir.to_path_buf();
         cfg.text = text.to_string();
         cfg.validate()?;
@@ -1021,10 +1071,10 @@ impl Config {
     pub fn from_frozen(frozen: &str) -> Result<Config> {
         let (base, text) = frozen
             .split_once('\n')
-            .ok_or_else(|| ConfigError("frozen configuration is empty".into()))?;
+            .ok_or(ConfigError::Frozen("is empty"))?;
         let base = base
             .strip_prefix("# base_dir = ")
-            .ok_or_else(|| ConfigError("frozen configuration lacks its base directory".into()))?;
+            .ok_or(ConfigError::Frozen("lacks its base directory"))?;
         Config::parse(text, Path::new(base))
     }
 
@@ -1042,42 +1092,30 @@ impl Config {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            bail!(
-                "instance: `{}` must be 1-31 characters of letters, digits, '-' and '_'",
-                self.instance
-            );
+            bail!("instance" => "`{}` must be 1-31 characters of letters, digits, '-' and '_'", self.instance);
         }
         if let Some(u) = &self.supervisor.user {
             if u.is_empty() || u.len() > 64 || u.chars().any(|c| c.is_whitespace() || c == '/') {
-                bail!("supervisor.user: `{u}` is not a user name or UID[:GID]");
+                bail!("supervisor.user" => "`{u}` is not a user name or UID[:GID]");
             }
         }
         let m = &self.migration;
         if m.group_size == 0 || m.group_size > 4096 {
-            bail!("migration.group_size: {} must be 1-4096", m.group_size);
+            bail!("migration.group_size" => "{} must be 1-4096", m.group_size);
         }
         if m.max_groups == 0 {
-            bail!("migration.max_groups: must be at least 1");
+            bail!("migration.max_groups" => "must be at least 1");
         }
         if let Some(b) = m.buffer_packets {
             if b == 0 || b >= self.region.buffers {
-                bail!(
-                    "migration.buffer_packets: {b} must be 1 to less than region.buffers ({})",
-                    self.region.buffers
-                );
+                bail!("migration.buffer_packets" => "{b} must be 1 to less than region.buffers ({})", self.region.buffers);
             }
         }
         if m.buffer_high_water_pct == 0 || m.buffer_high_water_pct > 100 {
-            bail!(
-                "migration.buffer_high_water_pct: {} must be 1-100",
-                m.buffer_high_water_pct
-            );
+            bail!("migration.buffer_high_water_pct" => "{} must be 1-100", m.buffer_high_water_pct);
         }
         if m.straggler_timeout_ms >= m.tombstone_ms || m.step_timeout_ms >= m.pending_timeout_ms {
-            bail!(
-                "migration: straggler_timeout_ms must be below tombstone_ms, and step_timeout_ms \
-                 below pending_timeout_ms (a target must outwait its source)"
-            );
+            bail!("migration" => "straggler_timeout_ms must be below tombstone_ms, and step_timeout_ms below pending_timeout_ms (a target must outwait its source)");
         }
         let mut names = HashSet::new();
         for (section, name) in self
@@ -1087,48 +1125,45 @@ impl Config {
             .chain(self.runtimes.iter().map(|r| ("runtime", &r.name)))
         {
             if name.is_empty() || name.len() > 31 {
-                bail!("{section}.name: `{name}` must be 1-31 characters");
+                bail!(format!("{section}.name") => "`{name}` must be 1-31 characters");
             }
             if !names.insert(name.clone()) {
-                bail!("{section}.{name}: name used twice (vswitch and runtime names share one namespace)");
+                bail!(format!("{section}.{name}") => "name used twice (vswitch and runtime names share one namespace)");
             }
         }
         if self.vswitches.is_empty() {
-            bail!("vswitch: at least one [[vswitch]] is required");
+            bail!("vswitch" => "at least one [[vswitch]] is required");
         }
         if self.runtimes.is_empty() {
-            bail!("runtime: at least one [[runtime]] is required");
+            bail!("runtime" => "at least one [[runtime]] is required");
         }
         let processes = self.vswitches.len() + self.runtimes.len();
         let max = nf_shm::layout::MAX_SLOTS as usize - 1;
         if processes > max {
-            bail!("runtime: at most {max} vswitches and runtimes together (got {processes})");
+            bail!("runtime" => "at most {max} vswitches and runtimes together (got {processes})");
         }
         if let Some(slots) = self.region.slots {
             if (slots as usize) < processes + 1 {
-                bail!("region.slots: {slots} slots cannot hold nfmgr and {processes} processes");
+                bail!("region.slots" => "{slots} slots cannot hold nfmgr and {processes} processes");
             }
         }
         let runtime_names: HashSet<&str> = self.runtimes.iter().map(|r| r.name.as_str()).collect();
         for v in &self.vswitches {
             if let Some(list) = &v.runtimes {
                 if list.is_empty() {
-                    bail!("vswitch.{}.runtimes: the list is empty", v.name);
+                    bail!(format!("vswitch.{}.runtimes", v.name) => "the list is empty");
                 }
                 for r in list {
                     if !runtime_names.contains(r.as_str()) {
-                        bail!("vswitch.{}.runtimes: no runtime named `{r}`", v.name);
+                        bail!(format!("vswitch.{}.runtimes", v.name) => "no runtime named `{r}`");
                     }
                 }
             }
             if v.max_flows == 0 || v.max_flows > 1 << 26 {
-                bail!(
-                    "vswitch.{}.max_flows: must be between 1 and 67108864",
-                    v.name
-                );
+                bail!(format!("vswitch.{}.max_flows", v.name) => "must be between 1 and 67108864");
             }
             if v.flow_timeout_ms == 0 {
-                bail!("vswitch.{}.flow_timeout_ms: must be above 0", v.name);
+                bail!(format!("vswitch.{}.flow_timeout_ms", v.name) => "must be above 0");
             }
         }
         // CPUs of the machine, not those this process may run on: a process pinned to one
@@ -1137,7 +1172,7 @@ impl Config {
         let check_core = |key: String, core: Option<usize>| -> Result<()> {
             if let Some(c) = core {
                 if c >= ncpu {
-                    bail!("{key}: CPU {c} does not exist (this machine has {ncpu})");
+                    bail!(format!("{key}") => "CPU {c} does not exist (this machine has {ncpu})");
                 }
             }
             Ok(())
@@ -1151,33 +1186,31 @@ impl Config {
         }
         if let Some(list) = &self.manager.cores {
             let cores =
-                parse_cpu_list(list).map_err(|e| ConfigError(format!("manager.cores: {e}")))?;
+                parse_cpu_list(list).map_err(|e| ConfigError::invalid("manager.cores", e))?;
             if let Some(c) = cores.iter().find(|c| **c >= ncpu) {
-                bail!("manager.cores: CPU {c} does not exist (this machine has {ncpu})");
+                bail!("manager.cores" => "CPU {c} does not exist (this machine has {ncpu})");
             }
         }
         if self.manager.stats_interval_ms == 0 {
-            bail!("manager.stats_interval_ms: must be above 0");
+            bail!("manager.stats_interval_ms" => "must be above 0");
         }
-        self.region_config()
-            .validate()
-            .map_err(|e| ConfigError(e.to_string()))?;
+        self.region_config().validate()?;
 
         let mut port_names = HashSet::new();
         let vswitch_names: HashSet<&str> = self.vswitches.iter().map(|v| v.name.as_str()).collect();
         for p in &self.ports {
             let key = format!("port.{}", p.name);
             if p.name.is_empty() || p.name.len() > 31 {
-                bail!("port.name: `{}` must be 1-31 characters", p.name);
+                bail!("port.name" => "`{}` must be 1-31 characters", p.name);
             }
             if !port_names.insert(p.name.as_str()) {
-                bail!("{key}: port name used twice");
+                bail!(format!("{key}") => "port name used twice");
             }
             let spec = PortSpec::parse(&p.spec, &self.base_dir)
-                .map_err(|e| ConfigError(format!("{key}.spec: {e}")))?;
+                .map_err(|e| ConfigError::invalid(format!("{key}.spec"), e))?;
             let only = |what: &str, set: bool, kinds: &str| -> Result<()> {
                 if set {
-                    bail!("{key}.{what}: only for {kinds} ports");
+                    bail!(format!("{key}.{what}") => "only for {kinds} ports");
                 }
                 Ok(())
             };
@@ -1194,7 +1227,7 @@ impl Config {
             )?;
             only("new_flows", p.new_flows.is_some() && !is_gen, "gen:")?;
             if p.new_flows.is_some() && p.flows.is_some() {
-                bail!("{key}.flows: a new_flows generator makes a new flow every time");
+                bail!(format!("{key}.flows") => "a new_flows generator makes a new flow every time");
             }
             only(
                 "rate_pps",
@@ -1210,13 +1243,13 @@ impl Config {
             )?;
             let cluster_port = self.cluster.port.as_deref() == Some(p.name.as_str());
             if cluster_port && !matches!(spec, PortSpec::AfPacket(_)) {
-                bail!("cluster.port: port `{}` must be an afpacket: port", p.name);
+                bail!("cluster.port" => "port `{}` must be an afpacket: port", p.name);
             }
             if cluster_port {
                 only("to", p.to.is_some(), "traffic (not the cluster port)")?;
             } else if spec.receives() {
                 if p.to.is_none() {
-                    bail!("{key}.to: frames arrive on this port, so it needs a `to` port");
+                    bail!(format!("{key}.to") => "frames arrive on this port, so it needs a `to` port");
                 }
             } else {
                 only("to", p.to.is_some(), "receiving (afpacket:, gen:, pcap:)")?;
@@ -1228,47 +1261,45 @@ impl Config {
             }
             if let Some(v) = &p.vswitch {
                 if !vswitch_names.contains(v.as_str()) {
-                    bail!("{key}.vswitch: no vswitch named `{v}`");
+                    bail!(format!("{key}.vswitch") => "no vswitch named `{v}`");
                 }
             }
             if let Some(f) = p.flows {
                 if f == 0 || f > 1 << 24 {
-                    bail!("{key}.flows: must be between 1 and 16777216 (got {f})");
+                    bail!(format!("{key}.flows") => "must be between 1 and 16777216 (got {f})");
                 }
             }
             if let Some(r) = p.rate_pps {
                 if !r.is_finite() || r < 0.0 {
-                    bail!("{key}.rate_pps: must be 0 (as fast as possible) or positive (got {r})");
+                    bail!(format!("{key}.rate_pps") => "must be 0 (as fast as possible) or positive (got {r})");
                 }
             }
             if let Some(s) = p.packet_size {
                 let room = self.region_config().data_room();
                 if s < 64 || s > room {
-                    bail!("{key}.packet_size: must be between 64 and {room} (the buffer's data room), got {s}");
+                    bail!(format!("{key}.packet_size") => "must be between 64 and {room} (the buffer's data room), got {s}");
                 }
             }
             if let Some(n) = p.ring_frames {
                 if !(8..=1 << 20).contains(&n) || !n.is_power_of_two() {
-                    bail!(
-                        "{key}.ring_frames: must be a power of two between 8 and 1048576 (got {n})"
-                    );
+                    bail!(format!("{key}.ring_frames") => "must be a power of two between 8 and 1048576 (got {n})");
                 }
             }
             if let PortSpec::Pcap(path) = &spec {
                 if !path.is_file() {
-                    bail!("{key}.spec: capture file {} does not exist", path.display());
+                    bail!(format!("{key}.spec") => "capture file {} does not exist", path.display());
                 }
             }
         }
         for p in &self.ports {
             if let Some(to) = &p.to {
                 if !port_names.contains(to.as_str()) {
-                    bail!("port.{}.to: no port named `{to}`", p.name);
+                    bail!(format!("port.{}.to", p.name) => "no port named `{to}`");
                 }
             }
         }
         if self.ports.len() > nf_shm::layout::MAX_PORTS as usize {
-            bail!("port: at most {} ports", nf_shm::layout::MAX_PORTS);
+            bail!("port" => "at most {} ports", nf_shm::layout::MAX_PORTS);
         }
         self.validate_cluster()?;
         self.validate_chains()
@@ -1291,81 +1322,75 @@ impl Config {
     fn validate_cluster(&self) -> Result<()> {
         let c = &self.cluster;
         if c.server_id == 0 {
-            bail!("cluster.server_id: must be between 1 and 65535");
+            bail!("cluster.server_id" => "must be between 1 and 65535");
         }
         if c.enabled() {
             if c.max_servers == 0 {
-                bail!("cluster.max_servers: must be at least 1");
+                bail!("cluster.max_servers" => "must be at least 1");
             }
             if c.server_id > c.max_servers {
-                bail!(
-                    "cluster.server_id: {} is above cluster.max_servers ({}): resources shared \
-                     by the cluster (NAT ports) are split by server id, one share for each id \
-                     up to max_servers",
-                    c.server_id,
-                    c.max_servers
-                );
+                bail!("cluster.server_id" => "{} is above cluster.max_servers ({}): resources shared by the cluster (NAT ports) are split by server id, one share for each id up to max_servers", c.server_id, c.max_servers);
             }
         }
         if c.listen.is_some() && c.coordinator.is_some() {
-            bail!("cluster.listen, cluster.coordinator: set one (the coordinator listens, members join it)");
+            bail!("cluster.listen, cluster.coordinator" => "set one (the coordinator listens, members join it)");
         }
         for (key, addr) in [("listen", &c.listen), ("coordinator", &c.coordinator)] {
             if let Some(a) = addr {
                 if a.parse::<std::net::SocketAddr>().is_err() {
-                    bail!("cluster.{key}: `{a}` is not ADDR:PORT");
+                    bail!(format!("cluster.{key}") => "`{a}` is not ADDR:PORT");
                 }
             }
         }
         if let Some(a) = &self.manager.metrics_listen {
             if a.parse::<std::net::SocketAddr>().is_err() {
-                bail!("manager.metrics_listen: `{a}` is not ADDR:PORT");
+                bail!("manager.metrics_listen" => "`{a}` is not ADDR:PORT");
             }
         }
         if c.enabled() {
             if c.accept_key_files.len() > 3 {
-                bail!("cluster.accept_key_files: at most 3 (the signing key and three more are accepted)");
+                bail!("cluster.accept_key_files" => "at most 3 (the signing key and three more are accepted)");
             }
             if c.key_file.is_none() {
-                bail!("cluster.key_file: required in a cluster (frames between servers are signed with it)");
+                bail!("cluster.key_file" => "required in a cluster (frames between servers are signed with it)");
             }
             if c.port.is_none() {
-                bail!("cluster.port: required in a cluster (the port frames to other servers use)");
+                bail!("cluster.port" => "required in a cluster (the port frames to other servers use)");
             }
         } else if c.port.is_some() {
-            bail!("cluster.port: only in a cluster (set cluster.listen or cluster.coordinator)");
+            bail!("cluster.port" => "only in a cluster (set cluster.listen or cluster.coordinator)");
         }
         if let Some(p) = &c.port {
             if !self.ports.iter().any(|q| &q.name == p) {
-                bail!("cluster.port: no port named `{p}`");
+                bail!("cluster.port" => "no port named `{p}`");
             }
         }
         if c.heartbeat_ms == 0 || c.member_timeout_ms <= c.heartbeat_ms {
-            bail!("cluster.member_timeout_ms: must exceed cluster.heartbeat_ms (above 0)");
+            bail!("cluster.member_timeout_ms" => "must exceed cluster.heartbeat_ms (above 0)");
         }
         if c.link_beat_ms > 0 && !(2..=1000).contains(&c.link_misses) {
-            bail!("cluster.link_misses: must be between 2 and 1000");
+            bail!("cluster.link_misses" => "must be between 2 and 1000");
         }
         if c.link_beat_ms > 60_000 {
-            bail!("cluster.link_beat_ms: at most 60000 (0 turns the link watch off)");
+            bail!("cluster.link_beat_ms" => "at most 60000 (0 turns the link watch off)");
         }
         if !(576..=9000).contains(&c.mtu) {
-            bail!("cluster.mtu: must be between 576 and 9000 (got {})", c.mtu);
+            bail!("cluster.mtu" => "must be between 576 and 9000 (got {})", c.mtu);
         }
         let room = self.region_config().data_room();
         let frame = c.mtu + nf_proto::frame::ENCAP_LEN as u32;
         if frame > room {
-            bail!("cluster.mtu: frames of {frame} bytes (MTU plus encapsulation) do not fit the {room}-byte data room of a buffer; raise region.buffer_size");
+            bail!("cluster.mtu" => "frames of {frame} bytes (MTU plus encapsulation) do not fit the {room}-byte data room of a buffer; raise region.buffer_size");
         }
         if !(1..=64).contains(&c.window) {
-            bail!("cluster.window: must be between 1 and 64");
+            bail!("cluster.window" => "must be between 1 and 64");
         }
         if c.rto_factor == 0 || c.min_rto_us == 0 || c.peer_dead_after_ms == 0 {
-            bail!("cluster: rto_factor, min_rto_us and peer_dead_after_ms must be above 0");
+            bail!("cluster" => "rto_factor, min_rto_us and peer_dead_after_ms must be above 0");
         }
         if let Some(n) = &c.name {
             if n.is_empty() || n.len() > 63 {
-                bail!("cluster.name: must be 1-63 characters");
+                bail!("cluster.name" => "must be 1-63 characters");
             }
         }
         Ok(())
@@ -1406,80 +1431,67 @@ impl Config {
         let mut names = HashSet::new();
         for c in &self.chains {
             if c.name.is_empty() || c.name.len() > 31 {
-                bail!("chain.name: `{}` must be 1-31 characters", c.name);
+                bail!("chain.name" => "`{}` must be 1-31 characters", c.name);
             }
             if !names.insert(c.name.as_str()) {
-                bail!("chain.{}: chain name used twice", c.name);
+                bail!(format!("chain.{}", c.name) => "chain name used twice");
             }
             if c.nfs.len() > nf_shm::limits::MAX_NFS {
-                bail!(
-                    "chain.{}.nf: at most {} functions per chain",
-                    c.name,
-                    nf_shm::limits::MAX_NFS
-                );
+                bail!(format!("chain.{}.nf", c.name) => "at most {} functions per chain", nf_shm::limits::MAX_NFS);
             }
             if c.replication_packets == 0 || c.replication_interval_ms == 0 {
-                bail!(
-                    "chain.{}.replication_packets, replication_interval_ms: must be above 0",
-                    c.name
-                );
+                bail!(format!("chain.{}.replication_packets, replication_interval_ms", c.name) => "must be above 0");
             }
             if c.commit_wait_ms == 0 || c.commit_wait_ms > 10_000 {
-                bail!(
-                    "chain.{}.commit_wait_ms: must be between 1 and 10000",
-                    c.name
-                );
+                bail!(format!("chain.{}.commit_wait_ms", c.name) => "must be between 1 and 10000");
             }
             for (i, nf) in c.nfs.iter().enumerate() {
                 match nf.get("kind") {
                     Some(toml::Value::String(_)) => {}
-                    _ => bail!(
-                        "chain.{}.nf[{i}].kind: missing (the function's name, e.g. \"firewall\")",
-                        c.name
-                    ),
+                    _ => {
+                        bail!(format!("chain.{}.nf[{i}].kind", c.name) => "missing (the function's name, e.g. \"firewall\")")
+                    }
                 }
             }
         }
         let known = |n: &str| names.contains(n);
         for r in &self.runtimes {
             match &r.chain {
-                Some(c) if !known(c) => bail!("runtime.{}.chain: no chain named `{c}`", r.name),
-                None if self.chains.len() > 1 => bail!(
-                    "runtime.{}.chain: required when more than one chain is defined",
-                    r.name
-                ),
+                Some(c) if !known(c) => {
+                    bail!(format!("runtime.{}.chain", r.name) => "no chain named `{c}`")
+                }
+                None if self.chains.len() > 1 => {
+                    bail!(format!("runtime.{}.chain", r.name) => "required when more than one chain is defined")
+                }
                 _ => {}
             }
             if r.max_flows == 0 || r.max_flows > 1 << 26 {
-                bail!(
-                    "runtime.{}.max_flows: must be between 1 and 67108864",
-                    r.name
-                );
+                bail!(format!("runtime.{}.max_flows", r.name) => "must be between 1 and 67108864");
             }
             if r.idle_timeout_s == 0 || r.unreplied_timeout_s == 0 {
-                bail!("runtime.{}: timeouts must be above 0", r.name);
+                bail!(format!("runtime.{}", r.name) => "timeouts must be above 0");
             }
         }
         for v in &self.vswitches {
             if let Some(c) = &v.default_chain {
                 if !known(c) {
-                    bail!("vswitch.{}.default_chain: no chain named `{c}`", v.name);
+                    bail!(format!("vswitch.{}.default_chain", v.name) => "no chain named `{c}`");
                 }
             }
         }
         for (i, rule) in self.steering.iter().enumerate() {
             if !known(&rule.chain) {
-                bail!("steer[{i}].chain: no chain named `{}`", rule.chain);
+                bail!(format!("steer[{i}].chain") => "no chain named `{}`", rule.chain);
             }
             rule.matches
                 .check()
-                .map_err(|e| ConfigError(format!("steer[{i}].match: {e}")))?;
+                .map_err(|e| ConfigError::invalid(format!("steer[{i}].match"), e))?;
             if !self
                 .runtimes
                 .iter()
                 .any(|r| self.chain_of(r) == Some(rule.chain.as_str()))
             {
-                bail!("steer[{i}].chain: no runtime runs chain `{}`", rule.chain);
+                bail!(format!("steer[{i}].chain") => "no runtime runs chain `{}`", rule.chain);
             }
         }
         for c in &self.chains {
@@ -1494,14 +1506,7 @@ impl Config {
                 && runtimes < 2
                 && !self.cluster.enabled()
             {
-                bail!(
-                    "chain.{}.replication: \"output-commit\" needs a second runtime of the \
-                     chain to hold replicas, and this server runs {runtimes} with no cluster \
-                     (add a [[runtime]] with chain = \"{}\", join a cluster, or choose \
-                     \"periodic\" or \"off\")",
-                    c.name,
-                    c.name
-                );
+                bail!(format!("chain.{}.replication", c.name) => "\"output-commit\" needs a second runtime of the chain to hold replicas, and this server runs {runtimes} with no cluster (add a [[runtime]] with chain = \"{}\", join a cluster, or choose \"periodic\" or \"off\")", c.name);
             }
         }
         Ok(())
@@ -1659,6 +1664,32 @@ mod tests {
         assert!(e.contains("bufers"), "{e}");
         let e = err(&MINIMAL.replace("flows = 10", "flows = 10\nflws = 3"));
         assert!(e.contains("flws"), "{e}");
+    }
+
+    /// What is wrong is a value a program can read, not only a message: the key at fault
+    /// apart from the reason, the file apart from its error.
+    #[test]
+    fn errors_are_typed_with_the_key_apart() {
+        let e = Config::parse(
+            &MINIMAL.replace("flows = 10", "flows = 10\npacket_size = 20"),
+            Path::new("."),
+        )
+        .unwrap_err();
+        let ConfigError::Invalid { key, reason } = &e else {
+            panic!("not Invalid: {e:?}");
+        };
+        assert_eq!(key, "port.g.packet_size");
+        assert!(reason.contains("got 20"), "{reason}");
+        assert_eq!(e.to_string(), format!("{key}: {reason}"));
+        let e = Config::parse("[[vswitch]\n", Path::new(".")).unwrap_err();
+        assert!(matches!(e, ConfigError::Syntax(_)), "{e:?}");
+        let e = Config::load(Path::new("/nonexistent/nf.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
+        assert!(e
+            .to_string()
+            .starts_with("cannot read config /nonexistent/nf.toml"));
+        let e = Config::from_frozen("").unwrap_err();
+        assert_eq!(e.to_string(), "frozen configuration is empty");
     }
 
     #[test]
