@@ -90,7 +90,7 @@ pub fn attach(args: &CommonArgs, kind: ProcessKind) -> Result<Endpoint, String> 
 
 /// Enters the sandbox the command line asks for (`nflib::sandbox`): called once everything
 /// the process needs is open, before its loop reads a packet.
-pub fn enter_sandbox(args: &CommonArgs) -> Result<(), String> {
+pub fn enter_sandbox(args: &CommonArgs) -> Result<(), crate::sandbox::SandboxError> {
     crate::sandbox::enter(args.run_as, args.seccomp)
 }
 

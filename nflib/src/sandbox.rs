@@ -65,42 +65,76 @@ impl fmt::Display for RunAs {
     }
 }
 
+/// Why the sandbox could not be entered (the process then refuses to run).
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// A call that changes credentials or process attributes failed.
+    #[error("{call}: {source}")]
+    Call {
+        call: String,
+        #[source]
+        source: nix::Error,
+    },
+    /// After the change of user, root could still be regained: nothing was dropped.
+    #[error("still able to become root after changing user")]
+    RootRegainable,
+    /// nfmgr exited before the parent-death signal was armed again.
+    #[error("nfmgr exited while this process was starting")]
+    ParentGone,
+    /// The filter could not be built (or this architecture has none).
+    #[error("system-call filter: {0}")]
+    Filter(String),
+    /// The kernel refused the filter.
+    #[error("cannot install the system-call filter: {0}")]
+    Install(#[source] seccompiler::Error),
+}
+
+impl From<seccompiler::BackendError> for SandboxError {
+    fn from(e: seccompiler::BackendError) -> SandboxError {
+        SandboxError::Filter(e.to_string())
+    }
+}
+
+fn failed(call: impl Into<String>) -> impl FnOnce(nix::Error) -> SandboxError {
+    let call = call.into();
+    move |source| SandboxError::Call { call, source }
+}
+
 /// Enters the sandbox: `run_as` (if given) and the filter in `mode`. Called once, on the
 /// main thread, after every file the process needs is open; threads started before are
 /// filtered too.
-pub fn enter(run_as: Option<RunAs>, mode: SeccompMode) -> Result<(), String> {
+pub fn enter(run_as: Option<RunAs>, mode: SeccompMode) -> Result<(), SandboxError> {
     if let Some(to) = run_as {
         drop_privileges(to)?;
     }
     if mode != SeccompMode::Off {
         let program = filter(mode)?;
-        seccompiler::apply_filter_all_threads(&program)
-            .map_err(|e| format!("cannot install the system-call filter: {e}"))?;
+        seccompiler::apply_filter_all_threads(&program).map_err(SandboxError::Install)?;
     }
     Ok(())
 }
 
-fn drop_privileges(to: RunAs) -> Result<(), String> {
+fn drop_privileges(to: RunAs) -> Result<(), SandboxError> {
     let parent = nix::unistd::getppid();
     let (uid, gid) = (Uid::from_raw(to.uid), Gid::from_raw(to.gid));
     if nix::unistd::getuid() == uid && nix::unistd::geteuid() == uid {
         return Ok(());
     }
     // Groups first: once the user id changes, the right to change them is gone.
-    nix::unistd::setgroups(&[]).map_err(|e| format!("setgroups: {e}"))?;
-    nix::unistd::setresgid(gid, gid, gid).map_err(|e| format!("setresgid {gid}: {e}"))?;
-    nix::unistd::setresuid(uid, uid, uid).map_err(|e| format!("setresuid {uid}: {e}"))?;
+    nix::unistd::setgroups(&[]).map_err(failed("setgroups"))?;
+    nix::unistd::setresgid(gid, gid, gid).map_err(failed(format!("setresgid {gid}")))?;
+    nix::unistd::setresuid(uid, uid, uid).map_err(failed(format!("setresuid {uid}")))?;
     // Paranoia: a process that could become root again has not dropped anything.
     if nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).is_ok() {
-        return Err("still able to become root after changing user".into());
+        return Err(SandboxError::RootRegainable);
     }
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| format!("prctl: {e}"))?;
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(failed("prctl(PR_SET_PDEATHSIG)"))?;
     // No program it could start (were the filter off) gains privileges: set-user-id bits
     // and file capabilities are ignored from here on.
-    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("prctl: {e}"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(failed("prctl(PR_SET_NO_NEW_PRIVS)"))?;
     // nfmgr may have died before the signal was armed again.
     if nix::unistd::getppid() != parent {
-        return Err("nfmgr exited while this process was starting".into());
+        return Err(SandboxError::ParentGone);
     }
     Ok(())
 }
@@ -145,29 +179,26 @@ fn allowed() -> Vec<(i64, &'static str)> {
 }
 
 /// Builds the filter for this architecture.
-fn filter(mode: SeccompMode) -> Result<BpfProgram, String> {
-    let err = |e: seccompiler::BackendError| format!("system-call filter: {e}");
+fn filter(mode: SeccompMode) -> Result<BpfProgram, SandboxError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         allowed().into_iter().map(|(n, _)| (n, vec![])).collect();
     // Memory may be mapped or re-protected, never executable (no code injected at run time).
-    let not_exec = || -> Result<Vec<SeccompRule>, String> {
+    let not_exec = || -> Result<Vec<SeccompRule>, SandboxError> {
         let c = SeccompCondition::new(
             2,
             SeccompCmpArgLen::Dword,
             SeccompCmpOp::MaskedEq(libc::PROT_EXEC as u64),
             0,
-        )
-        .map_err(err)?;
-        Ok(vec![SeccompRule::new(vec![c]).map_err(err)?])
+        )?;
+        Ok(vec![SeccompRule::new(vec![c])?])
     };
     rules.insert(libc::SYS_mmap, not_exec()?);
     rules.insert(libc::SYS_mprotect, not_exec()?);
     // Asking whether a descriptor is open, and nothing else of fcntl: std's debug builds
     // check it before closing any descriptor (`OwnedFd`'s drop).
-    let fcntl = |cmd: libc::c_int| -> Result<SeccompRule, String> {
-        let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd as u64)
-            .map_err(err)?;
-        SeccompRule::new(vec![c]).map_err(err)
+    let fcntl = |cmd: libc::c_int| -> Result<SeccompRule, SandboxError> {
+        let c = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, cmd as u64)?;
+        Ok(SeccompRule::new(vec![c])?)
     };
     rules.insert(
         libc::SYS_fcntl,
@@ -175,21 +206,17 @@ fn filter(mode: SeccompMode) -> Result<BpfProgram, String> {
     );
     // Signals only to this process's own threads (abort raises SIGABRT with tgkill).
     let me = std::process::id() as u64;
-    let own =
-        SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, me).map_err(err)?;
-    rules.insert(
-        libc::SYS_tgkill,
-        vec![SeccompRule::new(vec![own]).map_err(err)?],
-    );
+    let own = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, me)?;
+    rules.insert(libc::SYS_tgkill, vec![SeccompRule::new(vec![own])?]);
     let mismatch = match mode {
         SeccompMode::Enforce => SeccompAction::KillProcess,
         SeccompMode::Log | SeccompMode::Off => SeccompAction::Log,
     };
     let arch = std::env::consts::ARCH
         .try_into()
-        .map_err(|_| format!("no system-call filter for {}", std::env::consts::ARCH))?;
-    let f = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch).map_err(err)?;
-    f.try_into().map_err(err)
+        .map_err(|_| SandboxError::Filter(format!("none for {}", std::env::consts::ARCH)))?;
+    let f = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, arch)?;
+    Ok(f.try_into()?)
 }
 
 #[cfg(test)]
