@@ -460,7 +460,9 @@ impl<P> Replicator<P> {
             now_ns.saturating_add(u64::from(self.settings.commit_wait_ms) * 1_000_000);
         let link = match self.tracked.get(slot as usize) {
             Some(t) if t.id == id => t.link,
-            _ => return Some(pkt),
+            // Not tracked (the flow has ended): nothing to protect, but its earlier packets
+            // may still wait for their version.
+            _ => return self.behind_earlier(id, pkt, deadline_ns),
         };
         let link = if link == NO_LINK || !self.links[link as usize].live {
             match self.live_link() {
@@ -504,6 +506,46 @@ impl<P> Replicator<P> {
             pkt,
         });
         None
+    }
+
+    /// A packet of flow `id`, which has ended, goes behind the flow's packets still held
+    /// (at the back of that queue, leaving when all before it may), never ahead of them: a
+    /// flow ending within its first round trip had its last packets, released late by the
+    /// alias commit, overtake its earlier ones. With none held, it may leave at once.
+    fn behind_earlier(&mut self, id: u64, pkt: P, deadline_ns: u64) -> Option<P> {
+        for l in self.links.iter_mut() {
+            let Some(slot) = l.held.iter().rev().find(|h| h.id == id).map(|h| h.slot) else {
+                continue;
+            };
+            let version = l.held.back().map_or(l.next, |h| h.version);
+            self.counters.held += 1;
+            l.held.push_back(Held {
+                version,
+                slot,
+                id,
+                deadline_ns,
+                pkt,
+            });
+            return None;
+        }
+        if let Some(slot) = self
+            .orphans
+            .iter()
+            .rev()
+            .find(|h| h.id == id)
+            .map(|h| h.slot)
+        {
+            self.counters.held += 1;
+            self.orphans.push_back(Held {
+                version: 0,
+                slot,
+                id,
+                deadline_ns,
+                pkt,
+            });
+            return None;
+        }
+        Some(pkt)
     }
 
     /// Whether `write_dirty` has flows to write.
@@ -1599,6 +1641,31 @@ mod tests {
         r.release(1, &mut out);
         assert_eq!(out, vec![7]);
         assert!(store.get(PRIMARY, 1, 1).is_some());
+    }
+
+    #[test]
+    fn an_ended_flows_late_packet_waits_behind_its_earlier_ones() {
+        let mut r = Replicator::new(settings(Mode::OutputCommit), 1, 1);
+        r.set_replicas(&[R], 0);
+        assert!(r.touched(0, 1, 0));
+        assert_eq!(r.hold(0, 1, 10, 0), None);
+        let msgs = flush(&mut r, 0, &[Some(b"a")]);
+        // The flow ends before the answer; a packet of it the alias commit held comes now.
+        r.ended(0, 1);
+        assert_eq!(
+            r.hold(0, 1, 11, 0),
+            None,
+            "behind packet 10, not out before it"
+        );
+        // A packet of a flow with nothing held leaves at once.
+        assert_eq!(r.hold(5, 9, 99, 0), Some(99));
+        let mut out = Vec::new();
+        r.release(1, &mut out);
+        assert!(out.is_empty());
+        let mut store = ReplicaStore::new(4, 1);
+        answer(&mut r, &apply(&mut store, &msgs[0].1));
+        r.release(1, &mut out);
+        assert_eq!(out, vec![10, 11]);
     }
 
     #[test]
