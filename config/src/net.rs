@@ -7,6 +7,24 @@ use std::ops::RangeInclusive;
 
 use serde::{Deserialize, Serialize};
 
+/// What is wrong with an address, prefix, port range or MAC address as written (the text is
+/// quoted back).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AddressError {
+    #[error("`{0}` is not an IP address or prefix")]
+    NotIp(String),
+    #[error("`{text}`: prefix length must be 0-{max}")]
+    PrefixLength { text: String, max: u8 },
+    #[error("`{0}` is not a port or a range like 1024-65535")]
+    NotPorts(String),
+    #[error("`{0}`: the range is reversed")]
+    ReversedRange(String),
+    #[error("`{0}` is not a MAC address like 02:00:00:00:00:01")]
+    NotMac(String),
+    #[error("`{0}` is not an IPv4 address")]
+    NotIpv4(String),
+}
+
 /// An IPv4 or IPv6 prefix (`10.0.0.0/8`, `2001:db8::/32`, or a single address).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -18,7 +36,7 @@ pub struct Prefix {
 }
 
 impl Prefix {
-    pub fn parse(s: &str) -> Result<Prefix, String> {
+    pub fn parse(s: &str) -> Result<Prefix, AddressError> {
         let (ip, len) = match s.split_once('/') {
             Some((ip, l)) => (ip, Some(l)),
             None => (s, None),
@@ -26,7 +44,7 @@ impl Prefix {
         let ip: IpAddr = ip
             .trim()
             .parse()
-            .map_err(|_| format!("`{s}` is not an IP address or prefix"))?;
+            .map_err(|_| AddressError::NotIp(s.to_string()))?;
         let (mut addr, max, v6) = match ip {
             IpAddr::V4(a) => {
                 let mut b = [0u8; 16];
@@ -41,7 +59,10 @@ impl Prefix {
                 .parse::<u8>()
                 .ok()
                 .filter(|l| *l <= max)
-                .ok_or_else(|| format!("`{s}`: prefix length must be 0-{max}"))?,
+                .ok_or_else(|| AddressError::PrefixLength {
+                    text: s.to_string(),
+                    max,
+                })?,
             None => max,
         };
         mask(&mut addr, len);
@@ -82,8 +103,8 @@ fn mask(a: &mut [u8; 16], len: u8) {
 }
 
 impl TryFrom<String> for Prefix {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = AddressError;
+    fn try_from(s: String) -> Result<Self, AddressError> {
         Prefix::parse(&s)
     }
 }
@@ -118,8 +139,8 @@ pub enum PortText {
 }
 
 impl PortRange {
-    pub fn parse(s: &str) -> Result<PortRange, String> {
-        let bad = || format!("`{s}` is not a port or a range like 1024-65535");
+    pub fn parse(s: &str) -> Result<PortRange, AddressError> {
+        let bad = || AddressError::NotPorts(s.to_string());
         let (a, b) = match s.split_once('-') {
             Some((a, b)) => (a.trim(), b.trim()),
             None => (s.trim(), s.trim()),
@@ -127,7 +148,7 @@ impl PortRange {
         let a: u16 = a.parse().map_err(|_| bad())?;
         let b: u16 = b.parse().map_err(|_| bad())?;
         if a > b {
-            return Err(format!("`{s}`: the range is reversed"));
+            return Err(AddressError::ReversedRange(s.to_string()));
         }
         Ok(PortRange(a..=b))
     }
@@ -138,8 +159,8 @@ impl PortRange {
 }
 
 impl TryFrom<PortText> for PortRange {
-    type Error = String;
-    fn try_from(t: PortText) -> Result<Self, String> {
+    type Error = AddressError;
+    fn try_from(t: PortText) -> Result<Self, AddressError> {
         match t {
             PortText::One(p) => Ok(PortRange(p..=p)),
             PortText::Text(s) => PortRange::parse(&s),
@@ -163,9 +184,9 @@ impl From<PortRange> for PortText {
 pub struct Mac(pub [u8; 6]);
 
 impl Mac {
-    pub fn parse(s: &str) -> Result<Mac, String> {
+    pub fn parse(s: &str) -> Result<Mac, AddressError> {
         let parts: Vec<&str> = s.split(':').collect();
-        let bad = || format!("`{s}` is not a MAC address like 02:00:00:00:00:01");
+        let bad = || AddressError::NotMac(s.to_string());
         if parts.len() != 6 {
             return Err(bad());
         }
@@ -178,8 +199,8 @@ impl Mac {
 }
 
 impl TryFrom<String> for Mac {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = AddressError;
+    fn try_from(s: String) -> Result<Self, AddressError> {
         Mac::parse(&s)
     }
 }
@@ -202,11 +223,11 @@ impl fmt::Display for Mac {
 }
 
 /// An IPv4 address in configuration.
-pub fn parse_ipv4(s: &str) -> Result<[u8; 4], String> {
+pub fn parse_ipv4(s: &str) -> Result<[u8; 4], AddressError> {
     s.trim()
         .parse::<std::net::Ipv4Addr>()
         .map(|a| a.octets())
-        .map_err(|_| format!("`{s}` is not an IPv4 address"))
+        .map_err(|_| AddressError::NotIpv4(s.to_string()))
 }
 
 #[cfg(test)]
@@ -235,18 +256,33 @@ mod tests {
         let p6 = Prefix::parse("2001:db8::/32").unwrap();
         let ip: std::net::Ipv6Addr = "2001:db8::1".parse().unwrap();
         assert!(p6.contains(&ip.octets(), true));
-        assert!(Prefix::parse("10.0.0.0/33").is_err());
-        assert!(Prefix::parse("nope").is_err());
+        assert_eq!(
+            Prefix::parse("10.0.0.0/33"),
+            Err(AddressError::PrefixLength {
+                text: "10.0.0.0/33".into(),
+                max: 32
+            })
+        );
+        assert_eq!(
+            Prefix::parse("nope").unwrap_err().to_string(),
+            "`nope` is not an IP address or prefix"
+        );
     }
 
     #[test]
     fn ports_and_macs() {
         assert!(PortRange::parse("1000-2000").unwrap().contains(1500));
-        assert!(PortRange::parse("2000-1000").is_err());
+        assert_eq!(
+            PortRange::parse("2000-1000"),
+            Err(AddressError::ReversedRange("2000-1000".into()))
+        );
         assert_eq!(
             Mac::parse("02:00:0a:ff:00:01").unwrap().0,
             [2, 0, 10, 255, 0, 1]
         );
-        assert!(Mac::parse("02:00").is_err());
+        assert_eq!(
+            Mac::parse("02:00"),
+            Err(AddressError::NotMac("02:00".into()))
+        );
     }
 }

@@ -152,7 +152,7 @@ fn parse_addrs(s: &str) -> Result<Addrs, String> {
             }
             continue;
         }
-        out.push((neg, Prefix::parse(item)?));
+        out.push((neg, Prefix::parse(item).map_err(|e| e.to_string())?));
     }
     Ok(Addrs(out))
 }
