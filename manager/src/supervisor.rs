@@ -25,6 +25,7 @@ use anyhow::{Context, Result};
 use nflib::doorbell::Doorbells;
 use nflib::region::RegionState;
 use nflib::slot::{ProcessKind, SlotState};
+use nflib::stats::ProcCounter;
 use nflib::Region;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::EventFd;
@@ -87,6 +88,8 @@ struct Proc {
     cpu_at_stuck: u64,
     /// When its last life ended.
     died_at: Instant,
+    /// A vswitch's table rebuilds reported so far (its `vswitch_rebuilds` counter).
+    rebuilds_seen: u64,
 }
 
 impl Proc {
@@ -141,6 +144,8 @@ pub enum ProcEventKind {
     Reclaimed,
     /// It keeps dying soon after starting: its next start waits.
     CrashLoop,
+    /// A restarted vswitch rebuilt its dispatch table from the runtimes.
+    Rebuilt,
 }
 
 /// Told of every process event (see [`Supervisor::observe`]).
@@ -238,6 +243,7 @@ impl Supervisor {
                     stuck_since: None,
                     cpu_at_stuck: 0,
                     died_at: now,
+                    rebuilds_seen: 0,
                 })
                 .collect(),
             commands,
@@ -553,11 +559,42 @@ impl Supervisor {
                     }
                     if p.spec.kind == ProcessKind::Runtime {
                         self.watch_frozen(i, now);
+                    } else if p.spec.kind == ProcessKind::Vswitch {
+                        self.report_rebuild(i);
                     }
                 }
                 _ => {}
             }
         }
+    }
+
+    /// Reports a vswitch's table rebuild once it is done (its counters say so): how long
+    /// dispatch of unknown keys paused and how many flows it learnt.
+    fn report_rebuild(&mut self, i: usize) {
+        let slot = self.procs[i].spec.slot;
+        let Some(rec) = self.region.slot(slot) else {
+            return;
+        };
+        let get = |c: ProcCounter| rec.counters.0[c as usize].load(Ordering::Relaxed);
+        let rebuilds = get(ProcCounter::VswitchRebuilds);
+        if rebuilds == self.procs[i].rebuilds_seen {
+            return;
+        }
+        self.procs[i].rebuilds_seen = rebuilds;
+        let (us, flows) = (
+            get(ProcCounter::VswitchRebuildUs),
+            get(ProcCounter::VswitchRebuildFlows),
+        );
+        let name = self.procs[i].spec.name.clone();
+        self.record(
+            &name,
+            ProcEventKind::Rebuilt,
+            format!(
+                "rebuilt its table from the runtimes: {flows} flows in {:.1} ms (packets of \
+                 unknown keys held meanwhile)",
+                us as f64 / 1000.0
+            ),
+        );
     }
 
     /// Kills a runtime that has packets waiting on its input rings and has taken none for

@@ -749,6 +749,18 @@ kind = "flow_monitor"
         .find(|l| l.contains("table rebuilt from the runtimes"))
         .unwrap_or_else(|| panic!("no rebuild in the log:\n{log}"));
     eprintln!("{rebuilt}");
+    // nfmgr reports it as an event (the drills' reports carry it): the pause and the flows.
+    assert_eq!(after.process_counter("vs0", "vswitch_rebuilds"), 1);
+    assert_eq!(after.process_counter("vs0", "vswitch_rebuild_flows"), 200);
+    inst.wait_for(
+        &region,
+        Duration::from_secs(5),
+        "the rebuild's event",
+        |_| {
+            inst.log()
+                .contains("rebuilt its table from the runtimes: 200 flows in")
+        },
+    );
     assert_eq!(
         created(&after),
         200,

@@ -98,6 +98,9 @@ counter_set!(
     RecoveredNotOurs => "recovered_not_ours",
     CallsRefused => "calls_refused",
     ReplCongested => "repl_congested",
+    VswitchRebuilds => "vswitch_rebuilds",
+    VswitchRebuildUs => "vswitch_rebuild_us",
+    VswitchRebuildFlows => "vswitch_rebuild_flows",
 ]);
 
 /// Counters a network function exports: index 0 is the platform's count of packets the

@@ -386,13 +386,23 @@ impl Dispatch {
         let Some(r) = self.rebuild.take() else {
             return 0;
         };
+        let took = now.saturating_duration_since(r.started);
         tracing::info!(
             flows = r.learnt,
             unanswered = r.waiting.len(),
             held = r.held.len(),
             "table rebuilt from the runtimes in {:.1} ms",
-            now.saturating_duration_since(r.started).as_secs_f64() * 1000.0
+            took.as_secs_f64() * 1000.0
         );
+        // For nfmgr's event log (and the drills' reports): how long dispatch of unknown
+        // keys paused, and what was learnt. The count last: nfmgr reports on its change.
+        let c = ep.counters();
+        c.set(
+            ProcCounter::VswitchRebuildUs as usize,
+            took.as_micros() as u64,
+        );
+        c.set(ProcCounter::VswitchRebuildFlows as usize, r.learnt);
+        c.add(ProcCounter::VswitchRebuilds as usize, 1);
         let n = r.held.len();
         self.send_on(ep, mb, r.held, now);
         n

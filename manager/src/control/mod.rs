@@ -422,7 +422,8 @@ impl Control {
             ProcEventKind::StartFailed
             | ProcEventKind::Reclaimed
             | ProcEventKind::Frozen
-            | ProcEventKind::CrashLoop => {}
+            | ProcEventKind::CrashLoop
+            | ProcEventKind::Rebuilt => {}
         }
         self.top_event(&e.process, e.what);
     }
