@@ -88,18 +88,13 @@ impl Mailbox {
         dst_actor: u64,
         msg: &Message,
     ) -> Result<(), SendError> {
-        if msg.encode(&mut self.encode_buf).is_err() {
-            return Err(SendError::TooLarge);
-        }
-        self.transport.send(
-            to,
-            Outgoing {
-                src_actor,
-                dst_actor,
-                msg_type: msg.type_id(),
-                payload: &self.encode_buf,
-            },
-        )
+        let mut buf = std::mem::take(&mut self.encode_buf);
+        let sent = match msg.encode(&mut buf) {
+            Ok(()) => self.send_encoded(to, src_actor, dst_actor, msg.type_id(), &buf),
+            Err(_) => Err(SendError::TooLarge),
+        };
+        self.encode_buf = buf;
+        sent
     }
 
     /// Queues a message already encoded (`Paced` keeps messages so, to encode each once).

@@ -177,6 +177,16 @@ struct Prepared {
     hash: u64,
 }
 
+/// The local slot that carries messages from `me` to `peer`: the peer's own on this
+/// server; another server's endpoints are reached through this server's nfmgr.
+fn slot_toward(me: EndpointAddr, peer: EndpointAddr) -> u16 {
+    if peer.server == me.server {
+        peer.slot
+    } else {
+        MANAGER_SLOT
+    }
+}
+
 impl Runtime {
     pub fn new(
         stages: Vec<Box<dyn Stage>>,
@@ -1391,11 +1401,7 @@ impl Runtime {
     /// The local slot that carries messages to `peer`: its own on this server; another
     /// server's endpoints are reached through this server's nfmgr.
     fn slot_toward(&self, peer: EndpointAddr) -> u16 {
-        if peer.server == self.me.server {
-            peer.slot
-        } else {
-            MANAGER_SLOT
-        }
+        slot_toward(self.me, peer)
     }
 
     /// Makes a replica copy a live flow here (with its aliases); `None` if it cannot be
@@ -1543,12 +1549,7 @@ impl Runtime {
                         // microseconds on a VM whose idle vCPU halts). Both poll,
                         // yielding, for a moment; renewed by every message.
                         let until = now_ns.saturating_add(REPL_KEEP_AWAKE_NS);
-                        let toward = if to.server == me.server {
-                            to.slot
-                        } else {
-                            MANAGER_SLOT
-                        };
-                        ep.keep_awake(toward, until);
+                        ep.keep_awake(slot_toward(me, to), until);
                         ep.keep_awake(me.slot, until);
                     }
                     replication::Sent::Taken

@@ -149,7 +149,7 @@ struct Link<P> {
     /// in order before anything newer). While any waits the link is *congested*: its
     /// flows' changes are not written (they stay dirty and go, newest, once it drains),
     /// so what waits is at most one flush's worth, and the output waits with them.
-    pending: VecDeque<Message>,
+    unsent: VecDeque<Message>,
 }
 
 impl<P> Link<P> {
@@ -164,12 +164,12 @@ impl<P> Link<P> {
             states: Vec::new(),
             ended: Vec::new(),
             held: VecDeque::new(),
-            pending: VecDeque::new(),
+            unsent: VecDeque::new(),
         }
     }
 
     fn congested(&self) -> bool {
-        !self.pending.is_empty()
+        !self.unsent.is_empty()
     }
 
     fn batch_empty(&self) -> bool {
@@ -720,7 +720,7 @@ impl<P> Replicator<P> {
         {
             let version = l.next;
             l.next += 1;
-            l.pending.push_back(Message::Replicate {
+            l.unsent.push_back(Message::Replicate {
                 incarnation: self.incarnation,
                 version,
                 flows: Vec::new(),
@@ -773,7 +773,7 @@ impl<P> Replicator<P> {
                         states.get(at..at + bytes).unwrap_or_default().to_vec(),
                     )
                 };
-                l.pending.push_back(Message::Replicate {
+                l.unsent.push_back(Message::Replicate {
                     incarnation: self.incarnation,
                     version,
                     flows: part_flows,
@@ -833,17 +833,17 @@ impl<P> Replicator<P> {
         let mut refused: Vec<EndpointAddr> = Vec::new();
         for l in self.links.iter_mut() {
             let had = l.congested();
-            while let Some(m) = l.pending.front() {
+            while let Some(m) = l.unsent.front() {
                 match send(l.addr, m) {
                     Sent::Taken => {
-                        l.pending.pop_front();
+                        l.unsent.pop_front();
                     }
                     Sent::Full => {
                         self.counters.congested += 1;
                         break;
                     }
                     Sent::Refused => {
-                        l.pending.clear();
+                        l.unsent.clear();
                         if l.live {
                             refused.push(l.addr);
                         }
@@ -992,7 +992,7 @@ impl<P> Replicator<P> {
             l.unacked.clear();
             // Not sent yet, and superseded by the whole copies (a replica sees the gap in
             // versions and applies what comes as is).
-            l.pending.clear();
+            l.unsent.clear();
             // Versions go on from where they were: an answer to an old one is ignored.
             l.acked = incarnation_next - 1;
         }
