@@ -6,27 +6,28 @@
 //! direction, and packets under aliases the runtime registered, go to the same runtime. The
 //! frame's destination MAC becomes the runtime's input MAC on the way (the original is kept
 //! in the buffer's metadata and restored by the runtime).
+//!
+//! The dispatcher is a state machine: it reads no clock (every call takes the monotonic
+//! time in nanoseconds) and does its I/O through [`Io`], so that its tests step it in
+//! memory, with no region and no process.
 
-use std::time::{Duration, Instant};
-
-use nflib::buffer::DESC_REMOTE;
-use nflib::cluster::{ClusterView, TransportCounters, Workload};
+use nflib::cluster::{ClusterView, Workload};
 use nflib::config::{Config, DispatchScope, Match, MatchInput};
-use nflib::endpoint::Endpoint;
 use nflib::flow::FlowKey;
 use nflib::frame::{EndpointAddr, LIAISON};
-use nflib::mailbox::{Envelope, Mailbox};
+use nflib::mailbox::Envelope;
 use nflib::msg::{Call, Message, Reply};
 use nflib::packet::{self, arp, Headers, ParseError, L3};
-use nflib::slot::SlotState;
 use nflib::stats::ProcCounter;
-use nflib::{Packet, Region, MANAGER_SLOT};
+use nflib::MANAGER_SLOT;
 
 use crate::flowmap::{FlowMap, SWEEP_SLICES};
+use crate::io::Io;
 
+const MS: u64 = 1_000_000;
 /// Each flow is looked at for expiry about once per this period, one slice of the table at a
 /// time.
-const SWEEP_PERIOD: Duration = Duration::from_secs(1);
+const SWEEP_PERIOD_NS: u64 = 1_000 * MS;
 /// Slices one loop may sweep when it is behind (a vswitch that slept): catching up on the
 /// whole table at once would be the stall the slices avoid.
 const MAX_SWEEPS_PER_LOOP: usize = 4;
@@ -68,13 +69,26 @@ fn age_ms(now_ms: u32, last_ms: u32) -> u32 {
     }
 }
 
-pub struct Dispatch {
+/// What the dispatcher is given at start besides the configuration: its own slot and name,
+/// and the local runtimes it feeds (nfmgr's `targets` for its slot), by slot and name.
+#[derive(Clone, Debug, Default)]
+pub struct Setup {
+    pub slot: u16,
+    pub name: String,
+    pub targets: Vec<(u16, String)>,
+    /// Slots of the region: rings lead to each.
+    pub slots: u16,
+    /// The slot's generation: above 1, an earlier life died with its table.
+    pub generation: u32,
+}
+
+pub struct Dispatch<P> {
     me: EndpointAddr,
     /// Keyed with per-process random seeds: flow keys come from the wire, and a fixed hash
     /// would let a sender collide them on purpose.
     table: FlowMap<Entry>,
-    /// When the next slice of `table` is due for its expiry sweep.
-    next_sweep: Instant,
+    /// When the next slice of `table` is due for its expiry sweep (ns).
+    next_sweep_ns: u64,
     steering: Vec<(Match, usize)>,
     default_chain: Option<usize>,
     /// Chain names by index (the last, `None`, groups runtimes without a chain).
@@ -88,14 +102,16 @@ pub struct Dispatch {
     live: Vec<Vec<EndpointAddr>>,
     next: Vec<usize>,
     non_ip: NonIp,
-    timeout: Duration,
+    timeout_ms: u64,
     /// Most entries `table` holds (`max_flows`).
     max_flows: usize,
     /// Packets per local slot; slot 0 (nfmgr) carries those for other servers.
-    stage: Vec<Vec<Packet>>,
+    stage: Vec<Vec<P>>,
     /// A burst's parsed headers, keys and key hashes (kept for its room).
     parsed: Vec<Result<(Headers, FlowKey, u64), ParseError>>,
-    epoch: Instant,
+    /// The clock's reading at start (ns): the table's times count from it.
+    epoch_ns: u64,
+    generation: u32,
     view_version: u64,
     /// Messages it did not understand.
     pub unknown: u64,
@@ -108,7 +124,7 @@ pub struct Dispatch {
     recovering: Vec<(EndpointAddr, u32)>,
     recovery_wait_ms: u32,
     /// This life's table being rebuilt from the runtimes (an earlier life died with it).
-    rebuild: Option<Rebuild>,
+    rebuild: Option<Rebuild<P>>,
     /// Whether this vswitch is in a cluster (its remote runtimes come with the first view).
     clustered: bool,
 }
@@ -117,7 +133,7 @@ pub struct Dispatch {
 /// all have answered or `rebuild_wait_ms` passed, holds the packets of keys it does not know
 /// rather than dispatch them afresh: a live flow sent to another runtime would start again
 /// there, its state left behind.
-struct Rebuild {
+struct Rebuild<P> {
     request: u64,
     /// Runtimes asked that have not answered in full.
     waiting: Vec<EndpointAddr>,
@@ -126,7 +142,7 @@ struct Rebuild {
     /// Whether the cluster view came (or there is no cluster).
     view: bool,
     until_ms: u32,
-    held: Vec<(FlowKey, Packet)>,
+    held: Vec<(FlowKey, P)>,
     /// Keys with packets in `held`: their later packets are held too, even once the key is
     /// learnt, until those go (a flow's packets leave in the order they came).
     held_keys: std::collections::HashSet<FlowKey>,
@@ -134,7 +150,7 @@ struct Rebuild {
     fresh: bool,
     /// Flows and aliases learnt.
     learnt: u64,
-    started: Instant,
+    started_ns: u64,
 }
 
 /// Most packets a rebuilding vswitch holds; more are dispatched as they come.
@@ -180,30 +196,31 @@ fn match_input(h: &Headers, frame: &[u8]) -> MatchInput {
     }
 }
 
-impl Dispatch {
-    /// Builds the dispatcher of the vswitch in slot `me` from the configuration.
-    pub fn new(region: &Region, me: u16, cfg: &Config) -> Result<Dispatch, String> {
-        let name = region.slot(me).map(|s| s.name.get()).unwrap_or_default();
+impl<P> Dispatch<P> {
+    /// Builds the dispatcher of the vswitch `setup` describes from the configuration, at
+    /// `now_ns`; the local runtimes' states come from `io`.
+    pub fn new(
+        setup: &Setup,
+        cfg: &Config,
+        io: &mut impl Io<Pkt = P>,
+        now_ns: u64,
+    ) -> Result<Dispatch<P>, String> {
+        let name = &setup.name;
         let vc = cfg
-            .vswitch(&name)
+            .vswitch(name)
             .ok_or_else(|| format!("no vswitch named `{name}` in the configuration"))?;
         // Chains by index; runtimes without a chain form one more, unnamed group.
         let mut chains: Vec<Option<String>> =
             cfg.chains.iter().map(|c| Some(c.name.clone())).collect();
         chains.push(None);
         let mut local = vec![Vec::new(); chains.len()];
-        let targets = region.slot(me).map(|s| s.targets()).unwrap_or(0);
-        for s in 0..region.slot_count().min(64) {
-            if targets & (1u64 << s) == 0 {
-                continue;
-            }
-            let rname = region.slot(s).map(|r| r.name.get()).unwrap_or_default();
-            let Some(rc) = cfg.runtime(&rname) else {
+        for (s, rname) in &setup.targets {
+            let Some(rc) = cfg.runtime(rname) else {
                 continue;
             };
             let chain = cfg.chain_of(rc).map(str::to_string);
             if let Some(i) = chains.iter().position(|c| *c == chain) {
-                local[i].push(s);
+                local[i].push(*s);
             }
         }
         let index = |n: &str| chains.iter().position(|c| c.as_deref() == Some(n));
@@ -222,9 +239,9 @@ impl Dispatch {
         };
         let n = chains.len();
         let mut d = Dispatch {
-            me: EndpointAddr::new(cfg.cluster.server_id, me),
+            me: EndpointAddr::new(cfg.cluster.server_id, setup.slot),
             table: FlowMap::default(),
-            next_sweep: Instant::now() + SWEEP_PERIOD,
+            next_sweep_ns: now_ns + SWEEP_PERIOD_NS,
             steering,
             default_chain,
             chains,
@@ -237,11 +254,12 @@ impl Dispatch {
                 nflib::config::NonIpPolicy::Pass => NonIp::Pass,
                 nflib::config::NonIpPolicy::Drop => NonIp::Drop,
             },
-            timeout: Duration::from_millis(vc.flow_timeout_ms),
+            timeout_ms: vc.flow_timeout_ms,
             max_flows: vc.max_flows as usize,
-            stage: (0..region.slot_count()).map(|_| Vec::new()).collect(),
+            stage: (0..setup.slots).map(|_| Vec::new()).collect(),
             parsed: Vec::new(),
-            epoch: Instant::now(),
+            epoch_ns: now_ns,
+            generation: setup.generation,
             view_version: 0,
             unknown: 0,
             replicated: Vec::new(),
@@ -260,7 +278,7 @@ impl Dispatch {
                     .is_some_and(|c| c.replication != nflib::config::ReplicationMode::Off)
             })
             .collect();
-        d.refresh_targets(region);
+        d.refresh_targets(io, now_ns);
         Ok(d)
     }
 
@@ -268,16 +286,12 @@ impl Dispatch {
     /// every live runtime it feeds for the flows they hold of its (`FeedQuery`) and holds
     /// unknown keys' packets until they answered, for at most `wait_ms`. A first life has
     /// nothing to rebuild.
-    pub fn start_rebuild(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, wait_ms: u32) {
-        let generation = ep
-            .region()
-            .slot(self.me.slot)
-            .map(|s| s.generation.load(std::sync::atomic::Ordering::Relaxed))
-            .unwrap_or(0);
+    pub fn start_rebuild(&mut self, io: &mut impl Io<Pkt = P>, wait_ms: u32, now_ns: u64) {
+        let generation = self.generation;
         if generation <= 1 || wait_ms == 0 {
             return;
         }
-        let now_ms = self.now_ms(Instant::now());
+        let now_ms = self.now_ms(now_ns);
         let request = u64::from(generation);
         let mut r = Rebuild {
             request,
@@ -289,11 +303,11 @@ impl Dispatch {
             held_keys: Default::default(),
             fresh: false,
             learnt: 0,
-            started: Instant::now(),
+            started_ns: now_ns,
         };
         let targets: Vec<EndpointAddr> = self.live.iter().flatten().copied().collect();
         for rt in targets {
-            Self::ask(&mut r, ep, mb, rt);
+            Self::ask(&mut r, io, rt);
         }
         tracing::info!(
             runtimes = r.asked.len(),
@@ -302,16 +316,16 @@ impl Dispatch {
         self.rebuild = Some(r);
     }
 
-    fn ask(r: &mut Rebuild, ep: &mut Endpoint, mb: &mut Mailbox, rt: EndpointAddr) {
+    fn ask(r: &mut Rebuild<P>, io: &mut impl Io<Pkt = P>, rt: EndpointAddr) {
         if r.asked.contains(&rt) {
             return;
         }
         r.asked.push(rt);
         let m = Message::FeedQuery { request: r.request };
-        if mb.send(rt, LIAISON, LIAISON, &m).is_ok() {
+        if io.send(rt, LIAISON, &m) {
             r.waiting.push(rt);
         } else {
-            ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+            io.count(ProcCounter::ActorSendRefused, 1);
         }
     }
 
@@ -359,8 +373,8 @@ impl Dispatch {
     /// or out of time, sending on all it held (unknown keys as new flows). Called before a
     /// loop takes new packets. Returns the packets sent on, or 1 while a rebuild holds some
     /// (so that the loop keeps looking).
-    pub fn finish_rebuild(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, now: Instant) -> usize {
-        let now_ms = self.now_ms(now);
+    pub fn finish_rebuild(&mut self, io: &mut impl Io<Pkt = P>, now_ns: u64) -> usize {
+        let now_ms = self.now_ms(now_ns);
         let Some(r) = self.rebuild.as_mut() else {
             return 0;
         };
@@ -380,53 +394,43 @@ impl Dispatch {
                 r.held_keys.remove(k);
             }
             let n = go.len();
-            self.send_on(ep, mb, go, now);
+            self.send_on(io, go, now_ns);
             return n.max(1);
         }
         let Some(r) = self.rebuild.take() else {
             return 0;
         };
-        let took = now.saturating_duration_since(r.started);
+        let took_ns = now_ns.saturating_sub(r.started_ns);
         tracing::info!(
             flows = r.learnt,
             unanswered = r.waiting.len(),
             held = r.held.len(),
             "table rebuilt from the runtimes in {:.1} ms",
-            took.as_secs_f64() * 1000.0
+            took_ns as f64 / 1e6
         );
         // For nfmgr's event log (and the drills' reports): how long dispatch of unknown
         // keys paused, and what was learnt. The count last: nfmgr reports on its change.
-        let c = ep.counters();
-        c.set(
-            ProcCounter::VswitchRebuildUs as usize,
-            took.as_micros() as u64,
-        );
-        c.set(ProcCounter::VswitchRebuildFlows as usize, r.learnt);
-        c.add(ProcCounter::VswitchRebuilds as usize, 1);
+        io.set_count(ProcCounter::VswitchRebuildUs, took_ns / 1000);
+        io.set_count(ProcCounter::VswitchRebuildFlows, r.learnt);
+        io.count(ProcCounter::VswitchRebuilds, 1);
         let n = r.held.len();
-        self.send_on(ep, mb, r.held, now);
+        self.send_on(io, r.held, now_ns);
         n
     }
 
     /// Dispatches held packets, in order, a burst at a time.
-    fn send_on(
-        &mut self,
-        ep: &mut Endpoint,
-        mb: &mut Mailbox,
-        held: Vec<(FlowKey, Packet)>,
-        now: Instant,
-    ) {
-        let mut it = held.into_iter().map(|(_, p)| (0u16, p)).peekable();
+    fn send_on(&mut self, io: &mut impl Io<Pkt = P>, held: Vec<(FlowKey, P)>, now_ns: u64) {
+        let mut it = held.into_iter().map(|(_, p)| p).peekable();
         while it.peek().is_some() {
-            let mut batch: Vec<(u16, Packet)> = it.by_ref().take(nflib::endpoint::BATCH).collect();
-            self.dispatch(ep, mb, &mut batch, now);
+            let mut batch: Vec<P> = it.by_ref().take(nflib::endpoint::BATCH).collect();
+            self.dispatch(io, &mut batch, now_ns);
         }
     }
 
     /// Re-reads which runtimes are alive, and notes those of replicated chains that died
     /// or restarted since the last look (their flows are being recovered).
-    pub fn refresh_targets(&mut self, region: &Region) {
-        let now_ms = self.now_ms(Instant::now());
+    pub fn refresh_targets(&mut self, io: &impl Io<Pkt = P>, now_ns: u64) {
+        let now_ms = self.now_ms(now_ns);
         self.recovering
             .retain(|(_, until)| is_ahead(now_ms, *until));
         for c in 0..self.chains.len() {
@@ -434,11 +438,10 @@ impl Dispatch {
                 continue;
             }
             for &s in &self.local[c] {
-                let Some(r) = region.slot(s) else {
+                let Some(r) = io.slot(s) else {
                     continue;
                 };
-                let up = matches!(r.state(), SlotState::Running | SlotState::Starting);
-                let gen = r.generation.load(std::sync::atomic::Ordering::Relaxed);
+                let (up, gen) = (r.up, r.generation);
                 match self.seen.iter_mut().find(|(slot, _, _)| *slot == s) {
                     Some(e) => {
                         let died = e.2 && (!up || e.1 != gen);
@@ -463,10 +466,7 @@ impl Dispatch {
             let live = &mut self.live[c];
             live.clear();
             for &s in &self.local[c] {
-                let up = region
-                    .slot(s)
-                    .map(|r| matches!(r.state(), SlotState::Running | SlotState::Starting))
-                    .unwrap_or(false);
+                let up = io.slot(s).is_some_and(|r| r.up);
                 if up {
                     live.push(EndpointAddr::new(self.me.server, s));
                 }
@@ -481,12 +481,12 @@ impl Dispatch {
 
     /// Takes the runtimes of other servers from a cluster view (the coordinator's
     /// `NotifyClusterCfg`). Flows already dispatched keep their runtime while it lives.
-    pub fn apply_view(&mut self, view: &ClusterView) {
+    pub fn apply_view(&mut self, view: &ClusterView, now_ns: u64) {
         if view.version < self.view_version {
             return;
         }
         self.view_version = view.version;
-        let now_ms = self.now_ms(Instant::now());
+        let now_ms = self.now_ms(now_ns);
         for (c, chain) in self.chains.iter().enumerate() {
             let now: Vec<EndpointAddr> = view
                 .runtimes_of(chain.as_deref())
@@ -517,20 +517,22 @@ impl Dispatch {
     }
 
     /// Reads messages (aliases to learn, flows to forget, control calls) and answers them.
-    pub fn handle_messages(&mut self, ep: &mut Endpoint, mb: &mut Mailbox) -> usize {
-        let now_ns = nflib::time::mono_ns();
-        let n = mb.receive(ep, now_ns);
-        for env in mb.take_inbox() {
-            self.handle(ep, mb, env);
+    pub fn handle_messages(&mut self, io: &mut impl Io<Pkt = P>, now_ns: u64) -> usize {
+        let inbox = io.receive(now_ns);
+        let n = inbox.len();
+        for env in inbox {
+            self.handle(io, env, now_ns);
         }
         if n > 0 {
-            self.refresh_targets(ep.region());
+            self.refresh_targets(io, now_ns);
         }
         n
     }
 
-    fn handle(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, env: Envelope) {
-        let now_ms = self.now_ms(Instant::now());
+    /// Handles one message (and answers it).
+    pub fn handle(&mut self, io: &mut impl Io<Pkt = P>, env: Envelope, now_ns: u64) {
+        let now_ms = self.now_ms(now_ns);
+        let nfmgr = EndpointAddr::new(self.me.server, MANAGER_SLOT);
         let reply = match env.msg {
             Message::AddAliases { aliases, request } => {
                 let mut refused = Vec::new();
@@ -539,8 +541,7 @@ impl Dispatch {
                         refused.push((key, flow));
                     }
                 }
-                ep.counters()
-                    .add(ProcCounter::AliasesRefused as usize, refused.len() as u64);
+                io.count(ProcCounter::AliasesRefused, refused.len() as u64);
                 (request != 0 || !refused.is_empty())
                     .then_some(Message::AliasesAdded { request, refused })
             }
@@ -564,15 +565,12 @@ impl Dispatch {
                 from,
                 runtime,
                 request,
-            } if env.from != from
-                && env.from != runtime
-                && env.from != EndpointAddr::new(mb.me().server, nflib::MANAGER_SLOT) =>
-            {
+            } if env.from != from && env.from != runtime && env.from != nfmgr => {
                 // Flows move at the request of the runtime that gives them away (a
                 // migration) or of the one that takes them (a takeover, a migration undone),
                 // or of nfmgr, never of a third: a runtime cannot point two others' flows
                 // around.
-                ep.counters().add(ProcCounter::CallsRefused as usize, 1);
+                io.count(ProcCounter::CallsRefused, 1);
                 Some(Message::RuntimeSet {
                     request,
                     moved: 0,
@@ -617,12 +615,10 @@ impl Dispatch {
                 seq,
                 flows: self.table.len() as u64,
             }),
-            Message::Rpc { id, .. }
-                if env.from != EndpointAddr::new(mb.me().server, nflib::MANAGER_SLOT) =>
-            {
+            Message::Rpc { id, .. } if env.from != nfmgr => {
                 // Control calls come from this server's nfmgr only (see the runtime's
                 // liaison): a runtime must not rewrite the vswitch's view of the cluster.
-                ep.counters().add(ProcCounter::CallsRefused as usize, 1);
+                io.count(ProcCounter::CallsRefused, 1);
                 Some(Message::RpcReply {
                     id,
                     reply: Reply::Refused {
@@ -633,14 +629,14 @@ impl Dispatch {
             Message::Rpc { id, call } => {
                 let reply = match call {
                     Call::NotifyClusterCfg(view) => {
-                        self.apply_view(&view);
-                        self.refresh_targets(ep.region());
+                        self.apply_view(&view, now_ns);
+                        self.refresh_targets(io, now_ns);
                         // A rebuild asks the other servers' runtimes too, now it knows them.
                         if let Some(mut r) = self.rebuild.take() {
                             let remote: Vec<EndpointAddr> =
                                 self.remote.iter().flatten().copied().collect();
                             for rt in remote {
-                                Self::ask(&mut r, ep, mb, rt);
+                                Self::ask(&mut r, io, rt);
                             }
                             self.rebuild = Some(r);
                         }
@@ -648,7 +644,7 @@ impl Dispatch {
                             version: view.version,
                         }
                     }
-                    Call::PollWorkload => Reply::Workload(self.workload(ep, mb)),
+                    Call::PollWorkload => Reply::Workload(self.workload(io, now_ns)),
                     _ => Reply::Refused {
                         reason: "a vswitch only dispatches: this call is for runtimes".into(),
                     },
@@ -661,15 +657,15 @@ impl Dispatch {
             }
         };
         if let Some(m) = reply {
-            if mb.send(env.from, LIAISON, env.src_actor, &m).is_err() {
-                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+            if !io.send(env.from, env.src_actor, &m) {
+                io.count(ProcCounter::ActorSendRefused, 1);
             }
         }
     }
 
     /// Milliseconds since the dispatcher started, wrapping.
-    fn now_ms(&self, now: Instant) -> u32 {
-        now.saturating_duration_since(self.epoch).as_millis() as u32
+    fn now_ms(&self, now_ns: u64) -> u32 {
+        (now_ns.saturating_sub(self.epoch_ns) / MS) as u32
     }
 
     /// Makes `key` lead to `runtime`, unless it is another live runtime's alias: two
@@ -718,16 +714,15 @@ impl Dispatch {
         self.table.remove(key);
     }
 
-    fn workload(&self, ep: &mut Endpoint, mb: &Mailbox) -> Workload {
-        let c = ep.counters();
+    fn workload(&self, io: &mut impl Io<Pkt = P>, now_ns: u64) -> Workload {
         Workload {
             flows_active: self.table.len() as u64,
-            flows_created: c.get(ProcCounter::FlowsCreated as usize),
-            rx_pkts: c.get(ProcCounter::RxPkts as usize),
-            tx_pkts: c.get(ProcCounter::TxPkts as usize),
-            busy_ns: c.get(ProcCounter::BusyNs as usize),
-            uptime_ms: self.epoch.elapsed().as_millis() as u64,
-            transport: TransportCounters::from(mb.transport().stats()),
+            flows_created: io.counter(ProcCounter::FlowsCreated),
+            rx_pkts: io.counter(ProcCounter::RxPkts),
+            tx_pkts: io.counter(ProcCounter::TxPkts),
+            busy_ns: io.counter(ProcCounter::BusyNs),
+            uptime_ms: now_ns.saturating_sub(self.epoch_ns) / MS,
+            transport: io.transport(),
             cluster_version: self.view_version,
             ..Workload::default()
         }
@@ -802,7 +797,7 @@ impl Dispatch {
             .or(self.default_chain)
     }
 
-    fn pick(&mut self, chain: usize) -> Option<EndpointAddr> {
+    fn pick(&mut self, chain: usize, now_ms: u32) -> Option<EndpointAddr> {
         let live = &self.live[chain];
         if live.is_empty() {
             return None;
@@ -814,7 +809,6 @@ impl Dispatch {
         }
         // A runtime whose old flows wait for recovery takes no new ones meanwhile: their
         // packets would be held with the old ones'.
-        let now_ms = self.now_ms(Instant::now());
         for _ in 0..live.len() {
             let rt = live[self.next[chain] % live.len()];
             self.next[chain] = self.next[chain].wrapping_add(1);
@@ -829,23 +823,18 @@ impl Dispatch {
         None
     }
 
-    pub fn dispatch(
-        &mut self,
-        ep: &mut Endpoint,
-        mb: &mut Mailbox,
-        batch: &mut Vec<(u16, Packet)>,
-        now: Instant,
-    ) {
-        let now_ms = self.now_ms(now);
-        let region = ep.region().clone();
+    /// Dispatches a burst of packets received at `now_ns`: each goes to its flow's runtime,
+    /// or is held (a rebuild), or dropped and counted.
+    pub fn dispatch(&mut self, io: &mut impl Io<Pkt = P>, batch: &mut Vec<P>, now_ns: u64) {
+        let now_ms = self.now_ms(now_ns);
         // Each lookup is an index line and an entry, both likely cache misses at a million
         // flows: parse the burst and start loading every packet's index line, then every
         // entry, before the first lookup (the runtimes do the same with their flows).
         self.table.step();
         let mut parsed = std::mem::take(&mut self.parsed);
         parsed.clear();
-        for (_, p) in batch.iter() {
-            let r = packet::parse(region.data(p)).map(|h| {
+        for p in batch.iter() {
+            let r = packet::parse(io.data(p)).map(|h| {
                 let (key, _) = FlowKey::of(&h);
                 let hash = self.table.hash(&key);
                 self.table.prefetch_bucket(hash);
@@ -856,7 +845,7 @@ impl Dispatch {
         for (_, _, hash) in parsed.iter().flatten() {
             self.table.prefetch_entry(*hash);
         }
-        for ((_, mut p), r) in batch.drain(..).zip(parsed.drain(..)) {
+        for (mut p, r) in batch.drain(..).zip(parsed.drain(..)) {
             let (h, key, hash) = match r {
                 Ok(r) => r,
                 Err(e) => {
@@ -865,14 +854,14 @@ impl Dispatch {
                         ParseError::Truncated(_) => ProcCounter::DropTruncated,
                         ParseError::Malformed(..) => ProcCounter::DropMalformed,
                     };
-                    ep.counters().add(c as usize, 1);
-                    ep.free(p);
+                    io.count(c, 1);
+                    io.free(p);
                     continue;
                 }
             };
             if !h.is_ip() && self.non_ip == NonIp::Drop {
-                ep.counters().add(ProcCounter::DropNonIp as usize, 1);
-                ep.free(p);
+                io.count(ProcCounter::DropNonIp, 1);
+                io.free(p);
                 continue;
             }
             // A rebuilding vswitch holds a flow's packets while older ones of it wait.
@@ -886,15 +875,14 @@ impl Dispatch {
             if matches!(known, Known::New) {
                 // A runtime may have registered this key (an alias) just before the packet
                 // that made it necessary left: read messages once more before deciding.
-                self.handle_messages(ep, mb);
+                self.handle_messages(io, now_ns);
                 known = self.known(&key, hash, now_ms);
             }
             let runtime = match known {
                 Known::To(rt) => rt,
                 Known::Hold => {
-                    ep.counters()
-                        .add(ProcCounter::DropAwaitingRecovery as usize, 1);
-                    ep.free(p);
+                    io.count(ProcCounter::DropAwaitingRecovery, 1);
+                    io.free(p);
                     continue;
                 }
                 Known::New
@@ -914,19 +902,18 @@ impl Dispatch {
                     // Full: the new flow waits (its sender tries again) rather than an
                     // established one losing its entry.
                     if self.table.len() >= self.max_flows {
-                        ep.counters()
-                            .add(ProcCounter::DropFlowTableFull as usize, 1);
-                        ep.free(p);
+                        io.count(ProcCounter::DropFlowTableFull, 1);
+                        io.free(p);
                         continue;
                     }
-                    let Some(chain) = self.chain_for(&h, region.data(&p)) else {
-                        ep.counters().add(ProcCounter::DropNoChain as usize, 1);
-                        ep.free(p);
+                    let Some(chain) = self.chain_for(&h, io.data(&p)) else {
+                        io.count(ProcCounter::DropNoChain, 1);
+                        io.free(p);
                         continue;
                     };
-                    let Some(rt) = self.pick(chain) else {
-                        ep.counters().add(ProcCounter::DropNoRuntime as usize, 1);
-                        ep.free(p);
+                    let Some(rt) = self.pick(chain, now_ms) else {
+                        io.count(ProcCounter::DropNoRuntime, 1);
+                        io.free(p);
                         continue;
                     };
                     let entry = Entry {
@@ -936,39 +923,30 @@ impl Dispatch {
                         alias: false,
                     };
                     if self.table.insert(key, entry).is_none() {
-                        ep.counters().add(ProcCounter::FlowsCreated as usize, 1);
+                        io.count(ProcCounter::FlowsCreated, 1);
                     }
                     rt
                 }
             };
-            // Address the frame to the runtime, keeping its own destination for later.
-            let data = region.data_mut(&mut p);
-            let mut dst = [0u8; 6];
-            dst.copy_from_slice(&data[..6]);
-            region.meta_of(&p).save_dst_mac(dst);
-            region.data_mut(&mut p)[..6].copy_from_slice(&runtime.input_mac());
-            let via = if runtime.server == self.me.server {
-                runtime.slot
-            } else {
-                // nfmgr carries it to the runtime's server.
-                p.set_flags(p.flags() | DESC_REMOTE);
-                MANAGER_SLOT
-            };
+            // Address the frame to the runtime, keeping its own destination for later;
+            // nfmgr carries a frame for another server's runtime there.
+            let local = runtime.server == self.me.server;
+            io.address(&mut p, runtime.input_mac(), !local);
+            let via = if local { runtime.slot } else { MANAGER_SLOT };
             match self.stage.get_mut(via as usize) {
                 Some(q) => q.push(p),
-                None => ep.free(p),
+                None => io.free(p),
             }
         }
         self.parsed = parsed;
         for rt in 0..self.stage.len() {
             if !self.stage[rt].is_empty() {
                 let mut out = std::mem::take(&mut self.stage[rt]);
-                ep.send_burst(rt as u16, &mut out);
+                io.send_burst(rt as u16, &mut out);
                 self.stage[rt] = out;
             }
         }
-        ep.counters()
-            .set(ProcCounter::FlowsActive as usize, self.table.len() as u64);
+        io.set_count(ProcCounter::FlowsActive, self.table.len() as u64);
     }
 
     /// The runtime of a known flow, if it is alive (refreshing the flow's last packet time
@@ -999,49 +977,62 @@ impl Dispatch {
 
     /// Forgets flows idle for longer than the timeout: called every loop, it sweeps the
     /// slices that are due, one every `SWEEP_PERIOD / SWEEP_SLICES`.
-    pub fn expire(&mut self, ep: &mut Endpoint, now: Instant) {
-        if now < self.next_sweep {
+    pub fn expire(&mut self, io: &mut impl Io<Pkt = P>, now_ns: u64) {
+        if now_ns < self.next_sweep_ns {
             return;
         }
-        let now_ms = self.now_ms(now);
+        let now_ms = self.now_ms(now_ns);
         // Each flow swept once a period: a flow lives between `timeout` and `timeout` + 1 s
         // after its last packet.
-        let timeout_ms = self.timeout.as_millis().clamp(1, 1 << 30) as u32;
-        let step = SWEEP_PERIOD / SWEEP_SLICES as u32;
+        let timeout_ms = self.timeout_ms.clamp(1, 1 << 30) as u32;
+        let step = SWEEP_PERIOD_NS / SWEEP_SLICES as u64;
         let mut expired = 0;
         let mut swept = 0;
-        while now >= self.next_sweep && swept < MAX_SWEEPS_PER_LOOP {
+        while now_ns >= self.next_sweep_ns && swept < MAX_SWEEPS_PER_LOOP {
             expired += self
                 .table
                 .sweep_next(|e| age_ms(now_ms, e.last_ms) < timeout_ms);
-            self.next_sweep += step;
+            self.next_sweep_ns += step;
             swept += 1;
         }
-        if now >= self.next_sweep + SWEEP_PERIOD {
+        if now_ns >= self.next_sweep_ns + SWEEP_PERIOD_NS {
             // Far behind (the vswitch slept): go on from here rather than catch up.
-            self.next_sweep = now + step;
+            self.next_sweep_ns = now_ns + step;
         }
-        ep.counters()
-            .add(ProcCounter::FlowsExpired as usize, expired as u64);
-        ep.counters()
-            .set(ProcCounter::FlowsActive as usize, self.table.len() as u64);
+        io.count(ProcCounter::FlowsExpired, expired as u64);
+        io.set_count(ProcCounter::FlowsActive, self.table.len() as u64);
     }
 }
 
 #[cfg(test)]
 mod tests {
+    //! The dispatcher stepped in memory: packets are byte vectors, rings are vectors per
+    //! slot, the clock is a number the test moves.
+
     use super::*;
-    use nflib::buffer::Desc;
-    use nflib::cluster::{EndpointInfo, ServerInfo};
-    use nflib::layout::RingId;
-    use nflib::local::{LocalManager, LocalRegion};
+    use crate::io::SlotView;
+    use nflib::cluster::{EndpointInfo, ServerInfo, TransportCounters};
     use nflib::packet::build::UdpV4;
-    use nflib::ring::Producer;
     use nflib::slot::ProcessKind;
-    use std::sync::atomic::Ordering;
+    use nflib::stats::PROC_COUNTERS;
+    use std::collections::BTreeMap;
+    use std::path::Path;
 
     const CONFIG: &str =
         "[[vswitch]]\nname = \"vs\"\n[[runtime]]\nname = \"rt0\"\n[[runtime]]\nname = \"rt1\"\n";
+
+    /// Two runtimes of a replicated chain (their flows wait for recovery when one dies).
+    const REPLICATED: &str = "[[vswitch]]\nname = \"vs\"\nrecovery_wait_ms = 100\n\
+        flow_timeout_ms = 2000\n\
+        [[runtime]]\nname = \"rt0\"\nchain = \"c\"\n[[runtime]]\nname = \"rt1\"\nchain = \"c\"\n\
+        [[chain]]\nname = \"c\"\nreplication = \"output-commit\"\n[[chain.nf]]\n\
+        kind = \"flow_monitor\"\n";
+
+    const ME: u16 = 1;
+    const NFMGR: EndpointAddr = EndpointAddr::new(1, MANAGER_SLOT);
+    const RT0: EndpointAddr = EndpointAddr::new(1, 2);
+    const RT1: EndpointAddr = EndpointAddr::new(1, 3);
+    const MS_NS: u64 = 1_000_000;
 
     fn frame(port: u16) -> Vec<u8> {
         let mut b = vec![0u8; 64];
@@ -1059,77 +1050,167 @@ mod tests {
         b
     }
 
-    struct Bed {
-        local: LocalRegion,
-        mgr: LocalManager,
-        ep: Endpoint,
-        mb: Mailbox,
-        d: Dispatch,
+    fn key(port: u16) -> FlowKey {
+        FlowKey::of(&packet::parse(&frame(port)).unwrap()).0
     }
 
-    fn bed(tag: &str) -> Bed {
-        let local = LocalRegion::new(
-            tag,
-            CONFIG,
-            &[
-                (1, ProcessKind::Vswitch, "vs"),
-                (2, ProcessKind::Runtime, "rt0"),
-                (3, ProcessKind::Runtime, "rt1"),
-            ],
-            |_| {},
-        )
-        .unwrap();
-        let r = &local.region;
-        r.slot(1).unwrap().targets.store(0b1100, Ordering::Relaxed);
-        let mut mgr = LocalManager::new(&local);
-        mgr.service();
-        let ep = Endpoint::attach(local.path(), 1, ProcessKind::Vswitch).unwrap();
-        let mb = Mailbox::for_endpoint(&ep, 1, local.config.cluster.transport());
-        let d = Dispatch::new(r, 1, &local.config).unwrap();
-        Bed {
-            local,
-            mgr,
-            ep,
-            mb,
-            d,
+    /// A packet in memory, with what the region's metadata would carry.
+    #[derive(Clone, Debug)]
+    struct Frame {
+        bytes: Vec<u8>,
+        saved_dst: Option<[u8; 6]>,
+        remote: bool,
+    }
+
+    #[derive(Default)]
+    struct MemIo {
+        /// Bursts put on the ring to each slot.
+        rings: BTreeMap<u16, Vec<Frame>>,
+        freed: usize,
+        counters: Vec<u64>,
+        inbox: Vec<Envelope>,
+        outbox: Vec<(EndpointAddr, Message)>,
+        slots: BTreeMap<u16, SlotView>,
+    }
+
+    impl Io for MemIo {
+        type Pkt = Frame;
+
+        fn data<'a>(&'a self, p: &'a Frame) -> &'a [u8] {
+            &p.bytes
         }
+
+        fn address(&mut self, p: &mut Frame, mac: [u8; 6], remote: bool) {
+            let mut dst = [0u8; 6];
+            dst.copy_from_slice(&p.bytes[..6]);
+            p.saved_dst = Some(dst);
+            p.bytes[..6].copy_from_slice(&mac);
+            p.remote = remote;
+        }
+
+        fn free(&mut self, _: Frame) {
+            self.freed += 1;
+        }
+
+        fn send_burst(&mut self, via: u16, pkts: &mut Vec<Frame>) {
+            self.rings.entry(via).or_default().append(pkts);
+        }
+
+        fn count(&mut self, c: ProcCounter, n: u64) {
+            self.counters[c as usize] += n;
+        }
+
+        fn set_count(&mut self, c: ProcCounter, v: u64) {
+            self.counters[c as usize] = v;
+        }
+
+        fn counter(&mut self, c: ProcCounter) -> u64 {
+            self.counters[c as usize]
+        }
+
+        fn send(&mut self, to: EndpointAddr, _to_actor: u64, m: &Message) -> bool {
+            self.outbox.push((to, m.clone()));
+            true
+        }
+
+        fn receive(&mut self, _now_ns: u64) -> Vec<Envelope> {
+            std::mem::take(&mut self.inbox)
+        }
+
+        fn transport(&self) -> TransportCounters {
+            TransportCounters::default()
+        }
+
+        fn slot(&self, slot: u16) -> Option<SlotView> {
+            self.slots.get(&slot).copied()
+        }
+    }
+
+    struct Bed {
+        io: MemIo,
+        d: Dispatch<Frame>,
+        now_ns: u64,
+    }
+
+    fn bed_with(config: &str, generation: u32) -> Bed {
+        let cfg = Config::parse(config, Path::new(".")).unwrap();
+        let mut io = MemIo {
+            counters: vec![0; PROC_COUNTERS],
+            ..MemIo::default()
+        };
+        for s in [2, 3] {
+            io.slots.insert(
+                s,
+                SlotView {
+                    generation: 1,
+                    up: true,
+                },
+            );
+        }
+        let setup = Setup {
+            slot: ME,
+            name: "vs".into(),
+            targets: vec![(2, "rt0".into()), (3, "rt1".into())],
+            slots: 4,
+            generation,
+        };
+        let now_ns = 5_000 * MS_NS;
+        let d = Dispatch::new(&setup, &cfg, &mut io, now_ns).unwrap();
+        Bed { io, d, now_ns }
+    }
+
+    fn bed() -> Bed {
+        bed_with(CONFIG, 1)
     }
 
     impl Bed {
         /// nfmgr hands the vswitch one frame of flow `port`, and the vswitch dispatches it.
         fn packet(&mut self, port: u16) {
-            let r = &self.local.region;
-            let mut p = self.mgr.pool.alloc().unwrap();
-            r.fill(&mut p, &frame(port));
-            let mut to_vs = Producer::new(r.ring::<Desc>(RingId::Data { from: 0, to: 1 }).unwrap());
-            assert!(to_vs.push(p.into_desc()));
-            let mut batch = Vec::new();
-            self.ep.recv_burst(&mut batch, 8);
-            self.d
-                .dispatch(&mut self.ep, &mut self.mb, &mut batch, Instant::now());
+            let mut batch = vec![Frame {
+                bytes: frame(port),
+                saved_dst: None,
+                remote: false,
+            }];
+            self.d.dispatch(&mut self.io, &mut batch, self.now_ns);
         }
 
-        fn occupancy(&self, to: u16) -> u32 {
-            self.local
-                .region
-                .ring::<Desc>(RingId::Data { from: 1, to })
-                .unwrap()
-                .occupancy()
+        fn delivered(&self, to: u16) -> usize {
+            self.io.rings.get(&to).map_or(0, Vec::len)
         }
 
-        /// Lets the vswitch read its messages and answer, until nfmgr has `want` replies.
-        fn replies(&mut self, want: usize) -> Vec<Message> {
-            let mut got = Vec::new();
-            for _ in 0..200 {
-                self.d.handle_messages(&mut self.ep, &mut self.mb);
-                self.mb.flush(&mut self.ep, nflib::time::mono_ns());
-                got.extend(self.mgr.receive().into_iter().map(|e| e.msg));
-                if got.len() >= want {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            got
+        /// Ports of the flows whose packets went to `to`, in order.
+        fn ports_to(&self, to: u16) -> Vec<u16> {
+            self.io.rings.get(&to).map_or(Vec::new(), |r| {
+                r.iter()
+                    .map(|f| packet::parse(&f.bytes).unwrap().src_port)
+                    .collect()
+            })
+        }
+
+        /// `from` sends `msg`; returns the vswitch's answers.
+        fn call(&mut self, from: EndpointAddr, msg: Message) -> Vec<Message> {
+            let env = Envelope {
+                from,
+                src_actor: LIAISON,
+                dst_actor: LIAISON,
+                msg,
+            };
+            self.d.handle(&mut self.io, env, self.now_ns);
+            self.io.outbox.drain(..).map(|(_, m)| m).collect()
+        }
+
+        fn count(&self, c: ProcCounter) -> u64 {
+            self.io.counters[c as usize]
+        }
+
+        fn advance_ms(&mut self, ms: u64) {
+            self.now_ns += ms * MS_NS;
+        }
+
+        /// The runtime in `slot` died (nfmgr marks the slot) or came back in a new life.
+        fn set_slot(&mut self, slot: u16, generation: u32, up: bool) {
+            self.io.slots.insert(slot, SlotView { generation, up });
+            self.d.refresh_targets(&self.io, self.now_ns);
         }
     }
 
@@ -1137,54 +1218,47 @@ mod tests {
     /// counted, new aliases refused, and the flows already there keep going.
     #[test]
     fn a_full_table_refuses_new_flows_and_keeps_the_established() {
-        let mut b = bed("vsfull");
+        let mut b = bed();
         b.d.max_flows = 3;
         for port in 1000..1003 {
             b.packet(port);
         }
-        let delivered = |b: &Bed| b.occupancy(2) + b.occupancy(3);
+        let delivered = |b: &Bed| b.delivered(2) + b.delivered(3);
         assert_eq!(delivered(&b), 3);
         for port in 2000..2100 {
             b.packet(port);
         }
         assert_eq!(b.d.table.len(), 3, "the table stays at its bound");
         assert_eq!(delivered(&b), 3, "new flows' packets are dropped");
-        b.ep.publish();
-        let full = b.local.region.slot(1).unwrap().counters.0
-            [ProcCounter::DropFlowTableFull as usize]
-            .load(Ordering::Relaxed);
-        assert_eq!(full, 100);
+        assert_eq!(b.count(ProcCounter::DropFlowTableFull), 100);
+        assert_eq!(b.io.freed, 100, "and their buffers freed");
         b.packet(1001);
         assert_eq!(delivered(&b), 4, "an established flow goes on");
-        let key = FlowKey::of(&packet::parse(&frame(3000)).unwrap()).0;
-        assert!(
-            !b.d.add_alias(key, EndpointAddr::new(1, 2), 0),
-            "no room for an alias"
-        );
+        assert!(!b.d.add_alias(key(3000), RT0, 0), "no room for an alias");
     }
 
     #[test]
     fn a_flow_moves_to_another_runtime_on_request() {
-        let mut b = bed("vsmove");
+        let mut b = bed();
         b.packet(1000);
-        let first = if b.occupancy(2) == 1 { 2 } else { 3 };
+        let first = if b.delivered(2) == 1 { 2 } else { 3 };
         let other = 5 - first;
-        assert_eq!(b.occupancy(first), 1);
+        assert_eq!(b.delivered(first), 1);
+        let k = key(1000);
+        let (from, to) = (EndpointAddr::new(1, first), EndpointAddr::new(1, other));
 
-        // nfmgr (slot 0) asks for the flow to move.
-        let h = packet::parse(&frame(1000)).unwrap();
-        let (key, _) = FlowKey::of(&h);
-        b.mgr.send(
-            1,
-            &Message::SetRuntime {
-                keys: vec![key],
-                from: EndpointAddr::new(1, first),
-                runtime: EndpointAddr::new(1, other),
+        // nfmgr asks for the flow to move.
+        let answer = b.call(
+            NFMGR,
+            Message::SetRuntime {
+                keys: vec![k],
+                from,
+                runtime: to,
                 request: 42,
             },
         );
         assert_eq!(
-            b.replies(1),
+            answer,
             vec![Message::RuntimeSet {
                 request: 42,
                 moved: 1,
@@ -1195,57 +1269,42 @@ mod tests {
         // A recovery (its request says so) that names the key's former runtime: the key
         // is a third runtime's now, and the answer says which keys did not move (and no
         // per-key counts).
-        let stranger = FlowKey::of(&packet::parse(&frame(1001)).unwrap()).0;
+        let stranger = key(1001);
         let request = 7 | nflib::msg::RECOVERY_REQUEST;
-        b.mgr.send(
-            1,
-            &Message::SetRuntime {
-                keys: vec![key, stranger],
-                from: EndpointAddr::new(1, first),
-                runtime: EndpointAddr::new(1, first),
+        let answer = b.call(
+            NFMGR,
+            Message::SetRuntime {
+                keys: vec![k, stranger],
+                from,
+                runtime: from,
                 request,
             },
         );
         assert_eq!(
-            b.replies(1),
+            answer,
             vec![Message::RuntimeSet {
                 request,
                 moved: 0,
                 sent: Vec::new(),
-                unmoved: vec![key, stranger],
+                unmoved: vec![k, stranger],
             }]
         );
 
         // The flow's next packet goes to the other runtime.
         b.packet(1000);
-        assert_eq!(b.occupancy(other), 1);
-        assert_eq!(b.occupancy(first), 1, "nothing more to the old runtime");
-        // A runtime that is not a target is refused.
+        assert_eq!(b.delivered(other), 1);
+        assert_eq!(b.delivered(first), 1, "nothing more to the old runtime");
+        // A runtime that is not a target is refused, of this server or another.
         let mut sent = Vec::new();
-        let (from, to) = (EndpointAddr::new(1, first), EndpointAddr::new(1, other));
-        assert_eq!(
-            b.d.set_runtime(
-                &[key],
-                to,
-                EndpointAddr::new(1, 9),
-                &mut sent,
-                &mut Vec::new()
-            ),
-            0
-        );
-        assert_eq!(
-            b.d.set_runtime(
-                &[key],
-                to,
-                EndpointAddr::new(7, 2),
-                &mut sent,
-                &mut Vec::new()
-            ),
-            0
-        );
+        for nowhere in [EndpointAddr::new(1, 9), EndpointAddr::new(7, 2)] {
+            assert_eq!(
+                b.d.set_runtime(&[k], to, nowhere, &mut sent, &mut Vec::new()),
+                0
+            );
+        }
         // Nor is a request that thinks the key is elsewhere: it is not its to move.
         assert_eq!(
-            b.d.set_runtime(&[key], from, from, &mut sent, &mut Vec::new()),
+            b.d.set_runtime(&[k], from, from, &mut sent, &mut Vec::new()),
             0
         );
         assert_eq!(sent, vec![0, 0, 0]);
@@ -1254,43 +1313,108 @@ mod tests {
         b.packet(1000);
         let mut sent = Vec::new();
         assert_eq!(
-            b.d.set_runtime(&[key], from, to, &mut sent, &mut Vec::new()),
+            b.d.set_runtime(&[k], from, to, &mut sent, &mut Vec::new()),
             1
         );
         assert_eq!(
-            b.d.set_runtime(&[key], from, to, &mut sent, &mut Vec::new()),
+            b.d.set_runtime(&[k], from, to, &mut sent, &mut Vec::new()),
             1
         );
         assert_eq!(sent, vec![2, 2]);
     }
 
+    /// Flows move at the request of the runtime giving them away, the one taking them, or
+    /// nfmgr; control calls come from nfmgr only. Anyone else is refused and counted.
+    #[test]
+    fn a_third_runtime_cannot_move_flows_or_make_control_calls() {
+        let mut b = bed();
+        b.packet(1000);
+        let first = if b.delivered(2) == 1 { RT0 } else { RT1 };
+        let other = if first == RT0 { RT1 } else { RT0 };
+        let stranger = EndpointAddr::new(1, 5);
+        let answer = b.call(
+            stranger,
+            Message::SetRuntime {
+                keys: vec![key(1000)],
+                from: first,
+                runtime: other,
+                request: 3,
+            },
+        );
+        assert_eq!(
+            answer,
+            vec![Message::RuntimeSet {
+                request: 3,
+                moved: 0,
+                sent: vec![0],
+                unmoved: vec![key(1000)],
+            }]
+        );
+        let answer = b.call(
+            other,
+            Message::Rpc {
+                id: 9,
+                call: Call::PollWorkload,
+            },
+        );
+        assert!(matches!(
+            answer.as_slice(),
+            [Message::RpcReply {
+                id: 9,
+                reply: Reply::Refused { .. }
+            }]
+        ));
+        assert_eq!(b.count(ProcCounter::CallsRefused), 2);
+        b.packet(1000);
+        assert_eq!(
+            b.delivered(first.slot),
+            2,
+            "the flow stayed with its runtime"
+        );
+        // nfmgr's own poll is answered.
+        let answer = b.call(
+            NFMGR,
+            Message::Rpc {
+                id: 10,
+                call: Call::PollWorkload,
+            },
+        );
+        assert!(matches!(
+            answer.as_slice(),
+            [Message::RpcReply {
+                id: 10,
+                reply: Reply::Workload(w)
+            }] if w.flows_active == 1
+        ));
+    }
+
     #[test]
     fn an_alias_is_refused_only_over_another_live_runtimes_alias() {
-        let mut b = bed("vsalias");
+        let mut b = bed();
         // A packet of an unknown key: dispatched to some runtime.
         b.packet(1000);
-        let first = if b.occupancy(2) == 1 { 2 } else { 3 };
+        let first = if b.delivered(2) == 1 { 2 } else { 3 };
         let other = 5 - first;
         let (rt1, rt2) = (EndpointAddr::new(1, first), EndpointAddr::new(1, other));
-        let key = FlowKey::of(&packet::parse(&frame(1000)).unwrap()).0;
+        let k = key(1000);
         // The other runtime's translation makes the key a reply of its flow: the stray
         // packet's entry gives way.
-        assert!(b.d.add_alias(key, rt2, 0));
+        assert!(b.d.add_alias(k, rt2, 0));
         // The first runtime's translation to the same key is refused; the owner's own
         // request again is fine.
-        assert!(!b.d.add_alias(key, rt1, 0));
-        assert!(b.d.add_alias(key, rt2, 0));
+        assert!(!b.d.add_alias(k, rt1, 0));
+        assert!(b.d.add_alias(k, rt2, 0));
         b.packet(1000);
-        assert_eq!(b.occupancy(other), 1, "the key's packets reach the alias");
+        assert_eq!(b.delivered(other), 1, "the key's packets reach the alias");
         // Migration of the first runtime's flows cannot take the key from the second.
         let mut sent = Vec::new();
         assert_eq!(
-            b.d.set_runtime(&[key], rt1, rt1, &mut sent, &mut Vec::new()),
+            b.d.set_runtime(&[k], rt1, rt1, &mut sent, &mut Vec::new()),
             0
         );
         // Once the owner is gone, the key is anyone's.
-        b.d.live.iter_mut().for_each(|l| l.retain(|r| *r != rt2));
-        assert!(b.d.add_alias(key, rt1, 0));
+        b.set_slot(other, 1, false);
+        assert!(b.d.add_alias(k, rt1, 0));
     }
 
     #[test]
@@ -1302,7 +1426,7 @@ mod tests {
 
     #[test]
     fn the_cluster_view_adds_runtimes_of_other_servers() {
-        let mut b = bed("vsremote");
+        let mut b = bed();
         let remote = EndpointAddr::new(2, 4);
         let view = ClusterView {
             version: 3,
@@ -1321,36 +1445,214 @@ mod tests {
                 }],
             }],
         };
-        b.mgr.send(
-            1,
-            &Message::Rpc {
+        let answer = b.call(
+            NFMGR,
+            Message::Rpc {
                 id: 5,
                 call: Call::NotifyClusterCfg(view),
             },
         );
         assert_eq!(
-            b.replies(1),
+            answer,
             vec![Message::RpcReply {
                 id: 5,
                 reply: Reply::ClusterCfgApplied { version: 3 }
             }]
         );
-        // Three flows, three runtimes, round-robin: one goes to nfmgr for server 2.
+        // Three flows, three runtimes, round-robin: one goes to nfmgr for server 2,
+        // addressed to the remote runtime and marked for another server.
         for port in [1, 2, 3] {
             b.packet(port);
         }
-        assert_eq!(b.occupancy(2), 1);
-        assert_eq!(b.occupancy(3), 1);
-        assert_eq!(b.occupancy(0), 1);
-        let r = &b.local.region;
-        let mut c =
-            nflib::ring::Consumer::new(r.ring::<Desc>(RingId::Data { from: 1, to: 0 }).unwrap());
-        let mut d = [Desc::default(); 1];
-        assert_eq!(c.peek_burst(&mut d), 1);
-        assert_eq!(d[0].flags & DESC_REMOTE, DESC_REMOTE);
-        let p = r.claim(d[0], 1, 0).unwrap();
-        c.release(1);
-        assert_eq!(&r.data(&p)[..6], &remote.input_mac());
-        b.mgr.pool.free(p);
+        assert_eq!((b.delivered(2), b.delivered(3), b.delivered(0)), (1, 1, 1));
+        let f = &b.io.rings[&0][0];
+        assert!(f.remote);
+        assert_eq!(&f.bytes[..6], &remote.input_mac());
+        assert_eq!(
+            f.saved_dst,
+            Some([2, 0, 0, 0, 0, 2]),
+            "the frame's own kept"
+        );
+        assert!(!b.io.rings[&2][0].remote);
+    }
+
+    /// A replicated chain's runtime dies: its flows' packets are dropped (not given to
+    /// another runtime as new flows, which would start them without their state) until
+    /// the replica's takeover re-points them, and new flows avoid the dead runtime. Flows
+    /// nobody claims within `recovery_wait_ms` start afresh.
+    #[test]
+    fn a_dead_runtimes_flows_wait_for_their_takeover() {
+        let mut b = bed_with(REPLICATED, 1);
+        for port in 1..=4 {
+            b.packet(port);
+        }
+        let on_rt0 = b.ports_to(2);
+        assert_eq!(on_rt0.len(), 2);
+        b.set_slot(2, 1, false);
+        for &port in &on_rt0 {
+            b.packet(port);
+        }
+        assert_eq!(b.count(ProcCounter::DropAwaitingRecovery), 2);
+        assert_eq!(b.delivered(3), 2, "not dispatched anew");
+        // New flows all go to the live runtime meanwhile.
+        b.packet(100);
+        assert_eq!(b.ports_to(3).last(), Some(&100));
+        // rt1, rt0's replica, takes over the first flow.
+        let answer = b.call(
+            RT1,
+            Message::SetRuntime {
+                keys: vec![key(on_rt0[0])],
+                from: RT0,
+                runtime: RT1,
+                request: 1 | nflib::msg::RECOVERY_REQUEST,
+            },
+        );
+        assert!(matches!(
+            answer.as_slice(),
+            [Message::RuntimeSet { moved: 1, .. }]
+        ));
+        b.packet(on_rt0[0]);
+        assert_eq!(b.ports_to(3).last(), Some(&on_rt0[0]));
+        // The other flow is still held, until the wait is over: then it starts afresh.
+        b.packet(on_rt0[1]);
+        assert_eq!(b.count(ProcCounter::DropAwaitingRecovery), 3);
+        b.advance_ms(101);
+        b.d.refresh_targets(&b.io, b.now_ns);
+        b.packet(on_rt0[1]);
+        assert_eq!(b.ports_to(3).last(), Some(&on_rt0[1]));
+        assert_eq!(b.count(ProcCounter::DropAwaitingRecovery), 3);
+    }
+
+    /// A restarted vswitch (its slot's second life) asks the runtimes for the flows they
+    /// hold of it, holds packets of keys it does not know meanwhile, and sends them, in
+    /// order, to the runtime that says it holds their flow.
+    #[test]
+    fn a_restarted_vswitch_rebuilds_its_table_from_the_runtimes() {
+        let mut b = bed_with(CONFIG, 2);
+        b.d.start_rebuild(&mut b.io, 300, b.now_ns);
+        let mut asked: Vec<EndpointAddr> =
+            b.io.outbox
+                .drain(..)
+                .map(|(to, m)| {
+                    assert_eq!(m, Message::FeedQuery { request: 2 });
+                    to
+                })
+                .collect();
+        asked.sort();
+        assert_eq!(asked, vec![RT0, RT1]);
+        // Packets of a flow rt1 carries arrive before its answer: held.
+        b.packet(7);
+        b.packet(7);
+        assert_eq!(b.delivered(2) + b.delivered(3), 0);
+        assert_eq!(b.d.finish_rebuild(&mut b.io, b.now_ns), 1, "holding");
+        let none = b.call(
+            RT1,
+            Message::Feeds {
+                request: 2,
+                keys: vec![key(7)],
+                aliases: Vec::new(),
+                done: true,
+            },
+        );
+        assert!(none.is_empty());
+        // Its packets go to rt1 now; rt0 has not answered, so the rebuild goes on.
+        assert_eq!(b.d.finish_rebuild(&mut b.io, b.now_ns), 2);
+        assert_eq!(b.ports_to(3), vec![7, 7]);
+        // A packet of a key nobody claimed waits for rt0's answer or the deadline, then
+        // is a new flow.
+        b.packet(8);
+        b.advance_ms(301);
+        assert_eq!(b.d.finish_rebuild(&mut b.io, b.now_ns), 1);
+        assert_eq!(b.delivered(2) + b.delivered(3), 3);
+        assert_eq!(b.count(ProcCounter::VswitchRebuilds), 1);
+        assert_eq!(b.count(ProcCounter::VswitchRebuildFlows), 1);
+        assert_eq!(b.count(ProcCounter::VswitchRebuildUs), 301_000);
+        // An answer from a runtime that was not asked, or to another request, teaches
+        // nothing.
+        b.d.start_rebuild(&mut b.io, 300, b.now_ns);
+        b.call(
+            EndpointAddr::new(1, 6),
+            Message::Feeds {
+                request: 2,
+                keys: vec![key(9)],
+                aliases: Vec::new(),
+                done: true,
+            },
+        );
+        b.call(
+            RT0,
+            Message::Feeds {
+                request: 1,
+                keys: vec![key(9)],
+                aliases: Vec::new(),
+                done: true,
+            },
+        );
+        assert_eq!(b.d.table.len(), 2);
+    }
+
+    /// Idle flows are forgotten after the timeout, a slice of the table at a time; a
+    /// runtime's `FlowEnded` forgets a key unless it had a packet since the flow went idle.
+    #[test]
+    fn idle_flows_expire_and_ended_flows_are_forgotten() {
+        let mut b = bed_with(REPLICATED, 1);
+        b.packet(1);
+        b.packet(2);
+        let rt = if b.ports_to(2).contains(&2) { RT0 } else { RT1 };
+        // Flow 2 ends at its runtime after 1 s idle, but a packet came 100 ms ago.
+        b.advance_ms(900);
+        b.packet(2);
+        b.advance_ms(100);
+        b.call(
+            rt,
+            Message::FlowEnded {
+                keys: vec![key(2)],
+                aliases: Vec::new(),
+                idle_ms: 1000,
+            },
+        );
+        assert_eq!(
+            b.d.table.len(),
+            2,
+            "a key given a packet since is a new flow's"
+        );
+        b.call(
+            rt,
+            Message::FlowEnded {
+                keys: vec![key(2)],
+                aliases: Vec::new(),
+                idle_ms: 100,
+            },
+        );
+        assert_eq!(b.d.table.len(), 1);
+        // Flow 1, idle past the 2 s timeout: swept within a period.
+        for _ in 0..40 {
+            b.advance_ms(100);
+            b.d.expire(&mut b.io, b.now_ns);
+        }
+        assert_eq!(b.d.table.len(), 0);
+        assert_eq!(b.count(ProcCounter::FlowsExpired), 1);
+        assert_eq!(b.count(ProcCounter::FlowsActive), 0);
+    }
+
+    /// Malformed frames are dropped and counted by kind, never dispatched.
+    #[test]
+    fn malformed_frames_are_counted_not_dispatched() {
+        let mut b = bed();
+        let mut truncated = frame(1);
+        truncated.truncate(30);
+        let mut batch: Vec<Frame> = [vec![0u8; 10], truncated]
+            .into_iter()
+            .map(|bytes| Frame {
+                bytes,
+                saved_dst: None,
+                remote: false,
+            })
+            .collect();
+        b.d.dispatch(&mut b.io, &mut batch, b.now_ns);
+        assert_eq!(b.delivered(2) + b.delivered(3), 0);
+        assert_eq!(b.io.freed, 2);
+        assert_eq!(b.count(ProcCounter::DropRunt), 1);
+        assert_eq!(b.count(ProcCounter::DropTruncated), 1);
     }
 }
