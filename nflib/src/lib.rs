@@ -28,7 +28,7 @@ pub mod top;
 pub use nf_packet as packet;
 pub use nf_packet::{flow, pcap, stream};
 // So are the protocols (frames, the reliable transport, messages, the cluster view).
-pub use nf_proto::{cluster, frame, msg, peer_frame, reliable};
+pub use nf_proto::{cluster, frame, membership, msg, peer_frame, reliable};
 
 // And the shared-memory core.
 pub use nf_shm::{

@@ -107,6 +107,7 @@ pub enum PeerMsg {
 }
 
 /// What a member tells the coordinator when it joins.
+#[derive(Clone, Debug)]
 pub struct JoinRequest {
     pub server: u16,
     pub name: String,

@@ -7,26 +7,26 @@
 //! - socket and metrics handler threads ask questions ([`Handle::ask`]) and wait for
 //!   answers, including control calls that take a round trip ([`Handle::rpc`]).
 //!
-//! The coordinator keeps the member table and the cluster view; every change bumps the
-//! view's version and is pushed to the members, which pass it to their vswitches and
-//! runtimes (`NotifyClusterCfg`). Members and coordinator exchange heartbeats; a member
-//! whose connection closes (its nfmgr died) is dead at once, one that falls silent after
-//! `member_timeout_ms`.
+//! Who is in the cluster, who is alive and the view are the membership's
+//! ([`nflib::membership`], a state machine without I/O); this thread carries out what it
+//! asks (frames on the sessions, the view to the relay and the local processes, recovery
+//! of a dead server's flows, joins, fences) and routes control calls.
 
 pub mod metrics;
 pub mod peer;
 pub mod socket;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use nflib::cluster::{ClusterView, EndpointInfo, ServerInfo};
+use nflib::cluster::{ClusterView, EndpointInfo};
 use nflib::config::Config;
 use nflib::doorbell::Doorbells;
 use nflib::frame::{EndpointAddr, LIAISON};
+use nflib::membership::{Action, Membership, Role, Settings as MembershipSettings};
 use nflib::msg::{Call, Message, Reply};
 use nflib::reliable::PeerEvent;
 use nflib::slot::{ProcessKind, SlotState};
@@ -38,7 +38,6 @@ use nflib::top::{
 use nflib::{Region, MANAGER_SLOT};
 
 use crate::listen::{AcceptBackoff, Limit};
-use serde::Serialize;
 
 use crate::linkwatch::LinkChange;
 use crate::relay::{RelayCommand, RelayEvent};
@@ -162,42 +161,6 @@ struct Pending {
     deadline: Instant,
 }
 
-/// Why and when a member was declared dead.
-#[derive(Clone, Debug, Serialize)]
-pub struct Down {
-    /// Seconds since this nfmgr started.
-    pub at_s: f64,
-    pub why: String,
-    /// Time since the member was last heard from, at the moment it was declared dead.
-    pub silent_ms: f64,
-}
-
-struct Member {
-    name: String,
-    incarnation: u64,
-    addr: Option<SocketAddr>,
-    endpoints: Vec<EndpointInfo>,
-    alive: bool,
-    conn: Option<ConnId>,
-    last_heard: Instant,
-    joined_at: Instant,
-    down: Option<Down>,
-}
-
-enum Role {
-    Coordinator,
-    Member {
-        addr: SocketAddr,
-        conn: Option<ConnId>,
-        last_heard: Instant,
-        joining: bool,
-        next_try: Instant,
-        last_error: Option<String>,
-        sent_endpoints: Vec<EndpointInfo>,
-    },
-    Alone,
-}
-
 pub struct Control {
     cfg: Config,
     region: Region,
@@ -207,29 +170,21 @@ pub struct Control {
     started: Instant,
     me: u16,
     name: String,
-    incarnation: u64,
     /// The keys managers authenticate each other with: the first signs a join, any
     /// verifies one (during a key rotation). Shared with the accept loop.
     auth: Option<SharedAuth>,
-    role: Role,
-    /// Fencing (a member the coordinator had declared dead): local slots killed and not
-    /// dead yet, and how long joining waits for them at most.
-    fence_pending: BTreeSet<u16>,
-    fence_until: Option<Instant>,
+    membership: Membership,
     /// The supervisor's pidfds of the running processes: what `kill_local` signals.
     pidfds: crate::supervisor::Pidfds,
-    members: BTreeMap<u16, Member>,
-    view: ClusterView,
+    /// The authenticated sessions' writers (joined members, the coordinator, joins being
+    /// answered).
     conns: HashMap<ConnId, PeerWriter>,
-    next_conn: ConnId,
     pending: HashMap<u64, Pending>,
     next_rpc: u64,
     /// Per local slot: (process generation, view version) last sent to it.
     notified: HashMap<u16, (u32, u64)>,
     /// Per local runtime slot: the generation and replica list last sent (`SetReplica`).
     replicas_sent: HashMap<u16, (u32, Vec<EndpointAddr>)>,
-    last_heartbeat: Instant,
-    chains: Vec<(String, [u8; 32])>,
     /// Membership changes, for `nfmgr status`.
     log: Vec<String>,
     /// For `nfmgr top`: this server's events, migrations and recoveries, and (on the
@@ -265,6 +220,33 @@ fn chain_digests(cfg: &Config) -> Vec<(String, [u8; 32])> {
         .collect()
 }
 
+/// The vswitches and runtimes of server `me`, from its region.
+fn local_endpoints(cfg: &Config, region: &Region, me: u16) -> Vec<EndpointInfo> {
+    let mut v = Vec::new();
+    for s in 1..region.slot_count() {
+        let Some(rec) = region.slot(s) else {
+            continue;
+        };
+        let kind = rec.kind();
+        if !matches!(kind, ProcessKind::Vswitch | ProcessKind::Runtime) {
+            continue;
+        }
+        let name = rec.name.get();
+        let chain = cfg
+            .runtime(&name)
+            .and_then(|r| cfg.chain_of(r))
+            .map(str::to_string);
+        v.push(EndpointInfo {
+            addr: EndpointAddr::new(me, s),
+            kind,
+            name,
+            chain,
+            alive: rec.state() == SlotState::Running,
+        });
+    }
+    v
+}
+
 impl Control {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
@@ -277,23 +259,39 @@ impl Control {
         keys: Option<&ClusterKeys>,
     ) -> Control {
         let me = cfg.cluster.server_id;
-        let role = match &cfg.cluster.coordinator {
-            Some(a) => Role::Member {
-                addr: a.parse().expect("validated address"),
-                conn: None,
-                last_heard: Instant::now(),
-                joining: false,
-                next_try: Instant::now(),
-                last_error: None,
-                sent_endpoints: Vec::new(),
-            },
-            None if cfg.cluster.listen.is_some() => Role::Coordinator,
-            None => Role::Alone,
-        };
         let now = Instant::now();
+        let settings = MembershipSettings {
+            heartbeat: Duration::from_millis(cfg.cluster.heartbeat_ms),
+            member_timeout: Duration::from_millis(cfg.cluster.member_timeout_ms),
+            rejoin_every: REJOIN_EVERY,
+            fence_wait: FENCE_WAIT,
+            replicated: cfg
+                .chains
+                .iter()
+                .filter(|c| c.replication != nflib::config::ReplicationMode::Off)
+                .map(|c| c.name.clone())
+                .collect(),
+            chains: chain_digests(&cfg),
+            can_join: keys.is_some(),
+        };
+        let coordinator = cfg
+            .cluster
+            .coordinator
+            .as_ref()
+            .map(|a| a.parse().expect("validated address"));
+        let endpoints = local_endpoints(&cfg, &region, me);
+        let membership = Membership::new(
+            me,
+            cfg.server_name(),
+            incarnation,
+            coordinator,
+            cfg.cluster.listen.is_some(),
+            settings,
+            endpoints,
+            now,
+        );
         let mut c = Control {
             name: cfg.server_name(),
-            chains: chain_digests(&cfg),
             cfg,
             region,
             bells,
@@ -301,18 +299,13 @@ impl Control {
             events,
             started: now,
             me,
-            incarnation,
             auth: keys.map(|k| Arc::new(RwLock::new(k.auth_keys()))),
-            role,
-            members: BTreeMap::new(),
-            view: ClusterView::default(),
+            membership,
             conns: HashMap::new(),
-            next_conn: 1,
             pending: HashMap::new(),
             next_rpc: 1,
             notified: HashMap::new(),
             replicas_sent: HashMap::new(),
-            last_heartbeat: now,
             log: Vec::new(),
             top_events: VecDeque::new(),
             migrations: VecDeque::new(),
@@ -321,27 +314,9 @@ impl Control {
             member_stats: BTreeMap::new(),
             last_stats_push: now,
             stop_requested: false,
-            fence_pending: BTreeSet::new(),
-            fence_until: None,
             pidfds: Default::default(),
         };
-        // This server is a member of its own cluster (of one, when alone).
-        let endpoints = c.local_endpoints();
-        c.members.insert(
-            me,
-            Member {
-                name: c.name.clone(),
-                incarnation,
-                addr: None,
-                endpoints,
-                alive: true,
-                conn: None,
-                last_heard: now,
-                joined_at: now,
-                down: None,
-            },
-        );
-        c.rebuild_view();
+        c.run_actions();
         c
     }
 
@@ -385,7 +360,7 @@ impl Control {
                 // trip to a remote coordinator.
                 // A fenced process's flows were taken over while this server was cut off:
                 // there is nothing to recover.
-                let fenced = self.fence_pending.remove(&e.slot);
+                let fenced = self.membership.process_died(e.slot);
                 if let Some(rc) = self.cfg.runtime(&e.process).filter(|_| !fenced) {
                     let chain = self.cfg.chain_of(rc).map(str::to_string);
                     let failed = EndpointAddr::new(self.me, e.slot);
@@ -486,16 +461,17 @@ impl Control {
     /// statistics.
     pub fn top(&self) -> TopReport {
         let now = Instant::now();
-        let role = match &self.role {
+        let role = match self.membership.role() {
             Role::Coordinator => "coordinator",
             Role::Member { .. } => "member",
             Role::Alone => "standalone",
         };
+        let view = self.membership.view();
         let mut events: Vec<TopEvent> = self.top_events.iter().cloned().collect();
         let mut migrations: Vec<MigrationRecord> = self.migrations.iter().cloned().collect();
         let mut recoveries: Vec<RecoveryRecord> = self.recoveries.iter().cloned().collect();
         let mut servers = Vec::new();
-        for s in &self.view.servers {
+        for s in &view.servers {
             let this = s.server == self.me;
             let (age, stats) = if this {
                 (Some(0), Some(self.local_stats()))
@@ -513,7 +489,7 @@ impl Control {
                 name: s.name.clone(),
                 alive: s.alive,
                 this,
-                coordinator: s.server == self.view.coordinator,
+                coordinator: s.server == view.coordinator,
                 stats_age_ms: age,
                 stats,
             });
@@ -526,7 +502,7 @@ impl Control {
                     name: self.name.clone(),
                     alive: true,
                     this: true,
-                    coordinator: matches!(self.role, Role::Coordinator | Role::Alone),
+                    coordinator: matches!(self.membership.role(), Role::Coordinator | Role::Alone),
                     stats_age_ms: Some(0),
                     stats: Some(self.local_stats()),
                 },
@@ -550,7 +526,7 @@ impl Control {
             name: self.name.clone(),
             role: role.to_string(),
             uptime_s: self.started.elapsed().as_secs_f64(),
-            view_version: self.view.version,
+            view_version: view.version,
             taken_ms: wall_ms(),
             servers,
             endpoints: self.endpoints(),
@@ -622,30 +598,7 @@ impl Control {
 
     /// The vswitches and runtimes of this server, from the region.
     fn local_endpoints(&self) -> Vec<EndpointInfo> {
-        let mut v = Vec::new();
-        for s in 1..self.region.slot_count() {
-            let Some(rec) = self.region.slot(s) else {
-                continue;
-            };
-            let kind = rec.kind();
-            if !matches!(kind, ProcessKind::Vswitch | ProcessKind::Runtime) {
-                continue;
-            }
-            let name = rec.name.get();
-            let chain = self
-                .cfg
-                .runtime(&name)
-                .and_then(|r| self.cfg.chain_of(r))
-                .map(str::to_string);
-            v.push(EndpointInfo {
-                addr: EndpointAddr::new(self.me, s),
-                kind,
-                name,
-                chain,
-                alive: rec.state() == SlotState::Running,
-            });
-        }
-        v
+        local_endpoints(&self.cfg, &self.region, self.me)
     }
 
     fn send_relay(&self, cmd: RelayCommand) {
@@ -653,46 +606,41 @@ impl Control {
         self.bells.ring(MANAGER_SLOT);
     }
 
-    /// Coordinator (or alone): the view from the member table, with a new version.
-    fn rebuild_view(&mut self) {
-        self.view = ClusterView {
-            version: self.view.version + 1,
-            coordinator: self.me,
-            servers: self
-                .members
-                .iter()
-                .map(|(id, m)| ServerInfo {
-                    server: *id,
-                    name: m.name.clone(),
-                    incarnation: m.incarnation,
-                    alive: m.alive,
-                    endpoints: m.endpoints.clone(),
-                })
-                .collect(),
-        };
-        self.view_changed();
-    }
-
-    /// A new view: tell the relay who the members are, the members (coordinator), and the
-    /// local processes (next tick).
-    fn view_changed(&mut self) {
-        let alive: Vec<u16> = self
-            .view
-            .servers
-            .iter()
-            .filter(|s| s.alive)
-            .map(|s| s.server)
-            .collect();
-        self.send_relay(RelayCommand::Members(alive));
-        if matches!(self.role, Role::Coordinator) {
-            let msg = PeerMsg::View(self.view.clone());
-            let conns: Vec<ConnId> = self.members.values().filter_map(|m| m.conn).collect();
-            for c in conns {
-                self.send_peer(c, &msg);
+    /// Carries out what the membership asks, until it asks nothing more (a failed write
+    /// is a session down, which may ask more).
+    fn run_actions(&mut self) {
+        while let Some(a) = self.membership.poll() {
+            match a {
+                Action::Send { session, msg } => self.send_peer(session, &msg),
+                Action::Close { session } => {
+                    if let Some(w) = self.conns.remove(&session) {
+                        w.close();
+                    }
+                }
+                Action::ViewChanged { alive, renotify } => {
+                    self.send_relay(RelayCommand::Members(alive));
+                    if renotify {
+                        self.notified.clear();
+                    }
+                }
+                Action::Recover {
+                    failed,
+                    chain,
+                    incarnation,
+                } => self.start_recovery(failed, chain.as_deref(), incarnation),
+                Action::Join {
+                    session,
+                    coordinator,
+                    request,
+                } => self.start_join(session, coordinator, request),
+                Action::Fence => self.fence(),
+                Action::Note(what) => self.note(what),
             }
         }
     }
 
+    /// Sends on a session; a failed write ends it (and what the membership makes of that
+    /// runs at once).
     fn send_peer(&mut self, conn: ConnId, msg: &PeerMsg) {
         let failed = match self.conns.get_mut(&conn) {
             Some(w) => w.send(msg).err(),
@@ -772,12 +720,7 @@ impl Control {
             });
             return;
         }
-        let conn = match &self.role {
-            Role::Coordinator => self.members.get(&to.server).and_then(|m| m.conn),
-            Role::Member { conn, .. } => *conn,
-            Role::Alone => None,
-        };
-        let Some(conn) = conn else {
+        let Some(conn) = self.membership.session_to(to.server) else {
             return fail(
                 reply_to,
                 self,
@@ -851,198 +794,43 @@ impl Control {
             Event::Relay(RelayEvent::Link(change)) => self.link_changed(change),
             Event::Ask(f) => f(self),
             Event::Process(e) => self.process_event(e),
-            Event::PeerJoin { conn, info, writer } => self.member_joins(conn, info, writer),
+            Event::PeerJoin { conn, info, writer } => {
+                self.conns.insert(conn, writer);
+                self.membership.join_request(conn, info, Instant::now());
+            }
             Event::Joined { conn, view, writer } => {
                 self.conns.insert(conn, writer);
-                let addr = match &mut self.role {
-                    Role::Member {
-                        conn: c,
-                        last_heard,
-                        joining,
-                        last_error,
-                        sent_endpoints,
-                        addr,
-                        ..
-                    } => {
-                        *c = Some(conn);
-                        *last_heard = Instant::now();
-                        *joining = false;
-                        *last_error = None;
-                        sent_endpoints.clear();
-                        *addr
-                    }
-                    _ => return,
-                };
-                self.note(format!("joined the cluster of coordinator {addr}"));
-                self.take_view(view);
+                if !self.membership.joined(conn, view, Instant::now()) {
+                    self.membership
+                        .session_down(conn, "not a member".into(), Instant::now());
+                }
             }
-            Event::Fenced { why } => self.fence(why),
+            Event::Fenced { why } => {
+                self.membership
+                    .fenced(why, nflib::time::wall_ns(), Instant::now())
+            }
             Event::JoinFailed { why } => {
-                if let Role::Member {
-                    joining,
-                    next_try,
-                    last_error,
-                    ..
-                } = &mut self.role
-                {
-                    *joining = false;
-                    *next_try = Instant::now() + REJOIN_EVERY;
-                    if last_error.as_deref() != Some(why.as_str()) {
-                        tracing::warn!("cannot join the cluster: {why}");
-                        *last_error = Some(why);
-                    }
+                if let Some(why) = self.membership.join_failed(why, Instant::now()) {
+                    tracing::warn!("cannot join the cluster: {why}");
                 }
             }
             Event::PeerMsg { conn, msg } => self.peer_msg(conn, msg),
             Event::PeerDown { conn, why } => self.peer_down(conn, why),
             Event::Shutdown => {}
         }
-    }
-
-    /// Member: a view from the coordinator.
-    fn take_view(&mut self, view: ClusterView) {
-        if view.version < self.view.version && view.coordinator == self.view.coordinator {
-            return;
-        }
-        self.view = view;
-        self.view_changed();
-    }
-
-    fn member_joins(&mut self, conn: ConnId, info: JoinInfo, mut writer: PeerWriter) {
-        let reject = |w: &mut PeerWriter, reason: String| {
-            tracing::warn!("refused a member: {reason}");
-            let _ = w.send(&PeerMsg::Reject { reason });
-            w.close();
-        };
-        if info.server == self.me {
-            return reject(
-                &mut writer,
-                format!("server id {} is the coordinator's", info.server),
-            );
-        }
-        if let Some(m) = self.members.get(&info.server) {
-            let same_host = m.addr.map(|a| a.ip()) == Some(info.addr.ip());
-            if m.alive && m.incarnation != info.incarnation && !same_host {
-                return reject(
-                    &mut writer,
-                    format!(
-                        "server id {} is already a member ({})",
-                        info.server,
-                        m.addr.map(|a| a.to_string()).unwrap_or_default()
-                    ),
-                );
-            }
-        }
-        for (name, digest) in &info.chains {
-            if let Some((_, mine)) = self.chains.iter().find(|(n, _)| n == name) {
-                if mine != digest {
-                    return reject(
-                        &mut writer,
-                        format!("chain `{name}` is defined differently on the coordinator"),
-                    );
-                }
-            }
-        }
-        // The same life of a server this coordinator declared dead (cut off, not
-        // stopped): its runtimes' flows were recovered elsewhere, and its old primaries
-        // must not come back as second owners. It restarts its processes empty and joins
-        // again as a new incarnation.
-        if let Some(m) = self.members.get(&info.server) {
-            let replicated = m
-                .endpoints
-                .iter()
-                .any(|e| e.kind == ProcessKind::Runtime && self.replicated(e.chain.as_deref()));
-            if !m.alive && m.incarnation == info.incarnation && replicated {
-                let why = m.down.as_ref().map_or("", |d| d.why.as_str());
-                let reason = format!(
-                    "server {} was declared dead ({why}) and its flows were taken over \
-                     elsewhere",
-                    info.server
-                );
-                self.note(format!(
-                    "fenced server {} on its return: {reason}",
-                    info.server
-                ));
-                let _ = writer.send(&PeerMsg::Fence { reason });
-                writer.close();
-                return;
-            }
-        }
-        // A restarted member replaces its previous incarnation.
-        if let Some(old) = self.members.get(&info.server).and_then(|m| m.conn) {
-            if let Some(w) = self.conns.remove(&old) {
-                w.close();
-            }
-        }
-        let now = Instant::now();
-        self.members.insert(
-            info.server,
-            Member {
-                name: info.name.clone(),
-                incarnation: info.incarnation,
-                addr: Some(info.addr),
-                endpoints: info.endpoints,
-                alive: true,
-                // Set once it is welcomed: the new view goes to the others first.
-                conn: None,
-                last_heard: now,
-                joined_at: now,
-                down: None,
-            },
-        );
-        self.conns.insert(conn, writer);
-        self.note(format!(
-            "server {} ({}) joined from {}",
-            info.server, info.name, info.addr
-        ));
-        self.rebuild_view();
-        let welcome = PeerMsg::Welcome {
-            view: self.view.clone(),
-        };
-        if let Some(m) = self.members.get_mut(&info.server) {
-            m.conn = Some(conn);
-        }
-        self.send_peer(conn, &welcome);
+        self.run_actions();
     }
 
     fn peer_msg(&mut self, conn: ConnId, msg: PeerMsg) {
         let now = Instant::now();
         // Whoever is on this connection is alive.
-        match &mut self.role {
-            Role::Member {
-                conn: Some(c),
-                last_heard,
-                ..
-            } if *c == conn => *last_heard = now,
-            _ => {
-                if let Some(m) = self.members.values_mut().find(|m| m.conn == Some(conn)) {
-                    m.last_heard = now;
-                }
-            }
-        }
+        self.membership.heard(conn, now);
         match msg {
-            PeerMsg::Heartbeat { endpoints } => {
-                if let Some(eps) = endpoints {
-                    let changed = match self.members.values_mut().find(|m| m.conn == Some(conn)) {
-                        Some(m) if m.endpoints != eps => {
-                            m.endpoints = eps;
-                            true
-                        }
-                        _ => false,
-                    };
-                    if changed && matches!(self.role, Role::Coordinator) {
-                        self.rebuild_view();
-                    }
-                }
-            }
-            PeerMsg::View(view) => {
-                if matches!(self.role, Role::Member { .. }) {
-                    self.take_view(view);
-                }
-            }
+            PeerMsg::Heartbeat { endpoints } => self.membership.heartbeat(conn, endpoints),
+            PeerMsg::View(view) => self.membership.view_from_coordinator(view),
             PeerMsg::Rpc { id, target, call } => {
                 let reply_to = ReplyTo::Peer { conn, id };
-                if target.server == self.me || matches!(self.role, Role::Coordinator) {
+                if target.server == self.me || self.membership.is_coordinator() {
                     self.route_rpc(target, call, reply_to);
                 } else {
                     self.answer(reply_to, Err(format!("{target} is not on this server")));
@@ -1055,13 +843,9 @@ impl Control {
             }
             PeerMsg::Leave => self.peer_down(conn, "left the cluster".into()),
             PeerMsg::Stats { json } => {
-                let from = self
-                    .members
-                    .iter()
-                    .find(|(_, m)| m.conn == Some(conn))
-                    .map(|(s, _)| *s);
+                let from = self.membership.server_of(conn);
                 match (from, serde_json::from_slice::<MemberStats>(&json)) {
-                    (Some(server), Ok(m)) if matches!(self.role, Role::Coordinator) => {
+                    (Some(server), Ok(m)) if self.membership.is_coordinator() => {
                         self.member_stats.insert(server, (now, m));
                     }
                     (_, Err(e)) => tracing::warn!("a member sent statistics I cannot read: {e}"),
@@ -1078,125 +862,43 @@ impl Control {
         }
     }
 
+    /// A session ended (its reader saw it close, or a write failed): unknown or already
+    /// closed sessions change nothing.
     fn peer_down(&mut self, conn: ConnId, why: String) {
         let Some(w) = self.conns.remove(&conn) else {
             return;
         };
         w.close();
-        let now = Instant::now();
-        let coordinator_lost = match &mut self.role {
-            Role::Member {
-                conn: c @ Some(_),
-                next_try,
-                ..
-            } if *c == Some(conn) => {
-                *c = None;
-                *next_try = now + REJOIN_EVERY;
-                true
-            }
-            _ => false,
-        };
-        if coordinator_lost {
-            let coord = self.view.coordinator;
-            self.note(format!("lost the coordinator ({why}); rejoining"));
-            // Its runtimes are gone with it: stop dispatching to them.
-            for s in &mut self.view.servers {
-                if s.server == coord {
-                    s.alive = false;
-                }
-            }
-            self.view_changed();
-            self.notified.clear();
-            return;
-        }
-        let at_s = self.secs(now);
-        let started = self.started;
-        let Some((id, m)) = self.members.iter_mut().find(|(_, m)| m.conn == Some(conn)) else {
-            return;
-        };
-        let id = *id;
-        let silent_ms = now.duration_since(m.last_heard).as_secs_f64() * 1000.0;
-        m.conn = None;
-        m.alive = false;
-        m.down = Some(Down {
-            at_s,
-            why: why.clone(),
-            silent_ms,
-        });
-        let _ = started;
-        let name = m.name.clone();
-        let lost: Vec<EndpointInfo> = m
-            .endpoints
-            .iter()
-            .filter(|e| e.kind == ProcessKind::Runtime)
-            .cloned()
-            .collect();
-        self.note(format!("server {id} ({name}) is down: {why}"));
-        self.rebuild_view();
-        // Its runtimes' flows live on where they were replicated: every life of them.
-        for e in lost {
-            self.start_recovery(e.addr, e.chain.as_deref(), u64::MAX);
-        }
+        self.membership.session_down(conn, why, Instant::now());
+        self.run_actions();
     }
 
-    /// Member: the coordinator declared this server dead while it lived on (a partition)
-    /// and took its runtimes' flows over. Every vswitch and runtime here is killed and
-    /// restarted empty (their flows are not recovered: they live elsewhere now), and this
-    /// nfmgr joins again as a new incarnation once they are dead.
-    fn fence(&mut self, why: String) {
-        let now = Instant::now();
-        self.note(format!(
-            "fenced by the coordinator ({why}): restarting this server's vswitches and \
-             runtimes empty, then joining again"
-        ));
+    /// Fenced (the membership says why): every vswitch and runtime here is killed, and
+    /// the membership waits for them to die before joining again.
+    fn fence(&mut self) {
+        let mut killed = Vec::new();
         for s in 1..self.region.slot_count() {
             let running = self.region.slot(s).is_some_and(|r| {
                 matches!(r.kind(), ProcessKind::Vswitch | ProcessKind::Runtime)
                     && r.state() == SlotState::Running
             });
             if running && self.kill_local(s, "the fence").is_ok() {
-                self.fence_pending.insert(s);
+                killed.push(s);
             }
         }
-        self.fence_until = Some(now + FENCE_WAIT);
-        self.incarnation = nflib::time::wall_ns().max(self.incarnation.saturating_add(1));
-        if let Role::Member {
-            joining, next_try, ..
-        } = &mut self.role
-        {
-            *joining = false;
-            *next_try = now;
-        }
+        self.membership.fence_waiting(killed);
     }
 
-    /// The cluster link stopped (or started again) carrying a server's frames. The
-    /// coordinator treats a member not heard for the watch's window as dead, as it would a
-    /// closed connection or a silent heartbeat: it leaves the view and its flows are
-    /// recovered where they were replicated. Members only note it: deciding is the
-    /// coordinator's.
+    /// The cluster link stopped (or started again) carrying a server's frames.
     fn link_changed(&mut self, change: LinkChange) {
         match change {
             LinkChange::Down { server, silent_ns } => {
-                let ms = silent_ns as f64 / 1e6;
-                let conn = self
-                    .members
-                    .get(&server)
-                    .filter(|m| m.alive)
-                    .and_then(|m| m.conn);
-                match (&self.role, conn) {
-                    (Role::Coordinator, Some(conn)) => self.peer_down(
-                        conn,
-                        format!("not heard on the cluster link for {ms:.0} ms"),
-                    ),
-                    _ => self.note(format!(
-                        "server {server} not heard on the cluster link for {ms:.0} ms"
-                    )),
-                }
+                self.membership
+                    .link_down(server, Duration::from_nanos(silent_ns), Instant::now())
             }
-            LinkChange::Up { server } => {
-                self.note(format!("server {server} heard on the cluster link again"));
-            }
+            LinkChange::Up { server } => self.membership.link_up(server),
         }
+        self.run_actions();
     }
 
     /// Whether flows of `chain` are replicated (and so recoverable).
@@ -1214,7 +916,8 @@ impl Control {
             return;
         }
         let targets: Vec<EndpointAddr> = self
-            .view
+            .membership
+            .view()
             .runtimes_of(chain)
             .into_iter()
             .filter(|r| *r != failed)
@@ -1248,7 +951,7 @@ impl Control {
     /// other servers' first, each list rotated by the runtime's slot so that the runtimes
     /// of one server do not all start with the same replica.
     fn replica_candidates(&self, rt: EndpointAddr, chain: &str) -> Vec<EndpointAddr> {
-        let all = self.view.runtimes_of(Some(chain));
+        let all = self.membership.view().runtimes_of(Some(chain));
         let (mut other, mut here): (Vec<EndpointAddr>, Vec<EndpointAddr>) = all
             .into_iter()
             .filter(|r| *r != rt)
@@ -1268,87 +971,15 @@ impl Control {
     /// Time-driven work; returns how long until it is next due.
     fn tick(&mut self) -> Duration {
         let now = Instant::now();
-        let hb = Duration::from_millis(self.cfg.cluster.heartbeat_ms);
-        let timeout = Duration::from_millis(self.cfg.cluster.member_timeout_ms);
-        // This server's own processes.
         let mine = self.local_endpoints();
-        match &self.role {
-            Role::Coordinator | Role::Alone => {
-                let changed = self
-                    .members
-                    .get(&self.me)
-                    .is_some_and(|m| m.endpoints != mine);
-                if changed {
-                    if let Some(m) = self.members.get_mut(&self.me) {
-                        m.endpoints = mine.clone();
-                    }
-                    self.rebuild_view();
-                }
-            }
-            Role::Member { .. } => {}
-        }
-        // Heartbeats and silence.
-        if now.duration_since(self.last_heartbeat) >= hb {
-            self.last_heartbeat = now;
-            match &mut self.role {
-                Role::Coordinator => {
-                    let conns: Vec<ConnId> = self.members.values().filter_map(|m| m.conn).collect();
-                    for c in conns {
-                        self.send_peer(c, &PeerMsg::Heartbeat { endpoints: None });
-                    }
-                }
-                Role::Member {
-                    conn: Some(c),
-                    sent_endpoints,
-                    ..
-                } => {
-                    let c = *c;
-                    let endpoints = (*sent_endpoints != mine).then(|| {
-                        *sent_endpoints = mine.clone();
-                        mine.clone()
-                    });
-                    self.send_peer(c, &PeerMsg::Heartbeat { endpoints });
-                }
-                _ => {}
-            }
-        }
+        self.membership.tick(now, mine);
+        self.run_actions();
         if now.duration_since(self.last_stats_push) >= STATS_EVERY {
             self.last_stats_push = now;
-            if let Role::Member { conn: Some(c), .. } = &self.role {
-                let c = *c;
+            if let Some(c) = self.membership.coordinator_session() {
                 self.push_stats(c);
             }
         }
-        match &self.role {
-            Role::Coordinator => {
-                let silent: Vec<ConnId> = self
-                    .members
-                    .values()
-                    .filter(|m| m.alive && m.conn.is_some())
-                    .filter(|m| now.duration_since(m.last_heard) > timeout)
-                    .filter_map(|m| m.conn)
-                    .collect();
-                for c in silent {
-                    self.peer_down(
-                        c,
-                        format!("no heartbeat for {} ms", self.cfg.cluster.member_timeout_ms),
-                    );
-                }
-            }
-            Role::Member {
-                conn: Some(c),
-                last_heard,
-                ..
-            } if now.duration_since(*last_heard) > timeout => {
-                let c = *c;
-                self.peer_down(
-                    c,
-                    format!("no heartbeat for {} ms", self.cfg.cluster.member_timeout_ms),
-                );
-            }
-            _ => {}
-        }
-        self.maybe_join(now, mine);
         self.notify_local();
         // Calls nobody answered.
         let expired: Vec<u64> = self
@@ -1362,46 +993,22 @@ impl Control {
                 self.answer(p.reply_to, Err("timed out".into()));
             }
         }
-        Duration::from_millis(20).min(hb)
+        Duration::from_millis(20).min(Duration::from_millis(self.cfg.cluster.heartbeat_ms))
     }
 
-    fn maybe_join(&mut self, now: Instant, endpoints: Vec<EndpointInfo>) {
-        let Role::Member {
-            addr,
-            conn: None,
-            joining,
-            next_try,
-            ..
-        } = &mut self.role
-        else {
-            return;
-        };
-        if *joining || now < *next_try {
-            return;
-        }
-        // Fencing: join again only once the old lives are dead.
-        if !self.fence_pending.is_empty() && self.fence_until.is_some_and(|t| now < t) {
-            return;
-        }
+    /// Joins the coordinator at `addr` on a thread of its own (the handshake blocks); the
+    /// outcome comes back as an event.
+    fn start_join(&mut self, conn: ConnId, addr: SocketAddr, req: peer::JoinRequest) {
         let Some(auth) = self
             .auth
             .as_ref()
             .and_then(|a| a.read().ok().and_then(|k| k.first().cloned()))
         else {
+            self.membership
+                .join_failed("no cluster key".into(), Instant::now());
             return;
         };
-        *joining = true;
-        let addr = *addr;
-        let conn = self.next_conn;
-        self.next_conn += 1;
         let events = self.events.clone();
-        let req = peer::JoinRequest {
-            server: self.me,
-            name: self.name.clone(),
-            incarnation: self.incarnation,
-            endpoints,
-            chains: self.chains.clone(),
-        };
         let spawned = std::thread::Builder::new()
             .name("cluster-join".into())
             .spawn(move || match peer::join(addr, &auth, req) {
@@ -1417,17 +1024,16 @@ impl Control {
                     let _ = events.send(Event::JoinFailed { why });
                 }
             });
-        if spawned.is_err() {
-            if let Role::Member { joining, .. } = &mut self.role {
-                *joining = false;
-            }
+        if let Err(e) = spawned {
+            self.membership
+                .join_failed(format!("cannot start a thread: {e}"), Instant::now());
         }
     }
 
     /// Sends the current view to local processes that have not seen it (new ones, restarted
     /// ones, or after a change).
     fn notify_local(&mut self) {
-        let version = self.view.version;
+        let version = self.membership.view().version;
         for s in 1..self.region.slot_count() {
             let Some(rec) = self.region.slot(s) else {
                 continue;
@@ -1442,7 +1048,7 @@ impl Control {
                 continue;
             }
             self.notified.insert(s, (gen, version));
-            let call = Call::NotifyClusterCfg(self.view.clone());
+            let call = Call::NotifyClusterCfg(self.membership.view().clone());
             self.route_rpc(EndpointAddr::new(self.me, s), call, ReplyTo::Nobody);
         }
         self.place_replicas();
@@ -1483,12 +1089,12 @@ impl Control {
 
     /// Says goodbye to the cluster.
     fn leave(&mut self) {
-        let conns: Vec<ConnId> = self.conns.keys().copied().collect();
-        for c in conns {
-            if let Some(w) = self.conns.get_mut(&c) {
-                let _ = w.send(&PeerMsg::Leave);
-                w.close();
-            }
+        self.membership.leave();
+        self.run_actions();
+        // Sessions the membership does not own yet (a join being answered).
+        for (_, mut w) in self.conns.drain() {
+            let _ = w.send(&PeerMsg::Leave);
+            w.close();
         }
     }
 
@@ -1496,36 +1102,36 @@ impl Control {
     pub fn status(&self) -> serde_json::Value {
         let now = Instant::now();
         let snap = nflib::snapshot::RegionSnapshot::read(&self.region);
-        let role = match &self.role {
+        let role = match self.membership.role() {
             Role::Coordinator => serde_json::json!({ "role": "coordinator",
                 "listen": self.cfg.cluster.listen }),
             Role::Member {
-                addr,
-                conn,
+                coordinator,
+                session,
                 last_heard,
                 last_error,
                 ..
             } => serde_json::json!({
                 "role": "member",
-                "coordinator": addr.to_string(),
-                "connected": conn.is_some(),
-                "last_heard_ms": conn.map(|_| now.duration_since(*last_heard).as_secs_f64() * 1000.0),
+                "coordinator": coordinator.to_string(),
+                "connected": session.is_some(),
+                "last_heard_ms": session.map(|_| now.duration_since(*last_heard).as_secs_f64() * 1000.0),
                 "last_error": last_error,
             }),
             Role::Alone => serde_json::json!({ "role": "standalone" }),
         };
-        let servers: Vec<serde_json::Value> = self
-            .view
+        let view = self.membership.view();
+        let servers: Vec<serde_json::Value> = view
             .servers
             .iter()
             .map(|s| {
-                let m = self.members.get(&s.server);
+                let m = self.membership.members().get(&s.server);
                 serde_json::json!({
                     "server": s.server,
                     "name": s.name,
                     "alive": s.alive,
                     "this": s.server == self.me,
-                    "coordinator": s.server == self.view.coordinator,
+                    "coordinator": s.server == view.coordinator,
                     "endpoints": s.endpoints.len(),
                     "addr": m.and_then(|m| m.addr).map(|a| a.to_string()),
                     "last_heard_ms": m.filter(|m| m.alive && s.server != self.me)
@@ -1541,7 +1147,7 @@ impl Control {
             "name": self.name,
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "cluster": role,
-            "view_version": self.view.version,
+            "view_version": view.version,
             "servers": servers,
             "events": self.log,
             "processes": snap.processes.iter().map(|p| serde_json::json!({
@@ -1558,8 +1164,8 @@ impl Control {
 
     /// Every vswitch and runtime of the cluster as this server knows it.
     pub fn endpoints(&self) -> Vec<EndpointInfo> {
-        let mut v: Vec<EndpointInfo> = self
-            .view
+        let view = self.membership.view();
+        let mut v: Vec<EndpointInfo> = view
             .servers
             .iter()
             .flat_map(|s| {
@@ -1569,7 +1175,7 @@ impl Control {
                 })
             })
             .collect();
-        if !self.view.servers.iter().any(|s| s.server == self.me) {
+        if !view.servers.iter().any(|s| s.server == self.me) {
             v.extend(self.local_endpoints());
         }
         v.sort_by_key(|e| e.addr);
@@ -1577,7 +1183,7 @@ impl Control {
     }
 
     pub fn view(&self) -> &ClusterView {
-        &self.view
+        self.membership.view()
     }
 
     pub fn server_id(&self) -> u16 {

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use nflib::cluster::{ClusterView, EndpointInfo};
+use nflib::cluster::ClusterView;
 use nflib::peer_frame::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 pub use nflib::peer_frame::{AuthKey, JoinRequest, PeerMsg, PROTOCOL_VERSION};
 
@@ -17,18 +17,9 @@ use crate::listen::DeadlineReader;
 /// The whole handshake, every read of it together, not each read.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-pub type ConnId = u64;
-
-/// What a member said about itself when it joined.
-#[derive(Clone, Debug)]
-pub struct JoinInfo {
-    pub server: u16,
-    pub name: String,
-    pub incarnation: u64,
-    pub endpoints: Vec<EndpointInfo>,
-    pub chains: Vec<(String, [u8; 32])>,
-    pub addr: SocketAddr,
-}
+/// A session, as the control thread and the membership number them.
+pub type ConnId = nflib::membership::SessionId;
+pub use nflib::membership::JoinInfo;
 
 /// The sending half of an authenticated session (owned by the control thread).
 pub struct PeerWriter {

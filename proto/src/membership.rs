@@ -1,0 +1,1263 @@
+//! Cluster membership as a state machine: who is in the cluster, who is alive, the view
+//! every server dispatches by, and when a server is declared dead.
+//!
+//! One [`Membership`] per nfmgr, in one of three roles: the *coordinator* keeps the member
+//! table, admits joins, watches heartbeats and publishes the view (every change bumps its
+//! version); a *member* joins the coordinator, heartbeats it and takes its views; a server
+//! *alone* is a cluster of one. It reads no clock and owns no socket: every call takes the
+//! time, sessions are numbers, and what must happen (frames to send, sessions to close, a
+//! view to hand to the data plane, flows to recover, a join to start, a fence) comes out as
+//! [`Action`]s that nfmgr's control thread carries out, so that the tests below step whole
+//! clusters in memory.
+//!
+//! A member is dead when its session closes (its nfmgr died or left), when it falls silent
+//! for `member_timeout`, or when the data plane's link watch stops hearing it: the view
+//! marks it so and its runtimes' flows are recovered where they were replicated. A member
+//! the coordinator declared dead that comes back in the same life (cut off, not stopped) is
+//! fenced: its flows live elsewhere now, so it restarts its processes empty and joins
+//! again as a new incarnation.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::cluster::{ClusterView, EndpointInfo, ProcessKind, ServerInfo};
+use crate::frame::EndpointAddr;
+use crate::peer_frame::{JoinRequest, PeerMsg};
+
+/// An authenticated session with another nfmgr, as the control thread numbers them.
+pub type SessionId = u64;
+
+/// What a member said about itself when it joined (its join, verified).
+#[derive(Clone, Debug)]
+pub struct JoinInfo {
+    pub server: u16,
+    pub name: String,
+    pub incarnation: u64,
+    pub endpoints: Vec<EndpointInfo>,
+    pub chains: Vec<(String, [u8; 32])>,
+    pub addr: SocketAddr,
+}
+
+/// Why and when a member was declared dead.
+#[derive(Clone, Debug, Serialize)]
+pub struct Down {
+    /// Seconds since this nfmgr started.
+    pub at_s: f64,
+    pub why: String,
+    /// Time since the member was last heard from, at the moment it was declared dead.
+    pub silent_ms: f64,
+}
+
+/// A server as the coordinator knows it (and this server itself, in every role).
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub name: String,
+    pub incarnation: u64,
+    pub addr: Option<SocketAddr>,
+    pub endpoints: Vec<EndpointInfo>,
+    pub alive: bool,
+    pub session: Option<SessionId>,
+    pub last_heard: Instant,
+    pub joined_at: Instant,
+    pub down: Option<Down>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Role {
+    Coordinator,
+    Member {
+        coordinator: SocketAddr,
+        session: Option<SessionId>,
+        last_heard: Instant,
+        joining: bool,
+        next_try: Instant,
+        last_error: Option<String>,
+        /// The endpoints the coordinator was last told of.
+        sent_endpoints: Vec<EndpointInfo>,
+    },
+    Alone,
+}
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub heartbeat: Duration,
+    /// Silence after which a server is dead.
+    pub member_timeout: Duration,
+    /// How often a member tries to join again.
+    pub rejoin_every: Duration,
+    /// How long a fenced member waits for its killed processes to die before joining anyway.
+    pub fence_wait: Duration,
+    /// Chains whose flows are replicated (a dead server's are recovered, and it is fenced
+    /// if it comes back in the same life).
+    pub replicated: BTreeSet<String>,
+    /// Digest of each chain's definition: servers must agree on the chains they share.
+    pub chains: Vec<(String, [u8; 32])>,
+    /// Whether this server may join a coordinator (it holds the cluster key).
+    pub can_join: bool,
+}
+
+/// What the control thread must do.
+#[derive(Clone, Debug)]
+pub enum Action {
+    /// Send `msg` on `session` (a failed write comes back as [`Membership::session_down`]).
+    Send { session: SessionId, msg: PeerMsg },
+    /// Close `session` (after what was sent on it before).
+    Close { session: SessionId },
+    /// The view changed: `alive` are the servers the data plane may exchange frames with;
+    /// `renotify`: every local process must be given the view again.
+    ViewChanged { alive: Vec<u16>, renotify: bool },
+    /// Runtime `failed` is gone with its server: its flows (every life up to `incarnation`)
+    /// are to be recovered where they are replicated.
+    Recover {
+        failed: EndpointAddr,
+        chain: Option<String>,
+        incarnation: u64,
+    },
+    /// Start joining `coordinator`; the outcome comes back as [`Membership::joined`],
+    /// [`Membership::join_failed`] or [`Membership::fenced`].
+    Join {
+        session: SessionId,
+        coordinator: SocketAddr,
+        request: JoinRequest,
+    },
+    /// Fenced: kill this server's vswitches and runtimes (they restart empty), then report
+    /// them with [`Membership::fence_waiting`].
+    Fence,
+    /// Something for the operator's log.
+    Note(String),
+}
+
+pub struct Membership {
+    me: u16,
+    name: String,
+    incarnation: u64,
+    started: Instant,
+    settings: Settings,
+    role: Role,
+    members: BTreeMap<u16, Member>,
+    view: ClusterView,
+    last_heartbeat: Instant,
+    /// Fencing: local slots killed and not dead yet, and how long joining waits for them.
+    fence_pending: BTreeSet<u16>,
+    fence_until: Option<Instant>,
+    next_session: SessionId,
+    actions: VecDeque<Action>,
+}
+
+impl Membership {
+    /// Server `me` (`name`, life `incarnation`) with `endpoints` at `now`: a member of
+    /// `coordinator` if given, else the coordinator if it `listens`, else alone.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me: u16,
+        name: String,
+        incarnation: u64,
+        coordinator: Option<SocketAddr>,
+        listens: bool,
+        settings: Settings,
+        endpoints: Vec<EndpointInfo>,
+        now: Instant,
+    ) -> Membership {
+        let role = match coordinator {
+            Some(a) => Role::Member {
+                coordinator: a,
+                session: None,
+                last_heard: now,
+                joining: false,
+                next_try: now,
+                last_error: None,
+                sent_endpoints: Vec::new(),
+            },
+            None if listens => Role::Coordinator,
+            None => Role::Alone,
+        };
+        let mut m = Membership {
+            me,
+            name: name.clone(),
+            incarnation,
+            started: now,
+            settings,
+            role,
+            members: BTreeMap::new(),
+            view: ClusterView::default(),
+            last_heartbeat: now,
+            fence_pending: BTreeSet::new(),
+            fence_until: None,
+            next_session: 1,
+            actions: VecDeque::new(),
+        };
+        // This server is a member of its own cluster (of one, when alone).
+        m.members.insert(
+            me,
+            Member {
+                name,
+                incarnation,
+                addr: None,
+                endpoints,
+                alive: true,
+                session: None,
+                last_heard: now,
+                joined_at: now,
+                down: None,
+            },
+        );
+        m.rebuild_view();
+        m
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn view(&self) -> &ClusterView {
+        &self.view
+    }
+
+    pub fn role(&self) -> &Role {
+        &self.role
+    }
+
+    pub fn members(&self) -> &BTreeMap<u16, Member> {
+        &self.members
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    pub fn is_coordinator(&self) -> bool {
+        matches!(self.role, Role::Coordinator)
+    }
+
+    /// The session that reaches `server`: the coordinator's own to each member; a
+    /// member's one session, to the coordinator, which relays.
+    pub fn session_to(&self, server: u16) -> Option<SessionId> {
+        match &self.role {
+            Role::Coordinator => self.members.get(&server).and_then(|m| m.session),
+            Role::Member { session, .. } => *session,
+            Role::Alone => None,
+        }
+    }
+
+    /// Member: the session to the coordinator, once joined.
+    pub fn coordinator_session(&self) -> Option<SessionId> {
+        match &self.role {
+            Role::Member { session, .. } => *session,
+            _ => None,
+        }
+    }
+
+    /// Coordinator: the member on `session`.
+    pub fn server_of(&self, session: SessionId) -> Option<u16> {
+        self.members
+            .iter()
+            .find(|(_, m)| m.session == Some(session))
+            .map(|(s, _)| *s)
+    }
+
+    fn note(&mut self, what: String) {
+        self.actions.push_back(Action::Note(what));
+    }
+
+    fn send(&mut self, session: SessionId, msg: PeerMsg) {
+        self.actions.push_back(Action::Send { session, msg });
+    }
+
+    fn close(&mut self, session: SessionId) {
+        self.actions.push_back(Action::Close { session });
+    }
+
+    /// Coordinator (or alone): the view from the member table, with a new version.
+    fn rebuild_view(&mut self) {
+        self.view = ClusterView {
+            version: self.view.version + 1,
+            coordinator: self.me,
+            servers: self
+                .members
+                .iter()
+                .map(|(id, m)| ServerInfo {
+                    server: *id,
+                    name: m.name.clone(),
+                    incarnation: m.incarnation,
+                    alive: m.alive,
+                    endpoints: m.endpoints.clone(),
+                })
+                .collect(),
+        };
+        self.view_changed(false);
+    }
+
+    /// A new view: to the data plane, and from the coordinator to every member.
+    fn view_changed(&mut self, renotify: bool) {
+        let alive = self
+            .view
+            .servers
+            .iter()
+            .filter(|s| s.alive)
+            .map(|s| s.server)
+            .collect();
+        self.actions
+            .push_back(Action::ViewChanged { alive, renotify });
+        if self.is_coordinator() {
+            let sessions: Vec<SessionId> =
+                self.members.values().filter_map(|m| m.session).collect();
+            for s in sessions {
+                self.send(s, PeerMsg::View(self.view.clone()));
+            }
+        }
+    }
+
+    /// Member: a view from the coordinator. An older one of the same coordinator is stale;
+    /// another coordinator's is taken as it is.
+    fn take_view(&mut self, view: ClusterView) {
+        if view.version < self.view.version && view.coordinator == self.view.coordinator {
+            return;
+        }
+        self.view = view;
+        self.view_changed(false);
+    }
+
+    fn replicated(&self, chain: Option<&str>) -> bool {
+        chain.is_some_and(|c| self.settings.replicated.contains(c))
+    }
+
+    /// Coordinator: a server proved it holds the key and asks to join on `session`.
+    pub fn join_request(&mut self, session: SessionId, info: JoinInfo, now: Instant) {
+        if let Some(reason) = self.refusal(&info) {
+            self.actions
+                .push_back(Action::Note(format!("refused a member: {reason}")));
+            self.send(session, PeerMsg::Reject { reason });
+            self.close(session);
+            return;
+        }
+        // The same life of a server this coordinator declared dead (cut off, not
+        // stopped): its runtimes' flows were recovered elsewhere, and its old primaries
+        // must not come back as second owners. It restarts its processes empty and joins
+        // again as a new incarnation.
+        if let Some(m) = self.members.get(&info.server) {
+            let replicated = m
+                .endpoints
+                .iter()
+                .any(|e| e.kind == ProcessKind::Runtime && self.replicated(e.chain.as_deref()));
+            if !m.alive && m.incarnation == info.incarnation && replicated {
+                let why = m.down.as_ref().map_or("", |d| d.why.as_str());
+                let reason = format!(
+                    "server {} was declared dead ({why}) and its flows were taken over \
+                     elsewhere",
+                    info.server
+                );
+                self.note(format!(
+                    "fenced server {} on its return: {reason}",
+                    info.server
+                ));
+                self.send(session, PeerMsg::Fence { reason });
+                self.close(session);
+                return;
+            }
+        }
+        // A restarted member replaces its previous incarnation.
+        if let Some(old) = self.members.get(&info.server).and_then(|m| m.session) {
+            self.close(old);
+        }
+        self.members.insert(
+            info.server,
+            Member {
+                name: info.name.clone(),
+                incarnation: info.incarnation,
+                addr: Some(info.addr),
+                endpoints: info.endpoints,
+                alive: true,
+                // Set once it is welcomed: the new view goes to the others first.
+                session: None,
+                last_heard: now,
+                joined_at: now,
+                down: None,
+            },
+        );
+        self.note(format!(
+            "server {} ({}) joined from {}",
+            info.server, info.name, info.addr
+        ));
+        self.rebuild_view();
+        if let Some(m) = self.members.get_mut(&info.server) {
+            m.session = Some(session);
+        }
+        self.send(
+            session,
+            PeerMsg::Welcome {
+                view: self.view.clone(),
+            },
+        );
+    }
+
+    /// Why a join is refused, if it is.
+    fn refusal(&self, info: &JoinInfo) -> Option<String> {
+        if !self.is_coordinator() {
+            return Some("this nfmgr is not a coordinator".into());
+        }
+        if info.server == self.me {
+            return Some(format!("server id {} is the coordinator's", info.server));
+        }
+        if let Some(m) = self.members.get(&info.server) {
+            let same_host = m.addr.map(|a| a.ip()) == Some(info.addr.ip());
+            if m.alive && m.incarnation != info.incarnation && !same_host {
+                return Some(format!(
+                    "server id {} is already a member ({})",
+                    info.server,
+                    m.addr.map(|a| a.to_string()).unwrap_or_default()
+                ));
+            }
+        }
+        for (name, digest) in &info.chains {
+            if let Some((_, mine)) = self.settings.chains.iter().find(|(n, _)| n == name) {
+                if mine != digest {
+                    return Some(format!(
+                        "chain `{name}` is defined differently on the coordinator"
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// Member: the coordinator welcomed this server on `session` with `view`. Returns
+    /// false if this server is no member (the session is of no use).
+    pub fn joined(&mut self, session: SessionId, view: ClusterView, now: Instant) -> bool {
+        let Role::Member {
+            coordinator,
+            session: s,
+            last_heard,
+            joining,
+            last_error,
+            sent_endpoints,
+            ..
+        } = &mut self.role
+        else {
+            return false;
+        };
+        *s = Some(session);
+        *last_heard = now;
+        *joining = false;
+        *last_error = None;
+        sent_endpoints.clear();
+        let addr = *coordinator;
+        self.note(format!("joined the cluster of coordinator {addr}"));
+        self.take_view(view);
+        true
+    }
+
+    /// Member: joining failed; it is tried again after `rejoin_every`. Returns the reason
+    /// when it differs from the last one (worth a warning).
+    pub fn join_failed(&mut self, why: String, now: Instant) -> Option<String> {
+        let Role::Member {
+            joining,
+            next_try,
+            last_error,
+            ..
+        } = &mut self.role
+        else {
+            return None;
+        };
+        *joining = false;
+        *next_try = now + self.settings.rejoin_every;
+        if last_error.as_deref() == Some(why.as_str()) {
+            return None;
+        }
+        *last_error = Some(why.clone());
+        Some(why)
+    }
+
+    /// Member: the coordinator had declared this server dead while it lived on (a
+    /// partition) and took its runtimes' flows over. Every vswitch and runtime here is
+    /// killed and restarted empty (their flows are not recovered: they live elsewhere
+    /// now), and this server joins again as a new incarnation (at least `floor`, the wall
+    /// clock in ns, so that it is new across restarts of nfmgr too) once they are dead.
+    pub fn fenced(&mut self, why: String, floor: u64, now: Instant) {
+        self.note(format!(
+            "fenced by the coordinator ({why}): restarting this server's vswitches and \
+             runtimes empty, then joining again"
+        ));
+        self.actions.push_back(Action::Fence);
+        self.incarnation = floor.max(self.incarnation.saturating_add(1));
+        if let Some(me) = self.members.get_mut(&self.me) {
+            me.incarnation = self.incarnation;
+        }
+        self.fence_until = Some(now + self.settings.fence_wait);
+        if let Role::Member {
+            joining, next_try, ..
+        } = &mut self.role
+        {
+            *joining = false;
+            *next_try = now;
+        }
+    }
+
+    /// The local slots the fence killed: joining waits until they are dead (or
+    /// `fence_wait` passed).
+    pub fn fence_waiting(&mut self, slots: impl IntoIterator<Item = u16>) {
+        self.fence_pending.extend(slots);
+    }
+
+    /// A local process died; returns whether the fence killed it (its flows live
+    /// elsewhere: nothing to recover).
+    pub fn process_died(&mut self, slot: u16) -> bool {
+        self.fence_pending.remove(&slot)
+    }
+
+    /// A frame came on `session`: whoever is on it is alive.
+    pub fn heard(&mut self, session: SessionId, now: Instant) {
+        match &mut self.role {
+            Role::Member {
+                session: Some(s),
+                last_heard,
+                ..
+            } if *s == session => *last_heard = now,
+            _ => {
+                if let Some(m) = self
+                    .members
+                    .values_mut()
+                    .find(|m| m.session == Some(session))
+                {
+                    m.last_heard = now;
+                }
+            }
+        }
+    }
+
+    /// A heartbeat on `session`, with the sender's endpoints if they changed.
+    pub fn heartbeat(&mut self, session: SessionId, endpoints: Option<Vec<EndpointInfo>>) {
+        let Some(eps) = endpoints else {
+            return;
+        };
+        let changed = match self
+            .members
+            .values_mut()
+            .find(|m| m.session == Some(session))
+        {
+            Some(m) if m.endpoints != eps => {
+                m.endpoints = eps;
+                true
+            }
+            _ => false,
+        };
+        if changed && self.is_coordinator() {
+            self.rebuild_view();
+        }
+    }
+
+    /// A view on a session: taken by a member, ignored by anyone else.
+    pub fn view_from_coordinator(&mut self, view: ClusterView) {
+        if matches!(self.role, Role::Member { .. }) {
+            self.take_view(view);
+        }
+    }
+
+    /// `session` ended (closed, failed, left, or silent). The coordinator marks its member
+    /// dead and has its runtimes' flows recovered; a member that lost its coordinator
+    /// stops dispatching to the coordinator's runtimes and joins again.
+    pub fn session_down(&mut self, session: SessionId, why: String, now: Instant) {
+        self.close(session);
+        let coordinator_lost = match &mut self.role {
+            Role::Member {
+                session: s @ Some(_),
+                next_try,
+                ..
+            } if *s == Some(session) => {
+                *s = None;
+                *next_try = now + self.settings.rejoin_every;
+                true
+            }
+            _ => false,
+        };
+        if coordinator_lost {
+            let coord = self.view.coordinator;
+            self.note(format!("lost the coordinator ({why}); rejoining"));
+            // Its runtimes are gone with it: stop dispatching to them.
+            for s in &mut self.view.servers {
+                if s.server == coord {
+                    s.alive = false;
+                }
+            }
+            self.view_changed(true);
+            return;
+        }
+        let at_s = now.saturating_duration_since(self.started).as_secs_f64();
+        let Some((id, m)) = self
+            .members
+            .iter_mut()
+            .find(|(_, m)| m.session == Some(session))
+        else {
+            return;
+        };
+        let id = *id;
+        let silent_ms = now.saturating_duration_since(m.last_heard).as_secs_f64() * 1000.0;
+        m.session = None;
+        m.alive = false;
+        m.down = Some(Down {
+            at_s,
+            why: why.clone(),
+            silent_ms,
+        });
+        let name = m.name.clone();
+        let lost: Vec<EndpointInfo> = m
+            .endpoints
+            .iter()
+            .filter(|e| e.kind == ProcessKind::Runtime)
+            .cloned()
+            .collect();
+        self.note(format!("server {id} ({name}) is down: {why}"));
+        self.rebuild_view();
+        // Its runtimes' flows live on where they were replicated: every life of them.
+        for e in lost {
+            if self.replicated(e.chain.as_deref()) {
+                self.actions.push_back(Action::Recover {
+                    failed: e.addr,
+                    chain: e.chain,
+                    incarnation: u64::MAX,
+                });
+            }
+        }
+    }
+
+    /// The cluster link stopped carrying `server`'s frames for `silent`. The coordinator
+    /// treats a member not heard for the watch's window as dead, as it would a closed
+    /// session or a silent heartbeat; members only note it (deciding is the
+    /// coordinator's).
+    pub fn link_down(&mut self, server: u16, silent: Duration, now: Instant) {
+        let ms = silent.as_secs_f64() * 1000.0;
+        let session = self
+            .members
+            .get(&server)
+            .filter(|m| m.alive)
+            .and_then(|m| m.session);
+        match (self.is_coordinator(), session) {
+            (true, Some(s)) => self.session_down(
+                s,
+                format!("not heard on the cluster link for {ms:.0} ms"),
+                now,
+            ),
+            _ => self.note(format!(
+                "server {server} not heard on the cluster link for {ms:.0} ms"
+            )),
+        }
+    }
+
+    pub fn link_up(&mut self, server: u16) {
+        self.note(format!("server {server} heard on the cluster link again"));
+    }
+
+    /// Time-driven work at `now`, with this server's endpoints as they are: heartbeats,
+    /// silent sessions, joining. Due again within `heartbeat`.
+    pub fn tick(&mut self, now: Instant, mine: Vec<EndpointInfo>) {
+        if matches!(self.role, Role::Coordinator | Role::Alone) {
+            let changed = self
+                .members
+                .get(&self.me)
+                .is_some_and(|m| m.endpoints != mine);
+            if changed {
+                if let Some(m) = self.members.get_mut(&self.me) {
+                    m.endpoints = mine.clone();
+                }
+                self.rebuild_view();
+            }
+        }
+        if now.saturating_duration_since(self.last_heartbeat) >= self.settings.heartbeat {
+            self.last_heartbeat = now;
+            match &mut self.role {
+                Role::Coordinator => {
+                    let sessions: Vec<SessionId> =
+                        self.members.values().filter_map(|m| m.session).collect();
+                    for s in sessions {
+                        self.send(s, PeerMsg::Heartbeat { endpoints: None });
+                    }
+                }
+                Role::Member {
+                    session: Some(s),
+                    sent_endpoints,
+                    ..
+                } => {
+                    let s = *s;
+                    let endpoints = (*sent_endpoints != mine).then(|| {
+                        *sent_endpoints = mine.clone();
+                        mine.clone()
+                    });
+                    self.send(s, PeerMsg::Heartbeat { endpoints });
+                }
+                _ => {}
+            }
+        }
+        let timeout = self.settings.member_timeout;
+        let why = format!("no heartbeat for {} ms", timeout.as_millis());
+        match &self.role {
+            Role::Coordinator => {
+                let silent: Vec<SessionId> = self
+                    .members
+                    .values()
+                    .filter(|m| m.alive && m.session.is_some())
+                    .filter(|m| now.saturating_duration_since(m.last_heard) > timeout)
+                    .filter_map(|m| m.session)
+                    .collect();
+                for s in silent {
+                    self.session_down(s, why.clone(), now);
+                }
+            }
+            Role::Member {
+                session: Some(s),
+                last_heard,
+                ..
+            } if now.saturating_duration_since(*last_heard) > timeout => {
+                let s = *s;
+                self.session_down(s, why, now);
+            }
+            _ => {}
+        }
+        self.maybe_join(now, mine);
+    }
+
+    fn maybe_join(&mut self, now: Instant, endpoints: Vec<EndpointInfo>) {
+        let Role::Member {
+            coordinator,
+            session: None,
+            joining,
+            next_try,
+            ..
+        } = &mut self.role
+        else {
+            return;
+        };
+        if *joining || now < *next_try || !self.settings.can_join {
+            return;
+        }
+        // Fencing: join again only once the old lives are dead.
+        if !self.fence_pending.is_empty() && self.fence_until.is_some_and(|t| now < t) {
+            return;
+        }
+        *joining = true;
+        let coordinator = *coordinator;
+        let session = self.next_session;
+        self.next_session += 1;
+        self.actions.push_back(Action::Join {
+            session,
+            coordinator,
+            request: JoinRequest {
+                server: self.me,
+                name: self.name.clone(),
+                incarnation: self.incarnation,
+                endpoints,
+                chains: self.settings.chains.clone(),
+            },
+        });
+    }
+
+    /// Says goodbye: `Leave` on every session this membership knows, and closes them.
+    pub fn leave(&mut self) {
+        let mut sessions: Vec<SessionId> =
+            self.members.values().filter_map(|m| m.session).collect();
+        if let Some(s) = self.coordinator_session() {
+            sessions.push(s);
+        }
+        for s in sessions {
+            self.send(s, PeerMsg::Leave);
+            self.close(s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Whole clusters stepped in memory: a coordinator and members, sessions as numbers,
+    //! frames carried (or lost) by the test, time moved by hand.
+
+    use super::*;
+
+    const HB: Duration = Duration::from_millis(100);
+    const TIMEOUT: Duration = Duration::from_millis(500);
+    const COORD: u16 = 1;
+
+    fn settings(can_join: bool) -> Settings {
+        Settings {
+            heartbeat: HB,
+            member_timeout: TIMEOUT,
+            rejoin_every: Duration::from_millis(500),
+            fence_wait: Duration::from_secs(5),
+            replicated: ["web".to_string()].into(),
+            chains: vec![("web".into(), [7; 32])],
+            can_join,
+        }
+    }
+
+    fn runtimes(server: u16) -> Vec<EndpointInfo> {
+        (2..4)
+            .map(|slot| EndpointInfo {
+                addr: EndpointAddr::new(server, slot),
+                kind: ProcessKind::Runtime,
+                name: format!("rt{slot}"),
+                chain: Some("web".into()),
+                alive: true,
+            })
+            .collect()
+    }
+
+    fn addr(server: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, server as u8], 7000))
+    }
+
+    /// One server: its membership, whether it runs (a dead one neither ticks nor answers),
+    /// and what it was asked to do that the test looks at.
+    struct Server {
+        m: Membership,
+        up: bool,
+        /// Its session to the coordinator (member) and the coordinator's to it.
+        session: Option<(SessionId, SessionId)>,
+        recovered: Vec<EndpointAddr>,
+        fences: usize,
+        views: usize,
+        notes: Vec<String>,
+    }
+
+    struct Cluster {
+        now: Instant,
+        servers: BTreeMap<u16, Server>,
+        /// Frames between a member and the coordinator are lost while cut.
+        cut: BTreeSet<u16>,
+        next_accept: SessionId,
+    }
+
+    impl Cluster {
+        fn new(members: &[u16]) -> Cluster {
+            let now = Instant::now();
+            let mut servers = BTreeMap::new();
+            let mk = |id: u16, coordinator: Option<SocketAddr>| Server {
+                m: Membership::new(
+                    id,
+                    format!("s{id}"),
+                    1,
+                    coordinator,
+                    coordinator.is_none(),
+                    settings(true),
+                    runtimes(id),
+                    now,
+                ),
+                up: true,
+                session: None,
+                recovered: Vec::new(),
+                fences: 0,
+                views: 0,
+                notes: Vec::new(),
+            };
+            servers.insert(COORD, mk(COORD, None));
+            for &id in members {
+                servers.insert(id, mk(id, Some(addr(COORD))));
+            }
+            Cluster {
+                now,
+                servers,
+                cut: BTreeSet::new(),
+                next_accept: 1 << 32,
+            }
+        }
+
+        fn member_of_coord_session(&self, s: SessionId) -> Option<u16> {
+            self.servers
+                .iter()
+                .find(|(_, v)| v.session.is_some_and(|(_, c)| c == s))
+                .map(|(id, _)| *id)
+        }
+
+        /// Carries out every server's actions until none is left.
+        fn settle(&mut self) {
+            for _ in 0..100 {
+                let mut any = false;
+                let ids: Vec<u16> = self.servers.keys().copied().collect();
+                for id in ids {
+                    while let Some(a) = self.servers.get_mut(&id).unwrap().m.poll() {
+                        any = true;
+                        self.carry(id, a);
+                    }
+                }
+                if !any {
+                    return;
+                }
+            }
+            panic!("the cluster never settles");
+        }
+
+        fn carry(&mut self, from: u16, a: Action) {
+            let now = self.now;
+            match a {
+                Action::Note(n) => self.servers.get_mut(&from).unwrap().notes.push(n),
+                Action::ViewChanged { .. } => self.servers.get_mut(&from).unwrap().views += 1,
+                Action::Recover { failed, .. } => {
+                    self.servers.get_mut(&from).unwrap().recovered.push(failed)
+                }
+                Action::Fence => {
+                    // As nfmgr does: kill the runtimes, and say so.
+                    let s = self.servers.get_mut(&from).unwrap();
+                    s.fences += 1;
+                    s.m.fence_waiting([2, 3]);
+                }
+                Action::Join {
+                    session, request, ..
+                } => {
+                    if self.cut.contains(&from) {
+                        let s = self.servers.get_mut(&from).unwrap();
+                        s.m.join_failed("unreachable".into(), now);
+                        return;
+                    }
+                    let c = self.next_accept;
+                    self.next_accept += 1;
+                    self.servers.get_mut(&from).unwrap().session = Some((session, c));
+                    let info = JoinInfo {
+                        server: request.server,
+                        name: request.name,
+                        incarnation: request.incarnation,
+                        endpoints: request.endpoints,
+                        chains: request.chains,
+                        addr: addr(from),
+                    };
+                    self.servers
+                        .get_mut(&COORD)
+                        .unwrap()
+                        .m
+                        .join_request(c, info, now);
+                }
+                Action::Send { session, msg } if from == COORD => {
+                    let Some(to) = self.member_of_coord_session(session) else {
+                        return;
+                    };
+                    let (mine, _) = self.servers[&to].session.unwrap();
+                    if self.cut.contains(&to) || !self.servers[&to].up {
+                        return;
+                    }
+                    let m = &mut self.servers.get_mut(&to).unwrap().m;
+                    match msg {
+                        PeerMsg::Welcome { view } => {
+                            m.joined(mine, view, now);
+                        }
+                        PeerMsg::Reject { reason } => {
+                            m.join_failed(reason, now);
+                        }
+                        PeerMsg::Fence { reason } => m.fenced(reason, 0, now),
+                        PeerMsg::View(v) => {
+                            m.heard(mine, now);
+                            m.view_from_coordinator(v);
+                        }
+                        PeerMsg::Heartbeat { endpoints } => {
+                            m.heard(mine, now);
+                            m.heartbeat(mine, endpoints);
+                        }
+                        PeerMsg::Leave => m.session_down(mine, "left".into(), now),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                Action::Send { session, msg } => {
+                    let (_, theirs) = match self.servers[&from].session {
+                        Some(s) if s.0 == session => s,
+                        _ => return,
+                    };
+                    if self.cut.contains(&from) || !self.servers[&from].up {
+                        return;
+                    }
+                    let c = &mut self.servers.get_mut(&COORD).unwrap().m;
+                    c.heard(theirs, now);
+                    match msg {
+                        PeerMsg::Heartbeat { endpoints } => c.heartbeat(theirs, endpoints),
+                        PeerMsg::Leave => c.session_down(theirs, "left".into(), now),
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                Action::Close { session } => {
+                    // The other side sees its session close (if it is up to see it).
+                    if from == COORD {
+                        if let Some(to) = self.member_of_coord_session(session) {
+                            let (mine, _) = self.servers[&to].session.unwrap();
+                            self.servers.get_mut(&to).unwrap().session = None;
+                            if self.servers[&to].up && !self.cut.contains(&to) {
+                                self.servers.get_mut(&to).unwrap().m.session_down(
+                                    mine,
+                                    "closed".into(),
+                                    now,
+                                );
+                            }
+                        }
+                    } else if let Some((mine, theirs)) = self.servers[&from].session {
+                        if mine == session {
+                            self.servers.get_mut(&from).unwrap().session = None;
+                            self.servers.get_mut(&COORD).unwrap().m.session_down(
+                                theirs,
+                                "closed".into(),
+                                now,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+
+        /// Moves time on by `d` in heartbeat-sized steps, ticking every running server.
+        fn run(&mut self, d: Duration) {
+            let end = self.now + d;
+            while self.now < end {
+                self.now += Duration::from_millis(20);
+                let now = self.now;
+                for (id, s) in self.servers.iter_mut() {
+                    if s.up {
+                        s.m.tick(now, runtimes(*id));
+                    }
+                }
+                self.settle();
+            }
+        }
+
+        fn alive_in(&self, at: u16) -> Vec<u16> {
+            self.servers[&at]
+                .m
+                .view()
+                .servers
+                .iter()
+                .filter(|s| s.alive)
+                .map(|s| s.server)
+                .collect()
+        }
+    }
+
+    #[test]
+    fn members_join_and_every_view_reaches_every_server() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(100));
+        for id in [1, 2, 3] {
+            assert_eq!(c.alive_in(id), vec![1, 2, 3], "server {id}'s view");
+            assert_eq!(
+                c.servers[&id].m.view().version,
+                c.servers[&1].m.view().version
+            );
+        }
+        assert!(c.servers[&1].m.is_coordinator());
+        assert_eq!(
+            c.servers[&1].m.view().runtimes_of(Some("web")).len(),
+            6,
+            "every server's runtimes"
+        );
+        // Heartbeats keep everyone alive: no false detection over a long run.
+        c.run(Duration::from_secs(10));
+        assert_eq!(c.alive_in(1), vec![1, 2, 3]);
+        assert!(c.servers[&1].recovered.is_empty());
+    }
+
+    /// A member that falls silent (its nfmgr frozen, or every frame lost) is dead after
+    /// `member_timeout`, not before; its runtimes' flows are recovered and the other members
+    /// learn it from the next view.
+    #[test]
+    fn a_silent_member_is_declared_dead_and_its_flows_recovered() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(100));
+        c.servers.get_mut(&2).unwrap().up = false;
+        c.run(TIMEOUT - Duration::from_millis(60));
+        assert_eq!(c.alive_in(1), vec![1, 2, 3], "not before the timeout");
+        c.run(Duration::from_millis(200));
+        assert_eq!(c.alive_in(1), vec![1, 3]);
+        assert_eq!(c.alive_in(3), vec![1, 3], "the view reached the others");
+        let mut recovered = c.servers[&1].recovered.clone();
+        recovered.sort();
+        assert_eq!(
+            recovered,
+            vec![EndpointAddr::new(2, 2), EndpointAddr::new(2, 3)]
+        );
+        let down = c.servers[&1].m.members()[&2].down.clone().unwrap();
+        assert!(down.why.contains("no heartbeat"), "{}", down.why);
+        assert!(down.silent_ms >= TIMEOUT.as_millis() as f64);
+    }
+
+    /// Cut off (the link watch says so) while its nfmgr lives on: the member is dead, its
+    /// flows recovered elsewhere; when it comes back in the same life it is fenced,
+    /// restarts its processes empty, and joins again as a new incarnation once they died.
+    #[test]
+    fn a_member_back_from_a_partition_is_fenced_then_joins_as_a_new_life() {
+        let mut c = Cluster::new(&[2]);
+        c.run(Duration::from_millis(100));
+        c.cut.insert(2);
+        let now = c.now;
+        c.servers
+            .get_mut(&1)
+            .unwrap()
+            .m
+            .link_down(2, Duration::from_millis(30), now);
+        c.settle();
+        assert_eq!(c.alive_in(1), vec![1]);
+        assert_eq!(c.servers[&1].recovered.len(), 2);
+        // The member loses its coordinator too (silence), and tries to join again.
+        c.run(Duration::from_secs(1));
+        assert!(c.servers[&2].m.coordinator_session().is_none());
+        c.cut.clear();
+        c.run(Duration::from_millis(600));
+        assert_eq!(c.servers[&2].fences, 1, "fenced on its return");
+        assert!(c.servers[&1].notes.iter().any(|n| n.contains("fenced")));
+        let old = 1;
+        assert!(c.servers[&2].m.incarnation() > old);
+        // It waits for its killed processes before joining again.
+        c.run(Duration::from_secs(1));
+        assert_eq!(c.alive_in(1), vec![1], "not while its old lives run");
+        assert!(c.servers.get_mut(&2).unwrap().m.process_died(2));
+        assert!(c.servers.get_mut(&2).unwrap().m.process_died(3));
+        assert!(!c.servers.get_mut(&2).unwrap().m.process_died(3));
+        c.run(Duration::from_secs(1));
+        assert_eq!(c.alive_in(1), vec![1, 2], "joined again");
+        let inc = c.servers[&1].m.view().servers[1].incarnation;
+        assert_eq!(inc, c.servers[&2].m.incarnation(), "as its new life");
+        assert_eq!(c.servers[&2].fences, 1);
+    }
+
+    /// A member whose session with the coordinator breaks stops dispatching to the
+    /// coordinator's runtimes, has its local processes told again, and rejoins; the
+    /// coordinator has taken its flows over meanwhile, so it rejoins fenced, as a new life.
+    #[test]
+    fn a_member_that_loses_its_coordinator_rejoins() {
+        let mut c = Cluster::new(&[2]);
+        c.run(Duration::from_millis(100));
+        let (mine, _) = c.servers[&2].session.unwrap();
+        let now = c.now;
+        let m = &mut c.servers.get_mut(&2).unwrap().m;
+        m.session_down(mine, "connection reset".into(), now);
+        let mut renotified = false;
+        let mut closed = false;
+        while let Some(a) = m.poll() {
+            match a {
+                Action::ViewChanged { alive, renotify } => {
+                    assert_eq!(
+                        alive,
+                        vec![2],
+                        "the coordinator's server is not dispatched to"
+                    );
+                    renotified |= renotify;
+                }
+                Action::Close { session } => closed |= session == mine,
+                _ => {}
+            }
+        }
+        assert!(renotified && closed);
+        // The coordinator sees the session close too; after `rejoin_every` it joins again.
+        let (_, theirs) = c.servers.get_mut(&2).unwrap().session.take().unwrap();
+        c.servers
+            .get_mut(&1)
+            .unwrap()
+            .m
+            .session_down(theirs, "closed".into(), now);
+        c.settle();
+        assert_eq!(
+            c.servers[&1].recovered.len(),
+            2,
+            "its flows recovered elsewhere"
+        );
+        // So it comes back fenced (its old flows have owners elsewhere), and joins as a
+        // new life once its runtimes died.
+        c.run(Duration::from_millis(700));
+        assert_eq!(c.servers[&2].fences, 1);
+        assert_eq!(c.alive_in(1), vec![1]);
+        for slot in [2, 3] {
+            c.servers.get_mut(&2).unwrap().m.process_died(slot);
+        }
+        c.run(Duration::from_millis(100));
+        assert_eq!(c.alive_in(2), vec![1, 2]);
+        assert_eq!(c.alive_in(1), vec![1, 2]);
+    }
+
+    /// Joins the coordinator must refuse: its own server id, a chain defined differently,
+    /// a server id another live host holds.
+    #[test]
+    fn conflicting_joins_are_refused() {
+        let now = Instant::now();
+        let mut coord = Membership::new(
+            COORD,
+            "s1".into(),
+            1,
+            None,
+            true,
+            settings(true),
+            runtimes(COORD),
+            now,
+        );
+        while coord.poll().is_some() {}
+        let join = |server: u16, incarnation: u64, digest: u8, host: u16| JoinInfo {
+            server,
+            name: format!("s{server}"),
+            incarnation,
+            endpoints: runtimes(server),
+            chains: vec![("web".into(), [digest; 32])],
+            addr: addr(host),
+        };
+        let refused = |m: &mut Membership| {
+            let mut reason = None;
+            let mut closed = false;
+            while let Some(a) = m.poll() {
+                match a {
+                    Action::Send {
+                        msg: PeerMsg::Reject { reason: r },
+                        ..
+                    } => reason = Some(r),
+                    Action::Close { .. } => closed = true,
+                    Action::Send {
+                        msg: PeerMsg::Welcome { .. },
+                        ..
+                    } => return None,
+                    _ => {}
+                }
+            }
+            assert!(closed || reason.is_none());
+            reason
+        };
+        coord.join_request(10, join(COORD, 1, 7, 9), now);
+        assert!(refused(&mut coord).unwrap().contains("coordinator's"));
+        coord.join_request(11, join(2, 1, 8, 2), now);
+        assert!(refused(&mut coord).unwrap().contains("defined differently"));
+        coord.join_request(12, join(2, 1, 7, 2), now);
+        assert_eq!(refused(&mut coord), None, "welcomed");
+        // Another host claiming server 2 while it is alive, in another life.
+        coord.join_request(13, join(2, 5, 7, 3), now);
+        assert!(refused(&mut coord).unwrap().contains("already a member"));
+        // Server 2 itself restarted (same host, new life): it replaces the old session.
+        coord.join_request(14, join(2, 6, 7, 2), now);
+        let mut closed_old = false;
+        let mut welcomed = false;
+        while let Some(a) = coord.poll() {
+            match a {
+                Action::Close { session: 12 } => closed_old = true,
+                Action::Send {
+                    session: 14,
+                    msg: PeerMsg::Welcome { view },
+                } => {
+                    welcomed = view
+                        .servers
+                        .iter()
+                        .any(|s| s.server == 2 && s.incarnation == 6)
+                }
+                _ => {}
+            }
+        }
+        assert!(closed_old && welcomed);
+        assert_eq!(coord.session_to(2), Some(14));
+        assert_eq!(coord.server_of(14), Some(2));
+    }
+
+    /// A member's endpoints that change reach the coordinator with the next heartbeat, and
+    /// every member with the next view.
+    #[test]
+    fn changed_endpoints_reach_every_view() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(100));
+        let before = c.servers[&3].m.view().version;
+        // Server 2's rt3 stops.
+        let now = c.now + Duration::from_millis(200);
+        c.now = now;
+        let mut eps = runtimes(2);
+        eps[1].alive = false;
+        c.servers.get_mut(&2).unwrap().m.tick(now, eps.clone());
+        c.settle();
+        let v = c.servers[&3].m.view();
+        assert!(v.version > before);
+        assert_eq!(v.runtimes_of(Some("web")).len(), 5);
+    }
+}
