@@ -293,6 +293,67 @@ struct Waiting {
     payload: Vec<u8>,
 }
 
+/// Where actor messages are queued for sending: the mailbox, or a test's memory. What
+/// [`Paced`] and the runtime's engine send through.
+pub trait Outbox {
+    fn send(
+        &mut self,
+        to: EndpointAddr,
+        src_actor: u64,
+        dst_actor: u64,
+        msg: &Message,
+    ) -> Result<(), SendError>;
+    fn send_encoded(
+        &mut self,
+        to: EndpointAddr,
+        src_actor: u64,
+        dst_actor: u64,
+        msg_type: u16,
+        payload: &[u8],
+    ) -> Result<(), SendError>;
+    /// Frames that can still be queued to `to`.
+    fn room(&self, to: EndpointAddr) -> usize;
+    /// Frames a message of `len` encoded bytes takes.
+    fn frames_for(&self, len: usize) -> usize;
+    /// The most frames one peer's queue holds.
+    fn max_queue_frames(&self) -> usize;
+}
+
+impl Outbox for Mailbox {
+    fn send(
+        &mut self,
+        to: EndpointAddr,
+        src_actor: u64,
+        dst_actor: u64,
+        msg: &Message,
+    ) -> Result<(), SendError> {
+        Mailbox::send(self, to, src_actor, dst_actor, msg)
+    }
+
+    fn send_encoded(
+        &mut self,
+        to: EndpointAddr,
+        src_actor: u64,
+        dst_actor: u64,
+        msg_type: u16,
+        payload: &[u8],
+    ) -> Result<(), SendError> {
+        Mailbox::send_encoded(self, to, src_actor, dst_actor, msg_type, payload)
+    }
+
+    fn room(&self, to: EndpointAddr) -> usize {
+        Mailbox::room(self, to)
+    }
+
+    fn frames_for(&self, len: usize) -> usize {
+        Mailbox::frames_for(self, len)
+    }
+
+    fn max_queue_frames(&self) -> usize {
+        self.transport.config().max_queue_frames
+    }
+}
+
 /// Messages sent in bulk, whose sum may be more than the transport queues to one peer (a
 /// takeover's re-pointing of a million keys, a restarted vswitch's feeds, the holds for a
 /// restarted home): they wait here, encoded once, in order per peer, and go as the queue
@@ -339,7 +400,7 @@ impl Paced {
     /// Hands the waiting messages to `mb`, in order; a peer whose queue has no room for its
     /// next one keeps it and those after it for a later call (the others go on). Returns
     /// how many the transport refused outright (lost: too many peers, or to itself).
-    pub fn send(&mut self, mb: &mut Mailbox) -> u64 {
+    pub fn send(&mut self, mb: &mut (impl Outbox + ?Sized)) -> u64 {
         let mut blocked: Vec<EndpointAddr> = Vec::new();
         let mut refused = 0;
         self.queue.retain(|w| {
@@ -347,7 +408,7 @@ impl Paced {
                 return true;
             }
             let frames = mb.frames_for(w.payload.len());
-            if frames > mb.transport.config().max_queue_frames {
+            if frames > mb.max_queue_frames() {
                 // No queue this short ever takes it.
                 refused += 1;
                 return false;

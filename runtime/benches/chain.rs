@@ -22,6 +22,7 @@
 //! ceiling this bench can show), `NF_BENCH_SMOKE=1` (one short, small case).
 //! Prints one JSON line per flow count.
 
+use nf_runtime::io::ShmIo;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -344,9 +345,10 @@ fn runtime_step(
 ) -> usize {
     let got = ep.recv_burst(batch, BATCH);
     let now = rt.now_ms();
-    rt.process_batch(ep, batch, now);
-    rt.expire(ep, now);
-    rt.flush(ep, mb, nflib::time::mono_ns());
+    let mut io = ShmIo { ep, mb };
+    rt.process_batch(&mut io, batch, now);
+    rt.expire(&mut io, now);
+    rt.flush(&mut io, nflib::time::mono_ns());
     got
 }
 
@@ -400,7 +402,10 @@ fn run_timed(flows: usize, seconds: f64) -> RunResult {
         let mem = rt.platform_memory();
         let state = rt.state_memory();
         let live = rt.flows().len();
-        rt.end_all(&mut ep);
+        rt.end_all(&mut ShmIo {
+            ep: &mut ep,
+            mb: &mut mb,
+        });
         (mem, state, live)
     });
 
@@ -485,7 +490,10 @@ fn run_counted(flows: usize, rounds: usize) {
         runtime_time.as_nanos() as f64 / (done - start).max(1) as f64,
         rt.platform_memory() as f64 / rt.flows().len().max(1) as f64,
     );
-    rt.end_all(&mut ep);
+    rt.end_all(&mut ShmIo {
+        ep: &mut ep,
+        mb: &mut mb,
+    });
 }
 
 fn main() {

@@ -258,18 +258,14 @@ pub fn rogue_call(mb: &mut nflib::mailbox::Mailbox, uptime_ms: u64) {
     ));
 }
 
-/// `misroute`: every packet of `out` names port `NF_FAILPOINT_EGRESS` as its egress.
-pub fn misroute(out: &mut [nflib::Packet]) {
+/// `misroute`: the port every output packet is to name as its egress
+/// (`NF_FAILPOINT_EGRESS`), if armed.
+pub fn misroute() -> Option<u8> {
     static PORT: OnceLock<Option<u8>> = OnceLock::new();
-    let port = *PORT.get_or_init(|| {
+    *PORT.get_or_init(|| {
         if !enabled("misroute") {
             return None;
         }
         std::env::var("NF_FAILPOINT_EGRESS").ok()?.parse().ok()
-    });
-    if let Some(port) = port {
-        for p in out {
-            p.set_egress_port(port);
-        }
-    }
+    })
 }

@@ -13,6 +13,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 
+use crate::io::ShmIo;
 use nflib::cluster::{ClusterView, FlowInfo, ProbeReport, TransportCounters, Workload};
 use nflib::endpoint::Endpoint;
 use nflib::frame::{EndpointAddr, LIAISON};
@@ -169,7 +170,7 @@ impl Liaison {
             Message::Pong { .. } => {}
             Message::AliasesAdded { request, refused } => {
                 let now_ms = rt.now_ms();
-                rt.on_aliases_added(ep, env.from, request, &refused, now_ms);
+                rt.on_aliases_added(&mut ShmIo { ep, mb }, env.from, request, &refused, now_ms);
             }
             Message::Replicate {
                 incarnation,
@@ -178,8 +179,7 @@ impl Liaison {
                 states,
                 ended,
             } => rt.on_replicate(
-                ep,
-                mb,
+                &mut ShmIo { ep, mb },
                 env.from,
                 incarnation,
                 version,
@@ -195,9 +195,11 @@ impl Liaison {
             } => rt
                 .repl
                 .on_replicated(env.from, incarnation, version, &refused, &missing, now_ns),
-            Message::Holds { flows, states } => rt.on_holds(ep, &flows, &states),
+            Message::Holds { flows, states } => rt.on_holds(&mut ShmIo { ep, mb }, &flows, &states),
             Message::HoldsQuery => rt.on_holds_query(env.from),
-            Message::FeedQuery { request } => rt.on_feed_query(ep, mb, env.from, request),
+            Message::FeedQuery { request } => {
+                rt.on_feed_query(&mut ShmIo { ep, mb }, env.from, request)
+            }
             _ => self.unknown += 1,
         }
     }
@@ -400,7 +402,7 @@ impl Liaison {
         }
         self.recoveries += 1;
         let request = nflib::msg::RECOVERY_REQUEST | (self.recoveries & 0xffff_ffff);
-        let (flows, messages) = rt.recover(ep, mb, failed, incarnation, request);
+        let (flows, messages) = rt.recover(&mut ShmIo { ep, mb }, failed, incarnation, request);
         self.recovering.push(PendingRecovery {
             rpc,
             to: env.from,

@@ -9,6 +9,7 @@ pub mod events;
 pub mod failpoint;
 pub mod flows;
 pub mod holds;
+pub mod io;
 pub mod liaison;
 pub mod migration;
 #[cfg(test)]
@@ -20,6 +21,7 @@ mod replication_sim;
 mod sim_rng;
 pub mod timers;
 
+use io::ShmIo;
 use nflib::config::Config;
 use nflib::endpoint::Endpoint;
 use nflib::frame::EndpointAddr;
@@ -83,7 +85,7 @@ pub fn serve_messages(
         } = &env.msg
         {
             if request & nflib::msg::RECOVERY_REQUEST != 0 {
-                rt.drop_unmoved(ep, unmoved);
+                rt.drop_unmoved(&mut ShmIo { ep, mb }, unmoved);
                 liaison.recovery_switched(rt, ep, mb, *request, *moved, now_ns);
                 continue;
             }
@@ -92,7 +94,7 @@ pub fn serve_messages(
             if matches!(env.msg, Message::MigrateState { .. }) {
                 failpoint::migrate_state_received();
             }
-            rt.on_migration_message(ep, mb, env.from, env.msg, now_ms);
+            rt.on_migration_message(&mut ShmIo { ep, mb }, env.from, env.msg, now_ms);
         } else {
             liaison.handle(rt, ep, mb, env, now_ns);
         }

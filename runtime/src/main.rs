@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use nf_runtime::io::ShmIo;
 use nf_runtime::liaison::Liaison;
 use nflib::endpoint::BATCH;
 use nflib::process::{attach, enter_sandbox, init_logging, run_loop, CommonArgs};
@@ -70,8 +71,8 @@ fn main() -> ExitCode {
             nf_runtime::failpoint::sandbox_probe(now_ms);
             nf_runtime::failpoint::rogue_call(&mut mb, now_ms);
         }
-        rt.process_batch(ep, &mut batch, now_ms);
-        rt.expire(ep, now_ms);
+        rt.process_batch(&mut ShmIo { ep, mb: &mut mb }, &mut batch, now_ms);
+        rt.expire(&mut ShmIo { ep, mb: &mut mb }, now_ms);
         events.clear();
         events.extend(mb.take_events());
         let me = mb.me();
@@ -80,7 +81,7 @@ fn main() -> ExitCode {
             dead.clear();
             let peers = rt.migrator.peers();
             watch.check(ep, me, liaison.view(), &peers, &events, &mut dead);
-            rt.migration_tick(ep, &mut mb, &dead, now_ms);
+            rt.migration_tick(&mut ShmIo { ep, mb: &mut mb }, &dead, now_ms);
         }
         if rt.repl.enabled() {
             // A replica that died (or restarted empty) is replaced at once: output waiting
@@ -99,7 +100,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        rt.flush(ep, &mut mb, now_ns);
+        rt.flush(&mut ShmIo { ep, mb: &mut mb }, now_ns);
         // The transport's timers (the mailbox's flush asked for them), and packets held for
         // an alias confirmation, which leave by a deadline even if it never comes.
         let mut wake = mb.next_timeout();
@@ -113,13 +114,19 @@ fn main() -> ExitCode {
         }
         ep.wake_by(wake);
         if now.duration_since(last_publish) >= Duration::from_millis(100) {
-            rt.publish(ep);
+            rt.publish(&mut ShmIo { ep, mb: &mut mb });
             last_publish = now;
         }
         m + n + probes
     });
-    rt.end_all(&mut ep);
-    rt.publish(&mut ep);
+    rt.end_all(&mut ShmIo {
+        ep: &mut ep,
+        mb: &mut mb,
+    });
+    rt.publish(&mut ShmIo {
+        ep: &mut ep,
+        mb: &mut mb,
+    });
     rt.events.close();
     ExitCode::SUCCESS
 }

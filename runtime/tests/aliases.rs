@@ -108,9 +108,12 @@ impl Bed {
         );
         self.ep.recv_burst(&mut self.batch, 32);
         let now = self.rt.now_ms();
-        self.rt.process_batch(&mut self.ep, &mut self.batch, now);
-        self.rt
-            .flush(&mut self.ep, &mut self.mb, nflib::time::mono_ns());
+        let mut io = nf_runtime::io::ShmIo {
+            ep: &mut self.ep,
+            mb: &mut self.mb,
+        };
+        self.rt.process_batch(&mut io, &mut self.batch, now);
+        self.rt.flush(&mut io, nflib::time::mono_ns());
     }
 
     /// Frames the runtime sent on, with their source ports.

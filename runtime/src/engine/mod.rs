@@ -16,10 +16,9 @@ use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use nflib::buffer::Route;
-use nflib::endpoint::Endpoint;
 use nflib::flow::{FlowKey, Sender};
 use nflib::frame::{EndpointAddr, LIAISON};
-use nflib::mailbox::{Mailbox, Paced};
+use nflib::mailbox::Paced;
 use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::nf::{tcp_flags, Dir, EndReason, NfContext, PacketMut, Stage, Verdict};
 use nflib::packet::ParseError;
@@ -32,6 +31,7 @@ use crate::aliases::AliasCommit;
 use crate::events::EventLog;
 use crate::flows::{flag, ms_since, FlowActor, FlowTable, Found};
 use crate::holds::{self, Homes, HERE};
+use crate::io::{Buffers, Io};
 use crate::migration::{
     Candidate, FlowHost, FlowRef, Mark, MigrationSettings, Migrator, PacketAction, Release,
 };
@@ -66,7 +66,9 @@ const EXPIRE_BATCH: usize = 4096;
 /// their page faults): a millisecond or so of this loop's time.
 const MAX_PREPARED_FLOWS: usize = 16_384;
 
-pub struct Runtime {
+/// The flow engine over packets of type `P` (the region's `Packet` in the process; plain
+/// memory in the engine's tests), doing its I/O through an [`Io`].
+pub struct Runtime<P = Packet> {
     stages: Vec<Box<dyn Stage>>,
     nf_counters: Vec<[u64; NF_COUNTERS]>,
     /// The flows: their keys, and each flow's record (its actor and every function's state
@@ -83,28 +85,28 @@ pub struct Runtime {
     epoch: Instant,
     next_id: u64,
     aliases: Vec<FlowKey>,
-    out: Vec<Packet>,
+    out: Vec<P>,
     /// Aliases (with the vswitch that feeds the flow and the flow's id) and ended flows to
     /// tell the vswitches (sent by `flush`, one message per vswitch, before the packets
     /// that need them).
     new_aliases: Vec<(EndpointAddr, FlowKey, u64)>,
     ended: Vec<Ended>,
     /// Packets waiting for the vswitch to confirm their flows' new aliases.
-    alias_commit: AliasCommit<Packet>,
+    alias_commit: AliasCommit<P>,
     prepared: Vec<Prepared>,
     /// The packets of `prepared`, in the same order.
-    prepared_pkts: Vec<Packet>,
+    prepared_pkts: Vec<P>,
     /// Flow migration, both as source and as target.
     pub migrator: Migrator,
     /// Packets held for flows under migration, by flow slot, in arrival order.
-    held: HashMap<u32, VecDeque<Packet>>,
+    held: HashMap<u32, VecDeque<P>>,
     /// Late stragglers to forward to the runtime that now owns their flow (sent by `flush`).
     forwards: Vec<(EndpointAddr, u64, bool, MovedPacket)>,
     /// Where the scan for flows to migrate continues.
     pick_cursor: u32,
     /// Replication of this runtime's flows to their replicas (`replication`), and the
     /// copies it holds of other runtimes' flows.
-    pub repl: Replicator<Packet>,
+    pub repl: Replicator<P>,
     pub replica: ReplicaStore,
     /// The loop's clock (`nflib::time::mono_ns`) as of the current batch.
     now_ns: u64,
@@ -187,13 +189,13 @@ fn slot_toward(me: EndpointAddr, peer: EndpointAddr) -> u16 {
     }
 }
 
-impl Runtime {
+impl<P> Runtime<P> {
     pub fn new(
         stages: Vec<Box<dyn Stage>>,
         settings: FlowSettings,
         events: EventLog,
         me: EndpointAddr,
-    ) -> Runtime {
+    ) -> Runtime<P> {
         let n = stages.len();
         let mut stages = stages;
         let mut flows = FlowTable::new(settings.max_flows);
@@ -290,13 +292,13 @@ impl Runtime {
     /// some 600 lines at once, far more than a core keeps in flight; the rest were dropped or
     /// queued, and the chains then waited on the actors' lines one by one. At a million
     /// flows, a third of the runtime's time was that wait (sampled with perf).
-    pub fn process_batch(
+    pub fn process_batch<I: Io<Pkt = P>>(
         &mut self,
-        ep: &mut Endpoint,
-        batch: &mut Vec<(u16, Packet)>,
+        io: &mut I,
+        batch: &mut Vec<(u16, P)>,
         now_ms: u64,
     ) {
-        let region = ep.region().clone();
+        let region = io.buffers();
         self.flows.step();
         if self.repl.enabled() {
             self.now_ns = nflib::time::mono_ns();
@@ -304,18 +306,18 @@ impl Runtime {
         let mut prepared = std::mem::take(&mut self.prepared);
         let mut pkts = std::mem::take(&mut self.prepared_pkts);
         for (from, mut pkt) in batch.drain(..) {
-            let meta = region.meta_of(&pkt);
+            let (route, saved_dst) = region.arrival(&pkt);
             // Packets from another server's vswitch come through nfmgr, which noted where.
-            let vswitch = match meta.route() {
+            let vswitch = match route {
                 Some(r) if from == MANAGER_SLOT => EndpointAddr::new(r.server, r.vswitch as u16),
                 _ => EndpointAddr::new(self.me.server, from),
             };
             // The vswitch addressed the frame to us; put its own destination back.
-            if let Some(orig) = meta.take_dst_mac() {
+            if let Some(orig) = saved_dst {
                 let data = region.data_mut(&mut pkt);
                 if data.len() >= 6 {
                     if data[..6] != self.mac {
-                        ep.counters().add(ProcCounter::DropMisaddressed as usize, 1);
+                        io.count(ProcCounter::DropMisaddressed, 1);
                     }
                     data[..6].copy_from_slice(&orig);
                 }
@@ -343,8 +345,8 @@ impl Runtime {
                         ParseError::Truncated(_) => ProcCounter::DropTruncated,
                         ParseError::Malformed(..) => ProcCounter::DropMalformed,
                     };
-                    ep.counters().add(c as usize, 1);
-                    ep.free(pkt);
+                    io.count(c, 1);
+                    io.free(pkt);
                 }
             }
         }
@@ -361,7 +363,7 @@ impl Runtime {
             if let Some(p) = prepared.get(i + AHEAD) {
                 self.prefetch_flow(p.hash);
             }
-            self.run_prepared(ep, &region, pkt, &prepared[i], now_ms, false);
+            self.run_prepared(io, &region, pkt, &prepared[i], now_ms, false);
         }
         prepared.clear();
         self.prepared = prepared;
@@ -377,11 +379,11 @@ impl Runtime {
 
     /// Runs the chain on a parsed packet and sends it on; a packet of a migrating flow goes
     /// to the migrator first unless `force`.
-    fn run_prepared(
+    fn run_prepared<I: Io<Pkt = P>>(
         &mut self,
-        ep: &mut Endpoint,
-        region: &nflib::Region,
-        mut pkt: Packet,
+        io: &mut I,
+        region: &I::Bufs,
+        mut pkt: P,
         p: &Prepared,
         now_ms: u64,
         force: bool,
@@ -393,20 +395,20 @@ impl Runtime {
             sender,
             hash,
         } = *p;
-        let len = pkt.len();
+        let len = region.len(&pkt);
         let mut force = force;
         loop {
             let result = {
                 let room = region.room_mut(&mut pkt);
                 match PacketMut::with_headers(room, len, *h) {
                     Ok(mut pm) => {
-                        self.run_chain(ep, vswitch, &mut pm, key, sender, hash, now_ms, force)
+                        self.run_chain(io, vswitch, &mut pm, key, sender, hash, now_ms, force)
                     }
                     Err(_) => Ran::Dropped,
                 }
             };
             match result {
-                Ran::Dropped => ep.free(pkt),
+                Ran::Dropped => io.free(pkt),
                 Ran::Diverted(slot, fkey) => {
                     let mark = self.flows.get(slot).map_or(Mark::None, FlowActor::mark);
                     match self.migrator.on_packet(&fkey, mark) {
@@ -418,24 +420,23 @@ impl Runtime {
                         PacketAction::Forward { to, group, late } => {
                             let moved = self.moved_packet(region, &pkt, vswitch);
                             self.forwards.push((to, group, late, moved));
-                            ep.free(pkt);
+                            io.free(pkt);
                         }
                         PacketAction::Drop => {
-                            ep.counters()
-                                .add(ProcCounter::DropMigrationBuffer as usize, 1);
-                            ep.free(pkt);
+                            io.count(ProcCounter::DropMigrationBuffer, 1);
+                            io.free(pkt);
                         }
                     }
                 }
                 Ran::Done(verdict, new_len, (slot, flow), wait, commit) => {
                     region.set_len(&mut pkt, new_len);
                     if verdict == Verdict::Drop {
-                        ep.free(pkt);
+                        io.free(pkt);
                         return;
                     }
                     if verdict == Verdict::SendBack {
-                        let ingress = pkt.ingress_port();
-                        pkt.set_egress_port(ingress);
+                        let ingress = region.ingress_port(&pkt);
+                        region.set_egress_port(&mut pkt, ingress);
                     }
                     match wait {
                         // Then, if it must, it waits for its replica (`flush`).
@@ -461,13 +462,13 @@ impl Runtime {
 
     /// Parses a packet that did not come through `process_batch` (held, or carried in a
     /// message). Frees it when it does not parse.
-    fn prepare(
+    fn prepare<I: Io<Pkt = P>>(
         &mut self,
-        ep: &mut Endpoint,
-        region: &nflib::Region,
-        pkt: Packet,
+        io: &mut I,
+        region: &I::Bufs,
+        pkt: P,
         vswitch: EndpointAddr,
-    ) -> Option<(Packet, Prepared)> {
+    ) -> Option<(P, Prepared)> {
         match nflib::packet::parse(region.data(&pkt)) {
             Ok(h) => {
                 let (key, sender) = FlowKey::of(&h);
@@ -484,27 +485,27 @@ impl Runtime {
                 ))
             }
             Err(_) => {
-                ep.counters().add(ProcCounter::DropMalformed as usize, 1);
-                ep.free(pkt);
+                io.count(ProcCounter::DropMalformed, 1);
+                io.free(pkt);
                 None
             }
         }
     }
 
     /// A packet as a message carries it to another runtime.
-    fn moved_packet(
+    fn moved_packet<B: Buffers<Pkt = P>>(
         &self,
-        region: &nflib::Region,
-        pkt: &Packet,
+        region: &B,
+        pkt: &P,
         vswitch: EndpointAddr,
     ) -> MovedPacket {
-        let (origin_server, origin_vswitch) = match region.meta_of(pkt).route() {
+        let (origin_server, origin_vswitch) = match region.route(pkt) {
             Some(r) => (r.server, r.vswitch),
             None => (vswitch.server, vswitch.slot as u8),
         };
         MovedPacket {
-            ingress: pkt.ingress_port(),
-            egress: pkt.egress_port(),
+            ingress: region.ingress_port(pkt),
+            egress: region.egress_port(pkt),
             origin_server,
             origin_vswitch,
             frame: region.data(pkt).to_vec(),
@@ -513,38 +514,40 @@ impl Runtime {
 
     /// Rebuilds a packet another runtime sent in a message and runs it (`force`: even if
     /// its flow is migrating, the packets a target returns precede those held here).
-    fn run_moved(&mut self, ep: &mut Endpoint, m: MovedPacket, now_ms: u64, force: bool) {
-        let region = ep.region().clone();
-        let Some(mut pkt) = ep.alloc() else {
-            ep.counters().add(ProcCounter::DropNoBuffer as usize, 1);
+    fn run_moved<I: Io<Pkt = P>>(&mut self, io: &mut I, m: MovedPacket, now_ms: u64, force: bool) {
+        let region = io.buffers();
+        let Some(mut pkt) = io.alloc() else {
+            io.count(ProcCounter::DropNoBuffer, 1);
             return;
         };
         if !region.fill(&mut pkt, &m.frame) {
-            ep.counters().add(ProcCounter::DropTruncated as usize, 1);
-            ep.free(pkt);
+            io.count(ProcCounter::DropTruncated, 1);
+            io.free(pkt);
             return;
         }
-        pkt.set_ingress_port(m.ingress);
-        pkt.set_egress_port(m.egress);
+        region.set_ingress_port(&mut pkt, m.ingress);
+        region.set_egress_port(&mut pkt, m.egress);
         if m.origin_server != self.me.server {
-            region.meta_of(&pkt).set_route(Route {
-                server: m.origin_server,
-                vswitch: m.origin_vswitch,
-                egress: m.egress,
-                ingress: m.ingress,
-            });
+            region.set_route(
+                &pkt,
+                Route {
+                    server: m.origin_server,
+                    vswitch: m.origin_vswitch,
+                    egress: m.egress,
+                    ingress: m.ingress,
+                },
+            );
         }
         let vswitch = EndpointAddr::new(m.origin_server, m.origin_vswitch as u16);
-        if let Some((pkt, p)) = self.prepare(ep, &region, pkt, vswitch) {
-            self.run_prepared(ep, &region, pkt, &p, now_ms, force);
+        if let Some((pkt, p)) = self.prepare(io, &region, pkt, vswitch) {
+            self.run_prepared(io, &region, pkt, &p, now_ms, force);
         }
     }
 
     /// Handles a migration message (see `migration`); false if `msg` is not one.
-    pub fn on_migration_message(
+    pub fn on_migration_message<I: Io<Pkt = P>>(
         &mut self,
-        ep: &mut Endpoint,
-        mb: &mut Mailbox,
+        io: &mut I,
         from: EndpointAddr,
         msg: Message,
         now_ms: u64,
@@ -552,18 +555,15 @@ impl Runtime {
         match msg {
             Message::MigratePackets { late, packets, .. } => {
                 if late {
-                    ep.counters().add(
-                        ProcCounter::MigrationLateStragglers as usize,
-                        packets.len() as u64,
-                    );
+                    io.count(ProcCounter::MigrationLateStragglers, packets.len() as u64);
                 }
                 for m in packets {
-                    self.run_moved(ep, m, now_ms, !late);
+                    self.run_moved(io, m, now_ms, !late);
                 }
                 true
             }
             m if m.is_migration() => {
-                self.with_migrator(ep, mb, now_ms, |mig, host| {
+                self.with_migrator(io, now_ms, |mig, host| {
                     mig.on_message(host, from, m, now_ms);
                 });
                 true
@@ -574,10 +574,9 @@ impl Runtime {
 
     /// Migration timers and the next groups of a running job; `dead` peers lost whatever
     /// they held of a migration.
-    pub fn migration_tick(
+    pub fn migration_tick<I: Io<Pkt = P>>(
         &mut self,
-        ep: &mut Endpoint,
-        mb: &mut Mailbox,
+        io: &mut I,
         dead: &[EndpointAddr],
         now_ms: u64,
     ) {
@@ -585,7 +584,7 @@ impl Runtime {
             return;
         }
         let clock = self.clock_ms();
-        self.with_migrator(ep, mb, now_ms, |mig, host| {
+        self.with_migrator(io, now_ms, |mig, host| {
             for d in dead {
                 mig.peer_dead(host, *d, now_ms);
             }
@@ -615,12 +614,11 @@ impl Runtime {
 
     /// Runs `f` with the migrator and the engine as its `FlowHost` (the migrator is moved
     /// out for the call, since the host borrows the rest of the runtime).
-    fn with_migrator<R>(
+    fn with_migrator<I: Io<Pkt = P>, R>(
         &mut self,
-        ep: &mut Endpoint,
-        mb: &mut Mailbox,
+        io: &mut I,
         now_ms: u64,
-        f: impl FnOnce(&mut Migrator, &mut EngineHost<'_>) -> R,
+        f: impl FnOnce(&mut Migrator, &mut EngineHost<'_, I>) -> R,
     ) -> R {
         let idle = Migrator::new(self.me, None, *self.migrator.settings());
         let mut mig = std::mem::replace(&mut self.migrator, idle);
@@ -628,8 +626,7 @@ impl Runtime {
             &mut mig,
             &mut EngineHost {
                 rt: self,
-                ep,
-                mb,
+                io,
                 now_ms,
             },
         );
@@ -639,9 +636,9 @@ impl Runtime {
 
     /// Finds or creates the flow and runs the chain.
     #[allow(clippy::too_many_arguments)]
-    fn run_chain(
+    fn run_chain<I: Io<Pkt = P>>(
         &mut self,
-        ep: &mut Endpoint,
+        io: &mut I,
         from: EndpointAddr,
         pm: &mut PacketMut<'_>,
         key: &FlowKey,
@@ -655,7 +652,7 @@ impl Runtime {
         // A flow taken over from a dead runtime and not live yet: now it is.
         if found.is_none()
             && !self.recovered.is_empty()
-            && self.adopt_recovered_key(ep, key, now_ms)
+            && self.adopt_recovered_key(io, key, now_ms)
         {
             found = self.flows.find_hashed(key, hash);
         }
@@ -674,7 +671,7 @@ impl Runtime {
                 });
             if reopens {
                 self.end_flow(s, now_ms, Notify::VswitchBut(*key), EndReason::Done);
-                ep.counters().add(ProcCounter::FlowsReopened as usize, 1);
+                io.count(ProcCounter::FlowsReopened, 1);
                 found = None;
             }
         }
@@ -690,8 +687,7 @@ impl Runtime {
                 }
                 let actor = FlowActor::new(*key, self.next_id, now, from, HERE, flags);
                 let Some(s) = self.flows.insert(actor) else {
-                    ep.counters()
-                        .add(ProcCounter::DropFlowTableFull as usize, 1);
+                    io.count(ProcCounter::DropFlowTableFull, 1);
                     // The vswitch forgets the key (it is no flow here): its next packet is
                     // dispatched afresh, maybe to a runtime with room, and a flood of new
                     // keys does not leave the vswitch an entry each until they idle out.
@@ -706,7 +702,7 @@ impl Runtime {
                     return Ran::Dropped;
                 };
                 self.next_id += 1;
-                ep.counters().add(ProcCounter::FlowsCreated as usize, 1);
+                io.count(ProcCounter::FlowsCreated, 1);
                 let deadline = now_ms + self.settings.unreplied_ms as u64;
                 self.timers.arm(Entry { slot: s, gen: 0 }, deadline);
                 (s, true, Some(Dir::Original))
@@ -788,7 +784,7 @@ impl Runtime {
         }
         let mut registered = false;
         if !self.aliases.is_empty() {
-            match self.register_aliases(ep, slot, id, vswitch, now_ms) {
+            match self.register_aliases(io, slot, id, vswitch, now_ms) {
                 Some(r) => registered = r,
                 None => return Ran::Done(Verdict::Drop, pm.len(), (slot, id), None, false),
             }
@@ -812,9 +808,9 @@ impl Runtime {
     /// dropped and the newcomer ends, as when the vswitch refuses it). A key that is a
     /// stray flow's own (a reply that came before its translation was known, and started a
     /// flow of its own) is taken from it: that flow ends.
-    fn register_aliases(
+    fn register_aliases<I: Io<Pkt = P>>(
         &mut self,
-        ep: &mut Endpoint,
+        io: &mut I,
         slot: u32,
         id: u64,
         vswitch: EndpointAddr,
@@ -832,7 +828,7 @@ impl Runtime {
                 {
                     // The stray's key stays at the vswitch: it is this flow's now.
                     self.end_flow(s, now_ms, Notify::VswitchBut(alias), EndReason::Done);
-                    ep.counters().add(ProcCounter::StraysTakenOver as usize, 1);
+                    io.count(ProcCounter::StraysTakenOver, 1);
                 }
                 Some(_) => {
                     refused = true;
@@ -847,7 +843,7 @@ impl Runtime {
         aliases.clear();
         self.aliases = aliases;
         if refused {
-            ep.counters().add(ProcCounter::AliasesRefused as usize, 1);
+            io.count(ProcCounter::AliasesRefused, 1);
             self.end_flow(slot, now_ms, Notify::Vswitch, EndReason::Refused);
             return None;
         }
@@ -866,7 +862,7 @@ impl Runtime {
     }
 
     /// Ends the flows whose time has come (at most a batch per call).
-    pub fn expire(&mut self, ep: &mut Endpoint, now_ms: u64) {
+    pub fn expire<I: Io<Pkt = P>>(&mut self, io: &mut I, now_ms: u64) {
         self.timers.advance(now_ms, &mut self.fired, EXPIRE_BATCH);
         let fired = std::mem::take(&mut self.fired);
         for e in &fired {
@@ -887,7 +883,7 @@ impl Runtime {
                 continue;
             }
             self.end_flow(e.slot, now_ms, Notify::Vswitch, EndReason::Done);
-            ep.counters().add(ProcCounter::FlowsExpired as usize, 1);
+            io.count(ProcCounter::FlowsExpired, 1);
         }
         self.fired = fired;
         self.fired.clear();
@@ -959,7 +955,7 @@ impl Runtime {
 
     /// Ends every flow (the runtime is stopping): functions write their last records, and
     /// the packets still held go back to the pool.
-    pub fn end_all(&mut self, ep: &mut Endpoint) {
+    pub fn end_all<I: Io<Pkt = P>>(&mut self, io: &mut I) {
         let now = self.now_ms();
         for slot in self.flows.slots() {
             self.end_flow(slot, now, Notify::Nobody, EndReason::Stopping);
@@ -967,25 +963,25 @@ impl Runtime {
         self.new_aliases.clear();
         self.ended.clear();
         for p in self.alias_commit.drain() {
-            ep.free(p);
+            io.free(p);
         }
         for (_, q) in self.held.drain() {
             for p in q {
-                ep.free(p);
+                io.free(p);
             }
         }
         for p in self.repl.drain() {
-            ep.free(p);
+            io.free(p);
         }
         self.recovered.clear();
         for p in self.out.drain(..) {
-            ep.free(p);
+            io.free(p);
         }
     }
 
     /// Sends what processing produced: messages first (so aliases are known before the
     /// packets that need them), then packets to nfmgr.
-    pub fn flush(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, now_ns: u64) {
+    pub fn flush<I: Io<Pkt = P>>(&mut self, io: &mut I, now_ns: u64) {
         // One message per vswitch: a batch of new NAT flows costs a frame or two, not one
         // each. Ended flows first: a key a flow gave up may be a new flow's alias in the same
         // flush (a NAT port freed and handed out again).
@@ -1006,8 +1002,8 @@ impl Runtime {
                     // The least idle flow of the group bounds what counts as a new packet.
                     idle_ms: keys.iter().map(|e| e.idle_ms).min().unwrap_or(0),
                 };
-                if mb.send(group[0].vswitch, LIAISON, LIAISON, &m).is_err() {
-                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                if io.send(group[0].vswitch, LIAISON, LIAISON, &m).is_err() {
+                    io.count(ProcCounter::ActorSendRefused, 1);
                 }
             }
             ended.clear();
@@ -1023,10 +1019,10 @@ impl Runtime {
                     aliases: group.iter().map(|(_, k, id)| (*k, *id)).collect(),
                     request: epoch.unwrap_or(0),
                 };
-                if mb.send(group[0].0, LIAISON, LIAISON, &m).is_ok() {
+                if io.send(group[0].0, LIAISON, LIAISON, &m).is_ok() {
                     to.push(group[0].0);
                 } else {
-                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                    io.count(ProcCounter::ActorSendRefused, 1);
                 }
             }
             if let Some(epoch) = epoch {
@@ -1034,20 +1030,20 @@ impl Runtime {
             }
             self.new_aliases.clear();
         }
-        self.adopt_recovered(ep);
+        self.adopt_recovered(io);
         for (home, m) in self.holds.drain() {
             if self.paced.push(home, LIAISON, LIAISON, &m).is_err() {
-                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                io.count(ProcCounter::ActorSendRefused, 1);
             }
         }
-        self.send_paced(ep, mb);
+        self.send_paced(io);
         // Packets whose aliases the vswitches confirmed first: under output commit they then
         // wait for this flush's replication, not the next one's.
-        self.release_held_aliases(ep, now_ns);
+        self.release_held_aliases(io, now_ns);
         if self.repl.enabled() {
             self.now_ns = now_ns;
             if crate::failpoint::armed() && self.repl.busy() {
-                let region = ep.region();
+                let region = io.buffers();
                 let held = self
                     .repl
                     .held()
@@ -1055,7 +1051,7 @@ impl Runtime {
                     .map(|(p, _)| region.data(p));
                 crate::failpoint::replicate_crash(self.me.slot, self.now_ms(), held);
             }
-            self.replicate(ep, mb, now_ns);
+            self.replicate(io, now_ns);
         }
         if self.repl.busy() {
             self.repl.release(now_ns, &mut self.out);
@@ -1078,19 +1074,25 @@ impl Runtime {
                     late,
                     packets,
                 };
-                if mb.send(to, LIAISON, LIAISON, &m).is_err() {
-                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                if io.send(to, LIAISON, LIAISON, &m).is_err() {
+                    io.count(ProcCounter::ActorSendRefused, 1);
                 }
             }
             drop(it);
             self.forwards = fw;
         }
-        mb.flush(ep, now_ns);
+        io.transmit(now_ns);
         if !self.out.is_empty() {
-            if crate::failpoint::armed() {
-                crate::failpoint::misroute(&mut self.out);
+            if let Some(port) = crate::failpoint::armed()
+                .then(crate::failpoint::misroute)
+                .flatten()
+            {
+                let region = io.buffers();
+                for p in &mut self.out {
+                    region.set_egress_port(p, port);
+                }
             }
-            ep.send_burst(MANAGER_SLOT, &mut self.out);
+            io.send_burst(MANAGER_SLOT, &mut self.out);
         }
     }
 
@@ -1120,7 +1122,12 @@ impl Runtime {
     /// Applies a `Holds` from `from`: flows this runtime (or an earlier life of it) started
     /// live there (reserve what they hold of this runtime's share) or ended there (free
     /// it). A malformed part ends the reading, counted.
-    pub fn on_holds(&mut self, ep: &mut Endpoint, flows: &[(bool, u32)], states_buf: &[u8]) {
+    pub fn on_holds<I: Io<Pkt = P>>(
+        &mut self,
+        io: &mut I,
+        flows: &[(bool, u32)],
+        states_buf: &[u8],
+    ) {
         let now_ms = self.now_ms();
         let (key, _) = FlowKey::from_tuple(0, 0, 0, ([0; 16], 0), ([0; 16], 0));
         let mut ctx = NfContext::new(
@@ -1157,7 +1164,7 @@ impl Runtime {
         }
         self.aliases.clear();
         if malformed {
-            ep.counters().add(ProcCounter::HoldsMalformed as usize, 1);
+            io.count(ProcCounter::HoldsMalformed, 1);
         }
     }
 
@@ -1165,13 +1172,7 @@ impl Runtime {
     /// (`FeedQuery`): their keys and aliases, in messages of at most `FEED_CHUNK` keys, the
     /// last one marked done. Only the asker's own flows: a vswitch learns nothing of
     /// others'.
-    pub fn on_feed_query(
-        &mut self,
-        ep: &mut Endpoint,
-        mb: &mut Mailbox,
-        from: EndpointAddr,
-        request: u64,
-    ) {
+    pub fn on_feed_query<I: Io<Pkt = P>>(&mut self, io: &mut I, from: EndpointAddr, request: u64) {
         const FEED_CHUNK: usize = 16_384;
         let mut keys = Vec::new();
         let mut aliases = Vec::new();
@@ -1185,7 +1186,7 @@ impl Runtime {
             };
             // Paced: a million flows' keys are more than the transport queues at once.
             if paced.push(from, LIAISON, LIAISON, &m).is_err() {
-                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                io.count(ProcCounter::ActorSendRefused, 1);
             }
         };
         for slot in self.flows.live_slots() {
@@ -1202,15 +1203,14 @@ impl Runtime {
             }
         }
         send(&mut keys, &mut aliases, true);
-        self.send_paced(ep, mb);
+        self.send_paced(io);
     }
 
     /// Hands the paced messages the transport has room for to it.
-    fn send_paced(&mut self, ep: &mut Endpoint, mb: &mut Mailbox) {
+    fn send_paced<I: Io<Pkt = P>>(&mut self, io: &mut I) {
         if !self.paced.is_empty() {
-            let lost = self.paced.send(mb);
-            ep.counters()
-                .add(ProcCounter::ActorSendRefused as usize, lost);
+            let lost = self.paced.send(io);
+            io.count(ProcCounter::ActorSendRefused, lost);
         }
     }
 
@@ -1231,10 +1231,9 @@ impl Runtime {
 
     /// Applies a `Replicate` from primary `from` and answers it.
     #[allow(clippy::too_many_arguments)]
-    pub fn on_replicate(
+    pub fn on_replicate<I: Io<Pkt = P>>(
         &mut self,
-        ep: &mut Endpoint,
-        mb: &mut Mailbox,
+        io: &mut I,
         from: EndpointAddr,
         incarnation: u64,
         version: u64,
@@ -1247,8 +1246,8 @@ impl Runtime {
             self.replica
                 .apply(from, incarnation, version, flows, states_buf, ended, now_ms);
         if let Some(m) = answer {
-            if mb.send(from, LIAISON, LIAISON, &m).is_err() {
-                ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+            if io.send(from, LIAISON, LIAISON, &m).is_err() {
+                io.count(ProcCounter::ActorSendRefused, 1);
             }
         }
     }
@@ -1260,10 +1259,9 @@ impl Runtime {
     /// (`adopt_recovered`; a copy that turns out not installable is reported then).
     /// Returns the flows taken over and the re-pointing messages sent (each is answered
     /// with `RuntimeSet` carrying `request`).
-    pub fn recover(
+    pub fn recover<I: Io<Pkt = P>>(
         &mut self,
-        ep: &mut Endpoint,
-        mb: &mut Mailbox,
+        io: &mut I,
         failed: EndpointAddr,
         incarnation: u64,
         request: u64,
@@ -1289,9 +1287,9 @@ impl Runtime {
         let mut sent = 0;
         // Every hop of the re-pointing's messages would otherwise start with a wake-up.
         let awake = nflib::time::mono_ns().saturating_add(REPOINT_AWAKE_NS);
-        ep.keep_awake(self.me.slot, awake);
+        io.keep_awake(self.me.slot, awake);
         for (vswitch, keys) in by_vswitch {
-            ep.keep_awake(self.slot_toward(vswitch), awake);
+            io.keep_awake(self.slot_toward(vswitch), awake);
             // A message is at most 4 MiB; a key takes about 40 bytes. A million keys are
             // more than the transport queues at once: they go paced.
             for chunk in keys.chunks(16_384) {
@@ -1302,13 +1300,13 @@ impl Runtime {
                     request,
                 };
                 if self.paced.push(vswitch, LIAISON, LIAISON, &m).is_err() {
-                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                    io.count(ProcCounter::ActorSendRefused, 1);
                 } else {
                     sent += 1;
                 }
             }
         }
-        self.send_paced(ep, mb);
+        self.send_paced(io);
         if flows > 0 {
             eprintln!(
                 "nf-runtime {}: took over {flows} flows of {failed} (re-pointing them; each \
@@ -1325,7 +1323,7 @@ impl Runtime {
     /// runtime's to make live: made live, they would sit idle here and, ending, free
     /// resources their real owner still holds. Dropped, counted `recovered_not_ours`.
     /// (One already made live, when the answer came after the 1 s wait, is left to end.)
-    pub fn drop_unmoved(&mut self, ep: &mut Endpoint, keys: &[FlowKey]) {
+    pub fn drop_unmoved<I: Io<Pkt = P>>(&mut self, io: &mut I, keys: &[FlowKey]) {
         for k in keys {
             let Some(i) = self.recovered.iter().position(|c| {
                 c.keys
@@ -1335,7 +1333,7 @@ impl Runtime {
                 continue;
             };
             if self.recovered[i].take_by_key(k).is_some() {
-                ep.counters().add(ProcCounter::RecoveredNotOurs as usize, 1);
+                io.count(ProcCounter::RecoveredNotOurs, 1);
             }
             if self.recovered[i].is_empty() {
                 self.recovered.swap_remove(i);
@@ -1345,19 +1343,30 @@ impl Runtime {
 
     /// Makes the taken-over flow under `key` (its own or an alias) live, if there is one;
     /// true if it is live now.
-    fn adopt_recovered_key(&mut self, ep: &mut Endpoint, key: &FlowKey, now_ms: u64) -> bool {
+    fn adopt_recovered_key<I: Io<Pkt = P>>(
+        &mut self,
+        io: &mut I,
+        key: &FlowKey,
+        now_ms: u64,
+    ) -> bool {
         let Some(i) = self.recovered.iter().position(|c| c.keys.contains_key(key)) else {
             return false;
         };
         let Some(a) = self.recovered[i].take_by_key(key) else {
             return false;
         };
-        self.adopt_copy(ep, i, a, now_ms)
+        self.adopt_copy(io, i, a, now_ms)
     }
 
     /// Makes copy `a`, just taken out of `self.recovered[i]`, a live flow.
-    fn adopt_copy(&mut self, ep: &mut Endpoint, i: usize, a: ReplicaActor, now_ms: u64) -> bool {
-        let ok = self.adopt(ep, a, now_ms).is_some();
+    fn adopt_copy<I: Io<Pkt = P>>(
+        &mut self,
+        io: &mut I,
+        i: usize,
+        a: ReplicaActor,
+        now_ms: u64,
+    ) -> bool {
+        let ok = self.adopt(io, a, now_ms).is_some();
         if !ok {
             self.recovered_lost += 1;
         }
@@ -1377,7 +1386,7 @@ impl Runtime {
 
     /// Makes up to `ADOPT_PER_LOOP` taken-over flows live (the rest wait for the next loop
     /// or for their first packet).
-    pub fn adopt_recovered(&mut self, ep: &mut Endpoint) {
+    pub fn adopt_recovered<I: Io<Pkt = P>>(&mut self, io: &mut I) {
         if self.repointing {
             return;
         }
@@ -1393,7 +1402,7 @@ impl Runtime {
                 break;
             };
             if let Some(a) = self.recovered[i].take(id) {
-                self.adopt_copy(ep, i, a, now_ms);
+                self.adopt_copy(io, i, a, now_ms);
             }
         }
     }
@@ -1406,7 +1415,7 @@ impl Runtime {
 
     /// Makes a replica copy a live flow here (with its aliases); `None` if it cannot be
     /// installed (malformed state, or no room).
-    fn adopt(&mut self, ep: &mut Endpoint, a: ReplicaActor, now_ms: u64) -> Option<()> {
+    fn adopt<I: Io<Pkt = P>>(&mut self, io: &mut I, a: ReplicaActor, now_ms: u64) -> Option<()> {
         // A flow here under the key already is a stray: the vswitch gave this runtime a
         // packet of the dead runtime's flow before it was re-pointed, and a fresh flow with
         // no state was made of it. The copy knows better.
@@ -1416,12 +1425,12 @@ impl Runtime {
         if let Some(Found::Key(s) | Found::Alias(s)) = self.flows.find(&a.key) {
             match self.flows.get(s) {
                 Some(f) if f.home != HERE && !f.has(flag::MIGRATING) => {
-                    ep.counters().add(ProcCounter::RecoveredNotOurs as usize, 1);
+                    io.count(ProcCounter::RecoveredNotOurs, 1);
                     return Some(());
                 }
                 Some(f) if !f.has(flag::MIGRATING) => {
                     self.end_flow(s, now_ms, Notify::Nobody, EndReason::Done);
-                    ep.counters().add(ProcCounter::StraysTakenOver as usize, 1);
+                    io.count(ProcCounter::StraysTakenOver, 1);
                 }
                 _ => return None,
             }
@@ -1463,7 +1472,7 @@ impl Runtime {
             if let Some(Found::Key(s) | Found::Alias(s)) = self.flows.find(al) {
                 if s != slot {
                     self.end_flow(s, now_ms, Notify::Nobody, EndReason::Done);
-                    ep.counters().add(ProcCounter::StraysTakenOver as usize, 1);
+                    io.count(ProcCounter::StraysTakenOver, 1);
                 }
             }
             self.flows.add_alias(slot, *al);
@@ -1497,7 +1506,7 @@ impl Runtime {
 
     /// Writes the flows whose packets ran since the last flush to their replicas' batches
     /// (the functions' states that changed) and sends one message per replica.
-    fn replicate(&mut self, ep: &mut Endpoint, mb: &mut Mailbox, now_ns: u64) {
+    fn replicate<I: Io<Pkt = P>>(&mut self, io: &mut I, now_ns: u64) {
         let now_ms = self.now_ms();
         self.repl.tick(now_ms);
         if self.repl.has_dirty() {
@@ -1537,11 +1546,11 @@ impl Runtime {
             if let Message::Replicate { states, ended, .. } = m {
                 // (One too large for any queue is left to `send` to refuse.)
                 let least = states.len() + ended.len() * 8;
-                if least <= nflib::frame::MAX_MESSAGE && mb.room(to) < mb.frames_for(least) {
+                if least <= nflib::frame::MAX_MESSAGE && io.room(to) < io.frames_for(least) {
                     return replication::Sent::Full;
                 }
             }
-            match mb.send(to, LIAISON, LIAISON, m) {
+            match io.send(to, LIAISON, LIAISON, m) {
                 Ok(()) => {
                     if commit {
                         // Output waits for the answer: neither side should pay a
@@ -1549,14 +1558,14 @@ impl Runtime {
                         // microseconds on a VM whose idle vCPU halts). Both poll,
                         // yielding, for a moment; renewed by every message.
                         let until = now_ns.saturating_add(REPL_KEEP_AWAKE_NS);
-                        ep.keep_awake(slot_toward(me, to), until);
-                        ep.keep_awake(me.slot, until);
+                        io.keep_awake(slot_toward(me, to), until);
+                        io.keep_awake(me.slot, until);
                     }
                     replication::Sent::Taken
                 }
                 Err(SendError::QueueFull) => replication::Sent::Full,
                 Err(_) => {
-                    ep.counters().add(ProcCounter::ActorSendRefused as usize, 1);
+                    io.count(ProcCounter::ActorSendRefused, 1);
                     replication::Sent::Refused
                 }
             }
@@ -1565,7 +1574,7 @@ impl Runtime {
 
     /// Moves packets whose alias epoch is over on (dropping those of flows whose alias was
     /// refused): to the output, or to wait for their replica under output commit.
-    fn release_held_aliases(&mut self, ep: &mut Endpoint, now_ns: u64) {
+    fn release_held_aliases<I: Io<Pkt = P>>(&mut self, io: &mut I, now_ns: u64) {
         if !self.alias_commit.busy() {
             return;
         }
@@ -1584,7 +1593,7 @@ impl Runtime {
             &mut dropped,
         );
         for p in dropped {
-            ep.free(p);
+            io.free(p);
         }
     }
 
@@ -1593,9 +1602,9 @@ impl Runtime {
     /// a flow's held packets are dropped and it ends: its replies would reach the other
     /// flow. (A flow migrating away is left to finish moving; the vswitch keeps the key with
     /// its owner all the same.) A refusal for a flow that has ended since changes nothing.
-    pub fn on_aliases_added(
+    pub fn on_aliases_added<I: Io<Pkt = P>>(
         &mut self,
-        ep: &mut Endpoint,
+        io: &mut I,
         from: EndpointAddr,
         request: u64,
         refused: &[(FlowKey, u64)],
@@ -1610,7 +1619,7 @@ impl Runtime {
             };
             let migrating = a.has(flag::MIGRATING);
             self.alias_commit.refuse(flow);
-            ep.counters().add(ProcCounter::AliasesRefused as usize, 1);
+            io.count(ProcCounter::AliasesRefused, 1);
             if !migrating {
                 // Forget every key but the refused one, which is another runtime's.
                 self.end_flow(slot, now_ms, Notify::VswitchBut(k), EndReason::Refused);
@@ -1640,58 +1649,43 @@ impl Runtime {
     }
 
     /// Publishes flow counters and the functions' statistics.
-    pub fn publish(&mut self, ep: &mut Endpoint) {
+    pub fn publish<I: Io<Pkt = P>>(&mut self, io: &mut I) {
         let live = self.flows.len() as u64;
         let dropped = self.events.dropped;
-        let c = ep.counters();
-        c.set(ProcCounter::FlowsActive as usize, live);
-        c.set(ProcCounter::EventsDropped as usize, dropped);
+        io.set_count(ProcCounter::FlowsActive, live);
+        io.set_count(ProcCounter::EventsDropped, dropped);
         let m = self.migrator.counters;
-        c.set(ProcCounter::MigratedOut as usize, m.flows_out);
-        c.set(ProcCounter::MigratedIn as usize, m.flows_in);
-        c.set(ProcCounter::MigrationRolledBack as usize, m.rolled_back);
-        c.set(ProcCounter::MigrationHeld as usize, m.held);
-        c.set(ProcCounter::MigrationStraysEnded as usize, m.strays_ended);
-        c.set(
-            ProcCounter::MigrationGroupsMismatched as usize,
-            m.groups_mismatched,
-        );
+        io.set_count(ProcCounter::MigratedOut, m.flows_out);
+        io.set_count(ProcCounter::MigratedIn, m.flows_in);
+        io.set_count(ProcCounter::MigrationRolledBack, m.rolled_back);
+        io.set_count(ProcCounter::MigrationHeld, m.held);
+        io.set_count(ProcCounter::MigrationStraysEnded, m.strays_ended);
+        io.set_count(ProcCounter::MigrationGroupsMismatched, m.groups_mismatched);
         let a = self.alias_commit.counters;
-        c.set(ProcCounter::AliasesHeld as usize, a.held);
-        c.set(ProcCounter::AliasCommitTimeouts as usize, a.timeouts);
+        io.set_count(ProcCounter::AliasesHeld, a.held);
+        io.set_count(ProcCounter::AliasCommitTimeouts, a.timeouts);
         let r = self.repl.counters;
-        c.set(ProcCounter::ReplMessages as usize, r.messages);
-        c.set(ProcCounter::ReplStateBytes as usize, r.state_bytes);
-        c.set(ProcCounter::ReplHeld as usize, r.held);
-        c.set(ProcCounter::ReplUnprotected as usize, r.unprotected);
-        c.set(ProcCounter::ReplRefused as usize, r.refused);
-        c.set(ProcCounter::ReplFlowsMoved as usize, r.moved);
-        c.set(ProcCounter::ReplCongested as usize, r.congested);
-        c.set(ProcCounter::ReplLagUs as usize, r.last_lag_ns / 1000);
-        c.set(
-            ProcCounter::ReplUnprotectedUs as usize,
-            r.last_unprotected_ns / 1000,
-        );
+        io.set_count(ProcCounter::ReplMessages, r.messages);
+        io.set_count(ProcCounter::ReplStateBytes, r.state_bytes);
+        io.set_count(ProcCounter::ReplHeld, r.held);
+        io.set_count(ProcCounter::ReplUnprotected, r.unprotected);
+        io.set_count(ProcCounter::ReplRefused, r.refused);
+        io.set_count(ProcCounter::ReplFlowsMoved, r.moved);
+        io.set_count(ProcCounter::ReplCongested, r.congested);
+        io.set_count(ProcCounter::ReplLagUs, r.last_lag_ns / 1000);
+        io.set_count(ProcCounter::ReplUnprotectedUs, r.last_unprotected_ns / 1000);
         let rc = self.replica.counters;
-        c.set(
-            ProcCounter::ReplicaFlows as usize,
-            self.replica.len() as u64,
-        );
-        c.set(ProcCounter::ReplicaRefused as usize, rc.refused);
-        c.set(ProcCounter::ReplicaMalformed as usize, rc.malformed);
-        c.set(ProcCounter::FlowsRecovered as usize, rc.promoted);
-        let region = ep.region();
+        io.set_count(ProcCounter::ReplicaFlows, self.replica.len() as u64);
+        io.set_count(ProcCounter::ReplicaRefused, rc.refused);
+        io.set_count(ProcCounter::ReplicaMalformed, rc.malformed);
+        io.set_count(ProcCounter::FlowsRecovered, rc.promoted);
         for (i, counters) in self.nf_counters.iter().enumerate() {
-            if let Some(rec) = region.nf_stats(ep.slot(), i) {
-                for (shared, v) in rec.counters.0.iter().zip(counters) {
-                    shared.store(*v, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
+            io.publish_nf(i, counters);
         }
     }
 
     /// Names the functions in the region's statistics (once, at start).
-    pub fn label_stats(&self, ep: &Endpoint) {
+    pub fn label_stats(&self, ep: &nflib::endpoint::Endpoint) {
         for (i, s) in self.stages.iter().enumerate() {
             if let Some(rec) = ep.region().nf_stats(ep.slot(), i) {
                 rec.kind.set(s.kind());
@@ -1713,14 +1707,13 @@ impl Runtime {
 }
 
 /// The runtime as migration sees it (`migration::FlowHost`): flows, held packets, messages.
-struct EngineHost<'a> {
-    rt: &'a mut Runtime,
-    ep: &'a mut Endpoint,
-    mb: &'a mut Mailbox,
+struct EngineHost<'a, I: Io> {
+    rt: &'a mut Runtime<I::Pkt>,
+    io: &'a mut I,
     now_ms: u64,
 }
 
-impl EngineHost<'_> {
+impl<I: Io> EngineHost<'_, I> {
     fn slot_of(&self, key: &FlowKey) -> Option<u32> {
         match self.rt.flows.find(key)? {
             Found::Key(s) => Some(s),
@@ -1742,7 +1735,7 @@ impl EngineHost<'_> {
     }
 }
 
-impl FlowHost for EngineHost<'_> {
+impl<I: Io> FlowHost for EngineHost<'_, I> {
     fn keep_awake(&mut self, peer: EndpointAddr) {
         // A few steps' worth (`keep_awake_us`), renewed by every message of the migration.
         // (While the migrator works, `rt.migrator` is its stand-in with the same settings.)
@@ -1757,7 +1750,7 @@ impl FlowHost for EngineHost<'_> {
             return;
         }
         let until = nflib::time::mono_ns().saturating_add(keep_ns);
-        self.ep.keep_awake(self.rt.slot_toward(peer), until);
+        self.io.keep_awake(self.rt.slot_toward(peer), until);
     }
 
     fn pick(&mut self, n: usize, out: &mut Vec<Candidate>) -> bool {
@@ -1948,7 +1941,7 @@ impl FlowHost for EngineHost<'_> {
             return 0;
         };
         let n = q.len() as u32;
-        let region = self.ep.region().clone();
+        let region = self.io.buffers();
         match how {
             Release::Process => {
                 let vswitch = self
@@ -1958,9 +1951,9 @@ impl FlowHost for EngineHost<'_> {
                     .map(|a| a.vswitch)
                     .unwrap_or(self.rt.me);
                 for pkt in q {
-                    if let Some((pkt, p)) = self.rt.prepare(self.ep, &region, pkt, vswitch) {
+                    if let Some((pkt, p)) = self.rt.prepare(self.io, &region, pkt, vswitch) {
                         self.rt
-                            .run_prepared(self.ep, &region, pkt, &p, self.now_ms, true);
+                            .run_prepared(self.io, &region, pkt, &p, self.now_ms, true);
                     }
                 }
             }
@@ -1974,7 +1967,7 @@ impl FlowHost for EngineHost<'_> {
                 let mut packets = Vec::with_capacity(q.len());
                 for pkt in q {
                     packets.push(self.rt.moved_packet(&region, &pkt, vswitch));
-                    self.ep.free(pkt);
+                    self.io.free(pkt);
                 }
                 // Many packets: several messages, each well under the message limit.
                 for chunk in packets.chunks(256) {
@@ -1983,16 +1976,14 @@ impl FlowHost for EngineHost<'_> {
                         late: false,
                         packets: chunk.to_vec(),
                     };
-                    if self.mb.send(to, LIAISON, LIAISON, &m).is_err() {
-                        self.ep
-                            .counters()
-                            .add(ProcCounter::ActorSendRefused as usize, 1);
+                    if self.io.send(to, LIAISON, LIAISON, &m).is_err() {
+                        self.io.count(ProcCounter::ActorSendRefused, 1);
                     }
                 }
             }
             Release::Discard => {
                 for pkt in q {
-                    self.ep.free(pkt);
+                    self.io.free(pkt);
                 }
             }
         }
@@ -2003,7 +1994,7 @@ impl FlowHost for EngineHost<'_> {
         if let Some(slot) = self.slot_at(f) {
             if let Some(q) = self.rt.held.remove(&slot) {
                 for pkt in q {
-                    self.ep.free(pkt);
+                    self.io.free(pkt);
                 }
             }
             for s in self.rt.stages.iter_mut() {
@@ -2038,15 +2029,13 @@ impl FlowHost for EngineHost<'_> {
     fn send(&mut self, to: EndpointAddr, msg: Message) {
         self.keep_awake(to);
         self.keep_awake(self.rt.me);
-        if self.mb.send(to, LIAISON, LIAISON, &msg).is_err() {
-            self.ep
-                .counters()
-                .add(ProcCounter::ActorSendRefused as usize, 1);
+        if self.io.send(to, LIAISON, LIAISON, &msg).is_err() {
+            self.io.count(ProcCounter::ActorSendRefused, 1);
         }
         // Out at once, not at the end of the loop: the peer works on this group while this
         // runtime prepares the next.
-        self.mb.flush(self.ep, nflib::time::mono_ns());
-        self.ep.flush_wakes();
+        self.io.transmit(nflib::time::mono_ns());
+        self.io.flush_wakes();
         if crate::failpoint::armed() {
             crate::failpoint::migrate_state_sent(&msg);
         }
@@ -2059,3 +2048,6 @@ fn write_states(stages: &[Box<dyn Stage>], records: &FlowRecords, slot: u32, out
         states::push(out, |out| stage.save_into(records, slot, out));
     }
 }
+
+#[cfg(test)]
+mod tests;
