@@ -50,6 +50,9 @@ pub trait Io: Outbox {
     type Pkt;
     type Bufs: Buffers<Pkt = Self::Pkt>;
 
+    /// The monotonic clock (ns): the only clock the engine reads.
+    fn now_ns(&self) -> u64;
+
     fn buffers(&self) -> Self::Bufs;
     fn alloc(&mut self) -> Option<Self::Pkt>;
     fn free(&mut self, p: Self::Pkt);
@@ -181,6 +184,11 @@ impl Outbox for ShmIo<'_> {
 impl Io for ShmIo<'_> {
     type Pkt = Packet;
     type Bufs = Region;
+
+    #[inline]
+    fn now_ns(&self) -> u64 {
+        nflib::time::mono_ns()
+    }
 
     #[inline]
     fn buffers(&self) -> Region {
@@ -356,6 +364,8 @@ pub(crate) mod mem {
         /// Frames each peer's queue takes.
         pub room: usize,
         pub awake: Vec<u16>,
+        /// The clock the engine reads (ns); the test moves it.
+        pub now_ns: u64,
     }
 
     impl Default for MemIo {
@@ -368,6 +378,7 @@ pub(crate) mod mem {
                 sent: Vec::new(),
                 room: 4096,
                 awake: Vec::new(),
+                now_ns: nflib::time::mono_ns(),
             }
         }
     }
@@ -429,6 +440,10 @@ pub(crate) mod mem {
     impl Io for MemIo {
         type Pkt = MemPacket;
         type Bufs = MemBufs;
+
+        fn now_ns(&self) -> u64 {
+            self.now_ns
+        }
 
         fn buffers(&self) -> MemBufs {
             MemBufs

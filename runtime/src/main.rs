@@ -104,7 +104,7 @@ fn main() -> ExitCode {
         // The transport's timers (the mailbox's flush asked for them), and packets held for
         // an alias confirmation, which leave by a deadline even if it never comes.
         let mut wake = mb.next_timeout();
-        if let Some(t) = rt.next_wake_ns() {
+        if let Some(t) = rt.next_wake_ns(now_ns) {
             wake = Some(wake.map_or(t, |w| w.min(t)));
         }
         if migrating {

@@ -13,7 +13,6 @@
 //! each function then sees `end_flow`, and the vswitch is told to forget the flow's keys.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Instant;
 
 use nflib::buffer::Route;
 use nflib::flow::{FlowKey, Sender};
@@ -82,7 +81,9 @@ pub struct Runtime<P = Packet> {
     me: EndpointAddr,
     /// The address vswitches give frames they send here.
     mac: [u8; 6],
-    epoch: Instant,
+    /// The monotonic clock's reading (ns) when the runtime started: its milliseconds count
+    /// from here.
+    epoch_ns: u64,
     next_id: u64,
     aliases: Vec<FlowKey>,
     out: Vec<P>,
@@ -225,7 +226,7 @@ impl<P> Runtime<P> {
             settings,
             me,
             mac: me.input_mac(),
-            epoch: Instant::now(),
+            epoch_ns: nflib::time::mono_ns(),
             next_id: 1,
             aliases: Vec::new(),
             out: Vec::new(),
@@ -266,7 +267,17 @@ impl<P> Runtime<P> {
 
     /// Milliseconds since the runtime started (the clock flows and functions see).
     pub fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.ms_at(nflib::time::mono_ns())
+    }
+
+    /// The monotonic clock's reading (ns) when the runtime started.
+    pub fn epoch_ns(&self) -> u64 {
+        self.epoch_ns
+    }
+
+    /// Milliseconds since the runtime started, at `now_ns` on the monotonic clock.
+    pub fn ms_at(&self, now_ns: u64) -> u64 {
+        now_ns.saturating_sub(self.epoch_ns) / 1_000_000
     }
 
     pub fn stages(&self) -> &[Box<dyn Stage>] {
@@ -301,7 +312,7 @@ impl<P> Runtime<P> {
         let region = io.buffers();
         self.flows.step();
         if self.repl.enabled() {
-            self.now_ns = nflib::time::mono_ns();
+            self.now_ns = io.now_ns();
         }
         let mut prepared = std::mem::take(&mut self.prepared);
         let mut pkts = std::mem::take(&mut self.prepared_pkts);
@@ -443,11 +454,7 @@ impl<P> Runtime<P> {
                         Some(epoch) => self.alias_commit.hold(epoch, slot, flow, pkt),
                         None if commit => {
                             // Packets run from messages come outside a batch's clock.
-                            let now_ns = if force {
-                                nflib::time::mono_ns()
-                            } else {
-                                self.now_ns
-                            };
+                            let now_ns = if force { io.now_ns() } else { self.now_ns };
                             if let Some(p) = self.repl.hold(slot, flow, pkt, now_ns) {
                                 self.out.push(p);
                             }
@@ -609,7 +616,7 @@ impl<P> Runtime<P> {
 
     /// Milliseconds (fractional) on the runtime's clock, for migration reports.
     pub fn clock_ms(&self) -> f64 {
-        self.epoch.elapsed().as_secs_f64() * 1000.0
+        nflib::time::mono_ns().saturating_sub(self.epoch_ns) as f64 / 1e6
     }
 
     /// Runs `f` with the migrator and the engine as its `FlowHost` (the migrator is moved
@@ -956,7 +963,7 @@ impl<P> Runtime<P> {
     /// Ends every flow (the runtime is stopping): functions write their last records, and
     /// the packets still held go back to the pool.
     pub fn end_all<I: Io<Pkt = P>>(&mut self, io: &mut I) {
-        let now = self.now_ms();
+        let now = self.ms_at(io.now_ns());
         for slot in self.flows.slots() {
             self.end_flow(slot, now, Notify::Nobody, EndReason::Stopping);
         }
@@ -1049,7 +1056,7 @@ impl<P> Runtime<P> {
                     .held()
                     .filter(|(_, sent)| !sent)
                     .map(|(p, _)| region.data(p));
-                crate::failpoint::replicate_crash(self.me.slot, self.now_ms(), held);
+                crate::failpoint::replicate_crash(self.me.slot, self.ms_at(now_ns), held);
             }
             self.replicate(io, now_ns);
         }
@@ -1128,7 +1135,7 @@ impl<P> Runtime<P> {
         flows: &[(bool, u32)],
         states_buf: &[u8],
     ) {
-        let now_ms = self.now_ms();
+        let now_ms = self.ms_at(io.now_ns());
         let (key, _) = FlowKey::from_tuple(0, 0, 0, ([0; 16], 0), ([0; 16], 0));
         let mut ctx = NfContext::new(
             now_ms,
@@ -1241,7 +1248,7 @@ impl<P> Runtime<P> {
         states_buf: &[u8],
         ended: &[u64],
     ) {
-        let now_ms = self.now_ms();
+        let now_ms = self.ms_at(io.now_ns());
         let answer =
             self.replica
                 .apply(from, incarnation, version, flows, states_buf, ended, now_ms);
@@ -1286,7 +1293,7 @@ impl<P> Runtime<P> {
         }
         let mut sent = 0;
         // Every hop of the re-pointing's messages would otherwise start with a wake-up.
-        let awake = nflib::time::mono_ns().saturating_add(REPOINT_AWAKE_NS);
+        let awake = io.now_ns().saturating_add(REPOINT_AWAKE_NS);
         io.keep_awake(self.me.slot, awake);
         for (vswitch, keys) in by_vswitch {
             io.keep_awake(self.slot_toward(vswitch), awake);
@@ -1396,7 +1403,7 @@ impl<P> Runtime<P> {
         // One pass over the table per loop: picking one id at a time would scan the
         // emptied front of the table again for every flow.
         let ids: Vec<u64> = c.flows.keys().take(ADOPT_PER_LOOP).copied().collect();
-        let now_ms = self.now_ms();
+        let now_ms = self.ms_at(io.now_ns());
         for id in ids {
             let Some(i) = self.recovered.len().checked_sub(1) else {
                 break;
@@ -1507,7 +1514,7 @@ impl<P> Runtime<P> {
     /// Writes the flows whose packets ran since the last flush to their replicas' batches
     /// (the functions' states that changed) and sends one message per replica.
     fn replicate<I: Io<Pkt = P>>(&mut self, io: &mut I, now_ns: u64) {
-        let now_ms = self.now_ms();
+        let now_ms = self.ms_at(io.now_ns());
         self.repl.tick(now_ms);
         if self.repl.has_dirty() {
             let dirty = self.repl.take_dirty();
@@ -1632,14 +1639,14 @@ impl<P> Runtime<P> {
 
     /// When the loop must run again even with nothing to receive (an alias epoch's
     /// deadline), in nanoseconds of `nflib::time::mono_ns`.
-    pub fn next_wake_ns(&self) -> Option<u64> {
+    pub fn next_wake_ns(&self, now_ns: u64) -> Option<u64> {
         if !self.recovered.is_empty() {
             // Taken-over flows wait to be made live: no sleeping.
             return Some(0);
         }
         if !self.paced.is_empty() {
             // The acknowledgements that make room wake the loop; this is a backstop.
-            return Some(nflib::time::mono_ns().saturating_add(1_000_000));
+            return Some(now_ns.saturating_add(1_000_000));
         }
         let a = self.alias_commit.next_deadline();
         match self.repl.next_deadline_ns() {
@@ -1749,7 +1756,7 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
         if keep_ns == 0 {
             return;
         }
-        let until = nflib::time::mono_ns().saturating_add(keep_ns);
+        let until = self.io.now_ns().saturating_add(keep_ns);
         self.io.keep_awake(self.rt.slot_toward(peer), until);
     }
 
@@ -2034,7 +2041,8 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
         }
         // Out at once, not at the end of the loop: the peer works on this group while this
         // runtime prepares the next.
-        self.io.transmit(nflib::time::mono_ns());
+        let now_ns = self.io.now_ns();
+        self.io.transmit(now_ns);
         self.io.flush_wakes();
         if crate::failpoint::armed() {
             crate::failpoint::migrate_state_sent(&msg);

@@ -62,8 +62,14 @@ fn frame(src_port: u16) -> Vec<u8> {
     b
 }
 
+/// Sets the clock the engine reads to `now_ms` of the runtime's own.
+fn at(rt: &Runtime<MemPacket>, io: &mut MemIo, now_ms: u64) {
+    io.now_ns = rt.epoch_ns() + now_ms * 1_000_000;
+}
+
 /// One turn of the runtime's loop on `frames` (as the vswitch hands them over) at `now_ms`.
 fn turn(rt: &mut Runtime<MemPacket>, io: &mut MemIo, frames: &[Vec<u8>], now_ms: u64) {
+    at(rt, io, now_ms);
     let mac = rt.me().input_mac();
     let mut batch: Vec<(u16, MemPacket)> = frames
         .iter()
@@ -71,7 +77,7 @@ fn turn(rt: &mut Runtime<MemPacket>, io: &mut MemIo, frames: &[Vec<u8>], now_ms:
         .collect();
     rt.process_batch(io, &mut batch, now_ms);
     rt.expire(io, now_ms);
-    rt.flush(io, now_ms * 1_000_000);
+    rt.flush(io, io.now_ns);
 }
 
 #[test]
@@ -219,8 +225,14 @@ fn under_output_commit_a_packet_waits_for_its_replica() {
     };
     assert_eq!(*to, PEER);
     assert_eq!(flows.len(), 1);
-    rt.repl
-        .on_replicated(PEER, *incarnation, *version, &[], &[], 11_000_000);
+    rt.repl.on_replicated(
+        PEER,
+        *incarnation,
+        *version,
+        &[],
+        &[],
+        rt.epoch_ns() + 11_000_000,
+    );
     turn(&mut rt, &mut io, &[], 11);
     assert_eq!(io.take_ring(MANAGER_SLOT).len(), 1, "out once acknowledged");
 }
