@@ -53,9 +53,14 @@ impl EventLog {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let runtime = runtime.to_string();
+        // The thread names itself and sets up its signal stack as it starts (prctl,
+        // mmap, sigaltstack): system calls the sandbox, entered soon after, forbids. Its
+        // start is awaited so that none of them races the filter.
+        let (started, running) = std::sync::mpsc::sync_channel::<()>(1);
         let writer = std::thread::Builder::new()
             .name("events".into())
             .spawn(move || {
+                let _ = started.send(());
                 let mut out = BufWriter::new(file);
                 loop {
                     let mut wrote = false;
@@ -84,6 +89,8 @@ impl EventLog {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             })?;
+        // Err only if the thread died before saying so; its start is over either way.
+        let _ = running.recv();
         Ok(EventLog {
             queue: Some(prod),
             stop,
