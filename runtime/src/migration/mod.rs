@@ -314,8 +314,11 @@ struct Job {
     tokens_at_ms: u64,
 }
 
-/// Set in the request id of a `SetRuntime` that points flows back at the source.
-const ROLLBACK: u64 = 1 << 63;
+/// Set in the request id of a `SetRuntime` that points flows back at the source. Not
+/// `RECOVERY_REQUEST`'s bit (63): a rollback is no takeover (the vswitch holds the two to
+/// different rules), and its answer is the migrator's, not the liaison's.
+const ROLLBACK: u64 = 1 << 62;
+const _: () = assert!(ROLLBACK & nflib::msg::RECOVERY_REQUEST == 0);
 
 /// Bytes of functions' states per flow a step-3 buffer starts with room for (a firewall's
 /// and a monitor's states with their lengths take about 60).
