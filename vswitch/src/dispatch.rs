@@ -40,6 +40,9 @@ pub enum NonIp {
 
 struct Entry {
     runtime: EndpointAddr,
+    /// The runtime the key was moved from (its runtime, if it never moved): only it may
+    /// pull the key back (a migration undone).
+    prev: EndpointAddr,
     /// When the flow last had a packet: milliseconds since the dispatcher started,
     /// wrapping (see `age_ms`).
     last_ms: u32,
@@ -125,6 +128,8 @@ pub struct Dispatch<P> {
     recovery_wait_ms: u32,
     /// This life's table being rebuilt from the runtimes (an earlier life died with it).
     rebuild: Option<Rebuild<P>>,
+    /// Takeovers asked of a runtime this vswitch does not know to be dead (yet).
+    deferred: Vec<Takeover>,
     /// Whether this vswitch is in a cluster (its remote runtimes come with the first view).
     clustered: bool,
 }
@@ -152,6 +157,25 @@ struct Rebuild<P> {
     learnt: u64,
     started_ns: u64,
 }
+
+/// A takeover (`SetRuntime` with `RECOVERY_REQUEST`) of the flows of a runtime this
+/// vswitch still believes alive. The news of a death (the slot's state, or the cluster
+/// view) and the replica's request race each other, so the request waits for it, up to
+/// `TAKEOVER_WAIT_MS`; a runtime that is alive keeps its flows (a replica, or a runtime
+/// that claims to be one, cannot take them from it).
+struct Takeover {
+    by: EndpointAddr,
+    actor: u64,
+    keys: Vec<FlowKey>,
+    failed: EndpointAddr,
+    request: u64,
+    until_ms: u32,
+}
+
+/// How long a takeover waits for the vswitch to learn that the runtime it names died.
+const TAKEOVER_WAIT_MS: u32 = 1_000;
+/// Most takeovers waiting at once; more of a live runtime are refused at once.
+const MAX_DEFERRED_TAKEOVERS: usize = 64;
 
 /// Most packets a rebuilding vswitch holds; more are dispatched as they come.
 const REBUILD_MAX_HELD: usize = 8192;
@@ -267,6 +291,7 @@ impl<P> Dispatch<P> {
             recovering: Vec::new(),
             recovery_wait_ms: vc.recovery_wait_ms,
             rebuild: None,
+            deferred: Vec::new(),
             clustered: cfg.cluster.coordinator.is_some() || cfg.cluster.listen.is_some(),
         };
         d.replicated = d
@@ -353,6 +378,7 @@ impl<P> Dispatch<P> {
                         key,
                         Entry {
                             runtime: from,
+                            prev: from,
                             last_ms: now_ms,
                             sent: 0,
                             alias,
@@ -523,10 +549,13 @@ impl<P> Dispatch<P> {
         for env in inbox {
             self.handle(io, env, now_ns);
         }
-        if n > 0 {
+        // A waiting takeover needs the runtimes' states as they are now (nfmgr marks a
+        // dead runtime's slot without a message), and the loop awake until it is settled.
+        if n > 0 || !self.deferred.is_empty() {
             self.refresh_targets(io, now_ns);
         }
-        n
+        self.retry_takeovers(io, self.now_ms(now_ns));
+        n + usize::from(!self.deferred.is_empty())
     }
 
     /// Handles one message (and answers it).
@@ -583,24 +612,40 @@ impl<P> Dispatch<P> {
                 from,
                 runtime,
                 request,
-            } => {
-                let mut sent = Vec::with_capacity(keys.len());
-                let mut unmoved = Vec::new();
-                let moved = self.set_runtime(&keys, from, runtime, &mut sent, &mut unmoved);
-                // A takeover's runtime has no use for the per-key counts (a migration's
-                // target does): tens of thousands of them would only slow the answer. It
-                // needs the keys that did not move instead: their flows are not its.
-                if request & nflib::msg::RECOVERY_REQUEST != 0 {
-                    sent = Vec::new();
+            } if env.from == runtime
+                && env.from != from
+                && request & nflib::msg::RECOVERY_REQUEST != 0
+                && !self.known_dead(from, now_ms) =>
+            {
+                // A takeover of a runtime not known dead: it waits for the news.
+                if self.deferred.len() >= MAX_DEFERRED_TAKEOVERS {
+                    io.count(ProcCounter::CallsRefused, 1);
+                    Some(Self::refused_takeover(request, keys))
                 } else {
-                    unmoved = Vec::new();
+                    self.deferred.push(Takeover {
+                        by: env.from,
+                        actor: env.src_actor,
+                        keys,
+                        failed: from,
+                        request,
+                        until_ms: now_ms.wrapping_add(TAKEOVER_WAIT_MS),
+                    });
+                    None
                 }
-                Some(Message::RuntimeSet {
-                    request,
-                    moved,
-                    sent,
-                    unmoved,
-                })
+            }
+            Message::SetRuntime {
+                keys,
+                from,
+                runtime,
+                request,
+            } => {
+                // A runtime pulling keys to itself outside a takeover undoes a migration:
+                // only keys it gave away move back.
+                let pull_back = (env.from == runtime
+                    && env.from != from
+                    && request & nflib::msg::RECOVERY_REQUEST == 0)
+                    .then_some(runtime);
+                Some(self.move_keys(&keys, from, runtime, request, pull_back))
             }
             Message::Feeds {
                 request,
@@ -663,6 +708,83 @@ impl<P> Dispatch<P> {
         }
     }
 
+    /// Moves `keys` from `from` to `runtime` (only those `pull_back` gave away, if set) and
+    /// makes the answer.
+    fn move_keys(
+        &mut self,
+        keys: &[FlowKey],
+        from: EndpointAddr,
+        runtime: EndpointAddr,
+        request: u64,
+        pull_back: Option<EndpointAddr>,
+    ) -> Message {
+        let mut sent = Vec::with_capacity(keys.len());
+        let mut unmoved = Vec::new();
+        let moved = self.set_runtime(keys, from, runtime, pull_back, &mut sent, &mut unmoved);
+        // A takeover's runtime has no use for the per-key counts (a migration's target
+        // does): tens of thousands of them would only slow the answer. It needs the keys
+        // that did not move instead: their flows are not its.
+        if request & nflib::msg::RECOVERY_REQUEST != 0 {
+            sent = Vec::new();
+        } else {
+            unmoved = Vec::new();
+        }
+        Message::RuntimeSet {
+            request,
+            moved,
+            sent,
+            unmoved,
+        }
+    }
+
+    fn refused_takeover(request: u64, keys: Vec<FlowKey>) -> Message {
+        Message::RuntimeSet {
+            request,
+            moved: 0,
+            sent: Vec::new(),
+            unmoved: keys,
+        }
+    }
+
+    /// Whether `rt`'s flows are up for a takeover: it is not a live target, or its old
+    /// life's flows wait for recovery.
+    fn known_dead(&self, rt: EndpointAddr, now_ms: u32) -> bool {
+        !targets_live(&self.live, &self.remote, rt)
+            || self
+                .recovering
+                .iter()
+                .any(|(a, until)| *a == rt && is_ahead(now_ms, *until))
+    }
+
+    /// Applies the waiting takeovers whose runtime is now known dead, and refuses those
+    /// that waited long enough (their runtime lives: its flows stay).
+    fn retry_takeovers(&mut self, io: &mut impl Io<Pkt = P>, now_ms: u32) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.deferred);
+        for t in waiting {
+            let answer = if self.known_dead(t.failed, now_ms) {
+                self.move_keys(&t.keys, t.failed, t.by, t.request, None)
+            } else if is_ahead(now_ms, t.until_ms) {
+                self.deferred.push(t);
+                continue;
+            } else {
+                io.count(ProcCounter::CallsRefused, 1);
+                tracing::warn!(
+                    by = %t.by,
+                    failed = %t.failed,
+                    keys = t.keys.len(),
+                    "refused a takeover of a runtime that is alive"
+                );
+                Self::refused_takeover(t.request, t.keys)
+            };
+            if !io.send(t.by, t.actor, &answer) {
+                io.count(ProcCounter::ActorSendRefused, 1);
+            }
+        }
+    }
+
     /// Milliseconds since the dispatcher started, wrapping.
     fn now_ms(&self, now_ns: u64) -> u32 {
         (now_ns.saturating_sub(self.epoch_ns) / MS) as u32
@@ -689,6 +811,7 @@ impl<P> Dispatch<P> {
             key,
             Entry {
                 runtime,
+                prev: runtime,
                 last_ms: now_ms,
                 sent: 0,
                 alias: true,
@@ -738,6 +861,7 @@ impl<P> Dispatch<P> {
         keys: &[FlowKey],
         from: EndpointAddr,
         runtime: EndpointAddr,
+        pull_back: Option<EndpointAddr>,
         sent: &mut Vec<u32>,
         unmoved: &mut Vec<FlowKey>,
     ) -> u32 {
@@ -766,11 +890,15 @@ impl<P> Dispatch<P> {
                 self.table.prefetch_entry(soon);
             }
             match self.table.get_mut_hashed(k, h) {
-                Some(e) if e.runtime == from || e.runtime == runtime => {
+                Some(e)
+                    if (e.runtime == from || e.runtime == runtime)
+                        && pull_back.is_none_or(|by| e.prev == by || e.runtime == by) =>
+                {
                     sent.push(e.sent);
                     // Asking again for the runtime a key already has changes nothing (a
                     // repeated request must not restart the count).
                     if e.runtime != runtime {
+                        e.prev = e.runtime;
                         e.runtime = runtime;
                         e.sent = 0;
                     }
@@ -918,6 +1046,7 @@ impl<P> Dispatch<P> {
                     };
                     let entry = Entry {
                         runtime: rt,
+                        prev: rt,
                         last_ms: now_ms,
                         sent: 1,
                         alias: false,
@@ -1298,13 +1427,13 @@ mod tests {
         let mut sent = Vec::new();
         for nowhere in [EndpointAddr::new(1, 9), EndpointAddr::new(7, 2)] {
             assert_eq!(
-                b.d.set_runtime(&[k], to, nowhere, &mut sent, &mut Vec::new()),
+                b.d.set_runtime(&[k], to, nowhere, None, &mut sent, &mut Vec::new()),
                 0
             );
         }
         // Nor is a request that thinks the key is elsewhere: it is not its to move.
         assert_eq!(
-            b.d.set_runtime(&[k], from, from, &mut sent, &mut Vec::new()),
+            b.d.set_runtime(&[k], from, from, None, &mut sent, &mut Vec::new()),
             0
         );
         assert_eq!(sent, vec![0, 0, 0]);
@@ -1313,11 +1442,11 @@ mod tests {
         b.packet(1000);
         let mut sent = Vec::new();
         assert_eq!(
-            b.d.set_runtime(&[k], from, to, &mut sent, &mut Vec::new()),
+            b.d.set_runtime(&[k], from, to, None, &mut sent, &mut Vec::new()),
             1
         );
         assert_eq!(
-            b.d.set_runtime(&[k], from, to, &mut sent, &mut Vec::new()),
+            b.d.set_runtime(&[k], from, to, None, &mut sent, &mut Vec::new()),
             1
         );
         assert_eq!(sent, vec![2, 2]);
@@ -1409,7 +1538,7 @@ mod tests {
         // Migration of the first runtime's flows cannot take the key from the second.
         let mut sent = Vec::new();
         assert_eq!(
-            b.d.set_runtime(&[k], rt1, rt1, &mut sent, &mut Vec::new()),
+            b.d.set_runtime(&[k], rt1, rt1, None, &mut sent, &mut Vec::new()),
             0
         );
         // Once the owner is gone, the key is anyone's.
@@ -1654,5 +1783,98 @@ mod tests {
         assert_eq!(b.io.freed, 2);
         assert_eq!(b.count(ProcCounter::DropRunt), 1);
         assert_eq!(b.count(ProcCounter::DropTruncated), 1);
+    }
+
+    /// A replica's takeover names the runtime whose flows it takes: while this vswitch
+    /// believes that runtime alive, the request waits for the news of its death and is
+    /// applied then; a runtime that stays alive keeps its flows, and the request is refused.
+    #[test]
+    fn a_takeover_waits_for_the_death_it_names_and_a_live_runtime_keeps_its_flows() {
+        let mut b = bed_with(REPLICATED, 1);
+        for port in 1..=4 {
+            b.packet(port);
+        }
+        let on_rt0 = b.ports_to(2);
+        let takeover = |port: u16, request: u64| Message::SetRuntime {
+            keys: vec![key(port)],
+            from: RT0,
+            runtime: RT1,
+            request: request | nflib::msg::RECOVERY_REQUEST,
+        };
+        // rt0 lives: rt1's claim waits, then is refused; rt0's flows stay with it.
+        assert!(b.call(RT1, takeover(on_rt0[0], 1)).is_empty(), "waits");
+        b.packet(on_rt0[0]);
+        assert_eq!(b.ports_to(2).last(), Some(&on_rt0[0]));
+        b.advance_ms(u64::from(TAKEOVER_WAIT_MS) + 1);
+        b.d.handle_messages(&mut b.io, b.now_ns);
+        let answers: Vec<Message> = b.io.outbox.drain(..).map(|(_, m)| m).collect();
+        assert!(
+            matches!(answers.as_slice(), [Message::RuntimeSet { moved: 0, unmoved, .. }] if unmoved == &vec![key(on_rt0[0])]),
+            "{answers:?}"
+        );
+        assert_eq!(b.count(ProcCounter::CallsRefused), 1);
+        b.packet(on_rt0[0]);
+        assert_eq!(b.ports_to(2).last(), Some(&on_rt0[0]), "still rt0's");
+        // A real takeover whose request beats the news: applied when the news comes.
+        assert!(b.call(RT1, takeover(on_rt0[1], 2)).is_empty());
+        b.advance_ms(5);
+        b.set_slot(2, 1, false);
+        b.d.handle_messages(&mut b.io, b.now_ns);
+        let answers: Vec<Message> = b.io.outbox.drain(..).map(|(_, m)| m).collect();
+        assert!(
+            matches!(answers.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
+            "{answers:?}"
+        );
+        b.packet(on_rt0[1]);
+        assert_eq!(b.ports_to(3).last(), Some(&on_rt0[1]));
+    }
+
+    /// A runtime pulls keys back to itself only if it gave them away (a migration undone),
+    /// never another runtime's own flows.
+    #[test]
+    fn only_the_runtime_a_flow_was_moved_from_can_pull_it_back() {
+        let mut b = bed();
+        b.packet(1);
+        b.packet(2);
+        let (mine, theirs) = if b.ports_to(2) == vec![1] {
+            (1, 2)
+        } else {
+            (2, 1)
+        };
+        let pull = |port: u16| Message::SetRuntime {
+            keys: vec![key(port)],
+            from: RT1,
+            runtime: RT0,
+            request: 9,
+        };
+        // rt0 claims rt1's flow as if undoing a migration: nothing moves.
+        let answer = b.call(RT0, pull(theirs));
+        assert!(
+            matches!(answer.as_slice(), [Message::RuntimeSet { moved: 0, .. }]),
+            "{answer:?}"
+        );
+        b.packet(theirs);
+        assert_eq!(b.ports_to(3).last(), Some(&theirs), "still rt1's");
+        // rt0 migrates its own flow to rt1, then undoes it: that one comes back.
+        let answer = b.call(
+            RT0,
+            Message::SetRuntime {
+                keys: vec![key(mine)],
+                from: RT0,
+                runtime: RT1,
+                request: 10,
+            },
+        );
+        assert!(matches!(
+            answer.as_slice(),
+            [Message::RuntimeSet { moved: 1, .. }]
+        ));
+        let answer = b.call(RT0, pull(mine));
+        assert!(
+            matches!(answer.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
+            "{answer:?}"
+        );
+        b.packet(mine);
+        assert_eq!(b.ports_to(2).last(), Some(&mine));
     }
 }
