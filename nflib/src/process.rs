@@ -82,10 +82,48 @@ pub fn init_logging() {
 
 /// Attaches a data-plane process to its slot, or explains why not. nfmgr reports the exit
 /// status (2) and restarts the process as its policy says.
-pub fn attach(args: &CommonArgs, kind: ProcessKind) -> Result<Endpoint, String> {
-    let ep = Endpoint::attach(&args.region, args.slot, kind).map_err(|e| e.to_string())?;
+pub fn attach(
+    args: &CommonArgs,
+    kind: ProcessKind,
+) -> Result<Endpoint, crate::endpoint::EndpointError> {
+    let ep = Endpoint::attach(&args.region, args.slot, kind)?;
     install_termination_flag();
     Ok(ep)
+}
+
+/// Why a data-plane process could not set itself up from what nfmgr stored in its region.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the stored configuration is not UTF-8")]
+    NotUtf8,
+    #[error("stored configuration: {0}")]
+    Config(#[source] crate::config::ConfigError),
+    #[error("no {kind} named `{name}` in the configuration")]
+    Unknown { kind: &'static str, name: String },
+    /// A function of the process's chain could not be built from its settings.
+    #[error("{0}")]
+    Chain(#[source] crate::config::ConfigError),
+    #[error("runtime.{runtime}.events: cannot open {}: {source}", path.display())]
+    EventLog {
+        runtime: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The configuration nfmgr stored in the region `ep` is attached to.
+pub fn stored_config(ep: &Endpoint) -> Result<crate::config::Config, StartError> {
+    let text = std::str::from_utf8(ep.region().blob()).map_err(|_| StartError::NotUtf8)?;
+    crate::config::Config::from_frozen(text).map_err(StartError::Config)
+}
+
+/// The name nfmgr gave the process in `ep`'s slot.
+pub fn own_name(ep: &Endpoint) -> String {
+    ep.region()
+        .slot(ep.slot())
+        .map(|s| s.name.get())
+        .unwrap_or_default()
 }
 
 /// Enters the sandbox the command line asks for (`nflib::sandbox`): called once everything

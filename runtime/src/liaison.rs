@@ -262,7 +262,9 @@ impl Liaison {
                         self.migration_target = Some(target);
                         Reply::Accepted
                     }
-                    Err(reason) => Reply::Refused { reason },
+                    Err(why) => Reply::Refused {
+                        reason: why.to_string(),
+                    },
                 }
             }
             Call::PrepareMigration {

@@ -166,12 +166,7 @@ impl PeerWatch {
     }
 }
 
-/// The configuration nfmgr stored in the region.
-pub fn stored_config(ep: &Endpoint) -> Result<Config, String> {
-    let text = std::str::from_utf8(ep.region().blob())
-        .map_err(|_| "the stored configuration is not UTF-8".to_string())?;
-    Config::from_frozen(text).map_err(|e| format!("stored configuration: {e}"))
-}
+pub use nflib::process::{stored_config, StartError};
 
 /// The mailbox of the process attached as `ep`.
 pub fn mailbox(ep: &Endpoint, cfg: &Config) -> Mailbox {
@@ -180,15 +175,12 @@ pub fn mailbox(ep: &Endpoint, cfg: &Config) -> Mailbox {
 
 /// Builds the runtime for the process in `ep`'s slot from the configuration nfmgr stored in
 /// the region: its chain (functions built from their settings), flow settings and event log.
-pub fn from_region(ep: &Endpoint, cfg: &Config) -> Result<Runtime, String> {
-    let name = ep
-        .region()
-        .slot(ep.slot())
-        .map(|s| s.name.get())
-        .unwrap_or_default();
-    let rc = cfg
-        .runtime(&name)
-        .ok_or_else(|| format!("no runtime named `{name}` in the configuration"))?;
+pub fn from_region(ep: &Endpoint, cfg: &Config) -> Result<Runtime, StartError> {
+    let name = nflib::process::own_name(ep);
+    let rc = cfg.runtime(&name).ok_or_else(|| StartError::Unknown {
+        kind: "runtime",
+        name: name.clone(),
+    })?;
     let stages = match cfg.chain_of(rc) {
         Some(chain) => {
             // This runtime's place among those running the chain (functions partition
@@ -202,7 +194,7 @@ pub fn from_region(ep: &Endpoint, cfg: &Config) -> Result<Runtime, String> {
             let index = peers.iter().position(|n| *n == name).unwrap_or(0) as u32;
             nfs::registry()
                 .build_chain(cfg, chain, &name, index, peers.len() as u32)
-                .map_err(|e| e.to_string())?
+                .map_err(StartError::Chain)?
         }
         None => Vec::new(),
     };
@@ -211,8 +203,10 @@ pub fn from_region(ep: &Endpoint, cfg: &Config) -> Result<Runtime, String> {
             let path = cfg
                 .base_dir
                 .join(p.to_string_lossy().replace("{runtime}", &name));
-            events::EventLog::open(&path, &name).map_err(|e| {
-                format!("runtime.{name}.events: cannot open {}: {e}", path.display())
+            events::EventLog::open(&path, &name).map_err(|source| StartError::EventLog {
+                runtime: name.clone(),
+                path: path.clone(),
+                source,
             })?
         }
         None => events::EventLog::disabled(),

@@ -228,11 +228,14 @@ impl<P> Dispatch<P> {
         cfg: &Config,
         io: &mut impl Io<Pkt = P>,
         now_ns: u64,
-    ) -> Result<Dispatch<P>, String> {
+    ) -> Result<Dispatch<P>, nflib::process::StartError> {
         let name = &setup.name;
         let vc = cfg
             .vswitch(name)
-            .ok_or_else(|| format!("no vswitch named `{name}` in the configuration"))?;
+            .ok_or_else(|| nflib::process::StartError::Unknown {
+                kind: "vswitch",
+                name: name.clone(),
+            })?;
         // Chains by index; runtimes without a chain form one more, unnamed group.
         let mut chains: Vec<Option<String>> =
             cfg.chains.iter().map(|c| Some(c.name.clone())).collect();

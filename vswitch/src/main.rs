@@ -9,7 +9,6 @@ mod io;
 use std::process::ExitCode;
 
 use clap::Parser;
-use nflib::config::Config;
 use nflib::endpoint::{Endpoint, BATCH};
 use nflib::mailbox::Mailbox;
 use nflib::process::{attach, enter_sandbox, init_logging, run_loop, CommonArgs};
@@ -40,10 +39,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cfg = std::str::from_utf8(ep.region().blob())
-        .map_err(|_| "the stored configuration is not UTF-8".to_string())
-        .and_then(|t| Config::from_frozen(t).map_err(|e| format!("stored configuration: {e}")));
-    let cfg = match cfg {
+    let cfg = match nflib::process::stored_config(&ep) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("nf-vswitch: {e}");
@@ -116,7 +112,7 @@ fn setup_of(ep: &Endpoint) -> Setup {
     let targets = region.slot(me).map(|s| s.targets()).unwrap_or(0);
     Setup {
         slot: me,
-        name: name(me),
+        name: nflib::process::own_name(ep),
         targets: (0..region.slot_count().min(64))
             .filter(|s| targets & (1u64 << s) != 0)
             .map(|s| (s, name(s)))

@@ -314,6 +314,15 @@ struct Job {
     tokens_at_ms: u64,
 }
 
+/// Why a migration job was not started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JobRefused {
+    #[error("a runtime cannot migrate flows to itself")]
+    ToItself,
+    #[error("a migration is already running on this runtime")]
+    AlreadyRunning,
+}
+
 /// Set in the request id of a `SetRuntime` that points flows back at the source. Not
 /// `RECOVERY_REQUEST`'s bit (63): a rollback is no takeover (the vswitch holds the two to
 /// different rules), and its answer is the migrator's, not the liaison's.
@@ -480,12 +489,12 @@ impl Migrator {
         target: EndpointAddr,
         count: u32,
         now_ms: f64,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, JobRefused> {
         if target == self.me {
-            return Err("a runtime cannot migrate flows to itself".into());
+            return Err(JobRefused::ToItself);
         }
         if self.job.as_ref().is_some_and(|j| !j.report.done) {
-            return Err("a migration is already running on this runtime".into());
+            return Err(JobRefused::AlreadyRunning);
         }
         self.jobs += 1;
         self.job = Some(Job {

@@ -100,6 +100,7 @@ fn fetch_loop(
     loop {
         let answer =
             nflib::control_client::call(socket, &json!({ "cmd": "top" }), Duration::from_secs(3))
+                .map_err(|e| e.to_string())
                 .and_then(|v| {
                     serde_json::from_value::<TopReport>(v)
                         .map(Box::new)
