@@ -618,9 +618,13 @@ impl<P> Dispatch<P> {
             } if env.from == runtime
                 && env.from != from
                 && request & nflib::msg::RECOVERY_REQUEST != 0
+                && from.server == self.me.server
                 && !self.known_dead(from, now_ms) =>
             {
-                // A takeover of a runtime not known dead: it waits for the news.
+                // A takeover of a runtime of this server not known dead: it waits for the
+                // news. (Only of this server's: their slots show every death and restart
+                // at once. Another server's runtime that restarts quickly may never look
+                // dead in the cluster view, which names no process lives yet.)
                 if self.deferred.len() >= MAX_DEFERRED_TAKEOVERS {
                     io.count(ProcCounter::CallsRefused, 1);
                     Some(Self::refused_takeover(request, keys))
