@@ -12,7 +12,12 @@ use crate::frame::EndpointAddr;
 /// The composition of the cluster at one version.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterView {
-    /// Grows with every change the coordinator makes.
+    /// The coordinator's epoch: its incarnation, which a restart makes higher. Views are
+    /// ordered by (epoch, version) ([`ClusterView::stamp`]): a member follows a restarted
+    /// coordinator whose versions start again from 1, and never goes back to an older
+    /// coordinator life's view.
+    pub epoch: u64,
+    /// Grows with every change the coordinator makes (within its epoch).
     pub version: u64,
     /// Server number of the coordinator.
     pub coordinator: u16,
@@ -58,6 +63,11 @@ impl EndpointInfo {
 impl ClusterView {
     pub fn server(&self, id: u16) -> Option<&ServerInfo> {
         self.servers.iter().find(|s| s.server == id)
+    }
+
+    /// The view's place in the order of views: (epoch, version).
+    pub fn stamp(&self) -> (u64, u64) {
+        (self.epoch, self.version)
     }
 
     /// Every endpoint of every live server.

@@ -274,6 +274,7 @@ impl Membership {
     /// Coordinator (or alone): the view from the member table, with a new version.
     fn rebuild_view(&mut self) {
         self.view = ClusterView {
+            epoch: self.incarnation,
             version: self.view.version + 1,
             coordinator: self.me,
             servers: self
@@ -311,10 +312,11 @@ impl Membership {
         }
     }
 
-    /// Member: a view from the coordinator. An older one of the same coordinator is stale;
-    /// another coordinator's is taken as it is.
+    /// Member: a view from the coordinator. An older one of the same coordinator is stale
+    /// (older by epoch, then version: a restarted coordinator's epoch is higher and its
+    /// versions start again); another coordinator's is taken as it is.
     fn take_view(&mut self, view: ClusterView) {
-        if view.version < self.view.version && view.coordinator == self.view.coordinator {
+        if view.stamp() < self.view.stamp() && view.coordinator == self.view.coordinator {
             return;
         }
         self.view = view;
@@ -1240,6 +1242,65 @@ mod tests {
         assert!(closed_old && welcomed);
         assert_eq!(coord.session_to(2), Some(14));
         assert_eq!(coord.server_of(14), Some(2));
+    }
+
+    /// The coordinator's nfmgr is killed and started again (a new incarnation, its view
+    /// versions from 1 again): the members lose it, rejoin, and follow its views, though
+    /// their numbers are lower than the ones they held (issue 25's finding: members kept
+    /// the old life's view with the coordinator's server dead).
+    #[test]
+    fn members_follow_a_restarted_coordinator() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(100));
+        // Views go up to some version under the first life: a runtime of server 2 stops
+        // and starts again, three times.
+        for _ in 0..3 {
+            for alive in [false, true] {
+                let now = c.now + Duration::from_millis(200);
+                c.now = now;
+                let mut eps = runtimes(2);
+                eps[0].alive = alive;
+                c.servers.get_mut(&2).unwrap().m.tick(now, eps);
+                c.settle();
+                c.run(Duration::from_millis(100));
+            }
+        }
+        let old = c.servers[&2].m.view().stamp();
+        assert!(old.1 > 3, "{old:?}");
+        // The coordinator restarts: a fresh membership, a later incarnation.
+        for id in [2, 3] {
+            let (mine, _) = c.servers.get_mut(&id).unwrap().session.take().unwrap();
+            let now = c.now;
+            c.servers
+                .get_mut(&id)
+                .unwrap()
+                .m
+                .session_down(mine, "connection reset".into(), now);
+        }
+        let now = c.now;
+        c.servers.get_mut(&1).unwrap().m = Membership::new(
+            COORD,
+            "s1".into(),
+            2,
+            None,
+            true,
+            settings(true),
+            runtimes(COORD),
+            now,
+        );
+        c.settle();
+        assert_eq!(
+            c.alive_in(2),
+            vec![2, 3],
+            "the lost coordinator is not dispatched to"
+        );
+        c.run(Duration::from_millis(700));
+        for id in [2, 3] {
+            let v = c.servers[&id].m.view();
+            assert_eq!(c.alive_in(id), vec![1, 2, 3], "server {id}");
+            assert_eq!(v.epoch, 2);
+            assert!(v.version < old.1, "its versions started again");
+        }
     }
 
     /// A member's endpoints that change reach the coordinator with the next heartbeat, and

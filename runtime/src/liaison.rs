@@ -243,7 +243,8 @@ impl Liaison {
             Call::PollWorkload => Reply::Workload(self.workload(rt, ep, mb)),
             Call::NotifyClusterCfg(view) => {
                 let version = view.version;
-                if version >= self.view.version {
+                // Newer by (epoch, version): a restarted coordinator's views start again.
+                if view.stamp() >= self.view.stamp() {
                     self.view = view;
                     self.query_holds(ep, mb);
                 }

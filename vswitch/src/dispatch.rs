@@ -115,7 +115,8 @@ pub struct Dispatch<P> {
     /// The clock's reading at start (ns): the table's times count from it.
     epoch_ns: u64,
     generation: u32,
-    view_version: u64,
+    /// The (epoch, version) of the last cluster view taken.
+    view_stamp: (u64, u64),
     /// Messages it did not understand.
     pub unknown: u64,
     /// Per chain: its flows are replicated, so a dead runtime's flows are recovered
@@ -287,7 +288,7 @@ impl<P> Dispatch<P> {
             parsed: Vec::new(),
             epoch_ns: now_ns,
             generation: setup.generation,
-            view_version: 0,
+            view_stamp: (0, 0),
             unknown: 0,
             replicated: Vec::new(),
             seen: Vec::new(),
@@ -511,10 +512,10 @@ impl<P> Dispatch<P> {
     /// Takes the runtimes of other servers from a cluster view (the coordinator's
     /// `NotifyClusterCfg`). Flows already dispatched keep their runtime while it lives.
     pub fn apply_view(&mut self, view: &ClusterView, now_ns: u64) {
-        if view.version < self.view_version {
+        if view.stamp() < self.view_stamp {
             return;
         }
-        self.view_version = view.version;
+        self.view_stamp = view.stamp();
         let now_ms = self.now_ms(now_ns);
         for (c, chain) in self.chains.iter().enumerate() {
             let now: Vec<EndpointAddr> = view
@@ -853,7 +854,7 @@ impl<P> Dispatch<P> {
             busy_ns: io.counter(ProcCounter::BusyNs),
             uptime_ms: now_ns.saturating_sub(self.epoch_ns) / MS,
             transport: io.transport(),
-            cluster_version: self.view_version,
+            cluster_version: self.view_stamp.1,
             ..Workload::default()
         }
     }
@@ -1565,6 +1566,7 @@ mod tests {
         let mut b = bed();
         let remote = EndpointAddr::new(2, 4);
         let view = ClusterView {
+            epoch: 1,
             version: 3,
             coordinator: 1,
             servers: vec![ServerInfo {
@@ -1610,6 +1612,49 @@ mod tests {
             "the frame's own kept"
         );
         assert!(!b.io.rings[&2][0].remote);
+    }
+
+    /// Views are taken in (epoch, version) order: a restarted coordinator's first view
+    /// (a higher epoch, its versions started again) replaces the last one of its earlier
+    /// life, and a late view of that earlier life changes nothing after it.
+    #[test]
+    fn a_restarted_coordinators_view_replaces_its_earlier_lifes() {
+        let mut b = bed();
+        let remote = EndpointAddr::new(2, 4);
+        let view = |epoch: u64, version: u64, alive: bool| ClusterView {
+            epoch,
+            version,
+            coordinator: 1,
+            servers: vec![ServerInfo {
+                server: 2,
+                name: "s2".into(),
+                incarnation: 1,
+                alive,
+                endpoints: vec![EndpointInfo {
+                    addr: remote,
+                    kind: ProcessKind::Runtime,
+                    name: "rt0".into(),
+                    chain: None,
+                    alive: true,
+                }],
+            }],
+        };
+        let now = b.now_ns;
+        b.d.apply_view(&view(5, 9, false), now);
+        assert!(
+            b.d.remote.iter().all(|r| r.is_empty()),
+            "server 2 dead at 5/9"
+        );
+        b.d.apply_view(&view(7, 2, true), now);
+        assert!(
+            b.d.remote.iter().any(|r| r.contains(&remote)),
+            "the restarted coordinator's view is taken"
+        );
+        b.d.apply_view(&view(5, 10, false), now);
+        assert!(
+            b.d.remote.iter().any(|r| r.contains(&remote)),
+            "a late view of the old life is not"
+        );
     }
 
     /// A replicated chain's runtime dies: its flows' packets are dropped (not given to

@@ -181,8 +181,8 @@ pub struct Control {
     conns: HashMap<ConnId, PeerWriter>,
     pending: HashMap<u64, Pending>,
     next_rpc: u64,
-    /// Per local slot: (process generation, view version) last sent to it.
-    notified: HashMap<u16, (u32, u64)>,
+    /// Per local slot: the process generation and view (epoch, version) last sent to it.
+    notified: HashMap<u16, (u32, (u64, u64))>,
     /// Per local runtime slot: the generation and replica list last sent (`SetReplica`).
     replicas_sent: HashMap<u16, (u32, Vec<EndpointAddr>)>,
     /// Membership changes, for `nfmgr status`.
@@ -1033,7 +1033,7 @@ impl Control {
     /// Sends the current view to local processes that have not seen it (new ones, restarted
     /// ones, or after a change).
     fn notify_local(&mut self) {
-        let version = self.membership.view().version;
+        let version = self.membership.view().stamp();
         for s in 1..self.region.slot_count() {
             let Some(rec) = self.region.slot(s) else {
                 continue;
