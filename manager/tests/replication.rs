@@ -408,8 +408,26 @@ fn a_restarted_runtime_keeps_the_ports_of_its_taken_over_flows_until_they_end() 
         assert!(t0.elapsed() < Duration::from_secs(20), "rt0 got no flows");
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Flows rt0 started in the last second before the kill: none, normally (the 200 all
+    // start in the generator's first 500 ms, well before). On a loaded machine a
+    // generator that stalls past the 2 s unreplied timeout ends a flow and starts it
+    // again (CI once saw rt0 hold 101); such a new flow's first copy may still be on its
+    // way at the kill (output commit let none of its packets out), so it may be missing
+    // from the takeover.
+    let created = |tb: &Testbed| {
+        tb.json(1, &["runtimes"])
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == "rt0")
+            .and_then(|e| e["workload"]["flows_created"].as_u64())
+            .unwrap_or(0)
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let before = created(&tb);
     std::thread::sleep(Duration::from_secs(1));
     let held = flows_of(&tb, "rt0");
+    let fresh = created(&tb).saturating_sub(before);
     let out = tb.nfmgr(1, &["kill", "rt0"]);
     assert!(
         out.status.success(),
@@ -427,8 +445,14 @@ fn a_restarted_runtime_keeps_the_ports_of_its_taken_over_flows_until_they_end() 
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    eprintln!("rt0 held {held} flows; {taken} taken over; its new life reserved {reserved}");
-    assert_eq!(taken, held, "every flow of rt0 was taken over");
+    eprintln!(
+        "rt0 held {held} flows ({fresh} started in its last second); {taken} taken over; \
+         its new life reserved {reserved}"
+    );
+    assert!(
+        taken <= held && taken + fresh >= held,
+        "every flow of rt0 was taken over, but for ones started just before the kill"
+    );
     assert_eq!(
         reserved, taken,
         "the new life reserved the port of every flow taken over, and only those"
