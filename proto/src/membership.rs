@@ -144,6 +144,8 @@ pub struct Membership {
     fence_pending: BTreeSet<u16>,
     fence_until: Option<Instant>,
     next_session: SessionId,
+    /// Shutting down (`leave`): a session that fails now changes nothing.
+    leaving: bool,
     actions: VecDeque<Action>,
 }
 
@@ -187,6 +189,7 @@ impl Membership {
             fence_pending: BTreeSet::new(),
             fence_until: None,
             next_session: 1,
+            leaving: false,
             actions: VecDeque::new(),
         };
         // This server is a member of its own cluster (of one, when alone).
@@ -274,7 +277,13 @@ impl Membership {
     /// Coordinator (or alone): the view from the member table, with a new version.
     fn rebuild_view(&mut self) {
         self.view = ClusterView {
-            epoch: self.incarnation,
+            // A member's own view, before it joins, comes before any coordinator's: its
+            // processes are given it, and must take the coordinator's after it (they order
+            // views by stamp alone).
+            epoch: match self.role {
+                Role::Member { .. } => 0,
+                _ => self.incarnation,
+            },
             version: self.view.version + 1,
             coordinator: self.me,
             servers: self
@@ -563,6 +572,9 @@ impl Membership {
     /// stops dispatching to the coordinator's runtimes and joins again.
     pub fn session_down(&mut self, session: SessionId, why: String, now: Instant) {
         self.close(session);
+        if self.leaving {
+            return;
+        }
         let coordinator_lost = match &mut self.role {
             Role::Member {
                 session: s @ Some(_),
@@ -757,6 +769,7 @@ impl Membership {
 
     /// Says goodbye: `Leave` on every session this membership knows, and closes them.
     pub fn leave(&mut self) {
+        self.leaving = true;
         let mut sessions: Vec<SessionId> =
             self.members.values().filter_map(|m| m.session).collect();
         if let Some(s) = self.coordinator_session() {
@@ -1030,6 +1043,10 @@ mod tests {
     #[test]
     fn members_join_and_every_view_reaches_every_server() {
         let mut c = Cluster::new(&[2, 3]);
+        // A member's own view before it joins is older than any coordinator's (its
+        // processes, given it first, must take the coordinator's).
+        assert!(c.servers[&2].m.view().stamp() < c.servers[&1].m.view().stamp());
+        assert_eq!(c.servers[&2].m.view().epoch, 0);
         c.run(Duration::from_millis(100));
         for id in [1, 2, 3] {
             assert_eq!(c.alive_in(id), vec![1, 2, 3], "server {id}'s view");
