@@ -126,6 +126,9 @@ pub struct Dispatch<P> {
     seen: Vec<(u16, u32, bool)>,
     /// Runtimes that died recently, with when their flows' wait ends (ms).
     recovering: Vec<(EndpointAddr, u32)>,
+    /// Local runtimes that died or restarted recently, with when a takeover of them stops
+    /// being accepted (ms).
+    lives_changed: Vec<(EndpointAddr, u32)>,
     recovery_wait_ms: u32,
     /// This life's table being rebuilt from the runtimes (an earlier life died with it).
     rebuild: Option<Rebuild<P>>,
@@ -174,7 +177,13 @@ struct Takeover {
 }
 
 /// How long a takeover waits for the vswitch to learn that the runtime it names died.
-const TAKEOVER_WAIT_MS: u32 = 1_000;
+/// Shorter than a recovering runtime waits for the vswitches' answers (1 s), so that a
+/// refusal reaches it while it still drops the copies the refusal names.
+const TAKEOVER_WAIT_MS: u32 = 500;
+/// How long after a local runtime's restart (or death) a takeover of it is accepted,
+/// whatever `recovery_wait_ms` says (it may be 0): the replicas' requests follow the
+/// death by milliseconds, a large table's last chunks by a few hundred.
+const TAKEOVER_GRACE_MS: u32 = 2_000;
 /// Most takeovers waiting at once; more of a live runtime are refused at once.
 const MAX_DEFERRED_TAKEOVERS: usize = 64;
 
@@ -293,6 +302,7 @@ impl<P> Dispatch<P> {
             replicated: Vec::new(),
             seen: Vec::new(),
             recovering: Vec::new(),
+            lives_changed: Vec::new(),
             recovery_wait_ms: vc.recovery_wait_ms,
             rebuild: None,
             deferred: Vec::new(),
@@ -463,6 +473,8 @@ impl<P> Dispatch<P> {
         let now_ms = self.now_ms(now_ns);
         self.recovering
             .retain(|(_, until)| is_ahead(now_ms, *until));
+        self.lives_changed
+            .retain(|(_, until)| is_ahead(now_ms, *until));
         for c in 0..self.chains.len() {
             if !self.replicated.get(c).copied().unwrap_or(false) {
                 continue;
@@ -478,6 +490,9 @@ impl<P> Dispatch<P> {
                         let restarted = !e.2 && up && e.1 != gen;
                         if died || restarted {
                             let addr = EndpointAddr::new(self.me.server, s);
+                            self.lives_changed.retain(|(a, _)| *a != addr);
+                            self.lives_changed
+                                .push((addr, now_ms.wrapping_add(TAKEOVER_GRACE_MS)));
                             // A restart seen without the death: the old life's flows
                             // still wait for recovery.
                             if died || !self.recovering.iter().any(|(a, _)| *a == addr) {
@@ -550,11 +565,17 @@ impl<P> Dispatch<P> {
     pub fn handle_messages(&mut self, io: &mut impl Io<Pkt = P>, now_ns: u64) -> usize {
         let inbox = io.receive(now_ns);
         let n = inbox.len();
+        // A replica's takeover may come right after the death it names: the runtimes'
+        // states as they are now decide it.
+        if n > 0 {
+            self.refresh_targets(io, now_ns);
+        }
         for env in inbox {
             self.handle(io, env, now_ns);
         }
         // A waiting takeover needs the runtimes' states as they are now (nfmgr marks a
-        // dead runtime's slot without a message), and the loop awake until it is settled.
+        // dead runtime's slot without a message), and the loop awake until it is settled;
+        // the messages may have changed the view.
         if n > 0 || !self.deferred.is_empty() {
             self.refresh_targets(io, now_ns);
         }
@@ -757,11 +778,13 @@ impl<P> Dispatch<P> {
     /// Whether `rt`'s flows are up for a takeover: it is not a live target, or its old
     /// life's flows wait for recovery.
     fn known_dead(&self, rt: EndpointAddr, now_ms: u32) -> bool {
-        !targets_live(&self.live, &self.remote, rt)
-            || self
-                .recovering
-                .iter()
+        let recent = |list: &[(EndpointAddr, u32)]| {
+            list.iter()
                 .any(|(a, until)| *a == rt && is_ahead(now_ms, *until))
+        };
+        !targets_live(&self.live, &self.remote, rt)
+            || recent(&self.recovering)
+            || recent(&self.lives_changed)
     }
 
     /// Applies the waiting takeovers whose runtime is now known dead, and refuses those
@@ -1879,6 +1902,50 @@ mod tests {
         );
         b.packet(on_rt0[1]);
         assert_eq!(b.ports_to(3).last(), Some(&on_rt0[1]));
+    }
+
+    /// A replica's takeover of a runtime that died and came back before the vswitch looked
+    /// (a fast restart), under `recovery_wait_ms = 0`: still applied, within
+    /// `TAKEOVER_GRACE_MS` of the restart, not refused as a claim on a live runtime.
+    #[test]
+    fn a_takeover_of_a_quickly_restarted_runtime_is_applied() {
+        let mut b = bed_with(
+            &REPLICATED.replace("recovery_wait_ms = 100", "recovery_wait_ms = 0"),
+            1,
+        );
+        for port in 1..=4 {
+            b.packet(port);
+        }
+        let on_rt0 = b.ports_to(2);
+        b.set_slot(2, 2, true);
+        b.advance_ms(300);
+        let answer = b.call(
+            RT1,
+            Message::SetRuntime {
+                keys: vec![key(on_rt0[0])],
+                from: RT0,
+                runtime: RT1,
+                request: 4 | nflib::msg::RECOVERY_REQUEST,
+            },
+        );
+        assert!(
+            matches!(answer.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
+            "{answer:?}"
+        );
+        // Long after the restart, the new life's flows are its own.
+        b.advance_ms(u64::from(TAKEOVER_GRACE_MS));
+        b.d.refresh_targets(&b.io, b.now_ns);
+        assert!(b
+            .call(
+                RT1,
+                Message::SetRuntime {
+                    keys: vec![key(on_rt0[1])],
+                    from: RT0,
+                    runtime: RT1,
+                    request: 5 | nflib::msg::RECOVERY_REQUEST,
+                },
+            )
+            .is_empty());
     }
 
     /// A runtime pulls keys back to itself only if it gave them away (a migration undone),
