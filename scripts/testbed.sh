@@ -325,10 +325,12 @@ up() {
             > "$STATE/s$i.log" 2>&1 &
         echo $! > "$STATE/s$i.pid"
     done
-    # Wait for the cluster: every server alive in the coordinator's view.
+    # Wait for the cluster: every server alive in the coordinator's view, with its vswitch
+    # and runtimes (a member's endpoints may come a heartbeat after its join, later still
+    # over an impaired link).
     for _ in $(seq 200); do
         alive=$("$NFMGR" status --socket "$STATE/s1.sock" --json 2>/dev/null \
-            | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(1 for s in d["servers"] if s["alive"]))' 2>/dev/null || echo 0)
+            | python3 -c 'import json,sys; d=json.load(sys.stdin); print(sum(1 for s in d["servers"] if s["alive"] and s["endpoints"] >= 1 + int(sys.argv[1])))' "$RUNTIMES" 2>/dev/null || echo 0)
         if [ "$alive" = "$SERVERS" ]; then
             echo "testbed $PREFIX: $SERVERS servers up, cluster formed; configs and logs in $STATE"
             return
