@@ -174,6 +174,27 @@ fn flows_move_between_servers_under_load_with_tcp_and_http_through_firewall_and_
         .stderr(Stdio::null())
         .spawn()
         .expect("http server");
+    // Listening before the download starts (CI once saw curl refused 29 ms in: Python had
+    // not bound the port yet). Checked inside the server's namespace, not through the
+    // platform.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tb
+        .exec(
+            "server",
+            &[
+                "python3",
+                "-c",
+                "import socket; socket.create_connection(('10.77.0.2', 8080), 1)",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        assert!(Instant::now() < deadline, "the HTTP server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let iperf = Iperf3::start(&tb, "50M", 6);
     let got = tb.state.join("got.bin");
     let curl = tb
