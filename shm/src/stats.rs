@@ -103,6 +103,17 @@ counter_set!(
     VswitchRebuildFlows => "vswitch_rebuild_flows",
 ]);
 
+impl ProcCounter {
+    /// The drop counter of a frame that did not parse.
+    pub fn of_parse_error(e: &nf_packet::ParseError) -> ProcCounter {
+        match e {
+            nf_packet::ParseError::Runt => ProcCounter::DropRunt,
+            nf_packet::ParseError::Truncated(_) => ProcCounter::DropTruncated,
+            nf_packet::ParseError::Malformed(..) => ProcCounter::DropMalformed,
+        }
+    }
+}
+
 /// Counters a network function exports: index 0 is the platform's count of packets the
 /// function dropped; the function names the others.
 pub const NF_COUNTERS: usize = 16;

@@ -1008,12 +1008,7 @@ impl<P> Dispatch<P> {
             let (h, key, hash) = match r {
                 Ok(r) => r,
                 Err(e) => {
-                    let c = match e {
-                        ParseError::Runt => ProcCounter::DropRunt,
-                        ParseError::Truncated(_) => ProcCounter::DropTruncated,
-                        ParseError::Malformed(..) => ProcCounter::DropMalformed,
-                    };
-                    io.count(c, 1);
+                    io.count(ProcCounter::of_parse_error(&e), 1);
                     io.free(p);
                     continue;
                 }

@@ -20,7 +20,6 @@ use nflib::frame::{EndpointAddr, LIAISON};
 use nflib::mailbox::Paced;
 use nflib::msg::{states, FlowState, Message, MigrateFlow, MovedPacket};
 use nflib::nf::{tcp_flags, Dir, EndReason, NfContext, PacketMut, Stage, Verdict};
-use nflib::packet::ParseError;
 use nflib::records::FlowRecords;
 use nflib::reliable::SendError;
 use nflib::stats::{ProcCounter, NF_COUNTERS};
@@ -351,12 +350,7 @@ impl<P> Runtime<P> {
                     });
                 }
                 Err(e) => {
-                    let c = match e {
-                        ParseError::Runt => ProcCounter::DropRunt,
-                        ParseError::Truncated(_) => ProcCounter::DropTruncated,
-                        ParseError::Malformed(..) => ProcCounter::DropMalformed,
-                    };
-                    io.count(c, 1);
+                    io.count(ProcCounter::of_parse_error(&e), 1);
                     io.free(pkt);
                 }
             }
