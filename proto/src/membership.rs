@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::cluster::{ClusterView, EndpointInfo, ProcessKind, ServerInfo};
 use crate::frame::EndpointAddr;
@@ -49,6 +49,15 @@ pub struct Down {
     pub why: String,
     /// Time since the member was last heard from, at the moment it was declared dead.
     pub silent_ms: f64,
+}
+
+/// What a coordinator writes down at every change of its view, so that its next life
+/// carries on from it ([`Membership::restore`]): the view (members, their lives, endpoints
+/// and version) and where each member joined from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Journal {
+    pub view: ClusterView,
+    pub addrs: Vec<(u16, SocketAddr)>,
 }
 
 /// A server as the coordinator knows it (and this server itself, in every role).
@@ -90,6 +99,9 @@ pub struct Settings {
     pub rejoin_every: Duration,
     /// How long a fenced member waits for its killed processes to die before joining anyway.
     pub fence_wait: Duration,
+    /// A coordinator restarted from its journal: how long a member that was alive has to
+    /// join again before it is declared dead (its flows recovered).
+    pub restore_grace: Duration,
     /// Chains whose flows are replicated (a dead server's are recovered, and it is fenced
     /// if it comes back in the same life).
     pub replicated: BTreeSet<String>,
@@ -110,11 +122,13 @@ pub enum Action {
     /// `renotify`: every local process must be given the view again.
     ViewChanged { alive: Vec<u16>, renotify: bool },
     /// Runtime `failed` is gone with its server: its flows (every life up to `incarnation`)
-    /// are to be recovered where they are replicated.
+    /// are to be recovered where they are replicated, by the chain's runtimes on
+    /// `only_server` if given, else everywhere.
     Recover {
         failed: EndpointAddr,
         chain: Option<String>,
         incarnation: u64,
+        only_server: Option<u16>,
     },
     /// Start joining `coordinator`; the outcome comes back as [`Membership::joined`],
     /// [`Membership::join_failed`] or [`Membership::fenced`].
@@ -143,6 +157,16 @@ pub struct Membership {
     /// Fencing: local slots killed and not dead yet, and how long joining waits for them.
     fence_pending: BTreeSet<u16>,
     fence_until: Option<Instant>,
+    /// The epoch of this coordinator's views: its incarnation, or one past its journal's
+    /// when that is higher (a clock set back across a restart).
+    epoch: u64,
+    /// Restored from a journal: members alive in it that have not joined this life yet,
+    /// and until when they may.
+    restored: BTreeSet<u16>,
+    restore_until: Option<Instant>,
+    /// Restored: this server's runtimes of its previous life (gone with it), whose flows
+    /// each returning member's runtimes are asked to recover.
+    old_life: Vec<EndpointInfo>,
     next_session: SessionId,
     /// Shutting down (`leave`): a session that fails now changes nothing.
     leaving: bool,
@@ -188,6 +212,10 @@ impl Membership {
             last_heartbeat: now,
             fence_pending: BTreeSet::new(),
             fence_until: None,
+            epoch: incarnation,
+            restored: BTreeSet::new(),
+            restore_until: None,
+            old_life: Vec::new(),
             next_session: 1,
             leaving: false,
             actions: VecDeque::new(),
@@ -236,6 +264,85 @@ impl Membership {
         matches!(self.role, Role::Coordinator)
     }
 
+    /// Coordinator: what to write down now (after every view change), for a later life.
+    pub fn journal(&self) -> Option<Journal> {
+        self.is_coordinator().then(|| Journal {
+            view: self.view.clone(),
+            addrs: self
+                .members
+                .iter()
+                .filter_map(|(id, m)| Some((*id, m.addr?)))
+                .collect(),
+        })
+    }
+
+    /// Coordinator, before any session: carries on from the journal of this server's
+    /// previous coordinator life. The view keeps its members, their lives and endpoints,
+    /// and its versions go on from the journal's (under a higher epoch), so members that
+    /// join again with the lives they had change nothing: no flow is dispatched or
+    /// replicated anew. Members alive in the journal count as alive for `restore_grace`;
+    /// one that has not joined by then is declared dead and its flows recovered. The
+    /// flows of this server's previous life are recovered by each member's runtimes as
+    /// the member joins again.
+    pub fn restore(&mut self, journal: Journal, now: Instant) -> Result<(), String> {
+        if !self.is_coordinator() {
+            return Err("only a coordinator keeps a journal".into());
+        }
+        if journal.view.coordinator != self.me {
+            return Err(format!(
+                "it is the journal of server {}'s coordinator, this is server {}",
+                journal.view.coordinator, self.me
+            ));
+        }
+        if self.members.len() > 1 || self.view.version > 1 {
+            return Err("the membership has started already".into());
+        }
+        self.epoch = self.incarnation.max(journal.view.epoch.saturating_add(1));
+        let addrs: BTreeMap<u16, SocketAddr> = journal.addrs.into_iter().collect();
+        for s in journal.view.servers {
+            if s.server == self.me {
+                if s.incarnation != self.incarnation {
+                    self.old_life = s
+                        .endpoints
+                        .into_iter()
+                        .filter(|e| e.kind == ProcessKind::Runtime)
+                        .collect();
+                }
+                continue;
+            }
+            if s.alive {
+                self.restored.insert(s.server);
+            }
+            self.members.insert(
+                s.server,
+                Member {
+                    name: s.name,
+                    incarnation: s.incarnation,
+                    addr: addrs.get(&s.server).copied(),
+                    endpoints: s.endpoints,
+                    alive: s.alive,
+                    session: None,
+                    last_heard: now,
+                    joined_at: now,
+                    down: (!s.alive).then(|| Down {
+                        at_s: 0.0,
+                        why: "dead before the coordinator restarted".into(),
+                        silent_ms: 0.0,
+                    }),
+                },
+            );
+        }
+        self.restore_until = Some(now + self.settings.restore_grace);
+        self.view.version = journal.view.version;
+        self.note(format!(
+            "carried on from the journal of view {}: {} member(s) to join again",
+            journal.view.version,
+            self.restored.len()
+        ));
+        self.rebuild_view();
+        Ok(())
+    }
+
     /// The session that reaches `server`: the coordinator's own to each member; a
     /// member's one session, to the coordinator, which relays.
     pub fn session_to(&self, server: u16) -> Option<SessionId> {
@@ -282,7 +389,7 @@ impl Membership {
             // views by stamp alone).
             epoch: match self.role {
                 Role::Member { .. } => 0,
-                _ => self.incarnation,
+                _ => self.epoch,
             },
             version: self.view.version + 1,
             coordinator: self.me,
@@ -370,9 +477,48 @@ impl Membership {
                 return;
             }
         }
-        // A restarted member replaces its previous incarnation.
+        // A restarted member replaces its previous life, whose flows are recovered first
+        // (a restart faster than its session's end, or while a restored coordinator
+        // waited for it).
+        let restored = self.restored.remove(&info.server);
         if let Some(old) = self.members.get(&info.server).and_then(|m| m.session) {
             self.close(old);
+        }
+        let same_life = match self.members.get(&info.server) {
+            Some(m) if m.alive && m.incarnation != info.incarnation => {
+                self.declare_dead(info.server, "it started again".into(), now);
+                false
+            }
+            Some(m) => m.alive && m.incarnation == info.incarnation,
+            None => false,
+        };
+        // The same life with the same endpoints (back after its coordinator restarted, or
+        // over a new session): the view does not change.
+        let unchanged = same_life
+            && self
+                .members
+                .get(&info.server)
+                .is_some_and(|m| m.name == info.name && m.endpoints == info.endpoints);
+        if unchanged {
+            if let Some(m) = self.members.get_mut(&info.server) {
+                m.addr = Some(info.addr);
+                m.session = Some(session);
+                m.last_heard = now;
+            }
+            self.note(format!(
+                "server {} ({}) joined again from {}",
+                info.server, info.name, info.addr
+            ));
+            self.send(
+                session,
+                PeerMsg::Welcome {
+                    view: self.view.clone(),
+                },
+            );
+            if restored {
+                self.recover_old_life(info.server);
+            }
+            return;
         }
         self.members.insert(
             info.server,
@@ -403,6 +549,20 @@ impl Membership {
                 view: self.view.clone(),
             },
         );
+        if restored && same_life {
+            self.recover_old_life(info.server);
+        }
+    }
+
+    /// Restored coordinator: member `server` is back in the life that held replicas of
+    /// this server's previous life; its runtimes take over what they hold of it. Asked
+    /// right after its welcome, on the same session: the member passes this on before the
+    /// runtimes of this server's new life can reach its runtimes (they need the view it
+    /// has just been given), so copies of the two lives, which may share slot
+    /// generations, are not mixed (docs/MESSAGING.md).
+    fn recover_old_life(&mut self, server: u16) {
+        let old = self.old_life.clone();
+        self.recover(&old, Some(server));
     }
 
     /// Why a join is refused, if it is.
@@ -599,15 +759,19 @@ impl Membership {
             self.view_changed(true);
             return;
         }
-        let at_s = now.saturating_duration_since(self.started).as_secs_f64();
-        let Some((id, m)) = self
-            .members
-            .iter_mut()
-            .find(|(_, m)| m.session == Some(session))
-        else {
+        let Some(id) = self.server_of(session) else {
             return;
         };
-        let id = *id;
+        self.declare_dead(id, why, now);
+    }
+
+    /// Coordinator: member `id` is dead (`why`): out of the view, and its runtimes' flows
+    /// recovered where they were replicated, every life of them.
+    fn declare_dead(&mut self, id: u16, why: String, now: Instant) {
+        let at_s = now.saturating_duration_since(self.started).as_secs_f64();
+        let Some(m) = self.members.get_mut(&id) else {
+            return;
+        };
         let silent_ms = now.saturating_duration_since(m.last_heard).as_secs_f64() * 1000.0;
         m.session = None;
         m.alive = false;
@@ -623,15 +787,22 @@ impl Membership {
             .filter(|e| e.kind == ProcessKind::Runtime)
             .cloned()
             .collect();
+        self.restored.remove(&id);
         self.note(format!("server {id} ({name}) is down: {why}"));
         self.rebuild_view();
-        // Its runtimes' flows live on where they were replicated: every life of them.
-        for e in lost {
+        self.recover(&lost, None);
+    }
+
+    /// Has the flows of `runtimes` (the replicated ones) recovered, on `only_server`'s
+    /// runtimes if given.
+    fn recover(&mut self, runtimes: &[EndpointInfo], only_server: Option<u16>) {
+        for e in runtimes {
             if self.replicated(e.chain.as_deref()) {
                 self.actions.push_back(Action::Recover {
                     failed: e.addr,
-                    chain: e.chain,
+                    chain: e.chain.clone(),
                     incarnation: u64::MAX,
+                    only_server,
                 });
             }
         }
@@ -702,6 +873,17 @@ impl Membership {
                     self.send(s, PeerMsg::Heartbeat { endpoints });
                 }
                 _ => {}
+            }
+        }
+        if self.restore_until.is_some_and(|t| now >= t) {
+            self.restore_until = None;
+            self.old_life.clear();
+            let why = format!(
+                "not back within {} ms of the coordinator's restart",
+                self.settings.restore_grace.as_millis()
+            );
+            for id in std::mem::take(&mut self.restored) {
+                self.declare_dead(id, why.clone(), now);
             }
         }
         let timeout = self.settings.member_timeout;
@@ -792,6 +974,7 @@ mod tests {
     const HB: Duration = Duration::from_millis(100);
     const TIMEOUT: Duration = Duration::from_millis(500);
     const COORD: u16 = 1;
+    const GRACE: Duration = Duration::from_secs(2);
 
     fn settings(can_join: bool) -> Settings {
         Settings {
@@ -799,6 +982,7 @@ mod tests {
             member_timeout: TIMEOUT,
             rejoin_every: Duration::from_millis(500),
             fence_wait: Duration::from_secs(5),
+            restore_grace: GRACE,
             replicated: ["web".to_string()].into(),
             chains: vec![("web".into(), [7; 32])],
             can_join,
@@ -829,6 +1013,8 @@ mod tests {
         /// Its session to the coordinator (member) and the coordinator's to it.
         session: Option<(SessionId, SessionId)>,
         recovered: Vec<EndpointAddr>,
+        /// Recoveries asked of one server's runtimes only: (runtime, server).
+        recovered_by: Vec<(EndpointAddr, u16)>,
         fences: usize,
         views: usize,
         notes: Vec<String>,
@@ -860,6 +1046,7 @@ mod tests {
                 up: true,
                 session: None,
                 recovered: Vec::new(),
+                recovered_by: Vec::new(),
                 fences: 0,
                 views: 0,
                 notes: Vec::new(),
@@ -906,9 +1093,21 @@ mod tests {
             match a {
                 Action::Note(n) => self.servers.get_mut(&from).unwrap().notes.push(n),
                 Action::ViewChanged { .. } => self.servers.get_mut(&from).unwrap().views += 1,
-                Action::Recover { failed, .. } => {
-                    self.servers.get_mut(&from).unwrap().recovered.push(failed)
-                }
+                Action::Recover {
+                    failed,
+                    only_server: None,
+                    ..
+                } => self.servers.get_mut(&from).unwrap().recovered.push(failed),
+                Action::Recover {
+                    failed,
+                    only_server: Some(by),
+                    ..
+                } => self
+                    .servers
+                    .get_mut(&from)
+                    .unwrap()
+                    .recovered_by
+                    .push((failed, by)),
                 Action::Fence => {
                     // As nfmgr does: kill the runtimes, and say so.
                     let s = self.servers.get_mut(&from).unwrap();
@@ -1026,6 +1225,37 @@ mod tests {
                 }
                 self.settle();
             }
+        }
+
+        /// The coordinator's nfmgr dies (every member sees its session end) and starts again
+        /// as life `incarnation`, from `journal` if given.
+        fn restart_coordinator(&mut self, incarnation: u64, journal: Option<Journal>) {
+            for id in self.servers.keys().copied().collect::<Vec<_>>() {
+                let Some((mine, _)) = self.servers.get_mut(&id).unwrap().session.take() else {
+                    continue;
+                };
+                let now = self.now;
+                let s = self.servers.get_mut(&id).unwrap();
+                if s.up {
+                    s.m.session_down(mine, "connection reset".into(), now);
+                }
+            }
+            let now = self.now;
+            let mut m = Membership::new(
+                COORD,
+                "s1".into(),
+                incarnation,
+                None,
+                true,
+                settings(true),
+                runtimes(COORD),
+                now,
+            );
+            if let Some(j) = journal {
+                m.restore(j, now).unwrap();
+            }
+            self.servers.get_mut(&COORD).unwrap().m = m;
+            self.settle();
         }
 
         fn alive_in(&self, at: u16) -> Vec<u16> {
@@ -1337,5 +1567,150 @@ mod tests {
         let v = c.servers[&3].m.view();
         assert!(v.version > before);
         assert_eq!(v.runtimes_of(Some("web")).len(), 5);
+    }
+
+    /// The servers of a view other than `but`, as they are (lives, endpoints, liveness).
+    fn servers_but(v: &ClusterView, but: u16) -> Vec<ServerInfo> {
+        v.servers
+            .iter()
+            .filter(|s| s.server != but)
+            .cloned()
+            .collect()
+    }
+
+    /// A coordinator killed and started again from its journal is followed by every
+    /// member with the same view (the members as they were), the same placement and
+    /// versions that go on; nothing of the members' is recovered, and only the flows of the
+    /// coordinator's own previous life are, by each member as it comes back. Without the
+    /// journal the versions start again and the members are new to the coordinator.
+    #[test]
+    fn a_coordinator_restarted_from_its_journal_carries_on_where_it_stopped() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(300));
+        let before = c.servers[&2].m.view().clone();
+        let placement = before.runtimes_of(Some("web"));
+        let journal = c.servers[&1].m.journal().unwrap();
+        assert_eq!(journal.view, *c.servers[&1].m.view());
+        c.restart_coordinator(2, Some(journal));
+        // Until they are back, the members count as alive: the coordinator's own
+        // processes keep dispatching to them.
+        assert_eq!(c.alive_in(1), vec![1, 2, 3]);
+        c.run(Duration::from_millis(700));
+        for id in [1, 2, 3] {
+            let v = c.servers[&id].m.view();
+            assert_eq!(c.alive_in(id), vec![1, 2, 3], "server {id}");
+            assert_eq!(v.epoch, 2, "server {id}");
+            assert!(v.version > before.version, "server {id}: versions go on");
+            assert_eq!(servers_but(v, 1), servers_but(&before, 1), "server {id}");
+            assert_eq!(v.runtimes_of(Some("web")), placement, "server {id}");
+            assert_eq!(
+                v.server(1).unwrap().incarnation,
+                2,
+                "the coordinator's new life"
+            );
+        }
+        let coord = &c.servers[&1];
+        assert!(coord.recovered.is_empty(), "{:?}", coord.recovered);
+        let mut by = coord.recovered_by.clone();
+        by.sort();
+        let old = [EndpointAddr::new(1, 2), EndpointAddr::new(1, 3)];
+        let want: Vec<(EndpointAddr, u16)> = [2, 3]
+            .into_iter()
+            .flat_map(|s| old.iter().map(move |r| (*r, s)))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(by, want);
+        assert_eq!(c.servers[&2].fences + c.servers[&3].fences, 0);
+        // Members that came back do not count against the grace.
+        c.run(GRACE);
+        assert_eq!(c.alive_in(1), vec![1, 2, 3]);
+        assert!(c.servers[&1].recovered.is_empty());
+    }
+
+    /// A member that does not come back to a coordinator restarted from its journal is
+    /// dead once the grace has passed, not before, and its flows are recovered.
+    #[test]
+    fn a_member_that_does_not_come_back_after_the_restart_is_dead_after_the_grace() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(300));
+        let journal = c.servers[&1].m.journal().unwrap();
+        c.servers.get_mut(&3).unwrap().up = false;
+        c.restart_coordinator(2, Some(journal));
+        c.run(GRACE - Duration::from_millis(100));
+        assert_eq!(c.alive_in(1), vec![1, 2, 3], "not before the grace");
+        c.run(Duration::from_millis(200));
+        assert_eq!(c.alive_in(1), vec![1, 2]);
+        assert_eq!(c.alive_in(2), vec![1, 2]);
+        let mut recovered = c.servers[&1].recovered.clone();
+        recovered.sort();
+        assert_eq!(
+            recovered,
+            vec![EndpointAddr::new(3, 2), EndpointAddr::new(3, 3)]
+        );
+        let down = c.servers[&1].m.members()[&3].down.clone().unwrap();
+        assert!(down.why.contains("restart"), "{}", down.why);
+    }
+
+    /// A member whose nfmgr restarted while the coordinator was away comes back as a new
+    /// life: its previous life's flows are recovered, and the view has the new one.
+    #[test]
+    fn a_member_restarted_while_the_coordinator_was_away_has_its_old_life_recovered() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(300));
+        let journal = c.servers[&1].m.journal().unwrap();
+        let now = c.now;
+        c.restart_coordinator(2, Some(journal));
+        c.servers.get_mut(&2).unwrap().m = Membership::new(
+            2,
+            "s2".into(),
+            7,
+            Some(addr(COORD)),
+            false,
+            settings(true),
+            runtimes(2),
+            now,
+        );
+        c.run(Duration::from_millis(700));
+        assert_eq!(c.alive_in(3), vec![1, 2, 3]);
+        assert_eq!(c.servers[&3].m.view().server(2).unwrap().incarnation, 7);
+        let mut recovered = c.servers[&1].recovered.clone();
+        recovered.sort();
+        assert_eq!(
+            recovered,
+            vec![EndpointAddr::new(2, 2), EndpointAddr::new(2, 3)]
+        );
+        assert!(
+            !c.servers[&1].recovered_by.iter().any(|(_, s)| *s == 2),
+            "a new life holds no copies of the coordinator's old one"
+        );
+    }
+
+    /// The journal's epoch orders the restarted coordinator's views even when its clock
+    /// went back (its incarnation is lower than the last life's); a journal of another
+    /// server, or given to a member, is refused.
+    #[test]
+    fn the_journal_keeps_epochs_growing_and_is_refused_where_it_does_not_belong() {
+        let mut c = Cluster::new(&[2]);
+        c.run(Duration::from_millis(300));
+        let mut journal = c.servers[&1].m.journal().unwrap();
+        journal.view.epoch = 50;
+        c.restart_coordinator(3, Some(journal.clone()));
+        c.run(Duration::from_millis(700));
+        assert_eq!(c.servers[&2].m.view().epoch, 51);
+        assert_eq!(c.alive_in(2), vec![1, 2]);
+
+        let now = c.now;
+        let mut other = Membership::new(9, "s9".into(), 1, None, true, settings(true), vec![], now);
+        let e = other.restore(journal.clone(), now).unwrap_err();
+        assert!(e.contains("server 1"), "{e}");
+        assert!(c
+            .servers
+            .get_mut(&2)
+            .unwrap()
+            .m
+            .restore(journal, now)
+            .is_err());
+        assert!(c.servers[&2].m.journal().is_none(), "members keep none");
     }
 }
