@@ -7,7 +7,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-step() { printf '\n== %s\n' "$*"; }
+step() {
+  printf '\n== %s\n' "$*"
+  # CI's disk is not ours alone: say how much is left at each step, so that a full disk
+  # shows where it filled.
+  if [[ "${CI:-}" == "true" ]]; then df -h --output=avail,target . | tail -1; fi
+}
+
+# CI builds everything once from a clean checkout: incremental state (about 1 GB) would
+# never be reused, and line tables are all the debug information a failing test's
+# backtrace needs (full debug information doubles the size of every test binary). Each
+# stage's build that no later stage uses is removed when the stage is done.
+if [[ "${CI:-}" == "true" ]]; then
+  export CARGO_INCREMENTAL=0
+  export CARGO_PROFILE_DEV_DEBUG=line-tables-only
+fi
+ci_clean() { if [[ "${CI:-}" == "true" ]]; then rm -rf "$@"; fi; }
 
 # DPDK ports are built and tested wherever DPDK is installed, and always under CI.
 features=()
@@ -43,13 +58,17 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace "${features[@]}" --no-fail-fast
 fi
+# The later stages use their own builds (loom's, the fuzzers', the release one).
+ci_clean target/debug
 
 step "loom model checks"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
   cargo test -q -p nf-shm --lib --release loom_tests
+ci_clean target/loom
 
 step "fuzz smoke"
 scripts/fuzz.sh --smoke
+ci_clean fuzz/target
 
 step "benchmark smoke"
 python3 scripts/bench/run.py --smoke
