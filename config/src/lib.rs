@@ -509,6 +509,14 @@ pub struct ClusterSection {
     /// the same translation. `server_id` must not exceed it.
     #[serde(default = "d_max_servers")]
     pub max_servers: u16,
+    /// The coordinator's journal: the cluster view it writes at every change and carries
+    /// on from when it starts again (default: `coordinator-INSTANCE.journal` in
+    /// `manager.run_dir`, which outlives nfmgr but not a reboot; docs/MESSAGING.md).
+    pub journal: Option<PathBuf>,
+    /// A coordinator started again from its journal gives each member alive in it this
+    /// long to join again before it is declared dead and its flows recovered.
+    #[serde(default = "d_restore_grace")]
+    pub restore_grace_ms: u64,
 }
 
 fn d_server_id() -> u16 {
@@ -522,6 +530,9 @@ fn d_heartbeat() -> u64 {
 }
 fn d_member_timeout() -> u64 {
     500
+}
+fn d_restore_grace() -> u64 {
+    3000
 }
 fn d_link_beat() -> u64 {
     10
@@ -1368,6 +1379,9 @@ impl Config {
         if c.heartbeat_ms == 0 || c.member_timeout_ms <= c.heartbeat_ms {
             bail!("cluster.member_timeout_ms" => "must exceed cluster.heartbeat_ms (above 0)");
         }
+        if c.restore_grace_ms < c.member_timeout_ms {
+            bail!("cluster.restore_grace_ms" => "must be at least cluster.member_timeout_ms (members need that long to see the coordinator gone)");
+        }
         if c.link_beat_ms > 0 && !(2..=1000).contains(&c.link_misses) {
             bail!("cluster.link_misses" => "must be between 2 and 1000");
         }
@@ -1407,6 +1421,16 @@ impl Config {
     /// The read-only monitoring socket, beside the control socket.
     pub fn monitor_socket_path(&self) -> PathBuf {
         monitor_socket_of(&self.control_socket_path())
+    }
+
+    /// Where the coordinator keeps its journal.
+    pub fn journal_path(&self) -> PathBuf {
+        match &self.cluster.journal {
+            Some(p) => self.base_dir.join(p),
+            None => self
+                .run_dir()
+                .join(format!("coordinator-{}.journal", self.instance)),
+        }
     }
 
     /// Where the instance lock and (by default) the control socket are.

@@ -145,14 +145,18 @@ pub fn status(t: &Target) -> Result<()> {
     t.print(&v, |v| {
         let role = &v["cluster"];
         let mut out = format!(
-            "instance {}  server {} ({})  {}  up {:.1} s  view v{}\n",
+            "instance {}  server {} ({})  {}  up {:.1} s  view v{} epoch {}\n",
             s(&v["instance"]),
             v["server"],
             s(&v["name"]),
             s(&role["role"]),
             v["uptime_s"].as_f64().unwrap_or(0.0),
             v["view_version"],
+            v["view_epoch"],
         );
+        if let Some(j) = role["journal"].as_str() {
+            out += &format!("journal {j}\n");
+        }
         if role["role"] == "member" {
             out += &format!(
                 "coordinator {}  {}{}\n",

@@ -7,7 +7,9 @@
 //!   messages arrive exactly once and in order (and the retransmissions are reported);
 //! - forged frames (wrong key, unknown server, unsigned) change nothing and are counted;
 //! - a killed server's nfmgr is noticed by the coordinator at once (its connection closes),
-//!   a frozen one by its silence on the cluster link, and `nfmgr status` shows it.
+//!   a frozen one by its silence on the cluster link, and `nfmgr status` shows it;
+//! - a coordinator killed and started again carries on from its journal: the member keeps
+//!   its processes and its placement, and the view's versions go on under a new epoch.
 
 mod common;
 
@@ -586,4 +588,112 @@ fn the_cluster_key_is_rotated_without_losing_a_frame() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(tb.log(1).contains("wrong cluster key"), "{}", tb.log(1));
+}
+
+/// Server `server`'s processes as (name, pid, replicas) from its status.
+fn processes(st: &serde_json::Value) -> Vec<(String, u64, String)> {
+    let mut v: Vec<(String, u64, String)> = st["processes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default().to_string(),
+                p["pid"].as_u64().unwrap_or(0),
+                p["replicas"].to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Issue 25: the coordinator's nfmgr killed (-9) and started again carries on from its
+/// journal. The member is neither fenced nor restarted (the same pids), gives its runtimes
+/// the same replicas as before, and follows views whose versions go on from the old
+/// life's (under a new epoch) instead of starting again.
+#[test]
+fn a_coordinator_restarted_from_its_journal_is_followed_with_the_view_it_had() {
+    if !ready("the coordinator journal test", &["ethtool", "python3"]) {
+        return;
+    }
+    let tb = Testbed::up("jr", 2, &["--chain-set", "replication = \"output-commit\""]);
+    // Some history first: a runtime of the member restarts (its view changes twice), so
+    // that a coordinator that started its versions again would show fewer.
+    let out = tb.nfmgr(2, &["kill", "rt1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = Instant::now();
+    let before = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let st = tb.json(2, &["status"]);
+        let back = st["processes"].as_array().into_iter().flatten().any(|p| {
+            p["name"] == "rt1" && p["restarts"].as_u64() >= Some(1) && p["state"] == "running"
+        });
+        let coord = tb.json(1, &["status"]);
+        if back && coord["view_version"] == st["view_version"] {
+            std::thread::sleep(Duration::from_millis(500));
+            let again = tb.json(2, &["status"]);
+            if again["view_version"] == st["view_version"] {
+                break again;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(15),
+            "rt1 did not come back: {st}"
+        );
+    };
+    let (v0, e0) = (
+        before["view_version"].as_u64().unwrap(),
+        before["view_epoch"].as_u64().unwrap(),
+    );
+    let coord = tb.json(1, &["status"]);
+    let journal = coord["cluster"]["journal"]
+        .as_str()
+        .expect("the coordinator keeps a journal")
+        .to_string();
+    assert!(std::path::Path::new(&journal).exists(), "{journal}");
+
+    let pid = tb.pid(1);
+    // SAFETY: kill(2) with a pid the test bed started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    Testbed::wait_gone(pid);
+    tb.restart(1);
+    let t0 = Instant::now();
+    let after = loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let st = tb.json(2, &["status"]);
+        let both = st["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|s| s["alive"] == true)
+            .count()
+            == 2;
+        let placed = processes(&st) == processes(&before);
+        if st["view_epoch"] != e0 && both && placed {
+            break st;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the member did not follow the restarted coordinator with its placement:\n{st}\nbefore:\n{before}\n--- server 1's log\n{}",
+            tb.log(1)
+        );
+    };
+    let v1 = after["view_version"].as_u64().unwrap();
+    eprintln!(
+        "view v{v0} epoch {e0} -> v{v1} epoch {}",
+        after["view_epoch"]
+    );
+    assert!(v1 > v0, "versions go on: v{v0} before, v{v1} after");
+    assert!(after["view_epoch"].as_u64().unwrap() > e0);
+    let coord = tb.json(1, &["status"]);
+    let events = coord["events"].to_string();
+    assert!(events.contains("carried on from the journal"), "{events}");
+    assert!(events.contains("joined again"), "{events}");
+    let member_events = after["events"].to_string();
+    assert!(!member_events.contains("fenced"), "{member_events}");
 }

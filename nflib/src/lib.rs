@@ -15,9 +15,10 @@
 //!
 //! Its own modules: the mailbox (the reliable transport joined to an endpoint's rings),
 //! the process scaffolding (attach, sandbox, loop), the in-process local harness, the
-//! control socket's client and the dashboard's report.
+//! control socket's client, the coordinator's journal file and the dashboard's report.
 
 pub mod control_client;
+pub mod journal;
 pub mod local;
 pub mod mailbox;
 pub mod process;

@@ -1319,6 +1319,8 @@ def main():
         emit(r)
     for r in cargo_bench("nflib", "flow_key", smoke):
         emit(r)
+    for r in cargo_bench("nflib", "journal", smoke):
+        emit(r)
 
     for r in cargo_bench("nf-runtime", "chain", smoke):
         if "macswap" in ref:

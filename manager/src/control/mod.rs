@@ -174,6 +174,9 @@ pub struct Control {
     /// verifies one (during a key rotation). Shared with the accept loop.
     auth: Option<SharedAuth>,
     membership: Membership,
+    /// The coordinator's journal (a coordinator only), and whether its last write failed.
+    journal: Option<nflib::journal::JournalFile>,
+    journal_failed: bool,
     /// The supervisor's pidfds of the running processes: what `kill_local` signals.
     pidfds: crate::supervisor::Pidfds,
     /// The authenticated sessions' writers (joined members, the coordinator, joins being
@@ -265,6 +268,7 @@ impl Control {
             member_timeout: Duration::from_millis(cfg.cluster.member_timeout_ms),
             rejoin_every: REJOIN_EVERY,
             fence_wait: FENCE_WAIT,
+            restore_grace: Duration::from_millis(cfg.cluster.restore_grace_ms),
             replicated: cfg
                 .chains
                 .iter()
@@ -280,7 +284,7 @@ impl Control {
             .as_ref()
             .map(|a| a.parse().expect("validated address"));
         let endpoints = local_endpoints(&cfg, &region, me);
-        let membership = Membership::new(
+        let mut membership = Membership::new(
             me,
             cfg.server_name(),
             incarnation,
@@ -290,6 +294,32 @@ impl Control {
             endpoints,
             now,
         );
+        let journal = cfg.cluster.listen.is_some().then(|| {
+            let keys: Vec<&[u8]> = keys
+                .map(|k| {
+                    std::iter::once(k.sign.as_slice())
+                        .chain(k.accept.iter().map(Vec::as_slice))
+                        .collect()
+                })
+                .unwrap_or_default();
+            nflib::journal::JournalFile::new(cfg.journal_path(), &keys)
+        });
+        if let Some(j) = &journal {
+            match j.load() {
+                Ok(Some(last)) => match membership.restore(last, now) {
+                    Ok(()) => tracing::info!(
+                        journal = %j.path().display(),
+                        "carrying on from the coordinator's journal"
+                    ),
+                    Err(e) => tracing::warn!(
+                        journal = %j.path().display(),
+                        "the coordinator's journal is not replayed: {e}"
+                    ),
+                },
+                Ok(None) => {}
+                Err(e) => tracing::warn!("the coordinator's journal is not replayed: {e}"),
+            }
+        }
         let mut c = Control {
             name: cfg.server_name(),
             cfg,
@@ -301,6 +331,8 @@ impl Control {
             me,
             auth: keys.map(|k| Arc::new(RwLock::new(k.auth_keys()))),
             membership,
+            journal,
+            journal_failed: false,
             conns: HashMap::new(),
             pending: HashMap::new(),
             next_rpc: 1,
@@ -364,7 +396,7 @@ impl Control {
                 if let Some(rc) = self.cfg.runtime(&e.process).filter(|_| !fenced) {
                     let chain = self.cfg.chain_of(rc).map(str::to_string);
                     let failed = EndpointAddr::new(self.me, e.slot);
-                    self.start_recovery(failed, chain.as_deref(), u64::from(e.generation));
+                    self.start_recovery(failed, chain.as_deref(), u64::from(e.generation), None);
                 }
                 let cause = e
                     .what
@@ -618,6 +650,7 @@ impl Control {
                     }
                 }
                 Action::ViewChanged { alive, renotify } => {
+                    self.write_journal();
                     self.send_relay(RelayCommand::Members(alive));
                     if renotify {
                         self.notified.clear();
@@ -627,7 +660,8 @@ impl Control {
                     failed,
                     chain,
                     incarnation,
-                } => self.start_recovery(failed, chain.as_deref(), incarnation),
+                    only_server,
+                } => self.start_recovery(failed, chain.as_deref(), incarnation, only_server),
                 Action::Join {
                     session,
                     coordinator,
@@ -911,7 +945,13 @@ impl Control {
     /// Asks every live runtime of `chain` to take over what it holds of `failed`'s lives up
     /// to `incarnation`. Runtimes hold copies only of the flows whose replica they are, so
     /// each takes its share; the data plane never waits for this thread beyond the call.
-    fn start_recovery(&mut self, failed: EndpointAddr, chain: Option<&str>, incarnation: u64) {
+    fn start_recovery(
+        &mut self,
+        failed: EndpointAddr,
+        chain: Option<&str>,
+        incarnation: u64,
+        only_server: Option<u16>,
+    ) {
         if !self.replicated(chain) {
             return;
         }
@@ -920,7 +960,7 @@ impl Control {
             .view()
             .runtimes_of(chain)
             .into_iter()
-            .filter(|r| *r != failed)
+            .filter(|r| *r != failed && only_server.is_none_or(|s| r.server == s))
             .collect();
         self.top_event(
             "recovery",
@@ -1087,14 +1127,42 @@ impl Control {
         }
     }
 
-    /// Says goodbye to the cluster.
+    /// The coordinator writes its view down at every change, for its next life.
+    fn write_journal(&mut self) {
+        let (Some(file), Some(j)) = (&self.journal, self.membership.journal()) else {
+            return;
+        };
+        match file.write(&j) {
+            Ok(()) if self.journal_failed => {
+                self.journal_failed = false;
+                tracing::info!(journal = %file.path().display(), "the journal is written again");
+            }
+            Ok(()) => {}
+            Err(e) if !self.journal_failed => {
+                self.journal_failed = true;
+                tracing::warn!(
+                    journal = %file.path().display(),
+                    "cannot write the coordinator's journal (a restart will learn the \
+                     cluster again from its members): {e}"
+                );
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Says goodbye to the cluster. A coordinator that leaves on purpose ends its cluster:
+    /// its journal goes (the next start is a new cluster).
     fn leave(&mut self) {
+        let journal = self.journal.take();
         self.membership.leave();
         self.run_actions();
         // Sessions the membership does not own yet (a join being answered).
         for (_, mut w) in self.conns.drain() {
             let _ = w.send(&PeerMsg::Leave);
             w.close();
+        }
+        if let Some(j) = journal {
+            j.remove();
         }
     }
 
@@ -1104,7 +1172,8 @@ impl Control {
         let snap = nflib::snapshot::RegionSnapshot::read(&self.region);
         let role = match self.membership.role() {
             Role::Coordinator => serde_json::json!({ "role": "coordinator",
-                "listen": self.cfg.cluster.listen }),
+                "listen": self.cfg.cluster.listen,
+                "journal": self.journal.as_ref().map(|j| j.path().display().to_string()) }),
             Role::Member {
                 coordinator,
                 session,
@@ -1148,6 +1217,8 @@ impl Control {
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "cluster": role,
             "view_version": view.version,
+            "view_epoch": view.epoch,
+            "coordinator": view.coordinator,
             "servers": servers,
             "events": self.log,
             "processes": snap.processes.iter().map(|p| serde_json::json!({
