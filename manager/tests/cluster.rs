@@ -696,4 +696,22 @@ fn a_coordinator_restarted_from_its_journal_is_followed_with_the_view_it_had() {
     assert!(events.contains("joined again"), "{events}");
     let member_events = after["events"].to_string();
     assert!(!member_events.contains("fenced"), "{member_events}");
+    // The member's own runtimes were asked to take over the coordinator's old life (its
+    // runtimes died with its nfmgr), and no other server's.
+    let top = tb.json(2, &["top"]);
+    let recoveries: Vec<String> = top["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["source"] == "recovery")
+        .map(|e| e["what"].as_str().unwrap_or_default().to_string())
+        .collect();
+    for rt in ["1/2", "1/3"] {
+        assert!(
+            recoveries
+                .iter()
+                .any(|r| r.starts_with(&format!("{rt} died: 2 runtime(s)"))),
+            "{recoveries:?}"
+        );
+    }
 }

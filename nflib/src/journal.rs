@@ -9,7 +9,7 @@
 //! cluster (an old test bed, another key) is not replayed into this one.
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -40,7 +40,7 @@ pub enum JournalError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path} is {len} bytes, more than a journal can be ({MAX_BYTES})")]
+    #[error("{path} holds more than a journal can ({len} bytes read, at most {MAX_BYTES})")]
     TooLarge { path: PathBuf, len: u64 },
     #[error("{path} is not a journal this nfmgr reads: {why}")]
     Malformed { path: PathBuf, why: String },
@@ -79,24 +79,40 @@ impl JournalFile {
         &self.path
     }
 
-    /// The journal, if there is one.
+    /// The journal, if there is one. Only a regular file is read (not through a link,
+    /// never blocking on a FIFO), and no more of it than a journal can be.
     pub fn load(&self) -> Result<Option<Journal>, JournalError> {
         let path = self.path.clone();
-        let meta = match fs::metadata(&path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(JournalError::Read { path, source }),
-        };
-        if meta.len() > MAX_BYTES {
-            return Err(JournalError::TooLarge {
-                path,
-                len: meta.len(),
-            });
-        }
-        let bytes = fs::read(&path).map_err(|source| JournalError::Read {
+        let read = |source| JournalError::Read {
             path: path.clone(),
             source,
-        })?;
+        };
+        let f = match fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(read(e)),
+        };
+        let meta = f.metadata().map_err(read)?;
+        if !meta.is_file() {
+            return Err(JournalError::Malformed {
+                path,
+                why: "not a regular file".into(),
+            });
+        }
+        let mut bytes = Vec::new();
+        f.take(MAX_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read)?;
+        if bytes.len() as u64 > MAX_BYTES {
+            return Err(JournalError::TooLarge {
+                path,
+                len: bytes.len() as u64,
+            });
+        }
         let file: File = serde_json::from_slice(&bytes).map_err(|e| JournalError::Malformed {
             path: path.clone(),
             why: e.to_string(),
@@ -142,9 +158,14 @@ impl JournalFile {
         fs::File::open(dir)?.sync_all()
     }
 
-    /// Removes the journal (the coordinator left the cluster on purpose).
+    /// Removes the journal (the coordinator left the cluster on purpose), durably: a
+    /// power cut must not bring back a cluster that was ended.
     pub fn remove(&self) {
-        let _ = fs::remove_file(&self.path);
+        if fs::remove_file(&self.path).is_ok() {
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+            }
+        }
     }
 }
 

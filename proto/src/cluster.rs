@@ -12,10 +12,11 @@ use crate::frame::EndpointAddr;
 /// The composition of the cluster at one version.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterView {
-    /// The coordinator's epoch: its incarnation, which a restart makes higher. Views are
-    /// ordered by (epoch, version) ([`ClusterView::stamp`]): a member follows a restarted
-    /// coordinator whose versions start again from 1, and never goes back to an older
-    /// coordinator life's view.
+    /// The coordinator's epoch: its incarnation (or one past its journal's, if that is
+    /// higher), which a restart makes higher. Views are ordered by (epoch, version)
+    /// ([`ClusterView::stamp`]): a member follows a restarted coordinator (whose versions
+    /// start again from 1 without a journal), and never goes back to an older coordinator
+    /// life's view.
     pub epoch: u64,
     /// Grows with every change the coordinator makes (within its epoch).
     pub version: u64,

@@ -111,6 +111,16 @@ pub struct Settings {
     pub can_join: bool,
 }
 
+/// Which servers' runtimes a recovery asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecoverOn {
+    /// Every server's but this one's: the dead server's, whose runtimes hold nothing of
+    /// their old life (and, if it is back as a new life, must not take over its flows).
+    AllBut(u16),
+    /// This server's only.
+    Only(u16),
+}
+
 /// What the control thread must do.
 #[derive(Clone, Debug)]
 pub enum Action {
@@ -122,13 +132,13 @@ pub enum Action {
     /// `renotify`: every local process must be given the view again.
     ViewChanged { alive: Vec<u16>, renotify: bool },
     /// Runtime `failed` is gone with its server: its flows (every life up to `incarnation`)
-    /// are to be recovered where they are replicated, by the chain's runtimes on
-    /// `only_server` if given, else everywhere.
+    /// are to be recovered where they are replicated, by the chain's runtimes `on` the
+    /// servers named.
     Recover {
         failed: EndpointAddr,
         chain: Option<String>,
         incarnation: u64,
-        only_server: Option<u16>,
+        on: RecoverOn,
     },
     /// Start joining `coordinator`; the outcome comes back as [`Membership::joined`],
     /// [`Membership::join_failed`] or [`Membership::fenced`].
@@ -333,7 +343,8 @@ impl Membership {
             );
         }
         self.restore_until = Some(now + self.settings.restore_grace);
-        self.view.version = journal.view.version;
+        // (One below the largest: the next view must be newer still.)
+        self.view.version = journal.view.version.min(u64::MAX - 1);
         self.note(format!(
             "carried on from the journal of view {}: {} member(s) to join again",
             journal.view.version,
@@ -391,7 +402,7 @@ impl Membership {
                 Role::Member { .. } => 0,
                 _ => self.epoch,
             },
-            version: self.view.version + 1,
+            version: self.view.version.saturating_add(1),
             coordinator: self.me,
             servers: self
                 .members
@@ -429,8 +440,9 @@ impl Membership {
     }
 
     /// Member: a view from the coordinator. An older one of the same coordinator is stale
-    /// (older by epoch, then version: a restarted coordinator's epoch is higher and its
-    /// versions start again); another coordinator's is taken as it is.
+    /// (older by epoch, then version: a restarted coordinator's epoch is higher, and
+    /// without a journal its versions start again); another coordinator's is taken as it
+    /// is.
     fn take_view(&mut self, view: ClusterView) {
         if view.stamp() < self.view.stamp() && view.coordinator == self.view.coordinator {
             return;
@@ -494,11 +506,21 @@ impl Membership {
         };
         // The same life with the same endpoints (back after its coordinator restarted, or
         // over a new session): the view does not change.
+        // (A new host address goes through a new view, so that the journal has it; the
+        // port is the join's own, new every time.)
         let unchanged = same_life
-            && self
-                .members
-                .get(&info.server)
-                .is_some_and(|m| m.name == info.name && m.endpoints == info.endpoints);
+            && self.members.get(&info.server).is_some_and(|m| {
+                m.name == info.name
+                    && m.endpoints == info.endpoints
+                    && m.addr.map(|a| a.ip()) == Some(info.addr.ip())
+            });
+        // The runtimes of this server's previous life whose flows the member's runtimes
+        // may hold copies of (it is back in the life it had then).
+        let recover = if restored && same_life {
+            self.old_life.clone()
+        } else {
+            Vec::new()
+        };
         if unchanged {
             if let Some(m) = self.members.get_mut(&info.server) {
                 m.addr = Some(info.addr);
@@ -513,11 +535,9 @@ impl Membership {
                 session,
                 PeerMsg::Welcome {
                     view: self.view.clone(),
+                    recover,
                 },
             );
-            if restored {
-                self.recover_old_life(info.server);
-            }
             return;
         }
         self.members.insert(
@@ -547,22 +567,9 @@ impl Membership {
             session,
             PeerMsg::Welcome {
                 view: self.view.clone(),
+                recover,
             },
         );
-        if restored && same_life {
-            self.recover_old_life(info.server);
-        }
-    }
-
-    /// Restored coordinator: member `server` is back in the life that held replicas of
-    /// this server's previous life; its runtimes take over what they hold of it. Asked
-    /// right after its welcome, on the same session: the member passes this on before the
-    /// runtimes of this server's new life can reach its runtimes (they need the view it
-    /// has just been given), so copies of the two lives, which may share slot
-    /// generations, are not mixed (docs/MESSAGING.md).
-    fn recover_old_life(&mut self, server: u16) {
-        let old = self.old_life.clone();
-        self.recover(&old, Some(server));
     }
 
     /// Why a join is refused, if it is.
@@ -595,9 +602,17 @@ impl Membership {
         None
     }
 
-    /// Member: the coordinator welcomed this server on `session` with `view`. Returns
-    /// false if this server is no member (the session is of no use).
-    pub fn joined(&mut self, session: SessionId, view: ClusterView, now: Instant) -> bool {
+    /// Member: the coordinator welcomed this server on `session` with `view`, and with the
+    /// runtimes of its own previous life whose flows this server's runtimes are to take
+    /// over (`recover`: a coordinator restarted from its journal). Returns false if this
+    /// server is no member (the session is of no use).
+    pub fn joined(
+        &mut self,
+        session: SessionId,
+        view: ClusterView,
+        recover: Vec<EndpointInfo>,
+        now: Instant,
+    ) -> bool {
         let Role::Member {
             coordinator,
             session: s,
@@ -617,7 +632,19 @@ impl Membership {
         sent_endpoints.clear();
         let addr = *coordinator;
         self.note(format!("joined the cluster of coordinator {addr}"));
-        self.take_view(view);
+        // Before the view: carried out in this order, the recovery reaches this server's
+        // runtimes before the view lets anything of the coordinator's new life through
+        // (docs/MESSAGING.md, "The coordinator's journal").
+        let me = self.me;
+        self.recover(&recover, RecoverOn::Only(me));
+        // A welcome is an answer to this join, never stale; it may carry the stamp of the
+        // view this server holds (the coordinator came back without a change), which this
+        // server's processes were given with the coordinator marked dead: they are given
+        // it again.
+        if view.stamp() >= self.view.stamp() || view.coordinator != self.view.coordinator {
+            self.view = view;
+        }
+        self.view_changed(true);
         true
     }
 
@@ -790,19 +817,19 @@ impl Membership {
         self.restored.remove(&id);
         self.note(format!("server {id} ({name}) is down: {why}"));
         self.rebuild_view();
-        self.recover(&lost, None);
+        self.recover(&lost, RecoverOn::AllBut(id));
     }
 
-    /// Has the flows of `runtimes` (the replicated ones) recovered, on `only_server`'s
-    /// runtimes if given.
-    fn recover(&mut self, runtimes: &[EndpointInfo], only_server: Option<u16>) {
+    /// Has the flows of `runtimes` (the replicated ones, every life) recovered by the
+    /// runtimes `on` the servers named.
+    fn recover(&mut self, runtimes: &[EndpointInfo], on: RecoverOn) {
         for e in runtimes {
             if self.replicated(e.chain.as_deref()) {
                 self.actions.push_back(Action::Recover {
                     failed: e.addr,
                     chain: e.chain.clone(),
                     incarnation: u64::MAX,
-                    only_server,
+                    on,
                 });
             }
         }
@@ -1015,6 +1042,10 @@ mod tests {
         recovered: Vec<EndpointAddr>,
         /// Recoveries asked of one server's runtimes only: (runtime, server).
         recovered_by: Vec<(EndpointAddr, u16)>,
+        /// Where every recovery asked was to be carried out.
+        recover_on: Vec<RecoverOn>,
+        /// Views handed on with every local process to be given them again.
+        renotified: usize,
         fences: usize,
         views: usize,
         notes: Vec<String>,
@@ -1047,6 +1078,8 @@ mod tests {
                 session: None,
                 recovered: Vec::new(),
                 recovered_by: Vec::new(),
+                recover_on: Vec::new(),
+                renotified: 0,
                 fences: 0,
                 views: 0,
                 notes: Vec::new(),
@@ -1092,22 +1125,19 @@ mod tests {
             let now = self.now;
             match a {
                 Action::Note(n) => self.servers.get_mut(&from).unwrap().notes.push(n),
-                Action::ViewChanged { .. } => self.servers.get_mut(&from).unwrap().views += 1,
-                Action::Recover {
-                    failed,
-                    only_server: None,
-                    ..
-                } => self.servers.get_mut(&from).unwrap().recovered.push(failed),
-                Action::Recover {
-                    failed,
-                    only_server: Some(by),
-                    ..
-                } => self
-                    .servers
-                    .get_mut(&from)
-                    .unwrap()
-                    .recovered_by
-                    .push((failed, by)),
+                Action::ViewChanged { renotify, .. } => {
+                    let s = self.servers.get_mut(&from).unwrap();
+                    s.views += 1;
+                    s.renotified += usize::from(renotify);
+                }
+                Action::Recover { failed, on, .. } => {
+                    let s = self.servers.get_mut(&from).unwrap();
+                    s.recover_on.push(on);
+                    match on {
+                        RecoverOn::AllBut(_) => s.recovered.push(failed),
+                        RecoverOn::Only(by) => s.recovered_by.push((failed, by)),
+                    }
+                }
                 Action::Fence => {
                     // As nfmgr does: kill the runtimes, and say so.
                     let s = self.servers.get_mut(&from).unwrap();
@@ -1131,7 +1161,8 @@ mod tests {
                         incarnation: request.incarnation,
                         endpoints: request.endpoints,
                         chains: request.chains,
-                        addr: addr(from),
+                        // A join's connection comes from a new port every time.
+                        addr: SocketAddr::new(addr(from).ip(), 40_000 + (c % 20_000) as u16),
                     };
                     self.servers
                         .get_mut(&COORD)
@@ -1149,8 +1180,8 @@ mod tests {
                     }
                     let m = &mut self.servers.get_mut(&to).unwrap().m;
                     match msg {
-                        PeerMsg::Welcome { view } => {
-                            m.joined(mine, view, now);
+                        PeerMsg::Welcome { view, recover } => {
+                            m.joined(mine, view, recover, now);
                         }
                         PeerMsg::Reject { reason } => {
                             m.join_failed(reason, now);
@@ -1476,7 +1507,7 @@ mod tests {
                 Action::Close { session: 12 } => closed_old = true,
                 Action::Send {
                     session: 14,
-                    msg: PeerMsg::Welcome { view },
+                    msg: PeerMsg::Welcome { view, .. },
                 } => {
                     welcomed = view
                         .servers
@@ -1600,7 +1631,9 @@ mod tests {
             let v = c.servers[&id].m.view();
             assert_eq!(c.alive_in(id), vec![1, 2, 3], "server {id}");
             assert_eq!(v.epoch, 2, "server {id}");
-            assert!(v.version > before.version, "server {id}: versions go on");
+            // One new version (the restored view); the members coming back changed
+            // nothing.
+            assert_eq!(v.version, before.version + 1, "server {id}: versions go on");
             assert_eq!(servers_but(v, 1), servers_but(&before, 1), "server {id}");
             assert_eq!(v.runtimes_of(Some("web")), placement, "server {id}");
             assert_eq!(
@@ -1611,16 +1644,21 @@ mod tests {
         }
         let coord = &c.servers[&1];
         assert!(coord.recovered.is_empty(), "{:?}", coord.recovered);
-        let mut by = coord.recovered_by.clone();
-        by.sort();
+        assert!(coord.recovered_by.is_empty(), "{:?}", coord.recovered_by);
+        // Each member has its own runtimes take over the old life's flows, before it
+        // takes the view (which lets the new life's frames through), and gives its
+        // processes the view again.
         let old = [EndpointAddr::new(1, 2), EndpointAddr::new(1, 3)];
-        let want: Vec<(EndpointAddr, u16)> = [2, 3]
-            .into_iter()
-            .flat_map(|s| old.iter().map(move |r| (*r, s)))
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        assert_eq!(by, want);
+        for s in [2, 3] {
+            let mut by = c.servers[&s].recovered_by.clone();
+            by.sort();
+            assert_eq!(
+                by,
+                old.iter().map(|r| (*r, s)).collect::<Vec<_>>(),
+                "server {s}"
+            );
+            assert!(c.servers[&s].renotified > 0, "server {s}");
+        }
         assert_eq!(c.servers[&2].fences + c.servers[&3].fences, 0);
         // Members that came back do not count against the grace.
         c.run(GRACE);
@@ -1681,8 +1719,18 @@ mod tests {
             vec![EndpointAddr::new(2, 2), EndpointAddr::new(2, 3)]
         );
         assert!(
-            !c.servers[&1].recovered_by.iter().any(|(_, s)| *s == 2),
+            c.servers[&2].recovered_by.is_empty(),
             "a new life holds no copies of the coordinator's old one"
+        );
+        // Its old life's flows are taken over by the others' runtimes, never by its new
+        // life's (which hold copies of their own live flows).
+        assert!(
+            c.servers[&1]
+                .recover_on
+                .iter()
+                .all(|on| *on == RecoverOn::AllBut(2)),
+            "{:?}",
+            c.servers[&1].recover_on
         );
     }
 

@@ -262,15 +262,21 @@ pub enum Call {
         awake_ms: u32,
         flows: u32,
     },
-    /// Replicate flows to these runtimes.
-    SetReplica { replicas: Vec<EndpointAddr> },
+    /// Replicate flows to these runtimes. `epoch`: the epoch of the view the placement
+    /// was computed from; a runtime that follows a later coordinator life refuses it.
+    SetReplica {
+        replicas: Vec<EndpointAddr>,
+        epoch: u64,
+    },
     /// Take over the flows replicated here from `failed`'s lives up to `incarnation` (its
     /// slot generation when it died; `u64::MAX` for every life, when its server died).
     /// Answered `Recovered` once the flows are live here and the vswitches are asked to
-    /// re-point them.
+    /// re-point them. `epoch`: the epoch of the view of the nfmgr that orders it; an order
+    /// of an earlier coordinator life than the one the runtime follows is refused.
     Recover {
         failed: EndpointAddr,
         incarnation: u64,
+        epoch: u64,
     },
     /// Up to `limit` of the runtime's flows.
     ListFlows { limit: u32 },

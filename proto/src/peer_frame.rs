@@ -9,7 +9,7 @@
 //! coordinator -> member   Hello { nonce_c }                         (plain)
 //! member -> coordinator   Join { .., nonce_j, proof }               (plain)
 //!     proof = BLAKE3-keyed(auth, "join" | nonce_c | nonce_j | all the join says)
-//! coordinator -> member   Welcome { view } or Reject { reason }     (tagged)
+//! coordinator -> member   Welcome { view, recover } or Reject      (tagged)
 //! ```
 //!
 //! Both then derive one key per direction from the two nonces, and every later frame's tag
@@ -42,7 +42,7 @@ use crate::msg::{Call, Reply};
 /// 8: a flow's home in migration and replication; `Holds`, `HoldsQuery`.
 /// 9: `FeedQuery`, `Feeds` (a restarted vswitch rebuilds its table from the runtimes).
 /// 10: the cluster view's epoch (`ClusterView::epoch`).
-pub const PROTOCOL_VERSION: u32 = 10;
+pub const PROTOCOL_VERSION: u32 = 11;
 pub const MAX_FRAME: usize = 16 << 20;
 /// The largest frame before the peer has proven it holds the key (a join names a server's
 /// endpoints and chains: some kilobytes). Nothing larger is allocated for a stranger.
@@ -70,6 +70,11 @@ pub enum PeerMsg {
     },
     Welcome {
         view: ClusterView,
+        /// A coordinator restarted from its journal, to a member back in the life that
+        /// held replicas of the coordinator's previous life: that life's runtimes, whose
+        /// flows the member's runtimes are to take over before anything of the new life
+        /// reaches them.
+        recover: Vec<EndpointInfo>,
     },
     Reject {
         reason: String,

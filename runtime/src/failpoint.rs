@@ -236,6 +236,8 @@ pub fn rogue_call(mb: &mut nflib::mailbox::Mailbox, uptime_ms: u64) {
         call: Call::Recover {
             failed: me,
             incarnation: 0,
+            // The newest coordinator life: only the sender's role may refuse it.
+            epoch: u64::MAX,
         },
     };
     let poll = Message::Rpc {

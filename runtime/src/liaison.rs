@@ -105,6 +105,18 @@ impl Liaison {
         &self.view
     }
 
+    /// The refusal of an order (placement, recovery) made under the view of an earlier
+    /// coordinator life than the one this runtime follows, if it is one: a coordinator
+    /// that restarted or was replaced may have changed what that order was made from.
+    fn stale(&self, epoch: u64) -> Option<Reply> {
+        (epoch < self.view.epoch).then(|| Reply::Refused {
+            reason: format!(
+                "the order is of coordinator epoch {epoch}, this runtime follows epoch {}",
+                self.view.epoch
+            ),
+        })
+    }
+
     /// The replicas the coordinator last gave (`SetReplica`).
     pub fn replicas(&self) -> &[EndpointAddr] {
         &self.replicas
@@ -149,8 +161,15 @@ impl Liaison {
                     Call::Recover {
                         failed,
                         incarnation,
+                        epoch,
                     },
-            } => self.recover(rt, ep, mb, &env, id, failed, incarnation, now_ns),
+            } => {
+                if let Some(reply) = self.stale(epoch) {
+                    send_reply(ep, mb, env.from, env.src_actor, id, reply);
+                } else {
+                    self.recover(rt, ep, mb, &env, id, failed, incarnation, now_ns);
+                }
+            }
             Message::Rpc { id, call } => {
                 let reply = self.call(rt, ep, mb, env.from, call, now_ns);
                 send_reply(ep, mb, env.from, env.src_actor, id, reply);
@@ -306,7 +325,10 @@ impl Liaison {
                     reason: "no migration has run on this runtime".into(),
                 },
             },
-            Call::SetReplica { replicas } => {
+            Call::SetReplica { replicas, epoch } => {
+                if let Some(refused) = self.stale(epoch) {
+                    return refused;
+                }
                 if replicas.contains(&rt.me()) {
                     return Reply::Refused {
                         reason: "a runtime cannot replicate to itself".into(),

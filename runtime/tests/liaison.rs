@@ -98,6 +98,7 @@ fn ping_and_control_calls_are_answered() {
             call: Call::Recover {
                 failed: EndpointAddr::new(1, 3),
                 incarnation: 1,
+                epoch: 0,
             },
         },
     );
@@ -224,4 +225,75 @@ fn a_prepared_target_stays_awake_and_meets_its_source_first() {
     );
     assert!(b.ep.kept_awake(), "polls until the migration begins");
     assert_eq!(b.liaison.unknown, 0);
+}
+
+/// Issue 25: placement and recovery orders carry the epoch of the view they were made
+/// under; a runtime that follows a later coordinator life refuses older ones (a restarted
+/// or replaced coordinator may have changed what they were made from) and takes the
+/// current life's.
+#[test]
+fn orders_of_an_earlier_coordinator_life_are_refused() {
+    let mut b = bed("liaison-epoch");
+    let view = nflib::cluster::ClusterView {
+        epoch: 5,
+        version: 1,
+        coordinator: 1,
+        servers: vec![],
+    };
+    let replicas = vec![EndpointAddr::new(2, 2)];
+    let calls = [
+        Call::NotifyClusterCfg(view),
+        Call::SetReplica {
+            replicas: replicas.clone(),
+            epoch: 4,
+        },
+        Call::Recover {
+            failed: EndpointAddr::new(2, 3),
+            incarnation: u64::MAX,
+            epoch: 4,
+        },
+        Call::SetReplica { replicas, epoch: 5 },
+        Call::Recover {
+            failed: EndpointAddr::new(2, 3),
+            incarnation: u64::MAX,
+            epoch: 6,
+        },
+    ];
+    let n = calls.len();
+    for (id, call) in calls.into_iter().enumerate() {
+        b.mgr.send(
+            2,
+            &Message::Rpc {
+                id: id as u64,
+                call,
+            },
+        );
+    }
+    let mut got = b.exchange(n);
+    got.sort_by_key(|e| match &e.msg {
+        Message::RpcReply { id, .. } => *id,
+        _ => u64::MAX,
+    });
+    let replies: Vec<&Reply> = got
+        .iter()
+        .filter_map(|e| match &e.msg {
+            Message::RpcReply { reply, .. } => Some(reply),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(replies.len(), n, "{got:?}");
+    for stale in [1, 2] {
+        assert!(
+            matches!(replies[stale], Reply::Refused { reason } if reason.contains("epoch 4")),
+            "order {stale}: {:?}",
+            replies[stale]
+        );
+    }
+    assert_eq!(*replies[3], Reply::Accepted);
+    assert!(
+        matches!(replies[4], Reply::Recovered { flows: 0, .. }),
+        "{:?}",
+        replies[4]
+    );
+    assert_eq!(b.liaison.replicas(), &[EndpointAddr::new(2, 2)]);
 }

@@ -26,7 +26,7 @@ use nflib::cluster::{ClusterView, EndpointInfo};
 use nflib::config::Config;
 use nflib::doorbell::Doorbells;
 use nflib::frame::{EndpointAddr, LIAISON};
-use nflib::membership::{Action, Membership, Role, Settings as MembershipSettings};
+use nflib::membership::{Action, Membership, RecoverOn, Role, Settings as MembershipSettings};
 use nflib::msg::{Call, Message, Reply};
 use nflib::reliable::PeerEvent;
 use nflib::slot::{ProcessKind, SlotState};
@@ -79,6 +79,9 @@ pub enum Event {
     Joined {
         conn: ConnId,
         view: ClusterView,
+        /// The restarted coordinator's previous life's runtimes, for this server's runtimes
+        /// to take over.
+        recover: Vec<EndpointInfo>,
         writer: PeerWriter,
     },
     /// Member: joining failed.
@@ -641,6 +644,7 @@ impl Control {
     /// Carries out what the membership asks, until it asks nothing more (a failed write
     /// is a session down, which may ask more).
     fn run_actions(&mut self) {
+        let mut view_changed = false;
         while let Some(a) = self.membership.poll() {
             match a {
                 Action::Send { session, msg } => self.send_peer(session, &msg),
@@ -650,7 +654,7 @@ impl Control {
                     }
                 }
                 Action::ViewChanged { alive, renotify } => {
-                    self.write_journal();
+                    view_changed = true;
                     self.send_relay(RelayCommand::Members(alive));
                     if renotify {
                         self.notified.clear();
@@ -660,8 +664,8 @@ impl Control {
                     failed,
                     chain,
                     incarnation,
-                    only_server,
-                } => self.start_recovery(failed, chain.as_deref(), incarnation, only_server),
+                    on,
+                } => self.start_recovery(failed, chain.as_deref(), incarnation, Some(on)),
                 Action::Join {
                     session,
                     coordinator,
@@ -670,6 +674,11 @@ impl Control {
                 Action::Fence => self.fence(),
                 Action::Note(what) => self.note(what),
             }
+        }
+        // Once for every view change this batch made (a grace ending with many members
+        // gone makes one per member).
+        if view_changed {
+            self.write_journal();
         }
     }
 
@@ -832,9 +841,14 @@ impl Control {
                 self.conns.insert(conn, writer);
                 self.membership.join_request(conn, info, Instant::now());
             }
-            Event::Joined { conn, view, writer } => {
+            Event::Joined {
+                conn,
+                view,
+                recover,
+                writer,
+            } => {
                 self.conns.insert(conn, writer);
-                if !self.membership.joined(conn, view, Instant::now()) {
+                if !self.membership.joined(conn, view, recover, Instant::now()) {
                     self.membership
                         .session_down(conn, "not a member".into(), Instant::now());
                 }
@@ -950,7 +964,7 @@ impl Control {
         failed: EndpointAddr,
         chain: Option<&str>,
         incarnation: u64,
-        only_server: Option<u16>,
+        on: Option<RecoverOn>,
     ) {
         if !self.replicated(chain) {
             return;
@@ -960,7 +974,14 @@ impl Control {
             .view()
             .runtimes_of(chain)
             .into_iter()
-            .filter(|r| *r != failed && only_server.is_none_or(|s| r.server == s))
+            .filter(|r| {
+                *r != failed
+                    && match on {
+                        None => true,
+                        Some(RecoverOn::AllBut(s)) => r.server != s,
+                        Some(RecoverOn::Only(s)) => r.server == s,
+                    }
+            })
             .collect();
         self.top_event(
             "recovery",
@@ -971,12 +992,14 @@ impl Control {
             ),
         );
         let asked = Instant::now();
+        let epoch = self.membership.view().epoch;
         for t in targets {
             self.route_rpc(
                 t,
                 Call::Recover {
                     failed,
                     incarnation,
+                    epoch,
                 },
                 ReplyTo::Recovery {
                     failed,
@@ -1052,8 +1075,14 @@ impl Control {
         let spawned = std::thread::Builder::new()
             .name("cluster-join".into())
             .spawn(move || match peer::join(addr, &auth, req) {
-                Ok((view, writer, reader)) => {
-                    if events.send(Event::Joined { conn, view, writer }).is_ok() {
+                Ok((view, recover, writer, reader)) => {
+                    let joined = Event::Joined {
+                        conn,
+                        view,
+                        recover,
+                        writer,
+                    };
+                    if events.send(joined).is_ok() {
                         peer::read_loop(conn, reader, events);
                     }
                 }
@@ -1123,7 +1152,15 @@ impl Control {
                 continue;
             }
             self.replicas_sent.insert(s, (gen, list.clone()));
-            self.route_rpc(me, Call::SetReplica { replicas: list }, ReplyTo::Nobody);
+            let epoch = self.membership.view().epoch;
+            self.route_rpc(
+                me,
+                Call::SetReplica {
+                    replicas: list,
+                    epoch,
+                },
+                ReplyTo::Nobody,
+            );
         }
     }
 

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use nflib::cluster::ClusterView;
+use nflib::cluster::{ClusterView, EndpointInfo};
 use nflib::peer_frame::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
 pub use nflib::peer_frame::{AuthKey, JoinRequest, PeerMsg, PROTOCOL_VERSION};
 
@@ -178,7 +178,7 @@ pub fn join(
     addr: SocketAddr,
     auth: &AuthKey,
     req: JoinRequest,
-) -> Result<(ClusterView, PeerWriter, PeerReader), JoinError> {
+) -> Result<(ClusterView, Vec<EndpointInfo>, PeerWriter, PeerReader), JoinError> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("cannot reach the coordinator at {addr}: {e}"))?;
     prepare(&stream).map_err(|e| e.to_string())?;
@@ -230,8 +230,8 @@ pub fn join(
         key: c2j,
         counter: 1,
     };
-    let view = match view {
-        Ok(PeerMsg::Welcome { view }) => view,
+    let (view, recover) = match view {
+        Ok(PeerMsg::Welcome { view, recover }) => (view, recover),
         Ok(PeerMsg::Reject { reason }) => {
             return Err(JoinError::Failed(format!(
                 "the coordinator refused: {reason}"
@@ -249,6 +249,7 @@ pub fn join(
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     Ok((
         view,
+        recover,
         PeerWriter {
             stream,
             key: j2c,
