@@ -122,6 +122,26 @@ fn a_killed_runtime_breaks_no_connection_under_output_commit() {
     assert!(f["recovered_by_platform"].as_u64().unwrap() > 0);
 }
 
+/// The same with the killed runtime on the other server (issue 22): the ingress vswitch
+/// knows it only from the cluster view, and moves its flows to their replicas only once
+/// the view shows it dead (its nfmgr sends the death at once, before it asks for the
+/// recovery); no stream stalls, no RST, no flow has two owners.
+#[test]
+fn a_killed_runtime_of_another_server_breaks_no_connection() {
+    if !ready("the kill-runtime drill, another server's runtime") {
+        return;
+    }
+    let (r, code) = drill("kill-runtime.sh", "dr", &["--victim-server", "2"]);
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    assert_eq!(r["verdict"], "pass", "violations: {}", r["violations"]);
+    assert_eq!(code, 0);
+    assert!(r["fault"]["victim"].as_str().unwrap().starts_with("2/"));
+    let f = &r["flows"];
+    assert!(f["affected_generator"].as_u64().unwrap() > 0);
+    assert_eq!(f["affected_generator"], f["resumed_generator"]);
+    assert_eq!(f["two_owners"], 0);
+}
+
 /// The ingress server's vswitch killed under the drill's traffic (issue 24, item 1): its
 /// new life learns every flow from the runtimes, on both servers, and sends each on where
 /// it was: no stream stalls, no RST, the download's sha256 matches, no flow has two owners.

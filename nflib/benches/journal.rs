@@ -30,6 +30,7 @@ fn journal(servers: u16, runtimes_per_server: u16) -> Journal {
                     name: "vs0".into(),
                     chain: None,
                     alive: true,
+                    generation: 1,
                 })
                 .chain((0..runtimes_per_server).map(|r| EndpointInfo {
                     addr: EndpointAddr::new(s, 2 + r),
@@ -37,6 +38,7 @@ fn journal(servers: u16, runtimes_per_server: u16) -> Journal {
                     name: format!("rt{r}"),
                     chain: Some("web".into()),
                     alive: true,
+                    generation: 1,
                 }))
                 .collect(),
             })

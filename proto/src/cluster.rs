@@ -47,6 +47,11 @@ pub struct EndpointInfo {
     pub chain: Option<String>,
     /// Running now (a restarting process is not).
     pub alive: bool,
+    /// Which life of the process: its slot's generation on its server, new at every
+    /// start (with the server's incarnation, one life in the cluster). A vswitch of
+    /// another server tells a runtime that restarted between two views from one that
+    /// lived on by it.
+    pub generation: u32,
 }
 
 impl EndpointInfo {

@@ -862,6 +862,41 @@ impl Membership {
         self.note(format!("server {server} heard on the cluster link again"));
     }
 
+    /// This server's endpoints changed (a process died, restarted or started): the view
+    /// has them at once, not at the next heartbeat. Other servers' vswitches learn a dead
+    /// runtime from the view before they let its replicas take its flows over.
+    pub fn endpoints_changed(&mut self, mine: Vec<EndpointInfo>) {
+        match &mut self.role {
+            Role::Coordinator | Role::Alone => {
+                let changed = self
+                    .members
+                    .get(&self.me)
+                    .is_some_and(|m| m.endpoints != mine);
+                if changed {
+                    if let Some(m) = self.members.get_mut(&self.me) {
+                        m.endpoints = mine;
+                    }
+                    self.rebuild_view();
+                }
+            }
+            Role::Member {
+                session: Some(s),
+                sent_endpoints,
+                ..
+            } if *sent_endpoints != mine => {
+                let s = *s;
+                *sent_endpoints = mine.clone();
+                self.send(
+                    s,
+                    PeerMsg::Heartbeat {
+                        endpoints: Some(mine),
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+
     /// Time-driven work at `now`, with this server's endpoints as they are: heartbeats,
     /// silent sessions, joining. Due again within `heartbeat`.
     pub fn tick(&mut self, now: Instant, mine: Vec<EndpointInfo>) {
@@ -1024,6 +1059,7 @@ mod tests {
                 name: format!("rt{slot}"),
                 chain: Some("web".into()),
                 alive: true,
+                generation: 1,
             })
             .collect()
     }
@@ -1760,5 +1796,36 @@ mod tests {
             .restore(journal, now)
             .is_err());
         assert!(c.servers[&2].m.journal().is_none(), "members keep none");
+    }
+
+    /// A member's process dies: the coordinator's view, and every member's, has it at
+    /// once (before any recovery is asked), not at the next heartbeat.
+    #[test]
+    fn a_members_changed_endpoints_reach_every_view_at_once() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(300));
+        let before = c.servers[&3].m.view().version;
+        let mut eps = runtimes(2);
+        eps[0].alive = false;
+        c.servers
+            .get_mut(&2)
+            .unwrap()
+            .m
+            .endpoints_changed(eps.clone());
+        c.settle();
+        for id in [1, 3] {
+            let v = c.servers[&id].m.view();
+            assert_eq!(v.version, before + 1, "server {id}");
+            let e = v.server(2).unwrap().endpoints[0].clone();
+            assert_eq!(
+                (e.addr, e.alive),
+                (EndpointAddr::new(2, 2), false),
+                "server {id}"
+            );
+        }
+        // Told again, nothing changes.
+        c.servers.get_mut(&2).unwrap().m.endpoints_changed(eps);
+        c.settle();
+        assert_eq!(c.servers[&3].m.view().version, before + 1);
     }
 }

@@ -42,7 +42,7 @@ use crate::msg::{Call, Reply};
 /// 8: a flow's home in migration and replication; `Holds`, `HoldsQuery`.
 /// 9: `FeedQuery`, `Feeds` (a restarted vswitch rebuilds its table from the runtimes).
 /// 10: the cluster view's epoch (`ClusterView::epoch`).
-pub const PROTOCOL_VERSION: u32 = 11;
+pub const PROTOCOL_VERSION: u32 = 12;
 pub const MAX_FRAME: usize = 16 << 20;
 /// The largest frame before the peer has proven it holds the key (a join names a server's
 /// endpoints and chains: some kilobytes). Nothing larger is allocated for a stranger.

@@ -244,6 +244,8 @@ class Drill:
                 server = int(addr.split("/")[0])
                 if self.a.fault in ("kill-server", "cut-link") and server == 1:
                     continue
+                if self.a.victim_server is not None and server != self.a.victim_server:
+                    continue
                 if k["curl"] and k["iperf"] and k["gen"]:
                     return addr, pl
             self.log(f"the download's connection is not where the fault can hit it "
@@ -555,6 +557,10 @@ def main():
     ap.add_argument("--gen-pps", type=int, default=25, help="packets/s per generator flow")
     ap.add_argument("--curl-rate-kib", type=int, default=512)
     ap.add_argument("--fault-at", type=float, default=6.0, help="s after traffic starts")
+    ap.add_argument("--victim-server", type=int, default=None,
+                    help="kill-runtime, freeze-runtime: a runtime of this server only "
+                         "(2: one that the ingress vswitch on server 1 knows only from "
+                         "the cluster view)")
     ap.add_argument("--after", type=float, default=12.0, help="s of traffic after the fault")
     ap.add_argument("--max-detection-ms", type=float, default=1000.0)
     ap.add_argument("--max-takeover-ms", type=float, default=2000.0)

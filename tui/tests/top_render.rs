@@ -246,6 +246,7 @@ fn endpoint(
         name: name.into(),
         chain: chain.map(String::from),
         alive,
+        generation: 1,
     }
 }
 

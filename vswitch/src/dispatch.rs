@@ -126,9 +126,13 @@ pub struct Dispatch<P> {
     seen: Vec<(u16, u32, bool)>,
     /// Runtimes that died recently, with when their flows' wait ends (ms).
     recovering: Vec<(EndpointAddr, u32)>,
-    /// Local runtimes that died or restarted recently, with when a takeover of them stops
+    /// Runtimes that died or restarted recently (this server's, seen in their slots;
+    /// another server's, seen in the cluster view), with when a takeover of them stops
     /// being accepted (ms).
     lives_changed: Vec<(EndpointAddr, u32)>,
+    /// Other servers' live runtimes of replicated chains as the last view had them, with
+    /// their lives (their server's incarnation, their generation).
+    remote_lives: Vec<(EndpointAddr, (u64, u32))>,
     recovery_wait_ms: u32,
     /// This life's table being rebuilt from the runtimes (an earlier life died with it).
     rebuild: Option<Rebuild<P>>,
@@ -303,6 +307,7 @@ impl<P> Dispatch<P> {
             seen: Vec::new(),
             recovering: Vec::new(),
             lives_changed: Vec::new(),
+            remote_lives: Vec::new(),
             recovery_wait_ms: vc.recovery_wait_ms,
             rebuild: None,
             deferred: Vec::new(),
@@ -532,6 +537,7 @@ impl<P> Dispatch<P> {
         }
         self.view_stamp = view.stamp();
         let now_ms = self.now_ms(now_ns);
+        self.note_remote_lives(view, now_ms);
         for (c, chain) in self.chains.iter().enumerate() {
             let now: Vec<EndpointAddr> = view
                 .runtimes_of(chain.as_deref())
@@ -543,6 +549,9 @@ impl<P> Dispatch<P> {
                     self.recovering.retain(|(a, _)| a != gone);
                     self.recovering
                         .push((*gone, now_ms.wrapping_add(self.recovery_wait_ms)));
+                    self.lives_changed.retain(|(a, _)| a != gone);
+                    self.lives_changed
+                        .push((*gone, now_ms.wrapping_add(TAKEOVER_GRACE_MS)));
                 }
             }
             self.remote[c] = now;
@@ -640,13 +649,11 @@ impl<P> Dispatch<P> {
             } if env.from == runtime
                 && env.from != from
                 && request & nflib::msg::RECOVERY_REQUEST != 0
-                && from.server == self.me.server
                 && !self.known_dead(from, now_ms) =>
             {
-                // A takeover of a runtime of this server not known dead: it waits for the
-                // news. (Only of this server's: their slots show every death and restart
-                // at once. Another server's runtime that restarts quickly may never look
-                // dead in the cluster view, which names no process lives yet.)
+                // A takeover of a runtime not known dead: it waits for the news (this
+                // server's slots show every death and restart at once; the cluster view
+                // shows another server's, deaths and new lives alike).
                 if self.deferred.len() >= MAX_DEFERRED_TAKEOVERS {
                     io.count(ProcCounter::CallsRefused, 1);
                     Some(Self::refused_takeover(request, keys))
@@ -773,6 +780,45 @@ impl<P> Dispatch<P> {
             sent: Vec::new(),
             unmoved: keys,
         }
+    }
+
+    /// Notes the other servers' runtimes of replicated chains that `view` shows in
+    /// another life than the last view did (restarted between two views: never seen
+    /// dead): their old life's flows wait for recovery, and a takeover of them is
+    /// accepted for `TAKEOVER_GRACE_MS`, as for this server's.
+    fn note_remote_lives(&mut self, view: &ClusterView, now_ms: u32) {
+        let me = self.me.server;
+        let replicated = |chain: &Option<String>| {
+            self.chains
+                .iter()
+                .position(|c| c == chain)
+                .is_some_and(|i| self.replicated.get(i).copied().unwrap_or(false))
+        };
+        let mut lives: Vec<(EndpointAddr, (u64, u32))> = Vec::new();
+        for s in view.servers.iter().filter(|s| s.alive && s.server != me) {
+            for e in &s.endpoints {
+                if e.alive && e.kind == nflib::slot::ProcessKind::Runtime && replicated(&e.chain) {
+                    lives.push((e.addr, (s.incarnation, e.generation)));
+                }
+            }
+        }
+        // (Sorted by address, to find each one's last life without a scan per runtime.)
+        lives.sort_unstable_by_key(|(a, _)| *a);
+        for (addr, life) in &lives {
+            let restarted = self
+                .remote_lives
+                .binary_search_by_key(addr, |(a, _)| *a)
+                .is_ok_and(|i| self.remote_lives[i].1 != *life);
+            if restarted {
+                self.lives_changed.retain(|(a, _)| a != addr);
+                self.lives_changed
+                    .push((*addr, now_ms.wrapping_add(TAKEOVER_GRACE_MS)));
+                self.recovering.retain(|(a, _)| a != addr);
+                self.recovering
+                    .push((*addr, now_ms.wrapping_add(self.recovery_wait_ms)));
+            }
+        }
+        self.remote_lives = lives;
     }
 
     /// Whether `rt`'s flows are up for a takeover: it is not a live target, or its old
@@ -1598,6 +1644,7 @@ mod tests {
                     name: "rt0".into(),
                     chain: None,
                     alive: true,
+                    generation: 1,
                 }],
             }],
         };
@@ -1654,6 +1701,7 @@ mod tests {
                     name: "rt0".into(),
                     chain: None,
                     alive: true,
+                    generation: 1,
                 }],
             }],
         };
@@ -1941,6 +1989,95 @@ mod tests {
                 },
             )
             .is_empty());
+    }
+
+    /// Another server's runtime (issue 22): a takeover of it waits for the cluster view to
+    /// show it dead or in a new life, and is refused while the view shows it alive in the
+    /// life it had; once the view shows it restarted between two views (a new generation,
+    /// never seen dead) or its server dead, the takeover is applied.
+    #[test]
+    fn a_takeover_of_another_servers_runtime_waits_for_the_view_to_show_it_dead() {
+        let mut b = bed_with(REPLICATED, 1);
+        let remote = EndpointAddr::new(2, 4);
+        let view = |version: u64, generation: u32, server_alive: bool| ClusterView {
+            epoch: 1,
+            version,
+            coordinator: 1,
+            servers: vec![ServerInfo {
+                server: 2,
+                name: "s2".into(),
+                incarnation: 1,
+                alive: server_alive,
+                endpoints: vec![EndpointInfo {
+                    addr: remote,
+                    kind: ProcessKind::Runtime,
+                    name: "rt0".into(),
+                    chain: Some("c".into()),
+                    alive: true,
+                    generation,
+                }],
+            }],
+        };
+        let notify = |b: &mut Bed, v: ClusterView| {
+            let answer = b.call(
+                NFMGR,
+                Message::Rpc {
+                    id: v.version,
+                    call: Call::NotifyClusterCfg(v),
+                },
+            );
+            assert!(
+                matches!(answer.as_slice(), [Message::RpcReply { .. }]),
+                "{answer:?}"
+            );
+        };
+        notify(&mut b, view(3, 1, true));
+        for port in 1..=9 {
+            b.packet(port);
+        }
+        let on_remote: Vec<u16> = b.io.rings[&0]
+            .iter()
+            .map(|f| packet::parse(&f.bytes).unwrap().src_port)
+            .collect();
+        assert_eq!(on_remote.len(), 3, "round-robin over three runtimes");
+        let takeover = |port: u16, request: u64| Message::SetRuntime {
+            keys: vec![key(port)],
+            from: remote,
+            runtime: RT1,
+            request: request | nflib::msg::RECOVERY_REQUEST,
+        };
+        // Alive in the view, in the life it had: the claim waits, then is refused.
+        assert!(b.call(RT1, takeover(on_remote[0], 1)).is_empty(), "waits");
+        b.advance_ms(u64::from(TAKEOVER_WAIT_MS) + 1);
+        b.d.handle_messages(&mut b.io, b.now_ns);
+        let answers: Vec<Message> = b.io.outbox.drain(..).map(|(_, m)| m).collect();
+        assert!(
+            matches!(answers.as_slice(), [Message::RuntimeSet { moved: 0, .. }]),
+            "{answers:?}"
+        );
+        assert_eq!(b.count(ProcCounter::CallsRefused), 1);
+        b.packet(on_remote[0]);
+        assert_eq!(b.io.rings[&0].len(), 4, "still the remote runtime's");
+        // Restarted between two views: the takeover that beat the view is applied when
+        // the view comes.
+        assert!(b.call(RT1, takeover(on_remote[1], 2)).is_empty());
+        b.advance_ms(20);
+        notify(&mut b, view(4, 2, true));
+        b.d.handle_messages(&mut b.io, b.now_ns);
+        let answers: Vec<Message> = b.io.outbox.drain(..).map(|(_, m)| m).collect();
+        assert!(
+            matches!(answers.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
+            "{answers:?}"
+        );
+        b.packet(on_remote[1]);
+        assert_eq!(b.ports_to(3).last(), Some(&on_remote[1]));
+        // Its server dead in the view: applied at once.
+        notify(&mut b, view(5, 2, false));
+        let answer = b.call(RT1, takeover(on_remote[2], 3));
+        assert!(
+            matches!(answer.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
+            "{answer:?}"
+        );
     }
 
     /// A runtime pulls keys back to itself only if it gave them away (a migration undone),

@@ -248,6 +248,7 @@ fn local_endpoints(cfg: &Config, region: &Region, me: u16) -> Vec<EndpointInfo> 
             name,
             chain,
             alive: rec.state() == SlotState::Running,
+            generation: rec.generation.load(std::sync::atomic::Ordering::Relaxed),
         });
     }
     v
@@ -389,6 +390,14 @@ impl Control {
     /// A supervisor event: into the log, and deaths and restarts into the recoveries.
     fn process_event(&mut self, e: ProcEvent) {
         let now = wall_ms();
+        // The cluster's view has a death or a new life at once, before any recovery is
+        // asked: the other servers' vswitches take a takeover of a runtime only once they
+        // know it died.
+        if matches!(e.kind, ProcEventKind::Died | ProcEventKind::Running) {
+            let mine = self.local_endpoints();
+            self.membership.endpoints_changed(mine);
+            self.run_actions();
+        }
         match e.kind {
             ProcEventKind::Died => {
                 // A local runtime's death is recovered from here at once, with no round
