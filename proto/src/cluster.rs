@@ -50,7 +50,8 @@ pub struct EndpointInfo {
     /// Which life of the process: its slot's generation on its server, new at every
     /// start (with the server's incarnation, one life in the cluster). A vswitch of
     /// another server tells a runtime that restarted between two views from one that
-    /// lived on by it.
+    /// lived on by it. (Absent from a journal written before it: 0.)
+    #[serde(default)]
     pub generation: u32,
 }
 

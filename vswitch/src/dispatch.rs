@@ -130,9 +130,16 @@ pub struct Dispatch<P> {
     /// another server's, seen in the cluster view), with when a takeover of them stops
     /// being accepted (ms).
     lives_changed: Vec<(EndpointAddr, u32)>,
-    /// Other servers' live runtimes of replicated chains as the last view had them, with
-    /// their lives (their server's incarnation, their generation).
-    remote_lives: Vec<(EndpointAddr, (u64, u32))>,
+    /// Other servers' runtimes of replicated chains as the views had them, by address:
+    /// their last life (their server's incarnation, their generation) and whether the last
+    /// view had them alive. One that left the view is kept, so that when it comes back in
+    /// a new life it is seen restarted, however long it was gone.
+    remote_lives: Vec<(EndpointAddr, (u64, u32), bool)>,
+    /// Whether a cluster view came yet.
+    had_view: bool,
+    /// Whether the last view's coordinator was alive in it (a member that lost its
+    /// coordinator hears of no death on another server until it is back).
+    coordinator_alive: bool,
     recovery_wait_ms: u32,
     /// This life's table being rebuilt from the runtimes (an earlier life died with it).
     rebuild: Option<Rebuild<P>>,
@@ -308,6 +315,8 @@ impl<P> Dispatch<P> {
             recovering: Vec::new(),
             lives_changed: Vec::new(),
             remote_lives: Vec::new(),
+            had_view: false,
+            coordinator_alive: false,
             recovery_wait_ms: vc.recovery_wait_ms,
             rebuild: None,
             deferred: Vec::new(),
@@ -545,7 +554,12 @@ impl<P> Dispatch<P> {
                 .filter(|r| r.server != self.me.server)
                 .collect();
             if self.replicated.get(c).copied().unwrap_or(false) {
-                for gone in self.remote[c].iter().filter(|r| !now.contains(r)) {
+                let mut sorted = now.clone();
+                sorted.sort_unstable();
+                for gone in self.remote[c]
+                    .iter()
+                    .filter(|r| sorted.binary_search(r).is_err())
+                {
                     self.recovering.retain(|(a, _)| a != gone);
                     self.recovering
                         .push((*gone, now_ms.wrapping_add(self.recovery_wait_ms)));
@@ -794,31 +808,55 @@ impl<P> Dispatch<P> {
                 .position(|c| c == chain)
                 .is_some_and(|i| self.replicated.get(i).copied().unwrap_or(false))
         };
-        let mut lives: Vec<(EndpointAddr, (u64, u32))> = Vec::new();
-        for s in view.servers.iter().filter(|s| s.alive && s.server != me) {
+        let mut lives: Vec<(EndpointAddr, (u64, u32), bool)> = Vec::new();
+        for s in view.servers.iter().filter(|s| s.server != me) {
             for e in &s.endpoints {
-                if e.alive && e.kind == nflib::slot::ProcessKind::Runtime && replicated(&e.chain) {
-                    lives.push((e.addr, (s.incarnation, e.generation)));
+                if e.kind == nflib::slot::ProcessKind::Runtime && replicated(&e.chain) {
+                    lives.push((e.addr, (s.incarnation, e.generation), s.alive && e.alive));
                 }
             }
         }
         // (Sorted by address, to find each one's last life without a scan per runtime.)
-        lives.sort_unstable_by_key(|(a, _)| *a);
-        for (addr, life) in &lives {
-            let restarted = self
+        lives.sort_unstable_by_key(|(a, _, _)| *a);
+        lives.dedup_by_key(|(a, _, _)| *a);
+        let first = !self.had_view;
+        self.had_view = true;
+        let mut changed = Vec::new();
+        for (addr, life, alive) in &lives {
+            let last = self
                 .remote_lives
-                .binary_search_by_key(addr, |(a, _)| *a)
-                .is_ok_and(|i| self.remote_lives[i].1 != *life);
-            if restarted {
-                self.lives_changed.retain(|(a, _)| a != addr);
-                self.lives_changed
-                    .push((*addr, now_ms.wrapping_add(TAKEOVER_GRACE_MS)));
-                self.recovering.retain(|(a, _)| a != addr);
-                self.recovering
-                    .push((*addr, now_ms.wrapping_add(self.recovery_wait_ms)));
+                .binary_search_by_key(addr, |(a, _, _)| *a)
+                .ok()
+                .map(|i| self.remote_lives[i]);
+            let restarted = match last {
+                Some((_, old, _)) => old != *life,
+                // A vswitch's first view: any runtime in it may have died or restarted
+                // while this vswitch was not there to see it.
+                None => first,
+            };
+            if *alive && restarted {
+                changed.push(*addr);
             }
         }
+        for addr in changed {
+            self.lives_changed.retain(|(a, _)| *a != addr);
+            self.lives_changed
+                .push((addr, now_ms.wrapping_add(TAKEOVER_GRACE_MS)));
+            if !first {
+                self.recovering.retain(|(a, _)| *a != addr);
+                self.recovering
+                    .push((addr, now_ms.wrapping_add(self.recovery_wait_ms)));
+            }
+        }
+        // Those the view no longer names keep their last life, not alive.
+        for (addr, life, _) in &self.remote_lives {
+            if lives.binary_search_by_key(addr, |(a, _, _)| *a).is_err() {
+                lives.push((*addr, *life, false));
+            }
+        }
+        lives.sort_unstable_by_key(|(a, _, _)| *a);
         self.remote_lives = lives;
+        self.coordinator_alive = view.server(view.coordinator).is_some_and(|s| s.alive);
     }
 
     /// Whether `rt`'s flows are up for a takeover: it is not a live target, or its old
@@ -828,7 +866,11 @@ impl<P> Dispatch<P> {
             list.iter()
                 .any(|(a, until)| *a == rt && is_ahead(now_ms, *until))
         };
-        !targets_live(&self.live, &self.remote, rt)
+        // Another server's runtime, while this server has no coordinator to tell it of a
+        // death there (none yet, or lost): the replica's word is all there is.
+        let unwatched = rt.server != self.me.server && !(self.had_view && self.coordinator_alive);
+        unwatched
+            || !targets_live(&self.live, &self.remote, rt)
             || recent(&self.recovering)
             || recent(&self.lives_changed)
     }
@@ -2003,20 +2045,29 @@ mod tests {
             epoch: 1,
             version,
             coordinator: 1,
-            servers: vec![ServerInfo {
-                server: 2,
-                name: "s2".into(),
-                incarnation: 1,
-                alive: server_alive,
-                endpoints: vec![EndpointInfo {
-                    addr: remote,
-                    kind: ProcessKind::Runtime,
-                    name: "rt0".into(),
-                    chain: Some("c".into()),
+            servers: vec![
+                ServerInfo {
+                    server: 1,
+                    name: "s1".into(),
+                    incarnation: 1,
                     alive: true,
-                    generation,
-                }],
-            }],
+                    endpoints: vec![],
+                },
+                ServerInfo {
+                    server: 2,
+                    name: "s2".into(),
+                    incarnation: 1,
+                    alive: server_alive,
+                    endpoints: vec![EndpointInfo {
+                        addr: remote,
+                        kind: ProcessKind::Runtime,
+                        name: "rt0".into(),
+                        chain: Some("c".into()),
+                        alive: true,
+                        generation,
+                    }],
+                },
+            ],
         };
         let notify = |b: &mut Bed, v: ClusterView| {
             let answer = b.call(
@@ -2035,6 +2086,8 @@ mod tests {
         for port in 1..=9 {
             b.packet(port);
         }
+        // (A vswitch's first view: for a while any of its runtimes may have died unseen.)
+        b.advance_ms(u64::from(TAKEOVER_GRACE_MS) + 1);
         let on_remote: Vec<u16> = b.io.rings[&0]
             .iter()
             .map(|f| packet::parse(&f.bytes).unwrap().src_port)
@@ -2074,6 +2127,92 @@ mod tests {
         // Its server dead in the view: applied at once.
         notify(&mut b, view(5, 2, false));
         let answer = b.call(RT1, takeover(on_remote[2], 3));
+        assert!(
+            matches!(answer.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
+            "{answer:?}"
+        );
+    }
+
+    /// Another server's runtime that left the view (its server lost) and comes back in a
+    /// new life long after is seen restarted, so its replicas' takeover is applied (a
+    /// coordinator restarted from its journal has the members recover its old life
+    /// seconds after it died). And while this server has lost its coordinator, it hears of
+    /// no death elsewhere: a takeover of another server's runtime is taken as it comes.
+    #[test]
+    fn a_runtime_back_in_a_new_life_long_after_it_left_the_view_is_seen_restarted() {
+        let mut b = bed_with(REPLICATED, 1);
+        let remote = EndpointAddr::new(2, 4);
+        let view = |version: u64, incarnation: u64, s2_alive: bool, s1_alive: bool| ClusterView {
+            epoch: 1,
+            version,
+            coordinator: 1,
+            servers: vec![
+                ServerInfo {
+                    server: 1,
+                    name: "s1".into(),
+                    incarnation: 1,
+                    alive: s1_alive,
+                    endpoints: vec![],
+                },
+                ServerInfo {
+                    server: 2,
+                    name: "s2".into(),
+                    incarnation,
+                    alive: s2_alive,
+                    endpoints: vec![EndpointInfo {
+                        addr: remote,
+                        kind: ProcessKind::Runtime,
+                        name: "rt0".into(),
+                        chain: Some("c".into()),
+                        alive: true,
+                        generation: 1,
+                    }],
+                },
+            ],
+        };
+        let now = b.now_ns;
+        b.d.apply_view(&view(3, 1, true, true), now);
+        b.d.refresh_targets(&b.io, b.now_ns);
+        for port in 1..=9 {
+            b.packet(port);
+        }
+        let on_remote: Vec<u16> = b.io.rings[&0]
+            .iter()
+            .map(|f| packet::parse(&f.bytes).unwrap().src_port)
+            .collect();
+        assert_eq!(on_remote.len(), 3);
+        let takeover = |port: u16, request: u64| Message::SetRuntime {
+            keys: vec![key(port)],
+            from: remote,
+            runtime: RT1,
+            request: request | nflib::msg::RECOVERY_REQUEST,
+        };
+        b.advance_ms(u64::from(TAKEOVER_GRACE_MS) + 1);
+        // Gone from the view altogether.
+        let mut gone = view(4, 1, false, true);
+        gone.servers.retain(|s| s.server != 2);
+        let now = b.now_ns;
+        b.d.apply_view(&gone, now);
+        b.advance_ms(5_000);
+        // Back as a new life of its server, five seconds later.
+        let now = b.now_ns;
+        b.d.apply_view(&view(5, 2, true, true), now);
+        b.d.refresh_targets(&b.io, b.now_ns);
+        let answer = b.call(RT1, takeover(on_remote[0], 1));
+        assert!(
+            matches!(answer.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
+            "{answer:?}"
+        );
+        // Long after, in that life: a claim on it waits.
+        b.advance_ms(u64::from(TAKEOVER_GRACE_MS) + 1);
+        assert!(b.call(RT1, takeover(on_remote[1], 2)).is_empty(), "waits");
+        b.advance_ms(u64::from(TAKEOVER_WAIT_MS) + 1);
+        b.d.handle_messages(&mut b.io, b.now_ns);
+        b.io.outbox.clear();
+        // This server lost its coordinator: the replica's word is taken.
+        let now = b.now_ns;
+        b.d.apply_view(&view(6, 2, true, false), now);
+        let answer = b.call(RT1, takeover(on_remote[1], 3));
         assert!(
             matches!(answer.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
             "{answer:?}"

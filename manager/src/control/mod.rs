@@ -390,10 +390,15 @@ impl Control {
     /// A supervisor event: into the log, and deaths and restarts into the recoveries.
     fn process_event(&mut self, e: ProcEvent) {
         let now = wall_ms();
-        // The cluster's view has a death or a new life at once, before any recovery is
-        // asked: the other servers' vswitches take a takeover of a runtime only once they
-        // know it died.
-        if matches!(e.kind, ProcEventKind::Died | ProcEventKind::Running) {
+        // The cluster's view has a replicated runtime's death at once, before its recovery
+        // is asked: the other servers' vswitches take a takeover of a runtime only once
+        // they know it died. (Other changes wait for the next heartbeat, which merges
+        // them: a start of many processes makes one view, not one each.)
+        let replicated_runtime = self
+            .cfg
+            .runtime(&e.process)
+            .is_some_and(|rc| self.replicated(self.cfg.chain_of(rc)));
+        if e.kind == ProcEventKind::Died && replicated_runtime {
             let mine = self.local_endpoints();
             self.membership.endpoints_changed(mine);
             self.run_actions();
@@ -685,9 +690,11 @@ impl Control {
             }
         }
         // Once for every view change this batch made (a grace ending with many members
-        // gone makes one per member).
+        // gone makes one per member); this server's processes get the view now, not at
+        // the next tick.
         if view_changed {
             self.write_journal();
+            self.notify_local();
         }
     }
 
