@@ -55,6 +55,12 @@ struct Entry {
 }
 
 /// Whether `until` is still ahead of `now_ms` on the dispatcher's wrapping clock.
+/// Notes in `list` (runtimes with a deadline) that `addr`'s deadline is now `until`.
+fn set_until(list: &mut Vec<(EndpointAddr, u32)>, addr: EndpointAddr, until: u32) {
+    list.retain(|(a, _)| *a != addr);
+    list.push((addr, until));
+}
+
 fn is_ahead(now_ms: u32, until: u32) -> bool {
     let d = until.wrapping_sub(now_ms);
     d != 0 && d < 1 << 31
@@ -137,8 +143,9 @@ pub struct Dispatch<P> {
     remote_lives: Vec<(EndpointAddr, (u64, u32), bool)>,
     /// Whether a cluster view came yet.
     had_view: bool,
-    /// Whether the last view's coordinator was alive in it (a member that lost its
-    /// coordinator hears of no death on another server until it is back).
+    /// Whether the last view's coordinator was alive in it (false before any view; a
+    /// member that lost its coordinator hears of no death on another server until it is
+    /// back).
     coordinator_alive: bool,
     recovery_wait_ms: u32,
     /// This life's table being rebuilt from the runtimes (an earlier life died with it).
@@ -504,15 +511,13 @@ impl<P> Dispatch<P> {
                         let restarted = !e.2 && up && e.1 != gen;
                         if died || restarted {
                             let addr = EndpointAddr::new(self.me.server, s);
-                            self.lives_changed.retain(|(a, _)| *a != addr);
-                            self.lives_changed
-                                .push((addr, now_ms.wrapping_add(TAKEOVER_GRACE_MS)));
+                            let grace = now_ms.wrapping_add(TAKEOVER_GRACE_MS);
+                            set_until(&mut self.lives_changed, addr, grace);
                             // A restart seen without the death: the old life's flows
                             // still wait for recovery.
                             if died || !self.recovering.iter().any(|(a, _)| *a == addr) {
-                                self.recovering.retain(|(a, _)| *a != addr);
-                                self.recovering
-                                    .push((addr, now_ms.wrapping_add(self.recovery_wait_ms)));
+                                let wait = now_ms.wrapping_add(self.recovery_wait_ms);
+                                set_until(&mut self.recovering, addr, wait);
                             }
                         }
                         *e = (s, gen, up);
@@ -560,12 +565,13 @@ impl<P> Dispatch<P> {
                     .iter()
                     .filter(|r| sorted.binary_search(r).is_err())
                 {
-                    self.recovering.retain(|(a, _)| a != gone);
-                    self.recovering
-                        .push((*gone, now_ms.wrapping_add(self.recovery_wait_ms)));
-                    self.lives_changed.retain(|(a, _)| a != gone);
-                    self.lives_changed
-                        .push((*gone, now_ms.wrapping_add(TAKEOVER_GRACE_MS)));
+                    let wait = now_ms.wrapping_add(self.recovery_wait_ms);
+                    set_until(&mut self.recovering, *gone, wait);
+                    set_until(
+                        &mut self.lives_changed,
+                        *gone,
+                        now_ms.wrapping_add(TAKEOVER_GRACE_MS),
+                    );
                 }
             }
             self.remote[c] = now;
@@ -839,13 +845,14 @@ impl<P> Dispatch<P> {
             }
         }
         for addr in changed {
-            self.lives_changed.retain(|(a, _)| *a != addr);
-            self.lives_changed
-                .push((addr, now_ms.wrapping_add(TAKEOVER_GRACE_MS)));
+            set_until(
+                &mut self.lives_changed,
+                addr,
+                now_ms.wrapping_add(TAKEOVER_GRACE_MS),
+            );
             if !first {
-                self.recovering.retain(|(a, _)| *a != addr);
-                self.recovering
-                    .push((addr, now_ms.wrapping_add(self.recovery_wait_ms)));
+                let wait = now_ms.wrapping_add(self.recovery_wait_ms);
+                set_until(&mut self.recovering, addr, wait);
             }
         }
         // Those the view no longer names keep their last life, not alive.
@@ -867,8 +874,9 @@ impl<P> Dispatch<P> {
                 .any(|(a, until)| *a == rt && is_ahead(now_ms, *until))
         };
         // Another server's runtime, while this server has no coordinator to tell it of a
-        // death there (none yet, or lost): the replica's word is all there is.
-        let unwatched = rt.server != self.me.server && !(self.had_view && self.coordinator_alive);
+        // death there (no view yet, or the coordinator lost): the replica's word is all
+        // there is.
+        let unwatched = rt.server != self.me.server && !self.coordinator_alive;
         unwatched
             || !targets_live(&self.live, &self.remote, rt)
             || recent(&self.recovering)
@@ -2033,116 +2041,19 @@ mod tests {
             .is_empty());
     }
 
-    /// Another server's runtime (issue 22): a takeover of it waits for the cluster view to
-    /// show it dead or in a new life, and is refused while the view shows it alive in the
-    /// life it had; once the view shows it restarted between two views (a new generation,
-    /// never seen dead) or its server dead, the takeover is applied.
-    #[test]
-    fn a_takeover_of_another_servers_runtime_waits_for_the_view_to_show_it_dead() {
-        let mut b = bed_with(REPLICATED, 1);
-        let remote = EndpointAddr::new(2, 4);
-        let view = |version: u64, generation: u32, server_alive: bool| ClusterView {
-            epoch: 1,
-            version,
-            coordinator: 1,
-            servers: vec![
-                ServerInfo {
-                    server: 1,
-                    name: "s1".into(),
-                    incarnation: 1,
-                    alive: true,
-                    endpoints: vec![],
-                },
-                ServerInfo {
-                    server: 2,
-                    name: "s2".into(),
-                    incarnation: 1,
-                    alive: server_alive,
-                    endpoints: vec![EndpointInfo {
-                        addr: remote,
-                        kind: ProcessKind::Runtime,
-                        name: "rt0".into(),
-                        chain: Some("c".into()),
-                        alive: true,
-                        generation,
-                    }],
-                },
-            ],
-        };
-        let notify = |b: &mut Bed, v: ClusterView| {
-            let answer = b.call(
-                NFMGR,
-                Message::Rpc {
-                    id: v.version,
-                    call: Call::NotifyClusterCfg(v),
-                },
-            );
-            assert!(
-                matches!(answer.as_slice(), [Message::RpcReply { .. }]),
-                "{answer:?}"
-            );
-        };
-        notify(&mut b, view(3, 1, true));
-        for port in 1..=9 {
-            b.packet(port);
-        }
-        // (A vswitch's first view: for a while any of its runtimes may have died unseen.)
-        b.advance_ms(u64::from(TAKEOVER_GRACE_MS) + 1);
-        let on_remote: Vec<u16> = b.io.rings[&0]
-            .iter()
-            .map(|f| packet::parse(&f.bytes).unwrap().src_port)
-            .collect();
-        assert_eq!(on_remote.len(), 3, "round-robin over three runtimes");
-        let takeover = |port: u16, request: u64| Message::SetRuntime {
-            keys: vec![key(port)],
-            from: remote,
-            runtime: RT1,
-            request: request | nflib::msg::RECOVERY_REQUEST,
-        };
-        // Alive in the view, in the life it had: the claim waits, then is refused.
-        assert!(b.call(RT1, takeover(on_remote[0], 1)).is_empty(), "waits");
-        b.advance_ms(u64::from(TAKEOVER_WAIT_MS) + 1);
-        b.d.handle_messages(&mut b.io, b.now_ns);
-        let answers: Vec<Message> = b.io.outbox.drain(..).map(|(_, m)| m).collect();
-        assert!(
-            matches!(answers.as_slice(), [Message::RuntimeSet { moved: 0, .. }]),
-            "{answers:?}"
-        );
-        assert_eq!(b.count(ProcCounter::CallsRefused), 1);
-        b.packet(on_remote[0]);
-        assert_eq!(b.io.rings[&0].len(), 4, "still the remote runtime's");
-        // Restarted between two views: the takeover that beat the view is applied when
-        // the view comes.
-        assert!(b.call(RT1, takeover(on_remote[1], 2)).is_empty());
-        b.advance_ms(20);
-        notify(&mut b, view(4, 2, true));
-        b.d.handle_messages(&mut b.io, b.now_ns);
-        let answers: Vec<Message> = b.io.outbox.drain(..).map(|(_, m)| m).collect();
-        assert!(
-            matches!(answers.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
-            "{answers:?}"
-        );
-        b.packet(on_remote[1]);
-        assert_eq!(b.ports_to(3).last(), Some(&on_remote[1]));
-        // Its server dead in the view: applied at once.
-        notify(&mut b, view(5, 2, false));
-        let answer = b.call(RT1, takeover(on_remote[2], 3));
-        assert!(
-            matches!(answer.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
-            "{answer:?}"
-        );
-    }
+    /// Server 2's runtime 2/4 of the replicated chain, in a view of coordinator 1.
+    const REMOTE: EndpointAddr = EndpointAddr::new(2, 4);
 
-    /// Another server's runtime that left the view (its server lost) and comes back in a
-    /// new life long after is seen restarted, so its replicas' takeover is applied (a
-    /// coordinator restarted from its journal has the members recover its old life
-    /// seconds after it died). And while this server has lost its coordinator, it hears of
-    /// no death elsewhere: a takeover of another server's runtime is taken as it comes.
-    #[test]
-    fn a_runtime_back_in_a_new_life_long_after_it_left_the_view_is_seen_restarted() {
-        let mut b = bed_with(REPLICATED, 1);
-        let remote = EndpointAddr::new(2, 4);
-        let view = |version: u64, incarnation: u64, s2_alive: bool, s1_alive: bool| ClusterView {
+    /// A view of servers 1 (the coordinator, alive if `s1_alive`) and 2 (life
+    /// `incarnation`, alive if `s2_alive`), whose runtime `REMOTE` is in life `generation`.
+    fn two_servers(
+        version: u64,
+        incarnation: u64,
+        generation: u32,
+        s1_alive: bool,
+        s2_alive: bool,
+    ) -> ClusterView {
+        ClusterView {
             epoch: 1,
             version,
             coordinator: 1,
@@ -2160,59 +2071,141 @@ mod tests {
                     incarnation,
                     alive: s2_alive,
                     endpoints: vec![EndpointInfo {
-                        addr: remote,
+                        addr: REMOTE,
                         kind: ProcessKind::Runtime,
                         name: "rt0".into(),
                         chain: Some("c".into()),
                         alive: true,
-                        generation: 1,
+                        generation,
                     }],
                 },
             ],
-        };
-        let now = b.now_ns;
-        b.d.apply_view(&view(3, 1, true, true), now);
-        b.d.refresh_targets(&b.io, b.now_ns);
-        for port in 1..=9 {
-            b.packet(port);
         }
-        let on_remote: Vec<u16> = b.io.rings[&0]
-            .iter()
-            .map(|f| packet::parse(&f.bytes).unwrap().src_port)
-            .collect();
-        assert_eq!(on_remote.len(), 3);
-        let takeover = |port: u16, request: u64| Message::SetRuntime {
+    }
+
+    /// rt1's takeover of `REMOTE`'s flow `port`.
+    fn remote_takeover(port: u16, request: u64) -> Message {
+        Message::SetRuntime {
             keys: vec![key(port)],
-            from: remote,
+            from: REMOTE,
             runtime: RT1,
             request: request | nflib::msg::RECOVERY_REQUEST,
-        };
+        }
+    }
+
+    impl Bed {
+        /// nfmgr hands the vswitch `view`.
+        fn notify(&mut self, view: ClusterView) {
+            let answer = self.call(
+                NFMGR,
+                Message::Rpc {
+                    id: view.version,
+                    call: Call::NotifyClusterCfg(view),
+                },
+            );
+            assert!(
+                matches!(answer.as_slice(), [Message::RpcReply { .. }]),
+                "{answer:?}"
+            );
+        }
+
+        /// The answers to deferred requests, after time moved on.
+        fn deferred_answers(&mut self) -> Vec<Message> {
+            self.d.handle_messages(&mut self.io, self.now_ns);
+            self.io.outbox.drain(..).map(|(_, m)| m).collect()
+        }
+
+        /// Nine flows over rt0, rt1 and `REMOTE`: the ports of `REMOTE`'s three.
+        fn flows_with_remote(&mut self) -> Vec<u16> {
+            for port in 1..=9 {
+                self.packet(port);
+            }
+            let on_remote = self.ports_to(0);
+            assert_eq!(on_remote.len(), 3, "round-robin over three runtimes");
+            on_remote
+        }
+    }
+
+    /// Another server's runtime (issue 22): a takeover of it waits for the cluster view to
+    /// show it dead or in a new life, and is refused while the view shows it alive in the
+    /// life it had; once the view shows it restarted between two views (a new generation,
+    /// never seen dead) or its server dead, the takeover is applied.
+    #[test]
+    fn a_takeover_of_another_servers_runtime_waits_for_the_view_to_show_it_dead() {
+        let mut b = bed_with(REPLICATED, 1);
+        b.notify(two_servers(3, 1, 1, true, true));
+        let on_remote = b.flows_with_remote();
+        // (A vswitch's first view: for a while any of its runtimes may have died unseen.)
+        b.advance_ms(u64::from(TAKEOVER_GRACE_MS) + 1);
+        // Alive in the view, in the life it had: the claim waits, then is refused.
+        assert!(
+            b.call(RT1, remote_takeover(on_remote[0], 1)).is_empty(),
+            "waits"
+        );
+        b.advance_ms(u64::from(TAKEOVER_WAIT_MS) + 1);
+        let answers = b.deferred_answers();
+        assert!(
+            matches!(answers.as_slice(), [Message::RuntimeSet { moved: 0, .. }]),
+            "{answers:?}"
+        );
+        assert_eq!(b.count(ProcCounter::CallsRefused), 1);
+        b.packet(on_remote[0]);
+        assert_eq!(b.io.rings[&0].len(), 4, "still the remote runtime's");
+        // Restarted between two views: the takeover that beat the view is applied when
+        // the view comes.
+        assert!(b.call(RT1, remote_takeover(on_remote[1], 2)).is_empty());
+        b.advance_ms(20);
+        b.notify(two_servers(4, 1, 2, true, true));
+        let answers = b.deferred_answers();
+        assert!(
+            matches!(answers.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
+            "{answers:?}"
+        );
+        b.packet(on_remote[1]);
+        assert_eq!(b.ports_to(3).last(), Some(&on_remote[1]));
+        // Its server dead in the view: applied at once.
+        b.notify(two_servers(5, 1, 2, true, false));
+        let answer = b.call(RT1, remote_takeover(on_remote[2], 3));
+        assert!(
+            matches!(answer.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
+            "{answer:?}"
+        );
+    }
+
+    /// Another server's runtime that left the view (its server lost) and comes back in a
+    /// new life long after is seen restarted, so its replicas' takeover is applied (a
+    /// coordinator restarted from its journal has the members recover its old life
+    /// seconds after it died). And while this server has lost its coordinator, it hears of
+    /// no death elsewhere: a takeover of another server's runtime is taken as it comes.
+    #[test]
+    fn a_runtime_back_in_a_new_life_long_after_it_left_the_view_is_seen_restarted() {
+        let mut b = bed_with(REPLICATED, 1);
+        b.notify(two_servers(3, 1, 1, true, true));
+        let on_remote = b.flows_with_remote();
         b.advance_ms(u64::from(TAKEOVER_GRACE_MS) + 1);
         // Gone from the view altogether.
-        let mut gone = view(4, 1, false, true);
+        let mut gone = two_servers(4, 1, 1, true, false);
         gone.servers.retain(|s| s.server != 2);
-        let now = b.now_ns;
-        b.d.apply_view(&gone, now);
+        b.notify(gone);
         b.advance_ms(5_000);
         // Back as a new life of its server, five seconds later.
-        let now = b.now_ns;
-        b.d.apply_view(&view(5, 2, true, true), now);
-        b.d.refresh_targets(&b.io, b.now_ns);
-        let answer = b.call(RT1, takeover(on_remote[0], 1));
+        b.notify(two_servers(5, 2, 1, true, true));
+        let answer = b.call(RT1, remote_takeover(on_remote[0], 1));
         assert!(
             matches!(answer.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
             "{answer:?}"
         );
         // Long after, in that life: a claim on it waits.
         b.advance_ms(u64::from(TAKEOVER_GRACE_MS) + 1);
-        assert!(b.call(RT1, takeover(on_remote[1], 2)).is_empty(), "waits");
+        assert!(
+            b.call(RT1, remote_takeover(on_remote[1], 2)).is_empty(),
+            "waits"
+        );
         b.advance_ms(u64::from(TAKEOVER_WAIT_MS) + 1);
-        b.d.handle_messages(&mut b.io, b.now_ns);
-        b.io.outbox.clear();
+        b.deferred_answers();
         // This server lost its coordinator: the replica's word is taken.
-        let now = b.now_ns;
-        b.d.apply_view(&view(6, 2, true, false), now);
-        let answer = b.call(RT1, takeover(on_remote[1], 3));
+        b.notify(two_servers(6, 2, 1, false, true));
+        let answer = b.call(RT1, remote_takeover(on_remote[1], 3));
         assert!(
             matches!(answer.as_slice(), [Message::RuntimeSet { moved: 1, .. }]),
             "{answer:?}"
