@@ -121,6 +121,16 @@ pub enum RecoverOn {
     Only(u16),
 }
 
+impl RecoverOn {
+    /// Whether the runtimes of `server` are asked.
+    pub fn includes(self, server: u16) -> bool {
+        match self {
+            RecoverOn::AllBut(s) => server != s,
+            RecoverOn::Only(s) => server == s,
+        }
+    }
+}
+
 /// What the control thread must do.
 #[derive(Clone, Debug)]
 pub enum Action {
@@ -443,12 +453,13 @@ impl Membership {
     /// (older by epoch, then version: a restarted coordinator's epoch is higher, and
     /// without a journal its versions start again); another coordinator's is taken as it
     /// is.
-    fn take_view(&mut self, view: ClusterView) {
+    /// `renotify`: every local process is given it, even one that had its stamp.
+    fn take_view(&mut self, view: ClusterView, renotify: bool) {
         if view.stamp() < self.view.stamp() && view.coordinator == self.view.coordinator {
             return;
         }
         self.view = view;
-        self.view_changed(false);
+        self.view_changed(renotify);
     }
 
     fn replicated(&self, chain: Option<&str>) -> bool {
@@ -637,14 +648,10 @@ impl Membership {
         // (docs/MESSAGING.md, "The coordinator's journal").
         let me = self.me;
         self.recover(&recover, RecoverOn::Only(me));
-        // A welcome is an answer to this join, never stale; it may carry the stamp of the
-        // view this server holds (the coordinator came back without a change), which this
-        // server's processes were given with the coordinator marked dead: they are given
-        // it again.
-        if view.stamp() >= self.view.stamp() || view.coordinator != self.view.coordinator {
-            self.view = view;
-        }
-        self.view_changed(true);
+        // A welcome may carry the stamp of the view this server holds (the coordinator
+        // came back without a change), which this server's processes were given with the
+        // coordinator marked dead: they are given it again.
+        self.take_view(view, true);
         true
     }
 
@@ -750,7 +757,7 @@ impl Membership {
     /// A view on a session: taken by a member, ignored by anyone else.
     pub fn view_from_coordinator(&mut self, view: ClusterView) {
         if matches!(self.role, Role::Member { .. }) {
-            self.take_view(view);
+            self.take_view(view, false);
         }
     }
 
@@ -901,16 +908,7 @@ impl Membership {
     /// silent sessions, joining. Due again within `heartbeat`.
     pub fn tick(&mut self, now: Instant, mine: Vec<EndpointInfo>) {
         if matches!(self.role, Role::Coordinator | Role::Alone) {
-            let changed = self
-                .members
-                .get(&self.me)
-                .is_some_and(|m| m.endpoints != mine);
-            if changed {
-                if let Some(m) = self.members.get_mut(&self.me) {
-                    m.endpoints = mine.clone();
-                }
-                self.rebuild_view();
-            }
+            self.endpoints_changed(mine.clone());
         }
         if now.saturating_duration_since(self.last_heartbeat) >= self.settings.heartbeat {
             self.last_heartbeat = now;
@@ -1582,27 +1580,7 @@ mod tests {
         let old = c.servers[&2].m.view().stamp();
         assert!(old.1 > 3, "{old:?}");
         // The coordinator restarts: a fresh membership, a later incarnation.
-        for id in [2, 3] {
-            let (mine, _) = c.servers.get_mut(&id).unwrap().session.take().unwrap();
-            let now = c.now;
-            c.servers
-                .get_mut(&id)
-                .unwrap()
-                .m
-                .session_down(mine, "connection reset".into(), now);
-        }
-        let now = c.now;
-        c.servers.get_mut(&1).unwrap().m = Membership::new(
-            COORD,
-            "s1".into(),
-            2,
-            None,
-            true,
-            settings(true),
-            runtimes(COORD),
-            now,
-        );
-        c.settle();
+        c.restart_coordinator(2, None);
         assert_eq!(
             c.alive_in(2),
             vec![2, 3],

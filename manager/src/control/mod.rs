@@ -299,13 +299,7 @@ impl Control {
             now,
         );
         let journal = cfg.cluster.listen.is_some().then(|| {
-            let keys: Vec<&[u8]> = keys
-                .map(|k| {
-                    std::iter::once(k.sign.as_slice())
-                        .chain(k.accept.iter().map(Vec::as_slice))
-                        .collect()
-                })
-                .unwrap_or_default();
+            let keys: Vec<&[u8]> = keys.map(|k| k.all().collect()).unwrap_or_default();
             nflib::journal::JournalFile::new(cfg.journal_path(), &keys)
         });
         if let Some(j) = &journal {
@@ -990,14 +984,7 @@ impl Control {
             .view()
             .runtimes_of(chain)
             .into_iter()
-            .filter(|r| {
-                *r != failed
-                    && match on {
-                        None => true,
-                        Some(RecoverOn::AllBut(s)) => r.server != s,
-                        Some(RecoverOn::Only(s)) => r.server == s,
-                    }
-            })
+            .filter(|r| *r != failed && on.is_none_or(|o| o.includes(r.server)))
             .collect();
         self.top_event(
             "recovery",
