@@ -485,12 +485,14 @@ pub struct ClusterKeys {
 }
 
 impl ClusterKeys {
+    /// Every key the cluster accepts, the signing one first.
+    pub fn all(&self) -> impl Iterator<Item = &[u8]> {
+        std::iter::once(self.sign.as_slice()).chain(self.accept.iter().map(Vec::as_slice))
+    }
+
     /// The managers' handshake keys, the signing one first.
     pub fn auth_keys(&self) -> Vec<control::peer::AuthKey> {
-        std::iter::once(&self.sign)
-            .chain(&self.accept)
-            .map(|k| control::peer::AuthKey::derive(k))
-            .collect()
+        self.all().map(control::peer::AuthKey::derive).collect()
     }
 
     /// The keys of actor and data frames between servers.

@@ -107,15 +107,21 @@ fn taken_over(tb: &Testbed) -> u64 {
         .sum()
 }
 
+/// Runs a drill that must pass; returns its report.
+fn drill_passes(script: &str, tag: &str, extra: &[&str]) -> serde_json::Value {
+    let (r, code) = drill(script, tag, extra);
+    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
+    assert_eq!(r["verdict"], "pass", "violations: {}", r["violations"]);
+    assert_eq!(code, 0);
+    r
+}
+
 #[test]
 fn a_killed_runtime_breaks_no_connection_under_output_commit() {
     if !ready("the kill-runtime drill") {
         return;
     }
-    let (r, code) = drill("kill-runtime.sh", "dk", &[]);
-    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
-    assert_eq!(r["verdict"], "pass", "violations: {}", r["violations"]);
-    assert_eq!(code, 0);
+    let r = drill_passes("kill-runtime.sh", "dk", &[]);
     let f = &r["flows"];
     assert!(f["affected_generator"].as_u64().unwrap() > 0);
     assert_eq!(f["affected_generator"], f["resumed_generator"]);
@@ -131,10 +137,7 @@ fn a_killed_runtime_of_another_server_breaks_no_connection() {
     if !ready("the kill-runtime drill, another server's runtime") {
         return;
     }
-    let (r, code) = drill("kill-runtime.sh", "dr", &["--victim-server", "2"]);
-    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
-    assert_eq!(r["verdict"], "pass", "violations: {}", r["violations"]);
-    assert_eq!(code, 0);
+    let r = drill_passes("kill-runtime.sh", "dr", &["--victim-server", "2"]);
     assert!(r["fault"]["victim"].as_str().unwrap().starts_with("2/"));
     let f = &r["flows"];
     assert!(f["affected_generator"].as_u64().unwrap() > 0);
@@ -150,10 +153,7 @@ fn a_killed_vswitch_breaks_no_connection() {
     if !ready("the kill-vswitch drill") {
         return;
     }
-    let (r, code) = drill("kill-vswitch.sh", "dv", &[]);
-    eprintln!("{}", serde_json::to_string_pretty(&r).unwrap());
-    assert_eq!(r["verdict"], "pass", "violations: {}", r["violations"]);
-    assert_eq!(code, 0);
+    let r = drill_passes("kill-vswitch.sh", "dv", &[]);
     assert!(r["flows"]["affected_generator"].as_u64().unwrap() > 0);
 }
 

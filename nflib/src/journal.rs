@@ -23,14 +23,15 @@ const FORMAT: u32 = 1;
 /// about 0.9 MB).
 const MAX_BYTES: u64 = 256 << 20;
 
+/// The file: the journal (`J`: owned when read, borrowed when written) and what names it.
 #[derive(Serialize, Deserialize)]
-struct File {
+struct File<J> {
     format: u32,
     /// Which cluster wrote it: a keyed hash of the key it signed with.
     cluster: String,
     /// When it was written (wall clock, ns), for people reading it.
     written_ns: u64,
-    journal: Journal,
+    journal: J,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,10 +114,11 @@ impl JournalFile {
                 len: bytes.len() as u64,
             });
         }
-        let file: File = serde_json::from_slice(&bytes).map_err(|e| JournalError::Malformed {
-            path: path.clone(),
-            why: e.to_string(),
-        })?;
+        let file: File<Journal> =
+            serde_json::from_slice(&bytes).map_err(|e| JournalError::Malformed {
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
         if file.format != FORMAT {
             return Err(JournalError::Malformed {
                 path,
@@ -135,7 +137,7 @@ impl JournalFile {
             format: FORMAT,
             cluster: self.ids[0].clone(),
             written_ns: crate::time::wall_ns(),
-            journal: journal.clone(),
+            journal,
         };
         let bytes = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
         let dir = self
