@@ -77,6 +77,9 @@ pub struct PortSlot {
     pub egress: Option<u8>,
     /// Slot of the vswitch that frames received here go to.
     pub vswitch: u16,
+    /// Slots whose processes may hold frames received here (bit `s`: slot `s`): its
+    /// vswitch and the runtimes that vswitch feeds.
+    pub reaches: u64,
     pub recorder: Option<Recorder>,
     pub counters: LocalCounters<PORT_COUNTERS>,
 }
@@ -115,6 +118,10 @@ pub struct Dataplane {
     /// received there go (its `to`), and itself (a function may send a packet back where it
     /// came from); never the cluster port, whose frames nfmgr signs.
     may_leave: Vec<[Option<u8>; 2]>,
+    /// By slot: the ports (bit `i`: port `i`) whose frames the process there may hold, so
+    /// that the port its output names as its port of arrival, the process's to write, is
+    /// one it could have received from.
+    arrivals: Vec<u64>,
     /// Counters of the cluster port when there is none (so the relay always has some).
     spare_counters: LocalCounters<PORT_COUNTERS>,
     chan: Channels,
@@ -201,6 +208,14 @@ impl Dataplane {
                 _ => [None, None],
             })
             .collect();
+        let mut arrivals = vec![0u64; slots as usize];
+        for (i, p) in ports.iter().enumerate() {
+            for (s, a) in arrivals.iter_mut().enumerate() {
+                if p.reaches & (1u64 << s) != 0 {
+                    *a |= 1u64 << i;
+                }
+            }
+        }
         Dataplane {
             region: region.clone(),
             pool,
@@ -214,6 +229,7 @@ impl Dataplane {
             pending_tx: (0..nports).map(|_| Vec::new()).collect(),
             reclaims: VecDeque::new(),
             may_leave,
+            arrivals,
             spare_counters: LocalCounters::default(),
             chan,
             counters,
@@ -544,12 +560,16 @@ impl Dataplane {
                     continue;
                 };
                 let egress = p.egress_port() as usize;
-                if Self::may_leave_by(&self.may_leave, &p, p.egress_port()) {
+                let arrived = self.arrivals.get(s).copied().unwrap_or(0);
+                // (A byte from the descriptor: 64 ports at most, so a shift past them is none.)
+                let bit = 1u64.checked_shl(p.ingress_port().into()).unwrap_or(0);
+                if arrived & bit != 0 && Self::may_leave_by(&self.may_leave, &p, p.egress_port()) {
                     tx[egress].push(p);
                 } else {
-                    // The descriptor is the process's to write: a port its packet may not
-                    // leave by (not where its port of arrival sends, nor back; the cluster
-                    // port) is refused.
+                    // The descriptor is the process's to write: a port of arrival whose
+                    // frames never reach this process, or a port its packet may not leave
+                    // by (not where its port of arrival sends, nor back; the cluster port),
+                    // is refused.
                     self.counters.add(ProcCounter::DropMisaddressed as usize, 1);
                     self.pool.free(p);
                 }

@@ -577,7 +577,8 @@ fn build_ports(
     cfg: &Config,
     region: &Region,
     pool: &mut ManagerPool,
-    vswitch_slot: &dyn Fn(&str) -> u16,
+    // A vswitch's slot, and the slots the frames it receives reach.
+    vswitch_of: &dyn Fn(&str) -> (u16, u64),
 ) -> Result<Vec<PortSlot>> {
     let mut ports = Vec::new();
     let mut flow_base = 0u32;
@@ -653,12 +654,14 @@ fn build_ports(
             .as_ref()
             .and_then(|to| cfg.ports.iter().position(|p| &p.name == to))
             .map(|x| x as u8);
-        let vswitch = vswitch_slot(pc.vswitch.as_deref().unwrap_or(&cfg.vswitches[0].name));
+        let (vswitch, reaches) =
+            vswitch_of(pc.vswitch.as_deref().unwrap_or(&cfg.vswitches[0].name));
         ports.push(PortSlot {
             name: pc.name.clone(),
             port,
             egress,
             vswitch,
+            reaches,
             recorder,
             counters: LocalCounters::default(),
         });
@@ -767,14 +770,16 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
     if let Some(r) = data_path_user(cfg)? {
         sandbox.extend(["--run-as".to_string(), r.to_string()]);
     }
+    // The runtimes each vswitch feeds, by its slot.
+    let targets_of = |v: &nflib::config::VswitchConfig| match &v.runtimes {
+        Some(list) => list
+            .iter()
+            .filter_map(|n| slot_of_runtime(n))
+            .fold(0u64, |m, s| m | 1 << s),
+        None => (0..cfg.runtimes.len() as u16).fold(0u64, |m, i| m | 1 << (runtime_base + i)),
+    };
     for v in &cfg.vswitches {
-        let targets = match &v.runtimes {
-            Some(list) => list
-                .iter()
-                .filter_map(|n| slot_of_runtime(n))
-                .fold(0u64, |m, s| m | 1 << s),
-            None => (0..cfg.runtimes.len() as u16).fold(0u64, |m, i| m | 1 << (runtime_base + i)),
-        };
+        let targets = targets_of(v);
         specs.push(ProcSpec {
             slot: next_slot,
             name: v.name.clone(),
@@ -824,7 +829,17 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
     // a port opens), so that they all reach the supervisor's signalfd.
     let signals = termination_signals()?;
     let mut pool = ManagerPool::new(&region, region_cfg.pool_ring_size / 2);
-    let ports = build_ports(cfg, &region, &mut pool, &slot_of_vswitch)?;
+    // A port's frames reach its vswitch and the runtimes that vswitch feeds.
+    let reaches = |name: &str| {
+        let slot = slot_of_vswitch(name);
+        let targets = cfg
+            .vswitches
+            .iter()
+            .find(|v| v.name == name)
+            .map_or(0, targets_of);
+        (slot, targets | 1 << slot)
+    };
+    let ports = build_ports(cfg, &region, &mut pool, &reaches)?;
     let (cmd_tx, cmd_rx) = HeapRb::<Command>::new(256).split();
     let (ev_tx, ev_rx) = HeapRb::<dataplane::PlaneEvent>::new(1024).split();
     let event_bell = Arc::new(

@@ -415,6 +415,68 @@ spec = "sink:"
     assert!(inst.stop().success());
 }
 
+/// The port of arrival is the process's to write as well: a runtime that names another
+/// port's, one whose frames never reach it, to send where that port's traffic goes is
+/// refused (issue 22, finding 2). Two vswitches, each feeding its own runtime; both
+/// runtimes name `gen1` as where their output came from and `sink1` as where it goes:
+/// rt1's (truly from gen1) goes out, rt0's (from gen0) is refused.
+#[test]
+fn output_naming_a_port_it_never_receives_from_is_refused() {
+    let mut inst = Instance::new("misarrive");
+    inst.start_with_env(
+        r#"
+[[vswitch]]
+name = "vs0"
+runtimes = ["rt0"]
+[[vswitch]]
+name = "vs1"
+runtimes = ["rt1"]
+[[runtime]]
+name = "rt0"
+[[runtime]]
+name = "rt1"
+[[port]]
+name = "gen0"
+spec = "gen:"
+to = "sink0"
+vswitch = "vs0"
+flows = 10
+rate_pps = 100
+duration_ms = 1000
+[[port]]
+name = "sink0"
+spec = "sink:"
+[[port]]
+name = "gen1"
+spec = "gen:"
+to = "sink1"
+vswitch = "vs1"
+flows = 10
+rate_pps = 100
+duration_ms = 1000
+[[port]]
+name = "sink1"
+spec = "sink:"
+"#,
+        &[
+            ("NF_FAILPOINTS", "misroute"),
+            ("NF_FAILPOINT_EGRESS", "3"),
+            ("NF_FAILPOINT_INGRESS", "2"),
+        ],
+    );
+    let region = inst.region(Duration::from_secs(20));
+    let refused =
+        |s: &nflib::snapshot::RegionSnapshot| s.process_counter("nfmgr", "drop_misaddressed");
+    let s = inst.wait_for(&region, Duration::from_secs(20), "all sent", |s| {
+        refused(s) + s.port_counter("sink1", "tx_pkts") >= 2000
+    });
+    assert_eq!(refused(&s), 1000, "{:?}", s.processes);
+    assert_eq!(s.port_counter("sink1", "tx_pkts"), 1000);
+    assert_eq!(s.port_counter("sink0", "tx_pkts"), 0);
+    drop(region);
+    assert!(inst.stop().success());
+}
+
 /// A runtime whose flow table is full tells the vswitch about the flows it refuses: the
 /// vswitch forgets them (their next packets are dispatched afresh) instead of keeping an
 /// entry per refused flow until it idles out (issue 22, finding 6).

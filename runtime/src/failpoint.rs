@@ -19,7 +19,8 @@
 //!   its own flows by the next slot's runtime, a workload poll of the vswitch), and asks
 //!   the vswitch to move the next runtime's flows to a third.
 //! - `misroute`: a runtime sends all its output to port `NF_FAILPOINT_EGRESS` (an index),
-//!   whatever port it should leave by.
+//!   whatever port it should leave by, and names `NF_FAILPOINT_INGRESS` (when set) as the
+//!   port it arrived on.
 //! - `sandbox-probe`: a runtime, once, tries to signal and trace nfmgr and read the cluster
 //!   key, as a
 //!   taken-over runtime would (the sandbox must refuse both).
@@ -261,13 +262,14 @@ pub fn rogue_call(mb: &mut nflib::mailbox::Mailbox, uptime_ms: u64) {
 }
 
 /// `misroute`: the port every output packet is to name as its egress
-/// (`NF_FAILPOINT_EGRESS`), if armed.
-pub fn misroute() -> Option<u8> {
-    static PORT: OnceLock<Option<u8>> = OnceLock::new();
-    *PORT.get_or_init(|| {
+/// (`NF_FAILPOINT_EGRESS`), and as its port of arrival (`NF_FAILPOINT_INGRESS`), if armed.
+pub fn misroute() -> Option<(u8, Option<u8>)> {
+    static PORTS: OnceLock<Option<(u8, Option<u8>)>> = OnceLock::new();
+    *PORTS.get_or_init(|| {
         if !enabled("misroute") {
             return None;
         }
-        std::env::var("NF_FAILPOINT_EGRESS").ok()?.parse().ok()
+        let port = |var: &str| std::env::var(var).ok()?.parse().ok();
+        Some((port("NF_FAILPOINT_EGRESS")?, port("NF_FAILPOINT_INGRESS")))
     })
 }

@@ -1084,13 +1084,16 @@ impl<P> Runtime<P> {
         }
         io.transmit(now_ns);
         if !self.out.is_empty() {
-            if let Some(port) = crate::failpoint::armed()
+            if let Some((egress, ingress)) = crate::failpoint::armed()
                 .then(crate::failpoint::misroute)
                 .flatten()
             {
                 let region = io.buffers();
                 for p in &mut self.out {
-                    region.set_egress_port(p, port);
+                    region.set_egress_port(p, egress);
+                    if let Some(i) = ingress {
+                        region.set_ingress_port(p, i);
+                    }
                 }
             }
             io.send_burst(MANAGER_SLOT, &mut self.out);
