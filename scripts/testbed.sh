@@ -7,7 +7,9 @@
 #                                  | ctl 10.99.0.1
 #   bridge in <prefix>-net  ======+====== ctl 10.99.0.2 [ server 2 ] ... [ server N ]
 #
-# Server 1 is the coordinator (TCP 10.99.0.1:7700); the others join it. Every server runs a
+# Server 1 is the coordinator (TCP 10.99.0.1:7700); the others join it (with --etcd, every
+# server listens at 10.99.0.N:7700 and the one a three-member etcd in namespace <prefix>-x
+# elects is the coordinator: client URLs http://10.99.0.99:2379, :22379, :32379). Every server runs a
 # vswitch and RUNTIMES runtimes of one chain (firewall -> flow monitor by default); traffic
 # enters server 1's vswitch, which dispatches flows to runtimes on every server.
 #
@@ -27,6 +29,7 @@
 #                           [--gen FLOWS,PPS_PER_FLOW,MS[,START_AFTER_MS]]  (a generator -> sink
 #                                                          on server 1)
 #                           [--sink-record FILE]  (the sink also writes what it gets to FILE)
+#                           [--etcd]  (cluster state and coordinator election in etcd)
 #   scripts/testbed.sh down [--prefix P]
 # With --chain, `nat` gets external address 10.77.0.100 and translates the client's flows
 # (--nat-internal PREFIX: the flows from PREFIX instead, 10.0.0.0/8 for the generator's).
@@ -57,6 +60,8 @@ RUNTIMES=2
 CHAIN="firewall,flow_monitor"
 BIN=""
 START=1
+ETCD=""
+ETCD_PORTS="2379 22379 32379"
 MTU=9000
 # The platform's frames on the cluster link (its `cluster.mtu`); jumbo ones also need
 # buffers that hold them (`--region-set 'buffer_size = 8448'` for 8192).
@@ -99,6 +104,7 @@ while [ $# -gt 0 ]; do
         --gen) GEN=$2; shift 2 ;;
         --sink-record) SINK_RECORD=$2; shift 2 ;;
         --no-start) START=0; shift ;;
+        --etcd) ETCD=1; shift ;;
         *)
             if [ "$cmd" = exec ]; then
                 if [ -z "$EXEC_SERVER" ]; then EXEC_SERVER=$1; else EXEC_ARGS+=("$1"); fi
@@ -143,7 +149,7 @@ down() {
             kill -KILL "$(cat "$f")" 2>/dev/null || true
             rm -f "$f"
         done
-        for f in "$STATE"/linkem*.pid; do
+        for f in "$STATE"/linkem*.pid "$STATE"/etcd*.pid; do
             [ -e "$f" ] || continue
             kill -TERM "$(cat "$f")" 2>/dev/null || true
             rm -f "$f"
@@ -157,7 +163,11 @@ down() {
 config() {  # config SERVER
     local i=$1
     local role
-    if [ "$i" = 1 ]; then role='listen = "10.99.0.1:7700"'; else role='coordinator = "10.99.0.1:7700"'; fi
+    if [ -n "$ETCD" ]; then
+        role="listen = \"10.99.0.$i:7700\"
+store = \"etcd\"
+etcd = [$(for p in $ETCD_PORTS; do printf '"http://10.99.0.99:%s", ' "$p"; done)]"
+    elif [ "$i" = 1 ]; then role='listen = "10.99.0.1:7700"'; else role='coordinator = "10.99.0.1:7700"'; fi
     cat <<EOF
 # Test bed server $i of $SERVERS (written by scripts/testbed.sh).
 instance = "$PREFIX-s$i"
@@ -220,6 +230,39 @@ EOF
             if [ -n "$SINK_RECORD" ]; then printf 'record = "%s"\n' "$SINK_RECORD"; fi
         fi
     fi
+}
+
+# Three etcd members in namespace <prefix>-x (peers on its loopback), waited for until they
+# answer as one cluster.
+start_etcd() {
+    command -v etcd >/dev/null || die "--etcd: etcd is not installed (apt-get install etcd-server)"
+    local n=0 peers="" p
+    ip -n "$(ns x)" link set lo up
+    for p in $ETCD_PORTS; do
+        peers+="e$n=http://127.0.0.1:$((p + 1)),"
+        n=$((n + 1))
+    done
+    n=0
+    for p in $ETCD_PORTS; do
+        ip netns exec "$(ns x)" etcd --name "e$n" --data-dir "$STATE/etcd$n" \
+            --listen-client-urls "http://10.99.0.99:$p" \
+            --advertise-client-urls "http://10.99.0.99:$p" \
+            --listen-peer-urls "http://127.0.0.1:$((p + 1))" \
+            --initial-advertise-peer-urls "http://127.0.0.1:$((p + 1))" \
+            --initial-cluster "${peers%,}" --initial-cluster-state new \
+            --initial-cluster-token "$PREFIX" > "$STATE/etcd$n.log" 2>&1 &
+        echo $! > "$STATE/etcd$n.pid"
+        n=$((n + 1))
+    done
+    for _ in $(seq 100); do
+        if ip netns exec "$(ns x)" curl -sf --max-time 1 http://10.99.0.99:2379/health \
+            | grep -q '"health":"true"'; then
+            return
+        fi
+        sleep 0.1
+    done
+    tail -20 "$STATE/etcd0.log" >&2
+    die "etcd did not start within 10 s"
 }
 
 # Server I's cluster link through namespace <prefix>-link<I>: ctl -- a<I> [impairment] b<I>
@@ -319,6 +362,7 @@ up() {
         ip -n "$(ns "$1")" link set "$2" up
         quiet_offloads "$(ns "$1")" "$2"
     done
+    if [ -n "$ETCD" ]; then start_etcd; fi
     [ $START = 1 ] || { echo "testbed $PREFIX: $SERVERS servers set up (not started); configs in $STATE"; return; }
     for i in $(seq 1 "$SERVERS"); do
         NFMGR_LOG=${NFMGR_LOG:-info} ip netns exec "$(ns "s$i")" "$NFMGR" start --config "$STATE/s$i.toml" \

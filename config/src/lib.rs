@@ -517,6 +517,35 @@ pub struct ClusterSection {
     /// long to join again before it is declared dead and its flows recovered.
     #[serde(default = "d_restore_grace")]
     pub restore_grace_ms: u64,
+    /// Where the cluster's state lives: `"journal"`, the coordinator's own file (one
+    /// coordinator, `cluster.listen`; members name it in `cluster.coordinator`), or
+    /// `"etcd"`: the state in etcd (`cluster.etcd`), and every nfmgr a candidate
+    /// coordinator, elected with an etcd lease (docs/MESSAGING.md, "Coordinators on etcd").
+    #[serde(default)]
+    pub store: ClusterStore,
+    /// `store = "etcd"`: the etcd members' client URLs (`http://ADDR:PORT`).
+    #[serde(default)]
+    pub etcd: Vec<String>,
+    /// `store = "etcd"`: the key prefix of this cluster's election and journal in etcd
+    /// (one prefix per cluster sharing an etcd).
+    #[serde(default = "d_etcd_prefix")]
+    pub etcd_prefix: String,
+    /// `store = "etcd"`: the lease a coordinator holds, in seconds: a coordinator whose
+    /// nfmgr died is replaced this long after its last renewal (2-60).
+    #[serde(default = "d_etcd_lease")]
+    pub etcd_lease_s: u32,
+    /// `store = "etcd"`: the address other servers reach `cluster.listen` at, when that is
+    /// a wildcard (`0.0.0.0:PORT`). Default: `cluster.listen`.
+    pub advertise: Option<String>,
+}
+
+/// Where the cluster's state lives (`cluster.store`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClusterStore {
+    #[default]
+    Journal,
+    Etcd,
 }
 
 fn d_server_id() -> u16 {
@@ -533,6 +562,12 @@ fn d_member_timeout() -> u64 {
 }
 fn d_restore_grace() -> u64 {
     3000
+}
+fn d_etcd_lease() -> u32 {
+    2
+}
+fn d_etcd_prefix() -> String {
+    "/nfactor".into()
 }
 fn d_link_beat() -> u64 {
     10
@@ -570,6 +605,15 @@ impl ClusterSection {
 
     pub fn is_coordinator(&self) -> bool {
         self.coordinator.is_none()
+    }
+
+    /// `store = "etcd"`: the address other servers join this nfmgr at when it is elected.
+    pub fn advertised(&self) -> Option<std::net::SocketAddr> {
+        self.advertise
+            .as_ref()
+            .or(self.listen.as_ref())?
+            .parse()
+            .ok()
     }
 
     /// Settings of the reliable transport of actor messages.
@@ -1378,6 +1422,43 @@ impl Config {
         }
         if c.heartbeat_ms == 0 || c.member_timeout_ms <= c.heartbeat_ms {
             bail!("cluster.member_timeout_ms" => "must exceed cluster.heartbeat_ms (above 0)");
+        }
+        if c.store == ClusterStore::Etcd {
+            if c.listen.is_none() {
+                bail!("cluster.listen" => "required with store = \"etcd\" (every nfmgr may be elected coordinator, and members join it there)");
+            }
+            if c.coordinator.is_some() {
+                bail!("cluster.coordinator" => "not with store = \"etcd\": the coordinator is the one etcd elects");
+            }
+            if c.etcd.is_empty() {
+                bail!("cluster.etcd" => "required with store = \"etcd\": the etcd members' client URLs");
+            }
+            if let Some(u) = c
+                .etcd
+                .iter()
+                .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+            {
+                bail!("cluster.etcd" => "`{u}` is not a URL (http://ADDR:PORT)");
+            }
+            if !c.etcd_prefix.starts_with('/') || c.etcd_prefix.ends_with('/') {
+                bail!("cluster.etcd_prefix" => "must start with `/` and not end with one (got `{}`)", c.etcd_prefix);
+            }
+            if !(2..=60).contains(&c.etcd_lease_s) {
+                bail!("cluster.etcd_lease_s" => "must be between 2 and 60");
+            }
+            if let Some(a) = &c.advertise {
+                if a.parse::<std::net::SocketAddr>().is_err() {
+                    bail!("cluster.advertise" => "`{a}` is not ADDR:PORT");
+                }
+            }
+            match c.advertised() {
+                Some(a) if a.ip().is_unspecified() => {
+                    bail!("cluster.advertise" => "required when cluster.listen is a wildcard address ({a}): other servers must be told where to join")
+                }
+                _ => {}
+            }
+        } else if !c.etcd.is_empty() || c.advertise.is_some() {
+            bail!("cluster.etcd" => "only with store = \"etcd\"");
         }
         if c.restore_grace_ms < c.member_timeout_ms {
             bail!("cluster.restore_grace_ms" => "must be at least cluster.member_timeout_ms (members need that long to see the coordinator gone)");

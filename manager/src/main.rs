@@ -671,6 +671,13 @@ fn build_ports(
 
 fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()> {
     let started = Instant::now();
+    if cfg.cluster.store == nflib::config::ClusterStore::Etcd && !control::store::Store::BUILT {
+        bail!(
+            "cluster.store = \"etcd\": this nfmgr was built without the etcd client (build \
+             it with `cargo build --release --features nf-manager/etcd`, which needs \
+             protobuf-compiler)"
+        );
+    }
     let cluster_keys = load_cluster_keys(cfg)?;
     // Bind what others connect to before anything starts, so a taken address is a clear
     // error at start.

@@ -114,8 +114,15 @@ impl JournalFile {
                 len: bytes.len() as u64,
             });
         }
+        self.decode(&bytes).map(Some)
+    }
+
+    /// The journal in `bytes` (as `encode` made it), if it is this cluster's. Errors name
+    /// `path` (for a journal kept elsewhere, such as etcd, its key there).
+    pub fn decode(&self, bytes: &[u8]) -> Result<Journal, JournalError> {
+        let path = self.path.clone();
         let file: File<Journal> =
-            serde_json::from_slice(&bytes).map_err(|e| JournalError::Malformed {
+            serde_json::from_slice(bytes).map_err(|e| JournalError::Malformed {
                 path: path.clone(),
                 why: e.to_string(),
             })?;
@@ -128,18 +135,24 @@ impl JournalFile {
         if !self.ids.contains(&file.cluster) {
             return Err(JournalError::OtherCluster { path });
         }
-        Ok(Some(file.journal))
+        Ok(file.journal)
     }
 
-    /// Replaces the journal with `journal`, atomically and durably.
-    pub fn write(&self, journal: &Journal) -> std::io::Result<()> {
+    /// `journal` as written: JSON, naming this cluster (by its signing key).
+    pub fn encode(&self, journal: &Journal) -> Vec<u8> {
         let file = File {
             format: FORMAT,
             cluster: self.ids[0].clone(),
             written_ns: crate::time::wall_ns(),
             journal,
         };
-        let bytes = serde_json::to_vec(&file).map_err(std::io::Error::other)?;
+        // (Plain data: serialising it to JSON cannot fail.)
+        serde_json::to_vec(&file).unwrap_or_default()
+    }
+
+    /// Replaces the journal with `journal`, atomically and durably.
+    pub fn write(&self, journal: &Journal) -> std::io::Result<()> {
+        let bytes = self.encode(journal);
         let dir = self
             .path
             .parent()

@@ -78,10 +78,13 @@ pub struct Member {
 pub enum Role {
     Coordinator,
     Member {
-        coordinator: SocketAddr,
+        /// None: not known yet (etcd has elected no coordinator this member knows of).
+        coordinator: Option<SocketAddr>,
         session: Option<SessionId>,
         last_heard: Instant,
-        joining: bool,
+        /// The session of the join under way: its outcome counts only while this is it (a
+        /// join to a coordinator since replaced ends without effect).
+        joining: Option<SessionId>,
         next_try: Instant,
         last_error: Option<String>,
         /// The endpoints the coordinator was last told of.
@@ -109,6 +112,18 @@ pub struct Settings {
     pub chains: Vec<(String, [u8; 32])>,
     /// Whether this server may join a coordinator (it holds the cluster key).
     pub can_join: bool,
+}
+
+/// How a membership begins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// The coordinator: members join it.
+    Coordinator,
+    /// A member of the coordinator at this address; of the one etcd elects when `None`
+    /// (it learns which from [`Membership::follow`] or [`Membership::elected`]).
+    Member(Option<SocketAddr>),
+    /// A cluster of one.
+    Alone,
 }
 
 /// Which servers' runtimes a recovery asks.
@@ -187,6 +202,18 @@ pub struct Membership {
     /// Restored: this server's runtimes of its previous life (gone with it), whose flows
     /// each returning member's runtimes are asked to recover.
     old_life: Vec<EndpointInfo>,
+    /// A coordinator whose etcd lease lapsed: it keeps its sessions and heartbeats (the
+    /// data plane carries on) but changes nothing (no view, no death declared, no join)
+    /// until etcd elects a coordinator, itself or another.
+    paused: bool,
+    /// Servers the cluster link does not carry frames of now (the data plane's link
+    /// watch), as any role hears it: a member elected coordinator declares those of them
+    /// it carries on with dead at once.
+    link_silent: BTreeSet<u16>,
+    /// Member: the coordinator whose session ended (its server is out of this member's
+    /// dispatch), until it joins one again. Elected after it, this member declares that
+    /// server dead at once: a coordinator that only lost etcd keeps its sessions.
+    lost_coordinator: Option<u16>,
     next_session: SessionId,
     /// Shutting down (`leave`): a session that fails now changes nothing.
     leaving: bool,
@@ -194,31 +221,21 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Server `me` (`name`, life `incarnation`) with `endpoints` at `now`: a member of
-    /// `coordinator` if given, else the coordinator if it `listens`, else alone.
-    #[allow(clippy::too_many_arguments)]
+    /// Server `me` (`name`, life `incarnation`) with `endpoints` at `now`, in the role
+    /// `start` gives it.
     pub fn new(
         me: u16,
         name: String,
         incarnation: u64,
-        coordinator: Option<SocketAddr>,
-        listens: bool,
+        start: Start,
         settings: Settings,
         endpoints: Vec<EndpointInfo>,
         now: Instant,
     ) -> Membership {
-        let role = match coordinator {
-            Some(a) => Role::Member {
-                coordinator: a,
-                session: None,
-                last_heard: now,
-                joining: false,
-                next_try: now,
-                last_error: None,
-                sent_endpoints: Vec::new(),
-            },
-            None if listens => Role::Coordinator,
-            None => Role::Alone,
+        let role = match start {
+            Start::Member(coordinator) => Self::member_of(coordinator, now),
+            Start::Coordinator => Role::Coordinator,
+            Start::Alone => Role::Alone,
         };
         let mut m = Membership {
             me,
@@ -236,6 +253,9 @@ impl Membership {
             restored: BTreeSet::new(),
             restore_until: None,
             old_life: Vec::new(),
+            paused: false,
+            link_silent: BTreeSet::new(),
+            lost_coordinator: None,
             next_session: 1,
             leaving: false,
             actions: VecDeque::new(),
@@ -284,9 +304,23 @@ impl Membership {
         matches!(self.role, Role::Coordinator)
     }
 
-    /// Coordinator: what to write down now (after every view change), for a later life.
+    /// The role of a member of `coordinator` (`None`: not known yet), not joined.
+    fn member_of(coordinator: Option<SocketAddr>, now: Instant) -> Role {
+        Role::Member {
+            coordinator,
+            session: None,
+            last_heard: now,
+            joining: None,
+            next_try: now,
+            last_error: None,
+            sent_endpoints: Vec::new(),
+        }
+    }
+
+    /// Coordinator: what to write down now (after every view change), for a later life
+    /// (none while paused: it has no say).
     pub fn journal(&self) -> Option<Journal> {
-        self.is_coordinator().then(|| Journal {
+        (self.is_coordinator() && !self.paused).then(|| Journal {
             view: self.view.clone(),
             addrs: self
                 .members
@@ -317,6 +351,13 @@ impl Membership {
         if self.members.len() > 1 || self.view.version > 1 {
             return Err("the membership has started already".into());
         }
+        self.carry_on(journal, now);
+        Ok(())
+    }
+
+    /// Coordinator: takes the cluster on from `journal` (what the last coordinator, this
+    /// server's previous life or another server, wrote down). See `restore`.
+    fn carry_on(&mut self, journal: Journal, now: Instant) {
         self.epoch = self.incarnation.max(journal.view.epoch.saturating_add(1));
         let addrs: BTreeMap<u16, SocketAddr> = journal.addrs.into_iter().collect();
         for s in journal.view.servers {
@@ -361,7 +402,148 @@ impl Membership {
             self.restored.len()
         ));
         self.rebuild_view();
-        Ok(())
+    }
+
+    /// etcd: this nfmgr was elected coordinator; `journal` is what the last coordinator
+    /// wrote there (none: a new cluster). A member carries on from it, or from the view
+    /// it holds when that is newer (the last coordinator may have sent a view it could not
+    /// write down before it died). Every server alive in it has `restore_grace` to join
+    /// again, the last coordinator's server too (if it is alive, it was only cut off from
+    /// etcd and follows this one); those the cluster link does not carry now are declared
+    /// dead at once and their flows recovered. A paused coordinator elected again resumes,
+    /// with a new epoch, unless another coordinated meanwhile (the journal is newer).
+    pub fn elected(&mut self, journal: Option<Journal>, now: Instant) {
+        if matches!(self.role, Role::Coordinator) {
+            let another = journal.as_ref().is_some_and(|j| j.view.epoch > self.epoch);
+            if !another {
+                self.resume(now);
+                return;
+            }
+            self.role = Self::member_of(None, now);
+            self.members.retain(|id, _| *id == self.me);
+        }
+        let Role::Member { session, .. } = &mut self.role else {
+            return;
+        };
+        // The last coordinator, if it lives, joins this one as the others do.
+        if let Some(s) = session.take() {
+            self.close(s);
+        }
+        self.role = Role::Coordinator;
+        self.paused = false;
+        let mut base = match journal {
+            Some(j) if j.view.stamp() >= self.view.stamp() => j,
+            _ => Journal {
+                view: self.view.clone(),
+                addrs: Vec::new(),
+            },
+        };
+        // A member marks its coordinator's server dead when its session ends, only in its
+        // own view; no coordinator declared it dead, nor recovered its flows.
+        let last = base.view.coordinator;
+        for srv in &mut base.view.servers {
+            if srv.server == last {
+                srv.alive = true;
+            }
+        }
+        self.note(format!(
+            "elected coordinator: carrying on from server {last}'s view {}",
+            base.view.version
+        ));
+        self.carry_on(base, now);
+        if let Some(id) = self.lost_coordinator.take().filter(|id| *id == last) {
+            self.declare_dead(
+                id,
+                "its session ended, and etcd elected another coordinator".into(),
+                now,
+            );
+        }
+        let silent: Vec<u16> = self
+            .restored
+            .intersection(&self.link_silent)
+            .copied()
+            .collect();
+        for id in silent {
+            self.declare_dead(id, "not heard on the cluster link".into(), now);
+        }
+    }
+
+    /// A paused coordinator elected again: it has its say back, under a new epoch. Members
+    /// whose sessions ended meanwhile have `restore_grace` to join again.
+    fn resume(&mut self, now: Instant) {
+        if !self.paused {
+            return;
+        }
+        self.paused = false;
+        self.epoch = self.epoch.saturating_add(1);
+        for (id, m) in &self.members {
+            if *id != self.me && m.alive && m.session.is_none() {
+                self.restored.insert(*id);
+            }
+        }
+        if !self.restored.is_empty() {
+            self.restore_until = Some(now + self.settings.restore_grace);
+        }
+        self.note("elected coordinator again: resuming".into());
+        self.rebuild_view();
+    }
+
+    /// etcd: the coordinator is the nfmgr at `addr` now. A member joins it (leaving the
+    /// session to the last one: that server may live on, so its runtimes stay in the
+    /// view); a coordinator, whose lease lapsed or who let go, becomes a member of it.
+    pub fn follow(&mut self, addr: SocketAddr, now: Instant) {
+        if matches!(self.role, Role::Coordinator) {
+            // The members follow the new coordinator too and end their sessions here;
+            // this server no longer tracks them.
+            self.note(format!("coordinator {addr} elected: following it"));
+            self.members.retain(|id, _| *id == self.me);
+            self.restored.clear();
+            self.restore_until = None;
+            self.old_life.clear();
+            self.paused = false;
+            self.role = Self::member_of(Some(addr), now);
+            return;
+        }
+        let Role::Member {
+            coordinator,
+            session,
+            joining,
+            next_try,
+            ..
+        } = &mut self.role
+        else {
+            return;
+        };
+        if *coordinator == Some(addr) {
+            return;
+        }
+        *coordinator = Some(addr);
+        *joining = None;
+        *next_try = now;
+        let old = session.take();
+        if let Some(s) = old {
+            self.close(s);
+        }
+        self.note(format!("following coordinator {addr}"));
+    }
+
+    /// etcd: this coordinator's lease lapsed (etcd is out of reach, or it let go). It
+    /// changes nothing until etcd elects a coordinator, and keeps its sessions and
+    /// heartbeats, so that every server keeps the view it has and the data plane carries
+    /// on (losing etcd stops coordination, never traffic).
+    pub fn pause(&mut self, why: String) {
+        if matches!(self.role, Role::Coordinator) && !self.paused {
+            self.paused = true;
+            self.note(format!(
+                "coordination paused ({why}): no view changes until etcd elects a \
+                 coordinator"
+            ));
+        }
+    }
+
+    /// Whether this coordinator's lease lapsed (it changes nothing).
+    pub fn paused(&self) -> bool {
+        self.paused
     }
 
     /// The session that reaches `server`: the coordinator's own to each member; a
@@ -402,8 +584,12 @@ impl Membership {
         self.actions.push_back(Action::Close { session });
     }
 
-    /// Coordinator (or alone): the view from the member table, with a new version.
+    /// Coordinator (or alone): the view from the member table, with a new version (none
+    /// while paused: the table's changes wait for the next coordinator).
     fn rebuild_view(&mut self) {
+        if self.paused {
+            return;
+        }
         self.view = ClusterView {
             // A member's own view, before it joins, comes before any coordinator's: its
             // processes are given it, and must take the coordinator's after it (they order
@@ -588,6 +774,13 @@ impl Membership {
         if !self.is_coordinator() {
             return Some("this nfmgr is not a coordinator".into());
         }
+        if self.paused {
+            return Some(
+                "this nfmgr's coordinator lease lapsed: it admits no one until etcd elects a \
+                 coordinator"
+                    .into(),
+            );
+        }
         if info.server == self.me {
             return Some(format!("server id {} is the coordinator's", info.server));
         }
@@ -625,7 +818,7 @@ impl Membership {
         now: Instant,
     ) -> bool {
         let Role::Member {
-            coordinator,
+            coordinator: Some(addr),
             session: s,
             last_heard,
             joining,
@@ -636,12 +829,17 @@ impl Membership {
         else {
             return false;
         };
+        // A join to a coordinator since replaced (etcd elected another meanwhile).
+        if *joining != Some(session) {
+            return false;
+        }
         *s = Some(session);
         *last_heard = now;
-        *joining = false;
+        *joining = None;
+        self.lost_coordinator = None;
         *last_error = None;
         sent_endpoints.clear();
-        let addr = *coordinator;
+        let addr = *addr;
         self.note(format!("joined the cluster of coordinator {addr}"));
         // Before the view: carried out in this order, the recovery reaches this server's
         // runtimes before the view lets anything of the coordinator's new life through
@@ -655,9 +853,9 @@ impl Membership {
         true
     }
 
-    /// Member: joining failed; it is tried again after `rejoin_every`. Returns the reason
-    /// when it differs from the last one (worth a warning).
-    pub fn join_failed(&mut self, why: String, now: Instant) -> Option<String> {
+    /// Member: the join on `session` failed; it is tried again after `rejoin_every`.
+    /// Returns the reason when it differs from the last one (worth a warning).
+    pub fn join_failed(&mut self, session: SessionId, why: String, now: Instant) -> Option<String> {
         let Role::Member {
             joining,
             next_try,
@@ -667,7 +865,10 @@ impl Membership {
         else {
             return None;
         };
-        *joining = false;
+        if *joining != Some(session) {
+            return None;
+        }
+        *joining = None;
         *next_try = now + self.settings.rejoin_every;
         if last_error.as_deref() == Some(why.as_str()) {
             return None;
@@ -696,7 +897,7 @@ impl Membership {
             joining, next_try, ..
         } = &mut self.role
         {
-            *joining = false;
+            *joining = None;
             *next_try = now;
         }
     }
@@ -783,6 +984,7 @@ impl Membership {
         };
         if coordinator_lost {
             let coord = self.view.coordinator;
+            self.lost_coordinator = Some(coord);
             self.note(format!("lost the coordinator ({why}); rejoining"));
             // Its runtimes are gone with it: stop dispatching to them.
             for s in &mut self.view.servers {
@@ -803,9 +1005,17 @@ impl Membership {
     /// recovered where they were replicated, every life of them.
     fn declare_dead(&mut self, id: u16, why: String, now: Instant) {
         let at_s = now.saturating_duration_since(self.started).as_secs_f64();
+        let paused = self.paused;
         let Some(m) = self.members.get_mut(&id) else {
             return;
         };
+        if paused {
+            // No say: the member stays in the view (its session is gone); the coordinator
+            // etcd elects next decides.
+            m.session = None;
+            self.note(format!("server {id} lost ({why}); coordination is paused"));
+            return;
+        }
         let silent_ms = now.saturating_duration_since(m.last_heard).as_secs_f64() * 1000.0;
         m.session = None;
         m.alive = false;
@@ -847,6 +1057,7 @@ impl Membership {
     /// session or a silent heartbeat; members only note it (deciding is the
     /// coordinator's).
     pub fn link_down(&mut self, server: u16, silent: Duration, now: Instant) {
+        self.link_silent.insert(server);
         let ms = silent.as_secs_f64() * 1000.0;
         let session = self
             .members
@@ -866,6 +1077,7 @@ impl Membership {
     }
 
     pub fn link_up(&mut self, server: u16) {
+        self.link_silent.remove(&server);
         self.note(format!("server {server} heard on the cluster link again"));
     }
 
@@ -976,7 +1188,7 @@ impl Membership {
 
     fn maybe_join(&mut self, now: Instant, endpoints: Vec<EndpointInfo>) {
         let Role::Member {
-            coordinator,
+            coordinator: Some(coordinator),
             session: None,
             joining,
             next_try,
@@ -985,17 +1197,17 @@ impl Membership {
         else {
             return;
         };
-        if *joining || now < *next_try || !self.settings.can_join {
+        if joining.is_some() || now < *next_try || !self.settings.can_join {
             return;
         }
         // Fencing: join again only once the old lives are dead.
         if !self.fence_pending.is_empty() && self.fence_until.is_some_and(|t| now < t) {
             return;
         }
-        *joining = true;
         let coordinator = *coordinator;
         let session = self.next_session;
         self.next_session += 1;
+        *joining = Some(session);
         self.actions.push_back(Action::Join {
             session,
             coordinator,
@@ -1071,8 +1283,9 @@ mod tests {
     struct Server {
         m: Membership,
         up: bool,
-        /// Its session to the coordinator (member) and the coordinator's to it.
-        session: Option<(SessionId, SessionId)>,
+        /// Its session to the coordinator (member), the coordinator's to it, and which
+        /// server that coordinator is.
+        session: Option<(SessionId, SessionId, u16)>,
         recovered: Vec<EndpointAddr>,
         /// Recoveries asked of one server's runtimes only: (runtime, server).
         recovered_by: Vec<(EndpointAddr, u16)>,
@@ -1097,13 +1310,12 @@ mod tests {
         fn new(members: &[u16]) -> Cluster {
             let now = Instant::now();
             let mut servers = BTreeMap::new();
-            let mk = |id: u16, coordinator: Option<SocketAddr>| Server {
+            let mk = |id: u16, start: Start| Server {
                 m: Membership::new(
                     id,
                     format!("s{id}"),
                     1,
-                    coordinator,
-                    coordinator.is_none(),
+                    start,
                     settings(true),
                     runtimes(id),
                     now,
@@ -1118,9 +1330,9 @@ mod tests {
                 views: 0,
                 notes: Vec::new(),
             };
-            servers.insert(COORD, mk(COORD, None));
+            servers.insert(COORD, mk(COORD, Start::Coordinator));
             for &id in members {
-                servers.insert(id, mk(id, Some(addr(COORD))));
+                servers.insert(id, mk(id, Start::Member(Some(addr(COORD)))));
             }
             Cluster {
                 now,
@@ -1130,11 +1342,17 @@ mod tests {
             }
         }
 
-        fn member_of_coord_session(&self, s: SessionId) -> Option<u16> {
+        /// The member at the other end of coordinator `coord`'s session `s`.
+        fn member_of_coord_session(&self, coord: u16, s: SessionId) -> Option<u16> {
             self.servers
                 .iter()
-                .find(|(_, v)| v.session.is_some_and(|(_, c)| c == s))
+                .find(|(_, v)| v.session.is_some_and(|(_, c, at)| c == s && at == coord))
                 .map(|(id, _)| *id)
+        }
+
+        /// The server listening at `a`.
+        fn at(&self, a: SocketAddr) -> Option<u16> {
+            self.servers.keys().copied().find(|id| addr(*id) == a)
         }
 
         /// Carries out every server's actions until none is left.
@@ -1179,16 +1397,19 @@ mod tests {
                     s.m.fence_waiting([2, 3]);
                 }
                 Action::Join {
-                    session, request, ..
+                    session,
+                    request,
+                    coordinator,
                 } => {
-                    if self.cut.contains(&from) {
+                    let to = self.at(coordinator).filter(|to| self.servers[to].up);
+                    let Some(to) = to.filter(|_| !self.cut.contains(&from)) else {
                         let s = self.servers.get_mut(&from).unwrap();
-                        s.m.join_failed("unreachable".into(), now);
+                        s.m.join_failed(session, "unreachable".into(), now);
                         return;
-                    }
+                    };
                     let c = self.next_accept;
                     self.next_accept += 1;
-                    self.servers.get_mut(&from).unwrap().session = Some((session, c));
+                    self.servers.get_mut(&from).unwrap().session = Some((session, c, to));
                     let info = JoinInfo {
                         server: request.server,
                         name: request.name,
@@ -1199,16 +1420,18 @@ mod tests {
                         addr: SocketAddr::new(addr(from).ip(), 40_000 + (c % 20_000) as u16),
                     };
                     self.servers
-                        .get_mut(&COORD)
+                        .get_mut(&to)
                         .unwrap()
                         .m
                         .join_request(c, info, now);
                 }
-                Action::Send { session, msg } if from == COORD => {
-                    let Some(to) = self.member_of_coord_session(session) else {
+                Action::Send { session, msg }
+                    if self.member_of_coord_session(from, session).is_some() =>
+                {
+                    let Some(to) = self.member_of_coord_session(from, session) else {
                         return;
                     };
-                    let (mine, _) = self.servers[&to].session.unwrap();
+                    let (mine, _, _) = self.servers[&to].session.unwrap();
                     if self.cut.contains(&to) || !self.servers[&to].up {
                         return;
                     }
@@ -1218,7 +1441,7 @@ mod tests {
                             m.joined(mine, view, recover, now);
                         }
                         PeerMsg::Reject { reason } => {
-                            m.join_failed(reason, now);
+                            m.join_failed(mine, reason, now);
                         }
                         PeerMsg::Fence { reason } => m.fenced(reason, 0, now),
                         PeerMsg::View(v) => {
@@ -1234,14 +1457,17 @@ mod tests {
                     }
                 }
                 Action::Send { session, msg } => {
-                    let (_, theirs) = match self.servers[&from].session {
+                    let (_, theirs, coord) = match self.servers[&from].session {
                         Some(s) if s.0 == session => s,
                         _ => return,
                     };
                     if self.cut.contains(&from) || !self.servers[&from].up {
                         return;
                     }
-                    let c = &mut self.servers.get_mut(&COORD).unwrap().m;
+                    if !self.servers[&coord].up {
+                        return;
+                    }
+                    let c = &mut self.servers.get_mut(&coord).unwrap().m;
                     c.heard(theirs, now);
                     match msg {
                         PeerMsg::Heartbeat { endpoints } => c.heartbeat(theirs, endpoints),
@@ -1251,9 +1477,9 @@ mod tests {
                 }
                 Action::Close { session } => {
                     // The other side sees its session close (if it is up to see it).
-                    if from == COORD {
-                        if let Some(to) = self.member_of_coord_session(session) {
-                            let (mine, _) = self.servers[&to].session.unwrap();
+                    if let Some(to) = self.member_of_coord_session(from, session) {
+                        {
+                            let (mine, _, _) = self.servers[&to].session.unwrap();
                             self.servers.get_mut(&to).unwrap().session = None;
                             if self.servers[&to].up && !self.cut.contains(&to) {
                                 self.servers.get_mut(&to).unwrap().m.session_down(
@@ -1263,14 +1489,16 @@ mod tests {
                                 );
                             }
                         }
-                    } else if let Some((mine, theirs)) = self.servers[&from].session {
+                    } else if let Some((mine, theirs, coord)) = self.servers[&from].session {
                         if mine == session {
                             self.servers.get_mut(&from).unwrap().session = None;
-                            self.servers.get_mut(&COORD).unwrap().m.session_down(
-                                theirs,
-                                "closed".into(),
-                                now,
-                            );
+                            if self.servers[&coord].up {
+                                self.servers.get_mut(&coord).unwrap().m.session_down(
+                                    theirs,
+                                    "closed".into(),
+                                    now,
+                                );
+                            }
                         }
                     }
                 }
@@ -1296,7 +1524,7 @@ mod tests {
         /// as life `incarnation`, from `journal` if given.
         fn restart_coordinator(&mut self, incarnation: u64, journal: Option<Journal>) {
             for id in self.servers.keys().copied().collect::<Vec<_>>() {
-                let Some((mine, _)) = self.servers.get_mut(&id).unwrap().session.take() else {
+                let Some((mine, _, _)) = self.servers.get_mut(&id).unwrap().session.take() else {
                     continue;
                 };
                 let now = self.now;
@@ -1310,8 +1538,7 @@ mod tests {
                 COORD,
                 "s1".into(),
                 incarnation,
-                None,
-                true,
+                Start::Coordinator,
                 settings(true),
                 runtimes(COORD),
                 now,
@@ -1320,6 +1547,45 @@ mod tests {
                 m.restore(j, now).unwrap();
             }
             self.servers.get_mut(&COORD).unwrap().m = m;
+            self.settle();
+        }
+
+        /// Server `id`'s nfmgr and processes die: the sessions to it end, and (`link`) the
+        /// others' link watch reports it silent (it does not once a view has dropped it).
+        fn kill(&mut self, id: u16, link: bool) {
+            self.servers.get_mut(&id).unwrap().up = false;
+            let now = self.now;
+            for other in self.servers.keys().copied().collect::<Vec<_>>() {
+                let s = self.servers.get_mut(&other).unwrap();
+                if other == id || !s.up {
+                    continue;
+                }
+                if s.session.is_some_and(|(_, _, c)| c == id) {
+                    let (mine, _, _) = s.session.take().unwrap();
+                    s.m.session_down(mine, "connection reset".into(), now);
+                }
+                if link {
+                    s.m.link_down(id, Duration::from_millis(40), now);
+                }
+            }
+            self.settle();
+        }
+
+        /// etcd elects `leader`, which reads `journal`; every other live server learns it.
+        fn elect(&mut self, leader: u16, journal: Option<Journal>) {
+            let now = self.now;
+            self.servers
+                .get_mut(&leader)
+                .unwrap()
+                .m
+                .elected(journal, now);
+            self.settle();
+            for id in self.servers.keys().copied().collect::<Vec<_>>() {
+                let s = self.servers.get_mut(&id).unwrap();
+                if id != leader && s.up {
+                    s.m.follow(addr(leader), now);
+                }
+            }
             self.settle();
         }
 
@@ -1432,7 +1698,7 @@ mod tests {
     fn a_member_that_loses_its_coordinator_rejoins() {
         let mut c = Cluster::new(&[2]);
         c.run(Duration::from_millis(100));
-        let (mine, _) = c.servers[&2].session.unwrap();
+        let (mine, _, _) = c.servers[&2].session.unwrap();
         let now = c.now;
         let m = &mut c.servers.get_mut(&2).unwrap().m;
         m.session_down(mine, "connection reset".into(), now);
@@ -1454,7 +1720,7 @@ mod tests {
         }
         assert!(renotified && closed);
         // The coordinator sees the session close too; after `rejoin_every` it joins again.
-        let (_, theirs) = c.servers.get_mut(&2).unwrap().session.take().unwrap();
+        let (_, theirs, _) = c.servers.get_mut(&2).unwrap().session.take().unwrap();
         c.servers
             .get_mut(&1)
             .unwrap()
@@ -1488,8 +1754,7 @@ mod tests {
             COORD,
             "s1".into(),
             1,
-            None,
-            true,
+            Start::Coordinator,
             settings(true),
             runtimes(COORD),
             now,
@@ -1717,8 +1982,7 @@ mod tests {
             2,
             "s2".into(),
             7,
-            Some(addr(COORD)),
-            false,
+            Start::Member(Some(addr(COORD))),
             settings(true),
             runtimes(2),
             now,
@@ -1763,7 +2027,15 @@ mod tests {
         assert_eq!(c.alive_in(2), vec![1, 2]);
 
         let now = c.now;
-        let mut other = Membership::new(9, "s9".into(), 1, None, true, settings(true), vec![], now);
+        let mut other = Membership::new(
+            9,
+            "s9".into(),
+            1,
+            Start::Coordinator,
+            settings(true),
+            vec![],
+            now,
+        );
         let e = other.restore(journal.clone(), now).unwrap_err();
         assert!(e.contains("server 1"), "{e}");
         assert!(c
@@ -1805,5 +2077,153 @@ mod tests {
         c.servers.get_mut(&2).unwrap().m.endpoints_changed(eps);
         c.settle();
         assert_eq!(c.servers[&3].m.view().version, before + 1);
+    }
+
+    /// etcd: the coordinator's server dies; etcd elects a member, which carries on from
+    /// the journal, has the dead server's flows recovered at once (the cluster link no
+    /// longer carries it), and is joined by the other member with nothing else changing.
+    #[test]
+    fn an_elected_member_carries_on_and_recovers_the_dead_coordinators_flows() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(300));
+        let journal = c.servers[&1].m.journal().unwrap();
+        let old = c.servers[&3].m.view().stamp();
+        c.kill(1, false);
+        // Until etcd elects another, the members hold their views (the data plane goes
+        // on); the coordinator's server is out of their dispatch.
+        assert_eq!(c.alive_in(3), vec![2, 3]);
+        c.run(Duration::from_millis(500));
+        assert!(
+            c.servers[&2].recovered.is_empty(),
+            "no coordinator, no recovery"
+        );
+        c.elect(2, Some(journal));
+        c.run(Duration::from_millis(300));
+        assert!(c.servers[&2].m.is_coordinator());
+        assert!(!c.servers[&3].m.is_coordinator());
+        let mut recovered = c.servers[&2].recovered.clone();
+        recovered.sort();
+        assert_eq!(
+            recovered,
+            vec![EndpointAddr::new(1, 2), EndpointAddr::new(1, 3)]
+        );
+        assert!(c.servers[&2]
+            .recover_on
+            .iter()
+            .all(|on| *on == RecoverOn::AllBut(1)));
+        for id in [2, 3] {
+            let v = c.servers[&id].m.view();
+            assert_eq!(c.alive_in(id), vec![2, 3], "server {id}");
+            assert_eq!(v.coordinator, 2, "server {id}");
+            assert!(
+                v.stamp() > old,
+                "server {id}: a newer epoch than the dead one's"
+            );
+            assert_eq!(
+                v.server(3).unwrap().incarnation,
+                1,
+                "server 3 kept its life"
+            );
+        }
+        assert!(c.servers[&3].session.is_some_and(|(_, _, at)| at == 2));
+        assert_eq!(c.servers[&3].fences, 0);
+        assert!(c.servers[&3].recovered_by.is_empty());
+    }
+
+    /// etcd: a coordinator cut off from etcd pauses: it keeps its sessions and
+    /// heartbeats, so no server loses its view or stops dispatching, and declares no
+    /// death; once etcd elects another it follows it and joins in the life it had (not
+    /// fenced, nothing recovered).
+    #[test]
+    fn a_paused_coordinator_changes_nothing_then_follows_the_new_one() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(300));
+        let journal = c.servers[&1].m.journal().unwrap();
+        let before = c.servers[&3].m.view().stamp();
+        c.servers
+            .get_mut(&1)
+            .unwrap()
+            .m
+            .pause("lease lapsed".into());
+        c.settle();
+        assert!(
+            c.servers[&1].m.journal().is_none(),
+            "a paused coordinator writes none"
+        );
+        c.run(Duration::from_secs(2));
+        for id in [2, 3] {
+            assert_eq!(c.servers[&id].m.view().stamp(), before, "server {id}");
+            assert_eq!(c.alive_in(id), vec![1, 2, 3], "server {id}");
+        }
+        // A member lost meanwhile is not declared dead by the paused coordinator.
+        c.kill(3, true);
+        c.run(Duration::from_secs(1));
+        assert!(c.servers[&1].recovered.is_empty());
+        assert_eq!(c.alive_in(1), vec![1, 2, 3]);
+        // etcd elects server 2: it carries on; server 1 follows and joins again.
+        c.elect(2, Some(journal));
+        c.run(Duration::from_millis(500));
+        assert!(!c.servers[&1].m.is_coordinator());
+        assert!(c.servers[&1].session.is_some_and(|(_, _, at)| at == 2));
+        assert_eq!(c.servers[&1].fences, 0);
+        let v = c.servers[&1].m.view();
+        assert_eq!(v.coordinator, 2);
+        assert!(v.stamp() > before);
+        assert_eq!(v.server(1).unwrap().incarnation, 1);
+        // Server 3, dead and silent on the link, is recovered by the new coordinator.
+        assert_eq!(c.alive_in(2), vec![1, 2]);
+        let mut recovered = c.servers[&2].recovered.clone();
+        recovered.sort();
+        assert_eq!(
+            recovered,
+            vec![EndpointAddr::new(3, 2), EndpointAddr::new(3, 3)]
+        );
+        assert!(c.servers[&1].recovered.is_empty());
+    }
+
+    /// etcd: a paused coordinator elected again resumes under a newer epoch; a member
+    /// whose session ended while it was paused has the restore grace to come back, then
+    /// is declared dead.
+    #[test]
+    fn a_paused_coordinator_elected_again_resumes() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(300));
+        let before = c.servers[&2].m.view().stamp();
+        c.servers
+            .get_mut(&1)
+            .unwrap()
+            .m
+            .pause("etcd unreachable".into());
+        c.settle();
+        // Server 3 dies with the link watch off: only its session ends.
+        c.servers.get_mut(&3).unwrap().up = false;
+        let (_, theirs, _) = c.servers.get_mut(&3).unwrap().session.take().unwrap();
+        let now = c.now;
+        c.servers
+            .get_mut(&1)
+            .unwrap()
+            .m
+            .session_down(theirs, "connection reset".into(), now);
+        c.settle();
+        assert!(c.servers[&1].recovered.is_empty());
+        let journal = Journal {
+            view: c.servers[&1].m.view().clone(),
+            addrs: Vec::new(),
+        };
+        c.elect(1, Some(journal));
+        assert!(c.servers[&1].m.is_coordinator() && !c.servers[&1].m.paused());
+        assert!(
+            c.servers[&2].m.view().stamp() > before,
+            "a view of the new epoch"
+        );
+        assert_eq!(c.alive_in(2), vec![1, 2, 3], "3 has the grace to come back");
+        c.run(Duration::from_millis(3_100));
+        assert_eq!(c.alive_in(2), vec![1, 2]);
+        let mut recovered = c.servers[&1].recovered.clone();
+        recovered.sort();
+        assert_eq!(
+            recovered,
+            vec![EndpointAddr::new(3, 2), EndpointAddr::new(3, 3)]
+        );
     }
 }

@@ -57,8 +57,10 @@ struct Table {
 impl Table {
     fn new(size: usize) -> Table {
         debug_assert!(size.is_power_of_two() && size >= 16);
+        let buckets = vec![EMPTY; size];
+        crate::hint::prefer_huge_pages(buckets.as_ptr().cast(), size * 8);
         Table {
-            buckets: vec![EMPTY; size],
+            buckets,
             mask: size - 1,
             shift: 32 - size.trailing_zeros(),
             len: 0,

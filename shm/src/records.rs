@@ -204,6 +204,7 @@ impl FlowRecords {
         };
         match NonNull::new(p) {
             Some(p) => {
+                crate::hint::prefer_huge_pages(p.as_ptr(), new.size());
                 self.ptr = p;
                 self.cap = cap;
                 true

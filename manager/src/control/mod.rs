@@ -15,6 +15,7 @@
 pub mod metrics;
 pub mod peer;
 pub mod socket;
+pub mod store;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
@@ -26,7 +27,9 @@ use nflib::cluster::{ClusterView, EndpointInfo};
 use nflib::config::Config;
 use nflib::doorbell::Doorbells;
 use nflib::frame::{EndpointAddr, LIAISON};
-use nflib::membership::{Action, Membership, RecoverOn, Role, Settings as MembershipSettings};
+use nflib::membership::{
+    Action, Membership, RecoverOn, Role, Settings as MembershipSettings, Start,
+};
 use nflib::msg::{Call, Message, Reply};
 use nflib::reliable::PeerEvent;
 use nflib::slot::{ProcessKind, SlotState};
@@ -43,6 +46,7 @@ use crate::linkwatch::LinkChange;
 use crate::relay::{RelayCommand, RelayEvent};
 use crate::supervisor::{ProcEvent, ProcEventKind};
 use peer::{AuthKey, ConnId, JoinInfo, PeerMsg, PeerWriter};
+use store::{Store, StoreEvent, StoreSettings};
 
 use crate::ClusterKeys;
 
@@ -84,10 +88,14 @@ pub enum Event {
         recover: Vec<EndpointInfo>,
         writer: PeerWriter,
     },
-    /// Member: joining failed.
+    /// Member: the join on `conn` failed.
     JoinFailed {
+        conn: ConnId,
         why: String,
     },
+    /// etcd elected a coordinator, or this one's lease lapsed (`store = "etcd"`).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    Store(StoreEvent),
     /// Member: the coordinator had declared this server dead; fence, then join again.
     Fenced {
         why: String,
@@ -177,9 +185,12 @@ pub struct Control {
     /// verifies one (during a key rotation). Shared with the accept loop.
     auth: Option<SharedAuth>,
     membership: Membership,
-    /// The coordinator's journal (a coordinator only), and whether its last write failed.
+    /// The coordinator's journal (a coordinator only; on etcd, how it is written and read
+    /// there), and whether its last write failed.
     journal: Option<nflib::journal::JournalFile>,
     journal_failed: bool,
+    /// `store = "etcd"`: the election and the journal in etcd.
+    store: Option<Store>,
     /// The supervisor's pidfds of the running processes: what `kill_local` signals.
     pidfds: crate::supervisor::Pidfds,
     /// The authenticated sessions' writers (joined members, the coordinator, joins being
@@ -287,22 +298,50 @@ impl Control {
             .coordinator
             .as_ref()
             .map(|a| a.parse().expect("validated address"));
+        let on_etcd = cfg.cluster.store == nflib::config::ClusterStore::Etcd;
+        let start = match coordinator {
+            // Every nfmgr listens; the one etcd elects coordinates.
+            _ if on_etcd => Start::Member(None),
+            Some(a) => Start::Member(Some(a)),
+            None if cfg.cluster.listen.is_some() => Start::Coordinator,
+            None => Start::Alone,
+        };
         let endpoints = local_endpoints(&cfg, &region, me);
         let mut membership = Membership::new(
             me,
             cfg.server_name(),
             incarnation,
-            coordinator,
-            cfg.cluster.listen.is_some(),
+            start,
             settings,
             endpoints,
             now,
         );
-        let journal = cfg.cluster.listen.is_some().then(|| {
-            let keys: Vec<&[u8]> = keys.map(|k| k.all().collect()).unwrap_or_default();
-            nflib::journal::JournalFile::new(cfg.journal_path(), &keys)
-        });
-        if let Some(j) = &journal {
+        let journal_keys: Vec<&[u8]> = keys.map(|k| k.all().collect()).unwrap_or_default();
+        let store = on_etcd
+            .then(|| {
+                let settings = StoreSettings {
+                    endpoints: cfg.cluster.etcd.clone(),
+                    prefix: cfg.cluster.etcd_prefix.clone(),
+                    me,
+                    advertise: cfg.cluster.advertised().expect("validated address"),
+                    lease_s: cfg.cluster.etcd_lease_s,
+                };
+                Store::spawn(settings, events.clone())
+                    .map_err(|e| tracing::error!("cannot start the etcd client: {e}"))
+                    .ok()
+            })
+            .flatten();
+        // On etcd, the journal lives there (this names it in errors); else in a file.
+        let journal = if on_etcd {
+            let key = format!("etcd {}/journal", cfg.cluster.etcd_prefix);
+            Some(nflib::journal::JournalFile::new(key.into(), &journal_keys))
+        } else {
+            cfg.cluster
+                .listen
+                .is_some()
+                .then(|| nflib::journal::JournalFile::new(cfg.journal_path(), &journal_keys))
+        };
+        if let Some(j) = journal.as_ref().filter(|_| !on_etcd) {
             match j.load() {
                 Ok(Some(last)) => match membership.restore(last, now) {
                     Ok(()) => tracing::info!(
@@ -331,6 +370,7 @@ impl Control {
             membership,
             journal,
             journal_failed: false,
+            store,
             conns: HashMap::new(),
             pending: HashMap::new(),
             next_rpc: 1,
@@ -867,11 +907,12 @@ impl Control {
                 self.membership
                     .fenced(why, nflib::time::wall_ns(), Instant::now())
             }
-            Event::JoinFailed { why } => {
-                if let Some(why) = self.membership.join_failed(why, Instant::now()) {
+            Event::JoinFailed { conn, why } => {
+                if let Some(why) = self.membership.join_failed(conn, why, Instant::now()) {
                     tracing::warn!("cannot join the cluster: {why}");
                 }
             }
+            Event::Store(e) => self.store_event(e),
             Event::PeerMsg { conn, msg } => self.peer_msg(conn, msg),
             Event::PeerDown { conn, why } => self.peer_down(conn, why),
             Event::Shutdown => {}
@@ -1071,7 +1112,7 @@ impl Control {
             .and_then(|a| a.read().ok().and_then(|k| k.first().cloned()))
         else {
             self.membership
-                .join_failed("no cluster key".into(), Instant::now());
+                .join_failed(conn, "no cluster key".into(), Instant::now());
             return;
         };
         let events = self.events.clone();
@@ -1093,12 +1134,15 @@ impl Control {
                     let _ = events.send(Event::Fenced { why });
                 }
                 Err(peer::JoinError::Failed(why)) => {
-                    let _ = events.send(Event::JoinFailed { why });
+                    let _ = events.send(Event::JoinFailed { conn, why });
                 }
             });
         if let Err(e) = spawned {
-            self.membership
-                .join_failed(format!("cannot start a thread: {e}"), Instant::now());
+            self.membership.join_failed(
+                conn,
+                format!("cannot start a thread: {e}"),
+                Instant::now(),
+            );
         }
     }
 
@@ -1172,6 +1216,10 @@ impl Control {
         let (Some(file), Some(j)) = (&self.journal, self.membership.journal()) else {
             return;
         };
+        if let Some(store) = &self.store {
+            store.write(file.encode(&j));
+            return;
+        }
         match file.write(&j) {
             Ok(()) if self.journal_failed => {
                 self.journal_failed = false;
@@ -1190,10 +1238,39 @@ impl Control {
         }
     }
 
-    /// Says goodbye to the cluster. A coordinator that leaves on purpose ends its cluster:
-    /// its journal goes (the next start is a new cluster).
+    /// What etcd decided: this nfmgr elected (it carries on from the journal there),
+    /// another elected (it follows), or this one's lease lapsed (it pauses).
+    fn store_event(&mut self, e: StoreEvent) {
+        let now = Instant::now();
+        match e {
+            StoreEvent::Elected { journal } => {
+                let journal = journal.and_then(|bytes| {
+                    let codec = self.journal.as_ref()?;
+                    codec
+                        .decode(&bytes)
+                        .map_err(|e| {
+                            tracing::warn!("elected coordinator without the last journal: {e}")
+                        })
+                        .ok()
+                });
+                self.membership.elected(journal, now);
+            }
+            StoreEvent::Coordinator { server, addr } if server != self.me => {
+                self.membership.follow(addr, now);
+            }
+            StoreEvent::Coordinator { .. } => {}
+            StoreEvent::Lapsed { why } => self.membership.pause(why),
+        }
+    }
+
+    /// Says goodbye to the cluster. A coordinator that leaves on purpose ends its cluster
+    /// (its journal goes: the next start is a new cluster), unless the cluster is on etcd:
+    /// then it resigns, and etcd elects another at once.
     fn leave(&mut self) {
-        let journal = self.journal.take();
+        if let Some(store) = &self.store {
+            store.resign();
+        }
+        let journal = self.journal.take().filter(|_| self.store.is_none());
         self.membership.leave();
         self.run_actions();
         // Sessions the membership does not own yet (a join being answered).
@@ -1213,6 +1290,7 @@ impl Control {
         let role = match self.membership.role() {
             Role::Coordinator => serde_json::json!({ "role": "coordinator",
                 "listen": self.cfg.cluster.listen,
+                "paused": self.membership.paused(),
                 "journal": self.journal.as_ref().map(|j| j.path().display().to_string()) }),
             Role::Member {
                 coordinator,
@@ -1222,7 +1300,7 @@ impl Control {
                 ..
             } => serde_json::json!({
                 "role": "member",
-                "coordinator": coordinator.to_string(),
+                "coordinator": coordinator.map(|a| a.to_string()),
                 "connected": session.is_some(),
                 "last_heard_ms": session.map(|_| now.duration_since(*last_heard).as_secs_f64() * 1000.0),
                 "last_error": last_error,
@@ -1259,6 +1337,7 @@ impl Control {
             "view_version": view.version,
             "view_epoch": view.epoch,
             "coordinator": view.coordinator,
+            "store": self.store.as_ref().map(|s| s.status()),
             "servers": servers,
             "events": self.log,
             "processes": snap.processes.iter().map(|p| serde_json::json!({

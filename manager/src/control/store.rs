@@ -1,0 +1,395 @@
+//! The cluster's state in etcd (`[cluster] store = "etcd"`): the coordinator election and
+//! the coordinator's journal, kept where they outlive any one server.
+//!
+//! Every nfmgr campaigns in one etcd election (`PREFIX/coordinator`) with a lease it
+//! renews; the one elected is the coordinator, and its campaign value (`SERVER ADDR`) tells
+//! the others where to join it. The coordinator writes its journal to `PREFIX/journal`
+//! only while it holds the leadership (a transaction that compares the election key's
+//! revision), and the next one elected carries on from it
+//! ([`Membership::elected`](nflib::membership::Membership::elected)). When the lease
+//! cannot be renewed (etcd out of reach, or the nfmgr starved past its lease) the
+//! coordinator pauses: it changes nothing until etcd elects a coordinator, and the data
+//! plane never waits on any of this. docs/MESSAGING.md, "Coordinators on etcd".
+//!
+//! The etcd client is asynchronous: it runs on a thread of its own with a single-threaded
+//! runtime, and talks to the control thread through its event channel (what etcd decided)
+//! and a command channel (journals to write, a resignation).
+
+use std::net::SocketAddr;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+
+use super::Event;
+
+/// What etcd decided, for the control thread.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub enum StoreEvent {
+    /// This nfmgr is the coordinator now; `journal` is what the last one wrote (the bytes
+    /// of `PREFIX/journal`, none in a new cluster).
+    Elected { journal: Option<Vec<u8>> },
+    /// Server `server`, at `addr`, is the coordinator now.
+    Coordinator { server: u16, addr: SocketAddr },
+    /// This coordinator's lease lapsed or etcd is out of reach: it has no say until etcd
+    /// elects a coordinator (maybe itself again).
+    Lapsed { why: String },
+}
+
+/// What the status shows of the store.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct StoreStatus {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    /// A session with etcd (a lease) is up.
+    pub connected: bool,
+    /// This nfmgr holds the leadership.
+    pub elected: bool,
+    /// The coordinator etcd names (server, address).
+    pub leader: Option<(u16, String)>,
+    pub last_error: Option<String>,
+}
+
+/// The control thread's side of the store thread.
+pub struct Store {
+    #[cfg(feature = "etcd")]
+    cmds: tokio::sync::mpsc::UnboundedSender<etcd::Cmd>,
+    status: Arc<Mutex<StoreStatus>>,
+}
+
+/// What the store needs to know of this nfmgr.
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+pub struct StoreSettings {
+    pub endpoints: Vec<String>,
+    pub prefix: String,
+    pub me: u16,
+    /// Where the others join this nfmgr if it is elected.
+    pub advertise: SocketAddr,
+    pub lease_s: u32,
+}
+
+impl Store {
+    /// Whether this nfmgr was built with the etcd client.
+    pub const BUILT: bool = cfg!(feature = "etcd");
+
+    /// Starts the store thread: it connects (and reconnects) to etcd and campaigns.
+    #[cfg(feature = "etcd")]
+    pub fn spawn(settings: StoreSettings, events: Sender<Event>) -> std::io::Result<Store> {
+        let status = Arc::new(Mutex::new(StoreStatus {
+            endpoints: settings.endpoints.clone(),
+            prefix: settings.prefix.clone(),
+            ..StoreStatus::default()
+        }));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let shared = status.clone();
+        std::thread::Builder::new()
+            .name("etcd".into())
+            .spawn(move || etcd::run(settings, events, rx, shared))?;
+        Ok(Store { cmds: tx, status })
+    }
+
+    /// Without the etcd client: configuration refused at start (see `main`).
+    #[cfg(not(feature = "etcd"))]
+    pub fn spawn(_: StoreSettings, _: Sender<Event>) -> std::io::Result<Store> {
+        Err(std::io::Error::other(
+            "this nfmgr was built without etcd (cargo build --features nf-manager/etcd)",
+        ))
+    }
+
+    /// Writes the coordinator's journal (if this nfmgr still leads).
+    pub fn write(&self, _journal: Vec<u8>) {
+        #[cfg(feature = "etcd")]
+        let _ = self.cmds.send(etcd::Cmd::Write(_journal));
+    }
+
+    /// Gives up the leadership and the lease (this nfmgr stops): another is elected at
+    /// once, without waiting for the lease to run out.
+    pub fn resign(&self) {
+        #[cfg(feature = "etcd")]
+        let _ = self.cmds.send(etcd::Cmd::Resign);
+    }
+
+    pub fn status(&self) -> StoreStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+}
+
+/// A campaign value: `SERVER ADDR`.
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+fn campaign_value(server: u16, addr: SocketAddr) -> String {
+    format!("{server} {addr}")
+}
+
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+fn parse_campaign_value(v: &[u8]) -> Option<(u16, SocketAddr)> {
+    let s = std::str::from_utf8(v).ok()?;
+    let (server, addr) = s.trim().split_once(' ')?;
+    Some((server.parse().ok()?, addr.parse().ok()?))
+}
+
+#[cfg(feature = "etcd")]
+mod etcd {
+    use std::sync::mpsc::Sender;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use etcd_client::{
+        Client, Compare, CompareOp, ConnectOptions, LeaderKey, ResignOptions, Txn, TxnOp,
+    };
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    use super::{campaign_value, parse_campaign_value, StoreEvent, StoreSettings, StoreStatus};
+    use crate::control::Event;
+
+    pub enum Cmd {
+        Write(Vec<u8>),
+        Resign,
+    }
+
+    /// How long one request to etcd (not a campaign) may take.
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+    /// Between two attempts to reach etcd.
+    const RETRY: Duration = Duration::from_millis(500);
+
+    enum Exit {
+        /// Resigned, or the control thread is gone.
+        Stop,
+    }
+
+    type Shared = Arc<Mutex<StoreStatus>>;
+
+    fn set(status: &Shared, f: impl FnOnce(&mut StoreStatus)) {
+        if let Ok(mut s) = status.lock() {
+            f(&mut s);
+        }
+    }
+
+    pub fn run(
+        settings: StoreSettings,
+        events: Sender<Event>,
+        mut cmds: UnboundedReceiver<Cmd>,
+        status: Shared,
+    ) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!("cannot start the etcd client's runtime: {e}");
+                return;
+            }
+        };
+        rt.block_on(async {
+            let mut last_error = String::new();
+            loop {
+                let mut elected = false;
+                let r = session(&settings, &events, &mut cmds, &status, &mut elected).await;
+                set(&status, |s| {
+                    s.connected = false;
+                    s.elected = false;
+                });
+                let why = match r {
+                    Ok(Exit::Stop) => return,
+                    Err(why) => why,
+                };
+                if elected {
+                    let lapsed = StoreEvent::Lapsed { why: why.clone() };
+                    if events.send(Event::Store(lapsed)).is_err() {
+                        return;
+                    }
+                }
+                if why != last_error {
+                    tracing::warn!("etcd: {why}; trying again");
+                    last_error = why.clone();
+                }
+                set(&status, |s| s.last_error = Some(why));
+                tokio::time::sleep(RETRY).await;
+            }
+        });
+    }
+
+    /// One session with etcd: a lease, a campaign, the leader observed. Ends with an error
+    /// when etcd is lost or the lease lapses (`elected` tells whether this nfmgr had been
+    /// elected in it).
+    async fn session(
+        s: &StoreSettings,
+        events: &Sender<Event>,
+        cmds: &mut UnboundedReceiver<Cmd>,
+        status: &Shared,
+        elected: &mut bool,
+    ) -> Result<Exit, String> {
+        let err = |what: &str| {
+            let what = what.to_string();
+            move |e: etcd_client::Error| format!("{what}: {e}")
+        };
+        let timed =
+            |what: &'static str| move |_| format!("{what}: no answer within {REQUEST_TIMEOUT:?}");
+        // (No HTTP/2 keep-alive pings: etcd closes connections that ping more often than
+        // every 5 s, and a lost etcd shows in the lease's renewals anyway.)
+        let opts = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT);
+        let client =
+            tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(&s.endpoints, Some(opts)))
+                .await
+                .map_err(timed("cannot connect"))?
+                .map_err(err("cannot connect"))?;
+        let ttl = i64::from(s.lease_s);
+        let mut lease = client.lease_client();
+        let id = tokio::time::timeout(REQUEST_TIMEOUT, lease.grant(ttl, None))
+            .await
+            .map_err(timed("lease"))?
+            .map_err(err("lease"))?
+            .id();
+        let (mut keeper, mut acks) = lease.keep_alive(id).await.map_err(err("lease"))?;
+        let name = format!("{}/coordinator", s.prefix);
+        let journal_key = format!("{}/journal", s.prefix);
+        // The leader, as etcd names it, on a task of its own: etcd answers an observation
+        // only once there is a leader to tell of, and this nfmgr's campaign may be what
+        // makes one.
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+        let observer = tokio::spawn(observe(client.election_client(), name.clone(), seen_tx));
+        let _stop_observing = AbortOnDrop(observer);
+        let campaign = {
+            let mut election = client.election_client();
+            let (name, value) = (name.clone(), campaign_value(s.me, s.advertise));
+            async move { election.campaign(name, value, id).await }
+        };
+        tokio::pin!(campaign);
+        set(status, |st| {
+            st.connected = true;
+            st.last_error = None;
+        });
+        let mut kv = client.kv_client();
+        let mut leader: Option<LeaderKey> = None;
+        // The lease is renewed three times a lease; without an answer for two thirds of
+        // it, this nfmgr stops counting on it before etcd lets it run out.
+        let lease = Duration::from_secs(u64::from(s.lease_s));
+        let mut renew = tokio::time::interval(lease / 3);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_ack = Instant::now();
+        loop {
+            tokio::select! {
+                won = &mut campaign, if leader.is_none() => {
+                    let won = won.map_err(err("campaign"))?;
+                    let key = won.leader().cloned().ok_or("campaign: no leader key")?;
+                    let got = tokio::time::timeout(REQUEST_TIMEOUT, kv.get(journal_key.clone(), None))
+                        .await
+                        .map_err(timed("read the journal"))?
+                        .map_err(err("read the journal"))?;
+                    let journal = got.kvs().first().map(|kv| kv.value().to_vec());
+                    leader = Some(key);
+                    *elected = true;
+                    set(status, |st| st.elected = true);
+                    if events.send(Event::Store(StoreEvent::Elected { journal })).is_err() {
+                        return Ok(Exit::Stop);
+                    }
+                }
+                leader_is = seen.recv() => {
+                    let (server, addr) = leader_is.ok_or("the observation of the election ended")??;
+                    set(status, |st| st.leader = Some((server, addr.to_string())));
+                    if server != s.me
+                        && events.send(Event::Store(StoreEvent::Coordinator { server, addr })).is_err()
+                    {
+                        return Ok(Exit::Stop);
+                    }
+                }
+                _ = renew.tick() => {
+                    if last_ack.elapsed() > lease * 2 / 3 {
+                        return Err(format!("the lease was not renewed for {:?}", last_ack.elapsed()));
+                    }
+                    keeper.keep_alive().await.map_err(err("renew the lease"))?;
+                }
+                ack = acks.message() => {
+                    match ack.map_err(err("renew the lease"))? {
+                        Some(a) if a.ttl() > 0 => last_ack = Instant::now(),
+                        _ => return Err("the lease expired".into()),
+                    }
+                }
+                cmd = cmds.recv() => match cmd {
+                    Some(Cmd::Write(bytes)) => {
+                        let Some(key) = &leader else { continue };
+                        // Written only while this nfmgr leads: a coordinator that lost the
+                        // election without knowing it yet cannot overwrite its successor's.
+                        let txn = Txn::new()
+                            .when([Compare::create_revision(key.key(), CompareOp::Equal, key.rev())])
+                            .and_then([TxnOp::put(journal_key.clone(), bytes, None)]);
+                        let done = tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(txn))
+                            .await
+                            .map_err(timed("write the journal"))?
+                            .map_err(err("write the journal"))?;
+                        if !done.succeeded() {
+                            return Err("no longer the elected coordinator".into());
+                        }
+                    }
+                    Some(Cmd::Resign) | None => {
+                        if let Some(key) = leader.take() {
+                            let mut election = client.election_client();
+                            let resign = election.resign(Some(ResignOptions::new().with_leader(key)));
+                            let _ = tokio::time::timeout(REQUEST_TIMEOUT, resign).await;
+                        }
+                        let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_client().revoke(id)).await;
+                        return Ok(Exit::Stop);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Aborts a task when dropped (a session's observer ends with the session).
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+
+    /// Tells `out` of every leader etcd elects under `name` (server and address), and of
+    /// the error that ends the observation.
+    async fn observe(
+        mut election: etcd_client::ElectionClient,
+        name: String,
+        out: tokio::sync::mpsc::UnboundedSender<Result<(u16, std::net::SocketAddr), String>>,
+    ) {
+        let mut stream = match election.observe(name).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = out.send(Err(format!("observe the election: {e}")));
+                return;
+            }
+        };
+        loop {
+            let next = match stream.message().await {
+                Ok(Some(r)) => match r.kv().and_then(|kv| parse_campaign_value(kv.value())) {
+                    Some(leader) => Ok(leader),
+                    None => continue,
+                },
+                Ok(None) => Err("etcd ended the observation of the election".to_string()),
+                Err(e) => Err(format!("observe the election: {e}")),
+            };
+            let last = next.is_err();
+            if out.send(next).is_err() || last {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn campaign_values_read_back_and_garbage_is_none() {
+        let a: SocketAddr = "10.0.0.2:7000".parse().unwrap();
+        let v = campaign_value(7, a);
+        assert_eq!(parse_campaign_value(v.as_bytes()), Some((7, a)));
+        for bad in [
+            &b""[..],
+            b"7",
+            b"x 10.0.0.2:7000",
+            b"7 nowhere",
+            b"\xff\xfe",
+        ] {
+            assert_eq!(parse_campaign_value(bad), None);
+        }
+    }
+}
