@@ -232,6 +232,12 @@ EOF
     fi
 }
 
+start_server() {  # start_server I
+    NFMGR_LOG=${NFMGR_LOG:-info} ip netns exec "$(ns "s$1")" "$NFMGR" start --config "$STATE/s$1.toml" \
+        > "$STATE/s$1.log" 2>&1 &
+    echo $! > "$STATE/s$1.pid"
+}
+
 # Three etcd members in namespace <prefix>-x (peers on its loopback), waited for until they
 # answer as one cluster.
 start_etcd() {
@@ -364,11 +370,19 @@ up() {
     done
     if [ -n "$ETCD" ]; then start_etcd; fi
     [ $START = 1 ] || { echo "testbed $PREFIX: $SERVERS servers set up (not started); configs in $STATE"; return; }
-    for i in $(seq 1 "$SERVERS"); do
-        NFMGR_LOG=${NFMGR_LOG:-info} ip netns exec "$(ns "s$i")" "$NFMGR" start --config "$STATE/s$i.toml" \
-            > "$STATE/s$i.log" 2>&1 &
-        echo $! > "$STATE/s$i.pid"
-    done
+    local order; order=$(seq 1 "$SERVERS")
+    if [ -n "$ETCD" ] && [ "$SERVERS" -ge 2 ]; then
+        # Server 2 first, elected before the others start: the coordinator is then not the
+        # ingress server (drills kill the coordinator's server, never the ingress).
+        start_server 2
+        for _ in $(seq 100); do
+            "$NFMGR" status --socket "$STATE/s2.sock" --json 2>/dev/null \
+                | grep -q '"role": *"coordinator"' && break
+            sleep 0.1
+        done
+        order=$(seq 1 "$SERVERS" | grep -vx 2)
+    fi
+    for i in $order; do start_server "$i"; done
     # Wait for the cluster: every server alive in the coordinator's view, with its vswitch
     # and runtimes (a member's endpoints may come a heartbeat after its join, later still
     # over an impaired link).

@@ -114,6 +114,11 @@ pub struct Settings {
     pub can_join: bool,
 }
 
+/// After etcd names a coordinator, how soon a refused join is tried again, and for how
+/// long after the news.
+const QUICK_REJOIN: Duration = Duration::from_millis(20);
+const QUICK_REJOIN_FOR: Duration = Duration::from_secs(1);
+
 /// How a membership begins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Start {
@@ -214,6 +219,10 @@ pub struct Membership {
     /// dispatch), until it joins one again. Elected after it, this member declares that
     /// server dead at once: a coordinator that only lost etcd keeps its sessions.
     lost_coordinator: Option<u16>,
+    /// Member: a coordinator etcd just named may not know it yet (its own news of the
+    /// election can come after this member's): until then a refused join is tried again
+    /// soon, not after `rejoin_every`.
+    quick_rejoin_until: Option<Instant>,
     next_session: SessionId,
     /// Shutting down (`leave`): a session that fails now changes nothing.
     leaving: bool,
@@ -256,6 +265,7 @@ impl Membership {
             paused: false,
             link_silent: BTreeSet::new(),
             lost_coordinator: None,
+            quick_rejoin_until: None,
             next_session: 1,
             leaving: false,
             actions: VecDeque::new(),
@@ -412,7 +422,9 @@ impl Membership {
     /// etcd and follows this one); those the cluster link does not carry now are declared
     /// dead at once and their flows recovered. A paused coordinator elected again resumes,
     /// with a new epoch, unless another coordinated meanwhile (the journal is newer).
-    pub fn elected(&mut self, journal: Option<Journal>, now: Instant) {
+    /// `mine`: this server's endpoints as they are (a member's own entry is not kept up
+    /// to date: the coordinator's was).
+    pub fn elected(&mut self, journal: Option<Journal>, mine: Vec<EndpointInfo>, now: Instant) {
         if matches!(self.role, Role::Coordinator) {
             let another = journal.as_ref().is_some_and(|j| j.view.epoch > self.epoch);
             if !another {
@@ -431,6 +443,9 @@ impl Membership {
         }
         self.role = Role::Coordinator;
         self.paused = false;
+        if let Some(m) = self.members.get_mut(&self.me) {
+            m.endpoints = mine;
+        }
         let mut base = match journal {
             Some(j) if j.view.stamp() >= self.view.stamp() => j,
             _ => Journal {
@@ -502,6 +517,7 @@ impl Membership {
             self.old_life.clear();
             self.paused = false;
             self.role = Self::member_of(Some(addr), now);
+            self.quick_rejoin_until = Some(now + QUICK_REJOIN_FOR);
             return;
         }
         let Role::Member {
@@ -520,6 +536,7 @@ impl Membership {
         *coordinator = Some(addr);
         *joining = None;
         *next_try = now;
+        self.quick_rejoin_until = Some(now + QUICK_REJOIN_FOR);
         let old = session.take();
         if let Some(s) = old {
             self.close(s);
@@ -869,7 +886,13 @@ impl Membership {
             return None;
         }
         *joining = None;
-        *next_try = now + self.settings.rejoin_every;
+        let quick = self.quick_rejoin_until.is_some_and(|t| now < t);
+        *next_try = now
+            + if quick {
+                QUICK_REJOIN.min(self.settings.rejoin_every)
+            } else {
+                self.settings.rejoin_every
+            };
         if last_error.as_deref() == Some(why.as_str()) {
             return None;
         }
@@ -977,7 +1000,9 @@ impl Membership {
                 ..
             } if *s == Some(session) => {
                 *s = None;
-                *next_try = now + self.settings.rejoin_every;
+                // At once: a coordinator restarting or replaced is joined as soon as it
+                // can be (on etcd, a refused connection has its lease revoked).
+                *next_try = now;
                 true
             }
             _ => false,
@@ -1578,7 +1603,7 @@ mod tests {
                 .get_mut(&leader)
                 .unwrap()
                 .m
-                .elected(journal, now);
+                .elected(journal, runtimes(leader), now);
             self.settle();
             for id in self.servers.keys().copied().collect::<Vec<_>>() {
                 let s = self.servers.get_mut(&id).unwrap();

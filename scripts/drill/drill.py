@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The failover drills' shared library (docs/DRILLS.md): set-up, traffic, the fault, timing
 and the report. Each drill (kill-runtime.sh, kill-vswitch.sh, kill-server.sh [--cut-link],
-freeze-runtime.sh) is this with its fault and its promises.
+freeze-runtime.sh, kill-coordinator.sh) is this with its fault and its promises.
 
 What a run does, in order:
   1. brings up the namespaced test bed (scripts/testbed.sh, two servers, chain
@@ -108,6 +108,7 @@ class Drill:
         start_after = 2500 if self.a.servers > 1 else 0
         cmd = [
             TESTBED, "up", "--prefix", self.prefix,
+            *(["--etcd"] if self.a.fault == "kill-coordinator" else []),
             "--servers", str(self.a.servers), "--runtimes", str(self.a.runtimes),
             "--chain", self.a.chain,
             "--chain-set", f'replication = "{self.a.replication}"',
@@ -240,9 +241,12 @@ class Drill:
                 # known yet.
                 self.log(f"{placed} of {self.a.gen_flows} generator flows placed; waiting")
                 continue
+            coordinator = self.coordinator() if self.a.fault == "kill-coordinator" else None
             for addr, k in sorted(pl.items()):
                 server = int(addr.split("/")[0])
-                if self.a.fault in ("kill-server", "cut-link") and server == 1:
+                if self.a.fault in ("kill-server", "cut-link", "kill-coordinator") and server == 1:
+                    continue
+                if coordinator is not None and server != coordinator:
                     continue
                 if self.a.victim_server is not None and server != self.a.victim_server:
                     continue
@@ -252,6 +256,25 @@ class Drill:
                      f"(attempt {attempt + 1}): restarting curl")
             self.start_curl()
         raise DrillError("could not place the test traffic on a runtime the fault can hit")
+
+    def coordinator(self, server=1):
+        """The coordinator as server `server` knows it (None if it cannot say)."""
+        st = self.nfmgr("status", server=server, check=False)
+        return st.get("coordinator") if isinstance(st, dict) else None
+
+    def watch_election(self, old):
+        """Times, from the fault, until server 1 names a coordinator other than `old`."""
+        self.elected = None
+        def watch():
+            end = self.fault_ms + 30000
+            while now_ms() < end:
+                c = self.coordinator()
+                if c is not None and c != old:
+                    self.elected = (c, now_ms() - self.fault_ms)
+                    return
+                time.sleep(0.05)
+        self.election_watch = threading.Thread(target=watch, daemon=True)
+        self.election_watch.start()
 
     # ---- the fault ---------------------------------------------------------------------
 
@@ -294,8 +317,13 @@ class Drill:
             server = int(victim.split("/")[0])
             pid = int(open(os.path.join(self.state, f"s{server}.pid")).read())
             self.fault_desc = f"kill -9 nfmgr of server {server} and with it all its processes"
+            if self.a.fault == "kill-coordinator":
+                self.fault_desc = (f"kill -9 nfmgr of server {server}, the coordinator, and "
+                                   f"with it all its processes")
             self.fault_ms = now_ms()
             os.kill(pid, signal.SIGKILL)
+            if self.a.fault == "kill-coordinator":
+                self.watch_election(server)
         self.log(f"fault: {self.fault_desc}")
 
     def set_link(self, port, state):
@@ -309,7 +337,9 @@ class Drill:
     # ---- collection and verdict --------------------------------------------------------
 
     def events(self):
-        top = self.nfmgr("top")
+        # The coordinator gathers every server's events (a new one, after the old died).
+        server = self.coordinator() or 1
+        top = self.nfmgr("top", server=server, check=False) or self.nfmgr("top")
         return top.get("events", []) if isinstance(top, dict) else []
 
     def run(self):
@@ -362,6 +392,9 @@ class Drill:
             det = [e for e in later if "killed by" in e["what"] or "died" in e["what"]]
         elif a.fault == "kill-vswitch":
             det = [e for e in later if "killed by" in e["what"] or "died" in e["what"]]
+        elif a.fault == "kill-coordinator":
+            det = [e for e in later if "lost the coordinator" in e["what"]
+                   or (f"server {vserver} " in e["what"] and "down" in e["what"])]
         else:
             det = [e for e in later if f"server {vserver} " in e["what"] and "down" in e["what"]]
         took = [e for e in later if "took over" in e["what"]]
@@ -472,6 +505,28 @@ class Drill:
         elif pool.get("in_use", 0) != 0:
             violations.append("buffers_leaked")
 
+        # The coordinator's loss: another elected in time, and no flow of another server
+        # than the dead one held up meanwhile (the data plane never waits on the
+        # coordinator).
+        coordinator = None
+        if a.fault == "kill-coordinator":
+            self.election_watch.join(timeout=1)
+            elected = getattr(self, "elected", None)
+            others = [f for addr, k in pl_before.items()
+                      if addr.split("/")[0] != vserver for f in k["gen"]]
+            og = max((gaps.get(str(f), 0.0) for f in others), default=None)
+            coordinator = {"before": int(vserver),
+                           "after": elected[0] if elected else None,
+                           "elected_ms": round(elected[1]) if elected else None,
+                           "generator_flows_elsewhere": len(others),
+                           "max_gap_elsewhere_ms": og}
+            if elected is None:
+                violations.append("no_coordinator_elected")
+            elif elected[1] > a.max_election_ms:
+                violations.append("election_too_slow")
+            if og is not None and og > a.max_gap_elsewhere_ms:
+                violations.append("flow_elsewhere_held_up")
+
         # No flow with two owners after the takeover.
         owners = {}
         for addr, k in pl_after.items():
@@ -490,6 +545,7 @@ class Drill:
             "detection_ms": None if detection_ms is None else round(detection_ms, 1),
             "takeover_ms": None if takeover_ms is None else round(takeover_ms, 1),
             "gap_ms": gap,
+            "coordinator": coordinator,
             "flows": {"affected_generator": len(affected), "resumed_generator": resumed,
                       "recovered_by_platform": recovered, "two_owners": len(two),
                       "iperf_streams_hit": hit["iperf"], "curl_hit": bool(hit["curl"])},
@@ -526,6 +582,11 @@ def print_report(r):
           f"{t['retransmits']} retransmits" + (f", error: {t['error']}" if t["error"] else ""))
     c = r["curl"]
     print(f"curl         {c['bytes']} bytes, sha256 {'ok' if c['sha256_ok'] else 'WRONG or missing'}")
+    co = r.get("coordinator")
+    if co:
+        print(f"coordinator  server {co['before']} killed; server {co['after']} elected "
+              f"{co['elected_ms']} ms after the fault; {co['generator_flows_elsewhere']} "
+              f"generator flows elsewhere, their longest gap {co['max_gap_elsewhere_ms']} ms")
     for e in r["events"]:
         print(f"  event {e['after_fault_ms']:+8.1f} ms  server {e['server']} {e['source']}: "
               f"{e['what']}")
@@ -538,6 +599,7 @@ def print_report(r):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fault", choices=["kill-runtime", "kill-vswitch", "kill-server", "cut-link",
+                                        "kill-coordinator",
                                         "freeze-runtime"], required=True)
     ap.add_argument("--heal-after", type=float, default=3.0,
                     help="cut-link: s until the link is up again")
@@ -545,7 +607,8 @@ def main():
                     choices=["output-commit", "periodic", "off"])
     ap.add_argument("--prefix", default="drill")
     ap.add_argument("--bin", help="directory of nfmgr and the processes (default target/release)")
-    ap.add_argument("--servers", type=int, default=2)
+    ap.add_argument("--servers", type=int, default=None,
+                    help="servers in the test bed (2; 3 for kill-coordinator)")
     ap.add_argument("--runtimes", type=int, default=1, help="runtimes per server")
     ap.add_argument("--chain", default="firewall,nat,flow_monitor")
     ap.add_argument("--streams", type=int, default=4, help="iperf3 -P")
@@ -564,10 +627,19 @@ def main():
     ap.add_argument("--after", type=float, default=12.0, help="s of traffic after the fault")
     ap.add_argument("--max-detection-ms", type=float, default=1000.0)
     ap.add_argument("--max-takeover-ms", type=float, default=2000.0)
+    ap.add_argument("--max-election-ms", type=float, default=5000.0,
+                    help="kill-coordinator: another coordinator within this long")
+    ap.add_argument("--max-gap-elsewhere-ms", type=float, default=1000.0,
+                    help="kill-coordinator: longest gap of a generator flow on another server")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--keep", action="store_true", help="leave the test bed up")
     ap.add_argument("--no-setup", action="store_true", help="use a running test bed (--prefix)")
     a = ap.parse_args()
+    if a.servers is None:
+        a.servers = 3 if a.fault == "kill-coordinator" else 2
+    if a.fault == "kill-coordinator" and shutil.which("etcd") is None:
+        print("drill: kill-coordinator needs etcd (apt-get install etcd-server)", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("drill: needs root (network namespaces)", file=sys.stderr)
         return 2

@@ -88,10 +88,13 @@ pub enum Event {
         recover: Vec<EndpointInfo>,
         writer: PeerWriter,
     },
-    /// Member: the join on `conn` failed.
+    /// Member: the join on `conn` (to the coordinator at `addr`) failed; `nobody_listening`:
+    /// its host refused the connection.
     JoinFailed {
         conn: ConnId,
+        addr: SocketAddr,
         why: String,
+        nobody_listening: bool,
     },
     /// etcd elected a coordinator, or this one's lease lapsed (`store = "etcd"`).
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
@@ -191,6 +194,10 @@ pub struct Control {
     journal_failed: bool,
     /// `store = "etcd"`: the election and the journal in etcd.
     store: Option<Store>,
+    /// Recovery orders for runtimes of a member that has not joined this coordinator yet
+    /// (it carried on from a journal, and the member is on its way back): sent as it
+    /// joins, dropped if it has not by the deadline.
+    waiting_recoveries: Vec<(EndpointAddr, Call, ReplyTo, Instant)>,
     /// The supervisor's pidfds of the running processes: what `kill_local` signals.
     pidfds: crate::supervisor::Pidfds,
     /// The authenticated sessions' writers (joined members, the coordinator, joins being
@@ -371,6 +378,7 @@ impl Control {
             journal,
             journal_failed: false,
             store,
+            waiting_recoveries: Vec::new(),
             conns: HashMap::new(),
             pending: HashMap::new(),
             next_rpc: 1,
@@ -730,6 +738,7 @@ impl Control {
             self.write_journal();
             self.notify_local();
         }
+        self.send_waiting_recoveries();
     }
 
     /// Sends on a session; a failed write ends it (and what the membership makes of that
@@ -907,7 +916,20 @@ impl Control {
                 self.membership
                     .fenced(why, nflib::time::wall_ns(), Instant::now())
             }
-            Event::JoinFailed { conn, why } => {
+            Event::JoinFailed {
+                conn,
+                addr,
+                why,
+                nobody_listening,
+            } => {
+                // On etcd: the elected coordinator's nfmgr is gone (its host refuses the
+                // connection), so its lease is revoked rather than left to run out: the
+                // next coordinator is elected now, not a lease later.
+                if nobody_listening {
+                    if let Some(store) = &self.store {
+                        store.depose(addr);
+                    }
+                }
                 if let Some(why) = self.membership.join_failed(conn, why, Instant::now()) {
                     tracing::warn!("cannot join the cluster: {why}");
                 }
@@ -1037,20 +1059,47 @@ impl Control {
         );
         let asked = Instant::now();
         let epoch = self.membership.view().epoch;
+        let until = asked + Duration::from_millis(self.cfg.cluster.restore_grace_ms);
         for t in targets {
-            self.route_rpc(
-                t,
-                Call::Recover {
-                    failed,
-                    incarnation,
-                    epoch,
-                },
-                ReplyTo::Recovery {
-                    failed,
-                    by: t,
-                    asked,
-                },
-            );
+            let call = Call::Recover {
+                failed,
+                incarnation,
+                epoch,
+            };
+            let reply_to = ReplyTo::Recovery {
+                failed,
+                by: t,
+                asked,
+            };
+            if t.server != self.me && self.membership.session_to(t.server).is_none() {
+                self.waiting_recoveries.push((t, call, reply_to, until));
+            } else {
+                self.route_rpc(t, call, reply_to);
+            }
+        }
+    }
+
+    /// Sends the recovery orders waiting for members that have joined now; answers those
+    /// whose member did not in time (or is dead) with the reason.
+    fn send_waiting_recoveries(&mut self) {
+        if self.waiting_recoveries.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for (t, call, reply_to, until) in std::mem::take(&mut self.waiting_recoveries) {
+            let alive = self
+                .membership
+                .view()
+                .server(t.server)
+                .is_some_and(|s| s.alive);
+            if self.membership.session_to(t.server).is_some() {
+                self.route_rpc(t, call, reply_to);
+            } else if !alive || now >= until {
+                let why = format!("server {} did not join this coordinator", t.server);
+                self.answer(reply_to, Err(why));
+            } else {
+                self.waiting_recoveries.push((t, call, reply_to, until));
+            }
         }
     }
 
@@ -1134,7 +1183,20 @@ impl Control {
                     let _ = events.send(Event::Fenced { why });
                 }
                 Err(peer::JoinError::Failed(why)) => {
-                    let _ = events.send(Event::JoinFailed { conn, why });
+                    let _ = events.send(Event::JoinFailed {
+                        conn,
+                        addr,
+                        why,
+                        nobody_listening: false,
+                    });
+                }
+                Err(peer::JoinError::NobodyListening(why)) => {
+                    let _ = events.send(Event::JoinFailed {
+                        conn,
+                        addr,
+                        why,
+                        nobody_listening: true,
+                    });
                 }
             });
         if let Err(e) = spawned {
@@ -1253,7 +1315,8 @@ impl Control {
                         })
                         .ok()
                 });
-                self.membership.elected(journal, now);
+                let mine = self.local_endpoints();
+                self.membership.elected(journal, mine, now);
             }
             StoreEvent::Coordinator { server, addr } if server != self.me => {
                 self.membership.follow(addr, now);

@@ -157,6 +157,9 @@ pub fn accept(
 pub enum JoinError {
     /// The coordinator declared this server dead while it lived on: fence, then join again.
     Fenced(String),
+    /// Nothing listens at the coordinator's address (its host refused the connection):
+    /// its nfmgr is not running.
+    NobodyListening(String),
     Failed(String),
 }
 
@@ -179,8 +182,14 @@ pub fn join(
     auth: &AuthKey,
     req: JoinRequest,
 ) -> Result<(ClusterView, Vec<EndpointInfo>, PeerWriter, PeerReader), JoinError> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("cannot reach the coordinator at {addr}: {e}"))?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| {
+        let why = format!("cannot reach the coordinator at {addr}: {e}");
+        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            JoinError::NobodyListening(why)
+        } else {
+            JoinError::Failed(why)
+        }
+    })?;
     prepare(&stream).map_err(|e| e.to_string())?;
     let mut handshake = DeadlineReader::new(&stream, HANDSHAKE_TIMEOUT);
     let PeerMsg::Hello {

@@ -101,6 +101,13 @@ impl Store {
         let _ = self.cmds.send(etcd::Cmd::Write(_journal));
     }
 
+    /// The coordinator at `addr` is gone (nothing listens there): revokes its lease if
+    /// etcd still names it, so that the next is elected at once.
+    pub fn depose(&self, _addr: SocketAddr) {
+        #[cfg(feature = "etcd")]
+        let _ = self.cmds.send(etcd::Cmd::Depose(_addr));
+    }
+
     /// Gives up the leadership and the lease (this nfmgr stops): another is elected at
     /// once, without waiting for the lease to run out.
     pub fn resign(&self) {
@@ -142,6 +149,7 @@ mod etcd {
 
     pub enum Cmd {
         Write(Vec<u8>),
+        Depose(std::net::SocketAddr),
         Resign,
     }
 
@@ -260,6 +268,8 @@ mod etcd {
         });
         let mut kv = client.kv_client();
         let mut leader: Option<LeaderKey> = None;
+        // The coordinator etcd names, and the lease it holds.
+        let mut named: Option<(u16, std::net::SocketAddr, i64)> = None;
         // The lease is renewed three times a lease; without an answer for two thirds of
         // it, this nfmgr stops counting on it before etcd lets it run out.
         let lease = Duration::from_secs(u64::from(s.lease_s));
@@ -284,7 +294,8 @@ mod etcd {
                     }
                 }
                 leader_is = seen.recv() => {
-                    let (server, addr) = leader_is.ok_or("the observation of the election ended")??;
+                    let (server, addr, lease) = leader_is.ok_or("the observation of the election ended")??;
+                    named = Some((server, addr, lease));
                     set(status, |st| st.leader = Some((server, addr.to_string())));
                     if server != s.me
                         && events.send(Event::Store(StoreEvent::Coordinator { server, addr })).is_err()
@@ -320,13 +331,30 @@ mod etcd {
                             return Err("no longer the elected coordinator".into());
                         }
                     }
+                    Some(Cmd::Depose(addr)) => {
+                        // Only the lease of the coordinator at `addr`, if etcd still names it,
+                        // and never this nfmgr's own.
+                        if let Some((server, at, lease)) = named {
+                            if at == addr && server != s.me && leader.is_none() {
+                                let mut leases = client.lease_client();
+                                let revoke = leases.revoke(lease);
+                                if tokio::time::timeout(REQUEST_TIMEOUT, revoke).await.is_ok_and(|r| r.is_ok()) {
+                                    tracing::info!(
+                                        "etcd: revoked the lease of coordinator {server} ({addr}): nothing listens there"
+                                    );
+                                }
+                                named = None;
+                            }
+                        }
+                    }
                     Some(Cmd::Resign) | None => {
                         if let Some(key) = leader.take() {
                             let mut election = client.election_client();
                             let resign = election.resign(Some(ResignOptions::new().with_leader(key)));
                             let _ = tokio::time::timeout(REQUEST_TIMEOUT, resign).await;
                         }
-                        let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_client().revoke(id)).await;
+                        let mut leases = client.lease_client();
+                        let _ = tokio::time::timeout(REQUEST_TIMEOUT, leases.revoke(id)).await;
                         return Ok(Exit::Stop);
                     }
                 },
@@ -342,12 +370,12 @@ mod etcd {
         }
     }
 
-    /// Tells `out` of every leader etcd elects under `name` (server and address), and of
-    /// the error that ends the observation.
+    /// Tells `out` of every leader etcd elects under `name` (server, address and lease),
+    /// and of the error that ends the observation.
     async fn observe(
         mut election: etcd_client::ElectionClient,
         name: String,
-        out: tokio::sync::mpsc::UnboundedSender<Result<(u16, std::net::SocketAddr), String>>,
+        out: tokio::sync::mpsc::UnboundedSender<Result<(u16, std::net::SocketAddr, i64), String>>,
     ) {
         let mut stream = match election.observe(name).await {
             Ok(s) => s,
@@ -358,8 +386,11 @@ mod etcd {
         };
         loop {
             let next = match stream.message().await {
-                Ok(Some(r)) => match r.kv().and_then(|kv| parse_campaign_value(kv.value())) {
-                    Some(leader) => Ok(leader),
+                Ok(Some(r)) => match r
+                    .kv()
+                    .and_then(|kv| Some((parse_campaign_value(kv.value())?, kv.lease())))
+                {
+                    Some(((server, addr), lease)) => Ok((server, addr, lease)),
                     None => continue,
                 },
                 Ok(None) => Err("etcd ended the observation of the election".to_string()),
