@@ -34,6 +34,16 @@ elif [[ "${CI:-}" == "true" ]]; then
 else
   echo "SKIP: DPDK is not installed (libdpdk-dev, libclang-dev): dpdk: ports are neither built nor tested"
 fi
+# The etcd client (cluster.store = "etcd") is built and tested wherever protoc is installed
+# (it compiles etcd's protocol definitions), and always under CI.
+if command -v protoc >/dev/null; then
+  features+=(--features nf-manager/etcd)
+elif [[ "${CI:-}" == "true" ]]; then
+  echo "CI=true but protoc is missing (apt-get install protobuf-compiler etcd-server)" >&2
+  exit 1
+else
+  echo "SKIP: protoc is not installed (protobuf-compiler): the etcd store is neither built nor tested"
+fi
 
 step "format"
 cargo fmt --all -- --check

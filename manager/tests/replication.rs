@@ -13,6 +13,8 @@
 //!   empty) and no flow has two owners.
 //! - `freeze-runtime.sh`: the runtime is stopped (SIGSTOP); its nfmgr sees packets wait on
 //!   its input untaken, kills it, and its flows go on from their replicas.
+//! - `kill-coordinator.sh`: on etcd, the coordinator's server killed; another is elected,
+//!   the same promises, and no other server's flow held up meanwhile.
 
 mod common;
 
@@ -155,6 +157,37 @@ fn a_killed_vswitch_breaks_no_connection() {
     }
     let r = drill_passes("kill-vswitch.sh", "dv", &[]);
     assert!(r["flows"]["affected_generator"].as_u64().unwrap() > 0);
+}
+
+/// Issue 25: on a three-server test bed whose cluster state and coordinator election live
+/// in etcd (three etcd members), the coordinator's server (not the ingress) is killed under
+/// the drill's traffic: another nfmgr is elected within seconds, the dead server's flows
+/// resume on their replicas (no stream stalls, no RST, the sha256 matches), and no flow of
+/// another server is held up while the coordinator changes.
+#[test]
+fn the_coordinators_server_killed_on_etcd_breaks_no_connection() {
+    let what = "the kill-coordinator drill (etcd)";
+    if !ready(what) || !require_tool("etcd", what) {
+        return;
+    }
+    if !cfg!(feature = "etcd") {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{what} needs nfmgr built with --features nf-manager/etcd, and CI=true"
+        );
+        eprintln!("SKIP: {what} needs nfmgr built with --features nf-manager/etcd (protoc)");
+        return;
+    }
+    let r = drill_passes("kill-coordinator.sh", "dc", &[]);
+    let c = &r["coordinator"];
+    assert_eq!(c["before"], 2, "the test bed elects server 2 first");
+    assert!(c["after"].as_u64().is_some_and(|s| s != 2), "{c}");
+    assert!(c["elected_ms"].as_f64().unwrap() < 5000.0, "{c}");
+    assert!(c["generator_flows_elsewhere"].as_u64().unwrap() > 0, "{c}");
+    let f = &r["flows"];
+    assert!(f["affected_generator"].as_u64().unwrap() > 0);
+    assert_eq!(f["affected_generator"], f["resumed_generator"]);
+    assert_eq!(f["two_owners"], 0);
 }
 
 #[test]
