@@ -79,6 +79,7 @@ fn main() {
         replicated: ["web".to_string()].into(),
         chains: vec![],
         can_join: true,
+        rejoin_at_once: false,
     };
     let (mut write, mut read_raw, mut replay) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..iters {

@@ -112,6 +112,9 @@ pub struct Settings {
     pub chains: Vec<(String, [u8; 32])>,
     /// Whether this server may join a coordinator (it holds the cluster key).
     pub can_join: bool,
+    /// A member that loses its coordinator tries to join again at once, not after
+    /// `rejoin_every` (on etcd: a coordinator found gone is replaced at once).
+    pub rejoin_at_once: bool,
 }
 
 /// After etcd names a coordinator, how soon a refused join is tried again, and for how
@@ -1000,9 +1003,13 @@ impl Membership {
                 ..
             } if *s == Some(session) => {
                 *s = None;
-                // At once: a coordinator restarting or replaced is joined as soon as it
-                // can be (on etcd, a refused connection has its lease revoked).
-                *next_try = now;
+                // On etcd at once: a refused connection has the coordinator's lease
+                // revoked, and the next one elected.
+                *next_try = if self.settings.rejoin_at_once {
+                    now
+                } else {
+                    now + self.settings.rejoin_every
+                };
                 true
             }
             _ => false,
@@ -1283,6 +1290,7 @@ mod tests {
             replicated: ["web".to_string()].into(),
             chains: vec![("web".into(), [7; 32])],
             can_join,
+            rejoin_at_once: false,
         }
     }
 

@@ -299,6 +299,7 @@ impl Control {
                 .collect(),
             chains: chain_digests(&cfg),
             can_join: keys.is_some(),
+            rejoin_at_once: cfg.cluster.store == nflib::config::ClusterStore::Etcd,
         };
         let coordinator = cfg
             .cluster
