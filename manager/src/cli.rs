@@ -157,6 +157,33 @@ pub fn status(t: &Target) -> Result<()> {
         if let Some(j) = role["journal"].as_str() {
             out += &format!("journal {j}\n");
         }
+        if role["paused"] == true {
+            out += "coordination PAUSED: the etcd lease lapsed; no view changes until etcd elects a coordinator\n";
+        }
+        let store = &v["store"];
+        if store.is_object() {
+            let leader = store["leader"]
+                .as_array()
+                .map(|l| format!("server {} at {}", l[0], s(&l[1])))
+                .unwrap_or_else(|| "none known".into());
+            out += &format!(
+                "store etcd {} ({})  coordinator elected: {leader}{}{}\n",
+                s(&store["prefix"]),
+                store["endpoints"]
+                    .as_array()
+                    .map(|e| e.iter().map(s).collect::<Vec<_>>().join(", "))
+                    .unwrap_or_default(),
+                if store["connected"] == true {
+                    ""
+                } else {
+                    "  NOT CONNECTED"
+                },
+                store["last_error"]
+                    .as_str()
+                    .map(|e| format!(" (last error: {e})"))
+                    .unwrap_or_default()
+            );
+        }
         if role["role"] == "member" {
             out += &format!(
                 "coordinator {}  {}{}\n",

@@ -184,6 +184,9 @@ fn the_coordinators_server_killed_on_etcd_breaks_no_connection() {
     assert!(c["after"].as_u64().is_some_and(|s| s != 2), "{c}");
     assert!(c["elected_ms"].as_f64().unwrap() < 5000.0, "{c}");
     assert!(c["generator_flows_elsewhere"].as_u64().unwrap() > 0, "{c}");
+    let named = c["named_by"].as_object().expect("every live server asked");
+    assert_eq!(named.len(), 2, "{c}");
+    assert!(named.values().all(|n| *n == c["after"]), "{c}");
     let f = &r["flows"];
     assert!(f["affected_generator"].as_u64().unwrap() > 0);
     assert_eq!(f["affected_generator"], f["resumed_generator"]);

@@ -365,6 +365,10 @@ class Drill:
                 self.notes.append(f"{p} did not finish in time")
                 os.killpg(self.procs[p].pid, signal.SIGKILL)
         events = self.events()
+        # Every live server's coordinator, as its `nfmgr status` names it.
+        vserver = int(victim.split("/")[0])
+        self.named = {srv: self.coordinator(server=srv)
+                      for srv in range(1, self.a.servers + 1) if srv != vserver}
         self.stop_traffic()
         # nfmgr writes its report (the sink's) when it stops.
         if not self.a.no_setup:
@@ -515,15 +519,22 @@ class Drill:
             others = [f for addr, k in pl_before.items()
                       if addr.split("/")[0] != vserver for f in k["gen"]]
             og = max((gaps.get(str(f), 0.0) for f in others), default=None)
+            lost_by_flow = sink.get("lost_by_flow", {})
+            lost_elsewhere = sum(int(lost_by_flow.get(str(f), 0)) for f in others)
+            named = self.named
             coordinator = {"before": int(vserver),
                            "after": elected[0] if elected else None,
                            "elected_ms": round(elected[1]) if elected else None,
+                           "named_by": named,
                            "generator_flows_elsewhere": len(others),
-                           "max_gap_elsewhere_ms": og}
+                           "max_gap_elsewhere_ms": og,
+                           "lost_elsewhere": lost_elsewhere}
             if elected is None:
                 violations.append("no_coordinator_elected")
             elif elected[1] > a.max_election_ms:
                 violations.append("election_too_slow")
+            if elected is not None and any(c != elected[0] for c in named.values()):
+                violations.append("coordinator_not_named_everywhere")
             if og is not None and og > a.max_gap_elsewhere_ms:
                 violations.append("flow_elsewhere_held_up")
 
@@ -585,8 +596,10 @@ def print_report(r):
     co = r.get("coordinator")
     if co:
         print(f"coordinator  server {co['before']} killed; server {co['after']} elected "
-              f"{co['elected_ms']} ms after the fault; {co['generator_flows_elsewhere']} "
-              f"generator flows elsewhere, their longest gap {co['max_gap_elsewhere_ms']} ms")
+              f"{co['elected_ms']} ms after the fault, named by servers "
+              f"{co['named_by']}; {co['generator_flows_elsewhere']} generator flows elsewhere, "
+              f"their longest gap {co['max_gap_elsewhere_ms']} ms, {co['lost_elsewhere']} "
+              f"packets of them lost")
     for e in r["events"]:
         print(f"  event {e['after_fault_ms']:+8.1f} ms  server {e['server']} {e['source']}: "
               f"{e['what']}")

@@ -109,10 +109,16 @@ impl Store {
     }
 
     /// Gives up the leadership and the lease (this nfmgr stops): another is elected at
-    /// once, without waiting for the lease to run out.
+    /// once, without waiting for the lease to run out. Waits for etcd's answer, a second
+    /// at most.
     pub fn resign(&self) {
         #[cfg(feature = "etcd")]
-        let _ = self.cmds.send(etcd::Cmd::Resign);
+        {
+            let (done, resigned) = std::sync::mpsc::channel();
+            if self.cmds.send(etcd::Cmd::Resign(done)).is_ok() {
+                let _ = resigned.recv_timeout(std::time::Duration::from_secs(1));
+            }
+        }
     }
 
     pub fn status(&self) -> StoreStatus {
@@ -150,7 +156,8 @@ mod etcd {
     pub enum Cmd {
         Write(Vec<u8>),
         Depose(std::net::SocketAddr),
-        Resign,
+        /// Resign and stop, then say so on the channel.
+        Resign(std::sync::mpsc::Sender<()>),
     }
 
     /// How long one request to etcd (not a campaign) may take.
@@ -347,7 +354,7 @@ mod etcd {
                             }
                         }
                     }
-                    Some(Cmd::Resign) | None => {
+                    cmd @ (Some(Cmd::Resign(_)) | None) => {
                         if let Some(key) = leader.take() {
                             let mut election = client.election_client();
                             let resign = election.resign(Some(ResignOptions::new().with_leader(key)));
@@ -355,6 +362,9 @@ mod etcd {
                         }
                         let mut leases = client.lease_client();
                         let _ = tokio::time::timeout(REQUEST_TIMEOUT, leases.revoke(id)).await;
+                        if let Some(Cmd::Resign(done)) = cmd {
+                            let _ = done.send(());
+                        }
                         return Ok(Exit::Stop);
                     }
                 },

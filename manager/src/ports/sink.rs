@@ -246,6 +246,14 @@ impl Port for Sink {
                 .take(200_000)
                 .map(|(f, t)| (f.to_string(), serde_json::json!(t.max_gap_ns as f64 / 1e6)))
                 .collect::<serde_json::Map<_, _>>(),
+            // Per flow that lost packets, how many (drills tell the flows a fault hit from
+            // the others).
+            "lost_by_flow": self
+                .flows()
+                .filter(|(_, t)| t.lost > 0)
+                .take(200_000)
+                .map(|(f, t)| (f.to_string(), serde_json::json!(t.lost)))
+                .collect::<serde_json::Map<_, _>>(),
         }))
     }
 }
