@@ -899,6 +899,7 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         incarnation,
         cluster_keys.as_ref(),
     )
+    .context("cannot start the etcd client (cluster.store = \"etcd\")")?
     .with_pidfds(pidfds.clone());
     let handle = control.handle();
     let socket_path = cfg.control_socket_path();

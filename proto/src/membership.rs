@@ -436,6 +436,9 @@ impl Membership {
             }
             self.role = Self::member_of(None, now);
             self.members.retain(|id, _| *id == self.me);
+            self.restored.clear();
+            self.restore_until = None;
+            self.old_life.clear();
         }
         let Role::Member { session, .. } = &mut self.role else {
             return;
@@ -462,6 +465,21 @@ impl Membership {
         for srv in &mut base.view.servers {
             if srv.server == last {
                 srv.alive = true;
+            }
+        }
+        // Declared dead in this life while cut off (its flows were taken over elsewhere):
+        // it must not coordinate as the owner of flows that live elsewhere. It restarts
+        // its processes empty under a new life first, as a fenced member does.
+        let declared_dead = base
+            .view
+            .server(self.me)
+            .is_some_and(|srv| !srv.alive && srv.incarnation == self.incarnation);
+        if declared_dead {
+            self.note("elected, but the cluster had declared this server dead: restarting its processes empty first".into());
+            self.actions.push_back(Action::Fence);
+            self.incarnation = self.incarnation.saturating_add(1);
+            if let Some(m) = self.members.get_mut(&self.me) {
+                m.incarnation = self.incarnation;
             }
         }
         self.note(format!(
@@ -561,6 +579,12 @@ impl Membership {
         }
     }
 
+    /// Member: its session to the coordinator ended and it has not joined one since (a
+    /// coordinator it then finds nothing listening for is gone).
+    pub fn lost_its_coordinator(&self) -> bool {
+        self.lost_coordinator.is_some()
+    }
+
     /// Whether this coordinator's lease lapsed (it changes nothing).
     pub fn paused(&self) -> bool {
         self.paused
@@ -637,6 +661,12 @@ impl Membership {
 
     /// A new view: to the data plane, and from the coordinator to every member.
     fn view_changed(&mut self, renotify: bool) {
+        // The link watch reports only servers alive in the view, and a server that leaves
+        // it and comes back is not reported up: what it said of one no longer alive is
+        // stale.
+        let view = &self.view;
+        self.link_silent
+            .retain(|s| view.server(*s).is_some_and(|srv| srv.alive));
         let alive = self
             .view
             .servers
@@ -908,7 +938,12 @@ impl Membership {
     /// killed and restarted empty (their flows are not recovered: they live elsewhere
     /// now), and this server joins again as a new incarnation (at least `floor`, the wall
     /// clock in ns, so that it is new across restarts of nfmgr too) once they are dead.
-    pub fn fenced(&mut self, why: String, floor: u64, now: Instant) {
+    /// `session` is the join the fence answered: one of a join since replaced, or that
+    /// reaches a server no longer a member, changes nothing.
+    pub fn fenced(&mut self, session: SessionId, why: String, floor: u64, now: Instant) {
+        if !matches!(self.role, Role::Member { joining: Some(s), .. } if s == session) {
+            return;
+        }
         self.note(format!(
             "fenced by the coordinator ({why}): restarting this server's vswitches and \
              runtimes empty, then joining again"
@@ -1476,7 +1511,7 @@ mod tests {
                         PeerMsg::Reject { reason } => {
                             m.join_failed(mine, reason, now);
                         }
-                        PeerMsg::Fence { reason } => m.fenced(reason, 0, now),
+                        PeerMsg::Fence { reason } => m.fenced(mine, reason, 0, now),
                         PeerMsg::View(v) => {
                             m.heard(mine, now);
                             m.view_from_coordinator(v);
@@ -2258,5 +2293,60 @@ mod tests {
             recovered,
             vec![EndpointAddr::new(3, 2), EndpointAddr::new(3, 3)]
         );
+    }
+
+    /// What a member heard of the cluster link about a server goes stale once the view
+    /// drops that server: cut off, declared dead and back in a new life, it is not
+    /// declared dead again by the next coordinator etcd elects.
+    #[test]
+    fn a_server_back_after_a_cut_is_not_declared_dead_by_the_next_coordinator() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(300));
+        let now = c.now;
+        c.servers
+            .get_mut(&2)
+            .unwrap()
+            .m
+            .link_down(3, Duration::from_millis(40), now);
+        c.cut.insert(3);
+        c.run(Duration::from_secs(1));
+        assert_eq!(c.alive_in(2), vec![1, 2], "3 declared dead while cut");
+        c.cut.clear();
+        c.run(Duration::from_secs(7));
+        assert_eq!(c.alive_in(2), vec![1, 2, 3], "3 back in a new life");
+        let journal = c.servers[&1].m.journal().unwrap();
+        let before = c.servers[&2].recovered.len();
+        c.kill(1, false);
+        c.elect(2, Some(journal));
+        c.run(Duration::from_millis(300));
+        let recovered = &c.servers[&2].recovered[before..];
+        assert!(
+            recovered.iter().all(|r| r.server == 1),
+            "only the dead coordinator's flows: {recovered:?}"
+        );
+        assert_eq!(c.alive_in(2), vec![2, 3]);
+    }
+
+    /// A member cut off and declared dead, then elected by etcd while still in that
+    /// life, restarts its processes empty under a new life before it coordinates: its
+    /// flows were taken over elsewhere.
+    #[test]
+    fn an_elected_member_the_cluster_declared_dead_restarts_empty_first() {
+        let mut c = Cluster::new(&[2, 3]);
+        c.run(Duration::from_millis(300));
+        c.cut.insert(2);
+        c.run(Duration::from_secs(1));
+        assert_eq!(c.alive_in(1), vec![1, 3]);
+        let journal = c.servers[&1].m.journal().unwrap();
+        c.kill(1, true);
+        c.cut.clear();
+        let life = c.servers[&2].m.incarnation();
+        c.elect(2, Some(journal));
+        c.run(Duration::from_millis(500));
+        assert_eq!(c.servers[&2].fences, 1);
+        assert!(c.servers[&2].m.incarnation() > life);
+        let me = c.servers[&2].m.view().server(2).unwrap().clone();
+        assert!(me.alive && me.incarnation > life, "{me:?}");
+        assert_eq!(c.alive_in(3), vec![2, 3]);
     }
 }

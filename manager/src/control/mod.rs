@@ -99,8 +99,10 @@ pub enum Event {
     /// etcd elected a coordinator, or this one's lease lapsed (`store = "etcd"`).
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     Store(StoreEvent),
-    /// Member: the coordinator had declared this server dead; fence, then join again.
+    /// Member: the coordinator had declared this server dead (answering the join on
+    /// `conn`); fence, then join again.
     Fenced {
+        conn: ConnId,
         why: String,
     },
     PeerMsg {
@@ -155,6 +157,15 @@ impl Handle {
     }
 }
 
+/// A recovery order waiting for its runtime's server to join (`Control::waiting_recoveries`).
+struct WaitingRecovery {
+    to: EndpointAddr,
+    failed: EndpointAddr,
+    incarnation: u64,
+    reply_to: ReplyTo,
+    until: Instant,
+}
+
 enum ReplyTo {
     /// A handler thread of this nfmgr waits.
     Local(Sender<Result<Reply, String>>),
@@ -196,8 +207,9 @@ pub struct Control {
     store: Option<Store>,
     /// Recovery orders for runtimes of a member that has not joined this coordinator yet
     /// (it carried on from a journal, and the member is on its way back): sent as it
-    /// joins, dropped if it has not by the deadline.
-    waiting_recoveries: Vec<(EndpointAddr, Call, ReplyTo, Instant)>,
+    /// joins, under the epoch of then; dropped if it has not by the deadline, or when
+    /// this nfmgr is no longer the coordinator.
+    waiting_recoveries: Vec<WaitingRecovery>,
     /// The supervisor's pidfds of the running processes: what `kill_local` signals.
     pidfds: crate::supervisor::Pidfds,
     /// The authenticated sessions' writers (joined members, the coordinator, joins being
@@ -282,7 +294,7 @@ impl Control {
         events: Sender<Event>,
         incarnation: u64,
         keys: Option<&ClusterKeys>,
-    ) -> Control {
+    ) -> std::io::Result<Control> {
         let me = cfg.cluster.server_id;
         let now = Instant::now();
         let settings = MembershipSettings {
@@ -325,8 +337,8 @@ impl Control {
             now,
         );
         let journal_keys: Vec<&[u8]> = keys.map(|k| k.all().collect()).unwrap_or_default();
-        let store = on_etcd
-            .then(|| {
+        let store = match on_etcd {
+            true => {
                 let settings = StoreSettings {
                     endpoints: cfg.cluster.etcd.clone(),
                     prefix: cfg.cluster.etcd_prefix.clone(),
@@ -334,11 +346,10 @@ impl Control {
                     advertise: cfg.cluster.advertised().expect("validated address"),
                     lease_s: cfg.cluster.etcd_lease_s,
                 };
-                Store::spawn(settings, events.clone())
-                    .map_err(|e| tracing::error!("cannot start the etcd client: {e}"))
-                    .ok()
-            })
-            .flatten();
+                Some(Store::spawn(settings, events.clone())?)
+            }
+            false => None,
+        };
         // On etcd, the journal lives there (this names it in errors); else in a file.
         let journal = if on_etcd {
             let key = format!("etcd {}/journal", cfg.cluster.etcd_prefix);
@@ -396,7 +407,7 @@ impl Control {
             pidfds: Default::default(),
         };
         c.run_actions();
-        c
+        Ok(c)
     }
 
     pub fn handle(&self) -> Handle {
@@ -913,9 +924,9 @@ impl Control {
                         .session_down(conn, "not a member".into(), Instant::now());
                 }
             }
-            Event::Fenced { why } => {
+            Event::Fenced { conn, why } => {
                 self.membership
-                    .fenced(why, nflib::time::wall_ns(), Instant::now())
+                    .fenced(conn, why, nflib::time::wall_ns(), Instant::now())
             }
             Event::JoinFailed {
                 conn,
@@ -923,10 +934,12 @@ impl Control {
                 why,
                 nobody_listening,
             } => {
-                // On etcd: the elected coordinator's nfmgr is gone (its host refuses the
-                // connection), so its lease is revoked rather than left to run out: the
-                // next coordinator is elected now, not a lease later.
-                if nobody_listening {
+                // On etcd: the coordinator this member was joined to is gone (its session
+                // ended, and now its host refuses the connection: its nfmgr is not
+                // running), so its lease is revoked rather than left to run out, and the
+                // next coordinator is elected now, not a lease later. (A member that never
+                // had a session deposes no one: a refusal may be its own network's.)
+                if nobody_listening && self.membership.lost_its_coordinator() {
                     if let Some(store) = &self.store {
                         store.depose(addr);
                     }
@@ -1062,19 +1075,25 @@ impl Control {
         let epoch = self.membership.view().epoch;
         let until = asked + Duration::from_millis(self.cfg.cluster.restore_grace_ms);
         for t in targets {
-            let call = Call::Recover {
-                failed,
-                incarnation,
-                epoch,
-            };
             let reply_to = ReplyTo::Recovery {
                 failed,
                 by: t,
                 asked,
             };
             if t.server != self.me && self.membership.session_to(t.server).is_none() {
-                self.waiting_recoveries.push((t, call, reply_to, until));
+                self.waiting_recoveries.push(WaitingRecovery {
+                    to: t,
+                    failed,
+                    incarnation,
+                    reply_to,
+                    until,
+                });
             } else {
+                let call = Call::Recover {
+                    failed,
+                    incarnation,
+                    epoch,
+                };
                 self.route_rpc(t, call, reply_to);
             }
         }
@@ -1087,19 +1106,29 @@ impl Control {
             return;
         }
         let now = Instant::now();
-        for (t, call, reply_to, until) in std::mem::take(&mut self.waiting_recoveries) {
+        let epoch = self.membership.view().epoch;
+        let coordinating = self.membership.is_coordinator() && !self.membership.paused();
+        for w in std::mem::take(&mut self.waiting_recoveries) {
             let alive = self
                 .membership
                 .view()
-                .server(t.server)
+                .server(w.to.server)
                 .is_some_and(|s| s.alive);
-            if self.membership.session_to(t.server).is_some() {
-                self.route_rpc(t, call, reply_to);
-            } else if !alive || now >= until {
-                let why = format!("server {} did not join this coordinator", t.server);
-                self.answer(reply_to, Err(why));
+            if !coordinating {
+                let why = "this nfmgr no longer coordinates".to_string();
+                self.answer(w.reply_to, Err(why));
+            } else if self.membership.session_to(w.to.server).is_some() {
+                let call = Call::Recover {
+                    failed: w.failed,
+                    incarnation: w.incarnation,
+                    epoch,
+                };
+                self.route_rpc(w.to, call, w.reply_to);
+            } else if !alive || now >= w.until {
+                let why = format!("server {} did not join this coordinator", w.to.server);
+                self.answer(w.reply_to, Err(why));
             } else {
-                self.waiting_recoveries.push((t, call, reply_to, until));
+                self.waiting_recoveries.push(w);
             }
         }
     }
@@ -1181,7 +1210,7 @@ impl Control {
                     }
                 }
                 Err(peer::JoinError::Fenced(why)) => {
-                    let _ = events.send(Event::Fenced { why });
+                    let _ = events.send(Event::Fenced { conn, why });
                 }
                 Err(peer::JoinError::Failed(why)) => {
                     let _ = events.send(Event::JoinFailed {

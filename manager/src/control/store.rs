@@ -83,7 +83,15 @@ impl Store {
         let shared = status.clone();
         std::thread::Builder::new()
             .name("etcd".into())
-            .spawn(move || etcd::run(settings, events, rx, shared))?;
+            .spawn(move || {
+                // A coordinator whose etcd client is gone has no lease to count on.
+                let tell = events.clone();
+                let run = std::panic::AssertUnwindSafe(|| etcd::run(settings, events, rx, shared));
+                if std::panic::catch_unwind(run).is_err() {
+                    let why = "the etcd client failed".to_string();
+                    let _ = tell.send(Event::Store(StoreEvent::Lapsed { why }));
+                }
+            })?;
         Ok(Store { cmds: tx, status })
     }
 
@@ -143,7 +151,7 @@ fn parse_campaign_value(v: &[u8]) -> Option<(u16, SocketAddr)> {
 mod etcd {
     use std::sync::mpsc::Sender;
     use std::sync::{Arc, Mutex};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use etcd_client::{
         Client, Compare, CompareOp, ConnectOptions, LeaderKey, ResignOptions, Txn, TxnOp,
@@ -164,6 +172,8 @@ mod etcd {
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
     /// Between two attempts to reach etcd.
     const RETRY: Duration = Duration::from_millis(500);
+    /// How long a session given up tries to revoke its lease.
+    const REVOKE_TIMEOUT: Duration = Duration::from_millis(500);
 
     enum Exit {
         /// Resigned, or the control thread is gone.
@@ -190,7 +200,9 @@ mod etcd {
         {
             Ok(rt) => rt,
             Err(e) => {
-                tracing::error!("cannot start the etcd client's runtime: {e}");
+                let why = format!("cannot start the etcd client's runtime: {e}");
+                tracing::error!("{why}");
+                let _ = events.send(Event::Store(StoreEvent::Lapsed { why }));
                 return;
             }
         };
@@ -225,7 +237,8 @@ mod etcd {
 
     /// One session with etcd: a lease, a campaign, the leader observed. Ends with an error
     /// when etcd is lost or the lease lapses (`elected` tells whether this nfmgr had been
-    /// elected in it).
+    /// elected in it); its lease is then revoked if etcd can still be told, so that no
+    /// campaign of a session given up can win.
     async fn session(
         s: &StoreSettings,
         events: &Sender<Event>,
@@ -247,14 +260,49 @@ mod etcd {
                 .await
                 .map_err(timed("cannot connect"))?
                 .map_err(err("cannot connect"))?;
+        // Orders of an earlier session are stale: a journal it did not get to write may be
+        // older than what another coordinator wrote since, a deposition is about a
+        // coordinator of then.
+        while let Ok(cmd) = cmds.try_recv() {
+            if let Cmd::Resign(done) = cmd {
+                let _ = done.send(());
+                return Ok(Exit::Stop);
+            }
+        }
         let ttl = i64::from(s.lease_s);
-        let mut lease = client.lease_client();
-        let id = tokio::time::timeout(REQUEST_TIMEOUT, lease.grant(ttl, None))
+        let mut leases = client.lease_client();
+        let id = tokio::time::timeout(REQUEST_TIMEOUT, leases.grant(ttl, None))
             .await
             .map_err(timed("lease"))?
             .map_err(err("lease"))?
             .id();
-        let (mut keeper, mut acks) = lease.keep_alive(id).await.map_err(err("lease"))?;
+        let r = with_lease(s, events, cmds, status, elected, &client, id).await;
+        if r.is_err() {
+            let _ = tokio::time::timeout(REVOKE_TIMEOUT, leases.revoke(id)).await;
+        }
+        r
+    }
+
+    /// The session's work under lease `id`.
+    async fn with_lease(
+        s: &StoreSettings,
+        events: &Sender<Event>,
+        cmds: &mut UnboundedReceiver<Cmd>,
+        status: &Shared,
+        elected: &mut bool,
+        client: &Client,
+        id: i64,
+    ) -> Result<Exit, String> {
+        let err = |what: &str| {
+            let what = what.to_string();
+            move |e: etcd_client::Error| format!("{what}: {e}")
+        };
+        let lapsed = || "the lease was not renewed in time".to_string();
+        let mut leases = client.lease_client();
+        let (mut keeper, mut acks) = tokio::time::timeout(REQUEST_TIMEOUT, leases.keep_alive(id))
+            .await
+            .map_err(|_| lapsed())?
+            .map_err(err("lease"))?;
         let name = format!("{}/coordinator", s.prefix);
         let journal_key = format!("{}/journal", s.prefix);
         // The leader, as etcd names it, on a task of its own: etcd answers an observation
@@ -277,20 +325,22 @@ mod etcd {
         let mut leader: Option<LeaderKey> = None;
         // The coordinator etcd names, and the lease it holds.
         let mut named: Option<(u16, std::net::SocketAddr, i64)> = None;
-        // The lease is renewed three times a lease; without an answer for two thirds of
-        // it, this nfmgr stops counting on it before etcd lets it run out.
+        // The lease is renewed three times a lease. Without an answer for two thirds of it,
+        // this nfmgr stops counting on it, before etcd lets it run out and elects another:
+        // a deadline no request of this loop may outlast.
         let lease = Duration::from_secs(u64::from(s.lease_s));
         let mut renew = tokio::time::interval(lease / 3);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_ack = Instant::now();
+        let mut good_until = tokio::time::Instant::now() + lease * 2 / 3;
         loop {
             tokio::select! {
+                _ = tokio::time::sleep_until(good_until) => return Err(lapsed()),
                 won = &mut campaign, if leader.is_none() => {
                     let won = won.map_err(err("campaign"))?;
                     let key = won.leader().cloned().ok_or("campaign: no leader key")?;
-                    let got = tokio::time::timeout(REQUEST_TIMEOUT, kv.get(journal_key.clone(), None))
+                    let got = tokio::time::timeout_at(good_until, kv.get(journal_key.clone(), None))
                         .await
-                        .map_err(timed("read the journal"))?
+                        .map_err(|_| lapsed())?
                         .map_err(err("read the journal"))?;
                     let journal = got.kvs().first().map(|kv| kv.value().to_vec());
                     leader = Some(key);
@@ -311,14 +361,16 @@ mod etcd {
                     }
                 }
                 _ = renew.tick() => {
-                    if last_ack.elapsed() > lease * 2 / 3 {
-                        return Err(format!("the lease was not renewed for {:?}", last_ack.elapsed()));
-                    }
-                    keeper.keep_alive().await.map_err(err("renew the lease"))?;
+                    tokio::time::timeout_at(good_until, keeper.keep_alive())
+                        .await
+                        .map_err(|_| lapsed())?
+                        .map_err(err("renew the lease"))?;
                 }
                 ack = acks.message() => {
                     match ack.map_err(err("renew the lease"))? {
-                        Some(a) if a.ttl() > 0 => last_ack = Instant::now(),
+                        Some(a) if a.ttl() > 0 => {
+                            good_until = tokio::time::Instant::now() + lease * 2 / 3;
+                        }
                         _ => return Err("the lease expired".into()),
                     }
                 }
@@ -330,22 +382,22 @@ mod etcd {
                         let txn = Txn::new()
                             .when([Compare::create_revision(key.key(), CompareOp::Equal, key.rev())])
                             .and_then([TxnOp::put(journal_key.clone(), bytes, None)]);
-                        let done = tokio::time::timeout(REQUEST_TIMEOUT, kv.txn(txn))
+                        let done = tokio::time::timeout_at(good_until, kv.txn(txn))
                             .await
-                            .map_err(timed("write the journal"))?
+                            .map_err(|_| lapsed())?
                             .map_err(err("write the journal"))?;
                         if !done.succeeded() {
                             return Err("no longer the elected coordinator".into());
                         }
                     }
                     Some(Cmd::Depose(addr)) => {
-                        // Only the lease of the coordinator at `addr`, if etcd still names it,
+                        // Only the lease of the coordinator at `addr` that etcd names now,
                         // and never this nfmgr's own.
                         if let Some((server, at, lease)) = named {
                             if at == addr && server != s.me && leader.is_none() {
-                                let mut leases = client.lease_client();
                                 let revoke = leases.revoke(lease);
-                                if tokio::time::timeout(REQUEST_TIMEOUT, revoke).await.is_ok_and(|r| r.is_ok()) {
+                                let deadline = good_until.min(tokio::time::Instant::now() + REQUEST_TIMEOUT);
+                                if tokio::time::timeout_at(deadline, revoke).await.is_ok_and(|r| r.is_ok()) {
                                     tracing::info!(
                                         "etcd: revoked the lease of coordinator {server} ({addr}): nothing listens there"
                                     );
@@ -360,7 +412,6 @@ mod etcd {
                             let resign = election.resign(Some(ResignOptions::new().with_leader(key)));
                             let _ = tokio::time::timeout(REQUEST_TIMEOUT, resign).await;
                         }
-                        let mut leases = client.lease_client();
                         let _ = tokio::time::timeout(REQUEST_TIMEOUT, leases.revoke(id)).await;
                         if let Some(Cmd::Resign(done)) = cmd {
                             let _ = done.send(());
