@@ -16,8 +16,8 @@
 //!
 //! `unsafe` is confined to `region` (mapping and typed access), `ring` (slot access),
 //! `records` (typed per-flow records), `doorbell` (eventfd system calls), `hint`
-//! (prefetch, huge-page advice) and `sync`; every block says why it is sound. nflib re-exports each module
-//! under its old path (`nflib::region`, `nflib::ring`, ...).
+//! (prefetch, huge-page advice) and `sync`; every block says why it is sound. nflib
+//! re-exports each module under its old path (`nflib::region`, `nflib::ring`, ...).
 
 pub mod buffer;
 pub mod doorbell;
