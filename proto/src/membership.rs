@@ -222,9 +222,10 @@ pub struct Membership {
     /// dispatch), until it joins one again. Elected after it, this member declares that
     /// server dead at once: a coordinator that only lost etcd keeps its sessions.
     lost_coordinator: Option<u16>,
-    /// Member: a coordinator etcd just named may not know it yet (its own news of the
-    /// election can come after this member's): until then a refused join is tried again
-    /// soon, not after `rejoin_every`.
+    /// Member on etcd: a coordinator etcd just named may not know it yet (its own news of
+    /// the election can come after this member's), and a coordinator just lost may still
+    /// reset connections before its host refuses them: until then a failed join is tried
+    /// again soon, not after `rejoin_every`.
     quick_rejoin_until: Option<Instant>,
     next_session: SessionId,
     /// Shutting down (`leave`): a session that fails now changes nothing.
@@ -1045,6 +1046,11 @@ impl Membership {
                 } else {
                     now + self.settings.rejoin_every
                 };
+                // (A dying nfmgr may still reset a connection before its host refuses
+                // them: try again soon, for the refusal.)
+                if self.settings.rejoin_at_once {
+                    self.quick_rejoin_until = Some(now + QUICK_REJOIN_FOR);
+                }
                 true
             }
             _ => false,
