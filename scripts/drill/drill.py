@@ -537,6 +537,10 @@ class Drill:
                 violations.append("coordinator_not_named_everywhere")
             if og is not None and og > a.max_gap_elsewhere_ms:
                 violations.append("flow_elsewhere_held_up")
+            # Their runtimes live: a coordinator's loss must cost them nothing (under output
+            # commit a replica's loss does not either: the held output waits at the primary).
+            if lost_elsewhere and a.replication == "output-commit":
+                violations.append("packets_lost_elsewhere")
 
         # No flow with two owners after the takeover.
         owners = {}
