@@ -1663,6 +1663,14 @@ mod tests {
             self.settle();
         }
 
+        /// The runtimes whose flows server `at` had recovered (by every other server's
+        /// runtimes), in address order.
+        fn recovered_at(&self, at: u16) -> Vec<EndpointAddr> {
+            let mut r = self.servers[&at].recovered.clone();
+            r.sort();
+            r
+        }
+
         fn alive_in(&self, at: u16) -> Vec<u16> {
             self.servers[&at]
                 .m
@@ -1715,8 +1723,7 @@ mod tests {
         c.run(Duration::from_millis(200));
         assert_eq!(c.alive_in(1), vec![1, 3]);
         assert_eq!(c.alive_in(3), vec![1, 3], "the view reached the others");
-        let mut recovered = c.servers[&1].recovered.clone();
-        recovered.sort();
+        let recovered = c.recovered_at(1);
         assert_eq!(
             recovered,
             vec![EndpointAddr::new(2, 2), EndpointAddr::new(2, 3)]
@@ -2033,8 +2040,7 @@ mod tests {
         c.run(Duration::from_millis(200));
         assert_eq!(c.alive_in(1), vec![1, 2]);
         assert_eq!(c.alive_in(2), vec![1, 2]);
-        let mut recovered = c.servers[&1].recovered.clone();
-        recovered.sort();
+        let recovered = c.recovered_at(1);
         assert_eq!(
             recovered,
             vec![EndpointAddr::new(3, 2), EndpointAddr::new(3, 3)]
@@ -2064,8 +2070,7 @@ mod tests {
         c.run(Duration::from_millis(700));
         assert_eq!(c.alive_in(3), vec![1, 2, 3]);
         assert_eq!(c.servers[&3].m.view().server(2).unwrap().incarnation, 7);
-        let mut recovered = c.servers[&1].recovered.clone();
-        recovered.sort();
+        let recovered = c.recovered_at(1);
         assert_eq!(
             recovered,
             vec![EndpointAddr::new(2, 2), EndpointAddr::new(2, 3)]
@@ -2175,8 +2180,7 @@ mod tests {
         c.run(Duration::from_millis(300));
         assert!(c.servers[&2].m.is_coordinator());
         assert!(!c.servers[&3].m.is_coordinator());
-        let mut recovered = c.servers[&2].recovered.clone();
-        recovered.sort();
+        let recovered = c.recovered_at(2);
         assert_eq!(
             recovered,
             vec![EndpointAddr::new(1, 2), EndpointAddr::new(1, 3)]
@@ -2246,8 +2250,7 @@ mod tests {
         assert_eq!(v.server(1).unwrap().incarnation, 1);
         // Server 3, dead and silent on the link, is recovered by the new coordinator.
         assert_eq!(c.alive_in(2), vec![1, 2]);
-        let mut recovered = c.servers[&2].recovered.clone();
-        recovered.sort();
+        let recovered = c.recovered_at(2);
         assert_eq!(
             recovered,
             vec![EndpointAddr::new(3, 2), EndpointAddr::new(3, 3)]
@@ -2293,8 +2296,7 @@ mod tests {
         assert_eq!(c.alive_in(2), vec![1, 2, 3], "3 has the grace to come back");
         c.run(Duration::from_millis(3_100));
         assert_eq!(c.alive_in(2), vec![1, 2]);
-        let mut recovered = c.servers[&1].recovered.clone();
-        recovered.sort();
+        let recovered = c.recovered_at(1);
         assert_eq!(
             recovered,
             vec![EndpointAddr::new(3, 2), EndpointAddr::new(3, 3)]

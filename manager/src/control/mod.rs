@@ -1197,36 +1197,33 @@ impl Control {
         let events = self.events.clone();
         let spawned = std::thread::Builder::new()
             .name("cluster-join".into())
-            .spawn(move || match peer::join(addr, &auth, req) {
-                Ok((view, recover, writer, reader)) => {
-                    let joined = Event::Joined {
+            .spawn(move || {
+                let join_failed = |why, nobody_listening| {
+                    let failed = Event::JoinFailed {
                         conn,
-                        view,
-                        recover,
-                        writer,
+                        addr,
+                        why,
+                        nobody_listening,
                     };
-                    if events.send(joined).is_ok() {
-                        peer::read_loop(conn, reader, events);
+                    let _ = events.send(failed);
+                };
+                match peer::join(addr, &auth, req) {
+                    Ok((view, recover, writer, reader)) => {
+                        let joined = Event::Joined {
+                            conn,
+                            view,
+                            recover,
+                            writer,
+                        };
+                        if events.send(joined).is_ok() {
+                            peer::read_loop(conn, reader, events);
+                        }
                     }
-                }
-                Err(peer::JoinError::Fenced(why)) => {
-                    let _ = events.send(Event::Fenced { conn, why });
-                }
-                Err(peer::JoinError::Failed(why)) => {
-                    let _ = events.send(Event::JoinFailed {
-                        conn,
-                        addr,
-                        why,
-                        nobody_listening: false,
-                    });
-                }
-                Err(peer::JoinError::NobodyListening(why)) => {
-                    let _ = events.send(Event::JoinFailed {
-                        conn,
-                        addr,
-                        why,
-                        nobody_listening: true,
-                    });
+                    Err(peer::JoinError::Fenced(why)) => {
+                        let _ = events.send(Event::Fenced { conn, why });
+                    }
+                    Err(peer::JoinError::Failed(why)) => join_failed(why, false),
+                    Err(peer::JoinError::NobodyListening(why)) => join_failed(why, true),
                 }
             });
         if let Err(e) = spawned {

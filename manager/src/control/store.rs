@@ -182,6 +182,11 @@ mod etcd {
 
     type Shared = Arc<Mutex<StoreStatus>>;
 
+    /// An etcd error as the reason a session ends: what it was doing, then the error.
+    fn failed(what: &'static str) -> impl Fn(etcd_client::Error) -> String {
+        move |e| format!("{what}: {e}")
+    }
+
     fn set(status: &Shared, f: impl FnOnce(&mut StoreStatus)) {
         if let Ok(mut s) = status.lock() {
             f(&mut s);
@@ -246,10 +251,6 @@ mod etcd {
         status: &Shared,
         elected: &mut bool,
     ) -> Result<Exit, String> {
-        let err = |what: &str| {
-            let what = what.to_string();
-            move |e: etcd_client::Error| format!("{what}: {e}")
-        };
         let timed =
             |what: &'static str| move |_| format!("{what}: no answer within {REQUEST_TIMEOUT:?}");
         // (No HTTP/2 keep-alive pings: etcd closes connections that ping more often than
@@ -259,7 +260,7 @@ mod etcd {
             tokio::time::timeout(REQUEST_TIMEOUT, Client::connect(&s.endpoints, Some(opts)))
                 .await
                 .map_err(timed("cannot connect"))?
-                .map_err(err("cannot connect"))?;
+                .map_err(failed("cannot connect"))?;
         // Orders of an earlier session are stale: a journal it did not get to write may be
         // older than what another coordinator wrote since, a deposition is about a
         // coordinator of then.
@@ -274,7 +275,7 @@ mod etcd {
         let id = tokio::time::timeout(REQUEST_TIMEOUT, leases.grant(ttl, None))
             .await
             .map_err(timed("lease"))?
-            .map_err(err("lease"))?
+            .map_err(failed("lease"))?
             .id();
         let r = with_lease(s, events, cmds, status, elected, &client, id).await;
         if r.is_err() {
@@ -293,16 +294,12 @@ mod etcd {
         client: &Client,
         id: i64,
     ) -> Result<Exit, String> {
-        let err = |what: &str| {
-            let what = what.to_string();
-            move |e: etcd_client::Error| format!("{what}: {e}")
-        };
         let lapsed = || "the lease was not renewed in time".to_string();
         let mut leases = client.lease_client();
         let (mut keeper, mut acks) = tokio::time::timeout(REQUEST_TIMEOUT, leases.keep_alive(id))
             .await
             .map_err(|_| lapsed())?
-            .map_err(err("lease"))?;
+            .map_err(failed("lease"))?;
         let name = format!("{}/coordinator", s.prefix);
         let journal_key = format!("{}/journal", s.prefix);
         // The leader, as etcd names it, on a task of its own: etcd answers an observation
@@ -336,12 +333,12 @@ mod etcd {
             tokio::select! {
                 _ = tokio::time::sleep_until(good_until) => return Err(lapsed()),
                 won = &mut campaign, if leader.is_none() => {
-                    let won = won.map_err(err("campaign"))?;
+                    let won = won.map_err(failed("campaign"))?;
                     let key = won.leader().cloned().ok_or("campaign: no leader key")?;
                     let got = tokio::time::timeout_at(good_until, kv.get(journal_key.clone(), None))
                         .await
                         .map_err(|_| lapsed())?
-                        .map_err(err("read the journal"))?;
+                        .map_err(failed("read the journal"))?;
                     let journal = got.kvs().first().map(|kv| kv.value().to_vec());
                     leader = Some(key);
                     *elected = true;
@@ -364,10 +361,10 @@ mod etcd {
                     tokio::time::timeout_at(good_until, keeper.keep_alive())
                         .await
                         .map_err(|_| lapsed())?
-                        .map_err(err("renew the lease"))?;
+                        .map_err(failed("renew the lease"))?;
                 }
                 ack = acks.message() => {
-                    match ack.map_err(err("renew the lease"))? {
+                    match ack.map_err(failed("renew the lease"))? {
                         Some(a) if a.ttl() > 0 => {
                             good_until = tokio::time::Instant::now() + lease * 2 / 3;
                         }
@@ -385,7 +382,7 @@ mod etcd {
                         let done = tokio::time::timeout_at(good_until, kv.txn(txn))
                             .await
                             .map_err(|_| lapsed())?
-                            .map_err(err("write the journal"))?;
+                            .map_err(failed("write the journal"))?;
                         if !done.succeeded() {
                             return Err("no longer the elected coordinator".into());
                         }
