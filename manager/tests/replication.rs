@@ -615,3 +615,95 @@ fn a_source_dead_after_handing_flows_over_leaves_one_owner_per_flow() {
         "no installed flow was replaced"
     );
 }
+
+/// A migration's source killed after the vswitch switched its flows to the target and
+/// before it sent their state (a failpoint): the target gives them back, the source's
+/// replicas take them over with the rest of its flows, and every flow goes on with its
+/// state: none starts afresh anywhere, each has one owner, and no copy goes unused.
+#[test]
+fn a_source_dead_between_the_switch_and_the_state_leaves_its_flows_to_its_replicas() {
+    if !require_root("the source-dies-after-the-switch test") {
+        return;
+    }
+    let tb = common::testbed::Testbed::up_with_env(
+        "sw",
+        1,
+        &[
+            "--runtimes",
+            "3",
+            "--chain",
+            "firewall,flow_monitor",
+            "--chain-set",
+            "replication = \"output-commit\"",
+            "--gen",
+            "300,0.2,90000",
+            "--runtime-set",
+            "unreplied_timeout_s = 600",
+        ],
+        &[("NF_FAILPOINTS", "migrate-switched-crash")],
+    );
+    let names = ["rt0", "rt1", "rt2"];
+    let flows = || -> Vec<u64> { names.iter().map(|n| flows_of(&tb, n)).collect() };
+    let survivors = |c: &str| -> u64 {
+        ["rt1", "rt2"]
+            .iter()
+            .map(|r| tb.proc_counter(1, r, c))
+            .sum()
+    };
+    let t0 = Instant::now();
+    while flows().iter().sum::<u64>() < 300 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "flows: {:?}",
+            flows()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let before = flows();
+    let created = survivors("flows_created");
+    let _ = tb.nfmgr(
+        1,
+        &["migrate", "--from", "rt0", "--to", "rt1", "--flows", "100"],
+    );
+    // The flows are made live in the background; unused copies are dropped after 2.5 s.
+    let t0 = Instant::now();
+    let mut after = flows();
+    while t0.elapsed() < Duration::from_secs(10) {
+        after = flows();
+        if survivors("flows_recovered") >= before[0]
+            && after.iter().sum::<u64>() == 300
+            && t0.elapsed() > Duration::from_secs(4)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = tb.log(1);
+    let handed_back = tb.proc_counter(1, "rt1", "migration_handed_back");
+    eprintln!(
+        "flows before {before:?}, after {after:?}; recovered {}, handed back {handed_back}, \
+         created {}, copies not ours {}, dropped awaiting recovery {}",
+        survivors("flows_recovered"),
+        survivors("flows_created") - created,
+        survivors("recovered_not_ours"),
+        survivors("drop_awaiting_recovery"),
+    );
+    assert!(
+        log.contains("failpoint migrate-switched-crash"),
+        "the source died as planned"
+    );
+    assert!(handed_back > 0, "the target gave flows back");
+    assert_eq!(after.iter().sum::<u64>(), 300, "one owner per flow");
+    assert_eq!(
+        survivors("flows_recovered"),
+        before[0],
+        "every flow of rt0 taken over"
+    );
+    assert_eq!(
+        survivors("flows_created"),
+        created,
+        "no flow started afresh"
+    );
+    assert_eq!(survivors("recovered_not_ours"), 0, "every copy was needed");
+}

@@ -209,6 +209,13 @@ pub enum Message {
         aliases: Vec<FlowKey>,
         done: bool,
     },
+    /// vswitch -> runtime: keys its takeover asked for and could not have then (another
+    /// runtime held them: a migration's target) are its now, given back by that runtime
+    /// (its migration's source died before sending the state). The receiver makes their
+    /// copies live.
+    KeysGiven {
+        keys: Vec<FlowKey>,
+    },
 }
 
 /// One flow's change in a `Replicate`.
@@ -571,6 +578,7 @@ impl Message {
             Message::HoldsQuery => 22,
             Message::FeedQuery { .. } => 23,
             Message::Feeds { .. } => 24,
+            Message::KeysGiven { .. } => 25,
         }
     }
 

@@ -15,6 +15,8 @@
 //!   another endpoint as its source (a compromised process would).
 //! - `migrate-state-sent-crash`: a migration's source aborts right after it sent its first
 //!   step-3 state, before its replicas hear that those flows left (at its next flush).
+//! - `migrate-switched-crash`: a migration's source aborts when the vswitch answers its
+//!   first step 2 (the flows' packets go to the target now), before it sends their state.
 //! - `rogue-call`: a runtime, once, makes control calls only nfmgr may make (a takeover of
 //!   its own flows by the next slot's runtime, a workload poll of the vswitch), and asks
 //!   the vswitch to move the next runtime's flows to a third.
@@ -55,6 +57,20 @@ pub fn migrate_state_sent(msg: &nflib::msg::Message) {
     {
         say("migrate-state-sent-crash: aborting");
         std::process::abort();
+    }
+}
+
+/// Called by a runtime with a vswitch's answer to a migration's step 2 (`RuntimeSet` for
+/// a request of its own that is neither a takeover's nor a rollback's).
+pub fn migrate_switched(msg: &nflib::msg::Message) {
+    if let nflib::msg::Message::RuntimeSet { request, moved, .. } = msg {
+        let own = *request != 0
+            && request & nflib::msg::RECOVERY_REQUEST == 0
+            && request & crate::migration::ROLLBACK == 0;
+        if own && *moved > 0 && enabled("migrate-switched-crash") {
+            say("migrate-switched-crash: aborting");
+            std::process::abort();
+        }
     }
 }
 

@@ -90,9 +90,16 @@ pub fn serve_messages(
                 continue;
             }
         }
+        if let Message::KeysGiven { keys } = &env.msg {
+            rt.unpark(&mut ShmIo { ep, mb }, env.from, keys);
+            continue;
+        }
         if env.msg.is_migration() {
             if matches!(env.msg, Message::MigrateState { .. }) {
                 failpoint::migrate_state_received();
+            }
+            if failpoint::armed() {
+                failpoint::migrate_switched(&env.msg);
             }
             rt.on_migration_message(&mut ShmIo { ep, mb }, env.from, env.msg, now_ms);
         } else {
@@ -239,6 +246,10 @@ pub fn from_region(ep: &Endpoint, cfg: &Config) -> Result<Runtime, StartError> {
             buffer_high_water: buffer * m.buffer_high_water_pct as usize / 100,
             max_flows_per_s: m.max_flows_per_s,
             keep_awake_us: m.keep_awake_us,
+            hand_back: cfg
+                .chain_of(rc)
+                .and_then(|c| cfg.chain(c))
+                .is_some_and(|c| c.replication != nflib::config::ReplicationMode::Off),
         },
     );
     if let Some(chain) = cfg.chain_of(rc).and_then(|c| cfg.chain(c)) {

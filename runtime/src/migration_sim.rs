@@ -332,6 +332,9 @@ struct Scenario {
     restart_after_us: Option<u64>,
     /// The target sends every flow back to the source at this time (us).
     back_at_us: Option<u64>,
+    /// The source dies at this time (us), noticed by the target `detect_us` later (its
+    /// flows are then its replica's to take over, which the simulation does not run).
+    kill_source_at: Option<u64>,
     /// Step 3 of odd groups names other flows than the target accepted (its digest is
     /// changed on the way).
     mismatch_odd_groups: bool,
@@ -353,6 +356,7 @@ impl Scenario {
             detect_us: 2_000,
             restart_after_us: None,
             back_at_us: None,
+            kill_source_at: None,
             mismatch_odd_groups: false,
             settings: MigrationSettings {
                 group_size: 8,
@@ -365,6 +369,7 @@ impl Scenario {
                 buffer_high_water: 8_000,
                 max_flows_per_s: 0,
                 keep_awake_us: 0,
+                hand_back: false,
             },
         }
     }
@@ -392,6 +397,16 @@ struct Outcome {
     /// The job back (`back_at_us`): flows moved and refused.
     moved_back: u64,
     failed_back: u64,
+    /// A dead source (`kill_source_at`): keys the vswitch sends to the target although
+    /// its state never arrived there, keys sent back to the source whose state the target
+    /// has (two owners, once the replica takes them over), flows whose key and alias part,
+    /// pending actors and held packets left at the target, and the flows it gave back.
+    at_target_without_state: u64,
+    handed_back_installed: u64,
+    split: u64,
+    pending_left: u64,
+    held_left: usize,
+    handed_back: u64,
 }
 
 fn run(sc: Scenario) -> Outcome {
@@ -441,6 +456,8 @@ fn run(sc: Scenario) -> Outcome {
     let mut target_dead = false;
     let mut restarted = false;
     let mut detected = false;
+    let mut source_dead = false;
+    let mut source_death_seen = false;
     let mut sent_to_dead = 0u64;
     let mut next_gen = 0u64;
     let mut next_tick = 0u64;
@@ -492,6 +509,17 @@ fn run(sc: Scenario) -> Outcome {
                 back_started = true;
                 let t = nodes.get_mut(&T).unwrap();
                 t.mig.start_job(S, u32::MAX, now as f64 / 1000.0).unwrap();
+            }
+            if let Some(k) = sc.kill_source_at {
+                if !source_dead && now >= k {
+                    source_dead = true;
+                    nodes.get_mut(&S).unwrap().alive = false;
+                }
+                if source_dead && !source_death_seen && now >= k + sc.detect_us {
+                    source_death_seen = true;
+                    let t = nodes.get_mut(&T).unwrap();
+                    t.mig.peer_dead(&mut t.toy, S, now / 1000);
+                }
             }
             if let Some(k) = sc.kill_target_at {
                 if !target_dead && !restarted && now >= k {
@@ -644,6 +672,10 @@ fn run(sc: Scenario) -> Outcome {
     };
     let s = &nodes[&S];
     let t = &nodes[&T];
+    if sc.kill_source_at.is_some() {
+        judge_dead_source(&mut o, t, &vs, sc.flows);
+        return o;
+    }
     if let Some(r) = s.mig.report(0.0) {
         o.moved = r.moved;
         o.elapsed_us = r.elapsed_us;
@@ -797,6 +829,76 @@ fn a_straggler_slower_than_the_wait_is_forwarded_and_counted_not_lost() {
         late += o.late;
     }
     assert!(late > 0, "the scenario should produce late stragglers");
+}
+
+/// After the source died: every key the vswitch sends to the target has its state there;
+/// every key sent back to the source (for its replica) has none there.
+fn judge_dead_source(
+    o: &mut Outcome,
+    t: &Node,
+    vs: &HashMap<FlowKey, (EndpointAddr, u32)>,
+    flows: u32,
+) {
+    let with_state = |k: &FlowKey| {
+        t.toy
+            .flows
+            .get(&t.toy.canonical(k))
+            .is_some_and(|x| !x.diverted && x.log.first() == Some(&0))
+    };
+    for f in 0..flows {
+        let (k, a) = (key(f), alias(f));
+        if vs[&k].0 != vs[&a].0 {
+            o.split += 1;
+        }
+        match vs[&k].0 {
+            T if !with_state(&k) => o.at_target_without_state += 1,
+            S if with_state(&k) => o.handed_back_installed += 1,
+            _ => {}
+        }
+    }
+    o.pending_left = t
+        .toy
+        .flows
+        .values()
+        .filter(|x| x.diverted && matches!(x.mark, Mark::In(_)))
+        .count() as u64;
+    o.held_left = t.mig.held();
+    o.handed_back = t.mig.counters.flows_handed_back;
+}
+
+/// The source dies after switching flows to the target and before sending their state
+/// (and at every other step): with replicas (`hand_back`), the target gives back exactly
+/// the flows whose state never came, key and alias, so that the source's replica can take
+/// them over, and keeps those it installed. Without, they stay at the target stateless.
+#[test]
+fn a_source_that_dies_mid_migration_gets_back_the_flows_whose_state_never_left() {
+    let mut handed_back = 0;
+    let mut stateless_without = 0;
+    for seed in 1..=30u64 {
+        let mut sc = Scenario::base(seed * 40_503);
+        sc.to_source = (20, 100);
+        sc.msg = (20, 200);
+        sc.kill_source_at = Some(2_000 + seed * 150);
+        sc.detect_us = 3_000;
+        sc.settings.hand_back = true;
+        let o = run(sc);
+        assert_eq!(o.at_target_without_state, 0, "seed {seed}: {o:?}");
+        assert_eq!(o.handed_back_installed, 0, "seed {seed}: {o:?}");
+        assert_eq!(o.split, 0, "seed {seed}: {o:?}");
+        assert_eq!(o.pending_left, 0, "seed {seed}: {o:?}");
+        assert_eq!(o.held_left, 0, "seed {seed}: {o:?}");
+        handed_back += o.handed_back;
+        sc.settings.hand_back = false;
+        stateless_without += run(sc).at_target_without_state;
+    }
+    assert!(
+        handed_back > 0,
+        "no source died between the switch and the state"
+    );
+    assert!(
+        stateless_without > 0,
+        "without replicas the same runs leave flows stateless"
+    );
 }
 
 #[test]

@@ -1225,17 +1225,24 @@ impl Copies {
         }
     }
 
+    /// Puts copy `a` in under `id`, unless `id` or its key is held already (then `a` is
+    /// given back).
+    pub fn put(&mut self, id: u64, a: ReplicaActor) -> Result<(), ReplicaActor> {
+        if self.flows.contains_key(&id) || self.keys.contains_key(&a.key) {
+            return Err(a);
+        }
+        self.keys.insert(a.key, (id, a.vswitch));
+        for al in &a.aliases {
+            self.keys.entry(*al).or_insert((id, a.vswitch));
+        }
+        self.flows.insert(id, a);
+        Ok(())
+    }
+
     /// Moves every copy of `other` in; a key both hold stays with `self`'s flow.
     fn absorb(&mut self, other: Copies) {
         for (id, a) in other.flows {
-            if self.flows.contains_key(&id) || self.keys.contains_key(&a.key) {
-                continue;
-            }
-            self.keys.insert(a.key, (id, a.vswitch));
-            for al in &a.aliases {
-                self.keys.entry(*al).or_insert((id, a.vswitch));
-            }
-            self.flows.insert(id, a);
+            let _ = self.put(id, a);
         }
     }
 }

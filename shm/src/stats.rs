@@ -101,6 +101,7 @@ counter_set!(
     VswitchRebuilds => "vswitch_rebuilds",
     VswitchRebuildUs => "vswitch_rebuild_us",
     VswitchRebuildFlows => "vswitch_rebuild_flows",
+    MigrationHandedBack => "migration_handed_back",
 ]);
 
 impl ProcCounter {

@@ -11,6 +11,8 @@
 //! time in nanoseconds) and does its I/O through [`Io`], so that its tests step it in
 //! memory, with no region and no process.
 
+use std::collections::HashMap;
+
 use nflib::cluster::{ClusterView, Workload};
 use nflib::config::{Config, DispatchScope, Match, MatchInput};
 use nflib::flow::FlowKey;
@@ -152,6 +154,11 @@ pub struct Dispatch<P> {
     rebuild: Option<Rebuild<P>>,
     /// Takeovers asked of a runtime this vswitch does not know to be dead (yet).
     deferred: Vec<Takeover>,
+    /// Keys a takeover asked for and could not have: a migration had switched them from
+    /// the dead runtime to a live one, which may not have its state yet. To the replica
+    /// that asked, with when the claim lapses (ms): if that runtime gives the keys back
+    /// (`hand_back`), they go to the replica.
+    unclaimed: HashMap<FlowKey, (EndpointAddr, u32)>,
     /// Whether this vswitch is in a cluster (its remote runtimes come with the first view).
     clustered: bool,
 }
@@ -204,6 +211,9 @@ const TAKEOVER_WAIT_MS: u32 = 500;
 const TAKEOVER_GRACE_MS: u32 = 2_000;
 /// Most takeovers waiting at once; more of a live runtime are refused at once.
 const MAX_DEFERRED_TAKEOVERS: usize = 64;
+/// Most keys claimed by takeovers at once (`unclaimed`): a few migration groups' worth
+/// is what a source dying mid-migration leaves; a claim beyond it is not kept.
+const MAX_UNCLAIMED: usize = 1 << 16;
 
 /// Most packets a rebuilding vswitch holds; more are dispatched as they come.
 const REBUILD_MAX_HELD: usize = 8192;
@@ -327,6 +337,7 @@ impl<P> Dispatch<P> {
             recovery_wait_ms: vc.recovery_wait_ms,
             rebuild: None,
             deferred: Vec::new(),
+            unclaimed: HashMap::new(),
             clustered: cfg.cluster.coordinator.is_some() || cfg.cluster.listen.is_some(),
         };
         d.replicated = d
@@ -496,6 +507,10 @@ impl<P> Dispatch<P> {
             .retain(|(_, until)| is_ahead(now_ms, *until));
         self.lives_changed
             .retain(|(_, until)| is_ahead(now_ms, *until));
+        if !self.unclaimed.is_empty() {
+            self.unclaimed
+                .retain(|_, (_, until)| is_ahead(now_ms, *until));
+        }
         for c in 0..self.chains.len() {
             if !self.replicated.get(c).copied().unwrap_or(false) {
                 continue;
@@ -694,6 +709,27 @@ impl<P> Dispatch<P> {
                 from,
                 runtime,
                 request,
+            } if env.from == from
+                && request & nflib::msg::RECOVERY_REQUEST == 0
+                && self.died_lately(runtime, now_ms) =>
+            {
+                // A runtime giving flows to a replicated one that died: a migration's
+                // target whose source died before sending the state, so that the source's
+                // replicas take them over (or a migration's step 2 toward a target that
+                // just died, which its source then undoes).
+                let (answer, given) = self.hand_back(&keys, from, runtime, request, now_ms);
+                for (by, keys) in given {
+                    if !io.send(by, LIAISON, &Message::KeysGiven { keys }) {
+                        io.count(ProcCounter::ActorSendRefused, 1);
+                    }
+                }
+                Some(answer)
+            }
+            Message::SetRuntime {
+                keys,
+                from,
+                runtime,
+                request,
             } => {
                 // A runtime pulling keys to itself outside a takeover undoes a migration:
                 // only keys it gave away move back.
@@ -701,7 +737,7 @@ impl<P> Dispatch<P> {
                     && env.from != from
                     && request & nflib::msg::RECOVERY_REQUEST == 0)
                     .then_some(runtime);
-                Some(self.move_keys(&keys, from, runtime, request, pull_back))
+                Some(self.move_keys(&keys, from, runtime, request, pull_back, now_ms))
             }
             Message::Feeds {
                 request,
@@ -773,6 +809,7 @@ impl<P> Dispatch<P> {
         runtime: EndpointAddr,
         request: u64,
         pull_back: Option<EndpointAddr>,
+        now_ms: u32,
     ) -> Message {
         let mut sent = Vec::with_capacity(keys.len());
         let mut unmoved = Vec::new();
@@ -782,6 +819,7 @@ impl<P> Dispatch<P> {
         // that did not move instead: their flows are not its.
         if request & nflib::msg::RECOVERY_REQUEST != 0 {
             sent = Vec::new();
+            self.claim_unmoved(&unmoved, from, runtime, now_ms);
         } else {
             unmoved = Vec::new();
         }
@@ -791,6 +829,82 @@ impl<P> Dispatch<P> {
             sent,
             unmoved,
         }
+    }
+
+    /// A takeover of `failed` by `by` found these keys at other runtimes. Those a migration
+    /// switched from `failed` (their entry's previous runtime) may have arrived without
+    /// their state, if `failed` died between the switch and the state: their target then
+    /// gives them back (`hand_back`), and they go to `by`, whose copies wait for them.
+    fn claim_unmoved(
+        &mut self,
+        unmoved: &[FlowKey],
+        failed: EndpointAddr,
+        by: EndpointAddr,
+        now_ms: u32,
+    ) {
+        let until = now_ms.wrapping_add(TAKEOVER_GRACE_MS);
+        for k in unmoved {
+            if self.unclaimed.len() >= MAX_UNCLAIMED {
+                break;
+            }
+            if self
+                .table
+                .get(k)
+                .is_some_and(|e| e.prev == failed && e.runtime != failed)
+            {
+                self.unclaimed.insert(*k, (by, until));
+            }
+        }
+    }
+
+    /// `from` gives its flows under `keys` to `dead` (see the caller): each goes to the
+    /// replica whose takeover of `dead` claimed it already, or else to `dead`, where the
+    /// takeover still to come finds it. Returns the answer, as `set_runtime`'s moves are
+    /// answered, and the keys each claiming replica got (to tell it: its copies of them
+    /// wait for that).
+    fn hand_back(
+        &mut self,
+        keys: &[FlowKey],
+        from: EndpointAddr,
+        dead: EndpointAddr,
+        request: u64,
+        now_ms: u32,
+    ) -> (Message, Vec<(EndpointAddr, Vec<FlowKey>)>) {
+        let mut sent = Vec::with_capacity(keys.len());
+        let mut given: Vec<(EndpointAddr, Vec<FlowKey>)> = Vec::new();
+        let mut moved = 0;
+        for k in keys {
+            let claim = self.unclaimed.remove(k);
+            let hash = self.table.hash(k);
+            match self.table.get_mut_hashed(k, hash) {
+                Some(e) if e.runtime == from || e.runtime == dead => {
+                    sent.push(e.sent);
+                    let to = claim
+                        .filter(|(_, until)| is_ahead(now_ms, *until))
+                        .map_or(dead, |(by, _)| by);
+                    if e.runtime != to {
+                        e.prev = e.runtime;
+                        e.runtime = to;
+                        e.sent = 0;
+                    }
+                    moved += 1;
+                    if to != dead {
+                        match given.iter_mut().find(|(by, _)| *by == to) {
+                            Some((_, keys)) => keys.push(*k),
+                            None => given.push((to, vec![*k])),
+                        }
+                    }
+                }
+                _ => sent.push(0),
+            }
+        }
+        let answer = Message::RuntimeSet {
+            request,
+            moved,
+            sent,
+            unmoved: Vec::new(),
+        };
+        (answer, given)
     }
 
     fn refused_takeover(request: u64, keys: Vec<FlowKey>) -> Message {
@@ -869,18 +983,21 @@ impl<P> Dispatch<P> {
     /// Whether `rt`'s flows are up for a takeover: it is not a live target, or its old
     /// life's flows wait for recovery.
     fn known_dead(&self, rt: EndpointAddr, now_ms: u32) -> bool {
-        let recent = |list: &[(EndpointAddr, u32)]| {
-            list.iter()
-                .any(|(a, until)| *a == rt && is_ahead(now_ms, *until))
-        };
         // Another server's runtime, while this server has no coordinator to tell it of a
         // death there (no view yet, or the coordinator lost): the replica's word is all
         // there is.
         let unwatched = rt.server != self.me.server && !self.coordinator_alive;
-        unwatched
-            || !targets_live(&self.live, &self.remote, rt)
-            || recent(&self.recovering)
-            || recent(&self.lives_changed)
+        unwatched || !targets_live(&self.live, &self.remote, rt) || self.died_lately(rt, now_ms)
+    }
+
+    /// Whether `rt`, a runtime of a replicated chain, died or restarted lately (its flows
+    /// are up for a takeover).
+    fn died_lately(&self, rt: EndpointAddr, now_ms: u32) -> bool {
+        let recent = |list: &[(EndpointAddr, u32)]| {
+            list.iter()
+                .any(|(a, until)| *a == rt && is_ahead(now_ms, *until))
+        };
+        recent(&self.recovering) || recent(&self.lives_changed)
     }
 
     /// Applies the waiting takeovers whose runtime is now known dead, and refuses those
@@ -892,7 +1009,7 @@ impl<P> Dispatch<P> {
         let waiting = std::mem::take(&mut self.deferred);
         for t in waiting {
             let answer = if self.known_dead(t.failed, now_ms) {
-                self.move_keys(&t.keys, t.failed, t.by, t.request, None)
+                self.move_keys(&t.keys, t.failed, t.by, t.request, None, now_ms)
             } else if is_ahead(now_ms, t.until_ms) {
                 self.deferred.push(t);
                 continue;
@@ -1384,12 +1501,17 @@ mod tests {
     }
 
     fn bed_with(config: &str, generation: u32) -> Bed {
+        bed_for(config, &[(2, "rt0"), (3, "rt1")], generation)
+    }
+
+    /// A vswitch of `config` whose targets are `targets` (slot, name), all up.
+    fn bed_for(config: &str, targets: &[(u16, &str)], generation: u32) -> Bed {
         let cfg = Config::parse(config, Path::new(".")).unwrap();
         let mut io = MemIo {
             counters: vec![0; PROC_COUNTERS],
             ..MemIo::default()
         };
-        for s in [2, 3] {
+        for &(s, _) in targets {
             io.slots.insert(
                 s,
                 SlotView {
@@ -1401,8 +1523,8 @@ mod tests {
         let setup = Setup {
             slot: ME,
             name: "vs".into(),
-            targets: vec![(2, "rt0".into()), (3, "rt1".into())],
-            slots: 4,
+            targets: targets.iter().map(|&(s, n)| (s, n.into())).collect(),
+            slots: targets.iter().map(|&(s, _)| s + 1).max().unwrap_or(2),
             generation,
         };
         let now_ns = 5_000 * MS_NS;
@@ -1818,6 +1940,102 @@ mod tests {
         b.packet(on_rt0[1]);
         assert_eq!(b.ports_to(3).last(), Some(&on_rt0[1]));
         assert_eq!(b.count(ProcCounter::DropAwaitingRecovery), 3);
+    }
+
+    /// A migration's source (rt0) dies after the switch and before the state: its target
+    /// (rt1) gives the flows back, and they reach the replica (rt2) that takes over rt0's
+    /// flows, whichever of the hand-back and the takeover comes first. A flow whose state
+    /// did arrive stays with the target; a runtime hands back only its own flows.
+    #[test]
+    fn flows_a_dead_source_switched_without_their_state_reach_its_replica() {
+        const THREE: &str = "[[vswitch]]\nname = \"vs\"\nrecovery_wait_ms = 1000\n\
+            [[runtime]]\nname = \"rt0\"\nchain = \"c\"\n\
+            [[runtime]]\nname = \"rt1\"\nchain = \"c\"\n\
+            [[runtime]]\nname = \"rt2\"\nchain = \"c\"\n\
+            [[chain]]\nname = \"c\"\nreplication = \"output-commit\"\n[[chain.nf]]\n\
+            kind = \"flow_monitor\"\n";
+        const RT2: EndpointAddr = EndpointAddr::new(1, 4);
+        let mut b = bed_for(THREE, &[(2, "rt0"), (3, "rt1"), (4, "rt2")], 1);
+        for port in 1..=12 {
+            b.packet(port);
+        }
+        let on_rt0 = b.ports_to(2);
+        let on_rt2 = b.ports_to(4);
+        assert_eq!(on_rt0.len(), 4);
+        // rt0 migrates three flows to rt1 (step 2); the state of the third arrives.
+        let (first, second, installed) = (on_rt0[0], on_rt0[1], on_rt0[2]);
+        let answer = b.call(
+            RT0,
+            Message::SetRuntime {
+                keys: vec![key(first), key(second), key(installed)],
+                from: RT0,
+                runtime: RT1,
+                request: 5,
+            },
+        );
+        assert!(matches!(
+            answer.as_slice(),
+            [Message::RuntimeSet { moved: 3, .. }]
+        ));
+        b.set_slot(2, 1, false);
+        let takeover = |keys: Vec<FlowKey>| Message::SetRuntime {
+            keys,
+            from: RT0,
+            runtime: RT2,
+            request: 1 | nflib::msg::RECOVERY_REQUEST,
+        };
+        let hand_back = |keys: Vec<FlowKey>| Message::SetRuntime {
+            keys,
+            from: RT1,
+            runtime: RT0,
+            request: 0,
+        };
+        // The first flow: the target gives it back before the replica asks for it.
+        let answer = b.call(RT1, hand_back(vec![key(first)]));
+        assert!(matches!(
+            answer.as_slice(),
+            [Message::RuntimeSet { moved: 1, .. }]
+        ));
+        b.packet(first);
+        assert_eq!(
+            b.count(ProcCounter::DropAwaitingRecovery),
+            1,
+            "held for the replica"
+        );
+        let answer = b.call(RT2, takeover(vec![key(first)]));
+        assert!(
+            matches!(answer.as_slice(), [Message::RuntimeSet { moved: 1, unmoved, .. }] if unmoved.is_empty())
+        );
+        b.packet(first);
+        assert_eq!(b.ports_to(4).last(), Some(&first));
+        // The second and the installed one: the replica asks first; neither is rt0's now.
+        let answer = b.call(RT2, takeover(vec![key(second), key(installed)]));
+        assert!(matches!(
+            answer.as_slice(),
+            [Message::RuntimeSet { moved: 0, unmoved, .. }] if unmoved.len() == 2
+        ));
+        // rt1 gives back the one whose state never came (and cannot give away rt2's); rt2
+        // is told that its copy's key is its own now.
+        let answer = b.call(RT1, hand_back(vec![key(second), key(on_rt2[0])]));
+        assert!(
+            matches!(answer.as_slice(), [Message::KeysGiven { keys }, Message::RuntimeSet { moved: 1, .. }]
+                if keys == &vec![key(second)]),
+            "{answer:?}"
+        );
+        b.packet(second);
+        assert_eq!(
+            b.ports_to(4).last(),
+            Some(&second),
+            "to the replica that asked"
+        );
+        b.packet(installed);
+        assert_eq!(
+            b.ports_to(3).last(),
+            Some(&installed),
+            "the target keeps its own"
+        );
+        b.packet(on_rt2[0]);
+        assert_eq!(b.ports_to(4).last(), Some(&on_rt2[0]));
     }
 
     /// A restarted vswitch (its slot's second life) asks the runtimes for the flows they

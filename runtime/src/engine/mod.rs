@@ -52,6 +52,9 @@ pub struct FlowSettings {
 /// that a core keeps every line asked for in flight (`process_batch`).
 const AHEAD: usize = 8;
 
+/// How long copies a takeover's vswitch gave to a third runtime wait for that runtime to
+/// give them back (`drop_unmoved`): longer than the vswitch keeps the claim (2 s).
+const TAKEOVER_PARK_NS: u64 = 2_500_000_000;
 /// How long a primary and its replica keep polling after a replication message under
 /// output commit (their loops yield instead of sleeping): the answer's round trip then costs
 /// no wake-up.
@@ -116,6 +119,13 @@ pub struct Runtime<P = Packet> {
     /// One set of copies per takeover (nearly always one).
     recovered: Vec<Copies>,
     recovered_lost: u64,
+    /// Copies whose keys a takeover's vswitch gave to a third runtime (`drop_unmoved`),
+    /// kept until `parked_until_ns` in case that runtime gives them back (it was a
+    /// migration's target and the dead runtime, its source, never sent the state): made
+    /// live only when a packet of one comes. Under ids of their own (`parked_ids`).
+    parked: Copies,
+    parked_until_ns: u64,
+    parked_ids: u64,
     /// A takeover's re-pointing is under way: the copies wait for their first packet or
     /// its end rather than being made live in the background, so that this loop stays
     /// short and the vswitches' answers are read at once.
@@ -243,6 +253,9 @@ impl<P> Runtime<P> {
             now_ns: nflib::time::mono_ns(),
             recovered: Vec::new(),
             recovered_lost: 0,
+            parked: Copies::default(),
+            parked_until_ns: 0,
+            parked_ids: 0,
             repointing: false,
             homes: Homes::new(me),
             holds: holds::Outbox::default(),
@@ -652,7 +665,7 @@ impl<P> Runtime<P> {
         let mut found = self.flows.find_hashed(key, hash);
         // A flow taken over from a dead runtime and not live yet: now it is.
         if found.is_none()
-            && !self.recovered.is_empty()
+            && (!self.recovered.is_empty() || !self.parked.is_empty())
             && self.adopt_recovered_key(io, key, now_ms)
         {
             found = self.flows.find_hashed(key, hash);
@@ -681,6 +694,12 @@ impl<P> Runtime<P> {
         let (slot, new, known_dir) = match found {
             Some(Found::Key(s)) => (s, false, None),
             Some(Found::Alias(s)) => (s, false, Some(Dir::Reply)),
+            None if self.migrator.gave_back(key, now_ms) => {
+                // Sent here before the vswitch took the hand-back: the flow's state is
+                // with the dead source's replica, which the next packets reach.
+                io.count(ProcCounter::DropAwaitingRecovery, 1);
+                return Ran::Dropped;
+            }
             None => {
                 let mut flags = 0;
                 if sender == Sender::A {
@@ -975,6 +994,7 @@ impl<P> Runtime<P> {
             io.free(p);
         }
         self.recovered.clear();
+        self.parked = Copies::default();
         for p in self.out.drain(..) {
             io.free(p);
         }
@@ -1270,6 +1290,11 @@ impl<P> Runtime<P> {
         incarnation: u64,
         request: u64,
     ) -> (usize, usize) {
+        // Flows `failed` was migrating here whose state never came go back to it at the
+        // vswitch before this takeover's request (same path, so in order), which then
+        // moves them here with the rest: the takeover cannot find them here first.
+        let now_ms = self.ms_at(io.now_ns());
+        self.with_migrator(io, now_ms, |mig, host| mig.peer_dead(host, failed, now_ms));
         let promoted = self.replica.promote(failed, incarnation);
         let flows = promoted.len();
         // Few vswitches, many keys: grouped in one pass over the key index (compact, and it
@@ -1324,10 +1349,17 @@ impl<P> Runtime<P> {
     /// A takeover's vswitch did not move these keys here: it knows no such key, or gives it
     /// to a third runtime (a migration moved the flow away before its source died, and the
     /// source's replica still had its copy). The copies they are the keys of are not this
-    /// runtime's to make live: made live, they would sit idle here and, ending, free
-    /// resources their real owner still holds. Dropped, counted `recovered_not_ours`.
-    /// (One already made live, when the answer came after the 1 s wait, is left to end.)
+    /// runtime's to make live in the background: made live, they would sit idle here and,
+    /// ending, free resources their real owner still holds. They are parked for
+    /// `TAKEOVER_PARK_NS`: the third runtime, should the migration's state never have
+    /// reached it, gives the keys back and the vswitch sends them here (`hand_back`); then
+    /// each is made live at its first packet. The rest are dropped then, counted
+    /// `recovered_not_ours`. (One already made live, when the answer came after the 1 s
+    /// wait, is left to end.)
     pub fn drop_unmoved<I: Io<Pkt = P>>(&mut self, io: &mut I, keys: &[FlowKey]) {
+        if !keys.is_empty() {
+            self.parked_until_ns = io.now_ns().saturating_add(TAKEOVER_PARK_NS);
+        }
         for k in keys {
             let Some(i) = self.recovered.iter().position(|c| {
                 c.keys
@@ -1336,12 +1368,44 @@ impl<P> Runtime<P> {
             }) else {
                 continue;
             };
-            if self.recovered[i].take_by_key(k).is_some() {
-                io.count(ProcCounter::RecoveredNotOurs, 1);
+            if let Some(a) = self.recovered[i].take_by_key(k) {
+                self.parked_ids += 1;
+                if self.parked.put(self.parked_ids, a).is_err() {
+                    io.count(ProcCounter::RecoveredNotOurs, 1);
+                }
             }
             if self.recovered[i].is_empty() {
                 self.recovered.swap_remove(i);
             }
+        }
+    }
+
+    /// The vswitch `from` gave this runtime keys of parked copies (their migration's
+    /// target gave them back): those copies, of flows `from` feeds, are made live like
+    /// any taken over.
+    pub fn unpark<I: Io<Pkt = P>>(&mut self, io: &mut I, from: EndpointAddr, keys: &[FlowKey]) {
+        let mut given = Copies::default();
+        for k in keys {
+            if self.parked.keys.get(k).is_none_or(|&(_, v)| v != from) {
+                continue;
+            }
+            if let Some(a) = self.parked.take_by_key(k) {
+                self.parked_ids += 1;
+                if given.put(self.parked_ids, a).is_err() {
+                    io.count(ProcCounter::RecoveredNotOurs, 1);
+                }
+            }
+        }
+        if !given.is_empty() {
+            self.recovered.push(given);
+        }
+    }
+
+    /// Drops the parked copies whose time is up (none was given back).
+    fn expire_parked<I: Io<Pkt = P>>(&mut self, io: &mut I) {
+        if !self.parked.is_empty() && io.now_ns() >= self.parked_until_ns {
+            io.count(ProcCounter::RecoveredNotOurs, self.parked.len() as u64);
+            self.parked = Copies::default();
         }
     }
 
@@ -1354,7 +1418,15 @@ impl<P> Runtime<P> {
         now_ms: u64,
     ) -> bool {
         let Some(i) = self.recovered.iter().position(|c| c.keys.contains_key(key)) else {
-            return false;
+            // A parked copy given back by a migration's target.
+            let Some(a) = self.parked.take_by_key(key) else {
+                return false;
+            };
+            let ok = self.adopt(io, a, now_ms).is_some();
+            if !ok {
+                self.recovered_lost += 1;
+            }
+            return ok;
         };
         let Some(a) = self.recovered[i].take_by_key(key) else {
             return false;
@@ -1391,6 +1463,7 @@ impl<P> Runtime<P> {
     /// Makes up to `ADOPT_PER_LOOP` taken-over flows live (the rest wait for the next loop
     /// or for their first packet).
     pub fn adopt_recovered<I: Io<Pkt = P>>(&mut self, io: &mut I) {
+        self.expire_parked(io);
         if self.repointing {
             return;
         }
@@ -1645,7 +1718,10 @@ impl<P> Runtime<P> {
             // The acknowledgements that make room wake the loop; this is a backstop.
             return Some(now_ns.saturating_add(1_000_000));
         }
-        let a = self.alias_commit.next_deadline();
+        let mut a = self.alias_commit.next_deadline();
+        if !self.parked.is_empty() {
+            a = Some(a.map_or(self.parked_until_ns, |a| a.min(self.parked_until_ns)));
+        }
         match self.repl.next_deadline_ns() {
             Some(r) => Some(a.map_or(r, |a| a.min(r))),
             None => a,
@@ -1665,6 +1741,7 @@ impl<P> Runtime<P> {
         io.set_count(ProcCounter::MigrationHeld, m.held);
         io.set_count(ProcCounter::MigrationStraysEnded, m.strays_ended);
         io.set_count(ProcCounter::MigrationGroupsMismatched, m.groups_mismatched);
+        io.set_count(ProcCounter::MigrationHandedBack, m.flows_handed_back);
         let a = self.alias_commit.counters;
         io.set_count(ProcCounter::AliasesHeld, a.held);
         io.set_count(ProcCounter::AliasCommitTimeouts, a.timeouts);

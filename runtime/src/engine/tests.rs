@@ -301,3 +301,187 @@ fn a_replica_takes_over_with_the_primarys_state() {
     let slot = replica.flows().slots().into_iter().next().unwrap();
     assert_eq!(replica.flows().get(slot).map(|a| a.key), Some(key));
 }
+
+/// A primary (`ME`) whose one flow (`frame(1000)`) is replicated to `PEER`; returns the
+/// replica, holding its copy, with its I/O, and the flow's key.
+fn replica_with_a_copy(
+    migration: Option<MigrationSettings>,
+) -> (Runtime<MemPacket>, MemIo, FlowKey) {
+    let mut primary = runtime_as(ME, MONITOR);
+    primary.set_replication(
+        replication::Settings {
+            mode: replication::Mode::OutputCommit,
+            ..replication::Settings::default()
+        },
+        1,
+    );
+    primary.repl.set_replicas(&[PEER], 0);
+    let mut pio = MemIo::default();
+    turn(&mut primary, &mut pio, &[frame(1000), frame(1000)], 10);
+    let mut replica = runtime_as(PEER, MONITOR);
+    if let Some(m) = migration {
+        replica.set_migration(Some("c".into()), m);
+    }
+    replica.set_replication(
+        replication::Settings {
+            mode: replication::Mode::OutputCommit,
+            max_replica_flows: 100,
+            ..replication::Settings::default()
+        },
+        1,
+    );
+    let mut rio = MemIo::default();
+    for (to, m) in pio.take_sent() {
+        if let (
+            true,
+            Message::Replicate {
+                incarnation,
+                version,
+                flows,
+                states,
+                ended,
+            },
+        ) = (to == PEER, m)
+        {
+            replica.on_replicate(&mut rio, ME, incarnation, version, &flows, &states, &ended);
+        }
+    }
+    rio.take_sent();
+    assert_eq!(replica.replica.len(), 1);
+    let key = FlowKey::of(&nflib::packet::parse(&frame(1000)).unwrap()).0;
+    (replica, rio, key)
+}
+
+/// A takeover's vswitch gives a key to a third runtime (a migration's target): the copy
+/// waits, and is made live with its state if the key comes back (that target never got
+/// the state), or is dropped once the wait is over.
+#[test]
+fn a_copy_whose_key_went_to_a_migrations_target_waits_for_it_to_come_back() {
+    for comes_back in [true, false] {
+        let (mut replica, mut rio, key) = replica_with_a_copy(None);
+        let (flows, _) = replica.recover(&mut rio, ME, u64::MAX, 77);
+        assert_eq!(flows, 1);
+        rio.take_sent();
+        at(&replica, &mut rio, 12);
+        replica.drop_unmoved(&mut rio, &[key]);
+        turn(&mut replica, &mut rio, &[], 13);
+        assert_eq!(replica.flows().len(), 0, "not made live in the background");
+        let later = if comes_back { 500 } else { 3_000 };
+        turn(&mut replica, &mut rio, &[], later);
+        turn(&mut replica, &mut rio, &[frame(1000)], later + 1);
+        assert_eq!(replica.flows().len(), 1);
+        let not_ours = rio.count_of(ProcCounter::RecoveredNotOurs);
+        let created = rio.count_of(ProcCounter::FlowsCreated);
+        if comes_back {
+            assert_eq!((not_ours, created), (0, 0), "the copy, made live");
+        } else {
+            assert_eq!((not_ours, created), (1, 1), "dropped: a new flow");
+        }
+    }
+}
+
+/// The replica is also the target of a migration from the primary that died between the
+/// switch and the state: its takeover first gives the pending flow back to the dead
+/// primary at the vswitch (so that the takeover's request, sent next, moves it here), and
+/// the flow goes on here with the primary's state.
+#[test]
+fn a_replica_that_was_the_dead_sources_migration_target_takes_the_flow_with_its_state() {
+    let settings = MigrationSettings {
+        hand_back: true,
+        ..MigrationSettings::default()
+    };
+    let (mut replica, mut rio, key) = replica_with_a_copy(Some(settings));
+    at(&replica, &mut rio, 11);
+    replica.on_migration_message(
+        &mut rio,
+        ME,
+        Message::MigrateInit {
+            group: 1,
+            chain: Some("c".into()),
+            vswitch: VSWITCH,
+            flows: vec![MigrateFlow {
+                key,
+                aliases: Vec::new(),
+            }],
+        },
+        11,
+    );
+    assert!(
+        rio.take_sent()
+            .iter()
+            .any(|(to, m)| *to == ME && matches!(m, Message::MigrateReady { .. })),
+        "step 1 accepted"
+    );
+    // Step 2 done: the vswitch sends the flow here, where it waits for its state.
+    turn(&mut replica, &mut rio, &[frame(1000)], 12);
+    assert_eq!(rio.count_of(ProcCounter::FlowsCreated), 0);
+    at(&replica, &mut rio, 13);
+    replica.recover(&mut rio, ME, u64::MAX, 77);
+    let sent: Vec<(EndpointAddr, Message)> = rio
+        .take_sent()
+        .into_iter()
+        .filter(|(_, m)| matches!(m, Message::SetRuntime { .. }))
+        .collect();
+    assert!(
+        matches!(sent.as_slice(), [
+            (VSWITCH, Message::SetRuntime { keys: back, from: PEER, runtime: ME, request: 0 }),
+            (VSWITCH, Message::SetRuntime { keys: taken, from: ME, runtime: PEER, request: 77 }),
+        ] if back == &vec![key] && taken == &vec![key]),
+        "{sent:?}"
+    );
+    turn(&mut replica, &mut rio, &[frame(1000)], 20);
+    assert_eq!(rio.count_of(ProcCounter::FlowsCreated), 0, "no new flow");
+    assert_eq!(replica.migrator.counters.flows_handed_back, 1);
+    assert_eq!(replica.flows().len(), 1);
+}
+
+/// A migration's target whose source died before sending the state gives the flow back
+/// to the source at the vswitch (its replica, elsewhere, takes it over), and a packet the
+/// vswitch sent here meanwhile starts no stateless flow.
+#[test]
+fn a_target_whose_source_died_gives_the_flow_back_and_starts_no_stateless_one() {
+    let mut target = runtime_as(PEER, MONITOR);
+    target.set_migration(
+        Some("c".into()),
+        MigrationSettings {
+            hand_back: true,
+            ..MigrationSettings::default()
+        },
+    );
+    let mut io = MemIo::default();
+    let key = FlowKey::of(&nflib::packet::parse(&frame(1000)).unwrap()).0;
+    at(&target, &mut io, 10);
+    target.on_migration_message(
+        &mut io,
+        ME,
+        Message::MigrateInit {
+            group: 1,
+            chain: Some("c".into()),
+            vswitch: VSWITCH,
+            flows: vec![MigrateFlow {
+                key,
+                aliases: Vec::new(),
+            }],
+        },
+        10,
+    );
+    turn(&mut target, &mut io, &[frame(1000)], 11);
+    io.take_sent();
+    at(&target, &mut io, 12);
+    target.migration_tick(&mut io, &[ME], 12);
+    let sent = io.take_sent();
+    assert!(
+        matches!(sent.as_slice(), [(VSWITCH, Message::SetRuntime { keys, from: PEER, runtime: ME, request: 0 })]
+            if keys == &vec![key]),
+        "{sent:?}"
+    );
+    turn(&mut target, &mut io, &[frame(1000)], 13);
+    assert_eq!(io.count_of(ProcCounter::FlowsCreated), 0);
+    assert_eq!(io.count_of(ProcCounter::DropAwaitingRecovery), 1);
+    assert_eq!(target.flows().len(), 0);
+    // Long after, the key is anyone's again.
+    let later = 13 + crate::migration::GAVE_BACK_DROP_MS;
+    target.migration_tick(&mut io, &[], later);
+    turn(&mut target, &mut io, &[frame(1000)], later);
+    assert_eq!(io.count_of(ProcCounter::FlowsCreated), 1);
+}

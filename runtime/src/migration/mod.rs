@@ -60,6 +60,11 @@ pub struct MigrationSettings {
     pub max_flows_per_s: u64,
     /// How long a migration message keeps its peer and its sender polling (0: not at all).
     pub keep_awake_us: u64,
+    /// A source that dies after the switch (step 2) and before its state came (step 3)
+    /// gets its flows' keys back at the vswitch, for its replicas' takeover to move (true
+    /// where the chain is replicated: the source's replicas still hold those flows' state,
+    /// and this runtime has none).
+    pub hand_back: bool,
 }
 
 impl Default for MigrationSettings {
@@ -75,6 +80,7 @@ impl Default for MigrationSettings {
             buffer_high_water: 49_152,
             max_flows_per_s: 0,
             keep_awake_us: 5000,
+            hand_back: false,
         }
     }
 }
@@ -294,7 +300,11 @@ struct InGroup {
     /// This runtime's id for the group, which its pending actors are marked with.
     id: u32,
     deadline_ms: u64,
+    /// The vswitch that feeds the flows.
+    vswitch: EndpointAddr,
     flows: Vec<InFlow>,
+    /// The aliases of `flows` (which the vswitch moved with their keys).
+    aliases: Vec<FlowKey>,
     /// `keys_digest` of `flows`, which step 3 must name.
     digest: u64,
     dropped: u32,
@@ -326,7 +336,11 @@ pub enum JobRefused {
 /// Set in the request id of a `SetRuntime` that points flows back at the source. Not
 /// `RECOVERY_REQUEST`'s bit (63): a rollback is no takeover (the vswitch holds the two to
 /// different rules), and its answer is the migrator's, not the liaison's.
-const ROLLBACK: u64 = 1 << 62;
+pub(crate) const ROLLBACK: u64 = 1 << 62;
+/// How long a target drops packets of flows it gave back to their dead source
+/// (`gave_back`): those the vswitch sent before it took the hand-back arrive within
+/// milliseconds.
+pub(crate) const GAVE_BACK_DROP_MS: u64 = 1_000;
 const _: () = assert!(ROLLBACK & nflib::msg::RECOVERY_REQUEST == 0);
 
 /// Bytes of functions' states per flow a step-3 buffer starts with room for (a firewall's
@@ -353,6 +367,9 @@ pub struct MigrationCounters {
     pub strays_ended: u64,
     /// Step-3 groups that named other flows than step 1 left here (none installed).
     pub groups_mismatched: u64,
+    /// Flows whose source died before their state came, given back to it at the vswitch
+    /// for its replicas' takeover (`MigrationSettings::hand_back`).
+    pub flows_handed_back: u64,
 }
 
 pub struct Migrator {
@@ -376,6 +393,10 @@ pub struct Migrator {
     /// Target: flows whose migration the source called off, with the deadline until which
     /// packets the vswitch still sends here go back to the source.
     returning: Map<FlowKey, Returning>,
+    /// Target: keys given back to a dead source (`hand_back`), with the deadline until
+    /// which packets the vswitch sent here before it took them are dropped: made a new flow
+    /// here, such a packet would leave a stateless second owner beside the replica.
+    gave_back: Map<FlowKey, u64>,
     /// Packets held at this runtime as a target.
     held: usize,
     job: Option<Job>,
@@ -440,6 +461,7 @@ impl Migrator {
             in_ids: Map::default(),
             next_in: 1,
             returning: Map::default(),
+            gave_back: Map::default(),
             held: 0,
             job: None,
             jobs: 0,
@@ -478,6 +500,7 @@ impl Migrator {
             || !self.tombs.is_empty()
             || !self.inb.is_empty()
             || !self.returning.is_empty()
+            || !self.gave_back.is_empty()
             // The transport's news of a restarted target is only read while busy.
             || !self.forgets.is_empty()
             || self.job.as_ref().is_some_and(|j| !j.report.done)
@@ -526,6 +549,12 @@ impl Migrator {
     }
 
     /// What to do with a packet of a diverted flow, marked `mark`.
+    /// Whether a packet under `key`, which names no flow here, is of a flow given back to
+    /// its dead source (`hand_back`) and must be dropped rather than start a flow.
+    pub fn gave_back(&self, key: &FlowKey, now_ms: u64) -> bool {
+        !self.gave_back.is_empty() && self.gave_back.get(key).is_some_and(|&u| u > now_ms)
+    }
+
     pub fn on_packet(&mut self, key: &FlowKey, mark: Mark) -> PacketAction {
         let group = match mark {
             Mark::Out(g) => Some(g),
@@ -639,6 +668,9 @@ impl Migrator {
         if !self.forgets.is_empty() {
             self.forgets.retain(|f| f.until_ms > now_ms);
         }
+        if !self.gave_back.is_empty() {
+            self.gave_back.retain(|_, until| *until > now_ms);
+        }
         self.expire(host, now_ms);
         self.check_drained(host, now_ms);
         self.start_groups(host, now_ms);
@@ -708,6 +740,12 @@ impl Migrator {
                 }
             }
         }
+        // Flows it was handing over here whose state never came: this runtime cannot run
+        // them. Where the chain is replicated, the source's replicas hold their state and
+        // take over the source's flows by asking the vswitch to move the keys it sends to
+        // the source: the keys go back to it first (the vswitch gives them to the replica
+        // that already asked, if one did). Without replicas they stay here and start
+        // afresh, as they would have on any runtime.
         let orphans: Vec<(EndpointAddr, u64)> = self
             .inb
             .keys()
@@ -715,7 +753,26 @@ impl Migrator {
             .copied()
             .collect();
         for k in orphans {
-            self.drop_in_group(host, k, Release::Discard);
+            let Some(g) = self.take_in_group(k) else {
+                continue;
+            };
+            if self.settings.hand_back {
+                let mut keys: Vec<FlowKey> = g.flows.iter().map(|f| f.key).collect();
+                keys.extend_from_slice(&g.aliases);
+                self.counters.flows_handed_back += g.flows.len() as u64;
+                let until = now_ms + GAVE_BACK_DROP_MS;
+                self.gave_back.extend(keys.iter().map(|k| (*k, until)));
+                host.send(
+                    g.vswitch,
+                    Message::SetRuntime {
+                        keys,
+                        from: self.me,
+                        runtime: peer,
+                        request: 0,
+                    },
+                );
+            }
+            self.drop_in_group_flows(host, g.flows, Release::Discard);
         }
     }
 }

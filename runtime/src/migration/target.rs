@@ -49,6 +49,7 @@ impl Migrator {
         }
         let mut accepted = Vec::with_capacity(flows.len());
         let mut taken = Vec::new();
+        let mut aliases = Vec::new();
         let id = self.next_in_id();
         host.prepare_pending(&flows);
         // Only a flow that left this runtime can come back to it: with no tombstone here,
@@ -63,6 +64,7 @@ impl Migrator {
             let slot = host.create_pending(f, vswitch, id);
             if let Some(slot) = slot {
                 taken.push(InFlow { key: f.key, slot });
+                aliases.extend_from_slice(&f.aliases);
             }
             accepted.push(slot.is_some());
         }
@@ -73,8 +75,10 @@ impl Migrator {
                 InGroup {
                     id,
                     deadline_ms: now_ms + self.settings.pending_timeout_ms,
+                    vswitch,
                     digest: keys_digest(taken.iter().map(|f| &f.key)),
                     flows: taken,
+                    aliases,
                     dropped: 0,
                 },
             );
