@@ -335,6 +335,11 @@ pub enum Reply {
 /// answer then goes to the liaison.
 pub const RECOVERY_REQUEST: u64 = 1 << 63;
 
+/// The bit a `SetRuntime` request carries when a migration's target gives flows back to
+/// their source, which died before sending their state: the vswitch sends each to the
+/// replica whose takeover of that source claimed it, if one did, else to the source.
+pub const HAND_BACK_REQUEST: u64 = 1 << 61;
+
 /// A flow named in migration step 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrateFlow {

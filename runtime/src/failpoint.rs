@@ -66,6 +66,7 @@ pub fn migrate_switched(msg: &nflib::msg::Message) {
     if let nflib::msg::Message::RuntimeSet { request, moved, .. } = msg {
         let own = *request != 0
             && request & nflib::msg::RECOVERY_REQUEST == 0
+            && request & nflib::msg::HAND_BACK_REQUEST == 0
             && request & crate::migration::ROLLBACK == 0;
         if own && *moved > 0 && enabled("migrate-switched-crash") {
             say("migrate-switched-crash: aborting");

@@ -60,7 +60,6 @@ pub fn serve_messages(
 ) -> usize {
     let n = mb.receive(ep, now_ns);
     backlog.0.extend(mb.take_inbox());
-    let now_ms = rt.now_ms();
     let mut budget = MIGRATION_FLOWS_PER_LOOP;
     let mut handled = 0;
     while let Some(env) = backlog.0.front() {
@@ -73,40 +72,87 @@ pub fn serve_messages(
             break;
         };
         handled += 1;
-        if env.dst_actor != nflib::frame::LIAISON {
-            liaison.unknown += 1;
-            continue;
-        }
-        if let Message::RuntimeSet {
-            request,
-            moved,
-            unmoved,
+        // A takeover of a runtime whose messages still wait here: those it sent before it
+        // died (a migration's state, say) are its last word, and go first.
+        if let Message::Rpc {
+            call: nflib::msg::Call::Recover { failed, .. },
             ..
         } = &env.msg
         {
-            if request & nflib::msg::RECOVERY_REQUEST != 0 {
-                rt.drop_unmoved(&mut ShmIo { ep, mb }, unmoved);
-                liaison.recovery_switched(rt, ep, mb, *request, *moved, now_ns);
-                continue;
-            }
+            handled += serve_from(ep, rt, liaison, mb, backlog, &[*failed], now_ns);
         }
-        if let Message::KeysGiven { keys } = &env.msg {
-            rt.unpark(&mut ShmIo { ep, mb }, env.from, keys);
-            continue;
-        }
-        if env.msg.is_migration() {
-            if matches!(env.msg, Message::MigrateState { .. }) {
-                failpoint::migrate_state_received();
-            }
-            if failpoint::armed() {
-                failpoint::migrate_switched(&env.msg);
-            }
-            rt.on_migration_message(&mut ShmIo { ep, mb }, env.from, env.msg, now_ms);
-        } else {
-            liaison.handle(rt, ep, mb, env, now_ns);
-        }
+        serve_one(ep, rt, liaison, mb, env, now_ns);
     }
     n + handled + usize::from(!backlog.is_empty())
+}
+
+/// Handles, in order and whatever the budget, the messages waiting in `backlog` from
+/// `peers` (runtimes found dead: what they sent before dying is handled before their
+/// death is). Returns how many.
+pub fn serve_from(
+    ep: &mut Endpoint,
+    rt: &mut Runtime,
+    liaison: &mut liaison::Liaison,
+    mb: &mut Mailbox,
+    backlog: &mut Backlog,
+    peers: &[EndpointAddr],
+    now_ns: u64,
+) -> usize {
+    if peers.is_empty() || !backlog.0.iter().any(|e| peers.contains(&e.from)) {
+        return 0;
+    }
+    let (theirs, rest): (Vec<_>, Vec<_>) =
+        backlog.0.drain(..).partition(|e| peers.contains(&e.from));
+    backlog.0.extend(rest);
+    let n = theirs.len();
+    for env in theirs {
+        serve_one(ep, rt, liaison, mb, env, now_ns);
+    }
+    n
+}
+
+/// Hands one message to its actor.
+fn serve_one(
+    ep: &mut Endpoint,
+    rt: &mut Runtime,
+    liaison: &mut liaison::Liaison,
+    mb: &mut Mailbox,
+    env: nflib::mailbox::Envelope,
+    now_ns: u64,
+) {
+    let now_ms = rt.now_ms();
+    if env.dst_actor != nflib::frame::LIAISON {
+        liaison.unknown += 1;
+        return;
+    }
+    if let Message::RuntimeSet {
+        request,
+        moved,
+        unmoved,
+        ..
+    } = &env.msg
+    {
+        if request & nflib::msg::RECOVERY_REQUEST != 0 {
+            rt.drop_unmoved(&mut ShmIo { ep, mb }, unmoved);
+            liaison.recovery_switched(rt, ep, mb, *request, *moved, now_ns);
+            return;
+        }
+    }
+    if let Message::KeysGiven { keys } = &env.msg {
+        rt.unpark(&mut ShmIo { ep, mb }, env.from, keys);
+        return;
+    }
+    if env.msg.is_migration() {
+        if matches!(env.msg, Message::MigrateState { .. }) {
+            failpoint::migrate_state_received();
+        }
+        if failpoint::armed() {
+            failpoint::migrate_switched(&env.msg);
+        }
+        rt.on_migration_message(&mut ShmIo { ep, mb }, env.from, env.msg, now_ms);
+    } else {
+        liaison.handle(rt, ep, mb, env, now_ns);
+    }
 }
 
 /// How many flows' worth of work a message is (0 for everything but migration's bulk).

@@ -81,6 +81,15 @@ fn main() -> ExitCode {
             dead.clear();
             let peers = rt.migrator.peers();
             watch.check(ep, me, liaison.view(), &peers, &events, &mut dead);
+            nf_runtime::serve_from(
+                ep,
+                &mut rt,
+                &mut liaison,
+                &mut mb,
+                &mut backlog,
+                &dead,
+                now_ns,
+            );
             rt.migration_tick(&mut ShmIo { ep, mb: &mut mb }, &dead, now_ms);
         }
         if rt.repl.enabled() {

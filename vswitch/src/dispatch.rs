@@ -155,10 +155,9 @@ pub struct Dispatch<P> {
     /// Takeovers asked of a runtime this vswitch does not know to be dead (yet).
     deferred: Vec<Takeover>,
     /// Keys a takeover asked for and could not have: a migration had switched them from
-    /// the dead runtime to a live one, which may not have its state yet. To the replica
-    /// that asked, with when the claim lapses (ms): if that runtime gives the keys back
-    /// (`hand_back`), they go to the replica.
-    unclaimed: HashMap<FlowKey, (EndpointAddr, u32)>,
+    /// the dead runtime to a live one, which may not have its state yet. If that runtime
+    /// gives the keys back (`hand_back`), they go to the replica that asked.
+    unclaimed: HashMap<FlowKey, Claim>,
     /// Whether this vswitch is in a cluster (its remote runtimes come with the first view).
     clustered: bool,
 }
@@ -199,6 +198,19 @@ struct Takeover {
     failed: EndpointAddr,
     request: u64,
     until_ms: u32,
+}
+
+/// A takeover's claim on a key it found at another runtime (`unclaimed`).
+#[derive(Clone, Copy, Debug)]
+struct Claim {
+    /// The dead runtime the takeover was of.
+    failed: EndpointAddr,
+    /// The runtime the key was at (a migration's target).
+    holder: EndpointAddr,
+    /// The replica that asked.
+    by: EndpointAddr,
+    /// When the claim lapses (ms).
+    until: u32,
 }
 
 /// How long a takeover waits for the vswitch to learn that the runtime it names died.
@@ -508,8 +520,7 @@ impl<P> Dispatch<P> {
         self.lives_changed
             .retain(|(_, until)| is_ahead(now_ms, *until));
         if !self.unclaimed.is_empty() {
-            self.unclaimed
-                .retain(|_, (_, until)| is_ahead(now_ms, *until));
+            self.unclaimed.retain(|_, c| is_ahead(now_ms, c.until));
         }
         for c in 0..self.chains.len() {
             if !self.replicated.get(c).copied().unwrap_or(false) {
@@ -709,14 +720,9 @@ impl<P> Dispatch<P> {
                 from,
                 runtime,
                 request,
-            } if env.from == from
-                && request & nflib::msg::RECOVERY_REQUEST == 0
-                && self.died_lately(runtime, now_ms) =>
-            {
-                // A runtime giving flows to a replicated one that died: a migration's
-                // target whose source died before sending the state, so that the source's
-                // replicas take them over (or a migration's step 2 toward a target that
-                // just died, which its source then undoes).
+            } if env.from == from && request & nflib::msg::HAND_BACK_REQUEST != 0 => {
+                // A migration's target giving flows back to their source, which died before
+                // sending their state, so that the source's replicas take them over.
                 let (answer, given) = self.hand_back(&keys, from, runtime, request, now_ms);
                 for (by, keys) in given {
                     if !io.send(by, LIAISON, &Message::KeysGiven { keys }) {
@@ -724,6 +730,26 @@ impl<P> Dispatch<P> {
                     }
                 }
                 Some(answer)
+            }
+            Message::SetRuntime {
+                keys,
+                from,
+                request,
+                ..
+            } if env.from == from
+                && request & nflib::msg::RECOVERY_REQUEST == 0
+                && !self.alive_now(io, from) =>
+            {
+                // A migration's step 2 from a runtime that died since it sent it: whatever
+                // it would move is its replicas' now (moved, the flows would reach the
+                // target with no state, and after its hand-back, if it made one).
+                io.count(ProcCounter::CallsRefused, 1);
+                Some(Message::RuntimeSet {
+                    request,
+                    moved: 0,
+                    sent: vec![0; keys.len()],
+                    unmoved: keys,
+                })
             }
             Message::SetRuntime {
                 keys,
@@ -842,26 +868,50 @@ impl<P> Dispatch<P> {
         by: EndpointAddr,
         now_ms: u32,
     ) {
+        if unmoved.is_empty() || !self.is_target(by) {
+            return;
+        }
         let until = now_ms.wrapping_add(TAKEOVER_GRACE_MS);
         for k in unmoved {
             if self.unclaimed.len() >= MAX_UNCLAIMED {
                 break;
             }
-            if self
-                .table
-                .get(k)
-                .is_some_and(|e| e.prev == failed && e.runtime != failed)
-            {
-                self.unclaimed.insert(*k, (by, until));
+            match self.table.get(k) {
+                Some(e) if e.prev == failed && e.runtime != failed => {
+                    let claim = Claim {
+                        failed,
+                        holder: e.runtime,
+                        by,
+                        until,
+                    };
+                    self.unclaimed.insert(*k, claim);
+                }
+                _ => {}
             }
         }
     }
 
-    /// `from` gives its flows under `keys` to `dead` (see the caller): each goes to the
-    /// replica whose takeover of `dead` claimed it already, or else to `dead`, where the
-    /// takeover still to come finds it. Returns the answer, as `set_runtime`'s moves are
-    /// answered, and the keys each claiming replica got (to tell it: its copies of them
-    /// wait for that).
+    /// Whether `rt` is a runtime this vswitch dispatches to (alive or not).
+    fn is_target(&self, rt: EndpointAddr) -> bool {
+        let local = rt.server == self.me.server && self.local.iter().any(|c| c.contains(&rt.slot));
+        local || self.remote.iter().any(|c| c.contains(&rt))
+    }
+
+    /// Whether `rt` lives now: this server's by its slot as it is now (not as the last
+    /// refresh saw it), another server's by the last cluster view.
+    fn alive_now(&self, io: &impl Io<Pkt = P>, rt: EndpointAddr) -> bool {
+        if rt.server == self.me.server {
+            io.slot(rt.slot).is_some_and(|r| r.up)
+        } else {
+            targets_live(&self.live, &self.remote, rt)
+        }
+    }
+
+    /// `from` gives its flows under `keys` back to `dead` (see the caller): each goes to
+    /// the replica whose takeover of `dead` claimed it already, or else to `dead`, where
+    /// the takeover still to come finds it (nothing moves if `dead` is no runtime this
+    /// vswitch knows). Returns the answer, as `set_runtime`'s moves are answered, and the
+    /// keys each claiming replica got (to tell it: its copies of them wait for that).
     fn hand_back(
         &mut self,
         keys: &[FlowKey],
@@ -873,29 +923,37 @@ impl<P> Dispatch<P> {
         let mut sent = Vec::with_capacity(keys.len());
         let mut given: Vec<(EndpointAddr, Vec<FlowKey>)> = Vec::new();
         let mut moved = 0;
+        let known = self.is_target(dead) || self.known_dead(dead, now_ms);
         for k in keys {
-            let claim = self.unclaimed.remove(k);
             let hash = self.table.hash(k);
-            match self.table.get_mut_hashed(k, hash) {
-                Some(e) if e.runtime == from || e.runtime == dead => {
-                    sent.push(e.sent);
-                    let to = claim
-                        .filter(|(_, until)| is_ahead(now_ms, *until))
-                        .map_or(dead, |(by, _)| by);
-                    if e.runtime != to {
-                        e.prev = e.runtime;
-                        e.runtime = to;
-                        e.sent = 0;
-                    }
-                    moved += 1;
-                    if to != dead {
-                        match given.iter_mut().find(|(by, _)| *by == to) {
-                            Some((_, keys)) => keys.push(*k),
-                            None => given.push((to, vec![*k])),
-                        }
-                    }
+            let Some(e) = self
+                .table
+                .get_mut_hashed(k, hash)
+                .filter(|e| known && e.runtime == from)
+            else {
+                sent.push(0);
+                continue;
+            };
+            // A claim counts only from the takeover of this very runtime, on a key held by
+            // the one giving it back; any other leaves it in place.
+            let claimed = self
+                .unclaimed
+                .get(k)
+                .is_some_and(|c| c.failed == dead && c.holder == from && is_ahead(now_ms, c.until));
+            let to = match claimed.then(|| self.unclaimed.remove(k)).flatten() {
+                Some(c) => c.by,
+                None => dead,
+            };
+            sent.push(e.sent);
+            e.prev = e.runtime;
+            e.runtime = to;
+            e.sent = 0;
+            moved += 1;
+            if to != dead {
+                match given.iter_mut().find(|(by, _)| *by == to) {
+                    Some((_, keys)) => keys.push(*k),
+                    None => given.push((to, vec![*k])),
                 }
-                _ => sent.push(0),
             }
         }
         let answer = Message::RuntimeSet {
@@ -1109,9 +1167,7 @@ impl<P> Dispatch<P> {
         sent: &mut Vec<u32>,
         unmoved: &mut Vec<FlowKey>,
     ) -> u32 {
-        let local = runtime.server == self.me.server
-            && self.local.iter().any(|c| c.contains(&runtime.slot));
-        if !local && !self.remote.iter().any(|c| c.contains(&runtime)) {
+        if !self.is_target(runtime) {
             sent.extend(keys.iter().map(|_| 0));
             unmoved.extend_from_slice(keys);
             return 0;
@@ -1963,7 +2019,7 @@ mod tests {
         let on_rt2 = b.ports_to(4);
         assert_eq!(on_rt0.len(), 4);
         // rt0 migrates three flows to rt1 (step 2); the state of the third arrives.
-        let (first, second, installed) = (on_rt0[0], on_rt0[1], on_rt0[2]);
+        let (first, second, installed, last) = (on_rt0[0], on_rt0[1], on_rt0[2], on_rt0[3]);
         let answer = b.call(
             RT0,
             Message::SetRuntime {
@@ -1978,6 +2034,21 @@ mod tests {
             [Message::RuntimeSet { moved: 3, .. }]
         ));
         b.set_slot(2, 1, false);
+        // A step 2 rt0 sent before it died, read after: refused (its flows are its
+        // replicas' now).
+        let answer = b.call(
+            RT0,
+            Message::SetRuntime {
+                keys: vec![key(last)],
+                from: RT0,
+                runtime: RT1,
+                request: 6,
+            },
+        );
+        assert!(matches!(
+            answer.as_slice(),
+            [Message::RuntimeSet { moved: 0, .. }]
+        ));
         let takeover = |keys: Vec<FlowKey>| Message::SetRuntime {
             keys,
             from: RT0,
@@ -1988,7 +2059,7 @@ mod tests {
             keys,
             from: RT1,
             runtime: RT0,
-            request: 0,
+            request: nflib::msg::HAND_BACK_REQUEST,
         };
         // The first flow: the target gives it back before the replica asks for it.
         let answer = b.call(RT1, hand_back(vec![key(first)]));
@@ -2013,6 +2084,20 @@ mod tests {
         assert!(matches!(
             answer.as_slice(),
             [Message::RuntimeSet { moved: 0, unmoved, .. }] if unmoved.len() == 2
+        ));
+        // rt2 cannot give back (so neither spend the claim on) a key it does not hold.
+        let answer = b.call(
+            RT2,
+            Message::SetRuntime {
+                keys: vec![key(second)],
+                from: RT2,
+                runtime: RT0,
+                request: nflib::msg::HAND_BACK_REQUEST,
+            },
+        );
+        assert!(matches!(
+            answer.as_slice(),
+            [Message::RuntimeSet { moved: 0, .. }]
         ));
         // rt1 gives back the one whose state never came (and cannot give away rt2's); rt2
         // is told that its copy's key is its own now.

@@ -666,7 +666,7 @@ impl<P> Runtime<P> {
         // A flow taken over from a dead runtime and not live yet: now it is.
         if found.is_none()
             && (!self.recovered.is_empty() || !self.parked.is_empty())
-            && self.adopt_recovered_key(io, key, now_ms)
+            && self.adopt_recovered_key(io, key, from, now_ms)
         {
             found = self.flows.find_hashed(key, hash);
         }
@@ -1294,7 +1294,9 @@ impl<P> Runtime<P> {
         // vswitch before this takeover's request (same path, so in order), which then
         // moves them here with the rest: the takeover cannot find them here first.
         let now_ms = self.ms_at(io.now_ns());
-        self.with_migrator(io, now_ms, |mig, host| mig.peer_dead(host, failed, now_ms));
+        self.with_migrator(io, now_ms, |mig, host| {
+            mig.source_died(host, failed, now_ms)
+        });
         let promoted = self.replica.promote(failed, incarnation);
         let flows = promoted.len();
         // Few vswitches, many keys: grouped in one pass over the key index (compact, and it
@@ -1410,15 +1412,20 @@ impl<P> Runtime<P> {
     }
 
     /// Makes the taken-over flow under `key` (its own or an alias) live, if there is one;
-    /// true if it is live now.
+    /// true if it is live now. `vswitch` sent the packet that asks.
     fn adopt_recovered_key<I: Io<Pkt = P>>(
         &mut self,
         io: &mut I,
         key: &FlowKey,
+        vswitch: EndpointAddr,
         now_ms: u64,
     ) -> bool {
         let Some(i) = self.recovered.iter().position(|c| c.keys.contains_key(key)) else {
-            // A parked copy given back by a migration's target.
+            // A parked copy given back by a migration's target: its packets come from the
+            // vswitch that fed it.
+            if self.parked.keys.get(key).is_none_or(|&(_, v)| v != vswitch) {
+                return false;
+            }
             let Some(a) = self.parked.take_by_key(key) else {
                 return false;
             };

@@ -424,7 +424,7 @@ fn a_replica_that_was_the_dead_sources_migration_target_takes_the_flow_with_its_
         .collect();
     assert!(
         matches!(sent.as_slice(), [
-            (VSWITCH, Message::SetRuntime { keys: back, from: PEER, runtime: ME, request: 0 }),
+            (VSWITCH, Message::SetRuntime { keys: back, from: PEER, runtime: ME, request: nflib::msg::HAND_BACK_REQUEST }),
             (VSWITCH, Message::SetRuntime { keys: taken, from: ME, runtime: PEER, request: 77 }),
         ] if back == &vec![key] && taken == &vec![key]),
         "{sent:?}"
@@ -471,7 +471,7 @@ fn a_target_whose_source_died_gives_the_flow_back_and_starts_no_stateless_one() 
     target.migration_tick(&mut io, &[ME], 12);
     let sent = io.take_sent();
     assert!(
-        matches!(sent.as_slice(), [(VSWITCH, Message::SetRuntime { keys, from: PEER, runtime: ME, request: 0 })]
+        matches!(sent.as_slice(), [(VSWITCH, Message::SetRuntime { keys, from: PEER, runtime: ME, request: nflib::msg::HAND_BACK_REQUEST })]
             if keys == &vec![key]),
         "{sent:?}"
     );

@@ -337,6 +337,7 @@ pub enum JobRefused {
 /// `RECOVERY_REQUEST`'s bit (63): a rollback is no takeover (the vswitch holds the two to
 /// different rules), and its answer is the migrator's, not the liaison's.
 pub(crate) const ROLLBACK: u64 = 1 << 62;
+const _: () = assert!(ROLLBACK & nflib::msg::HAND_BACK_REQUEST == 0);
 /// How long a target drops packets of flows it gave back to their dead source
 /// (`gave_back`): those the vswitch sent before it took the hand-back arrive within
 /// milliseconds.
@@ -549,6 +550,48 @@ impl Migrator {
     }
 
     /// What to do with a packet of a diverted flow, marked `mark`.
+    /// The target's side of `peer_dead`, alone: the groups `peer` was migrating here that
+    /// wait for their state. (`Recover` of a runtime's life runs this first: the rest of
+    /// `peer_dead` is for the transport's, the slots' and the view's news of the peer,
+    /// whose new life may be alive by then.)
+    pub fn source_died(&mut self, host: &mut impl FlowHost, peer: EndpointAddr, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        // Flows it was handing over here whose state never came: this runtime cannot run
+        // them. Where the chain is replicated, the source's replicas hold their state and
+        // take over the source's flows by asking the vswitch to move the keys it sends to
+        // the source: the keys go back to it first (the vswitch gives them to the replica
+        // that already asked, if one did). Without replicas they stay here and start
+        // afresh, as they would have on any runtime.
+        let orphans: Vec<(EndpointAddr, u64)> = self
+            .inb
+            .keys()
+            .filter(|(s, _)| *s == peer)
+            .copied()
+            .collect();
+        for k in orphans {
+            let Some(g) = self.take_in_group(k) else {
+                continue;
+            };
+            if self.settings.hand_back {
+                let mut keys: Vec<FlowKey> = g.flows.iter().map(|f| f.key).collect();
+                keys.extend_from_slice(&g.aliases);
+                self.counters.flows_handed_back += g.flows.len() as u64;
+                let until = now_ms + GAVE_BACK_DROP_MS;
+                self.gave_back.extend(keys.iter().map(|k| (*k, until)));
+                host.send(
+                    g.vswitch,
+                    Message::SetRuntime {
+                        keys,
+                        from: self.me,
+                        runtime: peer,
+                        request: nflib::msg::HAND_BACK_REQUEST,
+                    },
+                );
+            }
+            self.drop_in_group_flows(host, g.flows, Release::Discard);
+        }
+    }
+
     /// Whether a packet under `key`, which names no flow here, is of a flow given back to
     /// its dead source (`hand_back`) and must be dropped rather than start a flow.
     pub fn gave_back(&self, key: &FlowKey, now_ms: u64) -> bool {
@@ -740,39 +783,6 @@ impl Migrator {
                 }
             }
         }
-        // Flows it was handing over here whose state never came: this runtime cannot run
-        // them. Where the chain is replicated, the source's replicas hold their state and
-        // take over the source's flows by asking the vswitch to move the keys it sends to
-        // the source: the keys go back to it first (the vswitch gives them to the replica
-        // that already asked, if one did). Without replicas they stay here and start
-        // afresh, as they would have on any runtime.
-        let orphans: Vec<(EndpointAddr, u64)> = self
-            .inb
-            .keys()
-            .filter(|(s, _)| *s == peer)
-            .copied()
-            .collect();
-        for k in orphans {
-            let Some(g) = self.take_in_group(k) else {
-                continue;
-            };
-            if self.settings.hand_back {
-                let mut keys: Vec<FlowKey> = g.flows.iter().map(|f| f.key).collect();
-                keys.extend_from_slice(&g.aliases);
-                self.counters.flows_handed_back += g.flows.len() as u64;
-                let until = now_ms + GAVE_BACK_DROP_MS;
-                self.gave_back.extend(keys.iter().map(|k| (*k, until)));
-                host.send(
-                    g.vswitch,
-                    Message::SetRuntime {
-                        keys,
-                        from: self.me,
-                        runtime: peer,
-                        request: 0,
-                    },
-                );
-            }
-            self.drop_in_group_flows(host, g.flows, Release::Discard);
-        }
+        self.source_died(host, peer, now_ms);
     }
 }
