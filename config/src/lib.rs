@@ -69,11 +69,11 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// `key`'s value is wrong because of `reason`.
-    pub fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    /// `key`'s value is wrong because of `reason` (a text, or a typed error of its own).
+    pub fn invalid(key: impl Into<String>, reason: impl std::fmt::Display) -> ConfigError {
         ConfigError::Invalid {
             key: key.into(),
-            reason: reason.into(),
+            reason: reason.to_string(),
         }
     }
 }
@@ -236,9 +236,14 @@ pub enum ProtoText {
     Name(String),
 }
 
+/// A protocol name that is none of those known (as written, lower-cased).
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("`{0}` is not tcp, udp, icmp, icmpv6, sctp or a number")]
+pub struct UnknownProto(pub String);
+
 impl TryFrom<ProtoText> for Proto {
-    type Error = String;
-    fn try_from(t: ProtoText) -> std::result::Result<Proto, String> {
+    type Error = UnknownProto;
+    fn try_from(t: ProtoText) -> std::result::Result<Proto, UnknownProto> {
         match t {
             ProtoText::Number(n) => Ok(Proto(n)),
             ProtoText::Name(n) => match n.to_ascii_lowercase().as_str() {
@@ -247,27 +252,36 @@ impl TryFrom<ProtoText> for Proto {
                 "icmp" => Ok(Proto(1)),
                 "icmpv6" => Ok(Proto(58)),
                 "sctp" => Ok(Proto(132)),
-                other => Err(format!(
-                    "`{other}` is not tcp, udp, icmp, icmpv6, sctp or a number"
-                )),
+                other => Err(UnknownProto(other.to_string())),
             },
         }
     }
 }
 
+/// Fields of a [`Match`] that do not make sense together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Error)]
+pub enum MatchError {
+    /// A port range without a protocol that has ports.
+    #[error("ports need proto = \"tcp\", \"udp\" or \"sctp\"")]
+    PortsWithoutProto,
+    /// An IPv4 prefix on one side, an IPv6 one on the other.
+    #[error("src and dst are of different IP versions: nothing can match")]
+    MixedIpVersions,
+}
+
 impl Match {
     /// Whether these fields make sense together: ports need a protocol with ports, and source
     /// and destination prefixes must be of one IP version.
-    pub fn check(&self) -> std::result::Result<(), String> {
+    pub fn check(&self) -> std::result::Result<(), MatchError> {
         if self.src_port.is_some() || self.dst_port.is_some() {
             match self.proto {
                 Some(Proto(6 | 17 | 132 | 136)) => {}
-                _ => return Err("ports need proto = \"tcp\", \"udp\" or \"sctp\"".into()),
+                _ => return Err(MatchError::PortsWithoutProto),
             }
         }
         if let (Some(s), Some(d)) = (&self.src, &self.dst) {
             if s.is_v6() != d.is_v6() {
-                return Err("src and dst are of different IP versions: nothing can match".into());
+                return Err(MatchError::MixedIpVersions);
             }
         }
         Ok(())
@@ -1059,29 +1073,48 @@ pub enum PortSpec {
     Null,
 }
 
+/// A port's `spec` that is not one nfmgr can open; each names the spec as written.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum PortSpecError {
+    #[error("`{0}` is not KIND:ARG (afpacket:IFACE, gen:, sink:, pcap:FILE, null:)")]
+    NotKindArg(String),
+    #[error("`{0}`: afpacket needs an interface name (at most 15 characters)")]
+    NoInterface(String),
+    /// `gen:`, `sink:` or `null:` with an argument.
+    #[error("`{spec}`: {kind}: takes no argument; set its options as keys of the port")]
+    TakesNoArgument { spec: String, kind: String },
+    #[error("`{0}`: pcap needs a file to replay")]
+    NoPcapFile(String),
+    #[error("`{0}`: dpdk needs a device name (a vdev like net_null0, or a PCI address)")]
+    NoDevice(String),
+    #[error("`{spec}`: unknown port kind `{kind}`")]
+    UnknownKind { spec: String, kind: String },
+}
+
 impl PortSpec {
-    pub fn parse(s: &str, base: &Path) -> std::result::Result<PortSpec, String> {
-        let (kind, arg) = s.split_once(':').ok_or_else(|| {
-            format!("`{s}` is not KIND:ARG (afpacket:IFACE, gen:, sink:, pcap:FILE, null:)")
-        })?;
+    pub fn parse(s: &str, base: &Path) -> std::result::Result<PortSpec, PortSpecError> {
+        let (kind, arg) = s
+            .split_once(':')
+            .ok_or_else(|| PortSpecError::NotKindArg(s.to_string()))?;
+        let spec = || s.to_string();
         match kind {
             "afpacket" if !arg.is_empty() && arg.len() < 16 => Ok(PortSpec::AfPacket(arg.into())),
-            "afpacket" => Err(format!(
-                "`{s}`: afpacket needs an interface name (at most 15 characters)"
-            )),
+            "afpacket" => Err(PortSpecError::NoInterface(spec())),
             "gen" if arg.is_empty() => Ok(PortSpec::Generator),
             "sink" if arg.is_empty() => Ok(PortSpec::Sink),
             "null" if arg.is_empty() => Ok(PortSpec::Null),
-            "gen" | "sink" | "null" => Err(format!(
-                "`{s}`: {kind}: takes no argument; set its options as keys of the port"
-            )),
+            "gen" | "sink" | "null" => Err(PortSpecError::TakesNoArgument {
+                spec: spec(),
+                kind: kind.to_string(),
+            }),
             "pcap" if !arg.is_empty() => Ok(PortSpec::Pcap(base.join(arg))),
-            "pcap" => Err(format!("`{s}`: pcap needs a file to replay")),
+            "pcap" => Err(PortSpecError::NoPcapFile(spec())),
             "dpdk" if !arg.is_empty() => Ok(PortSpec::Dpdk(arg.into())),
-            "dpdk" => Err(format!(
-                "`{s}`: dpdk needs a device name (a vdev like net_null0, or a PCI address)"
-            )),
-            _ => Err(format!("`{s}`: unknown port kind `{kind}`")),
+            "dpdk" => Err(PortSpecError::NoDevice(spec())),
+            _ => Err(PortSpecError::UnknownKind {
+                spec: spec(),
+                kind: kind.to_string(),
+            }),
         }
     }
 
@@ -1691,27 +1724,35 @@ pub fn online_cpus() -> usize {
         .unwrap_or(1)
 }
 
+/// A CPU list that does not parse; each names the part at fault.
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+pub enum CpuListError {
+    #[error("`{0}` is not a CPU or range")]
+    NotCpu(String),
+    #[error("`{0}`: range is reversed")]
+    Reversed(String),
+    #[error("empty CPU list")]
+    Empty,
+}
+
 /// Parses a CPU list such as `0-3,6`.
-pub fn parse_cpu_list(s: &str) -> std::result::Result<Vec<usize>, String> {
+pub fn parse_cpu_list(s: &str) -> std::result::Result<Vec<usize>, CpuListError> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (a, b) = match part.split_once('-') {
             Some((a, b)) => (a.trim(), b.trim()),
             None => (part, part),
         };
-        let a: usize = a
-            .parse()
-            .map_err(|_| format!("`{part}` is not a CPU or range"))?;
-        let b: usize = b
-            .parse()
-            .map_err(|_| format!("`{part}` is not a CPU or range"))?;
+        let not_cpu = |_| CpuListError::NotCpu(part.to_string());
+        let a: usize = a.parse().map_err(not_cpu)?;
+        let b: usize = b.parse().map_err(not_cpu)?;
         if a > b {
-            return Err(format!("`{part}`: range is reversed"));
+            return Err(CpuListError::Reversed(part.to_string()));
         }
         out.extend(a..=b);
     }
     if out.is_empty() {
-        return Err("empty CPU list".into());
+        return Err(CpuListError::Empty);
     }
     Ok(out)
 }
@@ -1857,8 +1898,12 @@ mod tests {
     #[test]
     fn cpu_lists() {
         assert_eq!(parse_cpu_list("0-2,5").unwrap(), vec![0, 1, 2, 5]);
-        assert!(parse_cpu_list("3-1").is_err());
-        assert!(parse_cpu_list("x").is_err());
+        assert_eq!(
+            parse_cpu_list("3-1"),
+            Err(CpuListError::Reversed("3-1".into()))
+        );
+        assert_eq!(parse_cpu_list("x"), Err(CpuListError::NotCpu("x".into())));
+        assert_eq!(parse_cpu_list(" , "), Err(CpuListError::Empty));
     }
 }
 
@@ -1886,15 +1931,20 @@ impl std::fmt::Display for SeccompMode {
     }
 }
 
-impl std::str::FromStr for SeccompMode {
-    type Err = String;
+/// A seccomp mode that is not `enforce`, `log` or `off` (as written).
+#[derive(Clone, Debug, PartialEq, Eq, Error)]
+#[error("`{0}`: expected enforce, log or off")]
+pub struct UnknownSeccompMode(pub String);
 
-    fn from_str(s: &str) -> std::result::Result<SeccompMode, String> {
+impl std::str::FromStr for SeccompMode {
+    type Err = UnknownSeccompMode;
+
+    fn from_str(s: &str) -> std::result::Result<SeccompMode, UnknownSeccompMode> {
         match s {
             "enforce" => Ok(SeccompMode::Enforce),
             "log" => Ok(SeccompMode::Log),
             "off" => Ok(SeccompMode::Off),
-            _ => Err(format!("`{s}`: expected enforce, log or off")),
+            _ => Err(UnknownSeccompMode(s.to_string())),
         }
     }
 }

@@ -583,7 +583,7 @@ fn build_ports(
     let mut ports = Vec::new();
     let mut flow_base = 0u32;
     for (i, pc) in cfg.ports.iter().enumerate() {
-        let spec = PortSpec::parse(&pc.spec, &cfg.base_dir).map_err(anyhow::Error::msg)?;
+        let spec = PortSpec::parse(&pc.spec, &cfg.base_dir)?;
         let key = format!("port.{}", pc.name);
         let port: Box<dyn Port> = match &spec {
             PortSpec::AfPacket(iface) => Box::new(
@@ -757,8 +757,7 @@ fn run_instance(cfg: &Config, instance: &mut Instance, demo: bool) -> Result<()>
         .cores
         .as_deref()
         .map(parse_cpu_list)
-        .transpose()
-        .map_err(anyhow::Error::msg)?
+        .transpose()?
         .unwrap_or_default();
     let mut next_core = 0usize;
     let mut assign_core = |explicit: Option<usize>| -> Option<usize> {
