@@ -60,6 +60,18 @@ pub struct Journal {
     pub addrs: Vec<(u16, SocketAddr)>,
 }
 
+/// Why a journal is not carried on from ([`Membership::restore`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RestoreError {
+    #[error("only a coordinator keeps a journal")]
+    NotCoordinator,
+    /// The journal is of another server's coordinator.
+    #[error("it is the journal of server {journal}'s coordinator, this is server {me}")]
+    OtherServer { journal: u16, me: u16 },
+    #[error("the membership has started already")]
+    Started,
+}
+
 /// A server as the coordinator knows it (and this server itself, in every role).
 #[derive(Clone, Debug)]
 pub struct Member {
@@ -352,18 +364,18 @@ impl Membership {
     /// one that has not joined by then is declared dead and its flows recovered. The
     /// flows of this server's previous life are recovered by each member's runtimes as
     /// the member joins again.
-    pub fn restore(&mut self, journal: Journal, now: Instant) -> Result<(), String> {
+    pub fn restore(&mut self, journal: Journal, now: Instant) -> Result<(), RestoreError> {
         if !self.is_coordinator() {
-            return Err("only a coordinator keeps a journal".into());
+            return Err(RestoreError::NotCoordinator);
         }
         if journal.view.coordinator != self.me {
-            return Err(format!(
-                "it is the journal of server {}'s coordinator, this is server {}",
-                journal.view.coordinator, self.me
-            ));
+            return Err(RestoreError::OtherServer {
+                journal: journal.view.coordinator,
+                me: self.me,
+            });
         }
         if self.members.len() > 1 || self.view.version > 1 {
-            return Err("the membership has started already".into());
+            return Err(RestoreError::Started);
         }
         self.carry_on(journal, now);
         Ok(())
@@ -2116,7 +2128,8 @@ mod tests {
             now,
         );
         let e = other.restore(journal.clone(), now).unwrap_err();
-        assert!(e.contains("server 1"), "{e}");
+        assert_eq!(e, RestoreError::OtherServer { journal: 1, me: 9 });
+        assert!(e.to_string().contains("server 1"), "{e}");
         assert!(c
             .servers
             .get_mut(&2)
