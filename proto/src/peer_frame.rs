@@ -189,23 +189,43 @@ pub fn write_frame(
     w.write_all(&frame)
 }
 
+/// Why no message was read from a session or a handshake.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerFrameError {
+    /// The connection ended before a frame began.
+    #[error("connection closed")]
+    Closed,
+    /// Reading failed (within a frame, or a timeout).
+    #[error(transparent)]
+    Io(io::Error),
+    /// The length says more than `max`: refused before anything that size is allocated.
+    #[error("frame of {0} bytes is too large")]
+    TooLarge(usize),
+    /// The tag does not verify: altered, forged, replayed, out of order, or another key.
+    #[error("a frame failed authentication")]
+    Unauthenticated,
+    /// The payload is not a [`PeerMsg`].
+    #[error("undecodable frame: {0}")]
+    Undecodable(#[source] postcard::Error),
+}
+
 pub fn read_frame(
     r: &mut impl Read,
     key: Option<(&[u8; 32], u64)>,
     max: usize,
-) -> Result<PeerMsg, String> {
+) -> Result<PeerMsg, PeerFrameError> {
     let mut len = [0u8; 4];
     r.read_exact(&mut len).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => "connection closed".to_string(),
-        _ => e.to_string(),
+        io::ErrorKind::UnexpectedEof => PeerFrameError::Closed,
+        _ => PeerFrameError::Io(e),
     })?;
     let len = u32::from_be_bytes(len) as usize;
     if len > max {
-        return Err(format!("frame of {len} bytes is too large"));
+        return Err(PeerFrameError::TooLarge(len));
     }
     let extra = if key.is_some() { TAG } else { 0 };
     let mut buf = vec![0u8; len + extra];
-    r.read_exact(&mut buf).map_err(|e| e.to_string())?;
+    r.read_exact(&mut buf).map_err(PeerFrameError::Io)?;
     if let Some((k, counter)) = key {
         let want = tag(k, counter, &buf[..len]);
         let ok = want
@@ -214,10 +234,10 @@ pub fn read_frame(
             .fold(0u8, |a, (x, y)| a | (x ^ y))
             == 0;
         if !ok {
-            return Err("a frame failed authentication".into());
+            return Err(PeerFrameError::Unauthenticated);
         }
     }
-    postcard::from_bytes(&buf[..len]).map_err(|e| format!("undecodable frame: {e}"))
+    postcard::from_bytes(&buf[..len]).map_err(PeerFrameError::Undecodable)
 }
 
 #[cfg(test)]
@@ -235,11 +255,22 @@ mod tests {
             Ok(PeerMsg::Leave)
         ));
         // Another counter (a replay, or a frame out of order) or a flipped bit: refused.
-        assert!(read_frame(&mut &buf[..], Some((&key, 8)), MAX_FRAME).is_err());
+        assert!(matches!(
+            read_frame(&mut &buf[..], Some((&key, 8)), MAX_FRAME),
+            Err(PeerFrameError::Unauthenticated)
+        ));
         let mut bad = buf.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
-        assert!(read_frame(&mut &bad[..], Some((&key, 7)), MAX_FRAME).is_err());
+        assert!(matches!(
+            read_frame(&mut &bad[..], Some((&key, 7)), MAX_FRAME),
+            Err(PeerFrameError::Unauthenticated)
+        ));
+        // Nothing at all: the connection closed.
+        assert!(matches!(
+            read_frame(&mut &[][..], Some((&key, 7)), MAX_FRAME),
+            Err(PeerFrameError::Closed)
+        ));
     }
 
     #[test]
@@ -247,7 +278,8 @@ mod tests {
         // A length of 4 GiB - 1 with nothing behind it: refused on the length alone.
         let frame = [0xff, 0xff, 0xff, 0xff, 0];
         let e = read_frame(&mut &frame[..], None, MAX_HANDSHAKE_FRAME).unwrap_err();
-        assert!(e.contains("too large"), "{e}");
+        assert!(matches!(e, PeerFrameError::TooLarge(0xffff_ffff)), "{e}");
+        assert!(e.to_string().contains("too large"), "{e}");
     }
 
     #[test]

@@ -1222,8 +1222,7 @@ impl Control {
                     Err(peer::JoinError::Fenced(why)) => {
                         let _ = events.send(Event::Fenced { conn, why });
                     }
-                    Err(peer::JoinError::Failed(why)) => join_failed(why, false),
-                    Err(peer::JoinError::NobodyListening(why)) => join_failed(why, true),
+                    Err(e) => join_failed(e.to_string(), e.nobody_listening()),
                 }
             });
         if let Err(e) = spawned {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use nflib::cluster::{ClusterView, EndpointInfo};
 use nflib::peer_frame::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
-pub use nflib::peer_frame::{AuthKey, JoinRequest, PeerMsg, PROTOCOL_VERSION};
+pub use nflib::peer_frame::{AuthKey, JoinRequest, PeerFrameError, PeerMsg, PROTOCOL_VERSION};
 
 use super::Event;
 use crate::listen::DeadlineReader;
@@ -49,7 +49,7 @@ pub struct PeerReader {
 }
 
 impl PeerReader {
-    pub fn recv(&mut self) -> Result<PeerMsg, String> {
+    pub fn recv(&mut self) -> Result<PeerMsg, PeerFrameError> {
         let m = read_frame(&mut self.stream, Some((&self.key, self.counter)), MAX_FRAME);
         self.counter += 1;
         m
@@ -69,15 +69,73 @@ fn prepare(stream: &TcpStream) -> io::Result<()> {
     stream.set_write_timeout(Some(Duration::from_secs(2)))
 }
 
+/// Why a handshake did not make a session: the coordinator's side (a join refused) and the
+/// member's (a join that did not happen).
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The socket (its options, a write, a clone) or the random source failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// A handshake frame could not be read.
+    #[error(transparent)]
+    Frame(#[from] PeerFrameError),
+    /// Coordinator: the joiner's first frame was something else.
+    #[error("the first frame was not a join")]
+    NotAJoin,
+    /// Coordinator: the joiner speaks another protocol.
+    #[error("protocol version {0} (this nfmgr speaks {PROTOCOL_VERSION})")]
+    JoinerVersion(u32),
+    /// Coordinator: no accepted key verifies the join's proof.
+    #[error("wrong cluster key, or a join changed on its way (the join proof does not verify)")]
+    ProofFails,
+    /// Member: no connection to the coordinator (see [`JoinError::nobody_listening`]).
+    #[error("cannot reach the coordinator at {addr}: {source}")]
+    Unreachable {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the coordinator did not say hello")]
+    NoHello,
+    /// Member: the coordinator speaks another protocol.
+    #[error("the coordinator speaks protocol {0}, this nfmgr {PROTOCOL_VERSION}")]
+    CoordinatorVersion(u32),
+    /// Member: the coordinator has this server's id.
+    #[error("the coordinator has this server's id ({0}); cluster.server_id must be unique")]
+    SameServerId(u16),
+    #[error("the coordinator refused: {0}")]
+    Refused(String),
+    /// The coordinator declared this server dead while it lived on: fence, then join again.
+    #[error("the coordinator fenced this server: {0}")]
+    Fenced(String),
+    #[error("unexpected answer to join")]
+    UnexpectedAnswer,
+    /// Member: the welcome's tag does not verify under this server's key.
+    #[error("the coordinator does not hold this cluster key")]
+    WrongKey,
+    /// Member: the answer to the join could not be read.
+    #[error("join: {0}")]
+    NoWelcome(#[source] PeerFrameError),
+}
+
+impl JoinError {
+    /// Nothing listens at the coordinator's address (its host refused the connection): its
+    /// nfmgr is not running.
+    pub fn nobody_listening(&self) -> bool {
+        matches!(self, JoinError::Unreachable { source, .. }
+            if source.kind() == io::ErrorKind::ConnectionRefused)
+    }
+}
+
 /// Coordinator side of the handshake on an accepted connection.
 pub fn accept(
     stream: TcpStream,
     keys: &[AuthKey],
     me: u16,
-) -> Result<(JoinInfo, PeerWriter, PeerReader), String> {
-    let addr = stream.peer_addr().map_err(|e| e.to_string())?;
-    prepare(&stream).map_err(|e| e.to_string())?;
-    let nonce_c = nonce().map_err(|e| e.to_string())?;
+) -> Result<(JoinInfo, PeerWriter, PeerReader), JoinError> {
+    let addr = stream.peer_addr()?;
+    prepare(&stream)?;
+    let nonce_c = nonce()?;
     let mut s = &stream;
     write_frame(
         &mut s,
@@ -87,8 +145,7 @@ pub fn accept(
             nonce: nonce_c,
         },
         None,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     // Unbuffered until the session starts: nothing read ahead is left behind.
     let mut handshake = DeadlineReader::new(&stream, HANDSHAKE_TIMEOUT);
     let PeerMsg::Join {
@@ -102,12 +159,10 @@ pub fn accept(
         chains,
     } = read_frame(&mut handshake, None, MAX_HANDSHAKE_FRAME)?
     else {
-        return Err("the first frame was not a join".into());
+        return Err(JoinError::NotAJoin);
     };
     if version != PROTOCOL_VERSION {
-        return Err(format!(
-            "protocol version {version} (this nfmgr speaks {PROTOCOL_VERSION})"
-        ));
+        return Err(JoinError::JoinerVersion(version));
     }
     let said = JoinRequest {
         server,
@@ -122,14 +177,11 @@ pub fn accept(
         let want = k.proof(&nonce_c, &nonce_j, &said);
         want.iter().zip(&proof).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
     }) else {
-        return Err(
-            "wrong cluster key, or a join changed on its way (the join proof does not verify)"
-                .into(),
-        );
+        return Err(JoinError::ProofFails);
     };
     let (c2j, j2c) = auth.session(&nonce_c, &nonce_j);
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-    let reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    stream.set_read_timeout(None)?;
+    let reader = BufReader::new(stream.try_clone()?);
     Ok((
         JoinInfo {
             server: said.server,
@@ -152,29 +204,6 @@ pub fn accept(
     ))
 }
 
-/// Why a join did not happen.
-#[derive(Debug)]
-pub enum JoinError {
-    /// The coordinator declared this server dead while it lived on: fence, then join again.
-    Fenced(String),
-    /// Nothing listens at the coordinator's address (its host refused the connection):
-    /// its nfmgr is not running.
-    NobodyListening(String),
-    Failed(String),
-}
-
-impl From<String> for JoinError {
-    fn from(s: String) -> JoinError {
-        JoinError::Failed(s)
-    }
-}
-
-impl From<&str> for JoinError {
-    fn from(s: &str) -> JoinError {
-        JoinError::Failed(s.to_string())
-    }
-}
-
 /// Member side: connects to the coordinator and joins. Returns the view it was welcomed
 /// with and the two halves of the session.
 pub fn join(
@@ -182,15 +211,9 @@ pub fn join(
     auth: &AuthKey,
     req: JoinRequest,
 ) -> Result<(ClusterView, Vec<EndpointInfo>, PeerWriter, PeerReader), JoinError> {
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| {
-        let why = format!("cannot reach the coordinator at {addr}: {e}");
-        if e.kind() == std::io::ErrorKind::ConnectionRefused {
-            JoinError::NobodyListening(why)
-        } else {
-            JoinError::Failed(why)
-        }
-    })?;
-    prepare(&stream).map_err(|e| e.to_string())?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|source| JoinError::Unreachable { addr, source })?;
+    prepare(&stream)?;
     let mut handshake = DeadlineReader::new(&stream, HANDSHAKE_TIMEOUT);
     let PeerMsg::Hello {
         version,
@@ -198,21 +221,15 @@ pub fn join(
         nonce: nonce_c,
     } = read_frame(&mut handshake, None, MAX_HANDSHAKE_FRAME)?
     else {
-        return Err("the coordinator did not say hello".into());
+        return Err(JoinError::NoHello);
     };
     if version != PROTOCOL_VERSION {
-        return Err(format!(
-            "the coordinator speaks protocol {version}, this nfmgr {PROTOCOL_VERSION}"
-        )
-        .into());
+        return Err(JoinError::CoordinatorVersion(version));
     }
     if coordinator == req.server {
-        return Err(format!(
-            "the coordinator has this server's id ({coordinator}); cluster.server_id must be unique"
-        )
-        .into());
+        return Err(JoinError::SameServerId(coordinator));
     }
-    let nonce_j = nonce().map_err(|e| e.to_string())?;
+    let nonce_j = nonce()?;
     let proof = auth.proof(&nonce_c, &nonce_j, &req);
     let mut s = &stream;
     write_frame(
@@ -228,34 +245,25 @@ pub fn join(
             chains: req.chains,
         },
         None,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let (c2j, j2c) = auth.session(&nonce_c, &nonce_j);
     // The welcome (a view: up to MAX_FRAME) is authenticated, and read within the
     // handshake's deadline.
     let view = read_frame(&mut handshake, Some((&c2j, 0)), MAX_FRAME);
     let rd = PeerReader {
-        stream: BufReader::new(stream.try_clone().map_err(|e| e.to_string())?),
+        stream: BufReader::new(stream.try_clone()?),
         key: c2j,
         counter: 1,
     };
     let (view, recover) = match view {
         Ok(PeerMsg::Welcome { view, recover }) => (view, recover),
-        Ok(PeerMsg::Reject { reason }) => {
-            return Err(JoinError::Failed(format!(
-                "the coordinator refused: {reason}"
-            )))
-        }
+        Ok(PeerMsg::Reject { reason }) => return Err(JoinError::Refused(reason)),
         Ok(PeerMsg::Fence { reason }) => return Err(JoinError::Fenced(reason)),
-        Ok(_) => return Err(JoinError::Failed("unexpected answer to join".into())),
-        Err(e) if e.contains("authentication") => {
-            return Err(JoinError::Failed(
-                "the coordinator does not hold this cluster key".into(),
-            ))
-        }
-        Err(e) => return Err(JoinError::Failed(format!("join: {e}"))),
+        Ok(_) => return Err(JoinError::UnexpectedAnswer),
+        Err(PeerFrameError::Unauthenticated) => return Err(JoinError::WrongKey),
+        Err(e) => return Err(JoinError::NoWelcome(e)),
     };
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(None)?;
     Ok((
         view,
         recover,
@@ -277,7 +285,8 @@ pub fn read_loop(conn: ConnId, mut reader: PeerReader, events: Sender<Event>) {
                     return;
                 }
             }
-            Err(why) => {
+            Err(e) => {
+                let why = e.to_string();
                 let _ = events.send(Event::PeerDown { conn, why });
                 return;
             }
@@ -302,7 +311,7 @@ mod tests {
 
     /// Plays a member that proves `proved` but says `said`; returns the coordinator's
     /// verdict.
-    fn join_as(proved: JoinRequest, said: JoinRequest) -> Result<JoinInfo, String> {
+    fn join_as(proved: JoinRequest, said: JoinRequest) -> Result<JoinInfo, JoinError> {
         let auth = AuthKey::derive(b"a cluster key for the test, long enough");
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
@@ -339,7 +348,8 @@ mod tests {
         let info = join_as(request("s2"), request("s2")).expect("an honest join");
         assert_eq!((info.server, info.name.as_str()), (2, "s2"));
         let e = join_as(request("s2"), request("evil")).unwrap_err();
-        assert!(e.contains("does not verify"), "{e}");
+        assert!(matches!(e, JoinError::ProofFails), "{e}");
+        assert!(e.to_string().contains("does not verify"), "{e}");
         let mut more = request("s2");
         more.incarnation = 8;
         assert!(join_as(request("s2"), more).is_err());
@@ -352,6 +362,6 @@ mod tests {
         let mut bytes = ((MAX_HANDSHAKE_FRAME + 1) as u32).to_be_bytes().to_vec();
         bytes.extend_from_slice(&[0; 16]);
         let e = read_frame(&mut &bytes[..], None, MAX_HANDSHAKE_FRAME).unwrap_err();
-        assert!(e.contains("too large"), "{e}");
+        assert!(matches!(e, PeerFrameError::TooLarge(_)), "{e}");
     }
 }
