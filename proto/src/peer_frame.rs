@@ -42,7 +42,8 @@ use crate::msg::{Call, Reply};
 /// 8: a flow's home in migration and replication; `Holds`, `HoldsQuery`.
 /// 9: `FeedQuery`, `Feeds` (a restarted vswitch rebuilds its table from the runtimes).
 /// 10: the cluster view's epoch (`ClusterView::epoch`).
-pub const PROTOCOL_VERSION: u32 = 12;
+/// 13: `RpcReply`'s failure is an [`RpcError`] (it was a text).
+pub const PROTOCOL_VERSION: u32 = 13;
 pub const MAX_FRAME: usize = 16 << 20;
 /// The largest frame before the peer has proven it holds the key (a join names a server's
 /// endpoints and chains: some kilobytes). Nothing larger is allocated for a stranger.
@@ -93,7 +94,7 @@ pub enum PeerMsg {
     },
     RpcReply {
         id: u64,
-        result: Result<Reply, String>,
+        result: Result<Reply, RpcError>,
     },
     /// The sender is shutting down cleanly.
     Leave,
@@ -110,6 +111,32 @@ pub enum PeerMsg {
     Stats {
         json: Vec<u8>,
     },
+}
+
+/// Why a control call was not answered by its target: what went wrong on its way, in the
+/// nfmgr of the caller or in one it went through (a target's own refusal is
+/// `Reply::Refused`). It crosses the wire in [`PeerMsg::RpcReply`]: a new variant is a new
+/// [`PROTOCOL_VERSION`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RpcError {
+    /// The call was addressed to an nfmgr (slot 0), not to a process.
+    #[error("nfmgr itself takes no control calls")]
+    ToManager,
+    /// No session to that server from the nfmgr that had the call.
+    #[error("server {0} is not reachable from here")]
+    Unreachable(u16),
+    /// A member got a call for another server (only the coordinator relays).
+    #[error("{0} is not on this server")]
+    NotHere(EndpointAddr),
+    /// No answer within the call's deadline.
+    #[error("timed out")]
+    TimedOut,
+    /// A recovery order waited for a member, and this nfmgr stopped coordinating.
+    #[error("this nfmgr no longer coordinates")]
+    NotCoordinating,
+    /// A recovery order waited for a member that did not join in time (or died).
+    #[error("server {0} did not join this coordinator")]
+    NotJoined(u16),
 }
 
 /// What a member tells the coordinator when it joins.
@@ -271,6 +298,21 @@ mod tests {
             read_frame(&mut &[][..], Some((&key, 7)), MAX_FRAME),
             Err(PeerFrameError::Closed)
         ));
+    }
+
+    #[test]
+    fn a_failed_call_crosses_with_its_reason() {
+        let mut buf = Vec::new();
+        let failed = Err(RpcError::NotHere(EndpointAddr::new(3, 4)));
+        let msg = PeerMsg::RpcReply {
+            id: 9,
+            result: failed.clone(),
+        };
+        write_frame(&mut buf, &msg, None).unwrap();
+        match read_frame(&mut &buf[..], None, MAX_FRAME) {
+            Ok(PeerMsg::RpcReply { id: 9, result }) => assert_eq!(result, failed),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -45,7 +45,7 @@ use crate::listen::{AcceptBackoff, Limit};
 use crate::linkwatch::LinkChange;
 use crate::relay::{RelayCommand, RelayEvent};
 use crate::supervisor::{ProcEvent, ProcEventKind};
-use peer::{AuthKey, ConnId, JoinInfo, PeerMsg, PeerWriter};
+use peer::{AuthKey, ConnId, JoinInfo, PeerMsg, PeerWriter, RpcError};
 use store::{Store, StoreEvent, StoreSettings};
 
 use crate::ClusterKeys;
@@ -145,6 +145,7 @@ impl Handle {
         self.rpc_start(to, call)?
             .recv_timeout(RPC_TIMEOUT + Duration::from_millis(500))
             .map_err(|_| format!("{to}: no answer"))?
+            .map_err(|e| e.to_string())
     }
 
     /// Starts a control call; the answer arrives on the returned channel.
@@ -152,7 +153,7 @@ impl Handle {
         &self,
         to: EndpointAddr,
         call: Call,
-    ) -> Result<Receiver<Result<Reply, String>>, String> {
+    ) -> Result<Receiver<Result<Reply, RpcError>>, String> {
         self.ask(move |c| c.start_rpc(to, call))
     }
 }
@@ -168,7 +169,7 @@ struct WaitingRecovery {
 
 enum ReplyTo {
     /// A handler thread of this nfmgr waits.
-    Local(Sender<Result<Reply, String>>),
+    Local(Sender<Result<Reply, RpcError>>),
     /// Another manager asked (the id is theirs).
     Peer { conn: ConnId, id: u64 },
     /// Nobody waits (view notifications).
@@ -795,7 +796,7 @@ impl Control {
     }
 
     /// Starts a control call to `to`; the answer comes on the returned channel.
-    pub fn start_rpc(&mut self, to: EndpointAddr, call: Call) -> Receiver<Result<Reply, String>> {
+    pub fn start_rpc(&mut self, to: EndpointAddr, call: Call) -> Receiver<Result<Reply, RpcError>> {
         let (tx, rx) = mpsc::channel();
         self.route_rpc(to, call, ReplyTo::Local(tx));
         rx
@@ -804,12 +805,9 @@ impl Control {
     fn route_rpc(&mut self, to: EndpointAddr, call: Call, reply_to: ReplyTo) {
         let id = self.next_rpc;
         self.next_rpc += 1;
-        let fail = |reply_to: ReplyTo, this: &mut Control, why: String| {
-            this.answer(reply_to, Err(why));
-        };
         if to.server == self.me {
             if to.slot == MANAGER_SLOT {
-                return fail(reply_to, self, "nfmgr itself takes no control calls".into());
+                return self.answer(reply_to, Err(RpcError::ToManager));
             }
             if let Call::Kill { by } = &call {
                 // A drill: this nfmgr kills the process; the call never reaches it.
@@ -835,11 +833,7 @@ impl Control {
             return;
         }
         let Some(conn) = self.membership.session_to(to.server) else {
-            return fail(
-                reply_to,
-                self,
-                format!("server {} is not reachable from here", to.server),
-            );
+            return self.answer(reply_to, Err(RpcError::Unreachable(to.server)));
         };
         self.pending.insert(
             id,
@@ -858,7 +852,7 @@ impl Control {
         );
     }
 
-    fn answer(&mut self, reply_to: ReplyTo, result: Result<Reply, String>) {
+    fn answer(&mut self, reply_to: ReplyTo, result: Result<Reply, RpcError>) {
         match reply_to {
             ReplyTo::Local(tx) => {
                 let _ = tx.send(result);
@@ -968,7 +962,7 @@ impl Control {
                 if target.server == self.me || self.membership.is_coordinator() {
                     self.route_rpc(target, call, reply_to);
                 } else {
-                    self.answer(reply_to, Err(format!("{target} is not on this server")));
+                    self.answer(reply_to, Err(RpcError::NotHere(target)));
                 }
             }
             PeerMsg::RpcReply { id, result } => {
@@ -1115,8 +1109,7 @@ impl Control {
                 .server(w.to.server)
                 .is_some_and(|s| s.alive);
             if !coordinating {
-                let why = "this nfmgr no longer coordinates".to_string();
-                self.answer(w.reply_to, Err(why));
+                self.answer(w.reply_to, Err(RpcError::NotCoordinating));
             } else if self.membership.session_to(w.to.server).is_some() {
                 let call = Call::Recover {
                     failed: w.failed,
@@ -1125,8 +1118,7 @@ impl Control {
                 };
                 self.route_rpc(w.to, call, w.reply_to);
             } else if !alive || now >= w.until {
-                let why = format!("server {} did not join this coordinator", w.to.server);
-                self.answer(w.reply_to, Err(why));
+                self.answer(w.reply_to, Err(RpcError::NotJoined(w.to.server)));
             } else {
                 self.waiting_recoveries.push(w);
             }
@@ -1176,7 +1168,7 @@ impl Control {
             .collect();
         for id in expired {
             if let Some(p) = self.pending.remove(&id) {
-                self.answer(p.reply_to, Err("timed out".into()));
+                self.answer(p.reply_to, Err(RpcError::TimedOut));
             }
         }
         Duration::from_millis(20).min(Duration::from_millis(self.cfg.cluster.heartbeat_ms))

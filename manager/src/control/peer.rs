@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use nflib::cluster::{ClusterView, EndpointInfo};
 use nflib::peer_frame::{read_frame, write_frame, MAX_FRAME, MAX_HANDSHAKE_FRAME};
-pub use nflib::peer_frame::{AuthKey, JoinRequest, PeerFrameError, PeerMsg, PROTOCOL_VERSION};
+pub use nflib::peer_frame::{
+    AuthKey, JoinRequest, PeerFrameError, PeerMsg, RpcError, PROTOCOL_VERSION,
+};
 
 use super::Event;
 use crate::listen::DeadlineReader;

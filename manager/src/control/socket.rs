@@ -458,14 +458,13 @@ fn runtimes(handle: &Handle) -> Result<Value, String> {
     let mut out = Vec::new();
     for (e, rx) in eps.iter().zip(waiting) {
         let mut v = endpoint_json(e);
-        let result = rx.map(|rx| {
-            rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| Err("no answer".into()))
-        });
+        let result =
+            rx.map(|rx| rx.recv_timeout(deadline.saturating_duration_since(Instant::now())));
         match result {
-            Some(Ok(Reply::Workload(w))) => v["workload"] = json!(w),
-            Some(Ok(other)) => v["error"] = json!(format!("unexpected answer {other:?}")),
-            Some(Err(err)) => v["error"] = json!(err),
+            Some(Ok(Ok(Reply::Workload(w)))) => v["workload"] = json!(w),
+            Some(Ok(Ok(other))) => v["error"] = json!(format!("unexpected answer {other:?}")),
+            Some(Ok(Err(err))) => v["error"] = json!(err.to_string()),
+            Some(Err(_)) => v["error"] = json!("no answer"),
             None => v["error"] = json!("not running"),
         }
         out.push(v);
