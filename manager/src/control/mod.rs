@@ -118,6 +118,48 @@ pub enum Event {
     Shutdown,
 }
 
+/// Why the control thread could not be asked ([`Handle::ask`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("nfmgr is shutting down")]
+    ShuttingDown,
+    /// No answer within the time a question may take.
+    #[error("nfmgr's control thread did not answer")]
+    Silent,
+}
+
+/// Why a control call made through the control thread ([`Handle::rpc`]) has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// It failed on its way, here or in another nfmgr.
+    #[error(transparent)]
+    Failed(#[from] RpcError),
+    /// Not even the call's own timeout came back.
+    #[error("{0}: no answer")]
+    NoAnswer(EndpointAddr),
+}
+
+/// Why [`Control::kill_local`] killed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum KillError {
+    #[error("server {server} has no process in slot {slot}")]
+    NoProcess { server: u16, slot: u16 },
+    #[error("slot {0} holds no vswitch or runtime")]
+    NotDataPath(u16),
+    #[error("{name} is not running (it is {state:?})")]
+    NotRunning { name: String, state: SlotState },
+    /// The supervisor holds no pidfd for it.
+    #[error("{0} is not a running process of this nfmgr")]
+    NotOurs(String),
+}
+
+/// `nfmgr rekey` on an nfmgr started without cluster keys.
+#[derive(Debug, thiserror::Error)]
+#[error("this nfmgr runs without a cluster key (no cluster.key_file): nothing to rotate")]
+pub struct NoClusterKey;
+
 /// What other threads use to reach the control thread.
 #[derive(Clone)]
 pub struct Handle {
@@ -129,23 +171,23 @@ impl Handle {
     pub fn ask<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Control) -> T + Send + 'static,
-    ) -> Result<T, String> {
+    ) -> Result<T, ControlError> {
         let (tx, rx) = mpsc::channel();
         self.tx
             .send(Event::Ask(Box::new(move |c| {
                 let _ = tx.send(f(c));
             })))
-            .map_err(|_| "nfmgr is shutting down".to_string())?;
+            .map_err(|_| ControlError::ShuttingDown)?;
         rx.recv_timeout(Duration::from_secs(5))
-            .map_err(|_| "nfmgr's control thread did not answer".to_string())
+            .map_err(|_| ControlError::Silent)
     }
 
     /// Makes a control call to the liaison of `to` and waits for the answer.
-    pub fn rpc(&self, to: EndpointAddr, call: Call) -> Result<Reply, String> {
-        self.rpc_start(to, call)?
+    pub fn rpc(&self, to: EndpointAddr, call: Call) -> Result<Reply, CallError> {
+        Ok(self
+            .rpc_start(to, call)?
             .recv_timeout(RPC_TIMEOUT + Duration::from_millis(500))
-            .map_err(|_| format!("{to}: no answer"))?
-            .map_err(|e| e.to_string())
+            .map_err(|_| CallError::NoAnswer(to))??)
     }
 
     /// Starts a control call; the answer arrives on the returned channel.
@@ -153,7 +195,7 @@ impl Handle {
         &self,
         to: EndpointAddr,
         call: Call,
-    ) -> Result<Receiver<Result<Reply, RpcError>>, String> {
+    ) -> Result<Receiver<Result<Reply, RpcError>>, ControlError> {
         self.ask(move |c| c.start_rpc(to, call))
     }
 }
@@ -672,19 +714,23 @@ impl Control {
 
     /// Kills one of this server's vswitches or runtimes with SIGKILL (a failover drill);
     /// the supervisor sees it die and restarts it as it would after a crash.
-    pub fn kill_local(&mut self, slot: u16, by: &str) -> Result<String, String> {
+    pub fn kill_local(&mut self, slot: u16, by: &str) -> Result<String, KillError> {
         let rec = self
             .region
             .slot(slot)
             .filter(|_| slot != MANAGER_SLOT)
-            .ok_or_else(|| format!("server {} has no process in slot {slot}", self.me))?;
+            .ok_or(KillError::NoProcess {
+                server: self.me,
+                slot,
+            })?;
         if !matches!(rec.kind(), ProcessKind::Vswitch | ProcessKind::Runtime) {
-            return Err(format!("slot {slot} holds no vswitch or runtime"));
+            return Err(KillError::NotDataPath(slot));
         }
         let name = rec.name.get();
         let pid = rec.pid.load(std::sync::atomic::Ordering::Relaxed);
         if rec.state() != SlotState::Running || pid == 0 {
-            return Err(format!("{name} is not running (it is {:?})", rec.state()));
+            let state = rec.state();
+            return Err(KillError::NotRunning { name, state });
         }
         // Signalled through the supervisor's pidfd for the slot, never by the pid word in
         // shared memory, which every attached process can write (as `kill(2)`'s argument,
@@ -694,7 +740,7 @@ impl Control {
             .lock()
             .ok()
             .and_then(|m| m.get(&slot).cloned())
-            .ok_or_else(|| format!("{name} is not a running process of this nfmgr"))?;
+            .ok_or_else(|| KillError::NotOurs(name.clone()))?;
         crate::sys::pidfd_signal(&fd, libc::SIGKILL);
         self.top_event(&name, format!("killed with SIGKILL by {by} (pid {pid})"));
         Ok(format!("{name} (pid {pid}) killed"))
@@ -774,12 +820,9 @@ impl Control {
     /// Takes new cluster keys (`nfmgr rekey`): joins are made with the first and accepted
     /// under any; the data-plane thread signs frames with the first and accepts any.
     /// Sessions already up keep the keys they were made with.
-    pub fn set_keys(&mut self, keys: &ClusterKeys) -> Result<(), String> {
+    pub fn set_keys(&mut self, keys: &ClusterKeys) -> Result<(), NoClusterKey> {
         let Some(auth) = &self.auth else {
-            return Err(
-                "this nfmgr runs without a cluster key (no cluster.key_file): nothing to rotate"
-                    .into(),
-            );
+            return Err(NoClusterKey);
         };
         if let Ok(mut a) = auth.write() {
             *a = keys.auth_keys();
@@ -814,7 +857,10 @@ impl Control {
                 let result = self
                     .kill_local(to.slot, by)
                     .map(|_| Reply::Accepted)
-                    .or_else(|reason| Ok(Reply::Refused { reason }));
+                    .or_else(|e| {
+                        let reason = e.to_string();
+                        Ok(Reply::Refused { reason })
+                    });
                 return self.answer(reply_to, result);
             }
             self.pending.insert(

@@ -34,7 +34,133 @@ use serde_json::{json, Value};
 
 use nflib::control_client::Request;
 
-use super::Handle;
+use super::{CallError, ControlError, Handle, NoClusterKey};
+
+/// Why a request failed: the `error` of its answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error(transparent)]
+    Call(#[from] CallError),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    /// `rekey`: nothing to read the keys from.
+    #[error("this nfmgr was not started from a configuration file")]
+    NoConfigFile,
+    /// `rekey`: the configuration file, read again.
+    #[error(transparent)]
+    Config(#[from] nflib::config::ConfigError),
+    /// `rekey`: the key files (nfmgr's own error chain, as one text).
+    #[error("{0:#}")]
+    Keys(anyhow::Error),
+    #[error("the configuration has no cluster.key_file")]
+    NoKeyFile,
+    #[error(transparent)]
+    NoClusterKey(#[from] NoClusterKey),
+    /// `top`: the report does not encode.
+    #[error(transparent)]
+    Encode(#[from] serde_json::Error),
+    /// A process refused a call.
+    #[error("{at}: {reason}")]
+    Refused { at: EndpointAddr, reason: String },
+    /// A process answered a call with something else than the call's answer.
+    #[error("{at}: unexpected answer {answer:?}")]
+    Unexpected {
+        at: EndpointAddr,
+        answer: Box<Reply>,
+    },
+    /// `kill`: the process's nfmgr refused (its reason names the process).
+    #[error("{0}")]
+    KillRefused(String),
+    #[error("--flows must be above 0")]
+    NoFlows,
+    #[error("count must be above 0")]
+    NoMessages,
+    #[error("`{spec}` ({addr}) is not running")]
+    NotRunning { spec: String, addr: EndpointAddr },
+    #[error("`{spec}` ({addr}) is not a runtime")]
+    NotRuntime { spec: String, addr: EndpointAddr },
+    #[error("--from and --to name the same runtime")]
+    SameRuntime,
+    #[error(
+        "`{from}` runs chain {from_chain:?} and `{to}` runs {to_chain:?}: flows can only move \
+         between runtimes of the same chain"
+    )]
+    OtherChains {
+        from: String,
+        from_chain: Option<String>,
+        to: String,
+        to_chain: Option<String>,
+    },
+    #[error("the source did not answer: {0}")]
+    SourceSilent(#[source] CallError),
+    #[error("the target did not answer: {0}")]
+    TargetSilent(#[source] CallError),
+    /// A migration's source restarted during it (its new process knows no job).
+    #[error(
+        "the source {at} died during the migration (its new process answers: {reason}); flows \
+         it had handed over stay with the target, the others with their replicas when the \
+         chain is replicated"
+    )]
+    SourceDied { at: EndpointAddr, reason: String },
+    /// A migration not done by the request's timeout; `last` is the last failed status call.
+    #[error(
+        "the migration did not finish within {:.1} s{}",
+        .timeout.as_secs_f64(),
+        last_status_error(.last)
+    )]
+    MigrationTimeout {
+        timeout: Duration,
+        last: Option<CallError>,
+    },
+    /// `msgtest`: the probe not done by the request's timeout.
+    #[error(
+        "timed out after {:.1} s with {sent} of {count} messages sent and not all \
+         acknowledged{}",
+        .timeout.as_secs_f64(),
+        last_status_error(.last)
+    )]
+    ProbeTimeout {
+        timeout: Duration,
+        sent: u64,
+        count: u64,
+        last: Option<Box<RequestError>>,
+    },
+}
+
+/// ` (last status error: ...)`, or nothing.
+fn last_status_error(last: &Option<impl std::fmt::Display>) -> String {
+    match last {
+        Some(e) => format!(" (last status error: {e})"),
+        None => String::new(),
+    }
+}
+
+/// An endpoint spec (`SERVER/SLOT`, `NAME@SERVER`, `NAME`) that names no endpoint, or
+/// several.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    #[error("`{0}` is not SERVER/SLOT")]
+    NotServerSlot(String),
+    #[error("`{spec}`: `{server}` is not a server number")]
+    NotServer { spec: String, server: String },
+    #[error("no vswitch or runtime `{0}` in the cluster")]
+    Unknown(String),
+    /// The endpoints of that name, by server.
+    #[error(
+        "`{spec}` names several endpoints; say which server: {}",
+        .matches
+            .iter()
+            .map(|(name, server)| format!("{name}@{server}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )]
+    Ambiguous {
+        spec: String,
+        matches: Vec<(String, u16)>,
+    },
+}
 
 /// What a socket's clients may ask.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,7 +278,7 @@ fn serve_client(stream: UnixStream, handle: Handle, access: Access, path: &Path)
             }),
             Ok(req) => match handle_request(&handle, req) {
                 Ok(data) => json!({ "ok": true, "data": data }),
-                Err(e) => json!({ "ok": false, "error": e }),
+                Err(e) => json!({ "ok": false, "error": e.to_string() }),
             },
             Err(e) => json!({ "ok": false, "error": format!("bad request: {e}") }),
         };
@@ -168,22 +294,22 @@ use std::io::Read;
 
 /// Reads the keys from the configuration file this nfmgr was started with and hands them
 /// to the control and data-plane threads.
-fn rekey(handle: &Handle) -> Result<Value, String> {
+fn rekey(handle: &Handle) -> Result<Value, RequestError> {
     let path = handle
         .ask(|c| c.config_path())?
-        .ok_or("this nfmgr was not started from a configuration file")?;
-    let cfg = nflib::config::Config::load(&path).map_err(|e| e.to_string())?;
+        .ok_or(RequestError::NoConfigFile)?;
+    let cfg = nflib::config::Config::load(&path)?;
     let keys = crate::load_cluster_keys(&cfg)
-        .map_err(|e| format!("{e:#}"))?
-        .ok_or("the configuration has no cluster.key_file")?;
+        .map_err(RequestError::Keys)?
+        .ok_or(RequestError::NoKeyFile)?;
     let (id, accepted) = (keys.sign_id(), keys.accept.len());
     handle.ask(move |c| c.set_keys(&keys))??;
     Ok(json!({ "signing": id, "accepting_more": accepted }))
 }
 
-pub fn handle_request(handle: &Handle, req: Request) -> Result<Value, String> {
+pub fn handle_request(handle: &Handle, req: Request) -> Result<Value, RequestError> {
     match req {
-        Request::Status => handle.ask(|c| c.status()),
+        Request::Status => Ok(handle.ask(|c| c.status())?),
         Request::Runtimes => runtimes(handle),
         Request::Flows { runtime, limit } => flows(handle, runtime, limit.unwrap_or(100)),
         Request::Stop => {
@@ -209,9 +335,7 @@ pub fn handle_request(handle: &Handle, req: Request) -> Result<Value, String> {
             depth.unwrap_or(0),
             Duration::from_secs_f64(timeout_s.unwrap_or(300.0).clamp(0.1, 3600.0)),
         ),
-        Request::Top => handle
-            .ask(|c| c.top())
-            .and_then(|t| serde_json::to_value(t).map_err(|e| e.to_string())),
+        Request::Top => Ok(serde_json::to_value(handle.ask(|c| c.top())?)?),
         Request::Kill { process } => kill(handle, &process),
         Request::Rekey => rekey(handle),
         Request::Migrate {
@@ -242,9 +366,9 @@ fn migrate(
     to: &str,
     flows: u32,
     timeout: Duration,
-) -> Result<Value, String> {
+) -> Result<Value, RequestError> {
     if flows == 0 {
-        return Err("--flows must be above 0".into());
+        return Err(RequestError::NoFlows);
     }
     let (eps, me) = handle.ask(|c| (c.endpoints(), c.server_id()))?;
     let a = resolve(from, &eps, me)?;
@@ -254,20 +378,25 @@ fn migrate(
         match eps.iter().find(|e| e.addr == addr) {
             Some(e) if e.kind == ProcessKind::Runtime && e.alive => chains.push(e.chain.clone()),
             Some(e) if e.kind == ProcessKind::Runtime => {
-                return Err(format!("`{spec}` ({addr}) is not running"))
+                let spec = spec.to_string();
+                return Err(RequestError::NotRunning { spec, addr });
             }
-            _ => return Err(format!("`{spec}` ({addr}) is not a runtime")),
+            _ => {
+                let spec = spec.to_string();
+                return Err(RequestError::NotRuntime { spec, addr });
+            }
         }
     }
     if a == b {
-        return Err("--from and --to name the same runtime".into());
+        return Err(RequestError::SameRuntime);
     }
     if chains[0] != chains[1] {
-        return Err(format!(
-            "`{from}` runs chain {:?} and `{to}` runs {:?}: flows can only move between \
-             runtimes of the same chain",
-            chains[0], chains[1]
-        ));
+        return Err(RequestError::OtherChains {
+            from: from.to_string(),
+            from_chain: chains[0].clone(),
+            to: to.to_string(),
+            to_chain: chains[1].clone(),
+        });
     }
     // The target first: it must answer before the source moves anything (a dead or
     // unreachable target would otherwise cost a job of step-1 timeouts), it polls rather
@@ -277,8 +406,8 @@ fn migrate(
     let expected = if flows == u32::MAX {
         match handle.rpc(a, Call::PollWorkload) {
             Ok(Reply::Workload(w)) => u32::try_from(w.flows_active).unwrap_or(u32::MAX),
-            Ok(other) => return Err(format!("{a}: unexpected answer {other:?}")),
-            Err(e) => return Err(format!("the source did not answer: {e}")),
+            Ok(other) => return Err(unexpected(a, other)),
+            Err(e) => return Err(RequestError::SourceSilent(e)),
         }
     } else {
         flows
@@ -292,9 +421,9 @@ fn migrate(
         },
     ) {
         Ok(Reply::Accepted) => {}
-        Ok(Reply::Refused { reason }) => return Err(format!("{b}: {reason}")),
-        Ok(other) => return Err(format!("{b}: unexpected answer {other:?}")),
-        Err(e) => return Err(format!("the target did not answer: {e}")),
+        Ok(Reply::Refused { reason }) => return Err(RequestError::Refused { at: b, reason }),
+        Ok(other) => return Err(unexpected(b, other)),
+        Err(e) => return Err(RequestError::TargetSilent(e)),
     }
     let prepare_ms = preparing.elapsed().as_secs_f64() * 1000.0;
     match handle.rpc(
@@ -305,8 +434,8 @@ fn migrate(
         },
     )? {
         Reply::Accepted => {}
-        Reply::Refused { reason } => return Err(format!("{a}: {reason}")),
-        other => return Err(format!("{a}: unexpected answer {other:?}")),
+        Reply::Refused { reason } => return Err(RequestError::Refused { at: a, reason }),
+        other => return Err(unexpected(a, other)),
     }
     let label = |addr: EndpointAddr| match eps.iter().find(|e| e.addr == addr) {
         Some(e) => format!("{}@{}", e.name, addr.server),
@@ -316,35 +445,23 @@ fn migrate(
     let requested = (flows != u32::MAX).then_some(flows);
     let id = handle.ask(move |c| c.migration_started(la, lb, requested))?;
     let started = Instant::now();
-    let mut last_err = String::new();
+    let mut last = None;
     let report = loop {
         match handle.rpc(a, Call::MigrationStatus) {
             Ok(Reply::Migration(r)) if r.done => break r,
             // Only a process that never ran a job says so: the source died and restarted.
             Ok(Reply::Refused { reason }) => {
-                let why = format!(
-                    "the source {a} died during the migration (its new process answers: \
-                     {reason}); flows it had handed over stay with the target, the others \
-                     with their replicas when the chain is replicated"
-                );
-                let e = why.clone();
+                let why = RequestError::SourceDied { at: a, reason };
+                let e = why.to_string();
                 let _ = handle.ask(move |c| c.migration_finished(id, |r| r.error = Some(e)));
                 return Err(why);
             }
-            Err(e) => last_err = e,
+            Err(e) => last = Some(e),
             Ok(_) => {}
         }
         if started.elapsed() > timeout {
-            let why = format!(
-                "the migration did not finish within {:.1} s{}",
-                timeout.as_secs_f64(),
-                if last_err.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (last status error: {last_err})")
-                }
-            );
-            let e = why.clone();
+            let why = RequestError::MigrationTimeout { timeout, last };
+            let e = why.to_string();
             let _ = handle.ask(move |c| c.migration_finished(id, |r| r.error = Some(e)));
             return Err(why);
         }
@@ -380,33 +497,38 @@ fn migrate(
 
 /// Kills a vswitch or runtime anywhere in the cluster for a failover drill (its nfmgr sends
 /// SIGKILL and restarts it as after any crash).
-fn kill(handle: &Handle, spec: &str) -> Result<Value, String> {
+fn kill(handle: &Handle, spec: &str) -> Result<Value, RequestError> {
     let (eps, me) = handle.ask(|c| (c.endpoints(), c.server_id()))?;
     let addr = resolve(spec, &eps, me)?;
     let by = format!("operator on server {me}");
     match handle.rpc(addr, Call::Kill { by })? {
         Reply::Accepted => Ok(json!({ "killed": addr.to_string() })),
-        Reply::Refused { reason } => Err(reason),
-        other => Err(format!("{addr}: unexpected answer {other:?}")),
+        Reply::Refused { reason } => Err(RequestError::KillRefused(reason)),
+        other => Err(unexpected(addr, other)),
     }
+}
+
+fn unexpected(at: EndpointAddr, answer: Reply) -> RequestError {
+    let answer = Box::new(answer);
+    RequestError::Unexpected { at, answer }
 }
 
 /// Finds an endpoint: `SERVER/SLOT`, `NAME@SERVER`, or `NAME` (this server first, else the
 /// one endpoint of that name in the cluster).
-pub fn resolve(spec: &str, eps: &[EndpointInfo], me: u16) -> Result<EndpointAddr, String> {
+pub fn resolve(spec: &str, eps: &[EndpointInfo], me: u16) -> Result<EndpointAddr, ResolveError> {
     if let Some((s, n)) = spec.split_once('/') {
         let (Ok(server), Ok(slot)) = (s.parse::<u16>(), n.parse::<u16>()) else {
-            return Err(format!("`{spec}` is not SERVER/SLOT"));
+            return Err(ResolveError::NotServerSlot(spec.to_string()));
         };
         return Ok(EndpointAddr::new(server, slot));
     }
     let (name, server) = match spec.split_once('@') {
         Some((n, s)) => (
             n,
-            Some(
-                s.parse::<u16>()
-                    .map_err(|_| format!("`{spec}`: `{s}` is not a server number"))?,
-            ),
+            Some(s.parse::<u16>().map_err(|_| ResolveError::NotServer {
+                spec: spec.to_string(),
+                server: s.to_string(),
+            })?),
         ),
         None => (spec, None),
     };
@@ -419,15 +541,14 @@ pub fn resolve(spec: &str, eps: &[EndpointInfo], me: u16) -> Result<EndpointAddr
     }
     match matching.as_slice() {
         [one] => Ok(one.addr),
-        [] => Err(format!("no vswitch or runtime `{spec}` in the cluster")),
-        _ => Err(format!(
-            "`{spec}` names several endpoints; say which server: {}",
-            matching
+        [] => Err(ResolveError::Unknown(spec.to_string())),
+        _ => Err(ResolveError::Ambiguous {
+            spec: spec.to_string(),
+            matches: matching
                 .iter()
-                .map(|e| format!("{}@{}", e.name, e.addr.server))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )),
+                .map(|e| (e.name.clone(), e.addr.server))
+                .collect(),
+        }),
     }
 }
 
@@ -443,7 +564,7 @@ fn endpoint_json(e: &EndpointInfo) -> Value {
     })
 }
 
-fn runtimes(handle: &Handle) -> Result<Value, String> {
+fn runtimes(handle: &Handle) -> Result<Value, RequestError> {
     let eps = handle.ask(|c| c.endpoints())?;
     // Ask every live endpoint at once, then collect.
     let mut waiting = Vec::new();
@@ -472,7 +593,7 @@ fn runtimes(handle: &Handle) -> Result<Value, String> {
     Ok(Value::Array(out))
 }
 
-fn flows(handle: &Handle, runtime: Option<String>, limit: u32) -> Result<Value, String> {
+fn flows(handle: &Handle, runtime: Option<String>, limit: u32) -> Result<Value, RequestError> {
     let (eps, me) = handle.ask(|c| (c.endpoints(), c.server_id()))?;
     let targets: Vec<EndpointInfo> = match &runtime {
         Some(spec) => {
@@ -494,18 +615,18 @@ fn flows(handle: &Handle, runtime: Option<String>, limit: u32) -> Result<Value, 
             }
             Ok(Reply::Refused { reason }) => v["error"] = json!(reason),
             Ok(other) => v["error"] = json!(format!("unexpected answer {other:?}")),
-            Err(err) => v["error"] = json!(err),
+            Err(err) => v["error"] = json!(err.to_string()),
         }
         out.push(v);
     }
     Ok(Value::Array(out))
 }
 
-fn probe_status(handle: &Handle, at: EndpointAddr, run: u64) -> Result<ProbeReport, String> {
+fn probe_status(handle: &Handle, at: EndpointAddr, run: u64) -> Result<ProbeReport, RequestError> {
     match handle.rpc(at, Call::ProbeStatus { run })? {
         Reply::Probe(r) => Ok(r),
-        Reply::Refused { reason } => Err(format!("{at}: {reason}")),
-        other => Err(format!("{at}: unexpected answer {other:?}")),
+        Reply::Refused { reason } => Err(RequestError::Refused { at, reason }),
+        other => Err(unexpected(at, other)),
     }
 }
 
@@ -519,9 +640,9 @@ fn msgtest(
     size: u32,
     depth: u32,
     timeout: Duration,
-) -> Result<Value, String> {
+) -> Result<Value, RequestError> {
     if count == 0 {
-        return Err("count must be above 0".into());
+        return Err(RequestError::NoMessages);
     }
     let (eps, me) = handle.ask(|c| (c.endpoints(), c.server_id()))?;
     let a = resolve(from, &eps, me)?;
@@ -529,7 +650,8 @@ fn msgtest(
     for (spec, addr) in [(from, a), (to, b)] {
         let e = eps.iter().find(|e| e.addr == addr);
         if !e.is_some_and(|e| e.kind == ProcessKind::Runtime) {
-            return Err(format!("`{spec}` ({addr}) is not a runtime"));
+            let spec = spec.to_string();
+            return Err(RequestError::NotRuntime { spec, addr });
         }
     }
     let run = nflib::time::wall_ns();
@@ -544,31 +666,27 @@ fn msgtest(
         },
     )? {
         Reply::Accepted => {}
-        Reply::Refused { reason } => return Err(format!("{a}: {reason}")),
-        other => return Err(format!("{a}: unexpected answer {other:?}")),
+        Reply::Refused { reason } => return Err(RequestError::Refused { at: a, reason }),
+        other => return Err(unexpected(a, other)),
     }
     let started = Instant::now();
     // A status question can go unanswered on a starved or lossy path while the probe itself
     // is fine; only the overall timeout ends the test.
     let mut sent = 0;
-    let mut last_err = String::new();
+    let mut last = None;
     let sender = loop {
         match probe_status(handle, a, run) {
             Ok(r) if r.done => break r,
             Ok(r) => sent = r.sent,
-            Err(e) => last_err = e,
+            Err(e) => last = Some(Box::new(e)),
         }
         if started.elapsed() > timeout {
-            let why = if last_err.is_empty() {
-                String::new()
-            } else {
-                format!(" (last status error: {last_err})")
-            };
-            return Err(format!(
-                "timed out after {:.1} s with {sent} of {count} messages sent and not all \
-                 acknowledged{why}",
-                timeout.as_secs_f64(),
-            ));
+            return Err(RequestError::ProbeTimeout {
+                timeout,
+                sent,
+                count,
+                last,
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -606,3 +724,99 @@ fn msgtest(
 
 /// Client side: one request, one answer (the CLI's and the dashboard's shared client).
 pub use nflib::control_client::call;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::peer::RpcError;
+
+    fn runtime(name: &str, server: u16, slot: u16) -> EndpointInfo {
+        EndpointInfo {
+            addr: EndpointAddr::new(server, slot),
+            kind: ProcessKind::Runtime,
+            name: name.into(),
+            chain: Some("web".into()),
+            alive: true,
+            generation: 1,
+        }
+    }
+
+    #[test]
+    fn specs_resolve_or_say_why_not() {
+        let eps = [
+            runtime("rt0", 1, 2),
+            runtime("rt0", 2, 2),
+            runtime("rt1", 2, 3),
+        ];
+        assert_eq!(resolve("2/3", &eps, 1), Ok(EndpointAddr::new(2, 3)));
+        assert_eq!(resolve("rt0", &eps, 2), Ok(EndpointAddr::new(2, 2)));
+        assert_eq!(resolve("rt1", &eps, 1), Ok(EndpointAddr::new(2, 3)));
+        let texts = [
+            ("2/x", 1, "`2/x` is not SERVER/SLOT"),
+            ("rt0@x", 1, "`rt0@x`: `x` is not a server number"),
+            ("rt9", 1, "no vswitch or runtime `rt9` in the cluster"),
+            (
+                "rt0",
+                3,
+                "`rt0` names several endpoints; say which server: rt0@1, rt0@2",
+            ),
+        ];
+        for (spec, me, text) in texts {
+            assert_eq!(resolve(spec, &eps, me).unwrap_err().to_string(), text);
+        }
+    }
+
+    #[test]
+    fn request_errors_read_as_before() {
+        let (a, b) = (EndpointAddr::new(1, 2), EndpointAddr::new(2, 2));
+        let chains = RequestError::OtherChains {
+            from: "rt0@1".into(),
+            from_chain: Some("web".into()),
+            to: "rt0@2".into(),
+            to_chain: None,
+        };
+        assert_eq!(
+            chains.to_string(),
+            "`rt0@1` runs chain Some(\"web\") and `rt0@2` runs None: flows can only move \
+             between runtimes of the same chain"
+        );
+        let timeout = Duration::from_secs(2);
+        let late = RequestError::MigrationTimeout {
+            timeout,
+            last: Some(CallError::Failed(RpcError::TimedOut)),
+        };
+        assert_eq!(
+            late.to_string(),
+            "the migration did not finish within 2.0 s (last status error: timed out)"
+        );
+        let refused = RequestError::Refused {
+            at: b,
+            reason: "busy".into(),
+        };
+        let probe = RequestError::ProbeTimeout {
+            timeout,
+            sent: 3,
+            count: 5,
+            last: Some(Box::new(refused)),
+        };
+        assert_eq!(
+            probe.to_string(),
+            format!(
+                "timed out after 2.0 s with 3 of 5 messages sent and not all acknowledged \
+                 (last status error: {b}: busy)"
+            )
+        );
+        let silent = RequestError::TargetSilent(CallError::NoAnswer(b));
+        assert_eq!(
+            silent.to_string(),
+            format!("the target did not answer: {b}: no answer")
+        );
+        let died = RequestError::SourceDied {
+            at: a,
+            reason: "no job".into(),
+        };
+        assert!(died.to_string().starts_with(&format!(
+            "the source {a} died during the migration (its new process answers: no job); flows it had"
+        )));
+    }
+}
