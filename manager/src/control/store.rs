@@ -182,9 +182,40 @@ mod etcd {
 
     type Shared = Arc<Mutex<StoreStatus>>;
 
+    /// Why a session with etcd ended (it is then tried again; a coordinator's lease is gone).
+    #[derive(Debug, thiserror::Error)]
+    enum SessionError {
+        /// A request (`what`) had no answer within REQUEST_TIMEOUT.
+        #[error("{what}: no answer within {REQUEST_TIMEOUT:?}")]
+        NoAnswer { what: &'static str },
+        /// etcd answered a request (`what`) with an error.
+        #[error("{what}: {source}")]
+        Etcd {
+            what: &'static str,
+            #[source]
+            source: etcd_client::Error,
+        },
+        /// Two thirds of the lease went by without a renewal.
+        #[error("the lease was not renewed in time")]
+        NotRenewed,
+        #[error("the lease expired")]
+        Expired,
+        #[error("campaign: no leader key")]
+        NoLeaderKey,
+        /// The journal's write found another coordinator elected.
+        #[error("no longer the elected coordinator")]
+        NotLeader,
+        /// The observer task ended without saying why.
+        #[error("the observation of the election ended")]
+        ObserverGone,
+        /// etcd ended the observation.
+        #[error("etcd ended the observation of the election")]
+        ObservationEnded,
+    }
+
     /// An etcd error as the reason a session ends: what it was doing, then the error.
-    fn failed(what: &'static str) -> impl Fn(etcd_client::Error) -> String {
-        move |e| format!("{what}: {e}")
+    fn failed(what: &'static str) -> impl Fn(etcd_client::Error) -> SessionError {
+        move |source| SessionError::Etcd { what, source }
     }
 
     fn set(status: &Shared, f: impl FnOnce(&mut StoreStatus)) {
@@ -222,7 +253,7 @@ mod etcd {
                 });
                 let why = match r {
                     Ok(Exit::Stop) => return,
-                    Err(why) => why,
+                    Err(e) => e.to_string(),
                 };
                 if elected {
                     let lapsed = StoreEvent::Lapsed { why: why.clone() };
@@ -250,9 +281,8 @@ mod etcd {
         cmds: &mut UnboundedReceiver<Cmd>,
         status: &Shared,
         elected: &mut bool,
-    ) -> Result<Exit, String> {
-        let timed =
-            |what: &'static str| move |_| format!("{what}: no answer within {REQUEST_TIMEOUT:?}");
+    ) -> Result<Exit, SessionError> {
+        let timed = |what: &'static str| move |_| SessionError::NoAnswer { what };
         // (No HTTP/2 keep-alive pings: etcd closes connections that ping more often than
         // every 5 s, and a lost etcd shows in the lease's renewals anyway.)
         let opts = ConnectOptions::new().with_connect_timeout(REQUEST_TIMEOUT);
@@ -293,8 +323,8 @@ mod etcd {
         elected: &mut bool,
         client: &Client,
         id: i64,
-    ) -> Result<Exit, String> {
-        let lapsed = || "the lease was not renewed in time".to_string();
+    ) -> Result<Exit, SessionError> {
+        let lapsed = || SessionError::NotRenewed;
         let mut leases = client.lease_client();
         let (mut keeper, mut acks) = tokio::time::timeout(REQUEST_TIMEOUT, leases.keep_alive(id))
             .await
@@ -334,7 +364,7 @@ mod etcd {
                 _ = tokio::time::sleep_until(good_until) => return Err(lapsed()),
                 won = &mut campaign, if leader.is_none() => {
                     let won = won.map_err(failed("campaign"))?;
-                    let key = won.leader().cloned().ok_or("campaign: no leader key")?;
+                    let key = won.leader().cloned().ok_or(SessionError::NoLeaderKey)?;
                     let got = tokio::time::timeout_at(good_until, kv.get(journal_key.clone(), None))
                         .await
                         .map_err(|_| lapsed())?
@@ -348,7 +378,7 @@ mod etcd {
                     }
                 }
                 leader_is = seen.recv() => {
-                    let (server, addr, lease) = leader_is.ok_or("the observation of the election ended")??;
+                    let (server, addr, lease) = leader_is.ok_or(SessionError::ObserverGone)??;
                     named = Some((server, addr, lease));
                     set(status, |st| st.leader = Some((server, addr.to_string())));
                     if server != s.me
@@ -368,7 +398,7 @@ mod etcd {
                         Some(a) if a.ttl() > 0 => {
                             good_until = tokio::time::Instant::now() + lease * 2 / 3;
                         }
-                        _ => return Err("the lease expired".into()),
+                        _ => return Err(SessionError::Expired),
                     }
                 }
                 cmd = cmds.recv() => match cmd {
@@ -384,7 +414,7 @@ mod etcd {
                             .map_err(|_| lapsed())?
                             .map_err(failed("write the journal"))?;
                         if !done.succeeded() {
-                            return Err("no longer the elected coordinator".into());
+                            return Err(SessionError::NotLeader);
                         }
                     }
                     Some(Cmd::Depose(addr)) => {
@@ -433,12 +463,15 @@ mod etcd {
     async fn observe(
         mut election: etcd_client::ElectionClient,
         name: String,
-        out: tokio::sync::mpsc::UnboundedSender<Result<(u16, std::net::SocketAddr, i64), String>>,
+        out: tokio::sync::mpsc::UnboundedSender<
+            Result<(u16, std::net::SocketAddr, i64), SessionError>,
+        >,
     ) {
+        let observing = failed("observe the election");
         let mut stream = match election.observe(name).await {
             Ok(s) => s,
             Err(e) => {
-                let _ = out.send(Err(format!("observe the election: {e}")));
+                let _ = out.send(Err(observing(e)));
                 return;
             }
         };
@@ -451,8 +484,8 @@ mod etcd {
                     Some(((server, addr), lease)) => Ok((server, addr, lease)),
                     None => continue,
                 },
-                Ok(None) => Err("etcd ended the observation of the election".to_string()),
-                Err(e) => Err(format!("observe the election: {e}")),
+                Ok(None) => Err(SessionError::ObservationEnded),
+                Err(e) => Err(observing(e)),
             };
             let last = next.is_err();
             if out.send(next).is_err() || last {
