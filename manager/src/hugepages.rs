@@ -13,6 +13,64 @@ use nflib::config::HugepageMode;
 
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
+/// What is wrong in `hugepages.conf`, by line or key.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HugepagesConfError {
+    #[error("line {0}: expected KEY=value")]
+    NotKeyValue(usize),
+    #[error("line {line}: unknown key {key}")]
+    UnknownKey { line: usize, key: String },
+    #[error("HUGEPAGES_ENABLED: `{0}` is not yes or no")]
+    NotYesNo(String),
+    #[error("HUGEPAGE_SIZE_KB: `{0}` is not a number of KiB")]
+    SizeNotNumber(String),
+    #[error("HUGEPAGE_SIZE_KB: {0} is not 2048 (2 MiB) or 1048576 (1 GiB)")]
+    SizeUnknown(u64),
+    #[error("HUGEPAGE_COUNT: `{0}` is not a number")]
+    CountNotNumber(String),
+    #[error("HUGEPAGE_MOUNT is missing")]
+    NoMount,
+}
+
+/// Why the region cannot go on huge pages (with `region.hugepages = "auto"`, why it goes
+/// to /dev/shm instead).
+#[derive(Debug, thiserror::Error)]
+pub enum HugepagesError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Conf {
+        path: PathBuf,
+        #[source]
+        source: HugepagesConfError,
+    },
+    #[error("disabled in {}", .0.display())]
+    Disabled(PathBuf),
+    #[error("{} is not mounted: {source}", mount.display())]
+    NotMounted {
+        mount: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{} is not a hugetlbfs mount (run scripts/setup-hugepages.sh as root)", .0.display())]
+    NotHugetlbfs(PathBuf),
+    #[error(
+        "{} has {free} free pages of {} KiB, the region needs {need}",
+        mount.display(),
+        page_size / 1024
+    )]
+    TooFewPages {
+        mount: PathBuf,
+        free: u64,
+        page_size: usize,
+        need: u64,
+    },
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HugepagesConf {
     pub enabled: bool,
@@ -22,7 +80,7 @@ pub struct HugepagesConf {
 }
 
 impl HugepagesConf {
-    pub fn parse(text: &str) -> Result<HugepagesConf, String> {
+    pub fn parse(text: &str) -> Result<HugepagesConf, HugepagesConfError> {
         let mut enabled = None;
         let mut size = None;
         let mut count = None;
@@ -34,43 +92,46 @@ impl HugepagesConf {
             }
             let (k, v) = line
                 .split_once('=')
-                .ok_or_else(|| format!("line {}: expected KEY=value", n + 1))?;
+                .ok_or(HugepagesConfError::NotKeyValue(n + 1))?;
             let v = v.trim().trim_matches('"');
             match k.trim() {
                 "HUGEPAGES_ENABLED" => {
                     enabled = Some(match v {
                         "yes" | "true" | "1" => true,
                         "no" | "false" | "0" => false,
-                        _ => return Err(format!("HUGEPAGES_ENABLED: `{v}` is not yes or no")),
+                        _ => return Err(HugepagesConfError::NotYesNo(v.to_string())),
                     })
                 }
                 "HUGEPAGE_SIZE_KB" => {
-                    size =
-                        Some(v.parse::<u64>().map_err(|_| {
-                            format!("HUGEPAGE_SIZE_KB: `{v}` is not a number of KiB")
-                        })?)
+                    size = Some(
+                        v.parse::<u64>()
+                            .map_err(|_| HugepagesConfError::SizeNotNumber(v.to_string()))?,
+                    )
                 }
                 "HUGEPAGE_COUNT" => {
                     count = Some(
                         v.parse::<u64>()
-                            .map_err(|_| format!("HUGEPAGE_COUNT: `{v}` is not a number"))?,
+                            .map_err(|_| HugepagesConfError::CountNotNumber(v.to_string()))?,
                     )
                 }
                 "HUGEPAGE_MOUNT" => mount = Some(PathBuf::from(v)),
-                other => return Err(format!("line {}: unknown key {other}", n + 1)),
+                other => {
+                    return Err(HugepagesConfError::UnknownKey {
+                        line: n + 1,
+                        key: other.to_string(),
+                    })
+                }
             }
         }
         let page_size_kb = size.unwrap_or(2048);
         if !matches!(page_size_kb, 2048 | 1048576) {
-            return Err(format!(
-                "HUGEPAGE_SIZE_KB: {page_size_kb} is not 2048 (2 MiB) or 1048576 (1 GiB)"
-            ));
+            return Err(HugepagesConfError::SizeUnknown(page_size_kb));
         }
         Ok(HugepagesConf {
             enabled: enabled.unwrap_or(false),
             page_size_kb,
             count: count.unwrap_or(0),
-            mount: mount.ok_or("HUGEPAGE_MOUNT is missing")?,
+            mount: mount.ok_or(HugepagesConfError::NoMount)?,
         })
     }
 }
@@ -78,8 +139,16 @@ impl HugepagesConf {
 /// Where nfmgr puts the region, and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Placement {
-    Hugetlbfs { dir: PathBuf, page_size: usize },
-    Shm { dir: PathBuf, reason: String },
+    Hugetlbfs {
+        dir: PathBuf,
+        page_size: usize,
+    },
+    /// `reason`: `region.hugepages = "off"`, or the text of the [`HugepagesError`] that
+    /// ruled huge pages out (a placement is cloned and compared; an I/O error is neither).
+    Shm {
+        dir: PathBuf,
+        reason: String,
+    },
 }
 
 impl Placement {
@@ -115,14 +184,13 @@ impl Placement {
 /// A mount without a `size=` limit reports no blocks at all in statfs; its pages come from
 /// the kernel's pool for its page size, whose free count (minus pages reserved by mappings
 /// not yet touched) is in sysfs. With a limit, the smaller of the two applies.
-fn hugetlbfs_free(mount: &Path) -> Result<(u64, usize), String> {
-    let st = nix::sys::statfs::statfs(mount)
-        .map_err(|e| format!("{} is not mounted: {e}", mount.display()))?;
+fn hugetlbfs_free(mount: &Path) -> Result<(u64, usize), HugepagesError> {
+    let st = nix::sys::statfs::statfs(mount).map_err(|source| HugepagesError::NotMounted {
+        mount: mount.to_path_buf(),
+        source,
+    })?;
     if st.filesystem_type().0 as i64 != HUGETLBFS_MAGIC {
-        return Err(format!(
-            "{} is not a hugetlbfs mount (run scripts/setup-hugepages.sh as root)",
-            mount.display()
-        ));
+        return Err(HugepagesError::NotHugetlbfs(mount.to_path_buf()));
     }
     let page = st.block_size() as usize;
     let sys = format!("/sys/kernel/mm/hugepages/hugepages-{}kB", page / 1024);
@@ -167,22 +235,28 @@ pub fn place(
     if mode == HugepageMode::Off {
         return Ok(shm("region.hugepages = \"off\"".into()));
     }
-    let attempt = || -> Result<Placement, String> {
-        let text = std::fs::read_to_string(conf_path)
-            .map_err(|e| format!("cannot read {}: {e}", conf_path.display()))?;
-        let conf =
-            HugepagesConf::parse(&text).map_err(|e| format!("{}: {e}", conf_path.display()))?;
+    let attempt = || -> Result<Placement, HugepagesError> {
+        let path = || conf_path.to_path_buf();
+        let text = std::fs::read_to_string(conf_path).map_err(|source| HugepagesError::Read {
+            path: path(),
+            source,
+        })?;
+        let conf = HugepagesConf::parse(&text).map_err(|source| HugepagesError::Conf {
+            path: path(),
+            source,
+        })?;
         if !conf.enabled {
-            return Err(format!("disabled in {}", conf_path.display()));
+            return Err(HugepagesError::Disabled(path()));
         }
         let (free, page) = hugetlbfs_free(&conf.mount)?;
         let need = bytes.div_ceil(page) as u64;
         if free < need {
-            return Err(format!(
-                "{} has {free} free pages of {} KiB, the region needs {need}",
-                conf.mount.display(),
-                page / 1024
-            ));
+            return Err(HugepagesError::TooFewPages {
+                mount: conf.mount,
+                free,
+                page_size: page,
+                need,
+            });
         }
         Ok(Placement::Hugetlbfs {
             dir: conf.mount,
@@ -194,7 +268,7 @@ pub fn place(
         (Err(reason), HugepageMode::On) => {
             bail!("region.hugepages = \"on\" but huge pages are unusable: {reason}")
         }
-        (Err(reason), _) => Ok(shm(reason)),
+        (Err(reason), _) => Ok(shm(reason.to_string())),
     }
 }
 
@@ -218,17 +292,16 @@ mod tests {
 
     #[test]
     fn rejects_bad_values_by_key() {
-        assert!(
-            HugepagesConf::parse("HUGEPAGE_MOUNT=/x\nHUGEPAGE_SIZE_KB=4")
-                .unwrap_err()
-                .contains("HUGEPAGE_SIZE_KB")
-        );
-        assert!(
-            HugepagesConf::parse("HUGEPAGES_ENABLED=maybe\nHUGEPAGE_MOUNT=/x")
-                .unwrap_err()
-                .contains("HUGEPAGES_ENABLED")
-        );
-        assert!(HugepagesConf::parse("FOO=1").unwrap_err().contains("FOO"));
+        let err = |text| HugepagesConf::parse(text).unwrap_err();
+        let e = err("HUGEPAGE_MOUNT=/x\nHUGEPAGE_SIZE_KB=4");
+        assert_eq!(e, HugepagesConfError::SizeUnknown(4));
+        assert!(e.to_string().contains("HUGEPAGE_SIZE_KB"), "{e}");
+        let e = err("HUGEPAGES_ENABLED=maybe\nHUGEPAGE_MOUNT=/x");
+        assert_eq!(e, HugepagesConfError::NotYesNo("maybe".into()));
+        assert!(e.to_string().contains("HUGEPAGES_ENABLED"), "{e}");
+        let e = err("FOO=1");
+        assert_eq!(e.to_string(), "line 1: unknown key FOO");
+        assert_eq!(err("HUGEPAGES_ENABLED=yes"), HugepagesConfError::NoMount);
     }
 
     #[test]
