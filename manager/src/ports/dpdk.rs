@@ -45,7 +45,9 @@ unsafe impl Send for Eal {}
 // SAFETY: as for Send: shared references only hand the pointer to DPDK's thread-safe calls.
 unsafe impl Sync for Eal {}
 
-static EAL: OnceLock<std::result::Result<Eal, String>> = OnceLock::new();
+/// EAL's first outcome: DPDK initialises EAL once per process, so a later port gets the
+/// same failure (the error itself is kept, and each caller gets its text).
+static EAL: OnceLock<Result<Eal>> = OnceLock::new();
 
 /// The pool and region a burst may allocate from and free to.
 struct HookCtx {
@@ -273,8 +275,8 @@ fn with_frame_size(vdev: &str, buffer_size: u32) -> String {
 
 /// Initialises EAL (once) and the region pool; later calls return the first outcome.
 fn eal(cfg: &Config, region: &Region) -> Result<&'static Eal> {
-    let r = EAL.get_or_init(|| init_eal(cfg, region).map_err(|e| format!("{e:#}")));
-    r.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+    let r = EAL.get_or_init(|| init_eal(cfg, region));
+    r.as_ref().map_err(|e| anyhow::anyhow!("{e:#}"))
 }
 
 fn init_eal(cfg: &Config, region: &Region) -> Result<Eal> {
