@@ -46,6 +46,15 @@ struct PatternRef {
     content: u32,
 }
 
+/// The rules' contents could not be compiled into the matching automata.
+#[derive(Debug, thiserror::Error)]
+pub enum AutomatonError {
+    #[error("cannot build the pattern automaton: {0}")]
+    Build(#[source] aho_corasick::BuildError),
+    #[error("cannot build the pattern automaton: {0}")]
+    Start(#[source] aho_corasick::MatchError),
+}
+
 struct Matcher {
     dfa: DFA,
     patterns: Vec<PatternRef>,
@@ -56,7 +65,7 @@ impl Matcher {
     fn build(
         patterns: Vec<(Vec<u8>, PatternRef)>,
         nocase: bool,
-    ) -> Result<Option<Matcher>, String> {
+    ) -> Result<Option<Matcher>, AutomatonError> {
         if patterns.is_empty() {
             return Ok(None);
         }
@@ -64,10 +73,10 @@ impl Matcher {
             .match_kind(MatchKind::Standard)
             .ascii_case_insensitive(nocase)
             .build(patterns.iter().map(|(p, _)| p))
-            .map_err(|e| format!("cannot build the pattern automaton: {e}"))?;
+            .map_err(AutomatonError::Build)?;
         let start = dfa
             .start_state(Anchored::No)
-            .map_err(|e| format!("cannot build the pattern automaton: {e}"))?;
+            .map_err(AutomatonError::Start)?;
         Ok(Some(Matcher {
             dfa,
             patterns: patterns.into_iter().map(|(_, r)| r).collect(),
@@ -136,11 +145,13 @@ pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
     if rules.is_empty() {
         return Err(format!("{}: no rules (set rules or rules_file)", spec.key));
     }
-    Ok(TypedStage::boxed(Ids::new(rules)?))
+    Ok(TypedStage::boxed(
+        Ids::new(rules).map_err(|e| e.to_string())?,
+    ))
 }
 
 impl Ids {
-    pub fn new(rules: Vec<Rule>) -> Result<Ids, String> {
+    pub fn new(rules: Vec<Rule>) -> Result<Ids, AutomatonError> {
         let mut cs = Vec::new();
         let mut ci = Vec::new();
         let mut contentless = Vec::new();

@@ -18,9 +18,7 @@
 //!
 //! Lines that are empty or start with `#` are skipped. Errors name the line.
 
-use std::fmt;
-
-use nflib::net::Prefix;
+use nflib::net::{AddressError, Prefix};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RuleProto {
@@ -70,16 +68,85 @@ pub struct Rule {
     pub rev: u32,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RuleError {
+/// A rules text refused ([`parse_rules`]): the line, and what is wrong with its rule.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("rule on line {line}: {error}")]
+pub struct RulesError {
     pub line: usize,
-    pub message: String,
+    #[source]
+    pub error: RuleError,
 }
 
-impl fmt::Display for RuleError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "rule on line {}: {}", self.line, self.message)
-    }
+/// What is wrong with a rule; each carries the text at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("missing `(` before the options")]
+    NoOpening,
+    #[error("missing `)` after the options")]
+    NoClosing,
+    #[error("text after the closing `)`")]
+    AfterOptions,
+    /// The part before the options, which does not have its seven fields.
+    #[error("header `{0}` must be: action proto src sport direction dst dport")]
+    Header(String),
+    #[error("action `{0}`: only `alert` is supported")]
+    Action(String),
+    #[error("protocol `{0}`: use tcp, udp, icmp or ip")]
+    Protocol(String),
+    #[error("direction `{0}`: use -> or <>")]
+    Direction(String),
+    #[error("unclosed list `{0}`")]
+    UnclosedList(String),
+    /// `!any` (or a negated variable, which means any).
+    #[error("`!{0}` matches nothing")]
+    NegatedAny(String),
+    #[error(transparent)]
+    Address(#[from] AddressError),
+    #[error("`{0}` is not a port or range")]
+    NotPort(String),
+    #[error("port range `{0}` is reversed")]
+    ReversedPorts(String),
+    #[error("trailing backslash")]
+    TrailingBackslash,
+    #[error("unterminated quoted string")]
+    UnterminatedQuote,
+    #[error("option `{0}` is not terminated by `;`")]
+    UnterminatedOption(String),
+    #[error("option `{0}` is not supported")]
+    UnknownOption(String),
+    /// An option that takes a value, without one.
+    #[error("{0} needs a value")]
+    NoValue(&'static str),
+    #[error("expected a quoted string, got `{0}`")]
+    NotQuoted(String),
+    /// A content modifier before any content.
+    #[error("`{0}` must follow a content")]
+    NoContent(&'static str),
+    #[error("negated content is not supported")]
+    NegatedContent,
+    #[error("unknown escape `\\{0}`")]
+    UnknownEscape(char),
+    #[error("unterminated |hex| bytes")]
+    UnterminatedHex,
+    #[error("`{0}` is not a hex byte")]
+    NotHexByte(String),
+    #[error("unescaped `\"` inside content")]
+    UnescapedQuote,
+    #[error("empty content")]
+    EmptyContent,
+    /// A numeric option (`offset`, `depth`, `sid`, `rev`) and its value.
+    #[error("{option}: `{value}` is not a number")]
+    NotNumber { option: &'static str, value: String },
+    #[error("{0} out of range")]
+    OutOfRange(&'static str),
+    #[error("depth {0} is shorter than its content")]
+    DepthShorterThanContent(u64),
+    #[error("flow option `{0}` is not supported")]
+    FlowOption(String),
+    #[error("every rule needs a sid")]
+    NoSid,
+    #[error("flow:established applies to tcp rules")]
+    EstablishedNotTcp,
 }
 
 impl Addrs {
@@ -111,34 +178,31 @@ impl Ports {
 }
 
 /// Parses a rules text (one rule per line).
-pub fn parse_rules(text: &str) -> Result<Vec<Rule>, RuleError> {
+pub fn parse_rules(text: &str) -> Result<Vec<Rule>, RulesError> {
     let mut rules = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        rules.push(parse_rule(line).map_err(|message| RuleError {
-            line: i + 1,
-            message,
-        })?);
+        rules.push(parse_rule(line).map_err(|error| RulesError { line: i + 1, error })?);
     }
     Ok(rules)
 }
 
-fn split_list(s: &str) -> Result<Vec<&str>, String> {
+fn split_list(s: &str) -> Result<Vec<&str>, RuleError> {
     let s = s.trim();
     if let Some(inner) = s.strip_prefix('[') {
         let inner = inner
             .strip_suffix(']')
-            .ok_or_else(|| format!("unclosed list `{s}`"))?;
+            .ok_or_else(|| RuleError::UnclosedList(s.to_string()))?;
         Ok(inner.split(',').map(str::trim).collect())
     } else {
         Ok(vec![s])
     }
 }
 
-fn parse_addrs(s: &str) -> Result<Addrs, String> {
+fn parse_addrs(s: &str) -> Result<Addrs, RuleError> {
     let mut out = Vec::new();
     for item in split_list(s)? {
         let (neg, item) = match item.strip_prefix('!') {
@@ -148,16 +212,16 @@ fn parse_addrs(s: &str) -> Result<Addrs, String> {
         if item.eq_ignore_ascii_case("any") || item.starts_with('$') {
             // Variables are not expanded: `$HOME_NET` and friends mean any.
             if neg {
-                return Err(format!("`!{item}` matches nothing"));
+                return Err(RuleError::NegatedAny(item.to_string()));
             }
             continue;
         }
-        out.push((neg, Prefix::parse(item).map_err(|e| e.to_string())?));
+        out.push((neg, Prefix::parse(item)?));
     }
     Ok(Addrs(out))
 }
 
-fn parse_ports(s: &str) -> Result<Ports, String> {
+fn parse_ports(s: &str) -> Result<Ports, RuleError> {
     let mut out = Vec::new();
     for item in split_list(s)? {
         let (neg, item) = match item.strip_prefix('!') {
@@ -166,16 +230,15 @@ fn parse_ports(s: &str) -> Result<Ports, String> {
         };
         if item.eq_ignore_ascii_case("any") || item.starts_with('$') {
             if neg {
-                return Err(format!("`!{item}` matches nothing"));
+                return Err(RuleError::NegatedAny(item.to_string()));
             }
             continue;
         }
-        let num = |v: &str, default: u16| -> Result<u16, String> {
+        let num = |v: &str, default: u16| -> Result<u16, RuleError> {
             if v.is_empty() {
                 Ok(default)
             } else {
-                v.parse()
-                    .map_err(|_| format!("`{item}` is not a port or range"))
+                v.parse().map_err(|_| RuleError::NotPort(item.to_string()))
             }
         };
         let (a, b) = match item.split_once(':') {
@@ -186,7 +249,7 @@ fn parse_ports(s: &str) -> Result<Ports, String> {
             }
         };
         if a > b {
-            return Err(format!("port range `{item}` is reversed"));
+            return Err(RuleError::ReversedPorts(item.to_string()));
         }
         out.push((neg, a, b));
     }
@@ -194,7 +257,7 @@ fn parse_ports(s: &str) -> Result<Ports, String> {
 }
 
 /// Splits the option block at `;` outside quotes (honouring backslash escapes).
-fn split_options(s: &str) -> Result<Vec<String>, String> {
+fn split_options(s: &str) -> Result<Vec<String>, RuleError> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut quoted = false;
@@ -205,7 +268,7 @@ fn split_options(s: &str) -> Result<Vec<String>, String> {
                 cur.push(c);
                 match chars.next() {
                     Some(n) => cur.push(n),
-                    None => return Err("trailing backslash".into()),
+                    None => return Err(RuleError::TrailingBackslash),
                 }
             }
             '"' => {
@@ -219,23 +282,23 @@ fn split_options(s: &str) -> Result<Vec<String>, String> {
         }
     }
     if quoted {
-        return Err("unterminated quoted string".into());
+        return Err(RuleError::UnterminatedQuote);
     }
     if !cur.trim().is_empty() {
-        return Err(format!("option `{}` is not terminated by `;`", cur.trim()));
+        return Err(RuleError::UnterminatedOption(cur.trim().to_string()));
     }
     Ok(out)
 }
 
-fn unquote(v: &str) -> Result<&str, String> {
+fn unquote(v: &str) -> Result<&str, RuleError> {
     v.trim()
         .strip_prefix('"')
         .and_then(|x| x.strip_suffix('"'))
-        .ok_or_else(|| format!("expected a quoted string, got `{v}`"))
+        .ok_or_else(|| RuleError::NotQuoted(v.to_string()))
 }
 
 /// The bytes of a content string: text, `|hex bytes|`, and `\"`, `\\`, `\;`, `\|` escapes.
-pub fn content_bytes(s: &str) -> Result<Vec<u8>, String> {
+pub fn content_bytes(s: &str) -> Result<Vec<u8>, RuleError> {
     let mut out = Vec::new();
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -245,7 +308,7 @@ pub fn content_bytes(s: &str) -> Result<Vec<u8>, String> {
                     let mut b = [0u8; 4];
                     out.extend_from_slice(e.encode_utf8(&mut b).as_bytes());
                 }
-                other => return Err(format!("unknown escape `\\{}`", other.unwrap_or(' '))),
+                other => return Err(RuleError::UnknownEscape(other.unwrap_or(' '))),
             },
             '|' => {
                 let mut hex = String::new();
@@ -253,20 +316,18 @@ pub fn content_bytes(s: &str) -> Result<Vec<u8>, String> {
                     match chars.next() {
                         Some('|') => break,
                         Some(h) => hex.push(h),
-                        None => return Err("unterminated |hex| bytes".into()),
+                        None => return Err(RuleError::UnterminatedHex),
                     }
                 }
                 for byte in hex.split_whitespace() {
+                    let not_hex = || RuleError::NotHexByte(byte.to_string());
                     if byte.len() != 2 {
-                        return Err(format!("`{byte}` is not a hex byte"));
+                        return Err(not_hex());
                     }
-                    out.push(
-                        u8::from_str_radix(byte, 16)
-                            .map_err(|_| format!("`{byte}` is not a hex byte"))?,
-                    );
+                    out.push(u8::from_str_radix(byte, 16).map_err(|_| not_hex())?);
                 }
             }
-            '"' => return Err("unescaped `\"` inside content".into()),
+            '"' => return Err(RuleError::UnescapedQuote),
             _ => {
                 let mut b = [0u8; 4];
                 out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
@@ -274,44 +335,42 @@ pub fn content_bytes(s: &str) -> Result<Vec<u8>, String> {
         }
     }
     if out.is_empty() {
-        return Err("empty content".into());
+        return Err(RuleError::EmptyContent);
     }
     Ok(out)
 }
 
-fn number(name: &str, v: &str) -> Result<u64, String> {
-    v.trim()
-        .parse()
-        .map_err(|_| format!("{name}: `{}` is not a number", v.trim()))
+fn number(option: &'static str, v: &str) -> Result<u64, RuleError> {
+    v.trim().parse().map_err(|_| RuleError::NotNumber {
+        option,
+        value: v.trim().to_string(),
+    })
 }
 
-fn parse_rule(line: &str) -> Result<Rule, String> {
-    let open = line.find('(').ok_or("missing `(` before the options")?;
-    let close = line.rfind(')').ok_or("missing `)` after the options")?;
+fn parse_rule(line: &str) -> Result<Rule, RuleError> {
+    let open = line.find('(').ok_or(RuleError::NoOpening)?;
+    let close = line.rfind(')').ok_or(RuleError::NoClosing)?;
     if close < open || !line[close + 1..].trim().is_empty() {
-        return Err("text after the closing `)`".into());
+        return Err(RuleError::AfterOptions);
     }
     let header: Vec<&str> = line[..open].split_whitespace().collect();
     if header.len() != 7 {
-        return Err(format!(
-            "header `{}` must be: action proto src sport direction dst dport",
-            line[..open].trim()
-        ));
+        return Err(RuleError::Header(line[..open].trim().to_string()));
     }
     if header[0] != "alert" {
-        return Err(format!("action `{}`: only `alert` is supported", header[0]));
+        return Err(RuleError::Action(header[0].to_string()));
     }
     let proto = match header[1].to_ascii_lowercase().as_str() {
         "tcp" => RuleProto::Tcp,
         "udp" => RuleProto::Udp,
         "icmp" => RuleProto::Icmp,
         "ip" => RuleProto::Ip,
-        p => return Err(format!("protocol `{p}`: use tcp, udp, icmp or ip")),
+        p => return Err(RuleError::Protocol(p.to_string())),
     };
     let bidirectional = match header[4] {
         "->" => false,
         "<>" => true,
-        d => return Err(format!("direction `{d}`: use -> or <>")),
+        d => return Err(RuleError::Direction(d.to_string())),
     };
     let mut rule = Rule {
         proto,
@@ -335,19 +394,19 @@ fn parse_rule(line: &str) -> Result<Rule, String> {
             Some((n, v)) => (n.trim(), Some(v.trim())),
             None => (opt, None),
         };
-        let need = |what: &str| value.ok_or_else(|| format!("{what} needs a value"));
-        let last = |r: &mut Rule, what: &str| -> Result<usize, String> {
+        let need = |what: &'static str| value.ok_or(RuleError::NoValue(what));
+        let last = |r: &mut Rule, what: &'static str| -> Result<usize, RuleError> {
             r.contents
                 .len()
                 .checked_sub(1)
-                .ok_or_else(|| format!("`{what}` must follow a content"))
+                .ok_or(RuleError::NoContent(what))
         };
         match name {
             "msg" => rule.msg = unquote(need("msg")?)?.replace("\\\"", "\""),
             "content" => {
                 let v = need("content")?;
                 if v.starts_with('!') {
-                    return Err("negated content is not supported".into());
+                    return Err(RuleError::NegatedContent);
                 }
                 rule.contents.push(Content {
                     bytes: content_bytes(unquote(v)?)?,
@@ -368,7 +427,7 @@ fn parse_rule(line: &str) -> Result<Rule, String> {
                 let i = last(&mut rule, "depth")?;
                 let d = number("depth", need("depth")?)?;
                 if d < rule.contents[i].bytes.len() as u64 {
-                    return Err(format!("depth {d} is shorter than its content"));
+                    return Err(RuleError::DepthShorterThanContent(d));
                 }
                 rule.contents[i].depth = Some(d);
             }
@@ -379,27 +438,27 @@ fn parse_rule(line: &str) -> Result<Rule, String> {
                         "to_client" | "from_server" => rule.flow.to_server = Some(false),
                         "established" => rule.flow.established = true,
                         "stateless" => {}
-                        other => return Err(format!("flow option `{other}` is not supported")),
+                        other => return Err(RuleError::FlowOption(other.to_string())),
                     }
                 }
             }
             "sid" => {
                 rule.sid = u32::try_from(number("sid", need("sid")?)?)
-                    .map_err(|_| "sid out of range".to_string())?
+                    .map_err(|_| RuleError::OutOfRange("sid"))?
             }
             "rev" => {
                 rule.rev = u32::try_from(number("rev", need("rev")?)?)
-                    .map_err(|_| "rev out of range".to_string())?
+                    .map_err(|_| RuleError::OutOfRange("rev"))?
             }
             "classtype" | "priority" | "reference" | "metadata" | "gid" => {}
-            other => return Err(format!("option `{other}` is not supported")),
+            other => return Err(RuleError::UnknownOption(other.to_string())),
         }
     }
     if rule.sid == 0 {
-        return Err("every rule needs a sid".into());
+        return Err(RuleError::NoSid);
     }
     if rule.proto != RuleProto::Tcp && rule.flow.established {
-        return Err("flow:established applies to tcp rules".into());
+        return Err(RuleError::EstablishedNotTcp);
     }
     Ok(rule)
 }
@@ -437,7 +496,11 @@ mod tests {
         let text = "# comment\n\nalert tcp any any -> any any (msg:\"x\"; sid:1;)\nalert tcp any any -> any any (msg:\"x\"; content:\"a\"; pcre:\"/x/\"; sid:2;)";
         let e = parse_rules(text).unwrap_err();
         assert_eq!(e.line, 4);
-        assert!(e.message.contains("pcre"), "{e}");
+        assert_eq!(e.error, RuleError::UnknownOption("pcre".into()));
+        assert_eq!(
+            e.to_string(),
+            "rule on line 4: option `pcre` is not supported"
+        );
         for (bad, why) in [
             ("alert tcp any any -> any any (msg:\"x\";)", "sid"),
             (
@@ -465,7 +528,7 @@ mod tests {
             ),
         ] {
             let e = parse_rules(bad).unwrap_err();
-            assert!(e.message.contains(why), "{bad}: {e}");
+            assert!(e.error.to_string().contains(why), "{bad}: {e}");
         }
     }
 
