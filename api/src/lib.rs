@@ -771,16 +771,54 @@ pub struct NfSpec<'a> {
 impl NfSpec<'_> {
     /// The settings without `kind`, as the function's own configuration type. Unknown keys
     /// and bad values are errors naming the key.
-    pub fn settings<T: DeserializeOwned>(&self) -> Result<T, String> {
+    pub fn settings<T: DeserializeOwned>(&self) -> Result<T, BuildError> {
         let mut t = self.settings.clone();
         t.remove("kind");
         toml::Value::Table(t)
             .try_into()
-            .map_err(|e: toml::de::Error| format!("{}: {}", self.key, e.message()))
+            .map_err(|source| BuildError::Settings {
+                key: self.key.clone(),
+                source,
+            })
     }
 }
 
-pub type NfFactory = fn(&NfSpec<'_>) -> Result<Box<dyn Stage>, String>;
+/// Why a function could not be built from its settings: the key at fault (the function's
+/// table, `chain.web.nf[1]`, or one of its settings, `chain.web.nf[1].vip`) and what is
+/// wrong there.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The table is not the function's settings: an unknown key, a wrong type, a missing
+    /// one (toml's message names it).
+    #[error("{key}: {}", .source.message())]
+    Settings {
+        key: String,
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value the function refuses, and why: the function's own error (or a text).
+    #[error("{key}: {source}")]
+    Invalid {
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl BuildError {
+    /// `key`'s value is refused because of `why`: a typed error of the function's, or a text.
+    pub fn invalid(
+        key: impl Into<String>,
+        why: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> BuildError {
+        BuildError::Invalid {
+            key: key.into(),
+            source: why.into(),
+        }
+    }
+}
+
+pub type NfFactory = fn(&NfSpec<'_>) -> Result<Box<dyn Stage>, BuildError>;
 
 /// A function the platform knows by name.
 pub struct NfEntry {
@@ -840,7 +878,7 @@ impl NfRegistry {
                 base_dir: &cfg.base_dir,
                 runtime,
             };
-            let stage = (entry.build)(&spec).map_err(ConfigError::Function)?;
+            let stage = (entry.build)(&spec).map_err(|e| ConfigError::Function(Box::new(e)))?;
             if stage.counter_names().len() >= NF_COUNTERS {
                 return Err(ConfigError::invalid(key, "too many counters"));
             }

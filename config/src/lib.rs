@@ -53,9 +53,10 @@ pub enum ConfigError {
     #[error("no chain named `{0}`")]
     NoChain(String),
     /// A network function's settings, as its own parser judged them (its message names
-    /// the key).
+    /// the key): the registry's `BuildError` (a crate above this one). Shown, not given as
+    /// the source: nfmgr prints error chains, which would say it twice.
     #[error("{0}")]
-    Function(String),
+    Function(Box<dyn std::error::Error + Send + Sync>),
     /// The copy in the region is not one nfmgr wrote.
     #[error("frozen configuration {0}")]
     Frozen(&'static str),

@@ -23,7 +23,8 @@
 use nflib::config::{Match, Proto};
 use nflib::net::{PortRange, Prefix};
 use nflib::nf::{
-    tcp_flags as F, Dir, NetworkFunction, NfContext, NfSpec, PacketMut, Stage, TypedStage, Verdict,
+    tcp_flags as F, BuildError, Dir, NetworkFunction, NfContext, NfSpec, PacketMut, Stage,
+    TypedStage, Verdict,
 };
 use serde::{Deserialize, Serialize};
 
@@ -246,7 +247,7 @@ const DROP_INVALID: usize = 5;
 /// Packets passed without acting on them (a SYN in a live connection, a late SYN-ACK).
 const IGNORED: usize = 6;
 
-pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
+pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, BuildError> {
     let s: Settings = spec.settings()?;
     let mut rules = Vec::new();
     for (i, r) in s.rules.into_iter().enumerate() {
@@ -258,7 +259,7 @@ pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
             dst_port: r.dst_port,
         };
         m.check()
-            .map_err(|e| format!("{}.rules[{i}]: {e}", spec.key))?;
+            .map_err(|e| BuildError::invalid(format!("{}.rules[{i}]", spec.key), e))?;
         rules.push((r.action, m));
     }
     Ok(TypedStage::boxed(Firewall {
@@ -674,18 +675,21 @@ mod tests {
             "kind = \"firewall\"\nrules = [{ action = \"allow\", dst_port = 80 }]",
         )
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
         assert!(e.contains("rules[0]") && e.contains("ports need"), "{e}");
         let e = harness(
             build,
             "kind = \"firewall\"\nrules = [{ action = \"allow\", dport = 80 }]",
         )
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
         assert!(e.contains("dport"), "{e}");
         let e = harness(build, "kind = \"firewall\"\ndefault = \"maybe\"")
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(e.contains("maybe"), "{e}");
     }
 }

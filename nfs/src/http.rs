@@ -14,7 +14,8 @@
 
 use httparse::Status;
 use nflib::nf::{
-    tcp_flags as F, Dir, NetworkFunction, NfContext, NfSpec, PacketMut, Stage, TypedStage, Verdict,
+    tcp_flags as F, BuildError, Dir, NetworkFunction, NfContext, NfSpec, PacketMut, Stage,
+    TypedStage, Verdict,
 };
 use nflib::stream::{Reassembler, DEFAULT_WINDOW};
 use serde::{Deserialize, Serialize};
@@ -76,7 +77,7 @@ const RESPONSES: usize = 2;
 const PARSE_ERRORS: usize = 3;
 const STREAM_GAPS: usize = 4;
 
-pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
+pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, BuildError> {
     let s: Settings = spec.settings()?;
     Ok(TypedStage::boxed(HttpParser {
         ports: s.ports,

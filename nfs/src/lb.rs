@@ -19,7 +19,9 @@
 
 use nflib::flow::{family, FlowKey};
 use nflib::net::Mac;
-use nflib::nf::{Dir, NetworkFunction, NfContext, NfSpec, PacketMut, Stage, TypedStage, Verdict};
+use nflib::nf::{
+    BuildError, Dir, NetworkFunction, NfContext, NfSpec, PacketMut, Stage, TypedStage, Verdict,
+};
 use nflib::packet::proto;
 use serde::{Deserialize, Serialize};
 
@@ -83,19 +85,23 @@ const ARP_REPLIES: usize = 2;
 const FIRST_BACKEND: usize = 3;
 const MAX_BACKENDS: usize = 12;
 
-pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
+/// Backends, none or more than the balancer takes (the number given).
+#[derive(Debug, thiserror::Error)]
+#[error("between 1 and {MAX_BACKENDS} backends")]
+pub struct BackendCountError(pub usize);
+
+pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, BuildError> {
     let s: Settings = spec.settings()?;
-    let vip = nflib::net::parse_ipv4(&s.vip).map_err(|e| format!("{}.vip: {e}", spec.key))?;
+    let vip = nflib::net::parse_ipv4(&s.vip)
+        .map_err(|e| BuildError::invalid(format!("{}.vip", spec.key), e))?;
     if s.backends.is_empty() || s.backends.len() > MAX_BACKENDS {
-        return Err(format!(
-            "{}.backends: between 1 and {MAX_BACKENDS} backends",
-            spec.key
-        ));
+        let why = BackendCountError(s.backends.len());
+        return Err(BuildError::invalid(format!("{}.backends", spec.key), why));
     }
     let mut backends = Vec::new();
     for (i, b) in s.backends.iter().enumerate() {
         let ip = nflib::net::parse_ipv4(&b.ip)
-            .map_err(|e| format!("{}.backends[{i}].ip: {e}", spec.key))?;
+            .map_err(|e| BuildError::invalid(format!("{}.backends[{i}].ip", spec.key), e))?;
         backends.push(Backend { ip, mac: b.mac.0 });
     }
     // Counter names are built once per configuration and live as long as the process.
@@ -280,14 +286,33 @@ mod tests {
 
     #[test]
     fn configuration_errors() {
-        let e = build(super::build, "kind = \"load_balancer\"\nvip = \"10.0.0.1\"\nvip_mac = \"02:00:00:00:00:01\"\nbackends = []").err().unwrap();
-        assert!(e.contains("backends"), "{e}");
+        let e = build(super::build, "kind = \"load_balancer\"\nvip = \"10.0.0.1\"\nvip_mac = \"02:00:00:00:00:01\"\nbackends = []").err().unwrap().to_string();
+        assert_eq!(
+            e,
+            format!("chain.test.nf[0].backends: between 1 and {MAX_BACKENDS} backends")
+        );
         let e = build(
             super::build,
             "kind = \"load_balancer\"\nvip = \"x\"\nvip_mac = \"02:00:00:00:00:01\"\nbackends = []",
         )
         .err()
-        .unwrap();
-        assert!(e.contains("vip"), "{e}");
+        .unwrap()
+        .to_string();
+        assert!(e.starts_with("chain.test.nf[0].vip: "), "{e}");
+        let e = build(super::build, "kind = \"load_balancer\"\nvips = []")
+            .err()
+            .unwrap();
+        assert!(
+            matches!(
+                e,
+                crate::testing::HarnessError::Build(BuildError::Settings { .. })
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string()
+                .starts_with("chain.test.nf[0]: unknown field `vips`"),
+            "{e}"
+        );
     }
 }

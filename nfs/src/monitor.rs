@@ -7,7 +7,9 @@
 //! kind = "flow_monitor"
 //! ```
 
-use nflib::nf::{Dir, NetworkFunction, NfContext, NfSpec, PacketMut, Stage, TypedStage, Verdict};
+use nflib::nf::{
+    BuildError, Dir, NetworkFunction, NfContext, NfSpec, PacketMut, Stage, TypedStage, Verdict,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Deserialize)]
@@ -32,7 +34,7 @@ const FLOWS: usize = 1;
 const PACKETS: usize = 2;
 const BYTES: usize = 3;
 
-pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
+pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, BuildError> {
     let _: Settings = spec.settings()?;
     Ok(TypedStage::boxed(FlowMonitor))
 }

@@ -25,7 +25,8 @@ use std::collections::{HashMap, VecDeque};
 use nflib::flow::{family, FlowKey};
 use nflib::net::{Mac, PortRange, Prefix};
 use nflib::nf::{
-    Dir, EndReason, NetworkFunction, NfContext, NfSpec, PacketMut, Stage, TypedStage, Verdict,
+    BuildError, Dir, EndReason, NetworkFunction, NfContext, NfSpec, PacketMut, Stage, TypedStage,
+    Verdict,
 };
 use nflib::packet::proto;
 use serde::{Deserialize, Serialize};
@@ -215,10 +216,22 @@ const PORTS_RESERVED: usize = 4;
 /// Ports freed when such a flow ended elsewhere.
 const PORTS_RELEASED: usize = 5;
 
-pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
+/// A port range too small for a port of its own for every server and runtime.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{total} ports cannot be shared by {servers} servers (cluster.max_servers) of {runtimes} \
+     runtimes"
+)]
+pub struct PortShareError {
+    pub total: usize,
+    pub servers: usize,
+    pub runtimes: u32,
+}
+
+pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, BuildError> {
     let s: Settings = spec.settings()?;
     let external_ip = nflib::net::parse_ipv4(&s.external_ip)
-        .map_err(|e| format!("{}.external_ip: {e}", spec.key))?;
+        .map_err(|e| BuildError::invalid(format!("{}.external_ip", spec.key), e))?;
     let range = s.ports.unwrap_or(PortRange(20000..=59999));
     let total = (*range.0.end() as usize) - (*range.0.start() as usize) + 1;
     // Cluster-wide first (each server id its share), then this server's runtimes: no two
@@ -227,11 +240,13 @@ pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
     let server_share = total / servers;
     let share = server_share / spec.runtimes_in_chain as usize;
     if share == 0 {
-        return Err(format!(
-            "{}.ports: {total} ports cannot be shared by {servers} servers (cluster.max_servers) \
-             of {} runtimes",
-            spec.key, spec.runtimes_in_chain
-        ));
+        let runtimes = spec.runtimes_in_chain;
+        let why = PortShareError {
+            total,
+            servers,
+            runtimes,
+        };
+        return Err(BuildError::invalid(format!("{}.ports", spec.key), why));
     }
     let first = *range.0.start() as usize
         + server_share * spec.server_index as usize

@@ -2,7 +2,7 @@
 //! packets in either direction.
 
 use nflib::flow::FlowKey;
-use nflib::nf::{Dir, EventSink, NfContext, NfSpec, PacketMut, Stage, Verdict};
+use nflib::nf::{BuildError, Dir, EventSink, NfContext, NfSpec, PacketMut, Stage, Verdict};
 use nflib::records::FlowRecords;
 use nflib::stats::NF_COUNTERS;
 
@@ -100,7 +100,16 @@ pub struct Harness {
     pub events: Records,
 }
 
-pub fn build(build: nflib::nf::NfFactory, settings: &str) -> Result<Harness, String> {
+/// Why a harness was not made: its settings' text, or the function's build.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    #[error(transparent)]
+    Toml(#[from] toml::de::Error),
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+pub fn build(build: nflib::nf::NfFactory, settings: &str) -> Result<Harness, HarnessError> {
     build_for(build, settings, 0, 1)
 }
 
@@ -109,8 +118,8 @@ pub fn build_for(
     settings: &str,
     index: u32,
     count: u32,
-) -> Result<Harness, String> {
-    let table: toml::Table = toml::from_str(settings).map_err(|e| e.to_string())?;
+) -> Result<Harness, HarnessError> {
+    let table: toml::Table = toml::from_str(settings)?;
     let spec = NfSpec {
         settings: &table,
         key: "chain.test.nf[0]".into(),
@@ -212,17 +221,19 @@ impl Harness {
             .then_some(v)
     }
 
-    /// Installs a serialised state for the flow in `slot`.
-    pub fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), String> {
+    /// Installs a serialised state for the flow in `slot` (the error is the stage's, postcard's).
+    pub fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), impl std::error::Error> {
         self.records.reserve(slot + 1);
-        self.stage
-            .restore(&mut self.records, slot, bytes)
-            .map_err(|e| e.to_string())
+        self.stage.restore(&mut self.records, slot, bytes)
     }
 
     /// Tells the function that a flow with this serialised state lives on in another
-    /// runtime (`reserve`) or ended there (`!reserve`).
-    pub fn reserve_serialised(&mut self, bytes: &[u8], reserve: bool) -> Result<(), String> {
+    /// runtime (`reserve`) or ended there (`!reserve`). The error is the stage's, postcard's.
+    pub fn reserve_serialised(
+        &mut self,
+        bytes: &[u8],
+        reserve: bool,
+    ) -> Result<(), impl std::error::Error> {
         let (key, _) = FlowKey::from_tuple(0, 0, 0, ([0; 16], 0), ([0; 16], 0));
         let mut added = Vec::new();
         let mut ctx = NfContext::new(
@@ -234,9 +245,7 @@ impl Harness {
             &mut added,
             &mut self.events,
         );
-        self.stage
-            .reserve_serialised(bytes, reserve, &mut ctx)
-            .map_err(|e| e.to_string())
+        self.stage.reserve_serialised(bytes, reserve, &mut ctx)
     }
 
     pub fn counter(&self, name: &str) -> u64 {

@@ -23,7 +23,8 @@ use aho_corasick::automaton::{Automaton, StateID};
 use aho_corasick::dfa::DFA;
 use aho_corasick::{Anchored, MatchKind};
 use nflib::nf::{
-    tcp_flags as F, Dir, NetworkFunction, NfContext, NfSpec, PacketMut, Stage, TypedStage, Verdict,
+    tcp_flags as F, BuildError, Dir, NetworkFunction, NfContext, NfSpec, PacketMut, Stage,
+    TypedStage, Verdict,
 };
 use nflib::packet::{proto, L3};
 use nflib::stream::{Reassembler, DEFAULT_WINDOW};
@@ -126,28 +127,37 @@ pub struct IdsState {
 const ALERTS: usize = 1;
 const STREAM_GAPS: usize = 2;
 
-pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, String> {
+/// Why the settings give the IDS no rules.
+#[derive(Debug, thiserror::Error)]
+pub enum RulesSourceError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no rules (set rules or rules_file)")]
+    NoRules,
+}
+
+pub fn build(spec: &NfSpec<'_>) -> Result<Box<dyn Stage>, BuildError> {
     let s: Settings = spec.settings()?;
     let mut text = s.rules.join("\n");
     if let Some(f) = &s.rules_file {
         let path = spec.base_dir.join(f);
-        let file = std::fs::read_to_string(&path).map_err(|e| {
-            format!(
-                "{}.rules_file: cannot read {}: {e}",
-                spec.key,
-                path.display()
-            )
+        let file = std::fs::read_to_string(&path).map_err(|source| {
+            let why = RulesSourceError::Read { path, source };
+            BuildError::invalid(format!("{}.rules_file", spec.key), why)
         })?;
         text.push('\n');
         text.push_str(&file);
     }
-    let rules = rules::parse_rules(&text).map_err(|e| format!("{}: {e}", spec.key))?;
+    let rules = rules::parse_rules(&text).map_err(|e| BuildError::invalid(&spec.key, e))?;
     if rules.is_empty() {
-        return Err(format!("{}: no rules (set rules or rules_file)", spec.key));
+        return Err(BuildError::invalid(&spec.key, RulesSourceError::NoRules));
     }
-    Ok(TypedStage::boxed(
-        Ids::new(rules).map_err(|e| e.to_string())?,
-    ))
+    let ids = Ids::new(rules).map_err(|e| BuildError::invalid(&spec.key, e))?;
+    Ok(TypedStage::boxed(ids))
 }
 
 impl Ids {
