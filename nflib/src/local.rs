@@ -5,11 +5,28 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
-use crate::config::Config;
-use crate::doorbell::Doorbells;
+use crate::config::{Config, ConfigError};
+use crate::doorbell::{DoorbellError, Doorbells};
 use crate::layout::RegionConfig;
-use crate::region::{CreateOptions, Region};
+use crate::region::{CreateOptions, Region, RegionError};
 use crate::slot::{ProcessKind, SlotState};
+
+/// Why a local region was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalRegionError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Region(#[from] RegionError),
+    /// The configuration's text is larger than the region keeps.
+    #[error("configuration does not fit")]
+    ConfigTooLarge,
+    #[error(transparent)]
+    Doorbells(#[from] DoorbellError),
+    /// A slot to prepare that the region does not have.
+    #[error("no such slot")]
+    NoSlot(u16),
+}
 
 pub struct LocalRegion {
     pub region: Region,
@@ -26,9 +43,8 @@ impl LocalRegion {
         config_text: &str,
         slots: &[(u16, ProcessKind, &str)],
         tune: impl FnOnce(&mut RegionConfig),
-    ) -> Result<LocalRegion, String> {
-        let config =
-            Config::parse(config_text, std::path::Path::new(".")).map_err(|e| e.to_string())?;
+    ) -> Result<LocalRegion, LocalRegionError> {
+        let config = Config::parse(config_text, std::path::Path::new("."))?;
         let mut rc = config.region_config();
         tune(&mut rc);
         let path = PathBuf::from(format!("/dev/shm/nflib-local-{tag}-{}", std::process::id()));
@@ -39,14 +55,13 @@ impl LocalRegion {
             instance: tag.into(),
             page_size: 4096,
             hugetlbfs: false,
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
         if !region.write_blob(config.frozen().as_bytes()) {
-            return Err("configuration does not fit".into());
+            return Err(LocalRegionError::ConfigTooLarge);
         }
-        let bells = Doorbells::create(&region).map_err(|e| e.to_string())?;
+        let bells = Doorbells::create(&region)?;
         for &(slot, kind, name) in slots {
-            let rec = region.slot(slot).ok_or("no such slot")?;
+            let rec = region.slot(slot).ok_or(LocalRegionError::NoSlot(slot))?;
             rec.kind.store(kind.raw(), Ordering::Relaxed);
             rec.name.set(name);
             rec.set_state(SlotState::Starting);

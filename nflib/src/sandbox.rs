@@ -43,17 +43,30 @@ pub struct RunAs {
     pub gid: u32,
 }
 
-impl FromStr for RunAs {
-    type Err = String;
+/// A `UID:GID` that is not one, or names root; each carries the text at fault.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RunAsError {
+    #[error("`{0}`: expected UID:GID")]
+    NotUidGid(String),
+    #[error("`{0}`: not a user id")]
+    NotUid(String),
+    #[error("`{0}`: not a group id")]
+    NotGid(String),
+    #[error("user id 0 is root, not an unprivileged user")]
+    Root,
+}
 
-    fn from_str(s: &str) -> Result<RunAs, String> {
+impl FromStr for RunAs {
+    type Err = RunAsError;
+
+    fn from_str(s: &str) -> Result<RunAs, RunAsError> {
         let (u, g) = s
             .split_once(':')
-            .ok_or_else(|| format!("`{s}`: expected UID:GID"))?;
-        let uid = u.parse().map_err(|_| format!("`{u}`: not a user id"))?;
-        let gid = g.parse().map_err(|_| format!("`{g}`: not a group id"))?;
+            .ok_or_else(|| RunAsError::NotUidGid(s.to_string()))?;
+        let uid = u.parse().map_err(|_| RunAsError::NotUid(u.to_string()))?;
+        let gid = g.parse().map_err(|_| RunAsError::NotGid(g.to_string()))?;
         if uid == 0 {
-            return Err("user id 0 is root, not an unprivileged user".into());
+            return Err(RunAsError::Root);
         }
         Ok(RunAs { uid, gid })
     }
@@ -232,9 +245,12 @@ mod tests {
                 gid: 65534
             })
         );
-        assert!("0:0".parse::<RunAs>().is_err());
-        assert!("nobody".parse::<RunAs>().is_err());
-        assert!("1:x".parse::<RunAs>().is_err());
+        assert_eq!("0:0".parse::<RunAs>(), Err(RunAsError::Root));
+        assert_eq!(
+            "nobody".parse::<RunAs>(),
+            Err(RunAsError::NotUidGid("nobody".into()))
+        );
+        assert_eq!("1:x".parse::<RunAs>(), Err(RunAsError::NotGid("x".into())));
     }
 
     #[test]
