@@ -25,6 +25,7 @@ use serde_json::json;
 
 use app::{Action, App};
 use model::Model;
+use nflib::control_client::ClientError;
 use nflib::top::TopReport;
 
 pub struct Options {
@@ -33,17 +34,43 @@ pub struct Options {
     pub interval: Duration,
 }
 
+/// Why the dashboard stopped (or never started).
+#[derive(Debug, thiserror::Error)]
+pub enum TopError {
+    #[error("nfmgr top needs a terminal (use `nfmgr status --json` in scripts)")]
+    NotATerminal,
+    #[error("cannot block signals: {0}")]
+    BlockSignals(#[source] nix::Error),
+    /// A thread of its own (signals, fetching) did not start.
+    #[error(transparent)]
+    Thread(std::io::Error),
+    #[error("cannot draw: {0}")]
+    Draw(#[source] std::io::Error),
+    /// The terminal's input could not be read.
+    #[error(transparent)]
+    Input(std::io::Error),
+}
+
+/// Why a `top` answer is missing: shown on screen, and asked again.
+#[derive(Debug, thiserror::Error)]
+enum FetchError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("unexpected answer: {0}")]
+    Answer(#[source] serde_json::Error),
+}
+
 enum Msg {
-    Report(Result<Box<TopReport>, String>),
+    Report(Result<Box<TopReport>, FetchError>),
     /// A drill action finished: what to tell the operator.
     Done(String),
     Signal(Signal),
 }
 
 /// Runs the dashboard until the operator quits or a termination signal arrives.
-pub fn run(opts: Options) -> Result<(), String> {
+pub fn run(opts: Options) -> Result<(), TopError> {
     if !std::io::stdout().is_terminal() {
-        return Err("nfmgr top needs a terminal (use `nfmgr status --json` in scripts)".into());
+        return Err(TopError::NotATerminal);
     }
     // Termination signals are taken by a thread (sigwait), so they end the loop cleanly and
     // the terminal is restored; the mask is set before any thread starts so all inherit it.
@@ -52,7 +79,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         signals.add(s);
     }
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&signals), None)
-        .map_err(|e| format!("cannot block signals: {e}"))?;
+        .map_err(TopError::BlockSignals)?;
     let (tx, rx) = mpsc::channel();
     {
         let tx = tx.clone();
@@ -70,7 +97,7 @@ pub fn run(opts: Options) -> Result<(), String> {
                     std::process::exit(0);
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(TopError::Thread)?;
     }
     let (refresh_tx, refresh_rx) = mpsc::channel::<()>();
     {
@@ -80,7 +107,7 @@ pub fn run(opts: Options) -> Result<(), String> {
         std::thread::Builder::new()
             .name("top-fetch".into())
             .spawn(move || fetch_loop(&socket, interval, &tx, &refresh_rx))
-            .map_err(|e| e.to_string())?;
+            .map_err(TopError::Thread)?;
     }
     let mut terminal = ratatui::init();
     let result = ui_loop(&mut terminal, &opts, &rx, &tx, &refresh_tx);
@@ -100,11 +127,11 @@ fn fetch_loop(
     loop {
         let answer =
             nflib::control_client::call(socket, &json!({ "cmd": "top" }), Duration::from_secs(3))
-                .map_err(|e| e.to_string())
+                .map_err(FetchError::from)
                 .and_then(|v| {
                     serde_json::from_value::<TopReport>(v)
                         .map(Box::new)
-                        .map_err(|e| format!("unexpected answer: {e}"))
+                        .map_err(FetchError::Answer)
                 });
         if tx.send(Msg::Report(answer)).is_err() {
             return;
@@ -163,7 +190,7 @@ fn ui_loop(
     rx: &Receiver<Msg>,
     tx: &Sender<Msg>,
     refresh: &Sender<()>,
-) -> Result<Option<Signal>, String> {
+) -> Result<Option<Signal>, TopError> {
     let mut app = App::default();
     let mut model = Model::default();
     let mut dirty = true;
@@ -173,7 +200,7 @@ fn ui_loop(
             match msg {
                 Msg::Report(Ok(r)) if !app.frozen => model.update(*r),
                 Msg::Report(Ok(_)) => model.link = model::Link::Up,
-                Msg::Report(Err(e)) => model.lost(e),
+                Msg::Report(Err(e)) => model.lost(e.to_string()),
                 Msg::Done(text) => app.notice = Some(text),
                 Msg::Signal(sig) => return Ok(Some(sig)),
             }
@@ -184,12 +211,12 @@ fn ui_loop(
         if dirty || last_draw.elapsed() >= Duration::from_secs(1) {
             terminal
                 .draw(|f| render::draw(f, &app, &model))
-                .map_err(|e| format!("cannot draw: {e}"))?;
+                .map_err(TopError::Draw)?;
             dirty = false;
             last_draw = Instant::now();
         }
-        if event::poll(Duration::from_millis(100)).map_err(|e| e.to_string())? {
-            match event::read().map_err(|e| e.to_string())? {
+        if event::poll(Duration::from_millis(100)).map_err(TopError::Input)? {
+            match event::read().map_err(TopError::Input)? {
                 Event::Key(k) if k.kind == KeyEventKind::Press => {
                     match app.update(k, &model) {
                         Some(Action::Quit) => return Ok(None),
