@@ -58,6 +58,11 @@ Ours:
     50,000 flows killed (kill -9 of its nfmgr) or cut off (its cluster link down), from
     the platform's events, with false link-down detections counted.
 Every result is one JSON line on stdout and in target/bench/results-<timestamp>.jsonl.
+
+NF_BENCH_BIN=DIR runs the platform's binaries (nfmgr, nf-runtime, nf-vswitch ...) from DIR
+instead of target/release: the test bed's (testbed.sh --bin) and every nfmgr call. The build
+step still builds target/release, so pass --no-build with it (scripts/bench/ab.py --migration
+does, to alternate two builds).
 """
 
 import argparse
@@ -74,6 +79,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The platform's binaries: NF_BENCH_BIN, else the workspace's release build.
+BIN = os.path.abspath(os.environ.get("NF_BENCH_BIN") or os.path.join(ROOT, "target", "release"))
+NFMGR = os.path.join(BIN, "nfmgr")
 RESULTS = []
 
 
@@ -200,15 +208,15 @@ core = 1
 
 
 def run_report(template, secs, **fields):
-    """Runs nfmgr (release) on `template` filled with `fields` for about `secs` seconds in a
+    """Runs nfmgr (of BIN) on `template` filled with `fields` for about `secs` seconds in a
     fresh directory and returns its final report."""
     d = tempfile.mkdtemp(prefix="nfbench-", dir="/dev/shm")
     try:
         cfg = os.path.join(d, "bench.toml")
         with open(cfg, "w") as f:
             f.write(template.format(instance=f"bench{os.getpid()}", dir=d, **fields))
-        subprocess.run([os.path.join(ROOT, "target/release/nfmgr"), "start", "-c", cfg],
-                       check=True, capture_output=True, timeout=secs + 60)
+        subprocess.run([NFMGR, "start", "-c", cfg], check=True, capture_output=True,
+                       timeout=secs + 60)
         with open(os.path.join(d, "report.json")) as f:
             return json.load(f)
     finally:
@@ -344,7 +352,8 @@ MSG_SIZES = (64, 256, 1024, 4096, 16384)
 
 
 def testbed(*args):
-    return subprocess.run([os.path.join(ROOT, "scripts", "testbed.sh"), *args, "--prefix", "bm"],
+    return subprocess.run([os.path.join(ROOT, "scripts", "testbed.sh"), *args, "--prefix", "bm",
+                           "--bin", BIN],
                           cwd=ROOT, capture_output=True, text=True)
 
 
@@ -357,8 +366,7 @@ def in_ns(server, cmd, timeout=60):
 
 
 def nfmgr(*args, timeout=120):
-    r = subprocess.run([os.path.join(ROOT, "target", "release", "nfmgr"), *args],
-                       capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([NFMGR, *args], capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"nfmgr {' '.join(args)}: {r.stderr.strip()[-500:]}")
     return json.loads(r.stdout)
@@ -700,8 +708,7 @@ def platform_drops(before, after):
 
 
 def flat_counters(server=1, prefix="bm"):
-    r = subprocess.run([os.path.join(ROOT, "target", "release", "nfmgr"), "stats", "--json",
-                        "--instance", f"{prefix}-s{server}", "--dir",
+    r = subprocess.run([NFMGR, "stats", "--json", "--instance", f"{prefix}-s{server}", "--dir",
                         f"/tmp/nf-testbed-{prefix}/s{server}"], capture_output=True, text=True)
     if r.returncode != 0:
         return {}
@@ -951,8 +958,7 @@ def newflow_kernel(mode, secs):
         with open(cfg, "w") as f:
             f.write(INJECTOR_CONFIG.format(instance=f"inj{os.getpid()}", dir=d, mode=mode,
                                            ms=int(secs * 1000)))
-        run = subprocess.run(["ip", "netns", "exec", inj,
-                              os.path.join(ROOT, "target/release/nfmgr"), "start", "-c", cfg],
+        run = subprocess.run(["ip", "netns", "exec", inj, NFMGR, "start", "-c", cfg],
                              capture_output=True, text=True, timeout=secs + 60)
         if run.returncode != 0:
             raise RuntimeError(f"the injector failed: {run.stderr[-1500:]}")
