@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""A/B of the runtime core: two builds of the chain benchmark, alternated in one run.
+"""A/B of two builds, alternated in one run: the runtime core's chain benchmark, or (with
+--migration) the whole platform on the flow-migration benchmark.
 
   scripts/bench/ab.py                      HEAD against the working tree
   scripts/bench/ab.py --base 1313427       an older commit against the working tree
   scripts/bench/ab.py --base A --new B     two commits
   scripts/bench/ab.py --smoke              one short pair and a small count (checks it runs)
+  scripts/bench/ab.py --migration          migration of 1,000 and 600,000 flows (root)
+  scripts/bench/ab.py --migration --smoke  one pair at 1,000 flows (checks it runs)
 
 For each flow count, the two binaries of `runtime/benches/chain.rs` (one runtime core,
 firewall -> flow monitor -> load balancer, 64-byte packets, flows visited in a new random
@@ -23,6 +26,20 @@ Revisions other than the working tree are checked out under target/ab/src-<sha> 
 in target/ab/build-<sha>; a revision whose benchmark predates the counted mode gets the working
 tree's `runtime/benches/chain.rs` (said in the output). Binaries are kept in target/ab/bin.
 Every result is one JSON line on stdout and in target/bench/ab-<timestamp>.jsonl.
+
+--migration: the release binaries of the whole workspace (`cargo build --release --bins`, no
+extra features) of each revision, built as above (the working tree in its own target
+directory) and copied to target/ab/platform-<label>, so that a rebuild during the run changes
+neither. For each size of --migration-sizes, at least 7 pairs, the order swapped every pair;
+each run is one `scripts/bench/run.py --only migration --no-build --repeat 1 --flows N --path
+"one host"` (its own test bed, prefix "bm": one server, two runtimes, rt0's N flows moved to
+rt1 under generator traffic) with NF_BENCH_BIN naming that build's binaries. Both builds run
+under the working tree's run.py and testbed.sh, so that only the binaries differ. Printed
+per size: each build's median time to migrate, the median of the per-pair ratios base
+ms / new ms (above 1: new migrates faster, the same sense as the chain's new/base Mpps) and
+their spread, and each build's worst sink loss, reordering, duplicates and overload drops
+over its runs. A run that fails (run.py exits nonzero, or moves fewer than all the flows)
+stops the script with a nonzero status, after writing what it has.
 """
 
 import argparse
@@ -38,6 +55,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AB = os.path.join(ROOT, "target", "ab")
 BENCH_SRC = os.path.join("runtime", "benches", "chain.rs")
+RUN_PY = os.path.join(ROOT, "scripts", "bench", "run.py")
 # Cache geometry for the simulation: a 32 KiB 8-way L1d and, as the "last level", a 2 MiB
 # 16-way cache, the L2 each core of this machine has to itself (its 32 MiB L3 is shared,
 # and would hold every flow of 100,000): a miss there is what a flow table costs once it
@@ -88,11 +106,7 @@ def prepare(rev):
     it was built."""
     if rev == "worktree":
         return build(ROOT, None, "worktree"), "working tree"
-    sha = git("rev-parse", "--verify", f"{rev}^{{commit}}")
-    src = os.path.join(AB, f"src-{sha[:12]}")
-    if not os.path.isdir(src):
-        os.makedirs(AB, exist_ok=True)
-        git("worktree", "add", "--detach", "--force", src, sha)
+    sha, src = checkout(rev)
     note = f"{rev} ({sha[:12]})"
     bench = os.path.join(src, BENCH_SRC)
     own = subprocess.run(["git", "show", f"{sha}:{BENCH_SRC}"], cwd=ROOT,
@@ -103,6 +117,54 @@ def prepare(rev):
     # A target directory per revision: cargo reuses a workspace crate built from another
     # checkout of the same name and version.
     return build(src, os.path.join(AB, f"build-{sha[:12]}"), sha[:12]), note
+
+
+def build_platform(src, target_dir, label):
+    """Builds the release binaries of the whole workspace in `src` and copies them to
+    target/ab/platform-<label>; returns that directory."""
+    env = dict(os.environ)
+    if target_dir:
+        env["CARGO_TARGET_DIR"] = target_dir
+    print(f"ab: building the platform, {label} ...", file=sys.stderr, flush=True)
+    out = subprocess.run(
+        ["cargo", "build", "--release", "--bins", "-q", "--message-format=json"],
+        cwd=src, env=env, check=True, capture_output=True, text=True).stdout
+    exes = []
+    for line in out.splitlines():
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if m.get("reason") == "compiler-artifact" and m.get("executable"):
+            exes.append(m["executable"])
+    if not any(os.path.basename(e) == "nfmgr" for e in exes):
+        sys.exit(f"ab: no nfmgr built for {label}")
+    dest = os.path.join(AB, f"platform-{label}")
+    shutil.rmtree(dest, ignore_errors=True)
+    os.makedirs(dest)
+    for exe in exes:
+        shutil.copy2(exe, dest)
+    return dest
+
+
+def checkout(rev):
+    """The full sha of `rev`, checked out under target/ab/src-<sha>."""
+    sha = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    src = os.path.join(AB, f"src-{sha[:12]}")
+    if not os.path.isdir(src):
+        os.makedirs(AB, exist_ok=True)
+        git("worktree", "add", "--detach", "--force", src, sha)
+    return sha, src
+
+
+def prepare_platform(rev):
+    """The directory of the platform's binaries of `rev` ("worktree" for the working tree)
+    and a note on how they were built."""
+    if rev == "worktree":
+        return build_platform(ROOT, None, "worktree"), "working tree"
+    sha, src = checkout(rev)
+    return (build_platform(src, os.path.join(AB, f"build-{sha[:12]}"), sha[:12]),
+            f"{rev} ({sha[:12]})")
 
 
 def timed(binary, flows, secs):
@@ -153,6 +215,133 @@ def quartiles(xs):
     return q[0], q[2]
 
 
+def migration_run(bin_dir, flows):
+    """One migration of `flows` flows (one host) by the binaries in `bin_dir`: its figures,
+    or a string saying why it failed."""
+    env = dict(os.environ, NF_BENCH_BIN=bin_dir)
+    cmd = [sys.executable, RUN_PY, "--only", "migration", "--no-build", "--repeat", "1",
+           "--flows", str(flows), "--path", "one host"]
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=1800)
+    except subprocess.TimeoutExpired:
+        # run.py, killed, left its test bed up.
+        subprocess.run([os.path.join(ROOT, "scripts", "testbed.sh"), "down", "--prefix", "bm"],
+                       cwd=ROOT, capture_output=True)
+        return "run.py did not finish within 30 minutes"
+    lines = []
+    for line in p.stdout.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    if p.returncode != 0:
+        return f"run.py exited with {p.returncode}:\n{p.stderr.strip()[-2000:]}"
+    # With --repeat 1 the run's own line carries what the summary line does, and `moved`.
+    run = next((r for r in lines if r.get("bench") == "migration run"), None)
+    if run is None:
+        return f"no migration result from run.py:\n{p.stderr.strip()[-2000:]}"
+    if run["moved"] < flows:
+        return f"moved {run['moved']} of {flows} flows: {run}"
+    got = {k: run[k] for k in ("ms", "moved", "failed", "sink_lost", "sink_reordered",
+                               "sink_duplicates", "overload_drops", "migration_lost",
+                               "late_stragglers", "generator_pps")}
+    m = re.search(r"bench: results in (\S+)", p.stderr)
+    got["results"] = os.path.relpath(m.group(1), ROOT) if m else None
+    return got
+
+
+def migration_ab(args):
+    if os.geteuid() != 0:
+        sys.exit("ab: --migration needs root (the test bed's network namespaces)")
+    if args.smoke:
+        args.pairs, args.migration_sizes = 1, "1000"
+    sizes = [int(s) for s in args.migration_sizes.split(",") if s]
+    base, base_note = prepare_platform(args.base)
+    new, new_note = prepare_platform(args.new)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    emit({"bench": "ab", "mode": "migration", "base": base_note, "new": new_note,
+          "pairs": args.pairs, "path": "one host",
+          "harness": "the working tree's scripts/bench/run.py and scripts/testbed.sh",
+          "date": datetime.date.today().isoformat(), "cpus": os.cpu_count()})
+
+    table = []
+    for flows in sizes:
+        runs = {"base": [], "new": []}
+        ratios = []
+        for i in range(args.pairs):
+            order = [("base", base), ("new", new)]
+            if i % 2:
+                order.reverse()
+            got = {}
+            for name, bin_dir in order:
+                r = migration_run(bin_dir, flows)
+                if isinstance(r, str):
+                    emit({"bench": "ab_migration_failed", "flows": flows, "pair": i + 1,
+                          "build": name, "error": r})
+                    write_results(args.smoke, stamp)
+                    sys.exit(f"ab: migration of {flows} flows by {name} "
+                             f"({base_note if name == 'base' else new_note}) failed: {r}")
+                emit({"bench": "ab_migration_run", "flows": flows, "pair": i + 1,
+                      "build": name, **r})
+                got[name] = r
+                runs[name].append(r)
+            ratio = got["base"]["ms"] / got["new"]["ms"] if got["new"]["ms"] else 0.0
+            ratios.append(ratio)
+            print(f"ab: {flows} flows, pair {i + 1}: base {got['base']['ms']:.3f} new "
+                  f"{got['new']['ms']:.3f} ms, base/new {ratio:.3f}", file=sys.stderr,
+                  flush=True)
+        q1, q3 = quartiles(ratios)
+        b_ms = [r["ms"] for r in runs["base"]]
+        n_ms = [r["ms"] for r in runs["new"]]
+        row = {"bench": "ab_migration", "flows": flows, "path": "one host",
+               "pairs": args.pairs,
+               "base_ms_median": round(statistics.median(b_ms), 3),
+               "new_ms_median": round(statistics.median(n_ms), 3),
+               "ratio": "base ms / new ms: above 1, new is faster",
+               "ratio_median": round(statistics.median(ratios), 3),
+               "ratio_min": round(min(ratios), 3), "ratio_q1": round(q1, 3),
+               "ratio_q3": round(q3, 3), "ratio_max": round(max(ratios), 3),
+               "base_runs_ms": b_ms, "new_runs_ms": n_ms}
+        for name in ("base", "new"):
+            for key in ("sink_lost", "sink_reordered", "sink_duplicates", "overload_drops"):
+                row[f"{name}_{key}_max"] = max(r[key] for r in runs[name])
+        emit(row)
+        table.append(row)
+
+    print()
+    print(f"base: {base_note}")
+    print(f"new:  {new_note}")
+    print("each run: scripts/bench/run.py --only migration --repeat 1 --path 'one host' "
+          "(the working tree's), NF_BENCH_BIN=the build")
+    print("base/new = base ms / new ms: above 1, new migrates faster (the same sense as the "
+          "chain's new/base Mpps)")
+
+    def pair(r, key):
+        return f"{r[f'base_{key}_max']}/{r[f'new_{key}_max']}"
+
+    print(f"\n{'flows':>9} | {'base ms':>9} | {'new ms':>9} | {'base/new median':>15} | "
+          f"{'spread (min, q1-q3, max)':>26} | {'lost b/n':>9} | {'reord b/n':>9} | "
+          f"{'dup b/n':>7} | {'overload b/n':>12}")
+    for r in table:
+        print(f"{r['flows']:>9} | {r['base_ms_median']:>9.3f} | {r['new_ms_median']:>9.3f} | "
+              f"{r['ratio_median']:>15.3f} | {r['ratio_min']:.3f}, {r['ratio_q1']:.3f}-"
+              f"{r['ratio_q3']:.3f}, {r['ratio_max']:.3f} | {pair(r, 'sink_lost'):>9} | "
+              f"{pair(r, 'sink_reordered'):>9} | {pair(r, 'sink_duplicates'):>7} | "
+              f"{pair(r, 'overload_drops'):>12}")
+    write_results(args.smoke, stamp)
+
+
+def write_results(smoke, stamp):
+    outdir = os.path.join(ROOT, "target", "bench")
+    os.makedirs(outdir, exist_ok=True)
+    path = os.path.join(outdir, f"ab-{'smoke-' if smoke else ''}{stamp}.jsonl")
+    with open(path, "w") as f:
+        for r in RESULTS:
+            f.write(json.dumps(r) + "\n")
+    print(f"\nab: results in {path}", file=sys.stderr)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,13 +355,21 @@ def main():
                     help="flow counts for the instruction counts ('' for none)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="counted: measured rounds over every flow")
-    ap.add_argument("--smoke", action="store_true", help="one short pair, a small count")
+    ap.add_argument("--smoke", action="store_true",
+                    help="one short pair, a small count (--migration: one pair at 1,000 flows)")
+    ap.add_argument("--migration", action="store_true",
+                    help="the whole platform on the migration benchmark, not the chain (root)")
+    ap.add_argument("--migration-sizes", default="1000,600000",
+                    help="--migration: flow counts to migrate")
     args = ap.parse_args()
-    if args.smoke:
-        args.pairs, args.sizes, args.seconds, args.count_sizes = 1, "10000", 0.3, "2000"
-    elif args.pairs < 7:
+    if args.pairs < 7 and not args.smoke:
         print("ab: fewer than 7 pairs is not enough to read a ratio on this machine",
               file=sys.stderr)
+    if args.migration:
+        migration_ab(args)
+        return
+    if args.smoke:
+        args.pairs, args.sizes, args.seconds, args.count_sizes = 1, "10000", 0.3, "2000"
 
     base, base_note = prepare(args.base)
     new, new_note = prepare(args.new)
@@ -244,13 +441,7 @@ def main():
                   f"{n['instructions_per_packet']:>7.1f} | {r['instructions_ratio']:>6.3f} | "
                   f"{b['d1_misses_per_packet']:>17.2f} | {n['d1_misses_per_packet']:>6.2f} | "
                   f"{b['l2_misses_per_packet']:>16.3f} | {n['l2_misses_per_packet']:>6.3f}")
-    outdir = os.path.join(ROOT, "target", "bench")
-    os.makedirs(outdir, exist_ok=True)
-    path = os.path.join(outdir, f"ab-{'smoke-' if args.smoke else ''}{stamp}.jsonl")
-    with open(path, "w") as f:
-        for r in RESULTS:
-            f.write(json.dumps(r) + "\n")
-    print(f"\nab: results in {path}", file=sys.stderr)
+    write_results(args.smoke, stamp)
 
 
 if __name__ == "__main__":
