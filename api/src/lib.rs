@@ -13,7 +13,7 @@
 //! one file against this module and adds one line to the registry (`nfs::registry`).
 //!
 //! The runtime keeps every NF's state of a flow side by side in the flow's record
-//! ([`FlowRecords`], indexed by the flow's slot; [`TypedStage`] knows where its NF's is): no
+//! ([`FlowRecords`], indexed by the flow's row; [`TypedStage`] knows where its NF's is): no
 //! allocation per flow and per NF, and a packet's chain finds all its states on a line or
 //! two.
 //!
@@ -250,35 +250,35 @@ pub trait Stage: Send {
     /// Takes a field for the function's per-flow state in `records` (once, before the
     /// first flow). False if the records' layout is already fixed.
     fn attach(&mut self, records: &mut FlowRecords) -> bool;
-    /// Runs the function on a packet of the flow in `slot` (creating its state first when
+    /// Runs the function on a packet of the flow in `row` (creating its state first when
     /// `new`, or when it has none).
     fn process(
         &mut self,
         records: &mut FlowRecords,
-        slot: u32,
+        row: u32,
         new: bool,
         pkt: &mut PacketMut<'_>,
         ctx: &mut NfContext<'_>,
     ) -> Verdict;
-    /// Ends the flow in `slot`, if it has state here.
-    fn end_flow(&mut self, records: &mut FlowRecords, slot: u32, ctx: &mut NfContext<'_>);
+    /// Ends the flow in `row`, if it has state here.
+    fn end_flow(&mut self, records: &mut FlowRecords, row: u32, ctx: &mut NfContext<'_>);
     /// Appends the flow's state, serialised, to `out`; false (with `out` as it was) when
     /// the function holds none for it. Migration writes every flow of a group into one
     /// buffer this way.
-    fn save_into(&self, records: &FlowRecords, slot: u32, out: &mut Vec<u8>) -> bool;
-    /// Installs a serialised state for the flow in `slot`.
+    fn save_into(&self, records: &FlowRecords, row: u32, out: &mut Vec<u8>) -> bool;
+    /// Installs a serialised state for the flow in `row`.
     fn restore(
         &mut self,
         records: &mut FlowRecords,
-        slot: u32,
+        row: u32,
         bytes: &[u8],
     ) -> Result<(), postcard::Error>;
     /// Forgets the flow's state without ending it (the flow moved to another runtime, which
     /// ends it there; resources it holds, such as a NAT port, stay reserved here).
-    fn discard(&mut self, records: &mut FlowRecords, slot: u32);
-    /// Keeps reserved what the flow in `slot` holds of this instance's resources
+    fn discard(&mut self, records: &mut FlowRecords, row: u32);
+    /// Keeps reserved what the flow in `row` holds of this instance's resources
     /// ([`NetworkFunction::reserve`]).
-    fn reserve(&mut self, records: &FlowRecords, slot: u32, ctx: &mut NfContext<'_>);
+    fn reserve(&mut self, records: &FlowRecords, row: u32, ctx: &mut NfContext<'_>);
     /// Reserves (`reserve`) or frees what a flow with this serialised state, living in
     /// another runtime, holds of this instance's resources. A state that does not decode is
     /// an error and changes nothing.
@@ -336,13 +336,13 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
     fn process(
         &mut self,
         records: &mut FlowRecords,
-        slot: u32,
+        row: u32,
         new: bool,
         pkt: &mut PacketMut<'_>,
         ctx: &mut NfContext<'_>,
     ) -> Verdict {
         // The flow's record exists: the flow table made it with the flow.
-        let Some(cell) = self.field.and_then(|f| records.cell_mut(&f, slot)) else {
+        let Some(cell) = self.field.and_then(|f| records.cell_mut(&f, row)) else {
             return Verdict::Drop;
         };
         let state = match cell {
@@ -352,18 +352,18 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
         self.nf.process(pkt, state, ctx)
     }
 
-    fn end_flow(&mut self, records: &mut FlowRecords, slot: u32, ctx: &mut NfContext<'_>) {
+    fn end_flow(&mut self, records: &mut FlowRecords, row: u32, ctx: &mut NfContext<'_>) {
         let taken = self
             .field
-            .and_then(|f| records.cell_mut(&f, slot))
+            .and_then(|f| records.cell_mut(&f, row))
             .and_then(Option::take);
         if let Some(st) = taken {
             self.nf.end_flow(st, ctx);
         }
     }
 
-    fn save_into(&self, records: &FlowRecords, slot: u32, out: &mut Vec<u8>) -> bool {
-        let Some(Some(st)) = self.field.and_then(|f| records.cell(&f, slot)) else {
+    fn save_into(&self, records: &FlowRecords, row: u32, out: &mut Vec<u8>) -> bool {
+        let Some(Some(st)) = self.field.and_then(|f| records.cell(&f, row)) else {
             return false;
         };
         let mark = out.len();
@@ -377,11 +377,11 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
     fn restore(
         &mut self,
         records: &mut FlowRecords,
-        slot: u32,
+        row: u32,
         bytes: &[u8],
     ) -> Result<(), postcard::Error> {
         let st: N::State = postcard::from_bytes(bytes)?;
-        match self.field.and_then(|f| records.cell_mut(&f, slot)) {
+        match self.field.and_then(|f| records.cell_mut(&f, row)) {
             Some(cell) => {
                 *cell = Some(st);
                 Ok(())
@@ -392,14 +392,14 @@ impl<N: NetworkFunction> Stage for TypedStage<N> {
         }
     }
 
-    fn discard(&mut self, records: &mut FlowRecords, slot: u32) {
-        if let Some(cell) = self.field.and_then(|f| records.cell_mut(&f, slot)) {
+    fn discard(&mut self, records: &mut FlowRecords, row: u32) {
+        if let Some(cell) = self.field.and_then(|f| records.cell_mut(&f, row)) {
             *cell = None;
         }
     }
 
-    fn reserve(&mut self, records: &FlowRecords, slot: u32, ctx: &mut NfContext<'_>) {
-        if let Some(Some(st)) = self.field.and_then(|f| records.cell(&f, slot)) {
+    fn reserve(&mut self, records: &FlowRecords, row: u32, ctx: &mut NfContext<'_>) {
+        if let Some(Some(st)) = self.field.and_then(|f| records.cell(&f, row)) {
             self.nf.reserve(st, ctx);
         }
     }

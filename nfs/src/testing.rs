@@ -160,34 +160,34 @@ impl Harness {
                 .map(|(_, s)| *s)
         });
         let new = found.is_none();
-        let slot = found.unwrap_or_else(|| {
+        let row = found.unwrap_or_else(|| {
             self.flows.push((key, src));
             self.flows.len() - 1
         });
-        let dir = if src == self.flows[slot].1 {
+        let dir = if src == self.flows[row].1 {
             Dir::Original
         } else {
             Dir::Reply
         };
-        let fkey = self.flows[slot].0;
+        let fkey = self.flows[row].0;
         let mut added = Vec::new();
         let mut ctx = NfContext::new(
             0,
             dir,
             &fkey,
-            slot as u64,
+            row as u64,
             std::slice::from_mut(&mut self.counters),
             &mut added,
             &mut self.events,
         );
         // As the runtime's flow table does: the flow's record exists before the chain runs.
-        self.records.reserve(slot as u32 + 1);
+        self.records.reserve(row as u32 + 1);
         let v = self
             .stage
-            .process(&mut self.records, slot as u32, new, &mut pkt, &mut ctx);
+            .process(&mut self.records, row as u32, new, &mut pkt, &mut ctx);
         let n = pkt.len();
         for a in added {
-            self.alias_map.push((a, slot));
+            self.alias_map.push((a, row));
             self.aliases.push(a);
         }
         buf.truncate(n);
@@ -196,35 +196,34 @@ impl Harness {
 
     /// Ends every flow (as the runtime does at shutdown).
     pub fn end_all(&mut self) {
-        for slot in 0..self.flows.len() {
-            let key = self.flows[slot].0;
+        for row in 0..self.flows.len() {
+            let key = self.flows[row].0;
             let mut added = Vec::new();
             let mut ctx = NfContext::new(
                 0,
                 Dir::Original,
                 &key,
-                slot as u64,
+                row as u64,
                 std::slice::from_mut(&mut self.counters),
                 &mut added,
                 &mut self.events,
             );
-            self.stage
-                .end_flow(&mut self.records, slot as u32, &mut ctx);
+            self.stage.end_flow(&mut self.records, row as u32, &mut ctx);
         }
     }
 
-    /// The flow's state in `slot`, serialised (as migration sends it).
-    pub fn save(&self, slot: u32) -> Option<Vec<u8>> {
+    /// The flow's state in `row`, serialised (as migration sends it).
+    pub fn save(&self, row: u32) -> Option<Vec<u8>> {
         let mut v = Vec::new();
         self.stage
-            .save_into(&self.records, slot, &mut v)
+            .save_into(&self.records, row, &mut v)
             .then_some(v)
     }
 
-    /// Installs a serialised state for the flow in `slot` (the error is the stage's, postcard's).
-    pub fn restore(&mut self, slot: u32, bytes: &[u8]) -> Result<(), impl std::error::Error> {
-        self.records.reserve(slot + 1);
-        self.stage.restore(&mut self.records, slot, bytes)
+    /// Installs a serialised state for the flow in `row` (the error is the stage's, postcard's).
+    pub fn restore(&mut self, row: u32, bytes: &[u8]) -> Result<(), impl std::error::Error> {
+        self.records.reserve(row + 1);
+        self.stage.restore(&mut self.records, row, bytes)
     }
 
     /// Tells the function that a flow with this serialised state lives on in another

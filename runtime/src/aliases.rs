@@ -60,9 +60,9 @@ pub struct AliasCommit<P> {
     done_below: u64,
     /// Epochs sent and not over, oldest (lowest id) first.
     epochs: VecDeque<Epoch>,
-    /// Flows with held packets: slot -> (epoch, flow id).
+    /// Flows with held packets: row -> (epoch, flow id).
     waiting: HashMap<u32, (u64, u64)>,
-    /// Held packets in the order they are to leave: (epoch, slot, flow id, packet). The
+    /// Held packets in the order they are to leave: (epoch, row, flow id, packet). The
     /// epochs never decrease along the queue.
     held: VecDeque<(u64, u32, u64, P)>,
     /// Flows (by id) whose aliases were refused while their packets waited.
@@ -92,30 +92,30 @@ impl<P> AliasCommit<P> {
         }
     }
 
-    /// The epoch a packet of flow (`slot`, `flow`) must wait for: the coming one if the
+    /// The epoch a packet of flow (`row`, `flow`) must wait for: the coming one if the
     /// packet registered aliases (`registered`), else the one its flow already waits for,
     /// if that is not over.
     #[inline]
-    pub fn hold_for(&mut self, slot: u32, flow: u64, registered: bool) -> Option<u64> {
+    pub fn hold_for(&mut self, row: u32, flow: u64, registered: bool) -> Option<u64> {
         if registered {
             return Some(self.next);
         }
         if self.waiting.is_empty() {
             return None;
         }
-        match self.waiting.get(&slot) {
+        match self.waiting.get(&row) {
             Some(&(epoch, id)) if id == flow && epoch >= self.done_below => Some(epoch),
             _ => None,
         }
     }
 
-    /// Whether flow (`slot`, `flow`) has packets waiting for an epoch.
-    pub fn is_waiting(&self, slot: u32, flow: u64) -> bool {
-        matches!(self.waiting.get(&slot), Some(&(e, id)) if id == flow && e >= self.done_below)
+    /// Whether flow (`row`, `flow`) has packets waiting for an epoch.
+    pub fn is_waiting(&self, row: u32, flow: u64) -> bool {
+        matches!(self.waiting.get(&row), Some(&(e, id)) if id == flow && e >= self.done_below)
     }
 
-    /// Holds `p`, a packet of flow (`slot`, `flow`), until `epoch` is over.
-    pub fn hold(&mut self, epoch: u64, slot: u32, flow: u64, p: P) {
+    /// Holds `p`, a packet of flow (`row`, `flow`), until `epoch` is over.
+    pub fn hold(&mut self, epoch: u64, row: u32, flow: u64, p: P) {
         // Packets leave in queue order, so one queued behind a later epoch's packet waits
         // for that epoch too, and so must its flow's next packets: were they to wait only
         // for `epoch`, they could leave while this one is still queued.
@@ -123,8 +123,8 @@ impl<P> AliasCommit<P> {
         if epoch == self.next {
             self.next_held = true;
         }
-        self.waiting.insert(slot, (epoch, flow));
-        self.held.push_back((epoch, slot, flow, p));
+        self.waiting.insert(row, (epoch, flow));
+        self.held.push_back((epoch, row, flow, p));
         self.counters.held += 1;
     }
 
@@ -181,7 +181,7 @@ impl<P> AliasCommit<P> {
         self.release_to(now_ns, &mut |_, _, p| out.push(p), dropped);
     }
 
-    /// As `release`, giving each packet to `emit` with its flow (slot, id).
+    /// As `release`, giving each packet to `emit` with its flow (row, id).
     pub fn release_to(
         &mut self,
         now_ns: u64,
@@ -212,20 +212,20 @@ impl<P> AliasCommit<P> {
 
     /// Moves the packets of epochs below `done_below` out.
     fn release_done(&mut self, emit: &mut dyn FnMut(u32, u64, P), dropped: &mut Vec<P>) {
-        while let Some(&(epoch, slot, flow, _)) = self.held.front() {
+        while let Some(&(epoch, row, flow, _)) = self.held.front() {
             if epoch >= self.done_below {
                 break;
             }
             let Some((_, _, _, p)) = self.held.pop_front() else {
                 break;
             };
-            if self.waiting.get(&slot) == Some(&(epoch, flow)) {
-                self.waiting.remove(&slot);
+            if self.waiting.get(&row) == Some(&(epoch, flow)) {
+                self.waiting.remove(&row);
             }
             if self.refused.contains(&flow) {
                 dropped.push(p);
             } else {
-                emit(slot, flow, p);
+                emit(row, flow, p);
             }
         }
         if self.held.is_empty() {
@@ -268,7 +268,7 @@ mod tests {
     #[test]
     fn packets_wait_for_their_epoch_and_leave_in_order() {
         let mut c = AliasCommit::new(1_000);
-        // Flow 7 (slot 1) registers an alias: its packet waits.
+        // Flow 7 (row 1) registers an alias: its packet waits.
         let e = c.hold_for(1, 7, true).unwrap();
         c.hold(e, 1, 7, 100);
         // Its next packet, before the flush, waits for the same epoch.
@@ -411,7 +411,7 @@ mod tests {
         let mut c = AliasCommit::new(1_000);
         let e = c.hold_for(1, 7, true).unwrap();
         c.hold(e, 1, 7, 1);
-        // Flow 7 ended; slot 1 now holds flow 9.
+        // Flow 7 ended; row 1 now holds flow 9.
         assert_eq!(c.hold_for(1, 9, false), None);
     }
 

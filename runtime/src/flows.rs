@@ -2,9 +2,9 @@
 //! record next to the chain's states of the flow (`nflib::records`).
 //!
 //! Memory matters here (a runtime holds a million flows): the hash index stores only a
-//! 4-byte slot number per key, and equality is checked against the key kept once in the actor
+//! 4-byte row number per key, and equality is checked against the key kept once in the actor
 //! (or in the alias slab), so no key is stored twice. Aliases are chained through their own
-//! slab rather than a vector per flow. Each flow slot has a record (`nflib::records`): the
+//! slab rather than a vector per flow. Each flow row has a record (`nflib::records`): the
 //! actor first, then the chain's functions' states, side by side, so creating a flow
 //! allocates nothing once the records exist, and a packet finds its actor and its states on
 //! a few lines of one page.
@@ -30,7 +30,7 @@ pub mod flag {
     pub const RST: u8 = 32;
     /// The flow is migrating (out or in): its packets go to the migrator first.
     pub const MIGRATING: u8 = 64;
-    /// The slab slot holds a live flow.
+    /// The slab row holds a live flow.
     pub const LIVE: u8 = 128;
 }
 
@@ -152,7 +152,7 @@ impl FlowActor {
 
 struct AliasEntry {
     key: FlowKey,
-    slot: u32,
+    row: u32,
     next: u32,
 }
 
@@ -170,14 +170,14 @@ pub struct FlowTable {
     /// Seeded per process: keys come from the wire, and a fixed hash would let a sender pick
     /// colliding keys.
     hasher: KeyHasher,
-    /// One record per flow slot: the actor first, then every function's state of the flow
+    /// One record per flow row: the actor first, then every function's state of the flow
     /// (fields the chain's functions add), so that a packet finds its actor and states on
     /// the same few lines of one page, asked for with one prefetch.
     records: FlowRecords,
     actor: Field<FlowActor>,
-    /// Slots below this have been handed out (records beyond it may exist, made ready by
+    /// Rows below this have been handed out (records beyond it may exist, made ready by
     /// `reserve`); freed ones wait in `free`.
-    next_slot: u32,
+    next_row: u32,
     free: Vec<u32>,
     aliases: Vec<AliasEntry>,
     free_aliases: Vec<u32>,
@@ -212,7 +212,7 @@ impl FlowTable {
             hasher: KeyHasher::default(),
             records,
             actor,
-            next_slot: 0,
+            next_row: 0,
             free: Vec::new(),
             aliases: Vec::new(),
             free_aliases: Vec::new(),
@@ -270,19 +270,19 @@ impl FlowTable {
 
     /// Batch lookups, step 2: start loading the record (the actor and the functions'
     /// states; for an alias, its entry too) of the flow the key probably names, and return
-    /// its slot.
+    /// its row.
     #[inline(always)]
     pub fn prefetch_entry(&self, hash: u64) -> Option<u32> {
         let v = self.index.peek(hash)?;
-        let slot = if v & ALIAS_BIT != 0 {
+        let row = if v & ALIAS_BIT != 0 {
             let e = self.aliases.get((v & !ALIAS_BIT) as usize)?;
             prefetch(e);
-            e.slot
+            e.row
         } else {
             v
         };
-        self.records.prefetch(slot);
-        Some(slot)
+        self.records.prefetch(row);
+        Some(row)
     }
 
     #[inline]
@@ -297,7 +297,7 @@ impl FlowTable {
             .find(hash, |v| key_of(records, actor, aliases, v) == Some(key))
             .map(|v| {
                 if v & ALIAS_BIT != 0 {
-                    Found::Alias(aliases[(v & !ALIAS_BIT) as usize].slot)
+                    Found::Alias(aliases[(v & !ALIAS_BIT) as usize].row)
                 } else {
                     Found::Key(v)
                 }
@@ -322,37 +322,37 @@ impl FlowTable {
         actor.flags |= flag::LIVE;
         actor.first_alias = NONE;
         let key = actor.key;
-        // A freed slot, or the next one never handed out; taken only once its record
+        // A freed row, or the next one never handed out; taken only once its record
         // exists (making it can fail for want of memory).
-        let (slot, fresh) = match self.free.last() {
+        let (row, fresh) = match self.free.last() {
             Some(&s) => (s, false),
-            None => (self.next_slot, true),
+            None => (self.next_row, true),
         };
         let next = if fresh {
-            slot.checked_add(1)?
+            row.checked_add(1)?
         } else {
-            self.next_slot
+            self.next_row
         };
-        *self.records.entry(&self.actor, slot)? = Some(actor);
+        *self.records.entry(&self.actor, row)? = Some(actor);
         if fresh {
-            self.next_slot = next;
+            self.next_row = next;
         } else {
             self.free.pop();
         }
-        self.index_insert(&key, slot);
+        self.index_insert(&key, row);
         self.live += 1;
-        Some(slot)
+        Some(row)
     }
 
-    /// Makes `key` lead to `slot` too. An alias never replaces a flow's key or another alias.
-    pub fn add_alias(&mut self, slot: u32, key: FlowKey) -> bool {
-        if self.find(&key).is_some() || self.get(slot).is_none() {
+    /// Makes `key` lead to `row` too. An alias never replaces a flow's key or another alias.
+    pub fn add_alias(&mut self, row: u32, key: FlowKey) -> bool {
+        if self.find(&key).is_some() || self.get(row).is_none() {
             return false;
         }
-        let Some(next) = self.get(slot).map(|a| a.first_alias) else {
+        let Some(next) = self.get(row).map(|a| a.first_alias) else {
             return false;
         };
-        let entry = AliasEntry { key, slot, next };
+        let entry = AliasEntry { key, row, next };
         let i = match self.free_aliases.pop() {
             Some(i) => {
                 self.aliases[i as usize] = entry;
@@ -363,7 +363,7 @@ impl FlowTable {
                 (self.aliases.len() - 1) as u32
             }
         };
-        if let Some(a) = self.get_mut(slot) {
+        if let Some(a) = self.get_mut(row) {
             a.first_alias = i;
         }
         self.index_insert(&key, i | ALIAS_BIT);
@@ -371,19 +371,19 @@ impl FlowTable {
     }
 
     #[inline]
-    pub fn get(&self, slot: u32) -> Option<&FlowActor> {
-        self.records.cell(&self.actor, slot)?.as_ref()
+    pub fn get(&self, row: u32) -> Option<&FlowActor> {
+        self.records.cell(&self.actor, row)?.as_ref()
     }
 
     #[inline]
-    pub fn get_mut(&mut self, slot: u32) -> Option<&mut FlowActor> {
-        self.records.cell_mut(&self.actor, slot)?.as_mut()
+    pub fn get_mut(&mut self, row: u32) -> Option<&mut FlowActor> {
+        self.records.cell_mut(&self.actor, row)?.as_mut()
     }
 
     /// Removes a flow with its key and aliases; returns the actor and its alias keys.
-    pub fn remove(&mut self, slot: u32) -> Option<(FlowActor, Vec<FlowKey>)> {
-        let actor = self.records.cell_mut(&self.actor, slot)?.take()?;
-        self.index_remove(&actor.key, slot);
+    pub fn remove(&mut self, row: u32) -> Option<(FlowActor, Vec<FlowKey>)> {
+        let actor = self.records.cell_mut(&self.actor, row)?.take()?;
+        self.index_remove(&actor.key, row);
         let mut keys = Vec::new();
         let mut a = actor.first_alias;
         while a != NONE {
@@ -396,24 +396,24 @@ impl FlowTable {
             keys.push(key);
             a = next;
         }
-        self.free.push(slot);
+        self.free.push(row);
         self.live -= 1;
         Some((actor, keys))
     }
 
-    /// Slots of every live flow.
-    pub fn slots(&self) -> Vec<u32> {
-        self.live_slots().collect()
+    /// Rows of every live flow.
+    pub fn rows(&self) -> Vec<u32> {
+        self.live_rows().collect()
     }
 
-    /// Slots of the live flows, in slab order.
-    pub fn live_slots(&self) -> impl Iterator<Item = u32> + '_ {
+    /// Rows of the live flows, in slab order.
+    pub fn live_rows(&self) -> impl Iterator<Item = u32> + '_ {
         (0..self.slab_len() as u32).filter(|&s| self.get(s).is_some())
     }
 
-    /// Slots handed out, live or free (the bound of a scan by slot).
+    /// Rows handed out, live or free (the bound of a scan by row).
     pub fn slab_len(&self) -> usize {
-        self.next_slot as usize
+        self.next_row as usize
     }
 
     /// Makes room for `additional` more flows (within the capacity) without reallocating
@@ -421,17 +421,17 @@ impl FlowTable {
     /// which the functions' states need room too.
     pub fn reserve(&mut self, additional: usize) -> usize {
         let additional = additional.min(self.capacity.saturating_sub(self.live));
-        let new_slots = additional.saturating_sub(self.free.len());
-        let len = self.slab_len() + new_slots;
+        let new_rows = additional.saturating_sub(self.free.len());
+        let len = self.slab_len() + new_rows;
         // Records (empty) written now, so their pages exist before the flows do.
         self.records.reserve(u32::try_from(len).unwrap_or(u32::MAX));
         len
     }
 
     /// The flow's aliases.
-    pub fn aliases_of(&self, slot: u32) -> Vec<FlowKey> {
+    pub fn aliases_of(&self, row: u32) -> Vec<FlowKey> {
         let mut v = Vec::new();
-        let mut a = self.get(slot).map(|f| f.first_alias).unwrap_or(NONE);
+        let mut a = self.get(row).map(|f| f.first_alias).unwrap_or(NONE);
         while a != NONE {
             v.push(self.aliases[a as usize].key);
             a = self.aliases[a as usize].next;
@@ -440,9 +440,9 @@ impl FlowTable {
     }
 
     /// How many aliases a flow has.
-    pub fn alias_count(&self, slot: u32) -> u32 {
+    pub fn alias_count(&self, row: u32) -> u32 {
         let mut n = 0;
-        let mut a = self.get(slot).map(|f| f.first_alias).unwrap_or(NONE);
+        let mut a = self.get(row).map(|f| f.first_alias).unwrap_or(NONE);
         while a != NONE {
             n += 1;
             a = self.aliases[a as usize].next;
@@ -504,7 +504,7 @@ mod tests {
         assert_eq!(t.find(&key(100)), None);
         assert_eq!(t.find(&key(1)), None);
         let c = t.insert(actor(key(3))).unwrap();
-        assert_eq!(c, a, "slots are reused");
+        assert_eq!(c, a, "rows are reused");
         assert!(t.add_alias(c, key(100)), "alias entries are reused");
         assert_ne!(b, c);
         assert_eq!(t.len(), 2);
@@ -517,7 +517,7 @@ mod tests {
         let a = t.insert(actor(key(1))).unwrap();
         t.insert(actor(key(2))).unwrap();
         t.remove(a).unwrap();
-        // One free slot, one live flow: 9 more fit, 8 of them in new slots.
+        // One free row, one live flow: 9 more fit, 8 of them in new rows.
         assert_eq!(t.reserve(100), 10);
         assert!(t.records.len() >= 10);
         assert_eq!(t.reserve(0), 2);

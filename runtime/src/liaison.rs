@@ -646,7 +646,7 @@ fn list_flows(rt: &Runtime, limit: u32) -> Reply {
     let now = rt.now_ms();
     let flows = rt.flows();
     let list = flows
-        .live_slots()
+        .live_rows()
         .take(limit as usize)
         .filter_map(|s| {
             let a = flows.get(s)?;

@@ -116,8 +116,8 @@ impl FlowHost for Toy {
                     .collect();
                 out.push(Candidate {
                     key: k,
-                    // The toy keeps flows by key: no slot to name.
-                    slot: FlowRef::NO_SLOT,
+                    // The toy keeps flows by key: no row to name.
+                    row: FlowRef::NO_ROW,
                     aliases,
                     vswitch: V,
                 });
@@ -193,7 +193,7 @@ impl FlowHost for Toy {
         for a in &flow.aliases {
             self.aliases.insert(*a, flow.key);
         }
-        Some(FlowRef::NO_SLOT)
+        Some(FlowRef::NO_ROW)
     }
 
     fn install(&mut self, at: &FlowRef, _st: &FlowState, part: &[u8]) -> bool {

@@ -84,10 +84,10 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// (Smaller under test, so that simulations of some hundred flows split their batches.)
 const MAX_BATCH_FLOWS: usize = if cfg!(test) { 64 } else { 8192 };
 
-/// What the replicator keeps per flow slot of the engine.
+/// What the replicator keeps per flow row of the engine.
 #[derive(Clone, Copy, Debug)]
 struct Tracked {
-    /// The flow's id (0: the slot is not tracked).
+    /// The flow's id (0: the row is not tracked).
     id: u64,
     /// Index of its replica in `links`, or `NO_LINK`.
     link: u16,
@@ -126,7 +126,7 @@ impl Tracked {
 /// A held packet: the version it waits for, its flow, when it must go at the latest.
 struct Held<P> {
     version: u64,
-    slot: u32,
+    row: u32,
     id: u64,
     deadline_ns: u64,
     pkt: P,
@@ -247,7 +247,7 @@ pub struct Replicator<P> {
     /// Round-robin cursor over `links`.
     cursor: usize,
     tracked: Vec<Tracked>,
-    /// Per slot and function: a hash of the state the replica holds.
+    /// Per row and function: a hash of the state the replica holds.
     hashes: Vec<u64>,
     dirty: Vec<u32>,
     /// Dirty flows whose replica's link is congested: dirty again when it drains.
@@ -335,14 +335,14 @@ impl<P> Replicator<P> {
         None
     }
 
-    fn track(&mut self, slot: u32, id: u64) -> &mut Tracked {
-        let s = slot as usize;
+    fn track(&mut self, row: u32, id: u64) -> &mut Tracked {
+        let s = row as usize;
         if self.tracked.len() <= s {
             self.tracked.resize(s + 1, Tracked::EMPTY);
             self.hashes.resize((s + 1) * self.nfs, 0);
         }
         if self.tracked[s].id != id {
-            // A new flow in this slot (or one never seen): it starts unsynced.
+            // A new flow in this row (or one never seen): it starts unsynced.
             self.tracked[s] = Tracked {
                 id,
                 ..Tracked::EMPTY
@@ -351,21 +351,21 @@ impl<P> Replicator<P> {
         &mut self.tracked[s]
     }
 
-    /// A packet of flow (`slot`, `id`) ran through the chain at `now_ms`. Returns whether
+    /// A packet of flow (`row`, `id`) ran through the chain at `now_ms`. Returns whether
     /// its output must be held (then pass it to [`Replicator::hold`]).
     #[inline(always)]
-    pub fn touched(&mut self, slot: u32, id: u64, now_ms: u64) -> bool {
+    pub fn touched(&mut self, row: u32, id: u64, now_ms: u64) -> bool {
         // Off costs the packet path this compare and nothing else.
         if self.settings.mode == Mode::Off {
             return false;
         }
-        self.touched_replicated(slot, id, now_ms)
+        self.touched_replicated(row, id, now_ms)
     }
 
     #[inline(never)]
-    fn touched_replicated(&mut self, slot: u32, id: u64, now_ms: u64) -> bool {
+    fn touched_replicated(&mut self, row: u32, id: u64, now_ms: u64) -> bool {
         let mode = self.settings.mode;
-        let t = self.track(slot, id);
+        let t = self.track(row, id);
         t.since_packets = t.since_packets.saturating_add(1);
         let write = match mode {
             Mode::OutputCommit => true,
@@ -382,11 +382,11 @@ impl<P> Replicator<P> {
         if write {
             if !t.dirty {
                 t.dirty = true;
-                self.dirty.push(slot);
+                self.dirty.push(row);
             }
         } else if !t.pending {
             t.pending = true;
-            self.pending.push(slot);
+            self.pending.push(row);
         }
         // A refused flow's output is held all the same (for as long as the queue ahead
         // of it), so that it never overtakes the flow's earlier packets.
@@ -404,8 +404,8 @@ impl<P> Replicator<P> {
         }
         self.next_scan_ms = now_ms + u64::from(interval_ms / 4).max(1);
         let mut pending = std::mem::take(&mut self.pending);
-        pending.retain(|&slot| {
-            let t = &mut self.tracked[slot as usize];
+        pending.retain(|&row| {
+            let t = &mut self.tracked[row as usize];
             if !t.pending || t.id == 0 {
                 t.pending = false;
                 return false;
@@ -420,45 +420,45 @@ impl<P> Replicator<P> {
             }
             t.pending = false;
             t.dirty = true;
-            self.dirty.push(slot);
+            self.dirty.push(row);
             false
         });
         self.pending = pending;
     }
 
     /// The flow is to be copied whole at the next flush (a flow just taken over).
-    pub fn protect(&mut self, slot: u32, id: u64) {
+    pub fn protect(&mut self, row: u32, id: u64) {
         if self.settings.mode == Mode::Off {
             return;
         }
-        let t = self.track(slot, id);
+        let t = self.track(row, id);
         t.synced = false;
         if !t.dirty {
             t.dirty = true;
-            self.dirty.push(slot);
+            self.dirty.push(row);
         }
     }
 
     /// The flow's aliases changed (they go whole with its next change).
-    pub fn aliases_changed(&mut self, slot: u32, id: u64) {
+    pub fn aliases_changed(&mut self, row: u32, id: u64) {
         if self.settings.mode == Mode::Off {
             return;
         }
-        let t = self.track(slot, id);
+        let t = self.track(row, id);
         t.aliases_changed = true;
         if !t.dirty {
             t.dirty = true;
-            self.dirty.push(slot);
+            self.dirty.push(row);
         }
     }
 
-    /// Holds `pkt`, output of flow (`slot`, `id`) whose packet was just `touched`, until
+    /// Holds `pkt`, output of flow (`row`, `id`) whose packet was just `touched`, until
     /// its replica holds the state it produced. Returns it if it may leave at once (the
     /// flow has no replica and output is not to wait for one).
-    pub fn hold(&mut self, slot: u32, id: u64, pkt: P, now_ns: u64) -> Option<P> {
+    pub fn hold(&mut self, row: u32, id: u64, pkt: P, now_ns: u64) -> Option<P> {
         let deadline_ns =
             now_ns.saturating_add(u64::from(self.settings.commit_wait_ms) * 1_000_000);
-        let link = match self.tracked.get(slot as usize) {
+        let link = match self.tracked.get(row as usize) {
             Some(t) if t.id == id => t.link,
             // Not tracked (the flow has ended): nothing to protect, but its earlier packets
             // may still wait for their version.
@@ -468,12 +468,12 @@ impl<P> Replicator<P> {
             match self.live_link() {
                 Some(l) => {
                     // Its new replica must get it whole before this packet may go.
-                    let t = &mut self.tracked[slot as usize];
+                    let t = &mut self.tracked[row as usize];
                     t.link = l;
                     t.synced = false;
                     if !t.dirty {
                         t.dirty = true;
-                        self.dirty.push(slot);
+                        self.dirty.push(row);
                     }
                     l
                 }
@@ -485,7 +485,7 @@ impl<P> Replicator<P> {
                     self.counters.held += 1;
                     self.orphans.push_back(Held {
                         version: 0,
-                        slot,
+                        row,
                         id,
                         deadline_ns,
                         pkt,
@@ -500,7 +500,7 @@ impl<P> Replicator<P> {
         self.counters.held += 1;
         l.held.push_back(Held {
             version: l.next,
-            slot,
+            row,
             id,
             deadline_ns,
             pkt,
@@ -514,31 +514,31 @@ impl<P> Replicator<P> {
     /// alias commit, overtake its earlier ones. With none held, it may leave at once.
     fn behind_earlier(&mut self, id: u64, pkt: P, deadline_ns: u64) -> Option<P> {
         for l in self.links.iter_mut() {
-            let Some(slot) = l.held.iter().rev().find(|h| h.id == id).map(|h| h.slot) else {
+            let Some(row) = l.held.iter().rev().find(|h| h.id == id).map(|h| h.row) else {
                 continue;
             };
             let version = l.held.back().map_or(l.next, |h| h.version);
             self.counters.held += 1;
             l.held.push_back(Held {
                 version,
-                slot,
+                row,
                 id,
                 deadline_ns,
                 pkt,
             });
             return None;
         }
-        if let Some(slot) = self
+        if let Some(row) = self
             .orphans
             .iter()
             .rev()
             .find(|h| h.id == id)
-            .map(|h| h.slot)
+            .map(|h| h.row)
         {
             self.counters.held += 1;
             self.orphans.push_back(Held {
                 version: 0,
-                slot,
+                row,
                 id,
                 deadline_ns,
                 pkt,
@@ -553,7 +553,7 @@ impl<P> Replicator<P> {
         !self.dirty.is_empty()
     }
 
-    /// Takes the dirty flows (slot, id) for the engine to write with `write_flow`; the list
+    /// Takes the dirty flows (row, id) for the engine to write with `write_flow`; the list
     /// it gives back is to be returned with `return_dirty` (kept to avoid allocating).
     pub fn take_dirty(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.dirty)
@@ -566,33 +566,33 @@ impl<P> Replicator<P> {
         }
     }
 
-    /// The id tracked in `slot`, if it is dirty (the engine checks it still holds that
+    /// The id tracked in `row`, if it is dirty (the engine checks it still holds that
     /// flow before writing it).
-    pub fn dirty_id(&self, slot: u32) -> Option<u64> {
+    pub fn dirty_id(&self, row: u32) -> Option<u64> {
         self.tracked
-            .get(slot as usize)
+            .get(row as usize)
             .filter(|t| t.dirty && t.id != 0)
             .map(|t| t.id)
     }
 
-    /// Writes dirty flow `slot` into its replica's batch: the platform's part (`meta`,
+    /// Writes dirty flow `row` into its replica's batch: the platform's part (`meta`,
     /// `aliases` when they changed) and each function's state that differs from what the
     /// replica holds (`save(i, out)` appends function `i`'s state to `out`, false for
     /// none). A flow without a live replica gets one here.
     pub fn write_flow(
         &mut self,
-        slot: u32,
+        row: u32,
         now_ms: u64,
         meta: &FlowMeta,
         aliases: &dyn Fn() -> Vec<FlowKey>,
         save: &mut dyn FnMut(usize, &mut Vec<u8>) -> bool,
     ) {
-        let s = slot as usize;
+        let s = row as usize;
         let Some(t) = self.tracked.get(s).copied() else {
             return;
         };
         if !t.dirty {
-            // Listed twice (the slot's flow changed in between): written already.
+            // Listed twice (the row's flow changed in between): written already.
             return;
         }
         self.tracked[s].dirty = false;
@@ -618,7 +618,7 @@ impl<P> Replicator<P> {
         if self.links[link as usize].congested() {
             // Written, newest, once the link drains; its output waits for that.
             self.tracked[s].dirty = true;
-            self.deferred.push(slot);
+            self.deferred.push(row);
             return;
         }
         let t = self.tracked[s];
@@ -635,12 +635,12 @@ impl<P> Replicator<P> {
             } else {
                 0
             };
-            let slot_hash = &mut self.hashes[s * self.nfs + i];
-            if !whole && *slot_hash == h {
+            let row_hash = &mut self.hashes[s * self.nfs + i];
+            if !whole && *row_hash == h {
                 self.counters.states_unchanged += 1;
                 continue;
             }
-            *slot_hash = h;
+            *row_hash = h;
             changed |= 1 << i;
             let scratch = &self.scratch;
             states::push(&mut l.states, |out| {
@@ -683,14 +683,14 @@ impl<P> Replicator<P> {
         t.flags = meta.flags;
     }
 
-    /// Flow (`slot`, `id`) ended: its replica forgets it. Its held packets stay queued and
+    /// Flow (`row`, `id`) ended: its replica forgets it. Its held packets stay queued and
     /// leave as they would have.
     #[inline]
-    pub fn ended(&mut self, slot: u32, id: u64) {
+    pub fn ended(&mut self, row: u32, id: u64) {
         if self.tracked.is_empty() {
             return;
         }
-        let Some(t) = self.tracked.get_mut(slot as usize) else {
+        let Some(t) = self.tracked.get_mut(row as usize) else {
             return;
         };
         if t.id != id {
@@ -1028,7 +1028,7 @@ impl<P> Replicator<P> {
     /// Puts a held packet behind its flow's (new) replica's next version, or with the
     /// orphans.
     fn requeue(&mut self, mut h: Held<P>) {
-        let t = self.tracked.get(h.slot as usize).copied();
+        let t = self.tracked.get(h.row as usize).copied();
         let link = match t {
             Some(t) if t.id == h.id && t.link != NO_LINK && self.links[t.link as usize].live => {
                 Some(t.link)
@@ -1036,7 +1036,7 @@ impl<P> Replicator<P> {
             Some(t) if t.id == h.id => {
                 let l = self.live_link();
                 if let Some(l) = l {
-                    let t = &mut self.tracked[h.slot as usize];
+                    let t = &mut self.tracked[h.row as usize];
                     t.link = l;
                     t.synced = false;
                 }
@@ -1061,15 +1061,15 @@ impl<P> Replicator<P> {
         }
         let orphans = std::mem::take(&mut self.orphans);
         for h in orphans {
-            let slot = h.slot;
+            let row = h.row;
             let mark = self
                 .tracked
-                .get(slot as usize)
+                .get(row as usize)
                 .is_some_and(|t| t.id == h.id && !t.dirty);
             self.requeue(h);
             if mark {
-                self.tracked[slot as usize].dirty = true;
-                self.dirty.push(slot);
+                self.tracked[row as usize].dirty = true;
+                self.dirty.push(row);
             }
         }
     }

@@ -91,7 +91,7 @@ impl Net {
     }
 }
 
-/// The toy primary: flows 0..n in slots 0..n, ids from 1.
+/// The toy primary: flows 0..n in rows 0..n, ids from 1.
 struct Primary {
     repl: Replicator<(u32, u32)>,
     /// Per flow: packets processed, and the first packet's number (state of function 1).
@@ -110,10 +110,10 @@ impl Primary {
         room: &dyn Fn(EndpointAddr) -> usize,
     ) {
         let dirty = self.repl.take_dirty();
-        for &slot in &dirty {
-            let f = slot as usize;
+        for &row in &dirty {
+            let f = row as usize;
             let meta = FlowMeta {
-                key: key(slot),
+                key: key(row),
                 vswitch: EndpointAddr::new(1, 1),
                 home: EndpointAddr::new(1, 2),
                 flags: 0,
@@ -123,7 +123,7 @@ impl Primary {
             let count = self.count[f];
             let first = self.first[f];
             self.repl.write_flow(
-                slot,
+                row,
                 now_us / 1000,
                 &meta,
                 &Vec::new,

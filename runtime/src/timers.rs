@@ -3,12 +3,12 @@
 //! Each flow has at most one live entry, tagged with the flow's timer generation; entries
 //! whose generation no longer matches are stale and skipped. Deadlines are re-checked when an
 //! entry fires (a flow that saw packets since is re-armed), so packets never touch the wheel.
-//! Deadlines beyond the wheel's horizon park in the last slot and are re-armed on firing.
+//! Deadlines beyond the wheel's horizon park in the last bucket and are re-armed on firing.
 
-/// One timer entry: a flow slot and the generation it was armed with.
+/// One timer entry: a flow row and the generation it was armed with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
-    pub slot: u32,
+    pub row: u32,
     pub gen: u32,
 }
 
@@ -76,24 +76,24 @@ mod tests {
     #[test]
     fn fires_at_the_deadline_not_before() {
         let mut w = TimerWheel::new(16, 10, 0);
-        w.arm(Entry { slot: 1, gen: 0 }, 35);
-        w.arm(Entry { slot: 2, gen: 0 }, 5);
+        w.arm(Entry { row: 1, gen: 0 }, 35);
+        w.arm(Entry { row: 2, gen: 0 }, 5);
         let mut fired = Vec::new();
         w.advance(9, &mut fired, 100);
         assert!(fired.is_empty());
         w.advance(10, &mut fired, 100);
-        assert_eq!(fired, vec![Entry { slot: 2, gen: 0 }]);
+        assert_eq!(fired, vec![Entry { row: 2, gen: 0 }]);
         fired.clear();
         w.advance(39, &mut fired, 100);
         assert!(fired.is_empty());
         w.advance(40, &mut fired, 100);
-        assert_eq!(fired, vec![Entry { slot: 1, gen: 0 }]);
+        assert_eq!(fired, vec![Entry { row: 1, gen: 0 }]);
     }
 
     #[test]
     fn far_deadlines_park_at_the_horizon_and_limits_hold() {
         let mut w = TimerWheel::new(4, 10, 0);
-        w.arm(Entry { slot: 1, gen: 0 }, 1_000);
+        w.arm(Entry { row: 1, gen: 0 }, 1_000);
         let mut fired = Vec::new();
         w.advance(30, &mut fired, 100);
         assert_eq!(
@@ -102,7 +102,7 @@ mod tests {
             "parked at the horizon (30 ms), for the caller to re-arm"
         );
         for i in 0..10 {
-            w.arm(Entry { slot: i, gen: 0 }, 45);
+            w.arm(Entry { row: i, gen: 0 }, 45);
         }
         fired.clear();
         w.advance(100, &mut fired, 4);

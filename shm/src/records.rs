@@ -1,5 +1,5 @@
 //! Per-flow records: the states every function of a chain keeps for one flow, side by side
-//! in one block of memory per flow slot.
+//! in one block of memory per flow row.
 //!
 //! Why one block: a packet's chain reads and writes every function's state of its flow. Kept
 //! in an array per function, that is a cache line (and, past the TLB's reach, a page walk)
@@ -166,7 +166,7 @@ impl FlowRecords {
         self.stride
     }
 
-    /// Records that exist (the highest slot written, plus one).
+    /// Records that exist (the highest row written, plus one).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -214,18 +214,18 @@ impl FlowRecords {
     }
 
     /// Reserves (without touching: the kernel backs the pages as records are first written)
-    /// room for `slots` records, so the records never move. False if it could not be had;
+    /// room for `rows` records, so the records never move. False if it could not be had;
     /// the table then grows, moving its records, as a vector does.
-    pub fn reserve_for(&mut self, slots: usize) -> bool {
+    pub fn reserve_for(&mut self, rows: usize) -> bool {
         // Without fields there is nothing to reserve, and a field added later would make
         // the table grow after all: say so.
-        !self.fields.is_empty() && self.set_capacity(slots)
+        !self.fields.is_empty() && self.set_capacity(rows)
     }
 
-    /// Creates the records of every slot below `slots` now (every field `None`), so a
+    /// Creates the records of every row below `rows` now (every field `None`), so a
     /// runtime told to expect flows takes the page faults before they arrive.
-    pub fn reserve(&mut self, slots: u32) {
-        let _ = self.extend_to(slots as usize);
+    pub fn reserve(&mut self, rows: u32) {
+        let _ = self.extend_to(rows as usize);
     }
 
     /// Creates records up to `len` (exclusive). False if memory ran out.
@@ -252,59 +252,59 @@ impl FlowRecords {
         true
     }
 
-    /// The address of `field` in record `slot`, if both are this table's and the record
+    /// The address of `field` in record `row`, if both are this table's and the record
     /// exists.
     #[inline(always)]
-    fn at<T>(&self, field: &Field<T>, slot: u32) -> Option<*mut Option<T>> {
-        let slot = slot as usize;
-        if field.table != self.id || slot >= self.len {
+    fn at<T>(&self, field: &Field<T>, row: u32) -> Option<*mut Option<T>> {
+        let row = row as usize;
+        if field.table != self.id || row >= self.len {
             return None;
         }
         // SAFETY: the record exists within the allocation and the field lies in it.
         Some(unsafe {
             self.ptr
                 .as_ptr()
-                .add(slot * self.stride + field.offset)
+                .add(row * self.stride + field.offset)
                 .cast::<Option<T>>()
         })
     }
 
-    /// The value of `field` in record `slot`; `None` if the record does not exist.
+    /// The value of `field` in record `row`; `None` if the record does not exist.
     #[inline(always)]
-    pub fn cell<T>(&self, field: &Field<T>, slot: u32) -> Option<&Option<T>> {
+    pub fn cell<T>(&self, field: &Field<T>, row: u32) -> Option<&Option<T>> {
         // SAFETY: an existing record's field holds an initialised Option<T> (invariants 2
         // and 3), and `&self` keeps it from changing while borrowed.
-        self.at(field, slot).map(|p| unsafe { &*p })
+        self.at(field, row).map(|p| unsafe { &*p })
     }
 
-    /// The value of `field` in record `slot`, for writing; `None` if the record does not
+    /// The value of `field` in record `row`, for writing; `None` if the record does not
     /// exist.
     #[inline(always)]
-    pub fn cell_mut<T>(&mut self, field: &Field<T>, slot: u32) -> Option<&mut Option<T>> {
+    pub fn cell_mut<T>(&mut self, field: &Field<T>, row: u32) -> Option<&mut Option<T>> {
         // SAFETY: as `cell`, and `&mut self` makes the reference the only one.
-        self.at(field, slot).map(|p| unsafe { &mut *p })
+        self.at(field, row).map(|p| unsafe { &mut *p })
     }
 
-    /// As `cell_mut`, creating the records up to `slot` first (flow slots are handed out
+    /// As `cell_mut`, creating the records up to `row` first (flow rows are handed out
     /// densely, so that is usually one). `None` only if memory ran out or the field is
     /// another table's.
     #[inline]
-    pub fn entry<T>(&mut self, field: &Field<T>, slot: u32) -> Option<&mut Option<T>> {
-        if slot as usize >= self.len && !self.extend_to(slot as usize + 1) {
+    pub fn entry<T>(&mut self, field: &Field<T>, row: u32) -> Option<&mut Option<T>> {
+        if row as usize >= self.len && !self.extend_to(row as usize + 1) {
             return None;
         }
-        self.cell_mut(field, slot)
+        self.cell_mut(field, row)
     }
 
-    /// Starts loading every line of record `slot`.
+    /// Starts loading every line of record `row`.
     #[inline(always)]
-    pub fn prefetch(&self, slot: u32) {
-        let slot = slot as usize;
-        if slot >= self.len {
+    pub fn prefetch(&self, row: u32) {
+        let row = row as usize;
+        if row >= self.len {
             return;
         }
-        // SAFETY: only addresses inside record `slot`, which exists, are formed.
-        let first = unsafe { self.ptr.as_ptr().add(slot * self.stride) };
+        // SAFETY: only addresses inside record `row`, which exists, are formed.
+        let first = unsafe { self.ptr.as_ptr().add(row * self.stride) };
         let mut at = 0;
         while at < self.stride {
             // SAFETY: `at < stride`: still inside the record.
@@ -417,11 +417,11 @@ mod tests {
         let mut t = FlowRecords::new();
         let s = t.add::<u8>().unwrap();
         let b = t.add::<Big>().unwrap();
-        for slot in 0..10 {
-            *t.entry(&b, slot).unwrap() = Some(Big(1));
-            let p = t.cell(&b, slot).unwrap() as *const Option<Big>;
+        for row in 0..10 {
+            *t.entry(&b, row).unwrap() = Some(Big(1));
+            let p = t.cell(&b, row).unwrap() as *const Option<Big>;
             assert_eq!(p as usize % 128, 0);
-            *t.entry(&s, slot).unwrap() = Some(slot as u8);
+            *t.entry(&s, row).unwrap() = Some(row as u8);
         }
         assert_eq!(t.cell(&s, 9), Some(&Some(9)));
     }
@@ -435,9 +435,9 @@ mod tests {
             let mut t = FlowRecords::new();
             let f = t.add::<Rc<()>>().unwrap();
             let g = t.add::<Vec<u32>>().unwrap();
-            for slot in 0..5000u32 {
-                *t.entry(&f, slot).unwrap() = Some(token.clone());
-                *t.entry(&g, slot).unwrap() = Some(vec![slot; 3]);
+            for row in 0..5000u32 {
+                *t.entry(&f, row).unwrap() = Some(token.clone());
+                *t.entry(&g, row).unwrap() = Some(vec![row; 3]);
             }
             assert_eq!(Rc::strong_count(&token), 5001);
             *t.entry(&f, 10).unwrap() = None;

@@ -565,7 +565,7 @@ impl Region {
         }
         let base = self.inner.map.as_mut_ptr();
         // SAFETY: in bounds per the layout; the pointers are non-null.
-        let (hdr_ptr, slots_ptr) = unsafe {
+        let (hdr_ptr, entries_ptr) = unsafe {
             (
                 NonNull::new_unchecked(base.add(off) as *mut RingHeader),
                 NonNull::new_unchecked(base.add(off + RingHeader::SIZE) as *mut Cell<T>),
@@ -573,9 +573,9 @@ impl Region {
         };
         let backing: crate::ring::Backing = self.inner.clone();
         // SAFETY: header initialised at creation with this capacity and element size (checked
-        // above), `cap` slots of `T` follow it inside the mapping, and `T: RingElem` is valid
+        // above), `cap` entries of `T` follow it inside the mapping, and `T: RingElem` is valid
         // for any bit pattern. The backing keeps the mapping alive.
-        Some(unsafe { RingView::from_raw(hdr_ptr, slots_ptr, cap, backing) })
+        Some(unsafe { RingView::from_raw(hdr_ptr, entries_ptr, cap, backing) })
     }
 
     fn buf_meta_unchecked(&self, index: u32) -> &BufMeta {

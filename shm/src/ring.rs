@@ -3,18 +3,18 @@
 //! One ring exists per (producer, consumer) pair and per class (data, messages, pool refill,
 //! pool recycle), so no ring ever has two writers of the same index. That is what keeps the
 //! platform consistent under `kill -9`: a producer that dies in the middle of a burst has
-//! written slots but not published its index, so the consumer never sees a half-written
-//! descriptor, and a shared multi-producer ring cannot be left with a reserved slot that is
+//! written entries but not published its index, so the consumer never sees a half-written
+//! descriptor, and a shared multi-producer ring cannot be left with a reserved entry that is
 //! never filled.
 //!
-//! Indices run freely over `u32` and wrap; the capacity is a power of two so a slot is
+//! Indices run freely over `u32` and wrap; the capacity is a power of two so an entry is
 //! `index & mask`. The producer publishes `prod` with release ordering after writing the
-//! slots; the consumer publishes `cons` with release ordering after reading them. Each side
+//! entries; the consumer publishes `cons` with release ordering after reading them. Each side
 //! keeps a cached copy of the other side's index so the common case touches no line that the
 //! other core writes.
 //!
 //! Consumption is two-phase (`peek_burst` then `release`) so that a consumer can record that
-//! it now owns the buffers it read *before* the producer may reuse the slots: a crash between
+//! it now owns the buffers it read *before* the producer may reuse the entries: a crash between
 //! the two steps leaves the descriptors in the ring, where recovery finds them.
 //!
 //! The other process is not trusted to keep the indices sane: a corrupt index makes the ring
@@ -45,7 +45,7 @@ pub struct RingHeader {
 }
 
 impl RingHeader {
-    /// Bytes reserved for a header in front of the slots.
+    /// Bytes reserved for a header in front of the entries.
     pub const SIZE: usize = std::mem::size_of::<RingHeader>();
 
     /// Writes the immutable geometry. Called by the region creator before publishing it.
@@ -65,16 +65,16 @@ impl RingHeader {
     }
 }
 
-/// A process-local view of one ring: where its header and slots are mapped.
+/// A process-local view of one ring: where its header and entries are mapped.
 pub struct RingView<T> {
     hdr: NonNull<RingHeader>,
-    slots: NonNull<Cell<T>>,
+    entries: NonNull<Cell<T>>,
     mask: u32,
     _backing: Backing,
 }
 
 // SAFETY: the view only holds addresses into memory kept alive by `_backing`; all access to
-// the shared indices is atomic and slot access follows the SPSC protocol, so the view may move
+// the shared indices is atomic and entry access follows the SPSC protocol, so the view may move
 // to another thread. It is deliberately not `Sync` (and neither are the endpoints built on it).
 unsafe impl<T: Send> Send for RingView<T> {}
 
@@ -87,26 +87,26 @@ impl<T> fmt::Debug for RingView<T> {
 }
 
 impl<T: Copy> RingView<T> {
-    /// Builds a view over memory owned by `backing`, with `capacity` slots. The capacity is
+    /// Builds a view over memory owned by `backing`, with `capacity` entries. The capacity is
     /// the caller's (checked against the layout), never re-read from the header: another
     /// process can write the header, and a capacity changed after the check would index
-    /// past the slots.
+    /// past the entries.
     ///
     /// # Safety
     /// `capacity` must be a power of two; `hdr` must point to an initialised `RingHeader`
-    /// followed (at `slots`) by `capacity` slots of `T`, all valid for as long as `backing`
+    /// followed (at `entries`) by `capacity` entries of `T`, all valid for as long as `backing`
     /// lives. `T` must be valid for every bit pattern, because another process writes the
-    /// slots.
+    /// entries.
     pub(crate) unsafe fn from_raw(
         hdr: NonNull<RingHeader>,
-        slots: NonNull<Cell<T>>,
+        entries: NonNull<Cell<T>>,
         capacity: u32,
         backing: Backing,
     ) -> Self {
         debug_assert!(capacity.is_power_of_two());
         RingView {
             hdr,
-            slots,
+            entries,
             mask: capacity - 1,
             _backing: backing,
         }
@@ -119,10 +119,10 @@ impl<T: Copy> RingView<T> {
     }
 
     #[inline(always)]
-    fn slot(&self, index: u32) -> &Cell<T> {
-        // SAFETY: `index & mask` is below the capacity, and the slots were laid out with that
+    fn entry(&self, index: u32) -> &Cell<T> {
+        // SAFETY: `index & mask` is below the capacity, and the entries were laid out with that
         // capacity (constructor contract).
-        unsafe { &*self.slots.as_ptr().add((index & self.mask) as usize) }
+        unsafe { &*self.entries.as_ptr().add((index & self.mask) as usize) }
     }
 
     pub fn capacity(&self) -> u32 {
@@ -150,9 +150,9 @@ impl<T: Copy> RingView<T> {
         let prod = self.header().prod.0.load(Ordering::Acquire);
         let n = prod.wrapping_sub(cons).min(self.capacity());
         for i in 0..n {
-            // SAFETY: slots in [cons, prod) were published by the producer (acquire above).
+            // SAFETY: entries in [cons, prod) were published by the producer (acquire above).
             out.push(
-                self.slot(cons.wrapping_add(i))
+                self.entry(cons.wrapping_add(i))
                     .with(|p| unsafe { p.read() }),
             );
         }
@@ -185,7 +185,7 @@ impl<T: Copy> Producer<T> {
         self.ring.capacity().saturating_sub(used)
     }
 
-    /// Free slots, refreshing the consumer index.
+    /// Free entries, refreshing the consumer index.
     pub fn free_space(&mut self) -> u32 {
         self.cached_cons = self.ring.header().cons.0.load(Ordering::Acquire);
         self.free_with_cached()
@@ -205,10 +205,10 @@ impl<T: Copy> Producer<T> {
             return 0;
         }
         for (i, item) in items[..n].iter().enumerate() {
-            let slot = self.ring.slot(self.head.wrapping_add(i as u32));
-            // SAFETY: the slot lies outside [cons, prod) so the consumer does not read it
+            let entry = self.ring.entry(self.head.wrapping_add(i as u32));
+            // SAFETY: the entry lies outside [cons, prod) so the consumer does not read it
             // until `prod` is published below.
-            slot.with_mut(|p| unsafe { p.write(*item) });
+            entry.with_mut(|p| unsafe { p.write(*item) });
         }
         self.head = self.head.wrapping_add(n as u32);
         self.ring
@@ -260,7 +260,7 @@ impl<T: Copy> Consumer<T> {
     #[inline(always)]
     fn avail_with_cached(&self) -> u32 {
         // A producer that published an index more than `capacity` ahead is corrupt; reading
-        // at most `capacity` slots keeps us inside the ring (the caller validates contents).
+        // at most `capacity` entries keeps us inside the ring (the caller validates contents).
         self.cached_prod
             .wrapping_sub(self.tail)
             .min(self.ring.capacity())
@@ -276,7 +276,7 @@ impl<T: Copy> Consumer<T> {
         self.avail_with_cached() == 0
     }
 
-    /// Copies up to `out.len()` entries without consuming them. The slots stay reserved for
+    /// Copies up to `out.len()` entries without consuming them. The entries stay reserved for
     /// this consumer until `release`; peeking again returns the same entries.
     #[inline]
     pub fn peek_burst(&mut self, out: &mut [T]) -> usize {
@@ -287,16 +287,16 @@ impl<T: Copy> Consumer<T> {
         }
         let n = out.len().min(avail as usize);
         for (i, dst) in out[..n].iter_mut().enumerate() {
-            let slot = self.ring.slot(self.tail.wrapping_add(i as u32));
-            // SAFETY: the slot lies in [cons, prod): published by the producer (acquire above)
+            let entry = self.ring.entry(self.tail.wrapping_add(i as u32));
+            // SAFETY: the entry lies in [cons, prod): published by the producer (acquire above)
             // and not reusable by it until we release.
-            *dst = slot.with(|p| unsafe { p.read() });
+            *dst = entry.with(|p| unsafe { p.read() });
         }
         self.peeked = n as u32;
         n
     }
 
-    /// Hands the first `n` peeked slots back to the producer.
+    /// Hands the first `n` peeked entries back to the producer.
     #[inline]
     pub fn release(&mut self, n: usize) {
         let n = (n as u32).min(self.peeked);
@@ -333,11 +333,11 @@ pub fn heap_ring<T: Copy + Default + Send + 'static>(capacity: u32) -> (Producer
     );
     struct HeapRing<T> {
         hdr: Box<RingHeader>,
-        slots: Box<[Cell<T>]>,
+        entries: Box<[Cell<T>]>,
     }
     // SAFETY: the heap ring is only reached through the SPSC protocol (see `RingView`).
     unsafe impl<T: Send> Sync for HeapRing<T> {}
-    // SAFETY: it owns its header and slots; moving it to another thread moves them whole.
+    // SAFETY: it owns its header and entries; moving it to another thread moves them whole.
     unsafe impl<T: Send> Send for HeapRing<T> {}
 
     let hdr = Box::new(RingHeader {
@@ -346,17 +346,17 @@ pub fn heap_ring<T: Copy + Default + Send + 'static>(capacity: u32) -> (Producer
         capacity,
         elem_size: std::mem::size_of::<T>() as u32,
     });
-    let slots: Box<[Cell<T>]> = (0..capacity).map(|_| Cell::new(T::default())).collect();
-    let backing = Arc::new(HeapRing { hdr, slots });
+    let entries: Box<[Cell<T>]> = (0..capacity).map(|_| Cell::new(T::default())).collect();
+    let backing = Arc::new(HeapRing { hdr, entries });
     let hdr_ptr = NonNull::from(&*backing.hdr);
-    let slots_ptr = NonNull::new(backing.slots.as_ptr() as *mut Cell<T>).expect("non-null");
+    let entries_ptr = NonNull::new(backing.entries.as_ptr() as *mut Cell<T>).expect("non-null");
     let keep: Backing = backing.clone();
-    // SAFETY: header initialised above with a power-of-two capacity; `capacity` slots follow
-    // at `slots_ptr`; both live as long as `backing`, which each view holds.
+    // SAFETY: header initialised above with a power-of-two capacity; `capacity` entries follow
+    // at `entries_ptr`; both live as long as `backing`, which each view holds.
     let (a, b) = unsafe {
         (
-            RingView::from_raw(hdr_ptr, slots_ptr, capacity, keep.clone()),
-            RingView::from_raw(hdr_ptr, slots_ptr, capacity, keep),
+            RingView::from_raw(hdr_ptr, entries_ptr, capacity, keep.clone()),
+            RingView::from_raw(hdr_ptr, entries_ptr, capacity, keep),
         )
     };
     (Producer::new(a), Consumer::new(b))
@@ -440,7 +440,7 @@ mod tests {
 
     fn unsafe_clone_view<T: Copy>(v: &RingView<T>) -> RingView<T> {
         // SAFETY: same memory, same backing; the test hands roles over sequentially.
-        unsafe { RingView::from_raw(v.hdr, v.slots, v.capacity(), v._backing.clone()) }
+        unsafe { RingView::from_raw(v.hdr, v.entries, v.capacity(), v._backing.clone()) }
     }
 
     #[test]
@@ -496,14 +496,14 @@ mod loom_tests {
         });
     }
 
-    /// Two-phase consumption: slots peeked but not released are never overwritten.
+    /// Two-phase consumption: entries peeked but not released are never overwritten.
     #[test]
     fn peeked_slots_are_not_reused_before_release() {
         loom::model(|| {
             let (mut p, mut c) = heap_ring::<u32>(2);
             assert_eq!(p.push_burst(&[10, 11]), 2);
             let t = thread::spawn(move || {
-                // Try to reuse slots while the consumer holds a peek.
+                // Try to reuse entries while the consumer holds a peek.
                 let mut pushed = Vec::new();
                 for v in [12u32, 13] {
                     if p.push(v) {

@@ -80,7 +80,7 @@ impl<V> FlowMap<V> {
     }
 
     #[inline]
-    fn slot_of(&self, key: &FlowKey, hash: u64) -> Option<u32> {
+    fn row_of(&self, key: &FlowKey, hash: u64) -> Option<u32> {
         let slab = &self.slab;
         self.index.find(hash, |s| {
             slab.get(s as usize)
@@ -91,21 +91,21 @@ impl<V> FlowMap<V> {
 
     #[inline]
     pub fn get(&self, key: &FlowKey) -> Option<&V> {
-        let s = self.slot_of(key, self.hash(key))?;
+        let s = self.row_of(key, self.hash(key))?;
         self.slab[s as usize].as_ref().map(|(_, v)| v)
     }
 
     /// The key's value, to change, with the key's `hash` known.
     #[inline]
     pub fn get_mut_hashed(&mut self, key: &FlowKey, hash: u64) -> Option<&mut V> {
-        let s = self.slot_of(key, hash)?;
+        let s = self.row_of(key, hash)?;
         self.slab[s as usize].as_mut().map(|(_, v)| v)
     }
 
     /// Sets the key's value; returns the one it replaced.
     pub fn insert(&mut self, key: FlowKey, v: V) -> Option<V> {
         let hash = self.hash(&key);
-        if let Some(s) = self.slot_of(&key, hash) {
+        if let Some(s) = self.row_of(&key, hash) {
             let (_, old) = self.slab[s as usize].as_mut()?;
             return Some(std::mem::replace(old, v));
         }
@@ -126,7 +126,7 @@ impl<V> FlowMap<V> {
 
     pub fn remove(&mut self, key: &FlowKey) -> Option<V> {
         let hash = self.hash(key);
-        let s = self.slot_of(key, hash)?;
+        let s = self.row_of(key, hash)?;
         self.index.remove(hash, s);
         self.free.push(s);
         self.len -= 1;

@@ -101,7 +101,7 @@ pub struct Runtime<P = Packet> {
     prepared_pkts: Vec<P>,
     /// Flow migration, both as source and as target.
     pub migrator: Migrator,
-    /// Packets held for flows under migration, by flow slot, in arrival order.
+    /// Packets held for flows under migration, by flow row, in arrival order.
     held: HashMap<u32, VecDeque<P>>,
     /// Late stragglers to forward to the runtime that now owns their flow (sent by `flush`).
     forwards: Vec<(EndpointAddr, u64, bool, MovedPacket)>,
@@ -168,12 +168,12 @@ enum Notify {
 
 /// What running the chain on a packet came to.
 enum Ran {
-    /// The verdict, the packet's new length, its flow (slot and id), the alias epoch it
+    /// The verdict, the packet's new length, its flow (row and id), the alias epoch it
     /// must wait for, if any, and whether it waits for its replica (output commit).
     Done(Verdict, usize, (u32, u64), Option<u64>, bool),
     /// Dropped before the chain (table full).
     Dropped,
-    /// The flow is migrating: the migrator decides (its slot and key).
+    /// The flow is migrating: the migrator decides (its row and key).
     Diverted(u32, FlowKey),
 }
 
@@ -304,7 +304,7 @@ impl<P> Runtime<P> {
         self.me
     }
 
-    /// Processes a batch of packets (with the slot each came from): parse and hash them all,
+    /// Processes a batch of packets (with the row each came from): parse and hash them all,
     /// then run the chains in order while loading the lines of the packets a few places
     /// ahead, so the cache misses of a large flow table overlap instead of following one
     /// another. A packet's index line is asked for `2 * AHEAD` packets before its chain
@@ -427,14 +427,14 @@ impl<P> Runtime<P> {
             };
             match result {
                 Ran::Dropped => io.free(pkt),
-                Ran::Diverted(slot, fkey) => {
-                    let mark = self.flows.get(slot).map_or(Mark::None, FlowActor::mark);
+                Ran::Diverted(row, fkey) => {
+                    let mark = self.flows.get(row).map_or(Mark::None, FlowActor::mark);
                     match self.migrator.on_packet(&fkey, mark) {
                         PacketAction::Process => {
                             force = true;
                             continue;
                         }
-                        PacketAction::Hold => self.held.entry(slot).or_default().push_back(pkt),
+                        PacketAction::Hold => self.held.entry(row).or_default().push_back(pkt),
                         PacketAction::Forward { to, group, late } => {
                             let moved = self.moved_packet(region, &pkt, vswitch);
                             self.forwards.push((to, group, late, moved));
@@ -446,7 +446,7 @@ impl<P> Runtime<P> {
                         }
                     }
                 }
-                Ran::Done(verdict, new_len, (slot, flow), wait, commit) => {
+                Ran::Done(verdict, new_len, (row, flow), wait, commit) => {
                     region.set_len(&mut pkt, new_len);
                     if verdict == Verdict::Drop {
                         io.free(pkt);
@@ -458,11 +458,11 @@ impl<P> Runtime<P> {
                     }
                     match wait {
                         // Then, if it must, it waits for its replica (`flush`).
-                        Some(epoch) => self.alias_commit.hold(epoch, slot, flow, pkt),
+                        Some(epoch) => self.alias_commit.hold(epoch, row, flow, pkt),
                         None if commit => {
                             // Packets run from messages come outside a batch's clock.
                             let now_ns = if force { io.now_ns() } else { self.now_ns };
-                            if let Some(p) = self.repl.hold(slot, flow, pkt, now_ns) {
+                            if let Some(p) = self.repl.hold(row, flow, pkt, now_ns) {
                                 self.out.push(p);
                             }
                         }
@@ -691,7 +691,7 @@ impl<P> Runtime<P> {
         }
         // The direction: an alias names the reply direction, a new flow's first packet the
         // original one; under the flow's own key it depends on who opened the flow.
-        let (slot, new, known_dir) = match found {
+        let (row, new, known_dir) = match found {
             Some(Found::Key(s)) => (s, false, None),
             Some(Found::Alias(s)) => (s, false, Some(Dir::Reply)),
             None if self.migrator.gave_back(key, now_ms) => {
@@ -724,12 +724,12 @@ impl<P> Runtime<P> {
                 self.next_id += 1;
                 io.count(ProcCounter::FlowsCreated, 1);
                 let deadline = now_ms + self.settings.unreplied_ms as u64;
-                self.timers.arm(Entry { slot: s, gen: 0 }, deadline);
+                self.timers.arm(Entry { row: s, gen: 0 }, deadline);
                 (s, true, Some(Dir::Original))
             }
         };
         // Platform-level flow tracking.
-        let Some(actor) = self.flows.get_mut(slot) else {
+        let Some(actor) = self.flows.get_mut(row) else {
             return Ran::Dropped;
         };
         let dir = known_dir.unwrap_or(
@@ -740,7 +740,7 @@ impl<P> Runtime<P> {
             },
         );
         if actor.has(flag::MIGRATING) && !force {
-            return Ran::Diverted(slot, actor.key);
+            return Ran::Diverted(row, actor.key);
         }
         actor.packets = actor.packets.wrapping_add(1);
         actor.last_ms = now;
@@ -763,7 +763,7 @@ impl<P> Runtime<P> {
             if !was_closed && actor.closed() {
                 actor.timer_gen = actor.timer_gen.wrapping_add(1);
                 let e = Entry {
-                    slot,
+                    row,
                     gen: actor.timer_gen,
                 };
                 self.timers
@@ -786,7 +786,7 @@ impl<P> Runtime<P> {
         );
         for (i, stage) in self.stages.iter_mut().enumerate() {
             ctx.set_stage(i);
-            match stage.process(self.flows.records_mut(), slot, new, pm, &mut ctx) {
+            match stage.process(self.flows.records_mut(), row, new, pm, &mut ctx) {
                 Verdict::Pass => {}
                 Verdict::Drop => {
                     dropped_by = Some(i);
@@ -804,25 +804,25 @@ impl<P> Runtime<P> {
         }
         let mut registered = false;
         if !self.aliases.is_empty() {
-            match self.register_aliases(io, slot, id, vswitch, now_ms) {
+            match self.register_aliases(io, row, id, vswitch, now_ms) {
                 Some(r) => registered = r,
-                None => return Ran::Done(Verdict::Drop, pm.len(), (slot, id), None, false),
+                None => return Ran::Done(Verdict::Drop, pm.len(), (row, id), None, false),
             }
             if registered {
-                self.repl.aliases_changed(slot, id);
+                self.repl.aliases_changed(row, id);
             }
         }
         // The packet changed the flow's state (or may have): its replica is to learn it.
-        let commit = self.repl.touched(slot, id, now_ms) && verdict != Verdict::Drop;
+        let commit = self.repl.touched(row, id, now_ms) && verdict != Verdict::Drop;
         let wait = if verdict == Verdict::Drop {
             None
         } else {
-            self.alias_commit.hold_for(slot, id, registered)
+            self.alias_commit.hold_for(row, id, registered)
         };
-        Ran::Done(verdict, pm.len(), (slot, id), wait, commit)
+        Ran::Done(verdict, pm.len(), (row, id), wait, commit)
     }
 
-    /// Makes the keys the chain asked for (`self.aliases`) lead to flow `slot` (`id`), to
+    /// Makes the keys the chain asked for (`self.aliases`) lead to flow `row` (`id`), to
     /// be told to its vswitch. Returns whether any is new, or `None` if the flow had to end:
     /// a key is another flow's alias here (two translations to one reply key; the packet is
     /// dropped and the newcomer ends, as when the vswitch refuses it). A key that is a
@@ -831,7 +831,7 @@ impl<P> Runtime<P> {
     fn register_aliases<I: Io<Pkt = P>>(
         &mut self,
         io: &mut I,
-        slot: u32,
+        row: u32,
         id: u64,
         vswitch: EndpointAddr,
         now_ms: u64,
@@ -842,7 +842,7 @@ impl<P> Runtime<P> {
         for &alias in &aliases {
             match self.flows.find(&alias) {
                 None => {}
-                Some(Found::Key(s) | Found::Alias(s)) if s == slot => continue,
+                Some(Found::Key(s) | Found::Alias(s)) if s == row => continue,
                 Some(Found::Key(s))
                     if self.flows.get(s).is_some_and(|a| !a.has(flag::MIGRATING)) =>
                 {
@@ -855,7 +855,7 @@ impl<P> Runtime<P> {
                     break;
                 }
             }
-            if self.flows.add_alias(slot, alias) {
+            if self.flows.add_alias(row, alias) {
                 self.new_aliases.push((vswitch, alias, id));
                 registered = true;
             }
@@ -864,7 +864,7 @@ impl<P> Runtime<P> {
         self.aliases = aliases;
         if refused {
             io.count(ProcCounter::AliasesRefused, 1);
-            self.end_flow(slot, now_ms, Notify::Vswitch, EndReason::Refused);
+            self.end_flow(row, now_ms, Notify::Vswitch, EndReason::Refused);
             return None;
         }
         Some(registered)
@@ -886,7 +886,7 @@ impl<P> Runtime<P> {
         self.timers.advance(now_ms, &mut self.fired, EXPIRE_BATCH);
         let fired = std::mem::take(&mut self.fired);
         for e in &fired {
-            let Some(a) = self.flows.get(e.slot) else {
+            let Some(a) = self.flows.get(e.row) else {
                 continue;
             };
             if a.timer_gen != e.gen {
@@ -902,27 +902,27 @@ impl<P> Runtime<P> {
                 self.timers.arm(*e, deadline);
                 continue;
             }
-            self.end_flow(e.slot, now_ms, Notify::Vswitch, EndReason::Done);
+            self.end_flow(e.row, now_ms, Notify::Vswitch, EndReason::Done);
             io.count(ProcCounter::FlowsExpired, 1);
         }
         self.fired = fired;
         self.fired.clear();
     }
 
-    fn end_flow(&mut self, slot: u32, now_ms: u64, notify: Notify, reason: EndReason) {
-        let Some(a) = self.flows.get(slot) else {
+    fn end_flow(&mut self, row: u32, now_ms: u64, notify: Notify, reason: EndReason) {
+        let Some(a) = self.flows.get(row) else {
             return;
         };
         let key = a.key;
         let id = a.id;
         let home = a.home;
         let idle_ms = ms_since(now_ms, a.last_ms);
-        self.repl.ended(slot, id);
+        self.repl.ended(row, id);
         if home != HERE && notify != Notify::Nobody {
             // Its resources are its home's: free them there.
             let (stages, records) = (&self.stages, self.flows.records());
             self.holds.push(self.homes.addr(home), false, |out| {
-                write_states(stages, records, slot, out)
+                write_states(stages, records, row, out)
             });
         }
         // Aliases it registered that the vswitch has not been told of stay untold.
@@ -941,10 +941,10 @@ impl<P> Runtime<P> {
         ctx.set_end_reason(reason);
         for (i, stage) in self.stages.iter_mut().enumerate() {
             ctx.set_stage(i);
-            stage.end_flow(self.flows.records_mut(), slot, &mut ctx);
+            stage.end_flow(self.flows.records_mut(), row, &mut ctx);
         }
         self.aliases.clear();
-        let Some((a, aliases)) = self.flows.remove(slot) else {
+        let Some((a, aliases)) = self.flows.remove(row) else {
             return;
         };
         let keep = match notify {
@@ -977,8 +977,8 @@ impl<P> Runtime<P> {
     /// the packets still held go back to the pool.
     pub fn end_all<I: Io<Pkt = P>>(&mut self, io: &mut I) {
         let now = self.ms_at(io.now_ns());
-        for slot in self.flows.slots() {
-            self.end_flow(slot, now, Notify::Nobody, EndReason::Stopping);
+        for row in self.flows.rows() {
+            self.end_flow(row, now, Notify::Nobody, EndReason::Stopping);
         }
         self.new_aliases.clear();
         self.ended.clear();
@@ -1120,10 +1120,10 @@ impl<P> Runtime<P> {
         }
     }
 
-    /// Lets the functions reserve what the flow in `slot`, just installed here, holds of
+    /// Lets the functions reserve what the flow in `row`, just installed here, holds of
     /// this runtime's share (`holds`).
-    fn reserve_here(&mut self, slot: u32, now_ms: u64) {
-        let Some(a) = self.flows.get(slot) else {
+    fn reserve_here(&mut self, row: u32, now_ms: u64) {
+        let Some(a) = self.flows.get(row) else {
             return;
         };
         let (key, id) = (a.key, a.id);
@@ -1138,7 +1138,7 @@ impl<P> Runtime<P> {
         );
         for (i, stage) in self.stages.iter_mut().enumerate() {
             ctx.set_stage(i);
-            stage.reserve(self.flows.records(), slot, &mut ctx);
+            stage.reserve(self.flows.records(), row, &mut ctx);
         }
         self.aliases.clear();
     }
@@ -1213,15 +1213,15 @@ impl<P> Runtime<P> {
                 io.count(ProcCounter::ActorSendRefused, 1);
             }
         };
-        for slot in self.flows.live_slots() {
-            let Some(a) = self.flows.get(slot) else {
+        for row in self.flows.live_rows() {
+            let Some(a) = self.flows.get(row) else {
                 continue;
             };
             if a.vswitch != from {
                 continue;
             }
             keys.push(a.key);
-            aliases.extend(self.flows.aliases_of(slot));
+            aliases.extend(self.flows.aliases_of(row));
             if keys.len() + aliases.len() >= FEED_CHUNK {
                 send(&mut keys, &mut aliases, false);
             }
@@ -1245,10 +1245,10 @@ impl<P> Runtime<P> {
             return;
         };
         let (stages, records) = (&self.stages, self.flows.records());
-        for slot in self.flows.slots() {
-            if self.flows.get(slot).is_some_and(|a| a.home == home) {
+        for row in self.flows.rows() {
+            if self.flows.get(row).is_some_and(|a| a.home == home) {
                 self.holds
-                    .push(from, true, |out| write_states(stages, records, slot, out));
+                    .push(from, true, |out| write_states(stages, records, row, out));
             }
         }
     }
@@ -1531,15 +1531,12 @@ impl<P> Runtime<P> {
             a.flags & !(flag::LIVE | flag::MIGRATING),
         );
         actor.last_ms = now;
-        let slot = self.flows.insert(actor)?;
+        let row = self.flows.insert(actor)?;
         self.next_id += 1;
         let mut ok = true;
         for (i, stage) in self.stages.iter_mut().enumerate() {
             if let Some(Some(bytes)) = a.states.get(i) {
-                if stage
-                    .restore(self.flows.records_mut(), slot, bytes)
-                    .is_err()
-                {
+                if stage.restore(self.flows.records_mut(), row, bytes).is_err() {
                     ok = false;
                     break;
                 }
@@ -1547,21 +1544,21 @@ impl<P> Runtime<P> {
         }
         if !ok {
             for s in self.stages.iter_mut() {
-                s.discard(self.flows.records_mut(), slot);
+                s.discard(self.flows.records_mut(), row);
             }
-            self.flows.remove(slot);
+            self.flows.remove(row);
             return None;
         }
         for al in &a.aliases {
             if let Some(Found::Key(s) | Found::Alias(s)) = self.flows.find(al) {
-                if s != slot {
+                if s != row {
                     self.end_flow(s, now_ms, Notify::Nobody, EndReason::Done);
                     io.count(ProcCounter::StraysTakenOver, 1);
                 }
             }
-            self.flows.add_alias(slot, *al);
+            self.flows.add_alias(row, *al);
         }
-        self.reserve_here(slot, now_ms);
+        self.reserve_here(row, now_ms);
         if a.home != self.me {
             // Its home may be the dead runtime's new life, whose functions know nothing of
             // it: what it holds there stays reserved while it lives here.
@@ -1577,14 +1574,14 @@ impl<P> Runtime<P> {
                 }
             });
         }
-        let f = self.flows.get(slot)?;
+        let f = self.flows.get(row)?;
         let id = f.id;
         // Protected again at once, whole, not at its next packet.
-        self.repl.protect(slot, id);
-        let f = self.flows.get(slot)?;
+        self.repl.protect(row, id);
+        let f = self.flows.get(row)?;
         let deadline = self.deadline(f, now_ms);
         self.timers
-            .arm(Entry { slot, gen: 0 }, deadline.max(now_ms + 1));
+            .arm(Entry { row, gen: 0 }, deadline.max(now_ms + 1));
         Some(())
     }
 
@@ -1596,11 +1593,11 @@ impl<P> Runtime<P> {
         if self.repl.has_dirty() {
             let dirty = self.repl.take_dirty();
             let (flows, stages, homes) = (&self.flows, &self.stages, &self.homes);
-            for &slot in &dirty {
-                let Some(id) = self.repl.dirty_id(slot) else {
+            for &row in &dirty {
+                let Some(id) = self.repl.dirty_id(row) else {
                     continue;
                 };
-                let Some(a) = flows.get(slot).filter(|a| a.id == id) else {
+                let Some(a) = flows.get(row).filter(|a| a.id == id) else {
                     continue;
                 };
                 let meta = FlowMeta {
@@ -1612,11 +1609,11 @@ impl<P> Runtime<P> {
                     age_ms: ms_since(now_ms, a.created_ms),
                 };
                 self.repl.write_flow(
-                    slot,
+                    row,
                     now_ms,
                     &meta,
-                    &|| flows.aliases_of(slot),
-                    &mut |i, out| stages[i].save_into(flows.records(), slot, out),
+                    &|| flows.aliases_of(row),
+                    &mut |i, out| stages[i].save_into(flows.records(), row, out),
                 );
             }
             self.repl.return_dirty(dirty);
@@ -1667,10 +1664,10 @@ impl<P> Runtime<P> {
         let commit = repl.mode() == replication::Mode::OutputCommit;
         self.alias_commit.release_to(
             now_ns,
-            &mut |slot, flow, p| {
+            &mut |row, flow, p| {
                 if !commit {
                     out.push(p);
-                } else if let Some(p) = repl.hold(slot, flow, p, now_ns) {
+                } else if let Some(p) = repl.hold(row, flow, p, now_ns) {
                     out.push(p);
                 }
             },
@@ -1695,10 +1692,10 @@ impl<P> Runtime<P> {
         now_ms: u64,
     ) {
         for &(k, flow) in refused {
-            let Some(Found::Alias(slot)) = self.flows.find(&k) else {
+            let Some(Found::Alias(row)) = self.flows.find(&k) else {
                 continue;
             };
-            let Some(a) = self.flows.get(slot).filter(|a| a.id == flow) else {
+            let Some(a) = self.flows.get(row).filter(|a| a.id == flow) else {
                 continue;
             };
             let migrating = a.has(flag::MIGRATING);
@@ -1706,7 +1703,7 @@ impl<P> Runtime<P> {
             io.count(ProcCounter::AliasesRefused, 1);
             if !migrating {
                 // Forget every key but the refused one, which is another runtime's.
-                self.end_flow(slot, now_ms, Notify::VswitchBut(k), EndReason::Refused);
+                self.end_flow(row, now_ms, Notify::VswitchBut(k), EndReason::Refused);
             }
         }
         if request != 0 {
@@ -1802,24 +1799,24 @@ struct EngineHost<'a, I: Io> {
 }
 
 impl<I: Io> EngineHost<'_, I> {
-    fn slot_of(&self, key: &FlowKey) -> Option<u32> {
+    fn row_of(&self, key: &FlowKey) -> Option<u32> {
         match self.rt.flows.find(key)? {
             Found::Key(s) => Some(s),
             Found::Alias(_) => None,
         }
     }
 
-    /// The slot of a flow migration names: its hint when that slot still holds the key
+    /// The row of a flow migration names: its hint when that row still holds the key
     /// (no hash probe), else a lookup.
-    fn slot_at(&self, f: &FlowRef) -> Option<u32> {
-        match self.rt.flows.get(f.slot) {
-            Some(a) if a.key == f.key => Some(f.slot),
-            _ => self.slot_of(&f.key),
+    fn row_at(&self, f: &FlowRef) -> Option<u32> {
+        match self.rt.flows.get(f.row) {
+            Some(a) if a.key == f.key => Some(f.row),
+            _ => self.row_of(&f.key),
         }
     }
 
-    fn aliases_of(&self, slot: u32) -> Vec<FlowKey> {
-        self.rt.flows.aliases_of(slot)
+    fn aliases_of(&self, row: u32) -> Vec<FlowKey> {
+        self.rt.flows.aliases_of(row)
     }
 }
 
@@ -1844,20 +1841,20 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
     fn pick(&mut self, n: usize, out: &mut Vec<Candidate>) -> bool {
         let end = self.rt.flows.slab_len() as u32;
         while self.rt.pick_cursor < end && out.len() < n {
-            let slot = self.rt.pick_cursor;
+            let row = self.rt.pick_cursor;
             self.rt.pick_cursor += 1;
-            let Some(a) = self.rt.flows.get(slot) else {
+            let Some(a) = self.rt.flows.get(row) else {
                 continue;
             };
             // A flow whose packets wait for its aliases to be confirmed moves once they are.
-            if a.has(flag::MIGRATING) || a.closed() || self.rt.alias_commit.is_waiting(slot, a.id) {
+            if a.has(flag::MIGRATING) || a.closed() || self.rt.alias_commit.is_waiting(row, a.id) {
                 continue;
             }
             let (key, vswitch) = (a.key, a.vswitch);
             out.push(Candidate {
                 key,
-                slot,
-                aliases: self.aliases_of(slot),
+                row,
+                aliases: self.aliases_of(row),
                 vswitch,
             });
         }
@@ -1870,15 +1867,15 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
     }
 
     fn packets(&self, f: &FlowRef) -> Option<u32> {
-        let s = self.slot_at(f)?;
+        let s = self.row_at(f)?;
         self.rt.flows.get(s).map(|a| a.packets)
     }
 
     fn divert(&mut self, f: &FlowRef, group: Option<u64>) -> bool {
-        let Some(slot) = self.slot_at(f) else {
+        let Some(row) = self.row_at(f) else {
             return false;
         };
-        let Some(a) = self.rt.flows.get_mut(slot) else {
+        let Some(a) = self.rt.flows.get_mut(row) else {
             return false;
         };
         match group {
@@ -1894,26 +1891,26 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
                 // saved for the target, its replica was told to forget it (`save`): it is
                 // protected again, whole, now rather than at its next packet.
                 let id = a.id;
-                self.rt.repl.protect(slot, id);
+                self.rt.repl.protect(row, id);
             }
         }
         true
     }
 
     fn group_of(&self, f: &FlowRef) -> Option<u64> {
-        self.rt.flows.get(self.slot_at(f)?)?.moving_out_in()
+        self.rt.flows.get(self.row_at(f)?)?.moving_out_in()
     }
 
     fn save(&mut self, f: &FlowRef, out: &mut Vec<u8>) -> Option<FlowState> {
-        let slot = self.slot_at(f)?;
-        let a = self.rt.flows.get(slot)?;
+        let row = self.row_at(f)?;
+        let a = self.rt.flows.get(row)?;
         // The flow is the target's from here: its copy here must not be promoted should
         // this runtime die (the target replicates it afresh, whole, as it installs it).
         // Should the hand-over fail, the flow's next packet sends it whole again.
-        self.rt.repl.ended(slot, a.id);
+        self.rt.repl.ended(row, a.id);
         let now = self.now_ms;
         let start = out.len();
-        write_states(&self.rt.stages, self.rt.flows.records(), slot, out);
+        write_states(&self.rt.stages, self.rt.flows.records(), row, out);
         Some(FlowState {
             idx: 0,
             flags: a.flags & !(flag::LIVE | flag::MIGRATING),
@@ -1958,16 +1955,16 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
             flag::MIGRATING,
         );
         actor.set_mark(Mark::In(arriving));
-        let slot = self.rt.flows.insert(actor)?;
+        let row = self.rt.flows.insert(actor)?;
         self.rt.next_id += 1;
         for k in &flow.aliases {
-            self.rt.flows.add_alias(slot, *k);
+            self.rt.flows.add_alias(row, *k);
         }
-        Some(slot)
+        Some(row)
     }
 
     fn install(&mut self, f: &FlowRef, st: &FlowState, part: &[u8]) -> bool {
-        let Some(slot) = self.slot_at(f) else {
+        let Some(row) = self.row_at(f) else {
             return false;
         };
         // One state per function, then nothing: anything else is malformed, and what was
@@ -1977,7 +1974,7 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
         for stage in self.rt.stages.iter_mut() {
             ok = match reader.next_state() {
                 Ok(Some(bytes)) => stage
-                    .restore(self.rt.flows.records_mut(), slot, bytes)
+                    .restore(self.rt.flows.records_mut(), row, bytes)
                     .is_ok(),
                 Ok(None) => true,
                 Err(_) => false,
@@ -1988,14 +1985,14 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
         }
         if !ok || !reader.is_done() {
             for s in self.rt.stages.iter_mut() {
-                s.discard(self.rt.flows.records_mut(), slot);
+                s.discard(self.rt.flows.records_mut(), row);
             }
             return false;
         }
         let now = self.now_ms;
         let home = self.rt.homes.index(st.home);
-        self.rt.reserve_here(slot, now);
-        let Some(a) = self.rt.flows.get_mut(slot) else {
+        self.rt.reserve_here(row, now);
+        let Some(a) = self.rt.flows.get_mut(row) else {
             return false;
         };
         a.home = home;
@@ -2008,7 +2005,7 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
         a.packets = 0;
         a.timer_gen = a.timer_gen.wrapping_add(1);
         let e = Entry {
-            slot,
+            row,
             gen: a.timer_gen,
         };
         let a = a.clone();
@@ -2017,15 +2014,15 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
         // Protected at once, whole, not at its first packet here: the source's copy was
         // dropped at hand-over, and an idle flow would otherwise have no replica until
         // its next packet (this runtime's death meanwhile would lose it).
-        self.rt.repl.protect(slot, a.id);
+        self.rt.repl.protect(row, a.id);
         true
     }
 
     fn release_held(&mut self, f: &FlowRef, how: Release) -> u32 {
-        let Some(slot) = self.slot_at(f) else {
+        let Some(row) = self.row_at(f) else {
             return 0;
         };
-        let Some(q) = self.rt.held.remove(&slot) else {
+        let Some(q) = self.rt.held.remove(&row) else {
             return 0;
         };
         let n = q.len() as u32;
@@ -2035,7 +2032,7 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
                 let vswitch = self
                     .rt
                     .flows
-                    .get(slot)
+                    .get(row)
                     .map(|a| a.vswitch)
                     .unwrap_or(self.rt.me);
                 for pkt in q {
@@ -2049,7 +2046,7 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
                 let vswitch = self
                     .rt
                     .flows
-                    .get(slot)
+                    .get(row)
                     .map(|a| a.vswitch)
                     .unwrap_or(self.rt.me);
                 let mut packets = Vec::with_capacity(q.len());
@@ -2079,16 +2076,16 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
     }
 
     fn remove_pending(&mut self, f: &FlowRef) {
-        if let Some(slot) = self.slot_at(f) {
-            if let Some(q) = self.rt.held.remove(&slot) {
+        if let Some(row) = self.row_at(f) {
+            if let Some(q) = self.rt.held.remove(&row) {
                 for pkt in q {
                     self.io.free(pkt);
                 }
             }
             for s in self.rt.stages.iter_mut() {
-                s.discard(self.rt.flows.records_mut(), slot);
+                s.discard(self.rt.flows.records_mut(), row);
             }
-            self.rt.flows.remove(slot);
+            self.rt.flows.remove(row);
         }
     }
 
@@ -2097,20 +2094,20 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
     }
 
     fn end_stray(&mut self, key: &FlowKey) -> bool {
-        let slot = match self.rt.flows.find(key) {
+        let row = match self.rt.flows.find(key) {
             Some(Found::Key(s)) | Some(Found::Alias(s)) => s,
             None => return false,
         };
         if self
             .rt
             .flows
-            .get(slot)
+            .get(row)
             .is_none_or(|a| a.has(flag::MIGRATING))
         {
             return false;
         }
         self.rt
-            .end_flow(slot, self.now_ms, Notify::Vswitch, EndReason::Done);
+            .end_flow(row, self.now_ms, Notify::Vswitch, EndReason::Done);
         true
     }
 
@@ -2131,10 +2128,10 @@ impl<I: Io> FlowHost for EngineHost<'_, I> {
     }
 }
 
-/// The flow's states in `slot`, function by function, in the layout of `nflib::msg::states`.
-fn write_states(stages: &[Box<dyn Stage>], records: &FlowRecords, slot: u32, out: &mut Vec<u8>) {
+/// The flow's states in `row`, function by function, in the layout of `nflib::msg::states`.
+fn write_states(stages: &[Box<dyn Stage>], records: &FlowRecords, row: u32, out: &mut Vec<u8>) {
     for stage in stages {
-        states::push(out, |out| stage.save_into(records, slot, out));
+        states::push(out, |out| stage.save_into(records, row, out));
     }
 }
 

@@ -298,8 +298,8 @@ fn a_replica_takes_over_with_the_primarys_state() {
     turn(&mut replica, &mut rio, &[frame(1000)], 20);
     assert_eq!(rio.count_of(ProcCounter::FlowsCreated), 0, "no new flow");
     assert_eq!(replica.flows().len(), 1);
-    let slot = replica.flows().slots().into_iter().next().unwrap();
-    assert_eq!(replica.flows().get(slot).map(|a| a.key), Some(key));
+    let row = replica.flows().rows().into_iter().next().unwrap();
+    assert_eq!(replica.flows().get(row).map(|a| a.key), Some(key));
 }
 
 /// A primary (`ME`) whose one flow (`frame(1000)`) is replicated to `PEER`; returns the

@@ -85,24 +85,24 @@ impl Default for MigrationSettings {
     }
 }
 
-/// A flow as the migrator names it to its host: its key, and the slot the host said it
-/// keeps it in. The slot is a hint the host checks against the key (the flow may have ended
-/// and its slot been reused), so a stale or missing one costs a lookup, never a wrong flow;
+/// A flow as the migrator names it to its host: its key, and the row the host said it
+/// keeps it in. The row is a hint the host checks against the key (the flow may have ended
+/// and its row been reused), so a stale or missing one costs a lookup, never a wrong flow;
 /// a right one saves a hash probe, a cache miss at a million flows, per step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowRef {
     pub key: FlowKey,
-    pub slot: u32,
+    pub row: u32,
 }
 
 impl FlowRef {
-    /// No slot known: the host looks the key up.
-    pub const NO_SLOT: u32 = u32::MAX;
+    /// No row known: the host looks the key up.
+    pub const NO_ROW: u32 = u32::MAX;
 
     pub fn key_only(key: FlowKey) -> FlowRef {
         FlowRef {
             key,
-            slot: FlowRef::NO_SLOT,
+            row: FlowRef::NO_ROW,
         }
     }
 }
@@ -130,7 +130,7 @@ pub const GROUP_ID_LIMIT: u64 = 1 << 31;
 pub struct Candidate {
     pub key: FlowKey,
     /// Where the host keeps it (see [`FlowRef`]).
-    pub slot: u32,
+    pub row: u32,
     pub aliases: Vec<FlowKey>,
     pub vswitch: EndpointAddr,
 }
@@ -188,7 +188,7 @@ pub trait FlowHost {
     /// loading what those calls will touch.
     fn prepare_pending(&mut self, _flows: &[MigrateFlow]) {}
     /// Target, step 1: a pending actor under the key and aliases (diverted, marked
-    /// `Mark::In(arriving)`), and the slot it is kept in; `None` if the key or an alias
+    /// `Mark::In(arriving)`), and the row it is kept in; `None` if the key or an alias
     /// exists or the table is full.
     fn create_pending(
         &mut self,
@@ -236,7 +236,7 @@ enum OutStage {
 
 struct OutFlow {
     key: FlowKey,
-    slot: u32,
+    row: u32,
     aliases: Vec<FlowKey>,
     /// Packets the vswitch gave this runtime before the switch (all keys).
     sent: u32,
@@ -275,14 +275,14 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 struct InFlow {
     key: FlowKey,
-    slot: u32,
+    row: u32,
 }
 
 impl OutFlow {
     fn at(&self) -> FlowRef {
         FlowRef {
             key: self.key,
-            slot: self.slot,
+            row: self.row,
         }
     }
 }
@@ -291,7 +291,7 @@ impl InFlow {
     fn at(&self) -> FlowRef {
         FlowRef {
             key: self.key,
-            slot: self.slot,
+            row: self.row,
         }
     }
 }

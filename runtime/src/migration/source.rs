@@ -66,7 +66,7 @@ impl Migrator {
             for c in picked.drain(..) {
                 let at = FlowRef {
                     key: c.key,
-                    slot: c.slot,
+                    row: c.row,
                 };
                 // A flow put back for a retry may have ended since, and its key may even be
                 // arriving here from elsewhere now: only a flow still here and not diverted
@@ -80,7 +80,7 @@ impl Migrator {
                 });
                 flows.push(OutFlow {
                     key: c.key,
-                    slot: c.slot,
+                    row: c.row,
                     aliases: c.aliases,
                     sent: 0,
                     drained: false,
@@ -171,7 +171,7 @@ impl Migrator {
                     j.report.groups = j.report.groups.saturating_sub(1);
                     j.retry.extend(flows.into_iter().map(|f| Candidate {
                         key: f.key,
-                        slot: f.slot,
+                        row: f.row,
                         aliases: f.aliases,
                         vswitch,
                     }));

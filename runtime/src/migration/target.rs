@@ -61,12 +61,12 @@ impl Migrator {
             }
             // The host refuses a key it has, so also one pending already (in this group
             // or another) or one the source took back and that still returns to it.
-            let slot = host.create_pending(f, vswitch, id);
-            if let Some(slot) = slot {
-                taken.push(InFlow { key: f.key, slot });
+            let row = host.create_pending(f, vswitch, id);
+            if let Some(row) = row {
+                taken.push(InFlow { key: f.key, row });
                 aliases.extend_from_slice(&f.aliases);
             }
-            accepted.push(slot.is_some());
+            accepted.push(row.is_some());
         }
         if !taken.is_empty() {
             self.in_ids.insert(id, (from, group));
