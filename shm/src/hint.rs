@@ -48,6 +48,9 @@ const HUGE_PAGE: usize = 2 << 20;
 /// miss and a page walk, with 2 MiB pages the TLB covers gigabytes. The kernel also tears
 /// a killed process down faster when it maps fewer, larger pages (its death is seen only
 /// after that). Best effort: where huge pages are off, or the call fails, nothing changes.
+/// On a VM whose hypervisor takes back free 2 MiB blocks (virtio-balloon free page
+/// reporting), a huge page's first touch also faults in the host, several times slower
+/// than zeroing it: docs/PERFORMANCE.md, twenty-first run.
 pub fn prefer_huge_pages(start: *const u8, len: usize) {
     let begin = (start as usize).next_multiple_of(HUGE_PAGE);
     let end = (start as usize).saturating_add(len) & !(HUGE_PAGE - 1);
