@@ -527,18 +527,12 @@ fn a_restarted_runtime_keeps_the_ports_of_its_taken_over_flows_until_they_end() 
     assert_eq!(released, reserved, "every reserved port came back");
 }
 
-/// A migration's source dies right after handing its flows over (step 3 sent), before its
-/// replicas heard that those flows left: their copies must not come back to life. The
-/// copies on the target itself give way to the flows it installed (newer); those on the
-/// third runtime are dropped, as the vswitch gives their keys to the target, not the dead
-/// source. Every flow then has exactly one owner: none lost, none doubled.
-#[test]
-fn a_source_dead_after_handing_flows_over_leaves_one_owner_per_flow() {
-    if !require_root("the source-dies-during-migration test") {
-        return;
-    }
+/// The test bed of the migration-source deaths: three runtimes of `firewall ->
+/// flow_monitor` under output commit, 300 generator flows spread over them (a packet each
+/// every 5 s), every runtime armed with `failpoint`; returns once all 300 are held.
+fn source_death_bed(tag: &str, failpoint: &str) -> common::testbed::Testbed {
     let tb = common::testbed::Testbed::up_with_env(
-        "sd",
+        tag,
         1,
         &[
             "--runtimes",
@@ -552,24 +546,41 @@ fn a_source_dead_after_handing_flows_over_leaves_one_owner_per_flow() {
             "--runtime-set",
             "unreplied_timeout_s = 600",
         ],
-        &[("NF_FAILPOINTS", "migrate-state-sent-crash")],
+        &[("NF_FAILPOINTS", failpoint)],
     );
-    let flows = || -> Vec<u64> {
-        ["rt0", "rt1", "rt2"]
-            .iter()
-            .map(|name| flows_of(&tb, name))
-            .collect()
-    };
     let t0 = Instant::now();
-    while flows().iter().sum::<u64>() < 300 {
+    while flows_of_all(&tb).iter().sum::<u64>() < 300 {
         assert!(
             t0.elapsed() < Duration::from_secs(30),
             "flows: {:?}",
-            flows()
+            flows_of_all(&tb)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(1));
+    tb
+}
+
+/// Flows held by rt0, rt1 and rt2.
+fn flows_of_all(tb: &common::testbed::Testbed) -> Vec<u64> {
+    ["rt0", "rt1", "rt2"]
+        .iter()
+        .map(|name| flows_of(tb, name))
+        .collect()
+}
+
+/// A migration's source dies right after handing its flows over (step 3 sent), before its
+/// replicas heard that those flows left: their copies must not come back to life. The
+/// copies on the target itself give way to the flows it installed (newer); those on the
+/// third runtime are dropped, as the vswitch gives their keys to the target, not the dead
+/// source. Every flow then has exactly one owner: none lost, none doubled.
+#[test]
+fn a_source_dead_after_handing_flows_over_leaves_one_owner_per_flow() {
+    if !require_root("the source-dies-during-migration test") {
+        return;
+    }
+    let tb = source_death_bed("sd", "migrate-state-sent-crash");
+    let flows = || flows_of_all(&tb);
     let before = flows();
     // One group (at most 256 flows move together): the source dies as it sends it.
     let moving = before[0].min(100);
@@ -625,41 +636,14 @@ fn a_source_dead_between_the_switch_and_the_state_leaves_its_flows_to_its_replic
     if !require_root("the source-dies-after-the-switch test") {
         return;
     }
-    let tb = common::testbed::Testbed::up_with_env(
-        "sw",
-        1,
-        &[
-            "--runtimes",
-            "3",
-            "--chain",
-            "firewall,flow_monitor",
-            "--chain-set",
-            "replication = \"output-commit\"",
-            "--gen",
-            "300,0.2,90000",
-            "--runtime-set",
-            "unreplied_timeout_s = 600",
-        ],
-        &[("NF_FAILPOINTS", "migrate-switched-crash")],
-    );
-    let names = ["rt0", "rt1", "rt2"];
-    let flows = || -> Vec<u64> { names.iter().map(|n| flows_of(&tb, n)).collect() };
+    let tb = source_death_bed("sw", "migrate-switched-crash");
+    let flows = || flows_of_all(&tb);
     let survivors = |c: &str| -> u64 {
         ["rt1", "rt2"]
             .iter()
             .map(|r| tb.proc_counter(1, r, c))
             .sum()
     };
-    let t0 = Instant::now();
-    while flows().iter().sum::<u64>() < 300 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "flows: {:?}",
-            flows()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    std::thread::sleep(Duration::from_secs(1));
     let before = flows();
     let created = survivors("flows_created");
     let _ = tb.nfmgr(

@@ -241,53 +241,10 @@ fn under_output_commit_a_packet_waits_for_its_replica() {
 /// here, and the flows go on with the state the primary had (no new flow is made).
 #[test]
 fn a_replica_takes_over_with_the_primarys_state() {
-    let mut primary = runtime_as(ME, MONITOR);
-    primary.set_replication(
-        replication::Settings {
-            mode: replication::Mode::OutputCommit,
-            ..replication::Settings::default()
-        },
-        1,
-    );
-    primary.repl.set_replicas(&[PEER], 0);
-    let mut pio = MemIo::default();
-    turn(&mut primary, &mut pio, &[frame(1000), frame(1000)], 10);
-
-    let mut replica = runtime_as(PEER, MONITOR);
-    replica.set_replication(
-        replication::Settings {
-            mode: replication::Mode::OutputCommit,
-            max_replica_flows: 100,
-            ..replication::Settings::default()
-        },
-        1,
-    );
-    let mut rio = MemIo::default();
-    for (to, m) in pio.take_sent() {
-        if let (
-            true,
-            Message::Replicate {
-                incarnation,
-                version,
-                flows,
-                states,
-                ended,
-            },
-        ) = (to == PEER, m)
-        {
-            replica.on_replicate(&mut rio, ME, incarnation, version, &flows, &states, &ended);
-        }
-    }
-    assert!(matches!(
-        rio.take_sent().as_slice(),
-        [(ME, Message::Replicated { .. })]
-    ));
-    assert_eq!(replica.replica.len(), 1);
-
+    let (mut replica, mut rio, key) = replica_with_a_copy(None);
     // The primary dies; the replica is told to recover it.
     let (flows, messages) = replica.recover(&mut rio, ME, u64::MAX, 77);
     assert_eq!((flows, messages), (1, 1));
-    let key = FlowKey::of(&nflib::packet::parse(&frame(1000)).unwrap()).0;
     let sent = rio.take_sent();
     assert!(
         matches!(sent.as_slice(), [(VSWITCH, Message::SetRuntime { keys, from, runtime, request: 77 })]
@@ -346,7 +303,10 @@ fn replica_with_a_copy(
             replica.on_replicate(&mut rio, ME, incarnation, version, &flows, &states, &ended);
         }
     }
-    rio.take_sent();
+    assert!(matches!(
+        rio.take_sent().as_slice(),
+        [(ME, Message::Replicated { .. })]
+    ));
     assert_eq!(replica.replica.len(), 1);
     let key = FlowKey::of(&nflib::packet::parse(&frame(1000)).unwrap()).0;
     (replica, rio, key)
