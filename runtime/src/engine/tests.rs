@@ -352,20 +352,7 @@ fn a_replica_that_was_the_dead_sources_migration_target_takes_the_flow_with_its_
     };
     let (mut replica, mut rio, key) = replica_with_a_copy(Some(settings));
     at(&replica, &mut rio, 11);
-    replica.on_migration_message(
-        &mut rio,
-        ME,
-        Message::MigrateInit {
-            group: 1,
-            chain: Some("c".into()),
-            vswitch: VSWITCH,
-            flows: vec![MigrateFlow {
-                key,
-                aliases: Vec::new(),
-            }],
-        },
-        11,
-    );
+    migration_step_1(&mut replica, &mut rio, key, 11);
     assert!(
         rio.take_sent()
             .iter()
@@ -411,20 +398,7 @@ fn a_target_whose_source_died_gives_the_flow_back_and_starts_no_stateless_one() 
     let mut io = MemIo::default();
     let key = FlowKey::of(&nflib::packet::parse(&frame(1000)).unwrap()).0;
     at(&target, &mut io, 10);
-    target.on_migration_message(
-        &mut io,
-        ME,
-        Message::MigrateInit {
-            group: 1,
-            chain: Some("c".into()),
-            vswitch: VSWITCH,
-            flows: vec![MigrateFlow {
-                key,
-                aliases: Vec::new(),
-            }],
-        },
-        10,
-    );
+    migration_step_1(&mut target, &mut io, key, 10);
     turn(&mut target, &mut io, &[frame(1000)], 11);
     io.take_sent();
     at(&target, &mut io, 12);
@@ -444,4 +418,22 @@ fn a_target_whose_source_died_gives_the_flow_back_and_starts_no_stateless_one() 
     target.migration_tick(&mut io, &[], later);
     turn(&mut target, &mut io, &[frame(1000)], later);
     assert_eq!(io.count_of(ProcCounter::FlowsCreated), 1);
+}
+
+/// Migration step 1 from `ME` to `rt`: group 1 of the one flow `key`, fed by `VSWITCH`.
+fn migration_step_1(rt: &mut Runtime<MemPacket>, io: &mut MemIo, key: FlowKey, now_ms: u64) {
+    rt.on_migration_message(
+        io,
+        ME,
+        Message::MigrateInit {
+            group: 1,
+            chain: Some("c".into()),
+            vswitch: VSWITCH,
+            flows: vec![MigrateFlow {
+                key,
+                aliases: Vec::new(),
+            }],
+        },
+        now_ms,
+    );
 }
